@@ -1,0 +1,93 @@
+"""Pure-PyTorch reference implementations of the TransXNet ops.
+
+These are the test oracle and the fallback of every fused backend. They import
+nothing but torch, compute exactly what the authors' released model computes,
+and get their gradients from PyTorch autograd.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def idconv(
+    x: torch.Tensor,
+    kernel_logits: torch.Tensor,
+    weight: torch.Tensor,
+    bias_logits: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Input-dependent depthwise conv.
+
+    w_b = sum_g softmax_g(kernel_logits)[b, g] * weight[g]        -> [B, C, K, K]
+    b_b = sum_g softmax_g(bias_logits)[b, g] * bias[g]            -> [B, C]
+    out[b, c] = cross_correlate(x[b, c], w_b[b, c], padding K//2) + b_b[b, c]
+    """
+    B, C, H, W = x.shape
+    K = weight.shape[-1]
+    kernel = (torch.softmax(kernel_logits, dim=1) * weight.unsqueeze(0)).sum(dim=1)
+    conv_bias = None
+    if bias is not None:
+        conv_bias = (torch.softmax(bias_logits, dim=1) * bias.unsqueeze(0)).sum(dim=1).reshape(-1)
+    out = F.conv2d(
+        x.reshape(1, B * C, H, W),
+        kernel.reshape(B * C, 1, K, K),
+        bias=conv_bias,
+        padding=K // 2,
+        groups=B * C,
+    )
+    return out.reshape(B, C, H, W)
+
+
+def multiscale_dwconv(
+    x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor]
+) -> torch.Tensor:
+    """Concatenation of per-group depthwise convs (group i: c_i channels, kernel k_i, padding k_i//2)."""
+    widths = [w.shape[0] for w in weights]
+    parts = torch.split(x, widths, dim=1)
+    return torch.cat(
+        [
+            F.conv2d(part, w, b, padding=w.shape[-1] // 2, groups=w.shape[0])
+            for part, w, b in zip(parts, weights, biases)
+        ],
+        dim=1,
+    )
+
+
+def ms_ffn_middle(
+    x: torch.Tensor,
+    weights: Sequence[torch.Tensor],
+    biases: Sequence[torch.Tensor],
+    norm_weight: torch.Tensor,
+    norm_bias: torch.Tensor,
+    running_mean: Optional[torch.Tensor],
+    running_var: Optional[torch.Tensor],
+    training: bool,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """The MS-FFN middle: BatchNorm(GELU(multiscale_dwconv(x) + x)).
+
+    BatchNorm follows F.batch_norm: batch statistics and in-place running-stat
+    updates when `training`, running statistics otherwise.
+    """
+    y = F.gelu(multiscale_dwconv(x, weights, biases) + x)
+    return F.batch_norm(y, running_mean, running_var, norm_weight, norm_bias, training, momentum, eps)
+
+
+def osra_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None,
+) -> torch.Tensor:
+    """softmax(q @ k^T * scale + bias) @ v, with q [B,h,N,d], k and v [B,h,M,d]."""
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    attn = (q @ k.transpose(-1, -2)) * scale
+    if bias is not None:
+        attn = attn + bias
+    return torch.softmax(attn, dim=-1) @ v
