@@ -1,0 +1,18 @@
+"""TransXNet (T/S/B) backbones running on transxnet_kernels' fused ops."""
+from .checkpoint import CheckpointMismatchError, load_checkpoint
+from .factory import MODELS, register_timm_models, transxnet_b, transxnet_s, transxnet_t
+from .model import ARCHS, TransXNet
+
+register_timm_models()
+
+__all__ = [
+    "ARCHS",
+    "CheckpointMismatchError",
+    "MODELS",
+    "TransXNet",
+    "load_checkpoint",
+    "register_timm_models",
+    "transxnet_b",
+    "transxnet_s",
+    "transxnet_t",
+]
