@@ -64,7 +64,7 @@ def load_checkpoint(model: nn.Module, source: Union[str, Mapping]) -> nn.Module:
         warnings.warn("fork_feat backbone: dropping the checkpoint's classifier weights")
         state = {k: v for k, v in state.items() if not k.startswith("classifier.")}
     elif "classifier.2.weight" in state and (
-            "classifier.2.weight" not in own or own["classifier.2.weight"].shape != state["classifier.2.weight"].shape):
+            "classifier.2.weight" not in own or own["classifier.2.weight"].shape[0] != state["classifier.2.weight"].shape[0]):
         warnings.warn(f"dropping the checkpoint's {state['classifier.2.weight'].shape[0]}-class classifier: "
                       f"the model has num_classes={getattr(model, 'num_classes', '?')}; it stays freshly initialised")
         state = {k: v for k, v in state.items() if not k.startswith("classifier.2.")}
