@@ -40,8 +40,39 @@ def _pair(v: Union[int, Sequence[int]]) -> Tuple[int, int]:
     return (int(h), int(w))
 
 
+def fold_bn_into_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Weight and bias of conv followed by eval-mode bn, as one conv (exact up to rounding)."""
+    scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+    bias = bn.bias - bn.running_mean * scale
+    if conv.bias is not None:
+        bias = bias + conv.bias * scale
+    return conv.weight * scale.view(-1, 1, 1, 1), bias
+
+
+def fold_bn_into_next_pointwise(bn: nn.BatchNorm2d, conv: nn.Conv2d) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Weight and bias of eval-mode bn followed by a 1x1 conv (groups=1), as one conv."""
+    scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+    shift = bn.bias - bn.running_mean * scale
+    weight = conv.weight * scale.view(1, -1, 1, 1)
+    bias = conv.weight.flatten(1) @ shift
+    if conv.bias is not None:
+        bias = bias + conv.bias
+    return weight, bias
+
+
+def _conv(conv: nn.Conv2d, x, weight, bias):
+    return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+def folds_batchnorm(module: nn.Module) -> bool:
+    """Accelerated eval mode: BatchNorm folded into the convs around it."""
+    return module.fused and not module.training
+
+
 class ConvNorm(nn.Sequential):
     """conv (no bias) -> BatchNorm2d [-> GELU]; state-dict names `conv`, `bn` (mmcv's ConvModule)."""
+
+    fused = False  # set by transxnet.accelerated()
 
     def __init__(self, in_ch, out_ch, kernel_size, stride=1, padding=0, groups=1, act=False):
         super().__init__()
@@ -49,6 +80,12 @@ class ConvNorm(nn.Sequential):
         self.bn = nn.BatchNorm2d(out_ch)
         if act:
             self.act = nn.GELU()
+
+    def forward(self, x):
+        if not folds_batchnorm(self):
+            return super().forward(x)
+        x = _conv(self.conv, x, *fold_bn_into_conv(self.conv, self.bn))
+        return self.act(x) if hasattr(self, "act") else x
 
 
 class PatchEmbed(nn.Module):
@@ -156,10 +193,23 @@ class HybridTokenMixer(nn.Module):
             nn.BatchNorm2d(dim),
         )
 
+    fused = False  # set by transxnet.accelerated()
+
     def forward(self, x, relative_pos_enc=None):
         x1, x2 = x.chunk(2, dim=1)
         x = torch.cat([self.local_unit(x1), self.global_unit(x2, relative_pos_enc)], dim=1)
-        return self.proj(x) + x
+        return (self.folded_ste(x) if folds_batchnorm(self) else self.proj(x)) + x
+
+    def folded_ste(self, x):
+        """The STE in eval mode with its three BatchNorms folded into the 1x1 convs:
+        dw3x3 -> GELU -> 1x1 -> GELU -> 1x1."""
+        dw, act1, bn1, pw1, act2, bn2, pw2, bn3 = self.proj
+        x = act1(dw(x))
+        x = act2(_conv(pw1, x, *fold_bn_into_next_pointwise(bn1, pw1)))
+        w, b = fold_bn_into_next_pointwise(bn2, pw2)
+        scale = bn3.weight * torch.rsqrt(bn3.running_var + bn3.eps)
+        shift = bn3.bias - bn3.running_mean * scale
+        return F.conv2d(x, w * scale.view(-1, 1, 1, 1), b * scale + shift)
 
 
 def multiscale_split(channels: int, scales: Sequence[int] = (1, 3, 5, 7)) -> List[int]:
@@ -191,11 +241,33 @@ class Mlp(nn.Module):
         self.fc2 = nn.Sequential(nn.Conv2d(hidden, dim, 1, bias=False), nn.BatchNorm2d(dim))
         self.drop = nn.Dropout(drop)
 
+    fused = False  # set by transxnet.accelerated()
+
     def forward(self, x):
         x = self.fc1(x)
-        x = self.dwconv(x) + x
-        x = self.drop(self.norm(self.act(x)))
+        if self.fused:
+            x = self.drop(self.fused_middle(x))
+        else:
+            x = self.dwconv(x) + x
+            x = self.drop(self.norm(self.act(x)))
+        if folds_batchnorm(self):
+            return self.drop(_conv(self.fc2[0], x, *fold_bn_into_conv(self.fc2[0], self.fc2[1])))
         return self.drop(self.fc2(x))
+
+    def fused_middle(self, x):
+        """norm(act(dwconv(x) + x)) in one op, with nn.BatchNorm2d's exact semantics."""
+        bn = self.norm
+        momentum = 0.0 if bn.momentum is None else bn.momentum
+        if bn.training and bn.track_running_stats:
+            bn.num_batches_tracked.add_(1)
+            if bn.momentum is None:  # cumulative moving average
+                momentum = 1.0 / float(bn.num_batches_tracked)
+        use_batch_stats = bn.training or bn.running_mean is None
+        track = not bn.training or bn.track_running_stats
+        return tk.ms_ffn_middle(
+            x, [p.weight for p in self.dwconv.proj], [p.bias for p in self.dwconv.proj], bn.weight, bn.bias,
+            bn.running_mean if track else None, bn.running_var if track else None,
+            use_batch_stats, momentum, bn.eps)
 
 
 class LayerScale(nn.Module):
@@ -319,6 +391,7 @@ class TransXNet(nn.Module):
                 nn.AdaptiveAvgPool2d(1),
                 nn.Conv2d(dims[-1], num_classes, 1) if num_classes > 0 else nn.Identity(),
             )
+        self._rpe_cache: Dict[int, tuple] = {}
         self.apply(self._init_weights)
 
     @staticmethod
@@ -349,9 +422,28 @@ class TransXNet(nn.Module):
                              "cast one of them or run under torch.autocast")
 
     # ------------------------------------------------------------------ forward
+    fused = False  # set by transxnet.accelerated()
+
     def stage_relative_pos_enc(self, stage: int, x: torch.Tensor) -> torch.Tensor:
-        """The bias each block of `stage` receives (the released code resizes it inside every block)."""
-        return self.relative_pos_enc[stage]
+        """The bias each block of `stage` receives.
+
+        The released code resizes it inside every block; accelerated, it is resized once
+        per stage (exact: the blocks share it) and, when no gradient is needed, cached
+        per input size until the parameter changes."""
+        rpe = self.relative_pos_enc[stage]
+        if not self.fused:
+            return rpe
+        H, W = x.shape[-2:]
+        sr = self.arch["sr_ratios"][stage]
+        n, m = H * W, reduced_size(H, sr) * reduced_size(W, sr)
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and rpe.requires_grad):
+            return resize_relative_pos_enc(rpe, n, m)
+        key = (stage, n, m, rpe.device, rpe.dtype, rpe.data_ptr(), rpe._version)
+        cached = self._rpe_cache.get(stage)
+        if cached is None or cached[0] != key:
+            cached = (key, resize_relative_pos_enc(rpe, n, m))
+            self._rpe_cache[stage] = cached
+        return cached[1]
 
     def forward_features(self, x):
         """Final feature map [B, C3, H/32, W/32]; with fork_feat, the four normalised stage maps."""

@@ -1,0 +1,202 @@
+"""transxnet.accelerated(): same state dict, same math as eager, compile/AMP/DDP ready."""
+import copy
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import transxnet
+from helpers import assert_rel_close, rel_err
+
+SMALL_ARCH = dict(layers=(1, 1, 2, 1), embed_dims=(16, 32, 48, 64), num_heads=(1, 1, 2, 2), num_groups=(2, 2, 3, 2))
+
+
+def perturbed(model):
+    """Give every norm, bias and layer scale non-trivial values (fresh ones are 1/0/1e-5)."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            if t.is_floating_point():
+                if name.endswith("running_var"):
+                    t.copy_(torch.rand(t.shape, generator=g) + 0.5)
+                else:
+                    t.add_(torch.randn(t.shape, generator=g) * (0.2 if t.dim() <= 1 or "layer_scale" in name else 0.02))
+    return model
+
+
+def eager_and_accelerated(arch="t", **kwargs):
+    torch.manual_seed(0)
+    eager = perturbed(transxnet.TransXNet(arch, **kwargs))
+    return eager, transxnet.accelerated(copy.deepcopy(eager))
+
+
+@pytest.mark.parametrize("arch", ["t", "s"])
+def test_train_step_matches_eager(arch):
+    eager, fast = eager_and_accelerated(arch, num_classes=10)
+    x = torch.randn(2, 3, 64, 96)
+    outs = []
+    for m in (eager, fast):
+        m.train()
+        out = m(x)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        outs.append(out)
+    assert_rel_close(outs[1], outs[0], 1e-5, "logits")
+    for (name, p0), p1 in zip(eager.named_parameters(), fast.parameters()):
+        assert_rel_close(p1.grad, p0.grad, 1e-5, f"grad {name}")
+    for (name, b0), b1 in zip(eager.named_buffers(), fast.buffers()):
+        assert_rel_close(b1.float(), b0.float(), 1e-6, f"buffer {name}")  # BN stats, IDConv's double update included
+
+
+@pytest.mark.parametrize("arch", ["t", "s"])
+def test_eval_matches_eager(arch):
+    eager, fast = eager_and_accelerated(arch, num_classes=10)
+    eager.eval(), fast.eval()
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        assert_rel_close(fast(x), eager(x), 1e-5, "eval logits (BN folded)")
+
+
+def test_fork_feat_eval_and_train_match_eager():
+    eager, fast = eager_and_accelerated("t", fork_feat=True)
+    x = torch.randn(2, 3, 96, 64)  # training BN on IDConv's 1x1 pooled map needs batch > 1, as released
+    for mode in ("train", "eval"):
+        eager.train(mode == "train"), fast.train(mode == "train")
+        with torch.no_grad():
+            for i, (a, b) in enumerate(zip(fast(x), eager(x))):
+                assert_rel_close(a, b, 1e-5, f"{mode} map {i}")
+
+
+def test_state_dict_unchanged_and_revert_restores_eager():
+    eager, fast = eager_and_accelerated("t", num_classes=10)
+    sd0, sd1 = eager.state_dict(), fast.state_dict()
+    assert list(sd0) == list(sd1) and all(torch.equal(sd0[k], sd1[k]) for k in sd0)
+    assert transxnet.is_accelerated(fast) and not transxnet.is_accelerated(eager)
+    fresh = transxnet.accelerated("transxnet_t", num_classes=10)
+    fresh.load_state_dict(sd0, strict=True)  # a released checkpoint loads strictly after acceleration
+    transxnet.revert(fresh)
+    assert not transxnet.is_accelerated(fresh)
+    x = torch.randn(1, 3, 64, 64)
+    eager.eval(), fresh.eval()
+    with torch.no_grad():
+        assert torch.equal(fresh(x), eager(x))
+
+
+def test_accelerated_by_name_with_pretrained(tmp_path):
+    torch.manual_seed(0)
+    state = perturbed(transxnet.transxnet_t()).state_dict()
+    torch.save({"state_dict_ema": state}, tmp_path / "w.pth")
+    fast = transxnet.accelerated("transxnet_t", pretrained=str(tmp_path / "w.pth"))
+    assert transxnet.is_accelerated(fast)
+    assert all(torch.equal(fast.state_dict()[k], v) for k, v in state.items())
+    with pytest.raises(ValueError, match="unknown model"):
+        transxnet.accelerated("transxnet_xl")
+    with pytest.raises(TypeError, match="only apply when a model name"):
+        transxnet.accelerated(fast, num_classes=3)
+
+
+def test_relative_pos_enc_resized_once_per_stage_and_cache_tracks_updates(monkeypatch):
+    import transxnet.model as model_module
+
+    eager, fast = eager_and_accelerated("t", num_classes=10)
+    eager.eval(), fast.eval()
+    calls = []
+    real = model_module.resize_relative_pos_enc
+    monkeypatch.setattr(model_module, "resize_relative_pos_enc", lambda b, n, m: calls.append((n, m)) or real(b, n, m))
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        fast(x)
+        assert len(calls) == 4  # one per stage
+        fast(x)
+        assert len(calls) == 4  # cached for this input size
+        fast.relative_pos_enc[1].mul_(2.0)  # an update bumps the version: the cache must not serve stale biases
+        eager.relative_pos_enc[1].mul_(2.0)
+        assert_rel_close(fast(x), eager(x), 1e-5, "after bias update")
+        assert len(calls) == 5
+        y = torch.randn(1, 3, 96, 64)
+        assert_rel_close(fast(y), eager(y), 1e-5, "other input size")
+
+
+def test_drop_path_and_grad_checkpointing_match_eager():
+    torch.manual_seed(0)
+    kw = dict(num_classes=5, drop_path_rate=0.3, grad_checkpoint=True, checkpoint_stage=(1, 1, 2, 1))
+    eager = perturbed(transxnet.TransXNet(SMALL_ARCH, **kw)).train()
+    fast = transxnet.accelerated(copy.deepcopy(eager))
+    x = torch.randn(4, 3, 64, 64)
+    grads = []
+    for m in (eager, fast):
+        torch.manual_seed(123)  # same drop-path masks
+        m(x).square().sum().backward()
+        grads.append([p.grad for p in m.parameters()])
+    for g0, g1 in zip(*grads):
+        assert_rel_close(g1, g0, 1e-5, "grad with drop path + checkpointing")
+
+
+def test_channels_last_input():
+    _, fast = eager_and_accelerated("t", num_classes=10)
+    fast.eval()
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        assert_rel_close(fast(x.to(memory_format=torch.channels_last)), fast(x), 1e-5, "channels_last")
+        fast_cl = copy.deepcopy(fast).to(memory_format=torch.channels_last)
+        assert_rel_close(fast_cl(x.to(memory_format=torch.channels_last)), fast(x), 1e-5, "channels_last model")
+
+
+def test_autocast_bfloat16_cpu():
+    eager, fast = eager_and_accelerated(SMALL_ARCH, num_classes=10)
+    x = torch.randn(2, 3, 64, 64)
+    fast.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fast(x)
+    out.float().sum().backward()
+    with torch.no_grad():
+        ref = eager.train()(x)
+    assert rel_err(out.float(), ref) < 5e-2
+    assert all(torch.isfinite(p.grad).all() for p in fast.parameters())
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_compile_fullgraph_reference_backend_matches_eager_without_batch_recompiles(mode):
+    import transxnet_kernels as tk
+
+    torch.manual_seed(0)
+    eager = perturbed(transxnet.TransXNet(SMALL_ARCH, num_classes=3)).train(mode == "train")
+    fast = transxnet.accelerated(copy.deepcopy(eager))
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fast, backend=counting_backend, fullgraph=True)
+    with tk.use_backend("reference"):
+        for batch in (2, 3, 5):
+            x = torch.randn(batch, 3, 64, 96)
+            torch._dynamo.mark_dynamic(x, 0)
+            with torch.no_grad():
+                out = compiled(x)
+                ref = eager(x)
+            assert_rel_close(out, ref, 1e-5, f"compiled batch {batch}")
+    assert len(graphs) == 1, f"{len(graphs)} graphs compiled: batch size changes must not recompile"
+
+
+def test_ddp_two_gloo_processes_match_single_process(tmp_path):
+    from ddp_worker import ddp_step
+
+    world = 2
+    batch = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    mp.spawn(ddp_step, args=(world, str(tmp_path / "init"), str(tmp_path), SMALL_ARCH, batch), nprocs=world, join=True)
+    ddp_grads = [torch.load(tmp_path / f"grads{r}.pt") for r in range(world)]
+
+    # Without SyncBatchNorm each rank normalises its own shard, so the DDP gradient is the mean
+    # of the single-process gradients of the shards.
+    single = []
+    for shard in batch.chunk(world):
+        torch.manual_seed(0)
+        model = transxnet.accelerated(transxnet.TransXNet(SMALL_ARCH, num_classes=3)).train()
+        model(shard).square().mean().backward()
+        single.append({n: p.grad for n, p in model.named_parameters()})
+    for name in single[0]:
+        expected = (single[0][name] + single[1][name]) / 2
+        for rank in range(world):
+            assert_rel_close(ddp_grads[rank][name], expected, 1e-5, f"rank {rank} grad {name}")
