@@ -373,7 +373,8 @@ def _backward(grad_out, q, k, v, bias, out, lse, scale, bias_needs_grad):
         BLOCK_N=BLOCK_N, BLOCK_M=BLOCK_M, BLOCK_D=block_d, num_warps=4,
     )
     if splits > 1:
-        dk, dv = dk_buf.sum(0).to(k.dtype), dv_buf.sum(0).to(v.dtype)
+        # Same layout as the unsplit case (that of k and v), whatever the device decided.
+        dk, dv = torch.empty_like(k).copy_(dk_buf.sum(0)), torch.empty_like(v).copy_(dv_buf.sum(0))
     else:
         dk, dv = dk_buf, dv_buf
 
@@ -419,7 +420,7 @@ def _(grad_out, q, k, v, bias, out, lse, scale, bias_needs_grad):
         dbias = bias.new_empty(bias.shape)
     else:
         dbias = q.new_empty((0,))
-    return torch.empty_like(q), k.new_empty(k.shape), v.new_empty(v.shape), dbias
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dbias
 
 
 def _setup_context(ctx, inputs, output):
