@@ -181,3 +181,19 @@ def test_head_dim_over_limit_is_rejected():
     q, k, v, _ = _inputs(1, 1, 4, 4, 130, None, torch.float32)
     with transxnet_kernels.use_backend("triton"), pytest.raises(ValueError, match="head dim"):
         transxnet_kernels.osra_attention(q, k, v)
+
+
+@pytest.mark.parametrize("bias_shape", [(1, 2), (3, 1)], ids=["bias1h", "biasB1"])
+def test_fp64_gpu_path_without_tl_dot(monkeypatch, bias_shape):
+    """fp64 on GPUs avoids tl.dot (16x16 blocks, broadcast-multiply-sum); run that path here too."""
+    from transxnet_kernels import osra_triton
+
+    monkeypatch.setattr(osra_triton, "_uses_dot", lambda q: False)
+    torch.manual_seed(8)
+    q, k, v, bias = _inputs(3, 2, 37, 49, 19, bias_shape, torch.float64)
+    grad_out = torch.randn(q.shape, dtype=q.dtype, device=DEVICE)
+    out, grads = _triton_and_grads(q, k, v, bias, grad_out)
+    ref, ref_grads = _reference_and_grads(q, k, v, bias, grad_out)
+    assert_rel_close(out, ref, 1e-10, "out")
+    for name, g, rg in zip(("dq", "dk", "dv", "dbias"), grads, ref_grads):
+        assert_rel_close(g, rg, 1e-10, name)

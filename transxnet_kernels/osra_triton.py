@@ -26,7 +26,8 @@ Backward, with P = exp(S - lse), dP = dO @ v^T, Delta = rowsum(dO * O), dS = P *
 
 Precision: fp16/bf16 inputs use fp32 softmax and fp32 accumulation (P and dS are rounded to the
 input dtype before their tl.dot, as flash attention does); fp32 uses input_precision="ieee" (no
-TF32); fp64 computes in fp64 (for gradcheck).
+TF32); fp64 computes in fp64 (for gradcheck); on GPUs fp64 skips tl.dot (not compiled for fp64 by
+Triton before 2025) for a broadcast-multiply-sum on 16x16 blocks: slow, exact, any Triton 3.
 
 Roofline (e = element size, minimal traffic, the bias read once since it is shared across B):
   forward  bytes = e·(2·BhNd + 2·BhMd) + e_bias·h·N·M + 4·BhN (lse);  FLOPs = 4·BhNMd
@@ -37,6 +38,7 @@ Roofline (e = element size, minimal traffic, the bias read once since it is shar
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
@@ -45,9 +47,16 @@ import triton.language as tl
 
 from . import backend
 
-BLOCK_N = 64
-BLOCK_M = 64
 MAX_HEAD_DIM = 128
+
+
+@triton.jit
+def _matmul(a, b, PRECISION: tl.constexpr, USE_DOT: tl.constexpr):
+    """a @ b with the accumulation dtype's precision; without tl.dot where it lacks the dtype."""
+    if USE_DOT:
+        return tl.dot(a, b, input_precision=PRECISION)
+    else:
+        return tl.sum(a[:, :, None] * b[None, :, :], axis=1)
 
 
 @triton.jit
@@ -59,7 +68,7 @@ def _osra_fwd_kernel(
     sbb, sbh, sbn, sbm,
     sob, soh, son, sod,
     H, N, M, D,
-    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, USE_DOT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -87,7 +96,7 @@ def _osra_fwd_kernel(
         kv_mask = mask_m[:, None] & mask_d[None, :]
         k = tl.load(k_base + offs_m[:, None] * skm + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
         v = tl.load(v_base + offs_m[:, None] * svm + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(scale.dtype) * scale
+        s = _matmul(q, tl.trans(k), PRECISION, USE_DOT).to(scale.dtype) * scale
         if HAS_BIAS:
             s += tl.load(bias_base + offs_m[None, :] * sbm,
                          mask=mask_n[:, None] & mask_m[None, :], other=0.0).to(scale.dtype)
@@ -96,7 +105,7 @@ def _osra_fwd_kernel(
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION).to(scale.dtype)
+        acc = acc * alpha[:, None] + _matmul(p.to(v.dtype), v, PRECISION, USE_DOT).to(scale.dtype)
         m_i = m_new
 
     out = acc / l_i[:, None]
@@ -118,7 +127,7 @@ def _osra_bwd_dq_kernel(
     sdbg, sdbh, sdbn, sdbm,
     B, H, N, M, D, BATCHES_PER_GROUP,
     HAS_BIAS: tl.constexpr, HAS_DBIAS: tl.constexpr, ONE_KEY_BLOCK: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, USE_DOT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -159,14 +168,14 @@ def _osra_bwd_dq_kernel(
             kv_mask = mask_m[:, None] & mask_d[None, :]
             k = tl.load(k_base + offs_m[:, None] * skm + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
             v = tl.load(v_base + offs_m[:, None] * svm + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(scale.dtype) * scale
+            s = _matmul(q, tl.trans(k), PRECISION, USE_DOT).to(scale.dtype) * scale
             nm_mask = mask_n[:, None] & mask_m[None, :]
             if HAS_BIAS:
                 s += tl.load(bias_base + offs_m[None, :] * sbm, mask=nm_mask, other=0.0).to(scale.dtype)
             p = tl.where(mask_m[None, :], tl.exp(s - lse[:, None]), 0.0)
-            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION).to(scale.dtype)
+            dp = _matmul(do, tl.trans(v), PRECISION, USE_DOT).to(scale.dtype)
             ds = p * (dp - delta[:, None])
-            dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION).to(scale.dtype)
+            dq += _matmul(ds.to(k.dtype), k, PRECISION, USE_DOT).to(scale.dtype)
             if HAS_DBIAS:
                 if ONE_KEY_BLOCK:
                     dbias_acc += ds
@@ -199,7 +208,7 @@ def _osra_bwd_dkdv_kernel(
     sdks, sdkb, sdkh, sdkm, sdkd,
     sdvs, sdvb, sdvh, sdvm, sdvd,
     H, N, M, D, ROWS_PER_SPLIT,
-    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, USE_DOT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -234,15 +243,15 @@ def _osra_bwd_dkdv_kernel(
         lse = tl.load(LSE + row_base + offs_n, mask=mask_n, other=float("inf"))  # padded rows: P = 0
         delta = tl.load(DELTA + row_base + offs_n, mask=mask_n, other=0.0)
         # Transposed scores: rows are keys, columns are queries.
-        st = tl.dot(k, tl.trans(q), input_precision=PRECISION).to(scale.dtype) * scale
+        st = _matmul(k, tl.trans(q), PRECISION, USE_DOT).to(scale.dtype) * scale
         if HAS_BIAS:
             st += tl.load(bias_base + offs_n[None, :] * sbn,
                           mask=mask_m[:, None] & mask_n[None, :], other=0.0).to(scale.dtype)
         pt = tl.exp(st - lse[None, :])
-        dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION).to(scale.dtype)
-        dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION).to(scale.dtype)
+        dv += _matmul(pt.to(do.dtype), do, PRECISION, USE_DOT).to(scale.dtype)
+        dpt = _matmul(v, tl.trans(do), PRECISION, USE_DOT).to(scale.dtype)
         dst = pt * (dpt - delta[None, :])
-        dk += tl.dot(dst.to(q.dtype), q, input_precision=PRECISION).to(scale.dtype)
+        dk += _matmul(dst.to(q.dtype), q, PRECISION, USE_DOT).to(scale.dtype)
 
     tl.store(DK + split * sdks + b * sdkb + h * sdkh + offs_m[:, None] * sdkm + offs_d[None, :] * sdkd,
              (dk * scale).to(DK.dtype.element_ty), mask=md_mask)
@@ -258,13 +267,29 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _precision(dtype: torch.dtype) -> str:
-    # "ieee" keeps fp32 exact (no TF32); for fp16/bf16 tl.dot is exact either way.
-    return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
+@dataclass(frozen=True)
+class _Config:
+    block_n: int
+    block_m: int
+    block_d: int
+    precision: str  # tl.dot input precision: "ieee" keeps fp32 exact (no TF32); fp16/bf16 ignore it
+    use_dot: bool
 
 
-def _block_d(d: int) -> int:
-    return max(16, triton.next_power_of_2(d))  # tl.dot needs every dim >= 16
+def _uses_dot(q: torch.Tensor) -> bool:
+    # tl.dot on fp64 only compiles on recent Triton (FMA/DMMA support landed in 2025); fp64 exists for
+    # gradcheck, so on GPUs it takes the broadcast-multiply-sum path, which every Triton compiles.
+    return not (q.dtype == torch.float64 and q.device.type == "cuda")
+
+
+def _config(q: torch.Tensor) -> _Config:
+    d = q.shape[-1]
+    precision = "ieee" if q.dtype in (torch.float32, torch.float64) else "tf32"
+    if _uses_dot(q):
+        # BLOCK_M = 64 covers the model's M = 49 in one key block; tl.dot needs every dim >= 16.
+        return _Config(64, 64, max(16, triton.next_power_of_2(d)), precision, True)
+    # Without tl.dot a [block_n, block_d, block_m] product lives in registers: keep it small.
+    return _Config(16, 16, triton.next_power_of_2(d), precision, False)
 
 
 def _target_programs(device: torch.device) -> int:
@@ -301,13 +326,14 @@ def _forward(q, k, v, bias, scale):
     lse = torch.empty((B, h, N), dtype=_acc_dtype(q.dtype), device=q.device)
     if out.numel() == 0:
         return out, lse
-    grid = (triton.cdiv(N, BLOCK_N), B * h)
+    cfg = _config(q)
+    grid = (triton.cdiv(N, cfg.block_n), B * h)
     _osra_fwd_kernel[grid](
         q, k, v, bias if bias is not None else q, out, lse, _scale_tensor(scale, q),
         *q.stride(), *k.stride(), *v.stride(), *_bias_strides(bias), *out.stride(),
         h, N, M, d,
-        HAS_BIAS=bias is not None, PRECISION=_precision(q.dtype),
-        BLOCK_N=BLOCK_N, BLOCK_M=BLOCK_M, BLOCK_D=_block_d(d), num_warps=4,
+        HAS_BIAS=bias is not None, PRECISION=cfg.precision, USE_DOT=cfg.use_dot,
+        BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d, num_warps=4,
     )
     return out, lse
 
@@ -319,9 +345,8 @@ def _backward(grad_out, q, k, v, bias, out, lse, scale, bias_needs_grad):
     acc_dtype = _acc_dtype(q.dtype)
     target = _target_programs(device)
     scale_t = _scale_tensor(scale, q)
-    precision = _precision(q.dtype)
-    block_d = _block_d(d)
-    n_blocks = triton.cdiv(N, BLOCK_N)
+    cfg = _config(q)
+    n_blocks = triton.cdiv(N, cfg.block_n)
     has_dbias = bias is not None and bias_needs_grad
 
     # Bias-gradient target: per-batch biases get one slice per batch (no reduction); a batch-1 bias
@@ -348,14 +373,15 @@ def _backward(grad_out, q, k, v, bias, out, lse, scale, bias_needs_grad):
         *q.stride(), *k.stride(), *v.stride(), *_bias_strides(bias), *out.stride(), *grad_out.stride(),
         *dq.stride(), *dbias_strides,
         B, h, N, M, d, batches_per_group,
-        HAS_BIAS=bias is not None, HAS_DBIAS=has_dbias, ONE_KEY_BLOCK=M <= BLOCK_M,
-        PRECISION=precision, BLOCK_N=BLOCK_N, BLOCK_M=BLOCK_M, BLOCK_D=block_d, num_warps=4,
+        HAS_BIAS=bias is not None, HAS_DBIAS=has_dbias, ONE_KEY_BLOCK=M <= cfg.block_m,
+        PRECISION=cfg.precision, USE_DOT=cfg.use_dot,
+        BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d, num_warps=4,
     )
 
     # Split the query range only when B·h·key-blocks cannot fill the device.
-    m_blocks = triton.cdiv(M, BLOCK_M)
+    m_blocks = triton.cdiv(M, cfg.block_m)
     splits = min(n_blocks, max(1, triton.cdiv(target, m_blocks * B * h)))
-    rows_per_split = triton.cdiv(n_blocks, splits) * BLOCK_N
+    rows_per_split = triton.cdiv(n_blocks, splits) * cfg.block_n
     splits = triton.cdiv(N, rows_per_split)
     if splits > 1:
         dk_buf = torch.empty((splits, B, h, M, d), dtype=acc_dtype, device=device)
@@ -369,8 +395,8 @@ def _backward(grad_out, q, k, v, bias, out, lse, scale, bias_needs_grad):
         *q.stride(), *k.stride(), *v.stride(), *_bias_strides(bias), *grad_out.stride(),
         *dk_strides, *dv_strides,
         h, N, M, d, rows_per_split,
-        HAS_BIAS=bias is not None, PRECISION=precision,
-        BLOCK_N=BLOCK_N, BLOCK_M=BLOCK_M, BLOCK_D=block_d, num_warps=4,
+        HAS_BIAS=bias is not None, PRECISION=cfg.precision, USE_DOT=cfg.use_dot,
+        BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d, num_warps=4,
     )
     if splits > 1:
         # Same layout as the unsplit case (that of k and v), whatever the device decided.
