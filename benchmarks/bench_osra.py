@@ -1,0 +1,136 @@
+"""OSRA attention benchmark: the Triton kernels against eager, torch.compile, SDPA and FlexAttention.
+
+Shapes: every stage of TransXNet-T/S/B at batch 128 with 224x224 input (N = 3136, 784, 196, 49
+queries; M = 49 keys), and every stage of T at a detection-size input 800x1216 (batch 2,
+N = 60800 / 15200 / 3800 / 950, M = 950). q and k are the model's transposed views of [B, h, d, L]
+memory; the bias is [1, h, N, M] and requires grad (it is a parameter).
+
+Passes: "fwd" (no grad) and "fwd+bwd" (q, k, v and bias gradients). Minimal traffic and FLOPs per
+case (e = element size, bias read once and, in the backward, its gradient written once):
+  fwd      bytes = e·(2·BhNd + 2·BhMd + hNM) + 4·BhN            FLOPs = 4·BhNMd
+  fwd+bwd  bytes = fwd + e·(4·BhNd + 4·BhMd + 2·hNM) + 8·BhN    FLOPs = 14·BhNMd
+The GPU target (issue 5): Triton faster than every baseline on fwd+bwd, peak memory <= SDPA's.
+
+Run on a GPU: PYTHONPATH=. python -m pytest benchmarks/bench_osra.py --benchmark-only
+(-k "T-s1 and bfloat16" to narrow). CPU runs collect and skip.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import transxnet_kernels
+from transxnet_kernels import reference
+from benchmarks.common import run_case
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+# variant -> (channels per stage, heads per stage); attention channels are C/2, sr = 8, 4, 2, 1.
+VARIANTS = {
+    "T": ((48, 96, 224, 448), (1, 2, 4, 8)),
+    "S": ((64, 128, 320, 512), (1, 2, 5, 8)),
+    "B": ((76, 152, 336, 672), (2, 4, 8, 16)),
+}
+SR_RATIOS = (8, 4, 2, 1)
+
+
+def _stage_shapes(variant, height, width, batch):
+    channels, heads = VARIANTS[variant]
+    for stage, (C, h, sr) in enumerate(zip(channels, heads, SR_RATIOS)):
+        H, W = height // 2 ** (stage + 2), width // 2 ** (stage + 2)
+        N, M = H * W, math.ceil(H / sr) * math.ceil(W / sr)
+        yield f"{variant}-s{stage + 1}-{height}x{width}-b{batch}", (batch, h, N, M, C // 2 // h)
+
+
+SHAPES = dict(
+    [s for v in VARIANTS for s in _stage_shapes(v, 224, 224, 128)]
+    + list(_stage_shapes("T", 800, 1216, 2))
+)
+
+
+def _min_bytes_and_flops(B, h, N, M, d, elem, with_backward):
+    fwd_bytes = elem * (2 * B * h * N * d + 2 * B * h * M * d + h * N * M) + 4 * B * h * N
+    if not with_backward:
+        return fwd_bytes, 4 * B * h * N * M * d
+    bwd_bytes = elem * (4 * B * h * N * d + 4 * B * h * M * d + 2 * h * N * M) + 8 * B * h * N
+    return fwd_bytes + bwd_bytes, 14 * B * h * N * M * d
+
+
+def _sdpa(q, k, v, bias):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.expand(q.shape[0], -1, -1, -1))
+
+
+@functools.lru_cache(maxsize=None)
+def _flex_attention_with_bias():
+    """FlexAttention with the bias as a score_mod, or None where this torch lacks it."""
+    try:
+        from torch.nn.attention.flex_attention import flex_attention
+    except ImportError:
+        return None
+    flex = torch.compile(flex_attention)
+
+    def run(q, k, v, bias):
+        def add_bias(score, b, h, q_idx, kv_idx):
+            return score + bias[0, h, q_idx, kv_idx]
+
+        return flex(q, k, v, score_mod=add_bias)
+
+    return run
+
+
+def _triton(q, k, v, bias):
+    with transxnet_kernels.use_backend("triton"):
+        return transxnet_kernels.osra_attention(q, k, v, bias)
+
+
+IMPLS = ("eager", "compiled", "sdpa", "flex", "triton")
+
+
+def _implementation(name):
+    if name == "flex":
+        return _flex_attention_with_bias()
+    return {"eager": reference.osra_attention, "compiled": torch.compile(reference.osra_attention),
+            "sdpa": _sdpa, "triton": _triton}[name]
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="GPU benchmark: the Triton interpreter on CPU is not a timing target")
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("passes", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("shape_name", list(SHAPES))
+def test_osra_attention(benchmark, shape_name, dtype, passes, impl):
+    B, h, N, M, d = SHAPES[shape_name]
+    fn = _implementation(impl)
+    if fn is None:
+        pytest.skip("this torch has no FlexAttention")
+    torch.manual_seed(0)
+    q = torch.randn(B, h, d, N, device=DEVICE, dtype=dtype).transpose(-1, -2)
+    k = torch.randn(B, h, d, M, device=DEVICE, dtype=dtype).transpose(-1, -2)
+    v = torch.randn(B, h, M, d, device=DEVICE, dtype=dtype)
+    bias = torch.randn(1, h, N, M, device=DEVICE, dtype=dtype)
+    with_backward = passes == "fwd+bwd"
+    for t in (q, k, v, bias):
+        t.requires_grad_(with_backward)
+    grad_out = torch.randn(B, h, N, d, device=DEVICE, dtype=dtype)
+
+    def step():
+        if not with_backward:
+            with torch.no_grad():
+                return fn(q, k, v, bias)
+        out = fn(q, k, v, bias)
+        return torch.autograd.grad(out, (q, k, v, bias), grad_out)
+
+    try:
+        step()  # compile / autotune outside the timing
+    except Exception as exc:  # a baseline that cannot run this case (e.g. flex head dim limits)
+        if impl == "triton":
+            raise
+        pytest.skip(f"{impl} cannot run this case: {type(exc).__name__}: {exc}"[:300])
+    min_bytes, flops = _min_bytes_and_flops(B, h, N, M, d, q.element_size(), with_backward)
+    record = run_case(benchmark, step, DEVICE, min_bytes, impl=impl, passes=passes, shape=shape_name,
+                      B=B, heads=h, N=N, M=M, head_dim=d, dtype=str(dtype), flops=flops)
+    benchmark.extra_info["achieved_tflops"] = flops / (record["median_ms"] * 1e-3) / 1e12
