@@ -1,0 +1,260 @@
+"""TransXNet model benchmark: eager vs torch.compile vs accelerated, side by side in one run.
+
+    python -m benchmarks.model_benchmark                 # what this machine has, default sizes
+    python -m benchmarks.model_benchmark --models t --no-compile --batch 8
+
+For each model (T/S/B), mode (inference, training step) and precision (fp32, and AMP
+on GPU) it times the variants interleaved (one call of each per round), reports the
+median images/s, peak memory and the largest difference from eager, and also the
+fork_feat backbone at a detection-size input (forward + backward). Results: a table on
+stdout, JSON and a PNG bar chart under benchmarks/results/, tagged with device,
+versions, date and git commit.
+
+"eager" is the released model on the pure-PyTorch reference ops; "compile" is
+torch.compile of that; "accelerated" is transxnet.accelerated() on the best backend.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+
+import transxnet
+import transxnet_kernels as tk
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
+                                       cwd=os.path.dirname(RESULTS_DIR)).strip()
+    except Exception:
+        return "unknown"
+
+
+def environment(device: torch.device) -> dict:
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "device_type": device.type,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "python": platform.python_version(),
+        "backends": tk.available_backends(),
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "commit": git_commit(),
+    }
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Variant:
+    """One way of running the model: a callable step plus the backend it runs under."""
+
+    def __init__(self, name, model, backend, train, amp_dtype, device, compile_model=False):
+        self.name, self.train, self.device, self.backend, self.amp_dtype = name, train, device, backend, amp_dtype
+        self.model = model.train(train)
+        self.fn = torch.compile(self.model) if compile_model else self.model
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=1e-6) if train else None
+
+    def autocast(self):
+        return nullcontext() if self.amp_dtype is None else torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def step(self, x):
+        with tk.use_backend(self.backend):
+            if not self.train:
+                with torch.no_grad(), self.autocast():
+                    return self.fn(x)
+            with self.autocast():
+                out = self.fn(x)
+            loss = (out.float().square().mean() if isinstance(out, torch.Tensor)
+                    else sum(o.float().square().mean() for o in out))
+            loss.backward()
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+            return out
+
+
+def peak_mb(variant, x):
+    if variant.device.type != "cuda":
+        return None
+    sync(variant.device)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(variant.device)
+    base = torch.cuda.memory_allocated(variant.device)
+    variant.step(x)
+    sync(variant.device)
+    return (torch.cuda.max_memory_allocated(variant.device) - base) / 2**20
+
+
+def max_rel_diff(a, b):
+    if isinstance(a, (list, tuple)):
+        return max(max_rel_diff(x, y) for x, y in zip(a, b))
+    a, b = a.detach().double(), b.detach().double()
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+def bench_case(case: dict, variants, x, rounds: int, warmup: int):
+    """Interleaved timing: each round runs every variant once."""
+    device = x.device
+    log(f"{case['label']}: warm-up ({', '.join(v.name for v in variants)})")
+    outputs = {}
+    for v in variants:
+        for _ in range(warmup):
+            outputs[v.name] = v.step(x)
+    sync(device)
+    times = {v.name: [] for v in variants}
+    for r in range(rounds):
+        for v in variants:
+            sync(device)
+            t0 = time.perf_counter()
+            v.step(x)
+            sync(device)
+            times[v.name].append(time.perf_counter() - t0)
+        log(f"{case['label']}: round {r + 1}/{rounds}")
+    eager_out = outputs["eager"]
+    rows = []
+    for v in variants:
+        med = statistics.median(times[v.name])
+        rows.append({**case, "variant": v.name, "median_s": med, "images_per_s": x.shape[0] / med,
+                     "peak_mem_mb": peak_mb(v, x),
+                     "max_rel_diff_vs_eager": max_rel_diff(outputs[v.name], eager_out)})
+    base = next(r for r in rows if r["variant"] == "eager")["median_s"]
+    for r in rows:
+        r["speedup_vs_eager"] = base / r["median_s"]
+    return rows
+
+
+def make_variants(builder, train, amp_dtype, device, with_compile):
+    torch.manual_seed(0)
+    eager = builder().to(device)
+    variants = [Variant("eager", eager, "reference", train, amp_dtype, device)]
+    if with_compile:
+        variants.append(Variant("compile", copy.deepcopy(eager), "reference", train, amp_dtype, device, compile_model=True))
+    variants.append(Variant("accelerated", transxnet.accelerated(copy.deepcopy(eager)), "auto", train, amp_dtype, device))
+    return variants
+
+
+def print_table(rows):
+    header = f"{'case':46s} {'variant':12s} {'img/s':>10s} {'x eager':>8s} {'peak MiB':>9s} {'max rel diff':>12s}"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        mem = "-" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:.0f}"
+        print(f"{r['label']:46s} {r['variant']:12s} {r['images_per_s']:10.1f} {r['speedup_vs_eager']:8.2f} "
+              f"{mem:>9s} {r['max_rel_diff_vs_eager']:12.2e}")
+
+
+def plot(rows, path, title):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("matplotlib missing: no chart")
+        return None
+    labels = list(dict.fromkeys(r["label"] for r in rows))
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(labels)), 4.5))
+    width = 0.8 / len(variants)
+    for i, v in enumerate(variants):
+        vals = [next((r["speedup_vs_eager"] for r in rows if r["label"] == lab and r["variant"] == v), 0) for lab in labels]
+        ax.bar([j + i * width for j in range(len(labels))], vals, width, label=v)
+    ax.set_xticks([j + width * (len(variants) - 1) / 2 for j in range(len(labels))])
+    ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
+    ax.axhline(1.0, color="gray", lw=0.8)
+    ax.set_ylabel("throughput relative to eager (median)")
+    ax.set_title(title, fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="t,s,b", help="comma list of t,s,b")
+    p.add_argument("--batch", type=int, default=None, help="default 128 on GPU, 16 on CPU")
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--modes", default="infer,train")
+    p.add_argument("--precisions", default=None, help="fp32,amp (default: fp32+amp on GPU, fp32 on CPU)")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline (slow to build)")
+    p.add_argument("--no-detection", action="store_true", help="skip the fork_feat detection-size case")
+    p.add_argument("--rounds", type=int, default=None, help="timed rounds (default 10 GPU, 5 CPU)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", default=RESULTS_DIR)
+    args = p.parse_args(argv)
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    on_gpu = device.type == "cuda"
+    batch = args.batch or (128 if on_gpu else 16)
+    rounds = args.rounds or (10 if on_gpu else 5)
+    precisions = (args.precisions or ("fp32,amp" if on_gpu else "fp32")).split(",")
+    amp_dtype = torch.bfloat16 if (on_gpu and torch.cuda.is_bf16_supported()) else torch.float16
+    env = environment(device)
+    log(f"device {env['device']}, torch {env['torch']}, triton {env['triton']}, backends {env['backends']}")
+    if on_gpu:
+        torch.backends.cudnn.benchmark = True
+
+    rows = []
+    for arch in args.models.split(","):
+        for mode in args.modes.split(","):
+            for prec in precisions:
+                label = f"{arch.upper()} {mode} {prec} b{batch} {args.size}px"
+                x = torch.randn(batch, 3, args.size, args.size, device=device)
+                variants = make_variants(lambda: transxnet.TransXNet(arch), mode == "train",
+                                         amp_dtype if prec == "amp" else None, device, not args.no_compile)
+                rows += bench_case({"label": label, "model": arch, "mode": mode, "precision": prec,
+                                    "batch": batch, "size": args.size}, variants, x, rounds, args.warmup)
+                del variants
+    if not args.no_detection:
+        det_batch, det_size = 2, (800, 1216)
+        label = f"T fork_feat fwd+bwd b{det_batch} {det_size[0]}x{det_size[1]}"
+        x = torch.randn(det_batch, 3, *det_size, device=device)
+        variants = make_variants(lambda: transxnet.TransXNet("t", fork_feat=True), True, None, device,
+                                 not args.no_compile and on_gpu)
+        rows += bench_case({"label": label, "model": "t_fork_feat", "mode": "train", "precision": "fp32",
+                            "batch": det_batch, "size": list(det_size)}, variants, x, max(3, rounds // 2), 1)
+
+    print_table(rows)
+    os.makedirs(args.out, exist_ok=True)
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    tag = f"model_{device.type}_{stamp}"
+    with open(os.path.join(args.out, f"{tag}.json"), "w") as f:
+        json.dump({"environment": env, "command": " ".join(sys.argv), "rows": rows}, f, indent=1)
+    chart = plot(rows, os.path.join(args.out, f"{tag}.png"),
+                 f"TransXNet on {env['device']} (torch {env['torch']}, commit {env['commit']}, {env['date']})")
+    log(f"wrote {os.path.join(args.out, tag)}.json" + (f" and {chart}" if chart else ""))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
