@@ -93,6 +93,9 @@ def test_train_step_batch_one_and_checkpointing_gives_same_grads():
                if hasattr(b, "grad_checkpoint")) == 18
     for n, g in grads[0].items():
         torch.testing.assert_close(grads[1][n], g, rtol=1e-5, atol=1e-6, msg=n)
+    # the backward-time recomputation does not update the BatchNorm statistics a second time
+    for (n, b0), b1 in zip(ref.named_buffers(), ckpt.buffers()):
+        torch.testing.assert_close(b1, b0, rtol=1e-6, atol=1e-7, msg=n)
 
 
 @pytest.mark.parametrize("bad,message", [

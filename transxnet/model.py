@@ -7,6 +7,7 @@ whose backend (Triton / C++ / PyTorch reference) is chosen per call.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -322,8 +323,27 @@ class Block(nn.Module):
 
     def forward(self, x, relative_pos_enc=None):
         if self.grad_checkpoint and torch.is_grad_enabled() and (x.requires_grad or self.training):
-            return checkpoint(self._forward, x, relative_pos_enc, use_reentrant=False)
+            return checkpoint(self._forward, x, relative_pos_enc, use_reentrant=False,
+                              context_fn=self._checkpoint_contexts)
         return self._forward(x, relative_pos_enc)
+
+    def _checkpoint_contexts(self):
+        return contextlib.nullcontext(), self._batchnorm_stats_frozen()
+
+    @contextlib.contextmanager
+    def _batchnorm_stats_frozen(self):
+        """The backward-time recomputation must not update BatchNorm running statistics a
+        second time (the released code does): snapshot them and put them back afterwards."""
+        norms = [m for m in self.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+        saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in norms]
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for m, (mean, var, count) in zip(norms, saved):
+                    m.running_mean.copy_(mean)
+                    m.running_var.copy_(var)
+                    m.num_batches_tracked.copy_(count)
 
 
 class TransXNet(nn.Module):
