@@ -1,13 +1,13 @@
 // Raw-pointer interface between the tensor-level ops (ops.cpp, built for the
 // baseline ISA) and the vectorised kernels (kernels.h), which are compiled once
 // per instruction set (kernels_default.cpp, kernels_avx2.cpp) and picked at run
-// time. This header includes no ATen so it can sit on either side.
+// time (AVX-512, else AVX2 + FMA, else the compiler's baseline). This header includes no ATen so it can sit on either side.
 #pragma once
 
 #include <cstdint>
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-#define TRANSXNET_HAVE_AVX2_KERNELS 1
+#define TRANSXNET_HAVE_X86_KERNELS 1
 #endif
 
 namespace transxnet {
@@ -22,6 +22,10 @@ struct PlaneConv {
   const T* weight;  // [K, K] contiguous
   T bias;
   int64_t H, W, K;
+  // Scratch layout: zero border of max_pad on every side, shared by all planes a
+  // thread runs (kernel sizes may differ per channel), so only the interior is
+  // rewritten per plane. The caller zero-fills the scratch once.
+  int64_t max_pad;
   bool ffn_epilogue;
   T scale, shift;
 };
@@ -40,9 +44,11 @@ struct AttentionHead {
 
 template <typename T>
 struct KernelTable {
-  // Elements of scratch one dwconv_plane call needs.
-  int64_t (*dwconv_scratch)(int64_t H, int64_t W, int64_t K);
+  // Elements of (zero-filled) scratch dwconv_plane needs for kernels up to max_k.
+  int64_t (*dwconv_scratch)(int64_t H, int64_t W, int64_t max_k);
   void (*dwconv_plane)(const PlaneConv<T>& p, T* scratch);
+  // IDConv kernel mixing: out[t] = sum_g softmax_g(logits[g * g_stride + t]) * weight[g * g_stride + t].
+  void (*mix_kernel)(const T* logits, const T* weight, int64_t G, int64_t g_stride, int64_t KK, T* out);
   // Elements of scratch one attention_rows call needs.
   int64_t (*attention_scratch)(int64_t M, int64_t d);
   void (*attention_rows)(const AttentionHead<T>& a, int64_t n0, int64_t n1, T* scratch);
@@ -53,11 +59,15 @@ const KernelTable<float>& kernel_table(float);
 const KernelTable<double>& kernel_table(double);
 }  // namespace base
 
-#ifdef TRANSXNET_HAVE_AVX2_KERNELS
+#ifdef TRANSXNET_HAVE_X86_KERNELS
 namespace avx2 {
 const KernelTable<float>& kernel_table(float);
 const KernelTable<double>& kernel_table(double);
 }  // namespace avx2
+namespace avx512 {
+const KernelTable<float>& kernel_table(float);
+const KernelTable<double>& kernel_table(double);
+}  // namespace avx512
 #endif
 
 }  // namespace transxnet

@@ -44,16 +44,33 @@ inline void fill(T* begin, T* end, T value) {
   for (; begin < end; ++begin) *begin = value;
 }
 
+// erf: fp64 uses ATen's (full precision). fp32 uses the Abramowitz-Stegun 7.1.26
+// form ATen's own fp32 erf uses (|error| < 1.5e-7), with the inlined exp_u20 in
+// place of a Sleef call, which made GELU the most expensive part of the MS-FFN.
+inline Vectorized<double> erf_vec(const Vectorized<double>& x) { return x.erf(); }
+inline Vectorized<float> erf_vec(const Vectorized<float>& x) {
+  using Vec = Vectorized<float>;
+  const Vec one(1.f);
+  const Vec t = one / at::vec::fmadd(Vec(0.3275911f), x.abs(), one);
+  Vec r = at::vec::fmadd(Vec(1.061405429f), t, Vec(-1.453152027f));
+  r = at::vec::fmadd(r, t, Vec(1.421413741f));
+  r = at::vec::fmadd(r, t, Vec(-0.284496736f));
+  r = at::vec::fmadd(r, t, Vec(0.254829592f));
+  const Vec e = (Vec(0.f) - x * x).exp_u20();
+  const Vec erf_abs = one - r * t * e;
+  return Vec::blendv(erf_abs, Vec(0.f) - erf_abs, x < Vec(0.f));
+}
+
 template <typename T>
 inline Vectorized<T> gelu_erf(const Vectorized<T>& x) {
   // Exact GELU, as torch's default: x/2 * (1 + erf(x / sqrt(2))).
   const Vectorized<T> half(T(0.5)), one(T(1)), inv_sqrt2(T(0.70710678118654752440));
-  return half * x * (one + (x * inv_sqrt2).erf());
+  return half * x * (one + erf_vec(x * inv_sqrt2));
 }
 
 template <typename T>
-int64_t dwconv_scratch(int64_t H, int64_t W, int64_t K) {
-  const int64_t pad = K / 2;
+int64_t dwconv_scratch(int64_t H, int64_t W, int64_t max_k) {
+  const int64_t pad = max_k / 2;
   return (H + 2 * pad) * (W + 2 * pad + Vectorized<T>::size());
 }
 
@@ -66,7 +83,8 @@ inline void conv_block(const PlaneConv<T>& p, const T* padded, int64_t ld, int64
   const int64_t K = KT > 0 ? KT : p.K;
   Vec acc[NACC];
   for (int u = 0; u < NACC; ++u) acc[u] = Vec(p.bias);
-  const T* base = padded + y * ld + x0;
+  const int64_t pad = K / 2, skip = p.max_pad - pad;  // taps start `skip` into the shared border
+  const T* base = padded + (y + skip) * ld + skip + x0;
   for (int64_t i = 0; i < K; ++i) {
     const T* row = base + i * ld;
     const T* wrow = p.weight + i * K;
@@ -75,7 +93,6 @@ inline void conv_block(const PlaneConv<T>& p, const T* padded, int64_t ld, int64
       for (int u = 0; u < NACC; ++u) acc[u] = at::vec::fmadd(w, Vec::loadu(row + j + u * VL), acc[u]);
     }
   }
-  const int64_t pad = K / 2;
   T* out = p.out + y * p.W + x0;
   for (int u = 0; u < NACC; ++u) {
     Vec r = acc[u];
@@ -116,17 +133,9 @@ void conv_plane_k(const PlaneConv<T>& p, const T* padded, int64_t ld) {
 template <typename T>
 void dwconv_plane(const PlaneConv<T>& p, T* scratch) {
   constexpr int VL = Vectorized<T>::size();
-  const int64_t pad = p.K / 2;
-  const int64_t ld = p.W + 2 * pad + VL;
-  const int64_t rows = p.H + 2 * pad;
-  // Zero only the border; the interior is overwritten by the copy.
-  fill(scratch, scratch + pad * ld, T(0));
-  fill(scratch + (pad + p.H) * ld, scratch + rows * ld, T(0));
+  const int64_t ld = p.W + 2 * p.max_pad + VL;
   for (int64_t y = 0; y < p.H; ++y) {
-    T* dst = scratch + (y + pad) * ld;
-    fill(dst, dst + pad, T(0));
-    std::memcpy(dst + pad, p.x + y * p.W, sizeof(T) * p.W);
-    fill(dst + pad + p.W, dst + ld, T(0));
+    std::memcpy(scratch + (y + p.max_pad) * ld + p.max_pad, p.x + y * p.W, sizeof(T) * p.W);
   }
   switch (p.K) {
     case 1: conv_plane_k<T, 1>(p, scratch, ld); break;
@@ -135,6 +144,25 @@ void dwconv_plane(const PlaneConv<T>& p, T* scratch) {
     case 7: conv_plane_k<T, 7>(p, scratch, ld); break;
     case 9: conv_plane_k<T, 9>(p, scratch, ld); break;
     default: conv_plane_k<T, 0>(p, scratch, ld); break;
+  }
+}
+
+template <typename T>
+void mix_kernel(const T* logits, const T* weight, int64_t G, int64_t g_stride, int64_t KK, T* out) {
+  using Vec = Vectorized<T>;
+  constexpr int VL = Vec::size();
+  for (int64_t t = 0; t < KK; t += VL) {
+    const int64_t n = min_i64(VL, KK - t);
+    Vec mx = Vec::loadu(logits + t, n);
+    for (int64_t g = 1; g < G; ++g) mx = at::vec::maximum(mx, Vec::loadu(logits + g * g_stride + t, n));
+    Vec sum(T(0)), acc(T(0));
+    for (int64_t g = 0; g < G; ++g) {
+      const Vec e = (Vec::loadu(logits + g * g_stride + t, n) - mx).exp();
+      sum = sum + e;
+      acc = at::vec::fmadd(e, Vec::loadu(weight + g * g_stride + t, n), acc);
+    }
+    // Lanes past n (zero-filled loads) are never stored.
+    (acc / sum).store(out + t, n);
   }
 }
 
@@ -163,7 +191,10 @@ inline void score_block(const AttentionHead<T>& a, const T* qrow, const T* kT, i
   const Vec scale(a.scale);
   for (int u = 0; u < NACC; ++u) {
     Vec s = acc[u] * scale;
-    if (bias_row) s = s + Vec::loadu(bias_row + m0 + u * VL);
+    if (bias_row) {
+      const int64_t m = m0 + u * VL;  // the last vector may run past M (a.M): load only what exists
+      s = s + (m + VL <= a.M ? Vec::loadu(bias_row + m) : Vec::loadu(bias_row + m, a.M - m));
+    }
     s.store(scores + m0 + u * VL);
   }
 }
@@ -210,9 +241,11 @@ void attention_rows(const AttentionHead<T>& a, int64_t n0, int64_t n1, T* scratc
     const T* qrow = a.q + n * a.q_sn;
     const T* bias_row = nullptr;
     if (a.bias) {
-      const T* src = a.bias + n * a.bias_sn;
-      for (int64_t m = 0; m < M; ++m) bias_buf[m] = src[m * a.bias_sm];
-      bias_row = bias_buf;
+      bias_row = a.bias + n * a.bias_sn;
+      if (a.bias_sm != 1) {
+        for (int64_t m = 0; m < M; ++m) bias_buf[m] = bias_row[m * a.bias_sm];
+        bias_row = bias_buf;
+      }
     }
     for_each_block(Mp / VL, VL, [&](auto nacc, int64_t m0) {
       score_block<T, decltype(nacc)::value>(a, qrow, kT, Mp, bias_row, scores, m0);
@@ -228,7 +261,7 @@ void attention_rows(const AttentionHead<T>& a, int64_t n0, int64_t n1, T* scratc
     }
     Vec vsum(T(0));
     for (int64_t m = 0; m < Mp; m += VL) {
-      const Vec e = (Vec::loadu(scores + m) - Vec(row_max)).exp();
+      const Vec e = (Vec::loadu(scores + m) - Vec(row_max)).exp_u20();  // fp32: within 2 ulp
       e.store(scores + m);
       vsum = vsum + e;
     }
@@ -248,7 +281,8 @@ void attention_rows(const AttentionHead<T>& a, int64_t n0, int64_t n1, T* scratc
 
 template <typename T>
 const KernelTable<T>& table() {
-  static const KernelTable<T> t{&dwconv_scratch<T>, &dwconv_plane<T>, &attention_scratch<T>, &attention_rows<T>};
+  static const KernelTable<T> t{&dwconv_scratch<T>, &dwconv_plane<T>, &mix_kernel<T>, &attention_scratch<T>,
+                                &attention_rows<T>};
   return t;
 }
 

@@ -7,7 +7,9 @@
 
 #include <ATen/Parallel.h>
 
+#include <atomic>
 #include <cmath>
+#include <string>
 #include <vector>
 
 #include "kernel_api.h"
@@ -15,24 +17,47 @@
 namespace transxnet {
 namespace {
 
-bool cpu_has_avx2() {
-#ifdef TRANSXNET_HAVE_AVX2_KERNELS
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return has;
-#else
-  return false;
+enum class Isa : int { baseline = 0, avx2 = 1, avx512 = 2 };
+const char* const kIsaNames[] = {"baseline", "avx2", "avx512"};
+
+Isa best_isa() {
+#ifdef TRANSXNET_HAVE_X86_KERNELS
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+    return Isa::avx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::avx2;
 #endif
+  return Isa::baseline;
 }
+
+std::atomic<int> g_isa{static_cast<int>(best_isa())};
 
 template <typename T>
 const KernelTable<T>& kernels() {
-#ifdef TRANSXNET_HAVE_AVX2_KERNELS
-  if (cpu_has_avx2()) return avx2::kernel_table(T());
+#ifdef TRANSXNET_HAVE_X86_KERNELS
+  switch (static_cast<Isa>(g_isa.load(std::memory_order_relaxed))) {
+    case Isa::avx512: return avx512::kernel_table(T());
+    case Isa::avx2: return avx2::kernel_table(T());
+    case Isa::baseline: break;
+  }
 #endif
   return base::kernel_table(T());
 }
 
-std::string kernel_isa() { return cpu_has_avx2() ? "avx2" : "baseline"; }
+std::string kernel_isa() { return kIsaNames[g_isa.load()]; }
+
+// Selects a kernel build the CPU supports (tests run every variant); returns the previous one.
+std::string set_kernel_isa(const std::string& name) {
+  for (int i = 0; i <= static_cast<int>(best_isa()); ++i) {
+    if (name == kIsaNames[i]) {
+      const std::string previous = kernel_isa();
+      g_isa.store(i);
+      return previous;
+    }
+  }
+  TORCH_CHECK(false, "kernel ISA '", name, "' is unknown or not supported by this CPU (best: ",
+              kIsaNames[static_cast<int>(best_isa())], ")");
+}
 
 void check_input(const at::Tensor& t, const at::Tensor& x, const char* what) {
   TORCH_CHECK(t.device().is_cpu(), what, " must be a CPU tensor");
@@ -67,11 +92,11 @@ void run_dwconv(const at::Tensor& x, at::Tensor& out, const std::vector<ChannelC
   const T* xp = x.const_data_ptr<T>();
   T* op = out.mutable_data_ptr<T>();
   at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> scratch(scratch_size);
+    std::vector<T> scratch(scratch_size);  // zero-filled: the shared padding border
     for (int64_t plane = begin; plane < end; ++plane) {
       const int64_t c = plane % C;
       const ChannelConv<T>& ch = channels[c];
-      PlaneConv<T> p{xp + plane * H * W, op + plane * H * W, ch.weight, ch.bias, H, W, ch.K,
+      PlaneConv<T> p{xp + plane * H * W, op + plane * H * W, ch.weight, ch.bias, H, W, ch.K, max_k / 2,
                      scale != nullptr, scale ? scale[c] : T(1), shift ? shift[c] : T(0)};
       kt.dwconv_plane(p, scratch.data());
     }
@@ -113,21 +138,10 @@ at::Tensor idconv_forward(const at::Tensor& x_in, const at::Tensor& kernel_logit
     const T* xp = x.const_data_ptr<T>();
     T* op = out.mutable_data_ptr<T>();
     at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
-      std::vector<T> scratch(scratch_size), mixed(KK), e(G);
+      std::vector<T> scratch(scratch_size), mixed(KK);  // scratch zero-filled: the padding border
       for (int64_t plane = begin; plane < end; ++plane) {
         const int64_t b = plane / C, c = plane % C;
-        // mixed[t] = sum_g softmax_g(logits[b, :, c, t]) * weight[g, c, t]
-        for (int64_t t = 0; t < KK; ++t) {
-          T mx = -std::numeric_limits<T>::infinity();
-          for (int64_t g = 0; g < G; ++g) mx = std::max(mx, lp[((b * G + g) * C + c) * KK + t]);
-          T sum = 0, acc = 0;
-          for (int64_t g = 0; g < G; ++g) {
-            const T eg = std::exp(lp[((b * G + g) * C + c) * KK + t] - mx);
-            sum += eg;
-            acc += eg * wp[(g * C + c) * KK + t];
-          }
-          mixed[t] = acc / sum;
-        }
+        kt.mix_kernel(lp + (b * G * C + c) * KK, wp + c * KK, G, C * KK, KK, mixed.data());
         T conv_bias = 0;
         if (bp) {
           T mx = -std::numeric_limits<T>::infinity();
@@ -140,7 +154,8 @@ at::Tensor idconv_forward(const at::Tensor& x_in, const at::Tensor& kernel_logit
           }
           conv_bias = acc / sum;
         }
-        PlaneConv<T> p{xp + plane * H * W, op + plane * H * W, mixed.data(), conv_bias, H, W, K, false, T(1), T(0)};
+        PlaneConv<T> p{xp + plane * H * W, op + plane * H * W, mixed.data(), conv_bias, H, W, K, K / 2, false,
+                       T(1), T(0)};
         kt.dwconv_plane(p, scratch.data());
       }
     });
@@ -288,5 +303,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("multiscale_dwconv_forward", &transxnet::multiscale_dwconv_forward);
   m.def("ms_ffn_middle_forward", &transxnet::ms_ffn_middle_forward);
   m.def("osra_attention_forward", &transxnet::osra_attention_forward);
-  m.def("kernel_isa", &transxnet::kernel_isa, "instruction set of the kernels in use: avx2 or baseline");
+  m.def("kernel_isa", &transxnet::kernel_isa, "instruction set of the kernels in use: avx512, avx2 or baseline");
+  m.def("set_kernel_isa", &transxnet::set_kernel_isa,
+        "use the kernels built for this instruction set (one the CPU supports); returns the previous one");
 }

@@ -12,6 +12,19 @@ from helpers import TOLERANCE, assert_rel_close, requires_cpp
 
 pytestmark = requires_cpp
 DTYPES = [torch.float32, torch.float64]
+ISAS = ["baseline", "avx2", "avx512"]
+
+
+@pytest.fixture(params=ISAS)
+def kernel_isa(request):
+    """Run the test on each kernel build (baseline, AVX2, AVX-512) this CPU can execute."""
+    from transxnet_kernels import cpp_ops
+    try:
+        previous = cpp_ops.set_kernel_isa(request.param)
+    except RuntimeError as exc:
+        pytest.skip(f"this CPU cannot run the {request.param} kernels: {exc}")
+    yield request.param
+    cpp_ops.set_kernel_isa(previous)
 
 
 def rand(*shape, dtype, gen):
@@ -76,7 +89,7 @@ def attention_args(B, h, N, M, d, bias_shape, dtype, transposed_q=False, seed=0)
     (1, 2, 5, 40, 3, 1, True),    # 1x1 kernel, wide rows (several register blocks)
     (2, 3, 8, 8, 2, 11, False),   # kernel size without a specialised instantiation
 ])
-def test_idconv(B, C, H, W, G, K, with_bias, dtype, nan_poisoned_empty):
+def test_idconv(B, C, H, W, G, K, with_bias, dtype, nan_poisoned_empty, kernel_isa):
     args = idconv_args(B, C, H, W, G, K, with_bias, dtype)
     out = run_cpp("idconv", *args)
     assert out.dtype == dtype
@@ -90,7 +103,7 @@ def test_idconv(B, C, H, W, G, K, with_bias, dtype, nan_poisoned_empty):
     (3, [5], [3], 7, 19),                      # one group
     (2, [2, 3], [11, 1], 12, 35),              # runtime kernel size, wide rows
 ])
-def test_multiscale_dwconv(B, widths, kernels, H, W, dtype, nan_poisoned_empty):
+def test_multiscale_dwconv(B, widths, kernels, H, W, dtype, nan_poisoned_empty, kernel_isa):
     x, weights, biases = multiscale_args(B, widths, kernels, H, W, dtype)
     out = run_cpp("multiscale_dwconv", x, weights, biases)
     assert_rel_close(out, run_reference_fp64("multiscale_dwconv", x, weights, biases), TOLERANCE[dtype],
@@ -104,7 +117,7 @@ def test_multiscale_dwconv(B, widths, kernels, H, W, dtype, nan_poisoned_empty):
     (2, [6, 2, 2, 2], [1, 3, 5, 7], 14, 14),
 ])
 @pytest.mark.parametrize("affine", [True, False])
-def test_ms_ffn_middle_eval(B, widths, kernels, H, W, affine, dtype, nan_poisoned_empty):
+def test_ms_ffn_middle_eval(B, widths, kernels, H, W, affine, dtype, nan_poisoned_empty, kernel_isa):
     x, weights, biases = multiscale_args(B, widths, kernels, H, W, dtype)
     norm_weight, norm_bias, mean, var = batch_norm_args(x.shape[1], dtype)
     if not affine:
@@ -140,7 +153,7 @@ def test_ms_ffn_middle_training_runs_reference_or_refuses():
     (2, 1, 9, 70, 9, (2, 1, 9, 70), False),      # M spanning several register blocks
     (1, 2, 16, 7, 40, None, True),               # d spanning several register blocks
 ])
-def test_osra_attention(B, h, N, M, d, bias_shape, transposed_q, dtype, nan_poisoned_empty):
+def test_osra_attention(B, h, N, M, d, bias_shape, transposed_q, dtype, nan_poisoned_empty, kernel_isa):
     q, k, v, bias = attention_args(B, h, N, M, d, bias_shape, dtype, transposed_q)
     out = run_cpp("osra_attention", q, k, v, bias)
     assert out.is_contiguous()
@@ -148,7 +161,7 @@ def test_osra_attention(B, h, N, M, d, bias_shape, transposed_q, dtype, nan_pois
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_osra_attention_strided_kv_bias_and_scale(dtype):
+def test_osra_attention_strided_kv_bias_and_scale(dtype, kernel_isa):
     g = torch.Generator().manual_seed(3)
     B, h, N, M, d = 2, 2, 19, 10, 6
     q = rand(B, h, N, d, dtype=dtype, gen=g)

@@ -7,8 +7,8 @@ gradients are declined by ``cpp_supports`` (``auto`` then runs the reference,
 whose autograd is exact), and the custom ops register no autograd formula, so a
 direct call under autograd raises instead of returning a wrong gradient.
 
-Kernels (csrc/kernels.h; AVX2+FMA or baseline build picked at run time,
-``kernel_isa()`` says which), with the minimal traffic each must move:
+Kernels (csrc/kernels.h; built for AVX-512, AVX2+FMA and the baseline ISA, the
+best the CPU runs picked at run time, ``kernel_isa()`` says which), with the minimal traffic each must move:
 
 * idconv: per (b, c) plane mix the K*K kernel (softmax over G), zero-pad the
   plane in a scratch buffer, depthwise conv with bias.
@@ -44,8 +44,13 @@ SUPPORTED_DTYPES = (torch.float32, torch.float64)
 
 
 def kernel_isa() -> str:
-    """Instruction set of the kernels this CPU runs: 'avx2' or 'baseline'."""
+    """Instruction set of the kernels in use: 'avx512', 'avx2' or 'baseline' (the best the CPU has)."""
     return _C.kernel_isa()
+
+
+def set_kernel_isa(name: str) -> str:
+    """Use the kernels built for `name` (one the CPU supports; for tests); returns the previous choice."""
+    return _C.set_kernel_isa(name)
 
 
 def cpp_supports(info: backend.CallInfo) -> Optional[str]:
