@@ -27,18 +27,17 @@ best the CPU runs picked at run time, ``kernel_isa()`` says which), with the min
 """
 from __future__ import annotations
 
+import importlib.util
 from typing import List, Optional, Sequence
 
 import torch
 
 from . import backend, reference
 
-try:
-    from . import _C
-except ImportError as exc:  # not built (no compiler, failed build, TRANSXNET_NO_CPP=1)
-    raise ImportError(
-        f"the C++ extension transxnet_kernels._C is not built ({exc}); "
-        "build it with `python setup.py build_ext --inplace` or reinstall with a C++ compiler") from exc
+if importlib.util.find_spec("transxnet_kernels._C") is None:  # no compiler, failed build, TRANSXNET_NO_CPP=1
+    raise ImportError("the C++ extension transxnet_kernels._C is not built; build it with "
+                      "`python setup.py build_ext --inplace` or reinstall with a C++ compiler")
+from . import _C  # noqa: E402  (an ImportError here, e.g. an ABI mismatch, says why)
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
 
