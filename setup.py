@@ -27,12 +27,32 @@ def cpp_extension():
     class OptionalBuildExtension(BuildExtension):
         """Build the C++ kernels if possible; never fail the install because of them."""
 
+        def build_extensions(self):
+            try:
+                super().build_extensions()
+            except Exception as exc:  # e.g. the compiler check before any extension is built
+                print(f"transxnet-kernels: C++ extension build failed ({exc}); "
+                      "the cpp backend will be unavailable", file=sys.stderr)
+                self._failed = {ext.name for ext in self.extensions}
+
         def build_extension(self, ext):
             try:
                 super().build_extension(ext)
             except Exception as exc:  # no compiler, no OpenMP, ...: the package falls back
                 print(f"transxnet-kernels: C++ extension build failed ({exc}); "
                       "the cpp backend will be unavailable", file=sys.stderr)
+                self._failed = getattr(self, "_failed", set()) | {ext.name}
+
+        def copy_extensions_to_source(self):
+            # `--inplace` / editable installs copy the built library next to the sources;
+            # an extension that failed to build has nothing to copy.
+            failed = getattr(self, "_failed", set())
+            built = self.extensions
+            self.extensions = [ext for ext in built if ext.name not in failed]
+            try:
+                super().copy_extensions_to_source()
+            finally:
+                self.extensions = built
 
     ext = CppExtension(
         "transxnet_kernels._C",

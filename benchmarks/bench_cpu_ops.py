@@ -1,0 +1,107 @@
+"""CPU op benchmarks: the cpp backend vs the eager reference vs torch.compile of the reference.
+
+TransXNet-T shapes at batch 16, 224x224 input, 2 threads (the CI machines and the
+issue's target): stages C = 48, 96, 224, 448 at 56, 28, 14, 7 pixels; IDConv on
+C/2 channels (G=2, K=7); MS-FFN hidden 4C in kernel groups (1, 3, 5, 7); OSRA on
+C/2 channels with 1, 2, 4, 8 heads, N = H*W queries, M = 49 keys, q passed as
+the model's transposed view. Forward only (inference: the cpp kernels are
+forward-only). Each case records the minimal bytes it must move (read every
+input once, write the output once) and its FLOPs in extra_info:
+
+* idconv:            bytes (2*B*c*H*W + B*G*c*K*K + G*c*K*K) * s,  FLOPs 2*B*c*H*W*K*K
+* multiscale_dwconv: bytes 2*B*Ch*H*W * s,                          FLOPs 2*B*H*W*sum(c_i*k_i^2)
+* ms_ffn_middle:     bytes 2*B*Ch*H*W * s,                          FLOPs as above + ~20/element (GELU, BN)
+* osra_attention:    bytes (2*B*h*N*d + 2*B*h*M*d + B*h*N*M) * s,  FLOPs 4*B*h*N*M*d
+
+Run: PYTHONPATH=. python -m pytest benchmarks/bench_cpu_ops.py -q [--benchmark-json out.json]
+The torch.compile cases compile once per shape (excluded from the timing; the
+compile time is recorded as compile_s).
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable, Dict, Tuple
+
+import pytest
+import torch
+
+import transxnet_kernels as tk
+from transxnet_kernels import reference
+
+from common import run_case
+
+THREADS = 2
+BATCH = 16
+STAGES = [(48, 56, 1), (96, 28, 2), (224, 14, 4), (448, 7, 8)]  # (C, H=W, OSRA heads)
+OPS = ["idconv", "multiscale_dwconv", "ms_ffn_middle", "osra_attention"]
+IMPLS = ["reference", "cpp", "compiled_reference"]
+CPU = torch.device("cpu")
+
+requires_cpp = pytest.mark.skipif(
+    not tk.available_backends()["cpp"].startswith("available"),
+    reason=f"cpp backend: {tk.available_backends()['cpp']}")
+
+
+def make_case(op: str, C: int, HW: int, heads: int) -> Tuple[tuple, int, int]:
+    """(args, min_bytes, flops) of op at one TransXNet-T stage."""
+    g = torch.Generator().manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g)
+
+    B, s = BATCH, 4
+    if op == "idconv":
+        c, G, K = C // 2, 2, 7
+        args = (rand(B, c, HW, HW), rand(B, G, c, K, K), rand(G, c, K, K), rand(B, G, c), rand(G, c))
+        return args, (2 * B * c * HW * HW + B * G * c * K * K + G * c * K * K) * s, 2 * B * c * HW * HW * K * K
+    if op in ("multiscale_dwconv", "ms_ffn_middle"):
+        Ch = 4 * C
+        q = Ch // 4
+        widths, kernels = [Ch - 3 * q, q, q, q], [1, 3, 5, 7]
+        x = rand(B, Ch, HW, HW)
+        weights = [rand(w, 1, k, k) for w, k in zip(widths, kernels)]
+        biases = [rand(w) for w in widths]
+        flops = 2 * B * HW * HW * sum(w * k * k for w, k in zip(widths, kernels))
+        if op == "multiscale_dwconv":
+            return (x, weights, biases), 2 * B * Ch * HW * HW * s, flops
+        bn = (rand(Ch), rand(Ch), rand(Ch), torch.rand(Ch, generator=g) + 0.5)
+        return (x, weights, biases, *bn, False), 2 * B * Ch * HW * HW * s, flops + 20 * B * Ch * HW * HW
+    c, M = C // 2, 49
+    N, d = HW * HW, c // heads
+    q = rand(B, heads, d, N).transpose(-1, -2)
+    args = (q, rand(B, heads, M, d), rand(B, heads, M, d), rand(B, heads, N, M))
+    return args, (2 * B * heads * N * d + 2 * B * heads * M * d + B * heads * N * M) * s, 4 * B * heads * N * M * d
+
+
+_COMPILED: Dict[str, Callable] = {}
+
+
+def implementation(op: str, impl: str) -> Callable:
+    if impl == "reference":
+        return getattr(reference, op)
+    if impl == "compiled_reference":
+        if op not in _COMPILED:
+            _COMPILED[op] = torch.compile(getattr(reference, op))  # default mode (inductor)
+        return _COMPILED[op]
+    from transxnet_kernels import cpp_ops
+    return getattr(cpp_ops, op)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("stage", range(len(STAGES)), ids=[f"C{c}_{hw}x{hw}" for c, hw, _ in STAGES])
+@pytest.mark.parametrize("op", OPS)
+@requires_cpp
+def test_cpu_op(benchmark, op, stage, impl):
+    torch.set_num_threads(THREADS)
+    C, HW, heads = STAGES[stage]
+    args, min_bytes, flops = make_case(op, C, HW, heads)
+    fn = implementation(op, impl)
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        fn(*args)  # compiles the torch.compile case
+        first_call_s = time.perf_counter() - t0
+        record = run_case(benchmark, lambda: fn(*args), CPU, min_bytes, op=op, impl=impl, stage_channels=C,
+                          pixels=HW, batch=BATCH, threads=THREADS, flops=flops,
+                          compile_s=first_call_s if impl == "compiled_reference" else 0.0)
+    record["gflops"] = flops / (record["median_ms"] * 1e-3) / 1e9
+    benchmark.extra_info["gflops"] = record["gflops"]

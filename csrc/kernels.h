@@ -1,0 +1,295 @@
+// Vectorised CPU kernels, written once against at::vec::Vectorized and compiled
+// per instruction set: the including file defines TRANSXNET_KERNEL_NS (and, for
+// AVX2, the target pragma and CPU_CAPABILITY macros) before including this.
+// Only raw pointers cross this boundary (kernel_api.h): no tensors, no
+// threading, no allocation, so nothing ISA-specific leaks into shared inline code.
+//
+// Depthwise conv (IDConv, multi-scale depthwise, MS-FFN middle): one output
+// plane at a time. The input plane is copied into a zero-padded scratch plane
+// (H + 2p rows, W + 2p + VL columns) so that every tap is an unconditional
+// unaligned vector load; each output row is computed in blocks of up to 4
+// vectors along W held in registers, the K*K weights broadcast once per block,
+// and the epilogue (bias, residual, exact GELU, folded BatchNorm) is applied in
+// registers before the single store. Minimal traffic: read x once, write out once.
+//
+// Attention (OSRA): per (batch, head) k is packed transposed ([d, M] padded to
+// whole vectors) and v packed [M, d] padded; each query row computes its M
+// scores in registers (broadcast q[n, j] times packed k rows), adds scale and
+// bias, takes the softmax in a one-row buffer and accumulates p @ v in
+// registers, normalising once at the store. The [N, M] score matrix never
+// reaches memory.
+#include <ATen/cpu/vec/vec.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+
+#include "kernel_api.h"
+
+namespace transxnet {
+namespace TRANSXNET_KERNEL_NS {
+namespace {
+
+using at::vec::Vectorized;
+
+constexpr int kMaxAcc = 4;  // vectors per register block
+
+// Local helpers instead of std::min/std::fill: a std template instantiated here
+// would be a weak symbol the linker may share with baseline code.
+inline int64_t min_i64(int64_t a, int64_t b) { return a < b ? a : b; }
+template <typename T>
+inline void fill(T* begin, T* end, T value) {
+  for (; begin < end; ++begin) *begin = value;
+}
+
+// erf: fp64 uses ATen's (full precision). fp32 uses the Abramowitz-Stegun 7.1.26
+// form ATen's own fp32 erf uses (|error| < 1.5e-7), with the inlined exp_u20 in
+// place of a Sleef call, which made GELU the most expensive part of the MS-FFN.
+inline Vectorized<double> erf_vec(const Vectorized<double>& x) { return x.erf(); }
+inline Vectorized<float> erf_vec(const Vectorized<float>& x) {
+  using Vec = Vectorized<float>;
+  const Vec one(1.f);
+  const Vec t = one / at::vec::fmadd(Vec(0.3275911f), x.abs(), one);
+  Vec r = at::vec::fmadd(Vec(1.061405429f), t, Vec(-1.453152027f));
+  r = at::vec::fmadd(r, t, Vec(1.421413741f));
+  r = at::vec::fmadd(r, t, Vec(-0.284496736f));
+  r = at::vec::fmadd(r, t, Vec(0.254829592f));
+  const Vec e = (Vec(0.f) - x * x).exp_u20();
+  const Vec erf_abs = one - r * t * e;
+  return Vec::blendv(erf_abs, Vec(0.f) - erf_abs, x < Vec(0.f));
+}
+
+template <typename T>
+inline Vectorized<T> gelu_erf(const Vectorized<T>& x) {
+  // Exact GELU, as torch's default: x/2 * (1 + erf(x / sqrt(2))).
+  const Vectorized<T> half(T(0.5)), one(T(1)), inv_sqrt2(T(0.70710678118654752440));
+  return half * x * (one + erf_vec(x * inv_sqrt2));
+}
+
+template <typename T>
+int64_t dwconv_scratch(int64_t H, int64_t W, int64_t max_k) {
+  const int64_t pad = max_k / 2;
+  return (H + 2 * pad) * (W + 2 * pad + Vectorized<T>::size());
+}
+
+// One block of NACC output vectors of row y starting at column x0.
+// KT > 0: kernel size known at compile time (unrolled taps); KT == 0: runtime K.
+template <typename T, int KT, int NACC>
+inline void conv_block(const PlaneConv<T>& p, const T* padded, int64_t ld, int64_t y, int64_t x0) {
+  using Vec = Vectorized<T>;
+  constexpr int VL = Vec::size();
+  const int64_t K = KT > 0 ? KT : p.K;
+  Vec acc[NACC];
+  for (int u = 0; u < NACC; ++u) acc[u] = Vec(p.bias);
+  const int64_t pad = K / 2, skip = p.max_pad - pad;  // taps start `skip` into the shared border
+  const T* base = padded + (y + skip) * ld + skip + x0;
+  for (int64_t i = 0; i < K; ++i) {
+    const T* row = base + i * ld;
+    const T* wrow = p.weight + i * K;
+    for (int64_t j = 0; j < K; ++j) {
+      const Vec w(wrow[j]);
+      for (int u = 0; u < NACC; ++u) acc[u] = at::vec::fmadd(w, Vec::loadu(row + j + u * VL), acc[u]);
+    }
+  }
+  T* out = p.out + y * p.W + x0;
+  for (int u = 0; u < NACC; ++u) {
+    Vec r = acc[u];
+    if (p.ffn_epilogue) {
+      const Vec residual = Vec::loadu(base + pad * ld + pad + u * VL);  // x[y, x0 + u*VL ...]
+      r = at::vec::fmadd(gelu_erf(r + residual), Vec(p.scale), Vec(p.shift));
+    }
+    const int64_t n = min_i64(VL, p.W - x0 - u * VL);
+    r.store(out + u * VL, n);
+  }
+}
+
+// Calls fn(integral_constant<NACC>, offset) over `vectors` vectors in register
+// blocks of kMaxAcc, the last block 1..kMaxAcc vectors.
+template <typename Fn>
+inline void for_each_block(int64_t vectors, int VL, Fn&& fn) {
+  int64_t v = 0;
+  for (; v + kMaxAcc <= vectors; v += kMaxAcc) fn(std::integral_constant<int, kMaxAcc>(), v * VL);
+  switch (vectors - v) {
+    case 0: break;
+    case 1: fn(std::integral_constant<int, 1>(), v * VL); break;
+    case 2: fn(std::integral_constant<int, 2>(), v * VL); break;
+    default: fn(std::integral_constant<int, 3>(), v * VL); break;
+  }
+}
+
+template <typename T, int KT>
+void conv_plane_k(const PlaneConv<T>& p, const T* padded, int64_t ld) {
+  constexpr int VL = Vectorized<T>::size();
+  const int64_t vectors = (p.W + VL - 1) / VL;
+  for (int64_t y = 0; y < p.H; ++y) {
+    for_each_block(vectors, VL, [&](auto nacc, int64_t x0) {
+      conv_block<T, KT, decltype(nacc)::value>(p, padded, ld, y, x0);
+    });
+  }
+}
+
+template <typename T>
+void dwconv_plane(const PlaneConv<T>& p, T* scratch) {
+  constexpr int VL = Vectorized<T>::size();
+  const int64_t ld = p.W + 2 * p.max_pad + VL;
+  for (int64_t y = 0; y < p.H; ++y) {
+    std::memcpy(scratch + (y + p.max_pad) * ld + p.max_pad, p.x + y * p.W, sizeof(T) * p.W);
+  }
+  switch (p.K) {
+    case 1: conv_plane_k<T, 1>(p, scratch, ld); break;
+    case 3: conv_plane_k<T, 3>(p, scratch, ld); break;
+    case 5: conv_plane_k<T, 5>(p, scratch, ld); break;
+    case 7: conv_plane_k<T, 7>(p, scratch, ld); break;
+    case 9: conv_plane_k<T, 9>(p, scratch, ld); break;
+    default: conv_plane_k<T, 0>(p, scratch, ld); break;
+  }
+}
+
+template <typename T>
+void mix_kernel(const T* logits, const T* weight, int64_t G, int64_t g_stride, int64_t KK, T* out) {
+  using Vec = Vectorized<T>;
+  constexpr int VL = Vec::size();
+  for (int64_t t = 0; t < KK; t += VL) {
+    const int64_t n = min_i64(VL, KK - t);
+    Vec mx = Vec::loadu(logits + t, n);
+    for (int64_t g = 1; g < G; ++g) mx = at::vec::maximum(mx, Vec::loadu(logits + g * g_stride + t, n));
+    Vec sum(T(0)), acc(T(0));
+    for (int64_t g = 0; g < G; ++g) {
+      const Vec e = (Vec::loadu(logits + g * g_stride + t, n) - mx).exp();
+      sum = sum + e;
+      acc = at::vec::fmadd(e, Vec::loadu(weight + g * g_stride + t, n), acc);
+    }
+    // Lanes past n (zero-filled loads) are never stored.
+    (acc / sum).store(out + t, n);
+  }
+}
+
+inline int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
+
+template <typename T>
+int64_t attention_scratch(int64_t M, int64_t d) {
+  constexpr int VL = Vectorized<T>::size();
+  const int64_t Mp = round_up(M, VL), dp = round_up(d, VL);
+  return d * Mp + M * dp + 2 * Mp;
+}
+
+// scores[m] = (sum_j q[j] * kT[j, m]) * scale + bias[m] for NACC vectors of m from m0.
+template <typename T, int NACC>
+inline void score_block(const AttentionHead<T>& a, const T* qrow, const T* kT, int64_t Mp,
+                        const T* bias_row, T* scores, int64_t m0) {
+  using Vec = Vectorized<T>;
+  constexpr int VL = Vec::size();
+  Vec acc[NACC];
+  for (int u = 0; u < NACC; ++u) acc[u] = Vec(T(0));
+  for (int64_t j = 0; j < a.d; ++j) {
+    const Vec qj(qrow[j * a.q_sd]);
+    const T* krow = kT + j * Mp + m0;
+    for (int u = 0; u < NACC; ++u) acc[u] = at::vec::fmadd(qj, Vec::loadu(krow + u * VL), acc[u]);
+  }
+  const Vec scale(a.scale);
+  for (int u = 0; u < NACC; ++u) {
+    Vec s = acc[u] * scale;
+    if (bias_row) {
+      const int64_t m = m0 + u * VL;  // the last vector may run past M (a.M): load only what exists
+      s = s + (m + VL <= a.M ? Vec::loadu(bias_row + m) : Vec::loadu(bias_row + m, a.M - m));
+    }
+    s.store(scores + m0 + u * VL);
+  }
+}
+
+template <typename T, int NACC>
+inline void pv_block(const T* probs, int64_t M, const T* vp, int64_t dp, T inv_sum, T* out, int64_t d, int64_t j0) {
+  using Vec = Vectorized<T>;
+  constexpr int VL = Vec::size();
+  Vec acc[NACC];
+  for (int u = 0; u < NACC; ++u) acc[u] = Vec(T(0));
+  for (int64_t m = 0; m < M; ++m) {
+    const Vec pm(probs[m]);
+    const T* vrow = vp + m * dp + j0;
+    for (int u = 0; u < NACC; ++u) acc[u] = at::vec::fmadd(pm, Vec::loadu(vrow + u * VL), acc[u]);
+  }
+  for (int u = 0; u < NACC; ++u) {
+    const int64_t n = min_i64(VL, d - j0 - u * VL);
+    if (n <= 0) break;
+    (acc[u] * Vec(inv_sum)).store(out + j0 + u * VL, n);
+  }
+}
+
+template <typename T>
+void attention_rows(const AttentionHead<T>& a, int64_t n0, int64_t n1, T* scratch) {
+  using Vec = Vectorized<T>;
+  constexpr int VL = Vec::size();
+  const int64_t M = a.M, d = a.d;
+  const int64_t Mp = round_up(M, VL), dp = round_up(d, VL);
+  T* kT = scratch;            // [d, Mp]
+  T* vp = kT + d * Mp;        // [M, dp]
+  T* scores = vp + M * dp;    // [Mp]
+  T* bias_buf = scores + Mp;  // [Mp], bias row gathered when not unit-stride
+  for (int64_t j = 0; j < d; ++j) {
+    for (int64_t m = 0; m < M; ++m) kT[j * Mp + m] = a.k[m * a.k_sm + j * a.k_sd];
+    fill(kT + j * Mp + M, kT + (j + 1) * Mp, T(0));
+  }
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t j = 0; j < d; ++j) vp[m * dp + j] = a.v[m * a.v_sm + j * a.v_sd];
+    fill(vp + m * dp + d, vp + (m + 1) * dp, T(0));
+  }
+  fill(bias_buf, bias_buf + Mp, T(0));
+  const T neg_inf = -std::numeric_limits<T>::infinity();
+  for (int64_t n = n0; n < n1; ++n) {
+    const T* qrow = a.q + n * a.q_sn;
+    const T* bias_row = nullptr;
+    if (a.bias) {
+      bias_row = a.bias + n * a.bias_sn;
+      if (a.bias_sm != 1) {
+        for (int64_t m = 0; m < M; ++m) bias_buf[m] = bias_row[m * a.bias_sm];
+        bias_row = bias_buf;
+      }
+    }
+    for_each_block(Mp / VL, VL, [&](auto nacc, int64_t m0) {
+      score_block<T, decltype(nacc)::value>(a, qrow, kT, Mp, bias_row, scores, m0);
+    });
+    for (int64_t m = M; m < Mp; ++m) scores[m] = neg_inf;
+    Vec vmax(neg_inf);
+    for (int64_t m = 0; m < Mp; m += VL) vmax = at::vec::maximum(vmax, Vec::loadu(scores + m));
+    T row_max = neg_inf;
+    {
+      T lanes[VL];
+      vmax.store(lanes);
+      for (int l = 0; l < VL; ++l) row_max = lanes[l] > row_max ? lanes[l] : row_max;
+    }
+    Vec vsum(T(0));
+    for (int64_t m = 0; m < Mp; m += VL) {
+      const Vec e = (Vec::loadu(scores + m) - Vec(row_max)).exp_u20();  // fp32: within 2 ulp
+      e.store(scores + m);
+      vsum = vsum + e;
+    }
+    T row_sum = 0;
+    {
+      T lanes[VL];
+      vsum.store(lanes);
+      for (int l = 0; l < VL; ++l) row_sum += lanes[l];
+    }
+    T* out = a.out + n * d;
+    const T inv_sum = T(1) / row_sum;
+    for_each_block(dp / VL, VL, [&](auto nacc, int64_t j0) {
+      pv_block<T, decltype(nacc)::value>(scores, M, vp, dp, inv_sum, out, d, j0);
+    });
+  }
+}
+
+template <typename T>
+const KernelTable<T>& table() {
+  static const KernelTable<T> t{&dwconv_scratch<T>, &dwconv_plane<T>, &mix_kernel<T>, &attention_scratch<T>,
+                                &attention_rows<T>};
+  return t;
+}
+
+}  // namespace
+
+const KernelTable<float>& kernel_table(float) { return table<float>(); }
+const KernelTable<double>& kernel_table(double) { return table<double>(); }
+
+}  // namespace TRANSXNET_KERNEL_NS
+}  // namespace transxnet

@@ -1,0 +1,309 @@
+// Tensor-level entry points of the C++ CPU backend (Python: transxnet_kernels._C,
+// wrapped as torch.library custom ops in transxnet_kernels/cpp_ops.py).
+// Forward only, fp32/fp64: checks and layout here, threading with
+// at::parallel_for over independent planes / row blocks, the arithmetic in the
+// per-ISA kernels (kernels.h) chosen once at run time.
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <atomic>
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "kernel_api.h"
+
+namespace transxnet {
+namespace {
+
+enum class Isa : int { baseline = 0, avx2 = 1, avx512 = 2 };
+const char* const kIsaNames[] = {"baseline", "avx2", "avx512"};
+
+Isa best_isa() {
+#ifdef TRANSXNET_HAVE_X86_KERNELS
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+    return Isa::avx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::avx2;
+#endif
+  return Isa::baseline;
+}
+
+std::atomic<int> g_isa{static_cast<int>(best_isa())};
+
+template <typename T>
+const KernelTable<T>& kernels() {
+#ifdef TRANSXNET_HAVE_X86_KERNELS
+  switch (static_cast<Isa>(g_isa.load(std::memory_order_relaxed))) {
+    case Isa::avx512: return avx512::kernel_table(T());
+    case Isa::avx2: return avx2::kernel_table(T());
+    case Isa::baseline: break;
+  }
+#endif
+  return base::kernel_table(T());
+}
+
+std::string kernel_isa() { return kIsaNames[g_isa.load()]; }
+
+// Selects a kernel build the CPU supports (tests run every variant); returns the previous one.
+std::string set_kernel_isa(const std::string& name) {
+  for (int i = 0; i <= static_cast<int>(best_isa()); ++i) {
+    if (name == kIsaNames[i]) {
+      const std::string previous = kernel_isa();
+      g_isa.store(i);
+      return previous;
+    }
+  }
+  TORCH_CHECK(false, "kernel ISA '", name, "' is unknown or not supported by this CPU (best: ",
+              kIsaNames[static_cast<int>(best_isa())], ")");
+}
+
+void check_input(const at::Tensor& t, const at::Tensor& x, const char* what) {
+  TORCH_CHECK(t.device().is_cpu(), what, " must be a CPU tensor");
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), what, " has dtype ", t.scalar_type(), " but x has ",
+              x.scalar_type());
+}
+
+void check_x(const at::Tensor& x) {
+  TORCH_CHECK(x.device().is_cpu(), "x must be a CPU tensor");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "the cpp kernels support float32 and float64, got ", x.scalar_type());
+  TORCH_CHECK(x.dim() == 4, "x must be [B, C, H, W]");
+}
+
+// Per-channel depthwise-conv parameters, resolved before the parallel loop.
+template <typename T>
+struct ChannelConv {
+  const T* weight;  // [K, K]
+  T bias;
+  int64_t K;
+};
+
+// out[b, c] = conv(x[b, c], channels[c]) (+ the MS-FFN epilogue when scale/shift are given).
+template <typename T>
+void run_dwconv(const at::Tensor& x, at::Tensor& out, const std::vector<ChannelConv<T>>& channels,
+                const T* scale, const T* shift) {
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const KernelTable<T>& kt = kernels<T>();
+  int64_t max_k = 1;
+  for (const auto& ch : channels) max_k = std::max(max_k, ch.K);
+  const int64_t scratch_size = kt.dwconv_scratch(H, W, max_k);
+  const T* xp = x.const_data_ptr<T>();
+  T* op = out.mutable_data_ptr<T>();
+  at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> scratch(scratch_size);  // zero-filled: the shared padding border
+    for (int64_t plane = begin; plane < end; ++plane) {
+      const int64_t c = plane % C;
+      const ChannelConv<T>& ch = channels[c];
+      PlaneConv<T> p{xp + plane * H * W, op + plane * H * W, ch.weight, ch.bias, H, W, ch.K, max_k / 2,
+                     scale != nullptr, scale ? scale[c] : T(1), shift ? shift[c] : T(0)};
+      kt.dwconv_plane(p, scratch.data());
+    }
+  });
+}
+
+at::Tensor idconv_forward(const at::Tensor& x_in, const at::Tensor& kernel_logits_in, const at::Tensor& weight_in,
+                          const std::optional<at::Tensor>& bias_logits_in, const std::optional<at::Tensor>& bias_in) {
+  check_x(x_in);
+  check_input(kernel_logits_in, x_in, "kernel_logits");
+  check_input(weight_in, x_in, "weight");
+  TORCH_CHECK(bias_logits_in.has_value() == bias_in.has_value(), "pass both bias_logits and bias, or neither");
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor logits = kernel_logits_in.contiguous();
+  const at::Tensor weight = weight_in.contiguous();
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t G = weight.size(0), K = weight.size(-1);
+  TORCH_CHECK(weight.sizes() == at::IntArrayRef({G, C, K, K}), "weight must be [G, C, K, K]");
+  TORCH_CHECK(logits.sizes() == at::IntArrayRef({B, G, C, K, K}), "kernel_logits must be [B, G, C, K, K]");
+  at::Tensor bias_logits, bias;
+  if (bias_in.has_value()) {
+    check_input(*bias_logits_in, x, "bias_logits");
+    check_input(*bias_in, x, "bias");
+    bias_logits = bias_logits_in->contiguous();
+    bias = bias_in->contiguous();
+    TORCH_CHECK(bias.sizes() == at::IntArrayRef({G, C}) && bias_logits.sizes() == at::IntArrayRef({B, G, C}),
+                "bias must be [G, C] and bias_logits [B, G, C]");
+  }
+  at::Tensor out = at::empty({B, C, H, W}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "idconv_cpp", [&] {
+    using T = scalar_t;
+    const KernelTable<T>& kt = kernels<T>();
+    const int64_t KK = K * K;
+    const T* lp = logits.const_data_ptr<T>();
+    const T* wp = weight.const_data_ptr<T>();
+    const T* blp = bias.defined() ? bias_logits.const_data_ptr<T>() : nullptr;
+    const T* bp = bias.defined() ? bias.const_data_ptr<T>() : nullptr;
+    const int64_t scratch_size = kt.dwconv_scratch(H, W, K);
+    const T* xp = x.const_data_ptr<T>();
+    T* op = out.mutable_data_ptr<T>();
+    at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
+      std::vector<T> scratch(scratch_size), mixed(KK);  // scratch zero-filled: the padding border
+      for (int64_t plane = begin; plane < end; ++plane) {
+        const int64_t b = plane / C, c = plane % C;
+        kt.mix_kernel(lp + (b * G * C + c) * KK, wp + c * KK, G, C * KK, KK, mixed.data());
+        T conv_bias = 0;
+        if (bp) {
+          T mx = -std::numeric_limits<T>::infinity();
+          for (int64_t g = 0; g < G; ++g) mx = std::max(mx, blp[(b * G + g) * C + c]);
+          T sum = 0, acc = 0;
+          for (int64_t g = 0; g < G; ++g) {
+            const T eg = std::exp(blp[(b * G + g) * C + c] - mx);
+            sum += eg;
+            acc += eg * bp[g * C + c];
+          }
+          conv_bias = acc / sum;
+        }
+        PlaneConv<T> p{xp + plane * H * W, op + plane * H * W, mixed.data(), conv_bias, H, W, K, K / 2, false,
+                       T(1), T(0)};
+        kt.dwconv_plane(p, scratch.data());
+      }
+    });
+  });
+  return out;
+}
+
+// Contiguous copies of the group weights/biases and the per-channel table pointing into them.
+struct MultiscaleParams {
+  std::vector<at::Tensor> weights, biases;
+  std::vector<int64_t> first_channel;
+};
+
+MultiscaleParams multiscale_params(const at::Tensor& x, const std::vector<at::Tensor>& weights,
+                                   const std::vector<at::Tensor>& biases) {
+  TORCH_CHECK(!weights.empty() && weights.size() == biases.size(), "need one bias per weight");
+  MultiscaleParams p;
+  int64_t c0 = 0;
+  for (size_t i = 0; i < weights.size(); ++i) {
+    check_input(weights[i], x, "weights[i]");
+    check_input(biases[i], x, "biases[i]");
+    const at::Tensor& w = weights[i];
+    TORCH_CHECK(w.dim() == 4 && w.size(1) == 1 && w.size(2) == w.size(3) && w.size(2) % 2 == 1,
+                "weights[", i, "] must be [c_i, 1, k, k] with odd k");
+    TORCH_CHECK(biases[i].dim() == 1 && biases[i].size(0) == w.size(0), "biases[", i, "] must be [c_i]");
+    p.weights.push_back(w.contiguous());
+    p.biases.push_back(biases[i].contiguous());
+    p.first_channel.push_back(c0);
+    c0 += w.size(0);
+  }
+  TORCH_CHECK(c0 == x.size(1), "the groups cover ", c0, " channels but x has ", x.size(1));
+  return p;
+}
+
+template <typename T>
+std::vector<ChannelConv<T>> channel_table(const MultiscaleParams& p) {
+  std::vector<ChannelConv<T>> channels;
+  for (size_t i = 0; i < p.weights.size(); ++i) {
+    const int64_t ci = p.weights[i].size(0), K = p.weights[i].size(2);
+    const T* w = p.weights[i].const_data_ptr<T>();
+    const T* b = p.biases[i].const_data_ptr<T>();
+    for (int64_t c = 0; c < ci; ++c) channels.push_back({w + c * K * K, b[c], K});
+  }
+  return channels;
+}
+
+at::Tensor multiscale_dwconv_forward(const at::Tensor& x_in, const std::vector<at::Tensor>& weights,
+                                     const std::vector<at::Tensor>& biases) {
+  check_x(x_in);
+  const at::Tensor x = x_in.contiguous();
+  const MultiscaleParams params = multiscale_params(x, weights, biases);
+  at::Tensor out = at::empty(x.sizes(), x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "multiscale_dwconv_cpp", [&] {
+    run_dwconv<scalar_t>(x, out, channel_table<scalar_t>(params), nullptr, nullptr);
+  });
+  return out;
+}
+
+// Eval BatchNorm(GELU(multiscale_dwconv(x) + x)), the BatchNorm folded into
+// per-channel scale = w / sqrt(var + eps), shift = b - mean * scale (in fp64).
+at::Tensor ms_ffn_middle_forward(const at::Tensor& x_in, const std::vector<at::Tensor>& weights,
+                                 const std::vector<at::Tensor>& biases, const std::optional<at::Tensor>& norm_weight,
+                                 const std::optional<at::Tensor>& norm_bias, const at::Tensor& running_mean,
+                                 const at::Tensor& running_var, double eps) {
+  check_x(x_in);
+  const at::Tensor x = x_in.contiguous();
+  const int64_t C = x.size(1);
+  const MultiscaleParams params = multiscale_params(x, weights, biases);
+  auto as_f64 = [&](const std::optional<at::Tensor>& t, double fill, const char* what) {
+    if (!t.has_value()) return at::full({C}, fill, x.options().dtype(at::kDouble));
+    TORCH_CHECK(t->device().is_cpu() && t->numel() == C, what, " must be a CPU tensor of ", C, " elements");
+    return t->to(at::kDouble).contiguous().reshape({C});
+  };
+  const at::Tensor mean = as_f64(running_mean, 0.0, "running_mean");
+  const at::Tensor var = as_f64(running_var, 1.0, "running_var");
+  const at::Tensor gamma = as_f64(norm_weight, 1.0, "norm_weight");
+  const at::Tensor beta = as_f64(norm_bias, 0.0, "norm_bias");
+  at::Tensor out = at::empty(x.sizes(), x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ms_ffn_middle_cpp", [&] {
+    using T = scalar_t;
+    std::vector<T> scale(C), shift(C);
+    const double *m = mean.const_data_ptr<double>(), *v = var.const_data_ptr<double>();
+    const double *g = gamma.const_data_ptr<double>(), *b = beta.const_data_ptr<double>();
+    for (int64_t c = 0; c < C; ++c) {
+      const double s = g[c] / std::sqrt(v[c] + eps);
+      scale[c] = static_cast<T>(s);
+      shift[c] = static_cast<T>(b[c] - m[c] * s);
+    }
+    run_dwconv<T>(x, out, channel_table<T>(params), scale.data(), shift.data());
+  });
+  return out;
+}
+
+at::Tensor osra_attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                  const std::optional<at::Tensor>& bias_in, double scale) {
+  TORCH_CHECK(q.device().is_cpu() && (q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble),
+              "q must be a float32/float64 CPU tensor");
+  check_input(k, q, "k");
+  check_input(v, q, "v");
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "q, k, v must be [B, h, L, d]");
+  const int64_t B = q.size(0), h = q.size(1), N = q.size(2), d = q.size(3), M = k.size(2);
+  TORCH_CHECK(k.sizes() == at::IntArrayRef({B, h, M, d}) && v.sizes() == k.sizes(), "k and v must be [B, h, M, d]");
+  TORCH_CHECK(M > 0, "attention over zero keys is undefined");
+  at::Tensor bias;
+  if (bias_in.has_value()) {
+    check_input(*bias_in, q, "bias");
+    // Broadcast dims get stride 0, so any bias layout is read in place.
+    bias = bias_in->expand({B, h, N, M});
+  }
+  at::Tensor out = at::empty({B, h, N, d}, q.options());
+  constexpr int64_t kRowsPerTask = 128;
+  const int64_t row_blocks = (N + kRowsPerTask - 1) / kRowsPerTask;
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "osra_attention_cpp", [&] {
+    using T = scalar_t;
+    const KernelTable<T>& kt = kernels<T>();
+    const int64_t scratch_size = kt.attention_scratch(M, d);
+    const T *qp = q.const_data_ptr<T>(), *kp = k.const_data_ptr<T>(), *vp = v.const_data_ptr<T>();
+    const T* bp = bias.defined() ? bias.const_data_ptr<T>() : nullptr;
+    T* op = out.mutable_data_ptr<T>();
+    at::parallel_for(0, B * h * row_blocks, 1, [&](int64_t begin, int64_t end) {
+      std::vector<T> scratch(scratch_size);
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t bh = task / row_blocks, rb = task % row_blocks;
+        const int64_t b = bh / h, hh = bh % h;
+        AttentionHead<T> a{qp + b * q.stride(0) + hh * q.stride(1), q.stride(2), q.stride(3),
+                           kp + b * k.stride(0) + hh * k.stride(1), k.stride(2), k.stride(3),
+                           vp + b * v.stride(0) + hh * v.stride(1), v.stride(2), v.stride(3),
+                           bp ? bp + b * bias.stride(0) + hh * bias.stride(1) : nullptr,
+                           bp ? bias.stride(2) : 0, bp ? bias.stride(3) : 0,
+                           op + bh * N * d, M, d, static_cast<T>(scale)};
+        const int64_t n0 = rb * kRowsPerTask;
+        kt.attention_rows(a, n0, std::min(N, n0 + kRowsPerTask), scratch.data());
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace
+}  // namespace transxnet
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "TransXNet fused CPU kernels (forward, fp32/fp64)";
+  m.def("idconv_forward", &transxnet::idconv_forward);
+  m.def("multiscale_dwconv_forward", &transxnet::multiscale_dwconv_forward);
+  m.def("ms_ffn_middle_forward", &transxnet::ms_ffn_middle_forward);
+  m.def("osra_attention_forward", &transxnet::osra_attention_forward);
+  m.def("kernel_isa", &transxnet::kernel_isa, "instruction set of the kernels in use: avx512, avx2 or baseline");
+  m.def("set_kernel_isa", &transxnet::set_kernel_isa,
+        "use the kernels built for this instruction set (one the CPU supports); returns the previous one");
+}

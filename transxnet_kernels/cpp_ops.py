@@ -1,0 +1,145 @@
+"""The ``cpp`` backend: C++ CPU kernels from ``csrc/`` (extension ``transxnet_kernels._C``).
+
+Forward only (inference), fp32 and fp64, CPU tensors. Each op is a
+``torch.library`` custom op ``transxnet::<op>_cpp`` with a fake impl, so
+``torch.compile(fullgraph=True)`` traces it as one opaque node. Calls that need
+gradients are declined by ``cpp_supports`` (``auto`` then runs the reference,
+whose autograd is exact), and the custom ops register no autograd formula, so a
+direct call under autograd raises instead of returning a wrong gradient.
+
+Kernels (csrc/kernels.h; built for AVX-512, AVX2+FMA and the baseline ISA, the
+best the CPU runs picked at run time, ``kernel_isa()`` says which), with the minimal traffic each must move:
+
+* idconv: per (b, c) plane mix the K*K kernel (softmax over G), zero-pad the
+  plane in a scratch buffer, depthwise conv with bias.
+  Bytes: x + out + kernel_logits (+ weight), i.e. ~2*B*C*H*W elements.
+* multiscale_dwconv: the same plane kernel, the kernel size per channel group,
+  written straight into the concatenated output. Bytes: x + out.
+* ms_ffn_middle (eval): the plane kernel with the epilogue
+  gelu(conv + bias + x) * scale + shift, BatchNorm folded into per-channel
+  scale/shift (computed in fp64). Bytes: x + out, versus ~10 passes eagerly
+  (split, conv per group, cat, add, GELU, BatchNorm). Training-mode BatchNorm
+  (batch statistics) is not fused: it runs on the reference.
+* osra_attention: per (b, head, block of 128 query rows) pack k^T and v, then
+  per row scores in registers, scale + bias, softmax, p @ v; the [N, M] score
+  matrix never reaches memory. Bytes: q + k + v + bias + out; FLOPs 4*B*h*N*M*d.
+  q, k, v and bias may have any strides (the model passes transposed views).
+"""
+from __future__ import annotations
+
+import importlib.util
+from typing import List, Optional, Sequence
+
+import torch
+
+from . import backend, reference
+
+if importlib.util.find_spec("transxnet_kernels._C") is None:  # no compiler, failed build, TRANSXNET_NO_CPP=1
+    raise ImportError("the C++ extension transxnet_kernels._C is not built; build it with "
+                      "`python setup.py build_ext --inplace` or reinstall with a C++ compiler")
+from . import _C  # noqa: E402  (an ImportError here, e.g. an ABI mismatch, says why)
+
+SUPPORTED_DTYPES = (torch.float32, torch.float64)
+
+
+def kernel_isa() -> str:
+    """Instruction set of the kernels in use: 'avx512', 'avx2' or 'baseline' (the best the CPU has)."""
+    return _C.kernel_isa()
+
+
+def set_kernel_isa(name: str) -> str:
+    """Use the kernels built for `name` (one the CPU supports; for tests); returns the previous choice."""
+    return _C.set_kernel_isa(name)
+
+
+def cpp_supports(info: backend.CallInfo) -> Optional[str]:
+    if info.device.type != "cpu":
+        return f"the cpp kernels run on CPU tensors, got device {info.device}"
+    if info.dtype not in SUPPORTED_DTYPES:
+        return f"dtype {info.dtype} is not supported (float32 and float64 only)"
+    if info.needs_grad:
+        return "the cpp kernels are forward-only; calls that need gradients run on the reference"
+    return None
+
+
+def _empty_nchw(x: torch.Tensor) -> torch.Tensor:
+    # The kernels always return a contiguous result, whatever the input layout.
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+@torch.library.custom_op("transxnet::idconv_cpp", mutates_args=())
+def idconv_cpp(x: torch.Tensor, kernel_logits: torch.Tensor, weight: torch.Tensor,
+               bias_logits: Optional[torch.Tensor], bias: Optional[torch.Tensor]) -> torch.Tensor:
+    return _C.idconv_forward(x, kernel_logits, weight, bias_logits, bias)
+
+
+@idconv_cpp.register_fake
+def _(x, kernel_logits, weight, bias_logits, bias):
+    return _empty_nchw(x)
+
+
+@torch.library.custom_op("transxnet::multiscale_dwconv_cpp", mutates_args=())
+def multiscale_dwconv_cpp(x: torch.Tensor, weights: List[torch.Tensor], biases: List[torch.Tensor]) -> torch.Tensor:
+    return _C.multiscale_dwconv_forward(x, weights, biases)
+
+
+@multiscale_dwconv_cpp.register_fake
+def _(x, weights, biases):
+    return _empty_nchw(x)
+
+
+@torch.library.custom_op("transxnet::ms_ffn_middle_cpp", mutates_args=())
+def ms_ffn_middle_cpp(x: torch.Tensor, weights: List[torch.Tensor], biases: List[torch.Tensor],
+                      norm_weight: Optional[torch.Tensor], norm_bias: Optional[torch.Tensor],
+                      running_mean: torch.Tensor, running_var: torch.Tensor, eps: float) -> torch.Tensor:
+    return _C.ms_ffn_middle_forward(x, weights, biases, norm_weight, norm_bias, running_mean, running_var, eps)
+
+
+@ms_ffn_middle_cpp.register_fake
+def _(x, weights, biases, norm_weight, norm_bias, running_mean, running_var, eps):
+    return _empty_nchw(x)
+
+
+@torch.library.custom_op("transxnet::osra_attention_cpp", mutates_args=())
+def osra_attention_cpp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor],
+                       scale: float) -> torch.Tensor:
+    return _C.osra_attention_forward(q, k, v, bias, scale)
+
+
+@osra_attention_cpp.register_fake
+def _(q, k, v, bias, scale):
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+
+
+@backend.register("idconv", "cpp", supports=cpp_supports)
+def idconv(x, kernel_logits, weight, bias_logits=None, bias=None):
+    return idconv_cpp(x, kernel_logits, weight, bias_logits, bias)
+
+
+@backend.register("multiscale_dwconv", "cpp", supports=cpp_supports)
+def multiscale_dwconv(x, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor]):
+    return multiscale_dwconv_cpp(x, list(weights), list(biases))
+
+
+@backend.register("ms_ffn_middle", "cpp", supports=cpp_supports)
+def ms_ffn_middle(x, weights, biases, norm_weight, norm_bias, running_mean, running_var, training,
+                  momentum=0.1, eps=1e-5):
+    if training:
+        # Batch statistics need a reduction over the whole batch before the epilogue
+        # (and update the running stats): not fused. CallInfo does not carry `training`,
+        # so the decision is made here: auto runs the reference, a forced cpp refuses.
+        if backend.requested_backend() == "cpp":
+            raise backend.BackendUnavailableError(
+                "backend 'cpp' cannot run ms_ffn_middle in training mode (batch-statistics BatchNorm); "
+                "it fuses eval-mode BatchNorm only")
+        return reference.ms_ffn_middle(x, weights, biases, norm_weight, norm_bias, running_mean, running_var,
+                                       training, momentum, eps)
+    return ms_ffn_middle_cpp(x, list(weights), list(biases), norm_weight, norm_bias, running_mean, running_var,
+                             float(eps))
+
+
+@backend.register("osra_attention", "cpp", supports=cpp_supports)
+def osra_attention(q, k, v, bias=None, scale=None):
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    return osra_attention_cpp(q, k, v, bias, float(scale))
