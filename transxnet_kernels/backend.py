@@ -53,6 +53,7 @@ class CallInfo:
     device: torch.device
     dtype: torch.dtype
     needs_grad: bool
+    training: bool = False  # ms_ffn_middle: batch-statistics BatchNorm
 
 
 @dataclass(frozen=True)
@@ -142,19 +143,19 @@ def _reason_unavailable(op: str, backend: str, info: CallInfo) -> Optional[str]:
     return impl.supports(info)
 
 
-def select(op: str, x: torch.Tensor, *others: Optional[torch.Tensor]) -> Callable:
+def select(op: str, x: torch.Tensor, *others: Optional[torch.Tensor], training: bool = False) -> Callable:
     """The implementation of `op` to run for these tensors (x decides device and dtype)."""
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x,) + others
     )
-    info = CallInfo(x.device, x.dtype, needs_grad)
+    info = CallInfo(x.device, x.dtype, needs_grad, training)
     requested = requested_backend()
     if requested != "auto":
         reason = _reason_unavailable(op, requested, info)
         if reason is not None:
             raise BackendUnavailableError(
                 f"backend {requested!r} cannot run {op} on {info.device} {info.dtype}"
-                f"{' with gradients' if needs_grad else ''}: {reason}"
+                f"{' with gradients' if needs_grad else ''}{' in training mode' if training else ''}: {reason}"
             )
         return _IMPLS[op][requested].fn
     for backend in BACKENDS:

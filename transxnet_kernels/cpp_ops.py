@@ -32,7 +32,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from . import backend, reference
+from . import backend
 
 if importlib.util.find_spec("transxnet_kernels._C") is None:  # no compiler, failed build, TRANSXNET_NO_CPP=1
     raise ImportError("the C++ extension transxnet_kernels._C is not built; build it with "
@@ -121,19 +121,16 @@ def multiscale_dwconv(x, weights: Sequence[torch.Tensor], biases: Sequence[torch
     return multiscale_dwconv_cpp(x, list(weights), list(biases))
 
 
-@backend.register("ms_ffn_middle", "cpp", supports=cpp_supports)
+def ms_ffn_middle_supports(info: backend.CallInfo) -> Optional[str]:
+    if info.training:
+        # Batch statistics need a reduction over the whole batch before the epilogue.
+        return "the cpp kernel fuses eval-mode BatchNorm only (training uses batch statistics)"
+    return cpp_supports(info)
+
+
+@backend.register("ms_ffn_middle", "cpp", supports=ms_ffn_middle_supports)
 def ms_ffn_middle(x, weights, biases, norm_weight, norm_bias, running_mean, running_var, training,
                   momentum=0.1, eps=1e-5):
-    if training:
-        # Batch statistics need a reduction over the whole batch before the epilogue
-        # (and update the running stats): not fused. CallInfo does not carry `training`,
-        # so the decision is made here: auto runs the reference, a forced cpp refuses.
-        if backend.requested_backend() == "cpp":
-            raise backend.BackendUnavailableError(
-                "backend 'cpp' cannot run ms_ffn_middle in training mode (batch-statistics BatchNorm); "
-                "it fuses eval-mode BatchNorm only")
-        return reference.ms_ffn_middle(x, weights, biases, norm_weight, norm_bias, running_mean, running_var,
-                                       training, momentum, eps)
     return ms_ffn_middle_cpp(x, list(weights), list(biases), norm_weight, norm_bias, running_mean, running_var,
                              float(eps))
 

@@ -88,7 +88,7 @@ def ms_ffn_middle(
         _check(t is None or tuple(t.shape) == (C,), lambda: f"ms_ffn_middle: {name} must be [{C}], got {None if t is None else tuple(t.shape)}")
     _check(training or (running_mean is not None and running_var is not None),
            lambda: "ms_ffn_middle: eval mode needs running_mean and running_var")
-    fn = select("ms_ffn_middle", x, *weights, *biases, norm_weight, norm_bias)
+    fn = select("ms_ffn_middle", x, *weights, *biases, norm_weight, norm_bias, training=training)
     return fn(x, weights, biases, norm_weight, norm_bias, running_mean, running_var, training, momentum, eps)
 
 
