@@ -60,6 +60,8 @@ _GPU_PROGRAMS_PER_SM = 8
 _CPU_TILE_ELEMS = 4096
 _CPU_TARGET_PROGRAMS = 1
 _MAX_CHANNEL_BLOCK = 32
+# Images whose element span reaches this get int64 in-image offsets (the tests lower it to run that path).
+_INT32_SPAN = 2**31
 
 # Forward kernel modes.
 _CONV, _APPLY, _STATS = 0, 1, 2
@@ -369,7 +371,7 @@ def _plan(x: torch.Tensor, widths: Sequence[int], ksizes: Sequence[int], *others
     splits = max(1, min(B, triton.cdiv(target, max(1, blocks.shape[0] * n_hw))))
     b_per_prog = triton.cdiv(B, splits)
     kmax = max(ksizes)
-    wide = max(_image_span(t) for t in (x,) + others) >= 2**31
+    wide = max(_image_span(t) for t in (x,) + others) >= _INT32_SPAN
     acc_torch = torch.float64 if x.dtype == torch.float64 else torch.float32
     return _Plan(block_c, block_hw, (blocks.shape[0], n_hw, triton.cdiv(B, b_per_prog)), b_per_prog, blocks,
                  kmax * kmax, triton.next_power_of_2(kmax * kmax), wide,
