@@ -5,7 +5,6 @@ On CPU the kernels run in Triton's interpreter (fp32/fp64); on a GPU the same te
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import transxnet_kernels as tk
 from transxnet_kernels import msdwconv_triton as msdw
@@ -165,6 +164,17 @@ def test_ms_ffn_middle_many_tiles_and_batch_splits(monkeypatch, fmt, training):
     monkeypatch.setattr(msdw, "_MAX_CHANNEL_BLOCK", 2)
     monkeypatch.setattr(msdw, "_INT32_SPAN", 0)
     _check_middle([3, 5, 1], [3, 1, 5], 3, 5, 7, torch.float64, fmt, training)
+
+
+def test_empty_batch():
+    x, weights, biases = _tensors([2, 1], [3, 5], 0, 4, 4, torch.float32, torch.contiguous_format)
+    nw, nb, rm, rv = _norm_params(3, torch.float32)
+    with tk.use_backend("triton"):
+        out = tk.multiscale_dwconv(x, weights, biases)
+        out_mid = tk.ms_ffn_middle(x, weights, biases, nw, nb, rm, rv, False)
+        grads = torch.autograd.grad(out.sum() + out_mid.sum(), [x, *weights, nw])
+    assert out.shape == out_mid.shape == x.shape
+    assert all(torch.count_nonzero(g) == 0 for g in grads)
 
 
 def test_ms_ffn_middle_single_value_per_channel_raises():
