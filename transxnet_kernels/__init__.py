@@ -11,7 +11,7 @@ from .backend import (
     use_backend,
 )
 from .backend import _load_backends
-from .ops import idconv, ms_ffn_middle, multiscale_dwconv, osra_attention
+from .ops import has_fused, idconv, ms_ffn_middle, ms_ffn_middle_eval, multiscale_dwconv, osra_attention
 
 _load_backends()
 
@@ -19,7 +19,9 @@ __all__ = [
     "BackendUnavailableError",
     "available_backends",
     "idconv",
+    "has_fused",
     "ms_ffn_middle",
+    "ms_ffn_middle_eval",
     "multiscale_dwconv",
     "osra_attention",
     "reference",

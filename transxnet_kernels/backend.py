@@ -87,7 +87,7 @@ def register(op: str, backend: str, supports: Callable[[CallInfo], Optional[str]
 def _load_backends() -> None:
     from . import reference
 
-    for op in ("idconv", "multiscale_dwconv", "ms_ffn_middle", "osra_attention"):
+    for op in ("idconv", "multiscale_dwconv", "ms_ffn_middle", "ms_ffn_middle_eval", "osra_attention"):
         register(op, "reference")(getattr(reference, op))
     for backend, modules in _BACKEND_MODULES.items():
         for name in modules:
@@ -95,6 +95,10 @@ def _load_backends() -> None:
                 importlib.import_module(name)
             except Exception as exc:  # missing dependency or failed build: that backend is off
                 _LOAD_ERRORS.setdefault(backend, []).append(f"{name} failed to import: {type(exc).__name__}: {exc}")
+
+
+def reference_impl(op: str) -> Callable:
+    return _IMPLS[op]["reference"].fn
 
 
 def triton_interpreter_active() -> bool:

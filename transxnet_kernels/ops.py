@@ -5,6 +5,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from .backend import reference_impl as _reference_impl
 from .backend import select
 
 
@@ -90,6 +91,32 @@ def ms_ffn_middle(
            lambda: "ms_ffn_middle: eval mode needs running_mean and running_var")
     fn = select("ms_ffn_middle", x, *weights, *biases, norm_weight, norm_bias, training=training)
     return fn(x, weights, biases, norm_weight, norm_bias, running_mean, running_var, training, momentum, eps)
+
+
+def ms_ffn_middle_eval(
+    x: torch.Tensor,
+    input_scale: torch.Tensor,
+    input_shift: torch.Tensor,
+    weights: Sequence[torch.Tensor],
+    biases: Sequence[torch.Tensor],
+    output_scale: torch.Tensor,
+    output_shift: torch.Tensor,
+) -> torch.Tensor:
+    """Inference-only MS-FFN middle with fc1's GELU + BatchNorm folded in front:
+    GELU(msdw(y) + y) * output_scale + output_shift with y = GELU(x) * input_scale + input_shift."""
+    weights, biases = list(weights), list(biases)
+    _check_multiscale("ms_ffn_middle_eval", x, weights, biases)
+    C = x.shape[1]
+    for name, t in (("input_scale", input_scale), ("input_shift", input_shift),
+                    ("output_scale", output_scale), ("output_shift", output_shift)):
+        _check(tuple(t.shape) == (C,), lambda: f"ms_ffn_middle_eval: {name} must be [{C}], got {tuple(t.shape)}")
+    fn = select("ms_ffn_middle_eval", x, input_scale, input_shift, *weights, *biases, output_scale, output_shift)
+    return fn(x, input_scale, input_shift, weights, biases, output_scale, output_shift)
+
+
+def has_fused(op: str, x: torch.Tensor) -> bool:
+    """Whether a call of `op` on tensors like x (no gradients) would run a fused (non-reference) backend."""
+    return select(op, x.detach()) is not _reference_impl(op)
 
 
 def osra_attention(

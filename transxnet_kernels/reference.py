@@ -77,6 +77,27 @@ def ms_ffn_middle(
     return F.batch_norm(y, running_mean, running_var, norm_weight, norm_bias, training, momentum, eps)
 
 
+def ms_ffn_middle_eval(
+    x: torch.Tensor,
+    input_scale: torch.Tensor,
+    input_shift: torch.Tensor,
+    weights: Sequence[torch.Tensor],
+    biases: Sequence[torch.Tensor],
+    output_scale: torch.Tensor,
+    output_shift: torch.Tensor,
+) -> torch.Tensor:
+    """Inference MS-FFN from fc1's conv output to fc2's input, eval BatchNorms folded:
+
+    y = GELU(x) * input_scale + input_shift          (fc1's GELU and BatchNorm)
+    out = GELU(multiscale_dwconv(y) + y) * output_scale + output_shift   (the middle and its BatchNorm)
+    """
+    def per_channel(t):
+        return t.view(1, -1, 1, 1)
+
+    y = F.gelu(x) * per_channel(input_scale) + per_channel(input_shift)
+    return F.gelu(multiscale_dwconv(y, weights, biases) + y) * per_channel(output_scale) + per_channel(output_shift)
+
+
 def osra_attention(
     q: torch.Tensor,
     k: torch.Tensor,
