@@ -117,3 +117,25 @@ def test_available_backends_reports_every_backend():
 def test_op_argument_checks(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_reference_ms_ffn_middle_eval_matches_eval_module_sequence():
+    import transxnet.model as model_module
+
+    torch.manual_seed(0)
+    mlp = model_module.Mlp(8, 20).eval()
+    with torch.no_grad():
+        for bn in (mlp.fc1[2], mlp.norm):
+            bn.running_mean.normal_()
+            bn.running_var.uniform_(0.5, 1.5)
+            bn.weight.normal_()
+            bn.bias.normal_()
+        h = torch.randn(2, 20, 5, 6, dtype=torch.float64)
+        mlp.double()
+        y = mlp.fc1[2](mlp.fc1[1](h))
+        expected = mlp.norm(mlp.act(mlp.dwconv(y) + y))
+        in_scale, in_shift = model_module.batchnorm_scale_shift(mlp.fc1[2])
+        out_scale, out_shift = model_module.batchnorm_scale_shift(mlp.norm)
+        out = tk.reference.ms_ffn_middle_eval(h, in_scale, in_shift, [p.weight for p in mlp.dwconv.proj],
+                                              [p.bias for p in mlp.dwconv.proj], out_scale, out_shift)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
