@@ -69,6 +69,20 @@ def _conv(conv: nn.Conv2d, x, weight, bias):
     return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
+_ONEDNN_CONV_POINTWISE = (torch.backends.mkldnn.is_available()
+                          and hasattr(torch.ops.mkldnn, "_convolution_pointwise"))
+
+
+def _conv_gelu(conv: nn.Conv2d, x, weight, bias):
+    """GELU(conv(x)); on CPU inference one oneDNN convolution with a fused exact-GELU post-op."""
+    if (_ONEDNN_CONV_POINTWISE and x.device.type == "cpu" and x.dtype == torch.float32
+            and not torch.is_grad_enabled() and not torch.compiler.is_compiling()):
+        return torch.ops.mkldnn._convolution_pointwise(
+            x, weight, bias, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups,
+            "gelu", [], "none")
+    return F.gelu(_conv(conv, x, weight, bias))
+
+
 def folds_batchnorm(module: nn.Module) -> bool:
     """Accelerated eval mode: BatchNorm folded into the convs around it."""
     return module.fused and not module.training
@@ -89,8 +103,9 @@ class ConvNorm(nn.Sequential):
     def forward(self, x):
         if not folds_batchnorm(self):
             return super().forward(x)
-        x = _conv(self.conv, x, *fold_bn_into_conv(self.conv, self.bn))
-        return self.act(x) if hasattr(self, "act") else x
+        if hasattr(self, "act"):
+            return _conv_gelu(self.conv, x, *fold_bn_into_conv(self.conv, self.bn))
+        return _conv(self.conv, x, *fold_bn_into_conv(self.conv, self.bn))
 
 
 class PatchEmbed(nn.Module):
@@ -208,9 +223,9 @@ class HybridTokenMixer(nn.Module):
     def folded_ste(self, x):
         """The STE in eval mode with its three BatchNorms folded into the 1x1 convs:
         dw3x3 -> GELU -> 1x1 -> GELU -> 1x1."""
-        dw, act1, bn1, pw1, act2, bn2, pw2, bn3 = self.proj
-        x = act1(dw(x))
-        x = act2(_conv(pw1, x, *fold_bn_into_next_pointwise(bn1, pw1)))
+        dw, _, bn1, pw1, _, bn2, pw2, bn3 = self.proj  # the GELUs are fused into the convs
+        x = _conv_gelu(dw, x, dw.weight, dw.bias)
+        x = _conv_gelu(pw1, x, *fold_bn_into_next_pointwise(bn1, pw1))
         w, b = fold_bn_into_next_pointwise(bn2, pw2)
         scale, shift = batchnorm_scale_shift(bn3)
         return F.conv2d(x, w * scale.view(-1, 1, 1, 1), b * scale + shift)
