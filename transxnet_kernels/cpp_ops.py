@@ -62,9 +62,17 @@ def cpp_supports(info: backend.CallInfo) -> Optional[str]:
     return None
 
 
-def _empty_nchw(x: torch.Tensor) -> torch.Tensor:
-    # The kernels always return a contiguous result, whatever the input layout.
-    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+def _channels_last_input(x: torch.Tensor) -> bool:
+    # The layout rule of csrc/ops.cpp (channels_last_input): unit-stride channels
+    # (channels_last, or a channel slice of a channels_last tensor) run the NHWC
+    # kernels with no layout copy.
+    return x.shape[1] > 1 and x.stride(1) == 1
+
+
+def _empty_conv_output(x: torch.Tensor) -> torch.Tensor:
+    # The conv ops return channels_last for an NHWC input, contiguous otherwise.
+    memory_format = torch.channels_last if _channels_last_input(x) else torch.contiguous_format
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=memory_format)
 
 
 @torch.library.custom_op("transxnet::idconv_cpp", mutates_args=())
@@ -75,7 +83,7 @@ def idconv_cpp(x: torch.Tensor, kernel_logits: torch.Tensor, weight: torch.Tenso
 
 @idconv_cpp.register_fake
 def _(x, kernel_logits, weight, bias_logits, bias):
-    return _empty_nchw(x)
+    return _empty_conv_output(x)
 
 
 @torch.library.custom_op("transxnet::multiscale_dwconv_cpp", mutates_args=())
@@ -85,7 +93,7 @@ def multiscale_dwconv_cpp(x: torch.Tensor, weights: List[torch.Tensor], biases: 
 
 @multiscale_dwconv_cpp.register_fake
 def _(x, weights, biases):
-    return _empty_nchw(x)
+    return _empty_conv_output(x)
 
 
 @torch.library.custom_op("transxnet::ms_ffn_middle_cpp", mutates_args=())
@@ -97,7 +105,19 @@ def ms_ffn_middle_cpp(x: torch.Tensor, weights: List[torch.Tensor], biases: List
 
 @ms_ffn_middle_cpp.register_fake
 def _(x, weights, biases, norm_weight, norm_bias, running_mean, running_var, eps):
-    return _empty_nchw(x)
+    return _empty_conv_output(x)
+
+
+@torch.library.custom_op("transxnet::ms_ffn_middle_eval_cpp", mutates_args=())
+def ms_ffn_middle_eval_cpp(x: torch.Tensor, input_scale: torch.Tensor, input_shift: torch.Tensor,
+                           weights: List[torch.Tensor], biases: List[torch.Tensor], output_scale: torch.Tensor,
+                           output_shift: torch.Tensor) -> torch.Tensor:
+    return _C.ms_ffn_middle_eval_forward(x, input_scale, input_shift, weights, biases, output_scale, output_shift)
+
+
+@ms_ffn_middle_eval_cpp.register_fake
+def _(x, input_scale, input_shift, weights, biases, output_scale, output_shift):
+    return _empty_conv_output(x)
 
 
 @torch.library.custom_op("transxnet::osra_attention_cpp", mutates_args=())
@@ -108,7 +128,9 @@ def osra_attention_cpp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: 
 
 @osra_attention_cpp.register_fake
 def _(q, k, v, bias, scale):
-    return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    # q's dimension order, dense (empty_like, as the kernel allocates it): for the model's
+    # transposed channels_last q, its transpose + reshape back to [B, C, H, W] is a view.
+    return torch.empty_like(q)
 
 
 @backend.register("idconv", "cpp", supports=cpp_supports)
@@ -133,6 +155,12 @@ def ms_ffn_middle(x, weights, biases, norm_weight, norm_bias, running_mean, runn
                   momentum=0.1, eps=1e-5):
     return ms_ffn_middle_cpp(x, list(weights), list(biases), norm_weight, norm_bias, running_mean, running_var,
                              float(eps))
+
+
+@backend.register("ms_ffn_middle_eval", "cpp", supports=cpp_supports)
+def ms_ffn_middle_eval(x, input_scale, input_shift, weights, biases, output_scale, output_shift):
+    return ms_ffn_middle_eval_cpp(x, input_scale, input_shift, list(weights), list(biases), output_scale,
+                                  output_shift)
 
 
 @backend.register("osra_attention", "cpp", supports=cpp_supports)
