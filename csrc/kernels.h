@@ -232,6 +232,51 @@ inline void nhwc_block(const NhwcConv<T>& p, const NhwcGroup<T>& g, const T* con
   }
 }
 
+// kPixels output pixels w0.. of one channel vector c (compile-time kernel KT):
+// per tap row the KT weight vectors stay in registers and each of the
+// KT + kPixels - 1 input vectors of the row is loaded once and used by every
+// (pixel, tap) pair that reads it, so the loop is FMA-bound, not load-bound.
+constexpr int kPixels = 4;
+
+template <typename T, int KT>
+inline void nhwc_pixel_block(const NhwcConv<T>& p, const NhwcGroup<T>& g, const T* const* rows, int64_t w_off,
+                             int64_t c, T* out_pixel, const T* residual) {
+  using Vec = Vectorized<T>;
+  constexpr int VL = Vec::size();
+  const int64_t C = p.C, cc = c - g.c0;
+  Vec acc[kPixels];
+  const Vec bias = Vec::loadu(p.bias + c);
+#pragma GCC unroll 8
+  for (int q = 0; q < kPixels; ++q) acc[q] = bias;
+#pragma GCC unroll 16
+  for (int i = 0; i < KT; ++i) {
+    const T* row = rows[i] + w_off + c;
+    const T* wrow = g.weight + i * KT * g.ldw + cc;
+    Vec wv[KT];
+#pragma GCC unroll 16
+    for (int j = 0; j < KT; ++j) wv[j] = Vec::loadu(wrow + j * g.ldw);
+#pragma GCC unroll 16
+    for (int t = 0; t < KT + kPixels - 1; ++t) {
+      const Vec xv = Vec::loadu(row + t * C);
+#pragma GCC unroll 8
+      for (int q = 0; q < kPixels; ++q) {
+        const int j = t - q;
+        if (j >= 0 && j < KT) acc[q] = at::vec::fmadd(wv[j], xv, acc[q]);
+      }
+    }
+  }
+  const int64_t n = min_i64(VL, g.c1 - c);
+#pragma GCC unroll 8
+  for (int q = 0; q < kPixels; ++q) {
+    Vec r = acc[q];
+    if (p.scale) {
+      r = at::vec::fmadd(gelu_erf(r + Vec::loadu(residual + q * C + c)), Vec::loadu(p.scale + c),
+                         Vec::loadu(p.shift + c));
+    }
+    r.store(out_pixel + q * C + c, n);
+  }
+}
+
 template <typename T, int KT>
 void nhwc_group_row(const NhwcConv<T>& p, const NhwcGroup<T>& g, T* const* ring, const T* zero_row, int64_t r,
                     int64_t max_pad, T* out_row) {
@@ -244,7 +289,16 @@ void nhwc_group_row(const NhwcConv<T>& p, const NhwcGroup<T>& g, T* const* ring,
   }
   const T* center = ring[r % p.max_k] + max_pad * C;  // pixel 0 of the input row r
   const int64_t vectors = (g.c1 - g.c0 + VL - 1) / VL;
-  for (int64_t w = 0; w < p.W; ++w) {
+  int64_t w = 0;
+  if (KT > 0) {
+    for (; w + kPixels <= p.W; w += kPixels) {
+      const int64_t w_off = (w + max_pad - pad) * C;
+      for (int64_t v = 0; v < vectors; ++v) {
+        nhwc_pixel_block<T, (KT > 0 ? KT : 1)>(p, g, rows, w_off, g.c0 + v * VL, out_row + w * C, center + w * C);
+      }
+    }
+  }
+  for (; w < p.W; ++w) {
     const int64_t w_off = (w + max_pad - pad) * C;
     T* out_pixel = out_row + w * C;
     const T* residual = center + w * C;
