@@ -12,6 +12,9 @@
 // and the epilogue (bias, residual, exact GELU, folded BatchNorm) is applied in
 // registers before the single store. Minimal traffic: read x once, write out once.
 //
+// Channels-last depthwise conv: see the section below (row ring buffer, tap-major
+// weights, register blocks of 4 pixels x one channel vector).
+//
 // Attention (OSRA): per (batch, head) k is packed transposed ([d, M] padded to
 // whole vectors) and v packed [M, d] padded; each query row computes its M
 // scores in registers (broadcast q[n, j] times packed k rows), adds scale and

@@ -8,7 +8,19 @@ whose autograd is exact), and the custom ops register no autograd formula, so a
 direct call under autograd raises instead of returning a wrong gradient.
 
 Kernels (csrc/kernels.h; built for AVX-512, AVX2+FMA and the baseline ISA, the
-best the CPU runs picked at run time, ``kernel_isa()`` says which), with the minimal traffic each must move:
+best the CPU runs picked at run time, ``kernel_isa()`` says which), with the minimal traffic each must move.
+
+Layouts: the depthwise ops run natively on inputs whose channels are
+unit-stride (channels_last, or a channel slice of a channels_last tensor such as
+the model's ``x.chunk(2, dim=1)[0]``, read with its pixel stride, no copy) and
+then return a channels_last tensor; other inputs run the NCHW kernels (after
+``.contiguous()``) and return a contiguous tensor (``_channels_last_input`` is
+the rule, shared with the C++ side and the fake impls). NHWC kernels: input rows
+are staged into a ring of zero-bordered row buffers (for ms_ffn_middle_eval the
+staging computes y = GELU(x) * s + t, once per element), the weights tap-major
+[K*K][C], each channel vector of 4 output pixels accumulated in registers.
+osra_attention returns its output in q's dimension order (``empty_like(q)``),
+so the model's ``out.transpose(-1, -2).reshape(B, C, H, W)`` is a view.
 
 * idconv: per (b, c) plane mix the K*K kernel (softmax over G), zero-pad the
   plane in a scratch buffer, depthwise conv with bias.
@@ -20,6 +32,9 @@ best the CPU runs picked at run time, ``kernel_isa()`` says which), with the min
   scale/shift (computed in fp64). Bytes: x + out, versus ~10 passes eagerly
   (split, conv per group, cat, add, GELU, BatchNorm). Training-mode BatchNorm
   (batch statistics) is not fused: it runs on the reference.
+* ms_ffn_middle_eval: y = gelu(x) * input_scale + input_shift computed while
+  staging the conv input (the conv zero-pads y), then the epilogue
+  gelu(conv + bias + y) * output_scale + output_shift. Bytes: x + out.
 * osra_attention: per (b, head, block of 128 query rows) pack k^T and v, then
   per row scores in registers, scale + bias, softmax, p @ v; the [N, M] score
   matrix never reaches memory. Bytes: q + k + v + bias + out; FLOPs 4*B*h*N*M*d.
