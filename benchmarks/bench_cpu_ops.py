@@ -34,7 +34,7 @@ import torch
 import transxnet_kernels as tk
 from transxnet_kernels import reference
 
-from common import run_case
+from benchmarks.common import run_case
 
 THREADS = 2
 BATCH = 16
