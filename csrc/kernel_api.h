@@ -28,6 +28,39 @@ struct PlaneConv {
   int64_t max_pad;
   bool ffn_epilogue;
   T scale, shift;
+  // Input staging: the conv input is y = gelu(x) * in_scale + in_shift (fc1's GELU
+  // and BatchNorm, ms_ffn_middle_eval) instead of x; the zero padding pads y.
+  bool input_act;
+  T in_scale, in_shift;
+};
+
+// Channels-last (NHWC) depthwise conv. Per-channel tables (weights per group,
+// bias, scale, shift) are padded with zeros to whole 64-byte vectors, the widest
+// any kernel build loads, so every channel-vector load is a full one.
+template <typename T>
+constexpr int64_t kChannelPad = 64 / sizeof(T);
+
+// Channels [c0, c1) sharing one kernel size K.
+template <typename T>
+struct NhwcGroup {
+  int64_t c0, c1, K;
+  const T* weight;  // [K*K][ldw]: tap-major, ldw = (c1 - c0) rounded up to kChannelPad, zeros past c1 - c0
+  int64_t ldw;
+};
+
+// One sample: out[h, w, c] = conv over the groups (padding K/2) + bias[c], then
+// the optional MS-FFN epilogue gelu(conv + bias + y) * scale + shift, where the
+// conv input y is x or, with in_scale, gelu(x) * in_scale + in_shift.
+template <typename T>
+struct NhwcConv {
+  const T* x; int64_t x_sh, x_sw;  // x[h, w, c] = x[h * x_sh + w * x_sw + c]
+  T* out;                          // [H, W, C] contiguous
+  int64_t H, W, C;
+  const NhwcGroup<T>* groups; int64_t num_groups;
+  int64_t max_k;
+  const T* bias;                      // [C + kChannelPad]
+  const T* scale; const T* shift;     // nullptr: no epilogue, else [C + kChannelPad]
+  const T* in_scale; const T* in_shift;  // nullptr: y = x, else [C + kChannelPad]
 };
 
 // One (batch, head) of softmax(q k^T * scale + bias) v, for query rows [n0, n1).
@@ -37,7 +70,7 @@ struct AttentionHead {
   const T* k; int64_t k_sm, k_sd;
   const T* v; int64_t v_sm, v_sd;
   const T* bias; int64_t bias_sn, bias_sm;  // nullptr: no bias
-  T* out;                                   // [N, d] contiguous
+  T* out; int64_t out_sn, out_sd;           // out[n, j] = out[n * out_sn + j * out_sd]
   int64_t M, d;
   T scale;
 };
@@ -49,6 +82,11 @@ struct KernelTable {
   void (*dwconv_plane)(const PlaneConv<T>& p, T* scratch);
   // IDConv kernel mixing: out[t] = sum_g softmax_g(logits[g * g_stride + t]) * weight[g * g_stride + t].
   void (*mix_kernel)(const T* logits, const T* weight, int64_t G, int64_t g_stride, int64_t KK, T* out);
+  // Elements of (zero-filled) scratch dwconv_nhwc_rows needs: max_k staged input rows plus a zero row.
+  int64_t (*dwconv_nhwc_scratch)(int64_t W, int64_t C, int64_t max_k);
+  // Output rows [r0, r1) of one NHWC sample. The scratch is zero-filled once; calls with
+  // the same W, C and max_k may reuse it (only the interior of the staged rows is rewritten).
+  void (*dwconv_nhwc_rows)(const NhwcConv<T>& p, int64_t r0, int64_t r1, T* scratch);
   // Elements of scratch one attention_rows call needs.
   int64_t (*attention_scratch)(int64_t M, int64_t d);
   void (*attention_rows)(const AttentionHead<T>& a, int64_t n0, int64_t n1, T* scratch);

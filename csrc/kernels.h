@@ -12,6 +12,9 @@
 // and the epilogue (bias, residual, exact GELU, folded BatchNorm) is applied in
 // registers before the single store. Minimal traffic: read x once, write out once.
 //
+// Channels-last depthwise conv: see the section below (row ring buffer, tap-major
+// weights, register blocks of 4 pixels x one channel vector).
+//
 // Attention (OSRA): per (batch, head) k is packed transposed ([d, M] padded to
 // whole vectors) and v packed [M, d] padded; each query row computes its M
 // scores in registers (broadcast q[n, j] times packed k rows), adds scale and
@@ -66,6 +69,15 @@ inline Vectorized<T> gelu_erf(const Vectorized<T>& x) {
   // Exact GELU, as torch's default: x/2 * (1 + erf(x / sqrt(2))).
   const Vectorized<T> half(T(0.5)), one(T(1)), inv_sqrt2(T(0.70710678118654752440));
   return half * x * (one + erf_vec(x * inv_sqrt2));
+}
+
+// dst[i] = gelu(src[i]) * scale + shift for n contiguous elements (the staged conv input).
+template <typename T>
+inline void stage_act(const T* src, T* dst, int64_t n, const Vectorized<T>& scale, const Vectorized<T>& shift) {
+  constexpr int VL = Vectorized<T>::size();
+  int64_t i = 0;
+  for (; i + VL <= n; i += VL) at::vec::fmadd(gelu_erf(Vectorized<T>::loadu(src + i)), scale, shift).store(dst + i);
+  if (i < n) at::vec::fmadd(gelu_erf(Vectorized<T>::loadu(src + i, n - i)), scale, shift).store(dst + i, n - i);
 }
 
 template <typename T>
@@ -135,7 +147,12 @@ void dwconv_plane(const PlaneConv<T>& p, T* scratch) {
   constexpr int VL = Vectorized<T>::size();
   const int64_t ld = p.W + 2 * p.max_pad + VL;
   for (int64_t y = 0; y < p.H; ++y) {
-    std::memcpy(scratch + (y + p.max_pad) * ld + p.max_pad, p.x + y * p.W, sizeof(T) * p.W);
+    T* dst = scratch + (y + p.max_pad) * ld + p.max_pad;
+    if (p.input_act) {
+      stage_act(p.x + y * p.W, dst, p.W, Vectorized<T>(p.in_scale), Vectorized<T>(p.in_shift));
+    } else {
+      std::memcpy(dst, p.x + y * p.W, sizeof(T) * p.W);
+    }
   }
   switch (p.K) {
     case 1: conv_plane_k<T, 1>(p, scratch, ld); break;
@@ -144,6 +161,179 @@ void dwconv_plane(const PlaneConv<T>& p, T* scratch) {
     case 7: conv_plane_k<T, 7>(p, scratch, ld); break;
     case 9: conv_plane_k<T, 9>(p, scratch, ld); break;
     default: conv_plane_k<T, 0>(p, scratch, ld); break;
+  }
+}
+
+// ---- Channels-last depthwise conv ----------------------------------------
+// Input rows are staged (copied, or turned into y = gelu(x) * s + t) into a
+// ring of max_k row buffers of (W + 2 * max_pad) pixels * C channels with zero
+// pixels left and right, plus one all-zero row standing in for rows outside
+// the image; so every tap is an unconditional full-vector load and each input
+// row is staged once per call. The output pixel's channels are computed in
+// register blocks of up to kMaxAcc vectors per group; the weights are tap-major
+// [K*K][channels], one vector load per tap and vector.
+
+template <typename T>
+inline int64_t nhwc_row_len(int64_t W, int64_t C, int64_t max_k) {
+  return (W + 2 * (max_k / 2)) * C + kChannelPad<T>;  // the pad: a last full vector may read past C
+}
+
+template <typename T>
+int64_t dwconv_nhwc_scratch(int64_t W, int64_t C, int64_t max_k) {
+  return (max_k + 1) * nhwc_row_len<T>(W, C, max_k);
+}
+
+template <typename T>
+inline void stage_nhwc_row(const NhwcConv<T>& p, int64_t h, T* dst) {
+  using Vec = Vectorized<T>;
+  constexpr int VL = Vec::size();
+  const int64_t C = p.C;
+  const T* src = p.x + h * p.x_sh;
+  for (int64_t w = 0; w < p.W; ++w, src += p.x_sw, dst += C) {
+    if (!p.in_scale) {
+      std::memcpy(dst, src, sizeof(T) * C);
+      continue;
+    }
+    int64_t c = 0;
+    for (; c + VL <= C; c += VL)
+      at::vec::fmadd(gelu_erf(Vec::loadu(src + c)), Vec::loadu(p.in_scale + c), Vec::loadu(p.in_shift + c))
+          .store(dst + c);
+    if (c < C)
+      at::vec::fmadd(gelu_erf(Vec::loadu(src + c, C - c)), Vec::loadu(p.in_scale + c), Vec::loadu(p.in_shift + c))
+          .store(dst + c, C - c);
+  }
+}
+
+// NACC channel vectors from absolute channel c of output pixel w, group g.
+// rows[i]: the staged input row of tap row i (already offset to pixel w and
+// the group's first tap column).
+template <typename T, int KT, int NACC>
+inline void nhwc_block(const NhwcConv<T>& p, const NhwcGroup<T>& g, const T* const* rows, int64_t w_off,
+                       int64_t c, T* out_pixel, const T* residual) {
+  using Vec = Vectorized<T>;
+  constexpr int VL = Vec::size();
+  const int64_t K = KT > 0 ? KT : g.K, C = p.C;
+  const int64_t cc = c - g.c0;
+  Vec acc[NACC];
+  for (int u = 0; u < NACC; ++u) acc[u] = Vec::loadu(p.bias + c + u * VL);
+  for (int64_t i = 0; i < K; ++i) {
+    const T* row = rows[i] + w_off + c;
+    const T* wrow = g.weight + i * K * g.ldw + cc;
+    for (int64_t j = 0; j < K; ++j) {
+      for (int u = 0; u < NACC; ++u)
+        acc[u] = at::vec::fmadd(Vec::loadu(wrow + j * g.ldw + u * VL), Vec::loadu(row + j * C + u * VL), acc[u]);
+    }
+  }
+  for (int u = 0; u < NACC; ++u) {
+    Vec r = acc[u];
+    const int64_t ch = c + u * VL;
+    if (p.scale) {
+      r = at::vec::fmadd(gelu_erf(r + Vec::loadu(residual + ch)), Vec::loadu(p.scale + ch), Vec::loadu(p.shift + ch));
+    }
+    const int64_t n = min_i64(VL, g.c1 - ch);
+    r.store(out_pixel + ch, n);
+  }
+}
+
+// kPixels output pixels w0.. of one channel vector c (compile-time kernel KT):
+// per tap row the KT weight vectors stay in registers and each of the
+// KT + kPixels - 1 input vectors of the row is loaded once and used by every
+// (pixel, tap) pair that reads it, so the loop is FMA-bound, not load-bound.
+constexpr int kPixels = 4;
+
+template <typename T, int KT>
+inline void nhwc_pixel_block(const NhwcConv<T>& p, const NhwcGroup<T>& g, const T* const* rows, int64_t w_off,
+                             int64_t c, T* out_pixel, const T* residual) {
+  using Vec = Vectorized<T>;
+  constexpr int VL = Vec::size();
+  const int64_t C = p.C, cc = c - g.c0;
+  Vec acc[kPixels];
+  const Vec bias = Vec::loadu(p.bias + c);
+#pragma GCC unroll 8
+  for (int q = 0; q < kPixels; ++q) acc[q] = bias;
+#pragma GCC unroll 16
+  for (int i = 0; i < KT; ++i) {
+    const T* row = rows[i] + w_off + c;
+    const T* wrow = g.weight + i * KT * g.ldw + cc;
+    Vec wv[KT];
+#pragma GCC unroll 16
+    for (int j = 0; j < KT; ++j) wv[j] = Vec::loadu(wrow + j * g.ldw);
+#pragma GCC unroll 16
+    for (int t = 0; t < KT + kPixels - 1; ++t) {
+      const Vec xv = Vec::loadu(row + t * C);
+#pragma GCC unroll 8
+      for (int q = 0; q < kPixels; ++q) {
+        const int j = t - q;
+        if (j >= 0 && j < KT) acc[q] = at::vec::fmadd(wv[j], xv, acc[q]);
+      }
+    }
+  }
+  const int64_t n = min_i64(VL, g.c1 - c);
+#pragma GCC unroll 8
+  for (int q = 0; q < kPixels; ++q) {
+    Vec r = acc[q];
+    if (p.scale) {
+      r = at::vec::fmadd(gelu_erf(r + Vec::loadu(residual + q * C + c)), Vec::loadu(p.scale + c),
+                         Vec::loadu(p.shift + c));
+    }
+    r.store(out_pixel + q * C + c, n);
+  }
+}
+
+template <typename T, int KT>
+void nhwc_group_row(const NhwcConv<T>& p, const NhwcGroup<T>& g, T* const* ring, const T* zero_row, int64_t r,
+                    int64_t max_pad, T* out_row) {
+  constexpr int VL = Vectorized<T>::size();
+  const int64_t K = KT > 0 ? KT : g.K, pad = K / 2, C = p.C;
+  const T* rows[64];
+  for (int64_t i = 0; i < K; ++i) {
+    const int64_t h = r - pad + i;
+    rows[i] = (h >= 0 && h < p.H) ? ring[h % p.max_k] : zero_row;
+  }
+  const T* center = ring[r % p.max_k] + max_pad * C;  // pixel 0 of the input row r
+  const int64_t vectors = (g.c1 - g.c0 + VL - 1) / VL;
+  int64_t w = 0;
+  if (KT > 0) {
+    for (; w + kPixels <= p.W; w += kPixels) {
+      const int64_t w_off = (w + max_pad - pad) * C;
+      for (int64_t v = 0; v < vectors; ++v) {
+        nhwc_pixel_block<T, (KT > 0 ? KT : 1)>(p, g, rows, w_off, g.c0 + v * VL, out_row + w * C, center + w * C);
+      }
+    }
+  }
+  for (; w < p.W; ++w) {
+    const int64_t w_off = (w + max_pad - pad) * C;
+    T* out_pixel = out_row + w * C;
+    const T* residual = center + w * C;
+    for_each_block(vectors, VL, [&](auto nacc, int64_t c_off) {
+      nhwc_block<T, KT, decltype(nacc)::value>(p, g, rows, w_off, g.c0 + c_off, out_pixel, residual);
+    });
+  }
+}
+
+template <typename T>
+void dwconv_nhwc_rows(const NhwcConv<T>& p, int64_t r0, int64_t r1, T* scratch) {
+  const int64_t max_pad = p.max_k / 2, C = p.C;
+  const int64_t len = nhwc_row_len<T>(p.W, C, p.max_k);
+  const T* zero_row = scratch;
+  T* ring[64];
+  for (int64_t i = 0; i < p.max_k; ++i) ring[i] = scratch + (i + 1) * len;
+  int64_t staged = r0 - max_pad < 0 ? 0 : r0 - max_pad;  // next input row to stage
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t need = min_i64(p.H, r + max_pad + 1);  // rows [.., r + max_pad] staged
+    for (; staged < need; ++staged) stage_nhwc_row(p, staged, ring[staged % p.max_k] + max_pad * C);
+    T* out_row = p.out + r * p.W * C;
+    for (int64_t gi = 0; gi < p.num_groups; ++gi) {
+      const NhwcGroup<T>& g = p.groups[gi];
+      switch (g.K) {
+        case 1: nhwc_group_row<T, 1>(p, g, ring, zero_row, r, max_pad, out_row); break;
+        case 3: nhwc_group_row<T, 3>(p, g, ring, zero_row, r, max_pad, out_row); break;
+        case 5: nhwc_group_row<T, 5>(p, g, ring, zero_row, r, max_pad, out_row); break;
+        case 7: nhwc_group_row<T, 7>(p, g, ring, zero_row, r, max_pad, out_row); break;
+        case 9: nhwc_group_row<T, 9>(p, g, ring, zero_row, r, max_pad, out_row); break;
+        default: nhwc_group_row<T, 0>(p, g, ring, zero_row, r, max_pad, out_row); break;
+      }
+    }
   }
 }
 
@@ -172,7 +362,7 @@ template <typename T>
 int64_t attention_scratch(int64_t M, int64_t d) {
   constexpr int VL = Vectorized<T>::size();
   const int64_t Mp = round_up(M, VL), dp = round_up(d, VL);
-  return d * Mp + M * dp + 2 * Mp;
+  return d * Mp + M * dp + 2 * Mp + dp;
 }
 
 // scores[m] = (sum_j q[j] * kT[j, m]) * scale + bias[m] for NACC vectors of m from m0.
@@ -227,6 +417,7 @@ void attention_rows(const AttentionHead<T>& a, int64_t n0, int64_t n1, T* scratc
   T* vp = kT + d * Mp;        // [M, dp]
   T* scores = vp + M * dp;    // [Mp]
   T* bias_buf = scores + Mp;  // [Mp], bias row gathered when not unit-stride
+  T* out_buf = bias_buf + Mp;  // [dp], output row before a strided scatter
   for (int64_t j = 0; j < d; ++j) {
     for (int64_t m = 0; m < M; ++m) kT[j * Mp + m] = a.k[m * a.k_sm + j * a.k_sd];
     fill(kT + j * Mp + M, kT + (j + 1) * Mp, T(0));
@@ -271,17 +462,23 @@ void attention_rows(const AttentionHead<T>& a, int64_t n0, int64_t n1, T* scratc
       vsum.store(lanes);
       for (int l = 0; l < VL; ++l) row_sum += lanes[l];
     }
-    T* out = a.out + n * d;
+    T* out = a.out + n * a.out_sn;
     const T inv_sum = T(1) / row_sum;
+    // Unit-stride rows are stored in place; otherwise into out_buf, then scattered.
+    T* row_out = a.out_sd == 1 ? out : out_buf;
     for_each_block(dp / VL, VL, [&](auto nacc, int64_t j0) {
-      pv_block<T, decltype(nacc)::value>(scores, M, vp, dp, inv_sum, out, d, j0);
+      pv_block<T, decltype(nacc)::value>(scores, M, vp, dp, inv_sum, row_out, d, j0);
     });
+    if (a.out_sd != 1) {
+      for (int64_t j = 0; j < d; ++j) out[j * a.out_sd] = out_buf[j];
+    }
   }
 }
 
 template <typename T>
 const KernelTable<T>& table() {
-  static const KernelTable<T> t{&dwconv_scratch<T>, &dwconv_plane<T>, &mix_kernel<T>, &attention_scratch<T>,
+  static const KernelTable<T> t{&dwconv_scratch<T>,      &dwconv_plane<T>,    &mix_kernel<T>,
+                                &dwconv_nhwc_scratch<T>, &dwconv_nhwc_rows<T>, &attention_scratch<T>,
                                 &attention_rows<T>};
   return t;
 }

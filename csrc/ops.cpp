@@ -81,9 +81,10 @@ struct ChannelConv {
 };
 
 // out[b, c] = conv(x[b, c], channels[c]) (+ the MS-FFN epilogue when scale/shift are given).
+// in_scale/in_shift (ms_ffn_middle_eval): the conv input is gelu(x) * in_scale + in_shift.
 template <typename T>
 void run_dwconv(const at::Tensor& x, at::Tensor& out, const std::vector<ChannelConv<T>>& channels,
-                const T* scale, const T* shift) {
+                const T* scale, const T* shift, const T* in_scale, const T* in_shift) {
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const KernelTable<T>& kt = kernels<T>();
   int64_t max_k = 1;
@@ -97,10 +98,88 @@ void run_dwconv(const at::Tensor& x, at::Tensor& out, const std::vector<ChannelC
       const int64_t c = plane % C;
       const ChannelConv<T>& ch = channels[c];
       PlaneConv<T> p{xp + plane * H * W, op + plane * H * W, ch.weight, ch.bias, H, W, ch.K, max_k / 2,
-                     scale != nullptr, scale ? scale[c] : T(1), shift ? shift[c] : T(0)};
+                     scale != nullptr, scale ? scale[c] : T(1), shift ? shift[c] : T(0),
+                     in_scale != nullptr, in_scale ? in_scale[c] : T(1), in_shift ? in_shift[c] : T(0)};
       kt.dwconv_plane(p, scratch.data());
     }
   });
+}
+
+// The layout rule (cpp_ops.py's fake impls apply the same): an input whose
+// channels are unit-stride (channels_last, or a channel slice of it) runs the
+// NHWC kernels and returns a channels_last tensor; any other input runs the
+// NCHW kernels (after .contiguous()) and returns a contiguous tensor.
+bool channels_last_input(const at::Tensor& x) { return x.size(1) > 1 && x.stride(1) == 1; }
+
+// Kernel sizes the NHWC kernels take (their tap-row tables are fixed arrays).
+constexpr int64_t kMaxNhwcKernel = 63;
+
+at::Tensor empty_like_layout(const at::Tensor& x) {
+  return at::empty(x.sizes(), x.options().memory_format(channels_last_input(x) ? at::MemoryFormat::ChannelsLast
+                                                                                  : at::MemoryFormat::Contiguous));
+}
+
+// A length-C per-channel table padded with zeros to whole vectors of every kernel build.
+template <typename T>
+std::vector<T> padded_channels(const T* values, int64_t C, T fill = T(0)) {
+  std::vector<T> padded(C + kChannelPad<T>, T(0));
+  for (int64_t c = 0; c < C; ++c) padded[c] = values ? values[c] : fill;
+  return padded;
+}
+
+int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
+
+// out = NHWC depthwise conv of x (channel stride 1, any pixel strides) into a
+// channels_last out; make_conv(b) fills the per-sample fields (groups, bias,
+// epilogue), this sets x, out, sizes. Tasks are (sample, band of rows), bands
+// only as many as needed to occupy every thread (a band restages its halo rows).
+template <typename T, typename MakeConv>
+void run_dwconv_nhwc(const at::Tensor& x, at::Tensor& out, int64_t max_k, MakeConv&& make_conv) {
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  if (B * C * H * W == 0) return;
+  const KernelTable<T>& kt = kernels<T>();
+  const int64_t scratch_size = kt.dwconv_nhwc_scratch(W, C, max_k);
+  const int64_t wanted_bands = std::min(H, (2 * at::get_num_threads() + B - 1) / B);
+  const int64_t band_rows = (H + wanted_bands - 1) / wanted_bands;
+  const int64_t bands = (H + band_rows - 1) / band_rows;
+  const T* xp = x.const_data_ptr<T>();
+  T* op = out.mutable_data_ptr<T>();
+  at::parallel_for(0, B * bands, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> scratch(scratch_size);  // zero-filled: the padding pixels and the zero row
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / bands, r0 = task % bands * band_rows;
+      NhwcConv<T> p = make_conv(b);
+      p.x = xp + b * x.stride(0);
+      p.x_sh = x.stride(2);
+      p.x_sw = x.stride(3);
+      p.out = op + b * H * W * C;
+      p.H = H;
+      p.W = W;
+      p.C = C;
+      p.max_k = max_k;
+      kt.dwconv_nhwc_rows(p, r0, std::min(H, r0 + band_rows), scratch.data());
+    }
+  });
+}
+
+// The result in the layout the rule promises (a copy only for a channels_last
+// input whose kernel is past the NHWC limit, which ran the NCHW kernels).
+at::Tensor same_layout_as_input(const at::Tensor& out, const at::Tensor& x) {
+  return channels_last_input(x) ? out.contiguous(at::MemoryFormat::ChannelsLast) : out;
+}
+
+// softmax_g(bias_logits[b, :, c]) . bias[:, c]
+template <typename T>
+T mixed_bias(const T* bias_logits, const T* bias, int64_t b, int64_t c, int64_t G, int64_t C) {
+  T mx = -std::numeric_limits<T>::infinity();
+  for (int64_t g = 0; g < G; ++g) mx = std::max(mx, bias_logits[(b * G + g) * C + c]);
+  T sum = 0, acc = 0;
+  for (int64_t g = 0; g < G; ++g) {
+    const T eg = std::exp(bias_logits[(b * G + g) * C + c] - mx);
+    sum += eg;
+    acc += eg * bias[g * C + c];
+  }
+  return acc / sum;
 }
 
 at::Tensor idconv_forward(const at::Tensor& x_in, const at::Tensor& kernel_logits_in, const at::Tensor& weight_in,
@@ -109,12 +188,14 @@ at::Tensor idconv_forward(const at::Tensor& x_in, const at::Tensor& kernel_logit
   check_input(kernel_logits_in, x_in, "kernel_logits");
   check_input(weight_in, x_in, "weight");
   TORCH_CHECK(bias_logits_in.has_value() == bias_in.has_value(), "pass both bias_logits and bias, or neither");
-  const at::Tensor x = x_in.contiguous();
+  const bool nhwc = channels_last_input(x_in) && weight_in.size(-1) <= kMaxNhwcKernel;
+  const at::Tensor x = nhwc ? x_in : x_in.contiguous();
   const at::Tensor logits = kernel_logits_in.contiguous();
   const at::Tensor weight = weight_in.contiguous();
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const int64_t G = weight.size(0), K = weight.size(-1);
   TORCH_CHECK(weight.sizes() == at::IntArrayRef({G, C, K, K}), "weight must be [G, C, K, K]");
+  TORCH_CHECK(K % 2 == 1, "the kernel size must be odd");
   TORCH_CHECK(logits.sizes() == at::IntArrayRef({B, G, C, K, K}), "kernel_logits must be [B, G, C, K, K]");
   at::Tensor bias_logits, bias;
   if (bias_in.has_value()) {
@@ -125,7 +206,7 @@ at::Tensor idconv_forward(const at::Tensor& x_in, const at::Tensor& kernel_logit
     TORCH_CHECK(bias.sizes() == at::IntArrayRef({G, C}) && bias_logits.sizes() == at::IntArrayRef({B, G, C}),
                 "bias must be [G, C] and bias_logits [B, G, C]");
   }
-  at::Tensor out = at::empty({B, C, H, W}, x.options());
+  at::Tensor out = nhwc ? empty_like_layout(x_in) : at::empty(x.sizes(), x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "idconv_cpp", [&] {
     using T = scalar_t;
     const KernelTable<T>& kt = kernels<T>();
@@ -134,33 +215,48 @@ at::Tensor idconv_forward(const at::Tensor& x_in, const at::Tensor& kernel_logit
     const T* wp = weight.const_data_ptr<T>();
     const T* blp = bias.defined() ? bias_logits.const_data_ptr<T>() : nullptr;
     const T* bp = bias.defined() ? bias.const_data_ptr<T>() : nullptr;
-    const int64_t scratch_size = kt.dwconv_scratch(H, W, K);
-    const T* xp = x.const_data_ptr<T>();
-    T* op = out.mutable_data_ptr<T>();
-    at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
-      std::vector<T> scratch(scratch_size), mixed(KK);  // scratch zero-filled: the padding border
-      for (int64_t plane = begin; plane < end; ++plane) {
-        const int64_t b = plane / C, c = plane % C;
-        kt.mix_kernel(lp + (b * G * C + c) * KK, wp + c * KK, G, C * KK, KK, mixed.data());
-        T conv_bias = 0;
-        if (bp) {
-          T mx = -std::numeric_limits<T>::infinity();
-          for (int64_t g = 0; g < G; ++g) mx = std::max(mx, blp[(b * G + g) * C + c]);
-          T sum = 0, acc = 0;
-          for (int64_t g = 0; g < G; ++g) {
-            const T eg = std::exp(blp[(b * G + g) * C + c] - mx);
-            sum += eg;
-            acc += eg * bp[g * C + c];
+    if (nhwc) {
+      // Per sample: the mixed kernel tap-major [KK][ldw] and the mixed bias [C + pad].
+      const int64_t ldw = round_up(C, kChannelPad<T>), bias_len = C + kChannelPad<T>;
+      std::vector<T> tables(B * KK * ldw, T(0)), biases(B * bias_len, T(0));
+      at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+        std::vector<T> mixed(KK);
+        for (int64_t b = begin; b < end; ++b) {
+          T* table = tables.data() + b * KK * ldw;
+          for (int64_t c = 0; c < C; ++c) {
+            kt.mix_kernel(lp + (b * G * C + c) * KK, wp + c * KK, G, C * KK, KK, mixed.data());
+            for (int64_t t = 0; t < KK; ++t) table[t * ldw + c] = mixed[t];
+            if (bp) biases[b * bias_len + c] = mixed_bias(blp, bp, b, c, G, C);
           }
-          conv_bias = acc / sum;
         }
-        PlaneConv<T> p{xp + plane * H * W, op + plane * H * W, mixed.data(), conv_bias, H, W, K, K / 2, false,
-                       T(1), T(0)};
-        kt.dwconv_plane(p, scratch.data());
-      }
-    });
+      });
+      std::vector<NhwcGroup<T>> groups;
+      for (int64_t b = 0; b < B; ++b) groups.push_back({0, C, K, tables.data() + b * KK * ldw, ldw});
+      run_dwconv_nhwc<T>(x, out, K, [&](int64_t b) {
+        NhwcConv<T> p{};
+        p.groups = &groups[b];
+        p.num_groups = 1;
+        p.bias = biases.data() + b * bias_len;
+        return p;
+      });
+    } else {
+      const int64_t scratch_size = kt.dwconv_scratch(H, W, K);
+      const T* xp = x.const_data_ptr<T>();
+      T* op = out.mutable_data_ptr<T>();
+      at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
+        std::vector<T> scratch(scratch_size), mixed(KK);  // scratch zero-filled: the padding border
+        for (int64_t plane = begin; plane < end; ++plane) {
+          const int64_t b = plane / C, c = plane % C;
+          kt.mix_kernel(lp + (b * G * C + c) * KK, wp + c * KK, G, C * KK, KK, mixed.data());
+          const T conv_bias = bp ? mixed_bias(blp, bp, b, c, G, C) : T(0);
+          PlaneConv<T> p{xp + plane * H * W, op + plane * H * W, mixed.data(), conv_bias, H, W, K, K / 2,
+                         false, T(1), T(0), false, T(1), T(0)};
+          kt.dwconv_plane(p, scratch.data());
+        }
+      });
+    }
   });
-  return out;
+  return same_layout_as_input(out, x_in);
 }
 
 // Contiguous copies of the group weights/biases and the per-channel table pointing into them.
@@ -202,51 +298,122 @@ std::vector<ChannelConv<T>> channel_table(const MultiscaleParams& p) {
   return channels;
 }
 
-at::Tensor multiscale_dwconv_forward(const at::Tensor& x_in, const std::vector<at::Tensor>& weights,
-                                     const std::vector<at::Tensor>& biases) {
-  check_x(x_in);
-  const at::Tensor x = x_in.contiguous();
-  const MultiscaleParams params = multiscale_params(x, weights, biases);
-  at::Tensor out = at::empty(x.sizes(), x.options());
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "multiscale_dwconv_cpp", [&] {
-    run_dwconv<scalar_t>(x, out, channel_table<scalar_t>(params), nullptr, nullptr);
+// The multi-scale depthwise conv in either layout; scale/shift (length C, or
+// nullptr) add the MS-FFN epilogue, in_scale/in_shift the staged input activation.
+template <typename T>
+at::Tensor multiscale_forward(const at::Tensor& x_in, const MultiscaleParams& params, const T* scale, const T* shift,
+                              const T* in_scale, const T* in_shift) {
+  int64_t max_k = 1;
+  for (const auto& w : params.weights) max_k = std::max(max_k, w.size(2));
+  const bool nhwc = channels_last_input(x_in) && max_k <= kMaxNhwcKernel;
+  const at::Tensor x = nhwc ? x_in : x_in.contiguous();
+  const int64_t C = x.size(1);
+  if (!nhwc) {
+    at::Tensor out = at::empty(x.sizes(), x.options());
+    run_dwconv<T>(x, out, channel_table<T>(params), scale, shift, in_scale, in_shift);
+    return same_layout_as_input(out, x_in);
+  }
+  at::Tensor out = empty_like_layout(x_in);
+  // Per group the weights tap-major [k*k][ldw]; per channel bias and affine tables, padded.
+  std::vector<std::vector<T>> tables;
+  std::vector<NhwcGroup<T>> groups;
+  std::vector<T> bias(C + kChannelPad<T>, T(0));
+  for (size_t i = 0; i < params.weights.size(); ++i) {
+    const int64_t ci = params.weights[i].size(0), k = params.weights[i].size(2), c0 = params.first_channel[i];
+    const int64_t ldw = round_up(ci, kChannelPad<T>);
+    const T* w = params.weights[i].const_data_ptr<T>();
+    const T* b = params.biases[i].const_data_ptr<T>();
+    std::vector<T> table(k * k * ldw, T(0));
+    for (int64_t c = 0; c < ci; ++c) {
+      for (int64_t t = 0; t < k * k; ++t) table[t * ldw + c] = w[c * k * k + t];
+      bias[c0 + c] = b[c];
+    }
+    tables.push_back(std::move(table));
+    groups.push_back({c0, c0 + ci, k, nullptr, ldw});
+  }
+  for (size_t i = 0; i < groups.size(); ++i) groups[i].weight = tables[i].data();
+  const std::vector<T> scale_p = padded_channels(scale, C), shift_p = padded_channels(shift, C);
+  const std::vector<T> in_scale_p = padded_channels(in_scale, C), in_shift_p = padded_channels(in_shift, C);
+  run_dwconv_nhwc<T>(x, out, max_k, [&](int64_t) {
+    NhwcConv<T> p{};
+    p.groups = groups.data();
+    p.num_groups = static_cast<int64_t>(groups.size());
+    p.bias = bias.data();
+    p.scale = scale ? scale_p.data() : nullptr;
+    p.shift = scale ? shift_p.data() : nullptr;
+    p.in_scale = in_scale ? in_scale_p.data() : nullptr;
+    p.in_shift = in_scale ? in_shift_p.data() : nullptr;
+    return p;
   });
   return out;
 }
 
+at::Tensor multiscale_dwconv_forward(const at::Tensor& x, const std::vector<at::Tensor>& weights,
+                                     const std::vector<at::Tensor>& biases) {
+  check_x(x);
+  const MultiscaleParams params = multiscale_params(x, weights, biases);
+  return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "multiscale_dwconv_cpp", [&] {
+    return multiscale_forward<scalar_t>(x, params, nullptr, nullptr, nullptr, nullptr);
+  });
+}
+
+// A [C] per-channel tensor as a vector of T.
+template <typename T>
+std::vector<T> channel_vector(const at::Tensor& t, int64_t C, const char* what) {
+  TORCH_CHECK(t.device().is_cpu() && t.numel() == C, what, " must be a CPU tensor of ", C, " elements");
+  const at::Tensor c = t.to(c10::CppTypeToScalarType<T>::value).contiguous();
+  const T* p = c.const_data_ptr<T>();
+  return std::vector<T>(p, p + C);
+}
+
 // Eval BatchNorm(GELU(multiscale_dwconv(x) + x)), the BatchNorm folded into
 // per-channel scale = w / sqrt(var + eps), shift = b - mean * scale (in fp64).
-at::Tensor ms_ffn_middle_forward(const at::Tensor& x_in, const std::vector<at::Tensor>& weights,
+at::Tensor ms_ffn_middle_forward(const at::Tensor& x, const std::vector<at::Tensor>& weights,
                                  const std::vector<at::Tensor>& biases, const std::optional<at::Tensor>& norm_weight,
                                  const std::optional<at::Tensor>& norm_bias, const at::Tensor& running_mean,
                                  const at::Tensor& running_var, double eps) {
-  check_x(x_in);
-  const at::Tensor x = x_in.contiguous();
+  check_x(x);
   const int64_t C = x.size(1);
   const MultiscaleParams params = multiscale_params(x, weights, biases);
   auto as_f64 = [&](const std::optional<at::Tensor>& t, double fill, const char* what) {
-    if (!t.has_value()) return at::full({C}, fill, x.options().dtype(at::kDouble));
-    TORCH_CHECK(t->device().is_cpu() && t->numel() == C, what, " must be a CPU tensor of ", C, " elements");
-    return t->to(at::kDouble).contiguous().reshape({C});
+    if (!t.has_value()) return std::vector<double>(C, fill);
+    return channel_vector<double>(*t, C, what);
   };
-  const at::Tensor mean = as_f64(running_mean, 0.0, "running_mean");
-  const at::Tensor var = as_f64(running_var, 1.0, "running_var");
-  const at::Tensor gamma = as_f64(norm_weight, 1.0, "norm_weight");
-  const at::Tensor beta = as_f64(norm_bias, 0.0, "norm_bias");
-  at::Tensor out = at::empty(x.sizes(), x.options());
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ms_ffn_middle_cpp", [&] {
+  const std::vector<double> m = as_f64(running_mean, 0.0, "running_mean");
+  const std::vector<double> v = as_f64(running_var, 1.0, "running_var");
+  const std::vector<double> g = as_f64(norm_weight, 1.0, "norm_weight");
+  const std::vector<double> b = as_f64(norm_bias, 0.0, "norm_bias");
+  return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ms_ffn_middle_cpp", [&] {
     using T = scalar_t;
     std::vector<T> scale(C), shift(C);
-    const double *m = mean.const_data_ptr<double>(), *v = var.const_data_ptr<double>();
-    const double *g = gamma.const_data_ptr<double>(), *b = beta.const_data_ptr<double>();
     for (int64_t c = 0; c < C; ++c) {
       const double s = g[c] / std::sqrt(v[c] + eps);
       scale[c] = static_cast<T>(s);
       shift[c] = static_cast<T>(b[c] - m[c] * s);
     }
-    run_dwconv<T>(x, out, channel_table<T>(params), scale.data(), shift.data());
+    return multiscale_forward<T>(x, params, scale.data(), shift.data(), nullptr, nullptr);
   });
-  return out;
+}
+
+// GELU(multiscale_dwconv(y) + y) * output_scale + output_shift with
+// y = GELU(x) * input_scale + input_shift computed while staging the conv input.
+at::Tensor ms_ffn_middle_eval_forward(const at::Tensor& x, const at::Tensor& input_scale,
+                                      const at::Tensor& input_shift, const std::vector<at::Tensor>& weights,
+                                      const std::vector<at::Tensor>& biases, const at::Tensor& output_scale,
+                                      const at::Tensor& output_shift) {
+  check_x(x);
+  const int64_t C = x.size(1);
+  const MultiscaleParams params = multiscale_params(x, weights, biases);
+  for (const at::Tensor* t : {&input_scale, &input_shift, &output_scale, &output_shift})
+    check_input(*t, x, "input/output scale and shift");
+  return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ms_ffn_middle_eval_cpp", [&] {
+    using T = scalar_t;
+    const std::vector<T> in_scale = channel_vector<T>(input_scale, C, "input_scale");
+    const std::vector<T> in_shift = channel_vector<T>(input_shift, C, "input_shift");
+    const std::vector<T> scale = channel_vector<T>(output_scale, C, "output_scale");
+    const std::vector<T> shift = channel_vector<T>(output_shift, C, "output_shift");
+    return multiscale_forward<T>(x, params, scale.data(), shift.data(), in_scale.data(), in_shift.data());
+  });
 }
 
 at::Tensor osra_attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -265,7 +432,10 @@ at::Tensor osra_attention_forward(const at::Tensor& q, const at::Tensor& k, cons
     // Broadcast dims get stride 0, so any bias layout is read in place.
     bias = bias_in->expand({B, h, N, M});
   }
-  at::Tensor out = at::empty({B, h, N, d}, q.options());
+  // q's dimension order, dense (empty_like; the fake impl does the same): the
+  // model's q is a transposed channels_last conv output, and this layout makes
+  // its transpose + reshape back to [B, C, H, W] a free view.
+  at::Tensor out = at::empty_like(q);
   constexpr int64_t kRowsPerTask = 128;
   const int64_t row_blocks = (N + kRowsPerTask - 1) / kRowsPerTask;
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "osra_attention_cpp", [&] {
@@ -285,7 +455,8 @@ at::Tensor osra_attention_forward(const at::Tensor& q, const at::Tensor& k, cons
                            vp + b * v.stride(0) + hh * v.stride(1), v.stride(2), v.stride(3),
                            bp ? bp + b * bias.stride(0) + hh * bias.stride(1) : nullptr,
                            bp ? bias.stride(2) : 0, bp ? bias.stride(3) : 0,
-                           op + bh * N * d, M, d, static_cast<T>(scale)};
+                           op + b * out.stride(0) + hh * out.stride(1), out.stride(2), out.stride(3),
+                           M, d, static_cast<T>(scale)};
         const int64_t n0 = rb * kRowsPerTask;
         kt.attention_rows(a, n0, std::min(N, n0 + kRowsPerTask), scratch.data());
       }
@@ -302,6 +473,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("idconv_forward", &transxnet::idconv_forward);
   m.def("multiscale_dwconv_forward", &transxnet::multiscale_dwconv_forward);
   m.def("ms_ffn_middle_forward", &transxnet::ms_ffn_middle_forward);
+  m.def("ms_ffn_middle_eval_forward", &transxnet::ms_ffn_middle_eval_forward);
   m.def("osra_attention_forward", &transxnet::osra_attention_forward);
   m.def("kernel_isa", &transxnet::kernel_isa, "instruction set of the kernels in use: avx512, avx2 or baseline");
   m.def("set_kernel_isa", &transxnet::set_kernel_isa,

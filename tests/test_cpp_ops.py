@@ -27,6 +27,29 @@ def kernel_isa(request):
     cpp_ops.set_kernel_isa(previous)
 
 
+LAYOUTS = ["contiguous", "channels_last"]
+
+
+def to_layout(x, layout):
+    """x with the same values in `layout`: contiguous, channels_last, or channel_slice (the
+    first half of the channels of a channels_last tensor, as the model's x.chunk(2, dim=1)[0])."""
+    if layout == "contiguous":
+        return x.contiguous()
+    if layout == "channels_last":
+        return x.contiguous(memory_format=torch.channels_last)
+    assert layout == "channel_slice"
+    full = torch.cat([x, torch.full_like(x, float("nan"))], dim=1).contiguous(memory_format=torch.channels_last)
+    return full.chunk(2, dim=1)[0]
+
+
+def assert_output_layout(out, x):
+    """The conv ops return channels_last for unit-stride channels (no layout copy), else contiguous."""
+    if x.shape[1] > 1 and x.stride(1) == 1:
+        assert out.is_contiguous(memory_format=torch.channels_last), f"expected channels_last, strides {out.stride()}"
+    else:
+        assert out.is_contiguous(), f"expected contiguous, strides {out.stride()}"
+
+
 def rand(*shape, dtype, gen):
     return torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype)
 
@@ -89,10 +112,13 @@ def attention_args(B, h, N, M, d, bias_shape, dtype, transposed_q=False, seed=0)
     (1, 2, 5, 40, 3, 1, True),    # 1x1 kernel, wide rows (several register blocks)
     (2, 3, 8, 8, 2, 11, False),   # kernel size without a specialised instantiation
 ])
-def test_idconv(B, C, H, W, G, K, with_bias, dtype, nan_poisoned_empty, kernel_isa):
+@pytest.mark.parametrize("layout", LAYOUTS + ["channel_slice"])
+def test_idconv(B, C, H, W, G, K, with_bias, layout, dtype, nan_poisoned_empty, kernel_isa):
     args = idconv_args(B, C, H, W, G, K, with_bias, dtype)
+    args[0] = to_layout(args[0], layout)
     out = run_cpp("idconv", *args)
     assert out.dtype == dtype
+    assert_output_layout(out, args[0])
     assert_rel_close(out, run_reference_fp64("idconv", *args), TOLERANCE[dtype], "idconv")
 
 
@@ -103,9 +129,12 @@ def test_idconv(B, C, H, W, G, K, with_bias, dtype, nan_poisoned_empty, kernel_i
     (3, [5], [3], 7, 19),                      # one group
     (2, [2, 3], [11, 1], 12, 35),              # runtime kernel size, wide rows
 ])
-def test_multiscale_dwconv(B, widths, kernels, H, W, dtype, nan_poisoned_empty, kernel_isa):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_multiscale_dwconv(B, widths, kernels, H, W, layout, dtype, nan_poisoned_empty, kernel_isa):
     x, weights, biases = multiscale_args(B, widths, kernels, H, W, dtype)
+    x = to_layout(x, layout)
     out = run_cpp("multiscale_dwconv", x, weights, biases)
+    assert_output_layout(out, x)
     assert_rel_close(out, run_reference_fp64("multiscale_dwconv", x, weights, biases), TOLERANCE[dtype],
                      "multiscale_dwconv")
 
@@ -117,16 +146,61 @@ def test_multiscale_dwconv(B, widths, kernels, H, W, dtype, nan_poisoned_empty, 
     (2, [6, 2, 2, 2], [1, 3, 5, 7], 14, 14),
 ])
 @pytest.mark.parametrize("affine", [True, False])
-def test_ms_ffn_middle_eval(B, widths, kernels, H, W, affine, dtype, nan_poisoned_empty, kernel_isa):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_ms_ffn_middle_eval_mode(B, widths, kernels, H, W, affine, layout, dtype, nan_poisoned_empty, kernel_isa):
     x, weights, biases = multiscale_args(B, widths, kernels, H, W, dtype)
+    x = to_layout(x, layout)
     norm_weight, norm_bias, mean, var = batch_norm_args(x.shape[1], dtype)
     if not affine:
         norm_weight = norm_bias = None
     args = (x, weights, biases, norm_weight, norm_bias, mean, var, False, 0.1, 1e-5)
     mean_before, var_before = mean.clone(), var.clone()
     out = run_cpp("ms_ffn_middle", *args)
+    assert_output_layout(out, x)
     assert_rel_close(out, run_reference_fp64("ms_ffn_middle", *args), TOLERANCE[dtype], "ms_ffn_middle")
     assert torch.equal(mean, mean_before) and torch.equal(var, var_before), "eval mode must not touch running stats"
+
+
+def ms_ffn_eval_args(B, widths, kernels, H, W, dtype, seed=0):
+    """(x, input_scale, input_shift, weights, biases, output_scale, output_shift) of ms_ffn_middle_eval."""
+    x, weights, biases = multiscale_args(B, widths, kernels, H, W, dtype, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    C = x.shape[1]
+    in_scale, in_shift, out_scale, out_shift = (rand(C, dtype=dtype, gen=g) for _ in range(4))
+    return x, in_scale, in_shift, weights, biases, out_scale, out_shift
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,widths,kernels,H,W", [
+    (2, [3, 2, 2, 2], [1, 3, 5, 7], 11, 9),       # the MS-FFN layout, odd C, unequal groups
+    (1, [1, 2, 3, 1, 2], [1, 3, 5, 7, 9], 4, 6),  # kernels 1..9, H/W smaller than the largest, batch 1
+    (1, [4, 1, 1, 1], [1, 3, 5, 7], 3, 2),        # tiny image: most taps read the zero padding of y
+    (2, [6, 5, 5, 5], [1, 3, 5, 7], 14, 13),      # groups that are not whole vectors
+    (2, [20, 17], [11, 3], 12, 23),               # runtime kernel size, groups spanning several vectors
+])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_ms_ffn_middle_eval_op(B, widths, kernels, H, W, layout, dtype, nan_poisoned_empty, kernel_isa):
+    """fc1's GELU + BatchNorm folded in front: the conv zero-pads y = GELU(x) * s + t, not x."""
+    args = list(ms_ffn_eval_args(B, widths, kernels, H, W, dtype))
+    args[0] = to_layout(args[0], layout)
+    out = run_cpp("ms_ffn_middle_eval", *args)
+    assert out.dtype == dtype
+    assert_output_layout(out, args[0])
+    assert_rel_close(out, run_reference_fp64("ms_ffn_middle_eval", *args), TOLERANCE[dtype], "ms_ffn_middle_eval")
+
+
+def test_ms_ffn_middle_eval_banded_rows():
+    """Batch 1 with more threads than samples splits rows into bands that restage their halo rows."""
+    dtype = torch.float64
+    args = list(ms_ffn_eval_args(1, [5, 4, 4, 4], [1, 3, 5, 7], 23, 9, dtype))
+    args[0] = to_layout(args[0], "channels_last")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        out = run_cpp("ms_ffn_middle_eval", *args)
+    finally:
+        torch.set_num_threads(threads)
+    assert_rel_close(out, run_reference_fp64("ms_ffn_middle_eval", *args), TOLERANCE[dtype], "banded")
 
 
 def test_ms_ffn_middle_training_runs_reference_or_refuses():
@@ -156,7 +230,7 @@ def test_ms_ffn_middle_training_runs_reference_or_refuses():
 def test_osra_attention(B, h, N, M, d, bias_shape, transposed_q, dtype, nan_poisoned_empty, kernel_isa):
     q, k, v, bias = attention_args(B, h, N, M, d, bias_shape, dtype, transposed_q)
     out = run_cpp("osra_attention", q, k, v, bias)
-    assert out.is_contiguous()
+    assert out.stride() == q.stride(), "the output takes q's (dense) layout"
     assert_rel_close(out, run_reference_fp64("osra_attention", q, k, v, bias), TOLERANCE[dtype], "osra_attention")
 
 
@@ -173,19 +247,40 @@ def test_osra_attention_strided_kv_bias_and_scale(dtype, kernel_isa):
                      "osra_attention")
 
 
-def test_channels_last_inputs():
+@pytest.mark.parametrize("conv_layout", LAYOUTS)
+def test_osra_attention_output_reshapes_back_as_a_view(conv_layout):
+    """The model: q = conv_out.reshape(B, h, d, N).transpose(-1, -2); out.transpose(-1, -2).reshape(B, C, H, W)
+    must be a view of out (no copy), channels_last when conv_out is."""
     dtype = torch.float32
-    args = idconv_args(2, 6, 10, 12, 2, 7, True, dtype)
-    args[0] = args[0].to(memory_format=torch.channels_last)
-    assert_rel_close(run_cpp("idconv", *args), run_reference_fp64("idconv", *args), TOLERANCE[dtype], "idconv")
-    x, weights, biases = multiscale_args(2, [3, 1, 1, 1], [1, 3, 5, 7], 9, 10, dtype)
-    x = x.to(memory_format=torch.channels_last)
-    assert_rel_close(run_cpp("multiscale_dwconv", x, weights, biases),
-                     run_reference_fp64("multiscale_dwconv", x, weights, biases), TOLERANCE[dtype], "multiscale")
-    bn = batch_norm_args(x.shape[1], dtype)
-    args = (x, weights, biases, *bn, False)
-    assert_rel_close(run_cpp("ms_ffn_middle", *args), run_reference_fp64("ms_ffn_middle", *args),
-                     TOLERANCE[dtype], "ms_ffn_middle")
+    g = torch.Generator().manual_seed(5)
+    B, h, d, H, W, M = 2, 3, 8, 5, 7, 6
+    C, N = h * d, H * W
+    conv_out = to_layout(rand(B, C, H, W, dtype=dtype, gen=g), conv_layout)
+    q = conv_out.reshape(B, h, d, N).transpose(-1, -2)
+    kv = to_layout(rand(B, 2 * C, 2, 3, dtype=dtype, gen=g), conv_layout)
+    k, v = (t.reshape(B, h, d, M).transpose(-1, -2) for t in kv.chunk(2, dim=1))  # strided k/v views
+    bias = rand(1, h, N, M, dtype=dtype, gen=g)
+    out = run_cpp("osra_attention", q, k, v, bias)
+    assert_rel_close(out, run_reference_fp64("osra_attention", q, k, v, bias), TOLERANCE[dtype], "osra")
+    image = out.transpose(-1, -2).reshape(B, C, H, W)
+    assert image.data_ptr() == out.data_ptr() and image._base is out, "reshape copied"
+    memory_format = torch.channels_last if conv_layout == "channels_last" else torch.contiguous_format
+    assert image.is_contiguous(memory_format=memory_format)
+
+
+def test_channels_last_kernel_past_the_nhwc_limit():
+    """Kernels wider than the NHWC kernels take (63) run the NCHW kernels, still returning channels_last."""
+    dtype = torch.float64
+    args = idconv_args(1, 3, 4, 5, 2, 65, True, dtype)
+    args[0] = to_layout(args[0], "channel_slice")
+    out = run_cpp("idconv", *args)
+    assert_output_layout(out, args[0])
+    assert_rel_close(out, run_reference_fp64("idconv", *args), TOLERANCE[dtype], "idconv")
+    x, weights, biases = multiscale_args(1, [2, 2], [3, 65], 4, 5, dtype)
+    x = to_layout(x, "channels_last")
+    out = run_cpp("multiscale_dwconv", x, weights, biases)
+    assert_output_layout(out, x)
+    assert_rel_close(out, run_reference_fp64("multiscale_dwconv", x, weights, biases), TOLERANCE[dtype], "msdw")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -252,6 +347,15 @@ def test_opcheck():
         (ops.multiscale_dwconv_cpp.default, (x, weights, biases)),
         (ops.ms_ffn_middle_cpp.default, (x, weights, biases, norm_weight, norm_bias, mean, var, 1e-5)),
         (ops.ms_ffn_middle_cpp.default, (x, weights, biases, None, None, mean, var, 1e-3)),
+        (ops.ms_ffn_middle_cpp.default, (x.contiguous(memory_format=torch.channels_last), weights, biases,
+                                         norm_weight, norm_bias, mean, var, 1e-5)),
+        (ops.multiscale_dwconv_cpp.default, (x.contiguous(memory_format=torch.channels_last), weights, biases)),
+        (ops.idconv_cpp.default, (to_layout(idconv_args(2, 3, 6, 7, 2, 3, True, dtype)[0], "channel_slice"),
+                                  *idconv_args(2, 3, 6, 7, 2, 3, True, dtype)[1:])),
+        (ops.ms_ffn_middle_eval_cpp.default, ms_ffn_eval_args(2, [3, 2, 2], [1, 3, 5], 7, 9, dtype)),
+        (ops.ms_ffn_middle_eval_cpp.default, tuple(
+            to_layout(a, "channels_last") if i == 0 else a
+            for i, a in enumerate(ms_ffn_eval_args(1, [4, 3], [3, 7], 5, 6, dtype)))),
         (ops.osra_attention_cpp.default, (q, k, v, bias, 0.4)),
         (ops.osra_attention_cpp.default, (q, k, v, None, 0.4)),
     ]
@@ -278,3 +382,21 @@ def test_torch_compile_fullgraph():
             actual = compiled(x, q, k, v, bias)
     for a, e in zip(actual, expected):
         assert_rel_close(a, e, TOLERANCE[dtype], "compiled")
+
+
+def test_torch_compile_ms_ffn_middle_eval_channels_last():
+    dtype = torch.float32
+    x, in_scale, in_shift, weights, biases, out_scale, out_shift = ms_ffn_eval_args(2, [3, 2, 2, 2], [1, 3, 5, 7],
+                                                                                    8, 9, dtype)
+    x = to_layout(x, "channels_last")
+
+    def middle(x):
+        return tk.ms_ffn_middle_eval(x, in_scale, in_shift, weights, biases, out_scale, out_shift) * 2
+
+    with tk.use_backend("cpp"):
+        expected = middle(x)
+        compiled = torch.compile(middle, fullgraph=True, backend="aot_eager")
+        with torch.no_grad():
+            actual = compiled(x)
+    assert actual.is_contiguous(memory_format=torch.channels_last)
+    assert_rel_close(actual, expected, TOLERANCE[dtype], "compiled")
