@@ -76,7 +76,8 @@ _ONEDNN_CONV_POINTWISE = (torch.backends.mkldnn.is_available()
 def _conv_gelu(conv: nn.Conv2d, x, weight, bias):
     """GELU(conv(x)); on CPU inference one oneDNN convolution with a fused exact-GELU post-op."""
     if (_ONEDNN_CONV_POINTWISE and x.device.type == "cpu" and x.dtype == torch.float32
-            and not torch.is_grad_enabled() and not torch.compiler.is_compiling()):
+            and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
+            and not torch.compiler.is_compiling()):
         return torch.ops.mkldnn._convolution_pointwise(
             x, weight, bias, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups,
             "gelu", [], "none")
