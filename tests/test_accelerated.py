@@ -6,7 +6,7 @@ import torch
 import torch.multiprocessing as mp
 
 import transxnet
-from helpers import assert_rel_close, rel_err
+from helpers import assert_rel_close, rel_err, requires_cpp
 
 SMALL_ARCH = dict(layers=(1, 1, 2, 1), embed_dims=(16, 32, 48, 64), num_heads=(1, 1, 2, 2), num_groups=(2, 2, 3, 2))
 
@@ -207,3 +207,18 @@ def test_ddp_two_gloo_processes_match_single_process(tmp_path):
         expected = (single[0][name] + single[1][name]) / 2
         for rank in range(world):
             assert_rel_close(ddp_grads[rank][name], expected, 1e-5, f"rank {rank} grad {name}")
+
+
+@requires_cpp
+def test_cpu_inference_runs_the_cpp_kernels_in_channels_last():
+    _, fast = eager_and_accelerated("t", num_classes=10)
+    fast.eval()
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        fast(x)
+    ops = {e.key for e in prof.key_averages()}
+    for op in ("transxnet::idconv_cpp", "transxnet::osra_attention_cpp", "transxnet::ms_ffn_middle_eval_cpp"):
+        assert op in ops, f"{op} did not run; ran: {sorted(o for o in ops if 'transxnet' in o)}"
+    with torch.no_grad():
+        feats = fast.forward_features(x)
+    assert feats.is_contiguous(memory_format=torch.channels_last)

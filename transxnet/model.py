@@ -47,12 +47,15 @@ def batchnorm_scale_shift(bn: nn.BatchNorm2d) -> Tuple[torch.Tensor, torch.Tenso
     return scale, bn.bias - bn.running_mean * scale
 
 
+def scale_conv_output(weight, bias, scale, shift) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Weight and bias of a conv whose output is then mapped per channel to out * scale + shift."""
+    return weight * scale.view(-1, 1, 1, 1), bias * scale + shift
+
+
 def fold_bn_into_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> Tuple[torch.Tensor, torch.Tensor]:
     """Weight and bias of conv followed by eval-mode bn, as one conv (exact up to rounding)."""
-    scale, bias = batchnorm_scale_shift(bn)
-    if conv.bias is not None:
-        bias = bias + conv.bias * scale
-    return conv.weight * scale.view(-1, 1, 1, 1), bias
+    bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+    return scale_conv_output(conv.weight, bias, *batchnorm_scale_shift(bn))
 
 
 def fold_bn_into_next_pointwise(bn: nn.BatchNorm2d, conv: nn.Conv2d) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -63,6 +66,12 @@ def fold_bn_into_next_pointwise(bn: nn.BatchNorm2d, conv: nn.Conv2d) -> Tuple[to
     if conv.bias is not None:
         bias = bias + conv.bias
     return weight, bias
+
+
+def _layer_scale_affine(layer_scale: Optional["LayerScale"], channels: int, like: torch.Tensor):
+    if layer_scale is None:
+        return like.new_ones(channels), like.new_zeros(channels)
+    return layer_scale.weight.flatten(), layer_scale.bias
 
 
 def _conv(conv: nn.Conv2d, x, weight, bias):
@@ -216,20 +225,24 @@ class HybridTokenMixer(nn.Module):
 
     fused = False  # set by transxnet.accelerated()
 
-    def forward(self, x, relative_pos_enc=None):
+    def forward(self, x, relative_pos_enc=None, layer_scale=None):
+        """`layer_scale` (accelerated eval only): the block's layer_scale_1, folded in here."""
         x1, x2 = x.chunk(2, dim=1)
         x = torch.cat([self.local_unit(x1), self.global_unit(x2, relative_pos_enc)], dim=1)
-        return (self.folded_ste(x) if folds_batchnorm(self) else self.proj(x)) + x
+        if not folds_batchnorm(self):
+            return self.proj(x) + x
+        ls_weight, ls_bias = _layer_scale_affine(layer_scale, x.shape[1], x)
+        # ls(proj(x) + x) = [ls folded into proj's last conv](x) + ls_weight * x
+        return torch.addcmul(self.folded_ste(x, ls_weight, ls_bias), x, ls_weight.view(1, -1, 1, 1))
 
-    def folded_ste(self, x):
-        """The STE in eval mode with its three BatchNorms folded into the 1x1 convs:
-        dw3x3 -> GELU -> 1x1 -> GELU -> 1x1."""
+    def folded_ste(self, x, out_scale, out_shift):
+        """The STE in eval mode, its three BatchNorms folded into the 1x1 convs and its output
+        mapped to out * out_scale + out_shift: dw3x3 -> GELU -> 1x1 -> GELU -> 1x1."""
         dw, _, bn1, pw1, _, bn2, pw2, bn3 = self.proj  # the GELUs are fused into the convs
         x = _conv_gelu(dw, x, dw.weight, dw.bias)
         x = _conv_gelu(pw1, x, *fold_bn_into_next_pointwise(bn1, pw1))
-        w, b = fold_bn_into_next_pointwise(bn2, pw2)
-        scale, shift = batchnorm_scale_shift(bn3)
-        return F.conv2d(x, w * scale.view(-1, 1, 1, 1), b * scale + shift)
+        w, b = scale_conv_output(*fold_bn_into_next_pointwise(bn2, pw2), *batchnorm_scale_shift(bn3))
+        return F.conv2d(x, *scale_conv_output(w, b, out_scale, out_shift))
 
 
 def multiscale_split(channels: int, scales: Sequence[int] = (1, 3, 5, 7)) -> List[int]:
@@ -263,11 +276,12 @@ class Mlp(nn.Module):
 
     fused = False  # set by transxnet.accelerated()
 
-    def forward(self, x):
+    def forward(self, x, layer_scale=None):
+        """`layer_scale` (accelerated eval only): the block's layer_scale_2, folded into fc2."""
         if folds_batchnorm(self):
             h = self.fc1[0](x)
             if tk.has_fused("ms_ffn_middle_eval", h):
-                return self.drop(self.fused_eval(h))
+                return self.drop(self.folded_fc2(self.drop(self.fused_eval(h)), layer_scale))
             x = self.fc1[2](self.fc1[1](h))
         else:
             x = self.fc1(x)
@@ -277,17 +291,22 @@ class Mlp(nn.Module):
             x = self.dwconv(x) + x
             x = self.drop(self.norm(self.act(x)))
         if folds_batchnorm(self):
-            return self.drop(_conv(self.fc2[0], x, *fold_bn_into_conv(self.fc2[0], self.fc2[1])))
+            return self.drop(self.folded_fc2(x, layer_scale))
         return self.drop(self.fc2(x))
 
+    def folded_fc2(self, x, layer_scale=None):
+        """fc2 in eval mode with its BatchNorm (and the block's layer scale) folded into the conv."""
+        conv = self.fc2[0]
+        weight, bias = scale_conv_output(*fold_bn_into_conv(conv, self.fc2[1]),
+                                         *_layer_scale_affine(layer_scale, conv.out_channels, conv.weight))
+        return _conv(conv, x, weight, bias)
+
     def fused_eval(self, h):
-        """Eval: fc1's GELU + BatchNorm, the middle and its BatchNorm in one op, then fc2 with its
-        BatchNorm folded (`h` is fc1's conv output)."""
+        """Eval: fc1's GELU + BatchNorm, the middle and its BatchNorm in one op (`h` is fc1's conv output)."""
         in_scale, in_shift = batchnorm_scale_shift(self.fc1[2])
         out_scale, out_shift = batchnorm_scale_shift(self.norm)
-        x = tk.ms_ffn_middle_eval(h, in_scale, in_shift, [p.weight for p in self.dwconv.proj],
-                                  [p.bias for p in self.dwconv.proj], out_scale, out_shift)
-        return _conv(self.fc2[0], self.drop(x), *fold_bn_into_conv(self.fc2[0], self.fc2[1]))
+        return tk.ms_ffn_middle_eval(h, in_scale, in_shift, [p.weight for p in self.dwconv.proj],
+                                     [p.bias for p in self.dwconv.proj], out_scale, out_shift)
 
     def fused_middle(self, x):
         """norm(act(dwconv(x) + x)) in one op, with nn.BatchNorm2d's exact semantics."""
@@ -351,6 +370,10 @@ class Block(nn.Module):
 
     def _forward(self, x, relative_pos_enc=None):
         x = x + self.pos_embed(x)
+        if folds_batchnorm(self.mlp):
+            # Accelerated eval: the layer scales fold into each branch's last conv (drop path is off).
+            x = x + self.token_mixer(self.norm1(x), relative_pos_enc, self.layer_scale_1)
+            return x + self.mlp(self.norm2(x), self.layer_scale_2)
         x = x + self.drop_path(self.layer_scale_1(self.token_mixer(self.norm1(x), relative_pos_enc)))
         x = x + self.drop_path(self.layer_scale_2(self.mlp(self.norm2(x))))
         return x
