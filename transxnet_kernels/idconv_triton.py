@@ -69,11 +69,18 @@ _TARGET_PROGRAMS = 1024
 
 
 @triton.jit
-def _softmax_mix(logits_ptrs, bank_ptrs, g_stride, mask, G: tl.constexpr, ACC: tl.constexpr):
-    """Σ_g softmax_g(logits) · bank[g]; logits/bank of group g at ptrs + g·g_stride."""
+def _group_max(logits_ptrs, g_stride, mask, G: tl.constexpr, ACC: tl.constexpr):
+    """max_g logits[g] (the softmax's shift); logits of group g at ptrs + g·g_stride."""
     m = tl.load(logits_ptrs, mask=mask, other=0.0).to(ACC)
     for g in tl.static_range(1, G):
         m = tl.maximum(m, tl.load(logits_ptrs + g * g_stride, mask=mask, other=0.0).to(ACC))
+    return m
+
+
+@triton.jit
+def _softmax_mix(logits_ptrs, bank_ptrs, g_stride, mask, G: tl.constexpr, ACC: tl.constexpr):
+    """Σ_g softmax_g(logits) · bank[g]; logits/bank of group g at ptrs + g·g_stride."""
+    m = _group_max(logits_ptrs, g_stride, mask, G, ACC)
     den = tl.zeros_like(m)
     num = tl.zeros_like(m)
     for g in tl.static_range(G):
@@ -87,9 +94,7 @@ def _softmax_mix(logits_ptrs, bank_ptrs, g_stride, mask, G: tl.constexpr, ACC: t
 def _softmax_backward(d, logits_ptrs, bank_ptrs, glogits_ptrs, gbank_part_ptrs, g_stride, mask,
                       G: tl.constexpr, ACC: tl.constexpr):
     """Given d = grad of Σ_g s_g·bank[g], store grad logits s_g·(d·bank[g] − Σ s·d·bank) and s_g·d."""
-    m = tl.load(logits_ptrs, mask=mask, other=0.0).to(ACC)
-    for g in tl.static_range(1, G):
-        m = tl.maximum(m, tl.load(logits_ptrs + g * g_stride, mask=mask, other=0.0).to(ACC))
+    m = _group_max(logits_ptrs, g_stride, mask, G, ACC)
     den = tl.zeros_like(m)
     weighted_dot = tl.zeros_like(m)
     for g in tl.static_range(G):
