@@ -11,7 +11,11 @@ PARITY_DIR = os.environ.get(
     os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "parity"))
 
 if not os.path.isdir(PARITY_DIR):
-    pytest.exit(f"parity data not found at {PARITY_DIR} (set TRANSXNET_PARITY_DIR)", returncode=3)
+    message = f"parity data not found at {PARITY_DIR} (set TRANSXNET_PARITY_DIR)"
+    if os.environ.get("CI"):
+        raise RuntimeError(message)  # CI always has ../shared: its absence is a failure, not a skip
+    # Elsewhere (e.g. a GPU machine that got only the repository) the modules that need it skip.
+    pytest.skip(message, allow_module_level=True)
 
 
 def _load_weights_module():
