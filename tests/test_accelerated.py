@@ -6,7 +6,7 @@ import torch
 import torch.multiprocessing as mp
 
 import transxnet
-from helpers import assert_rel_close, rel_err, requires_cpp
+from helpers import DEVICE, assert_rel_close, rel_err, requires_cpp, requires_triton
 
 SMALL_ARCH = dict(layers=(1, 1, 2, 1), embed_dims=(16, 32, 48, 64), num_heads=(1, 1, 2, 2), num_groups=(2, 2, 3, 2))
 
@@ -222,3 +222,36 @@ def test_cpu_inference_runs_the_cpp_kernels_in_channels_last():
     with torch.no_grad():
         feats = fast.forward_features(x)
     assert feats.is_contiguous(memory_format=torch.channels_last)
+
+
+@requires_triton
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_accelerated_on_forced_triton_backend_matches_eager(mode):
+    """The whole model on the Triton kernels (the interpreter on CPU), in fp64 so that any
+    difference is a bug, not rounding: the model's real strides (channel slices, transposed
+    q/k/v views) and its BatchNorm bookkeeping."""
+    import transxnet_kernels as tk
+
+    torch.manual_seed(0)
+    arch = dict(SMALL_ARCH, layers=(1, 1, 1, 1))
+    eager = perturbed(transxnet.TransXNet(arch, num_classes=4)).double().train(mode == "train")
+    fast = transxnet.accelerated(copy.deepcopy(eager))
+    x = torch.randn(2, 3, 32, 40, device=DEVICE, dtype=torch.float64)
+    eager.to(DEVICE), fast.to(DEVICE)
+    outs = []
+    with tk.use_backend("reference"):
+        outs.append(eager(x))
+    with tk.use_backend("triton"):
+        outs.append(fast(x))
+    assert_rel_close(outs[1], outs[0], 1e-10, f"{mode} logits")
+    if mode == "train":
+        for out in outs:
+            (out * torch.linspace(-1, 1, out.numel(), device=DEVICE, dtype=out.dtype).view_as(out)).sum().backward()
+        # Biases that feed a training BatchNorm have gradients that vanish analytically (pure
+        # rounding noise on both sides): the floor is relative to the largest gradient.
+        scale = max(p.grad.norm().item() for p in eager.parameters())
+        for (name, p0), p1 in zip(eager.named_parameters(), fast.parameters()):
+            diff = (p1.grad - p0.grad).norm().item()
+            assert diff <= 1e-10 * p0.grad.norm().item() + 1e-13 * scale, f"grad {name}: diff {diff:.3e}"
+        for (name, b0), b1 in zip(eager.named_buffers(), fast.buffers()):
+            assert_rel_close(b1.double(), b0.double(), 1e-12, f"buffer {name}")

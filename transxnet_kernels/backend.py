@@ -97,10 +97,6 @@ def _load_backends() -> None:
                 _LOAD_ERRORS.setdefault(backend, []).append(f"{name} failed to import: {type(exc).__name__}: {exc}")
 
 
-def reference_impl(op: str) -> Callable:
-    return _IMPLS[op]["reference"].fn
-
-
 def triton_interpreter_active() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -147,27 +143,41 @@ def _reason_unavailable(op: str, backend: str, info: CallInfo) -> Optional[str]:
     return impl.supports(info)
 
 
-def select(op: str, x: torch.Tensor, *others: Optional[torch.Tensor], training: bool = False) -> Callable:
-    """The implementation of `op` to run for these tensors (x decides device and dtype)."""
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x,) + others
-    )
-    info = CallInfo(x.device, x.dtype, needs_grad, training)
+def _call_info(x: torch.Tensor, others, training: bool) -> CallInfo:
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x,) + tuple(others))
+    return CallInfo(x.device, x.dtype, needs_grad, training)
+
+
+def _resolve(op: str, info: CallInfo) -> Tuple[Optional[str], Optional[str]]:
+    """(backend that runs the call, None) or (None, why the forced backend cannot)."""
     requested = requested_backend()
     if requested != "auto":
         reason = _reason_unavailable(op, requested, info)
-        if reason is not None:
-            raise BackendUnavailableError(
-                f"backend {requested!r} cannot run {op} on {info.device} {info.dtype}"
-                f"{' with gradients' if needs_grad else ''}{' in training mode' if training else ''}: {reason}"
-            )
-        return _IMPLS[op][requested].fn
+        return (requested, None) if reason is None else (None, reason)
     for backend in BACKENDS:
         if backend == "triton" and info.device.type != "cuda":
             continue  # the interpreter is for tests, never an automatic choice
         if _reason_unavailable(op, backend, info) is None:
-            return _IMPLS[op][backend].fn
+            return backend, None
     raise AssertionError("the reference backend supports every call")  # pragma: no cover
+
+
+def select(op: str, x: torch.Tensor, *others: Optional[torch.Tensor], training: bool = False) -> Callable:
+    """The implementation of `op` to run for these tensors (x decides device and dtype)."""
+    info = _call_info(x, others, training)
+    backend, reason = _resolve(op, info)
+    if backend is None:
+        raise BackendUnavailableError(
+            f"backend {requested_backend()!r} cannot run {op} on {info.device} {info.dtype}"
+            f"{' with gradients' if info.needs_grad else ''}{' in training mode' if training else ''}: {reason}"
+        )
+    return _IMPLS[op][backend].fn
+
+
+def runs_fused(op: str, x: torch.Tensor, *others: Optional[torch.Tensor]) -> bool:
+    """Whether a call of `op` on these tensors would run a non-reference backend (never raises)."""
+    backend, _ = _resolve(op, _call_info(x, others, False))
+    return backend is not None and backend != "reference"
 
 
 def triton_supports(info: CallInfo) -> Optional[str]:

@@ -5,8 +5,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from .backend import reference_impl as _reference_impl
-from .backend import select
+from .backend import runs_fused, select
 
 
 def _check(cond: bool, message: Callable[[], str]) -> None:
@@ -115,8 +114,9 @@ def ms_ffn_middle_eval(
 
 
 def has_fused(op: str, x: torch.Tensor) -> bool:
-    """Whether a call of `op` on tensors like x (no gradients) would run a fused (non-reference) backend."""
-    return select(op, x.detach()) is not _reference_impl(op)
+    """Whether a call of `op` on tensors like x (no gradients) would run a fused (non-reference)
+    backend under the current backend choice; False where a forced backend lacks it."""
+    return runs_fused(op, x.detach())
 
 
 def osra_attention(
