@@ -1,33 +1,163 @@
-"""Public TransXNet ops: argument checks, then the backend `backend.select` picks."""
+"""The TransXNet ops, each defined once: name, signature, argument checks, docstring and reference.
+
+An op is an ``Op`` object made from its definition below (``@define(reference.<op>)``). Calling it checks
+the arguments, asks ``backend.select`` which backend runs the call, and calls that backend's
+implementation with the arguments normalised to a full positional tuple (defaults filled in, sequences as
+lists). Backends attach their implementations with ``@ops.<op>.register("<backend>", supports=...)``;
+``transxnet_kernels/__init__.py`` imports them.
+
+Argument rules shared by every op and backend: all tensors on one device; the feature-map operands share
+one floating dtype (per op below); under ``torch.autocast`` those operands are first cast to the autocast
+dtype, as torch does for convolutions and matmuls. Violations raise ``ValueError`` naming the argument.
+"""
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+import inspect
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .backend import runs_fused, select
+from . import reference
+from .backend import BACKENDS, OPS, CallInfo, Supports, always, call_info, runs_fused, select
 
+Tensor = torch.Tensor
+
+
+@dataclass(frozen=True)
+class _Impl:
+    fn: Callable
+    supports: Supports
+
+
+class Op:
+    """One op: its definition (checks + normalisation), reference, and backend implementations."""
+
+    def __init__(self, definition: Callable[..., Tuple[tuple, CallInfo]], reference_fn: Callable):
+        self.name = definition.__name__
+        self.__doc__ = definition.__doc__
+        self.__signature__ = inspect.signature(definition)
+        self._definition = definition
+        self._impls: Dict[str, _Impl] = {"reference": _Impl(reference_fn, always)}
+        self._load_errors: Dict[str, str] = {}
+        OPS[self.name] = self
+
+    def __repr__(self) -> str:
+        return f"<transxnet op {self.name}>"
+
+    def __call__(self, *args, **kwargs):
+        args, info = self._definition(*args, **kwargs)
+        backend = select(self.name, info.device, info.dtype, info.needs_grad, info.training)
+        return self._impls[backend].fn(*args)
+
+    def register(self, backend: str, supports: Supports = always) -> Callable[[Callable], Callable]:
+        """Decorator: `fn` implements this op on `backend` for the calls `supports` accepts."""
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+
+        def deco(fn: Callable) -> Callable:
+            self._impls[backend] = _Impl(fn, supports)
+            return fn
+
+        return deco
+
+    def record_load_error(self, backend: str, exc: BaseException) -> None:
+        """The module implementing this op on `backend` failed to import: that implementation is off."""
+        self._load_errors[backend] = f"failed to import: {type(exc).__name__}: {exc}"
+
+    def implementation(self, backend: str) -> Callable:
+        """The function `backend` runs for this op (KeyError if it has none)."""
+        return self._impls[backend].fn
+
+    def status(self, backend: str) -> str:
+        if backend in self._impls:
+            return "available"
+        return self._load_errors.get(backend, "not implemented")
+
+    def reason_unsupported(self, backend: str, info: CallInfo) -> Optional[str]:
+        """None when `backend` can run a call described by `info`, else why not."""
+        impl = self._impls.get(backend)
+        if impl is None:
+            return f"backend {backend!r} has no implementation of {self.name} ({self.status(backend)})"
+        return impl.supports(info)
+
+
+def define(reference_fn: Callable) -> Callable[[Callable], Op]:
+    return lambda definition: Op(definition, reference_fn)
+
+
+# ------------------------------------------------------------------------------------------ checks
 
 def _check(cond: bool, message: Callable[[], str]) -> None:
-    # The message is built only on failure: formatting a symbolic size would make
-    # torch.compile specialise it (e.g. a dynamic batch size).
+    # The message is built only on failure: formatting a symbolic size would make torch.compile
+    # specialise it (e.g. a dynamic batch size).
     if not cond:
         raise ValueError(message())
 
 
-def idconv(
-    x: torch.Tensor,
-    kernel_logits: torch.Tensor,
-    weight: torch.Tensor,
-    bias_logits: Optional[torch.Tensor] = None,
-    bias: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
+def _same_device_and_dtype(op: str, named: Sequence[Tuple[str, Optional[Tensor]]], same_dtype: bool = True) -> None:
+    """Every tensor on the first one's device (and, if same_dtype, of its floating dtype)."""
+    first_name, first = named[0]
+    _check(first.is_floating_point(), lambda: f"{op}: {first_name} must be floating point, got {first.dtype}")
+    for name, t in named[1:]:
+        if t is None:
+            continue
+        _check(t.device == first.device,
+               lambda: f"{op}: {name} is on {t.device} but {first_name} is on {first.device}")
+        if same_dtype:
+            _check(t.dtype == first.dtype, lambda: f"{op}: {name} has dtype {t.dtype} but {first_name} has {first.dtype}")
+        else:
+            _check(t.is_floating_point(), lambda: f"{op}: {name} must be floating point, got {t.dtype}")
+
+
+def _autocast(tensors: List[Optional[Tensor]]) -> List[Optional[Tensor]]:
+    """The tensors cast to the autocast dtype when autocast is on for their device, else unchanged."""
+    device_type = tensors[0].device.type
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return [None if t is None else t.to(dtype) for t in tensors]
+
+
+def _check_multiscale(op: str, x: Tensor, weights: List[Tensor], biases: List[Tensor]) -> None:
+    _check(x.dim() == 4, lambda: f"{op}: x must be [B, C, H, W], got shape {tuple(x.shape)}")
+    _check(len(weights) == len(biases) and len(weights) > 0,
+           lambda: f"{op}: need one bias per weight, got {len(weights)} weights and {len(biases)} biases")
+    for i, (w, b) in enumerate(zip(weights, biases)):
+        _check(w.dim() == 4 and w.shape[1] == 1 and w.shape[2] == w.shape[3] and w.shape[2] % 2 == 1,
+               lambda: f"{op}: weights[{i}] must be [c_i, 1, k_i, k_i] with odd k_i, got {tuple(w.shape)}")
+        _check(tuple(b.shape) == (w.shape[0],), lambda: f"{op}: biases[{i}] must be [{w.shape[0]}], got {tuple(b.shape)}")
+    total = sum(w.shape[0] for w in weights)
+    _check(total == x.shape[1], lambda: f"{op}: the groups cover {total} channels but x has {x.shape[1]}")
+    _same_device_and_dtype(op, [("x", x)] + [(f"weights[{i}]", w) for i, w in enumerate(weights)]
+                           + [(f"biases[{i}]", b) for i, b in enumerate(biases)])
+
+
+def _check_per_channel(op: str, x: Tensor, named: Sequence[Tuple[str, Optional[Tensor]]]) -> None:
+    C = x.shape[1]
+    for name, t in named:
+        _check(t is None or tuple(t.shape) == (C,),
+               lambda: f"{op}: {name} must be [{C}], got {None if t is None else tuple(t.shape)}")
+    _same_device_and_dtype(op, [("x", x), *named], same_dtype=False)
+
+
+def _cast_multiscale(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor]):
+    n = len(weights)
+    x, *rest = _autocast([x, *weights, *biases])
+    return x, rest[:n], rest[n:]
+
+
+# --------------------------------------------------------------------------------------------- ops
+
+@define(reference.idconv)
+def idconv(x: Tensor, kernel_logits: Tensor, weight: Tensor, bias_logits: Optional[Tensor] = None,
+           bias: Optional[Tensor] = None) -> Tensor:
     """Input-dependent depthwise conv (IDConv).
 
-    x [B, C, H, W]; kernel_logits [B, G, C, K, K] (pre-softmax over G);
-    weight [G, C, K, K]; bias_logits [B, G, C] and bias [G, C], both or neither.
-    Returns [B, C, H, W]: each sample's channels cross-correlated (padding K//2)
-    with sum_g softmax_g(kernel_logits) * weight[g], plus sum_g softmax_g(bias_logits) * bias[g].
+    x [B, C, H, W]; kernel_logits [B, G, C, K, K] (pre-softmax over G); weight [G, C, K, K];
+    bias_logits [B, G, C] and bias [G, C], both or neither; all of one dtype.
+    Returns [B, C, H, W]: each sample's channels cross-correlated (padding K//2) with
+    sum_g softmax_g(kernel_logits) * weight[g], plus sum_g softmax_g(bias_logits) * bias[g].
     """
     _check(x.dim() == 4, lambda: f"idconv: x must be [B, C, H, W], got shape {tuple(x.shape)}")
     B, C = x.shape[:2]
@@ -42,95 +172,65 @@ def idconv(
         _check(tuple(bias.shape) == (G, C), lambda: f"idconv: bias must be {(G, C)}, got {tuple(bias.shape)}")
         _check(tuple(bias_logits.shape) == (B, G, C),
                lambda: f"idconv: bias_logits must be {(B, G, C)}, got {tuple(bias_logits.shape)}")
-    return select("idconv", x, kernel_logits, weight, bias_logits, bias)(x, kernel_logits, weight, bias_logits, bias)
+    args = _autocast([x, kernel_logits, weight, bias_logits, bias])
+    _same_device_and_dtype("idconv", list(zip(("x", "kernel_logits", "weight", "bias_logits", "bias"), args)))
+    return tuple(args), call_info(args)
 
 
-def _check_multiscale(name: str, x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor]) -> None:
-    _check(x.dim() == 4, lambda: f"{name}: x must be [B, C, H, W], got shape {tuple(x.shape)}")
-    _check(len(weights) == len(biases) and len(weights) > 0,
-           lambda: f"{name}: need one bias per weight, got {len(weights)} weights and {len(biases)} biases")
-    for i, (w, b) in enumerate(zip(weights, biases)):
-        _check(w.dim() == 4 and w.shape[1] == 1 and w.shape[2] == w.shape[3] and w.shape[2] % 2 == 1,
-               lambda: f"{name}: weights[{i}] must be [c_i, 1, k_i, k_i] with odd k_i, got {tuple(w.shape)}")
-        _check(tuple(b.shape) == (w.shape[0],), lambda: f"{name}: biases[{i}] must be [{w.shape[0]}], got {tuple(b.shape)}")
-    total = sum(w.shape[0] for w in weights)
-    _check(total == x.shape[1], lambda: f"{name}: the groups cover {total} channels but x has {x.shape[1]}")
-
-
-def multiscale_dwconv(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor]) -> torch.Tensor:
+@define(reference.multiscale_dwconv)
+def multiscale_dwconv(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor]) -> Tensor:
     """Per-group depthwise convs over consecutive channel groups, concatenated.
 
-    x [B, sum(c_i), H, W]; weights[i] [c_i, 1, k_i, k_i] (odd k_i); biases[i] [c_i].
+    x [B, sum(c_i), H, W]; weights[i] [c_i, 1, k_i, k_i] (odd k_i, padding k_i//2); biases[i] [c_i].
     """
-    weights, biases = list(weights), list(biases)
+    x, weights, biases = _cast_multiscale(x, weights, biases)
     _check_multiscale("multiscale_dwconv", x, weights, biases)
-    return select("multiscale_dwconv", x, *weights, *biases)(x, weights, biases)
+    return (x, weights, biases), call_info([x, *weights, *biases])
 
 
-def ms_ffn_middle(
-    x: torch.Tensor,
-    weights: Sequence[torch.Tensor],
-    biases: Sequence[torch.Tensor],
-    norm_weight: torch.Tensor,
-    norm_bias: torch.Tensor,
-    running_mean: Optional[torch.Tensor],
-    running_var: Optional[torch.Tensor],
-    training: bool,
-    momentum: float = 0.1,
-    eps: float = 1e-5,
-) -> torch.Tensor:
-    """BatchNorm(GELU(multiscale_dwconv(x) + x)) with F.batch_norm semantics."""
-    weights, biases = list(weights), list(biases)
+@define(reference.ms_ffn_middle)
+def ms_ffn_middle(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor], norm_weight: Optional[Tensor],
+                  norm_bias: Optional[Tensor], running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                  training: bool, momentum: float = 0.1, eps: float = 1e-5) -> Tensor:
+    """The MS-FFN middle, BatchNorm(GELU(multiscale_dwconv(x) + x)), with F.batch_norm's semantics:
+    batch statistics and in-place running-statistic updates when `training`, running statistics otherwise.
+
+    The BatchNorm tensors (norm_weight, norm_bias, running_mean, running_var; [C] or None) may have any
+    floating dtype (BatchNorm keeps fp32 parameters under autocast)."""
+    x, weights, biases = _cast_multiscale(x, weights, biases)
     _check_multiscale("ms_ffn_middle", x, weights, biases)
-    C = x.shape[1]
-    for name, t in (("norm_weight", norm_weight), ("norm_bias", norm_bias),
-                    ("running_mean", running_mean), ("running_var", running_var)):
-        _check(t is None or tuple(t.shape) == (C,), lambda: f"ms_ffn_middle: {name} must be [{C}], got {None if t is None else tuple(t.shape)}")
+    _check_per_channel("ms_ffn_middle", x, (("norm_weight", norm_weight), ("norm_bias", norm_bias),
+                                            ("running_mean", running_mean), ("running_var", running_var)))
     _check(training or (running_mean is not None and running_var is not None),
            lambda: "ms_ffn_middle: eval mode needs running_mean and running_var")
-    fn = select("ms_ffn_middle", x, *weights, *biases, norm_weight, norm_bias, training=training)
-    return fn(x, weights, biases, norm_weight, norm_bias, running_mean, running_var, training, momentum, eps)
+    args = (x, weights, biases, norm_weight, norm_bias, running_mean, running_var, bool(training), momentum, eps)
+    return args, call_info([x, *weights, *biases, norm_weight, norm_bias], training=bool(training))
 
 
-def ms_ffn_middle_eval(
-    x: torch.Tensor,
-    input_scale: torch.Tensor,
-    input_shift: torch.Tensor,
-    weights: Sequence[torch.Tensor],
-    biases: Sequence[torch.Tensor],
-    output_scale: torch.Tensor,
-    output_shift: torch.Tensor,
-) -> torch.Tensor:
-    """Inference-only MS-FFN middle with fc1's GELU + BatchNorm folded in front:
-    GELU(msdw(y) + y) * output_scale + output_shift with y = GELU(x) * input_scale + input_shift."""
-    weights, biases = list(weights), list(biases)
+@define(reference.ms_ffn_middle_eval)
+def ms_ffn_middle_eval(x: Tensor, input_scale: Tensor, input_shift: Tensor, weights: Sequence[Tensor],
+                       biases: Sequence[Tensor], output_scale: Tensor, output_shift: Tensor) -> Tensor:
+    """Inference MS-FFN from fc1's conv output to fc2's input, the eval BatchNorms folded:
+    GELU(multiscale_dwconv(y) + y) * output_scale + output_shift with y = GELU(x) * input_scale + input_shift.
+
+    The [C] scales and shifts may have any floating dtype."""
+    x, weights, biases = _cast_multiscale(x, weights, biases)
     _check_multiscale("ms_ffn_middle_eval", x, weights, biases)
-    C = x.shape[1]
-    for name, t in (("input_scale", input_scale), ("input_shift", input_shift),
-                    ("output_scale", output_scale), ("output_shift", output_shift)):
-        _check(tuple(t.shape) == (C,), lambda: f"ms_ffn_middle_eval: {name} must be [{C}], got {tuple(t.shape)}")
-    fn = select("ms_ffn_middle_eval", x, input_scale, input_shift, *weights, *biases, output_scale, output_shift)
-    return fn(x, input_scale, input_shift, weights, biases, output_scale, output_shift)
+    affine = (("input_scale", input_scale), ("input_shift", input_shift),
+              ("output_scale", output_scale), ("output_shift", output_shift))
+    _check(all(t is not None for _, t in affine), lambda: "ms_ffn_middle_eval: scales and shifts are required")
+    _check_per_channel("ms_ffn_middle_eval", x, affine)
+    args = (x, input_scale, input_shift, weights, biases, output_scale, output_shift)
+    return args, call_info([x, input_scale, input_shift, *weights, *biases, output_scale, output_shift])
 
 
-def has_fused(op: str, x: torch.Tensor) -> bool:
-    """Whether a call of `op` on tensors like x (no gradients) would run a fused (non-reference)
-    backend under the current backend choice; False where a forced backend lacks it."""
-    return runs_fused(op, x.detach())
-
-
-def osra_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    bias: Optional[torch.Tensor] = None,
-    scale: Optional[float] = None,
-) -> torch.Tensor:
+@define(reference.osra_attention)
+def osra_attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor] = None,
+                   scale: Optional[float] = None) -> Tensor:
     """softmax(q @ k^T * scale + bias) @ v.
 
-    q [B, h, N, d]; k, v [B, h, M, d]; bias broadcastable to [B, h, N, M] with
-    batch dim 1 or B; scale defaults to d**-0.5. Returns [B, h, N, d].
-    """
+    q [B, h, N, d]; k, v [B, h, M, d] (one dtype); bias [1 or B, 1 or h, N, M] of any floating dtype;
+    scale defaults to d**-0.5. Returns [B, h, N, d]."""
     _check(q.dim() == 4 and k.dim() == 4 and v.dim() == 4, lambda: "osra_attention: q, k, v must be 4-D [B, h, L, d]")
     B, h, N, d = q.shape
     M = k.shape[2]
@@ -141,4 +241,16 @@ def osra_attention(
         _check(bias.dim() == 4 and (bias.shape[0] == 1 or bias.shape[0] == B) and bias.shape[1] in (1, h)
                and tuple(bias.shape[2:]) == (N, M),
                lambda: f"osra_attention: bias must be [1 or {B}, 1 or {h}, {N}, {M}], got {tuple(bias.shape)}")
-    return select("osra_attention", q, k, v, bias)(q, k, v, bias, scale)
+    q, k, v = _autocast([q, k, v])
+    _same_device_and_dtype("osra_attention", (("q", q), ("k", k), ("v", v)))
+    _same_device_and_dtype("osra_attention", (("q", q), ("bias", bias)), same_dtype=False)
+    if scale is None:
+        scale = d ** -0.5
+    return (q, k, v, bias, float(scale)), call_info([q, k, v, bias])
+
+
+def has_fused(op: str, x: Tensor) -> bool:
+    """Whether a call of `op` on tensors like x (no gradients) would run a fused (non-reference) backend
+    under the current backend choice; False where a forced backend lacks it. Never raises."""
+    x = x.detach()
+    return runs_fused(op, CallInfo(x.device, x.dtype, False))

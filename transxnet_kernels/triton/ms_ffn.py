@@ -37,16 +37,12 @@ Passes over the big tensor (one pass = B*C*H*W elements read or written; e = ele
     The eager sequence (split, 4 convs, cat, add, GELU, BN) needs ~12 passes forward and ~20 backward.
     Minimal bytes: forward 2*N*e, forward+backward 5*N*e (x, out, go, dx, and x again for dW
     are unavoidable without keeping a tile of dz on chip across halo'd neighbours), N = B*C*H*W.
-    The stencil taps hit L1/L2 (the neighbour loads of a tile overlap), so each pass is ~1 HBM pass.
-    Roofline, T stage 1 (128x192x56x56, bf16, N*e = 154 MB): forward 2 passes = 92 us at 3.35 TB/s.
-    Instruction side (not yet measured): every tap is one masked L1 load per output element, mean
-    k^2 = (1+9+25+49)/4 = 21 taps, so ~1.6e9 warp-lane loads -> ~0.2 ms at one warp-load per clock
-    per SM: the forward is likely load-issue-bound at ~2x the HBM time. The next step, if the GPU
-    numbers confirm it, is a sliding window along H (load each input row once per column shift and
-    feed every output row of the tile from registers: k loads per input row instead of k^2).
+    Each tap is one masked load per output element from L1/L2, so a pass is bound by load issue rather
+    than DRAM traffic (the static GPU audit, `python -m benchmarks.gpu_audit`, counts it).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
@@ -54,18 +50,32 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from . import backend
+from .. import ops
+from ..layout import channels_last_input
+from .common import (LaunchTarget, accumulation_dtype, device_guard, launch_settings, needs_int64, supports,
+                     tl_accumulation_dtype)
 
-# Launch shape. GPU: tiles of ~_GPU_TILE_ELEMS elements, enough programs to fill the SMs several
-# times over. Triton's interpreter runs program instances one after another, so on CPU few large
-# programs are fastest; the tests shrink these to exercise multi-tile and batch-split paths.
-_GPU_TILE_ELEMS = 1024
-_GPU_PROGRAMS_PER_SM = 8
-_CPU_TILE_ELEMS = 4096
-_CPU_TARGET_PROGRAMS = 1
-_MAX_CHANNEL_BLOCK = 32
-# Images whose element span reaches this get int64 in-image offsets (the tests lower it to run that path).
-_INT32_SPAN = 2**31
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Launch settings (override with common.launch_overrides).
+
+    tile_elements: elements of one program's [channels, positions] tile; target_programs: programs a launch
+    should have before the batch is split across programs; max_channel_block: channels of a channels_last
+    tile. On GPUs: small tiles, enough programs to fill the SMs several times over. Triton's interpreter
+    runs programs one after another, so there few large programs are fastest."""
+
+    tile_elements: int
+    target_programs: int
+    max_channel_block: int = 32
+
+    @classmethod
+    def for_target(cls, target: LaunchTarget) -> "Settings":
+        if target.interpreted:
+            return cls(tile_elements=4096, target_programs=1)
+        return cls(tile_elements=1024, target_programs=8 * target.sm_count)
+
 
 # Forward kernel modes.
 _CONV, _APPLY, _STATS = 0, 1, 2
@@ -85,21 +95,21 @@ def _gelu_grad(z):
 
 
 @triton.jit
-def _dwconv_tile(src, w_ptr, cs, cmask, h, w, pmask, k, s_c, s_h, s_w, H, W,
+def _dwconv_tile(src, weight_ptr, cs, cmask, h, w, pmask, k, stride_c, stride_h, stride_w, H, W,
                  KK_STRIDE: tl.constexpr, TRANSPOSE: tl.constexpr, ACC: tl.constexpr,
                  BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
     """sum_{i,j<k} W[c,i,j] * src[c, h+i-r, w+j-r] (TRANSPOSE: src[c, h-i+r, w-j+r]) over one tile."""
     r = k // 2
     acc = tl.zeros([BLOCK_C, BLOCK_HW], ACC)
-    c_off = cs[:, None] * s_c
-    w_row = w_ptr + cs * KK_STRIDE
+    c_off = cs[:, None] * stride_c
+    w_row = weight_ptr + cs * KK_STRIDE
     for i in range(0, k):
         if TRANSPOSE:
             hh = h + (r - i)
         else:
             hh = h + (i - r)
         h_ok = pmask & (hh >= 0) & (hh < H)
-        row = c_off + (hh * s_h)[None, :]
+        row = c_off + (hh * stride_h)[None, :]
         for j in range(0, k):
             if TRANSPOSE:
                 ww = w + (r - j)
@@ -107,45 +117,52 @@ def _dwconv_tile(src, w_ptr, cs, cmask, h, w, pmask, k, s_c, s_h, s_w, H, W,
                 ww = w + (j - r)
             ok = cmask[:, None] & (h_ok & (ww >= 0) & (ww < W))[None, :]
             tap = tl.load(w_row + (i * k + j), mask=cmask, other=0.0).to(ACC)
-            v = tl.load(src + row + (ww * s_w)[None, :], mask=ok, other=0.0).to(ACC)
+            v = tl.load(src + row + (ww * stride_w)[None, :], mask=ok, other=0.0).to(ACC)
             acc += tap[:, None] * v
     return acc
 
 
 @triton.jit
-def _wgrad_tile(acc_w, g, x_b, cs, cmask, h, w, pmask, k, s_c, s_h, s_w, H, W,
+def _wgrad_tile(acc_w, g, x_b, cs, cmask, h, w, pmask, k, stride_c, stride_h, stride_w, H, W,
                 KK_POW2: tl.constexpr, ACC: tl.constexpr):
     """acc_w[c, i*k+j] += sum_tile g[c, p] * x[c, h+i-r, w+j-r]  (g is zero outside the tile)."""
     r = k // 2
     taps = tl.arange(0, KK_POW2)
-    c_off = cs[:, None] * s_c
+    c_off = cs[:, None] * stride_c
     for i in range(0, k):
         hh = h + (i - r)
         h_ok = pmask & (hh >= 0) & (hh < H)
-        row = c_off + (hh * s_h)[None, :]
+        row = c_off + (hh * stride_h)[None, :]
         for j in range(0, k):
             ww = w + (j - r)
             ok = cmask[:, None] & (h_ok & (ww >= 0) & (ww < W))[None, :]
-            v = tl.load(x_b + row + (ww * s_w)[None, :], mask=ok, other=0.0).to(ACC)
+            v = tl.load(x_b + row + (ww * stride_w)[None, :], mask=ok, other=0.0).to(ACC)
             part = tl.sum(g * v, axis=1)
             acc_w += tl.where(taps[None, :] == i * k + j, part[:, None], 0.0)
     return acc_w
 
 
 @triton.jit
-def _tile_coords(blocks_ptr, H, W, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, WIDE: tl.constexpr):
-    """This program's channel block (channels, mask, kernel size) and spatial tile (h, w, mask)."""
-    blk = tl.program_id(0)
+def _partial_rows(C, cs):
+    """Rows of this program's per-channel partials: one [C] row per (batch split, spatial tile)."""
+    return (tl.program_id(2) * tl.num_programs(0) + tl.program_id(0)) * C + cs
+
+
+@triton.jit
+def _tile_coords(blocks_ptr, H, W, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, INDEX64: tl.constexpr):
+    """This program's spatial tile (grid axis 0, the large one: h, w, mask) and channel block (axis 1:
+    channels, mask, kernel size)."""
+    blk = tl.program_id(1)
     c0 = tl.load(blocks_ptr + 3 * blk)
     c1 = tl.load(blocks_ptr + 3 * blk + 1)
     k = tl.load(blocks_ptr + 3 * blk + 2)
     cs = c0 + tl.arange(0, BLOCK_C)
     cmask = cs < c1
-    p = tl.program_id(1) * BLOCK_HW + tl.arange(0, BLOCK_HW)
+    p = tl.program_id(0) * BLOCK_HW + tl.arange(0, BLOCK_HW)
     pmask = p < H * W
     h = p // W
     w = p % W
-    if WIDE:
+    if INDEX64:
         cs = cs.to(tl.int64)
         h = h.to(tl.int64)
         w = w.to(tl.int64)
@@ -153,23 +170,23 @@ def _tile_coords(blocks_ptr, H, W, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr
 
 
 @triton.jit
-def _forward_kernel(x_ptr, out_ptr, w_ptr, bias_ptr, blocks_ptr, scale_ptr, shift_ptr,
+def _forward_kernel(x_ptr, out_ptr, weight_ptr, bias_ptr, blocks_ptr, scale_ptr, shift_ptr,
                     pcnt_ptr, pmean_ptr, pm2_ptr,
                     B, C, H, W, b_per_prog,
-                    sx_b, sx_c, sx_h, sx_w, so_b, so_c, so_h, so_w,
+                    x_stride_b, x_stride_c, x_stride_h, x_stride_w, out_stride_b, out_stride_c, out_stride_h, out_stride_w,
                     MODE: tl.constexpr, KK_STRIDE: tl.constexpr, BLOCK_C: tl.constexpr,
-                    BLOCK_HW: tl.constexpr, WIDE: tl.constexpr, ACC: tl.constexpr):
+                    BLOCK_HW: tl.constexpr, INDEX64: tl.constexpr, ACC: tl.constexpr):
     """MODE _CONV: out = conv(x).  _APPLY: out = GELU(conv(x) + x) * scale + shift.
     _STATS: per-program (count, mean, M2) of GELU(conv(x) + x), merged with Chan's formula."""
-    cs, cmask, k, h, w, pmask = _tile_coords(blocks_ptr, H, W, BLOCK_C, BLOCK_HW, WIDE)
+    cs, cmask, k, h, w, pmask = _tile_coords(blocks_ptr, H, W, BLOCK_C, BLOCK_HW, INDEX64)
     mask = cmask[:, None] & pmask[None, :]
     bias = tl.load(bias_ptr + cs, mask=cmask, other=0.0).to(ACC)
-    x_tile = cs[:, None] * sx_c + (h * sx_h + w * sx_w)[None, :]
-    o_tile = cs[:, None] * so_c + (h * so_h + w * so_w)[None, :]
+    x_tile = cs[:, None] * x_stride_c + (h * x_stride_h + w * x_stride_w)[None, :]
+    o_tile = cs[:, None] * out_stride_c + (h * out_stride_h + w * out_stride_w)[None, :]
     b_lo = tl.program_id(2) * b_per_prog
     b_hi = tl.minimum(b_lo + b_per_prog, B)
-    x_b = x_ptr + b_lo.to(tl.int64) * sx_b
-    o_b = out_ptr + b_lo.to(tl.int64) * so_b
+    x_b = x_ptr + b_lo.to(tl.int64) * x_stride_b
+    o_b = out_ptr + b_lo.to(tl.int64) * out_stride_b
     if MODE == 1:
         scale = tl.load(scale_ptr + cs, mask=cmask, other=0.0).to(ACC)
         shift = tl.load(shift_ptr + cs, mask=cmask, other=0.0).to(ACC)
@@ -179,7 +196,7 @@ def _forward_kernel(x_ptr, out_ptr, w_ptr, bias_ptr, blocks_ptr, scale_ptr, shif
         m2 = tl.zeros([BLOCK_C], ACC)
         n_tile = tl.sum(pmask.to(ACC), axis=0)
     for _ in range(b_lo, b_hi):
-        z = _dwconv_tile(x_b, w_ptr, cs, cmask, h, w, pmask, k, sx_c, sx_h, sx_w, H, W,
+        z = _dwconv_tile(x_b, weight_ptr, cs, cmask, h, w, pmask, k, x_stride_c, x_stride_h, x_stride_w, H, W,
                          KK_STRIDE, False, ACC, BLOCK_C, BLOCK_HW) + bias[:, None]
         if MODE == 0:
             tl.store(o_b + o_tile, z.to(out_ptr.dtype.element_ty), mask=mask)
@@ -196,10 +213,10 @@ def _forward_kernel(x_ptr, out_ptr, w_ptr, bias_ptr, blocks_ptr, scale_ptr, shif
                 mean += delta * (n_tile / n_new)
                 m2 += m2_tile + delta * delta * (n * n_tile / n_new)
                 n = n_new
-        x_b += sx_b
-        o_b += so_b
+        x_b += x_stride_b
+        o_b += out_stride_b
     if MODE == 2:
-        part = (tl.program_id(2) * tl.num_programs(1) + tl.program_id(1)) * C + cs
+        part = _partial_rows(C, cs)
         tl.store(pcnt_ptr + part, n, mask=cmask)
         tl.store(pmean_ptr + part, mean, mask=cmask)
         tl.store(pm2_ptr + part, m2, mask=cmask)
@@ -208,7 +225,7 @@ def _forward_kernel(x_ptr, out_ptr, w_ptr, bias_ptr, blocks_ptr, scale_ptr, shif
 @triton.jit
 def _store_wgrad_partials(pdw_ptr, pdb_ptr, acc_w, acc_b, cs, cmask, C,
                           KK_STRIDE: tl.constexpr, KK_POW2: tl.constexpr):
-    part = (tl.program_id(2) * tl.num_programs(1) + tl.program_id(1)) * C + cs
+    part = _partial_rows(C, cs)
     taps = tl.arange(0, KK_POW2)
     tl.store(pdw_ptr + part[:, None] * KK_STRIDE + taps[None, :], acc_w,
              mask=cmask[:, None] & (taps[None, :] < KK_STRIDE))
@@ -216,30 +233,30 @@ def _store_wgrad_partials(pdw_ptr, pdb_ptr, acc_w, acc_b, cs, cmask, C,
 
 
 @triton.jit
-def _middle_grad_kernel(x_ptr, go_ptr, dz_ptr, w_ptr, bias_ptr, blocks_ptr, mean_ptr, rstd_ptr,
+def _middle_grad_kernel(x_ptr, grad_out_ptr, dz_ptr, weight_ptr, bias_ptr, blocks_ptr, mean_ptr, rstd_ptr,
                         cgo_ptr, cxhat_ptr, cconst_ptr,
                         psgo_ptr, psgx_ptr, pdw_ptr, pdb_ptr,
                         B, C, H, W, b_per_prog,
-                        sx_b, sx_c, sx_h, sx_w, sg_b, sg_c, sg_h, sg_w, sd_b, sd_c, sd_h, sd_w,
+                        x_stride_b, x_stride_c, x_stride_h, x_stride_w, grad_out_stride_b, grad_out_stride_c, grad_out_stride_h, grad_out_stride_w, dz_stride_b, dz_stride_c, dz_stride_h, dz_stride_w,
                         STATS: tl.constexpr, DZ: tl.constexpr, KK_STRIDE: tl.constexpr,
                         KK_POW2: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
-                        WIDE: tl.constexpr, ACC: tl.constexpr):
+                        INDEX64: tl.constexpr, ACC: tl.constexpr):
     """Recomputes z = conv(x) + x, y = GELU(z), xhat = (y - mean) * rstd on the tile, then
     STATS: partial sums of go and go * xhat;  DZ: dz = (cgo*go + cxhat*xhat + cconst) * GELU'(z),
     stored, with partial dW and dbias."""
-    cs, cmask, k, h, w, pmask = _tile_coords(blocks_ptr, H, W, BLOCK_C, BLOCK_HW, WIDE)
+    cs, cmask, k, h, w, pmask = _tile_coords(blocks_ptr, H, W, BLOCK_C, BLOCK_HW, INDEX64)
     mask = cmask[:, None] & pmask[None, :]
     bias = tl.load(bias_ptr + cs, mask=cmask, other=0.0).to(ACC)
     mean = tl.load(mean_ptr + cs, mask=cmask, other=0.0).to(ACC)
     rstd = tl.load(rstd_ptr + cs, mask=cmask, other=0.0).to(ACC)
-    x_tile = cs[:, None] * sx_c + (h * sx_h + w * sx_w)[None, :]
-    g_tile = cs[:, None] * sg_c + (h * sg_h + w * sg_w)[None, :]
-    d_tile = cs[:, None] * sd_c + (h * sd_h + w * sd_w)[None, :]
+    x_tile = cs[:, None] * x_stride_c + (h * x_stride_h + w * x_stride_w)[None, :]
+    g_tile = cs[:, None] * grad_out_stride_c + (h * grad_out_stride_h + w * grad_out_stride_w)[None, :]
+    d_tile = cs[:, None] * dz_stride_c + (h * dz_stride_h + w * dz_stride_w)[None, :]
     b_lo = tl.program_id(2) * b_per_prog
     b_hi = tl.minimum(b_lo + b_per_prog, B)
-    x_b = x_ptr + b_lo.to(tl.int64) * sx_b
-    g_b = go_ptr + b_lo.to(tl.int64) * sg_b
-    d_b = dz_ptr + b_lo.to(tl.int64) * sd_b
+    x_b = x_ptr + b_lo.to(tl.int64) * x_stride_b
+    g_b = grad_out_ptr + b_lo.to(tl.int64) * grad_out_stride_b
+    d_b = dz_ptr + b_lo.to(tl.int64) * dz_stride_b
     if STATS:
         s_go = tl.zeros([BLOCK_C], ACC)
         s_gx = tl.zeros([BLOCK_C], ACC)
@@ -250,7 +267,7 @@ def _middle_grad_kernel(x_ptr, go_ptr, dz_ptr, w_ptr, bias_ptr, blocks_ptr, mean
         acc_w = tl.zeros([BLOCK_C, KK_POW2], ACC)
         acc_b = tl.zeros([BLOCK_C], ACC)
     for _ in range(b_lo, b_hi):
-        z = _dwconv_tile(x_b, w_ptr, cs, cmask, h, w, pmask, k, sx_c, sx_h, sx_w, H, W,
+        z = _dwconv_tile(x_b, weight_ptr, cs, cmask, h, w, pmask, k, x_stride_c, x_stride_h, x_stride_w, H, W,
                          KK_STRIDE, False, ACC, BLOCK_C, BLOCK_HW)
         z += bias[:, None] + tl.load(x_b + x_tile, mask=mask, other=0.0).to(ACC)
         go = tl.load(g_b + g_tile, mask=mask, other=0.0).to(ACC)
@@ -263,13 +280,13 @@ def _middle_grad_kernel(x_ptr, go_ptr, dz_ptr, w_ptr, bias_ptr, blocks_ptr, mean
             dz = tl.where(mask, dz, 0.0)
             tl.store(d_b + d_tile, dz.to(dz_ptr.dtype.element_ty), mask=mask)
             acc_b += tl.sum(dz, axis=1)
-            acc_w = _wgrad_tile(acc_w, dz, x_b, cs, cmask, h, w, pmask, k, sx_c, sx_h, sx_w, H, W,
+            acc_w = _wgrad_tile(acc_w, dz, x_b, cs, cmask, h, w, pmask, k, x_stride_c, x_stride_h, x_stride_w, H, W,
                                 KK_POW2, ACC)
-        x_b += sx_b
-        g_b += sg_b
-        d_b += sd_b
+        x_b += x_stride_b
+        g_b += grad_out_stride_b
+        d_b += dz_stride_b
     if STATS:
-        part = (tl.program_id(2) * tl.num_programs(1) + tl.program_id(1)) * C + cs
+        part = _partial_rows(C, cs)
         tl.store(psgo_ptr + part, s_go, mask=cmask)
         tl.store(psgx_ptr + part, s_gx, mask=cmask)
     if DZ:
@@ -277,27 +294,27 @@ def _middle_grad_kernel(x_ptr, go_ptr, dz_ptr, w_ptr, bias_ptr, blocks_ptr, mean
 
 
 @triton.jit
-def _dx_kernel(src_ptr, x_ptr, dx_ptr, w_ptr, blocks_ptr, pdw_ptr, pdb_ptr,
+def _dx_kernel(src_ptr, x_ptr, dx_ptr, weight_ptr, blocks_ptr, pdw_ptr, pdb_ptr,
                B, C, H, W, b_per_prog,
-               ss_b, ss_c, ss_h, ss_w, sx_b, sx_c, sx_h, sx_w, sdx_b, sdx_c, sdx_h, sdx_w,
+               src_stride_b, src_stride_c, src_stride_h, src_stride_w, x_stride_b, x_stride_c, x_stride_h, x_stride_w, dx_stride_b, dx_stride_c, dx_stride_h, dx_stride_w,
                RESIDUAL: tl.constexpr, WGRAD: tl.constexpr, KK_STRIDE: tl.constexpr,
                KK_POW2: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
-               WIDE: tl.constexpr, ACC: tl.constexpr):
+               INDEX64: tl.constexpr, ACC: tl.constexpr):
     """dx = conv_transpose(src) (+ src if RESIDUAL); WGRAD: partial dW = sum src * shifted x, dbias."""
-    cs, cmask, k, h, w, pmask = _tile_coords(blocks_ptr, H, W, BLOCK_C, BLOCK_HW, WIDE)
+    cs, cmask, k, h, w, pmask = _tile_coords(blocks_ptr, H, W, BLOCK_C, BLOCK_HW, INDEX64)
     mask = cmask[:, None] & pmask[None, :]
-    s_tile = cs[:, None] * ss_c + (h * ss_h + w * ss_w)[None, :]
-    dx_tile = cs[:, None] * sdx_c + (h * sdx_h + w * sdx_w)[None, :]
+    s_tile = cs[:, None] * src_stride_c + (h * src_stride_h + w * src_stride_w)[None, :]
+    dx_tile = cs[:, None] * dx_stride_c + (h * dx_stride_h + w * dx_stride_w)[None, :]
     b_lo = tl.program_id(2) * b_per_prog
     b_hi = tl.minimum(b_lo + b_per_prog, B)
-    s_b = src_ptr + b_lo.to(tl.int64) * ss_b
-    x_b = x_ptr + b_lo.to(tl.int64) * sx_b
-    dx_b = dx_ptr + b_lo.to(tl.int64) * sdx_b
+    s_b = src_ptr + b_lo.to(tl.int64) * src_stride_b
+    x_b = x_ptr + b_lo.to(tl.int64) * x_stride_b
+    dx_b = dx_ptr + b_lo.to(tl.int64) * dx_stride_b
     if WGRAD:
         acc_w = tl.zeros([BLOCK_C, KK_POW2], ACC)
         acc_b = tl.zeros([BLOCK_C], ACC)
     for _ in range(b_lo, b_hi):
-        dx = _dwconv_tile(s_b, w_ptr, cs, cmask, h, w, pmask, k, ss_c, ss_h, ss_w, H, W,
+        dx = _dwconv_tile(s_b, weight_ptr, cs, cmask, h, w, pmask, k, src_stride_c, src_stride_h, src_stride_w, H, W,
                           KK_STRIDE, True, ACC, BLOCK_C, BLOCK_HW)
         if RESIDUAL or WGRAD:
             g = tl.load(s_b + s_tile, mask=mask, other=0.0).to(ACC)
@@ -306,33 +323,37 @@ def _dx_kernel(src_ptr, x_ptr, dx_ptr, w_ptr, blocks_ptr, pdw_ptr, pdb_ptr,
         tl.store(dx_b + dx_tile, dx.to(dx_ptr.dtype.element_ty), mask=mask)
         if WGRAD:
             acc_b += tl.sum(g, axis=1)
-            acc_w = _wgrad_tile(acc_w, g, x_b, cs, cmask, h, w, pmask, k, sx_c, sx_h, sx_w, H, W,
+            acc_w = _wgrad_tile(acc_w, g, x_b, cs, cmask, h, w, pmask, k, x_stride_c, x_stride_h, x_stride_w, H, W,
                                 KK_POW2, ACC)
-        s_b += ss_b
-        x_b += sx_b
-        dx_b += sdx_b
+        s_b += src_stride_b
+        x_b += x_stride_b
+        dx_b += dx_stride_b
     if WGRAD:
         _store_wgrad_partials(pdw_ptr, pdb_ptr, acc_w, acc_b, cs, cmask, C, KK_STRIDE, KK_POW2)
 
 
-# ----------------------------------------------------------------------------------- launch plans
+# ------------------------------------------------------------------------------------------- launch
 
 class _Plan(NamedTuple):
     block_c: int
     block_hw: int
-    grid: Tuple[int, int, int]  # (channel blocks, spatial tiles, batch splits)
+    grid: Tuple[int, int, int]  # (spatial tiles, channel blocks, batch splits): the large count on axis 0
     b_per_prog: int
     blocks: torch.Tensor  # int32 [n_blocks, 3]: first channel, end channel, kernel size
     kk_stride: int  # row length of the packed weight table: kmax^2
     kk_pow2: int
-    wide: bool
-    acc: tl.dtype
-    acc_torch: torch.dtype
+    index64: bool
+    acc: torch.dtype
     num_warps: int
 
     @property
     def partials(self) -> int:
-        return self.grid[1] * self.grid[2]
+        """Rows of per-channel partials: one per (spatial tile, batch split)."""
+        return self.grid[0] * self.grid[2]
+
+    def constexprs(self) -> dict:
+        return dict(KK_STRIDE=self.kk_stride, BLOCK_C=self.block_c, BLOCK_HW=self.block_hw, INDEX64=self.index64,
+                    ACC=tl_accumulation_dtype(self.acc), num_warps=self.num_warps)
 
 
 _BLOCK_TABLES: Dict[Tuple, torch.Tensor] = {}
@@ -352,40 +373,20 @@ def _block_table(widths: Sequence[int], ksizes: Sequence[int], block_c: int, dev
     return table
 
 
-def _image_span(t: torch.Tensor) -> int:
-    """Largest element offset inside one image of t (dims C, H, W)."""
-    return sum((s - 1) * st for s, st in zip(t.shape[1:], t.stride()[1:]))
-
-
 def _plan(x: torch.Tensor, widths: Sequence[int], ksizes: Sequence[int], *others: torch.Tensor) -> _Plan:
     B, C, H, W = x.shape
     hw = H * W
-    if x.device.type == "cuda":
-        tile = _GPU_TILE_ELEMS
-        target = _GPU_PROGRAMS_PER_SM * torch.cuda.get_device_properties(x.device).multi_processor_count
-    else:
-        tile, target = _CPU_TILE_ELEMS, _CPU_TARGET_PROGRAMS
-    if x.stride(1) == 1 and C > 1:  # channels_last: channels are the contiguous axis
-        block_c = min(_MAX_CHANNEL_BLOCK, triton.next_power_of_2(max(widths)))
-    else:
-        block_c = 1
-    block_hw = max(1, min(triton.next_power_of_2(hw), tile // block_c))
+    settings = launch_settings(Settings, x.device)
+    block_c = min(settings.max_channel_block, triton.next_power_of_2(max(widths))) if channels_last_input(x) else 1
+    block_hw = max(1, min(triton.next_power_of_2(hw), settings.tile_elements // block_c))
     blocks = _block_table(widths, ksizes, block_c, x.device)
     n_hw = triton.cdiv(hw, block_hw)
-    splits = max(1, min(B, triton.cdiv(target, max(1, blocks.shape[0] * n_hw))))
+    splits = max(1, min(B, triton.cdiv(settings.target_programs, max(1, blocks.shape[0] * n_hw))))
     b_per_prog = max(1, triton.cdiv(B, splits))
     kmax = max(ksizes)
-    wide = max(_image_span(t) for t in (x,) + others) >= _INT32_SPAN
-    acc_torch = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return _Plan(block_c, block_hw, (blocks.shape[0], n_hw, triton.cdiv(B, b_per_prog)), b_per_prog, blocks,
-                 kmax * kmax, triton.next_power_of_2(kmax * kmax), wide,
-                 tl.float64 if acc_torch == torch.float64 else tl.float32, acc_torch,
-                 max(1, min(8, block_c * block_hw // 256)))
-
-
-def _consts(plan: _Plan) -> dict:
-    return dict(KK_STRIDE=plan.kk_stride, BLOCK_C=plan.block_c, BLOCK_HW=plan.block_hw, WIDE=plan.wide,
-                ACC=plan.acc, num_warps=plan.num_warps)
+    return _Plan(block_c, block_hw, (n_hw, blocks.shape[0], triton.cdiv(B, b_per_prog)), b_per_prog, blocks,
+                 kmax * kmax, triton.next_power_of_2(kmax * kmax), needs_int64(x, *others),
+                 accumulation_dtype(x.dtype), max(1, min(8, block_c * block_hw // 256)))
 
 
 def _launch_forward(mode: int, x: torch.Tensor, w_table: torch.Tensor, bias: torch.Tensor, plan: _Plan,
@@ -395,11 +396,12 @@ def _launch_forward(mode: int, x: torch.Tensor, w_table: torch.Tensor, bias: tor
     unused = bias  # pointer arguments a mode does not read
     out_t = out if out is not None else x
     pcnt, pmean, pm2 = stats if stats else (unused, unused, unused)
-    _forward_kernel[plan.grid](
-        x, out_t, w_table, bias, plan.blocks,
-        scale if scale is not None else unused, shift if shift is not None else unused,
-        pcnt, pmean, pm2, B, C, H, W, plan.b_per_prog, *x.stride(), *out_t.stride(),
-        MODE=mode, **_consts(plan))
+    with device_guard(x):
+        _forward_kernel[plan.grid](
+            x, out_t, w_table, bias, plan.blocks,
+            scale if scale is not None else unused, shift if shift is not None else unused,
+            pcnt, pmean, pm2, B, C, H, W, plan.b_per_prog, *x.stride(), *out_t.stride(),
+            MODE=mode, **plan.constexprs())
 
 
 def _sum_wgrad_partials(pdw: torch.Tensor, pdb: torch.Tensor, w_table: torch.Tensor, bias: torch.Tensor):
@@ -407,8 +409,8 @@ def _sum_wgrad_partials(pdw: torch.Tensor, pdb: torch.Tensor, w_table: torch.Ten
 
 
 def _wgrad_partials(plan: _Plan, C: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
-    return (torch.empty((plan.partials, C, plan.kk_stride), dtype=plan.acc_torch, device=device),
-            torch.empty((plan.partials, C), dtype=plan.acc_torch, device=device))
+    return (torch.empty((plan.partials, C, plan.kk_stride), dtype=plan.acc, device=device),
+            torch.empty((plan.partials, C), dtype=plan.acc, device=device))
 
 
 def _launch_dx(src: torch.Tensor, x: torch.Tensor, w_table: torch.Tensor, plan: _Plan, residual: bool,
@@ -416,18 +418,29 @@ def _launch_dx(src: torch.Tensor, x: torch.Tensor, w_table: torch.Tensor, plan: 
     B, C, H, W = x.shape
     dx = torch.empty_like(x)
     pdw, pdb = wgrad if wgrad is not None else (w_table, w_table)
-    _dx_kernel[plan.grid](
-        src, x, dx, w_table, plan.blocks, pdw, pdb, B, C, H, W, plan.b_per_prog,
-        *src.stride(), *x.stride(), *dx.stride(),
-        RESIDUAL=residual, WGRAD=wgrad is not None, KK_POW2=plan.kk_pow2, **_consts(plan))
+    with device_guard(x):
+        _dx_kernel[plan.grid](
+            src, x, dx, w_table, plan.blocks, pdw, pdb, B, C, H, W, plan.b_per_prog,
+            *src.stride(), *x.stride(), *dx.stride(),
+            RESIDUAL=residual, WGRAD=wgrad is not None, KK_POW2=plan.kk_pow2, **plan.constexprs())
     return dx
 
 
-# ------------------------------------------------------------------------- multiscale_dwconv op
+def _pack(weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor]):
+    """Differentiable packing of the group weights into one zero-padded [C, kmax^2] table."""
+    ksizes = [int(w.shape[-1]) for w in weights]
+    widths = [int(w.shape[0]) for w in weights]
+    kk = max(ksizes) ** 2
+    w_table = torch.cat([F.pad(w.reshape(c, k * k), (0, kk - k * k)) for w, c, k in zip(weights, widths, ksizes)])
+    return w_table, torch.cat(list(biases)), widths, ksizes
 
-@torch.library.custom_op("transxnet::multiscale_dwconv", mutates_args=())
-def _msdw_op(x: torch.Tensor, w_table: torch.Tensor, bias: torch.Tensor,
-             widths: List[int], ksizes: List[int]) -> torch.Tensor:
+
+# ------------------------------------------------------------------------------ multiscale_dwconv
+
+@torch.library.custom_op("transxnet_triton::multiscale_dwconv", mutates_args=())
+def multiscale_dwconv_packed(x: torch.Tensor, w_table: torch.Tensor, bias: torch.Tensor,
+                             widths: List[int], ksizes: List[int]) -> torch.Tensor:
+    """multiscale_dwconv on the packed weight table (see _pack)."""
     out = torch.empty_like(x)
     if x.numel() > 0:
         plan = _plan(x, widths, ksizes, out)
@@ -435,85 +448,91 @@ def _msdw_op(x: torch.Tensor, w_table: torch.Tensor, bias: torch.Tensor,
     return out
 
 
-@_msdw_op.register_fake
+@multiscale_dwconv_packed.register_fake
 def _(x, w_table, bias, widths, ksizes):
     return torch.empty_like(x)
 
 
-@torch.library.custom_op("transxnet::multiscale_dwconv_backward", mutates_args=())
-def _msdw_backward_op(grad: torch.Tensor, x: torch.Tensor, w_table: torch.Tensor, bias: torch.Tensor,
-                      widths: List[int], ksizes: List[int]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+@torch.library.custom_op("transxnet_triton::multiscale_dwconv_backward", mutates_args=())
+def multiscale_dwconv_backward(grad_out: torch.Tensor, x: torch.Tensor, w_table: torch.Tensor, bias: torch.Tensor,
+                               widths: List[int], ksizes: List[int]
+                               ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dw_table, dbias)."""
     C = x.shape[1]
     if x.numel() == 0:
         return torch.zeros_like(x), torch.zeros_like(w_table), torch.zeros_like(bias)
-    plan = _plan(x, widths, ksizes, grad)
+    plan = _plan(x, widths, ksizes, grad_out)
     pdw, pdb = _wgrad_partials(plan, C, x.device)
-    dx = _launch_dx(grad, x, w_table.contiguous(), plan, residual=False, wgrad=(pdw, pdb))
+    dx = _launch_dx(grad_out, x, w_table.contiguous(), plan, residual=False, wgrad=(pdw, pdb))
     return (dx, *_sum_wgrad_partials(pdw, pdb, w_table, bias))
 
 
-@_msdw_backward_op.register_fake
-def _(grad, x, w_table, bias, widths, ksizes):
+@multiscale_dwconv_backward.register_fake
+def _(grad_out, x, w_table, bias, widths, ksizes):
     return torch.empty_like(x), torch.empty_like(w_table), torch.empty_like(bias)
 
 
-def _msdw_setup_context(ctx, inputs, output):
+def _multiscale_setup_context(ctx, inputs, output):
     x, w_table, bias, widths, ksizes = inputs
     ctx.save_for_backward(x, w_table, bias)
     ctx.widths, ctx.ksizes = widths, ksizes
 
 
-def _msdw_backward(ctx, grad):
+def _multiscale_autograd_rule(ctx, grad_out):
     x, w_table, bias = ctx.saved_tensors
-    dx, dw, db = _msdw_backward_op(grad, x, w_table, bias, ctx.widths, ctx.ksizes)
-    return dx, dw, db, None, None
+    return (*multiscale_dwconv_backward(grad_out, x, w_table, bias, ctx.widths, ctx.ksizes), None, None)
 
 
-_msdw_op.register_autograd(_msdw_backward, setup_context=_msdw_setup_context)
+multiscale_dwconv_packed.register_autograd(_multiscale_autograd_rule, setup_context=_multiscale_setup_context)
 
 
-# ----------------------------------------------------------------------------- ms_ffn_middle op
+@ops.multiscale_dwconv.register("triton", supports=supports)
+def multiscale_dwconv(x: torch.Tensor, weights: List[torch.Tensor], biases: List[torch.Tensor]) -> torch.Tensor:
+    return multiscale_dwconv_packed(x, *_pack(weights, biases))
 
-@torch.library.custom_op("transxnet::ms_ffn_middle", mutates_args=())
-def _middle_op(x: torch.Tensor, w_table: torch.Tensor, bias: torch.Tensor, norm_weight: torch.Tensor,
-               norm_bias: torch.Tensor, running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
-               widths: List[int], ksizes: List[int], training: bool, eps: float
-               ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (out, mean, var): the per-channel statistics BN normalised with (batch mean and biased
+
+# ---------------------------------------------------------------------------------- ms_ffn_middle
+
+@torch.library.custom_op("transxnet_triton::ms_ffn_middle", mutates_args=())
+def ms_ffn_middle_packed(x: torch.Tensor, w_table: torch.Tensor, bias: torch.Tensor, norm_weight: torch.Tensor,
+                         norm_bias: torch.Tensor, running_mean: Optional[torch.Tensor],
+                         running_var: Optional[torch.Tensor], widths: List[int], ksizes: List[int], training: bool,
+                         eps: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out, mean, var): mean and var are the per-channel statistics BN normalised with (batch mean and biased
     batch variance in training, copies of the running statistics in eval), in the accumulation dtype."""
     B, C, H, W = x.shape
     out = torch.empty_like(x)
     plan = _plan(x, widths, ksizes, out)
     w_table, bias = w_table.contiguous(), bias.contiguous()
     if training:
-        stats = tuple(torch.empty((plan.partials, C), dtype=plan.acc_torch, device=x.device) for _ in range(3))
+        stats = tuple(torch.empty((plan.partials, C), dtype=plan.acc, device=x.device) for _ in range(3))
         _launch_forward(_STATS, x, w_table, bias, plan, stats=stats)
         pcnt, pmean, pm2 = stats
         n = pcnt.sum(0)
         mean = (pcnt * pmean).sum(0) / n
         var = (pm2.sum(0) + (pcnt * (pmean - mean) ** 2).sum(0)) / n
     else:
-        mean = running_mean.to(plan.acc_torch, copy=True)
-        var = running_var.to(plan.acc_torch, copy=True)
-    scale = norm_weight.to(plan.acc_torch) * torch.rsqrt(var + eps)
-    shift = norm_bias.to(plan.acc_torch) - mean * scale
+        mean = running_mean.to(plan.acc, copy=True)
+        var = running_var.to(plan.acc, copy=True)
+    scale = norm_weight.to(plan.acc) * torch.rsqrt(var + eps)
+    shift = norm_bias.to(plan.acc) - mean * scale
     if x.numel() > 0:
         _launch_forward(_APPLY, x, w_table, bias, plan, out=out, scale=scale, shift=shift)
     return out, mean, var
 
 
-@_middle_op.register_fake
+@ms_ffn_middle_packed.register_fake
 def _(x, w_table, bias, norm_weight, norm_bias, running_mean, running_var, widths, ksizes, training, eps):
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(x.dtype)
     C = x.shape[1]
     return torch.empty_like(x), x.new_empty((C,), dtype=acc), x.new_empty((C,), dtype=acc)
 
 
-@torch.library.custom_op("transxnet::ms_ffn_middle_backward", mutates_args=())
-def _middle_backward_op(grad: torch.Tensor, x: torch.Tensor, w_table: torch.Tensor, bias: torch.Tensor,
-                        norm_weight: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
-                        widths: List[int], ksizes: List[int], training: bool, eps: float
-                        ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+@torch.library.custom_op("transxnet_triton::ms_ffn_middle_backward", mutates_args=())
+def ms_ffn_middle_backward(grad_out: torch.Tensor, x: torch.Tensor, w_table: torch.Tensor, bias: torch.Tensor,
+                           norm_weight: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, widths: List[int],
+                           ksizes: List[int], training: bool, eps: float
+                           ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dw_table, dbias, dgamma, dbeta)."""
     B, C, H, W = x.shape
     n = B * H * W
@@ -521,18 +540,19 @@ def _middle_backward_op(grad: torch.Tensor, x: torch.Tensor, w_table: torch.Tens
         return (torch.zeros_like(x), torch.zeros_like(w_table), torch.zeros_like(bias),
                 torch.zeros_like(norm_weight), torch.zeros_like(norm_weight))
     dz = torch.empty_like(x)
-    plan = _plan(x, widths, ksizes, grad, dz)
+    plan = _plan(x, widths, ksizes, grad_out, dz)
     w_table, bias = w_table.contiguous(), bias.contiguous()
     rstd = torch.rsqrt(var + eps)
-    cgo = norm_weight.to(plan.acc_torch) * rstd
-    sgo, sgx = (torch.empty((plan.partials, C), dtype=plan.acc_torch, device=x.device) for _ in range(2))
+    cgo = norm_weight.to(plan.acc) * rstd
+    sgo, sgx = (torch.empty((plan.partials, C), dtype=plan.acc, device=x.device) for _ in range(2))
     pdw, pdb = _wgrad_partials(plan, C, x.device)
 
     def launch(stats: bool, dz_pass: bool, cxhat: torch.Tensor, cconst: torch.Tensor) -> None:
-        _middle_grad_kernel[plan.grid](
-            x, grad, dz, w_table, bias, plan.blocks, mean, rstd, cgo, cxhat, cconst, sgo, sgx, pdw, pdb,
-            B, C, H, W, plan.b_per_prog, *x.stride(), *grad.stride(), *dz.stride(),
-            STATS=stats, DZ=dz_pass, KK_POW2=plan.kk_pow2, **_consts(plan))
+        with device_guard(x):
+            _middle_grad_kernel[plan.grid](
+                x, grad_out, dz, w_table, bias, plan.blocks, mean, rstd, cgo, cxhat, cconst, sgo, sgx, pdw, pdb,
+                B, C, H, W, plan.b_per_prog, *x.stride(), *grad_out.stride(), *dz.stride(),
+                STATS=stats, DZ=dz_pass, KK_POW2=plan.kk_pow2, **plan.constexprs())
 
     if training:  # BN's gradient needs the batch sums of go and go*xhat before dz exists: one more pass
         launch(True, False, cgo, cgo)
@@ -547,8 +567,8 @@ def _middle_backward_op(grad: torch.Tensor, x: torch.Tensor, w_table: torch.Tens
     return dx, dw, db, dgamma.to(norm_weight.dtype), dbeta.to(norm_weight.dtype)
 
 
-@_middle_backward_op.register_fake
-def _(grad, x, w_table, bias, norm_weight, mean, var, widths, ksizes, training, eps):
+@ms_ffn_middle_backward.register_fake
+def _(grad_out, x, w_table, bias, norm_weight, mean, var, widths, ksizes, training, eps):
     return (torch.empty_like(x), torch.empty_like(w_table), torch.empty_like(bias),
             torch.empty_like(norm_weight), torch.empty_like(norm_weight))
 
@@ -561,45 +581,18 @@ def _middle_setup_context(ctx, inputs, output):
     ctx.norm_bias_dtype = norm_bias.dtype
 
 
-def _middle_backward(ctx, grad, _grad_mean, _grad_var):
+def _middle_autograd_rule(ctx, grad_out, _grad_mean, _grad_var):
     x, w_table, bias, norm_weight, mean, var = ctx.saved_tensors
-    dx, dw, db, dgamma, dbeta = _middle_backward_op(grad, x, w_table, bias, norm_weight, mean, var, *ctx.args)
+    dx, dw, db, dgamma, dbeta = ms_ffn_middle_backward(grad_out, x, w_table, bias, norm_weight, mean, var, *ctx.args)
     return dx, dw, db, dgamma, dbeta.to(ctx.norm_bias_dtype), None, None, None, None, None, None
 
 
-_middle_op.register_autograd(_middle_backward, setup_context=_middle_setup_context)
+ms_ffn_middle_packed.register_autograd(_middle_autograd_rule, setup_context=_middle_setup_context)
 
 
-# ----------------------------------------------------------------------------- public entries
-
-def _pack(weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor]):
-    """Differentiable packing of the group weights into one zero-padded [C, kmax^2] table."""
-    ksizes = [int(w.shape[-1]) for w in weights]
-    widths = [int(w.shape[0]) for w in weights]
-    kk = max(ksizes) ** 2
-    w_table = torch.cat([F.pad(w.reshape(c, k * k), (0, kk - k * k)) for w, c, k in zip(weights, widths, ksizes)])
-    return w_table, torch.cat(list(biases)), widths, ksizes
-
-
-@backend.register("multiscale_dwconv", "triton", supports=backend.triton_supports)
-def multiscale_dwconv(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor]) -> torch.Tensor:
-    w_table, bias, widths, ksizes = _pack(weights, biases)
-    return _msdw_op(x, w_table, bias, widths, ksizes)
-
-
-@backend.register("ms_ffn_middle", "triton", supports=backend.triton_supports)
-def ms_ffn_middle(
-    x: torch.Tensor,
-    weights: Sequence[torch.Tensor],
-    biases: Sequence[torch.Tensor],
-    norm_weight: Optional[torch.Tensor],
-    norm_bias: Optional[torch.Tensor],
-    running_mean: Optional[torch.Tensor],
-    running_var: Optional[torch.Tensor],
-    training: bool,
-    momentum: float = 0.1,
-    eps: float = 1e-5,
-) -> torch.Tensor:
+@ops.ms_ffn_middle.register("triton", supports=supports)
+def ms_ffn_middle(x, weights, biases, norm_weight, norm_bias, running_mean, running_var, training, momentum, eps):
+    """ms_ffn_middle on the packed kernels; the running statistics are updated here, as F.batch_norm does."""
     B, C, H, W = x.shape
     n = B * H * W
     if training and n <= 1:  # the message F.batch_norm gives
@@ -609,8 +602,8 @@ def ms_ffn_middle(
         norm_weight = torch.ones(C, dtype=w_table.dtype, device=x.device)
     if norm_bias is None:
         norm_bias = torch.zeros(C, dtype=w_table.dtype, device=x.device)
-    out, mean, var = _middle_op(x, w_table, bias, norm_weight, norm_bias, running_mean, running_var,
-                                widths, ksizes, training, float(eps))
+    out, mean, var = ms_ffn_middle_packed(x, w_table, bias, norm_weight, norm_bias, running_mean, running_var,
+                                          widths, ksizes, training, float(eps))
     if training and running_mean is not None:
         with torch.no_grad():
             running_mean.copy_(momentum * mean + (1 - momentum) * running_mean)

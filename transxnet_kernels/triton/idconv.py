@@ -42,30 +42,39 @@ Roofline (N = B·C·H·W elements of e bytes each; the K² logits/weights are ne
     (this backward:   gx pass reads gy, writes gx; dk pass reads gy, x  -> 4·N·e bytes)
     forward+backward  5·N·e bytes minimum (6·N·e as implemented)
 
-The taps of the K×K window are gathered from L1/L2: K² loads per output element (for K = 7 the tap
-axis is padded to 64, 49 lanes live), so each pass is bound by load issue rather than by DRAM. Estimate
-for H100 (one warp-wide load per SM per clock, 132 SMs, ~1.7 GHz) on T stage 1 in fp32
-(N = 9.6 M): 64·N/32 warp loads ≈ 85 µs per pass against 23 µs of DRAM traffic for the forward,
-i.e. roughly 25-30% of copy bandwidth, not yet the 50% target. The next step is a row-rolling variant
-(load each input row once per kw shift, K loads per output, and accumulate the K output rows in
-flight), which needs a GPU to tune its register layout.
+Each pass gathers the K×K taps from L1/L2 with one masked load per tap and output element, so it is bound
+by load issue rather than DRAM traffic (the static GPU audit, `python -m benchmarks.gpu_audit`, counts it).
 """
 from __future__ import annotations
 
-import contextlib
+from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from . import backend
+from .. import ops
+from .common import (device_guard, launch_settings, needs_int64, supports, tl_accumulation_dtype,
+                     LaunchTarget, accumulation_dtype)
+from ..layout import channels_last_input
 
-# Elements of the [channels, taps, positions] register tile of one program, and its warps.
-_TILE_ELEMENTS = 8192
-_NUM_WARPS = 8
-# Enough programs to fill a large GPU several times over before a plane is split into chunks.
-_TARGET_PROGRAMS = 1024
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Launch settings (override with common.launch_overrides).
+
+    tile_elements: elements of one program's [channels, taps, positions] register tile; num_warps: its
+    warps; target_programs: programs a launch should have before a plane is split into position chunks."""
+
+    tile_elements: int = 8192
+    num_warps: int = 8
+    target_programs: int = 1024
+
+    @classmethod
+    def for_target(cls, target: LaunchTarget) -> "Settings":
+        return cls()
 
 
 @triton.jit
@@ -91,7 +100,7 @@ def _softmax_mix(logits_ptrs, bank_ptrs, g_stride, mask, G: tl.constexpr, ACC: t
 
 
 @triton.jit
-def _softmax_backward(d, logits_ptrs, bank_ptrs, glogits_ptrs, gbank_part_ptrs, g_stride, mask,
+def _softmax_backward(d, logits_ptrs, bank_ptrs, grad_logits_ptrs, grad_bank_part_ptrs, g_stride, mask,
                       G: tl.constexpr, ACC: tl.constexpr):
     """Given d = grad of Σ_g s_g·bank[g], store grad logits s_g·(d·bank[g] − Σ s·d·bank) and s_g·d."""
     m = _group_max(logits_ptrs, g_stride, mask, G, ACC)
@@ -105,12 +114,13 @@ def _softmax_backward(d, logits_ptrs, bank_ptrs, glogits_ptrs, gbank_part_ptrs, 
     for g in tl.static_range(G):
         s = tl.exp(tl.load(logits_ptrs + g * g_stride, mask=mask, other=0.0).to(ACC) - m) / den
         dot = d * tl.load(bank_ptrs + g * g_stride, mask=mask, other=0.0).to(ACC)
-        tl.store(glogits_ptrs + g * g_stride, (s * (dot - weighted_dot)).to(glogits_ptrs.dtype.element_ty), mask=mask)
-        tl.store(gbank_part_ptrs + g * g_stride, (s * d).to(gbank_part_ptrs.dtype.element_ty), mask=mask)
+        tl.store(grad_logits_ptrs + g * g_stride, (s * (dot - weighted_dot)).to(grad_logits_ptrs.dtype.element_ty),
+                 mask=mask)
+        tl.store(grad_bank_part_ptrs + g * g_stride, (s * d).to(grad_bank_part_ptrs.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _tap_window(c, c_ok, p, p_end, H, W, s_c, s_h, s_w,
+def _tap_window(c, c_ok, p, p_end, H, W, stride_c, stride_h, stride_w,
                 K: tl.constexpr, KK_PAD: tl.constexpr, FLIP: tl.constexpr, INDEX64: tl.constexpr):
     """Offsets and mask of the [channels, taps, positions] input window of output positions p."""
     t = tl.arange(0, KK_PAD)
@@ -128,28 +138,29 @@ def _tap_window(c, c_ok, p, p_end, H, W, s_c, s_h, s_w,
             & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W))
     c3 = c[:, None, None]
     if INDEX64:
-        offs = c3.to(tl.int64) * s_c + ih.to(tl.int64) * s_h + iw.to(tl.int64) * s_w
+        offs = c3.to(tl.int64) * stride_c + ih.to(tl.int64) * stride_h + iw.to(tl.int64) * stride_w
     else:
-        offs = c3 * s_c + ih * s_h + iw * s_w
+        offs = c3 * stride_c + ih * stride_h + iw * stride_w
     return offs, mask
 
 
 @triton.jit
-def _plane_offsets(c, p, W, s_c, s_h, s_w, INDEX64: tl.constexpr):
+def _plane_offsets(c, p, W, stride_c, stride_h, stride_w, INDEX64: tl.constexpr):
     """Offsets of the [channels, positions] tile at output positions p."""
     h = p // W
     w = p % W
     if INDEX64:
-        return c[:, None].to(tl.int64) * s_c + h[None, :].to(tl.int64) * s_h + w[None, :].to(tl.int64) * s_w
-    return c[:, None] * s_c + h[None, :] * s_h + w[None, :] * s_w
+        return (c[:, None].to(tl.int64) * stride_c + h[None, :].to(tl.int64) * stride_h
+                + w[None, :].to(tl.int64) * stride_w)
+    return c[:, None] * stride_c + h[None, :] * stride_h + w[None, :] * stride_w
 
 
 @triton.jit
 def _dynconv_kernel(
-    src_ptr, dst_ptr, logits_ptr, weight_ptr, blogits_ptr, bias_ptr,
+    src_ptr, dst_ptr, kernel_logits_ptr, weight_ptr, bias_logits_ptr, bias_ptr,
     C, H, W,
-    s_b, s_c, s_h, s_w,
-    d_b, d_c, d_h, d_w,
+    src_stride_b, src_stride_c, src_stride_h, src_stride_w,
+    dst_stride_b, dst_stride_c, dst_stride_h, dst_stride_w,
     n_cblocks, n_chunks, chunk_len,
     G: tl.constexpr, K: tl.constexpr, KK_PAD: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
@@ -166,31 +177,32 @@ def _dynconv_kernel(
     KK: tl.constexpr = K * K
     kmask = c_ok[:, None] & (t < KK)[None, :]
     ct = c[:, None] * KK + t[None, :]
-    kern = _softmax_mix(logits_ptr + b * G * C * KK + ct, weight_ptr + ct, C * KK, kmask, G, ACC)
+    kern = _softmax_mix(kernel_logits_ptr + b * G * C * KK + ct, weight_ptr + ct, C * KK, kmask, G, ACC)
     kern = kern[:, :, None]
     if HAS_BIAS:
-        beta = _softmax_mix(blogits_ptr + b * G * C + c, bias_ptr + c, C, c_ok, G, ACC)
-    src = src_ptr + b * s_b
-    dst = dst_ptr + b * d_b
+        beta = _softmax_mix(bias_logits_ptr + b * G * C + c, bias_ptr + c, C, c_ok, G, ACC)
+    src = src_ptr + b * src_stride_b
+    dst = dst_ptr + b * dst_stride_b
     p_start = chunk * chunk_len
     p_end = tl.minimum(p_start + chunk_len, H * W)
     for p0 in range(p_start, p_end, BLOCK_P):
         p = p0 + tl.arange(0, BLOCK_P)
-        offs, mask = _tap_window(c, c_ok, p, p_end, H, W, s_c, s_h, s_w, K, KK_PAD, FLIP, INDEX64)
+        offs, mask = _tap_window(c, c_ok, p, p_end, H, W, src_stride_c, src_stride_h, src_stride_w,
+                                 K, KK_PAD, FLIP, INDEX64)
         window = tl.load(src + offs, mask=mask, other=0.0).to(ACC)
         out = tl.sum(window * kern, axis=1)
         if HAS_BIAS:
             out += beta[:, None]
-        out_offs = _plane_offsets(c, p, W, d_c, d_h, d_w, INDEX64)
+        out_offs = _plane_offsets(c, p, W, dst_stride_c, dst_stride_h, dst_stride_w, INDEX64)
         tl.store(dst + out_offs, out.to(dst_ptr.dtype.element_ty), mask=c_ok[:, None] & (p < p_end)[None, :])
 
 
 @triton.jit
 def _kernel_grad_partial_kernel(
-    x_ptr, gy_ptr, dk_part_ptr, dbeta_part_ptr,
+    x_ptr, grad_out_ptr, dk_part_ptr, dbeta_part_ptr,
     B, C, H, W,
-    x_b, x_c, x_h, x_w,
-    g_b, g_c, g_h, g_w,
+    x_stride_b, x_stride_c, x_stride_h, x_stride_w,
+    grad_out_stride_b, grad_out_stride_c, grad_out_stride_h, grad_out_stride_w,
     n_cblocks, n_chunks, chunk_len,
     K: tl.constexpr, KK_PAD: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
     ACC: tl.constexpr, INDEX64: tl.constexpr,
@@ -202,8 +214,8 @@ def _kernel_grad_partial_kernel(
     b = (bc // n_cblocks).to(tl.int64)
     c = (bc % n_cblocks) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
-    x = x_ptr + b * x_b
-    gy = gy_ptr + b * g_b
+    x = x_ptr + b * x_stride_b
+    grad_out = grad_out_ptr + b * grad_out_stride_b
     p_start = chunk * chunk_len
     p_end = tl.minimum(p_start + chunk_len, H * W)
     # Elementwise accumulators: the cross-thread reduction over positions happens once, at the end.
@@ -211,9 +223,10 @@ def _kernel_grad_partial_kernel(
     acc_beta = tl.zeros([BLOCK_C, BLOCK_P], ACC)
     for p0 in range(p_start, p_end, BLOCK_P):
         p = p0 + tl.arange(0, BLOCK_P)
-        g_offs = _plane_offsets(c, p, W, g_c, g_h, g_w, INDEX64)
-        grad = tl.load(gy + g_offs, mask=c_ok[:, None] & (p < p_end)[None, :], other=0.0).to(ACC)
-        offs, mask = _tap_window(c, c_ok, p, p_end, H, W, x_c, x_h, x_w, K, KK_PAD, False, INDEX64)
+        g_offs = _plane_offsets(c, p, W, grad_out_stride_c, grad_out_stride_h, grad_out_stride_w, INDEX64)
+        grad = tl.load(grad_out + g_offs, mask=c_ok[:, None] & (p < p_end)[None, :], other=0.0).to(ACC)
+        offs, mask = _tap_window(c, c_ok, p, p_end, H, W, x_stride_c, x_stride_h, x_stride_w,
+                                 K, KK_PAD, False, INDEX64)
         window = tl.load(x + offs, mask=mask, other=0.0).to(ACC)
         acc_k += window * grad[:, None, :]
         acc_beta += grad
@@ -227,8 +240,8 @@ def _kernel_grad_partial_kernel(
 
 @triton.jit
 def _softmax_chain_kernel(
-    dk_part_ptr, dbeta_part_ptr, logits_ptr, weight_ptr, blogits_ptr, bias_ptr,
-    glogits_ptr, gweight_part_ptr, gblogits_ptr, gbias_part_ptr,
+    dk_part_ptr, dbeta_part_ptr, kernel_logits_ptr, weight_ptr, bias_logits_ptr, bias_ptr,
+    grad_kernel_logits_ptr, grad_weight_part_ptr, grad_bias_logits_ptr, grad_bias_part_ptr,
     B, C, n_cblocks, n_chunks,
     G: tl.constexpr, K: tl.constexpr, KK_PAD: tl.constexpr, BLOCK_C: tl.constexpr,
     HAS_BIAS: tl.constexpr, ACC: tl.constexpr,
@@ -249,32 +262,20 @@ def _softmax_chain_kernel(
         dk += tl.load(dk_part_ptr + part * KK + ct, mask=kmask, other=0.0)
         dbeta += tl.load(dbeta_part_ptr + part + c, mask=c_ok, other=0.0)
     k_offs = b * G * C * KK + ct
-    _softmax_backward(dk, logits_ptr + k_offs, weight_ptr + ct, glogits_ptr + k_offs,
-                      gweight_part_ptr + k_offs, C * KK, kmask, G, ACC)
+    _softmax_backward(dk, kernel_logits_ptr + k_offs, weight_ptr + ct, grad_kernel_logits_ptr + k_offs,
+                      grad_weight_part_ptr + k_offs, C * KK, kmask, G, ACC)
     if HAS_BIAS:
         b_offs = b * G * C + c
-        _softmax_backward(dbeta, blogits_ptr + b_offs, bias_ptr + c, gblogits_ptr + b_offs,
-                          gbias_part_ptr + b_offs, C, c_ok, G, ACC)
+        _softmax_backward(dbeta, bias_logits_ptr + b_offs, bias_ptr + c, grad_bias_logits_ptr + b_offs,
+                          grad_bias_part_ptr + b_offs, C, c_ok, G, ACC)
 
 
-def _acc_dtype(x: torch.Tensor):
-    return tl.float64 if x.dtype == torch.float64 else tl.float32
+# ------------------------------------------------------------------------------------------- launch
 
-
-def _device_guard(x: torch.Tensor):
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
-
-
-def _needs_int64(t: torch.Tensor) -> bool:
-    """Whether offsets within one sample of t can reach 2^31."""
-    span = sum((n - 1) * abs(s) for n, s in zip(t.shape[1:], t.stride()[1:]))
-    return span >= 2**31 - 1
-
-
-def _tiling(C: int, HW: int, K: int, channels_fastest: bool) -> Tuple[int, int, int]:
-    """(KK_PAD, BLOCK_C, BLOCK_P) for a [channels, taps, positions] tile of _TILE_ELEMENTS."""
+def _tiling(C: int, HW: int, K: int, channels_fastest: bool, settings: Settings) -> Tuple[int, int, int]:
+    """(KK_PAD, BLOCK_C, BLOCK_P) for a [channels, taps, positions] tile of settings.tile_elements."""
     kk_pad = triton.next_power_of_2(K * K)
-    plane = max(1, _TILE_ELEMENTS // kk_pad)
+    plane = max(1, settings.tile_elements // kk_pad)
     c_pow2 = triton.next_power_of_2(C)
     if channels_fastest:  # channels_last: consecutive channels are adjacent in memory
         block_c = min(c_pow2, 32, plane)
@@ -285,54 +286,67 @@ def _tiling(C: int, HW: int, K: int, channels_fastest: bool) -> Tuple[int, int, 
     return kk_pad, block_c, block_p
 
 
-def _chunks(B: int, n_cblocks: int, HW: int, block_p: int) -> Tuple[int, int]:
+def _chunks(B: int, n_cblocks: int, HW: int, block_p: int, settings: Settings) -> Tuple[int, int]:
     """(number of position chunks per plane, positions per chunk, a multiple of block_p)."""
     n_tiles = triton.cdiv(HW, block_p)
-    n_chunks = min(n_tiles, max(1, triton.cdiv(_TARGET_PROGRAMS, B * n_cblocks)))
+    n_chunks = min(n_tiles, max(1, triton.cdiv(settings.target_programs, B * n_cblocks)))
     tiles_per_chunk = triton.cdiv(n_tiles, n_chunks)
     return triton.cdiv(n_tiles, tiles_per_chunk), tiles_per_chunk * block_p
 
 
-def _dynconv(src: torch.Tensor, dst: torch.Tensor, kernel_logits: torch.Tensor, weight: torch.Tensor,
-             bias_logits: Optional[torch.Tensor], bias: Optional[torch.Tensor], flip: bool) -> None:
+class _Plan:
+    """Tiling and chunking of one plane-shaped pass over x's layout."""
+
+    def __init__(self, x: torch.Tensor, K: int):
+        B, C, H, W = x.shape
+        self.settings = launch_settings(Settings, x.device)
+        self.kk_pad, self.block_c, self.block_p = _tiling(C, H * W, K, channels_last_input(x), self.settings)
+        self.n_cblocks = triton.cdiv(C, self.block_c)
+        self.n_chunks, self.chunk_len = _chunks(B, self.n_cblocks, H * W, self.block_p, self.settings)
+        self.grid = (B * self.n_cblocks * self.n_chunks,)
+
+
+def _launch_dynconv(src: torch.Tensor, dst: torch.Tensor, kernel_logits: torch.Tensor, weight: torch.Tensor,
+                    bias_logits: Optional[torch.Tensor], bias: Optional[torch.Tensor], flip: bool) -> None:
     B, C, H, W = src.shape
     G, K = weight.shape[0], weight.shape[-1]
-    kk_pad, block_c, block_p = _tiling(C, H * W, K, src.stride(1) == 1 and C > 1)
-    n_cblocks = triton.cdiv(C, block_c)
-    n_chunks, chunk_len = _chunks(B, n_cblocks, H * W, block_p)
+    plan = _Plan(src, K)
     has_bias = bias is not None
-    with _device_guard(src):
-        _dynconv_kernel[(B * n_cblocks * n_chunks,)](
+    with device_guard(src):
+        _dynconv_kernel[plan.grid](
             src, dst, kernel_logits, weight,
             bias_logits if has_bias else weight, bias if has_bias else weight,
             C, H, W, *src.stride(), *dst.stride(),
-            n_cblocks, n_chunks, chunk_len,
-            G=G, K=K, KK_PAD=kk_pad, BLOCK_C=block_c, BLOCK_P=block_p,
-            FLIP=flip, HAS_BIAS=has_bias, ACC=_acc_dtype(src),
-            INDEX64=_needs_int64(src) or _needs_int64(dst), num_warps=_NUM_WARPS,
+            plan.n_cblocks, plan.n_chunks, plan.chunk_len,
+            G=G, K=K, KK_PAD=plan.kk_pad, BLOCK_C=plan.block_c, BLOCK_P=plan.block_p,
+            FLIP=flip, HAS_BIAS=has_bias, ACC=tl_accumulation_dtype(src.dtype),
+            INDEX64=needs_int64(src, dst), num_warps=plan.settings.num_warps,
         )
 
 
-@torch.library.custom_op("transxnet::idconv", mutates_args=())
-def idconv_op(x: torch.Tensor, kernel_logits: torch.Tensor, weight: torch.Tensor,
-              bias_logits: Optional[torch.Tensor], bias: Optional[torch.Tensor]) -> torch.Tensor:
+# ------------------------------------------------------------------------------- torch.library ops
+
+@ops.idconv.register("triton", supports=supports)
+@torch.library.custom_op("transxnet_triton::idconv", mutates_args=())
+def idconv(x: torch.Tensor, kernel_logits: torch.Tensor, weight: torch.Tensor,
+           bias_logits: Optional[torch.Tensor], bias: Optional[torch.Tensor]) -> torch.Tensor:
     out = torch.empty_like(x)
     if out.numel() == 0:
         return out
     kernel_logits, weight = kernel_logits.contiguous(), weight.contiguous()
     if bias is not None:
         bias_logits, bias = bias_logits.contiguous(), bias.contiguous()
-    _dynconv(x, out, kernel_logits, weight, bias_logits, bias, flip=False)
+    _launch_dynconv(x, out, kernel_logits, weight, bias_logits, bias, flip=False)
     return out
 
 
-@idconv_op.register_fake
+@idconv.register_fake
 def _(x, kernel_logits, weight, bias_logits, bias):
     return torch.empty_like(x)
 
 
-@torch.library.custom_op("transxnet::idconv_backward", mutates_args=())
-def idconv_backward_op(
+@torch.library.custom_op("transxnet_triton::idconv_backward", mutates_args=())
+def idconv_backward(
     grad_out: torch.Tensor, x: torch.Tensor, kernel_logits: torch.Tensor, weight: torch.Tensor,
     bias_logits: Optional[torch.Tensor], bias: Optional[torch.Tensor],
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -340,48 +354,46 @@ def idconv_backward_op(
     B, C, H, W = x.shape
     G, K = weight.shape[0], weight.shape[-1]
     has_bias = bias is not None
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(x.dtype)
     grad_x = torch.empty_like(x)
-    grad_logits = torch.empty(kernel_logits.shape, dtype=kernel_logits.dtype, device=x.device)
+    grad_kernel_logits = torch.empty(kernel_logits.shape, dtype=kernel_logits.dtype, device=x.device)
     grad_weight_part = torch.empty((B, G, C, K, K), dtype=acc, device=x.device)
-    grad_blogits = torch.empty((B, G, C) if has_bias else (0,), dtype=bias_logits.dtype if has_bias else x.dtype,
-                               device=x.device)
+    grad_bias_logits = torch.empty((B, G, C) if has_bias else (0,), dtype=bias_logits.dtype if has_bias else x.dtype,
+                                   device=x.device)
     grad_bias_part = torch.empty((B, G, C), dtype=acc, device=x.device)
     if x.numel() == 0:
-        grad_logits.zero_()
-        grad_blogits.zero_()
+        grad_kernel_logits.zero_()
+        grad_bias_logits.zero_()
         grad_weight = torch.zeros_like(weight)
         grad_bias = torch.zeros_like(bias) if has_bias else torch.empty((0,), dtype=x.dtype, device=x.device)
-        return grad_x, grad_logits, grad_weight, grad_blogits, grad_bias
+        return grad_x, grad_kernel_logits, grad_weight, grad_bias_logits, grad_bias
     kernel_logits, weight = kernel_logits.contiguous(), weight.contiguous()
     if has_bias:
         bias_logits, bias = bias_logits.contiguous(), bias.contiguous()
 
-    _dynconv(grad_out, grad_x, kernel_logits, weight, None, None, flip=True)
+    _launch_dynconv(grad_out, grad_x, kernel_logits, weight, None, None, flip=True)
 
-    kk_pad, block_c, block_p = _tiling(C, H * W, K, x.stride(1) == 1 and C > 1)
-    n_cblocks = triton.cdiv(C, block_c)
-    n_chunks, chunk_len = _chunks(B, n_cblocks, H * W, block_p)
-    dk_part = torch.empty((n_chunks, B, C, K * K), dtype=acc, device=x.device)
-    dbeta_part = torch.empty((n_chunks, B, C), dtype=acc, device=x.device)
-    with _device_guard(x):
-        _kernel_grad_partial_kernel[(B * n_cblocks * n_chunks,)](
+    plan = _Plan(x, K)
+    dk_part = torch.empty((plan.n_chunks, B, C, K * K), dtype=acc, device=x.device)
+    dbeta_part = torch.empty((plan.n_chunks, B, C), dtype=acc, device=x.device)
+    with device_guard(x):
+        _kernel_grad_partial_kernel[plan.grid](
             x, grad_out, dk_part, dbeta_part,
             B, C, H, W, *x.stride(), *grad_out.stride(),
-            n_cblocks, n_chunks, chunk_len,
-            K=K, KK_PAD=kk_pad, BLOCK_C=block_c, BLOCK_P=block_p, ACC=_acc_dtype(x),
-            INDEX64=_needs_int64(x) or _needs_int64(grad_out), num_warps=_NUM_WARPS,
+            plan.n_cblocks, plan.n_chunks, plan.chunk_len,
+            K=K, KK_PAD=plan.kk_pad, BLOCK_C=plan.block_c, BLOCK_P=plan.block_p,
+            ACC=tl_accumulation_dtype(x.dtype), INDEX64=needs_int64(x, grad_out), num_warps=plan.settings.num_warps,
         )
-        chain_block_c = min(triton.next_power_of_2(C), max(1, 2048 // kk_pad))
+        chain_block_c = min(triton.next_power_of_2(C), max(1, 2048 // plan.kk_pad))
         chain_cblocks = triton.cdiv(C, chain_block_c)
         _softmax_chain_kernel[(B * chain_cblocks,)](
             dk_part, dbeta_part, kernel_logits, weight,
             bias_logits if has_bias else weight, bias if has_bias else weight,
-            grad_logits, grad_weight_part,
-            grad_blogits if has_bias else grad_logits, grad_bias_part,
-            B, C, chain_cblocks, n_chunks,
-            G=G, K=K, KK_PAD=kk_pad, BLOCK_C=chain_block_c, HAS_BIAS=has_bias, ACC=_acc_dtype(x),
-            num_warps=4,
+            grad_kernel_logits, grad_weight_part,
+            grad_bias_logits if has_bias else grad_kernel_logits, grad_bias_part,
+            B, C, chain_cblocks, plan.n_chunks,
+            G=G, K=K, KK_PAD=plan.kk_pad, BLOCK_C=chain_block_c, HAS_BIAS=has_bias,
+            ACC=tl_accumulation_dtype(x.dtype), num_warps=4,
         )
     # Per-sample terms summed over the batch by torch's (deterministic) reduction.
     grad_weight = grad_weight_part.sum(0).to(weight.dtype)
@@ -389,10 +401,10 @@ def idconv_backward_op(
         grad_bias = grad_bias_part.sum(0).to(bias.dtype)
     else:
         grad_bias = torch.empty((0,), dtype=x.dtype, device=x.device)
-    return grad_x, grad_logits, grad_weight, grad_blogits, grad_bias
+    return grad_x, grad_kernel_logits, grad_weight, grad_bias_logits, grad_bias
 
 
-@idconv_backward_op.register_fake
+@idconv_backward.register_fake
 def _(grad_out, x, kernel_logits, weight, bias_logits, bias):
     has_bias = bias is not None
     return (
@@ -414,28 +426,13 @@ def _setup_context(ctx, inputs, output):
         ctx.save_for_backward(x, kernel_logits, weight)
 
 
-def _backward(ctx, grad_out):
+def _autograd_rule(ctx, grad_out):
     if ctx.has_bias:
         x, kernel_logits, weight, bias_logits, bias = ctx.saved_tensors
     else:
         (x, kernel_logits, weight), bias_logits, bias = ctx.saved_tensors, None, None
-    grad_x, grad_logits, grad_weight, grad_blogits, grad_bias = idconv_backward_op(
-        grad_out, x, kernel_logits, weight, bias_logits, bias)
-    if not ctx.has_bias:
-        grad_blogits = grad_bias = None
-    return grad_x, grad_logits, grad_weight, grad_blogits, grad_bias
+    grads = idconv_backward(grad_out, x, kernel_logits, weight, bias_logits, bias)
+    return grads if ctx.has_bias else (*grads[:3], None, None)
 
 
-idconv_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-@backend.register("idconv", "triton", supports=backend.triton_supports)
-def idconv(
-    x: torch.Tensor,
-    kernel_logits: torch.Tensor,
-    weight: torch.Tensor,
-    bias_logits: Optional[torch.Tensor] = None,
-    bias: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    """IDConv through the fused Triton kernels (see the module docstring)."""
-    return idconv_op(x, kernel_logits, weight, bias_logits, bias)
+idconv.register_autograd(_autograd_rule, setup_context=_setup_context)

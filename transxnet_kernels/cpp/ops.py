@@ -1,7 +1,7 @@
-"""The ``cpp`` backend: C++ CPU kernels from ``csrc/`` (extension ``transxnet_kernels._C``).
+"""The ``cpp`` backend: C++ CPU kernels from ``csrc/`` (extension ``transxnet_kernels._C``; this is its Python side).
 
 Forward only (inference), fp32 and fp64, CPU tensors. Each op is a
-``torch.library`` custom op ``transxnet::<op>_cpp`` with a fake impl, so
+``torch.library`` custom op ``transxnet_cpp::<op>`` with a fake impl, so
 ``torch.compile(fullgraph=True)`` traces it as one opaque node. Calls that need
 gradients are declined by ``cpp_supports`` (``auto`` then runs the reference,
 whose autograd is exact), and the custom ops register no autograd formula, so a
@@ -14,7 +14,7 @@ Layouts: the depthwise ops run natively on inputs whose channels are
 unit-stride (channels_last, or a channel slice of a channels_last tensor such as
 the model's ``x.chunk(2, dim=1)[0]``, read with its pixel stride, no copy) and
 then return a channels_last tensor; other inputs run the NCHW kernels (after
-``.contiguous()``) and return a contiguous tensor (``_channels_last_input`` is
+``.contiguous()``) and return a contiguous tensor (``layout.channels_last_input`` is
 the rule, shared with the C++ side and the fake impls). NHWC kernels: input rows
 are staged into a ring of zero-bordered row buffers (for ms_ffn_middle_eval the
 staging computes y = GELU(x) * s + t, once per element), the weights tap-major
@@ -43,16 +43,18 @@ so the model's ``out.transpose(-1, -2).reshape(B, C, H, W)`` is a view.
 from __future__ import annotations
 
 import importlib.util
-from typing import List, Optional, Sequence
+from typing import List, Optional
 
 import torch
 
-from . import backend
+from .. import ops
+from ..backend import CallInfo
+from ..layout import empty_like_layout
 
 if importlib.util.find_spec("transxnet_kernels._C") is None:  # no compiler, failed build, TRANSXNET_NO_CPP=1
     raise ImportError("the C++ extension transxnet_kernels._C is not built; build it with "
                       "`python setup.py build_ext --inplace` or reinstall with a C++ compiler")
-from . import _C  # noqa: E402  (an ImportError here, e.g. an ABI mismatch, says why)
+from .. import _C  # noqa: E402  (an ImportError here, e.g. an ABI mismatch, says why)
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
 
@@ -67,7 +69,8 @@ def set_kernel_isa(name: str) -> str:
     return _C.set_kernel_isa(name)
 
 
-def cpp_supports(info: backend.CallInfo) -> Optional[str]:
+def supports(info: CallInfo) -> Optional[str]:
+    """The cpp backend's predicate: None when the kernels can run the call, else why not."""
     if info.device.type != "cpu":
         return f"the cpp kernels run on CPU tensors, got device {info.device}"
     if info.dtype not in SUPPORTED_DTYPES:
@@ -77,109 +80,76 @@ def cpp_supports(info: backend.CallInfo) -> Optional[str]:
     return None
 
 
-def _channels_last_input(x: torch.Tensor) -> bool:
-    # The layout rule of csrc/ops.cpp (channels_last_input): unit-stride channels
-    # (channels_last, or a channel slice of a channels_last tensor) run the NHWC
-    # kernels with no layout copy.
-    return x.shape[1] > 1 and x.stride(1) == 1
+def supports_eval_batchnorm(info: CallInfo) -> Optional[str]:
+    if info.training:
+        # Batch statistics need a reduction over the whole batch before the epilogue.
+        return "the cpp kernel fuses eval-mode BatchNorm only (training uses batch statistics)"
+    return supports(info)
 
 
-def _empty_conv_output(x: torch.Tensor) -> torch.Tensor:
-    # The conv ops return channels_last for an NHWC input, contiguous otherwise.
-    memory_format = torch.channels_last if _channels_last_input(x) else torch.contiguous_format
-    return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=memory_format)
-
-
-@torch.library.custom_op("transxnet::idconv_cpp", mutates_args=())
-def idconv_cpp(x: torch.Tensor, kernel_logits: torch.Tensor, weight: torch.Tensor,
-               bias_logits: Optional[torch.Tensor], bias: Optional[torch.Tensor]) -> torch.Tensor:
+@ops.idconv.register("cpp", supports=supports)
+@torch.library.custom_op("transxnet_cpp::idconv", mutates_args=())
+def idconv(x: torch.Tensor, kernel_logits: torch.Tensor, weight: torch.Tensor,
+           bias_logits: Optional[torch.Tensor], bias: Optional[torch.Tensor]) -> torch.Tensor:
     return _C.idconv_forward(x, kernel_logits, weight, bias_logits, bias)
 
 
-@idconv_cpp.register_fake
+@idconv.register_fake
 def _(x, kernel_logits, weight, bias_logits, bias):
-    return _empty_conv_output(x)
+    return empty_like_layout(x)
 
 
-@torch.library.custom_op("transxnet::multiscale_dwconv_cpp", mutates_args=())
-def multiscale_dwconv_cpp(x: torch.Tensor, weights: List[torch.Tensor], biases: List[torch.Tensor]) -> torch.Tensor:
+@ops.multiscale_dwconv.register("cpp", supports=supports)
+@torch.library.custom_op("transxnet_cpp::multiscale_dwconv", mutates_args=())
+def multiscale_dwconv(x: torch.Tensor, weights: List[torch.Tensor], biases: List[torch.Tensor]) -> torch.Tensor:
     return _C.multiscale_dwconv_forward(x, weights, biases)
 
 
-@multiscale_dwconv_cpp.register_fake
+@multiscale_dwconv.register_fake
 def _(x, weights, biases):
-    return _empty_conv_output(x)
+    return empty_like_layout(x)
 
 
-@torch.library.custom_op("transxnet::ms_ffn_middle_cpp", mutates_args=())
-def ms_ffn_middle_cpp(x: torch.Tensor, weights: List[torch.Tensor], biases: List[torch.Tensor],
-                      norm_weight: Optional[torch.Tensor], norm_bias: Optional[torch.Tensor],
-                      running_mean: torch.Tensor, running_var: torch.Tensor, eps: float) -> torch.Tensor:
+@torch.library.custom_op("transxnet_cpp::ms_ffn_middle", mutates_args=())
+def ms_ffn_middle_inference(x: torch.Tensor, weights: List[torch.Tensor], biases: List[torch.Tensor],
+                            norm_weight: Optional[torch.Tensor], norm_bias: Optional[torch.Tensor],
+                            running_mean: torch.Tensor, running_var: torch.Tensor, eps: float) -> torch.Tensor:
+    """ms_ffn_middle with eval-mode BatchNorm (the only mode this backend runs)."""
     return _C.ms_ffn_middle_forward(x, weights, biases, norm_weight, norm_bias, running_mean, running_var, eps)
 
 
-@ms_ffn_middle_cpp.register_fake
+@ms_ffn_middle_inference.register_fake
 def _(x, weights, biases, norm_weight, norm_bias, running_mean, running_var, eps):
-    return _empty_conv_output(x)
+    return empty_like_layout(x)
 
 
-@torch.library.custom_op("transxnet::ms_ffn_middle_eval_cpp", mutates_args=())
-def ms_ffn_middle_eval_cpp(x: torch.Tensor, input_scale: torch.Tensor, input_shift: torch.Tensor,
-                           weights: List[torch.Tensor], biases: List[torch.Tensor], output_scale: torch.Tensor,
-                           output_shift: torch.Tensor) -> torch.Tensor:
+@ops.ms_ffn_middle.register("cpp", supports=supports_eval_batchnorm)
+def ms_ffn_middle(x, weights, biases, norm_weight, norm_bias, running_mean, running_var, training, momentum, eps):
+    return ms_ffn_middle_inference(x, weights, biases, norm_weight, norm_bias, running_mean, running_var, float(eps))
+
+
+@ops.ms_ffn_middle_eval.register("cpp", supports=supports)
+@torch.library.custom_op("transxnet_cpp::ms_ffn_middle_eval", mutates_args=())
+def ms_ffn_middle_eval(x: torch.Tensor, input_scale: torch.Tensor, input_shift: torch.Tensor,
+                       weights: List[torch.Tensor], biases: List[torch.Tensor], output_scale: torch.Tensor,
+                       output_shift: torch.Tensor) -> torch.Tensor:
     return _C.ms_ffn_middle_eval_forward(x, input_scale, input_shift, weights, biases, output_scale, output_shift)
 
 
-@ms_ffn_middle_eval_cpp.register_fake
+@ms_ffn_middle_eval.register_fake
 def _(x, input_scale, input_shift, weights, biases, output_scale, output_shift):
-    return _empty_conv_output(x)
+    return empty_like_layout(x)
 
 
-@torch.library.custom_op("transxnet::osra_attention_cpp", mutates_args=())
-def osra_attention_cpp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor],
-                       scale: float) -> torch.Tensor:
+@ops.osra_attention.register("cpp", supports=supports)
+@torch.library.custom_op("transxnet_cpp::osra_attention", mutates_args=())
+def osra_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor],
+                   scale: float) -> torch.Tensor:
     return _C.osra_attention_forward(q, k, v, bias, scale)
 
 
-@osra_attention_cpp.register_fake
+@osra_attention.register_fake
 def _(q, k, v, bias, scale):
     # q's dimension order, dense (empty_like, as the kernel allocates it): for the model's
     # transposed channels_last q, its transpose + reshape back to [B, C, H, W] is a view.
     return torch.empty_like(q)
-
-
-@backend.register("idconv", "cpp", supports=cpp_supports)
-def idconv(x, kernel_logits, weight, bias_logits=None, bias=None):
-    return idconv_cpp(x, kernel_logits, weight, bias_logits, bias)
-
-
-@backend.register("multiscale_dwconv", "cpp", supports=cpp_supports)
-def multiscale_dwconv(x, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor]):
-    return multiscale_dwconv_cpp(x, list(weights), list(biases))
-
-
-def ms_ffn_middle_supports(info: backend.CallInfo) -> Optional[str]:
-    if info.training:
-        # Batch statistics need a reduction over the whole batch before the epilogue.
-        return "the cpp kernel fuses eval-mode BatchNorm only (training uses batch statistics)"
-    return cpp_supports(info)
-
-
-@backend.register("ms_ffn_middle", "cpp", supports=ms_ffn_middle_supports)
-def ms_ffn_middle(x, weights, biases, norm_weight, norm_bias, running_mean, running_var, training,
-                  momentum=0.1, eps=1e-5):
-    return ms_ffn_middle_cpp(x, list(weights), list(biases), norm_weight, norm_bias, running_mean, running_var,
-                             float(eps))
-
-
-@backend.register("ms_ffn_middle_eval", "cpp", supports=cpp_supports)
-def ms_ffn_middle_eval(x, input_scale, input_shift, weights, biases, output_scale, output_shift):
-    return ms_ffn_middle_eval_cpp(x, input_scale, input_shift, list(weights), list(biases), output_scale,
-                                  output_shift)
-
-
-@backend.register("osra_attention", "cpp", supports=cpp_supports)
-def osra_attention(q, k, v, bias=None, scale=None):
-    if scale is None:
-        scale = q.shape[-1] ** -0.5
-    return osra_attention_cpp(q, k, v, bias, float(scale))

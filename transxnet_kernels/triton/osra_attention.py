@@ -45,7 +45,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import backend
+from .. import ops
+from .common import LaunchTarget, accumulation_dtype, device_guard, launch_settings, supports
 
 MAX_HEAD_DIM = 128
 
@@ -61,12 +62,12 @@ def _matmul(a, b, PRECISION: tl.constexpr, USE_DOT: tl.constexpr):
 
 @triton.jit
 def _osra_fwd_kernel(
-    Q, K, V, BIAS, OUT, LSE, SCALE,
-    sqb, sqh, sqn, sqd,
-    skb, skh, skm, skd,
-    svb, svh, svm, svd,
-    sbb, sbh, sbn, sbm,
-    sob, soh, son, sod,
+    q_ptr, k_ptr, v_ptr, bias_ptr, out_ptr, lse_ptr, scale_ptr,
+    q_stride_b, q_stride_h, q_stride_n, q_stride_d,
+    k_stride_b, k_stride_h, k_stride_m, k_stride_d,
+    v_stride_b, v_stride_h, v_stride_m, v_stride_d,
+    bias_stride_b, bias_stride_h, bias_stride_n, bias_stride_m,
+    out_stride_b, out_stride_h, out_stride_n, out_stride_d,
     H, N, M, D,
     HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, USE_DOT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -75,17 +76,17 @@ def _osra_fwd_kernel(
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
-    scale = tl.load(SCALE)  # its dtype (fp32, or fp64 for fp64 inputs) is the accumulation dtype
+    scale = tl.load(scale_ptr)  # its dtype (fp32, or fp64 for fp64 inputs) is the accumulation dtype
 
     offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     mask_n = offs_n < N
     mask_d = offs_d < D
-    q = tl.load(Q + b * sqb + h * sqh + offs_n[:, None] * sqn + offs_d[None, :] * sqd,
+    q = tl.load(q_ptr + b * q_stride_b + h * q_stride_h + offs_n[:, None] * q_stride_n + offs_d[None, :] * q_stride_d,
                 mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-    k_base = K + b * skb + h * skh
-    v_base = V + b * svb + h * svh
-    bias_base = BIAS + b * sbb + h * sbh + offs_n[:, None] * sbn
+    k_base = k_ptr + b * k_stride_b + h * k_stride_h
+    v_base = v_ptr + b * v_stride_b + h * v_stride_h
+    bias_base = bias_ptr + b * bias_stride_b + h * bias_stride_h + offs_n[:, None] * bias_stride_n
 
     m_i = tl.full([BLOCK_N], float("-inf"), scale.dtype)
     l_i = tl.zeros([BLOCK_N], scale.dtype)
@@ -94,11 +95,11 @@ def _osra_fwd_kernel(
         offs_m = start_m + tl.arange(0, BLOCK_M)
         mask_m = offs_m < M
         kv_mask = mask_m[:, None] & mask_d[None, :]
-        k = tl.load(k_base + offs_m[:, None] * skm + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
-        v = tl.load(v_base + offs_m[:, None] * svm + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
+        k = tl.load(k_base + offs_m[:, None] * k_stride_m + offs_d[None, :] * k_stride_d, mask=kv_mask, other=0.0)
+        v = tl.load(v_base + offs_m[:, None] * v_stride_m + offs_d[None, :] * v_stride_d, mask=kv_mask, other=0.0)
         s = _matmul(q, tl.trans(k), PRECISION, USE_DOT).to(scale.dtype) * scale
         if HAS_BIAS:
-            s += tl.load(bias_base + offs_m[None, :] * sbm,
+            s += tl.load(bias_base + offs_m[None, :] * bias_stride_m,
                          mask=mask_n[:, None] & mask_m[None, :], other=0.0).to(scale.dtype)
         s = tl.where(mask_m[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -109,22 +110,22 @@ def _osra_fwd_kernel(
         m_i = m_new
 
     out = acc / l_i[:, None]
-    tl.store(OUT + b * sob + h * soh + offs_n[:, None] * son + offs_d[None, :] * sod,
-             out.to(OUT.dtype.element_ty), mask=mask_n[:, None] & mask_d[None, :])
-    tl.store(LSE + bh.to(tl.int64) * N + offs_n, m_i + tl.log(l_i), mask=mask_n)
+    tl.store(out_ptr + b * out_stride_b + h * out_stride_h + offs_n[:, None] * out_stride_n + offs_d[None, :] * out_stride_d,
+             out.to(out_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_d[None, :])
+    tl.store(lse_ptr + bh.to(tl.int64) * N + offs_n, m_i + tl.log(l_i), mask=mask_n)
 
 
 @triton.jit
 def _osra_bwd_dq_kernel(
-    Q, K, V, BIAS, OUT, DOUT, LSE, DELTA, DQ, DBIAS, SCALE,
-    sqb, sqh, sqn, sqd,
-    skb, skh, skm, skd,
-    svb, svh, svm, svd,
-    sbb, sbh, sbn, sbm,
-    sob, soh, son, sod,
-    sgb, sgh, sgn, sgd,
-    sdqb, sdqh, sdqn, sdqd,
-    sdbg, sdbh, sdbn, sdbm,
+    q_ptr, k_ptr, v_ptr, bias_ptr, out_ptr, grad_out_ptr, lse_ptr, delta_ptr, dq_ptr, dbias_ptr, scale_ptr,
+    q_stride_b, q_stride_h, q_stride_n, q_stride_d,
+    k_stride_b, k_stride_h, k_stride_m, k_stride_d,
+    v_stride_b, v_stride_h, v_stride_m, v_stride_d,
+    bias_stride_b, bias_stride_h, bias_stride_n, bias_stride_m,
+    out_stride_b, out_stride_h, out_stride_n, out_stride_d,
+    grad_out_stride_b, grad_out_stride_h, grad_out_stride_n, grad_out_stride_d,
+    dq_stride_b, dq_stride_h, dq_stride_n, dq_stride_d,
+    dbias_stride_g, dbias_stride_h, dbias_stride_n, dbias_stride_m,
     B, H, N, M, D, BATCHES_PER_GROUP,
     HAS_BIAS: tl.constexpr, HAS_DBIAS: tl.constexpr, ONE_KEY_BLOCK: tl.constexpr,
     PRECISION: tl.constexpr, USE_DOT: tl.constexpr,
@@ -133,45 +134,45 @@ def _osra_bwd_dq_kernel(
     pid_n = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
     group = tl.program_id(2).to(tl.int64)
-    scale = tl.load(SCALE)
+    scale = tl.load(scale_ptr)
 
     offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     mask_n = offs_n < N
     mask_d = offs_d < D
     nd_mask = mask_n[:, None] & mask_d[None, :]
-    dbias_base = DBIAS + group * sdbg + h * sdbh + offs_n[:, None] * sdbn
+    dbias_base = dbias_ptr + group * dbias_stride_g + h * dbias_stride_h + offs_n[:, None] * dbias_stride_n
     # Bias-gradient slice of this program, summed over its batches (used when M fits one block).
     dbias_acc = tl.zeros([BLOCK_N, BLOCK_M], scale.dtype)
 
     b_start = group * BATCHES_PER_GROUP
     b_end = tl.minimum(b_start + BATCHES_PER_GROUP, B)
     for b in range(b_start, b_end):
-        q = tl.load(Q + b * sqb + h * sqh + offs_n[:, None] * sqn + offs_d[None, :] * sqd,
+        q = tl.load(q_ptr + b * q_stride_b + h * q_stride_h + offs_n[:, None] * q_stride_n + offs_d[None, :] * q_stride_d,
                     mask=nd_mask, other=0.0)
-        do = tl.load(DOUT + b * sgb + h * sgh + offs_n[:, None] * sgn + offs_d[None, :] * sgd,
+        do = tl.load(grad_out_ptr + b * grad_out_stride_b + h * grad_out_stride_h + offs_n[:, None] * grad_out_stride_n + offs_d[None, :] * grad_out_stride_d,
                      mask=nd_mask, other=0.0)
-        o = tl.load(OUT + b * sob + h * soh + offs_n[:, None] * son + offs_d[None, :] * sod,
+        o = tl.load(out_ptr + b * out_stride_b + h * out_stride_h + offs_n[:, None] * out_stride_n + offs_d[None, :] * out_stride_d,
                     mask=nd_mask, other=0.0)
         delta = tl.sum(do.to(scale.dtype) * o.to(scale.dtype), 1)
         row = (b * H + h) * N + offs_n
-        tl.store(DELTA + row, delta, mask=mask_n)
-        lse = tl.load(LSE + row, mask=mask_n, other=float("inf"))  # padded rows get P = 0
-        k_base = K + b * skb + h * skh
-        v_base = V + b * svb + h * svh
-        bias_base = BIAS + b * sbb + h * sbh + offs_n[:, None] * sbn
+        tl.store(delta_ptr + row, delta, mask=mask_n)
+        lse = tl.load(lse_ptr + row, mask=mask_n, other=float("inf"))  # padded rows get P = 0
+        k_base = k_ptr + b * k_stride_b + h * k_stride_h
+        v_base = v_ptr + b * v_stride_b + h * v_stride_h
+        bias_base = bias_ptr + b * bias_stride_b + h * bias_stride_h + offs_n[:, None] * bias_stride_n
 
         dq = tl.zeros([BLOCK_N, BLOCK_D], scale.dtype)
         for start_m in range(0, M, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             mask_m = offs_m < M
             kv_mask = mask_m[:, None] & mask_d[None, :]
-            k = tl.load(k_base + offs_m[:, None] * skm + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
-            v = tl.load(v_base + offs_m[:, None] * svm + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
+            k = tl.load(k_base + offs_m[:, None] * k_stride_m + offs_d[None, :] * k_stride_d, mask=kv_mask, other=0.0)
+            v = tl.load(v_base + offs_m[:, None] * v_stride_m + offs_d[None, :] * v_stride_d, mask=kv_mask, other=0.0)
             s = _matmul(q, tl.trans(k), PRECISION, USE_DOT).to(scale.dtype) * scale
             nm_mask = mask_n[:, None] & mask_m[None, :]
             if HAS_BIAS:
-                s += tl.load(bias_base + offs_m[None, :] * sbm, mask=nm_mask, other=0.0).to(scale.dtype)
+                s += tl.load(bias_base + offs_m[None, :] * bias_stride_m, mask=nm_mask, other=0.0).to(scale.dtype)
             p = tl.where(mask_m[None, :], tl.exp(s - lse[:, None]), 0.0)
             dp = _matmul(do, tl.trans(v), PRECISION, USE_DOT).to(scale.dtype)
             ds = p * (dp - delta[:, None])
@@ -182,31 +183,31 @@ def _osra_bwd_dq_kernel(
                 else:
                     # Read-modify-write of the slice only this program owns; the barrier orders
                     # the previous batch's store before this load across the program's threads.
-                    dbias_ptrs = dbias_base + offs_m[None, :] * sdbm
+                    dbias_ptrs = dbias_base + offs_m[None, :] * dbias_stride_m
                     tl.debug_barrier()
                     prev = tl.load(dbias_ptrs, mask=nm_mask, other=0.0).to(scale.dtype)
                     prev = tl.where(b > b_start, prev, 0.0)  # the group's first batch starts the sum
-                    tl.store(dbias_ptrs, (prev + ds).to(DBIAS.dtype.element_ty), mask=nm_mask)
-        tl.store(DQ + b * sdqb + h * sdqh + offs_n[:, None] * sdqn + offs_d[None, :] * sdqd,
-                 (dq * scale).to(DQ.dtype.element_ty), mask=nd_mask)
+                    tl.store(dbias_ptrs, (prev + ds).to(dbias_ptr.dtype.element_ty), mask=nm_mask)
+        tl.store(dq_ptr + b * dq_stride_b + h * dq_stride_h + offs_n[:, None] * dq_stride_n + offs_d[None, :] * dq_stride_d,
+                 (dq * scale).to(dq_ptr.dtype.element_ty), mask=nd_mask)
 
     if HAS_DBIAS:
         if ONE_KEY_BLOCK:
             offs_m = tl.arange(0, BLOCK_M)
-            tl.store(dbias_base + offs_m[None, :] * sdbm, dbias_acc.to(DBIAS.dtype.element_ty),
+            tl.store(dbias_base + offs_m[None, :] * dbias_stride_m, dbias_acc.to(dbias_ptr.dtype.element_ty),
                      mask=mask_n[:, None] & (offs_m < M)[None, :])
 
 
 @triton.jit
 def _osra_bwd_dkdv_kernel(
-    Q, K, V, BIAS, DOUT, LSE, DELTA, DK, DV, SCALE,
-    sqb, sqh, sqn, sqd,
-    skb, skh, skm, skd,
-    svb, svh, svm, svd,
-    sbb, sbh, sbn, sbm,
-    sgb, sgh, sgn, sgd,
-    sdks, sdkb, sdkh, sdkm, sdkd,
-    sdvs, sdvb, sdvh, sdvm, sdvd,
+    q_ptr, k_ptr, v_ptr, bias_ptr, grad_out_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, scale_ptr,
+    q_stride_b, q_stride_h, q_stride_n, q_stride_d,
+    k_stride_b, k_stride_h, k_stride_m, k_stride_d,
+    v_stride_b, v_stride_h, v_stride_m, v_stride_d,
+    bias_stride_b, bias_stride_h, bias_stride_n, bias_stride_m,
+    grad_out_stride_b, grad_out_stride_h, grad_out_stride_n, grad_out_stride_d,
+    dk_stride_s, dk_stride_b, dk_stride_h, dk_stride_m, dk_stride_d,
+    dv_stride_s, dv_stride_b, dv_stride_h, dv_stride_m, dv_stride_d,
     H, N, M, D, ROWS_PER_SPLIT,
     HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, USE_DOT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -216,18 +217,18 @@ def _osra_bwd_dkdv_kernel(
     split = tl.program_id(2).to(tl.int64)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
-    scale = tl.load(SCALE)
+    scale = tl.load(scale_ptr)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask_m = offs_m < M
     mask_d = offs_d < D
     md_mask = mask_m[:, None] & mask_d[None, :]
-    k = tl.load(K + b * skb + h * skh + offs_m[:, None] * skm + offs_d[None, :] * skd, mask=md_mask, other=0.0)
-    v = tl.load(V + b * svb + h * svh + offs_m[:, None] * svm + offs_d[None, :] * svd, mask=md_mask, other=0.0)
-    q_base = Q + b * sqb + h * sqh
-    do_base = DOUT + b * sgb + h * sgh
-    bias_base = BIAS + b * sbb + h * sbh + offs_m[:, None] * sbm
+    k = tl.load(k_ptr + b * k_stride_b + h * k_stride_h + offs_m[:, None] * k_stride_m + offs_d[None, :] * k_stride_d, mask=md_mask, other=0.0)
+    v = tl.load(v_ptr + b * v_stride_b + h * v_stride_h + offs_m[:, None] * v_stride_m + offs_d[None, :] * v_stride_d, mask=md_mask, other=0.0)
+    q_base = q_ptr + b * q_stride_b + h * q_stride_h
+    do_base = grad_out_ptr + b * grad_out_stride_b + h * grad_out_stride_h
+    bias_base = bias_ptr + b * bias_stride_b + h * bias_stride_h + offs_m[:, None] * bias_stride_m
     row_base = bh.to(tl.int64) * N
 
     dk = tl.zeros([BLOCK_M, BLOCK_D], scale.dtype)
@@ -238,14 +239,14 @@ def _osra_bwd_dkdv_kernel(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         mask_n = offs_n < n_hi
         nd_mask = mask_n[:, None] & mask_d[None, :]
-        q = tl.load(q_base + offs_n[:, None] * sqn + offs_d[None, :] * sqd, mask=nd_mask, other=0.0)
-        do = tl.load(do_base + offs_n[:, None] * sgn + offs_d[None, :] * sgd, mask=nd_mask, other=0.0)
-        lse = tl.load(LSE + row_base + offs_n, mask=mask_n, other=float("inf"))  # padded rows: P = 0
-        delta = tl.load(DELTA + row_base + offs_n, mask=mask_n, other=0.0)
+        q = tl.load(q_base + offs_n[:, None] * q_stride_n + offs_d[None, :] * q_stride_d, mask=nd_mask, other=0.0)
+        do = tl.load(do_base + offs_n[:, None] * grad_out_stride_n + offs_d[None, :] * grad_out_stride_d, mask=nd_mask, other=0.0)
+        lse = tl.load(lse_ptr + row_base + offs_n, mask=mask_n, other=float("inf"))  # padded rows: P = 0
+        delta = tl.load(delta_ptr + row_base + offs_n, mask=mask_n, other=0.0)
         # Transposed scores: rows are keys, columns are queries.
         st = _matmul(k, tl.trans(q), PRECISION, USE_DOT).to(scale.dtype) * scale
         if HAS_BIAS:
-            st += tl.load(bias_base + offs_n[None, :] * sbn,
+            st += tl.load(bias_base + offs_n[None, :] * bias_stride_n,
                           mask=mask_m[:, None] & mask_n[None, :], other=0.0).to(scale.dtype)
         pt = tl.exp(st - lse[None, :])
         dv += _matmul(pt.to(do.dtype), do, PRECISION, USE_DOT).to(scale.dtype)
@@ -253,18 +254,14 @@ def _osra_bwd_dkdv_kernel(
         dst = pt * (dpt - delta[None, :])
         dk += _matmul(dst.to(q.dtype), q, PRECISION, USE_DOT).to(scale.dtype)
 
-    tl.store(DK + split * sdks + b * sdkb + h * sdkh + offs_m[:, None] * sdkm + offs_d[None, :] * sdkd,
-             (dk * scale).to(DK.dtype.element_ty), mask=md_mask)
-    tl.store(DV + split * sdvs + b * sdvb + h * sdvh + offs_m[:, None] * sdvm + offs_d[None, :] * sdvd,
-             dv.to(DV.dtype.element_ty), mask=md_mask)
+    tl.store(dk_ptr + split * dk_stride_s + b * dk_stride_b + h * dk_stride_h + offs_m[:, None] * dk_stride_m + offs_d[None, :] * dk_stride_d,
+             (dk * scale).to(dk_ptr.dtype.element_ty), mask=md_mask)
+    tl.store(dv_ptr + split * dv_stride_s + b * dv_stride_b + h * dv_stride_h + offs_m[:, None] * dv_stride_m + offs_d[None, :] * dv_stride_d,
+             dv.to(dv_ptr.dtype.element_ty), mask=md_mask)
 
 
 # ----------------------------------------------------------------------------------------------
 # Launch helpers
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @dataclass(frozen=True)
@@ -292,13 +289,17 @@ def _config(q: torch.Tensor) -> _Config:
     return _Config(16, 16, triton.next_power_of_2(d), precision, False)
 
 
-def _target_programs(device: torch.device) -> int:
-    """Programs a launch should have to fill the device; splits/groups only exist below it.
+@dataclass(frozen=True)
+class Settings:
+    """Launch settings (override with common.launch_overrides). target_programs: programs a backward launch
+    should have; the bias-gradient batch groups and the dk/dv query splits exist only below it. Interpreted,
+    a small value, so small test shapes exercise those paths."""
 
-    On CPU (the interpreter) a small fixed value, so small test shapes exercise the split paths."""
-    if device.type == "cuda":
-        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
+    target_programs: int
+
+    @classmethod
+    def for_target(cls, target: LaunchTarget) -> "Settings":
+        return cls(target_programs=4 if target.interpreted else 2 * target.sm_count)
 
 
 def _bias_strides(bias: Optional[torch.Tensor]) -> Tuple[int, int, int, int]:
@@ -310,7 +311,7 @@ def _bias_strides(bias: Optional[torch.Tensor]) -> Tuple[int, int, int, int]:
 
 def _scale_tensor(scale: float, q: torch.Tensor) -> torch.Tensor:
     # Passed by pointer so fp64 calls get the scale in fp64 (Triton float args are fp32).
-    return torch.full((1,), scale, dtype=_acc_dtype(q.dtype), device=q.device)
+    return torch.full((1,), scale, dtype=accumulation_dtype(q.dtype), device=q.device)
 
 
 def _empty_out(q: torch.Tensor) -> torch.Tensor:
@@ -323,18 +324,21 @@ def _forward(q, k, v, bias, scale):
     B, h, N, d = q.shape
     M = k.shape[2]
     out = _empty_out(q)
-    lse = torch.empty((B, h, N), dtype=_acc_dtype(q.dtype), device=q.device)
+    lse = torch.empty((B, h, N), dtype=accumulation_dtype(q.dtype), device=q.device)
     if out.numel() == 0:
         return out, lse
+    if M == 0:  # softmax over no keys: the reference's empty sum, zeros (lse -inf)
+        return out.zero_(), lse.fill_(float("-inf"))
     cfg = _config(q)
     grid = (triton.cdiv(N, cfg.block_n), B * h)
-    _osra_fwd_kernel[grid](
-        q, k, v, bias if bias is not None else q, out, lse, _scale_tensor(scale, q),
-        *q.stride(), *k.stride(), *v.stride(), *_bias_strides(bias), *out.stride(),
-        h, N, M, d,
-        HAS_BIAS=bias is not None, PRECISION=cfg.precision, USE_DOT=cfg.use_dot,
-        BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d, num_warps=4,
-    )
+    with device_guard(q):
+        _osra_fwd_kernel[grid](
+            q, k, v, bias if bias is not None else q, out, lse, _scale_tensor(scale, q),
+            *q.stride(), *k.stride(), *v.stride(), *_bias_strides(bias), *out.stride(),
+            h, N, M, d,
+            HAS_BIAS=bias is not None, PRECISION=cfg.precision, USE_DOT=cfg.use_dot,
+            BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d, num_warps=4,
+        )
     return out, lse
 
 
@@ -342,12 +346,15 @@ def _backward(grad_out, q, k, v, bias, out, lse, scale, bias_needs_grad):
     B, h, N, d = q.shape
     M = k.shape[2]
     device = q.device
-    acc_dtype = _acc_dtype(q.dtype)
-    target = _target_programs(device)
+    has_dbias = bias is not None and bias_needs_grad
+    if B * h * N * M == 0:  # no scores: every gradient is zero (or empty)
+        dbias = torch.zeros_like(bias) if has_dbias else q.new_empty((0,))
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dbias
+    acc_dtype = accumulation_dtype(q.dtype)
+    target = launch_settings(Settings, device).target_programs
     scale_t = _scale_tensor(scale, q)
     cfg = _config(q)
     n_blocks = triton.cdiv(N, cfg.block_n)
-    has_dbias = bias is not None and bias_needs_grad
 
     # Bias-gradient target: per-batch biases get one slice per batch (no reduction); a batch-1 bias
     # gets one fp32 partial per batch group, summed afterwards together with a broadcast head dim.
@@ -368,17 +375,7 @@ def _backward(grad_out, q, k, v, bias, out, lse, scale, bias_needs_grad):
 
     dq = torch.empty_like(q)
     delta = torch.empty((B, h, N), dtype=acc_dtype, device=device)
-    _osra_bwd_dq_kernel[(n_blocks, h, groups)](
-        q, k, v, bias if bias is not None else q, out, grad_out, lse, delta, dq, dbias_buf, scale_t,
-        *q.stride(), *k.stride(), *v.stride(), *_bias_strides(bias), *out.stride(), *grad_out.stride(),
-        *dq.stride(), *dbias_strides,
-        B, h, N, M, d, batches_per_group,
-        HAS_BIAS=bias is not None, HAS_DBIAS=has_dbias, ONE_KEY_BLOCK=M <= cfg.block_m,
-        PRECISION=cfg.precision, USE_DOT=cfg.use_dot,
-        BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d, num_warps=4,
-    )
-
-    # Split the query range only when B·h·key-blocks cannot fill the device.
+    # Split the query range of dk/dv only when B·h·key-blocks cannot fill the device.
     m_blocks = triton.cdiv(M, cfg.block_m)
     splits = min(n_blocks, max(1, triton.cdiv(target, m_blocks * B * h)))
     rows_per_split = triton.cdiv(n_blocks, splits) * cfg.block_n
@@ -390,14 +387,24 @@ def _backward(grad_out, q, k, v, bias, out, lse, scale, bias_needs_grad):
     else:
         dk_buf, dv_buf = torch.empty_like(k), torch.empty_like(v)
         dk_strides, dv_strides = (0,) + dk_buf.stride(), (0,) + dv_buf.stride()
-    _osra_bwd_dkdv_kernel[(m_blocks, B * h, splits)](
-        q, k, v, bias if bias is not None else q, grad_out, lse, delta, dk_buf, dv_buf, scale_t,
-        *q.stride(), *k.stride(), *v.stride(), *_bias_strides(bias), *grad_out.stride(),
-        *dk_strides, *dv_strides,
-        h, N, M, d, rows_per_split,
-        HAS_BIAS=bias is not None, PRECISION=cfg.precision, USE_DOT=cfg.use_dot,
-        BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d, num_warps=4,
-    )
+    with device_guard(q):
+        _osra_bwd_dq_kernel[(n_blocks, h, groups)](
+            q, k, v, bias if bias is not None else q, out, grad_out, lse, delta, dq, dbias_buf, scale_t,
+            *q.stride(), *k.stride(), *v.stride(), *_bias_strides(bias), *out.stride(), *grad_out.stride(),
+            *dq.stride(), *dbias_strides,
+            B, h, N, M, d, batches_per_group,
+            HAS_BIAS=bias is not None, HAS_DBIAS=has_dbias, ONE_KEY_BLOCK=M <= cfg.block_m,
+            PRECISION=cfg.precision, USE_DOT=cfg.use_dot,
+            BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d, num_warps=4,
+        )
+        _osra_bwd_dkdv_kernel[(m_blocks, B * h, splits)](
+            q, k, v, bias if bias is not None else q, grad_out, lse, delta, dk_buf, dv_buf, scale_t,
+            *q.stride(), *k.stride(), *v.stride(), *_bias_strides(bias), *grad_out.stride(),
+            *dk_strides, *dv_strides,
+            h, N, M, d, rows_per_split,
+            HAS_BIAS=bias is not None, PRECISION=cfg.precision, USE_DOT=cfg.use_dot,
+            BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d, num_warps=4,
+        )
     if splits > 1:
         # Same layout as the unsplit case (that of k and v), whatever the device decided.
         dk, dv = torch.empty_like(k).copy_(dk_buf.sum(0)), torch.empty_like(v).copy_(dv_buf.sum(0))
@@ -413,39 +420,32 @@ def _backward(grad_out, q, k, v, bias, out, lse, scale, bias_needs_grad):
     return dq, dk, dv, dbias
 
 
-# ----------------------------------------------------------------------------------------------
-# torch.library registration
+# ------------------------------------------------------------------------------- torch.library ops
 
-
-@torch.library.custom_op("transxnet::osra_attention_fwd", mutates_args=())
-def osra_attention_fwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor], scale: float
-) -> Tuple[torch.Tensor, torch.Tensor]:
+@torch.library.custom_op("transxnet_triton::osra_attention", mutates_args=())
+def osra_attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor],
+                            scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
     """(out, lse): out [B, h, N, d] (memory [B, h, d, N]), lse [B, h, N] log-sum-exp of the scores."""
     return _forward(q, k, v, bias, scale)
 
 
-@osra_attention_fwd.register_fake
+@osra_attention_with_lse.register_fake
 def _(q, k, v, bias, scale):
     B, h, N, _ = q.shape
-    return _empty_out(q), q.new_empty((B, h, N), dtype=_acc_dtype(q.dtype))
+    return _empty_out(q), q.new_empty((B, h, N), dtype=accumulation_dtype(q.dtype))
 
 
-@torch.library.custom_op("transxnet::osra_attention_bwd", mutates_args=())
-def osra_attention_bwd(
-    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-    bias: Optional[torch.Tensor], out: torch.Tensor, lse: torch.Tensor, scale: float, bias_needs_grad: bool,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+@torch.library.custom_op("transxnet_triton::osra_attention_backward", mutates_args=())
+def osra_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                            bias: Optional[torch.Tensor], out: torch.Tensor, lse: torch.Tensor, scale: float,
+                            bias_needs_grad: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv, dbias); dbias has the bias's shape, or is empty when not needed."""
     return _backward(grad_out, q, k, v, bias, out, lse, scale, bias_needs_grad)
 
 
-@osra_attention_bwd.register_fake
+@osra_attention_backward.register_fake
 def _(grad_out, q, k, v, bias, out, lse, scale, bias_needs_grad):
-    if bias is not None and bias_needs_grad:
-        dbias = bias.new_empty(bias.shape)
-    else:
-        dbias = q.new_empty((0,))
+    dbias = bias.new_empty(bias.shape) if bias is not None and bias_needs_grad else q.new_empty((0,))
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dbias
 
 
@@ -458,28 +458,19 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(lse)
 
 
-def _backward_rule(ctx, grad_out, _grad_lse):
+def _autograd_rule(ctx, grad_out, _grad_lse):
     q, k, v, bias, out, lse = ctx.saved_tensors
-    dq, dk, dv, dbias = osra_attention_bwd(grad_out, q, k, v, bias, out, lse, ctx.scale, ctx.bias_needs_grad)
+    dq, dk, dv, dbias = osra_attention_backward(grad_out, q, k, v, bias, out, lse, ctx.scale, ctx.bias_needs_grad)
     return dq, dk, dv, (dbias if ctx.bias_needs_grad else None), None
 
 
-osra_attention_fwd.register_autograd(_backward_rule, setup_context=_setup_context)
+osra_attention_with_lse.register_autograd(_autograd_rule, setup_context=_setup_context)
 
 
-@backend.register("osra_attention", "triton", supports=backend.triton_supports)
-def osra_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    bias: Optional[torch.Tensor] = None,
-    scale: Optional[float] = None,
-) -> torch.Tensor:
-    """softmax(q @ k^T * scale + bias) @ v with the Triton kernels (see the module docstring)."""
+@ops.osra_attention.register("triton", supports=supports)
+def osra_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor],
+                   scale: float) -> torch.Tensor:
     d = q.shape[-1]
     if d > MAX_HEAD_DIM:
         raise ValueError(f"osra_attention (triton): head dim {d} > {MAX_HEAD_DIM} is not supported")
-    if scale is None:
-        scale = d ** -0.5
-    out, _ = osra_attention_fwd(q, k, v, bias, float(scale))
-    return out
+    return osra_attention_with_lse(q, k, v, bias, scale)[0]

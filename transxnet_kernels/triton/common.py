@@ -1,0 +1,120 @@
+"""Helpers every Triton op module shares: the capability predicate, device guard, accumulation dtype,
+64-bit index rule and the launch target (how many SMs the grid should fill).
+
+Kernel parameter conventions (every module): pointers are ``<tensor>_ptr``; strides are
+``<tensor>_stride_<dim>`` with dims named b, c, h, w for feature maps and b, h, n, m, d for attention;
+``INDEX64`` switches in-sample offsets to int64 (sample base offsets are always int64); ``ACC`` is the
+accumulation dtype.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import os
+from dataclasses import dataclass
+from typing import Dict, Iterator, Optional, Type, TypeVar
+
+import torch
+import triton.language as tl
+
+from ..backend import CallInfo
+from ..layout import sample_span
+
+# Offsets inside one sample become int64 from this span on (2^31 - 1 is the largest int32).
+INT32_SPAN_LIMIT = 2**31 - 1
+
+
+def interpreter_active() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def supports(info: CallInfo) -> Optional[str]:
+    """The Triton backend's predicate: None when the kernels can run the call, else why not."""
+    if info.device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(info.device)
+        if major < 7:
+            return f"compute capability {major}.{minor} is below 7.0"
+        if info.dtype == torch.bfloat16 and major < 8:
+            return f"bfloat16 needs compute capability 8.0+, device has {major}.{minor}"
+    elif info.device.type == "cpu":
+        if not interpreter_active():
+            return "CPU tensors need TRITON_INTERPRET=1 set before Triton is imported"
+    else:
+        return f"device type {info.device.type!r} is not supported"
+    if info.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        return f"dtype {info.dtype} is not supported"
+    return None
+
+
+def device_guard(t: torch.Tensor):
+    """Launch on t's device, whichever device is current."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp64 for fp64 inputs, fp32 for everything else."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def tl_accumulation_dtype(dtype: torch.dtype) -> tl.dtype:
+    """accumulation_dtype as a Triton dtype (the ACC constexpr of the kernels)."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def needs_int64(*tensors: torch.Tensor) -> bool:
+    """Whether offsets within one sample of any tensor can pass int32 (the kernels' INDEX64)."""
+    limit = launch_target(tensors[0].device).int32_span_limit
+    return max(sample_span(t) for t in tensors) >= limit
+
+
+@dataclass(frozen=True)
+class LaunchTarget:
+    """What launch plans need to know of the device: the SMs a grid should fill, and whether the kernels
+    run interpreted (on CPU, where few large programs are fastest). `int32_span_limit` is the INDEX64
+    threshold."""
+
+    sm_count: int
+    interpreted: bool
+    int32_span_limit: int = INT32_SPAN_LIMIT
+
+
+_overrides: contextvars.ContextVar[Dict[type, object]] = contextvars.ContextVar("transxnet_launch", default={})
+
+
+@contextlib.contextmanager
+def launch_overrides(*settings: object) -> Iterator[None]:
+    """Plan launches with these settings inside the block: a LaunchTarget (the static GPU audit replays
+    launches for a GPU it does not have) and/or op modules' `Settings` (tests force small tiles and
+    splits). Each replaces the one of its type; thread- and task-local."""
+    token = _overrides.set({**_overrides.get(), **{type(s): s for s in settings}})
+    try:
+        yield
+    finally:
+        _overrides.reset(token)
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def launch_target(device: torch.device) -> LaunchTarget:
+    """The launch target of tensors on `device` (a launch_overrides LaunchTarget wins)."""
+    override = _overrides.get().get(LaunchTarget)
+    if override is not None:
+        return override
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return LaunchTarget(_cuda_sm_count(index), interpreted=False)
+    return LaunchTarget(sm_count=1, interpreted=True)
+
+
+S = TypeVar("S")
+
+
+def launch_settings(cls: Type[S], device: torch.device) -> S:
+    """An op module's launch settings for `device`: a launch_overrides instance of `cls`, else
+    `cls.for_target(launch_target(device))`."""
+    override = _overrides.get().get(cls)
+    return override if override is not None else cls.for_target(launch_target(device))
