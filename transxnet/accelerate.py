@@ -1,15 +1,8 @@
-"""`accelerated()`: the same TransXNet, running fused ops and exact fusions.
+"""`accelerated()` / `revert()`: the same TransXNet switched to the fused forwards of `transxnet.fused` and back.
 
-What changes (the state dict does not):
-* The IDConv / OSRA / multi-scale depthwise ops run on the best backend
-  (`transxnet_kernels`; they do for the plain model too).
-* MS-FFN's dwconv + residual + GELU + BatchNorm runs as one op (`ms_ffn_middle`),
-  in training with nn.BatchNorm2d's exact batch-statistics and running-stat semantics.
-* The relative-position bias is resized once per stage instead of once per block,
-  and cached per input size when no gradient is needed.
-* Eval mode only: every BatchNorm that sits next to a conv is folded into it
-  (stem, downsamplers, IDConv's proj, OSRA's reduction, the STE's three BNs, fc2).
-  Folding is exact in real arithmetic; results move by float rounding only.
+Switching swaps each released module's class for its accelerated subclass in place (the way timm's
+`reparameterize_model` swaps modules, without building new ones): parameters, buffers, hooks and the
+state dict (keys, order, values) are untouched, and `revert(accelerated(m))` has the original module types.
 """
 from __future__ import annotations
 
@@ -18,18 +11,8 @@ from typing import Union
 import torch.nn as nn
 
 from .factory import MODELS
-from .model import ConvNorm, HybridTokenMixer, Mlp, TransXNet
-
-# The modules with a fused path (a `fused` flag).
-_FUSABLE = (ConvNorm, HybridTokenMixer, Mlp, TransXNet)
-
-
-def _set_fused(model: nn.Module, fused: bool) -> None:
-    for module in model.modules():
-        if isinstance(module, _FUSABLE):
-            module.fused = fused
-    if isinstance(model, TransXNet):
-        model._rpe_cache.clear()
+from .fused import ACCELERATED, RELEASED, AcceleratedTransXNet
+from .model import TransXNet
 
 
 def accelerated(model_or_name: Union[TransXNet, str], **kwargs) -> TransXNet:
@@ -49,15 +32,24 @@ def accelerated(model_or_name: Union[TransXNet, str], **kwargs) -> TransXNet:
         model = model_or_name
     else:
         raise TypeError(f"accelerated() takes a TransXNet or a model name, got {type(model_or_name).__name__}")
-    _set_fused(model, True)
+    _swap_classes(model, ACCELERATED)
+    model._rpe_cache = {}
     return model
 
 
 def revert(model: TransXNet) -> TransXNet:
     """Switch an accelerated model back to the released eager path (in place)."""
-    _set_fused(model, False)
+    _swap_classes(model, RELEASED)
+    model.__dict__.pop("_rpe_cache", None)
     return model
 
 
-def is_accelerated(model: TransXNet) -> bool:
-    return bool(getattr(model, "fused", False))
+def is_accelerated(model: nn.Module) -> bool:
+    return isinstance(model, AcceleratedTransXNet)
+
+
+def _swap_classes(model: nn.Module, mapping: dict) -> None:
+    for module in model.modules():
+        target = mapping.get(type(module))
+        if target is not None:
+            module.__class__ = target

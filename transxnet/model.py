@@ -1,15 +1,18 @@
-"""The TransXNet backbone (T/S/B), exactly as the authors released it.
+"""The TransXNet backbone (T/S/B), exactly as the authors released it (arXiv 2310.19380).
 
-Module names, parameter shapes and the state-dict order match the released
-checkpoints (see shared/parity/state_dict_keys.json). The IDConv, OSRA
-attention and multi-scale depthwise math runs through `transxnet_kernels`,
-whose backend (Triton / C++ / PyTorch reference) is chosen per call.
+This module is the released architecture only, readable beside the paper: Sec. 3.1 D-Mixer
+(`HybridTokenMixer` = IDConv + OSRA + STE), Sec. 3.2 MS-FFN (`Mlp`), Sec. 3.3 the four-stage network.
+Module and attribute names, parameter shapes and the state-dict order match the released checkpoints
+(shared/parity/state_dict_keys.json); names such as `Mlp`, `proj`, `local_unit`, `global_unit`,
+`network` or `classifier` are the release's and stay for checkpoint and config compatibility. The IDConv,
+OSRA attention and multi-scale depthwise math runs through `transxnet_kernels` (backend chosen per call).
+`transxnet.accelerated()` swaps in the subclasses of `transxnet.fused`, which fold and fuse.
 """
 from __future__ import annotations
 
 import contextlib
 import math
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Sequence, Set, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -41,81 +44,15 @@ def _pair(v: Union[int, Sequence[int]]) -> Tuple[int, int]:
     return (int(h), int(w))
 
 
-def batchnorm_scale_shift(bn: nn.BatchNorm2d) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Eval-mode bn as a per-channel affine map x * scale + shift."""
-    scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
-    return scale, bn.bias - bn.running_mean * scale
-
-
-def scale_conv_output(weight, bias, scale, shift) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Weight and bias of a conv whose output is then mapped per channel to out * scale + shift."""
-    return weight * scale.view(-1, 1, 1, 1), bias * scale + shift
-
-
-def fold_bn_into_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Weight and bias of conv followed by eval-mode bn, as one conv (exact up to rounding)."""
-    bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
-    return scale_conv_output(conv.weight, bias, *batchnorm_scale_shift(bn))
-
-
-def fold_bn_into_next_pointwise(bn: nn.BatchNorm2d, conv: nn.Conv2d) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Weight and bias of eval-mode bn followed by a 1x1 conv (groups=1), as one conv."""
-    scale, shift = batchnorm_scale_shift(bn)
-    weight = conv.weight * scale.view(1, -1, 1, 1)
-    bias = conv.weight.flatten(1) @ shift
-    if conv.bias is not None:
-        bias = bias + conv.bias
-    return weight, bias
-
-
-def _layer_scale_affine(layer_scale: Optional["LayerScale"], channels: int, like: torch.Tensor):
-    if layer_scale is None:
-        return like.new_ones(channels), like.new_zeros(channels)
-    return layer_scale.weight.flatten(), layer_scale.bias
-
-
-def _conv(conv: nn.Conv2d, x, weight, bias):
-    return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
-
-
-_ONEDNN_CONV_POINTWISE = (torch.backends.mkldnn.is_available()
-                          and hasattr(torch.ops.mkldnn, "_convolution_pointwise"))
-
-
-def _conv_gelu(conv: nn.Conv2d, x, weight, bias):
-    """GELU(conv(x)); on CPU inference one oneDNN convolution with a fused exact-GELU post-op."""
-    if (_ONEDNN_CONV_POINTWISE and x.device.type == "cpu" and x.dtype == torch.float32
-            and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
-            and not torch.compiler.is_compiling()):
-        return torch.ops.mkldnn._convolution_pointwise(
-            x, weight, bias, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups,
-            "gelu", [], "none")
-    return F.gelu(_conv(conv, x, weight, bias))
-
-
-def folds_batchnorm(module: nn.Module) -> bool:
-    """Accelerated eval mode: BatchNorm folded into the convs around it."""
-    return module.fused and not module.training
-
-
 class ConvNorm(nn.Sequential):
     """conv (no bias) -> BatchNorm2d [-> GELU]; state-dict names `conv`, `bn` (mmcv's ConvModule)."""
 
-    fused = False  # set by transxnet.accelerated()
-
     def __init__(self, in_ch, out_ch, kernel_size, stride=1, padding=0, groups=1, act=False):
         super().__init__()
-        self.conv = nn.Conv2d(in_ch, out_ch, kernel_size, stride, padding, groups=groups, bias=False)
+        self.conv = nn.Conv2d(in_ch, out_ch, kernel_size, stride=stride, padding=padding, groups=groups, bias=False)
         self.bn = nn.BatchNorm2d(out_ch)
         if act:
             self.act = nn.GELU()
-
-    def forward(self, x):
-        if not folds_batchnorm(self):
-            return super().forward(x)
-        if hasattr(self, "act"):
-            return _conv_gelu(self.conv, x, *fold_bn_into_conv(self.conv, self.bn))
-        return _conv(self.conv, x, *fold_bn_into_conv(self.conv, self.bn))
 
 
 class PatchEmbed(nn.Module):
@@ -123,14 +60,18 @@ class PatchEmbed(nn.Module):
 
     def __init__(self, in_ch, out_ch, kernel_size, stride, padding):
         super().__init__()
-        self.proj = ConvNorm(in_ch, out_ch, kernel_size, stride, padding)
+        self.proj = ConvNorm(in_ch, out_ch, kernel_size, stride=stride, padding=padding)
 
     def forward(self, x):
         return self.proj(x)
 
 
 class IDConv(nn.Module):
-    """Input-dependent depthwise conv (`local_unit`)."""
+    """Input-dependent depthwise conv (paper Sec. 3.1, Eq. 2-3; the D-Mixer's `local_unit`).
+
+    A K x K depthwise kernel per sample and channel: softmax over G learned kernels (`weight`), weighted
+    by attention logits that `proj` computes from the input pooled to K x K; the bias likewise, from the
+    global mean."""
 
     def __init__(self, dim, kernel_size=7, num_groups=2, reduction=4):
         super().__init__()
@@ -139,8 +80,8 @@ class IDConv(nn.Module):
         self.weight = nn.Parameter(torch.empty(num_groups, dim, kernel_size, kernel_size))
         self.bias = nn.Parameter(torch.empty(num_groups, dim))
         self.proj = nn.Sequential(
-            ConvNorm(dim, dim // reduction, 1, act=True),
-            nn.Conv2d(dim // reduction, dim * num_groups, 1),
+            ConvNorm(dim, dim // reduction, kernel_size=1, act=True),
+            nn.Conv2d(dim // reduction, dim * num_groups, kernel_size=1),
         )
         nn.init.trunc_normal_(self.weight, std=0.02)
         nn.init.trunc_normal_(self.bias, std=0.02)
@@ -168,23 +109,28 @@ def resize_relative_pos_enc(bias: torch.Tensor, n: int, m: int) -> torch.Tensor:
 
 
 class OSRA(nn.Module):
-    """Overlapping spatial-reduction attention (`global_unit`)."""
+    """Overlapping spatial-reduction attention (paper Sec. 3.1, Eq. 4-5; the D-Mixer's `global_unit`).
+
+    Queries from every position; keys and values from the map reduced by an overlapping strided depthwise
+    conv (`sr`, kernel sr+3, stride sr) plus a 3x3 local refinement (`local_conv`); a learned relative-position
+    bias, shared by the stage's blocks, is added to the scores."""
 
     def __init__(self, dim, num_heads=1, sr_ratio=1):
         super().__init__()
         self.num_heads = num_heads
         self.sr_ratio = sr_ratio
         self.scale = (dim // num_heads) ** -0.5
-        self.q = nn.Conv2d(dim, dim, 1)
-        self.kv = nn.Conv2d(dim, dim * 2, 1)
+        self.q = nn.Conv2d(dim, dim, kernel_size=1)
+        self.kv = nn.Conv2d(dim, dim * 2, kernel_size=1)
         if sr_ratio > 1:
             self.sr = nn.Sequential(
-                ConvNorm(dim, dim, sr_ratio + 3, sr_ratio, (sr_ratio + 3) // 2, groups=dim, act=True),
-                ConvNorm(dim, dim, 1, groups=dim),
+                ConvNorm(dim, dim, kernel_size=sr_ratio + 3, stride=sr_ratio, padding=(sr_ratio + 3) // 2, groups=dim,
+                         act=True),
+                ConvNorm(dim, dim, kernel_size=1, groups=dim),
             )
         else:
             self.sr = nn.Identity()
-        self.local_conv = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+        self.local_conv = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim)
 
     def forward(self, x, relative_pos_enc=None):
         B, C, H, W = x.shape
@@ -204,45 +150,34 @@ class OSRA(nn.Module):
 
 
 class HybridTokenMixer(nn.Module):
-    """D-Mixer: IDConv on the first half of the channels, OSRA on the second, then the STE."""
+    """D-Mixer (paper Sec. 3.1): IDConv on the first half of the channels, OSRA on the second, concatenated,
+    then the squeezed token enhancer (STE, `proj`) with its residual."""
 
     def __init__(self, dim, kernel_size=7, num_groups=2, num_heads=1, sr_ratio=1):
         super().__init__()
         assert dim % 2 == 0, "D-Mixer splits the channels in two halves"
-        self.local_unit = IDConv(dim // 2, kernel_size, num_groups)
-        self.global_unit = OSRA(dim // 2, num_heads, sr_ratio)
+        self.local_unit = IDConv(dim // 2, kernel_size=kernel_size, num_groups=num_groups)
+        self.global_unit = OSRA(dim // 2, num_heads=num_heads, sr_ratio=sr_ratio)
         inner = max(16, dim // 8)
         self.proj = nn.Sequential(
-            nn.Conv2d(dim, dim, 3, padding=1, groups=dim),
+            nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim),
             nn.GELU(),
             nn.BatchNorm2d(dim),
-            nn.Conv2d(dim, inner, 1),
+            nn.Conv2d(dim, inner, kernel_size=1),
             nn.GELU(),
             nn.BatchNorm2d(inner),
-            nn.Conv2d(inner, dim, 1),
+            nn.Conv2d(inner, dim, kernel_size=1),
             nn.BatchNorm2d(dim),
         )
 
-    fused = False  # set by transxnet.accelerated()
-
-    def forward(self, x, relative_pos_enc=None, layer_scale=None):
-        """`layer_scale` (accelerated eval only): the block's layer_scale_1, folded in here."""
+    def mix(self, x, relative_pos_enc=None):
+        """IDConv and OSRA on the two channel halves, concatenated (the STE's input)."""
         x1, x2 = x.chunk(2, dim=1)
-        x = torch.cat([self.local_unit(x1), self.global_unit(x2, relative_pos_enc)], dim=1)
-        if not folds_batchnorm(self):
-            return self.proj(x) + x
-        ls_weight, ls_bias = _layer_scale_affine(layer_scale, x.shape[1], x)
-        # ls(proj(x) + x) = [ls folded into proj's last conv](x) + ls_weight * x
-        return torch.addcmul(self.folded_ste(x, ls_weight, ls_bias), x, ls_weight.view(1, -1, 1, 1))
+        return torch.cat([self.local_unit(x1), self.global_unit(x2, relative_pos_enc)], dim=1)
 
-    def folded_ste(self, x, out_scale, out_shift):
-        """The STE in eval mode, its three BatchNorms folded into the 1x1 convs and its output
-        mapped to out * out_scale + out_shift: dw3x3 -> GELU -> 1x1 -> GELU -> 1x1."""
-        dw, _, bn1, pw1, _, bn2, pw2, bn3 = self.proj  # the GELUs are fused into the convs
-        x = _conv_gelu(dw, x, dw.weight, dw.bias)
-        x = _conv_gelu(pw1, x, *fold_bn_into_next_pointwise(bn1, pw1))
-        w, b = scale_conv_output(*fold_bn_into_next_pointwise(bn2, pw2), *batchnorm_scale_shift(bn3))
-        return F.conv2d(x, *scale_conv_output(w, b, out_scale, out_shift))
+    def forward(self, x, relative_pos_enc=None):
+        x = self.mix(x, relative_pos_enc)
+        return self.proj(x) + x
 
 
 def multiscale_split(channels: int, scales: Sequence[int] = (1, 3, 5, 7)) -> List[int]:
@@ -252,10 +187,12 @@ def multiscale_split(channels: int, scales: Sequence[int] = (1, 3, 5, 7)) -> Lis
 
 
 class MultiScaleDWConv(nn.Module):
+    """MS-FFN's multi-scale depthwise convs (paper Sec. 3.2): consecutive channel groups, kernels 1/3/5/7."""
+
     def __init__(self, dim, scales=(1, 3, 5, 7)):
         super().__init__()
         self.proj = nn.ModuleList(
-            nn.Conv2d(c, c, k, padding=k // 2, groups=c) for c, k in zip(multiscale_split(dim, scales), scales)
+            nn.Conv2d(c, c, kernel_size=k, padding=k // 2, groups=c) for c, k in zip(multiscale_split(dim, scales), scales)
         )
 
     def forward(self, x):
@@ -263,65 +200,23 @@ class MultiScaleDWConv(nn.Module):
 
 
 class Mlp(nn.Module):
-    """MS-FFN."""
+    """MS-FFN (paper Sec. 3.2; the release's name): fc1 (1x1 conv, GELU, BN), the multi-scale depthwise
+    convs with a residual, GELU, BN (`norm`), fc2 (1x1 conv, BN)."""
 
     def __init__(self, dim, hidden, drop=0.0):
         super().__init__()
-        self.fc1 = nn.Sequential(nn.Conv2d(dim, hidden, 1, bias=False), nn.GELU(), nn.BatchNorm2d(hidden))
+        self.fc1 = nn.Sequential(nn.Conv2d(dim, hidden, kernel_size=1, bias=False), nn.GELU(), nn.BatchNorm2d(hidden))
         self.dwconv = MultiScaleDWConv(hidden)
         self.act = nn.GELU()
         self.norm = nn.BatchNorm2d(hidden)
-        self.fc2 = nn.Sequential(nn.Conv2d(hidden, dim, 1, bias=False), nn.BatchNorm2d(dim))
+        self.fc2 = nn.Sequential(nn.Conv2d(hidden, dim, kernel_size=1, bias=False), nn.BatchNorm2d(dim))
         self.drop = nn.Dropout(drop)
 
-    fused = False  # set by transxnet.accelerated()
-
-    def forward(self, x, layer_scale=None):
-        """`layer_scale` (accelerated eval only): the block's layer_scale_2, folded into fc2."""
-        if folds_batchnorm(self):
-            h = self.fc1[0](x)
-            if tk.has_fused("ms_ffn_middle_eval", h):
-                return self.drop(self.folded_fc2(self.drop(self.fused_eval(h)), layer_scale))
-            x = self.fc1[2](self.fc1[1](h))
-        else:
-            x = self.fc1(x)
-        if self.fused:
-            x = self.drop(self.fused_middle(x))
-        else:
-            x = self.dwconv(x) + x
-            x = self.drop(self.norm(self.act(x)))
-        if folds_batchnorm(self):
-            return self.drop(self.folded_fc2(x, layer_scale))
+    def forward(self, x):
+        x = self.fc1(x)
+        x = self.dwconv(x) + x
+        x = self.drop(self.norm(self.act(x)))
         return self.drop(self.fc2(x))
-
-    def folded_fc2(self, x, layer_scale=None):
-        """fc2 in eval mode with its BatchNorm (and the block's layer scale) folded into the conv."""
-        conv = self.fc2[0]
-        weight, bias = scale_conv_output(*fold_bn_into_conv(conv, self.fc2[1]),
-                                         *_layer_scale_affine(layer_scale, conv.out_channels, conv.weight))
-        return _conv(conv, x, weight, bias)
-
-    def fused_eval(self, h):
-        """Eval: fc1's GELU + BatchNorm, the middle and its BatchNorm in one op (`h` is fc1's conv output)."""
-        in_scale, in_shift = batchnorm_scale_shift(self.fc1[2])
-        out_scale, out_shift = batchnorm_scale_shift(self.norm)
-        return tk.ms_ffn_middle_eval(h, in_scale, in_shift, [p.weight for p in self.dwconv.proj],
-                                     [p.bias for p in self.dwconv.proj], out_scale, out_shift)
-
-    def fused_middle(self, x):
-        """norm(act(dwconv(x) + x)) in one op, with nn.BatchNorm2d's exact semantics."""
-        bn = self.norm
-        momentum = 0.0 if bn.momentum is None else bn.momentum
-        if bn.training and bn.track_running_stats:
-            bn.num_batches_tracked.add_(1)
-            if bn.momentum is None:  # cumulative moving average
-                momentum = 1.0 / float(bn.num_batches_tracked)
-        use_batch_stats = bn.training or bn.running_mean is None
-        track = not bn.training or bn.track_running_stats
-        return tk.ms_ffn_middle(
-            x, [p.weight for p in self.dwconv.proj], [p.bias for p in self.dwconv.proj], bn.weight, bn.bias,
-            bn.running_mean if track else None, bn.running_var if track else None,
-            use_batch_stats, momentum, bn.eps)
 
 
 class LayerScale(nn.Module):
@@ -355,25 +250,25 @@ class DropPath(nn.Module):
 
 
 class Block(nn.Module):
+    """One TransXNet block (paper Fig. 2): conditional position encoding (`pos_embed`, dw 7x7), then D-Mixer
+    and MS-FFN, each pre-normed (GroupNorm(1, C)), layer-scaled and residual."""
+
     def __init__(self, dim, kernel_size=7, sr_ratio=1, num_groups=2, num_heads=1, mlp_ratio=4,
                  drop=0.0, drop_path=0.0, grad_checkpoint=False):
         super().__init__()
         self.grad_checkpoint = grad_checkpoint
-        self.pos_embed = nn.Conv2d(dim, dim, 7, padding=3, groups=dim)
+        self.pos_embed = nn.Conv2d(dim, dim, kernel_size=7, padding=3, groups=dim)
         self.norm1 = nn.GroupNorm(1, dim)
-        self.token_mixer = HybridTokenMixer(dim, kernel_size, num_groups, num_heads, sr_ratio)
+        self.token_mixer = HybridTokenMixer(dim, kernel_size=kernel_size, num_groups=num_groups, num_heads=num_heads,
+                                            sr_ratio=sr_ratio)
         self.norm2 = nn.GroupNorm(1, dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.layer_scale_1 = LayerScale(dim)
         self.layer_scale_2 = LayerScale(dim)
 
     def _forward(self, x, relative_pos_enc=None):
         x = x + self.pos_embed(x)
-        if folds_batchnorm(self.mlp):
-            # Accelerated eval: the layer scales fold into each branch's last conv (drop path is off).
-            x = x + self.token_mixer(self.norm1(x), relative_pos_enc, self.layer_scale_1)
-            return x + self.mlp(self.norm2(x), self.layer_scale_2)
         x = x + self.drop_path(self.layer_scale_1(self.token_mixer(self.norm1(x), relative_pos_enc)))
         x = x + self.drop_path(self.layer_scale_2(self.mlp(self.norm2(x))))
         return x
@@ -433,7 +328,7 @@ class TransXNet(nn.Module):
         if len(checkpoint_stage) != len(layers):
             raise ValueError(f"checkpoint_stage needs {len(layers)} entries, got {len(checkpoint_stage)}")
 
-        self.patch_embed = PatchEmbed(in_chans, dims[0], 7, STEM_STRIDE, 3)
+        self.patch_embed = PatchEmbed(in_chans, dims[0], kernel_size=7, stride=STEM_STRIDE, padding=3)
 
         side = [math.ceil(s / STEM_STRIDE) for s in _pair(image_size)]
         self.relative_pos_enc = nn.ParameterList()
@@ -448,13 +343,13 @@ class TransXNet(nn.Module):
         for i, depth in enumerate(layers):
             first = sum(layers[:i])
             network.append(nn.ModuleList(
-                Block(dims[i], cfg["kernel_size"], cfg["sr_ratios"][i], cfg["num_groups"][i], cfg["num_heads"][i],
-                      cfg["mlp_ratios"][i], drop_rate,
-                      drop_path_rate * (first + j) / max(total - 1, 1),
-                      grad_checkpoint and j < checkpoint_stage[i])
+                Block(dims[i], kernel_size=cfg["kernel_size"], sr_ratio=cfg["sr_ratios"][i],
+                      num_groups=cfg["num_groups"][i], num_heads=cfg["num_heads"][i], mlp_ratio=cfg["mlp_ratios"][i],
+                      drop=drop_rate, drop_path=drop_path_rate * (first + j) / max(total - 1, 1),
+                      grad_checkpoint=grad_checkpoint and j < checkpoint_stage[i])
                 for j in range(depth)))
             if i < len(layers) - 1:
-                network.append(PatchEmbed(dims[i], dims[i + 1], 3, 2, 1))
+                network.append(PatchEmbed(dims[i], dims[i + 1], kernel_size=3, stride=2, padding=1))
         self.network = nn.ModuleList(network)
         # Index into `network` of each stage's block list.
         self.stage_indices = tuple(range(0, len(network), 2))
@@ -466,9 +361,8 @@ class TransXNet(nn.Module):
             self.classifier = nn.Sequential(
                 nn.GroupNorm(1, dims[-1]),
                 nn.AdaptiveAvgPool2d(1),
-                nn.Conv2d(dims[-1], num_classes, 1) if num_classes > 0 else nn.Identity(),
+                nn.Conv2d(dims[-1], num_classes, kernel_size=1) if num_classes > 0 else nn.Identity(),
             )
-        self._rpe_cache: Dict[int, tuple] = {}
         self.apply(self._init_weights)
 
     @staticmethod
@@ -497,39 +391,27 @@ class TransXNet(nn.Module):
         if x.dtype != param_dtype and not torch.is_autocast_enabled(x.device.type):
             raise ValueError(f"input dtype {x.dtype} differs from the model's {param_dtype}; "
                              "cast one of them or run under torch.autocast")
+        if x.shape[0] == 1 and any(bn.training for bn in self._idconv_batchnorms()):
+            raise ValueError(
+                "TransXNet cannot train on a batch of 1: IDConv's BatchNorm normalises the kernel generator's "
+                "input with batch statistics, one value per channel and sample, which needs a batch of at least "
+                "2. Train with batch >= 2, or put the BatchNorm layers in eval mode (model.eval(), or freeze "
+                "them as detection frameworks' norm_eval does) to use their running statistics.")
+
+    def _idconv_batchnorms(self):
+        for stage in self.stage_indices:
+            for blk in self.network[stage]:
+                yield blk.token_mixer.local_unit.proj[0].bn
 
     # ------------------------------------------------------------------ forward
-    fused = False  # set by transxnet.accelerated()
-
     def stage_relative_pos_enc(self, stage: int, x: torch.Tensor) -> torch.Tensor:
-        """The bias each block of `stage` receives.
-
-        The released code resizes it inside every block; accelerated, it is resized once
-        per stage (exact: the blocks share it) and, when no gradient is needed, cached
-        per input size until the parameter changes."""
-        rpe = self.relative_pos_enc[stage]
-        if not self.fused:
-            return rpe
-        H, W = x.shape[-2:]
-        sr = self.arch["sr_ratios"][stage]
-        n, m = H * W, reduced_size(H, sr) * reduced_size(W, sr)
-        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and rpe.requires_grad):
-            return resize_relative_pos_enc(rpe, n, m)
-        key = (stage, n, m, rpe.device, rpe.dtype, rpe.data_ptr(), rpe._version)
-        cached = self._rpe_cache.get(stage)
-        if cached is None or cached[0] != key:
-            cached = (key, resize_relative_pos_enc(rpe, n, m))
-            self._rpe_cache[stage] = cached
-        return cached[1]
+        """The bias the blocks of `stage` receive; each OSRA resizes it to its input (the release's rule)."""
+        return self.relative_pos_enc[stage]
 
     def forward_features(self, x):
         """Final feature map [B, C3, H/32, W/32]; with fork_feat, the four normalised stage maps."""
         if not torch.jit.is_scripting() and not torch.compiler.is_compiling():
             self.check_input(x)
-        if folds_batchnorm(self) and x.device.type == "cpu":
-            # oneDNN's convolutions run about twice as fast on channels_last data, and the cpp
-            # kernels work on it natively: accelerated CPU inference runs in channels_last.
-            x = x.contiguous(memory_format=torch.channels_last)
         x = self.patch_embed(x)
         outs = []
         for stage, idx in enumerate(self.stage_indices):
@@ -553,3 +435,14 @@ class TransXNet(nn.Module):
     def forward(self, x):
         x = self.forward_features(x)
         return x if self.fork_feat else self.forward_head(x)
+
+    # ------------------------------------------------------------------ training utilities (timm's API)
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Gradient checkpointing for every block (the constructor's checkpoint_stage picks leading blocks)."""
+        for stage in self.stage_indices:
+            for blk in self.network[stage]:
+                blk.grad_checkpoint = enable
+
+    def no_weight_decay(self) -> Set[str]:
+        """Parameters to train without weight decay: the relative-position biases."""
+        return {f"relative_pos_enc.{i}" for i in range(len(self.relative_pos_enc))}
