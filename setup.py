@@ -1,4 +1,4 @@
-"""transxnet-kernels: TransXNet with fused Triton / C++ kernels.
+"""The optional C++ extension build (project metadata lives in pyproject.toml).
 
 Install with the torch you already have:  pip install --no-build-isolation -e .
 The C++ CPU kernels in csrc/ are built with torch's extension tooling when a
@@ -9,7 +9,7 @@ import glob
 import os
 import sys
 
-from setuptools import find_packages, setup
+from setuptools import setup
 
 
 def cpp_extension():
@@ -65,14 +65,4 @@ def cpp_extension():
 
 ext_modules, cmdclass = cpp_extension()
 
-setup(
-    name="transxnet-kernels",
-    version="0.1.0",
-    description="TransXNet (T/S/B) with fused Triton and C++ kernels for IDConv, OSRA and MS-FFN",
-    packages=find_packages(include=["transxnet", "transxnet.*", "transxnet_kernels", "transxnet_kernels.*"]),
-    python_requires=">=3.9",
-    install_requires=["torch>=2.4"],
-    extras_require={"triton": ["triton>=3.0"], "test": ["pytest", "pytest-benchmark"], "bench": ["matplotlib"]},
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-)
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -17,7 +17,7 @@ if ! "$VPY" -c "import torch" 2>/dev/null; then
   "$VPY" -m pip install -q "${TORCH_SPEC:-torch==2.13.0}"
 fi
 echo "[setup] installing test / benchmark dependencies"
-"$VPY" -m pip install -q triton numpy pytest pytest-benchmark matplotlib ninja setuptools wheel
+"$VPY" -m pip install -q triton numpy pytest pytest-benchmark matplotlib ninja setuptools wheel ruff==0.17.6
 echo "[setup] installing transxnet-kernels (editable; builds the C++ CPU kernels)"
 "$VPY" -m pip install -q --no-build-isolation -e .
 "$VPY" - <<'PY'
