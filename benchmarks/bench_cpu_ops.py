@@ -99,8 +99,13 @@ def implementation(op: str, impl: str) -> Callable:
         if op not in _COMPILED:
             _COMPILED[op] = torch.compile(getattr(reference, op))  # default mode (inductor)
         return _COMPILED[op]
-    from transxnet_kernels import cpp_ops
-    return getattr(cpp_ops, op)
+    public_op = getattr(tk, op)
+
+    def on_cpp(*args):
+        with tk.use_backend("cpp"):
+            return public_op(*args)
+
+    return on_cpp
 
 
 @pytest.mark.parametrize("impl", IMPLS)

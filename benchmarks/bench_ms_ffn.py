@@ -1,15 +1,15 @@
-"""MS-FFN middle and multi-scale depthwise conv: eager reference vs torch.compile(reference) vs Triton.
+"""The MS-FFN family (multiscale_dwconv, ms_ffn_middle): eager reference vs torch.compile(reference) vs Triton.
 
 Shapes: the MS-FFN hidden map of every stage of TransXNet-T/S/B at batch 128 (hidden Ch = C * ratio,
 groups of kernels 1/3/5/7 with widths Ch - 3*(Ch//4), Ch//4, Ch//4, Ch//4), contiguous NCHW,
 dtype from TRANSXNET_BENCH_DTYPE (default bfloat16).
 
 Cases (N = B*Ch*H*W elements of e bytes):
-    middle-fwd-eval    BN(GELU(msdw(x) + x)) with running stats     min bytes 2*N*e  (Triton: 2 passes)
+    middle-fwd-eval    BN(GELU(multiscale_dwconv(x) + x)) with running stats     min bytes 2*N*e  (Triton: 2 passes)
     middle-fwd-train   the same with batch stats + running update   min bytes 2*N*e  (Triton: 3 passes)
     middle-fwdbwd-train  forward + backward, training               min bytes 5*N*e  (Triton: 3 + 7 passes)
-    msdw-fwd           multiscale_dwconv alone                      min bytes 2*N*e  (Triton: 2 passes)
-    msdw-fwdbwd        forward + backward                           min bytes 5*N*e  (Triton: 2 + 3 passes)
+    multiscale-fwd     multiscale_dwconv alone                      min bytes 2*N*e  (Triton: 2 passes)
+    multiscale-fwdbwd  forward + backward                           min bytes 5*N*e  (Triton: 2 + 3 passes)
 The 5*N*e of a forward+backward is x and out, then go, x (for dW) and dx. Roofline time = min bytes /
 HBM bandwidth (H100 SXM ~3.35 TB/s, H200 ~4.8 TB/s); `achieved_gbps` in extra_info is min_bytes / time.
 FLOPs (extra_info `flops`): 2 * N * mean(k^2) per conv pass, ~3x that for forward+backward.
@@ -23,7 +23,7 @@ import torch
 import transxnet_kernels as tk
 from transxnet_kernels import reference
 
-from common import run_case
+from benchmarks.common import run_case
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="GPU benchmark: needs CUDA (the Triton interpreter on CPU says nothing about speed)")
@@ -36,9 +36,9 @@ MODELS = {  # name: (channels per stage, MLP ratio per stage)
     "B": ((76, 152, 336, 672), (8, 8, 4, 4)),
 }
 KERNELS = (1, 3, 5, 7)
-SHAPES = [(f"{m}{stage + 1}", int(c * r), s)
+SHAPES = [(f"{m}-stage{stage + 1}", int(c * r), s)
           for m, (cs, rs) in MODELS.items() for stage, (c, r, s) in enumerate(zip(cs, rs, SPATIAL))]
-CASES = ["middle-fwd-eval", "middle-fwd-train", "middle-fwdbwd-train", "msdw-fwd", "msdw-fwdbwd"]
+CASES = ["middle-fwd-eval", "middle-fwd-train", "middle-fwdbwd-train", "multiscale-fwd", "multiscale-fwdbwd"]
 IMPLS = ["eager", "compiled", "triton"]
 DTYPE = getattr(torch, os.environ.get("TRANSXNET_BENCH_DTYPE", "bfloat16"))
 
@@ -55,7 +55,7 @@ def _mean_k2(widths):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("name,ch,size", SHAPES, ids=[s[0] for s in SHAPES])
-def test_msdwconv(benchmark, name, ch, size, case, impl):
+def test_ms_ffn(benchmark, name, ch, size, case, impl):
     device = torch.device("cuda")
     torch.manual_seed(0)
     widths = _group_widths(ch)

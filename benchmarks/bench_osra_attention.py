@@ -43,7 +43,7 @@ def _stage_shapes(variant, height, width, batch):
     for stage, (C, h, sr) in enumerate(zip(channels, heads, SR_RATIOS)):
         H, W = height // 2 ** (stage + 2), width // 2 ** (stage + 2)
         N, M = H * W, math.ceil(H / sr) * math.ceil(W / sr)
-        yield f"{variant}-s{stage + 1}-{height}x{width}-b{batch}", (batch, h, N, M, C // 2 // h)
+        yield f"{variant}-stage{stage + 1}-{height}x{width}-b{batch}", (batch, h, N, M, C // 2 // h)
 
 
 SHAPES = dict(

@@ -2,10 +2,13 @@
 
 GPU timings are medians of `triton.testing.do_bench` (CUDA-event timed, L2 flushed);
 CPU timings are medians of wall-clock repeats. Peak memory is measured around one
-call, above what was allocated before it.
+call, above what was allocated before it. With TRANSXNET_BENCH_JSONL=path every case's
+record is also appended to that file as soon as it is measured (a run cut short keeps them).
 """
 from __future__ import annotations
 
+import json
+import os
 import statistics
 import time
 from typing import Callable, Dict
@@ -64,4 +67,8 @@ def run_case(benchmark, fn: Callable[[], object], device: torch.device, min_byte
         **info,
     }
     benchmark.extra_info.update(record)
+    jsonl = os.environ.get("TRANSXNET_BENCH_JSONL")
+    if jsonl:
+        with open(jsonl, "a") as f:
+            f.write(json.dumps({"case": benchmark.name, **record}) + "\n")
     return record

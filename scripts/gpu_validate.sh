@@ -1,22 +1,66 @@
 #!/usr/bin/env bash
-# GPU validation in one call: tests on CUDA, op benchmarks, model benchmark.
-# Uses the python that has torch with CUDA (no install); results land in benchmarks/results/.
-# The parity tests need ../shared/parity; on a machine that has only the repository, copy it in
-# (e.g. to an ignored ./parity_data) and set TRANSXNET_PARITY_DIR, or those test modules skip.
+# GPU validation in one prepared run: CUDA kernel tests, op benchmarks, model benchmark.
+#
+#   bash scripts/gpu_validate.sh [--quick | --full] [--out DIR]
+#
+# --quick (default) fits about 8 minutes on one H100: the op, backend and accelerated-model tests on CUDA
+#   (TRANSXNET_REQUIRE_BACKENDS=triton, no -x), the op benchmarks at the TransXNet-T stage shapes (eager,
+#   Triton, SDPA/Flex for attention; torch.compile baselines at stage 1 only), and the model benchmark for T
+#   in fp32 and AMP, inference and training step, eager / torch.compile / accelerated.
+# --full: the whole test suite, every op benchmark shape and T/S/B in the model benchmark.
+# Each phase writes its files into DIR (default benchmarks/results/gpu_<UTC stamp>) as soon as it ends, so a
+# run cut short still leaves what it finished: env.txt, tests.log, tests.xml, ops.log, ops.jsonl (one line per
+# benchmark case, appended as measured), model.log and the model benchmark's JSON and PNG (8 files). Uses the python that has CUDA torch and Triton (no install).
+# The parity tests need ../shared/parity: copy it beside the repo or set TRANSXNET_PARITY_DIR.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+MODE=quick
+OUT=benchmarks/results/gpu_$(date -u +%Y%m%d-%H%M%S)
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --quick) MODE=quick ;;
+    --full) MODE=full ;;
+    --out) OUT=$2; shift ;;
+    *) echo "unknown argument $1" >&2; exit 2 ;;
+  esac
+  shift
+done
 PY=${PYTHON:-python3}
-OUT=benchmarks/results
-stamp=$(date -u +%Y%m%d-%H%M%S)
 mkdir -p "$OUT"
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-"$PY" -c "import torch, triton; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())" || exit 1
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+{
+  echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  echo "command: bash scripts/gpu_validate.sh --$MODE --out $OUT"
+  echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+  "$PY" -c "import torch, triton; assert torch.cuda.is_available(), 'no CUDA device'; \
+print('torch', torch.__version__, '| triton', triton.__version__, '| cuda', torch.version.cuda); \
+print('device', torch.cuda.get_device_name(), torch.cuda.get_device_capability())"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>/dev/null
+} > "$OUT/env.txt" 2>&1 || { cat "$OUT/env.txt"; exit 1; }
+cat "$OUT/env.txt"
 status=0
-echo "== tests on CUDA"
-"$PY" -m pytest -q -x -p no:cacheprovider tests 2>&1 | tee "$OUT/gpu_tests_$stamp.log" || status=1
+
+if [ "$MODE" = quick ]; then
+  TESTS="tests/ops tests/test_backend.py tests/test_accelerated.py"
+  OPS_FILTER="T-stage and ((not compiled and not flex) or T-stage1)"
+  MODEL_ARGS="--models t --modes infer,train --precisions fp32,amp --no-detection"
+  T_TESTS=240; T_OPS=150; T_MODEL=180
+else
+  TESTS="tests"; OPS_FILTER=""; MODEL_ARGS=""
+  T_TESTS=3600; T_OPS=3600; T_MODEL=3600
+fi
+
+echo "== tests on CUDA ($TESTS)"
+TRANSXNET_REQUIRE_BACKENDS=triton timeout "$T_TESTS" "$PY" -m pytest -q -p no:cacheprovider $TESTS \
+  --junitxml="$OUT/tests.xml" > "$OUT/tests.log" 2>&1 || status=1
+tail -n 15 "$OUT/tests.log"
+
 echo "== op benchmarks"
-"$PY" -m pytest -q -p no:cacheprovider benchmarks/bench_idconv.py benchmarks/bench_msdwconv.py benchmarks/bench_osra.py \
-  --benchmark-json="$OUT/ops_$stamp.json" 2>&1 | tail -n 40 || status=1
-echo "== model benchmark"
-"$PY" -m benchmarks.model_benchmark "$@" || status=1
+TRANSXNET_BENCH_JSONL="$OUT/ops.jsonl" timeout "$T_OPS" "$PY" -m pytest -q -p no:cacheprovider benchmarks/bench_idconv.py benchmarks/bench_ms_ffn.py \
+  benchmarks/bench_osra_attention.py ${OPS_FILTER:+-k "$OPS_FILTER"} > "$OUT/ops.log" 2>&1 || status=1
+tail -n 5 "$OUT/ops.log"
+
+echo "== model benchmark ($MODEL_ARGS)"
+timeout "$T_MODEL" "$PY" -m benchmarks.model_benchmark $MODEL_ARGS --out "$OUT" > "$OUT/model.log" 2>&1 || status=1
+tail -n 25 "$OUT/model.log"
 exit $status
