@@ -47,6 +47,7 @@ class CallInfo:
     dtype: torch.dtype
     needs_grad: bool
     training: bool = False  # ms_ffn_middle: batch-statistics BatchNorm
+    head_dim: int = 0  # osra_attention: the head dim d (backends cap it)
 
 
 # Returns None when the implementation can run the call, else the reason it cannot.
@@ -57,10 +58,10 @@ def always(_: CallInfo) -> Optional[str]:
     return None
 
 
-def call_info(tensors: Sequence[Optional[torch.Tensor]], training: bool = False) -> CallInfo:
+def call_info(tensors: Sequence[Optional[torch.Tensor]], training: bool = False, head_dim: int = 0) -> CallInfo:
     """The CallInfo of a call on `tensors`; the first one decides device and dtype."""
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    return CallInfo(tensors[0].device, tensors[0].dtype, needs_grad, training)
+    return CallInfo(tensors[0].device, tensors[0].dtype, needs_grad, training, head_dim)
 
 
 _forced: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("transxnet_backend", default=None)
@@ -112,11 +113,12 @@ def _resolve(op: "Op", info: CallInfo) -> Tuple[Optional[str], str]:
 
 
 @torch.compiler.assume_constant_result
-def select(op_name: str, device: torch.device, dtype: torch.dtype, needs_grad: bool, training: bool) -> str:
+def select(op_name: str, device: torch.device, dtype: torch.dtype, needs_grad: bool, training: bool,
+           head_dim: int) -> str:
     """The backend that runs a call of `op_name` (raises BackendUnavailableError for a forced one that cannot)."""
     if exporting():
         return "reference"
-    info = CallInfo(device, dtype, needs_grad, training)
+    info = CallInfo(device, dtype, needs_grad, training, head_dim)
     backend, reason = _resolve(OPS[op_name], info)
     if backend is None:
         raise BackendUnavailableError(

@@ -47,7 +47,7 @@ class Op:
 
     def __call__(self, *args, **kwargs):
         args, info = self._definition(*args, **kwargs)
-        backend = select(self.name, info.device, info.dtype, info.needs_grad, info.training)
+        backend = select(self.name, info.device, info.dtype, info.needs_grad, info.training, info.head_dim)
         return self._impls[backend].fn(*args)
 
     def register(self, backend: str, supports: Supports = always) -> Callable[[Callable], Callable]:
@@ -113,7 +113,8 @@ def _same_device_and_dtype(op: str, named: Sequence[Tuple[str, Optional[Tensor]]
 def _autocast(tensors: List[Optional[Tensor]]) -> List[Optional[Tensor]]:
     """The tensors cast to the autocast dtype when autocast is on for their device, else unchanged."""
     device_type = tensors[0].device.type
-    if not torch.is_autocast_enabled(device_type):
+    # is_autocast_enabled raises for device types without autocast (e.g. meta): those have nothing to cast
+    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
     return [None if t is None else t.to(dtype) for t in tensors]
@@ -246,7 +247,7 @@ def osra_attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor] = Non
     _same_device_and_dtype("osra_attention", (("q", q), ("bias", bias)), same_dtype=False)
     if scale is None:
         scale = d ** -0.5
-    return (q, k, v, bias, float(scale)), call_info([q, k, v, bias])
+    return (q, k, v, bias, float(scale)), call_info([q, k, v, bias], head_dim=d)
 
 
 def has_fused(op: str, x: Tensor) -> bool:

@@ -46,9 +46,12 @@ import triton
 import triton.language as tl
 
 from .. import ops
-from .common import LaunchTarget, accumulation_dtype, device_guard, launch_settings, supports
+from ..backend import CallInfo
+from .common import LaunchTarget, accumulation_dtype, device_guard, launch_settings, needs_int64, supports
 
-MAX_HEAD_DIM = 128
+# The largest head dim the kernels are audited (no spills, shared memory within sm_86) and tested for;
+# TransXNet's are 19 to 32.
+MAX_HEAD_DIM = 64
 
 
 @triton.jit
@@ -70,7 +73,7 @@ def _osra_fwd_kernel(
     out_stride_b, out_stride_h, out_stride_n, out_stride_d,
     H, N, M, D,
     HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, USE_DOT: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, INDEX64: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
@@ -78,8 +81,10 @@ def _osra_fwd_kernel(
     h = (bh % H).to(tl.int64)
     scale = tl.load(scale_ptr)  # its dtype (fp32, or fp64 for fp64 inputs) is the accumulation dtype
 
-    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
+    if INDEX64:
+        offs_n = offs_n.to(tl.int64)
     mask_n = offs_n < N
     mask_d = offs_d < D
     q = tl.load(q_ptr + b * q_stride_b + h * q_stride_h + offs_n[:, None] * q_stride_n + offs_d[None, :] * q_stride_d,
@@ -94,10 +99,12 @@ def _osra_fwd_kernel(
     for start_m in range(0, M, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         mask_m = offs_m < M
-        kv_mask = mask_m[:, None] & mask_d[None, :]
-        k = tl.load(k_base + offs_m[:, None] * k_stride_m + offs_d[None, :] * k_stride_d, mask=kv_mask, other=0.0)
-        v = tl.load(v_base + offs_m[:, None] * v_stride_m + offs_d[None, :] * v_stride_d, mask=kv_mask, other=0.0)
-        s = _matmul(q, tl.trans(k), PRECISION, USE_DOT).to(scale.dtype) * scale
+        # K^T is loaded transposed (not tl.trans of a K tile): the tile goes straight to the dot operand.
+        kt = tl.load(k_base + offs_d[:, None] * k_stride_d + offs_m[None, :] * k_stride_m,
+                     mask=mask_d[:, None] & mask_m[None, :], other=0.0)
+        v = tl.load(v_base + offs_m[:, None] * v_stride_m + offs_d[None, :] * v_stride_d,
+                    mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+        s = _matmul(q, kt, PRECISION, USE_DOT).to(scale.dtype) * scale
         if HAS_BIAS:
             s += tl.load(bias_base + offs_m[None, :] * bias_stride_m,
                          mask=mask_n[:, None] & mask_m[None, :], other=0.0).to(scale.dtype)
@@ -129,15 +136,17 @@ def _osra_bwd_dq_kernel(
     B, H, N, M, D, BATCHES_PER_GROUP,
     HAS_BIAS: tl.constexpr, HAS_DBIAS: tl.constexpr, ONE_KEY_BLOCK: tl.constexpr,
     PRECISION: tl.constexpr, USE_DOT: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, INDEX64: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
     group = tl.program_id(2).to(tl.int64)
     scale = tl.load(scale_ptr)
 
-    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
+    if INDEX64:
+        offs_n = offs_n.to(tl.int64)
     mask_n = offs_n < N
     mask_d = offs_d < D
     nd_mask = mask_n[:, None] & mask_d[None, :]
@@ -166,15 +175,18 @@ def _osra_bwd_dq_kernel(
         for start_m in range(0, M, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             mask_m = offs_m < M
-            kv_mask = mask_m[:, None] & mask_d[None, :]
-            k = tl.load(k_base + offs_m[:, None] * k_stride_m + offs_d[None, :] * k_stride_d, mask=kv_mask, other=0.0)
-            v = tl.load(v_base + offs_m[:, None] * v_stride_m + offs_d[None, :] * v_stride_d, mask=kv_mask, other=0.0)
-            s = _matmul(q, tl.trans(k), PRECISION, USE_DOT).to(scale.dtype) * scale
+            dm_mask = mask_d[:, None] & mask_m[None, :]
+            # K, K^T and V^T are separate (L2-resident) loads rather than tl.trans of register tiles.
+            k = tl.load(k_base + offs_m[:, None] * k_stride_m + offs_d[None, :] * k_stride_d,
+                        mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+            kt = tl.load(k_base + offs_d[:, None] * k_stride_d + offs_m[None, :] * k_stride_m, mask=dm_mask, other=0.0)
+            vt = tl.load(v_base + offs_d[:, None] * v_stride_d + offs_m[None, :] * v_stride_m, mask=dm_mask, other=0.0)
+            s = _matmul(q, kt, PRECISION, USE_DOT).to(scale.dtype) * scale
             nm_mask = mask_n[:, None] & mask_m[None, :]
             if HAS_BIAS:
                 s += tl.load(bias_base + offs_m[None, :] * bias_stride_m, mask=nm_mask, other=0.0).to(scale.dtype)
             p = tl.where(mask_m[None, :], tl.exp(s - lse[:, None]), 0.0)
-            dp = _matmul(do, tl.trans(v), PRECISION, USE_DOT).to(scale.dtype)
+            dp = _matmul(do, vt, PRECISION, USE_DOT).to(scale.dtype)
             ds = p * (dp - delta[:, None])
             dq += _matmul(ds.to(k.dtype), k, PRECISION, USE_DOT).to(scale.dtype)
             if HAS_DBIAS:
@@ -210,7 +222,7 @@ def _osra_bwd_dkdv_kernel(
     dv_stride_s, dv_stride_b, dv_stride_h, dv_stride_m, dv_stride_d,
     H, N, M, D, ROWS_PER_SPLIT,
     HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, USE_DOT: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, INDEX64: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -233,24 +245,32 @@ def _osra_bwd_dkdv_kernel(
 
     dk = tl.zeros([BLOCK_M, BLOCK_D], scale.dtype)
     dv = tl.zeros([BLOCK_M, BLOCK_D], scale.dtype)
-    n_lo = split * ROWS_PER_SPLIT
+    n_lo = (split * ROWS_PER_SPLIT).to(tl.int32)
     n_hi = tl.minimum(n_lo + ROWS_PER_SPLIT, N)
     for start_n in range(n_lo, n_hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
+        if INDEX64:
+            offs_n = offs_n.to(tl.int64)
         mask_n = offs_n < n_hi
         nd_mask = mask_n[:, None] & mask_d[None, :]
+        dn_mask = mask_d[:, None] & mask_n[None, :]
+        # Q, Q^T, dO and dO^T are separate (L2-resident) loads rather than tl.trans of register tiles.
         q = tl.load(q_base + offs_n[:, None] * q_stride_n + offs_d[None, :] * q_stride_d, mask=nd_mask, other=0.0)
-        do = tl.load(do_base + offs_n[:, None] * grad_out_stride_n + offs_d[None, :] * grad_out_stride_d, mask=nd_mask, other=0.0)
+        qt = tl.load(q_base + offs_d[:, None] * q_stride_d + offs_n[None, :] * q_stride_n, mask=dn_mask, other=0.0)
+        do = tl.load(do_base + offs_n[:, None] * grad_out_stride_n + offs_d[None, :] * grad_out_stride_d,
+                     mask=nd_mask, other=0.0)
+        dot = tl.load(do_base + offs_d[:, None] * grad_out_stride_d + offs_n[None, :] * grad_out_stride_n,
+                      mask=dn_mask, other=0.0)
         lse = tl.load(lse_ptr + row_base + offs_n, mask=mask_n, other=float("inf"))  # padded rows: P = 0
         delta = tl.load(delta_ptr + row_base + offs_n, mask=mask_n, other=0.0)
         # Transposed scores: rows are keys, columns are queries.
-        st = _matmul(k, tl.trans(q), PRECISION, USE_DOT).to(scale.dtype) * scale
+        st = _matmul(k, qt, PRECISION, USE_DOT).to(scale.dtype) * scale
         if HAS_BIAS:
             st += tl.load(bias_base + offs_n[None, :] * bias_stride_n,
                           mask=mask_m[:, None] & mask_n[None, :], other=0.0).to(scale.dtype)
         pt = tl.exp(st - lse[None, :])
         dv += _matmul(pt.to(do.dtype), do, PRECISION, USE_DOT).to(scale.dtype)
-        dpt = _matmul(v, tl.trans(do), PRECISION, USE_DOT).to(scale.dtype)
+        dpt = _matmul(v, dot, PRECISION, USE_DOT).to(scale.dtype)
         dst = pt * (dpt - delta[None, :])
         dk += _matmul(dst.to(q.dtype), q, PRECISION, USE_DOT).to(scale.dtype)
 
@@ -271,6 +291,7 @@ class _Config:
     block_d: int
     precision: str  # tl.dot input precision: "ieee" keeps fp32 exact (no TF32); fp16/bf16 ignore it
     use_dot: bool
+    num_warps: int
 
 
 def _uses_dot(q: torch.Tensor) -> bool:
@@ -280,13 +301,18 @@ def _uses_dot(q: torch.Tensor) -> bool:
 
 
 def _config(q: torch.Tensor) -> _Config:
+    """Block sizes and warps per dtype, checked by the static GPU audit (no spills, shared memory within
+    sm_86's 99 KB) at every TransXNet shape and at head dims up to MAX_HEAD_DIM."""
     d = q.shape[-1]
-    precision = "ieee" if q.dtype in (torch.float32, torch.float64) else "tf32"
-    if _uses_dot(q):
-        # BLOCK_M = 64 covers the model's M = 49 in one key block; tl.dot needs every dim >= 16.
-        return _Config(64, 64, max(16, triton.next_power_of_2(d)), precision, True)
-    # Without tl.dot a [block_n, block_d, block_m] product lives in registers: keep it small.
-    return _Config(16, 16, triton.next_power_of_2(d), precision, False)
+    block_d = max(16, triton.next_power_of_2(d))  # tl.dot needs every dim >= 16
+    if not _uses_dot(q):
+        # Without tl.dot a [block_n, block_d, block_m] product lives in registers: keep it small.
+        return _Config(16, 16, triton.next_power_of_2(d), "ieee", False, 4)
+    if q.dtype in (torch.float32, torch.float64):
+        # IEEE fp32 (no TF32) runs tl.dot on FMA units with whole operand tiles in registers: half the rows.
+        return _Config(32, 64, block_d, "ieee", True, 8)
+    # BLOCK_M = 64 covers the model's M = 49 in one key block.
+    return _Config(64, 64, block_d, "tf32", True, 8)
 
 
 @dataclass(frozen=True)
@@ -337,7 +363,8 @@ def _forward(q, k, v, bias, scale):
             *q.stride(), *k.stride(), *v.stride(), *_bias_strides(bias), *out.stride(),
             h, N, M, d,
             HAS_BIAS=bias is not None, PRECISION=cfg.precision, USE_DOT=cfg.use_dot,
-            BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d, num_warps=4,
+            BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d, INDEX64=needs_int64(q, k, v, out),
+            num_warps=cfg.num_warps,
         )
     return out, lse
 
@@ -387,6 +414,7 @@ def _backward(grad_out, q, k, v, bias, out, lse, scale, bias_needs_grad):
     else:
         dk_buf, dv_buf = torch.empty_like(k), torch.empty_like(v)
         dk_strides, dv_strides = (0,) + dk_buf.stride(), (0,) + dv_buf.stride()
+    index64 = needs_int64(q, k, v, out, grad_out, dq)
     with device_guard(q):
         _osra_bwd_dq_kernel[(n_blocks, h, groups)](
             q, k, v, bias if bias is not None else q, out, grad_out, lse, delta, dq, dbias_buf, scale_t,
@@ -395,7 +423,7 @@ def _backward(grad_out, q, k, v, bias, out, lse, scale, bias_needs_grad):
             B, h, N, M, d, batches_per_group,
             HAS_BIAS=bias is not None, HAS_DBIAS=has_dbias, ONE_KEY_BLOCK=M <= cfg.block_m,
             PRECISION=cfg.precision, USE_DOT=cfg.use_dot,
-            BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d, num_warps=4,
+            BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d, INDEX64=index64, num_warps=cfg.num_warps,
         )
         _osra_bwd_dkdv_kernel[(m_blocks, B * h, splits)](
             q, k, v, bias if bias is not None else q, grad_out, lse, delta, dk_buf, dv_buf, scale_t,
@@ -403,7 +431,7 @@ def _backward(grad_out, q, k, v, bias, out, lse, scale, bias_needs_grad):
             *dk_strides, *dv_strides,
             h, N, M, d, rows_per_split,
             HAS_BIAS=bias is not None, PRECISION=cfg.precision, USE_DOT=cfg.use_dot,
-            BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d, num_warps=4,
+            BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d, INDEX64=index64, num_warps=cfg.num_warps,
         )
     if splits > 1:
         # Same layout as the unsplit case (that of k and v), whatever the device decided.
@@ -467,10 +495,13 @@ def _autograd_rule(ctx, grad_out, _grad_lse):
 osra_attention_with_lse.register_autograd(_autograd_rule, setup_context=_setup_context)
 
 
-@ops.osra_attention.register("triton", supports=supports)
+def _supports(info: CallInfo) -> Optional[str]:
+    if info.head_dim > MAX_HEAD_DIM:
+        return f"head dim {info.head_dim} is above {MAX_HEAD_DIM}, the largest the kernels are audited and tested for"
+    return supports(info)
+
+
+@ops.osra_attention.register("triton", supports=_supports)
 def osra_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor],
                    scale: float) -> torch.Tensor:
-    d = q.shape[-1]
-    if d > MAX_HEAD_DIM:
-        raise ValueError(f"osra_attention (triton): head dim {d} > {MAX_HEAD_DIM} is not supported")
     return osra_attention_with_lse(q, k, v, bias, scale)[0]
