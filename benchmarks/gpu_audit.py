@@ -110,6 +110,8 @@ GPUS = {
     "sm_86": Gpu("RTX 3090", 86, 82, 0.936, 1.695, 100, 99, 48, 16, True),
     "sm_90": Gpu("H100 SXM", 90, 132, 3.35, 1.755, 228, 227, 64, 32, True),
 }
+# Bump when compile_spec's result changes, so that cached results of the old form are recompiled.
+RESULT_FORMAT = 1
 REGISTERS_PER_SM = 65536
 SCHEDULERS_PER_SM = 4
 
@@ -273,11 +275,12 @@ def capture_model_calls(size: str) -> Dict[OpCall, str]:
 
 
 def _capture_key() -> str:
-    """What the captured calls depend on: the model's source, torch, and the capture settings."""
+    """What the captured calls depend on: the model's source, torch, and the capture code and settings."""
     import transxnet
 
     digest = hashlib.sha256(f"{torch.__version__} {MODEL_SIZES} {INPUTS} {OPS}".encode())
-    digest.update(Path(__file__).read_bytes())
+    for code in (TensorSpec, OpCall, _spec, _affine_batch_norm, capture_model_calls):
+        digest.update(inspect.getsource(code).encode())
     for path in sorted(Path(transxnet.__file__).parent.glob("*.py")):
         digest.update(path.read_bytes())
     return digest.hexdigest()
@@ -368,7 +371,7 @@ def recording_launches(gpu: Gpu, sink: List[Launch], phase: List[str]) -> Iterat
         grid = grid(bound) if callable(grid) else grid
         grid = tuple(grid) + (1,) * (3 - len(grid))
         key = json.dumps([ASTSource(fn, signature, constexprs, attrs).hash(), _options_key(options),
-                          gpu.target, triton.__version__])
+                          gpu.target, triton.__version__, RESULT_FORMAT])
         spec = dict(fn=f"{fn.__module__}:{fn.__name__}", signature=signature, constexprs=constexprs, attrs=attrs, options=options.__dict__,
                     cc=gpu.cc, summary={"signature": signature,
                                         "constexprs": {fn.arg_names[k[0]]: _describe(v) for k, v in constexprs.items()},
@@ -587,15 +590,18 @@ def occupancy(result: Dict[str, Any], num_warps: int, gpu: Gpu) -> Dict[str, int
 
 
 def issued_warp_instructions(launch: Launch, sass: Dict[str, Any]) -> int:
-    """Σ over SASS loops of exclusive body x trips of its source loop, plus straight code per program;
-    everything times the program's warps."""
+    """Σ over source loops of (exclusive SASS body) x trips, plus the straight code once per program;
+    times the program's warps. Several SASS loops tied to one source loop are versions of it
+    (unswitched or peeled copies; one runs per trip): the largest body counts, once."""
     programs = launch.grid[0] * launch.grid[1] * launch.grid[2]
     per_warp = sass["outside_loops"].get("total", 0) * programs
+    bodies: Dict[str, int] = {}
     for loop in sass["loops"]:
         if loop["source_loop"] not in launch.loop_trips:
             raise KeyError(f"{launch.kernel}: SASS loop at line {loop['branch_line']} (source loop "
                            f"{loop['source_loop']}) has no trip count in gpu_audit_trips.LOOP_TRIPS")
-        per_warp += loop["body"].get("total", 0) * launch.loop_trips[loop["source_loop"]]
+        bodies[loop["source_loop"]] = max(bodies.get(loop["source_loop"], 0), loop["body"].get("total", 0))
+    per_warp += sum(body * launch.loop_trips[name] for name, body in bodies.items())
     return per_warp * launch.num_warps
 
 
