@@ -372,10 +372,11 @@ def recording_launches(gpu: Gpu, sink: List[Launch], phase: List[str]) -> Iterat
         grid = tuple(grid) + (1,) * (3 - len(grid))
         key = json.dumps([ASTSource(fn, signature, constexprs, attrs).hash(), _options_key(options),
                           gpu.target, triton.__version__, RESULT_FORMAT])
-        spec = dict(fn=f"{fn.__module__}:{fn.__name__}", signature=signature, constexprs=constexprs, attrs=attrs, options=options.__dict__,
-                    cc=gpu.cc, summary={"signature": signature,
-                                        "constexprs": {fn.arg_names[k[0]]: _describe(v) for k, v in constexprs.items()},
-                                        "num_warps": options.num_warps, "num_stages": options.num_stages})
+        summary = {"signature": signature,
+                   "constexprs": dict(sorted((fn.arg_names[k[0]], _describe(v)) for k, v in constexprs.items())),
+                   "num_warps": options.num_warps, "num_stages": options.num_stages}
+        spec = dict(fn=f"{fn.__module__}:{fn.__name__}", signature=signature, constexprs=constexprs, attrs=attrs,
+                    options=options.__dict__, cc=gpu.cc, summary=summary)
         sink.append(Launch(fn.__name__, phase[0], grid, options.num_warps, hashlib.sha256(key.encode()).hexdigest(),
                            spec, LOOP_TRIPS[fn.__name__](bound, grid), _launch_bytes(bound)))
 
@@ -659,9 +660,10 @@ def _compile_worker(key: str) -> Dict[str, Any]:
     return compile_spec(_PENDING[key])
 
 
-def audit(targets: Sequence[str], jobs: int, use_cache: bool, log=print) -> Dict[str, Any]:
+def audit(targets: Sequence[str], jobs: int, use_cache: bool, configs: str = "", log=print) -> Dict[str, Any]:
+    """The audit of the op calls whose (first) configuration label matches the regex `configs`."""
     started = time.perf_counter()
-    calls = capture_calls(jobs, use_cache, log)
+    calls = {c: cfg for c, cfg in capture_calls(jobs, use_cache, log).items() if re.search(configs, cfg)}
     log(f"[audit] {len(calls)} distinct op calls captured in {time.perf_counter() - started:.0f} s")
     _CALLS[:] = calls
     with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("fork")) as pool:
@@ -682,9 +684,11 @@ def audit(targets: Sequence[str], jobs: int, use_cache: bool, log=print) -> Dict
             cache[key] = result
             if i % 10 == 0 or i == len(todo):
                 log(f"[audit]   compiled {i}/{len(todo)} ({time.perf_counter() - compile_started:.0f} s)")
-                save_cache(cache_path, {k: cache[k] for k in specs if k in cache})
-    save_cache(cache_path, {k: cache[k] for k in specs if k in cache})
+                save_cache(cache_path, cache)
+    # A full audit drops entries no launch needs any more; a filtered one keeps the others' entries.
+    save_cache(cache_path, {k: v for k, v in cache.items() if k in specs or configs})
     report = build_report(calls, launches, cache)
+    report["configs"] = configs or "all"
     report["runtime_s"] = {"total": time.perf_counter() - started, "compile": time.perf_counter() - compile_started,
                            "compiled": len(todo), "cached": len(specs) - len(todo)}
     return report
@@ -765,12 +769,15 @@ def markdown(report: Dict[str, Any]) -> str:
                       default=None)
             hot_text = (f"{hot['source_loop']}: {hot.get('total', 0)} ({hot.get('load', 0)}/{hot.get('store', 0)}/"
                         f"{hot.get('fp', 0)}/{hot.get('int', 0)}/{hot.get('other', 0)})") if hot else "no loop"
-            row = (f"{max(s['registers'] for s in ok)} | {max(s['spill_store_bytes'] + s['spill_load_bytes'] for s in ok)}"
+            spills = max(s["spill_store_bytes"] + s["spill_load_bytes"] for s in ok)
+            row = (f"{max(s['registers'] for s in ok)} | {spills}"
                    f" | {max(s['smem_bytes'] for s in ok) / 1024:.1f} | {min(s['blocks_per_sm'] for s in ok)}"
                    f" | {min(s['warps_per_sm'] for s in ok)} | {hot_text}")
         else:
             row = "- | - | - | - | - | -"
-        problems = f"{len(e['failures'])} failing" + (f" ({failed} compile errors)" if failed else "") if e["failures"] else ""
+        problems = ""
+        if e["failures"]:
+            problems = f"{len(e['failures'])} failing" + (f" ({failed} compile errors)" if failed else "")
         out.append(f"| {e['kernel']} | {e['target']} | {len(e['specialisations'])} | {row} | {problems} |")
     out += ["", "## Failures", ""]
     for e in report["kernels"]:
@@ -779,7 +786,7 @@ def markdown(report: Dict[str, Any]) -> str:
     out += ["", "## Op calls, TransXNet-T at batch 128, 224x224 (worst over layouts and modes)", "",
             "Static estimate vs roofline (minimal DRAM bytes / bandwidth), µs.", "",
             "| op | phase | dtype | shape | " + " | ".join(
-                f"{report['targets'][t]['name']} est / roof" for t in report["targets"] if report["targets"][t]["estimate"])
+                f"{g['name']} est / roof" for g in report["targets"].values() if g["estimate"])
             + " |", "|---|---|---|---|" + "---|" * sum(g["estimate"] for g in report["targets"].values())]
     worst: Dict[Tuple, Dict[str, Dict]] = collections.defaultdict(dict)
     for row in report["calls"]:
@@ -792,6 +799,7 @@ def markdown(report: Dict[str, Any]) -> str:
         cells = [f"{_us(r['estimate_s'])} / {_us(r['roofline_s'])}" if (r := per_target.get(t)) else "-"
                  for t in report["targets"] if report["targets"][t]["estimate"]]
         out.append(f"| {op} | {phase} | {dtype} | {'x'.join(map(str, shape))} | " + " | ".join(cells) + " |")
+    out += ["", f"Configurations audited: `{report['configs']}`."]
     rt = report.get("runtime_s")
     if rt:
         out += ["", f"Audit run: {rt['total']:.0f} s total, {rt['compiled']} specialisations compiled "
@@ -804,9 +812,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--targets", default="sm_70,sm_80,sm_86,sm_90", help="comma-separated, of " + ",".join(GPUS))
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles")
     parser.add_argument("--no-cache", action="store_true", help="recompile everything (the cache is rewritten)")
+    parser.add_argument("--configs", default="", help="regex on call configurations, e.g. '^t fp16 .* 128x224x224'"
+                        " (labels: '<model> <dtype> plain|accelerated train|eval <B>x<H>x<W> nchw|channels_last')")
     parser.add_argument("--output", type=Path, default=None, help="JSON path (default results/gpu_audit_<triton>.json)")
     args = parser.parse_args(argv)
-    report = audit([t.strip() for t in args.targets.split(",")], args.jobs, not args.no_cache,
+    report = audit([t.strip() for t in args.targets.split(",")], args.jobs, not args.no_cache, args.configs,
                    log=lambda m: print(m, file=sys.stderr, flush=True))
     path = args.output or RESULTS / f"gpu_audit_{triton.__version__}.json"
     path.write_text(json.dumps(report, indent=1) + "\n")

@@ -28,7 +28,15 @@ KERNELS = (
 )
 
 # (kernel, target, dtype) -> what fails today (benchmarks/results/gpu_audit_<triton>.md lists every case).
-KNOWN_FAILURES = {}
+# Observed with Triton 3.9 (fp32) and 3.6 (fp16) on sm_90, TransXNet-T shapes: every OSRA kernel uses 255
+# registers and spills (fwd 1.1-1.5 KB, dq 3.0-3.2 KB, dkdv 4.3-47.7 KB of spill traffic), fp32 needs
+# 88-97 KB of shared memory. sm_80 / sm_86 (same 255-register cap) and bf16 (fp16's code path) are
+# expected to fail the same way; the full audit confirms or corrects each case.
+_OSRA_SPILLS = ("OSRA kernels with 64x64 blocks spill at the 255-register cap (sm_90: fwd ~1.5 KB, dq ~3 KB, "
+                "dkdv up to 47 KB of spill traffic; fp32 smem 88-97 KB)")
+KNOWN_FAILURES = {(kernel, target, dtype): _OSRA_SPILLS
+                  for kernel in ("_osra_fwd_kernel", "_osra_bwd_dq_kernel", "_osra_bwd_dkdv_kernel")
+                  for target in ("sm_80", "sm_86", "sm_90") for dtype in ("fp32", "fp16", "bf16")}
 
 
 @pytest.fixture(scope="module")
