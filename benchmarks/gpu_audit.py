@@ -1,0 +1,829 @@
+"""Static GPU audit of the Triton kernels: compile every launch the model makes, for real GPU targets,
+without a GPU. Everything here is a static estimate, never a measurement.
+
+    python -m benchmarks.gpu_audit [--targets sm_80,sm_86,sm_90] [--jobs 2] [--no-cache]
+
+Pipeline
+1. Capture. Each TransXNet (t, s, b; plain and `accelerated`; train with gradients and eval without)
+   runs on the `meta` device at batch 128 x 224x224 and batch 2 x 800x1216, NCHW and channels_last
+   input, while a spy on the public ops records every call's tensors (shape, strides, storage offset,
+   dtype, requires_grad) and other arguments. The model runs in fp32; fp16 and bf16 calls are those
+   calls with each floating tensor's dtype replaced (a model cast with `.to(dtype)` runs the same code
+   with the same element strides). On meta, BatchNorm is replaced by a per-channel affine map with
+   the same output layout (its decomposition costs ~0.1 s a call and changes nothing we record).
+2. Record. Each distinct call is replayed through the op's Triton implementation on CPU tensors
+   (`torch.empty` + `as_strided`: pages are touched only where torch computes something small), the
+   forward and, when some input needs a gradient, `torch.autograd.grad` with a gradient laid out like
+   the output. `JITFunction.run` is patched to record each launch (kernel, grid, arguments, num_warps,
+   num_stages) instead of running it, and the launch code is made to plan for the target GPU (its SM
+   count, GPU tiles) by the adapter below. One replay per GPU model, as grids depend on the SM count.
+3. Specialise and compile. Triton's own binder (`create_function_from_signature` with the target's
+   backend) computes each launch's specialisation exactly as the JIT would: ints equal to 1 or
+   divisible by 16, pointers 16-byte aligned (the CPU allocator aligns storages to 64 bytes, so a
+   view's data_ptr % 16 is what it is on CUDA, 256-byte aligned). Each distinct (kernel, signature,
+   constexprs, attributes, options) compiles with `triton.compile` for the target; the ptxas log
+   gives registers and spill bytes, Triton's metadata the shared memory, nvdisasm the SASS.
+4. Occupancy: resident blocks per SM = min over registers (64K per SM, 256-register allocation units
+   per warp), shared memory (+1 KB reserved per block on sm_80+), warps and the block limit.
+5. Static time of one op call on a GPU model: per launch, max(DRAM bytes / bandwidth, issued
+   warp-instructions / (SMs x 4 schedulers x clock)), summed over the launches of the forward (and
+   of the backward). DRAM bytes: every tensor a launch is given, read or written once (distinct
+   storages; L2 catches the stencil/tile reuse). Issued warp-instructions: the SASS is split into
+   loops by backward branches; each SASS loop is tied to a source `for` loop by the line info of its
+   branch (Triton emits .loc, nvdisasm prints it); `gpu_audit_trips.LOOP_TRIPS` gives, per kernel, how
+   many times each source loop's body runs over the whole launch (from the launch arguments). Then
+   instructions = Σ_loops (body instructions not in an inner loop) x trips x warps + (instructions
+   outside loops) x programs x warps. One issue per scheduler per clock, no stalls modelled, no
+   wave tails; torch work between launches (partial sums, copies) is not counted. Beside it, the
+   call's roofline: minimal DRAM bytes (the formulas of the kernel module docstrings) / bandwidth.
+6. Cache: compile results, keyed by `ASTSource.hash()` (kernel source and every jit helper it calls,
+   signature, constexprs, attributes), the options, the target and the Triton version, are kept in
+   `benchmarks/results/gpu_audit_cache_<triton>.json`, so a rerun compiles only what changed.
+
+Output: `benchmarks/results/gpu_audit_<triton>.json` and `.md`.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import collections
+import contextlib
+import dataclasses
+import datetime
+import hashlib
+import importlib
+import inspect
+import io
+import json
+import math
+import multiprocessing
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+
+if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    raise SystemExit("gpu_audit needs compiled Triton kernels: unset TRITON_INTERPRET")
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource, make_backend  # noqa: E402
+from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
+
+from benchmarks.gpu_audit_trips import LOOP_TRIPS  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+OPS = ("idconv", "multiscale_dwconv", "ms_ffn_middle", "osra_attention")
+TRITON_BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+
+
+@dataclasses.dataclass(frozen=True)
+class Gpu:
+    """A GPU model: the compile target (`cc`) and what the occupancy and time model need."""
+
+    name: str
+    cc: int
+    sms: int
+    dram_tb_s: float  # DRAM bandwidth, TB/s
+    clock_ghz: float  # boost clock the issue rate is computed at
+    smem_per_sm_kb: int
+    smem_per_block_kb: int  # the most one block may allocate
+    max_warps_per_sm: int
+    max_blocks_per_sm: int
+    estimate: bool  # include in the time estimates (sm_70 is compile-only)
+
+    @property
+    def target(self) -> str:
+        return f"sm_{self.cc}"
+
+
+GPUS = {
+    "sm_70": Gpu("V100 SXM2", 70, 80, 0.90, 1.53, 96, 96, 64, 32, False),
+    "sm_80": Gpu("A100 SXM 80GB", 80, 108, 2.0, 1.41, 164, 163, 64, 32, True),
+    "sm_86": Gpu("RTX 3090", 86, 82, 0.936, 1.695, 100, 99, 48, 16, True),
+    "sm_90": Gpu("H100 SXM", 90, 132, 3.35, 1.755, 228, 227, 64, 32, True),
+}
+# Bump when compile_spec's result changes, so that cached results of the old form are recompiled.
+RESULT_FORMAT = 1
+REGISTERS_PER_SM = 65536
+SCHEDULERS_PER_SM = 4
+
+# ===================================================================================================
+# ADAPTER: every reference to transxnet_kernels internals lives here. Retarget after the layout
+# redesign (`transxnet_kernels.ops.<op>.implementation("triton")`, one device-info hook in
+# `transxnet_kernels/triton/common.py`); nothing else in this tool knows the package layout.
+# ===================================================================================================
+
+
+def triton_op(op: str):
+    """The Triton implementation of public op `op`, called like the public op (no backend choice)."""
+    from transxnet_kernels.backend import _IMPLS
+
+    return _IMPLS[op]["triton"].fn
+
+
+@contextlib.contextmanager
+def plan_for_gpu(sm_count: int) -> Iterator[None]:
+    """Make the launch code plan on CPU tensors as it would on a CUDA device with `sm_count` SMs."""
+    import transxnet_kernels.msdwconv_triton as msdw
+    import transxnet_kernels.osra_triton as osra
+
+    saved = (msdw._CPU_TILE_ELEMS, msdw._CPU_TARGET_PROGRAMS, osra._target_programs, osra._uses_dot)
+    msdw._CPU_TILE_ELEMS = msdw._GPU_TILE_ELEMS
+    msdw._CPU_TARGET_PROGRAMS = msdw._GPU_PROGRAMS_PER_SM * sm_count
+    osra._target_programs = lambda device: 2 * sm_count
+    osra._uses_dot = lambda q: q.dtype != torch.float64
+    try:
+        yield
+    finally:
+        msdw._CPU_TILE_ELEMS, msdw._CPU_TARGET_PROGRAMS, osra._target_programs, osra._uses_dot = saved
+
+
+def triton_runs(dtype: torch.dtype, cc: int) -> bool:
+    """Whether the backend would pick Triton for this dtype on compute capability cc (backend.py)."""
+    return cc >= 70 and (dtype != torch.bfloat16 or cc >= 80)
+
+
+# ===================================================================================================
+# 1. Capture the public op calls of the model
+# ===================================================================================================
+
+MODEL_SIZES = ("t", "s", "b")
+INPUTS = ((128, 224, 224), (2, 800, 1216))
+DTYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}  # torch name -> short name
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    shape: Tuple[int, ...]
+    stride: Tuple[int, ...]
+    offset: int
+    dtype: str
+    requires_grad: bool
+
+    @staticmethod
+    def of(t: torch.Tensor) -> "TensorSpec":
+        return TensorSpec(tuple(t.shape), tuple(t.stride()), t.storage_offset(), str(t.dtype).removeprefix("torch."),
+                          t.requires_grad)
+
+    def with_dtype(self, dtype: str) -> "TensorSpec":
+        floating = getattr(torch, self.dtype).is_floating_point
+        return dataclasses.replace(self, dtype=dtype) if floating else self
+
+    def make(self) -> torch.Tensor:
+        """A CPU tensor with these strides and offset (uninitialised; large ones stay untouched)."""
+        span = 1 + sum((n - 1) * s for n, s in zip(self.shape, self.stride)) if all(self.shape) else 0
+        base = torch.empty(self.offset + span, dtype=getattr(torch, self.dtype))
+        t = base.as_strided(self.shape, self.stride, self.offset)
+        return t.requires_grad_() if self.requires_grad else t
+
+
+@dataclasses.dataclass(frozen=True)
+class OpCall:
+    """One call of a public op: positional arguments (TensorSpec, tuples of them, or plain values)."""
+
+    op: str
+    args: Tuple[Any, ...]
+
+    def with_dtype(self, dtype: str) -> "OpCall":
+        def cast(a):
+            if isinstance(a, TensorSpec):
+                return a.with_dtype(dtype)
+            return tuple(cast(x) for x in a) if isinstance(a, tuple) else a
+        return OpCall(self.op, tuple(cast(a) for a in self.args))
+
+    def tensors(self) -> List[TensorSpec]:
+        flat = [x for a in self.args for x in (a if isinstance(a, tuple) else (a,))]
+        return [x for x in flat if isinstance(x, TensorSpec)]
+
+    @property
+    def dtype(self) -> str:
+        """Short name of the dtype of the first tensor argument."""
+        return DTYPES[self.tensors()[0].dtype]
+
+    @property
+    def needs_grad(self) -> bool:
+        return torch.is_grad_enabled() and any(t.requires_grad for t in self.tensors())
+
+
+def _spec(value):
+    if isinstance(value, torch.Tensor):
+        return TensorSpec.of(value)
+    if isinstance(value, (list, tuple)):
+        return tuple(_spec(v) for v in value)
+    return value
+
+
+def _affine_batch_norm(input, running_mean, running_var, weight=None, bias=None, *args, **kwargs):
+    """Stand-in for F.batch_norm on meta: same shape, layout and autograd reach, none of the cost."""
+    out = input * weight.view(1, -1, 1, 1) if weight is not None else input * 1
+    return out + bias.view(1, -1, 1, 1) if bias is not None else out
+
+
+def capture_model_calls(size: str) -> Dict[OpCall, str]:
+    """Every distinct fp32 public-op call of TransXNet-`size`, mapped to the first configuration making it."""
+    import torch.nn.functional as F
+
+    import transxnet
+    import transxnet_kernels
+
+    calls: Dict[OpCall, str] = {}
+    config = [""]
+    originals = {op: getattr(transxnet_kernels, op) for op in OPS}
+
+    def spy(op):
+        def record(*args, **kwargs):
+            bound = inspect.signature(originals[op]).bind(*args, **kwargs)
+            bound.apply_defaults()
+            call = OpCall(op, tuple(_spec(v) for v in bound.arguments.values()))
+            calls.setdefault(call, config[0])
+            return originals[op](*args, **kwargs)
+        return record
+
+    real_batch_norm = F.batch_norm
+    try:
+        F.batch_norm = _affine_batch_norm
+        for op in OPS:
+            setattr(transxnet_kernels, op, spy(op))
+        with torch.device("meta"):
+            model = transxnet.TransXNet(size)
+        for fused in (False, True):
+            (transxnet.accelerated if fused else transxnet.revert)(model)
+            for training in (True, False):
+                model.train(training)
+                for batch, height, width in INPUTS:
+                    for layout in ("nchw", "channels_last"):
+                        x = torch.empty(batch, 3, height, width, device="meta")
+                        if layout == "channels_last":
+                            x = x.contiguous(memory_format=torch.channels_last)
+                        config[0] = (f"{size} {'accelerated' if fused else 'plain'} "
+                                     f"{'train' if training else 'eval'} {batch}x{height}x{width} {layout}")
+                        with torch.set_grad_enabled(training):
+                            model(x)
+    finally:
+        F.batch_norm = real_batch_norm
+        for op, fn in originals.items():
+            setattr(transxnet_kernels, op, fn)
+    return calls
+
+
+def _capture_key() -> str:
+    """What the captured calls depend on: the model's source, torch, and the capture code and settings."""
+    import transxnet
+
+    digest = hashlib.sha256(f"{torch.__version__} {MODEL_SIZES} {INPUTS} {OPS}".encode())
+    for code in (TensorSpec, OpCall, _spec, _affine_batch_norm, capture_model_calls):
+        digest.update(inspect.getsource(code).encode())
+    for path in sorted(Path(transxnet.__file__).parent.glob("*.py")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def _encode(value):
+    if isinstance(value, TensorSpec):
+        return {"tensor": dataclasses.asdict(value)}
+    if isinstance(value, tuple):
+        return [_encode(v) for v in value]
+    return value
+
+
+def _decode(value):
+    if isinstance(value, dict):
+        t = value["tensor"]
+        return TensorSpec(tuple(t["shape"]), tuple(t["stride"]), t["offset"], t["dtype"], t["requires_grad"])
+    if isinstance(value, list):
+        return tuple(_decode(v) for v in value)
+    return value
+
+
+def capture_calls(jobs: int, use_cache: bool, log=print) -> Dict[OpCall, str]:
+    """Every distinct public-op call of the models in every dtype, mapped to the first configuration
+    making it. Reuses `gpu_audit_calls.json` while the model source and torch are unchanged."""
+    path = RESULTS / "gpu_audit_calls.json"
+    key = _capture_key()
+    if use_cache and path.exists() and (saved := json.loads(path.read_text()))["key"] == key:
+        fp32 = {OpCall(c["op"], _decode(c["args"])): c["config"] for c in saved["calls"]}
+        log(f"[audit] op calls from {path.name}")
+    else:
+        fp32 = {}
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("fork")) as pool:
+            for calls in pool.map(capture_model_calls, MODEL_SIZES):
+                for call, config in calls.items():
+                    fp32.setdefault(call, config)
+        path.write_text(json.dumps({"key": key, "calls": [{"op": c.op, "config": cfg, "args": _encode(c.args)}
+                                                          for c, cfg in fp32.items()]}, indent=None) + "\n")
+    return {call.with_dtype(dtype): cfg.replace(" ", f" {short} ", 1)
+            for dtype, short in DTYPES.items() for call, cfg in fp32.items()}
+
+
+# ===================================================================================================
+# 2. Record the Triton launches of a call
+# ===================================================================================================
+
+@dataclasses.dataclass
+class Launch:
+    """One recorded kernel launch, specialised for a target."""
+
+    kernel: str
+    phase: str  # forward | backward
+    grid: Tuple[int, int, int]
+    num_warps: int
+    compile_key: str  # identifies the compiled specialisation (see `compile_spec`)
+    spec: Dict[str, Any]  # what `compile_spec` needs: fn, signature, constexprs, attrs, options
+    loop_trips: Dict[str, int]
+    dram_bytes: int
+
+
+def _launch_bytes(args: Dict[str, Any]) -> int:
+    """Bytes of the distinct tensors a launch is given (each read or written once)."""
+    seen = {}
+    for value in args.values():
+        if isinstance(value, torch.Tensor):
+            seen[(value.data_ptr(), value.shape, value.stride())] = value.numel() * value.element_size()
+    return sum(seen.values())
+
+
+def _describe(value) -> Any:
+    if isinstance(value, (bool, int, float, str)) or value is None:
+        return value
+    return str(value)
+
+
+@contextlib.contextmanager
+def recording_launches(gpu: Gpu, sink: List[Launch], phase: List[str]) -> Iterator[None]:
+    """Patch JITFunction.run so that a launch is specialised for `gpu` and recorded, not run."""
+    target = GPUTarget("cuda", gpu.cc, 32)
+    backend = make_backend(target)
+    binders: Dict[int, Any] = {}
+    real_run = JITFunction.run
+
+    def record(fn, *args, grid, warmup, **kwargs):
+        binder = binders.setdefault(id(fn), create_function_from_signature(fn.signature, fn.params, backend))
+        bound, specialization, options = binder(*args, **kwargs)
+        options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
+        grid = grid(bound) if callable(grid) else grid
+        grid = tuple(grid) + (1,) * (3 - len(grid))
+        key = json.dumps([ASTSource(fn, signature, constexprs, attrs).hash(), _options_key(options),
+                          gpu.target, triton.__version__, RESULT_FORMAT])
+        summary = {"signature": signature,
+                   "constexprs": dict(sorted((fn.arg_names[k[0]], _describe(v)) for k, v in constexprs.items())),
+                   "num_warps": options.num_warps, "num_stages": options.num_stages}
+        spec = dict(fn=f"{fn.__module__}:{fn.__name__}", signature=signature, constexprs=constexprs, attrs=attrs,
+                    options=options.__dict__, cc=gpu.cc, summary=summary)
+        sink.append(Launch(fn.__name__, phase[0], grid, options.num_warps, hashlib.sha256(key.encode()).hexdigest(),
+                           spec, LOOP_TRIPS[fn.__name__](bound, grid), _launch_bytes(bound)))
+
+    JITFunction.run = record
+    try:
+        yield
+    finally:
+        JITFunction.run = real_run
+
+
+def _options_key(options) -> Dict[str, Any]:
+    return {k: _describe(v) for k, v in sorted(options.__dict__.items())}
+
+
+def record_call(call: OpCall, gpu: Gpu) -> List[Launch]:
+    """The launches of one op call (forward, then backward when an input needs a gradient)."""
+    launches: List[Launch] = []
+    phase = ["forward"]
+
+    def build(a):
+        if isinstance(a, TensorSpec):
+            return a.make()
+        return [build(x) for x in a] if isinstance(a, tuple) else a
+
+    args = [build(a) for a in call.args]
+    inputs = [t for a in args for t in (a if isinstance(a, list) else [a])
+              if isinstance(t, torch.Tensor) and t.requires_grad]
+    with plan_for_gpu(gpu.sms), recording_launches(gpu, launches, phase), torch.set_grad_enabled(bool(inputs)):
+        out = triton_op(call.op)(*args)
+        if inputs:
+            phase[0] = "backward"
+            torch.autograd.grad(out, inputs, torch.empty_like(out))
+    return launches
+
+
+# ===================================================================================================
+# 3. Compile and analyse a specialisation
+# ===================================================================================================
+
+def compile_spec(spec: Dict[str, Any]) -> Dict[str, Any]:
+    """Compile one specialisation for its target: resources and the SASS loop analysis, or the error."""
+    from triton import knobs
+
+    target = GPUTarget("cuda", spec["cc"], 32)
+    module, name = spec["fn"].split(":")
+    fn = getattr(importlib.import_module(module), name)
+    src = ASTSource(fn, spec["signature"], spec["constexprs"], spec["attrs"])
+    log = io.StringIO()
+    started = time.perf_counter()
+    try:
+        knobs.nvidia.dump_ptxas_log = True
+        with contextlib.redirect_stdout(log):
+            kernel = triton.compile(src, target=target, options=spec["options"])
+    except Exception as exc:  # a compile failure is a result, reported per launch
+        message = str(exc).strip().splitlines()
+        return {"ok": False, "error": f"{type(exc).__name__}: {message[0] if message else ''}"[:500],
+                "compile_s": time.perf_counter() - started}
+    finally:
+        knobs.nvidia.dump_ptxas_log = False
+    ptxas = _parse_ptxas_log(log.getvalue())
+    sass = _disassemble(kernel.asm["cubin"])
+    return {"ok": True, "registers": ptxas["registers"], "spill_store_bytes": ptxas["spill_stores"],
+            "spill_load_bytes": ptxas["spill_loads"], "stack_bytes": ptxas["stack"],
+            "smem_bytes": int(kernel.metadata.shared) + ptxas["static_smem"],
+            "sass": analyse_sass(sass, _source_loops(fn)), "compile_s": time.perf_counter() - started}
+
+
+def _parse_ptxas_log(log: str) -> Dict[str, int]:
+    def grab(pattern):
+        m = re.search(pattern, log)
+        return int(m.group(1)) if m else 0
+    if "Used" not in log:
+        raise RuntimeError(f"no resource line in the ptxas log:\n{log}")
+    return {"registers": grab(r"Used (\d+) registers"), "spill_stores": grab(r"(\d+) bytes spill stores"),
+            "spill_loads": grab(r"(\d+) bytes spill loads"), "stack": grab(r"(\d+) bytes stack frame"),
+            "static_smem": grab(r"(\d+) bytes smem")}
+
+
+def _disassemble(cubin: bytes) -> str:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return subprocess.run([str(TRITON_BIN / "nvdisasm"), "-c", "--print-line-info", f.name],
+                              check=True, capture_output=True, text=True).stdout
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceLoop:
+    name: str  # <function>:<loop variable>
+    first_line: int
+    last_line: int
+
+
+def _jit_helpers(fn: JITFunction) -> List[JITFunction]:
+    """fn and the jit functions it calls, transitively (those defined at module level)."""
+    found, todo = {}, [fn]
+    while todo:
+        f = todo.pop()
+        if f.__name__ in found:
+            continue
+        found[f.__name__] = f
+        for node in ast.walk(ast.parse(textwrap.dedent(f.src))):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+                callee = f.__globals__.get(node.func.id)
+                if isinstance(callee, JITFunction):
+                    todo.append(callee)
+    return list(found.values())
+
+
+def _source_loops(fn: JITFunction) -> List[SourceLoop]:
+    """The runtime `for ... in range(...)` loops of fn and its helpers, with their source line spans."""
+    loops = []
+    for f in _jit_helpers(fn):
+        lines, first = inspect.getsourcelines(f.fn)
+        tree = ast.parse(textwrap.dedent("".join(lines)))
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.For) and isinstance(node.iter, ast.Call)
+                    and isinstance(node.iter.func, ast.Name) and node.iter.func.id == "range"):
+                target = node.target.id if isinstance(node.target, ast.Name) else ast.unparse(node.target)
+                loops.append(SourceLoop(f"{f.__name__}:{target}", first + node.lineno - 1, first + node.end_lineno - 1))
+    return loops
+
+
+_INSTRUCTION = re.compile(r"^\s*/\*([0-9a-f]+)\*/\s+(@!?U?P\w+\s+)?([A-Z0-9_]+)([.\w]*)(.*?);")
+_LINE_INFO = re.compile(r'//## File "[^"]*", line (\d+)')
+_LABEL = re.compile(r"^(\.L_\w+):")
+_BRANCH_TARGET = re.compile(r"`\((\.L_\w+)\)")
+
+_FP = {"FADD", "FMUL", "FFMA", "FMNMX", "FSEL", "FSETP", "FCHK", "FRND", "FSET", "MUFU", "HADD2", "HMUL2",
+       "HFMA2", "HMNMX2", "HSETP2", "HMMA", "DADD", "DMUL", "DFMA", "DSETP", "DMMA", "F2F", "F2I", "I2F", "F2FP",
+       "FMUL2", "FADD2", "FFMA2", "HGMMA", "FSWZADD", "I2FP"}
+_INT = {"IADD3", "IADD", "IMAD", "IMUL", "ISETP", "LOP3", "LOP", "SHF", "SHL", "SHR", "LEA", "IABS", "IMNMX", "SEL",
+        "PLOP3", "POPC", "FLO", "BMSK", "PRMT", "SGXT", "IDP", "VIADD", "VIMNMX", "IADD32I", "IMAD32I", "LEA32I",
+        "ISCADD", "BREV", "P2R", "R2P", "ICMP"}
+
+
+def _category(opcode: str) -> str:
+    base = opcode[1:] if opcode.startswith("U") and opcode[1:] in _INT | {"MOV"} else opcode
+    if base.startswith("LD") and base != "LDGDEPBAR":
+        return "load"
+    if base in {"STG", "STS", "STL", "ST", "RED", "ATOM", "ATOMG", "ATOMS", "REDG", "STSM"}:
+        return "store"
+    if base in _FP:
+        return "fp"
+    if base in _INT:
+        return "int"
+    return "other"
+
+
+def analyse_sass(sass: str, source_loops: Sequence[SourceLoop]) -> Dict[str, Any]:
+    """Split the SASS into loops (backward branches) and count instructions by category.
+
+    Returns the instruction counts outside every loop and, per loop, the counts of its body that are
+    in no inner loop, the source loop its branch's line falls in (innermost) and its nesting depth."""
+    instructions, labels, line = [], {}, 0
+    pending_labels = []
+    for text in sass.splitlines():
+        if m := _LINE_INFO.search(text):
+            line = int(m.group(1))
+        elif m := _LABEL.match(text):
+            pending_labels.append(m.group(1))
+        elif m := _INSTRUCTION.match(text):
+            address = int(m.group(1), 16)
+            for label in pending_labels:
+                labels[label] = address
+            pending_labels = []
+            target = _BRANCH_TARGET.search(m.group(5)) if m.group(3) == "BRA" else None
+            instructions.append((address, m.group(3), line, target.group(1) if target else None))
+    loops = []  # (start address, end address, branch line)
+    for address, _, branch_line, target in instructions:
+        if target is not None and labels[target] < address:
+            loops.append((labels[target], address, branch_line))
+    loops.sort(key=lambda lp: lp[1] - lp[0])  # innermost (shortest) first
+
+    def innermost_loop(address):
+        return next((i for i, (lo, hi, _) in enumerate(loops) if lo <= address <= hi), None)
+
+    counts = [collections.Counter() for _ in loops]
+    outside = collections.Counter()
+    for address, opcode, _, _ in instructions:
+        i = innermost_loop(address)
+        category = _category(opcode)
+        for c in (outside if i is None else counts[i],):
+            c[category] += 1
+            c["total"] += 1
+    result = []
+    for (lo, hi, branch_line), c in zip(loops, counts):
+        enclosing = [s for s in source_loops if s.first_line <= branch_line <= s.last_line]
+        source = min(enclosing, key=lambda s: s.last_line - s.first_line).name if enclosing else None
+        depth = sum(1 for lo2, hi2, _ in loops if lo2 <= lo and hi <= hi2) - 1
+        result.append({"source_loop": source, "branch_line": branch_line, "depth": depth,
+                       "sass_range": [lo, hi], "body": dict(c)})
+    result.sort(key=lambda lp: lp["sass_range"][0])
+    return {"outside_loops": dict(outside), "loops": result}
+
+
+# ===================================================================================================
+# 4. Occupancy and time model
+# ===================================================================================================
+
+def occupancy(result: Dict[str, Any], num_warps: int, gpu: Gpu) -> Dict[str, int]:
+    """Resident blocks and warps per SM from registers, shared memory, warps and the block limit."""
+    regs_per_warp = math.ceil(max(result["registers"], 1) * 32 / 256) * 256
+    by_regs = (REGISTERS_PER_SM // regs_per_warp) // num_warps
+    reserved = 1024 if gpu.cc >= 80 else 0
+    smem = result["smem_bytes"]
+    by_smem = (gpu.smem_per_sm_kb * 1024) // (smem + reserved) if smem else gpu.max_blocks_per_sm
+    if smem > gpu.smem_per_block_kb * 1024:
+        by_smem = 0
+    blocks = min(by_regs, by_smem, gpu.max_warps_per_sm // num_warps, gpu.max_blocks_per_sm)
+    return {"blocks_per_sm": blocks, "warps_per_sm": blocks * num_warps}
+
+
+def issued_warp_instructions(launch: Launch, sass: Dict[str, Any]) -> int:
+    """Σ over source loops of (exclusive SASS body) x trips, plus the straight code once per program;
+    times the program's warps. Several SASS loops tied to one source loop are versions of it
+    (unswitched or peeled copies; one runs per trip): the largest body counts, once."""
+    programs = launch.grid[0] * launch.grid[1] * launch.grid[2]
+    per_warp = sass["outside_loops"].get("total", 0) * programs
+    bodies: Dict[str, int] = {}
+    for loop in sass["loops"]:
+        if loop["source_loop"] not in launch.loop_trips:
+            raise KeyError(f"{launch.kernel}: SASS loop at line {loop['branch_line']} (source loop "
+                           f"{loop['source_loop']}) has no trip count in gpu_audit_trips.LOOP_TRIPS")
+        bodies[loop["source_loop"]] = max(bodies.get(loop["source_loop"], 0), loop["body"].get("total", 0))
+    per_warp += sum(body * launch.loop_trips[name] for name, body in bodies.items())
+    return per_warp * launch.num_warps
+
+
+def launch_seconds(launch: Launch, result: Dict[str, Any], gpu: Gpu) -> Dict[str, float]:
+    dram = launch.dram_bytes / (gpu.dram_tb_s * 1e12)
+    issue = issued_warp_instructions(launch, result["sass"]) / (gpu.sms * SCHEDULERS_PER_SM * gpu.clock_ghz * 1e9)
+    return {"dram_s": dram, "issue_s": issue, "estimate_s": max(dram, issue)}
+
+
+def roofline_bytes(call: OpCall) -> Dict[str, int]:
+    """Minimal DRAM bytes of the forward and of the backward (formulas of the kernel docstrings)."""
+    first = call.tensors()[0]
+    e = getattr(torch, first.dtype).itemsize
+    if call.op == "osra_attention":
+        q, k, bias = call.args[0], call.args[1], call.args[3]
+        B, h, N, d = q.shape
+        M = k.shape[2]
+        bias_bytes = math.prod(bias.shape) * getattr(torch, bias.dtype).itemsize if bias is not None else 0
+        return {"forward": e * (2 * B * h * N * d + 2 * B * h * M * d) + bias_bytes + 4 * B * h * N,
+                "backward": e * (4 * B * h * N * d + 4 * B * h * M * d) + 2 * bias_bytes + 8 * B * h * N}
+    n = math.prod(first.shape)  # the stencil ops: forward reads x, writes y; backward 3 more passes
+    return {"forward": 2 * n * e, "backward": 3 * n * e}
+
+
+# ===================================================================================================
+# 5. Driver: cache, report
+# ===================================================================================================
+
+def load_cache(path: Path) -> Dict[str, Any]:
+    if path.exists():
+        data = json.loads(path.read_text())
+        if data.get("triton") == triton.__version__:
+            return data["entries"]
+    return {}
+
+
+def save_cache(path: Path, entries: Dict[str, Any]) -> None:
+    path.write_text(json.dumps({"triton": triton.__version__, "entries": dict(sorted(entries.items()))},
+                               indent=1, sort_keys=True) + "\n")
+
+
+_CALLS: List[OpCall] = []  # op calls to record, inherited by the forked workers
+
+
+def _record_target(target: str) -> List[Tuple[OpCall, List[Launch]]]:
+    gpu = GPUS[target]
+    return [(call, record_call(call, gpu)) for call in _CALLS
+            if triton_runs(getattr(torch, call.tensors()[0].dtype), gpu.cc)]
+
+
+_PENDING: Dict[str, Dict[str, Any]] = {}  # specs to compile, inherited by the forked workers
+
+
+def _compile_worker(key: str) -> Dict[str, Any]:
+    return compile_spec(_PENDING[key])
+
+
+def audit(targets: Sequence[str], jobs: int, use_cache: bool, configs: str = "", log=print) -> Dict[str, Any]:
+    """The audit of the op calls whose (first) configuration label matches the regex `configs`."""
+    started = time.perf_counter()
+    calls = {c: cfg for c, cfg in capture_calls(jobs, use_cache, log).items() if re.search(configs, cfg)}
+    log(f"[audit] {len(calls)} distinct op calls captured in {time.perf_counter() - started:.0f} s")
+    _CALLS[:] = calls
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("fork")) as pool:
+        launches = dict(zip(targets, pool.map(_record_target, targets)))
+    log(f"[audit] launches recorded in {time.perf_counter() - started:.0f} s")
+
+    cache_path = RESULTS / f"gpu_audit_cache_{triton.__version__}.json"
+    cache = load_cache(cache_path) if use_cache else {}
+    specs = {ln.compile_key: ln.spec for per in launches.values() for _, lns in per for ln in lns}
+    todo = {k: s for k, s in specs.items() if k not in cache}
+    log(f"[audit] {len(specs)} distinct specialisations, {len(todo)} to compile ({jobs} jobs)")
+    compile_started = time.perf_counter()
+    _PENDING.update(todo)
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("fork")) as pool:
+        for i, (key, result) in enumerate(zip(todo, pool.map(_compile_worker, todo)), 1):
+            result["summary"] = {k: v for k, v in todo[key]["summary"].items()}
+            result["kernel"] = todo[key]["fn"].split(":")[1]
+            cache[key] = result
+            if i % 10 == 0 or i == len(todo):
+                log(f"[audit]   compiled {i}/{len(todo)} ({time.perf_counter() - compile_started:.0f} s)")
+                save_cache(cache_path, cache)
+    # A full audit drops entries no launch needs any more; a filtered one keeps the others' entries.
+    save_cache(cache_path, {k: v for k, v in cache.items() if k in specs or configs})
+    report = build_report(calls, launches, cache)
+    report["configs"] = configs or "all"
+    report["runtime_s"] = {"total": time.perf_counter() - started, "compile": time.perf_counter() - compile_started,
+                           "compiled": len(todo), "cached": len(specs) - len(todo)}
+    return report
+
+
+def build_report(calls: Dict[OpCall, str], launches, cache) -> Dict[str, Any]:
+    kernels: Dict[Tuple[str, str], Dict[str, Any]] = {}
+    call_rows = []
+    for target, per_call in launches.items():
+        gpu = GPUS[target]
+        for call, lns in per_call:
+            phases = collections.defaultdict(lambda: {"estimate_s": 0.0, "dram_s": 0.0, "issue_s": 0.0})
+            for ln in lns:
+                result = cache[ln.compile_key]
+                entry = kernels.setdefault((ln.kernel, target), {"kernel": ln.kernel, "target": target,
+                                                                 "specialisations": {}, "failures": []})
+                spec_row = entry["specialisations"].setdefault(ln.compile_key, {
+                    "dtype": call.dtype, **result["summary"], **{k: result.get(k) for k in (
+                        "ok", "error", "registers", "spill_store_bytes", "spill_load_bytes", "smem_bytes")}})
+                if not result["ok"]:
+                    continue
+                spec_row.update(occupancy(result, ln.num_warps, gpu))
+                spec_row["loops"] = [{"source_loop": lp["source_loop"], "depth": lp["depth"], **lp["body"]}
+                                     for lp in result["sass"]["loops"]]
+                if gpu.estimate:
+                    for k, v in launch_seconds(ln, result, gpu).items():
+                        phases[ln.phase][k] += v
+            if gpu.estimate and phases:
+                rb = roofline_bytes(call)
+                for phase, t in phases.items():
+                    call_rows.append({"op": call.op, "phase": phase, "target": target, "gpu": gpu.name,
+                                      "config": calls[call], "dtype": call.dtype,
+                                      "shape": list(call.tensors()[0].shape),
+                                      "roofline_s": rb[phase] / (gpu.dram_tb_s * 1e12), **t})
+    for entry in kernels.values():
+        limit = GPUS[entry["target"]].smem_per_block_kb * 1024
+        for row in entry["specialisations"].values():
+            problems = []
+            if not row["ok"]:
+                problems.append(f"compile error: {row['error']}")
+            else:
+                if row["smem_bytes"] > limit:
+                    problems.append(f"smem {row['smem_bytes']} B > {limit} B")
+                if row["spill_store_bytes"] or row["spill_load_bytes"]:
+                    problems.append(f"spills {row['spill_store_bytes']} B stores / {row['spill_load_bytes']} B loads")
+            row["problems"] = problems
+            if problems:
+                entry["failures"].append({"dtype": row["dtype"], "constexprs": row["constexprs"], "problems": problems})
+        entry["specialisations"] = list(entry["specialisations"].values())
+    return {"triton": triton.__version__, "torch": torch.__version__,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "targets": {t: dataclasses.asdict(GPUS[t]) for t in launches},
+            "note": "static estimates from compiled SASS and a simple issue/DRAM model, not measurements",
+            "kernels": sorted(kernels.values(), key=lambda e: (e["kernel"], e["target"])),
+            "calls": call_rows}
+
+
+def _us(seconds: float) -> str:
+    return f"{seconds * 1e6:,.0f}"
+
+
+def markdown(report: Dict[str, Any]) -> str:
+    out = [f"# Static GPU audit (Triton {report['triton']}, {report['date']})", "",
+           "Static estimates from the compiled kernels (no GPU involved): registers, spills and shared memory "
+           "from ptxas/Triton; occupancy from the target's limits; times from `benchmarks/gpu_audit.py`'s "
+           "issue/DRAM model. Not measurements.", "",
+           "Targets: " + "; ".join(f"{t} = {g['name']} ({g['sms']} SMs, {g['dram_tb_s']} TB/s, "
+                                    f"{g['clock_ghz']} GHz{'' if g['estimate'] else ', compile only'})"
+                                    for t, g in report["targets"].items()), "",
+           "## Kernels (worst specialisation per column)", "",
+           "| kernel | target | specs | regs | spill B (st+ld) | smem KB | min blocks/SM | min warps/SM "
+           "| hot loop body (insts: ld/st/fp/int/other) | problems |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for e in report["kernels"]:
+        ok = [s for s in e["specialisations"] if s["ok"]]
+        failed = len(e["specialisations"]) - len(ok)
+        if ok:
+            hot = max((lp for s in ok for lp in s["loops"]), key=lambda lp: (lp["depth"], lp.get("total", 0)),
+                      default=None)
+            hot_text = (f"{hot['source_loop']}: {hot.get('total', 0)} ({hot.get('load', 0)}/{hot.get('store', 0)}/"
+                        f"{hot.get('fp', 0)}/{hot.get('int', 0)}/{hot.get('other', 0)})") if hot else "no loop"
+            spills = max(s["spill_store_bytes"] + s["spill_load_bytes"] for s in ok)
+            row = (f"{max(s['registers'] for s in ok)} | {spills}"
+                   f" | {max(s['smem_bytes'] for s in ok) / 1024:.1f} | {min(s['blocks_per_sm'] for s in ok)}"
+                   f" | {min(s['warps_per_sm'] for s in ok)} | {hot_text}")
+        else:
+            row = "- | - | - | - | - | -"
+        problems = ""
+        if e["failures"]:
+            problems = f"{len(e['failures'])} failing" + (f" ({failed} compile errors)" if failed else "")
+        out.append(f"| {e['kernel']} | {e['target']} | {len(e['specialisations'])} | {row} | {problems} |")
+    out += ["", "## Failures", ""]
+    for e in report["kernels"]:
+        for f in e["failures"]:
+            out.append(f"* {e['kernel']} {e['target']} {f['dtype']} {f['constexprs']}: {'; '.join(f['problems'])}")
+    out += ["", "## Op calls, TransXNet-T at batch 128, 224x224 (worst over layouts and modes)", "",
+            "Static estimate vs roofline (minimal DRAM bytes / bandwidth), µs.", "",
+            "| op | phase | dtype | shape | " + " | ".join(
+                f"{g['name']} est / roof" for g in report["targets"].values() if g["estimate"])
+            + " |", "|---|---|---|---|" + "---|" * sum(g["estimate"] for g in report["targets"].values())]
+    worst: Dict[Tuple, Dict[str, Dict]] = collections.defaultdict(dict)
+    for row in report["calls"]:
+        if row["config"].startswith("t ") and "128x224x224" in row["config"]:
+            key = (row["op"], row["phase"], row["dtype"], tuple(row["shape"]))
+            best = worst[key].get(row["target"])
+            if best is None or row["estimate_s"] / row["roofline_s"] > best["estimate_s"] / best["roofline_s"]:
+                worst[key][row["target"]] = row
+    for (op, phase, dtype, shape), per_target in sorted(worst.items()):
+        cells = [f"{_us(r['estimate_s'])} / {_us(r['roofline_s'])}" if (r := per_target.get(t)) else "-"
+                 for t in report["targets"] if report["targets"][t]["estimate"]]
+        out.append(f"| {op} | {phase} | {dtype} | {'x'.join(map(str, shape))} | " + " | ".join(cells) + " |")
+    out += ["", f"Configurations audited: `{report['configs']}`."]
+    rt = report.get("runtime_s")
+    if rt:
+        out += ["", f"Audit run: {rt['total']:.0f} s total, {rt['compiled']} specialisations compiled "
+                    f"({rt['compile']:.0f} s), {rt['cached']} from the cache."]
+    return "\n".join(out) + "\n"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--targets", default="sm_70,sm_80,sm_86,sm_90", help="comma-separated, of " + ",".join(GPUS))
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles")
+    parser.add_argument("--no-cache", action="store_true", help="recompile everything (the cache is rewritten)")
+    parser.add_argument("--configs", default="", help="regex on call configurations, e.g. '^t fp16 .* 128x224x224'"
+                        " (labels: '<model> <dtype> plain|accelerated train|eval <B>x<H>x<W> nchw|channels_last')")
+    parser.add_argument("--output", type=Path, default=None, help="JSON path (default results/gpu_audit_<triton>.json)")
+    args = parser.parse_args(argv)
+    report = audit([t.strip() for t in args.targets.split(",")], args.jobs, not args.no_cache, args.configs,
+                   log=lambda m: print(m, file=sys.stderr, flush=True))
+    path = args.output or RESULTS / f"gpu_audit_{triton.__version__}.json"
+    path.write_text(json.dumps(report, indent=1) + "\n")
+    path.with_suffix(".md").write_text(markdown(report))
+    print(f"[audit] wrote {path} and {path.with_suffix('.md')}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

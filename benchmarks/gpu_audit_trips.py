@@ -1,0 +1,104 @@
+"""Loop trip counts of the project's Triton kernels, for the static time estimate of `gpu_audit`.
+
+One entry per kernel (by function name): given one recorded launch (`args`: the kernel's arguments by
+name, ints and tensors as launched; `grid`: three program-grid sizes), it returns, for each runtime
+`for` loop of the kernel and of the jit helpers it inlines, the number of times that loop's body runs
+summed over all programs of the launch. A loop is named `<function>:<loop variable>`, which is how
+`gpu_audit` names the source loops it finds in the kernel's Python source; `tl.static_range` loops
+are unrolled at compile time and have no entry. Every formula restates the loop bounds of the kernel
+source it is named after: keep them in step when a kernel changes (`gpu_audit` reports a loop it
+finds in the SASS but not here as an error).
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, Mapping, Sequence
+
+Trips = Dict[str, int]
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _split_range_trips(total: int, per_split: int, step: int, splits: int) -> int:
+    """Σ over splits s of the trips of `range(s·per_split, min((s+1)·per_split, total), step)`."""
+    return sum(_cdiv(max(0, min(per_split, total - s * per_split)), step) for s in range(splits))
+
+
+# ------------------------------------------------------------------------------------------- IDConv
+
+def _idconv_positions(args: Mapping, grid: Sequence[int]) -> int:
+    """Position-tile trips of a (sample, channel block, chunk) program grid over H·W positions."""
+    planes = grid[0] // args["n_chunks"]
+    hw = args["H"] * args["W"]
+    return planes * _split_range_trips(hw, args["chunk_len"], args["BLOCK_P"], args["n_chunks"])
+
+
+def _dynconv(args, grid) -> Trips:
+    return {"_dynconv_kernel:p0": _idconv_positions(args, grid)}
+
+
+def _kernel_grad_partial(args, grid) -> Trips:
+    return {"_kernel_grad_partial_kernel:p0": _idconv_positions(args, grid)}
+
+
+def _softmax_chain(args, grid) -> Trips:
+    return {"_softmax_chain_kernel:chunk": grid[0] * args["n_chunks"]}
+
+
+# --------------------------------------------------------------------- multi-scale depthwise conv
+
+def _stencil(args, grid, loops: Sequence[str]) -> Trips:
+    """Batch loop of a (channel block, spatial tile, batch split) grid and the k x k tap loops of the
+    helpers in `loops`, with k read per channel block from the launch's block table."""
+    ksizes = [int(k) for k in args["blocks_ptr"].reshape(-1, 3)[:, 2].tolist()]
+    images = args["B"] * grid[1]  # every (spatial tile, image) pair of one channel block, over all splits
+    trips = {}
+    for name in loops:
+        trips[f"{name}:i"] = images * sum(ksizes)
+        trips[f"{name}:j"] = images * sum(k * k for k in ksizes)
+    return trips
+
+
+def _msdw_forward(args, grid) -> Trips:
+    return {"_forward_kernel:_": grid[0] * grid[1] * args["B"], **_stencil(args, grid, ["_dwconv_tile"])}
+
+
+def _middle_grad(args, grid) -> Trips:
+    loops = ["_dwconv_tile", "_wgrad_tile"] if args["DZ"] else ["_dwconv_tile"]
+    return {"_middle_grad_kernel:_": grid[0] * grid[1] * args["B"], **_stencil(args, grid, loops)}
+
+
+def _dx(args, grid) -> Trips:
+    loops = ["_dwconv_tile", "_wgrad_tile"] if args["WGRAD"] else ["_dwconv_tile"]
+    return {"_dx_kernel:_": grid[0] * grid[1] * args["B"], **_stencil(args, grid, loops)}
+
+
+# --------------------------------------------------------------------------------------------- OSRA
+
+def _osra_fwd(args, grid) -> Trips:
+    return {"_osra_fwd_kernel:start_m": grid[0] * grid[1] * _cdiv(args["M"], args["BLOCK_M"])}
+
+
+def _osra_bwd_dq(args, grid) -> Trips:
+    batches = grid[0] * grid[1] * args["B"]  # every group's batch range, over all (query block, head)
+    return {"_osra_bwd_dq_kernel:b": batches,
+            "_osra_bwd_dq_kernel:start_m": batches * _cdiv(args["M"], args["BLOCK_M"])}
+
+
+def _osra_bwd_dkdv(args, grid) -> Trips:
+    rows = _split_range_trips(args["N"], args["ROWS_PER_SPLIT"], args["BLOCK_N"], grid[2])
+    return {"_osra_bwd_dkdv_kernel:start_n": grid[0] * grid[1] * rows}
+
+
+LOOP_TRIPS: Dict[str, Callable[[Mapping, Sequence[int]], Trips]] = {
+    "_dynconv_kernel": _dynconv,
+    "_kernel_grad_partial_kernel": _kernel_grad_partial,
+    "_softmax_chain_kernel": _softmax_chain,
+    "_forward_kernel": _msdw_forward,
+    "_middle_grad_kernel": _middle_grad,
+    "_dx_kernel": _dx,
+    "_osra_fwd_kernel": _osra_fwd,
+    "_osra_bwd_dq_kernel": _osra_bwd_dq,
+    "_osra_bwd_dkdv_kernel": _osra_bwd_dkdv,
+}
