@@ -5,6 +5,11 @@ Kernel parameter conventions (every module): pointers are ``<tensor>_ptr``; stri
 ``<tensor>_stride_<dim>`` with dims named b, c, h, w for feature maps and b, h, n, m, d for attention;
 ``INDEX64`` switches in-sample offsets to int64 (sample base offsets are always int64); ``ACC`` is the
 accumulation dtype.
+
+Specialisation: integer arguments are not specialised on 16-alignment (``do_not_specialize_on_alignment``;
+a value of 1 still is). The stencils' tap loads are unaligned by construction and the attention tiles are
+masked on sizes (49 keys) that are not multiples of a vector, so alignment buys little, while every distinct
+alignment pattern of shapes and strides would be another compile at run time and in the static audit.
 """
 from __future__ import annotations
 

@@ -155,7 +155,7 @@ def _plane_offsets(c, p, W, stride_c, stride_h, stride_w, INDEX64: tl.constexpr)
     return c[:, None] * stride_c + h[None, :] * stride_h + w[None, :] * stride_w
 
 
-@triton.jit
+@triton.jit(do_not_specialize_on_alignment=["C", "H", "W", "src_stride_b", "src_stride_c", "src_stride_h", "src_stride_w", "dst_stride_b", "dst_stride_c", "dst_stride_h", "dst_stride_w", "n_cblocks", "n_chunks", "chunk_len"])
 def _dynconv_kernel(
     src_ptr, dst_ptr, kernel_logits_ptr, weight_ptr, bias_logits_ptr, bias_ptr,
     C, H, W,
@@ -197,7 +197,7 @@ def _dynconv_kernel(
         tl.store(dst + out_offs, out.to(dst_ptr.dtype.element_ty), mask=c_ok[:, None] & (p < p_end)[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize_on_alignment=["B", "C", "H", "W", "x_stride_b", "x_stride_c", "x_stride_h", "x_stride_w", "grad_out_stride_b", "grad_out_stride_c", "grad_out_stride_h", "grad_out_stride_w", "n_cblocks", "n_chunks", "chunk_len"])
 def _kernel_grad_partial_kernel(
     x_ptr, grad_out_ptr, dk_part_ptr, dbeta_part_ptr,
     B, C, H, W,
@@ -238,7 +238,7 @@ def _kernel_grad_partial_kernel(
     tl.store(dbeta_part_ptr + part + c, tl.sum(acc_beta, axis=1), mask=c_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize_on_alignment=["B", "C", "n_cblocks", "n_chunks"])
 def _softmax_chain_kernel(
     dk_part_ptr, dbeta_part_ptr, kernel_logits_ptr, weight_ptr, bias_logits_ptr, bias_ptr,
     grad_kernel_logits_ptr, grad_weight_part_ptr, grad_bias_logits_ptr, grad_bias_part_ptr,

@@ -169,7 +169,7 @@ def _tile_coords(blocks_ptr, H, W, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr
     return cs, cmask, k, h, w, pmask
 
 
-@triton.jit
+@triton.jit(do_not_specialize_on_alignment=["B", "C", "H", "W", "b_per_prog", "x_stride_b", "x_stride_c", "x_stride_h", "x_stride_w", "out_stride_b", "out_stride_c", "out_stride_h", "out_stride_w"])
 def _forward_kernel(x_ptr, out_ptr, weight_ptr, bias_ptr, blocks_ptr, scale_ptr, shift_ptr,
                     pcnt_ptr, pmean_ptr, pm2_ptr,
                     B, C, H, W, b_per_prog,
@@ -232,7 +232,7 @@ def _store_wgrad_partials(pdw_ptr, pdb_ptr, acc_w, acc_b, cs, cmask, C,
     tl.store(pdb_ptr + part, acc_b, mask=cmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize_on_alignment=["B", "C", "H", "W", "b_per_prog", "x_stride_b", "x_stride_c", "x_stride_h", "x_stride_w", "grad_out_stride_b", "grad_out_stride_c", "grad_out_stride_h", "grad_out_stride_w", "dz_stride_b", "dz_stride_c", "dz_stride_h", "dz_stride_w"])
 def _middle_grad_kernel(x_ptr, grad_out_ptr, dz_ptr, weight_ptr, bias_ptr, blocks_ptr, mean_ptr, rstd_ptr,
                         cgo_ptr, cxhat_ptr, cconst_ptr,
                         psgo_ptr, psgx_ptr, pdw_ptr, pdb_ptr,
@@ -293,7 +293,7 @@ def _middle_grad_kernel(x_ptr, grad_out_ptr, dz_ptr, weight_ptr, bias_ptr, block
         _store_wgrad_partials(pdw_ptr, pdb_ptr, acc_w, acc_b, cs, cmask, C, KK_STRIDE, KK_POW2)
 
 
-@triton.jit
+@triton.jit(do_not_specialize_on_alignment=["B", "C", "H", "W", "b_per_prog", "src_stride_b", "src_stride_c", "src_stride_h", "src_stride_w", "x_stride_b", "x_stride_c", "x_stride_h", "x_stride_w", "dx_stride_b", "dx_stride_c", "dx_stride_h", "dx_stride_w"])
 def _dx_kernel(src_ptr, x_ptr, dx_ptr, weight_ptr, blocks_ptr, pdw_ptr, pdb_ptr,
                B, C, H, W, b_per_prog,
                src_stride_b, src_stride_c, src_stride_h, src_stride_w, x_stride_b, x_stride_c, x_stride_h, x_stride_w, dx_stride_b, dx_stride_c, dx_stride_h, dx_stride_w,

@@ -63,14 +63,12 @@ def _matmul(a, b, PRECISION: tl.constexpr, USE_DOT: tl.constexpr):
         return tl.sum(a[:, :, None] * b[None, :, :], axis=1)
 
 
-@triton.jit
+@triton.jit(do_not_specialize_on_alignment=["q_stride_b", "q_stride_h", "q_stride_n", "q_stride_d", "k_stride_b", "k_stride_h", "k_stride_m", "k_stride_d", "bias_stride_b", "bias_stride_h", "bias_stride_n", "bias_stride_m", "H", "N", "M", "D"])
 def _osra_fwd_kernel(
     q_ptr, k_ptr, v_ptr, bias_ptr, out_ptr, lse_ptr, scale_ptr,
     q_stride_b, q_stride_h, q_stride_n, q_stride_d,
     k_stride_b, k_stride_h, k_stride_m, k_stride_d,
-    v_stride_b, v_stride_h, v_stride_m, v_stride_d,
     bias_stride_b, bias_stride_h, bias_stride_n, bias_stride_m,
-    out_stride_b, out_stride_h, out_stride_n, out_stride_d,
     H, N, M, D,
     HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, USE_DOT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, INDEX64: tl.constexpr,
@@ -87,10 +85,11 @@ def _osra_fwd_kernel(
         offs_n = offs_n.to(tl.int64)
     mask_n = offs_n < N
     mask_d = offs_d < D
-    q = tl.load(q_ptr + b * q_stride_b + h * q_stride_h + offs_n[:, None] * q_stride_n + offs_d[None, :] * q_stride_d,
-                mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+    # q and out share one layout (the launcher makes it so), hence one offset tile.
+    q_offs = b * q_stride_b + h * q_stride_h + offs_n[:, None] * q_stride_n + offs_d[None, :] * q_stride_d
+    q = tl.load(q_ptr + q_offs, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
     k_base = k_ptr + b * k_stride_b + h * k_stride_h
-    v_base = v_ptr + b * v_stride_b + h * v_stride_h
+    v_base = v_ptr + b * k_stride_b + h * k_stride_h
     bias_base = bias_ptr + b * bias_stride_b + h * bias_stride_h + offs_n[:, None] * bias_stride_n
 
     m_i = tl.full([BLOCK_N], float("-inf"), scale.dtype)
@@ -102,7 +101,7 @@ def _osra_fwd_kernel(
         # K^T is loaded transposed (not tl.trans of a K tile): the tile goes straight to the dot operand.
         kt = tl.load(k_base + offs_d[:, None] * k_stride_d + offs_m[None, :] * k_stride_m,
                      mask=mask_d[:, None] & mask_m[None, :], other=0.0)
-        v = tl.load(v_base + offs_m[:, None] * v_stride_m + offs_d[None, :] * v_stride_d,
+        v = tl.load(v_base + offs_m[:, None] * k_stride_m + offs_d[None, :] * k_stride_d,
                     mask=mask_m[:, None] & mask_d[None, :], other=0.0)
         s = _matmul(q, kt, PRECISION, USE_DOT).to(scale.dtype) * scale
         if HAS_BIAS:
@@ -117,21 +116,16 @@ def _osra_fwd_kernel(
         m_i = m_new
 
     out = acc / l_i[:, None]
-    tl.store(out_ptr + b * out_stride_b + h * out_stride_h + offs_n[:, None] * out_stride_n + offs_d[None, :] * out_stride_d,
-             out.to(out_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_d[None, :])
+    tl.store(out_ptr + q_offs, out.to(out_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_d[None, :])
     tl.store(lse_ptr + bh.to(tl.int64) * N + offs_n, m_i + tl.log(l_i), mask=mask_n)
 
 
-@triton.jit
+@triton.jit(do_not_specialize_on_alignment=["q_stride_b", "q_stride_h", "q_stride_n", "q_stride_d", "k_stride_b", "k_stride_h", "k_stride_m", "k_stride_d", "bias_stride_b", "bias_stride_h", "bias_stride_n", "bias_stride_m", "dbias_stride_g", "dbias_stride_h", "dbias_stride_n", "dbias_stride_m", "B", "H", "N", "M", "D", "BATCHES_PER_GROUP"])
 def _osra_bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr, bias_ptr, out_ptr, grad_out_ptr, lse_ptr, delta_ptr, dq_ptr, dbias_ptr, scale_ptr,
     q_stride_b, q_stride_h, q_stride_n, q_stride_d,
     k_stride_b, k_stride_h, k_stride_m, k_stride_d,
-    v_stride_b, v_stride_h, v_stride_m, v_stride_d,
     bias_stride_b, bias_stride_h, bias_stride_n, bias_stride_m,
-    out_stride_b, out_stride_h, out_stride_n, out_stride_d,
-    grad_out_stride_b, grad_out_stride_h, grad_out_stride_n, grad_out_stride_d,
-    dq_stride_b, dq_stride_h, dq_stride_n, dq_stride_d,
     dbias_stride_g, dbias_stride_h, dbias_stride_n, dbias_stride_m,
     B, H, N, M, D, BATCHES_PER_GROUP,
     HAS_BIAS: tl.constexpr, HAS_DBIAS: tl.constexpr, ONE_KEY_BLOCK: tl.constexpr,
@@ -150,6 +144,7 @@ def _osra_bwd_dq_kernel(
     mask_n = offs_n < N
     mask_d = offs_d < D
     nd_mask = mask_n[:, None] & mask_d[None, :]
+    nd_offs = offs_n[:, None] * q_stride_n + offs_d[None, :] * q_stride_d
     dbias_base = dbias_ptr + group * dbias_stride_g + h * dbias_stride_h + offs_n[:, None] * dbias_stride_n
     # Bias-gradient slice of this program, summed over its batches (used when M fits one block).
     dbias_acc = tl.zeros([BLOCK_N, BLOCK_M], scale.dtype)
@@ -157,18 +152,17 @@ def _osra_bwd_dq_kernel(
     b_start = group * BATCHES_PER_GROUP
     b_end = tl.minimum(b_start + BATCHES_PER_GROUP, B)
     for b in range(b_start, b_end):
-        q = tl.load(q_ptr + b * q_stride_b + h * q_stride_h + offs_n[:, None] * q_stride_n + offs_d[None, :] * q_stride_d,
-                    mask=nd_mask, other=0.0)
-        do = tl.load(grad_out_ptr + b * grad_out_stride_b + h * grad_out_stride_h + offs_n[:, None] * grad_out_stride_n + offs_d[None, :] * grad_out_stride_d,
-                     mask=nd_mask, other=0.0)
-        o = tl.load(out_ptr + b * out_stride_b + h * out_stride_h + offs_n[:, None] * out_stride_n + offs_d[None, :] * out_stride_d,
-                    mask=nd_mask, other=0.0)
+        # q, out, dO and dq share one layout (the launcher makes it so), hence one offset tile.
+        q_offs = b * q_stride_b + h * q_stride_h + nd_offs
+        q = tl.load(q_ptr + q_offs, mask=nd_mask, other=0.0)
+        do = tl.load(grad_out_ptr + q_offs, mask=nd_mask, other=0.0)
+        o = tl.load(out_ptr + q_offs, mask=nd_mask, other=0.0)
         delta = tl.sum(do.to(scale.dtype) * o.to(scale.dtype), 1)
         row = (b * H + h) * N + offs_n
         tl.store(delta_ptr + row, delta, mask=mask_n)
         lse = tl.load(lse_ptr + row, mask=mask_n, other=float("inf"))  # padded rows get P = 0
         k_base = k_ptr + b * k_stride_b + h * k_stride_h
-        v_base = v_ptr + b * v_stride_b + h * v_stride_h
+        v_base = v_ptr + b * k_stride_b + h * k_stride_h
         bias_base = bias_ptr + b * bias_stride_b + h * bias_stride_h + offs_n[:, None] * bias_stride_n
 
         dq = tl.zeros([BLOCK_N, BLOCK_D], scale.dtype)
@@ -180,7 +174,7 @@ def _osra_bwd_dq_kernel(
             k = tl.load(k_base + offs_m[:, None] * k_stride_m + offs_d[None, :] * k_stride_d,
                         mask=mask_m[:, None] & mask_d[None, :], other=0.0)
             kt = tl.load(k_base + offs_d[:, None] * k_stride_d + offs_m[None, :] * k_stride_m, mask=dm_mask, other=0.0)
-            vt = tl.load(v_base + offs_d[:, None] * v_stride_d + offs_m[None, :] * v_stride_m, mask=dm_mask, other=0.0)
+            vt = tl.load(v_base + offs_d[:, None] * k_stride_d + offs_m[None, :] * k_stride_m, mask=dm_mask, other=0.0)
             s = _matmul(q, kt, PRECISION, USE_DOT).to(scale.dtype) * scale
             nm_mask = mask_n[:, None] & mask_m[None, :]
             if HAS_BIAS:
@@ -200,8 +194,7 @@ def _osra_bwd_dq_kernel(
                     prev = tl.load(dbias_ptrs, mask=nm_mask, other=0.0).to(scale.dtype)
                     prev = tl.where(b > b_start, prev, 0.0)  # the group's first batch starts the sum
                     tl.store(dbias_ptrs, (prev + ds).to(dbias_ptr.dtype.element_ty), mask=nm_mask)
-        tl.store(dq_ptr + b * dq_stride_b + h * dq_stride_h + offs_n[:, None] * dq_stride_n + offs_d[None, :] * dq_stride_d,
-                 (dq * scale).to(dq_ptr.dtype.element_ty), mask=nd_mask)
+        tl.store(dq_ptr + q_offs, (dq * scale).to(dq_ptr.dtype.element_ty), mask=nd_mask)
 
     if HAS_DBIAS:
         if ONE_KEY_BLOCK:
@@ -210,16 +203,13 @@ def _osra_bwd_dq_kernel(
                      mask=mask_n[:, None] & (offs_m < M)[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize_on_alignment=["q_stride_b", "q_stride_h", "q_stride_n", "q_stride_d", "k_stride_b", "k_stride_h", "k_stride_m", "k_stride_d", "bias_stride_b", "bias_stride_h", "bias_stride_n", "bias_stride_m", "dkv_stride_s", "dkv_stride_b", "dkv_stride_h", "dkv_stride_m", "dkv_stride_d", "H", "N", "M", "D", "ROWS_PER_SPLIT"])
 def _osra_bwd_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, bias_ptr, grad_out_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, scale_ptr,
     q_stride_b, q_stride_h, q_stride_n, q_stride_d,
     k_stride_b, k_stride_h, k_stride_m, k_stride_d,
-    v_stride_b, v_stride_h, v_stride_m, v_stride_d,
     bias_stride_b, bias_stride_h, bias_stride_n, bias_stride_m,
-    grad_out_stride_b, grad_out_stride_h, grad_out_stride_n, grad_out_stride_d,
-    dk_stride_s, dk_stride_b, dk_stride_h, dk_stride_m, dk_stride_d,
-    dv_stride_s, dv_stride_b, dv_stride_h, dv_stride_m, dv_stride_d,
+    dkv_stride_s, dkv_stride_b, dkv_stride_h, dkv_stride_m, dkv_stride_d,
     H, N, M, D, ROWS_PER_SPLIT,
     HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, USE_DOT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, INDEX64: tl.constexpr,
@@ -236,10 +226,11 @@ def _osra_bwd_dkdv_kernel(
     mask_m = offs_m < M
     mask_d = offs_d < D
     md_mask = mask_m[:, None] & mask_d[None, :]
-    k = tl.load(k_ptr + b * k_stride_b + h * k_stride_h + offs_m[:, None] * k_stride_m + offs_d[None, :] * k_stride_d, mask=md_mask, other=0.0)
-    v = tl.load(v_ptr + b * v_stride_b + h * v_stride_h + offs_m[:, None] * v_stride_m + offs_d[None, :] * v_stride_d, mask=md_mask, other=0.0)
-    q_base = q_ptr + b * q_stride_b + h * q_stride_h
-    do_base = grad_out_ptr + b * grad_out_stride_b + h * grad_out_stride_h
+    # k and v share one layout, q and dO another (the launcher makes it so): one offset tile each.
+    k_offs = b * k_stride_b + h * k_stride_h + offs_m[:, None] * k_stride_m + offs_d[None, :] * k_stride_d
+    k = tl.load(k_ptr + k_offs, mask=md_mask, other=0.0)
+    v = tl.load(v_ptr + k_offs, mask=md_mask, other=0.0)
+    q_slice = b * q_stride_b + h * q_stride_h
     bias_base = bias_ptr + b * bias_stride_b + h * bias_stride_h + offs_m[:, None] * bias_stride_m
     row_base = bh.to(tl.int64) * N
 
@@ -255,12 +246,12 @@ def _osra_bwd_dkdv_kernel(
         nd_mask = mask_n[:, None] & mask_d[None, :]
         dn_mask = mask_d[:, None] & mask_n[None, :]
         # Q, Q^T, dO and dO^T are separate (L2-resident) loads rather than tl.trans of register tiles.
-        q = tl.load(q_base + offs_n[:, None] * q_stride_n + offs_d[None, :] * q_stride_d, mask=nd_mask, other=0.0)
-        qt = tl.load(q_base + offs_d[:, None] * q_stride_d + offs_n[None, :] * q_stride_n, mask=dn_mask, other=0.0)
-        do = tl.load(do_base + offs_n[:, None] * grad_out_stride_n + offs_d[None, :] * grad_out_stride_d,
-                     mask=nd_mask, other=0.0)
-        dot = tl.load(do_base + offs_d[:, None] * grad_out_stride_d + offs_n[None, :] * grad_out_stride_n,
-                      mask=dn_mask, other=0.0)
+        nd_offs = q_slice + offs_n[:, None] * q_stride_n + offs_d[None, :] * q_stride_d
+        dn_offs = q_slice + offs_d[:, None] * q_stride_d + offs_n[None, :] * q_stride_n
+        q = tl.load(q_ptr + nd_offs, mask=nd_mask, other=0.0)
+        qt = tl.load(q_ptr + dn_offs, mask=dn_mask, other=0.0)
+        do = tl.load(grad_out_ptr + nd_offs, mask=nd_mask, other=0.0)
+        dot = tl.load(grad_out_ptr + dn_offs, mask=dn_mask, other=0.0)
         lse = tl.load(lse_ptr + row_base + offs_n, mask=mask_n, other=float("inf"))  # padded rows: P = 0
         delta = tl.load(delta_ptr + row_base + offs_n, mask=mask_n, other=0.0)
         # Transposed scores: rows are keys, columns are queries.
@@ -274,10 +265,10 @@ def _osra_bwd_dkdv_kernel(
         dst = pt * (dpt - delta[None, :])
         dk += _matmul(dst.to(q.dtype), q, PRECISION, USE_DOT).to(scale.dtype)
 
-    tl.store(dk_ptr + split * dk_stride_s + b * dk_stride_b + h * dk_stride_h + offs_m[:, None] * dk_stride_m + offs_d[None, :] * dk_stride_d,
-             (dk * scale).to(dk_ptr.dtype.element_ty), mask=md_mask)
-    tl.store(dv_ptr + split * dv_stride_s + b * dv_stride_b + h * dv_stride_h + offs_m[:, None] * dv_stride_m + offs_d[None, :] * dv_stride_d,
-             dv.to(dv_ptr.dtype.element_ty), mask=md_mask)
+    dkv_offs = (split * dkv_stride_s + b * dkv_stride_b + h * dkv_stride_h
+                + offs_m[:, None] * dkv_stride_m + offs_d[None, :] * dkv_stride_d)
+    tl.store(dk_ptr + dkv_offs, (dk * scale).to(dk_ptr.dtype.element_ty), mask=md_mask)
+    tl.store(dv_ptr + dkv_offs, dv.to(dv_ptr.dtype.element_ty), mask=md_mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -300,19 +291,27 @@ def _uses_dot(q: torch.Tensor) -> bool:
     return not (q.dtype == torch.float64 and q.device.type == "cuda")
 
 
-def _config(q: torch.Tensor) -> _Config:
-    """Block sizes and warps per dtype, checked by the static GPU audit (no spills, shared memory within
-    sm_86's 99 KB) at every TransXNet shape and at head dims up to MAX_HEAD_DIM."""
+# (kernel, half precision?) -> (BLOCK_N, num_warps): rows of queries per program and its warps; BLOCK_M = 64
+# keys (the model's M = 49 in one block). Chosen with the static GPU audit (python -m benchmarks.gpu_audit):
+# no register spills and shared memory within sm_86's 99 KB on sm_80/86/90, at every TransXNet shape and
+# at head dims up to MAX_HEAD_DIM. More warps than 16-row mma tiles replicate work, but the register tiles
+# shrink: these kernels are memory-bound and register-bound, not math-bound.
+_BLOCKS = {
+    ("fwd", True): (32, 8), ("dq", True): (16, 8), ("dkdv", True): (32, 8),
+    ("fwd", False): (32, 8), ("dq", False): (16, 8), ("dkdv", False): (16, 8),
+}
+
+
+def _config(q: torch.Tensor, kernel: str) -> _Config:
+    """Launch configuration of `kernel` ("fwd", "dq" or "dkdv") for q's dtype and head dim."""
     d = q.shape[-1]
-    block_d = max(16, triton.next_power_of_2(d))  # tl.dot needs every dim >= 16
     if not _uses_dot(q):
         # Without tl.dot a [block_n, block_d, block_m] product lives in registers: keep it small.
         return _Config(16, 16, triton.next_power_of_2(d), "ieee", False, 4)
-    if q.dtype in (torch.float32, torch.float64):
-        # IEEE fp32 (no TF32) runs tl.dot on FMA units with whole operand tiles in registers: half the rows.
-        return _Config(32, 64, block_d, "ieee", True, 8)
-    # BLOCK_M = 64 covers the model's M = 49 in one key block.
-    return _Config(64, 64, block_d, "tf32", True, 8)
+    half = q.dtype in (torch.float16, torch.bfloat16)
+    block_n, num_warps = _BLOCKS[kernel, half]
+    # IEEE fp32 (no TF32: the user did not ask for it) runs tl.dot on FMA units; tl.dot needs dims >= 16.
+    return _Config(block_n, 64, max(16, triton.next_power_of_2(d)), "tf32" if half else "ieee", True, num_warps)
 
 
 @dataclass(frozen=True)
@@ -340,27 +339,44 @@ def _scale_tensor(scale: float, q: torch.Tensor) -> torch.Tensor:
     return torch.full((1,), scale, dtype=accumulation_dtype(q.dtype), device=q.device)
 
 
-def _empty_out(q: torch.Tensor) -> torch.Tensor:
-    """[B, h, N, d] with [B, h, d, N] memory: the model's transpose+reshape after it is a view."""
-    B, h, N, d = q.shape
-    return q.new_empty((B, h, d, N)).transpose(-1, -2)
+def _dense(t: torch.Tensor) -> bool:
+    """Non-overlapping and dense: empty_like keeps exactly these strides."""
+    return torch.empty_like(t, device="meta").stride() == t.stride()
+
+
+def _shared_layouts(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """q dense (its layout is out's, dO's and dq's), k and v of one layout: the kernels address each group
+    with one set of strides. The model's tensors are so already (q a transposed view of a conv output, k and
+    v two channel halves of one); other callers may pay a copy."""
+    if not _dense(q):
+        q = q.contiguous()
+    if k.stride() != v.stride():
+        k, v = k.contiguous(), v.contiguous()
+    return q, k, v
+
+
+def _in_layout_of(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return t if t.stride() == like.stride() else torch.empty_like(like).copy_(t)
 
 
 def _forward(q, k, v, bias, scale):
     B, h, N, d = q.shape
     M = k.shape[2]
-    out = _empty_out(q)
+    q, k, v = _shared_layouts(q, k, v)
+    # q's layout: for the model's q (a transposed view of [B, h, d, N] memory) the model's
+    # out.transpose(-1, -2).reshape(B, C, H, W) is then a view.
+    out = torch.empty_like(q)
     lse = torch.empty((B, h, N), dtype=accumulation_dtype(q.dtype), device=q.device)
     if out.numel() == 0:
         return out, lse
     if M == 0:  # softmax over no keys: the reference's empty sum, zeros (lse -inf)
         return out.zero_(), lse.fill_(float("-inf"))
-    cfg = _config(q)
+    cfg = _config(q, "fwd")
     grid = (triton.cdiv(N, cfg.block_n), B * h)
     with device_guard(q):
         _osra_fwd_kernel[grid](
             q, k, v, bias if bias is not None else q, out, lse, _scale_tensor(scale, q),
-            *q.stride(), *k.stride(), *v.stride(), *_bias_strides(bias), *out.stride(),
+            *q.stride(), *k.stride(), *_bias_strides(bias),
             h, N, M, d,
             HAS_BIAS=bias is not None, PRECISION=cfg.precision, USE_DOT=cfg.use_dot,
             BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d, INDEX64=needs_int64(q, k, v, out),
@@ -377,10 +393,13 @@ def _backward(grad_out, q, k, v, bias, out, lse, scale, bias_needs_grad):
     if B * h * N * M == 0:  # no scores: every gradient is zero (or empty)
         dbias = torch.zeros_like(bias) if has_dbias else q.new_empty((0,))
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dbias
+    inputs = (q, k, v)  # the gradients take the layouts of empty_like(input), as the fake impl says
+    q, k, v = _shared_layouts(q, k, v)
+    out, grad_out = _in_layout_of(out, q), _in_layout_of(grad_out, q)
     acc_dtype = accumulation_dtype(q.dtype)
     target = launch_settings(Settings, device).target_programs
     scale_t = _scale_tensor(scale, q)
-    cfg = _config(q)
+    cfg = _config(q, "dq")
     n_blocks = triton.cdiv(N, cfg.block_n)
 
     # Bias-gradient target: per-batch biases get one slice per batch (no reduction); a batch-1 bias
@@ -403,23 +422,24 @@ def _backward(grad_out, q, k, v, bias, out, lse, scale, bias_needs_grad):
     dq = torch.empty_like(q)
     delta = torch.empty((B, h, N), dtype=acc_dtype, device=device)
     # Split the query range of dk/dv only when B·h·key-blocks cannot fill the device.
-    m_blocks = triton.cdiv(M, cfg.block_m)
-    splits = min(n_blocks, max(1, triton.cdiv(target, m_blocks * B * h)))
-    rows_per_split = triton.cdiv(n_blocks, splits) * cfg.block_n
+    dkdv_cfg = _config(q, "dkdv")
+    n_dkdv_blocks = triton.cdiv(N, dkdv_cfg.block_n)
+    m_blocks = triton.cdiv(M, dkdv_cfg.block_m)
+    splits = min(n_dkdv_blocks, max(1, triton.cdiv(target, m_blocks * B * h)))
+    rows_per_split = triton.cdiv(n_dkdv_blocks, splits) * dkdv_cfg.block_n
     splits = triton.cdiv(N, rows_per_split)
     if splits > 1:
         dk_buf = torch.empty((splits, B, h, M, d), dtype=acc_dtype, device=device)
         dv_buf = torch.empty((splits, B, h, M, d), dtype=acc_dtype, device=device)
-        dk_strides, dv_strides = dk_buf.stride(), dv_buf.stride()
+        dkv_strides = dk_buf.stride()
     else:
-        dk_buf, dv_buf = torch.empty_like(k), torch.empty_like(v)
-        dk_strides, dv_strides = (0,) + dk_buf.stride(), (0,) + dv_buf.stride()
+        dk_buf, dv_buf = torch.empty_like(k), torch.empty_like(k)
+        dkv_strides = (0,) + dk_buf.stride()
     index64 = needs_int64(q, k, v, out, grad_out, dq)
     with device_guard(q):
         _osra_bwd_dq_kernel[(n_blocks, h, groups)](
             q, k, v, bias if bias is not None else q, out, grad_out, lse, delta, dq, dbias_buf, scale_t,
-            *q.stride(), *k.stride(), *v.stride(), *_bias_strides(bias), *out.stride(), *grad_out.stride(),
-            *dq.stride(), *dbias_strides,
+            *q.stride(), *k.stride(), *_bias_strides(bias), *dbias_strides,
             B, h, N, M, d, batches_per_group,
             HAS_BIAS=bias is not None, HAS_DBIAS=has_dbias, ONE_KEY_BLOCK=M <= cfg.block_m,
             PRECISION=cfg.precision, USE_DOT=cfg.use_dot,
@@ -427,17 +447,15 @@ def _backward(grad_out, q, k, v, bias, out, lse, scale, bias_needs_grad):
         )
         _osra_bwd_dkdv_kernel[(m_blocks, B * h, splits)](
             q, k, v, bias if bias is not None else q, grad_out, lse, delta, dk_buf, dv_buf, scale_t,
-            *q.stride(), *k.stride(), *v.stride(), *_bias_strides(bias), *grad_out.stride(),
-            *dk_strides, *dv_strides,
+            *q.stride(), *k.stride(), *_bias_strides(bias), *dkv_strides,
             h, N, M, d, rows_per_split,
-            HAS_BIAS=bias is not None, PRECISION=cfg.precision, USE_DOT=cfg.use_dot,
-            BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d, INDEX64=index64, num_warps=cfg.num_warps,
+            HAS_BIAS=bias is not None, PRECISION=dkdv_cfg.precision, USE_DOT=dkdv_cfg.use_dot,
+            BLOCK_N=dkdv_cfg.block_n, BLOCK_M=dkdv_cfg.block_m, BLOCK_D=dkdv_cfg.block_d, INDEX64=index64,
+            num_warps=dkdv_cfg.num_warps,
         )
     if splits > 1:
-        # Same layout as the unsplit case (that of k and v), whatever the device decided.
-        dk, dv = torch.empty_like(k).copy_(dk_buf.sum(0)), torch.empty_like(v).copy_(dv_buf.sum(0))
-    else:
-        dk, dv = dk_buf, dv_buf
+        dk_buf, dv_buf = dk_buf.sum(0), dv_buf.sum(0)
+    dq, dk, dv = (_in_layout_of(grad, torch.empty_like(t)) for grad, t in zip((dq, dk_buf, dv_buf), inputs))
 
     if not has_dbias:
         dbias = dbias_buf
@@ -460,7 +478,7 @@ def osra_attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b
 @osra_attention_with_lse.register_fake
 def _(q, k, v, bias, scale):
     B, h, N, _ = q.shape
-    return _empty_out(q), q.new_empty((B, h, N), dtype=accumulation_dtype(q.dtype))
+    return torch.empty_like(q if _dense(q) else q.contiguous()), q.new_empty((B, h, N), dtype=accumulation_dtype(q.dtype))
 
 
 @torch.library.custom_op("transxnet_triton::osra_attention_backward", mutates_args=())
