@@ -4,30 +4,40 @@ Without a GPU the Triton kernels run in Triton's interpreter on CPU tensors:
 TRITON_INTERPRET must be set before Triton is first imported, so it is set here,
 before anything imports torch or transxnet_kernels.
 """
+
 import os
 
 if "TRITON_INTERPRET" not in os.environ and not os.path.exists("/dev/nvidiactl"):
     os.environ["TRITON_INTERPRET"] = "1"
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
-import transxnet_kernels  # noqa: E402
+import transxnet_kernels
+
+
+def missing_required_backends(required: str, status: dict) -> dict:
+    """The backends named in `required` (comma-separated, TRANSXNET_REQUIRE_BACKENDS' format) that `status`
+    (available_backends()'s answer) does not report fully available, each mapped to why."""
+    names = [b.strip().lower() for b in required.split(",") if b.strip()]
+    return {b: status.get(b, "unknown backend") for b in names if not status.get(b, "").startswith("available")}
 
 
 def pytest_configure(config):
-    # CI sets TRANSXNET_REQUIRE_BACKENDS=triton,cpp so that a backend that failed to load
-    # turns into a failure instead of a column of skipped tests.
-    required = [b for b in os.environ.get("TRANSXNET_REQUIRE_BACKENDS", "").split(",") if b]
-    status = transxnet_kernels.available_backends()
-    missing = {b: status.get(b, "unknown backend") for b in required if not status.get(b, "").startswith("available")}
+    # CI sets TRANSXNET_REQUIRE_BACKENDS=triton,cpp so that a backend (or any one op of it) that failed to
+    # load turns into a failure instead of a column of skipped tests.
+    missing = missing_required_backends(
+        os.environ.get("TRANSXNET_REQUIRE_BACKENDS", ""), transxnet_kernels.available_backends()
+    )
     if missing:
         raise pytest.UsageError(f"required backends are unavailable: {missing}")
 
 
 def pytest_report_header(config):
-    return [f"transxnet_kernels backends: {transxnet_kernels.available_backends()}",
-            f"torch {torch.__version__}, TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')}"]
+    return [
+        f"transxnet_kernels backends: {transxnet_kernels.available_backends()}",
+        f"torch {torch.__version__}, TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')}",
+    ]
 
 
 @pytest.fixture
@@ -40,7 +50,11 @@ def nan_poisoned_empty(monkeypatch):
         return t
 
     real_empty, real_empty_like, real_strided, real_new_empty = (
-        torch.empty, torch.empty_like, torch.empty_strided, torch.Tensor.new_empty)
+        torch.empty,
+        torch.empty_like,
+        torch.empty_strided,
+        torch.Tensor.new_empty,
+    )
     monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(real_empty(*a, **k)))
     monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(real_empty_like(*a, **k)))
     monkeypatch.setattr(torch, "empty_strided", lambda *a, **k: poison(real_strided(*a, **k)))

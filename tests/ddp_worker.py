@@ -1,4 +1,5 @@
 """A DDP training step on CPU (gloo), run in a child process by test_accelerated."""
+
 import os
 
 import torch

@@ -1,4 +1,5 @@
 """Access to the shared parity data (../shared/parity beside the checkout)."""
+
 import importlib.util
 import json
 import os
@@ -7,8 +8,8 @@ import pytest
 import torch
 
 PARITY_DIR = os.environ.get(
-    "TRANSXNET_PARITY_DIR",
-    os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "parity"))
+    "TRANSXNET_PARITY_DIR", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "parity")
+)
 
 if not os.path.isdir(PARITY_DIR):
     message = f"parity data not found at {PARITY_DIR} (set TRANSXNET_PARITY_DIR)"
@@ -59,7 +60,7 @@ def check_train_golden(model: torch.nn.Module) -> None:
 
     from helpers import rel_err
 
-    fp32_ulp = 2.0 ** -23
+    fp32_ulp = 2.0**-23
     g = golden("t_train_160x224")
     model = fill_deterministic(model).double().train()
     x = golden_input(2, 160, 224).double().requires_grad_()
@@ -76,8 +77,9 @@ def check_train_golden(model: torch.nn.Module) -> None:
     scale = torch.stack([p[1] for p in projections.values()]).median().item()
     checked = zero = 0
     for name, p in params.items():
-        r = torch.randn(p.shape, generator=torch.Generator().manual_seed(zlib.crc32(("proj:" + name).encode())),
-                        dtype=torch.float64)
+        r = torch.randn(
+            p.shape, generator=torch.Generator().manual_seed(zlib.crc32(("proj:" + name).encode())), dtype=torch.float64
+        )
         ours = torch.stack([(p.grad * r).sum(), p.grad.norm()])
         gold = projections[name].double()
         if gold[1] < 1e-9 * scale:

@@ -1,12 +1,13 @@
 """Checkpoint loading: wrapper formats, prefixes, class-count changes, mismatches."""
+
 import warnings
 
 import pytest
 import torch
+from parity import fill_deterministic
 
 import transxnet
 from transxnet import CheckpointMismatchError, load_checkpoint
-from parity import fill_deterministic
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +79,9 @@ def test_other_image_size_resizes_relative_pos_enc(tmp_path, released_t):
         model = transxnet.transxnet_t(pretrained=str(path), image_size=256)
     rpe = model.state_dict()["relative_pos_enc.0"]
     assert rpe.shape == (1, 1, 64 * 64, 64)
-    expected = torch.nn.functional.interpolate(released_t["relative_pos_enc.0"], size=(4096, 64), mode="bicubic",
-                                               align_corners=False)
+    expected = torch.nn.functional.interpolate(
+        released_t["relative_pos_enc.0"], size=(4096, 64), mode="bicubic", align_corners=False
+    )
     assert torch.equal(rpe, expected)
 
 

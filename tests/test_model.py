@@ -1,12 +1,13 @@
 """The eager model: architecture, state-dict layout, shapes, input checks, timm registration."""
+
 import sys
 import types
 
 import pytest
 import torch
+from parity import manifest
 
 import transxnet
-from parity import manifest
 
 VARIANTS = [(a, ff) for a in "tsb" for ff in (False, True)]
 
@@ -89,8 +90,14 @@ def test_train_step_batch_one_and_checkpointing_gives_same_grads():
         m.train()
         m(x).square().sum().backward()
         grads.append({n: p.grad for n, p in m.named_parameters()})
-    assert sum(isinstance(b, torch.nn.Module) and b.grad_checkpoint for b in ckpt.modules()
-               if hasattr(b, "grad_checkpoint")) == 18
+    assert (
+        sum(
+            isinstance(b, torch.nn.Module) and b.grad_checkpoint
+            for b in ckpt.modules()
+            if hasattr(b, "grad_checkpoint")
+        )
+        == 18
+    )
     for n, g in grads[0].items():
         torch.testing.assert_close(grads[1][n], g, rtol=1e-5, atol=1e-6, msg=n)
     # the backward-time recomputation does not update the BatchNorm statistics a second time
@@ -98,14 +105,48 @@ def test_train_step_batch_one_and_checkpointing_gives_same_grads():
         torch.testing.assert_close(b1, b0, rtol=1e-6, atol=1e-7, msg=n)
 
 
-@pytest.mark.parametrize("bad,message", [
-    (torch.randn(3, 64, 64), "4-D"),
-    (torch.randn(1, 4, 64, 64), "3 input channels"),
-    (torch.randint(0, 255, (1, 3, 64, 64), dtype=torch.uint8), "floating-point"),
-    (torch.randn(1, 3, 3, 64), "too small for the stem"),
-    (torch.randn(1, 3, 64, 64, dtype=torch.float64), "dtype"),
-    (torch.randn(0, 3, 64, 64), "empty"),
-])
+@pytest.mark.parametrize("accelerated", [False, True], ids=["eager", "accelerated"])
+def test_training_on_a_batch_of_one_raises_at_the_entry(accelerated):
+    """IDConv's BatchNorm sees one value per channel and sample: training on a batch of 1 is refused before any
+    layer runs, with a message about the batch; eval, or the IDConv BatchNorms in eval while the rest trains
+    (detection frameworks' norm_eval), run at batch 1."""
+    torch.manual_seed(0)
+    arch = dict(layers=(1, 1, 1, 1), embed_dims=(16, 32, 48, 64), num_heads=(1, 1, 2, 2))
+    m = transxnet.TransXNet(arch, num_classes=3)
+    if accelerated:
+        m = transxnet.accelerated(m)
+    entered = []
+    m.patch_embed.register_forward_pre_hook(lambda *_: entered.append(True))
+    x = torch.randn(1, 3, 64, 64)
+    m.train()
+    with pytest.raises(ValueError, match="batch"):
+        m(x)
+    assert not entered, "the check must come before the first layer"
+    assert m(torch.randn(2, 3, 64, 64)).shape == (2, 3)  # batch 2 trains
+    m.eval()
+    with torch.no_grad():
+        assert torch.isfinite(m(x)).all()
+    m.train()
+    for module in m.modules():
+        if isinstance(module, transxnet.model.IDConv):
+            module.proj[0].bn.eval()
+    out = m(x)
+    out.sum().backward()
+    assert torch.isfinite(out).all() and out.shape == (1, 3)
+    assert m.network[0][0].mlp.norm.training  # the other BatchNorms still train
+
+
+@pytest.mark.parametrize(
+    "bad,message",
+    [
+        (torch.randn(3, 64, 64), "4-D"),
+        (torch.randn(1, 4, 64, 64), "3 input channels"),
+        (torch.randint(0, 255, (1, 3, 64, 64), dtype=torch.uint8), "floating-point"),
+        (torch.randn(1, 3, 3, 64), "too small for the stem"),
+        (torch.randn(1, 3, 64, 64, dtype=torch.float64), "dtype"),
+        (torch.randn(0, 3, 64, 64), "empty"),
+    ],
+)
 def test_bad_input_raises_value_error(bad, message):
     m = transxnet.transxnet_t()
     with pytest.raises(ValueError, match=message):
@@ -120,8 +161,9 @@ def test_bad_constructor_arguments():
 
 
 def test_custom_arch_dict():
-    m = transxnet.TransXNet(dict(layers=(1, 1, 1, 1), embed_dims=(16, 32, 48, 64), num_heads=(1, 1, 2, 2)),
-                            num_classes=3).eval()
+    m = transxnet.TransXNet(
+        dict(layers=(1, 1, 1, 1), embed_dims=(16, 32, 48, 64), num_heads=(1, 1, 2, 2)), num_classes=3
+    ).eval()
     with torch.no_grad():
         assert m(torch.randn(1, 3, 32, 32)).shape == (1, 3)
 
@@ -140,4 +182,3 @@ def test_timm_registration_with_stub(monkeypatch):
     # timm passes its pretrained_cfg kwargs; the constructors accept and ignore them
     m = registry["transxnet_t"](pretrained=False, pretrained_cfg={"x": 1}, pretrained_cfg_overlay=None, num_classes=3)
     assert m.num_classes == 3
-

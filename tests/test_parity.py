@@ -1,9 +1,10 @@
 """Parity with the authors' implementation (golden outputs in ../shared/parity/golden),
 for the eager model and for the accelerated one."""
+
 import pytest
+from parity import check_train_golden, golden_eval_error
 
 import transxnet
-from parity import check_train_golden, golden_eval_error
 
 BUILDERS = {
     "eager": transxnet.transxnet_t,

@@ -127,11 +127,13 @@ def select(op_name: str, device: torch.device, dtype: torch.dtype, needs_grad: b
     return backend
 
 
-def runs_fused(op_name: str, info: CallInfo) -> bool:
-    """Whether a call would run a non-reference backend under the current choice (never raises)."""
+@torch.compiler.assume_constant_result
+def runs_fused(op_name: str, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether a call without gradients would run a non-reference backend under the current choice (never
+    raises). A constant to torch.compile, as select is (dynamo cannot trace the use_backend context variable)."""
     if exporting():
         return False
-    backend, _ = _resolve(OPS[op_name], info)
+    backend, _ = _resolve(OPS[op_name], CallInfo(device, dtype, False))
     return backend not in (None, "reference")
 
 

@@ -253,5 +253,4 @@ def osra_attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor] = Non
 def has_fused(op: str, x: Tensor) -> bool:
     """Whether a call of `op` on tensors like x (no gradients) would run a fused (non-reference) backend
     under the current backend choice; False where a forced backend lacks it. Never raises."""
-    x = x.detach()
-    return runs_fused(op, CallInfo(x.device, x.dtype, False))
+    return runs_fused(op, x.device, x.dtype)

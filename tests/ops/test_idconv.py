@@ -1,0 +1,321 @@
+"""idconv on every fused backend against the fp64 reference: output and every gradient, awkward shapes, layouts,
+dtypes, NaN-poisoned allocations; then each backend's own paths (Triton: chunking, int64 offsets, gradcheck,
+opcheck, torch.compile, determinism; cpp: kernel ISAs, the NHWC kernel limit, forward-only refusals)."""
+
+import dataclasses
+
+import pytest
+import torch
+
+import transxnet_kernels as tk
+from helpers import (
+    ALL_CHOICES,
+    CPP_LAYOUTS,
+    DEVICE,
+    LAYOUTS,
+    TOLERANCE,
+    TRITON,
+    assert_output_layout,
+    assert_rel_close,
+    backend_dtype_params,
+    backend_param,
+    backend_params,
+    check_op,
+    cpp_only,
+    dtype_id,
+    evaluate,
+    fused_backends,
+    not_interpreted,
+    randn,
+    requires_cpp,
+    requires_triton,
+    requiring_grad,
+    to_layout,
+    triton_only,
+)
+from transxnet_kernels import reference
+
+OP = "idconv"
+
+
+def idconv_args(B, C, H, W, G, K, bias=True, dtype=torch.float32, layout="contiguous", device=None, seed=0, grad=True):
+    """(x, kernel_logits, weight, bias_logits, bias), every tensor requiring grad when `grad`."""
+    gen = torch.Generator().manual_seed(seed)
+    device = DEVICE if device is None else device
+
+    def rand(*shape, scale=1.0):
+        return randn(*shape, dtype=dtype, gen=gen, scale=scale, device=device)
+
+    args = [to_layout(rand(B, C, H, W), layout), rand(B, G, C, K, K, scale=2.0), rand(G, C, K, K)]
+    args += [rand(B, G, C, scale=2.0), rand(G, C)] if bias else [None, None]
+    return requiring_grad(args, [0, 1, 2, 3, 4] if bias else [0, 1, 2]) if grad else tuple(args)
+
+
+# (B, C, H, W, G, K, bias): odd channels, every G and K, H or W below K, batch 1, non-power-of-two planes,
+# planes over several position tiles, wide rows (several register blocks), a kernel size without a
+# specialised cpp instantiation.
+SHAPES = [
+    (2, 3, 9, 7, 2, 7, True),
+    (1, 5, 4, 6, 3, 7, True),
+    (2, 7, 3, 11, 4, 5, True),
+    (3, 1, 1, 1, 1, 3, True),
+    (1, 6, 12, 13, 2, 7, True),
+    (2, 9, 5, 2, 4, 3, True),
+    (1, 12, 7, 7, 1, 5, True),
+    (2, 5, 8, 3, 1, 7, True),
+    (1, 4, 2, 2, 3, 3, True),
+    (2, 3, 6, 6, 4, 7, True),
+    (1, 2, 3, 9, 2, 9, True),
+    (2, 5, 9, 13, 2, 7, True),  # odd C, W not a multiple of the vector width
+    (1, 3, 4, 3, 2, 7, True),  # H, W smaller than the kernel
+    (3, 7, 17, 33, 4, 3, False),  # no bias, four kernel groups
+    (2, 4, 6, 5, 1, 5, True),  # a single group (softmax of one logit)
+    (1, 2, 5, 40, 3, 1, True),  # 1x1 kernel, wide rows
+    (2, 3, 8, 8, 2, 11, False),  # kernel size without a specialised instantiation
+]
+
+
+def shape_id(s):
+    return "B{}C{}H{}W{}G{}K{}".format(*s[:6]) + ("" if s[6] else "-nobias")
+
+
+# cpp: the shapes that differ for its register blocking and vector remainders, in each kernel ISA.
+CPP_SHAPES = SHAPES[11:] + [SHAPES[i] for i in (3, 4, 10)]
+# The interpreter: all but the two largest planes (tens of seconds each there).
+INTERPRETED_SHAPES = [s for i, s in enumerate(SHAPES) if i not in (11, 13)]
+
+
+def _sweep():
+    """Every shape in fp32 and fp64; cpp in each of its layouts, the interpreter in the contiguous one (its
+    layouts are swept below on fewer shapes)."""
+    params = []
+    for backend in fused_backends(OP):
+        layouts = ["contiguous"] if backend.interpreted else CPP_LAYOUTS if backend.name == "cpp" else LAYOUTS
+        for dtype in (torch.float32, torch.float64):
+            for shape in CPP_SHAPES if backend.name == "cpp" else INTERPRETED_SHAPES if backend.interpreted else SHAPES:
+                for layout in layouts:
+                    params.append(
+                        backend_param(
+                            backend, dtype, shape, layout, extra_id=f"-{dtype_id(dtype)}-{shape_id(shape)}-{layout}"
+                        )
+                    )
+    return params
+
+
+@pytest.mark.parametrize("backend,dtype,shape,layout", _sweep())
+def test_matches_reference(backend, dtype, shape, layout, nan_poisoned_empty):
+    args = idconv_args(*shape, dtype=dtype, layout=layout, device=backend.device)
+    out, _, _ = check_op(backend, OP, args)
+    assert_output_layout(out, args[0])
+
+
+@pytest.mark.parametrize(
+    "layout,bias",
+    [pytest.param(layout, True, id=layout) for layout in LAYOUTS] + [pytest.param("channel_slice", False, id="nobias")],
+)
+@pytest.mark.parametrize("backend", backend_params(OP, only=triton_only))
+def test_layouts_with_grad_out_in_another_layout(backend, layout, bias, nan_poisoned_empty):
+    args = idconv_args(2, 5, 6, 9, 3, 5, bias=bias, layout=layout, seed=1)
+    fmt = torch.contiguous_format if layout == "channels_last" else torch.channels_last
+    grad_out = torch.randn(2, 5, 6, 9, dtype=torch.float64, device=DEVICE).to(torch.float32, memory_format=fmt)
+    with backend.active():
+        out, grads = evaluate(tk.idconv, args, grad_out)
+    ref_args = [None if t is None else t.detach().double().requires_grad_() for t in args]
+    ref_out, ref_grads = evaluate(reference.idconv, ref_args, grad_out.double())
+    assert_output_layout(out, args[0])
+    assert_rel_close(out, ref_out, TOLERANCE[torch.float32], "output")
+    for i, (g, rg) in enumerate(zip(grads, ref_grads)):
+        assert_rel_close(g, rg, TOLERANCE[torch.float32], f"grad {i}")
+
+
+@pytest.mark.parametrize("backend,dtype", backend_dtype_params(OP, dtypes=[torch.float16, torch.bfloat16]))
+def test_half_precision(backend, dtype, nan_poisoned_empty):
+    """The dtypes beyond the sweep's (Triton: fp16 everywhere, bf16 on GPUs that have it)."""
+    check_op(
+        backend, OP, idconv_args(2, 6, 10, 9, 2, 7, dtype=dtype, layout="channels_last", seed=2, device=backend.device)
+    )
+
+
+@pytest.mark.parametrize("backend,dtype", backend_dtype_params(OP, only=not_interpreted))
+def test_model_shape(backend, dtype):
+    """One TransXNet-T stage-1 sample: c = 24, 56x56, K = 7 (too slow for the interpreter)."""
+    check_op(
+        backend,
+        OP,
+        idconv_args(1, 24, 56, 56, 2, 7, dtype=dtype, device=backend.device, seed=3, grad=backend.has_backward),
+    )
+
+
+@pytest.mark.parametrize("choice", ALL_CHOICES)
+def test_mixed_dtypes_and_devices_raise_value_error_naming_the_argument(choice):
+    x, kernel_logits, weight, bias_logits, bias = idconv_args(1, 3, 4, 4, 2, 3, device=torch.device("cpu"), grad=False)
+    with tk.use_backend(choice):
+        with pytest.raises(ValueError, match=r"idconv: weight has dtype torch\.float64 but x has torch\.float32"):
+            tk.idconv(x, kernel_logits, weight.double(), bias_logits, bias)
+        with pytest.raises(ValueError, match="idconv: bias has dtype"):
+            tk.idconv(x, kernel_logits, weight, bias_logits, bias.double())
+        with pytest.raises(ValueError, match="idconv: kernel_logits is on meta but x is on cpu"):
+            tk.idconv(x, kernel_logits.to("meta"), weight, bias_logits, bias)
+        with pytest.raises(ValueError, match="idconv: x must be floating point"):
+            tk.idconv(x.to(torch.int32), kernel_logits, weight, bias_logits, bias)
+
+
+# ------------------------------------------------------------------------------------- triton
+
+
+@requires_triton
+@pytest.mark.parametrize("target_programs", [1, 4])
+def test_triton_position_chunking(target_programs, nan_poisoned_empty):
+    """Several tiles per program (target 1) and several chunks with a ragged last one (target 4): 20x21 = 420
+    positions in 128-position tiles are 4 tiles; target 4 with B * channel blocks = 2 gives 2 chunks of 2."""
+    from transxnet_kernels.triton import common
+    from transxnet_kernels.triton import idconv as triton_idconv
+
+    with common.launch_overrides(triton_idconv.Settings(target_programs=target_programs)):
+        check_op(TRITON, OP, idconv_args(2, 1, 20, 21, 2, 7, seed=3))
+
+
+@requires_triton
+def test_triton_int64_offsets_path(nan_poisoned_empty):
+    """The int64 in-sample offsets used when a sample spans 2^31 elements, forced on a small input."""
+    from transxnet_kernels.triton import common
+
+    target = dataclasses.replace(common.launch_target(DEVICE), int32_span_limit=0)
+    with common.launch_overrides(target):
+        check_op(TRITON, OP, idconv_args(2, 3, 7, 8, 2, 5, layout="channels_last", seed=4))
+
+
+@requires_triton
+def test_triton_int64_decision():
+    from transxnet_kernels.triton import common
+
+    big = torch.empty_strided((2, 3, 4, 5), (2**33, 2**31, 5, 1), device="meta")
+    small = torch.empty_strided((2**16, 3, 4, 5), (60, 20, 5, 1), device="meta")
+    assert common.needs_int64(big)
+    assert not common.needs_int64(small)  # the batch stride is always applied in int64
+
+
+@requires_triton
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="needs a GPU with ~20 GB free (B*C*H*W > 2^31 elements)")
+def test_triton_beyond_int32_elements():
+    """B*C*H*W > 2^31 with small samples: the last sample is checked against the reference."""
+    B, C, H, W, G, K = 1370, 24, 256, 256, 2, 7
+    assert B * C * H * W > 2**31
+    gen = torch.Generator(device=DEVICE).manual_seed(9)
+    x = torch.randn(B, C, H, W, device=DEVICE, dtype=torch.float16, generator=gen)
+    small = [
+        torch.randn(shape, device=DEVICE, dtype=torch.float16, generator=gen)
+        for shape in ((B, G, C, K, K), (G, C, K, K), (B, G, C), (G, C))
+    ]
+    leaves = [t.requires_grad_() for t in [x] + small]
+    with TRITON.active():
+        out = tk.idconv(*leaves)
+    grad_out = torch.randn_like(out)
+    grad_x, grad_logits = torch.autograd.grad(out, leaves[:2], grad_out)
+    last = [t[-1:].double() if t.shape[0] == B else t.double() for t in leaves]
+    last = [t.detach().requires_grad_() for t in last]
+    ref_out, ref_grads = evaluate(reference.idconv, last, grad_out[-1:].double())
+    tol = TOLERANCE[torch.float16]
+    assert_rel_close(out[-1:], ref_out, tol, "last sample output")
+    assert_rel_close(grad_x[-1:], ref_grads[0], tol, "last sample grad x")
+    assert_rel_close(grad_logits[-1:], ref_grads[1], tol, "last sample grad kernel_logits")
+
+
+@requires_triton
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_triton_gradcheck(bias):
+    args = idconv_args(2, 3, 5, 4, 2, 3, bias=bias, dtype=torch.float64, layout="channels_last", seed=5)
+    with TRITON.active():
+        # fast_mode checks random projections of the Jacobian: a handful of interpreter runs, not hundreds.
+        assert torch.autograd.gradcheck(tk.idconv, args, eps=1e-6, atol=1e-8, rtol=1e-6, fast_mode=True)
+
+
+@requires_triton
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_triton_opcheck(bias):
+    args = idconv_args(2, 3, 4, 5, 2, 3, bias=bias, seed=6)
+    torch.library.opcheck(torch.ops.transxnet_triton.idconv.default, args)
+    grad_out = torch.randn(2, 3, 4, 5, device=DEVICE)
+    detached = [None if t is None else t.detach() for t in args]
+    torch.library.opcheck(torch.ops.transxnet_triton.idconv_backward.default, (grad_out, *detached))
+
+
+@requires_triton
+def test_triton_backward_is_deterministic():
+    args = idconv_args(2, 5, 12, 13, 2, 7, seed=8)
+    grad_out = torch.randn(2, 5, 12, 13, device=DEVICE)
+    with TRITON.active():
+        _, first = evaluate(tk.idconv, args, grad_out)
+        _, second = evaluate(tk.idconv, args, grad_out)
+    for i, (a, b) in enumerate(zip(first, second)):
+        assert torch.equal(a, b), f"grad {i} differs between runs"
+
+
+@pytest.mark.parametrize("backend", backend_params(OP, per_isa=False))
+def test_compile_fullgraph(backend):
+    """One opaque custom op in a fullgraph trace; Triton's backward too (cpp is forward-only)."""
+    args = idconv_args(2, 3, 6, 5, 2, 3, seed=7, device=backend.device, grad=backend.has_backward)
+    torch._dynamo.reset()
+    compiled = torch.compile(tk.idconv, fullgraph=True, backend="aot_eager")
+    with backend.active():
+        out, grads = evaluate(
+            compiled, args, torch.ones(2, 3, 6, 5, device=backend.device) if backend.has_backward else None
+        )
+    ref_args = [t.detach().double().requires_grad_() for t in args]
+    ref_out, ref_grads = evaluate(
+        reference.idconv, ref_args, torch.ones(2, 3, 6, 5, dtype=torch.float64, device=backend.device)
+    )
+    assert_rel_close(out, ref_out, TOLERANCE[torch.float32], "compiled output")
+    for i, (a, b) in enumerate(zip(grads, ref_grads)):
+        assert_rel_close(a, b, TOLERANCE[torch.float32], f"compiled grad {i}")
+
+
+# ---------------------------------------------------------------------------------------- cpp
+
+
+@requires_cpp
+@pytest.mark.parametrize("backend", backend_params(OP, only=cpp_only))
+def test_cpp_kernel_past_the_nhwc_limit(backend):
+    """Kernels wider than the NHWC kernels take (63) run the NCHW kernels, still returning channels_last."""
+    args = idconv_args(1, 3, 4, 5, 2, 65, dtype=torch.float64, layout="channel_slice", device="cpu", grad=False)
+    out, _, _ = check_op(backend, OP, args)
+    assert_output_layout(out, args[0])
+
+
+@requires_cpp
+def test_cpp_is_forward_only_auto_differentiates_the_reference():
+    """auto runs the reference for calls that need gradients (cpp declines them); the cpp custom op has no
+    autograd formula, so differentiating through a direct call raises instead of returning a wrong gradient."""
+    args = idconv_args(2, 3, 6, 7, 2, 3, dtype=torch.float64, device="cpu")
+    grad_out = torch.randn(2, 3, 6, 7, dtype=torch.float64)
+    with tk.use_backend("auto"):
+        out, grads = evaluate(tk.idconv, args, grad_out)
+    ref_out, ref_grads = evaluate(reference.idconv, args, grad_out)
+    assert_rel_close(out, ref_out, TOLERANCE[torch.float64], "forward")
+    for i, (a, b) in enumerate(zip(grads, ref_grads)):
+        assert_rel_close(a, b, TOLERANCE[torch.float64], f"grad {i}")
+    with tk.use_backend("cpp"), pytest.raises(tk.BackendUnavailableError, match="gradients"):
+        tk.idconv(*args)
+    direct = torch.ops.transxnet_cpp.idconv(*args)
+    with pytest.raises(RuntimeError):
+        direct.sum().backward()
+
+
+@requires_cpp
+def test_cpp_refuses_half_precision():
+    args = idconv_args(1, 3, 4, 4, 2, 3, dtype=torch.float16, device="cpu", grad=False)
+    with tk.use_backend("cpp"), pytest.raises(tk.BackendUnavailableError, match="dtype"):
+        tk.idconv(*args)
+
+
+@requires_cpp
+def test_cpp_opcheck():
+    ops = torch.ops.transxnet_cpp
+    cases = [
+        idconv_args(2, 3, 6, 7, 2, 3, device="cpu", grad=False),
+        idconv_args(1, 3, 6, 7, 2, 5, bias=False, device="cpu", grad=False),
+        idconv_args(2, 3, 6, 7, 2, 3, layout="channel_slice", device="cpu", grad=False),
+        idconv_args(2, 4, 5, 6, 2, 7, layout="channels_last", device="cpu", grad=False),
+    ]
+    for args in cases:
+        torch.library.opcheck(ops.idconv.default, args)

@@ -1,0 +1,447 @@
+"""ms_ffn_middle, BatchNorm(GELU(multiscale_dwconv(x) + x)), on every fused backend against the fp64 reference:
+output, running statistics and every gradient, training and eval, awkward group layouts, memory layouts,
+dtypes, NaN-poisoned allocations; then each backend's own paths (Triton: tiling and batch splits, an eager
+module's training steps, gradcheck, opcheck, torch.compile; cpp: eval only, auto falls back in training)."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+import transxnet_kernels as tk
+from helpers import (
+    ALL_CHOICES,
+    CPP_LAYOUTS,
+    DEVICE,
+    LAYOUTS,
+    TOLERANCE,
+    TRITON,
+    assert_output_layout,
+    assert_rel_close,
+    backend_dtype_params,
+    backend_param,
+    backend_params,
+    check_op,
+    cpp_only,
+    dtype_id,
+    evaluate,
+    fused_backends,
+    groups_id,
+    ms_ffn_small_tiles,
+    not_interpreted,
+    randn,
+    requires_cpp,
+    requires_triton,
+    requiring_grad,
+    to_layout,
+)
+from transxnet_kernels import reference
+
+OP = "ms_ffn_middle"
+
+
+def middle_args(
+    widths,
+    ksizes,
+    B,
+    H,
+    W,
+    dtype=torch.float32,
+    layout="contiguous",
+    training=False,
+    affine=True,
+    track=True,
+    device=None,
+    seed=0,
+    grad=True,
+):
+    """(x, weights, biases, norm_weight, norm_bias, running_mean, running_var, training, momentum, eps); x, the
+    conv and the BatchNorm parameters require grad when `grad`. Running statistics are fp32 (fp64 for fp64 x),
+    as BatchNorm keeps them."""
+    gen = torch.Generator().manual_seed(seed)
+    device = DEVICE if device is None else device
+    C = sum(widths)
+
+    def rand(*shape, scale=1.0, dt=dtype):
+        return randn(*shape, dtype=dt, gen=gen, scale=scale, device=device)
+
+    x = to_layout(rand(B, C, H, W), layout)
+    weights = [rand(c, 1, k, k, scale=0.3) for c, k in zip(widths, ksizes)]
+    biases = [rand(c, scale=0.3) for c in widths]
+    norm_weight, norm_bias = 1 + rand(C, scale=0.2), rand(C, scale=0.2)
+    stat_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    running_mean = rand(C, scale=0.1, dt=stat_dtype)
+    running_var = 0.5 + torch.rand(C, generator=gen, dtype=torch.float64).to(device, stat_dtype)
+    if not affine:
+        norm_weight = norm_bias = None
+    if not track:
+        running_mean = running_var = None
+    args = (x, weights, biases, norm_weight, norm_bias, running_mean, running_var, training, 0.1, 1e-5)
+    return requiring_grad(args, [0, 1, 2] + ([3, 4] if affine else [])) if grad else args
+
+
+def check_middle(backend, args, **kwargs):
+    """check_op, then: training updates the running statistics as F.batch_norm does; eval leaves them alone."""
+    running = [None if t is None else t.clone() for t in args[5:7]]
+    out, _, ref_args = check_op(backend, OP, args, **kwargs)
+    for name, t, before, ref in zip(("running_mean", "running_var"), args[5:7], running, ref_args[5:7]):
+        if t is None:
+            continue
+        if args[7]:
+            assert_rel_close(t, ref, TOLERANCE[t.dtype], f"{name} update")
+        else:
+            assert torch.equal(t, before), f"eval mode must not touch {name}"
+    return out
+
+
+GROUPS = [
+    ([3, 2, 1, 2], [1, 3, 5, 7], 2, 5, 6),
+    ([1, 4, 3], [9, 3, 1], 1, 3, 10),
+    ([4, 1, 1, 1], [1, 3, 5, 7], 2, 2, 3),
+    ([1], [3], 3, 4, 4),
+    ([3, 2, 2, 2], [1, 3, 5, 7], 2, 11, 9),
+    ([6, 2, 2, 2], [1, 3, 5, 7], 2, 14, 14),
+]
+
+
+def _sweep():
+    """cpp (eval only): every group layout, memory layout, dtype, with and without the affine BatchNorm. The
+    interpreter: training and eval, every group layout in fp64 and two in fp32, in contiguous and channels_last
+    (its slices and dtypes are covered below)."""
+    params = []
+    for backend in fused_backends(OP):
+        for dtype in (torch.float32, torch.float64):
+            if backend.interpreted:
+                cases = [
+                    (g, layout, training, True)
+                    for g in (GROUPS[:4] if dtype == torch.float64 else GROUPS[:3:2])
+                    for layout in ("contiguous", "channels_last")
+                    for training in (True, False)
+                ]
+            elif backend.name == "triton":
+                cases = [
+                    (g, layout, training, True) for g in GROUPS for layout in LAYOUTS for training in (True, False)
+                ]
+            else:  # the group layouts the other cpp sweeps do not have, eval only
+                cases = [
+                    (g, layout, False, affine) for g in GROUPS[2:] for layout in CPP_LAYOUTS for affine in (True, False)
+                ]
+            for g, layout, training, affine in cases:
+                mode = ("train" if training else "eval") + ("" if affine else "-noaffine")
+                params.append(
+                    backend_param(
+                        backend,
+                        dtype,
+                        g,
+                        layout,
+                        training,
+                        affine,
+                        extra_id=f"-{dtype_id(dtype)}-{groups_id(g)}-{layout}-{mode}",
+                    )
+                )
+    return params
+
+
+@pytest.mark.parametrize("backend,dtype,groups,layout,training,affine", _sweep())
+def test_matches_reference(backend, dtype, groups, layout, training, affine, nan_poisoned_empty):
+    args = middle_args(*groups, dtype=dtype, layout=layout, training=training, affine=affine, device=backend.device)
+    out = check_middle(backend, args)
+    assert_output_layout(out, args[0])
+
+
+@pytest.mark.parametrize("layout", ["channel_slice", "nchw_slice"])
+@pytest.mark.parametrize("backend", backend_params(OP, only=lambda b: b.name == "triton"))
+def test_channel_slices(backend, layout, nan_poisoned_empty):
+    out = check_middle(backend, middle_args([3, 2, 2], [1, 3, 5], 2, 4, 5, layout=layout, training=True, seed=1))
+    assert_output_layout(out, to_layout(torch.empty(2, 7, 4, 5), layout))
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("backend,dtype", backend_dtype_params(OP, dtypes=[torch.float16, torch.bfloat16]))
+def test_half_precision(backend, dtype, training, nan_poisoned_empty):
+    """Half-precision x and conv weights, fp32 BatchNorm parameters and statistics (as under autocast)."""
+    args = list(
+        middle_args(
+            [3, 2, 1, 2],
+            [1, 3, 5, 7],
+            2,
+            5,
+            6,
+            dtype=dtype,
+            layout="channels_last",
+            training=training,
+            seed=2,
+            device=backend.device,
+        )
+    )
+    args[3], args[4] = (t.detach().float().requires_grad_() for t in args[3:5])
+    check_middle(backend, tuple(args))
+
+
+@pytest.mark.parametrize("backend", backend_params(OP, only=lambda b: b.name == "triton"))
+def test_training_without_running_stats(backend):
+    check_middle(backend, middle_args([2, 1, 1], [1, 3, 5], 2, 3, 4, dtype=torch.float64, training=True, track=False))
+
+
+@pytest.mark.parametrize("backend,dtype", backend_dtype_params(OP, only=not_interpreted))
+def test_model_shape(backend, dtype):
+    """A TransXNet-T stage-1 MS-FFN sample: 4C = 192 channels, 56x56, eval (too slow interpreted)."""
+    check_middle(
+        backend,
+        middle_args(
+            [48, 48, 48, 48],
+            [1, 3, 5, 7],
+            1,
+            56,
+            56,
+            dtype=dtype,
+            layout="channels_last",
+            device=backend.device,
+            seed=3,
+            grad=backend.has_backward,
+        ),
+    )
+
+
+@pytest.mark.parametrize("choice", ALL_CHOICES)
+def test_mixed_dtypes_and_devices_raise_value_error_naming_the_argument(choice):
+    x, weights, biases, nw, nb, rm, rv, *rest = middle_args(
+        [2, 1], [3, 5], 2, 4, 4, device=torch.device("cpu"), grad=False
+    )
+    with tk.use_backend(choice):
+        with pytest.raises(ValueError, match=r"ms_ffn_middle: weights\[1\] has dtype torch\.float64 but x has"):
+            tk.ms_ffn_middle(x, [weights[0], weights[1].double()], biases, nw, nb, rm, rv, *rest)
+        with pytest.raises(ValueError, match=r"ms_ffn_middle: biases\[0\] is on meta but x is on cpu"):
+            tk.ms_ffn_middle(x, weights, [biases[0].to("meta"), biases[1]], nw, nb, rm, rv, *rest)
+        with pytest.raises(ValueError, match=r"ms_ffn_middle: running_var is on meta but x is on cpu"):
+            tk.ms_ffn_middle(x, weights, biases, nw, nb, rm, rv.to("meta"), *rest)
+        with pytest.raises(ValueError, match=r"ms_ffn_middle: norm_weight must be floating point"):
+            tk.ms_ffn_middle(x, weights, biases, nw.to(torch.int64), nb, rm, rv, *rest)
+
+
+@pytest.mark.parametrize("backend", backend_params(OP, per_isa=False))
+def test_empty_batch_in_eval(backend):
+    x, weights, biases, nw, nb, rm, rv, *rest = middle_args(
+        [2, 1], [3, 5], 0, 4, 4, device=backend.device, grad=backend.has_backward
+    )
+    with backend.active():
+        out = tk.ms_ffn_middle(x, weights, biases, nw, nb, rm, rv, *rest)
+        assert out.shape == x.shape
+        if backend.has_backward:
+            grads = torch.autograd.grad(out.sum(), [x, *weights, *biases, nw, nb])
+            assert all(torch.count_nonzero(g) == 0 for g in grads)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + backend_params(OP, only=lambda b: b.name == "triton"))
+def test_training_on_one_value_per_channel_raises(backend):
+    """F.batch_norm's error (batch statistics of a single value), on the reference and the fused kernels."""
+    args = middle_args([1], [3], 1, 1, 1, training=True, device=DEVICE)
+    choice = backend if isinstance(backend, str) else backend.name
+    with tk.use_backend(choice), pytest.raises(ValueError, match="more than 1 value per channel"):
+        tk.ms_ffn_middle(*args)
+
+
+# ------------------------------------------------------------------------------------- triton
+
+
+@requires_triton
+@pytest.mark.parametrize(
+    "layout,training", [("contiguous", False), ("channels_last", True)], ids=["contiguous-eval", "channels_last-train"]
+)
+def test_triton_many_tiles_and_batch_splits(layout, training, nan_poisoned_empty):
+    with ms_ffn_small_tiles():
+        check_middle(
+            TRITON, middle_args([3, 5, 1], [3, 1, 5], 3, 5, 7, dtype=torch.float64, layout=layout, training=training)
+        )
+
+
+class EagerMiddle(nn.Module):
+    """The released MS-FFN middle as separate modules: split, dw convs, cat, residual, GELU, BN."""
+
+    def __init__(self, widths, ksizes):
+        super().__init__()
+        self.widths = widths
+        self.proj = nn.ModuleList(nn.Conv2d(c, c, k, padding=k // 2, groups=c) for c, k in zip(widths, ksizes))
+        self.act = nn.GELU()
+        self.norm = nn.BatchNorm2d(sum(widths))
+
+    def forward(self, x):
+        parts = torch.split(x, self.widths, dim=1)
+        y = torch.cat([conv(p) for conv, p in zip(self.proj, parts)], dim=1)
+        return self.norm(self.act(y + x))
+
+    def fused(self, x):
+        bn = self.norm
+        if bn.training:
+            bn.num_batches_tracked.add_(1)
+        return tk.ms_ffn_middle(
+            x,
+            [c.weight for c in self.proj],
+            [c.bias for c in self.proj],
+            bn.weight,
+            bn.bias,
+            bn.running_mean,
+            bn.running_var,
+            bn.training,
+            bn.momentum,
+            bn.eps,
+        )
+
+
+@requires_triton
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_triton_matches_eager_module_train_steps_then_eval(layout):
+    torch.manual_seed(0)
+    Ch = 9
+    widths, ksizes = [Ch - 3 * (Ch // 4), Ch // 4, Ch // 4, Ch // 4], [1, 3, 5, 7]
+    eager = EagerMiddle(widths, ksizes).double().to(DEVICE)
+    with torch.no_grad():
+        eager.norm.weight.uniform_(0.5, 1.5)
+        eager.norm.bias.uniform_(-0.3, 0.3)
+    fused = EagerMiddle(widths, ksizes).double().to(DEVICE)
+    fused.load_state_dict(eager.state_dict())
+    x = to_layout(torch.randn(2, Ch, 6, 5, dtype=torch.float64, device=DEVICE), layout)
+    grad = torch.randn_like(x)
+    opt_e = torch.optim.SGD(eager.parameters(), lr=0.1)
+    opt_f = torch.optim.SGD(fused.parameters(), lr=0.1)
+    for _ in range(2):  # two training steps: the second sees updated weights and running stats
+        xe, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
+        out_e = eager(xe)
+        with TRITON.active():
+            out_f = fused.fused(xf)
+        assert_rel_close(out_f, out_e, 1e-10, "train out")
+        out_e.backward(grad)
+        out_f.backward(grad)
+        assert_rel_close(xf.grad, xe.grad, 1e-10, "grad x")
+        for (name, pe), pf in zip(eager.named_parameters(), fused.parameters()):
+            assert_rel_close(pf.grad, pe.grad, 1e-10, f"grad {name}")
+        for (name, be), bf in zip(eager.named_buffers(), fused.buffers()):
+            assert_rel_close(bf, be, 1e-10, name)
+        opt_e.step()
+        opt_f.step()
+        opt_e.zero_grad()
+        opt_f.zero_grad()
+    eager.eval()
+    fused.eval()
+    with torch.no_grad(), TRITON.active():
+        assert_rel_close(fused.fused(x), eager(x), 1e-10, "eval out")
+
+
+@requires_triton
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_triton_gradcheck(training):
+    x, weights, biases, nw, nb, rm, rv, *_ = middle_args(
+        [1, 2, 1], [1, 3, 5], 2, 2, 3, dtype=torch.float64, layout="channels_last"
+    )
+
+    def fn(x, *params):
+        with TRITON.active():
+            # running stats are cloned so every gradcheck evaluation sees the same state
+            return tk.ms_ffn_middle(x, params[:3], params[3:6], params[6], params[7], rm.clone(), rv.clone(), training)
+
+    assert torch.autograd.gradcheck(fn, (x, *weights, *biases, nw, nb), fast_mode=True)
+
+
+@requires_triton
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_triton_opcheck(training):
+    from transxnet_kernels.triton import ms_ffn
+
+    x, weights, biases, nw, nb, rm, rv, *_ = middle_args([2, 1], [3, 1], 2, 3, 4, grad=False)
+    w_table, bias, widths, ksizes = ms_ffn._pack(weights, biases)
+    x, w_table, bias, nw, nb = (t.requires_grad_() for t in (x, w_table, bias, nw, nb))
+    ops = torch.ops.transxnet_triton
+    torch.library.opcheck(ops.ms_ffn_middle.default, (x, w_table, bias, nw, nb, rm, rv, widths, ksizes, training, 1e-5))
+    with torch.no_grad():
+        _, mean, var = ops.ms_ffn_middle(x, w_table, bias, nw, nb, rm, rv, widths, ksizes, training, 1e-5)
+    torch.library.opcheck(
+        ops.ms_ffn_middle_backward.default,
+        (
+            torch.randn_like(x),
+            x.detach(),
+            w_table.detach(),
+            bias.detach(),
+            nw.detach(),
+            mean,
+            var,
+            widths,
+            ksizes,
+            training,
+            1e-5,
+        ),
+    )
+
+
+@requires_triton
+def test_triton_compile_fullgraph_training():
+    """Training under torch.compile: output, gradients and the in-place running-statistic updates."""
+    args = middle_args([2, 1, 1], [1, 3, 5], 2, 4, 4, training=True, seed=4)
+    ref_args = [
+        t.detach().clone().requires_grad_(t.requires_grad)
+        if torch.is_tensor(t)
+        else [u.detach().clone().requires_grad_() for u in t]
+        if isinstance(t, list)
+        else t
+        for t in args
+    ]
+    torch._dynamo.reset()
+    compiled = torch.compile(tk.ms_ffn_middle, fullgraph=True, backend="aot_eager")
+    grad_out = torch.ones(2, 4, 4, 4, device=DEVICE)
+    with TRITON.active():
+        out, grads = evaluate(compiled, args, grad_out)
+    ref_out, ref_grads = evaluate(reference.ms_ffn_middle, ref_args, grad_out)
+    tol = TOLERANCE[torch.float32]
+    assert_rel_close(out, ref_out, tol, "compiled out")
+    assert_rel_close(args[5], ref_args[5], tol, "compiled running_mean")
+    assert_rel_close(args[6], ref_args[6], tol, "compiled running_var")
+    for i, (a, b) in enumerate(zip(grads, ref_grads)):
+        # the BatchNorm bias gradient of a mean-zero output is ~0: compare against the largest gradient
+        assert (a - b).norm() <= tol * max(b.norm(), 1.0), f"compiled grad {i}"
+
+
+# ---------------------------------------------------------------------------------------- cpp
+
+
+@requires_cpp
+def test_cpp_refuses_training_and_auto_runs_the_reference():
+    args = middle_args(
+        [3, 2, 2, 2], [1, 3, 5, 7], 2, 6, 5, dtype=torch.float64, training=True, device="cpu", grad=False
+    )
+    with tk.use_backend("cpp"), pytest.raises(tk.BackendUnavailableError, match="training"):
+        tk.ms_ffn_middle(*args)
+    ref_args = [t.clone() if torch.is_tensor(t) else t for t in args]
+    expected = reference.ms_ffn_middle(*ref_args)
+    with tk.use_backend("auto"):
+        out = tk.ms_ffn_middle(*args)
+    assert_rel_close(out, expected, TOLERANCE[torch.float64], "training output")
+    assert_rel_close(args[5], ref_args[5], TOLERANCE[torch.float64], "running_mean update")
+    assert_rel_close(args[6], ref_args[6], TOLERANCE[torch.float64], "running_var update")
+
+
+@requires_cpp
+@pytest.mark.parametrize("backend", backend_params(OP, per_isa=False, only=cpp_only))
+def test_cpp_compile_fullgraph_eval(backend):
+    args = middle_args([3, 2, 2, 2], [1, 3, 5, 7], 2, 8, 9, layout="channels_last", device="cpu", grad=False)
+    torch._dynamo.reset()
+    compiled = torch.compile(tk.ms_ffn_middle, fullgraph=True, backend="aot_eager")
+    with backend.active(), torch.no_grad():
+        out = compiled(*args)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert_rel_close(out, reference.ms_ffn_middle(*args), TOLERANCE[torch.float32], "compiled")
+
+
+@requires_cpp
+def test_cpp_refuses_half_precision():
+    args = middle_args([2], [3], 1, 4, 4, dtype=torch.float16, device="cpu", grad=False)
+    with tk.use_backend("cpp"), pytest.raises(tk.BackendUnavailableError, match="dtype"):
+        tk.ms_ffn_middle(*args)
+
+
+@requires_cpp
+def test_cpp_opcheck():
+    op = torch.ops.transxnet_cpp.ms_ffn_middle.default
+    for layout in ("contiguous", "channels_last", "channel_slice"):
+        x, weights, biases, nw, nb, rm, rv, *_ = middle_args(
+            [3, 2, 2], [1, 3, 5], 2, 7, 9, layout=layout, device="cpu", grad=False
+        )
+        torch.library.opcheck(op, (x, weights, biases, nw, nb, rm, rv, 1e-5))
+        torch.library.opcheck(op, (x, weights, biases, None, None, rm, rv, 1e-3))

@@ -1,0 +1,176 @@
+"""ms_ffn_middle_eval (inference MS-FFN, fc1's GELU + BatchNorm folded in front) on every fused backend that has
+it against the fp64 reference: awkward group layouts, memory layouts, dtypes, NaN-poisoned allocations; the
+cpp kernels' banded rows, opcheck and torch.compile. It is forward-only everywhere (the model uses it in eval
+only): a forced call that needs gradients is refused."""
+
+import pytest
+import torch
+
+import transxnet_kernels as tk
+from helpers import (
+    ALL_CHOICES,
+    CPP_LAYOUTS,
+    DEVICE,
+    LAYOUTS,
+    TOLERANCE,
+    assert_output_layout,
+    assert_rel_close,
+    backend_dtype_params,
+    backend_param,
+    backend_params,
+    check_op,
+    dtype_id,
+    fused_backends,
+    groups_id,
+    not_interpreted,
+    randn,
+    requires_cpp,
+    requiring_grad,
+    to_layout,
+)
+from transxnet_kernels import reference
+
+OP = "ms_ffn_middle_eval"
+
+
+def eval_args(widths, ksizes, B, H, W, dtype=torch.float32, layout="contiguous", device=None, seed=0, grad=True):
+    """(x, input_scale, input_shift, weights, biases, output_scale, output_shift); x and the conv parameters
+    require grad when `grad` (so a forward-only backend's refusal is checked too)."""
+    gen = torch.Generator().manual_seed(seed)
+    device = torch.device("cpu") if device is None else device
+    C = sum(widths)
+
+    def rand(*shape, scale=1.0):
+        return randn(*shape, dtype=dtype, gen=gen, scale=scale, device=device)
+
+    x = to_layout(rand(B, C, H, W), layout)
+    weights = [rand(c, 1, k, k, scale=0.3) for c, k in zip(widths, ksizes)]
+    biases = [rand(c, scale=0.3) for c in widths]
+    in_scale, in_shift, out_scale, out_shift = (rand(C) for _ in range(4))
+    args = (x, in_scale, in_shift, weights, biases, out_scale, out_shift)
+    return requiring_grad(args, [0, 3, 4]) if grad else args
+
+
+GROUPS = [
+    ([3, 2, 2, 2], [1, 3, 5, 7], 2, 11, 9),  # the MS-FFN layout, odd C, unequal groups
+    ([1, 2, 3, 1, 2], [1, 3, 5, 7, 9], 1, 4, 6),  # kernels 1..9, H/W smaller than the largest, batch 1
+    ([4, 1, 1, 1], [1, 3, 5, 7], 1, 3, 2),  # tiny image: most taps read the zero padding of y
+    ([6, 5, 5, 5], [1, 3, 5, 7], 2, 14, 13),  # groups that are not whole vectors
+    ([20, 17], [11, 3], 2, 12, 23),  # runtime kernel size, groups spanning several vectors
+    ([1], [3], 3, 4, 4),  # one channel
+]
+
+
+def _sweep():
+    return [
+        backend_param(backend, dtype, g, layout, extra_id=f"-{dtype_id(dtype)}-{groups_id(g)}-{layout}")
+        for backend in fused_backends(OP)
+        for dtype in backend.dtypes
+        if dtype in (torch.float32, torch.float64)
+        for g in GROUPS
+        for layout in (CPP_LAYOUTS if backend.name == "cpp" else LAYOUTS)
+    ]
+
+
+@pytest.mark.parametrize("backend,dtype,groups,layout", _sweep())
+def test_matches_reference(backend, dtype, groups, layout, nan_poisoned_empty):
+    """The conv zero-pads y = GELU(x) * s + t, not x: the tiny maps check that padding."""
+    args = eval_args(*groups, dtype=dtype, layout=layout, device=backend.device)
+    out, _, _ = check_op(backend, OP, args)
+    assert_output_layout(out, args[0])
+
+
+@pytest.mark.parametrize("backend,dtype", backend_dtype_params(OP, only=not_interpreted))
+def test_model_shape(backend, dtype):
+    """A TransXNet-T stage-1 MS-FFN sample: 4C = 192 channels, 56x56."""
+    check_op(
+        backend,
+        OP,
+        eval_args(
+            [48, 48, 48, 48],
+            [1, 3, 5, 7],
+            1,
+            56,
+            56,
+            dtype=dtype,
+            layout="channels_last",
+            device=backend.device,
+            seed=3,
+            grad=False,
+        ),
+    )
+
+
+@pytest.mark.parametrize("choice", ALL_CHOICES)
+def test_mixed_dtypes_and_devices_raise_value_error_naming_the_argument(choice):
+    x, s_in, t_in, weights, biases, s_out, t_out = eval_args([2, 1], [3, 5], 1, 4, 4, grad=False)
+    with tk.use_backend(choice):
+        with pytest.raises(ValueError, match=r"ms_ffn_middle_eval: weights\[0\] has dtype torch\.float64 but x has"):
+            tk.ms_ffn_middle_eval(x, s_in, t_in, [weights[0].double(), weights[1]], biases, s_out, t_out)
+        with pytest.raises(ValueError, match=r"ms_ffn_middle_eval: output_shift is on meta but x is on cpu"):
+            tk.ms_ffn_middle_eval(x, s_in, t_in, weights, biases, s_out, t_out.to("meta"))
+        with pytest.raises(ValueError, match=r"ms_ffn_middle_eval: input_scale must be \[3\]"):
+            tk.ms_ffn_middle_eval(x, s_in[:2], t_in, weights, biases, s_out, t_out)
+
+
+def test_triton_has_no_implementation():
+    """Not a Triton op (training never uses it): forcing Triton says so; auto runs another backend."""
+    args = eval_args([2, 1], [3, 5], 1, 4, 4, device=DEVICE, grad=False)
+    assert tk.backend_status()["triton"][OP] == "not implemented"
+    with (
+        tk.use_backend("triton"),
+        pytest.raises(tk.BackendUnavailableError, match="has no implementation of ms_ffn_middle_eval"),
+    ):
+        tk.ms_ffn_middle_eval(*args)
+    with tk.use_backend("auto"):
+        assert_rel_close(
+            tk.ms_ffn_middle_eval(*args), reference.ms_ffn_middle_eval(*args), TOLERANCE[torch.float32], "auto"
+        )
+
+
+# ---------------------------------------------------------------------------------------- cpp
+
+
+@requires_cpp
+@pytest.mark.parametrize("backend", backend_params(OP, only=lambda b: b.name == "cpp"))
+def test_cpp_banded_rows(backend):
+    """Batch 1 with more threads than samples splits rows into bands that restage their halo rows."""
+    args = eval_args([5, 4, 4, 4], [1, 3, 5, 7], 1, 23, 9, dtype=torch.float64, layout="channels_last", grad=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        check_op(backend, OP, args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@requires_cpp
+def test_cpp_compile_fullgraph_channels_last():
+    x, *rest = eval_args([3, 2, 2, 2], [1, 3, 5, 7], 2, 8, 9, layout="channels_last", grad=False)
+
+    def middle(x):
+        return tk.ms_ffn_middle_eval(x, *rest) * 2
+
+    torch._dynamo.reset()
+    with tk.use_backend("cpp"):
+        expected = middle(x)
+        compiled = torch.compile(middle, fullgraph=True, backend="aot_eager")
+        with torch.no_grad():
+            actual = compiled(x)
+    assert actual.is_contiguous(memory_format=torch.channels_last)
+    assert_rel_close(actual, expected, TOLERANCE[torch.float32], "compiled")
+
+
+@requires_cpp
+def test_cpp_refuses_half_precision():
+    args = eval_args([2], [3], 1, 4, 4, dtype=torch.float16, grad=False)
+    with tk.use_backend("cpp"), pytest.raises(tk.BackendUnavailableError, match="dtype"):
+        tk.ms_ffn_middle_eval(*args)
+
+
+@requires_cpp
+def test_cpp_opcheck():
+    op = torch.ops.transxnet_cpp.ms_ffn_middle_eval.default
+    torch.library.opcheck(op, eval_args([3, 2, 2], [1, 3, 5], 2, 7, 9, grad=False))
+    torch.library.opcheck(op, eval_args([4, 3], [3, 7], 1, 5, 6, layout="channels_last", grad=False))
+    torch.library.opcheck(op, eval_args([4, 3], [3, 7], 2, 5, 6, layout="channel_slice", grad=False))

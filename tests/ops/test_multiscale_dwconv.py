@@ -1,0 +1,307 @@
+"""multiscale_dwconv on every fused backend against the fp64 reference: output and every gradient, awkward group
+layouts, memory layouts, dtypes, NaN-poisoned allocations; then each backend's own paths (Triton: tiling and
+batch splits, the launch grid, gradcheck, opcheck, torch.compile, > 2^31 elements; cpp: the NHWC kernel limit)."""
+
+import pytest
+import torch
+
+import transxnet_kernels as tk
+from helpers import (
+    ALL_CHOICES,
+    CPP_LAYOUTS,
+    DEVICE,
+    LAYOUTS,
+    TOLERANCE,
+    TRITON,
+    assert_output_layout,
+    assert_rel_close,
+    backend_dtype_params,
+    backend_param,
+    backend_params,
+    check_op,
+    cpp_only,
+    dtype_id,
+    evaluate,
+    fused_backends,
+    groups_id,
+    ms_ffn_small_tiles,
+    not_interpreted,
+    randn,
+    requires_cpp,
+    requires_triton,
+    requiring_grad,
+    to_layout,
+    triton_only,
+)
+from transxnet_kernels import reference
+
+OP = "multiscale_dwconv"
+
+
+def msdw_args(widths, ksizes, B, H, W, dtype=torch.float32, layout="contiguous", device=None, seed=0, grad=True):
+    """(x, weights, biases), every tensor requiring grad when `grad`."""
+    gen = torch.Generator().manual_seed(seed)
+    device = DEVICE if device is None else device
+
+    def rand(*shape, scale=1.0):
+        return randn(*shape, dtype=dtype, gen=gen, scale=scale, device=device)
+
+    x = to_layout(rand(B, sum(widths), H, W), layout)
+    weights = [rand(c, 1, k, k, scale=0.3) for c, k in zip(widths, ksizes)]
+    biases = [rand(c, scale=0.3) for c in widths]
+    args = (x, weights, biases)
+    return requiring_grad(args, [0, 1, 2]) if grad else args
+
+
+# (group widths, kernel sizes, B, H, W): width-1 groups, odd and unequal widths, kernels 1..11, batch 1, maps
+# smaller than the largest kernel, wide rows, groups that are not whole vectors or span several.
+GROUPS = [
+    ([3, 2, 1, 2], [1, 3, 5, 7], 2, 5, 6),
+    ([1, 4, 3], [9, 3, 1], 1, 3, 10),
+    ([4, 1, 1, 1], [1, 3, 5, 7], 2, 2, 3),
+    ([2, 3], [5, 9], 1, 7, 1),
+    ([1], [3], 3, 4, 4),
+    ([3, 2, 2, 2], [1, 3, 5, 7], 2, 11, 9),  # the MS-FFN split with unequal widths
+    ([1, 2, 3, 1, 2], [1, 3, 5, 7, 9], 1, 4, 6),  # kernels 1..9, H/W smaller than the largest
+    ([5], [3], 3, 7, 19),  # one group
+    ([2, 3], [11, 1], 2, 12, 35),  # runtime kernel size, wide rows
+]
+INTERPRETED_GROUPS = GROUPS[:5]  # the interpreter runs fewer (seconds per call)
+
+
+def _sweep():
+    params = []
+    for backend in fused_backends(OP):
+        groups = INTERPRETED_GROUPS if backend.interpreted else GROUPS
+        layouts = (
+            ["contiguous", "channels_last"]
+            if backend.interpreted
+            else CPP_LAYOUTS
+            if backend.name == "cpp"
+            else LAYOUTS
+        )
+        for dtype in (torch.float32, torch.float64):
+            for g in groups:
+                for layout in layouts:
+                    params.append(
+                        backend_param(backend, dtype, g, layout, extra_id=f"-{dtype_id(dtype)}-{groups_id(g)}-{layout}")
+                    )
+    return params
+
+
+@pytest.mark.parametrize("backend,dtype,groups,layout", _sweep())
+def test_matches_reference(backend, dtype, groups, layout, nan_poisoned_empty):
+    args = msdw_args(*groups, dtype=dtype, layout=layout, device=backend.device)
+    out, _, _ = check_op(backend, OP, args)
+    assert_output_layout(out, args[0])
+
+
+@pytest.mark.parametrize("layout", ["channel_slice", "nchw_slice"])
+@pytest.mark.parametrize("backend", backend_params(OP, only=triton_only))
+def test_channel_slices(backend, layout, nan_poisoned_empty):
+    out, _, _ = check_op(backend, OP, msdw_args([3, 2, 2], [1, 3, 5], 2, 4, 5, layout=layout, seed=1))
+    assert_output_layout(out, to_layout(torch.empty(2, 7, 4, 5), layout))
+
+
+@pytest.mark.parametrize("backend,dtype", backend_dtype_params(OP, dtypes=[torch.float16, torch.bfloat16]))
+def test_half_precision(backend, dtype, nan_poisoned_empty):
+    """The dtypes beyond the sweep's (Triton: fp16 everywhere, bf16 on GPUs that have it)."""
+    check_op(
+        backend,
+        OP,
+        msdw_args(
+            [3, 2, 1, 2], [1, 3, 5, 7], 2, 5, 6, dtype=dtype, layout="channels_last", seed=2, device=backend.device
+        ),
+    )
+
+
+@pytest.mark.parametrize("backend", backend_params(OP, per_isa=False))
+def test_strided_inputs(backend):
+    """A sliced (non-dense) input and, with gradients, an expanded (stride-0) output gradient."""
+    x_big, weights, biases = msdw_args([2, 3], [3, 5], 2, 6, 9, dtype=torch.float64, device=backend.device)
+    x = x_big.detach()[:, :, 1:5, ::2]
+    check_op(backend, OP, requiring_grad((x, weights, biases), [0]))
+    if backend.has_backward:
+        x = x.requires_grad_()
+        with backend.active():
+            out = tk.multiscale_dwconv(x, weights, biases)
+            got = torch.autograd.grad(out.sum(), [x, *weights])
+        ref = reference.multiscale_dwconv(x, weights, biases)
+        want = torch.autograd.grad(ref.sum(), [x, *weights])
+        for i, (g, r) in enumerate(zip(got, want)):
+            assert_rel_close(g, r, TOLERANCE[torch.float64], f"grad {i}")
+
+
+@pytest.mark.parametrize("backend,dtype", backend_dtype_params(OP, only=not_interpreted))
+def test_model_shape(backend, dtype):
+    """A TransXNet-T stage-1 MS-FFN sample: 4C = 192 channels in four groups, 56x56 (too slow interpreted)."""
+    check_op(
+        backend,
+        OP,
+        msdw_args(
+            [48, 48, 48, 48],
+            [1, 3, 5, 7],
+            1,
+            56,
+            56,
+            dtype=dtype,
+            layout="channels_last",
+            device=backend.device,
+            seed=3,
+            grad=backend.has_backward,
+        ),
+    )
+
+
+@pytest.mark.parametrize("choice", ALL_CHOICES)
+def test_mixed_dtypes_and_devices_raise_value_error_naming_the_argument(choice):
+    x, weights, biases = msdw_args([2, 1], [3, 5], 1, 4, 4, device=torch.device("cpu"), grad=False)
+    with tk.use_backend(choice):
+        with pytest.raises(ValueError, match=r"multiscale_dwconv: weights\[0\] has dtype torch\.float64 but x has"):
+            tk.multiscale_dwconv(x, [weights[0].double(), weights[1]], biases)
+        with pytest.raises(ValueError, match=r"multiscale_dwconv: biases\[1\] has dtype torch\.float64"):
+            tk.multiscale_dwconv(x, weights, [biases[0], biases[1].double()])
+        with pytest.raises(ValueError, match=r"multiscale_dwconv: weights\[1\] is on meta but x is on cpu"):
+            tk.multiscale_dwconv(x, [weights[0], weights[1].to("meta")], biases)
+        with pytest.raises(ValueError, match=r"multiscale_dwconv: weights\[0\] is on cpu but x is on meta"):
+            tk.multiscale_dwconv(x.to("meta"), weights, biases)
+
+
+@pytest.mark.parametrize("backend", backend_params(OP, per_isa=False))
+def test_empty_batch(backend):
+    x, weights, biases = msdw_args([2, 1], [3, 5], 0, 4, 4, device=backend.device, grad=backend.has_backward)
+    with backend.active():
+        out = tk.multiscale_dwconv(x, weights, biases)
+        assert out.shape == x.shape
+        if backend.has_backward:
+            grads = torch.autograd.grad(out.sum(), [x, *weights, *biases])
+            assert all(torch.count_nonzero(g) == 0 for g in grads)
+
+
+@pytest.mark.parametrize("backend", backend_params(OP, per_isa=False))
+def test_compile_fullgraph(backend):
+    args = msdw_args([2, 1, 1], [1, 3, 5], 2, 4, 4, device=backend.device, seed=4, grad=backend.has_backward)
+    torch._dynamo.reset()
+    compiled = torch.compile(tk.multiscale_dwconv, fullgraph=True, backend="aot_eager")
+    grad_out = torch.ones(2, 4, 4, 4, device=backend.device)
+    with backend.active():
+        out, grads = evaluate(compiled, args, grad_out if backend.has_backward else None)
+    ref_args = requiring_grad(
+        [t.detach().double() if torch.is_tensor(t) else [u.detach().double() for u in t] for t in args], [0, 1, 2]
+    )
+    ref_out, ref_grads = evaluate(reference.multiscale_dwconv, ref_args, grad_out.double())
+    assert_rel_close(out, ref_out, TOLERANCE[torch.float32], "compiled output")
+    for i, (a, b) in enumerate(zip(grads, ref_grads)):
+        assert_rel_close(a, b, TOLERANCE[torch.float32], f"compiled grad {i}")
+
+
+# ------------------------------------------------------------------------------------- triton
+
+
+@requires_triton
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_triton_many_tiles_and_batch_splits(layout, nan_poisoned_empty):
+    with ms_ffn_small_tiles():
+        check_op(TRITON, OP, msdw_args([3, 5, 1], [3, 1, 5], 3, 5, 7, dtype=torch.float64, layout=layout))
+
+
+@requires_triton
+@pytest.mark.parametrize("target", ["interpreter", "gpu"])
+def test_triton_grid_puts_spatial_tiles_on_axis_0(target):
+    """CUDA grids allow 65535 programs on axes 1 and 2: the spatial tiles, which can be many more (a
+    channels_last map of 8192x8192), must be on axis 0. Planned on a meta tensor, nothing runs."""
+    from transxnet_kernels.triton import common, ms_ffn
+
+    side = 8192
+    x = torch.empty(1, 32, side, side, device="meta").to(memory_format=torch.channels_last)
+    launch = (
+        common.LaunchTarget(sm_count=1, interpreted=True)
+        if target == "interpreter"
+        else common.LaunchTarget(sm_count=132, interpreted=False)
+    )
+    for widths, ksizes in (([32], [3]), ([8, 8, 8, 8], [1, 3, 5, 7])):
+        with common.launch_overrides(launch):
+            plan = ms_ffn._plan(x, widths, ksizes)
+        assert plan.grid[0] * plan.block_hw >= side * side and plan.grid[0] > 65535, plan.grid
+        assert plan.grid[1] <= 65535 and plan.grid[2] <= 65535, plan.grid
+
+
+@requires_triton
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_triton_gradcheck(layout):
+    args = msdw_args([1, 2, 1], [1, 3, 5], 2, 3, 4, dtype=torch.float64, layout=layout)
+    x, weights, biases = args
+
+    def fn(x, *params):
+        with TRITON.active():
+            return tk.multiscale_dwconv(x, params[:3], params[3:])
+
+    assert torch.autograd.gradcheck(fn, (x, *weights, *biases), fast_mode=True)
+
+
+def packed_args(widths, ksizes, B, H, W, layout="contiguous"):
+    """(x, w_table, bias, widths, ksizes) of the packed Triton ops."""
+    from transxnet_kernels.triton import ms_ffn
+
+    x, weights, biases = msdw_args(widths, ksizes, B, H, W, layout=layout, grad=False)
+    w_table, bias, widths, ksizes = ms_ffn._pack(weights, biases)
+    return x.requires_grad_(), w_table.requires_grad_(), bias.requires_grad_(), widths, ksizes
+
+
+@requires_triton
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_triton_opcheck(layout):
+    x, w_table, bias, widths, ksizes = packed_args([2, 1], [3, 1], 2, 3, 4, layout)
+    torch.library.opcheck(torch.ops.transxnet_triton.multiscale_dwconv.default, (x, w_table, bias, widths, ksizes))
+    grad = torch.randn_like(x)
+    torch.library.opcheck(
+        torch.ops.transxnet_triton.multiscale_dwconv_backward.default,
+        (grad, x.detach(), w_table.detach(), bias.detach(), widths, ksizes),
+    )
+
+
+@requires_triton
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="needs a GPU with > 20 GB of memory (tensors over 2^31 elements)")
+def test_triton_more_than_2_31_elements():
+    torch.manual_seed(0)
+    weights = [torch.randn(1, 1, k, k, device=DEVICE, dtype=torch.float16) for k in (3, 5)]
+    biases = [torch.randn(1, device=DEVICE, dtype=torch.float16) for _ in range(2)]
+    # Many images (batch offsets past 2^31), then one image spanning past 2^31 (int64 in-image offsets).
+    for shape in ((1025, 2, 1024, 1024), (1, 2, 32768, 32769)):
+        x = torch.randn(shape, device=DEVICE, dtype=torch.float16)
+        assert x.numel() > 2**31
+        with TRITON.active():
+            out = tk.multiscale_dwconv(x, weights, biases)
+        for sl in (slice(0, 1), slice(-1, None)):
+            xs = x[sl, :, -600:, -600:].float()
+            ref = reference.multiscale_dwconv(xs, [w.float() for w in weights], [b.float() for b in biases])
+            # compare away from the slice's cut edges, where the reference lacks neighbours
+            assert_rel_close(out[sl, :, -597:-3, -597:-3], ref[..., 3:-3, 3:-3], TOLERANCE[torch.float16], f"{shape}")
+        del x, out
+        torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------------------- cpp
+
+
+@requires_cpp
+@pytest.mark.parametrize("backend", backend_params(OP, only=cpp_only))
+def test_cpp_kernel_past_the_nhwc_limit(backend):
+    """Kernels wider than the NHWC kernels take (63) run the NCHW kernels, still returning channels_last."""
+    args = msdw_args([2, 2], [3, 65], 1, 4, 5, dtype=torch.float64, layout="channels_last", device="cpu", grad=False)
+    out, _, _ = check_op(backend, OP, args)
+    assert_output_layout(out, args[0])
+
+
+@requires_cpp
+def test_cpp_refuses_half_precision():
+    args = msdw_args([2], [3], 1, 4, 4, dtype=torch.float16, device="cpu", grad=False)
+    with tk.use_backend("cpp"), pytest.raises(tk.BackendUnavailableError, match="dtype"):
+        tk.multiscale_dwconv(*args)
+
+
+@requires_cpp
+def test_cpp_opcheck():
+    for layout in ("contiguous", "channels_last", "channel_slice"):
+        args = msdw_args([3, 2, 2], [1, 3, 5], 2, 7, 9, layout=layout, device="cpu", grad=False)
+        torch.library.opcheck(torch.ops.transxnet_cpp.multiscale_dwconv.default, args)

@@ -1,0 +1,400 @@
+"""osra_attention, softmax(q @ k^T * scale + bias) @ v, on every fused backend against the fp64 reference:
+output and every gradient (bias included), the kernels' block paths, the model's strided views, dtypes,
+NaN-poisoned allocations, zero sizes; then each backend's own paths (Triton: output layout, determinism,
+gradcheck, opcheck, torch.compile, the fp64 path without tl.dot; cpp: output layout, strided k/v, opcheck)."""
+
+import dataclasses
+
+import pytest
+import torch
+
+import transxnet_kernels as tk
+from helpers import (
+    ALL_CHOICES,
+    DEVICE,
+    TOLERANCE,
+    TRITON,
+    assert_rel_close,
+    backend_dtype_params,
+    backend_param,
+    backend_params,
+    check_op,
+    cpp_only,
+    dtype_id,
+    evaluate,
+    fused_backends,
+    not_interpreted,
+    randn,
+    requires_cpp,
+    requires_triton,
+    requiring_grad,
+    to_layout,
+)
+from transxnet_kernels import reference
+
+OP = "osra_attention"
+
+
+def osra_args(
+    B, h, N, M, d, bias_shape, dtype=torch.float32, transposed=True, device=None, seed=0, grad=True, scale=None
+):
+    """(q, k, v, bias, scale). transposed: q, k and the bias are the model's views of [B, h, d, L] (and
+    [.., M, N]) memory, stride 1 along the sequence; else contiguous. bias_shape: its two leading dims, or None."""
+    gen = torch.Generator().manual_seed(seed)
+    device = DEVICE if device is None else device
+
+    def rand(*shape):
+        return randn(*shape, dtype=dtype, gen=gen, device=device)
+
+    def seq(B_, h_, L, d_):
+        return rand(B_, h_, d_, L).transpose(-1, -2) if transposed else rand(B_, h_, L, d_)
+
+    q, k, v = seq(B, h, N, d), seq(B, h, M, d), rand(B, h, M, d)
+    bias = None
+    if bias_shape is not None:
+        bias = rand(*bias_shape, M, N).transpose(-1, -2) if transposed else rand(*bias_shape, N, M)
+    args = (q, k, v, bias, scale)
+    return requiring_grad(args, [0, 1, 2] + ([3] if bias is not None else [])) if grad else args
+
+
+# (B, h, N, M, d, bias dims). The Triton rows each exercise a kernel path (BLOCK_M = 64 keys, BLOCK_N = 16 or 32
+# queries by kernel; interpreted, the backward splits/groups work to fill 4 programs); the cpp rows its register
+# blocking.
+CASES = [
+    (2, 3, 37, 49, 19, (1, 3)),  # batch-1 bias, one batch per group, groups summed
+    (5, 2, 37, 49, 21, (1, 2)),  # groups of 3 batches accumulated in registers (one key block)
+    (3, 2, 37, 130, 24, (1, 2)),  # M over two key blocks: bias gradient read-modify-written per group
+    (3, 2, 70, 130, 28, (3, 2)),  # per-batch bias: no reduction; two query blocks
+    (1, 1, 150, 20, 32, (1, 1)),  # batch 1; dk/dv query range split over 3 programs
+    (2, 2, 70, 20, 32, (1, 1)),  # bias broadcast over heads
+    (2, 2, 33, 17, 24, None),  # no bias
+    (1, 1, 9, 1050, 21, (1, 1)),  # detection-size M: 17 key blocks
+    (2, 3, 37, 11, 13, (1, 3)),  # bias shared over the batch, odd sizes
+    (2, 2, 50, 49, 24, (2, 2)),  # per-sample bias, M = 49
+    (1, 1, 1, 1, 5, None),  # single query and key
+    (3, 4, 20, 13, 28, (1, 1)),  # bias broadcast over heads too
+    (2, 1, 9, 70, 9, (2, 1)),  # M spanning several register blocks
+    (1, 2, 16, 7, 40, None),  # d spanning several register blocks
+]
+INTERPRETED_CASES = CASES[:8]
+
+
+def case_id(c):
+    B, h, N, M, d, bias = c
+    return f"B{B}h{h}N{N}M{M}d{d}-" + ("nobias" if bias is None else "bias{}{}".format(*bias))
+
+
+def _sweep():
+    """Every case in every dtype the backend runs, in the model's transposed layout; cpp's own cases in contiguous
+    tensors too (the interpreter's contiguous inputs are checked below)."""
+    params = []
+    for backend in fused_backends(OP):
+        cases = INTERPRETED_CASES if backend.interpreted else CASES
+        for dtype in backend.dtypes:
+            for case in cases:
+                for transposed in [True, False] if backend.name == "cpp" and case in CASES[8:] else [True]:
+                    params.append(
+                        backend_param(
+                            backend,
+                            dtype,
+                            case,
+                            transposed,
+                            extra_id=f"-{dtype_id(dtype)}-{case_id(case)}-{'model' if transposed else 'contiguous'}",
+                        )
+                    )
+    return params
+
+
+@pytest.mark.parametrize("backend,dtype,case,transposed", _sweep())
+def test_matches_reference(backend, dtype, case, transposed, nan_poisoned_empty):
+    check_op(backend, OP, osra_args(*case, dtype=dtype, transposed=transposed, device=backend.device))
+
+
+@pytest.mark.parametrize("transposed", [False, True], ids=["contiguous", "model"])
+@pytest.mark.parametrize("backend", backend_params(OP, per_isa=False))
+def test_custom_scale(backend, transposed):
+    check_op(
+        backend,
+        OP,
+        osra_args(
+            2,
+            2,
+            45,
+            30,
+            19,
+            (2, 2),
+            dtype=torch.float64,
+            transposed=transposed,
+            seed=1,
+            scale=0.3,
+            device=backend.device,
+        ),
+    )
+
+
+@pytest.mark.parametrize("backend", backend_params(OP, per_isa=False))
+def test_strided_kv_and_bias(backend):
+    """k and v as the usual fused-kv projection views, a bias with a non-unit stride along M."""
+    gen = torch.Generator().manual_seed(3)
+    B, h, N, M, d = 2, 2, 19, 10, 6
+    q = randn(B, h, N, d, dtype=torch.float64, gen=gen, device=backend.device)
+    kv = randn(B, M, 2, h, d, dtype=torch.float64, gen=gen, device=backend.device).permute(2, 0, 3, 1, 4)
+    bias = randn(B, h, M, N, dtype=torch.float64, gen=gen, device=backend.device).transpose(-1, -2)
+    check_op(backend, OP, requiring_grad((q, kv[0], kv[1], bias, 0.37), [0, 1, 2, 3]))
+
+
+@pytest.mark.parametrize("backend,dtype", backend_dtype_params(OP, only=not_interpreted))
+def test_model_shape(backend, dtype):
+    """A TransXNet-T stage-1 OSRA: N = 3136, M = 49, d = 24, the model's q layout (too slow interpreted)."""
+    check_op(
+        backend,
+        OP,
+        osra_args(1, 1, 3136, 49, 24, (1, 1), dtype=dtype, device=backend.device, seed=4, grad=backend.has_backward),
+    )
+
+
+@pytest.mark.parametrize("choice", ALL_CHOICES)
+def test_mixed_dtypes_and_devices_raise_value_error_naming_the_argument(choice):
+    q, k, v, bias, _ = osra_args(1, 2, 5, 3, 4, (1, 2), device=torch.device("cpu"), grad=False)
+    with tk.use_backend(choice):
+        with pytest.raises(ValueError, match=r"osra_attention: k has dtype torch\.float64 but q has torch\.float32"):
+            tk.osra_attention(q, k.double(), v, bias)
+        with pytest.raises(ValueError, match=r"osra_attention: v has dtype torch\.float16"):
+            tk.osra_attention(q, k, v.half(), bias)
+        with pytest.raises(ValueError, match=r"osra_attention: v is on meta but q is on cpu"):
+            tk.osra_attention(q, k, v.to("meta"), bias)
+        with pytest.raises(ValueError, match=r"osra_attention: bias is on meta but q is on cpu"):
+            tk.osra_attention(q, k, v, bias.to("meta"))
+
+
+# ------------------------------------------------------------------------------------- triton
+
+
+@requires_triton
+def test_triton_output_layout_makes_the_model_reshape_a_view():
+    q, k, v, bias, _ = osra_args(2, 2, 40, 49, 24, (1, 2), grad=False)
+    with TRITON.active():
+        out = tk.osra_attention(q, k, v, bias)
+    assert out.shape == (2, 2, 40, 24)
+    assert out.transpose(-1, -2).is_contiguous()  # so .reshape(B, h*d, H, W) needs no copy
+    assert_rel_close(
+        out,
+        reference.osra_attention(q.double(), k.double(), v.double(), bias.double()),
+        TOLERANCE[torch.float32],
+        "out",
+    )
+
+
+@requires_triton
+def test_triton_contiguous_inputs(nan_poisoned_empty):
+    check_op(TRITON, OP, osra_args(3, 2, 70, 130, 28, (1, 2), transposed=False, seed=5))
+
+
+@requires_triton
+def test_triton_only_some_inputs_requiring_grad():
+    """A bias without a gradient, k without one: only the gradients asked for."""
+    q, k, v, bias, _ = osra_args(3, 2, 37, 49, 24, (1, 2), dtype=torch.float64, grad=False)
+    check_op(TRITON, OP, requiring_grad((q, k, v, bias), [0, 2]))
+
+
+@requires_triton
+@pytest.mark.parametrize("dim", ["B", "N", "M"])
+def test_triton_zero_sizes(dim, nan_poisoned_empty):
+    """B = 0, N = 0 or M = 0: the forward matches the reference (M = 0: zeros, the empty sum) and the backward
+    gives zero or empty gradients without launching anything."""
+    sizes = dict(B=2, h=2, N=5, M=3, d=4)
+    sizes[dim] = 0
+    args = osra_args(sizes["B"], sizes["h"], sizes["N"], sizes["M"], sizes["d"], (1, 2), dtype=torch.float64)
+    grad_out = torch.randn(sizes["B"], sizes["h"], sizes["N"], sizes["d"], dtype=torch.float64, device=DEVICE)
+    with TRITON.active():
+        out, grads = evaluate(tk.osra_attention, args, grad_out)
+    ref_out, ref_grads = evaluate(reference.osra_attention, args, grad_out)
+    assert out.shape == ref_out.shape and torch.equal(out, ref_out)
+    if dim == "M":
+        assert out.numel() > 0 and torch.count_nonzero(out) == 0
+    assert len(grads) == 4
+    for name, g, rg, t in zip(("dq", "dk", "dv", "dbias"), grads, ref_grads, args):
+        assert g.shape == t.shape == rg.shape, name
+        assert torch.count_nonzero(g) == 0 and torch.equal(g, rg), name
+
+
+@requires_triton
+def test_triton_int64_offsets_path(nan_poisoned_empty):
+    """The int64 in-slice offsets used when a tensor spans 2^31 elements, forced on a small input (forward and
+    both backward kernels, with a batch-1 bias gradient)."""
+    from transxnet_kernels.triton import common
+
+    target = dataclasses.replace(common.launch_target(DEVICE), int32_span_limit=0)
+    with common.launch_overrides(target):
+        check_op(TRITON, OP, osra_args(3, 2, 37, 70, 19, (1, 2), seed=11))
+
+
+@requires_triton
+def test_triton_bias_gradient_is_deterministic():
+    args = osra_args(5, 2, 37, 130, 19, (1, 2), seed=6)
+    grad_out = torch.randn(5, 2, 37, 19, device=DEVICE)
+    with TRITON.active():
+        first = evaluate(tk.osra_attention, args, grad_out)[1]
+        second = evaluate(tk.osra_attention, args, grad_out)[1]
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@requires_triton
+@pytest.mark.parametrize("bias_shape", [(1, 1), None], ids=["bias11", "nobias"])
+def test_triton_gradcheck(bias_shape):
+    # A [1, 1] bias on B = h = 2 needs the batch and head reductions of its gradient.
+    q, k, v, bias, _ = osra_args(2, 2, 4, 5, 3, bias_shape, dtype=torch.float64, seed=7)
+    leaves = (q, k, v) + ((bias,) if bias is not None else ())
+
+    def fn(*ts):
+        with TRITON.active():
+            return tk.osra_attention(*ts[:3], ts[3] if len(ts) > 3 else None)
+
+    assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-8, rtol=1e-6, fast_mode=True)
+
+
+@requires_triton
+def test_triton_opcheck():
+    ops = torch.ops.transxnet_triton
+    for bias_shape in [(1, 2), None]:
+        q, k, v, bias, _ = osra_args(2, 2, 9, 11, 5, bias_shape, seed=8)
+        torch.library.opcheck(ops.osra_attention.default, (q, k, v, bias, 0.4))
+        with torch.no_grad():
+            out, lse = ops.osra_attention(q, k, v, bias, 0.4)
+        torch.library.opcheck(
+            ops.osra_attention_backward.default,
+            (
+                torch.randn_like(out),
+                q.detach(),
+                k.detach(),
+                v.detach(),
+                None if bias is None else bias.detach(),
+                out,
+                lse,
+                0.4,
+                bias is not None,
+            ),
+        )
+
+
+@requires_triton
+def test_triton_compile_fullgraph():
+    q, k, v, bias, _ = osra_args(2, 2, 20, 13, 8, (1, 2), seed=9, grad=False)
+    bias.requires_grad_(True)
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def fn(q, k, v, bias):
+        return tk.osra_attention(q, k, v, bias)
+
+    torch._dynamo.reset()
+    with TRITON.active():
+        out = fn(q, k, v, bias)
+    (dbias,) = torch.autograd.grad(out.square().sum(), bias)
+    bias_ref = bias.detach().double().requires_grad_(True)
+    ref = reference.osra_attention(q.double(), k.double(), v.double(), bias_ref)
+    (rdbias,) = torch.autograd.grad(ref.square().sum(), bias_ref)
+    assert_rel_close(out, ref, TOLERANCE[torch.float32], "out")
+    assert_rel_close(dbias, rdbias, TOLERANCE[torch.float32], "dbias")
+
+
+@requires_triton
+def test_triton_declines_head_dims_over_its_limit():
+    """Head dims above MAX_HEAD_DIM: forced Triton says why; auto runs another backend."""
+    from transxnet_kernels.triton import osra_attention as triton_osra
+
+    d = triton_osra.MAX_HEAD_DIM + 2
+    q, k, v, _, _ = osra_args(1, 1, 4, 4, d, None, grad=False)
+    with TRITON.active(), pytest.raises(tk.BackendUnavailableError, match=f"head dim {d} is above"):
+        tk.osra_attention(q, k, v)
+    q, k, v, _, _ = osra_args(1, 1, 4, 4, triton_osra.MAX_HEAD_DIM, None, grad=False)
+    check_op(TRITON, OP, (q, k, v))  # the limit itself runs
+    with tk.use_backend("auto"):
+        assert_rel_close(
+            tk.osra_attention(q, k, v),
+            reference.osra_attention(q.double(), k.double(), v.double()),
+            TOLERANCE[torch.float32],
+            "auto",
+        )
+
+
+@requires_triton
+@pytest.mark.parametrize("bias_shape", [(1, 2), (3, 1)], ids=["bias1h", "biasB1"])
+def test_triton_fp64_gpu_path_without_tl_dot(monkeypatch, bias_shape):
+    """fp64 on GPUs avoids tl.dot (16x16 blocks, broadcast-multiply-sum): run that path here too. (`_uses_dot`
+    picks a code path, not a launch setting, so it has no launch_overrides knob.)"""
+    from transxnet_kernels.triton import osra_attention as triton_osra
+
+    monkeypatch.setattr(triton_osra, "_uses_dot", lambda q: False)
+    check_op(TRITON, OP, osra_args(3, 2, 37, 49, 19, bias_shape, dtype=torch.float64, seed=10))
+
+
+# ---------------------------------------------------------------------------------------- cpp
+
+
+@requires_cpp
+@pytest.mark.parametrize("backend", backend_params(OP, only=cpp_only))
+def test_cpp_output_takes_q_layout(backend):
+    for transposed in (True, False):
+        q, k, v, bias, _ = osra_args(2, 3, 37, 11, 13, (1, 3), transposed=transposed, device="cpu", grad=False)
+        out, _, _ = check_op(backend, OP, (q, k, v, bias))
+        assert out.stride() == q.stride(), "the output takes q's (dense) layout"
+
+
+@requires_cpp
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_cpp_output_reshapes_back_as_a_view(layout):
+    """The model: q = conv_out.reshape(B, h, d, N).transpose(-1, -2); out.transpose(-1, -2).reshape(B, C, H, W)
+    must be a view of out (no copy), channels_last when conv_out is."""
+    gen = torch.Generator().manual_seed(5)
+    B, h, d, H, W, M = 2, 3, 8, 5, 7, 6
+    C, N = h * d, H * W
+    conv_out = to_layout(randn(B, C, H, W, gen=gen, device="cpu"), layout)
+    q = conv_out.reshape(B, h, d, N).transpose(-1, -2)
+    kv = to_layout(randn(B, 2 * C, 2, 3, gen=gen, device="cpu"), layout)
+    k, v = (t.reshape(B, h, d, M).transpose(-1, -2) for t in kv.chunk(2, dim=1))  # strided k/v views
+    bias = randn(1, h, N, M, gen=gen, device="cpu")
+    with tk.use_backend("cpp"):
+        out = tk.osra_attention(q, k, v, bias)
+    assert_rel_close(
+        out,
+        reference.osra_attention(q.double(), k.double(), v.double(), bias.double()),
+        TOLERANCE[torch.float32],
+        "osra",
+    )
+    image = out.transpose(-1, -2).reshape(B, C, H, W)
+    assert image.data_ptr() == out.data_ptr() and image._base is out, "reshape copied"
+    memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    assert image.is_contiguous(memory_format=memory_format)
+
+
+@requires_cpp
+def test_cpp_refuses_half_precision():
+    q, k, v, bias, _ = osra_args(1, 2, 5, 3, 4, (1, 2), dtype=torch.float16, device="cpu", grad=False)
+    with tk.use_backend("cpp"), pytest.raises(tk.BackendUnavailableError, match="dtype"):
+        tk.osra_attention(q, k, v, bias)
+
+
+@requires_cpp
+def test_cpp_opcheck():
+    op = torch.ops.transxnet_cpp.osra_attention.default
+    q, k, v, bias, _ = osra_args(2, 2, 20, 13, 6, (1, 2), device="cpu", grad=False)
+    torch.library.opcheck(op, (q, k, v, bias, 0.4))
+    torch.library.opcheck(op, (q, k, v, None, 0.4))
+    q, k, v, bias, _ = osra_args(2, 2, 20, 13, 6, (2, 1), transposed=False, device="cpu", grad=False)
+    torch.library.opcheck(op, (q, k, v, bias, 0.4))
+
+
+@requires_cpp
+def test_cpp_compile_fullgraph():
+    q, k, v, bias, _ = osra_args(2, 2, 20, 13, 6, (1, 2), device="cpu", grad=False)
+    torch._dynamo.reset()
+    compiled = torch.compile(tk.osra_attention, fullgraph=True, backend="aot_eager")
+    with tk.use_backend("cpp"), torch.no_grad():
+        out = compiled(q, k, v, bias)
+    assert_rel_close(
+        out,
+        reference.osra_attention(q.double(), k.double(), v.double(), bias.double()),
+        TOLERANCE[torch.float32],
+        "compiled",
+    )
