@@ -28,14 +28,20 @@ def _set_fused(model: nn.Module, fused: bool) -> None:
     for module in model.modules():
         if isinstance(module, _FUSABLE):
             module.fused = fused
-    if isinstance(model, TransXNet):
-        model._rpe_cache.clear()
+        if isinstance(module, TransXNet):  # (issue 14: also TransXNets inside a wrapper)
+            module._rpe_cache.clear()
+
+
+def _wraps_transxnet(module: object) -> bool:
+    """(issue 14) A module holding a TransXNet, such as timm's features_only wrapper."""
+    return isinstance(module, nn.Module) and any(isinstance(m, TransXNet) for m in module.modules())
 
 
 def accelerated(model_or_name: Union[TransXNet, str], **kwargs) -> TransXNet:
     """Return a TransXNet running the fused path.
 
-    model_or_name: a TransXNet instance (switched in place and returned) or a model
+    model_or_name: a TransXNet instance (switched in place and returned), a module that wraps one
+    (e.g. timm's features_only wrapper; switched in place and returned), or a model
     name ("transxnet_t", "t", ...) plus the constructor's kwargs, `pretrained` included.
     """
     if isinstance(model_or_name, str):
@@ -43,12 +49,13 @@ def accelerated(model_or_name: Union[TransXNet, str], **kwargs) -> TransXNet:
         if name not in MODELS:
             raise ValueError(f"unknown model {model_or_name!r}; expected one of {sorted(MODELS)}")
         model = MODELS[name](**kwargs)
-    elif isinstance(model_or_name, TransXNet):
+    elif isinstance(model_or_name, TransXNet) or _wraps_transxnet(model_or_name):
         if kwargs:
             raise TypeError(f"constructor kwargs {sorted(kwargs)} only apply when a model name is given")
         model = model_or_name
     else:
-        raise TypeError(f"accelerated() takes a TransXNet or a model name, got {type(model_or_name).__name__}")
+        raise TypeError("accelerated() takes a TransXNet (or a module holding one) or a model name, "
+                        f"got {type(model_or_name).__name__}")
     _set_fused(model, True)
     return model
 
@@ -59,5 +66,6 @@ def revert(model: TransXNet) -> TransXNet:
     return model
 
 
-def is_accelerated(model: TransXNet) -> bool:
-    return bool(getattr(model, "fused", False))
+def is_accelerated(model: nn.Module) -> bool:
+    """Whether `model` (a TransXNet, or a module wrapping one) runs the fused path."""
+    return any(isinstance(m, TransXNet) and m.fused for m in model.modules())
