@@ -148,8 +148,21 @@ def _call_info(x: torch.Tensor, others, training: bool) -> CallInfo:
     return CallInfo(x.device, x.dtype, needs_grad, training)
 
 
+# --- issue 14 (export): begin
+def exporting() -> bool:
+    """Whether a graph exporter is tracing: torch.export (which the dynamo ONNX exporter runs) sets
+    torch.compiler.is_exporting(); the TorchScript ONNX exporter sets torch.onnx.is_in_onnx_export().
+    Exported graphs must hold standard ops only, so every op then runs its reference formula, on any
+    backend choice; and `runs_fused` says True, so the model takes its one-op forms (the accelerated
+    eval graph stays BatchNorm-free)."""
+    return torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export()
+# --- issue 14 (export): end
+
+
 def _resolve(op: str, info: CallInfo) -> Tuple[Optional[str], Optional[str]]:
     """(backend that runs the call, None) or (None, why the forced backend cannot)."""
+    if exporting():  # issue 14 (export)
+        return "reference", None
     requested = requested_backend()
     if requested != "auto":
         reason = _reason_unavailable(op, requested, info)
@@ -175,7 +188,10 @@ def select(op: str, x: torch.Tensor, *others: Optional[torch.Tensor], training: 
 
 
 def runs_fused(op: str, x: torch.Tensor, *others: Optional[torch.Tensor]) -> bool:
-    """Whether a call of `op` on these tensors would run a non-reference backend (never raises)."""
+    """Whether a call of `op` on these tensors would run a non-reference backend (never raises);
+    True while exporting (see `exporting`)."""
+    if exporting():  # issue 14 (export)
+        return True
     backend, _ = _resolve(op, _call_info(x, others, False))
     return backend is not None and backend != "reference"
 
