@@ -66,8 +66,11 @@ def op_types(graph: onnx.ModelProto) -> set:
 
 
 # Every grad mode with a static batch size; a dynamic one (a slower export) in inference mode only.
-@pytest.mark.parametrize("dynamic, grad_mode", [(False, mode) for mode in sorted(GRAD_MODES)] + [(True, "inference_mode")],
-                         ids=[f"static-{mode}" for mode in sorted(GRAD_MODES)] + ["dynamic-inference_mode"])
+EXPORT_CASES = [(False, mode) for mode in sorted(GRAD_MODES)] + [(True, "inference_mode")]
+
+
+@pytest.mark.parametrize("dynamic, grad_mode", EXPORT_CASES,
+                         ids=[f"{'dynamic' if dynamic else 'static'}-{mode}" for dynamic, mode in EXPORT_CASES])
 @pytest.mark.parametrize("accelerated", [False, True], ids=["plain", "accelerated"])
 def test_onnx_export_runs_in_onnx_runtime(tmp_path, accelerated, dynamic, grad_mode):
     model = make_model(SMALL, accelerated, 64)
