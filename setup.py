@@ -7,9 +7,16 @@ working package that runs the Triton and reference backends.
 """
 import glob
 import os
+import re
 import sys
 
 from setuptools import setup
+
+
+def cxx_standard(torch_version: str) -> str:
+    """The C++ standard torch's headers need: C++20 from torch 2.14 on, C++17 before."""
+    major, minor = (int(part) for part in re.match(r"(\d+)\.(\d+)", torch_version).groups())
+    return "-std=c++20" if (major, minor) >= (2, 14) else "-std=c++17"
 
 
 def cpp_extension():
@@ -17,6 +24,7 @@ def cpp_extension():
         return [], {}
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     try:
+        import torch
         from torch.utils.cpp_extension import BuildExtension, CppExtension
     except ImportError:
         print("transxnet-kernels: torch is not importable at build time; skipping the C++ extension", file=sys.stderr)
@@ -57,7 +65,7 @@ def cpp_extension():
     ext = CppExtension(
         "transxnet_kernels._C",
         sources,
-        extra_compile_args={"cxx": ["-O3", "-fopenmp", "-std=c++17"]},
+        extra_compile_args={"cxx": ["-O3", "-fopenmp", cxx_standard(torch.__version__)]},
         extra_link_args=["-fopenmp"],
     )
     return [ext], {"build_ext": OptionalBuildExtension.with_options(use_ninja=True)}

@@ -54,9 +54,17 @@ def load_checkpoint(model: nn.Module, source: Union[str, Mapping]) -> nn.Module:
     with the model's own bicubic rule. Any other difference raises CheckpointMismatchError
     listing the missing and unexpected keys.
     """
+    state = adapt_state_dict(model, extract_state_dict(_read(source) if isinstance(source, str) else source))
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def adapt_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """`state` (keys as in the release) adapted to `model` as `load_checkpoint` describes: the result
+    has exactly the model's keys and shapes, or CheckpointMismatchError is raised."""
     from .model import resize_relative_pos_enc
 
-    state = extract_state_dict(_read(source) if isinstance(source, str) else source)
+    state = dict(state)
     own = model.state_dict()
 
     classifier_keys = [k for k in state if k.startswith("classifier.")]
@@ -95,5 +103,4 @@ def load_checkpoint(model: nn.Module, source: Union[str, Mapping]) -> nn.Module:
         if wrong_shape:
             lines.append(f"  shape mismatches ({len(wrong_shape)}): {wrong_shape}")
         raise CheckpointMismatchError("\n".join(lines))
-    model.load_state_dict(state, strict=True)
-    return model
+    return state

@@ -202,12 +202,12 @@ class AcceleratedTransXNet(TransXNet):
             self._rpe_cache[stage] = cached
         return cached[1]
 
-    def forward_features(self, x):
+    def stem(self, x):
         if not self.training and x.device.type == "cpu":
             # oneDNN's convolutions run about twice as fast on channels_last data, and the cpp
             # kernels work on it natively: accelerated CPU inference runs in channels_last.
             x = x.contiguous(memory_format=torch.channels_last)
-        return super().forward_features(x)
+        return super().stem(x)
 
 
 # Released class -> accelerated subclass (what accelerated() swaps; revert() swaps back).
@@ -218,4 +218,3 @@ ACCELERATED = {
     Block: AcceleratedBlock,
     TransXNet: AcceleratedTransXNet,
 }
-RELEASED = {accelerated: released for released, accelerated in ACCELERATED.items()}

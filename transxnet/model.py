@@ -408,18 +408,28 @@ class TransXNet(nn.Module):
         """The bias the blocks of `stage` receive; each OSRA resizes it to its input (the release's rule)."""
         return self.relative_pos_enc[stage]
 
-    def forward_features(self, x):
-        """Final feature map [B, C3, H/32, W/32]; with fork_feat, the four normalised stage maps."""
+    def stem(self, x):
+        """The checked input through the stem (patch_embed): [B, C0, H/4, W/4]."""
         if not torch.jit.is_scripting() and not torch.compiler.is_compiling():
             self.check_input(x)
-        x = self.patch_embed(x)
+        return self.patch_embed(x)
+
+    def run_stage(self, stage: int, x):
+        """Stage `stage` (0..3): its downsampling layer (from stage 1 on), then its blocks."""
+        idx = self.stage_indices[stage]
+        if idx > 0:
+            x = self.network[idx - 1](x)
+        rpe = self.stage_relative_pos_enc(stage, x)
+        for blk in self.network[idx]:
+            x = blk(x, rpe)
+        return x
+
+    def forward_features(self, x):
+        """Final feature map [B, C3, H/32, W/32]; with fork_feat, the four normalised stage maps."""
+        x = self.stem(x)
         outs = []
         for stage, idx in enumerate(self.stage_indices):
-            if idx > 0:
-                x = self.network[idx - 1](x)
-            rpe = self.stage_relative_pos_enc(stage, x)
-            for blk in self.network[idx]:
-                x = blk(x, rpe)
+            x = self.run_stage(stage, x)
             if self.fork_feat:
                 outs.append(getattr(self, f"norm{idx}")(x))
         return outs if self.fork_feat else x

@@ -91,7 +91,11 @@ def use_backend(name: str) -> Iterator[None]:
 
 
 def exporting() -> bool:
-    """Whether torch.export / torch.onnx.export is tracing: exported graphs must hold standard ops only."""
+    """Whether a graph exporter is tracing: torch.export (which the dynamo ONNX exporter runs) sets
+    torch.compiler.is_exporting(); the TorchScript ONNX exporter sets torch.onnx.is_in_onnx_export().
+    Exported graphs must hold standard ops only, so every op then runs its reference formula, on any
+    backend choice; and `runs_fused` says True, so the model takes its one-op forms (the accelerated
+    eval graph stays BatchNorm-free)."""
     return torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export()
 
 
@@ -128,9 +132,10 @@ def select(op_name: str, device: torch.device, dtype: torch.dtype, needs_grad: b
 
 
 def runs_fused(op_name: str, info: CallInfo) -> bool:
-    """Whether a call would run a non-reference backend under the current choice (never raises)."""
+    """Whether a call would run a non-reference backend under the current choice (never raises). While
+    exporting, True: the one-op forms are then exported as their reference formulas (see `exporting`)."""
     if exporting():
-        return False
+        return True
     backend, _ = _resolve(OPS[op_name], info)
     return backend not in (None, "reference")
 
