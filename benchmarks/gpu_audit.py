@@ -116,39 +116,35 @@ REGISTERS_PER_SM = 65536
 SCHEDULERS_PER_SM = 4
 
 # ===================================================================================================
-# ADAPTER: every reference to transxnet_kernels internals lives here. Retarget after the layout
-# redesign (`transxnet_kernels.ops.<op>.implementation("triton")`, one device-info hook in
-# `transxnet_kernels/triton/common.py`); nothing else in this tool knows the package layout.
+# ADAPTER: every reference to transxnet_kernels internals lives here; nothing else in this tool knows the
+# package layout.
 # ===================================================================================================
 
 
 def triton_op(op: str):
-    """The Triton implementation of public op `op`, called like the public op (no backend choice)."""
-    from transxnet_kernels.backend import _IMPLS
+    """The Triton implementation of public op `op`, called like the public op (its definition checks and
+    normalises the arguments; no backend choice)."""
+    from transxnet_kernels import ops
 
-    return _IMPLS[op]["triton"].fn
+    public = getattr(ops, op)
+    implementation = public.implementation("triton")
+    return lambda *args: implementation(*public._definition(*args)[0])
 
 
 @contextlib.contextmanager
 def plan_for_gpu(sm_count: int) -> Iterator[None]:
     """Make the launch code plan on CPU tensors as it would on a CUDA device with `sm_count` SMs."""
-    import transxnet_kernels.msdwconv_triton as msdw
-    import transxnet_kernels.osra_triton as osra
+    from transxnet_kernels.triton import common
 
-    saved = (msdw._CPU_TILE_ELEMS, msdw._CPU_TARGET_PROGRAMS, osra._target_programs, osra._uses_dot)
-    msdw._CPU_TILE_ELEMS = msdw._GPU_TILE_ELEMS
-    msdw._CPU_TARGET_PROGRAMS = msdw._GPU_PROGRAMS_PER_SM * sm_count
-    osra._target_programs = lambda device: 2 * sm_count
-    osra._uses_dot = lambda q: q.dtype != torch.float64
-    try:
+    with common.launch_overrides(common.LaunchTarget(sm_count=sm_count, interpreted=False)):
         yield
-    finally:
-        msdw._CPU_TILE_ELEMS, msdw._CPU_TARGET_PROGRAMS, osra._target_programs, osra._uses_dot = saved
 
 
 def triton_runs(dtype: torch.dtype, cc: int) -> bool:
-    """Whether the backend would pick Triton for this dtype on compute capability cc (backend.py)."""
-    return cc >= 70 and (dtype != torch.bfloat16 or cc >= 80)
+    """Whether the backend would pick Triton for this dtype on compute capability cc (triton/common.py)."""
+    from transxnet_kernels.triton import common
+
+    return cc >= common.MIN_CAPABILITY * 10
 
 
 # ===================================================================================================
@@ -279,7 +275,7 @@ def _capture_key() -> str:
     import transxnet
 
     digest = hashlib.sha256(f"{torch.__version__} {MODEL_SIZES} {INPUTS} {OPS}".encode())
-    for code in (TensorSpec, OpCall, _spec, _affine_batch_norm, capture_model_calls):
+    for code in (TensorSpec, OpCall, _spec, _affine_batch_norm, capture_model_calls, head_dim_limit_calls):
         digest.update(inspect.getsource(code).encode())
     for path in sorted(Path(transxnet.__file__).parent.glob("*.py")):
         digest.update(path.read_bytes())
@@ -319,8 +315,26 @@ def capture_calls(jobs: int, use_cache: bool, log=print) -> Dict[OpCall, str]:
                     fp32.setdefault(call, config)
         path.write_text(json.dumps({"key": key, "calls": [{"op": c.op, "config": cfg, "args": _encode(c.args)}
                                                           for c, cfg in fp32.items()]}, indent=None) + "\n")
+    fp32.update(head_dim_limit_calls())
     return {call.with_dtype(dtype): cfg.replace(" ", f" {short} ", 1)
             for dtype, short in DTYPES.items() for call, cfg in fp32.items()}
+
+
+def head_dim_limit_calls() -> Dict[OpCall, str]:
+    """OSRA at the largest head dim the Triton backend accepts (MAX_HEAD_DIM), so that what it advertises is
+    audited too: the stage-1 and stage-3 query counts of a 224x224 input, 49 keys, batch 128, the model's
+    layouts (q and k, v transposed views, bias shared over the batch), with gradients."""
+    from transxnet_kernels.triton.osra_attention import MAX_HEAD_DIM
+
+    calls = {}
+    B, h, M, d = 128, 2, 49, MAX_HEAD_DIM
+    for N in (3136, 196):
+        def transposed(L):
+            return TensorSpec((B, h, L, d), (h * d * L, d * L, 1, L), 0, "float32", True)
+        bias = TensorSpec((1, h, N, M), (h * N * M, N * M, M, 1), 0, "float32", True)
+        call = OpCall("osra_attention", (transposed(N), transposed(M), transposed(M), bias, None))
+        calls[call] = f"t osra-head-dim-{d} train {B}x{N}"
+    return calls
 
 
 # ===================================================================================================

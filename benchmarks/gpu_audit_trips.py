@@ -49,10 +49,10 @@ def _softmax_chain(args, grid) -> Trips:
 # --------------------------------------------------------------------- multi-scale depthwise conv
 
 def _stencil(args, grid, loops: Sequence[str]) -> Trips:
-    """Batch loop of a (channel block, spatial tile, batch split) grid and the k x k tap loops of the
+    """Batch loop of a (spatial tile, channel block, batch split) grid and the k x k tap loops of the
     helpers in `loops`, with k read per channel block from the launch's block table."""
     ksizes = [int(k) for k in args["blocks_ptr"].reshape(-1, 3)[:, 2].tolist()]
-    images = args["B"] * grid[1]  # every (spatial tile, image) pair of one channel block, over all splits
+    images = args["B"] * grid[0]  # every (spatial tile, image) pair of one channel block, over all splits
     trips = {}
     for name in loops:
         trips[f"{name}:i"] = images * sum(ksizes)
