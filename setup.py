@@ -5,6 +5,7 @@ The C++ CPU kernels in csrc/ are built with torch's extension tooling when a
 compiler is present; a failed or skipped build (TRANSXNET_NO_CPP=1) leaves a
 working package that runs the Triton and reference backends.
 """
+
 import glob
 import os
 import re
@@ -39,16 +40,20 @@ def cpp_extension():
             try:
                 super().build_extensions()
             except Exception as exc:  # e.g. the compiler check before any extension is built
-                print(f"transxnet-kernels: C++ extension build failed ({exc}); "
-                      "the cpp backend will be unavailable", file=sys.stderr)
+                print(
+                    f"transxnet-kernels: C++ extension build failed ({exc}); the cpp backend will be unavailable",
+                    file=sys.stderr,
+                )
                 self._failed = {ext.name for ext in self.extensions}
 
         def build_extension(self, ext):
             try:
                 super().build_extension(ext)
             except Exception as exc:  # no compiler, no OpenMP, ...: the package falls back
-                print(f"transxnet-kernels: C++ extension build failed ({exc}); "
-                      "the cpp backend will be unavailable", file=sys.stderr)
+                print(
+                    f"transxnet-kernels: C++ extension build failed ({exc}); the cpp backend will be unavailable",
+                    file=sys.stderr,
+                )
                 self._failed = getattr(self, "_failed", set()) | {ext.name}
 
         def copy_extensions_to_source(self):

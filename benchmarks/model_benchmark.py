@@ -18,6 +18,7 @@ torch.compile of that; "accelerated" is transxnet.accelerated() on the best back
 BatchNorm-free graph; static batch size) in ONNX Runtime's CPU execution provider, all graph
 optimisations on, with as many intra-op threads as torch uses.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,8 +49,9 @@ def log(msg: str) -> None:
 
 def git_commit() -> str:
     try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                       cwd=os.path.dirname(RESULTS_DIR)).strip()
+        return subprocess.check_output(
+            ["git", "rev-parse", "--short", "HEAD"], text=True, cwd=os.path.dirname(RESULTS_DIR)
+        ).strip()
     except Exception:
         return "unknown"
 
@@ -68,6 +70,7 @@ def cpu_name() -> str:
 def environment(device: torch.device) -> dict:
     try:
         import triton
+
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
@@ -108,8 +111,11 @@ class Variant:
                     return self.fn(x)
             with self.autocast():
                 out = self.fn(x)
-            loss = (out.float().square().mean() if isinstance(out, torch.Tensor)
-                    else sum(o.float().square().mean() for o in out))
+            loss = (
+                out.float().square().mean()
+                if isinstance(out, torch.Tensor)
+                else sum(o.float().square().mean() for o in out)
+            )
             loss.backward()
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)
@@ -198,10 +204,18 @@ def bench_case(case: dict, variants, x, rounds: int, warmup: int):
     rows = []
     for v in variants:
         med = statistics.median(times[v.name])
-        rows.append({**case, "variant": v.name, "median_s": med, "images_per_s": x.shape[0] / med,
-                     "median_ms": 1e3 * med, "p90_ms": 1e3 * percentile(times[v.name], 0.9),
-                     "peak_mem_mb": peak_mb(v, x),
-                     "max_rel_diff_vs_eager": max_rel_diff(outputs[v.name], eager_out)})
+        rows.append(
+            {
+                **case,
+                "variant": v.name,
+                "median_s": med,
+                "images_per_s": x.shape[0] / med,
+                "median_ms": 1e3 * med,
+                "p90_ms": 1e3 * percentile(times[v.name], 0.9),
+                "peak_mem_mb": peak_mb(v, x),
+                "max_rel_diff_vs_eager": max_rel_diff(outputs[v.name], eager_out),
+            }
+        )
     base = next(r for r in rows if r["variant"] == "eager")["median_s"]
     for r in rows:
         r["speedup_vs_eager"] = base / r["median_s"]
@@ -214,8 +228,12 @@ def make_variants(builder, train, amp_dtype, device, with_compile, onnx_input=No
     eager = builder().to(device)
     variants = [Variant("eager", eager, "reference", train, amp_dtype, device)]
     if with_compile:
-        variants.append(Variant("compile", copy.deepcopy(eager), "reference", train, amp_dtype, device, compile_model=True))
-    variants.append(Variant("accelerated", transxnet.accelerated(copy.deepcopy(eager)), "auto", train, amp_dtype, device))
+        variants.append(
+            Variant("compile", copy.deepcopy(eager), "reference", train, amp_dtype, device, compile_model=True)
+        )
+    variants.append(
+        Variant("accelerated", transxnet.accelerated(copy.deepcopy(eager)), "auto", train, amp_dtype, device)
+    )
     if onnx_input is not None:
         exported = transxnet.accelerated(copy.deepcopy(eager))
         variants.append(OnnxRuntimeVariant(exported, onnx_input, torch.get_num_threads()))
@@ -223,14 +241,18 @@ def make_variants(builder, train, amp_dtype, device, with_compile, onnx_input=No
 
 
 def print_table(rows):
-    header = (f"{'case':46s} {'variant':12s} {'img/s':>10s} {'x eager':>8s} {'med ms':>9s} {'p90 ms':>9s} "
-              f"{'peak MiB':>9s} {'max rel diff':>12s}")
+    header = (
+        f"{'case':46s} {'variant':12s} {'img/s':>10s} {'x eager':>8s} {'med ms':>9s} {'p90 ms':>9s} "
+        f"{'peak MiB':>9s} {'max rel diff':>12s}"
+    )
     print(header)
     print("-" * len(header))
     for r in rows:
         mem = "-" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:.0f}"
-        print(f"{r['label']:46s} {r['variant']:12s} {r['images_per_s']:10.1f} {r['speedup_vs_eager']:8.2f} "
-              f"{r['median_ms']:9.1f} {r['p90_ms']:9.1f} {mem:>9s} {r['max_rel_diff_vs_eager']:12.2e}")
+        print(
+            f"{r['label']:46s} {r['variant']:12s} {r['images_per_s']:10.1f} {r['speedup_vs_eager']:8.2f} "
+            f"{r['median_ms']:9.1f} {r['p90_ms']:9.1f} {mem:>9s} {r['max_rel_diff_vs_eager']:12.2e}"
+        )
 
 
 def plot(rows, path, title):
@@ -247,7 +269,9 @@ def plot(rows, path, title):
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(labels)), 4.5))
     width = 0.8 / len(variants)
     for i, v in enumerate(variants):
-        vals = [next((r["speedup_vs_eager"] for r in rows if r["label"] == lab and r["variant"] == v), 0) for lab in labels]
+        vals = [
+            next((r["speedup_vs_eager"] for r in rows if r["label"] == lab and r["variant"] == v), 0) for lab in labels
+        ]
         ax.bar([j + i * width for j in range(len(labels))], vals, width, label=v)
     ax.set_xticks([j + width * (len(variants) - 1) / 2 for j in range(len(labels))])
     ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
@@ -263,8 +287,11 @@ def plot(rows, path, title):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="t,s,b", help="comma list of t,s,b")
-    p.add_argument("--batch", default=None,
-                   help="comma list of batch sizes (e.g. 16,1: throughput and latency); default 128 on GPU, 16 on CPU")
+    p.add_argument(
+        "--batch",
+        default=None,
+        help="comma list of batch sizes (e.g. 16,1: throughput and latency); default 128 on GPU, 16 on CPU",
+    )
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--modes", default="infer,train")
     p.add_argument("--precisions", default=None, help="fp32,amp (default: fp32+amp on GPU, fp32 on CPU)")
@@ -302,22 +329,52 @@ def main(argv=None):
                     label = f"{arch.upper()} {mode} {prec} b{batch} {args.size}px"
                     x = torch.randn(batch, 3, args.size, args.size, device=device)
                     onnx_input = x if with_onnx and mode == "infer" and prec == "fp32" else None
-                    variants = make_variants(lambda: transxnet.TransXNet(arch), mode == "train",
-                                             amp_dtype if prec == "amp" else None, device, not args.no_compile,
-                                             onnx_input)
+                    variants = make_variants(
+                        lambda: transxnet.TransXNet(arch),
+                        mode == "train",
+                        amp_dtype if prec == "amp" else None,
+                        device,
+                        not args.no_compile,
+                        onnx_input,
+                    )
                     # small batches: more rounds for a stable latency distribution
                     case_rounds = min(50, rounds * max(1, max(batches) // batch))
-                    rows += bench_case({"label": label, "model": arch, "mode": mode, "precision": prec,
-                                        "batch": batch, "size": args.size}, variants, x, case_rounds, args.warmup)
+                    rows += bench_case(
+                        {
+                            "label": label,
+                            "model": arch,
+                            "mode": mode,
+                            "precision": prec,
+                            "batch": batch,
+                            "size": args.size,
+                        },
+                        variants,
+                        x,
+                        case_rounds,
+                        args.warmup,
+                    )
                     del variants
     if not args.no_detection:
         det_batch, det_size = 2, (800, 1216)
         label = f"T fork_feat fwd+bwd b{det_batch} {det_size[0]}x{det_size[1]}"
         x = torch.randn(det_batch, 3, *det_size, device=device)
-        variants = make_variants(lambda: transxnet.TransXNet("t", fork_feat=True), True, None, device,
-                                 not args.no_compile and on_gpu)
-        rows += bench_case({"label": label, "model": "t_fork_feat", "mode": "train", "precision": "fp32",
-                            "batch": det_batch, "size": list(det_size)}, variants, x, max(3, rounds // 2), 1)
+        variants = make_variants(
+            lambda: transxnet.TransXNet("t", fork_feat=True), True, None, device, not args.no_compile and on_gpu
+        )
+        rows += bench_case(
+            {
+                "label": label,
+                "model": "t_fork_feat",
+                "mode": "train",
+                "precision": "fp32",
+                "batch": det_batch,
+                "size": list(det_size),
+            },
+            variants,
+            x,
+            max(3, rounds // 2),
+            1,
+        )
 
     print_table(rows)
     os.makedirs(args.out, exist_ok=True)
@@ -325,8 +382,11 @@ def main(argv=None):
     tag = f"model_{device.type}_{stamp}"
     with open(os.path.join(args.out, f"{tag}.json"), "w") as f:
         json.dump({"environment": env, "command": " ".join(sys.argv), "rows": rows}, f, indent=1)
-    chart = plot(rows, os.path.join(args.out, f"{tag}.png"),
-                 f"TransXNet on {env['device']} (torch {env['torch']}, commit {env['commit']}, {env['date']})")
+    chart = plot(
+        rows,
+        os.path.join(args.out, f"{tag}.png"),
+        f"TransXNet on {env['device']} (torch {env['torch']}, commit {env['commit']}, {env['date']})",
+    )
     log(f"wrote {os.path.join(args.out, tag)}.json" + (f" and {chart}" if chart else ""))
     return rows
 

@@ -5,6 +5,7 @@ Switching swaps each released module's class for its accelerated subclass in pla
 state dict (keys, order, values) are untouched, and `revert(accelerated(m))` has the original module types.
 Subclasses of the released modules (timm's `TimmTransXNet`, a user's) get an accelerated subclass of their own.
 """
+
 from __future__ import annotations
 
 from typing import Dict, Optional, Union
@@ -55,8 +56,10 @@ def accelerated(model_or_name: Union[nn.Module, str], **kwargs) -> nn.Module:
             raise TypeError(f"constructor kwargs {sorted(kwargs)} only apply when a model name is given")
         model = model_or_name
     else:
-        raise TypeError("accelerated() takes a TransXNet (or a module holding one) or a model name, "
-                        f"got {type(model_or_name).__name__}")
+        raise TypeError(
+            "accelerated() takes a TransXNet (or a module holding one) or a model name, "
+            f"got {type(model_or_name).__name__}"
+        )
     for module in model.modules():
         target = _accelerated_class(type(module))
         if target is not None:

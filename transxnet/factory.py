@@ -1,4 +1,5 @@
 """Model constructors: transxnet_t / transxnet_s / transxnet_b, and timm registration."""
+
 from __future__ import annotations
 
 import importlib

@@ -13,6 +13,7 @@ Imported by `transxnet.register_timm_models()` only when timm is installed (it i
   model / state_dict_ema, with or without DDP's `module.` prefix) and adapts it to the model as
   `transxnet.load_checkpoint` does, so `pretrained_cfg_overlay=dict(file=path)` loads a local copy.
 """
+
 from __future__ import annotations
 
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -33,8 +34,10 @@ class TimmTransXNet(TransXNet):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         dims = self.arch["embed_dims"]
-        self.feature_info = [dict(num_chs=dims[i], reduction=STEM_STRIDE * 2 ** i, module=f"network.{idx}")
-                             for i, idx in enumerate(self.stage_indices)]
+        self.feature_info = [
+            dict(num_chs=dims[i], reduction=STEM_STRIDE * 2**i, module=f"network.{idx}")
+            for i, idx in enumerate(self.stage_indices)
+        ]
 
     def get_classifier(self) -> nn.Module:
         return self.classifier[2]
@@ -59,13 +62,13 @@ class TimmTransXNet(TransXNet):
         return x
 
     def forward_intermediates(
-            self,
-            x: torch.Tensor,
-            indices: Optional[Union[int, Sequence[int]]] = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = "NCHW",
-            intermediates_only: bool = False,
+        self,
+        x: torch.Tensor,
+        indices: Optional[Union[int, Sequence[int]]] = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
     ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
         """The stage feature maps selected by `indices` (timm's convention: None all, an int the last n,
         a sequence those stages), and unless `intermediates_only` the final map (forward_features' output).
@@ -86,19 +89,19 @@ class TimmTransXNet(TransXNet):
         return x, intermediates
 
     def prune_intermediate_layers(
-            self,
-            indices: Union[int, Sequence[int]] = 1,
-            prune_norm: bool = False,
-            prune_head: bool = True,
+        self,
+        indices: Union[int, Sequence[int]] = 1,
+        prune_norm: bool = False,
+        prune_head: bool = True,
     ) -> List[int]:
         """Drop the stages after the last one `indices` selects, and the head (and the final norm) where
         asked or where stages were dropped; returns the absolute stage indices kept."""
         take_indices, max_index = feature_take_indices(len(self.stage_indices), indices)
         prune_end = max_index < len(self.stage_indices) - 1
-        self.network = self.network[:self.stage_indices[max_index] + 1]
-        self.relative_pos_enc = self.relative_pos_enc[:max_index + 1]
-        self.stage_indices = self.stage_indices[:max_index + 1]
-        self.feature_info = self.feature_info[:max_index + 1]
+        self.network = self.network[: self.stage_indices[max_index] + 1]
+        self.relative_pos_enc = self.relative_pos_enc[: max_index + 1]
+        self.stage_indices = self.stage_indices[: max_index + 1]
+        self.feature_info = self.feature_info[: max_index + 1]
         if self.fork_feat:
             for idx in range(self.stage_indices[-1] + 1, len(self.arch["layers"]) * 2):
                 if hasattr(self, f"norm{idx}"):
@@ -142,10 +145,14 @@ default_cfgs = generate_default_cfgs({f"transxnet_{arch}.in1k": _cfg(arch) for a
 
 def _create(arch: str, pretrained: bool, **kwargs) -> TimmTransXNet:
     return build_model_with_cfg(
-        TimmTransXNet, f"transxnet_{arch}", pretrained, arch=arch,
+        TimmTransXNet,
+        f"transxnet_{arch}",
+        pretrained,
+        arch=arch,
         pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls="getter"),
-        **kwargs)
+        **kwargs,
+    )
 
 
 @register_model

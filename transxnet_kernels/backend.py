@@ -17,6 +17,7 @@ raises ``BackendUnavailableError`` saying why; it never falls back. While a grap
 Under ``torch.compile`` the choice is made once, when the call is traced (``select`` is a constant to
 dynamo); changing the backend afterwards needs ``torch._dynamo.reset()``.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -99,10 +100,10 @@ def exporting() -> bool:
     return torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export()
 
 
-OPS: Dict[str, "Op"] = {}  # filled by transxnet_kernels.ops
+OPS: Dict[str, Op] = {}  # filled by transxnet_kernels.ops
 
 
-def _resolve(op: "Op", info: CallInfo) -> Tuple[Optional[str], str]:
+def _resolve(op: Op, info: CallInfo) -> Tuple[Optional[str], str]:
     """(backend that runs the call, '') or (None, why the forced backend cannot)."""
     requested = requested_backend()
     if requested != "auto":
@@ -117,8 +118,9 @@ def _resolve(op: "Op", info: CallInfo) -> Tuple[Optional[str], str]:
 
 
 @torch.compiler.assume_constant_result
-def select(op_name: str, device: torch.device, dtype: torch.dtype, needs_grad: bool, training: bool,
-           head_dim: int) -> str:
+def select(
+    op_name: str, device: torch.device, dtype: torch.dtype, needs_grad: bool, training: bool, head_dim: int
+) -> str:
     """The backend that runs a call of `op_name` (raises BackendUnavailableError for a forced one that cannot)."""
     if exporting():
         return "reference"
@@ -127,7 +129,8 @@ def select(op_name: str, device: torch.device, dtype: torch.dtype, needs_grad: b
     if backend is None:
         raise BackendUnavailableError(
             f"backend {requested_backend()!r} cannot run {op_name} on {device} {dtype}"
-            f"{' with gradients' if needs_grad else ''}{' in training mode' if training else ''}: {reason}")
+            f"{' with gradients' if needs_grad else ''}{' in training mode' if training else ''}: {reason}"
+        )
     return backend
 
 

@@ -4,6 +4,7 @@ These are the test oracle and the fallback of every fused backend. They import
 nothing but torch, compute exactly what the authors' released model computes,
 and get their gradients from PyTorch autograd.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -55,12 +56,12 @@ def _per_sample_dwconv_by_patches(x: torch.Tensor, kernel: torch.Tensor, bias: O
     patches = F.conv2d(x, one_hot, padding=K // 2, groups=C).reshape(B, C, K * K, H, W)
     out = (patches * kernel.reshape(B, C, K * K, 1, 1)).sum(dim=2)
     return out if bias is None else out + bias.reshape(B, C, 1, 1)
+
+
 # --- issue 14 (export): end
 
 
-def multiscale_dwconv(
-    x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor]
-) -> torch.Tensor:
+def multiscale_dwconv(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor]) -> torch.Tensor:
     """Concatenation of per-group depthwise convs (group i: c_i channels, kernel k_i, padding k_i//2)."""
     widths = [w.shape[0] for w in weights]
     parts = torch.split(x, widths, dim=1)
@@ -108,6 +109,7 @@ def ms_ffn_middle_eval(
     y = GELU(x) * input_scale + input_shift          (fc1's GELU and BatchNorm)
     out = GELU(multiscale_dwconv(y) + y) * output_scale + output_shift   (the middle and its BatchNorm)
     """
+
     def per_channel(t):
         return t.view(1, -1, 1, 1)
 
