@@ -23,6 +23,7 @@ Run: PYTHONPATH=. python -m pytest benchmarks/bench_cpu_ops.py -q [--benchmark-j
 The torch.compile cases compile once per shape (excluded from the timing; the
 compile time is recorded as compile_s).
 """
+
 from __future__ import annotations
 
 import time
@@ -32,9 +33,8 @@ import pytest
 import torch
 
 import transxnet_kernels as tk
-from transxnet_kernels import reference
-
 from benchmarks.common import run_case
+from transxnet_kernels import reference
 
 THREADS = 2
 BATCH = 16
@@ -45,8 +45,8 @@ IMPLS = ["reference", "cpp", "compiled_reference"]
 CPU = torch.device("cpu")
 
 requires_cpp = pytest.mark.skipif(
-    not tk.available_backends()["cpp"].startswith("available"),
-    reason=f"cpp backend: {tk.available_backends()['cpp']}")
+    not tk.available_backends()["cpp"].startswith("available"), reason=f"cpp backend: {tk.available_backends()['cpp']}"
+)
 
 
 def make_case(op: str, C: int, HW: int, heads: int, layout: str = "nchw") -> Tuple[tuple, int, int]:
@@ -122,8 +122,20 @@ def test_cpu_op(benchmark, op, stage, layout, impl):
         t0 = time.perf_counter()
         fn(*args)  # compiles the torch.compile case
         first_call_s = time.perf_counter() - t0
-        record = run_case(benchmark, lambda: fn(*args), CPU, min_bytes, op=op, impl=impl, layout=layout,
-                          stage_channels=C, pixels=HW, batch=BATCH, threads=THREADS, flops=flops,
-                          compile_s=first_call_s if impl == "compiled_reference" else 0.0)
+        record = run_case(
+            benchmark,
+            lambda: fn(*args),
+            CPU,
+            min_bytes,
+            op=op,
+            impl=impl,
+            layout=layout,
+            stage_channels=C,
+            pixels=HW,
+            batch=BATCH,
+            threads=THREADS,
+            flops=flops,
+            compile_s=first_call_s if impl == "compiled_reference" else 0.0,
+        )
     record["gflops"] = flops / (record["median_ms"] * 1e-3) / 1e9
     benchmark.extra_info["gflops"] = record["gflops"]

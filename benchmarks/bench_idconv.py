@@ -16,6 +16,7 @@ device's copy bandwidth (``copy_gbps`` in extra_info, measured in the same run; 
 Run: PYTHONPATH=. python -m pytest benchmarks/bench_idconv.py --benchmark-json=idconv.json
 Every case skips on CPU: the Triton interpreter is a test vehicle, not a performance target.
 """
+
 from __future__ import annotations
 
 import functools
@@ -34,9 +35,18 @@ DTYPE = torch.float32
 
 # (model, stage): (IDConv channels c = C/2, spatial side, groups G)
 STAGES = {
-    ("T", 1): (24, 56, 2), ("T", 2): (48, 28, 2), ("T", 3): (112, 14, 2), ("T", 4): (224, 7, 2),
-    ("S", 1): (32, 56, 2), ("S", 2): (64, 28, 2), ("S", 3): (160, 14, 3), ("S", 4): (256, 7, 4),
-    ("B", 1): (38, 56, 2), ("B", 2): (76, 28, 2), ("B", 3): (168, 14, 4), ("B", 4): (336, 7, 4),
+    ("T", 1): (24, 56, 2),
+    ("T", 2): (48, 28, 2),
+    ("T", 3): (112, 14, 2),
+    ("T", 4): (224, 7, 2),
+    ("S", 1): (32, 56, 2),
+    ("S", 2): (64, 28, 2),
+    ("S", 3): (160, 14, 3),
+    ("S", 4): (256, 7, 4),
+    ("B", 1): (38, 56, 2),
+    ("B", 2): (76, 28, 2),
+    ("B", 3): (168, 14, 4),
+    ("B", 4): (336, 7, 4),
 }
 
 IMPLS = {
@@ -60,7 +70,7 @@ def min_bytes_and_flops(c: int, side: int, G: int, backward: bool):
     return (2 * n + small) * e, 2 * K * K * n
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def copy_gbps() -> float:
     """The device's copy bandwidth (read + write bytes per second) of a 1 GiB tensor, in GB/s."""
     src = torch.empty(2**28, dtype=torch.float32, device=DEVICE)
@@ -81,8 +91,7 @@ def test_idconv(benchmark, stage, mode, impl):
     def randn(*shape):
         return torch.randn(*shape, device=DEVICE, dtype=DTYPE, generator=gen).requires_grad_(backward)
 
-    inputs = (randn(BATCH, c, side, side), randn(BATCH, G, c, K, K), randn(G, c, K, K),
-              randn(BATCH, G, c), randn(G, c))
+    inputs = (randn(BATCH, c, side, side), randn(BATCH, G, c, K, K), randn(G, c, K, K), randn(BATCH, G, c), randn(G, c))
     fn = IMPLS[impl]()
     if backward:
         grad_out = torch.randn(BATCH, c, side, side, device=DEVICE, dtype=DTYPE, generator=gen)
@@ -90,14 +99,30 @@ def test_idconv(benchmark, stage, mode, impl):
         def step():
             return torch.autograd.grad(fn(*inputs), inputs, grad_out)
     else:
+
         def step():
             with torch.no_grad():
                 return fn(*inputs)
 
     step()  # compile / autotune outside the timing
     min_bytes, flops = min_bytes_and_flops(c, side, G, backward)
-    record = run_case(benchmark, step, DEVICE, min_bytes, impl=impl, mode=mode, model=stage[0], stage=stage[1],
-                      channels=c, side=side, groups=G, kernel=K, batch=BATCH, dtype=str(DTYPE),
-                      flops=flops, copy_gbps=copy_gbps())
+    record = run_case(
+        benchmark,
+        step,
+        DEVICE,
+        min_bytes,
+        impl=impl,
+        mode=mode,
+        model=stage[0],
+        stage=stage[1],
+        channels=c,
+        side=side,
+        groups=G,
+        kernel=K,
+        batch=BATCH,
+        dtype=str(DTYPE),
+        flops=flops,
+        copy_gbps=copy_gbps(),
+    )
     benchmark.extra_info["fraction_of_copy_bw"] = record["achieved_gbps"] / record["copy_gbps"]
     benchmark.extra_info["tflops"] = flops / (record["median_ms"] * 1e-3) / 1e12

@@ -15,18 +15,19 @@ HBM bandwidth (H100 SXM ~3.35 TB/s, H200 ~4.8 TB/s); `achieved_gbps` in extra_in
 FLOPs (extra_info `flops`): 2 * N * mean(k^2) per conv pass, ~3x that for forward+backward.
 Issue targets on GPU: middle-fwdbwd-train Triton >= 3x eager; middle-fwd-eval >= 50% of copy bandwidth.
 """
+
 import os
 
 import pytest
 import torch
 
 import transxnet_kernels as tk
-from transxnet_kernels import reference
-
 from benchmarks.common import run_case
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
-                                reason="GPU benchmark: needs CUDA (the Triton interpreter on CPU says nothing about speed)")
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="GPU benchmark: needs CUDA (the Triton interpreter on CPU says nothing about speed)",
+)
 
 BATCH = 128
 SPATIAL = (56, 28, 14, 7)
@@ -36,8 +37,11 @@ MODELS = {  # name: (channels per stage, MLP ratio per stage)
     "B": ((76, 152, 336, 672), (8, 8, 4, 4)),
 }
 KERNELS = (1, 3, 5, 7)
-SHAPES = [(f"{m}-stage{stage + 1}", int(c * r), s)
-          for m, (cs, rs) in MODELS.items() for stage, (c, r, s) in enumerate(zip(cs, rs, SPATIAL))]
+SHAPES = [
+    (f"{m}-stage{stage + 1}", int(c * r), s)
+    for m, (cs, rs) in MODELS.items()
+    for stage, (c, r, s) in enumerate(zip(cs, rs, SPATIAL))
+]
 CASES = ["middle-fwd-eval", "middle-fwd-train", "middle-fwdbwd-train", "multiscale-fwd", "multiscale-fwdbwd"]
 IMPLS = ["eager", "compiled", "triton"]
 DTYPE = getattr(torch, os.environ.get("TRANSXNET_BENCH_DTYPE", "bfloat16"))
@@ -61,8 +65,10 @@ def test_ms_ffn(benchmark, name, ch, size, case, impl):
     widths = _group_widths(ch)
     backward = "fwdbwd" in case
     x = torch.randn(BATCH, ch, size, size, device=device, dtype=DTYPE, requires_grad=backward)
-    weights = [(0.2 * torch.randn(c, 1, k, k, device=device, dtype=DTYPE)).requires_grad_(backward)
-               for c, k in zip(widths, KERNELS)]
+    weights = [
+        (0.2 * torch.randn(c, 1, k, k, device=device, dtype=DTYPE)).requires_grad_(backward)
+        for c, k in zip(widths, KERNELS)
+    ]
     biases = [(0.1 * torch.randn(c, device=device, dtype=DTYPE)).requires_grad_(backward) for c in widths]
     norm_weight = torch.ones(ch, device=device, dtype=DTYPE, requires_grad=backward)
     norm_bias = torch.zeros(ch, device=device, dtype=DTYPE, requires_grad=backward)
@@ -71,12 +77,16 @@ def test_ms_ffn(benchmark, name, ch, size, case, impl):
     training = "train" in case
 
     if case.startswith("middle"):
+
         def op(x, weights, biases):
             return tk.ms_ffn_middle(x, weights, biases, norm_weight, norm_bias, running_mean, running_var, training)
+
         params = [x, *weights, *biases, norm_weight, norm_bias]
     else:
+
         def op(x, weights, biases):
             return tk.multiscale_dwconv(x, weights, biases)
+
         params = [x, *weights, *biases]
 
     backend_name = "triton" if impl == "triton" else "reference"
@@ -94,5 +104,15 @@ def test_ms_ffn(benchmark, name, ch, size, case, impl):
     e = x.element_size()
     flops = 2 * N * _mean_k2(widths) * (3 if backward else 1)
     min_bytes = (5 if backward else 2) * N * e
-    run_case(benchmark, step, device, min_bytes, flops=flops, shape=f"{BATCH}x{ch}x{size}x{size}",
-             dtype=str(DTYPE), impl=impl, case=case, model_stage=name)
+    run_case(
+        benchmark,
+        step,
+        device,
+        min_bytes,
+        flops=flops,
+        shape=f"{BATCH}x{ch}x{size}x{size}",
+        dtype=str(DTYPE),
+        impl=impl,
+        case=case,
+        model_stage=name,
+    )

@@ -14,6 +14,7 @@ The GPU target (issue 5): Triton faster than every baseline on fwd+bwd, peak mem
 Run on a GPU: PYTHONPATH=. python -m pytest benchmarks/bench_osra.py --benchmark-only
 (-k "T-s1 and bfloat16" to narrow). CPU runs collect and skip.
 """
+
 from __future__ import annotations
 
 import functools
@@ -24,8 +25,8 @@ import torch
 import torch.nn.functional as F
 
 import transxnet_kernels
-from transxnet_kernels import reference
 from benchmarks.common import run_case
+from transxnet_kernels import reference
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -46,10 +47,7 @@ def _stage_shapes(variant, height, width, batch):
         yield f"{variant}-stage{stage + 1}-{height}x{width}-b{batch}", (batch, h, N, M, C // 2 // h)
 
 
-SHAPES = dict(
-    [s for v in VARIANTS for s in _stage_shapes(v, 224, 224, 128)]
-    + list(_stage_shapes("T", 800, 1216, 2))
-)
+SHAPES = dict([s for v in VARIANTS for s in _stage_shapes(v, 224, 224, 128)] + list(_stage_shapes("T", 800, 1216, 2)))
 
 
 def _min_bytes_and_flops(B, h, N, M, d, elem, with_backward):
@@ -64,7 +62,7 @@ def _sdpa(q, k, v, bias):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.expand(q.shape[0], -1, -1, -1))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _flex_attention_with_bias():
     """FlexAttention with the bias as a score_mod, or None where this torch lacks it."""
     try:
@@ -93,8 +91,12 @@ IMPLS = ("eager", "compiled", "sdpa", "flex", "triton")
 def _implementation(name):
     if name == "flex":
         return _flex_attention_with_bias()
-    return {"eager": reference.osra_attention, "compiled": torch.compile(reference.osra_attention),
-            "sdpa": _sdpa, "triton": _triton}[name]
+    return {
+        "eager": reference.osra_attention,
+        "compiled": torch.compile(reference.osra_attention),
+        "sdpa": _sdpa,
+        "triton": _triton,
+    }[name]
 
 
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="GPU benchmark: the Triton interpreter on CPU is not a timing target")
@@ -131,6 +133,20 @@ def test_osra_attention(benchmark, shape_name, dtype, passes, impl):
             raise
         pytest.skip(f"{impl} cannot run this case: {type(exc).__name__}: {exc}"[:300])
     min_bytes, flops = _min_bytes_and_flops(B, h, N, M, d, q.element_size(), with_backward)
-    record = run_case(benchmark, step, DEVICE, min_bytes, impl=impl, passes=passes, shape=shape_name,
-                      B=B, heads=h, N=N, M=M, head_dim=d, dtype=str(dtype), flops=flops)
+    record = run_case(
+        benchmark,
+        step,
+        DEVICE,
+        min_bytes,
+        impl=impl,
+        passes=passes,
+        shape=shape_name,
+        B=B,
+        heads=h,
+        N=N,
+        M=M,
+        head_dim=d,
+        dtype=str(dtype),
+        flops=flops,
+    )
     benchmark.extra_info["achieved_tflops"] = flops / (record["median_ms"] * 1e-3) / 1e12

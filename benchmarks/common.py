@@ -5,6 +5,7 @@ CPU timings are medians of wall-clock repeats. Peak memory is measured around on
 call, above what was allocated before it. With TRANSXNET_BENCH_JSONL=path every case's
 record is also appended to that file as soon as it is measured (a run cut short keeps them).
 """
+
 from __future__ import annotations
 
 import json

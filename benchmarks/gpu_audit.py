@@ -42,6 +42,7 @@ Pipeline
 
 Output: `benchmarks/results/gpu_audit_<triton>.json` and `.md`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -71,13 +72,13 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 if os.environ.get("TRITON_INTERPRET", "0") == "1":
     raise SystemExit("gpu_audit needs compiled Triton kernels: unset TRITON_INTERPRET")
 
-import torch  # noqa: E402
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource, make_backend  # noqa: E402
-from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, make_backend
+from triton.runtime.jit import JITFunction, create_function_from_signature
 
-from benchmarks.gpu_audit_trips import LOOP_TRIPS  # noqa: E402
+from benchmarks.gpu_audit_trips import LOOP_TRIPS
 
 RESULTS = Path(__file__).resolve().parent / "results"
 OPS = ("idconv", "multiscale_dwconv", "ms_ffn_middle", "osra_attention")
@@ -165,11 +166,12 @@ class TensorSpec:
     requires_grad: bool
 
     @staticmethod
-    def of(t: torch.Tensor) -> "TensorSpec":
-        return TensorSpec(tuple(t.shape), tuple(t.stride()), t.storage_offset(), str(t.dtype).removeprefix("torch."),
-                          t.requires_grad)
+    def of(t: torch.Tensor) -> TensorSpec:
+        return TensorSpec(
+            tuple(t.shape), tuple(t.stride()), t.storage_offset(), str(t.dtype).removeprefix("torch."), t.requires_grad
+        )
 
-    def with_dtype(self, dtype: str) -> "TensorSpec":
+    def with_dtype(self, dtype: str) -> TensorSpec:
         floating = getattr(torch, self.dtype).is_floating_point
         return dataclasses.replace(self, dtype=dtype) if floating else self
 
@@ -188,11 +190,12 @@ class OpCall:
     op: str
     args: Tuple[Any, ...]
 
-    def with_dtype(self, dtype: str) -> "OpCall":
+    def with_dtype(self, dtype: str) -> OpCall:
         def cast(a):
             if isinstance(a, TensorSpec):
                 return a.with_dtype(dtype)
             return tuple(cast(x) for x in a) if isinstance(a, tuple) else a
+
         return OpCall(self.op, tuple(cast(a) for a in self.args))
 
     def tensors(self) -> List[TensorSpec]:
@@ -241,6 +244,7 @@ def capture_model_calls(size: str) -> Dict[OpCall, str]:
             call = OpCall(op, tuple(_spec(v) for v in bound.arguments.values()))
             calls.setdefault(call, config[0])
             return originals[op](*args, **kwargs)
+
         return record
 
     real_batch_norm = F.batch_norm
@@ -259,8 +263,10 @@ def capture_model_calls(size: str) -> Dict[OpCall, str]:
                         x = torch.empty(batch, 3, height, width, device="meta")
                         if layout == "channels_last":
                             x = x.contiguous(memory_format=torch.channels_last)
-                        config[0] = (f"{size} {'accelerated' if fused else 'plain'} "
-                                     f"{'train' if training else 'eval'} {batch}x{height}x{width} {layout}")
+                        config[0] = (
+                            f"{size} {'accelerated' if fused else 'plain'} "
+                            f"{'train' if training else 'eval'} {batch}x{height}x{width} {layout}"
+                        )
                         with torch.set_grad_enabled(training):
                             model(x)
     finally:
@@ -313,11 +319,22 @@ def capture_calls(jobs: int, use_cache: bool, log=print) -> Dict[OpCall, str]:
             for calls in pool.map(capture_model_calls, MODEL_SIZES):
                 for call, config in calls.items():
                     fp32.setdefault(call, config)
-        path.write_text(json.dumps({"key": key, "calls": [{"op": c.op, "config": cfg, "args": _encode(c.args)}
-                                                          for c, cfg in fp32.items()]}, indent=None) + "\n")
+        path.write_text(
+            json.dumps(
+                {
+                    "key": key,
+                    "calls": [{"op": c.op, "config": cfg, "args": _encode(c.args)} for c, cfg in fp32.items()],
+                },
+                indent=None,
+            )
+            + "\n"
+        )
     fp32.update(head_dim_limit_calls())
-    return {call.with_dtype(dtype): cfg.replace(" ", f" {short} ", 1)
-            for dtype, short in DTYPES.items() for call, cfg in fp32.items()}
+    return {
+        call.with_dtype(dtype): cfg.replace(" ", f" {short} ", 1)
+        for dtype, short in DTYPES.items()
+        for call, cfg in fp32.items()
+    }
 
 
 def head_dim_limit_calls() -> Dict[OpCall, str]:
@@ -329,8 +346,10 @@ def head_dim_limit_calls() -> Dict[OpCall, str]:
     calls = {}
     B, h, M, d = 128, 2, 49, MAX_HEAD_DIM
     for N in (3136, 196):
+
         def transposed(L):
             return TensorSpec((B, h, L, d), (h * d * L, d * L, 1, L), 0, "float32", True)
+
         bias = TensorSpec((1, h, N, M), (h * N * M, N * M, M, 1), 0, "float32", True)
         call = OpCall("osra_attention", (transposed(N), transposed(M), transposed(M), bias, None))
         calls[call] = f"t osra-head-dim-{d} train {B}x{N}"
@@ -340,6 +359,7 @@ def head_dim_limit_calls() -> Dict[OpCall, str]:
 # ===================================================================================================
 # 2. Record the Triton launches of a call
 # ===================================================================================================
+
 
 @dataclasses.dataclass
 class Launch:
@@ -384,15 +404,42 @@ def recording_launches(gpu: Gpu, sink: List[Launch], phase: List[str]) -> Iterat
         options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
         grid = grid(bound) if callable(grid) else grid
         grid = tuple(grid) + (1,) * (3 - len(grid))
-        key = json.dumps([ASTSource(fn, signature, constexprs, attrs).hash(), _options_key(options),
-                          gpu.target, triton.__version__, RESULT_FORMAT])
-        summary = {"signature": signature,
-                   "constexprs": dict(sorted((fn.arg_names[k[0]], _describe(v)) for k, v in constexprs.items())),
-                   "num_warps": options.num_warps, "num_stages": options.num_stages}
-        spec = dict(fn=f"{fn.__module__}:{fn.__name__}", signature=signature, constexprs=constexprs, attrs=attrs,
-                    options=options.__dict__, cc=gpu.cc, summary=summary)
-        sink.append(Launch(fn.__name__, phase[0], grid, options.num_warps, hashlib.sha256(key.encode()).hexdigest(),
-                           spec, LOOP_TRIPS[fn.__name__](bound, grid), _launch_bytes(bound)))
+        key = json.dumps(
+            [
+                ASTSource(fn, signature, constexprs, attrs).hash(),
+                _options_key(options),
+                gpu.target,
+                triton.__version__,
+                RESULT_FORMAT,
+            ]
+        )
+        summary = {
+            "signature": signature,
+            "constexprs": dict(sorted((fn.arg_names[k[0]], _describe(v)) for k, v in constexprs.items())),
+            "num_warps": options.num_warps,
+            "num_stages": options.num_stages,
+        }
+        spec = dict(
+            fn=f"{fn.__module__}:{fn.__name__}",
+            signature=signature,
+            constexprs=constexprs,
+            attrs=attrs,
+            options=options.__dict__,
+            cc=gpu.cc,
+            summary=summary,
+        )
+        sink.append(
+            Launch(
+                fn.__name__,
+                phase[0],
+                grid,
+                options.num_warps,
+                hashlib.sha256(key.encode()).hexdigest(),
+                spec,
+                LOOP_TRIPS[fn.__name__](bound, grid),
+                _launch_bytes(bound),
+            )
+        )
 
     JITFunction.run = record
     try:
@@ -416,8 +463,9 @@ def record_call(call: OpCall, gpu: Gpu) -> List[Launch]:
         return [build(x) for x in a] if isinstance(a, tuple) else a
 
     args = [build(a) for a in call.args]
-    inputs = [t for a in args for t in (a if isinstance(a, list) else [a])
-              if isinstance(t, torch.Tensor) and t.requires_grad]
+    inputs = [
+        t for a in args for t in (a if isinstance(a, list) else [a]) if isinstance(t, torch.Tensor) and t.requires_grad
+    ]
     with plan_for_gpu(gpu.sms), recording_launches(gpu, launches, phase), torch.set_grad_enabled(bool(inputs)):
         out = triton_op(call.op)(*args)
         if inputs:
@@ -429,6 +477,7 @@ def record_call(call: OpCall, gpu: Gpu) -> List[Launch]:
 # ===================================================================================================
 # 3. Compile and analyse a specialisation
 # ===================================================================================================
+
 
 def compile_spec(spec: Dict[str, Any]) -> Dict[str, Any]:
     """Compile one specialisation for its target: resources and the SASS loop analysis, or the error."""
@@ -446,35 +495,53 @@ def compile_spec(spec: Dict[str, Any]) -> Dict[str, Any]:
             kernel = triton.compile(src, target=target, options=spec["options"])
     except Exception as exc:  # a compile failure is a result, reported per launch
         message = str(exc).strip().splitlines()
-        return {"ok": False, "error": f"{type(exc).__name__}: {message[0] if message else ''}"[:500],
-                "compile_s": time.perf_counter() - started}
+        return {
+            "ok": False,
+            "error": f"{type(exc).__name__}: {message[0] if message else ''}"[:500],
+            "compile_s": time.perf_counter() - started,
+        }
     finally:
         knobs.nvidia.dump_ptxas_log = False
     ptxas = _parse_ptxas_log(log.getvalue())
     sass = _disassemble(kernel.asm["cubin"])
-    return {"ok": True, "registers": ptxas["registers"], "spill_store_bytes": ptxas["spill_stores"],
-            "spill_load_bytes": ptxas["spill_loads"], "stack_bytes": ptxas["stack"],
-            "smem_bytes": int(kernel.metadata.shared) + ptxas["static_smem"],
-            "sass": analyse_sass(sass, _source_loops(fn)), "compile_s": time.perf_counter() - started}
+    return {
+        "ok": True,
+        "registers": ptxas["registers"],
+        "spill_store_bytes": ptxas["spill_stores"],
+        "spill_load_bytes": ptxas["spill_loads"],
+        "stack_bytes": ptxas["stack"],
+        "smem_bytes": int(kernel.metadata.shared) + ptxas["static_smem"],
+        "sass": analyse_sass(sass, _source_loops(fn)),
+        "compile_s": time.perf_counter() - started,
+    }
 
 
 def _parse_ptxas_log(log: str) -> Dict[str, int]:
     def grab(pattern):
         m = re.search(pattern, log)
         return int(m.group(1)) if m else 0
+
     if "Used" not in log:
         raise RuntimeError(f"no resource line in the ptxas log:\n{log}")
-    return {"registers": grab(r"Used (\d+) registers"), "spill_stores": grab(r"(\d+) bytes spill stores"),
-            "spill_loads": grab(r"(\d+) bytes spill loads"), "stack": grab(r"(\d+) bytes stack frame"),
-            "static_smem": grab(r"(\d+) bytes smem")}
+    return {
+        "registers": grab(r"Used (\d+) registers"),
+        "spill_stores": grab(r"(\d+) bytes spill stores"),
+        "spill_loads": grab(r"(\d+) bytes spill loads"),
+        "stack": grab(r"(\d+) bytes stack frame"),
+        "static_smem": grab(r"(\d+) bytes smem"),
+    }
 
 
 def _disassemble(cubin: bytes) -> str:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        return subprocess.run([str(TRITON_BIN / "nvdisasm"), "-c", "--print-line-info", f.name],
-                              check=True, capture_output=True, text=True).stdout
+        return subprocess.run(
+            [str(TRITON_BIN / "nvdisasm"), "-c", "--print-line-info", f.name],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
 
 
 @dataclasses.dataclass(frozen=True)
@@ -507,8 +574,12 @@ def _source_loops(fn: JITFunction) -> List[SourceLoop]:
         lines, first = inspect.getsourcelines(f.fn)
         tree = ast.parse(textwrap.dedent("".join(lines)))
         for node in ast.walk(tree):
-            if (isinstance(node, ast.For) and isinstance(node.iter, ast.Call)
-                    and isinstance(node.iter.func, ast.Name) and node.iter.func.id == "range"):
+            if (
+                isinstance(node, ast.For)
+                and isinstance(node.iter, ast.Call)
+                and isinstance(node.iter.func, ast.Name)
+                and node.iter.func.id == "range"
+            ):
                 target = node.target.id if isinstance(node.target, ast.Name) else ast.unparse(node.target)
                 loops.append(SourceLoop(f"{f.__name__}:{target}", first + node.lineno - 1, first + node.end_lineno - 1))
     return loops
@@ -519,12 +590,72 @@ _LINE_INFO = re.compile(r'//## File "[^"]*", line (\d+)')
 _LABEL = re.compile(r"^(\.L_\w+):")
 _BRANCH_TARGET = re.compile(r"`\((\.L_\w+)\)")
 
-_FP = {"FADD", "FMUL", "FFMA", "FMNMX", "FSEL", "FSETP", "FCHK", "FRND", "FSET", "MUFU", "HADD2", "HMUL2",
-       "HFMA2", "HMNMX2", "HSETP2", "HMMA", "DADD", "DMUL", "DFMA", "DSETP", "DMMA", "F2F", "F2I", "I2F", "F2FP",
-       "FMUL2", "FADD2", "FFMA2", "HGMMA", "FSWZADD", "I2FP"}
-_INT = {"IADD3", "IADD", "IMAD", "IMUL", "ISETP", "LOP3", "LOP", "SHF", "SHL", "SHR", "LEA", "IABS", "IMNMX", "SEL",
-        "PLOP3", "POPC", "FLO", "BMSK", "PRMT", "SGXT", "IDP", "VIADD", "VIMNMX", "IADD32I", "IMAD32I", "LEA32I",
-        "ISCADD", "BREV", "P2R", "R2P", "ICMP"}
+_FP = {
+    "FADD",
+    "FMUL",
+    "FFMA",
+    "FMNMX",
+    "FSEL",
+    "FSETP",
+    "FCHK",
+    "FRND",
+    "FSET",
+    "MUFU",
+    "HADD2",
+    "HMUL2",
+    "HFMA2",
+    "HMNMX2",
+    "HSETP2",
+    "HMMA",
+    "DADD",
+    "DMUL",
+    "DFMA",
+    "DSETP",
+    "DMMA",
+    "F2F",
+    "F2I",
+    "I2F",
+    "F2FP",
+    "FMUL2",
+    "FADD2",
+    "FFMA2",
+    "HGMMA",
+    "FSWZADD",
+    "I2FP",
+}
+_INT = {
+    "IADD3",
+    "IADD",
+    "IMAD",
+    "IMUL",
+    "ISETP",
+    "LOP3",
+    "LOP",
+    "SHF",
+    "SHL",
+    "SHR",
+    "LEA",
+    "IABS",
+    "IMNMX",
+    "SEL",
+    "PLOP3",
+    "POPC",
+    "FLO",
+    "BMSK",
+    "PRMT",
+    "SGXT",
+    "IDP",
+    "VIADD",
+    "VIMNMX",
+    "IADD32I",
+    "IMAD32I",
+    "LEA32I",
+    "ISCADD",
+    "BREV",
+    "P2R",
+    "R2P",
+    "ICMP",
+}
 
 
 def _category(opcode: str) -> str:
@@ -581,8 +712,9 @@ def analyse_sass(sass: str, source_loops: Sequence[SourceLoop]) -> Dict[str, Any
         enclosing = [s for s in source_loops if s.first_line <= branch_line <= s.last_line]
         source = min(enclosing, key=lambda s: s.last_line - s.first_line).name if enclosing else None
         depth = sum(1 for lo2, hi2, _ in loops if lo2 <= lo and hi <= hi2) - 1
-        result.append({"source_loop": source, "branch_line": branch_line, "depth": depth,
-                       "sass_range": [lo, hi], "body": dict(c)})
+        result.append(
+            {"source_loop": source, "branch_line": branch_line, "depth": depth, "sass_range": [lo, hi], "body": dict(c)}
+        )
     result.sort(key=lambda lp: lp["sass_range"][0])
     return {"outside_loops": dict(outside), "loops": result}
 
@@ -590,6 +722,7 @@ def analyse_sass(sass: str, source_loops: Sequence[SourceLoop]) -> Dict[str, Any
 # ===================================================================================================
 # 4. Occupancy and time model
 # ===================================================================================================
+
 
 def occupancy(result: Dict[str, Any], num_warps: int, gpu: Gpu) -> Dict[str, int]:
     """Resident blocks and warps per SM from registers, shared memory, warps and the block limit."""
@@ -613,8 +746,10 @@ def issued_warp_instructions(launch: Launch, sass: Dict[str, Any]) -> int:
     bodies: Dict[str, int] = {}
     for loop in sass["loops"]:
         if loop["source_loop"] not in launch.loop_trips:
-            raise KeyError(f"{launch.kernel}: SASS loop at line {loop['branch_line']} (source loop "
-                           f"{loop['source_loop']}) has no trip count in gpu_audit_trips.LOOP_TRIPS")
+            raise KeyError(
+                f"{launch.kernel}: SASS loop at line {loop['branch_line']} (source loop "
+                f"{loop['source_loop']}) has no trip count in gpu_audit_trips.LOOP_TRIPS"
+            )
         bodies[loop["source_loop"]] = max(bodies.get(loop["source_loop"], 0), loop["body"].get("total", 0))
     per_warp += sum(body * launch.loop_trips[name] for name, body in bodies.items())
     return per_warp * launch.num_warps
@@ -635,8 +770,10 @@ def roofline_bytes(call: OpCall) -> Dict[str, int]:
         B, h, N, d = q.shape
         M = k.shape[2]
         bias_bytes = math.prod(bias.shape) * getattr(torch, bias.dtype).itemsize if bias is not None else 0
-        return {"forward": e * (2 * B * h * N * d + 2 * B * h * M * d) + bias_bytes + 4 * B * h * N,
-                "backward": e * (4 * B * h * N * d + 4 * B * h * M * d) + 2 * bias_bytes + 8 * B * h * N}
+        return {
+            "forward": e * (2 * B * h * N * d + 2 * B * h * M * d) + bias_bytes + 4 * B * h * N,
+            "backward": e * (4 * B * h * N * d + 4 * B * h * M * d) + 2 * bias_bytes + 8 * B * h * N,
+        }
     n = math.prod(first.shape)  # the stencil ops: forward reads x, writes y; backward 3 more passes
     return {"forward": 2 * n * e, "backward": 3 * n * e}
 
@@ -644,6 +781,7 @@ def roofline_bytes(call: OpCall) -> Dict[str, int]:
 # ===================================================================================================
 # 5. Driver: cache, report
 # ===================================================================================================
+
 
 def load_cache(path: Path) -> Dict[str, Any]:
     if path.exists():
@@ -654,8 +792,10 @@ def load_cache(path: Path) -> Dict[str, Any]:
 
 
 def save_cache(path: Path, entries: Dict[str, Any]) -> None:
-    path.write_text(json.dumps({"triton": triton.__version__, "entries": dict(sorted(entries.items()))},
-                               indent=1, sort_keys=True) + "\n")
+    path.write_text(
+        json.dumps({"triton": triton.__version__, "entries": dict(sorted(entries.items()))}, indent=1, sort_keys=True)
+        + "\n"
+    )
 
 
 _CALLS: List[OpCall] = []  # op calls to record, inherited by the forked workers
@@ -663,8 +803,11 @@ _CALLS: List[OpCall] = []  # op calls to record, inherited by the forked workers
 
 def _record_target(target: str) -> List[Tuple[OpCall, List[Launch]]]:
     gpu = GPUS[target]
-    return [(call, record_call(call, gpu)) for call in _CALLS
-            if triton_runs(getattr(torch, call.tensors()[0].dtype), gpu.cc)]
+    return [
+        (call, record_call(call, gpu))
+        for call in _CALLS
+        if triton_runs(getattr(torch, call.tensors()[0].dtype), gpu.cc)
+    ]
 
 
 _PENDING: Dict[str, Dict[str, Any]] = {}  # specs to compile, inherited by the forked workers
@@ -693,7 +836,7 @@ def audit(targets: Sequence[str], jobs: int, use_cache: bool, configs: str = "",
     _PENDING.update(todo)
     with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("fork")) as pool:
         for i, (key, result) in enumerate(zip(todo, pool.map(_compile_worker, todo)), 1):
-            result["summary"] = {k: v for k, v in todo[key]["summary"].items()}
+            result["summary"] = dict(todo[key]["summary"])
             result["kernel"] = todo[key]["fn"].split(":")[1]
             cache[key] = result
             if i % 10 == 0 or i == len(todo):
@@ -703,8 +846,12 @@ def audit(targets: Sequence[str], jobs: int, use_cache: bool, configs: str = "",
     save_cache(cache_path, {k: v for k, v in cache.items() if k in specs or configs})
     report = build_report(calls, launches, cache)
     report["configs"] = configs or "all"
-    report["runtime_s"] = {"total": time.perf_counter() - started, "compile": time.perf_counter() - compile_started,
-                           "compiled": len(todo), "cached": len(specs) - len(todo)}
+    report["runtime_s"] = {
+        "total": time.perf_counter() - started,
+        "compile": time.perf_counter() - compile_started,
+        "compiled": len(todo),
+        "cached": len(specs) - len(todo),
+    }
     return report
 
 
@@ -717,26 +864,46 @@ def build_report(calls: Dict[OpCall, str], launches, cache) -> Dict[str, Any]:
             phases = collections.defaultdict(lambda: {"estimate_s": 0.0, "dram_s": 0.0, "issue_s": 0.0})
             for ln in lns:
                 result = cache[ln.compile_key]
-                entry = kernels.setdefault((ln.kernel, target), {"kernel": ln.kernel, "target": target,
-                                                                 "specialisations": {}, "failures": []})
-                spec_row = entry["specialisations"].setdefault(ln.compile_key, {
-                    "dtype": call.dtype, **result["summary"], **{k: result.get(k) for k in (
-                        "ok", "error", "registers", "spill_store_bytes", "spill_load_bytes", "smem_bytes")}})
+                entry = kernels.setdefault(
+                    (ln.kernel, target), {"kernel": ln.kernel, "target": target, "specialisations": {}, "failures": []}
+                )
+                spec_row = entry["specialisations"].setdefault(
+                    ln.compile_key,
+                    {
+                        "dtype": call.dtype,
+                        **result["summary"],
+                        **{
+                            k: result.get(k)
+                            for k in ("ok", "error", "registers", "spill_store_bytes", "spill_load_bytes", "smem_bytes")
+                        },
+                    },
+                )
                 if not result["ok"]:
                     continue
                 spec_row.update(occupancy(result, ln.num_warps, gpu))
-                spec_row["loops"] = [{"source_loop": lp["source_loop"], "depth": lp["depth"], **lp["body"]}
-                                     for lp in result["sass"]["loops"]]
+                spec_row["loops"] = [
+                    {"source_loop": lp["source_loop"], "depth": lp["depth"], **lp["body"]}
+                    for lp in result["sass"]["loops"]
+                ]
                 if gpu.estimate:
                     for k, v in launch_seconds(ln, result, gpu).items():
                         phases[ln.phase][k] += v
             if gpu.estimate and phases:
                 rb = roofline_bytes(call)
                 for phase, t in phases.items():
-                    call_rows.append({"op": call.op, "phase": phase, "target": target, "gpu": gpu.name,
-                                      "config": calls[call], "dtype": call.dtype,
-                                      "shape": list(call.tensors()[0].shape),
-                                      "roofline_s": rb[phase] / (gpu.dram_tb_s * 1e12), **t})
+                    call_rows.append(
+                        {
+                            "op": call.op,
+                            "phase": phase,
+                            "target": target,
+                            "gpu": gpu.name,
+                            "config": calls[call],
+                            "dtype": call.dtype,
+                            "shape": list(call.tensors()[0].shape),
+                            "roofline_s": rb[phase] / (gpu.dram_tb_s * 1e12),
+                            **t,
+                        }
+                    )
     for entry in kernels.values():
         limit = GPUS[entry["target"]].smem_per_block_kb * 1024
         for row in entry["specialisations"].values():
@@ -752,12 +919,15 @@ def build_report(calls: Dict[OpCall, str], launches, cache) -> Dict[str, Any]:
             if problems:
                 entry["failures"].append({"dtype": row["dtype"], "constexprs": row["constexprs"], "problems": problems})
         entry["specialisations"] = list(entry["specialisations"].values())
-    return {"triton": triton.__version__, "torch": torch.__version__,
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "targets": {t: dataclasses.asdict(GPUS[t]) for t in launches},
-            "note": "static estimates from compiled SASS and a simple issue/DRAM model, not measurements",
-            "kernels": sorted(kernels.values(), key=lambda e: (e["kernel"], e["target"])),
-            "calls": call_rows}
+    return {
+        "triton": triton.__version__,
+        "torch": torch.__version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "targets": {t: dataclasses.asdict(GPUS[t]) for t in launches},
+        "note": "static estimates from compiled SASS and a simple issue/DRAM model, not measurements",
+        "kernels": sorted(kernels.values(), key=lambda e: (e["kernel"], e["target"])),
+        "calls": call_rows,
+    }
 
 
 def _us(seconds: float) -> str:
@@ -765,28 +935,47 @@ def _us(seconds: float) -> str:
 
 
 def markdown(report: Dict[str, Any]) -> str:
-    out = [f"# Static GPU audit (Triton {report['triton']}, {report['date']})", "",
-           "Static estimates from the compiled kernels (no GPU involved): registers, spills and shared memory "
-           "from ptxas/Triton; occupancy from the target's limits; times from `benchmarks/gpu_audit.py`'s "
-           "issue/DRAM model. Not measurements.", "",
-           "Targets: " + "; ".join(f"{t} = {g['name']} ({g['sms']} SMs, {g['dram_tb_s']} TB/s, "
-                                    f"{g['clock_ghz']} GHz{'' if g['estimate'] else ', compile only'})"
-                                    for t, g in report["targets"].items()), "",
-           "## Kernels (worst specialisation per column)", "",
-           "| kernel | target | specs | regs | spill B (st+ld) | smem KB | min blocks/SM | min warps/SM "
-           "| hot loop body (insts: ld/st/fp/int/other) | problems |", "|---|---|---|---|---|---|---|---|---|---|"]
+    out = [
+        f"# Static GPU audit (Triton {report['triton']}, {report['date']})",
+        "",
+        "Static estimates from the compiled kernels (no GPU involved): registers, spills and shared memory "
+        "from ptxas/Triton; occupancy from the target's limits; times from `benchmarks/gpu_audit.py`'s "
+        "issue/DRAM model. Not measurements.",
+        "",
+        "Targets: "
+        + "; ".join(
+            f"{t} = {g['name']} ({g['sms']} SMs, {g['dram_tb_s']} TB/s, "
+            f"{g['clock_ghz']} GHz{'' if g['estimate'] else ', compile only'})"
+            for t, g in report["targets"].items()
+        ),
+        "",
+        "## Kernels (worst specialisation per column)",
+        "",
+        "| kernel | target | specs | regs | spill B (st+ld) | smem KB | min blocks/SM | min warps/SM "
+        "| hot loop body (insts: ld/st/fp/int/other) | problems |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for e in report["kernels"]:
         ok = [s for s in e["specialisations"] if s["ok"]]
         failed = len(e["specialisations"]) - len(ok)
         if ok:
-            hot = max((lp for s in ok for lp in s["loops"]), key=lambda lp: (lp["depth"], lp.get("total", 0)),
-                      default=None)
-            hot_text = (f"{hot['source_loop']}: {hot.get('total', 0)} ({hot.get('load', 0)}/{hot.get('store', 0)}/"
-                        f"{hot.get('fp', 0)}/{hot.get('int', 0)}/{hot.get('other', 0)})") if hot else "no loop"
+            hot = max(
+                (lp for s in ok for lp in s["loops"]), key=lambda lp: (lp["depth"], lp.get("total", 0)), default=None
+            )
+            hot_text = (
+                (
+                    f"{hot['source_loop']}: {hot.get('total', 0)} ({hot.get('load', 0)}/{hot.get('store', 0)}/"
+                    f"{hot.get('fp', 0)}/{hot.get('int', 0)}/{hot.get('other', 0)})"
+                )
+                if hot
+                else "no loop"
+            )
             spills = max(s["spill_store_bytes"] + s["spill_load_bytes"] for s in ok)
-            row = (f"{max(s['registers'] for s in ok)} | {spills}"
-                   f" | {max(s['smem_bytes'] for s in ok) / 1024:.1f} | {min(s['blocks_per_sm'] for s in ok)}"
-                   f" | {min(s['warps_per_sm'] for s in ok)} | {hot_text}")
+            row = (
+                f"{max(s['registers'] for s in ok)} | {spills}"
+                f" | {max(s['smem_bytes'] for s in ok) / 1024:.1f} | {min(s['blocks_per_sm'] for s in ok)}"
+                f" | {min(s['warps_per_sm'] for s in ok)} | {hot_text}"
+            )
         else:
             row = "- | - | - | - | - | -"
         problems = ""
@@ -797,11 +986,17 @@ def markdown(report: Dict[str, Any]) -> str:
     for e in report["kernels"]:
         for f in e["failures"]:
             out.append(f"* {e['kernel']} {e['target']} {f['dtype']} {f['constexprs']}: {'; '.join(f['problems'])}")
-    out += ["", "## Op calls, TransXNet-T at batch 128, 224x224 (worst over layouts and modes)", "",
-            "Static estimate vs roofline (minimal DRAM bytes / bandwidth), µs.", "",
-            "| op | phase | dtype | shape | " + " | ".join(
-                f"{g['name']} est / roof" for g in report["targets"].values() if g["estimate"])
-            + " |", "|---|---|---|---|" + "---|" * sum(g["estimate"] for g in report["targets"].values())]
+    out += [
+        "",
+        "## Op calls, TransXNet-T at batch 128, 224x224 (worst over layouts and modes)",
+        "",
+        "Static estimate vs roofline (minimal DRAM bytes / bandwidth), µs.",
+        "",
+        "| op | phase | dtype | shape | "
+        + " | ".join(f"{g['name']} est / roof" for g in report["targets"].values() if g["estimate"])
+        + " |",
+        "|---|---|---|---|" + "---|" * sum(g["estimate"] for g in report["targets"].values()),
+    ]
     worst: Dict[Tuple, Dict[str, Dict]] = collections.defaultdict(dict)
     for row in report["calls"]:
         if row["config"].startswith("t ") and "128x224x224" in row["config"]:
@@ -810,14 +1005,20 @@ def markdown(report: Dict[str, Any]) -> str:
             if best is None or row["estimate_s"] / row["roofline_s"] > best["estimate_s"] / best["roofline_s"]:
                 worst[key][row["target"]] = row
     for (op, phase, dtype, shape), per_target in sorted(worst.items()):
-        cells = [f"{_us(r['estimate_s'])} / {_us(r['roofline_s'])}" if (r := per_target.get(t)) else "-"
-                 for t in report["targets"] if report["targets"][t]["estimate"]]
+        cells = [
+            f"{_us(r['estimate_s'])} / {_us(r['roofline_s'])}" if (r := per_target.get(t)) else "-"
+            for t in report["targets"]
+            if report["targets"][t]["estimate"]
+        ]
         out.append(f"| {op} | {phase} | {dtype} | {'x'.join(map(str, shape))} | " + " | ".join(cells) + " |")
     out += ["", f"Configurations audited: `{report['configs']}`."]
     rt = report.get("runtime_s")
     if rt:
-        out += ["", f"Audit run: {rt['total']:.0f} s total, {rt['compiled']} specialisations compiled "
-                    f"({rt['compile']:.0f} s), {rt['cached']} from the cache."]
+        out += [
+            "",
+            f"Audit run: {rt['total']:.0f} s total, {rt['compiled']} specialisations compiled "
+            f"({rt['compile']:.0f} s), {rt['cached']} from the cache.",
+        ]
     return "\n".join(out) + "\n"
 
 
@@ -826,12 +1027,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--targets", default="sm_70,sm_80,sm_86,sm_90", help="comma-separated, of " + ",".join(GPUS))
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles")
     parser.add_argument("--no-cache", action="store_true", help="recompile everything (the cache is rewritten)")
-    parser.add_argument("--configs", default="", help="regex on call configurations, e.g. '^t fp16 .* 128x224x224'"
-                        " (labels: '<model> <dtype> plain|accelerated train|eval <B>x<H>x<W> nchw|channels_last')")
+    parser.add_argument(
+        "--configs",
+        default="",
+        help="regex on call configurations, e.g. '^t fp16 .* 128x224x224'"
+        " (labels: '<model> <dtype> plain|accelerated train|eval <B>x<H>x<W> nchw|channels_last')",
+    )
     parser.add_argument("--output", type=Path, default=None, help="JSON path (default results/gpu_audit_<triton>.json)")
     args = parser.parse_args(argv)
-    report = audit([t.strip() for t in args.targets.split(",")], args.jobs, not args.no_cache, args.configs,
-                   log=lambda m: print(m, file=sys.stderr, flush=True))
+    report = audit(
+        [t.strip() for t in args.targets.split(",")],
+        args.jobs,
+        not args.no_cache,
+        args.configs,
+        log=lambda m: print(m, file=sys.stderr, flush=True),
+    )
     path = args.output or RESULTS / f"gpu_audit_{triton.__version__}.json"
     path.write_text(json.dumps(report, indent=1) + "\n")
     path.with_suffix(".md").write_text(markdown(report))

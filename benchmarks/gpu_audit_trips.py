@@ -9,6 +9,7 @@ are unrolled at compile time and have no entry. Every formula restates the loop 
 source it is named after: keep them in step when a kernel changes (`gpu_audit` reports a loop it
 finds in the SASS but not here as an error).
 """
+
 from __future__ import annotations
 
 from typing import Callable, Dict, Mapping, Sequence
@@ -26,6 +27,7 @@ def _split_range_trips(total: int, per_split: int, step: int, splits: int) -> in
 
 
 # ------------------------------------------------------------------------------------------- IDConv
+
 
 def _idconv_positions(args: Mapping, grid: Sequence[int]) -> int:
     """Position-tile trips of a (sample, channel block, chunk) program grid over H·W positions."""
@@ -47,6 +49,7 @@ def _softmax_chain(args, grid) -> Trips:
 
 
 # --------------------------------------------------------------------- multi-scale depthwise conv
+
 
 def _stencil(args, grid, loops: Sequence[str]) -> Trips:
     """Batch loop of a (spatial tile, channel block, batch split) grid and the k x k tap loops of the
@@ -76,14 +79,17 @@ def _dx(args, grid) -> Trips:
 
 # --------------------------------------------------------------------------------------------- OSRA
 
+
 def _osra_fwd(args, grid) -> Trips:
     return {"_osra_fwd_kernel:start_m": grid[0] * grid[1] * _cdiv(args["M"], args["BLOCK_M"])}
 
 
 def _osra_bwd_dq(args, grid) -> Trips:
     batches = grid[0] * grid[1] * args["B"]  # every group's batch range, over all (query block, head)
-    return {"_osra_bwd_dq_kernel:b": batches,
-            "_osra_bwd_dq_kernel:start_m": batches * _cdiv(args["M"], args["BLOCK_M"])}
+    return {
+        "_osra_bwd_dq_kernel:b": batches,
+        "_osra_bwd_dq_kernel:start_m": batches * _cdiv(args["M"], args["BLOCK_M"]),
+    }
 
 
 def _osra_bwd_dkdv(args, grid) -> Trips:

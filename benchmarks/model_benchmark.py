@@ -1,18 +1,24 @@
-"""TransXNet model benchmark: eager vs torch.compile vs accelerated, side by side in one run.
+"""TransXNet model benchmark: eager vs torch.compile vs accelerated (vs ONNX Runtime on CPU), in one run.
 
     python -m benchmarks.model_benchmark                 # what this machine has, default sizes
     python -m benchmarks.model_benchmark --models t --no-compile --batch 8
+    python -m benchmarks.model_benchmark --modes infer --batch 16,1 --no-detection   # CPU: + ONNX Runtime
 
 For each model (T/S/B), mode (inference, training step) and precision (fp32, and AMP
 on GPU) it times the variants interleaved (one call of each per round), reports the
-median images/s, peak memory and the largest difference from eager, and also the
+median images/s, the median and 90th-percentile latency, peak memory and the largest difference
+from eager (pass several batch sizes, e.g. `--batch 16,1`, for throughput and latency), and also the
 fork_feat backbone at a detection-size input (forward + backward). Results: a table on
 stdout, JSON and a PNG bar chart under benchmarks/results/, tagged with device,
 versions, date and git commit.
 
 "eager" is the released model on the pure-PyTorch reference ops; "compile" is
-torch.compile of that; "accelerated" is transxnet.accelerated() on the best backend.
+torch.compile of that; "accelerated" is transxnet.accelerated() on the best backend; "onnxruntime"
+(CPU inference, when onnxruntime is installed) runs the accelerated model's ONNX export (the folded,
+BatchNorm-free graph; static batch size) in ONNX Runtime's CPU execution provider, all graph
+optimisations on, with as many intra-op threads as torch uses.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,10 +30,12 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import nullcontext
 
 import torch
+from tqdm import tqdm
 
 import transxnet
 import transxnet_kernels as tk
@@ -41,8 +49,9 @@ def log(msg: str) -> None:
 
 def git_commit() -> str:
     try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                       cwd=os.path.dirname(RESULTS_DIR)).strip()
+        return subprocess.check_output(
+            ["git", "rev-parse", "--short", "HEAD"], text=True, cwd=os.path.dirname(RESULTS_DIR)
+        ).strip()
     except Exception:
         return "unknown"
 
@@ -61,6 +70,7 @@ def cpu_name() -> str:
 def environment(device: torch.device) -> dict:
     try:
         import triton
+
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
@@ -101,12 +111,47 @@ class Variant:
                     return self.fn(x)
             with self.autocast():
                 out = self.fn(x)
-            loss = (out.float().square().mean() if isinstance(out, torch.Tensor)
-                    else sum(o.float().square().mean() for o in out))
+            loss = (
+                out.float().square().mean()
+                if isinstance(out, torch.Tensor)
+                else sum(o.float().square().mean() for o in out)
+            )
             loss.backward()
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)
             return out
+
+
+class OnnxRuntimeVariant:
+    """Inference in ONNX Runtime (CPU execution provider) of the model's ONNX export for x's shape."""
+
+    name, train, backend = "onnxruntime", False, "auto"
+
+    def __init__(self, model, x, threads):
+        import onnxruntime as ort
+
+        self.device = x.device
+        path = os.path.join(tempfile.mkdtemp(prefix="transxnet-onnx-"), "model.onnx")
+        log(f"exporting to ONNX ({tuple(x.shape)})")
+        with torch.no_grad():
+            torch.onnx.export(model.eval(), (x,), path, dynamo=True, verbose=False)
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+
+    def step(self, x):
+        return torch.from_numpy(self.session.run(None, {self.input_name: x.numpy()})[0])
+
+
+def onnxruntime_available() -> bool:
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def peak_mb(variant, x):
@@ -128,6 +173,15 @@ def max_rel_diff(a, b):
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 
 
+def percentile(values, q: float) -> float:
+    """The q-quantile of values (linear interpolation between order statistics)."""
+    ordered = sorted(values)
+    pos = q * (len(ordered) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
 def bench_case(case: dict, variants, x, rounds: int, warmup: int):
     """Interleaved timing: each round runs every variant once."""
     device = x.device
@@ -138,45 +192,67 @@ def bench_case(case: dict, variants, x, rounds: int, warmup: int):
             outputs[v.name] = v.step(x)
     sync(device)
     times = {v.name: [] for v in variants}
-    for r in range(rounds):
+    for _ in tqdm(range(rounds), desc=case["label"], unit="round", file=sys.stderr, leave=False):
         for v in variants:
             sync(device)
             t0 = time.perf_counter()
             v.step(x)
             sync(device)
             times[v.name].append(time.perf_counter() - t0)
-        log(f"{case['label']}: round {r + 1}/{rounds}")
+    log(f"{case['label']}: {rounds} rounds done")
     eager_out = outputs["eager"]
     rows = []
     for v in variants:
         med = statistics.median(times[v.name])
-        rows.append({**case, "variant": v.name, "median_s": med, "images_per_s": x.shape[0] / med,
-                     "peak_mem_mb": peak_mb(v, x),
-                     "max_rel_diff_vs_eager": max_rel_diff(outputs[v.name], eager_out)})
+        rows.append(
+            {
+                **case,
+                "variant": v.name,
+                "median_s": med,
+                "images_per_s": x.shape[0] / med,
+                "median_ms": 1e3 * med,
+                "p90_ms": 1e3 * percentile(times[v.name], 0.9),
+                "peak_mem_mb": peak_mb(v, x),
+                "max_rel_diff_vs_eager": max_rel_diff(outputs[v.name], eager_out),
+            }
+        )
     base = next(r for r in rows if r["variant"] == "eager")["median_s"]
     for r in rows:
         r["speedup_vs_eager"] = base / r["median_s"]
     return rows
 
 
-def make_variants(builder, train, amp_dtype, device, with_compile):
+def make_variants(builder, train, amp_dtype, device, with_compile, onnx_input=None):
+    """The variants to time; with `onnx_input`, also ONNX Runtime on an export for that input."""
     torch.manual_seed(0)
     eager = builder().to(device)
     variants = [Variant("eager", eager, "reference", train, amp_dtype, device)]
     if with_compile:
-        variants.append(Variant("compile", copy.deepcopy(eager), "reference", train, amp_dtype, device, compile_model=True))
-    variants.append(Variant("accelerated", transxnet.accelerated(copy.deepcopy(eager)), "auto", train, amp_dtype, device))
+        variants.append(
+            Variant("compile", copy.deepcopy(eager), "reference", train, amp_dtype, device, compile_model=True)
+        )
+    variants.append(
+        Variant("accelerated", transxnet.accelerated(copy.deepcopy(eager)), "auto", train, amp_dtype, device)
+    )
+    if onnx_input is not None:
+        exported = transxnet.accelerated(copy.deepcopy(eager))
+        variants.append(OnnxRuntimeVariant(exported, onnx_input, torch.get_num_threads()))
     return variants
 
 
 def print_table(rows):
-    header = f"{'case':46s} {'variant':12s} {'img/s':>10s} {'x eager':>8s} {'peak MiB':>9s} {'max rel diff':>12s}"
+    header = (
+        f"{'case':46s} {'variant':12s} {'img/s':>10s} {'x eager':>8s} {'med ms':>9s} {'p90 ms':>9s} "
+        f"{'peak MiB':>9s} {'max rel diff':>12s}"
+    )
     print(header)
     print("-" * len(header))
     for r in rows:
         mem = "-" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:.0f}"
-        print(f"{r['label']:46s} {r['variant']:12s} {r['images_per_s']:10.1f} {r['speedup_vs_eager']:8.2f} "
-              f"{mem:>9s} {r['max_rel_diff_vs_eager']:12.2e}")
+        print(
+            f"{r['label']:46s} {r['variant']:12s} {r['images_per_s']:10.1f} {r['speedup_vs_eager']:8.2f} "
+            f"{r['median_ms']:9.1f} {r['p90_ms']:9.1f} {mem:>9s} {r['max_rel_diff_vs_eager']:12.2e}"
+        )
 
 
 def plot(rows, path, title):
@@ -193,7 +269,9 @@ def plot(rows, path, title):
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(labels)), 4.5))
     width = 0.8 / len(variants)
     for i, v in enumerate(variants):
-        vals = [next((r["speedup_vs_eager"] for r in rows if r["label"] == lab and r["variant"] == v), 0) for lab in labels]
+        vals = [
+            next((r["speedup_vs_eager"] for r in rows if r["label"] == lab and r["variant"] == v), 0) for lab in labels
+        ]
         ax.bar([j + i * width for j in range(len(labels))], vals, width, label=v)
     ax.set_xticks([j + width * (len(variants) - 1) / 2 for j in range(len(labels))])
     ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
@@ -209,12 +287,17 @@ def plot(rows, path, title):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="t,s,b", help="comma list of t,s,b")
-    p.add_argument("--batch", type=int, default=None, help="default 128 on GPU, 16 on CPU")
+    p.add_argument(
+        "--batch",
+        default=None,
+        help="comma list of batch sizes (e.g. 16,1: throughput and latency); default 128 on GPU, 16 on CPU",
+    )
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--modes", default="infer,train")
     p.add_argument("--precisions", default=None, help="fp32,amp (default: fp32+amp on GPU, fp32 on CPU)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline (slow to build)")
     p.add_argument("--no-detection", action="store_true", help="skip the fork_feat detection-size case")
+    p.add_argument("--no-onnx", action="store_true", help="skip the ONNX Runtime column (CPU inference)")
     p.add_argument("--rounds", type=int, default=None, help="timed rounds (default 10 GPU, 5 CPU)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
@@ -226,8 +309,11 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     on_gpu = device.type == "cuda"
-    batch = args.batch or (128 if on_gpu else 16)
+    batches = [int(b) for b in args.batch.split(",")] if args.batch else [128 if on_gpu else 16]
     rounds = args.rounds or (10 if on_gpu else 5)
+    with_onnx = not on_gpu and not args.no_onnx and onnxruntime_available()
+    if not on_gpu and not args.no_onnx and not with_onnx:
+        log("onnxruntime is not installed: no ONNX Runtime column")
     precisions = (args.precisions or ("fp32,amp" if on_gpu else "fp32")).split(",")
     amp_dtype = torch.bfloat16 if (on_gpu and torch.cuda.is_bf16_supported()) else torch.float16
     env = environment(device)
@@ -239,21 +325,56 @@ def main(argv=None):
     for arch in args.models.split(","):
         for mode in args.modes.split(","):
             for prec in precisions:
-                label = f"{arch.upper()} {mode} {prec} b{batch} {args.size}px"
-                x = torch.randn(batch, 3, args.size, args.size, device=device)
-                variants = make_variants(lambda: transxnet.TransXNet(arch), mode == "train",
-                                         amp_dtype if prec == "amp" else None, device, not args.no_compile)
-                rows += bench_case({"label": label, "model": arch, "mode": mode, "precision": prec,
-                                    "batch": batch, "size": args.size}, variants, x, rounds, args.warmup)
-                del variants
+                for batch in batches:
+                    label = f"{arch.upper()} {mode} {prec} b{batch} {args.size}px"
+                    x = torch.randn(batch, 3, args.size, args.size, device=device)
+                    onnx_input = x if with_onnx and mode == "infer" and prec == "fp32" else None
+                    variants = make_variants(
+                        lambda: transxnet.TransXNet(arch),
+                        mode == "train",
+                        amp_dtype if prec == "amp" else None,
+                        device,
+                        not args.no_compile,
+                        onnx_input,
+                    )
+                    # small batches: more rounds for a stable latency distribution
+                    case_rounds = min(50, rounds * max(1, max(batches) // batch))
+                    rows += bench_case(
+                        {
+                            "label": label,
+                            "model": arch,
+                            "mode": mode,
+                            "precision": prec,
+                            "batch": batch,
+                            "size": args.size,
+                        },
+                        variants,
+                        x,
+                        case_rounds,
+                        args.warmup,
+                    )
+                    del variants
     if not args.no_detection:
         det_batch, det_size = 2, (800, 1216)
         label = f"T fork_feat fwd+bwd b{det_batch} {det_size[0]}x{det_size[1]}"
         x = torch.randn(det_batch, 3, *det_size, device=device)
-        variants = make_variants(lambda: transxnet.TransXNet("t", fork_feat=True), True, None, device,
-                                 not args.no_compile and on_gpu)
-        rows += bench_case({"label": label, "model": "t_fork_feat", "mode": "train", "precision": "fp32",
-                            "batch": det_batch, "size": list(det_size)}, variants, x, max(3, rounds // 2), 1)
+        variants = make_variants(
+            lambda: transxnet.TransXNet("t", fork_feat=True), True, None, device, not args.no_compile and on_gpu
+        )
+        rows += bench_case(
+            {
+                "label": label,
+                "model": "t_fork_feat",
+                "mode": "train",
+                "precision": "fp32",
+                "batch": det_batch,
+                "size": list(det_size),
+            },
+            variants,
+            x,
+            max(3, rounds // 2),
+            1,
+        )
 
     print_table(rows)
     os.makedirs(args.out, exist_ok=True)
@@ -261,8 +382,11 @@ def main(argv=None):
     tag = f"model_{device.type}_{stamp}"
     with open(os.path.join(args.out, f"{tag}.json"), "w") as f:
         json.dump({"environment": env, "command": " ".join(sys.argv), "rows": rows}, f, indent=1)
-    chart = plot(rows, os.path.join(args.out, f"{tag}.png"),
-                 f"TransXNet on {env['device']} (torch {env['torch']}, commit {env['commit']}, {env['date']})")
+    chart = plot(
+        rows,
+        os.path.join(args.out, f"{tag}.png"),
+        f"TransXNet on {env['device']} (torch {env['torch']}, commit {env['commit']}, {env['date']})",
+    )
     log(f"wrote {os.path.join(args.out, tag)}.json" + (f" and {chart}" if chart else ""))
     return rows
 

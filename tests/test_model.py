@@ -1,8 +1,4 @@
-"""The eager model: architecture, state-dict layout, shapes, input checks, timm registration."""
-
-import sys
-import types
-
+"""The eager model: architecture, state-dict layout, shapes, input checks (timm: tests/test_timm.py)."""
 import pytest
 import torch
 from parity import manifest
@@ -166,19 +162,3 @@ def test_custom_arch_dict():
     ).eval()
     with torch.no_grad():
         assert m(torch.randn(1, 3, 32, 32)).shape == (1, 3)
-
-
-def test_timm_registration_with_stub(monkeypatch):
-    registry = {}
-    timm = types.ModuleType("timm")
-    models = types.ModuleType("timm.models")
-    models.is_model = lambda name: name in registry
-    models.register_model = lambda fn: registry.setdefault(fn.__name__, fn)
-    timm.models = models
-    monkeypatch.setitem(sys.modules, "timm", timm)
-    monkeypatch.setitem(sys.modules, "timm.models", models)
-    assert transxnet.register_timm_models()
-    assert set(registry) == {"transxnet_t", "transxnet_s", "transxnet_b"}
-    # timm passes its pretrained_cfg kwargs; the constructors accept and ignore them
-    m = registry["transxnet_t"](pretrained=False, pretrained_cfg={"x": 1}, pretrained_cfg_overlay=None, num_classes=3)
-    assert m.num_classes == 3

@@ -1,4 +1,5 @@
 """TransXNet (T/S/B) backbones running on transxnet_kernels' fused ops."""
+
 from .accelerate import accelerated, is_accelerated, revert
 from .checkpoint import CheckpointMismatchError, load_checkpoint
 from .factory import MODELS, register_timm_models, transxnet_b, transxnet_s, transxnet_t
@@ -8,14 +9,14 @@ register_timm_models()
 
 __all__ = [
     "ARCHS",
-    "CheckpointMismatchError",
     "MODELS",
+    "CheckpointMismatchError",
     "TransXNet",
     "accelerated",
     "is_accelerated",
-    "revert",
     "load_checkpoint",
     "register_timm_models",
+    "revert",
     "transxnet_b",
     "transxnet_s",
     "transxnet_t",

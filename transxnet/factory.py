@@ -1,18 +1,16 @@
 """Model constructors: transxnet_t / transxnet_s / transxnet_b, and timm registration."""
+
 from __future__ import annotations
 
+import importlib
+import importlib.util
 from typing import Union
 
 from .checkpoint import RELEASE_URL, load_checkpoint
 from .model import TransXNet
 
-# Keyword arguments timm.create_model passes that our constructor has no use for.
-_TIMM_ONLY_KWARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
-
 
 def _build(arch: str, pretrained: Union[bool, str], **kwargs) -> TransXNet:
-    for key in _TIMM_ONLY_KWARGS:
-        kwargs.pop(key, None)
     model = TransXNet(arch, **kwargs)
     if pretrained:
         source = RELEASE_URL.format(arch=arch) if pretrained is True else pretrained
@@ -39,12 +37,9 @@ MODELS = {"transxnet_t": transxnet_t, "transxnet_s": transxnet_s, "transxnet_b":
 
 
 def register_timm_models() -> bool:
-    """Register the three models with timm, if timm is importable; True when registered."""
-    try:
-        from timm.models import is_model, register_model
-    except ImportError:
+    """Register the three models (and their `in1k` pretrained cfgs) with timm if timm is installed;
+    True when registered. See `transxnet.timm_models`."""
+    if importlib.util.find_spec("timm") is None:
         return False
-    for name, fn in MODELS.items():
-        if not is_model(name):
-            register_model(fn)
+    importlib.import_module("transxnet.timm_models")  # registers on import; its errors are real errors
     return True

@@ -17,6 +17,7 @@ state dict keeps its keys, order and values. What the subclasses change:
   about twice as fast and the C++ kernels work natively; conv + GELU pairs run as one oneDNN convolution
   with a fused exact-GELU post-op.
 """
+
 from __future__ import annotations
 
 from typing import Dict, Optional, Tuple
@@ -76,12 +77,17 @@ _ONEDNN_CONV_POINTWISE = torch.backends.mkldnn.is_available() and hasattr(torch.
 
 def conv_gelu(conv: nn.Conv2d, x, weight, bias):
     """GELU(conv(x)); on CPU inference one oneDNN convolution with a fused exact-GELU post-op."""
-    if (_ONEDNN_CONV_POINTWISE and x.device.type == "cpu" and x.dtype == torch.float32
-            and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
-            and not torch.compiler.is_compiling()):
+    if (
+        _ONEDNN_CONV_POINTWISE
+        and x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and not torch.is_grad_enabled()
+        and not torch.is_autocast_enabled("cpu")
+        and not torch.compiler.is_compiling()
+    ):
         return torch.ops.mkldnn._convolution_pointwise(
-            x, weight, bias, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups,
-            "gelu", [], "none")
+            x, weight, bias, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups, "gelu", [], "none"
+        )
     return F.gelu(conv_with(conv, x, weight, bias))
 
 
@@ -145,8 +151,9 @@ class AcceleratedMlp(Mlp):
     def folded_fc2(self, x, layer_scale: Optional[LayerScale] = None):
         """fc2 in eval mode with its BatchNorm (and the block's layer scale) folded into the conv."""
         conv = self.fc2[0]
-        weight, bias = scale_conv_output(*fold_bn_into_conv(conv, self.fc2[1]),
-                                         *layer_scale_affine(layer_scale, conv.out_channels, conv.weight))
+        weight, bias = scale_conv_output(
+            *fold_bn_into_conv(conv, self.fc2[1]), *layer_scale_affine(layer_scale, conv.out_channels, conv.weight)
+        )
         return conv_with(conv, x, weight, bias)
 
     def fused_eval(self, h):
@@ -165,9 +172,17 @@ class AcceleratedMlp(Mlp):
                 momentum = 1.0 / float(bn.num_batches_tracked)
         use_batch_stats = bn.training or bn.running_mean is None
         track = not bn.training or bn.track_running_stats
-        return tk.ms_ffn_middle(x, *mlp_weights(self), bn.weight, bn.bias,
-                                bn.running_mean if track else None, bn.running_var if track else None,
-                                use_batch_stats, momentum, bn.eps)
+        return tk.ms_ffn_middle(
+            x,
+            *mlp_weights(self),
+            bn.weight,
+            bn.bias,
+            bn.running_mean if track else None,
+            bn.running_var if track else None,
+            use_batch_stats,
+            momentum,
+            bn.eps,
+        )
 
 
 class AcceleratedBlock(Block):
@@ -202,12 +217,12 @@ class AcceleratedTransXNet(TransXNet):
             self._rpe_cache[stage] = cached
         return cached[1]
 
-    def forward_features(self, x):
+    def stem(self, x):
         if not self.training and x.device.type == "cpu":
             # oneDNN's convolutions run about twice as fast on channels_last data, and the cpp
             # kernels work on it natively: accelerated CPU inference runs in channels_last.
             x = x.contiguous(memory_format=torch.channels_last)
-        return super().forward_features(x)
+        return super().stem(x)
 
 
 # Released class -> accelerated subclass (what accelerated() swaps; revert() swaps back).
@@ -218,4 +233,3 @@ ACCELERATED = {
     Block: AcceleratedBlock,
     TransXNet: AcceleratedTransXNet,
 }
-RELEASED = {accelerated: released for released, accelerated in ACCELERATED.items()}

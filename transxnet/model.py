@@ -8,6 +8,7 @@ Module and attribute names, parameter shapes and the state-dict order match the 
 OSRA attention and multi-scale depthwise math runs through `transxnet_kernels` (backend chosen per call).
 `transxnet.accelerated()` swaps in the subclasses of `transxnet.fused`, which fold and fuse.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -22,15 +23,36 @@ from torch.utils.checkpoint import checkpoint
 import transxnet_kernels as tk
 
 ARCHS: Dict[str, dict] = {
-    "t": dict(layers=(3, 3, 9, 3), embed_dims=(48, 96, 224, 448), num_groups=(2, 2, 2, 2),
-              num_heads=(1, 2, 4, 8), sr_ratios=(8, 4, 2, 1), mlp_ratios=(4, 4, 4, 4),
-              kernel_size=7, crop_pct=0.9),
-    "s": dict(layers=(4, 4, 12, 4), embed_dims=(64, 128, 320, 512), num_groups=(2, 2, 3, 4),
-              num_heads=(1, 2, 5, 8), sr_ratios=(8, 4, 2, 1), mlp_ratios=(6, 6, 4, 4),
-              kernel_size=7, crop_pct=0.9),
-    "b": dict(layers=(4, 4, 21, 4), embed_dims=(76, 152, 336, 672), num_groups=(2, 2, 4, 4),
-              num_heads=(2, 4, 8, 16), sr_ratios=(8, 4, 2, 1), mlp_ratios=(8, 8, 4, 4),
-              kernel_size=7, crop_pct=0.95),
+    "t": dict(
+        layers=(3, 3, 9, 3),
+        embed_dims=(48, 96, 224, 448),
+        num_groups=(2, 2, 2, 2),
+        num_heads=(1, 2, 4, 8),
+        sr_ratios=(8, 4, 2, 1),
+        mlp_ratios=(4, 4, 4, 4),
+        kernel_size=7,
+        crop_pct=0.9,
+    ),
+    "s": dict(
+        layers=(4, 4, 12, 4),
+        embed_dims=(64, 128, 320, 512),
+        num_groups=(2, 2, 3, 4),
+        num_heads=(1, 2, 5, 8),
+        sr_ratios=(8, 4, 2, 1),
+        mlp_ratios=(6, 6, 4, 4),
+        kernel_size=7,
+        crop_pct=0.9,
+    ),
+    "b": dict(
+        layers=(4, 4, 21, 4),
+        embed_dims=(76, 152, 336, 672),
+        num_groups=(2, 2, 4, 4),
+        num_heads=(2, 4, 8, 16),
+        sr_ratios=(8, 4, 2, 1),
+        mlp_ratios=(8, 8, 4, 4),
+        kernel_size=7,
+        crop_pct=0.95,
+    ),
 }
 
 STEM_STRIDE = 4
@@ -124,8 +146,15 @@ class OSRA(nn.Module):
         self.kv = nn.Conv2d(dim, dim * 2, kernel_size=1)
         if sr_ratio > 1:
             self.sr = nn.Sequential(
-                ConvNorm(dim, dim, kernel_size=sr_ratio + 3, stride=sr_ratio, padding=(sr_ratio + 3) // 2, groups=dim,
-                         act=True),
+                ConvNorm(
+                    dim,
+                    dim,
+                    kernel_size=sr_ratio + 3,
+                    stride=sr_ratio,
+                    padding=(sr_ratio + 3) // 2,
+                    groups=dim,
+                    act=True,
+                ),
                 ConvNorm(dim, dim, kernel_size=1, groups=dim),
             )
         else:
@@ -192,7 +221,8 @@ class MultiScaleDWConv(nn.Module):
     def __init__(self, dim, scales=(1, 3, 5, 7)):
         super().__init__()
         self.proj = nn.ModuleList(
-            nn.Conv2d(c, c, kernel_size=k, padding=k // 2, groups=c) for c, k in zip(multiscale_split(dim, scales), scales)
+            nn.Conv2d(c, c, kernel_size=k, padding=k // 2, groups=c)
+            for c, k in zip(multiscale_split(dim, scales), scales)
         )
 
     def forward(self, x):
@@ -253,14 +283,25 @@ class Block(nn.Module):
     """One TransXNet block (paper Fig. 2): conditional position encoding (`pos_embed`, dw 7x7), then D-Mixer
     and MS-FFN, each pre-normed (GroupNorm(1, C)), layer-scaled and residual."""
 
-    def __init__(self, dim, kernel_size=7, sr_ratio=1, num_groups=2, num_heads=1, mlp_ratio=4,
-                 drop=0.0, drop_path=0.0, grad_checkpoint=False):
+    def __init__(
+        self,
+        dim,
+        kernel_size=7,
+        sr_ratio=1,
+        num_groups=2,
+        num_heads=1,
+        mlp_ratio=4,
+        drop=0.0,
+        drop_path=0.0,
+        grad_checkpoint=False,
+    ):
         super().__init__()
         self.grad_checkpoint = grad_checkpoint
         self.pos_embed = nn.Conv2d(dim, dim, kernel_size=7, padding=3, groups=dim)
         self.norm1 = nn.GroupNorm(1, dim)
-        self.token_mixer = HybridTokenMixer(dim, kernel_size=kernel_size, num_groups=num_groups, num_heads=num_heads,
-                                            sr_ratio=sr_ratio)
+        self.token_mixer = HybridTokenMixer(
+            dim, kernel_size=kernel_size, num_groups=num_groups, num_heads=num_heads, sr_ratio=sr_ratio
+        )
         self.norm2 = nn.GroupNorm(1, dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
@@ -275,8 +316,9 @@ class Block(nn.Module):
 
     def forward(self, x, relative_pos_enc=None):
         if self.grad_checkpoint and torch.is_grad_enabled() and (x.requires_grad or self.training):
-            return checkpoint(self._forward, x, relative_pos_enc, use_reentrant=False,
-                              context_fn=self._checkpoint_contexts)
+            return checkpoint(
+                self._forward, x, relative_pos_enc, use_reentrant=False, context_fn=self._checkpoint_contexts
+            )
         return self._forward(x, relative_pos_enc)
 
     def _checkpoint_contexts(self):
@@ -308,10 +350,18 @@ class TransXNet(nn.Module):
     when grad_checkpoint=True (the released convention).
     """
 
-    def __init__(self, arch: Union[str, dict] = "t", num_classes: int = 1000, fork_feat: bool = False,
-                 image_size: Union[int, Sequence[int]] = 224, in_chans: int = 3, drop_rate: float = 0.0,
-                 drop_path_rate: float = 0.0, grad_checkpoint: bool = False,
-                 checkpoint_stage: Sequence[int] = (0, 0, 0, 0)):
+    def __init__(
+        self,
+        arch: Union[str, dict] = "t",
+        num_classes: int = 1000,
+        fork_feat: bool = False,
+        image_size: Union[int, Sequence[int]] = 224,
+        in_chans: int = 3,
+        drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        grad_checkpoint: bool = False,
+        checkpoint_stage: Sequence[int] = (0, 0, 0, 0),
+    ):
         super().__init__()
         if isinstance(arch, str):
             if arch.lower() not in ARCHS:
@@ -342,12 +392,22 @@ class TransXNet(nn.Module):
         network = []
         for i, depth in enumerate(layers):
             first = sum(layers[:i])
-            network.append(nn.ModuleList(
-                Block(dims[i], kernel_size=cfg["kernel_size"], sr_ratio=cfg["sr_ratios"][i],
-                      num_groups=cfg["num_groups"][i], num_heads=cfg["num_heads"][i], mlp_ratio=cfg["mlp_ratios"][i],
-                      drop=drop_rate, drop_path=drop_path_rate * (first + j) / max(total - 1, 1),
-                      grad_checkpoint=grad_checkpoint and j < checkpoint_stage[i])
-                for j in range(depth)))
+            network.append(
+                nn.ModuleList(
+                    Block(
+                        dims[i],
+                        kernel_size=cfg["kernel_size"],
+                        sr_ratio=cfg["sr_ratios"][i],
+                        num_groups=cfg["num_groups"][i],
+                        num_heads=cfg["num_heads"][i],
+                        mlp_ratio=cfg["mlp_ratios"][i],
+                        drop=drop_rate,
+                        drop_path=drop_path_rate * (first + j) / max(total - 1, 1),
+                        grad_checkpoint=grad_checkpoint and j < checkpoint_stage[i],
+                    )
+                    for j in range(depth)
+                )
+            )
             if i < len(layers) - 1:
                 network.append(PatchEmbed(dims[i], dims[i + 1], kernel_size=3, stride=2, padding=1))
         self.network = nn.ModuleList(network)
@@ -378,25 +438,34 @@ class TransXNet(nn.Module):
         if not isinstance(x, torch.Tensor):
             raise ValueError(f"TransXNet expects a torch.Tensor, got {type(x).__name__}")
         if x.dim() != 4:
-            raise ValueError(f"TransXNet expects a 4-D [B, {self.in_chans}, H, W] image batch, got shape {tuple(x.shape)}")
+            raise ValueError(
+                f"TransXNet expects a 4-D [B, {self.in_chans}, H, W] image batch, got shape {tuple(x.shape)}"
+            )
         if x.shape[1] != self.in_chans:
-            raise ValueError(f"TransXNet expects {self.in_chans} input channels, got {x.shape[1]} (shape {tuple(x.shape)})")
+            raise ValueError(
+                f"TransXNet expects {self.in_chans} input channels, got {x.shape[1]} (shape {tuple(x.shape)})"
+            )
         if not x.is_floating_point():
             raise ValueError(f"TransXNet expects a floating-point image batch, got dtype {x.dtype}")
         if x.shape[0] == 0:
             raise ValueError("TransXNet got an empty batch")
         if min(x.shape[-2:]) < STEM_STRIDE:
-            raise ValueError(f"image {tuple(x.shape[-2:])} is too small for the stem: H and W must be at least {STEM_STRIDE}")
+            raise ValueError(
+                f"image {tuple(x.shape[-2:])} is too small for the stem: H and W must be at least {STEM_STRIDE}"
+            )
         param_dtype = self.patch_embed.proj.conv.weight.dtype
         if x.dtype != param_dtype and not torch.is_autocast_enabled(x.device.type):
-            raise ValueError(f"input dtype {x.dtype} differs from the model's {param_dtype}; "
-                             "cast one of them or run under torch.autocast")
+            raise ValueError(
+                f"input dtype {x.dtype} differs from the model's {param_dtype}; "
+                "cast one of them or run under torch.autocast"
+            )
         if x.shape[0] == 1 and any(bn.training for bn in self._idconv_batchnorms()):
             raise ValueError(
                 "TransXNet cannot train on a batch of 1: IDConv's BatchNorm normalises the kernel generator's "
                 "input with batch statistics, one value per channel and sample, which needs a batch of at least "
                 "2. Train with batch >= 2, or put the BatchNorm layers in eval mode (model.eval(), or freeze "
-                "them as detection frameworks' norm_eval does) to use their running statistics.")
+                "them as detection frameworks' norm_eval does) to use their running statistics."
+            )
 
     def _idconv_batchnorms(self):
         for stage in self.stage_indices:
@@ -408,18 +477,28 @@ class TransXNet(nn.Module):
         """The bias the blocks of `stage` receive; each OSRA resizes it to its input (the release's rule)."""
         return self.relative_pos_enc[stage]
 
-    def forward_features(self, x):
-        """Final feature map [B, C3, H/32, W/32]; with fork_feat, the four normalised stage maps."""
+    def stem(self, x):
+        """The checked input through the stem (patch_embed): [B, C0, H/4, W/4]."""
         if not torch.jit.is_scripting() and not torch.compiler.is_compiling():
             self.check_input(x)
-        x = self.patch_embed(x)
+        return self.patch_embed(x)
+
+    def run_stage(self, stage: int, x):
+        """Stage `stage` (0..3): its downsampling layer (from stage 1 on), then its blocks."""
+        idx = self.stage_indices[stage]
+        if idx > 0:
+            x = self.network[idx - 1](x)
+        rpe = self.stage_relative_pos_enc(stage, x)
+        for blk in self.network[idx]:
+            x = blk(x, rpe)
+        return x
+
+    def forward_features(self, x):
+        """Final feature map [B, C3, H/32, W/32]; with fork_feat, the four normalised stage maps."""
+        x = self.stem(x)
         outs = []
         for stage, idx in enumerate(self.stage_indices):
-            if idx > 0:
-                x = self.network[idx - 1](x)
-            rpe = self.stage_relative_pos_enc(stage, x)
-            for blk in self.network[idx]:
-                x = blk(x, rpe)
+            x = self.run_stage(stage, x)
             if self.fork_feat:
                 outs.append(getattr(self, f"norm{idx}")(x))
         return outs if self.fork_feat else x

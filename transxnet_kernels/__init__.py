@@ -4,6 +4,7 @@ Each op (``ops.py``) runs on the backend ``backend.py`` selects: Triton on CUDA 
 where built (``cpp/``), the pure-PyTorch reference (``reference.py``) otherwise. The backends are imported
 below; one that fails to import is recorded per op (``available_backends()`` says why) and ``auto`` skips it.
 """
+
 from . import reference
 from .backend import BackendUnavailableError, available_backends, backend_status, requested_backend, use_backend
 from .ops import has_fused, idconv, ms_ffn_middle, ms_ffn_middle_eval, multiscale_dwconv, osra_attention

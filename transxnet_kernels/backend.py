@@ -17,6 +17,7 @@ raises ``BackendUnavailableError`` saying why; it never falls back. While a grap
 Under ``torch.compile`` the choice is made once, when the call is traced (``select`` is a constant to
 dynamo); changing the backend afterwards needs ``torch._dynamo.reset()``.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -91,14 +92,18 @@ def use_backend(name: str) -> Iterator[None]:
 
 
 def exporting() -> bool:
-    """Whether torch.export / torch.onnx.export is tracing: exported graphs must hold standard ops only."""
+    """Whether a graph exporter is tracing: torch.export (which the dynamo ONNX exporter runs) sets
+    torch.compiler.is_exporting(); the TorchScript ONNX exporter sets torch.onnx.is_in_onnx_export().
+    Exported graphs must hold standard ops only, so every op then runs its reference formula, on any
+    backend choice; and `runs_fused` says True, so the model takes its one-op forms (the accelerated
+    eval graph stays BatchNorm-free)."""
     return torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export()
 
 
-OPS: Dict[str, "Op"] = {}  # filled by transxnet_kernels.ops
+OPS: Dict[str, Op] = {}  # filled by transxnet_kernels.ops
 
 
-def _resolve(op: "Op", info: CallInfo) -> Tuple[Optional[str], str]:
+def _resolve(op: Op, info: CallInfo) -> Tuple[Optional[str], str]:
     """(backend that runs the call, '') or (None, why the forced backend cannot)."""
     requested = requested_backend()
     if requested != "auto":
@@ -113,8 +118,9 @@ def _resolve(op: "Op", info: CallInfo) -> Tuple[Optional[str], str]:
 
 
 @torch.compiler.assume_constant_result
-def select(op_name: str, device: torch.device, dtype: torch.dtype, needs_grad: bool, training: bool,
-           head_dim: int) -> str:
+def select(
+    op_name: str, device: torch.device, dtype: torch.dtype, needs_grad: bool, training: bool, head_dim: int
+) -> str:
     """The backend that runs a call of `op_name` (raises BackendUnavailableError for a forced one that cannot)."""
     if exporting():
         return "reference"
@@ -123,16 +129,18 @@ def select(op_name: str, device: torch.device, dtype: torch.dtype, needs_grad: b
     if backend is None:
         raise BackendUnavailableError(
             f"backend {requested_backend()!r} cannot run {op_name} on {device} {dtype}"
-            f"{' with gradients' if needs_grad else ''}{' in training mode' if training else ''}: {reason}")
+            f"{' with gradients' if needs_grad else ''}{' in training mode' if training else ''}: {reason}"
+        )
     return backend
 
 
 @torch.compiler.assume_constant_result
 def runs_fused(op_name: str, device: torch.device, dtype: torch.dtype) -> bool:
     """Whether a call without gradients would run a non-reference backend under the current choice (never
-    raises). A constant to torch.compile, as select is (dynamo cannot trace the use_backend context variable)."""
+    raises). A constant to torch.compile, as select is (dynamo cannot trace the use_backend context variable).
+    While exporting, True: the one-op forms are then exported as their reference formulas (see `exporting`)."""
     if exporting():
-        return False
+        return True
     backend, _ = _resolve(OPS[op_name], CallInfo(device, dtype, False))
     return backend not in (None, "reference")
 

@@ -1,4 +1,5 @@
 """Memory-layout rules shared by every fused backend (torch only, so each backend can import it)."""
+
 from __future__ import annotations
 
 import torch

@@ -10,6 +10,7 @@ Argument rules shared by every op and backend: all tensors on one device; the fe
 one floating dtype (per op below); under ``torch.autocast`` those operands are first cast to the autocast
 dtype, as torch does for convolutions and matmuls. Violations raise ``ValueError`` naming the argument.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -88,6 +89,7 @@ def define(reference_fn: Callable) -> Callable[[Callable], Op]:
 
 # ------------------------------------------------------------------------------------------ checks
 
+
 def _check(cond: bool, message: Callable[[], str]) -> None:
     # The message is built only on failure: formatting a symbolic size would make torch.compile
     # specialise it (e.g. a dynamic batch size).
@@ -102,10 +104,11 @@ def _same_device_and_dtype(op: str, named: Sequence[Tuple[str, Optional[Tensor]]
     for name, t in named[1:]:
         if t is None:
             continue
-        _check(t.device == first.device,
-               lambda: f"{op}: {name} is on {t.device} but {first_name} is on {first.device}")
+        _check(t.device == first.device, lambda: f"{op}: {name} is on {t.device} but {first_name} is on {first.device}")
         if same_dtype:
-            _check(t.dtype == first.dtype, lambda: f"{op}: {name} has dtype {t.dtype} but {first_name} has {first.dtype}")
+            _check(
+                t.dtype == first.dtype, lambda: f"{op}: {name} has dtype {t.dtype} but {first_name} has {first.dtype}"
+            )
         else:
             _check(t.is_floating_point(), lambda: f"{op}: {name} must be floating point, got {t.dtype}")
 
@@ -122,23 +125,35 @@ def _autocast(tensors: List[Optional[Tensor]]) -> List[Optional[Tensor]]:
 
 def _check_multiscale(op: str, x: Tensor, weights: List[Tensor], biases: List[Tensor]) -> None:
     _check(x.dim() == 4, lambda: f"{op}: x must be [B, C, H, W], got shape {tuple(x.shape)}")
-    _check(len(weights) == len(biases) and len(weights) > 0,
-           lambda: f"{op}: need one bias per weight, got {len(weights)} weights and {len(biases)} biases")
+    _check(
+        len(weights) == len(biases) and len(weights) > 0,
+        lambda: f"{op}: need one bias per weight, got {len(weights)} weights and {len(biases)} biases",
+    )
     for i, (w, b) in enumerate(zip(weights, biases)):
-        _check(w.dim() == 4 and w.shape[1] == 1 and w.shape[2] == w.shape[3] and w.shape[2] % 2 == 1,
-               lambda: f"{op}: weights[{i}] must be [c_i, 1, k_i, k_i] with odd k_i, got {tuple(w.shape)}")
-        _check(tuple(b.shape) == (w.shape[0],), lambda: f"{op}: biases[{i}] must be [{w.shape[0]}], got {tuple(b.shape)}")
+        _check(
+            w.dim() == 4 and w.shape[1] == 1 and w.shape[2] == w.shape[3] and w.shape[2] % 2 == 1,
+            lambda: f"{op}: weights[{i}] must be [c_i, 1, k_i, k_i] with odd k_i, got {tuple(w.shape)}",
+        )
+        _check(
+            tuple(b.shape) == (w.shape[0],), lambda: f"{op}: biases[{i}] must be [{w.shape[0]}], got {tuple(b.shape)}"
+        )
     total = sum(w.shape[0] for w in weights)
     _check(total == x.shape[1], lambda: f"{op}: the groups cover {total} channels but x has {x.shape[1]}")
-    _same_device_and_dtype(op, [("x", x)] + [(f"weights[{i}]", w) for i, w in enumerate(weights)]
-                           + [(f"biases[{i}]", b) for i, b in enumerate(biases)])
+    _same_device_and_dtype(
+        op,
+        [("x", x)]
+        + [(f"weights[{i}]", w) for i, w in enumerate(weights)]
+        + [(f"biases[{i}]", b) for i, b in enumerate(biases)],
+    )
 
 
 def _check_per_channel(op: str, x: Tensor, named: Sequence[Tuple[str, Optional[Tensor]]]) -> None:
     C = x.shape[1]
     for name, t in named:
-        _check(t is None or tuple(t.shape) == (C,),
-               lambda: f"{op}: {name} must be [{C}], got {None if t is None else tuple(t.shape)}")
+        _check(
+            t is None or tuple(t.shape) == (C,),
+            lambda: f"{op}: {name} must be [{C}], got {None if t is None else tuple(t.shape)}",
+        )
     _same_device_and_dtype(op, [("x", x), *named], same_dtype=False)
 
 
@@ -150,9 +165,15 @@ def _cast_multiscale(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tens
 
 # --------------------------------------------------------------------------------------------- ops
 
+
 @define(reference.idconv)
-def idconv(x: Tensor, kernel_logits: Tensor, weight: Tensor, bias_logits: Optional[Tensor] = None,
-           bias: Optional[Tensor] = None) -> Tensor:
+def idconv(
+    x: Tensor,
+    kernel_logits: Tensor,
+    weight: Tensor,
+    bias_logits: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+) -> Tensor:
     """Input-dependent depthwise conv (IDConv).
 
     x [B, C, H, W]; kernel_logits [B, G, C, K, K] (pre-softmax over G); weight [G, C, K, K];
@@ -162,17 +183,23 @@ def idconv(x: Tensor, kernel_logits: Tensor, weight: Tensor, bias_logits: Option
     """
     _check(x.dim() == 4, lambda: f"idconv: x must be [B, C, H, W], got shape {tuple(x.shape)}")
     B, C = x.shape[:2]
-    _check(weight.dim() == 4 and weight.shape[1] == C and weight.shape[2] == weight.shape[3],
-           lambda: f"idconv: weight must be [G, {C}, K, K], got {tuple(weight.shape)}")
+    _check(
+        weight.dim() == 4 and weight.shape[1] == C and weight.shape[2] == weight.shape[3],
+        lambda: f"idconv: weight must be [G, {C}, K, K], got {tuple(weight.shape)}",
+    )
     G, _, K, _ = weight.shape
     _check(K % 2 == 1, lambda: f"idconv: kernel size must be odd, got {K}")
-    _check(tuple(kernel_logits.shape) == (B, G, C, K, K),
-           lambda: f"idconv: kernel_logits must be {(B, G, C, K, K)}, got {tuple(kernel_logits.shape)}")
+    _check(
+        tuple(kernel_logits.shape) == (B, G, C, K, K),
+        lambda: f"idconv: kernel_logits must be {(B, G, C, K, K)}, got {tuple(kernel_logits.shape)}",
+    )
     _check((bias is None) == (bias_logits is None), lambda: "idconv: pass both bias_logits and bias, or neither")
     if bias is not None:
         _check(tuple(bias.shape) == (G, C), lambda: f"idconv: bias must be {(G, C)}, got {tuple(bias.shape)}")
-        _check(tuple(bias_logits.shape) == (B, G, C),
-               lambda: f"idconv: bias_logits must be {(B, G, C)}, got {tuple(bias_logits.shape)}")
+        _check(
+            tuple(bias_logits.shape) == (B, G, C),
+            lambda: f"idconv: bias_logits must be {(B, G, C)}, got {tuple(bias_logits.shape)}",
+        )
     args = _autocast([x, kernel_logits, weight, bias_logits, bias])
     _same_device_and_dtype("idconv", list(zip(("x", "kernel_logits", "weight", "bias_logits", "bias"), args)))
     return tuple(args), call_info(args)
@@ -190,9 +217,18 @@ def multiscale_dwconv(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Ten
 
 
 @define(reference.ms_ffn_middle)
-def ms_ffn_middle(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor], norm_weight: Optional[Tensor],
-                  norm_bias: Optional[Tensor], running_mean: Optional[Tensor], running_var: Optional[Tensor],
-                  training: bool, momentum: float = 0.1, eps: float = 1e-5) -> Tensor:
+def ms_ffn_middle(
+    x: Tensor,
+    weights: Sequence[Tensor],
+    biases: Sequence[Tensor],
+    norm_weight: Optional[Tensor],
+    norm_bias: Optional[Tensor],
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    training: bool,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> Tensor:
     """The MS-FFN middle, BatchNorm(GELU(multiscale_dwconv(x) + x)), with F.batch_norm's semantics:
     batch statistics and in-place running-statistic updates when `training`, running statistics otherwise.
 
@@ -200,25 +236,46 @@ def ms_ffn_middle(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor]
     floating dtype (BatchNorm keeps fp32 parameters under autocast)."""
     x, weights, biases = _cast_multiscale(x, weights, biases)
     _check_multiscale("ms_ffn_middle", x, weights, biases)
-    _check_per_channel("ms_ffn_middle", x, (("norm_weight", norm_weight), ("norm_bias", norm_bias),
-                                            ("running_mean", running_mean), ("running_var", running_var)))
-    _check(training or (running_mean is not None and running_var is not None),
-           lambda: "ms_ffn_middle: eval mode needs running_mean and running_var")
+    _check_per_channel(
+        "ms_ffn_middle",
+        x,
+        (
+            ("norm_weight", norm_weight),
+            ("norm_bias", norm_bias),
+            ("running_mean", running_mean),
+            ("running_var", running_var),
+        ),
+    )
+    _check(
+        training or (running_mean is not None and running_var is not None),
+        lambda: "ms_ffn_middle: eval mode needs running_mean and running_var",
+    )
     args = (x, weights, biases, norm_weight, norm_bias, running_mean, running_var, bool(training), momentum, eps)
     return args, call_info([x, *weights, *biases, norm_weight, norm_bias], training=bool(training))
 
 
 @define(reference.ms_ffn_middle_eval)
-def ms_ffn_middle_eval(x: Tensor, input_scale: Tensor, input_shift: Tensor, weights: Sequence[Tensor],
-                       biases: Sequence[Tensor], output_scale: Tensor, output_shift: Tensor) -> Tensor:
+def ms_ffn_middle_eval(
+    x: Tensor,
+    input_scale: Tensor,
+    input_shift: Tensor,
+    weights: Sequence[Tensor],
+    biases: Sequence[Tensor],
+    output_scale: Tensor,
+    output_shift: Tensor,
+) -> Tensor:
     """Inference MS-FFN from fc1's conv output to fc2's input, the eval BatchNorms folded:
     GELU(multiscale_dwconv(y) + y) * output_scale + output_shift with y = GELU(x) * input_scale + input_shift.
 
     The [C] scales and shifts may have any floating dtype."""
     x, weights, biases = _cast_multiscale(x, weights, biases)
     _check_multiscale("ms_ffn_middle_eval", x, weights, biases)
-    affine = (("input_scale", input_scale), ("input_shift", input_shift),
-              ("output_scale", output_scale), ("output_shift", output_shift))
+    affine = (
+        ("input_scale", input_scale),
+        ("input_shift", input_shift),
+        ("output_scale", output_scale),
+        ("output_shift", output_shift),
+    )
     _check(all(t is not None for _, t in affine), lambda: "ms_ffn_middle_eval: scales and shifts are required")
     _check_per_channel("ms_ffn_middle_eval", x, affine)
     args = (x, input_scale, input_shift, weights, biases, output_scale, output_shift)
@@ -226,8 +283,9 @@ def ms_ffn_middle_eval(x: Tensor, input_scale: Tensor, input_shift: Tensor, weig
 
 
 @define(reference.osra_attention)
-def osra_attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor] = None,
-                   scale: Optional[float] = None) -> Tensor:
+def osra_attention(
+    q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor] = None, scale: Optional[float] = None
+) -> Tensor:
     """softmax(q @ k^T * scale + bias) @ v.
 
     q [B, h, N, d]; k, v [B, h, M, d] (one dtype); bias [1 or B, 1 or h, N, M] of any floating dtype;
@@ -235,18 +293,24 @@ def osra_attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor] = Non
     _check(q.dim() == 4 and k.dim() == 4 and v.dim() == 4, lambda: "osra_attention: q, k, v must be 4-D [B, h, L, d]")
     B, h, N, d = q.shape
     M = k.shape[2]
-    _check(tuple(k.shape) == (B, h, M, d) and tuple(v.shape) == (B, h, M, d),
-           lambda: f"osra_attention: k and v must be {(B, h, 'M', d)}, got {tuple(k.shape)} and {tuple(v.shape)}")
+    _check(
+        tuple(k.shape) == (B, h, M, d) and tuple(v.shape) == (B, h, M, d),
+        lambda: f"osra_attention: k and v must be {(B, h, 'M', d)}, got {tuple(k.shape)} and {tuple(v.shape)}",
+    )
     if bias is not None:
         # `== 1 or == B` (not `in (1, B)`) so torch.compile keeps a dynamic batch size symbolic
-        _check(bias.dim() == 4 and (bias.shape[0] == 1 or bias.shape[0] == B) and bias.shape[1] in (1, h)
-               and tuple(bias.shape[2:]) == (N, M),
-               lambda: f"osra_attention: bias must be [1 or {B}, 1 or {h}, {N}, {M}], got {tuple(bias.shape)}")
+        _check(
+            bias.dim() == 4
+            and (bias.shape[0] == 1 or bias.shape[0] == B)
+            and bias.shape[1] in (1, h)
+            and tuple(bias.shape[2:]) == (N, M),
+            lambda: f"osra_attention: bias must be [1 or {B}, 1 or {h}, {N}, {M}], got {tuple(bias.shape)}",
+        )
     q, k, v = _autocast([q, k, v])
     _same_device_and_dtype("osra_attention", (("q", q), ("k", k), ("v", v)))
     _same_device_and_dtype("osra_attention", (("q", q), ("bias", bias)), same_dtype=False)
     if scale is None:
-        scale = d ** -0.5
+        scale = d**-0.5
     return (q, k, v, bias, float(scale)), call_info([q, k, v, bias], head_dim=d)
 
 

@@ -4,6 +4,7 @@ These are the test oracle and the fallback of every fused backend. They import
 nothing but torch, compute exactly what the authors' released model computes,
 and get their gradients from PyTorch autograd.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -31,6 +32,8 @@ def idconv(
     conv_bias = None
     if bias is not None:
         conv_bias = (torch.softmax(bias_logits, dim=1) * bias.unsqueeze(0)).sum(dim=1).reshape(-1)
+    if torch.compiler.is_exporting() and not isinstance(B, int):  # issue 14 (export)
+        return _per_sample_dwconv_by_patches(x, kernel, conv_bias)
     out = F.conv2d(
         x.reshape(1, B * C, H, W),
         kernel.reshape(B * C, 1, K, K),
@@ -41,9 +44,24 @@ def idconv(
     return out.reshape(B, C, H, W)
 
 
-def multiscale_dwconv(
-    x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor]
-) -> torch.Tensor:
+# --- issue 14 (export): begin
+def _per_sample_dwconv_by_patches(x: torch.Tensor, kernel: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """idconv's per-sample depthwise conv (kernel [B, C, K, K], bias [B*C] or None) with a batch-independent
+    conv: a depthwise conv with one-hot kernels gathers each pixel's K*K neighbours, which are then weighted
+    per (sample, channel) and summed. For exporting with a symbolic batch size: the grouped conv above
+    needs groups = B*C, which ONNX's Conv takes as a constant."""
+    B, C, H, W = x.shape
+    K = kernel.shape[-1]
+    one_hot = torch.eye(K * K, dtype=x.dtype, device=x.device).reshape(K * K, 1, K, K).repeat(C, 1, 1, 1)
+    patches = F.conv2d(x, one_hot, padding=K // 2, groups=C).reshape(B, C, K * K, H, W)
+    out = (patches * kernel.reshape(B, C, K * K, 1, 1)).sum(dim=2)
+    return out if bias is None else out + bias.reshape(B, C, 1, 1)
+
+
+# --- issue 14 (export): end
+
+
+def multiscale_dwconv(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor]) -> torch.Tensor:
     """Concatenation of per-group depthwise convs (group i: c_i channels, kernel k_i, padding k_i//2)."""
     widths = [w.shape[0] for w in weights]
     parts = torch.split(x, widths, dim=1)
@@ -91,6 +109,7 @@ def ms_ffn_middle_eval(
     y = GELU(x) * input_scale + input_shift          (fc1's GELU and BatchNorm)
     out = GELU(multiscale_dwconv(y) + y) * output_scale + output_shift   (the middle and its BatchNorm)
     """
+
     def per_channel(t):
         return t.view(1, -1, 1, 1)
 

@@ -40,6 +40,7 @@ so the model's ``out.transpose(-1, -2).reshape(B, C, H, W)`` is a view.
   matrix never reaches memory. Bytes: q + k + v + bias + out; FLOPs 4*B*h*N*M*d.
   q, k, v and bias may have any strides (the model passes transposed views).
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -52,9 +53,11 @@ from ..backend import CallInfo
 from ..layout import empty_like_layout
 
 if importlib.util.find_spec("transxnet_kernels._C") is None:  # no compiler, failed build, TRANSXNET_NO_CPP=1
-    raise ImportError("the C++ extension transxnet_kernels._C is not built; build it with "
-                      "`python setup.py build_ext --inplace` or reinstall with a C++ compiler")
-from .. import _C  # noqa: E402  (an ImportError here, e.g. an ABI mismatch, says why)
+    raise ImportError(
+        "the C++ extension transxnet_kernels._C is not built; build it with "
+        "`python setup.py build_ext --inplace` or reinstall with a C++ compiler"
+    )
+from .. import _C
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
 
@@ -89,8 +92,13 @@ def supports_eval_batchnorm(info: CallInfo) -> Optional[str]:
 
 @ops.idconv.register("cpp", supports=supports)
 @torch.library.custom_op("transxnet_cpp::idconv", mutates_args=())
-def idconv(x: torch.Tensor, kernel_logits: torch.Tensor, weight: torch.Tensor,
-           bias_logits: Optional[torch.Tensor], bias: Optional[torch.Tensor]) -> torch.Tensor:
+def idconv(
+    x: torch.Tensor,
+    kernel_logits: torch.Tensor,
+    weight: torch.Tensor,
+    bias_logits: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+) -> torch.Tensor:
     return _C.idconv_forward(x, kernel_logits, weight, bias_logits, bias)
 
 
@@ -111,9 +119,16 @@ def _(x, weights, biases):
 
 
 @torch.library.custom_op("transxnet_cpp::ms_ffn_middle", mutates_args=())
-def ms_ffn_middle_inference(x: torch.Tensor, weights: List[torch.Tensor], biases: List[torch.Tensor],
-                            norm_weight: Optional[torch.Tensor], norm_bias: Optional[torch.Tensor],
-                            running_mean: torch.Tensor, running_var: torch.Tensor, eps: float) -> torch.Tensor:
+def ms_ffn_middle_inference(
+    x: torch.Tensor,
+    weights: List[torch.Tensor],
+    biases: List[torch.Tensor],
+    norm_weight: Optional[torch.Tensor],
+    norm_bias: Optional[torch.Tensor],
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    eps: float,
+) -> torch.Tensor:
     """ms_ffn_middle with eval-mode BatchNorm (the only mode this backend runs)."""
     return _C.ms_ffn_middle_forward(x, weights, biases, norm_weight, norm_bias, running_mean, running_var, eps)
 
@@ -130,9 +145,15 @@ def ms_ffn_middle(x, weights, biases, norm_weight, norm_bias, running_mean, runn
 
 @ops.ms_ffn_middle_eval.register("cpp", supports=supports)
 @torch.library.custom_op("transxnet_cpp::ms_ffn_middle_eval", mutates_args=())
-def ms_ffn_middle_eval(x: torch.Tensor, input_scale: torch.Tensor, input_shift: torch.Tensor,
-                       weights: List[torch.Tensor], biases: List[torch.Tensor], output_scale: torch.Tensor,
-                       output_shift: torch.Tensor) -> torch.Tensor:
+def ms_ffn_middle_eval(
+    x: torch.Tensor,
+    input_scale: torch.Tensor,
+    input_shift: torch.Tensor,
+    weights: List[torch.Tensor],
+    biases: List[torch.Tensor],
+    output_scale: torch.Tensor,
+    output_shift: torch.Tensor,
+) -> torch.Tensor:
     return _C.ms_ffn_middle_eval_forward(x, input_scale, input_shift, weights, biases, output_scale, output_shift)
 
 
@@ -143,8 +164,9 @@ def _(x, input_scale, input_shift, weights, biases, output_scale, output_shift):
 
 @ops.osra_attention.register("cpp", supports=supports)
 @torch.library.custom_op("transxnet_cpp::osra_attention", mutates_args=())
-def osra_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor],
-                   scale: float) -> torch.Tensor:
+def osra_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor], scale: float
+) -> torch.Tensor:
     return _C.osra_attention_forward(q, k, v, bias, scale)
 
 

@@ -11,6 +11,7 @@ a value of 1 still is). The stencils' tap loads are unaligned by construction an
 masked on sizes (49 keys) that are not multiples of a vector, so alignment buys little, while every distinct
 alignment pattern of shapes and strides would be another compile at run time and in the static audit.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -43,8 +44,10 @@ def supports(info: CallInfo) -> Optional[str]:
         if major < MIN_CAPABILITY:
             # Triton 3.3+ targets 8.0+: on 7.x tl.dot falls back to FMA and bf16 is absent, and these kernels
             # are neither audited (benchmarks.gpu_audit compiles for sm_80/86/90) nor tested there.
-            return (f"compute capability {major}.{minor} is below {MIN_CAPABILITY}.0, which the Triton kernels are "
-                    "audited and tested for; the reference runs instead")
+            return (
+                f"compute capability {major}.{minor} is below {MIN_CAPABILITY}.0, which the Triton kernels are "
+                "audited and tested for; the reference runs instead"
+            )
     elif info.device.type == "cpu":
         if not interpreter_active():
             return "CPU tensors need TRITON_INTERPRET=1 set before Triton is imported"
@@ -87,7 +90,9 @@ class LaunchTarget:
     int32_span_limit: int = INT32_SPAN_LIMIT
 
 
-_overrides: contextvars.ContextVar[Dict[type, object]] = contextvars.ContextVar("transxnet_launch", default={})
+_overrides: contextvars.ContextVar[Optional[Dict[type, object]]] = contextvars.ContextVar(
+    "transxnet_launch", default=None
+)
 
 
 @contextlib.contextmanager
@@ -95,21 +100,21 @@ def launch_overrides(*settings: object) -> Iterator[None]:
     """Plan launches with these settings inside the block: a LaunchTarget (the static GPU audit replays
     launches for a GPU it does not have) and/or op modules' `Settings` (tests force small tiles and
     splits). Each replaces the one of its type; thread- and task-local."""
-    token = _overrides.set({**_overrides.get(), **{type(s): s for s in settings}})
+    token = _overrides.set({**(_overrides.get() or {}), **{type(s): s for s in settings}})
     try:
         yield
     finally:
         _overrides.reset(token)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cuda_sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def launch_target(device: torch.device) -> LaunchTarget:
     """The launch target of tensors on `device` (a launch_overrides LaunchTarget wins)."""
-    override = _overrides.get().get(LaunchTarget)
+    override = (_overrides.get() or {}).get(LaunchTarget)
     if override is not None:
         return override
     if device.type == "cuda":
@@ -124,5 +129,5 @@ S = TypeVar("S")
 def launch_settings(cls: Type[S], device: torch.device) -> S:
     """An op module's launch settings for `device`: a launch_overrides instance of `cls`, else
     `cls.for_target(launch_target(device))`."""
-    override = _overrides.get().get(cls)
+    override = (_overrides.get() or {}).get(cls)
     return override if override is not None else cls.for_target(launch_target(device))

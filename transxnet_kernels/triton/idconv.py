@@ -73,7 +73,7 @@ class Settings:
     target_programs: int = 1024
 
     @classmethod
-    def for_target(cls, target: LaunchTarget) -> "Settings":
+    def for_target(cls, target: LaunchTarget) -> Settings:
         return cls()
 
 
@@ -308,7 +308,7 @@ class _Plan:
 
 def _launch_dynconv(src: torch.Tensor, dst: torch.Tensor, kernel_logits: torch.Tensor, weight: torch.Tensor,
                     bias_logits: Optional[torch.Tensor], bias: Optional[torch.Tensor], flip: bool) -> None:
-    B, C, H, W = src.shape
+    _, C, H, W = src.shape
     G, K = weight.shape[0], weight.shape[-1]
     plan = _Plan(src, K)
     has_bias = bias is not None

@@ -71,7 +71,7 @@ class Settings:
     max_channel_block: int = 32
 
     @classmethod
-    def for_target(cls, target: LaunchTarget) -> "Settings":
+    def for_target(cls, target: LaunchTarget) -> Settings:
         if target.interpreted:
             return cls(tile_elements=4096, target_programs=1)
         return cls(tile_elements=1024, target_programs=8 * target.sm_count)
@@ -374,7 +374,7 @@ def _block_table(widths: Sequence[int], ksizes: Sequence[int], block_c: int, dev
 
 
 def _plan(x: torch.Tensor, widths: Sequence[int], ksizes: Sequence[int], *others: torch.Tensor) -> _Plan:
-    B, C, H, W = x.shape
+    B, _, H, W = x.shape
     hw = H * W
     settings = launch_settings(Settings, x.device)
     block_c = min(settings.max_channel_block, triton.next_power_of_2(max(widths))) if channels_last_input(x) else 1
@@ -500,7 +500,7 @@ def ms_ffn_middle_packed(x: torch.Tensor, w_table: torch.Tensor, bias: torch.Ten
                          eps: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out, mean, var): mean and var are the per-channel statistics BN normalised with (batch mean and biased
     batch variance in training, copies of the running statistics in eval), in the accumulation dtype."""
-    B, C, H, W = x.shape
+    C = x.shape[1]
     out = torch.empty_like(x)
     plan = _plan(x, widths, ksizes, out)
     w_table, bias = w_table.contiguous(), bias.contiguous()

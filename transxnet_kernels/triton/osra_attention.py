@@ -323,7 +323,7 @@ class Settings:
     target_programs: int
 
     @classmethod
-    def for_target(cls, target: LaunchTarget) -> "Settings":
+    def for_target(cls, target: LaunchTarget) -> Settings:
         return cls(target_programs=4 if target.interpreted else 2 * target.sm_count)
 
 
@@ -441,7 +441,7 @@ def _backward(grad_out, q, k, v, bias, out, lse, scale, bias_needs_grad):
             q, k, v, bias if bias is not None else q, out, grad_out, lse, delta, dq, dbias_buf, scale_t,
             *q.stride(), *k.stride(), *_bias_strides(bias), *dbias_strides,
             B, h, N, M, d, batches_per_group,
-            HAS_BIAS=bias is not None, HAS_DBIAS=has_dbias, ONE_KEY_BLOCK=M <= cfg.block_m,
+            HAS_BIAS=bias is not None, HAS_DBIAS=has_dbias, ONE_KEY_BLOCK=cfg.block_m >= M,
             PRECISION=cfg.precision, USE_DOT=cfg.use_dot,
             BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d, INDEX64=index64, num_warps=cfg.num_warps,
         )
