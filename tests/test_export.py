@@ -5,6 +5,7 @@ exported graphs hold standard ops only, on every backend and in every grad mode;
 exports as its folded, BatchNorm-free graph. onnx, onnxscript and onnxruntime are test dependencies
 (scripts/setup_env.sh installs them): missing, these tests fail, they do not skip.
 """
+
 import contextlib
 
 import numpy as np
@@ -61,16 +62,18 @@ def check_in_onnx_runtime(model, path, batches, size):
 
 
 def op_types(graph: onnx.ModelProto) -> set:
-    return {node.op_type for node in graph.graph.node} | {
-        node.op_type for fn in graph.functions for node in fn.node}
+    return {node.op_type for node in graph.graph.node} | {node.op_type for fn in graph.functions for node in fn.node}
 
 
 # Every grad mode with a static batch size; a dynamic one (a slower export) in inference mode only.
 EXPORT_CASES = [(False, mode) for mode in sorted(GRAD_MODES)] + [(True, "inference_mode")]
 
 
-@pytest.mark.parametrize("dynamic, grad_mode", EXPORT_CASES,
-                         ids=[f"{'dynamic' if dynamic else 'static'}-{mode}" for dynamic, mode in EXPORT_CASES])
+@pytest.mark.parametrize(
+    "dynamic, grad_mode",
+    EXPORT_CASES,
+    ids=[f"{'dynamic' if dynamic else 'static'}-{mode}" for dynamic, mode in EXPORT_CASES],
+)
 @pytest.mark.parametrize("accelerated", [False, True], ids=["plain", "accelerated"])
 def test_onnx_export_runs_in_onnx_runtime(tmp_path, accelerated, dynamic, grad_mode):
     model = make_model(SMALL, accelerated, 64)

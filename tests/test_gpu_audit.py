@@ -8,6 +8,7 @@ unchanged, so a run compiles only what changed. Cases that fail today are marked
 with their failures spelled out: fixing a kernel turns its case into an XPASS, which fails until the
 mark is removed.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,9 +23,15 @@ ROOT = Path(__file__).resolve().parent.parent
 TARGETS = ("sm_80", "sm_86", "sm_90")
 DTYPES = ("fp32", "fp16", "bf16")
 KERNELS = (
-    "_dynconv_kernel", "_kernel_grad_partial_kernel", "_softmax_chain_kernel",  # IDConv
-    "_forward_kernel", "_middle_grad_kernel", "_dx_kernel",  # multi-scale depthwise conv, MS-FFN middle
-    "_osra_fwd_kernel", "_osra_bwd_dq_kernel", "_osra_bwd_dkdv_kernel",  # OSRA
+    "_dynconv_kernel",
+    "_kernel_grad_partial_kernel",
+    "_softmax_chain_kernel",  # IDConv
+    "_forward_kernel",
+    "_middle_grad_kernel",
+    "_dx_kernel",  # multi-scale depthwise conv, MS-FFN middle
+    "_osra_fwd_kernel",
+    "_osra_bwd_dq_kernel",
+    "_osra_bwd_dkdv_kernel",  # OSRA
 )
 
 # (kernel, target, dtype) -> what fails today (benchmarks/results/gpu_audit_<triton>.md lists every case),
@@ -32,14 +39,21 @@ KERNELS = (
 # kernels (ptxas's choice, not register pressure), and the fp32 OSRA dq kernel on sm_80.
 _SMALL_SPILL = "ptxas spills {} B at {} registers ({})"
 KNOWN_FAILURES = {
-    **{("_dx_kernel", "sm_80", d): _SMALL_SPILL.format(4, 128, "NCHW weight-gradient pass, 256-pixel tiles")
-       for d in DTYPES},
-    **{("_forward_kernel", "sm_80", d): _SMALL_SPILL.format(8, 96, "NCHW GELU+BatchNorm epilogue pass") for d in DTYPES},
+    **{
+        ("_dx_kernel", "sm_80", d): _SMALL_SPILL.format(4, 128, "NCHW weight-gradient pass, 256-pixel tiles")
+        for d in DTYPES
+    },
+    **{
+        ("_forward_kernel", "sm_80", d): _SMALL_SPILL.format(8, 96, "NCHW GELU+BatchNorm epilogue pass") for d in DTYPES
+    },
     **{("_middle_grad_kernel", "sm_86", d): _SMALL_SPILL.format(12, 80, "NCHW dz pass") for d in ("fp16", "bf16")},
     ("_middle_grad_kernel", "sm_90", "fp32"): _SMALL_SPILL.format(4, 96, "NCHW dz pass, 256-pixel tiles"),
     ("_osra_bwd_dq_kernel", "sm_80", "fp32"): "255 registers, 80 B of spills (IEEE fp32 tl.dot on FMA units)",
-    **{("_softmax_chain_kernel", t, d): _SMALL_SPILL.format(4, "128-168", "16-channel tiles")
-       for t in TARGETS for d in DTYPES},
+    **{
+        ("_softmax_chain_kernel", t, d): _SMALL_SPILL.format(4, "128-168", "16-channel tiles")
+        for t in TARGETS
+        for d in DTYPES
+    },
 }
 
 
@@ -48,8 +62,13 @@ def audit(tmp_path_factory):
     pytest.importorskip("triton")
     output = tmp_path_factory.mktemp("gpu_audit") / "audit.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_audit", "--targets", ",".join(TARGETS),
-                           "--output", str(output)], cwd=ROOT, env=env, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.gpu_audit", "--targets", ",".join(TARGETS), "--output", str(output)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, f"gpu_audit failed:\n{proc.stdout}\n{proc.stderr[-5000:]}"
     return json.loads(output.read_text())
 
@@ -81,7 +100,10 @@ def test_launches_compile_fit_and_do_not_spill(audit, kernel, target, dtype):
         if s["smem_bytes"] > limit:
             failures.append(f"{s['constexprs']}: smem {s['smem_bytes']} B > {limit} B")
         if s["spill_store_bytes"] or s["spill_load_bytes"]:
-            failures.append(f"{s['constexprs']}: spills {s['spill_store_bytes']} B stores, "
-                            f"{s['spill_load_bytes']} B loads ({s['registers']} registers)")
-    assert not failures, f"{kernel} on {target}, {dtype}: {len(failures)} of {len(specs)} specialisations fail:\n" + \
-        "\n".join(failures)
+            failures.append(
+                f"{s['constexprs']}: spills {s['spill_store_bytes']} B stores, "
+                f"{s['spill_load_bytes']} B loads ({s['registers']} registers)"
+            )
+    assert not failures, (
+        f"{kernel} on {target}, {dtype}: {len(failures)} of {len(specs)} specialisations fail:\n" + "\n".join(failures)
+    )

@@ -1,4 +1,5 @@
 """The eager model: architecture, state-dict layout, shapes, input checks (timm: tests/test_timm.py)."""
+
 import pytest
 import torch
 from parity import manifest

@@ -2,12 +2,13 @@
 
 timm is a test dependency (scripts/setup_env.sh installs it): a missing timm fails here, it does not skip.
 """
+
 import pytest
 import timm
 import torch
+from parity import fill_deterministic
 
 import transxnet
-from parity import fill_deterministic
 from transxnet.timm_models import TimmTransXNet
 
 CROP_PCT = {"t": 0.9, "s": 0.9, "b": 0.95}
@@ -62,21 +63,24 @@ def test_checkpoint_filter_on_a_loaded_url_checkpoint(released_t):
 def test_timm_pretrained_with_another_class_count_or_image_size(tmp_path, released_t):
     path = tmp_path / "transx-t.pth.tar"
     torch.save({"state_dict": released_t}, path)
-    model = timm.create_model("transxnet_t.in1k", pretrained=True, num_classes=10,
-                              pretrained_cfg_overlay=dict(file=str(path)))
+    model = timm.create_model(
+        "transxnet_t.in1k", pretrained=True, num_classes=10, pretrained_cfg_overlay=dict(file=str(path))
+    )
     assert model.get_classifier().out_channels == 10
     assert torch.equal(model.state_dict()["network.0.0.pos_embed.weight"], released_t["network.0.0.pos_embed.weight"])
     with pytest.warns(UserWarning, match="bicubic"):
-        model = timm.create_model("transxnet_t.in1k", pretrained=True, image_size=256,
-                                  pretrained_cfg_overlay=dict(file=str(path)))
+        model = timm.create_model(
+            "transxnet_t.in1k", pretrained=True, image_size=256, pretrained_cfg_overlay=dict(file=str(path))
+        )
     assert model.relative_pos_enc[0].shape[-2:] == (64 * 64, 8 * 8)
 
 
 def test_features_only_through_forward_intermediates(tmp_path, released_t):
     path = tmp_path / "transx-t.pth.tar"
     torch.save(released_t, path)
-    feats = timm.create_model("transxnet_t.in1k", pretrained=True, features_only=True,
-                              pretrained_cfg_overlay=dict(file=str(path))).eval()
+    feats = timm.create_model(
+        "transxnet_t.in1k", pretrained=True, features_only=True, pretrained_cfg_overlay=dict(file=str(path))
+    ).eval()
     assert feats.feature_info.channels() == [48, 96, 224, 448]
     assert feats.feature_info.reduction() == [4, 8, 16, 32]
     ref = transxnet.transxnet_t(pretrained=str(path)).eval()
@@ -88,8 +92,13 @@ def test_features_only_through_forward_intermediates(tmp_path, released_t):
     torch.testing.assert_close(maps[-1], final)
 
     # out_indices prunes the later stages; the kept maps are unchanged
-    two = timm.create_model("transxnet_t.in1k", pretrained=True, features_only=True, out_indices=(0, 1),
-                            pretrained_cfg_overlay=dict(file=str(path))).eval()
+    two = timm.create_model(
+        "transxnet_t.in1k",
+        pretrained=True,
+        features_only=True,
+        out_indices=(0, 1),
+        pretrained_cfg_overlay=dict(file=str(path)),
+    ).eval()
     assert two.feature_info.channels() == [48, 96] and len(two.model.network) == 3
     with torch.no_grad():
         kept = two(x)
