@@ -239,15 +239,31 @@ def test_ddp_two_gloo_processes_match_single_process(tmp_path):
 
 
 @requires_cpp
-def test_cpu_inference_runs_the_cpp_kernels_in_channels_last():
+def test_cpu_inference_runs_the_cpp_kernels_in_channels_last(monkeypatch):
+    from transxnet_kernels.cpp import ops as cpp_ops
+
+    # Count the C++ entry points themselves (torch 2.14's profiler omits custom ops with list arguments).
+    ran = {}
+
+    class CountingExtension:
+        def __getattr__(self, name):
+            kernel = getattr(real_extension, name)
+
+            def counted(*args):
+                ran[name] = ran.get(name, 0) + 1
+                return kernel(*args)
+
+            return counted
+
+    real_extension = cpp_ops._C
+    monkeypatch.setattr(cpp_ops, "_C", CountingExtension())
     _, fast = eager_and_accelerated("t", num_classes=10)
     fast.eval()
     x = torch.randn(2, 3, 64, 96)
-    with torch.no_grad(), torch.profiler.profile() as prof:
+    with torch.no_grad():
         fast(x)
-    ops = {e.key for e in prof.key_averages()}
-    for op in ("transxnet_cpp::idconv", "transxnet_cpp::osra_attention", "transxnet_cpp::ms_ffn_middle_eval"):
-        assert op in ops, f"{op} did not run; ran: {sorted(o for o in ops if 'transxnet' in o)}"
+    for kernel in ("idconv_forward", "osra_attention_forward", "ms_ffn_middle_eval_forward"):
+        assert ran.get(kernel), f"{kernel} did not run; ran: {ran}"
     with torch.no_grad():
         feats = fast.forward_features(x)
     assert feats.is_contiguous(memory_format=torch.channels_last)
