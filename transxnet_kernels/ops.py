@@ -14,8 +14,9 @@ dtype, as torch does for convolutions and matmuls. Violations raise ``ValueError
 from __future__ import annotations
 
 import inspect
+import re
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -59,6 +60,22 @@ class Op:
         def deco(fn: Callable) -> Callable:
             self._impls[backend] = _Impl(fn, supports)
             return fn
+
+        return deco
+
+    def library_op(self, namespace: str, fake: Callable[..., Tensor]) -> Callable[[Callable], Any]:
+        """Decorator: `fn` as the torch.library custom op ``<namespace>::<op>`` taking this op's arguments, with
+        `fake` as its fake (meta) implementation. The schema is inferred from the reference, so a backend does
+        not write the parameter list again."""
+        schema = torch.library.infer_schema(self._impls["reference"].fn, mutates_args=())
+        # Without defaults: the definition passes every argument, and the dispatcher would drop those equal
+        # to a schema default before calling `fn`.
+        schema = re.sub(r"=[^,)]+", "", schema)
+
+        def deco(fn: Callable) -> Any:
+            library_op = torch.library.custom_op(f"{namespace}::{self.name}", fn, mutates_args=(), schema=schema)
+            library_op.register_fake(fake)
+            return library_op
 
         return deco
 

@@ -91,31 +91,15 @@ def supports_eval_batchnorm(info: CallInfo) -> Optional[str]:
 
 
 @ops.idconv.register("cpp", supports=supports)
-@torch.library.custom_op("transxnet_cpp::idconv", mutates_args=())
-def idconv(
-    x: torch.Tensor,
-    kernel_logits: torch.Tensor,
-    weight: torch.Tensor,
-    bias_logits: Optional[torch.Tensor],
-    bias: Optional[torch.Tensor],
-) -> torch.Tensor:
+@ops.idconv.library_op("transxnet_cpp", fake=lambda x, *_: empty_like_layout(x))
+def idconv(x, kernel_logits, weight, bias_logits, bias):
     return _C.idconv_forward(x, kernel_logits, weight, bias_logits, bias)
 
 
-@idconv.register_fake
-def _(x, kernel_logits, weight, bias_logits, bias):
-    return empty_like_layout(x)
-
-
 @ops.multiscale_dwconv.register("cpp", supports=supports)
-@torch.library.custom_op("transxnet_cpp::multiscale_dwconv", mutates_args=())
-def multiscale_dwconv(x: torch.Tensor, weights: List[torch.Tensor], biases: List[torch.Tensor]) -> torch.Tensor:
+@ops.multiscale_dwconv.library_op("transxnet_cpp", fake=lambda x, *_: empty_like_layout(x))
+def multiscale_dwconv(x, weights, biases):
     return _C.multiscale_dwconv_forward(x, weights, biases)
-
-
-@multiscale_dwconv.register_fake
-def _(x, weights, biases):
-    return empty_like_layout(x)
 
 
 @torch.library.custom_op("transxnet_cpp::ms_ffn_middle", mutates_args=())
@@ -144,34 +128,14 @@ def ms_ffn_middle(x, weights, biases, norm_weight, norm_bias, running_mean, runn
 
 
 @ops.ms_ffn_middle_eval.register("cpp", supports=supports)
-@torch.library.custom_op("transxnet_cpp::ms_ffn_middle_eval", mutates_args=())
-def ms_ffn_middle_eval(
-    x: torch.Tensor,
-    input_scale: torch.Tensor,
-    input_shift: torch.Tensor,
-    weights: List[torch.Tensor],
-    biases: List[torch.Tensor],
-    output_scale: torch.Tensor,
-    output_shift: torch.Tensor,
-) -> torch.Tensor:
+@ops.ms_ffn_middle_eval.library_op("transxnet_cpp", fake=lambda x, *_: empty_like_layout(x))
+def ms_ffn_middle_eval(x, input_scale, input_shift, weights, biases, output_scale, output_shift):
     return _C.ms_ffn_middle_eval_forward(x, input_scale, input_shift, weights, biases, output_scale, output_shift)
 
 
-@ms_ffn_middle_eval.register_fake
-def _(x, input_scale, input_shift, weights, biases, output_scale, output_shift):
-    return empty_like_layout(x)
-
-
+# The output has q's dimension order, dense (empty_like, as the kernel allocates it): for the model's transposed
+# channels_last q, its transpose + reshape back to [B, C, H, W] is a view.
 @ops.osra_attention.register("cpp", supports=supports)
-@torch.library.custom_op("transxnet_cpp::osra_attention", mutates_args=())
-def osra_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor], scale: float
-) -> torch.Tensor:
+@ops.osra_attention.library_op("transxnet_cpp", fake=lambda q, *_: torch.empty_like(q))
+def osra_attention(q, k, v, bias, scale):
     return _C.osra_attention_forward(q, k, v, bias, scale)
-
-
-@osra_attention.register_fake
-def _(q, k, v, bias, scale):
-    # q's dimension order, dense (empty_like, as the kernel allocates it): for the model's
-    # transposed channels_last q, its transpose + reshape back to [B, C, H, W] is a view.
-    return torch.empty_like(q)
