@@ -112,7 +112,7 @@ GPUS = {
     "sm_90": Gpu("H100 SXM", 90, 132, 3.35, 1.755, 228, 227, 64, 32, True),
 }
 # Bump when compile_spec's result changes, so that cached results of the old form are recompiled.
-RESULT_FORMAT = 1
+RESULT_FORMAT = 2
 REGISTERS_PER_SM = 65536
 SCHEDULERS_PER_SM = 4
 
@@ -139,6 +139,19 @@ def plan_for_gpu(sm_count: int) -> Iterator[None]:
 
     with common.launch_overrides(common.LaunchTarget(sm_count=sm_count, interpreted=False)):
         yield
+
+
+def package_jit_functions() -> List[JITFunction]:
+    """Every @triton.jit function of the package's Triton modules (kernels and the helpers they call)."""
+    import transxnet_kernels.triton  # noqa: F401  (imports the kernel modules)
+
+    return [
+        value
+        for name, module in sorted(sys.modules.items())
+        if name.startswith("transxnet_kernels.triton")
+        for value in vars(module).values()
+        if isinstance(value, JITFunction)
+    ]
 
 
 def triton_runs(dtype: torch.dtype, cc: int) -> bool:
@@ -406,7 +419,7 @@ def recording_launches(gpu: Gpu, sink: List[Launch], phase: List[str]) -> Iterat
         grid = tuple(grid) + (1,) * (3 - len(grid))
         key = json.dumps(
             [
-                ASTSource(fn, signature, constexprs, attrs).hash(),
+                _line_independent_hash(ASTSource(fn, signature, constexprs, attrs)),
                 _options_key(options),
                 gpu.target,
                 triton.__version__,
@@ -448,8 +461,41 @@ def recording_launches(gpu: Gpu, sink: List[Launch], phase: List[str]) -> Iterat
         JITFunction.run = real_run
 
 
+def _line_independent_hash(source: ASTSource) -> str:
+    """ASTSource.hash() with the package's JIT functions moved to line 0. Triton hashes a function's starting
+    line (for debug info), so an edit to one kernel would otherwise invalidate the cached results of every
+    kernel below it in the file; resources and SASS do not depend on line numbers."""
+    fn = source.fn
+    if id(fn) not in _LINE_0_KEYS:
+        functions = package_jit_functions()
+        saved = [(f, f.starting_line_number, f.hash) for f in functions]
+        try:
+            for f in functions:
+                f.starting_line_number, f.hash = 0, None
+            _LINE_0_KEYS[id(fn)] = fn.cache_key
+        finally:
+            for f, line, digest in saved:
+                f.starting_line_number, f.hash = line, digest
+    saved_digest, fn.hash = fn.hash, _LINE_0_KEYS[id(fn)]
+    try:
+        return source.hash()
+    finally:
+        fn.hash = saved_digest
+
+
+_LINE_0_KEYS: Dict[int, str] = {}  # id(kernel) -> its cache key with every package JIT function at line 0
+
+
 def _options_key(options) -> Dict[str, Any]:
-    return {k: _describe(v) for k, v in sorted(options.__dict__.items())}
+    """The compile options as cache-key text. Absolute paths (libdevice under the virtual environment) are cut
+    to their file names: the committed cache must hit from any checkout, wherever its venv lives."""
+    return {k: _drop_directories(_describe(v)) for k, v in sorted(options.__dict__.items())}
+
+
+def _drop_directories(value: Any) -> Any:
+    if not isinstance(value, str):
+        return value
+    return re.sub(r"/[^'\",()\s]+", lambda m: Path(m.group(0)).name, value)
 
 
 def record_call(call: OpCall, gpu: Gpu) -> List[Launch]:
@@ -490,6 +536,8 @@ def compile_spec(spec: Dict[str, Any]) -> Dict[str, Any]:
     log = io.StringIO()
     started = time.perf_counter()
     try:
+        # Triton's own on-disk cache would hand back a kernel without running ptxas, so without its log.
+        knobs.compilation.always_compile = True
         knobs.nvidia.dump_ptxas_log = True
         with contextlib.redirect_stdout(log):
             kernel = triton.compile(src, target=target, options=spec["options"])
@@ -502,6 +550,7 @@ def compile_spec(spec: Dict[str, Any]) -> Dict[str, Any]:
         }
     finally:
         knobs.nvidia.dump_ptxas_log = False
+        knobs.compilation.always_compile = False
     ptxas = _parse_ptxas_log(log.getvalue())
     sass = _disassemble(kernel.asm["cubin"])
     return {

@@ -10,7 +10,11 @@ if [ ! -x .venv-triton36/bin/python ]; then
   echo "[gpu_audit] creating .venv-triton36"
   "${PYTHON:-python3}" -m venv .venv-triton36
   .venv-triton36/bin/python -m pip install -q --upgrade pip >/dev/null
-  .venv-triton36/bin/python -m pip install -q "${TORCH_SPEC:-torch==2.13.0}" 'triton==3.6.*' numpy
+  # The same torch as .venv, so that both audits replay the same captured op calls (their cache is keyed by
+  # the torch version); that torch pins a newer Triton, replaced here without its dependency check.
+  torch_spec="torch==$(.venv/bin/python -c 'import torch; print(torch.__version__.split("+")[0])')"
+  .venv-triton36/bin/python -m pip install -q "$torch_spec" numpy
+  .venv-triton36/bin/python -m pip install -q --no-deps 'triton==3.6.*'
 fi
 for venv in .venv .venv-triton36; do
   echo "[gpu_audit] $("$venv/bin/python" -c 'import triton; print("triton", triton.__version__)') ($venv)"

@@ -45,6 +45,7 @@ Roofline (N = B·C·H·W elements of e bytes each; the K² logits/weights are ne
 Each pass gathers the K×K taps from L1/L2 with one masked load per tap and output element, so it is bound
 by load issue rather than DRAM traffic (the static GPU audit, `python -m benchmarks.gpu_audit`, counts it).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -55,10 +56,16 @@ import triton
 import triton.language as tl
 
 from .. import ops
-from .common import (device_guard, launch_settings, needs_int64, supports, tl_accumulation_dtype,
-                     LaunchTarget, accumulation_dtype)
 from ..layout import channels_last_input
-
+from .common import (
+    LaunchTarget,
+    accumulation_dtype,
+    device_guard,
+    launch_settings,
+    needs_int64,
+    supports,
+    tl_accumulation_dtype,
+)
 
 
 @dataclass(frozen=True)
@@ -100,8 +107,9 @@ def _softmax_mix(logits_ptrs, bank_ptrs, g_stride, mask, G: tl.constexpr, ACC: t
 
 
 @triton.jit
-def _softmax_backward(d, logits_ptrs, bank_ptrs, grad_logits_ptrs, grad_bank_part_ptrs, g_stride, mask,
-                      G: tl.constexpr, ACC: tl.constexpr):
+def _softmax_backward(
+    d, logits_ptrs, bank_ptrs, grad_logits_ptrs, grad_bank_part_ptrs, g_stride, mask, G: tl.constexpr, ACC: tl.constexpr
+):
     """Given d = grad of Σ_g s_g·bank[g], store grad logits s_g·(d·bank[g] − Σ s·d·bank) and s_g·d."""
     m = _group_max(logits_ptrs, g_stride, mask, G, ACC)
     den = tl.zeros_like(m)
@@ -114,14 +122,28 @@ def _softmax_backward(d, logits_ptrs, bank_ptrs, grad_logits_ptrs, grad_bank_par
     for g in tl.static_range(G):
         s = tl.exp(tl.load(logits_ptrs + g * g_stride, mask=mask, other=0.0).to(ACC) - m) / den
         dot = d * tl.load(bank_ptrs + g * g_stride, mask=mask, other=0.0).to(ACC)
-        tl.store(grad_logits_ptrs + g * g_stride, (s * (dot - weighted_dot)).to(grad_logits_ptrs.dtype.element_ty),
-                 mask=mask)
+        tl.store(
+            grad_logits_ptrs + g * g_stride, (s * (dot - weighted_dot)).to(grad_logits_ptrs.dtype.element_ty), mask=mask
+        )
         tl.store(grad_bank_part_ptrs + g * g_stride, (s * d).to(grad_bank_part_ptrs.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _tap_window(c, c_ok, p, p_end, H, W, stride_c, stride_h, stride_w,
-                K: tl.constexpr, KK_PAD: tl.constexpr, FLIP: tl.constexpr, INDEX64: tl.constexpr):
+def _tap_window(
+    c,
+    c_ok,
+    p,
+    p_end,
+    H,
+    W,
+    stride_c,
+    stride_h,
+    stride_w,
+    K: tl.constexpr,
+    KK_PAD: tl.constexpr,
+    FLIP: tl.constexpr,
+    INDEX64: tl.constexpr,
+):
     """Offsets and mask of the [channels, taps, positions] input window of output positions p."""
     t = tl.arange(0, KK_PAD)
     if FLIP:
@@ -134,8 +156,15 @@ def _tap_window(c, c_ok, p, p_end, H, W, stride_c, stride_h, stride_w,
     w = p % W
     ih = h[None, None, :] + dh[None, :, None]
     iw = w[None, None, :] + dw[None, :, None]
-    mask = (c_ok[:, None, None] & (t < K * K)[None, :, None] & (p < p_end)[None, None, :]
-            & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W))
+    mask = (
+        c_ok[:, None, None]
+        & (t < K * K)[None, :, None]
+        & (p < p_end)[None, None, :]
+        & (ih >= 0)
+        & (ih < H)
+        & (iw >= 0)
+        & (iw < W)
+    )
     c3 = c[:, None, None]
     if INDEX64:
         offs = c3.to(tl.int64) * stride_c + ih.to(tl.int64) * stride_h + iw.to(tl.int64) * stride_w
@@ -150,21 +179,60 @@ def _plane_offsets(c, p, W, stride_c, stride_h, stride_w, INDEX64: tl.constexpr)
     h = p // W
     w = p % W
     if INDEX64:
-        return (c[:, None].to(tl.int64) * stride_c + h[None, :].to(tl.int64) * stride_h
-                + w[None, :].to(tl.int64) * stride_w)
+        return (
+            c[:, None].to(tl.int64) * stride_c + h[None, :].to(tl.int64) * stride_h + w[None, :].to(tl.int64) * stride_w
+        )
     return c[:, None] * stride_c + h[None, :] * stride_h + w[None, :] * stride_w
 
 
-@triton.jit(do_not_specialize_on_alignment=["C", "H", "W", "src_stride_b", "src_stride_c", "src_stride_h", "src_stride_w", "dst_stride_b", "dst_stride_c", "dst_stride_h", "dst_stride_w", "n_cblocks", "n_chunks", "chunk_len"])
+@triton.jit(
+    do_not_specialize_on_alignment=[
+        "C",
+        "H",
+        "W",
+        "src_stride_b",
+        "src_stride_c",
+        "src_stride_h",
+        "src_stride_w",
+        "dst_stride_b",
+        "dst_stride_c",
+        "dst_stride_h",
+        "dst_stride_w",
+        "n_cblocks",
+        "n_chunks",
+        "chunk_len",
+    ]
+)
 def _dynconv_kernel(
-    src_ptr, dst_ptr, kernel_logits_ptr, weight_ptr, bias_logits_ptr, bias_ptr,
-    C, H, W,
-    src_stride_b, src_stride_c, src_stride_h, src_stride_w,
-    dst_stride_b, dst_stride_c, dst_stride_h, dst_stride_w,
-    n_cblocks, n_chunks, chunk_len,
-    G: tl.constexpr, K: tl.constexpr, KK_PAD: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
-    FLIP: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr, INDEX64: tl.constexpr,
+    src_ptr,
+    dst_ptr,
+    kernel_logits_ptr,
+    weight_ptr,
+    bias_logits_ptr,
+    bias_ptr,
+    C,
+    H,
+    W,
+    src_stride_b,
+    src_stride_c,
+    src_stride_h,
+    src_stride_w,
+    dst_stride_b,
+    dst_stride_c,
+    dst_stride_h,
+    dst_stride_w,
+    n_cblocks,
+    n_chunks,
+    chunk_len,
+    G: tl.constexpr,
+    K: tl.constexpr,
+    KK_PAD: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    FLIP: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ACC: tl.constexpr,
+    INDEX64: tl.constexpr,
 ):
     """dst[b,c] = src[b,c] ⋆ k[b,c] (+ β[b,c]); FLIP convolves with the flipped kernel (gx)."""
     pid = tl.program_id(0)
@@ -187,8 +255,9 @@ def _dynconv_kernel(
     p_end = tl.minimum(p_start + chunk_len, H * W)
     for p0 in range(p_start, p_end, BLOCK_P):
         p = p0 + tl.arange(0, BLOCK_P)
-        offs, mask = _tap_window(c, c_ok, p, p_end, H, W, src_stride_c, src_stride_h, src_stride_w,
-                                 K, KK_PAD, FLIP, INDEX64)
+        offs, mask = _tap_window(
+            c, c_ok, p, p_end, H, W, src_stride_c, src_stride_h, src_stride_w, K, KK_PAD, FLIP, INDEX64
+        )
         window = tl.load(src + offs, mask=mask, other=0.0).to(ACC)
         out = tl.sum(window * kern, axis=1)
         if HAS_BIAS:
@@ -197,15 +266,51 @@ def _dynconv_kernel(
         tl.store(dst + out_offs, out.to(dst_ptr.dtype.element_ty), mask=c_ok[:, None] & (p < p_end)[None, :])
 
 
-@triton.jit(do_not_specialize_on_alignment=["B", "C", "H", "W", "x_stride_b", "x_stride_c", "x_stride_h", "x_stride_w", "grad_out_stride_b", "grad_out_stride_c", "grad_out_stride_h", "grad_out_stride_w", "n_cblocks", "n_chunks", "chunk_len"])
+@triton.jit(
+    do_not_specialize_on_alignment=[
+        "B",
+        "C",
+        "H",
+        "W",
+        "x_stride_b",
+        "x_stride_c",
+        "x_stride_h",
+        "x_stride_w",
+        "grad_out_stride_b",
+        "grad_out_stride_c",
+        "grad_out_stride_h",
+        "grad_out_stride_w",
+        "n_cblocks",
+        "n_chunks",
+        "chunk_len",
+    ]
+)
 def _kernel_grad_partial_kernel(
-    x_ptr, grad_out_ptr, dk_part_ptr, dbeta_part_ptr,
-    B, C, H, W,
-    x_stride_b, x_stride_c, x_stride_h, x_stride_w,
-    grad_out_stride_b, grad_out_stride_c, grad_out_stride_h, grad_out_stride_w,
-    n_cblocks, n_chunks, chunk_len,
-    K: tl.constexpr, KK_PAD: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
-    ACC: tl.constexpr, INDEX64: tl.constexpr,
+    x_ptr,
+    grad_out_ptr,
+    dk_part_ptr,
+    dbeta_part_ptr,
+    B,
+    C,
+    H,
+    W,
+    x_stride_b,
+    x_stride_c,
+    x_stride_h,
+    x_stride_w,
+    grad_out_stride_b,
+    grad_out_stride_c,
+    grad_out_stride_h,
+    grad_out_stride_w,
+    n_cblocks,
+    n_chunks,
+    chunk_len,
+    K: tl.constexpr,
+    KK_PAD: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    ACC: tl.constexpr,
+    INDEX64: tl.constexpr,
 ):
     """Chunk partials of dk[b,c,t] = Σ gy·shifted x and dβ[b,c] = Σ gy, into [chunks, B, C, ...]."""
     pid = tl.program_id(0)
@@ -225,26 +330,43 @@ def _kernel_grad_partial_kernel(
         p = p0 + tl.arange(0, BLOCK_P)
         g_offs = _plane_offsets(c, p, W, grad_out_stride_c, grad_out_stride_h, grad_out_stride_w, INDEX64)
         grad = tl.load(grad_out + g_offs, mask=c_ok[:, None] & (p < p_end)[None, :], other=0.0).to(ACC)
-        offs, mask = _tap_window(c, c_ok, p, p_end, H, W, x_stride_c, x_stride_h, x_stride_w,
-                                 K, KK_PAD, False, INDEX64)
+        offs, mask = _tap_window(c, c_ok, p, p_end, H, W, x_stride_c, x_stride_h, x_stride_w, K, KK_PAD, False, INDEX64)
         window = tl.load(x + offs, mask=mask, other=0.0).to(ACC)
         acc_k += window * grad[:, None, :]
         acc_beta += grad
     KK: tl.constexpr = K * K
     t = tl.arange(0, KK_PAD)
     part = (chunk * B + b) * C
-    tl.store(dk_part_ptr + (part + c[:, None]) * KK + t[None, :], tl.sum(acc_k, axis=2),
-             mask=c_ok[:, None] & (t < KK)[None, :])
+    tl.store(
+        dk_part_ptr + (part + c[:, None]) * KK + t[None, :],
+        tl.sum(acc_k, axis=2),
+        mask=c_ok[:, None] & (t < KK)[None, :],
+    )
     tl.store(dbeta_part_ptr + part + c, tl.sum(acc_beta, axis=1), mask=c_ok)
 
 
 @triton.jit(do_not_specialize_on_alignment=["B", "C", "n_cblocks", "n_chunks"])
 def _softmax_chain_kernel(
-    dk_part_ptr, dbeta_part_ptr, kernel_logits_ptr, weight_ptr, bias_logits_ptr, bias_ptr,
-    grad_kernel_logits_ptr, grad_weight_part_ptr, grad_bias_logits_ptr, grad_bias_part_ptr,
-    B, C, n_cblocks, n_chunks,
-    G: tl.constexpr, K: tl.constexpr, KK_PAD: tl.constexpr, BLOCK_C: tl.constexpr,
-    HAS_BIAS: tl.constexpr, ACC: tl.constexpr,
+    dk_part_ptr,
+    dbeta_part_ptr,
+    kernel_logits_ptr,
+    weight_ptr,
+    bias_logits_ptr,
+    bias_ptr,
+    grad_kernel_logits_ptr,
+    grad_weight_part_ptr,
+    grad_bias_logits_ptr,
+    grad_bias_part_ptr,
+    B,
+    C,
+    n_cblocks,
+    n_chunks,
+    G: tl.constexpr,
+    K: tl.constexpr,
+    KK_PAD: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     """Sum the chunk partials (fixed order) and chain dk, dβ through the softmax over G."""
     pid = tl.program_id(0)
@@ -262,15 +384,34 @@ def _softmax_chain_kernel(
         dk += tl.load(dk_part_ptr + part * KK + ct, mask=kmask, other=0.0)
         dbeta += tl.load(dbeta_part_ptr + part + c, mask=c_ok, other=0.0)
     k_offs = b * G * C * KK + ct
-    _softmax_backward(dk, kernel_logits_ptr + k_offs, weight_ptr + ct, grad_kernel_logits_ptr + k_offs,
-                      grad_weight_part_ptr + k_offs, C * KK, kmask, G, ACC)
+    _softmax_backward(
+        dk,
+        kernel_logits_ptr + k_offs,
+        weight_ptr + ct,
+        grad_kernel_logits_ptr + k_offs,
+        grad_weight_part_ptr + k_offs,
+        C * KK,
+        kmask,
+        G,
+        ACC,
+    )
     if HAS_BIAS:
         b_offs = b * G * C + c
-        _softmax_backward(dbeta, bias_logits_ptr + b_offs, bias_ptr + c, grad_bias_logits_ptr + b_offs,
-                          grad_bias_part_ptr + b_offs, C, c_ok, G, ACC)
+        _softmax_backward(
+            dbeta,
+            bias_logits_ptr + b_offs,
+            bias_ptr + c,
+            grad_bias_logits_ptr + b_offs,
+            grad_bias_part_ptr + b_offs,
+            C,
+            c_ok,
+            G,
+            ACC,
+        )
 
 
 # ------------------------------------------------------------------------------------------- launch
+
 
 def _tiling(C: int, HW: int, K: int, channels_fastest: bool, settings: Settings) -> Tuple[int, int, int]:
     """(KK_PAD, BLOCK_C, BLOCK_P) for a [channels, taps, positions] tile of settings.tile_elements."""
@@ -306,30 +447,54 @@ class _Plan:
         self.grid = (B * self.n_cblocks * self.n_chunks,)
 
 
-def _launch_dynconv(src: torch.Tensor, dst: torch.Tensor, kernel_logits: torch.Tensor, weight: torch.Tensor,
-                    bias_logits: Optional[torch.Tensor], bias: Optional[torch.Tensor], flip: bool) -> None:
+def _launch_dynconv(
+    src: torch.Tensor,
+    dst: torch.Tensor,
+    kernel_logits: torch.Tensor,
+    weight: torch.Tensor,
+    bias_logits: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    flip: bool,
+) -> None:
     _, C, H, W = src.shape
     G, K = weight.shape[0], weight.shape[-1]
     plan = _Plan(src, K)
     has_bias = bias is not None
     with device_guard(src):
         _dynconv_kernel[plan.grid](
-            src, dst, kernel_logits, weight,
-            bias_logits if has_bias else weight, bias if has_bias else weight,
-            C, H, W, *src.stride(), *dst.stride(),
-            plan.n_cblocks, plan.n_chunks, plan.chunk_len,
-            G=G, K=K, KK_PAD=plan.kk_pad, BLOCK_C=plan.block_c, BLOCK_P=plan.block_p,
-            FLIP=flip, HAS_BIAS=has_bias, ACC=tl_accumulation_dtype(src.dtype),
-            INDEX64=needs_int64(src, dst), num_warps=plan.settings.num_warps,
+            src,
+            dst,
+            kernel_logits,
+            weight,
+            bias_logits if has_bias else weight,
+            bias if has_bias else weight,
+            C,
+            H,
+            W,
+            *src.stride(),
+            *dst.stride(),
+            plan.n_cblocks,
+            plan.n_chunks,
+            plan.chunk_len,
+            G=G,
+            K=K,
+            KK_PAD=plan.kk_pad,
+            BLOCK_C=plan.block_c,
+            BLOCK_P=plan.block_p,
+            FLIP=flip,
+            HAS_BIAS=has_bias,
+            ACC=tl_accumulation_dtype(src.dtype),
+            INDEX64=needs_int64(src, dst),
+            num_warps=plan.settings.num_warps,
         )
 
 
 # ------------------------------------------------------------------------------- torch.library ops
 
+
 @ops.idconv.register("triton", supports=supports)
-@torch.library.custom_op("transxnet_triton::idconv", mutates_args=())
-def idconv(x: torch.Tensor, kernel_logits: torch.Tensor, weight: torch.Tensor,
-           bias_logits: Optional[torch.Tensor], bias: Optional[torch.Tensor]) -> torch.Tensor:
+@ops.idconv.library_op("transxnet_triton", fake=lambda x, *_: torch.empty_like(x))
+def idconv(x, kernel_logits, weight, bias_logits, bias):
     out = torch.empty_like(x)
     if out.numel() == 0:
         return out
@@ -340,15 +505,14 @@ def idconv(x: torch.Tensor, kernel_logits: torch.Tensor, weight: torch.Tensor,
     return out
 
 
-@idconv.register_fake
-def _(x, kernel_logits, weight, bias_logits, bias):
-    return torch.empty_like(x)
-
-
 @torch.library.custom_op("transxnet_triton::idconv_backward", mutates_args=())
 def idconv_backward(
-    grad_out: torch.Tensor, x: torch.Tensor, kernel_logits: torch.Tensor, weight: torch.Tensor,
-    bias_logits: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    kernel_logits: torch.Tensor,
+    weight: torch.Tensor,
+    bias_logits: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Grads of x, kernel_logits, weight, bias_logits, bias (the last two empty without a bias)."""
     B, C, H, W = x.shape
@@ -358,8 +522,9 @@ def idconv_backward(
     grad_x = torch.empty_like(x)
     grad_kernel_logits = torch.empty(kernel_logits.shape, dtype=kernel_logits.dtype, device=x.device)
     grad_weight_part = torch.empty((B, G, C, K, K), dtype=acc, device=x.device)
-    grad_bias_logits = torch.empty((B, G, C) if has_bias else (0,), dtype=bias_logits.dtype if has_bias else x.dtype,
-                                   device=x.device)
+    grad_bias_logits = torch.empty(
+        (B, G, C) if has_bias else (0,), dtype=bias_logits.dtype if has_bias else x.dtype, device=x.device
+    )
     grad_bias_part = torch.empty((B, G, C), dtype=acc, device=x.device)
     if x.numel() == 0:
         grad_kernel_logits.zero_()
@@ -378,24 +543,53 @@ def idconv_backward(
     dbeta_part = torch.empty((plan.n_chunks, B, C), dtype=acc, device=x.device)
     with device_guard(x):
         _kernel_grad_partial_kernel[plan.grid](
-            x, grad_out, dk_part, dbeta_part,
-            B, C, H, W, *x.stride(), *grad_out.stride(),
-            plan.n_cblocks, plan.n_chunks, plan.chunk_len,
-            K=K, KK_PAD=plan.kk_pad, BLOCK_C=plan.block_c, BLOCK_P=plan.block_p,
-            ACC=tl_accumulation_dtype(x.dtype), INDEX64=needs_int64(x, grad_out), num_warps=plan.settings.num_warps,
+            x,
+            grad_out,
+            dk_part,
+            dbeta_part,
+            B,
+            C,
+            H,
+            W,
+            *x.stride(),
+            *grad_out.stride(),
+            plan.n_cblocks,
+            plan.n_chunks,
+            plan.chunk_len,
+            K=K,
+            KK_PAD=plan.kk_pad,
+            BLOCK_C=plan.block_c,
+            BLOCK_P=plan.block_p,
+            ACC=tl_accumulation_dtype(x.dtype),
+            INDEX64=needs_int64(x, grad_out),
+            num_warps=plan.settings.num_warps,
         )
         # A [channels, taps] tile of at most 1024 elements: 8 per thread, which the G-way softmax chain
         # holds several times over without spilling (2048 spilled on sm_80/86/90, static audit).
         chain_block_c = min(triton.next_power_of_2(C), max(1, 1024 // plan.kk_pad))
         chain_cblocks = triton.cdiv(C, chain_block_c)
         _softmax_chain_kernel[(B * chain_cblocks,)](
-            dk_part, dbeta_part, kernel_logits, weight,
-            bias_logits if has_bias else weight, bias if has_bias else weight,
-            grad_kernel_logits, grad_weight_part,
-            grad_bias_logits if has_bias else grad_kernel_logits, grad_bias_part,
-            B, C, chain_cblocks, plan.n_chunks,
-            G=G, K=K, KK_PAD=plan.kk_pad, BLOCK_C=chain_block_c, HAS_BIAS=has_bias,
-            ACC=tl_accumulation_dtype(x.dtype), num_warps=4,
+            dk_part,
+            dbeta_part,
+            kernel_logits,
+            weight,
+            bias_logits if has_bias else weight,
+            bias if has_bias else weight,
+            grad_kernel_logits,
+            grad_weight_part,
+            grad_bias_logits if has_bias else grad_kernel_logits,
+            grad_bias_part,
+            B,
+            C,
+            chain_cblocks,
+            plan.n_chunks,
+            G=G,
+            K=K,
+            KK_PAD=plan.kk_pad,
+            BLOCK_C=chain_block_c,
+            HAS_BIAS=has_bias,
+            ACC=tl_accumulation_dtype(x.dtype),
+            num_warps=4,
         )
     # Per-sample terms summed over the batch by torch's (deterministic) reduction.
     grad_weight = grad_weight_part.sum(0).to(weight.dtype)
@@ -413,8 +607,9 @@ def _(grad_out, x, kernel_logits, weight, bias_logits, bias):
         torch.empty_like(x),
         torch.empty(kernel_logits.shape, dtype=kernel_logits.dtype, device=x.device),
         torch.empty(weight.shape, dtype=weight.dtype, device=x.device),
-        torch.empty(bias_logits.shape if has_bias else (0,), dtype=bias_logits.dtype if has_bias else x.dtype,
-                    device=x.device),
+        torch.empty(
+            bias_logits.shape if has_bias else (0,), dtype=bias_logits.dtype if has_bias else x.dtype, device=x.device
+        ),
         torch.empty(bias.shape if has_bias else (0,), dtype=bias.dtype if has_bias else x.dtype, device=x.device),
     )
 

@@ -40,6 +40,7 @@ Passes over the big tensor (one pass = B*C*H*W elements read or written; e = ele
     Each tap is one masked load per output element from L1/L2, so a pass is bound by load issue rather
     than DRAM traffic (the static GPU audit, `python -m benchmarks.gpu_audit`, counts it).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -52,9 +53,15 @@ import triton.language as tl
 
 from .. import ops
 from ..layout import channels_last_input
-from .common import (LaunchTarget, accumulation_dtype, device_guard, launch_settings, needs_int64, supports,
-                     tl_accumulation_dtype)
-
+from .common import (
+    LaunchTarget,
+    accumulation_dtype,
+    device_guard,
+    launch_settings,
+    needs_int64,
+    supports,
+    tl_accumulation_dtype,
+)
 
 
 @dataclass(frozen=True)
@@ -95,9 +102,26 @@ def _gelu_grad(z):
 
 
 @triton.jit
-def _dwconv_tile(src, weight_ptr, cs, cmask, h, w, pmask, k, stride_c, stride_h, stride_w, H, W,
-                 KK_STRIDE: tl.constexpr, TRANSPOSE: tl.constexpr, ACC: tl.constexpr,
-                 BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
+def _dwconv_tile(
+    src,
+    weight_ptr,
+    cs,
+    cmask,
+    h,
+    w,
+    pmask,
+    k,
+    stride_c,
+    stride_h,
+    stride_w,
+    H,
+    W,
+    KK_STRIDE: tl.constexpr,
+    TRANSPOSE: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_HW: tl.constexpr,
+):
     """sum_{i,j<k} W[c,i,j] * src[c, h+i-r, w+j-r] (TRANSPOSE: src[c, h-i+r, w-j+r]) over one tile."""
     r = k // 2
     acc = tl.zeros([BLOCK_C, BLOCK_HW], ACC)
@@ -123,8 +147,24 @@ def _dwconv_tile(src, weight_ptr, cs, cmask, h, w, pmask, k, stride_c, stride_h,
 
 
 @triton.jit
-def _wgrad_tile(acc_w, g, x_b, cs, cmask, h, w, pmask, k, stride_c, stride_h, stride_w, H, W,
-                KK_POW2: tl.constexpr, ACC: tl.constexpr):
+def _wgrad_tile(
+    acc_w,
+    g,
+    x_b,
+    cs,
+    cmask,
+    h,
+    w,
+    pmask,
+    k,
+    stride_c,
+    stride_h,
+    stride_w,
+    H,
+    W,
+    KK_POW2: tl.constexpr,
+    ACC: tl.constexpr,
+):
     """acc_w[c, i*k+j] += sum_tile g[c, p] * x[c, h+i-r, w+j-r]  (g is zero outside the tile)."""
     r = k // 2
     taps = tl.arange(0, KK_POW2)
@@ -169,13 +209,54 @@ def _tile_coords(blocks_ptr, H, W, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr
     return cs, cmask, k, h, w, pmask
 
 
-@triton.jit(do_not_specialize_on_alignment=["B", "C", "H", "W", "b_per_prog", "x_stride_b", "x_stride_c", "x_stride_h", "x_stride_w", "out_stride_b", "out_stride_c", "out_stride_h", "out_stride_w"])
-def _forward_kernel(x_ptr, out_ptr, weight_ptr, bias_ptr, blocks_ptr, scale_ptr, shift_ptr,
-                    pcnt_ptr, pmean_ptr, pm2_ptr,
-                    B, C, H, W, b_per_prog,
-                    x_stride_b, x_stride_c, x_stride_h, x_stride_w, out_stride_b, out_stride_c, out_stride_h, out_stride_w,
-                    MODE: tl.constexpr, KK_STRIDE: tl.constexpr, BLOCK_C: tl.constexpr,
-                    BLOCK_HW: tl.constexpr, INDEX64: tl.constexpr, ACC: tl.constexpr):
+@triton.jit(
+    do_not_specialize_on_alignment=[
+        "B",
+        "C",
+        "H",
+        "W",
+        "b_per_prog",
+        "x_stride_b",
+        "x_stride_c",
+        "x_stride_h",
+        "x_stride_w",
+        "out_stride_b",
+        "out_stride_c",
+        "out_stride_h",
+        "out_stride_w",
+    ]
+)
+def _forward_kernel(
+    x_ptr,
+    out_ptr,
+    weight_ptr,
+    bias_ptr,
+    blocks_ptr,
+    scale_ptr,
+    shift_ptr,
+    pcnt_ptr,
+    pmean_ptr,
+    pm2_ptr,
+    B,
+    C,
+    H,
+    W,
+    b_per_prog,
+    x_stride_b,
+    x_stride_c,
+    x_stride_h,
+    x_stride_w,
+    out_stride_b,
+    out_stride_c,
+    out_stride_h,
+    out_stride_w,
+    MODE: tl.constexpr,
+    KK_STRIDE: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_HW: tl.constexpr,
+    INDEX64: tl.constexpr,
+    ACC: tl.constexpr,
+):
     """MODE _CONV: out = conv(x).  _APPLY: out = GELU(conv(x) + x) * scale + shift.
     _STATS: per-program (count, mean, M2) of GELU(conv(x) + x), merged with Chan's formula."""
     cs, cmask, k, h, w, pmask = _tile_coords(blocks_ptr, H, W, BLOCK_C, BLOCK_HW, INDEX64)
@@ -196,8 +277,29 @@ def _forward_kernel(x_ptr, out_ptr, weight_ptr, bias_ptr, blocks_ptr, scale_ptr,
         m2 = tl.zeros([BLOCK_C], ACC)
         n_tile = tl.sum(pmask.to(ACC), axis=0)
     for _ in range(b_lo, b_hi):
-        z = _dwconv_tile(x_b, weight_ptr, cs, cmask, h, w, pmask, k, x_stride_c, x_stride_h, x_stride_w, H, W,
-                         KK_STRIDE, False, ACC, BLOCK_C, BLOCK_HW) + bias[:, None]
+        z = (
+            _dwconv_tile(
+                x_b,
+                weight_ptr,
+                cs,
+                cmask,
+                h,
+                w,
+                pmask,
+                k,
+                x_stride_c,
+                x_stride_h,
+                x_stride_w,
+                H,
+                W,
+                KK_STRIDE,
+                False,
+                ACC,
+                BLOCK_C,
+                BLOCK_HW,
+            )
+            + bias[:, None]
+        )
         if MODE == 0:
             tl.store(o_b + o_tile, z.to(out_ptr.dtype.element_ty), mask=mask)
         else:
@@ -223,24 +325,78 @@ def _forward_kernel(x_ptr, out_ptr, weight_ptr, bias_ptr, blocks_ptr, scale_ptr,
 
 
 @triton.jit
-def _store_wgrad_partials(pdw_ptr, pdb_ptr, acc_w, acc_b, cs, cmask, C,
-                          KK_STRIDE: tl.constexpr, KK_POW2: tl.constexpr):
+def _store_wgrad_partials(pdw_ptr, pdb_ptr, acc_w, acc_b, cs, cmask, C, KK_STRIDE: tl.constexpr, KK_POW2: tl.constexpr):
     part = _partial_rows(C, cs)
     taps = tl.arange(0, KK_POW2)
-    tl.store(pdw_ptr + part[:, None] * KK_STRIDE + taps[None, :], acc_w,
-             mask=cmask[:, None] & (taps[None, :] < KK_STRIDE))
+    tl.store(
+        pdw_ptr + part[:, None] * KK_STRIDE + taps[None, :], acc_w, mask=cmask[:, None] & (taps[None, :] < KK_STRIDE)
+    )
     tl.store(pdb_ptr + part, acc_b, mask=cmask)
 
 
-@triton.jit(do_not_specialize_on_alignment=["B", "C", "H", "W", "b_per_prog", "x_stride_b", "x_stride_c", "x_stride_h", "x_stride_w", "grad_out_stride_b", "grad_out_stride_c", "grad_out_stride_h", "grad_out_stride_w", "dz_stride_b", "dz_stride_c", "dz_stride_h", "dz_stride_w"])
-def _middle_grad_kernel(x_ptr, grad_out_ptr, dz_ptr, weight_ptr, bias_ptr, blocks_ptr, mean_ptr, rstd_ptr,
-                        cgo_ptr, cxhat_ptr, cconst_ptr,
-                        psgo_ptr, psgx_ptr, pdw_ptr, pdb_ptr,
-                        B, C, H, W, b_per_prog,
-                        x_stride_b, x_stride_c, x_stride_h, x_stride_w, grad_out_stride_b, grad_out_stride_c, grad_out_stride_h, grad_out_stride_w, dz_stride_b, dz_stride_c, dz_stride_h, dz_stride_w,
-                        STATS: tl.constexpr, DZ: tl.constexpr, KK_STRIDE: tl.constexpr,
-                        KK_POW2: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
-                        INDEX64: tl.constexpr, ACC: tl.constexpr):
+@triton.jit(
+    do_not_specialize_on_alignment=[
+        "B",
+        "C",
+        "H",
+        "W",
+        "b_per_prog",
+        "x_stride_b",
+        "x_stride_c",
+        "x_stride_h",
+        "x_stride_w",
+        "grad_out_stride_b",
+        "grad_out_stride_c",
+        "grad_out_stride_h",
+        "grad_out_stride_w",
+        "dz_stride_b",
+        "dz_stride_c",
+        "dz_stride_h",
+        "dz_stride_w",
+    ]
+)
+def _middle_grad_kernel(
+    x_ptr,
+    grad_out_ptr,
+    dz_ptr,
+    weight_ptr,
+    bias_ptr,
+    blocks_ptr,
+    mean_ptr,
+    rstd_ptr,
+    cgo_ptr,
+    cxhat_ptr,
+    cconst_ptr,
+    psgo_ptr,
+    psgx_ptr,
+    pdw_ptr,
+    pdb_ptr,
+    B,
+    C,
+    H,
+    W,
+    b_per_prog,
+    x_stride_b,
+    x_stride_c,
+    x_stride_h,
+    x_stride_w,
+    grad_out_stride_b,
+    grad_out_stride_c,
+    grad_out_stride_h,
+    grad_out_stride_w,
+    dz_stride_b,
+    dz_stride_c,
+    dz_stride_h,
+    dz_stride_w,
+    STATS: tl.constexpr,
+    DZ: tl.constexpr,
+    KK_STRIDE: tl.constexpr,
+    KK_POW2: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_HW: tl.constexpr,
+    INDEX64: tl.constexpr,
+    ACC: tl.constexpr,
+):
     """Recomputes z = conv(x) + x, y = GELU(z), xhat = (y - mean) * rstd on the tile, then
     STATS: partial sums of go and go * xhat;  DZ: dz = (cgo*go + cxhat*xhat + cconst) * GELU'(z),
     stored, with partial dW and dbias."""
@@ -267,8 +423,26 @@ def _middle_grad_kernel(x_ptr, grad_out_ptr, dz_ptr, weight_ptr, bias_ptr, block
         acc_w = tl.zeros([BLOCK_C, KK_POW2], ACC)
         acc_b = tl.zeros([BLOCK_C], ACC)
     for _ in range(b_lo, b_hi):
-        z = _dwconv_tile(x_b, weight_ptr, cs, cmask, h, w, pmask, k, x_stride_c, x_stride_h, x_stride_w, H, W,
-                         KK_STRIDE, False, ACC, BLOCK_C, BLOCK_HW)
+        z = _dwconv_tile(
+            x_b,
+            weight_ptr,
+            cs,
+            cmask,
+            h,
+            w,
+            pmask,
+            k,
+            x_stride_c,
+            x_stride_h,
+            x_stride_w,
+            H,
+            W,
+            KK_STRIDE,
+            False,
+            ACC,
+            BLOCK_C,
+            BLOCK_HW,
+        )
         z += bias[:, None] + tl.load(x_b + x_tile, mask=mask, other=0.0).to(ACC)
         go = tl.load(g_b + g_tile, mask=mask, other=0.0).to(ACC)
         xhat = (_gelu(z) - mean[:, None]) * rstd[:, None]
@@ -280,8 +454,9 @@ def _middle_grad_kernel(x_ptr, grad_out_ptr, dz_ptr, weight_ptr, bias_ptr, block
             dz = tl.where(mask, dz, 0.0)
             tl.store(d_b + d_tile, dz.to(dz_ptr.dtype.element_ty), mask=mask)
             acc_b += tl.sum(dz, axis=1)
-            acc_w = _wgrad_tile(acc_w, dz, x_b, cs, cmask, h, w, pmask, k, x_stride_c, x_stride_h, x_stride_w, H, W,
-                                KK_POW2, ACC)
+            acc_w = _wgrad_tile(
+                acc_w, dz, x_b, cs, cmask, h, w, pmask, k, x_stride_c, x_stride_h, x_stride_w, H, W, KK_POW2, ACC
+            )
         x_b += x_stride_b
         g_b += grad_out_stride_b
         d_b += dz_stride_b
@@ -293,13 +468,61 @@ def _middle_grad_kernel(x_ptr, grad_out_ptr, dz_ptr, weight_ptr, bias_ptr, block
         _store_wgrad_partials(pdw_ptr, pdb_ptr, acc_w, acc_b, cs, cmask, C, KK_STRIDE, KK_POW2)
 
 
-@triton.jit(do_not_specialize_on_alignment=["B", "C", "H", "W", "b_per_prog", "src_stride_b", "src_stride_c", "src_stride_h", "src_stride_w", "x_stride_b", "x_stride_c", "x_stride_h", "x_stride_w", "dx_stride_b", "dx_stride_c", "dx_stride_h", "dx_stride_w"])
-def _dx_kernel(src_ptr, x_ptr, dx_ptr, weight_ptr, blocks_ptr, pdw_ptr, pdb_ptr,
-               B, C, H, W, b_per_prog,
-               src_stride_b, src_stride_c, src_stride_h, src_stride_w, x_stride_b, x_stride_c, x_stride_h, x_stride_w, dx_stride_b, dx_stride_c, dx_stride_h, dx_stride_w,
-               RESIDUAL: tl.constexpr, WGRAD: tl.constexpr, KK_STRIDE: tl.constexpr,
-               KK_POW2: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
-               INDEX64: tl.constexpr, ACC: tl.constexpr):
+@triton.jit(
+    do_not_specialize_on_alignment=[
+        "B",
+        "C",
+        "H",
+        "W",
+        "b_per_prog",
+        "src_stride_b",
+        "src_stride_c",
+        "src_stride_h",
+        "src_stride_w",
+        "x_stride_b",
+        "x_stride_c",
+        "x_stride_h",
+        "x_stride_w",
+        "dx_stride_b",
+        "dx_stride_c",
+        "dx_stride_h",
+        "dx_stride_w",
+    ]
+)
+def _dx_kernel(
+    src_ptr,
+    x_ptr,
+    dx_ptr,
+    weight_ptr,
+    blocks_ptr,
+    pdw_ptr,
+    pdb_ptr,
+    B,
+    C,
+    H,
+    W,
+    b_per_prog,
+    src_stride_b,
+    src_stride_c,
+    src_stride_h,
+    src_stride_w,
+    x_stride_b,
+    x_stride_c,
+    x_stride_h,
+    x_stride_w,
+    dx_stride_b,
+    dx_stride_c,
+    dx_stride_h,
+    dx_stride_w,
+    RESIDUAL: tl.constexpr,
+    WGRAD: tl.constexpr,
+    KK_STRIDE: tl.constexpr,
+    KK_POW2: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_HW: tl.constexpr,
+    INDEX64: tl.constexpr,
+    ACC: tl.constexpr,
+):
     """dx = conv_transpose(src) (+ src if RESIDUAL); WGRAD: partial dW = sum src * shifted x, dbias."""
     cs, cmask, k, h, w, pmask = _tile_coords(blocks_ptr, H, W, BLOCK_C, BLOCK_HW, INDEX64)
     mask = cmask[:, None] & pmask[None, :]
@@ -314,8 +537,26 @@ def _dx_kernel(src_ptr, x_ptr, dx_ptr, weight_ptr, blocks_ptr, pdw_ptr, pdb_ptr,
         acc_w = tl.zeros([BLOCK_C, KK_POW2], ACC)
         acc_b = tl.zeros([BLOCK_C], ACC)
     for _ in range(b_lo, b_hi):
-        dx = _dwconv_tile(s_b, weight_ptr, cs, cmask, h, w, pmask, k, src_stride_c, src_stride_h, src_stride_w, H, W,
-                          KK_STRIDE, True, ACC, BLOCK_C, BLOCK_HW)
+        dx = _dwconv_tile(
+            s_b,
+            weight_ptr,
+            cs,
+            cmask,
+            h,
+            w,
+            pmask,
+            k,
+            src_stride_c,
+            src_stride_h,
+            src_stride_w,
+            H,
+            W,
+            KK_STRIDE,
+            True,
+            ACC,
+            BLOCK_C,
+            BLOCK_HW,
+        )
         if RESIDUAL or WGRAD:
             g = tl.load(s_b + s_tile, mask=mask, other=0.0).to(ACC)
         if RESIDUAL:
@@ -323,8 +564,9 @@ def _dx_kernel(src_ptr, x_ptr, dx_ptr, weight_ptr, blocks_ptr, pdw_ptr, pdb_ptr,
         tl.store(dx_b + dx_tile, dx.to(dx_ptr.dtype.element_ty), mask=mask)
         if WGRAD:
             acc_b += tl.sum(g, axis=1)
-            acc_w = _wgrad_tile(acc_w, g, x_b, cs, cmask, h, w, pmask, k, x_stride_c, x_stride_h, x_stride_w, H, W,
-                                KK_POW2, ACC)
+            acc_w = _wgrad_tile(
+                acc_w, g, x_b, cs, cmask, h, w, pmask, k, x_stride_c, x_stride_h, x_stride_w, H, W, KK_POW2, ACC
+            )
         s_b += src_stride_b
         x_b += x_stride_b
         dx_b += dx_stride_b
@@ -333,6 +575,7 @@ def _dx_kernel(src_ptr, x_ptr, dx_ptr, weight_ptr, blocks_ptr, pdw_ptr, pdb_ptr,
 
 
 # ------------------------------------------------------------------------------------------- launch
+
 
 class _Plan(NamedTuple):
     block_c: int
@@ -352,8 +595,14 @@ class _Plan(NamedTuple):
         return self.grid[0] * self.grid[2]
 
     def constexprs(self) -> dict:
-        return dict(KK_STRIDE=self.kk_stride, BLOCK_C=self.block_c, BLOCK_HW=self.block_hw, INDEX64=self.index64,
-                    ACC=tl_accumulation_dtype(self.acc), num_warps=self.num_warps)
+        return dict(
+            KK_STRIDE=self.kk_stride,
+            BLOCK_C=self.block_c,
+            BLOCK_HW=self.block_hw,
+            INDEX64=self.index64,
+            ACC=tl_accumulation_dtype(self.acc),
+            num_warps=self.num_warps,
+        )
 
 
 _BLOCK_TABLES: Dict[Tuple, torch.Tensor] = {}
@@ -384,24 +633,57 @@ def _plan(x: torch.Tensor, widths: Sequence[int], ksizes: Sequence[int], *others
     splits = max(1, min(B, triton.cdiv(settings.target_programs, max(1, blocks.shape[0] * n_hw))))
     b_per_prog = max(1, triton.cdiv(B, splits))
     kmax = max(ksizes)
-    return _Plan(block_c, block_hw, (n_hw, blocks.shape[0], triton.cdiv(B, b_per_prog)), b_per_prog, blocks,
-                 kmax * kmax, triton.next_power_of_2(kmax * kmax), needs_int64(x, *others),
-                 accumulation_dtype(x.dtype), max(1, min(8, block_c * block_hw // 256)))
+    return _Plan(
+        block_c,
+        block_hw,
+        (n_hw, blocks.shape[0], triton.cdiv(B, b_per_prog)),
+        b_per_prog,
+        blocks,
+        kmax * kmax,
+        triton.next_power_of_2(kmax * kmax),
+        needs_int64(x, *others),
+        accumulation_dtype(x.dtype),
+        max(1, min(8, block_c * block_hw // 256)),
+    )
 
 
-def _launch_forward(mode: int, x: torch.Tensor, w_table: torch.Tensor, bias: torch.Tensor, plan: _Plan,
-                    out: Optional[torch.Tensor] = None, scale: Optional[torch.Tensor] = None,
-                    shift: Optional[torch.Tensor] = None, stats: Tuple[torch.Tensor, ...] = ()) -> None:
+def _launch_forward(
+    mode: int,
+    x: torch.Tensor,
+    w_table: torch.Tensor,
+    bias: torch.Tensor,
+    plan: _Plan,
+    out: Optional[torch.Tensor] = None,
+    scale: Optional[torch.Tensor] = None,
+    shift: Optional[torch.Tensor] = None,
+    stats: Tuple[torch.Tensor, ...] = (),
+) -> None:
     B, C, H, W = x.shape
     unused = bias  # pointer arguments a mode does not read
     out_t = out if out is not None else x
     pcnt, pmean, pm2 = stats if stats else (unused, unused, unused)
     with device_guard(x):
         _forward_kernel[plan.grid](
-            x, out_t, w_table, bias, plan.blocks,
-            scale if scale is not None else unused, shift if shift is not None else unused,
-            pcnt, pmean, pm2, B, C, H, W, plan.b_per_prog, *x.stride(), *out_t.stride(),
-            MODE=mode, **plan.constexprs())
+            x,
+            out_t,
+            w_table,
+            bias,
+            plan.blocks,
+            scale if scale is not None else unused,
+            shift if shift is not None else unused,
+            pcnt,
+            pmean,
+            pm2,
+            B,
+            C,
+            H,
+            W,
+            plan.b_per_prog,
+            *x.stride(),
+            *out_t.stride(),
+            MODE=mode,
+            **plan.constexprs(),
+        )
 
 
 def _sum_wgrad_partials(pdw: torch.Tensor, pdb: torch.Tensor, w_table: torch.Tensor, bias: torch.Tensor):
@@ -409,20 +691,45 @@ def _sum_wgrad_partials(pdw: torch.Tensor, pdb: torch.Tensor, w_table: torch.Ten
 
 
 def _wgrad_partials(plan: _Plan, C: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
-    return (torch.empty((plan.partials, C, plan.kk_stride), dtype=plan.acc, device=device),
-            torch.empty((plan.partials, C), dtype=plan.acc, device=device))
+    return (
+        torch.empty((plan.partials, C, plan.kk_stride), dtype=plan.acc, device=device),
+        torch.empty((plan.partials, C), dtype=plan.acc, device=device),
+    )
 
 
-def _launch_dx(src: torch.Tensor, x: torch.Tensor, w_table: torch.Tensor, plan: _Plan, residual: bool,
-               wgrad: Optional[Tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+def _launch_dx(
+    src: torch.Tensor,
+    x: torch.Tensor,
+    w_table: torch.Tensor,
+    plan: _Plan,
+    residual: bool,
+    wgrad: Optional[Tuple[torch.Tensor, torch.Tensor]],
+) -> torch.Tensor:
     B, C, H, W = x.shape
     dx = torch.empty_like(x)
     pdw, pdb = wgrad if wgrad is not None else (w_table, w_table)
     with device_guard(x):
         _dx_kernel[plan.grid](
-            src, x, dx, w_table, plan.blocks, pdw, pdb, B, C, H, W, plan.b_per_prog,
-            *src.stride(), *x.stride(), *dx.stride(),
-            RESIDUAL=residual, WGRAD=wgrad is not None, KK_POW2=plan.kk_pow2, **plan.constexprs())
+            src,
+            x,
+            dx,
+            w_table,
+            plan.blocks,
+            pdw,
+            pdb,
+            B,
+            C,
+            H,
+            W,
+            plan.b_per_prog,
+            *src.stride(),
+            *x.stride(),
+            *dx.stride(),
+            RESIDUAL=residual,
+            WGRAD=wgrad is not None,
+            KK_POW2=plan.kk_pow2,
+            **plan.constexprs(),
+        )
     return dx
 
 
@@ -437,9 +744,11 @@ def _pack(weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor]):
 
 # ------------------------------------------------------------------------------ multiscale_dwconv
 
+
 @torch.library.custom_op("transxnet_triton::multiscale_dwconv", mutates_args=())
-def multiscale_dwconv_packed(x: torch.Tensor, w_table: torch.Tensor, bias: torch.Tensor,
-                             widths: List[int], ksizes: List[int]) -> torch.Tensor:
+def multiscale_dwconv_packed(
+    x: torch.Tensor, w_table: torch.Tensor, bias: torch.Tensor, widths: List[int], ksizes: List[int]
+) -> torch.Tensor:
     """multiscale_dwconv on the packed weight table (see _pack)."""
     out = torch.empty_like(x)
     if x.numel() > 0:
@@ -454,9 +763,14 @@ def _(x, w_table, bias, widths, ksizes):
 
 
 @torch.library.custom_op("transxnet_triton::multiscale_dwconv_backward", mutates_args=())
-def multiscale_dwconv_backward(grad_out: torch.Tensor, x: torch.Tensor, w_table: torch.Tensor, bias: torch.Tensor,
-                               widths: List[int], ksizes: List[int]
-                               ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def multiscale_dwconv_backward(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    w_table: torch.Tensor,
+    bias: torch.Tensor,
+    widths: List[int],
+    ksizes: List[int],
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dw_table, dbias)."""
     C = x.shape[1]
     if x.numel() == 0:
@@ -493,11 +807,21 @@ def multiscale_dwconv(x: torch.Tensor, weights: List[torch.Tensor], biases: List
 
 # ---------------------------------------------------------------------------------- ms_ffn_middle
 
+
 @torch.library.custom_op("transxnet_triton::ms_ffn_middle", mutates_args=())
-def ms_ffn_middle_packed(x: torch.Tensor, w_table: torch.Tensor, bias: torch.Tensor, norm_weight: torch.Tensor,
-                         norm_bias: torch.Tensor, running_mean: Optional[torch.Tensor],
-                         running_var: Optional[torch.Tensor], widths: List[int], ksizes: List[int], training: bool,
-                         eps: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def ms_ffn_middle_packed(
+    x: torch.Tensor,
+    w_table: torch.Tensor,
+    bias: torch.Tensor,
+    norm_weight: torch.Tensor,
+    norm_bias: torch.Tensor,
+    running_mean: Optional[torch.Tensor],
+    running_var: Optional[torch.Tensor],
+    widths: List[int],
+    ksizes: List[int],
+    training: bool,
+    eps: float,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out, mean, var): mean and var are the per-channel statistics BN normalised with (batch mean and biased
     batch variance in training, copies of the running statistics in eval), in the accumulation dtype."""
     C = x.shape[1]
@@ -529,16 +853,30 @@ def _(x, w_table, bias, norm_weight, norm_bias, running_mean, running_var, width
 
 
 @torch.library.custom_op("transxnet_triton::ms_ffn_middle_backward", mutates_args=())
-def ms_ffn_middle_backward(grad_out: torch.Tensor, x: torch.Tensor, w_table: torch.Tensor, bias: torch.Tensor,
-                           norm_weight: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, widths: List[int],
-                           ksizes: List[int], training: bool, eps: float
-                           ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def ms_ffn_middle_backward(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    w_table: torch.Tensor,
+    bias: torch.Tensor,
+    norm_weight: torch.Tensor,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    widths: List[int],
+    ksizes: List[int],
+    training: bool,
+    eps: float,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dw_table, dbias, dgamma, dbeta)."""
     B, C, H, W = x.shape
     n = B * H * W
     if n == 0:  # eval on an empty batch
-        return (torch.zeros_like(x), torch.zeros_like(w_table), torch.zeros_like(bias),
-                torch.zeros_like(norm_weight), torch.zeros_like(norm_weight))
+        return (
+            torch.zeros_like(x),
+            torch.zeros_like(w_table),
+            torch.zeros_like(bias),
+            torch.zeros_like(norm_weight),
+            torch.zeros_like(norm_weight),
+        )
     dz = torch.empty_like(x)
     plan = _plan(x, widths, ksizes, grad_out, dz)
     w_table, bias = w_table.contiguous(), bias.contiguous()
@@ -550,9 +888,34 @@ def ms_ffn_middle_backward(grad_out: torch.Tensor, x: torch.Tensor, w_table: tor
     def launch(stats: bool, dz_pass: bool, cxhat: torch.Tensor, cconst: torch.Tensor) -> None:
         with device_guard(x):
             _middle_grad_kernel[plan.grid](
-                x, grad_out, dz, w_table, bias, plan.blocks, mean, rstd, cgo, cxhat, cconst, sgo, sgx, pdw, pdb,
-                B, C, H, W, plan.b_per_prog, *x.stride(), *grad_out.stride(), *dz.stride(),
-                STATS=stats, DZ=dz_pass, KK_POW2=plan.kk_pow2, **plan.constexprs())
+                x,
+                grad_out,
+                dz,
+                w_table,
+                bias,
+                plan.blocks,
+                mean,
+                rstd,
+                cgo,
+                cxhat,
+                cconst,
+                sgo,
+                sgx,
+                pdw,
+                pdb,
+                B,
+                C,
+                H,
+                W,
+                plan.b_per_prog,
+                *x.stride(),
+                *grad_out.stride(),
+                *dz.stride(),
+                STATS=stats,
+                DZ=dz_pass,
+                KK_POW2=plan.kk_pow2,
+                **plan.constexprs(),
+            )
 
     if training:  # BN's gradient needs the batch sums of go and go*xhat before dz exists: one more pass
         launch(True, False, cgo, cgo)
@@ -569,8 +932,13 @@ def ms_ffn_middle_backward(grad_out: torch.Tensor, x: torch.Tensor, w_table: tor
 
 @ms_ffn_middle_backward.register_fake
 def _(grad_out, x, w_table, bias, norm_weight, mean, var, widths, ksizes, training, eps):
-    return (torch.empty_like(x), torch.empty_like(w_table), torch.empty_like(bias),
-            torch.empty_like(norm_weight), torch.empty_like(norm_weight))
+    return (
+        torch.empty_like(x),
+        torch.empty_like(w_table),
+        torch.empty_like(bias),
+        torch.empty_like(norm_weight),
+        torch.empty_like(norm_weight),
+    )
 
 
 def _middle_setup_context(ctx, inputs, output):
@@ -602,8 +970,9 @@ def ms_ffn_middle(x, weights, biases, norm_weight, norm_bias, running_mean, runn
         norm_weight = torch.ones(C, dtype=w_table.dtype, device=x.device)
     if norm_bias is None:
         norm_bias = torch.zeros(C, dtype=w_table.dtype, device=x.device)
-    out, mean, var = ms_ffn_middle_packed(x, w_table, bias, norm_weight, norm_bias, running_mean, running_var,
-                                          widths, ksizes, training, float(eps))
+    out, mean, var = ms_ffn_middle_packed(
+        x, w_table, bias, norm_weight, norm_bias, running_mean, running_var, widths, ksizes, training, float(eps)
+    )
     if training and running_mean is not None:
         with torch.no_grad():
             running_mean.copy_(momentum * mean + (1 - momentum) * running_mean)

@@ -36,6 +36,7 @@ Roofline (e = element size, minimal traffic, the bias read once since it is shar
   is ~M/2 ≈ 25, so every OSRA call is memory-bound on H100 (3.35 TB/s; ~295 FLOP/byte ridge for
   bf16 tensor cores, ~20 for fp32 ieee FMA on the larger-d stages).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -63,15 +64,57 @@ def _matmul(a, b, PRECISION: tl.constexpr, USE_DOT: tl.constexpr):
         return tl.sum(a[:, :, None] * b[None, :, :], axis=1)
 
 
-@triton.jit(do_not_specialize_on_alignment=["q_stride_b", "q_stride_h", "q_stride_n", "q_stride_d", "k_stride_b", "k_stride_h", "k_stride_m", "k_stride_d", "bias_stride_b", "bias_stride_h", "bias_stride_n", "bias_stride_m", "H", "N", "M", "D"])
+@triton.jit(
+    do_not_specialize_on_alignment=[
+        "q_stride_b",
+        "q_stride_h",
+        "q_stride_n",
+        "q_stride_d",
+        "k_stride_b",
+        "k_stride_h",
+        "k_stride_m",
+        "k_stride_d",
+        "bias_stride_b",
+        "bias_stride_h",
+        "bias_stride_n",
+        "bias_stride_m",
+        "H",
+        "N",
+        "M",
+        "D",
+    ]
+)
 def _osra_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, bias_ptr, out_ptr, lse_ptr, scale_ptr,
-    q_stride_b, q_stride_h, q_stride_n, q_stride_d,
-    k_stride_b, k_stride_h, k_stride_m, k_stride_d,
-    bias_stride_b, bias_stride_h, bias_stride_n, bias_stride_m,
-    H, N, M, D,
-    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, USE_DOT: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, INDEX64: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    bias_ptr,
+    out_ptr,
+    lse_ptr,
+    scale_ptr,
+    q_stride_b,
+    q_stride_h,
+    q_stride_n,
+    q_stride_d,
+    k_stride_b,
+    k_stride_h,
+    k_stride_m,
+    k_stride_d,
+    bias_stride_b,
+    bias_stride_h,
+    bias_stride_n,
+    bias_stride_m,
+    H,
+    N,
+    M,
+    D,
+    HAS_BIAS: tl.constexpr,
+    PRECISION: tl.constexpr,
+    USE_DOT: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    INDEX64: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
@@ -99,14 +142,21 @@ def _osra_fwd_kernel(
         offs_m = start_m + tl.arange(0, BLOCK_M)
         mask_m = offs_m < M
         # K^T is loaded transposed (not tl.trans of a K tile): the tile goes straight to the dot operand.
-        kt = tl.load(k_base + offs_d[:, None] * k_stride_d + offs_m[None, :] * k_stride_m,
-                     mask=mask_d[:, None] & mask_m[None, :], other=0.0)
-        v = tl.load(v_base + offs_m[:, None] * k_stride_m + offs_d[None, :] * k_stride_d,
-                    mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+        kt = tl.load(
+            k_base + offs_d[:, None] * k_stride_d + offs_m[None, :] * k_stride_m,
+            mask=mask_d[:, None] & mask_m[None, :],
+            other=0.0,
+        )
+        v = tl.load(
+            v_base + offs_m[:, None] * k_stride_m + offs_d[None, :] * k_stride_d,
+            mask=mask_m[:, None] & mask_d[None, :],
+            other=0.0,
+        )
         s = _matmul(q, kt, PRECISION, USE_DOT).to(scale.dtype) * scale
         if HAS_BIAS:
-            s += tl.load(bias_base + offs_m[None, :] * bias_stride_m,
-                         mask=mask_n[:, None] & mask_m[None, :], other=0.0).to(scale.dtype)
+            s += tl.load(
+                bias_base + offs_m[None, :] * bias_stride_m, mask=mask_n[:, None] & mask_m[None, :], other=0.0
+            ).to(scale.dtype)
         s = tl.where(mask_m[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp(m_i - m_new)
@@ -120,17 +170,75 @@ def _osra_fwd_kernel(
     tl.store(lse_ptr + bh.to(tl.int64) * N + offs_n, m_i + tl.log(l_i), mask=mask_n)
 
 
-@triton.jit(do_not_specialize_on_alignment=["q_stride_b", "q_stride_h", "q_stride_n", "q_stride_d", "k_stride_b", "k_stride_h", "k_stride_m", "k_stride_d", "bias_stride_b", "bias_stride_h", "bias_stride_n", "bias_stride_m", "dbias_stride_g", "dbias_stride_h", "dbias_stride_n", "dbias_stride_m", "B", "H", "N", "M", "D", "BATCHES_PER_GROUP"])
+@triton.jit(
+    do_not_specialize_on_alignment=[
+        "q_stride_b",
+        "q_stride_h",
+        "q_stride_n",
+        "q_stride_d",
+        "k_stride_b",
+        "k_stride_h",
+        "k_stride_m",
+        "k_stride_d",
+        "bias_stride_b",
+        "bias_stride_h",
+        "bias_stride_n",
+        "bias_stride_m",
+        "dbias_stride_g",
+        "dbias_stride_h",
+        "dbias_stride_n",
+        "dbias_stride_m",
+        "B",
+        "H",
+        "N",
+        "M",
+        "D",
+        "BATCHES_PER_GROUP",
+    ]
+)
 def _osra_bwd_dq_kernel(
-    q_ptr, k_ptr, v_ptr, bias_ptr, out_ptr, grad_out_ptr, lse_ptr, delta_ptr, dq_ptr, dbias_ptr, scale_ptr,
-    q_stride_b, q_stride_h, q_stride_n, q_stride_d,
-    k_stride_b, k_stride_h, k_stride_m, k_stride_d,
-    bias_stride_b, bias_stride_h, bias_stride_n, bias_stride_m,
-    dbias_stride_g, dbias_stride_h, dbias_stride_n, dbias_stride_m,
-    B, H, N, M, D, BATCHES_PER_GROUP,
-    HAS_BIAS: tl.constexpr, HAS_DBIAS: tl.constexpr, ONE_KEY_BLOCK: tl.constexpr,
-    PRECISION: tl.constexpr, USE_DOT: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, INDEX64: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    bias_ptr,
+    out_ptr,
+    grad_out_ptr,
+    lse_ptr,
+    delta_ptr,
+    dq_ptr,
+    dbias_ptr,
+    scale_ptr,
+    q_stride_b,
+    q_stride_h,
+    q_stride_n,
+    q_stride_d,
+    k_stride_b,
+    k_stride_h,
+    k_stride_m,
+    k_stride_d,
+    bias_stride_b,
+    bias_stride_h,
+    bias_stride_n,
+    bias_stride_m,
+    dbias_stride_g,
+    dbias_stride_h,
+    dbias_stride_n,
+    dbias_stride_m,
+    B,
+    H,
+    N,
+    M,
+    D,
+    BATCHES_PER_GROUP,
+    HAS_BIAS: tl.constexpr,
+    HAS_DBIAS: tl.constexpr,
+    ONE_KEY_BLOCK: tl.constexpr,
+    PRECISION: tl.constexpr,
+    USE_DOT: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    INDEX64: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
@@ -171,8 +279,11 @@ def _osra_bwd_dq_kernel(
             mask_m = offs_m < M
             dm_mask = mask_d[:, None] & mask_m[None, :]
             # K, K^T and V^T are separate (L2-resident) loads rather than tl.trans of register tiles.
-            k = tl.load(k_base + offs_m[:, None] * k_stride_m + offs_d[None, :] * k_stride_d,
-                        mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+            k = tl.load(
+                k_base + offs_m[:, None] * k_stride_m + offs_d[None, :] * k_stride_d,
+                mask=mask_m[:, None] & mask_d[None, :],
+                other=0.0,
+            )
             kt = tl.load(k_base + offs_d[:, None] * k_stride_d + offs_m[None, :] * k_stride_m, mask=dm_mask, other=0.0)
             vt = tl.load(v_base + offs_d[:, None] * k_stride_d + offs_m[None, :] * k_stride_m, mask=dm_mask, other=0.0)
             s = _matmul(q, kt, PRECISION, USE_DOT).to(scale.dtype) * scale
@@ -199,20 +310,79 @@ def _osra_bwd_dq_kernel(
     if HAS_DBIAS:
         if ONE_KEY_BLOCK:
             offs_m = tl.arange(0, BLOCK_M)
-            tl.store(dbias_base + offs_m[None, :] * dbias_stride_m, dbias_acc.to(dbias_ptr.dtype.element_ty),
-                     mask=mask_n[:, None] & (offs_m < M)[None, :])
+            tl.store(
+                dbias_base + offs_m[None, :] * dbias_stride_m,
+                dbias_acc.to(dbias_ptr.dtype.element_ty),
+                mask=mask_n[:, None] & (offs_m < M)[None, :],
+            )
 
 
-@triton.jit(do_not_specialize_on_alignment=["q_stride_b", "q_stride_h", "q_stride_n", "q_stride_d", "k_stride_b", "k_stride_h", "k_stride_m", "k_stride_d", "bias_stride_b", "bias_stride_h", "bias_stride_n", "bias_stride_m", "dkv_stride_s", "dkv_stride_b", "dkv_stride_h", "dkv_stride_m", "dkv_stride_d", "H", "N", "M", "D", "ROWS_PER_SPLIT"])
+@triton.jit(
+    do_not_specialize_on_alignment=[
+        "q_stride_b",
+        "q_stride_h",
+        "q_stride_n",
+        "q_stride_d",
+        "k_stride_b",
+        "k_stride_h",
+        "k_stride_m",
+        "k_stride_d",
+        "bias_stride_b",
+        "bias_stride_h",
+        "bias_stride_n",
+        "bias_stride_m",
+        "dkv_stride_s",
+        "dkv_stride_b",
+        "dkv_stride_h",
+        "dkv_stride_m",
+        "dkv_stride_d",
+        "H",
+        "N",
+        "M",
+        "D",
+        "ROWS_PER_SPLIT",
+    ]
+)
 def _osra_bwd_dkdv_kernel(
-    q_ptr, k_ptr, v_ptr, bias_ptr, grad_out_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, scale_ptr,
-    q_stride_b, q_stride_h, q_stride_n, q_stride_d,
-    k_stride_b, k_stride_h, k_stride_m, k_stride_d,
-    bias_stride_b, bias_stride_h, bias_stride_n, bias_stride_m,
-    dkv_stride_s, dkv_stride_b, dkv_stride_h, dkv_stride_m, dkv_stride_d,
-    H, N, M, D, ROWS_PER_SPLIT,
-    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, USE_DOT: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, INDEX64: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    bias_ptr,
+    grad_out_ptr,
+    lse_ptr,
+    delta_ptr,
+    dk_ptr,
+    dv_ptr,
+    scale_ptr,
+    q_stride_b,
+    q_stride_h,
+    q_stride_n,
+    q_stride_d,
+    k_stride_b,
+    k_stride_h,
+    k_stride_m,
+    k_stride_d,
+    bias_stride_b,
+    bias_stride_h,
+    bias_stride_n,
+    bias_stride_m,
+    dkv_stride_s,
+    dkv_stride_b,
+    dkv_stride_h,
+    dkv_stride_m,
+    dkv_stride_d,
+    H,
+    N,
+    M,
+    D,
+    ROWS_PER_SPLIT,
+    HAS_BIAS: tl.constexpr,
+    PRECISION: tl.constexpr,
+    USE_DOT: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    INDEX64: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -257,16 +427,22 @@ def _osra_bwd_dkdv_kernel(
         # Transposed scores: rows are keys, columns are queries.
         st = _matmul(k, qt, PRECISION, USE_DOT).to(scale.dtype) * scale
         if HAS_BIAS:
-            st += tl.load(bias_base + offs_n[None, :] * bias_stride_n,
-                          mask=mask_m[:, None] & mask_n[None, :], other=0.0).to(scale.dtype)
+            st += tl.load(
+                bias_base + offs_n[None, :] * bias_stride_n, mask=mask_m[:, None] & mask_n[None, :], other=0.0
+            ).to(scale.dtype)
         pt = tl.exp(st - lse[None, :])
         dv += _matmul(pt.to(do.dtype), do, PRECISION, USE_DOT).to(scale.dtype)
         dpt = _matmul(v, dot, PRECISION, USE_DOT).to(scale.dtype)
         dst = pt * (dpt - delta[None, :])
         dk += _matmul(dst.to(q.dtype), q, PRECISION, USE_DOT).to(scale.dtype)
 
-    dkv_offs = (split * dkv_stride_s + b * dkv_stride_b + h * dkv_stride_h
-                + offs_m[:, None] * dkv_stride_m + offs_d[None, :] * dkv_stride_d)
+    dkv_offs = (
+        split * dkv_stride_s
+        + b * dkv_stride_b
+        + h * dkv_stride_h
+        + offs_m[:, None] * dkv_stride_m
+        + offs_d[None, :] * dkv_stride_d
+    )
     tl.store(dk_ptr + dkv_offs, (dk * scale).to(dk_ptr.dtype.element_ty), mask=md_mask)
     tl.store(dv_ptr + dkv_offs, dv.to(dv_ptr.dtype.element_ty), mask=md_mask)
 
@@ -297,8 +473,12 @@ def _uses_dot(q: torch.Tensor) -> bool:
 # at head dims up to MAX_HEAD_DIM. More warps than 16-row mma tiles replicate work, but the register tiles
 # shrink: these kernels are memory-bound and register-bound, not math-bound.
 _BLOCKS = {
-    ("fwd", True): (32, 8), ("dq", True): (16, 8), ("dkdv", True): (32, 8),
-    ("fwd", False): (16, 8), ("dq", False): (16, 8), ("dkdv", False): (16, 8),
+    ("fwd", True): (32, 8),
+    ("dq", True): (16, 8),
+    ("dkdv", True): (32, 8),
+    ("fwd", False): (16, 8),
+    ("dq", False): (16, 8),
+    ("dkdv", False): (16, 8),
 }
 
 
@@ -375,11 +555,27 @@ def _forward(q, k, v, bias, scale):
     grid = (triton.cdiv(N, cfg.block_n), B * h)
     with device_guard(q):
         _osra_fwd_kernel[grid](
-            q, k, v, bias if bias is not None else q, out, lse, _scale_tensor(scale, q),
-            *q.stride(), *k.stride(), *_bias_strides(bias),
-            h, N, M, d,
-            HAS_BIAS=bias is not None, PRECISION=cfg.precision, USE_DOT=cfg.use_dot,
-            BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d, INDEX64=needs_int64(q, k, v, out),
+            q,
+            k,
+            v,
+            bias if bias is not None else q,
+            out,
+            lse,
+            _scale_tensor(scale, q),
+            *q.stride(),
+            *k.stride(),
+            *_bias_strides(bias),
+            h,
+            N,
+            M,
+            d,
+            HAS_BIAS=bias is not None,
+            PRECISION=cfg.precision,
+            USE_DOT=cfg.use_dot,
+            BLOCK_N=cfg.block_n,
+            BLOCK_M=cfg.block_m,
+            BLOCK_D=cfg.block_d,
+            INDEX64=needs_int64(q, k, v, out),
             num_warps=cfg.num_warps,
         )
     return out, lse
@@ -438,19 +634,65 @@ def _backward(grad_out, q, k, v, bias, out, lse, scale, bias_needs_grad):
     index64 = needs_int64(q, k, v, out, grad_out, dq)
     with device_guard(q):
         _osra_bwd_dq_kernel[(n_blocks, h, groups)](
-            q, k, v, bias if bias is not None else q, out, grad_out, lse, delta, dq, dbias_buf, scale_t,
-            *q.stride(), *k.stride(), *_bias_strides(bias), *dbias_strides,
-            B, h, N, M, d, batches_per_group,
-            HAS_BIAS=bias is not None, HAS_DBIAS=has_dbias, ONE_KEY_BLOCK=cfg.block_m >= M,
-            PRECISION=cfg.precision, USE_DOT=cfg.use_dot,
-            BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d, INDEX64=index64, num_warps=cfg.num_warps,
+            q,
+            k,
+            v,
+            bias if bias is not None else q,
+            out,
+            grad_out,
+            lse,
+            delta,
+            dq,
+            dbias_buf,
+            scale_t,
+            *q.stride(),
+            *k.stride(),
+            *_bias_strides(bias),
+            *dbias_strides,
+            B,
+            h,
+            N,
+            M,
+            d,
+            batches_per_group,
+            HAS_BIAS=bias is not None,
+            HAS_DBIAS=has_dbias,
+            ONE_KEY_BLOCK=cfg.block_m >= M,
+            PRECISION=cfg.precision,
+            USE_DOT=cfg.use_dot,
+            BLOCK_N=cfg.block_n,
+            BLOCK_M=cfg.block_m,
+            BLOCK_D=cfg.block_d,
+            INDEX64=index64,
+            num_warps=cfg.num_warps,
         )
         _osra_bwd_dkdv_kernel[(m_blocks, B * h, splits)](
-            q, k, v, bias if bias is not None else q, grad_out, lse, delta, dk_buf, dv_buf, scale_t,
-            *q.stride(), *k.stride(), *_bias_strides(bias), *dkv_strides,
-            h, N, M, d, rows_per_split,
-            HAS_BIAS=bias is not None, PRECISION=dkdv_cfg.precision, USE_DOT=dkdv_cfg.use_dot,
-            BLOCK_N=dkdv_cfg.block_n, BLOCK_M=dkdv_cfg.block_m, BLOCK_D=dkdv_cfg.block_d, INDEX64=index64,
+            q,
+            k,
+            v,
+            bias if bias is not None else q,
+            grad_out,
+            lse,
+            delta,
+            dk_buf,
+            dv_buf,
+            scale_t,
+            *q.stride(),
+            *k.stride(),
+            *_bias_strides(bias),
+            *dkv_strides,
+            h,
+            N,
+            M,
+            d,
+            rows_per_split,
+            HAS_BIAS=bias is not None,
+            PRECISION=dkdv_cfg.precision,
+            USE_DOT=dkdv_cfg.use_dot,
+            BLOCK_N=dkdv_cfg.block_n,
+            BLOCK_M=dkdv_cfg.block_m,
+            BLOCK_D=dkdv_cfg.block_d,
+            INDEX64=index64,
             num_warps=dkdv_cfg.num_warps,
         )
     if splits > 1:
@@ -468,9 +710,11 @@ def _backward(grad_out, q, k, v, bias, out, lse, scale, bias_needs_grad):
 
 # ------------------------------------------------------------------------------- torch.library ops
 
+
 @torch.library.custom_op("transxnet_triton::osra_attention", mutates_args=())
-def osra_attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor],
-                            scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+def osra_attention_with_lse(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor], scale: float
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """(out, lse): out [B, h, N, d] (memory [B, h, d, N]), lse [B, h, N] log-sum-exp of the scores."""
     return _forward(q, k, v, bias, scale)
 
@@ -478,13 +722,23 @@ def osra_attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b
 @osra_attention_with_lse.register_fake
 def _(q, k, v, bias, scale):
     B, h, N, _ = q.shape
-    return torch.empty_like(q if _dense(q) else q.contiguous()), q.new_empty((B, h, N), dtype=accumulation_dtype(q.dtype))
+    return torch.empty_like(q if _dense(q) else q.contiguous()), q.new_empty(
+        (B, h, N), dtype=accumulation_dtype(q.dtype)
+    )
 
 
 @torch.library.custom_op("transxnet_triton::osra_attention_backward", mutates_args=())
-def osra_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                            bias: Optional[torch.Tensor], out: torch.Tensor, lse: torch.Tensor, scale: float,
-                            bias_needs_grad: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def osra_attention_backward(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    scale: float,
+    bias_needs_grad: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv, dbias); dbias has the bias's shape, or is empty when not needed."""
     return _backward(grad_out, q, k, v, bias, out, lse, scale, bias_needs_grad)
 
@@ -520,6 +774,7 @@ def _supports(info: CallInfo) -> Optional[str]:
 
 
 @ops.osra_attention.register("triton", supports=_supports)
-def osra_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor],
-                   scale: float) -> torch.Tensor:
+def osra_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor], scale: float
+) -> torch.Tensor:
     return osra_attention_with_lse(q, k, v, bias, scale)[0]
