@@ -459,6 +459,7 @@ class _Config:
     precision: str  # tl.dot input precision: "ieee" keeps fp32 exact (no TF32); fp16/bf16 ignore it
     use_dot: bool
     num_warps: int
+    num_stages: int
 
 
 def _uses_dot(q: torch.Tensor) -> bool:
@@ -467,18 +468,21 @@ def _uses_dot(q: torch.Tensor) -> bool:
     return not (q.dtype == torch.float64 and q.device.type == "cuda")
 
 
-# (kernel, half precision?) -> (BLOCK_N, num_warps): rows of queries per program and its warps; BLOCK_M = 64
-# keys (the model's M = 49 in one block). Chosen with the static GPU audit (python -m benchmarks.gpu_audit):
-# no register spills and shared memory within sm_86's 99 KB on sm_80/86/90, at every TransXNet shape and
-# at head dims up to MAX_HEAD_DIM. More warps than 16-row mma tiles replicate work, but the register tiles
-# shrink: these kernels are memory-bound and register-bound, not math-bound.
+# (kernel, half precision?) -> (BLOCK_N, num_warps, num_stages): rows of queries per program, its warps, and
+# its software-pipeline depth; BLOCK_M = 64 keys (the model's M = 49 in one block). Chosen with the static GPU
+# audit (python -m benchmarks.gpu_audit): no register spills and shared memory within sm_86's 99 KB on
+# sm_80/86/90, at every TransXNet shape and at head dims up to MAX_HEAD_DIM. More warps than 16-row mma tiles
+# replicate work, but the register tiles shrink: these kernels are memory-bound and register-bound, not
+# math-bound. The fp32 dq kernel pipelines 2 stages, not Triton's default 3: with 3, ptxas for sm_80 needs
+# 255 registers and spills 80 B; with 2, 196 registers and no spill (a one-key-block loop gains nothing from
+# a third stage).
 _BLOCKS = {
-    ("fwd", True): (32, 8),
-    ("dq", True): (16, 8),
-    ("dkdv", True): (32, 8),
-    ("fwd", False): (16, 8),
-    ("dq", False): (16, 8),
-    ("dkdv", False): (16, 8),
+    ("fwd", True): (32, 8, 3),
+    ("dq", True): (16, 8, 3),
+    ("dkdv", True): (32, 8, 3),
+    ("fwd", False): (16, 8, 3),
+    ("dq", False): (16, 8, 2),
+    ("dkdv", False): (16, 8, 3),
 }
 
 
@@ -487,11 +491,12 @@ def _config(q: torch.Tensor, kernel: str) -> _Config:
     d = q.shape[-1]
     if not _uses_dot(q):
         # Without tl.dot a [block_n, block_d, block_m] product lives in registers: keep it small.
-        return _Config(16, 16, triton.next_power_of_2(d), "ieee", False, 4)
+        return _Config(16, 16, triton.next_power_of_2(d), "ieee", False, 4, 3)
     half = q.dtype in (torch.float16, torch.bfloat16)
-    block_n, num_warps = _BLOCKS[kernel, half]
+    block_n, num_warps, num_stages = _BLOCKS[kernel, half]
     # IEEE fp32 (no TF32: the user did not ask for it) runs tl.dot on FMA units; tl.dot needs dims >= 16.
-    return _Config(block_n, 64, max(16, triton.next_power_of_2(d)), "tf32" if half else "ieee", True, num_warps)
+    precision = "tf32" if half else "ieee"
+    return _Config(block_n, 64, max(16, triton.next_power_of_2(d)), precision, True, num_warps, num_stages)
 
 
 @dataclass(frozen=True)
@@ -577,6 +582,7 @@ def _forward(q, k, v, bias, scale):
             BLOCK_D=cfg.block_d,
             INDEX64=needs_int64(q, k, v, out),
             num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
         )
     return out, lse
 
@@ -665,6 +671,7 @@ def _backward(grad_out, q, k, v, bias, out, lse, scale, bias_needs_grad):
             BLOCK_D=cfg.block_d,
             INDEX64=index64,
             num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
         )
         _osra_bwd_dkdv_kernel[(m_blocks, B * h, splits)](
             q,
@@ -694,6 +701,7 @@ def _backward(grad_out, q, k, v, bias, out, lse, scale, bias_needs_grad):
             BLOCK_D=dkdv_cfg.block_d,
             INDEX64=index64,
             num_warps=dkdv_cfg.num_warps,
+            num_stages=dkdv_cfg.num_stages,
         )
     if splits > 1:
         dk_buf, dv_buf = dk_buf.sum(0), dv_buf.sum(0)
