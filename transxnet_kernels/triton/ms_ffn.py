@@ -594,14 +594,14 @@ class _Plan(NamedTuple):
         """Rows of per-channel partials: one per (spatial tile, batch split)."""
         return self.grid[0] * self.grid[2]
 
-    def constexprs(self, num_warps: Optional[int] = None) -> dict:
+    def constexprs(self) -> dict:
         return dict(
             KK_STRIDE=self.kk_stride,
             BLOCK_C=self.block_c,
             BLOCK_HW=self.block_hw,
             INDEX64=self.index64,
             ACC=tl_accumulation_dtype(self.acc),
-            num_warps=num_warps or self.num_warps,
+            num_warps=self.num_warps,
         )
 
 
@@ -633,9 +633,6 @@ def _plan(x: torch.Tensor, widths: Sequence[int], ksizes: Sequence[int], *others
     splits = max(1, min(B, triton.cdiv(settings.target_programs, max(1, blocks.shape[0] * n_hw))))
     b_per_prog = max(1, triton.cdiv(B, splits))
     kmax = max(ksizes)
-    # Elements of the tile per warp: 8 per thread in channels_last; 4 in NCHW, whose per-pixel row and
-    # column masks cost more registers (static audit: 8 per thread spilled 4-12 B on sm_80/86/90).
-    per_warp = 256 if block_c > 1 else 128
     return _Plan(
         block_c,
         block_hw,
@@ -646,7 +643,7 @@ def _plan(x: torch.Tensor, widths: Sequence[int], ksizes: Sequence[int], *others
         triton.next_power_of_2(kmax * kmax),
         needs_int64(x, *others),
         accumulation_dtype(x.dtype),
-        max(1, min(8, block_c * block_hw // per_warp)),
+        max(1, min(8, block_c * block_hw // 256)),
     )
 
 
@@ -888,10 +885,6 @@ def ms_ffn_middle_backward(
     sgo, sgx = (torch.empty((plan.partials, C), dtype=plan.acc, device=x.device) for _ in range(2))
     pdw, pdb = _wgrad_partials(plan, C, x.device)
 
-    # The NCHW dz pass runs 2 tile elements per thread (up to 16 warps): with 4, ptxas spills 4-8 B at 64
-    # registers on sm_80/86 (static audit); the other NCHW passes spill with 2 per thread instead.
-    dz_warps = max(1, min(16, plan.block_hw // 64)) if plan.block_c == 1 else plan.num_warps
-
     def launch(stats: bool, dz_pass: bool, cxhat: torch.Tensor, cconst: torch.Tensor) -> None:
         with device_guard(x):
             _middle_grad_kernel[plan.grid](
@@ -921,7 +914,7 @@ def ms_ffn_middle_backward(
                 STATS=stats,
                 DZ=dz_pass,
                 KK_POW2=plan.kk_pow2,
-                **plan.constexprs(dz_warps if dz_pass else None),
+                **plan.constexprs(),
             )
 
     if training:  # BN's gradient needs the batch sums of go and go*xhat before dz exists: one more pass
