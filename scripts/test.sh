@@ -9,4 +9,4 @@ echo "[test] ruff check / ruff format --check"
 .venv/bin/ruff format --check .
 # Every backend that exists on this machine must be tested, not skipped.
 export TRANSXNET_REQUIRE_BACKENDS=${TRANSXNET_REQUIRE_BACKENDS:-triton,cpp}
-exec .venv/bin/python -m pytest -q "$@"
+exec .venv/bin/python -m pytest -q --durations=15 "$@"
