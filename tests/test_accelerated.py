@@ -152,6 +152,83 @@ def test_relative_pos_enc_resized_once_per_stage_and_cache_tracks_updates(monkey
         assert_rel_close(fast(y), eager(y), 1e-5, "other input size")
 
 
+def small_eval_pair():
+    torch.manual_seed(0)
+    eager = perturbed(transxnet.TransXNet(SMALL_ARCH, num_classes=3)).eval()
+    return eager, transxnet.accelerated(copy.deepcopy(eager))
+
+
+def test_inference_constants_follow_every_parameter_and_buffer():
+    """Eval without gradients keeps folded (and on CPU prepacked) weights between calls: an in-place update
+    of any one state tensor, as load_state_dict or an optimizer makes, must reach the next output."""
+    eager, fast = small_eval_pair()
+    x = torch.randn(1, 3, 64, 64)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        assert_rel_close(fast(x), eager(x), 1e-5, "first call")
+        for (name, t0), t1 in zip(eager.state_dict().items(), fast.state_dict().values()):
+            if not t0.is_floating_point():
+                continue
+            delta = torch.rand(t0.shape, generator=g) * 0.5 + 0.25  # positive: running_var stays valid
+            t0.mul_(delta), t1.mul_(delta)
+            assert_rel_close(fast(x), eager(x), 1e-5, f"after updating {name}")
+
+
+def test_inference_constants_are_reused_and_follow_replacement_moves_and_revert(monkeypatch):
+    import transxnet.fused as fused
+
+    eager, fast = small_eval_pair()
+    built = []
+    real_init = fused.FoldedConv.__init__
+
+    def counting_init(self, *args):
+        built.append(1)
+        real_init(self, *args)
+
+    monkeypatch.setattr(fused.FoldedConv, "__init__", counting_init)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        fast(x)
+        first = len(built)
+        assert first > 0
+        assert_rel_close(fast(x), eager(x), 1e-5, "cached")
+        assert len(built) == first, "a second call must reuse every folded conv"
+    # a parameter replaced by a new tensor (not updated in place) is seen
+    conv = fast.network[0][0].mlp.fc2[0]
+    conv.weight = torch.nn.Parameter(conv.weight.detach() * 1.5)
+    eager.network[0][0].mlp.fc2[0].weight.data.mul_(1.5)
+    with torch.no_grad():
+        assert_rel_close(fast(x), eager(x), 1e-5, "replaced parameter")
+        # moved to another dtype (same parameter objects, new storages)
+        fast.double(), eager.double()
+        out = fast(x.double())
+        assert out.dtype == torch.float64
+        assert_rel_close(out, eager(x.double()), 1e-10, "fp64 after .double()")
+    held = [m for m in fast.modules() if m in fused._CONSTANTS]
+    assert held, "inference must have cached constants"
+    copied = copy.deepcopy(fast)  # the cache lives outside the modules: nothing opaque is copied
+    with torch.no_grad():
+        assert torch.equal(copied(x.double()), out)
+    transxnet.revert(fast)
+    assert not any(m in fused._CONSTANTS for m in fast.modules()), "revert drops the cached constants"
+
+
+def test_eval_with_gradients_reaches_parameters_and_input():
+    """Eval mode with autograd on (saliency maps, fine-tuning a frozen-BN backbone) builds folded weights per
+    call from the live parameters, so gradients reach the parameters and the input as in eager (fp64: any
+    difference is a bug, not rounding)."""
+    eager, fast = (m.double() for m in small_eval_pair())
+    grads = []
+    for m in (eager, fast):
+        x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+        x.requires_grad_()
+        m(x).square().sum().backward()
+        grads.append((x.grad, [p.grad for p in m.parameters()]))
+    assert_rel_close(grads[1][0], grads[0][0], 1e-10, "input grad")
+    for (name, _), g0, g1 in zip(eager.named_parameters(), grads[0][1], grads[1][1]):
+        assert_rel_close(g1, g0, 1e-10, f"grad {name}")
+
+
 def test_drop_path_and_grad_checkpointing_match_eager():
     torch.manual_seed(0)
     kw = dict(num_classes=5, drop_path_rate=0.3, grad_checkpoint=True, checkpoint_stage=(1, 1, 2, 1))

@@ -13,7 +13,7 @@ from typing import Dict, Optional, Union
 import torch.nn as nn
 
 from .factory import MODELS
-from .fused import ACCELERATED, AcceleratedTransXNet
+from .fused import ACCELERATED, AcceleratedTransXNet, drop_inference_constants
 from .model import TransXNet
 
 # Accelerated class -> the class it accelerates (the released ones, and subclasses met so far).
@@ -64,8 +64,7 @@ def accelerated(model_or_name: Union[nn.Module, str], **kwargs) -> nn.Module:
         target = _accelerated_class(type(module))
         if target is not None:
             module.__class__ = target
-        if isinstance(module, AcceleratedTransXNet):
-            module._rpe_cache = {}
+        drop_inference_constants(module)
     return model
 
 
@@ -75,7 +74,7 @@ def revert(model: nn.Module) -> nn.Module:
         original = _ORIGINAL.get(type(module))
         if original is not None:
             module.__class__ = original
-            module.__dict__.pop("_rpe_cache", None)
+        drop_inference_constants(module)
     return model
 
 

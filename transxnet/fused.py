@@ -11,16 +11,21 @@ state dict keeps its keys, order and values. What the subclasses change:
 * Eval only: every BatchNorm next to a conv is folded into it (stem, downsamplers, IDConv's projection,
   OSRA's reduction, the STE's three BatchNorms, fc2), and so are the blocks' layer scales (into the STE's
   last conv and fc2); where a fused backend has it, fc1's GELU + BatchNorm, the multi-scale depthwise convs,
-  the residual, GELU and BatchNorm run as one op (`ms_ffn_middle_eval`). All of it is exact in real
-  arithmetic: results differ from eager by float rounding only.
+  the residual, GELU and BatchNorm run as one op (`ms_ffn_middle_eval`); the position encoding's and OSRA's
+  local-conv residuals are folded into the kernels' centre taps; IDConv's projection runs once over the
+  pooled map and the mean side by side. All of it is exact in real arithmetic: results differ from eager
+  by float rounding only.
+* Eval without an autograd graph: the folded weights are inference constants, computed once and kept until
+  a source tensor changes (see `inference_constant`).
 * CPU inference (eval, no gradients): the network runs in channels_last, where oneDNN's convolutions are
-  about twice as fast and the C++ kernels work natively; conv + GELU pairs run as one oneDNN convolution
-  with a fused exact-GELU post-op.
+  about twice as fast and the C++ kernels work natively; every conv runs as a oneDNN convolution with its
+  weight prepacked once and a following GELU fused as its post-op.
 """
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+import weakref
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -28,7 +33,18 @@ import torch.nn.functional as F
 
 import transxnet_kernels as tk
 
-from .model import Block, ConvNorm, HybridTokenMixer, LayerScale, Mlp, TransXNet, reduced_size, resize_relative_pos_enc
+from .model import (
+    OSRA,
+    Block,
+    ConvNorm,
+    HybridTokenMixer,
+    IDConv,
+    LayerScale,
+    Mlp,
+    TransXNet,
+    reduced_size,
+    resize_relative_pos_enc,
+)
 
 # ------------------------------------------------------------------------------------- folding math
 
@@ -67,33 +83,120 @@ def layer_scale_affine(layer_scale: Optional[LayerScale], channels: int, like: t
     return layer_scale.weight.flatten(), layer_scale.bias
 
 
-def conv_with(conv: nn.Conv2d, x, weight, bias):
-    """conv's geometry (stride, padding, dilation, groups) with other weights."""
-    return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
-
-
-_ONEDNN_CONV_POINTWISE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
-
-
-def conv_gelu(conv: nn.Conv2d, x, weight, bias):
-    """GELU(conv(x)); on CPU inference one oneDNN convolution with a fused exact-GELU post-op."""
-    if (
-        _ONEDNN_CONV_POINTWISE
-        and x.device.type == "cpu"
-        and x.dtype == torch.float32
-        and not torch.is_grad_enabled()
-        and not torch.is_autocast_enabled("cpu")
-        and not torch.compiler.is_compiling()
-    ):
-        return torch.ops.mkldnn._convolution_pointwise(
-            x, weight, bias, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups, "gelu", [], "none"
-        )
-    return F.gelu(conv_with(conv, x, weight, bias))
+def with_identity_tap(weight: torch.Tensor) -> torch.Tensor:
+    """The depthwise kernel w' with conv(x, w') = conv(x, w) + x (odd kernel, padding k//2): w plus one at
+    the centre tap, so a depthwise conv and its residual run as one conv."""
+    centre = weight.shape[-1] // 2
+    weight = weight.clone()
+    weight[:, :, centre, centre] += 1
+    return weight
 
 
 def mlp_weights(mlp: Mlp):
     """The multi-scale depthwise convs' weights and biases, as the MS-FFN ops take them."""
     return [p.weight for p in mlp.dwconv.proj], [p.bias for p in mlp.dwconv.proj]
+
+
+# ------------------------------------------------------------------------------ inference constants
+#
+# In eval mode the folded weights depend on parameters and buffers only. When no autograd graph is needed
+# (no gradient mode, or frozen parameters) and nothing traces, they are computed once and kept until a
+# source tensor changes; on fp32 CPU they are kept prepacked in oneDNN's blocked layout, which spares every
+# conv call its weight reorder. At batch 1 these per-call costs were about a quarter of the CPU forward.
+
+_ONEDNN_CONV = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+
+# module -> name -> (key, pinned sources, value). Weak keys: a collected module frees its entries; a
+# deepcopy or pickle of the model never sees them.
+_CONSTANTS: weakref.WeakKeyDictionary[nn.Module, Dict[str, tuple]] = weakref.WeakKeyDictionary()
+
+
+def tracing() -> bool:
+    return torch.compiler.is_compiling() or torch.compiler.is_exporting()
+
+
+def state_of(*modules: Optional[nn.Module]) -> tuple:
+    """The parameters and buffers held directly by `modules` (None skipped): the sources of a fold. Read from
+    the modules' own dicts at every call, so a replaced parameter is seen, and fast (no recursion)."""
+    return tuple(
+        t for m in modules if m is not None for d in (m._parameters, m._buffers) for t in d.values() if t is not None
+    )
+
+
+def inference_constant(module: nn.Module, name: str, sources: tuple, build: Callable[[], Any], key=()) -> Any:
+    """build(), a value computed from the tensors `sources`; cached per (module, name) when it needs no
+    autograd graph and nothing traces, until a source changes.
+
+    The cache key holds each source's storage address and version counter (in-place updates bump it,
+    `load_state_dict` and optimizer steps included) plus `key`; the entry pins the sources' storages, so
+    while it lives no new tensor can reuse an address it keys on (a `.to()` or a new parameter misses)."""
+    if tracing() or (torch.is_grad_enabled() and any(t.requires_grad for t in sources)):
+        return build()
+    try:
+        full_key = (key, tuple((t.data_ptr(), t._version) for t in sources))
+    except RuntimeError:  # inference-mode tensors carry no version counter: nothing safe to key on
+        return build()
+    entries = _CONSTANTS.setdefault(module, {})
+    entry = entries.get(name)
+    if entry is None or entry[0] != full_key:
+        entry = (full_key, [t.detach() for t in sources], build())
+        entries[name] = entry
+    return entry[2]
+
+
+def drop_inference_constants(module: nn.Module) -> None:
+    _CONSTANTS.pop(module, None)
+
+
+def onednn_inference(x: torch.Tensor) -> bool:
+    """Whether convs on x run as oneDNN convolutions with prepacked weights and fused GELU: fp32 CPU
+    inference (no gradient, no autocast, not traced)."""
+    return (
+        _ONEDNN_CONV
+        and x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and not torch.is_grad_enabled()
+        and not torch.is_autocast_enabled("cpu")
+        and not tracing()
+    )
+
+
+class FoldedConv:
+    """A conv's geometry with (folded) weights; on oneDNN inference the weight is prepacked and GELU runs as
+    the convolution's post-op."""
+
+    def __init__(self, conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor, x: torch.Tensor):
+        self.stride, self.padding = list(conv.stride), list(conv.padding)
+        self.dilation, self.groups = list(conv.dilation), conv.groups
+        self.onednn = onednn_inference(x)
+        if self.onednn:
+            # The input size is a layout hint only: other sizes and layouts run correctly.
+            hint = [x.shape[0], conv.in_channels, *x.shape[2:]]
+            weight = torch._C._nn.mkldnn_reorder_conv2d_weight(
+                weight.contiguous().to_mkldnn(), self.padding, self.stride, self.dilation, self.groups, hint
+            )
+        self.weight, self.bias = weight, bias
+
+    def __call__(self, x: torch.Tensor, gelu: bool = False) -> torch.Tensor:
+        if self.onednn:
+            attr = "gelu" if gelu else "none"
+            return torch.ops.mkldnn._convolution_pointwise(
+                x, self.weight, self.bias, self.padding, self.stride, self.dilation, self.groups, attr, [], "none"
+            )
+        out = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        return F.gelu(out) if gelu else out
+
+
+def folded_conv(module: nn.Module, name: str, conv: nn.Conv2d, x, sources: tuple, weights: Callable[[], tuple]):
+    """The FoldedConv of `conv` with weights() = (weight, bias) computed from `sources`, as an inference
+    constant of `module` for inputs like x."""
+    mode = (onednn_inference(x), x.device, x.dtype)
+    return inference_constant(module, name, sources, lambda: FoldedConv(conv, *weights(), x), key=mode)
+
+
+def plain_conv(module: nn.Module, name: str, conv: nn.Conv2d, x) -> FoldedConv:
+    """`conv` with its own weights, as an inference constant of `module`."""
+    return folded_conv(module, name, conv, x, state_of(conv), lambda: (conv.weight, conv.bias))
 
 
 # ------------------------------------------------------------------------------- accelerated modules
@@ -105,10 +208,77 @@ class AcceleratedConvNorm(ConvNorm):
     def forward(self, x):
         if self.training:
             return super().forward(x)
-        weight, bias = fold_bn_into_conv(self.conv, self.bn)
-        if hasattr(self, "act"):
-            return conv_gelu(self.conv, x, weight, bias)
-        return conv_with(self.conv, x, weight, bias)
+        conv = folded_conv(
+            self, "conv", self.conv, x, state_of(self.conv, self.bn), lambda: fold_bn_into_conv(self.conv, self.bn)
+        )
+        return conv(x, gelu=hasattr(self, "act"))
+
+
+class AcceleratedIDConv(IDConv):
+    """Eval: the kernel and bias logits from one pass of `proj` over the pooled map and the mean side by side
+    (its BatchNorm is then per pixel, so the two inputs need not run apart); its convs folded and cached."""
+
+    def forward(self, x):
+        if self.training:
+            return super().forward(x)
+        B, C = x.shape[:2]
+        G, K = self.num_groups, self.kernel_size
+        conv_norm, conv = self.proj
+        pooled = F.adaptive_avg_pool2d(x, K).flatten(2)
+        both = torch.cat([pooled, x.mean(dim=(2, 3)).unsqueeze(2)], dim=2).unsqueeze(2)  # [B, C, 1, K*K + 1]
+        reduce = folded_conv(
+            self,
+            "reduce",
+            conv_norm.conv,
+            both,
+            state_of(conv_norm.conv, conv_norm.bn),
+            lambda: fold_bn_into_conv(conv_norm.conv, conv_norm.bn),
+        )
+        expand = plain_conv(self, "expand", conv, both)
+        logits = expand(reduce(both, gelu=True)).reshape(B, G * C, K * K + 1)
+        kernel_logits = logits[..., : K * K].reshape(B, G, C, K, K)
+        bias_logits = logits[..., K * K].reshape(B, G, C)
+        return tk.idconv(x, kernel_logits, self.weight, bias_logits, self.bias)
+
+
+class AcceleratedOSRA(OSRA):
+    """Eval: the reduction's BatchNorms folded (its depthwise 1x1 + BatchNorm as one per-channel affine map),
+    the local conv's residual folded into its centre tap; every conv cached (and prepacked on oneDNN)."""
+
+    def forward(self, x, relative_pos_enc=None):
+        if self.training:
+            return super().forward(x, relative_pos_enc)
+        B, C, H, W = x.shape
+        h = self.num_heads
+        d = C // h
+        q = plain_conv(self, "q", self.q, x)(x).reshape(B, h, d, H * W).transpose(-1, -2)
+        r = x
+        if self.sr_ratio > 1:
+            reduce, affine = self.sr
+            reduce_state = state_of(reduce.conv, reduce.bn)
+            conv = folded_conv(
+                self, "sr", reduce.conv, x, reduce_state, lambda: fold_bn_into_conv(reduce.conv, reduce.bn)
+            )
+            affine_state = state_of(affine.conv, affine.bn)
+            scale, shift = inference_constant(self, "sr_affine", affine_state, lambda: self.reduction_affine(affine))
+            r = torch.addcmul(shift, conv(x, gelu=True), scale)
+        local = self.local_conv
+        local_weights = lambda: (with_identity_tap(local.weight), local.bias)  # noqa: E731
+        r = folded_conv(self, "local", local, r, state_of(local), local_weights)(r)
+        M = r.shape[-2] * r.shape[-1]
+        k, v = plain_conv(self, "kv", self.kv, r)(r).chunk(2, dim=1)
+        k = k.reshape(B, h, d, M).transpose(-1, -2)
+        v = v.reshape(B, h, d, M).transpose(-1, -2)
+        if relative_pos_enc is not None:
+            relative_pos_enc = resize_relative_pos_enc(relative_pos_enc, H * W, M)
+        out = tk.osra_attention(q, k, v, relative_pos_enc, self.scale)
+        return out.transpose(-1, -2).reshape(B, C, H, W)
+
+    @staticmethod
+    def reduction_affine(conv_norm: ConvNorm) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The reduction's depthwise 1x1 conv (no bias) + BatchNorm as [1, C, 1, 1] scale and shift."""
+        scale, shift = batchnorm_scale_shift(conv_norm.bn)
+        return (conv_norm.conv.weight.flatten() * scale).view(1, -1, 1, 1), shift.view(1, -1, 1, 1)
 
 
 class AcceleratedHybridTokenMixer(HybridTokenMixer):
@@ -119,18 +289,33 @@ class AcceleratedHybridTokenMixer(HybridTokenMixer):
             assert layer_scale is None, "the layer scale is folded in eval mode only"
             return super().forward(x, relative_pos_enc)
         x = self.mix(x, relative_pos_enc)
-        ls_weight, ls_bias = layer_scale_affine(layer_scale, x.shape[1], x)
+        dw, pw1, pw2, ls_weight = self.folded_ste(x, layer_scale)
         # ls(proj(x) + x) = [ls folded into proj's last conv](x) + ls_weight * x
-        return torch.addcmul(self.folded_ste(x, ls_weight, ls_bias), x, ls_weight.view(1, -1, 1, 1))
+        return torch.addcmul(pw2(pw1(dw(x, gelu=True), gelu=True)), x, ls_weight)
 
-    def folded_ste(self, x, out_scale, out_shift):
-        """The STE in eval mode, its three BatchNorms folded into the 1x1 convs and its output
-        mapped to out * out_scale + out_shift: dw3x3 -> GELU -> 1x1 -> GELU -> 1x1."""
-        dw, _, bn1, pw1, _, bn2, pw2, bn3 = self.proj  # the GELUs are fused into the convs
-        x = conv_gelu(dw, x, dw.weight, dw.bias)
-        x = conv_gelu(pw1, x, *fold_bn_into_next_pointwise(bn1, pw1))
-        w, b = scale_conv_output(*fold_bn_into_next_pointwise(bn2, pw2), *batchnorm_scale_shift(bn3))
-        return F.conv2d(x, *scale_conv_output(w, b, out_scale, out_shift))
+    def folded_ste(self, x, layer_scale: Optional[LayerScale]):
+        """The STE's convs in eval mode (dw3x3 -> GELU -> 1x1 -> GELU -> 1x1), its three BatchNorms folded
+        into the 1x1 convs and the layer scale into the last, and the layer scale's weight as [1, C, 1, 1]."""
+        dw, _, bn1, pw1, _, bn2, pw2, bn3 = self.proj  # the GELUs run as the convs' post-ops
+        ls_state = state_of(layer_scale)
+
+        def last_weights():
+            w, b = scale_conv_output(*fold_bn_into_next_pointwise(bn2, pw2), *batchnorm_scale_shift(bn3))
+            return scale_conv_output(w, b, *layer_scale_affine(layer_scale, pw2.out_channels, w))
+
+        ls_weight = inference_constant(
+            self,
+            "ls_weight",
+            ls_state,
+            lambda: layer_scale_affine(layer_scale, x.shape[1], x)[0].view(1, -1, 1, 1),
+            key=(x.device, x.dtype),
+        )
+        return (
+            plain_conv(self, "dw", dw, x),
+            folded_conv(self, "pw1", pw1, x, state_of(bn1, pw1), lambda: fold_bn_into_next_pointwise(bn1, pw1)),
+            folded_conv(self, "pw2", pw2, x, state_of(bn2, pw2, bn3) + ls_state, last_weights),
+            ls_weight,
+        )
 
 
 class AcceleratedMlp(Mlp):
@@ -141,7 +326,8 @@ class AcceleratedMlp(Mlp):
         if self.training:
             assert layer_scale is None, "the layer scale is folded in eval mode only"
             return self.drop(self.fc2(self.drop(self.fused_middle(self.fc1(x)))))
-        h = self.fc1[0](x)
+        fc1 = self.fc1[0]
+        h = plain_conv(self, "fc1", fc1, x)(x)
         if tk.has_fused("ms_ffn_middle_eval", h):
             x = self.fused_eval(h)
         else:
@@ -151,15 +337,22 @@ class AcceleratedMlp(Mlp):
     def folded_fc2(self, x, layer_scale: Optional[LayerScale] = None):
         """fc2 in eval mode with its BatchNorm (and the block's layer scale) folded into the conv."""
         conv = self.fc2[0]
-        weight, bias = scale_conv_output(
-            *fold_bn_into_conv(conv, self.fc2[1]), *layer_scale_affine(layer_scale, conv.out_channels, conv.weight)
-        )
-        return conv_with(conv, x, weight, bias)
+
+        def weights():
+            w, b = fold_bn_into_conv(conv, self.fc2[1])
+            return scale_conv_output(w, b, *layer_scale_affine(layer_scale, conv.out_channels, w))
+
+        return folded_conv(self, "fc2", conv, x, state_of(conv, self.fc2[1], layer_scale), weights)(x)
 
     def fused_eval(self, h):
         """Eval: fc1's GELU + BatchNorm, the middle and its BatchNorm in one op (`h` is fc1's conv output)."""
-        in_scale, in_shift = batchnorm_scale_shift(self.fc1[2])
-        out_scale, out_shift = batchnorm_scale_shift(self.norm)
+        scales = inference_constant(
+            self,
+            "scales",
+            state_of(self.fc1[2], self.norm),
+            lambda: (*batchnorm_scale_shift(self.fc1[2]), *batchnorm_scale_shift(self.norm)),
+        )
+        in_scale, in_shift, out_scale, out_shift = scales
         return tk.ms_ffn_middle_eval(h, in_scale, in_shift, *mlp_weights(self), out_scale, out_shift)
 
     def fused_middle(self, x):
@@ -186,12 +379,14 @@ class AcceleratedMlp(Mlp):
 
 
 class AcceleratedBlock(Block):
-    """Eval: each branch's layer scale folded into the branch's last conv (drop path is off in eval)."""
+    """Eval: each branch's layer scale folded into the branch's last conv (drop path is off in eval), the
+    position encoding's residual into its centre tap."""
 
     def _forward(self, x, relative_pos_enc=None):
         if self.training:
             return super()._forward(x, relative_pos_enc)
-        x = x + self.pos_embed(x)
+        pos = self.pos_embed
+        x = folded_conv(pos, "pos_embed", pos, x, state_of(pos), lambda: (with_identity_tap(pos.weight), pos.bias))(x)
         x = x + self.token_mixer(self.norm1(x), relative_pos_enc, self.layer_scale_1)
         return x + self.mlp(self.norm2(x), self.layer_scale_2)
 
@@ -199,23 +394,14 @@ class AcceleratedBlock(Block):
 class AcceleratedTransXNet(TransXNet):
     """The relative-position bias resized once per stage (and cached); CPU inference in channels_last."""
 
-    _rpe_cache: Dict[int, tuple]
-
     def stage_relative_pos_enc(self, stage: int, x: torch.Tensor) -> torch.Tensor:
-        """The bias resized to the stage's input once (exact: the blocks share it); when no gradient is
-        needed, cached per input size until the parameter changes."""
+        """The bias resized to the stage's input once (exact: the blocks share it); an inference constant
+        per input size (one kept per stage) when no gradient is needed."""
         rpe = self.relative_pos_enc[stage]
         H, W = x.shape[-2:]
         sr = self.arch["sr_ratios"][stage]
         n, m = H * W, reduced_size(H, sr) * reduced_size(W, sr)
-        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and rpe.requires_grad):
-            return resize_relative_pos_enc(rpe, n, m)
-        key = (stage, n, m, rpe.device, rpe.dtype, rpe.data_ptr(), rpe._version)
-        cached = self._rpe_cache.get(stage)
-        if cached is None or cached[0] != key:
-            cached = (key, resize_relative_pos_enc(rpe, n, m))
-            self._rpe_cache[stage] = cached
-        return cached[1]
+        return inference_constant(self, f"rpe{stage}", (rpe,), lambda: resize_relative_pos_enc(rpe, n, m), key=(n, m))
 
     def stem(self, x):
         if not self.training and x.device.type == "cpu":
@@ -228,6 +414,8 @@ class AcceleratedTransXNet(TransXNet):
 # Released class -> accelerated subclass (what accelerated() swaps; revert() swaps back).
 ACCELERATED = {
     ConvNorm: AcceleratedConvNorm,
+    IDConv: AcceleratedIDConv,
+    OSRA: AcceleratedOSRA,
     HybridTokenMixer: AcceleratedHybridTokenMixer,
     Mlp: AcceleratedMlp,
     Block: AcceleratedBlock,
