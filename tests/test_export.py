@@ -93,6 +93,20 @@ def test_onnx_export_on_each_forced_backend(tmp_path, backend):
     check_in_onnx_runtime(model, tmp_path / "m.onnx", (2,), 64)
 
 
+def test_torchscript_onnx_exporter_gets_standard_ops(tmp_path):
+    """The TorchScript exporter (dynamo=False) traces with torch.jit: the ops take their references there too,
+    and the accelerated model traces its folding, not its cached inference constants or oneDNN calls."""
+    # 224²: its stage maps (56 ... 7) are multiples of IDConv's 7x7 pooling, which this exporter requires
+    model = make_model(SMALL, True, 224)
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        model(x)  # the inference constants exist before the trace: it must not pick them up
+        torch.onnx.export(model, (x,), str(tmp_path / "m.onnx"), dynamo=False)
+    graph = onnx.load(str(tmp_path / "m.onnx"))
+    assert all(node.domain in ("", "ai.onnx") for node in graph.graph.node), op_types(graph)
+    check_in_onnx_runtime(model, tmp_path / "m.onnx", (1,), 224)
+
+
 @pytest.mark.parametrize("grad_mode", sorted(GRAD_MODES))
 @pytest.mark.parametrize("accelerated", [False, True], ids=["plain", "accelerated"])
 def test_torch_export(accelerated, grad_mode):

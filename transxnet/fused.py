@@ -112,7 +112,9 @@ _CONSTANTS: weakref.WeakKeyDictionary[nn.Module, Dict[str, tuple]] = weakref.Wea
 
 
 def tracing() -> bool:
-    return torch.compiler.is_compiling() or torch.compiler.is_exporting()
+    """Whether a tracer records this call (torch.compile / torch.export, or torch.jit as the TorchScript ONNX
+    exporter uses): the graph must then hold the folding itself and standard convs, not cached tensors."""
+    return torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
 
 
 def state_of(*modules: Optional[nn.Module]) -> tuple:

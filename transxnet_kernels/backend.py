@@ -96,8 +96,9 @@ def exporting() -> bool:
     torch.compiler.is_exporting(); the TorchScript ONNX exporter sets torch.onnx.is_in_onnx_export().
     Exported graphs must hold standard ops only, so every op then runs its reference formula, on any
     backend choice; and `runs_fused` says True, so the model takes its one-op forms (the accelerated
-    eval graph stays BatchNorm-free)."""
-    return torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export()
+    eval graph stays BatchNorm-free). The TorchScript exporter traces, so its (slower) flag is read only
+    while torch.jit traces."""
+    return torch.compiler.is_exporting() or (torch.jit.is_tracing() and torch.onnx.is_in_onnx_export())
 
 
 OPS: Dict[str, Op] = {}  # filled by transxnet_kernels.ops

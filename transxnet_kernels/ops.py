@@ -156,6 +156,9 @@ def _check_multiscale(op: str, x: Tensor, weights: List[Tensor], biases: List[Te
         )
     total = sum(w.shape[0] for w in weights)
     _check(total == x.shape[1], lambda: f"{op}: the groups cover {total} channels but x has {x.shape[1]}")
+    device, dtype = x.device, x.dtype
+    if dtype.is_floating_point and all(t.device == device and t.dtype == dtype for t in (*weights, *biases)):
+        return  # the common case, without naming every tensor (this runs at every call)
     _same_device_and_dtype(
         op,
         [("x", x)]
