@@ -250,10 +250,6 @@ class AcceleratedOSRA(OSRA):
     def forward(self, x, relative_pos_enc=None):
         if self.training:
             return super().forward(x, relative_pos_enc)
-        B, C, H, W = x.shape
-        h = self.num_heads
-        d = C // h
-        q = plain_conv(self, "q", self.q, x)(x).reshape(B, h, d, H * W).transpose(-1, -2)
         r = x
         if self.sr_ratio > 1:
             reduce, affine = self.sr
@@ -267,14 +263,8 @@ class AcceleratedOSRA(OSRA):
         local = self.local_conv
         local_weights = lambda: (with_identity_tap(local.weight), local.bias)  # noqa: E731
         r = folded_conv(self, "local", local, r, state_of(local), local_weights)(r)
-        M = r.shape[-2] * r.shape[-1]
-        k, v = plain_conv(self, "kv", self.kv, r)(r).chunk(2, dim=1)
-        k = k.reshape(B, h, d, M).transpose(-1, -2)
-        v = v.reshape(B, h, d, M).transpose(-1, -2)
-        if relative_pos_enc is not None:
-            relative_pos_enc = resize_relative_pos_enc(relative_pos_enc, H * W, M)
-        out = tk.osra_attention(q, k, v, relative_pos_enc, self.scale)
-        return out.transpose(-1, -2).reshape(B, C, H, W)
+        q_map = plain_conv(self, "q", self.q, x)(x)
+        return self.attend(q_map, plain_conv(self, "kv", self.kv, r)(r), relative_pos_enc)
 
     @staticmethod
     def reduction_affine(conv_norm: ConvNorm) -> Tuple[torch.Tensor, torch.Tensor]:

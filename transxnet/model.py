@@ -162,14 +162,18 @@ class OSRA(nn.Module):
         self.local_conv = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim)
 
     def forward(self, x, relative_pos_enc=None):
-        B, C, H, W = x.shape
-        h = self.num_heads
-        d = C // h
-        q = self.q(x).reshape(B, h, d, H * W).transpose(-1, -2)
         r = self.sr(x)
         r = self.local_conv(r) + r
-        M = r.shape[-2] * r.shape[-1]
-        k, v = self.kv(r).chunk(2, dim=1)
+        return self.attend(self.q(x), self.kv(r), relative_pos_enc)
+
+    def attend(self, q_map, kv_map, relative_pos_enc=None):
+        """The attention from q(x) [B, C, H, W] and kv(r) [B, 2C, h', w'] (k the first C channels, v the last)."""
+        B, C, H, W = q_map.shape
+        h = self.num_heads
+        d = C // h
+        M = kv_map.shape[-2] * kv_map.shape[-1]
+        q = q_map.reshape(B, h, d, H * W).transpose(-1, -2)
+        k, v = kv_map.chunk(2, dim=1)
         k = k.reshape(B, h, d, M).transpose(-1, -2)
         v = v.reshape(B, h, d, M).transpose(-1, -2)
         if relative_pos_enc is not None:
