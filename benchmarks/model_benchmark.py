@@ -13,7 +13,8 @@ stdout, JSON and a PNG bar chart under benchmarks/results/, tagged with device,
 versions, date and git commit.
 
 "eager" is the released model on the pure-PyTorch reference ops; "compile" is
-torch.compile of that; "accelerated" is transxnet.accelerated() on the best backend; "onnxruntime"
+torch.compile of that; "accelerated" is transxnet.accelerated() on the backend auto picks; "acc-triton" (GPU)
+is accelerated() with the Triton backend forced (auto does not pick it yet); "onnxruntime"
 (CPU inference, when onnxruntime is installed) runs the accelerated model's ONNX export (the folded,
 BatchNorm-free graph; static batch size) in ONNX Runtime's CPU execution provider, all graph
 optimisations on, with as many intra-op threads as torch uses.
@@ -234,6 +235,11 @@ def make_variants(builder, train, amp_dtype, device, with_compile, onnx_input=No
     variants.append(
         Variant("accelerated", transxnet.accelerated(copy.deepcopy(eager)), "auto", train, amp_dtype, device)
     )
+    if device.type == "cuda":
+        # auto leaves Triton out until its kernels measure faster (transxnet_kernels.backend.AUTO_ORDER)
+        variants.append(
+            Variant("acc-triton", transxnet.accelerated(copy.deepcopy(eager)), "triton", train, amp_dtype, device)
+        )
     if onnx_input is not None:
         exported = transxnet.accelerated(copy.deepcopy(eager))
         variants.append(OnnxRuntimeVariant(exported, onnx_input, torch.get_num_threads()))
@@ -321,6 +327,15 @@ def main(argv=None):
     if on_gpu:
         torch.backends.cudnn.benchmark = True
 
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    json_path = os.path.join(args.out, f"model_{device.type}_{stamp}.json")
+    os.makedirs(args.out, exist_ok=True)
+
+    def save(rows):
+        # after every case, so that a run cut short (a GPU lease's time limit) keeps what it measured
+        with open(json_path, "w") as f:
+            json.dump({"environment": env, "command": " ".join(sys.argv), "rows": rows}, f, indent=1)
+
     rows = []
     for arch in args.models.split(","):
         for mode in args.modes.split(","):
@@ -353,6 +368,7 @@ def main(argv=None):
                         case_rounds,
                         args.warmup,
                     )
+                    save(rows)
                     del variants
     if not args.no_detection:
         det_batch, det_size = 2, (800, 1216)
@@ -376,18 +392,14 @@ def main(argv=None):
             1,
         )
 
+    save(rows)
     print_table(rows)
-    os.makedirs(args.out, exist_ok=True)
-    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    tag = f"model_{device.type}_{stamp}"
-    with open(os.path.join(args.out, f"{tag}.json"), "w") as f:
-        json.dump({"environment": env, "command": " ".join(sys.argv), "rows": rows}, f, indent=1)
     chart = plot(
         rows,
-        os.path.join(args.out, f"{tag}.png"),
+        json_path[: -len(".json")] + ".png",
         f"TransXNet on {env['device']} (torch {env['torch']}, commit {env['commit']}, {env['date']})",
     )
-    log(f"wrote {os.path.join(args.out, tag)}.json" + (f" and {chart}" if chart else ""))
+    log(f"wrote {json_path}" + (f" and {chart}" if chart else ""))
     return rows
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import transxnet
 import transxnet_kernels as tk
 from transxnet_kernels import backend as bk
 
@@ -531,3 +532,32 @@ def test_every_op_runs_on_the_second_gpu_while_the_first_is_current():
             for i, (a, b) in enumerate(zip(grads, ref_grads)):
                 assert a.device == dev
                 assert_rel_close(a, b, 1e-10, f"{op} grad {i} on cuda:1")
+
+
+def test_released_model_compiles_fullgraph_where_autocast_availability_breaks_the_graph(monkeypatch):
+    """Before torch 2.13 dynamo cannot trace torch.amp.is_autocast_available: an op calling it while compiling
+    splits the graph (on torch 2.11 the resumed frame then failed on a symbolic head dim, breaking
+    torch.compile of the released model on GPU). Simulated on any torch by making that call a graph break; the
+    autocast cast itself must stay in the graph (bf16 autocast)."""
+    monkeypatch.setattr(torch.amp, "is_autocast_available", torch._dynamo.disable(torch.amp.is_autocast_available))
+    torch.manual_seed(0)
+    model = transxnet.TransXNet("t").eval()
+    x = torch.randn(1, 3, 64, 64)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), tk.use_backend("reference"):
+        expected = model(x)
+        out = compiled(x)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+def test_auto_never_picks_triton(monkeypatch):
+    """Triton runs only when forced until its kernels measure faster than the reference (backend.AUTO_ORDER,
+    from the first GPU measurement): under auto a CUDA call of every op goes to the reference."""
+    monkeypatch.delenv("TRANSXNET_BACKEND", raising=False)
+    cuda = torch.device("cuda")
+    for op in ("idconv", "multiscale_dwconv", "ms_ffn_middle", "ms_ffn_middle_eval", "osra_attention"):
+        for needs_grad, training in ((False, False), (True, False), (True, True)):
+            assert bk.select(op, cuda, torch.bfloat16, needs_grad, training, 32) == "reference", op
+            assert not bk.runs_fused(op, cuda, torch.bfloat16), op

@@ -1,16 +1,17 @@
 """Which backend runs an op call: the one place that decides.
 
-Backends, in the fixed order ``auto`` tries them:
+Backends:
 
 * ``triton``    -- fused Triton kernels (``transxnet_kernels.triton``). CUDA tensors; CPU tensors only when
   forced and ``TRITON_INTERPRET=1`` was set before Triton's import (the interpreter, used by the tests).
+  Runs only when forced, for now: see ``AUTO_ORDER``.
 * ``cpp``       -- C++ CPU kernels (``transxnet_kernels.cpp``, optional build), inference only.
 * ``reference`` -- pure PyTorch (``transxnet_kernels.reference``); runs every call.
 
 The choice comes from, in order of precedence: the innermost ``use_backend(...)`` block of the calling
 thread or task (a context variable), the ``TRANSXNET_BACKEND`` environment variable (read at every call),
-then ``auto``. ``auto`` takes the first backend whose implementation accepts the call (its ``supports``
-predicate returns no reason) and never the Triton interpreter. A forced backend that cannot run a call
+then ``auto``. ``auto`` takes the first backend of ``AUTO_ORDER`` whose implementation accepts the call (its
+``supports`` predicate returns no reason). A forced backend that cannot run a call
 raises ``BackendUnavailableError`` saying why; it never falls back. While a graph is being exported
 (``torch.export``, ``torch.onnx.export``) every op runs its reference, so exported graphs hold standard ops.
 
@@ -32,6 +33,11 @@ if TYPE_CHECKING:
     from .ops import Op
 
 BACKENDS: Tuple[str, ...] = ("triton", "cpp", "reference")
+# What auto tries, in this order. Not Triton: measured on a GPU for the first time (NVIDIA H200, torch 2.11,
+# Triton 3.6, 2026-11-28; benchmarks/results/README.md) every Triton kernel ran slower than the reference at
+# the TransXNet-T stage shapes (0.14-0.86x eager; one case 1.07x), and on CPU Triton is the test interpreter.
+# Forcing it still runs it; auto takes it back once its kernels measure faster than the reference.
+AUTO_ORDER: Tuple[str, ...] = ("cpp", "reference")
 CHOICES: Tuple[str, ...] = ("auto",) + BACKENDS
 ENV_VAR = "TRANSXNET_BACKEND"
 
@@ -110,9 +116,7 @@ def _resolve(op: Op, info: CallInfo) -> Tuple[Optional[str], str]:
     if requested != "auto":
         reason = op.reason_unsupported(requested, info)
         return (requested, "") if reason is None else (None, reason)
-    for backend in BACKENDS:
-        if backend == "triton" and info.device.type != "cuda":
-            continue  # the interpreter is for tests, never an automatic choice
+    for backend in AUTO_ORDER:
         if op.reason_unsupported(backend, info) is None:
             return backend, ""
     raise AssertionError("the reference backend runs every call")  # pragma: no cover

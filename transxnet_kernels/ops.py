@@ -133,8 +133,12 @@ def _same_device_and_dtype(op: str, named: Sequence[Tuple[str, Optional[Tensor]]
 def _autocast(tensors: List[Optional[Tensor]]) -> List[Optional[Tensor]]:
     """The tensors cast to the autocast dtype when autocast is on for their device, else unchanged."""
     device_type = tensors[0].device.type
-    # is_autocast_enabled raises for device types without autocast (e.g. meta): those have nothing to cast
-    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
+    # is_autocast_enabled raises for device types without autocast (e.g. meta): those have nothing to cast.
+    # is_autocast_available is a graph break for dynamo before torch 2.13; a compiled call's (fake) tensors
+    # are on a real device, which has autocast, so the check is for eager calls only.
+    if not torch.compiler.is_compiling() and not torch.amp.is_autocast_available(device_type):
+        return tensors
+    if not torch.is_autocast_enabled(device_type):
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
     return [None if t is None else t.to(dtype) for t in tensors]
