@@ -542,10 +542,12 @@ def compile_spec(spec: Dict[str, Any]) -> Dict[str, Any]:
         with contextlib.redirect_stdout(log):
             kernel = triton.compile(src, target=target, options=spec["options"])
     except Exception as exc:  # a compile failure is a result, reported per launch
+        # Triton's CompilationError starts with the source position and ends with the cause: keep both.
         message = str(exc).strip().splitlines()
+        where_and_why = " ... ".join(dict.fromkeys([message[0], message[-1]])) if message else ""
         return {
             "ok": False,
-            "error": f"{type(exc).__name__}: {message[0] if message else ''}"[:500],
+            "error": f"{type(exc).__name__}: {where_and_why}"[:500],
             "compile_s": time.perf_counter() - started,
         }
     finally:

@@ -37,7 +37,8 @@ def _idconv_positions(args: Mapping, grid: Sequence[int]) -> int:
 
 
 def _dynconv(args, grid) -> Trips:
-    return {"_dynconv_kernel:p0": _idconv_positions(args, grid)}
+    tiles = _idconv_positions(args, grid)
+    return {"_dynconv_kernel:p0": tiles, "_dynconv_kernel:kh": tiles * args["K"]}
 
 
 def _kernel_grad_partial(args, grid) -> Trips:

@@ -19,10 +19,12 @@ Backward (gy = grad of y):
 Kernels (no atomics anywhere, so every result is deterministic):
 
 * ``_dynconv_kernel`` -- one launch for the forward, and again with flipped taps for gx. A program
-  owns (sample, channel block, chunk of output positions): it synthesizes its channels' K×K kernels
-  in registers (softmax over G), then per tile of positions gathers the [channels, taps, positions]
-  input window in one masked load and reduces over the taps. The synthesized kernel is never stored;
-  backward recomputes it.
+  owns (sample, channel block, chunk of output positions) and walks the chunk in [channels, positions]
+  tiles; each thread accumulates its own outputs over the K² taps, unrolled with compile-time offsets
+  (one load and one FMA per tap and output, masks from the row and column of each tap, no reduction
+  across threads). The per-sample kernels k[b,c] and biases β[b,c] (softmax over G) are synthesized
+  once per call by torch ops into [B, C, K²] / [B, C] buffers in the accumulation dtype (B·G·C·K²
+  values read, B·C·K² written and read: small next to the map), so a tap costs one weight load.
 * ``_kernel_grad_partial_kernel`` -- dk and dβ partial sums, one program per (sample, channel block,
   chunk of positions), accumulated elementwise in registers and reduced once at the end; partials go
   to a [chunks, B, C, K²] buffer.
@@ -43,7 +45,9 @@ Roofline (N = B·C·H·W elements of e bytes each; the K² logits/weights are ne
     forward+backward  5·N·e bytes minimum (6·N·e as implemented)
 
 Each pass gathers the K×K taps from L1/L2 with one masked load per tap and output element, so it is bound
-by load issue rather than DRAM traffic (the static GPU audit, `python -m benchmarks.gpu_audit`, counts it).
+by instruction issue rather than DRAM traffic (the static GPU audit, `python -m benchmarks.gpu_audit`, counts
+it). The conv passes' previous form, a [channels, taps, positions] window reduced over the taps across
+threads, measured 0.14-0.19x eager on an H200 (benchmarks/results, 2026-11-28); the dk pass keeps that form.
 """
 
 from __future__ import annotations
@@ -72,9 +76,13 @@ from .common import (
 class Settings:
     """Launch settings (override with common.launch_overrides).
 
-    tile_elements: elements of one program's [channels, taps, positions] register tile; num_warps: its
-    warps; target_programs: programs a launch should have before a plane is split into position chunks."""
+    conv_tile_elements: outputs of one program's [channels, positions] tile in the conv passes (forward, gx),
+    each thread looping over the K² taps for its share; conv_num_warps: its warps. tile_elements: elements of
+    the dk pass's [channels, taps, positions] register tile; num_warps: its warps. target_programs: programs
+    a launch should have before a plane is split into position chunks."""
 
+    conv_tile_elements: int = 512
+    conv_num_warps: int = 4
     tile_elements: int = 8192
     num_warps: int = 8
     target_programs: int = 1024
@@ -91,19 +99,6 @@ def _group_max(logits_ptrs, g_stride, mask, G: tl.constexpr, ACC: tl.constexpr):
     for g in tl.static_range(1, G):
         m = tl.maximum(m, tl.load(logits_ptrs + g * g_stride, mask=mask, other=0.0).to(ACC))
     return m
-
-
-@triton.jit
-def _softmax_mix(logits_ptrs, bank_ptrs, g_stride, mask, G: tl.constexpr, ACC: tl.constexpr):
-    """Σ_g softmax_g(logits) · bank[g]; logits/bank of group g at ptrs + g·g_stride."""
-    m = _group_max(logits_ptrs, g_stride, mask, G, ACC)
-    den = tl.zeros_like(m)
-    num = tl.zeros_like(m)
-    for g in tl.static_range(G):
-        e = tl.exp(tl.load(logits_ptrs + g * g_stride, mask=mask, other=0.0).to(ACC) - m)
-        den += e
-        num += e * tl.load(bank_ptrs + g * g_stride, mask=mask, other=0.0).to(ACC)
-    return num / den
 
 
 @triton.jit
@@ -178,10 +173,9 @@ def _plane_offsets(c, p, W, stride_c, stride_h, stride_w, INDEX64: tl.constexpr)
     """Offsets of the [channels, positions] tile at output positions p."""
     h = p // W
     w = p % W
+    # One return: Triton rejects returns of different types (int64 / int32) from the two branches.
     if INDEX64:
-        return (
-            c[:, None].to(tl.int64) * stride_c + h[None, :].to(tl.int64) * stride_h + w[None, :].to(tl.int64) * stride_w
-        )
+        c, h, w = c.to(tl.int64), h.to(tl.int64), w.to(tl.int64)
     return c[:, None] * stride_c + h[None, :] * stride_h + w[None, :] * stride_w
 
 
@@ -206,10 +200,8 @@ def _plane_offsets(c, p, W, stride_c, stride_h, stride_w, INDEX64: tl.constexpr)
 def _dynconv_kernel(
     src_ptr,
     dst_ptr,
-    kernel_logits_ptr,
-    weight_ptr,
-    bias_logits_ptr,
-    bias_ptr,
+    kernel_ptr,
+    beta_ptr,
     C,
     H,
     W,
@@ -224,9 +216,7 @@ def _dynconv_kernel(
     n_cblocks,
     n_chunks,
     chunk_len,
-    G: tl.constexpr,
     K: tl.constexpr,
-    KK_PAD: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_P: tl.constexpr,
     FLIP: tl.constexpr,
@@ -234,36 +224,51 @@ def _dynconv_kernel(
     ACC: tl.constexpr,
     INDEX64: tl.constexpr,
 ):
-    """dst[b,c] = src[b,c] ⋆ k[b,c] (+ β[b,c]); FLIP convolves with the flipped kernel (gx)."""
+    """dst[b,c] = src[b,c] ⋆ k[b,c] (+ β[b,c]) with k, β already synthesized ([B, C, K²], [B, C]); FLIP
+    convolves with the flipped kernel (gx).
+
+    Each thread accumulates its own outputs over the K² taps (unrolled, offsets known at compile time): no
+    reduction across threads, the centre offset and the row / column indices computed once per tile."""
     pid = tl.program_id(0)
     chunk = pid % n_chunks
     bc = pid // n_chunks
     b = (bc // n_cblocks).to(tl.int64)
     c = (bc % n_cblocks) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
-    t = tl.arange(0, KK_PAD)
     KK: tl.constexpr = K * K
-    kmask = c_ok[:, None] & (t < KK)[None, :]
-    ct = c[:, None] * KK + t[None, :]
-    kern = _softmax_mix(kernel_logits_ptr + b * G * C * KK + ct, weight_ptr + ct, C * KK, kmask, G, ACC)
-    kern = kern[:, :, None]
+    P: tl.constexpr = K // 2
+    taps = kernel_ptr + (b * C + c) * KK
     if HAS_BIAS:
-        beta = _softmax_mix(bias_logits_ptr + b * G * C + c, bias_ptr + c, C, c_ok, G, ACC)
+        beta = tl.load(beta_ptr + b * C + c, mask=c_ok, other=0.0)
     src = src_ptr + b * src_stride_b
     dst = dst_ptr + b * dst_stride_b
     p_start = chunk * chunk_len
     p_end = tl.minimum(p_start + chunk_len, H * W)
     for p0 in range(p_start, p_end, BLOCK_P):
         p = p0 + tl.arange(0, BLOCK_P)
-        offs, mask = _tap_window(
-            c, c_ok, p, p_end, H, W, src_stride_c, src_stride_h, src_stride_w, K, KK_PAD, FLIP, INDEX64
-        )
-        window = tl.load(src + offs, mask=mask, other=0.0).to(ACC)
-        out = tl.sum(window * kern, axis=1)
+        h = p // W
+        w = p % W
+        ok = c_ok[:, None] & (p < p_end)[None, :]
+        centre = _plane_offsets(c, p, W, src_stride_c, src_stride_h, src_stride_w, INDEX64)
+        acc = tl.zeros([BLOCK_C, BLOCK_P], ACC)
+        # Kernel rows as a runtime loop, taps within a row unrolled: a 7x smaller body than unrolling all K²
+        # taps (compile time), for one row offset and row mask per K taps.
+        for kh in range(K):
+            dh = P - kh if FLIP else kh - P
+            row_ok = ok & ((h + dh >= 0) & (h + dh < H))[None, :]
+            if INDEX64:
+                row = centre + dh.to(tl.int64) * src_stride_h
+            else:
+                row = centre + dh * src_stride_h
+            for kw in tl.static_range(K):
+                dw = P - kw if FLIP else kw - P
+                tap = tl.load(taps + kh * K + kw, mask=c_ok, other=0.0)  # L1-resident, one per channel held
+                valid = row_ok & ((w + dw >= 0) & (w + dw < W))[None, :]
+                acc += tap[:, None] * tl.load(src + row + dw * src_stride_w, mask=valid, other=0.0).to(ACC)
         if HAS_BIAS:
-            out += beta[:, None]
+            acc += beta[:, None]
         out_offs = _plane_offsets(c, p, W, dst_stride_c, dst_stride_h, dst_stride_w, INDEX64)
-        tl.store(dst + out_offs, out.to(dst_ptr.dtype.element_ty), mask=c_ok[:, None] & (p < p_end)[None, :])
+        tl.store(dst + out_offs, acc.to(dst_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit(
@@ -427,6 +432,19 @@ def _tiling(C: int, HW: int, K: int, channels_fastest: bool, settings: Settings)
     return kk_pad, block_c, block_p
 
 
+def _conv_tiling(C: int, HW: int, channels_fastest: bool, settings: Settings) -> Tuple[int, int]:
+    """(BLOCK_C, BLOCK_P) for a [channels, positions] output tile of settings.conv_tile_elements."""
+    tile = settings.conv_tile_elements
+    c_pow2 = triton.next_power_of_2(C)
+    if channels_fastest:  # channels_last: consecutive channels are adjacent in memory
+        block_c = min(c_pow2, 32, tile)
+        block_p = min(triton.next_power_of_2(HW), max(1, tile // block_c))
+    else:
+        block_p = min(triton.next_power_of_2(HW), tile)
+        block_c = min(c_pow2, max(1, tile // block_p))
+    return block_c, block_p
+
+
 def _chunks(B: int, n_cblocks: int, HW: int, block_p: int, settings: Settings) -> Tuple[int, int]:
     """(number of position chunks per plane, positions per chunk, a multiple of block_p)."""
     n_tiles = triton.cdiv(HW, block_p)
@@ -436,12 +454,17 @@ def _chunks(B: int, n_cblocks: int, HW: int, block_p: int, settings: Settings) -
 
 
 class _Plan:
-    """Tiling and chunking of one plane-shaped pass over x's layout."""
+    """Tiling and chunking of one plane-shaped pass over x's layout: a conv pass (forward, gx) or the dk pass."""
 
-    def __init__(self, x: torch.Tensor, K: int):
+    def __init__(self, x: torch.Tensor, K: int, conv: bool):
         B, C, H, W = x.shape
         self.settings = launch_settings(Settings, x.device)
-        self.kk_pad, self.block_c, self.block_p = _tiling(C, H * W, K, channels_last_input(x), self.settings)
+        if conv:
+            self.block_c, self.block_p = _conv_tiling(C, H * W, channels_last_input(x), self.settings)
+            self.num_warps = self.settings.conv_num_warps
+        else:
+            self.kk_pad, self.block_c, self.block_p = _tiling(C, H * W, K, channels_last_input(x), self.settings)
+            self.num_warps = self.settings.num_warps
         self.n_cblocks = triton.cdiv(C, self.block_c)
         self.n_chunks, self.chunk_len = _chunks(B, self.n_cblocks, H * W, self.block_p, self.settings)
         self.grid = (B * self.n_cblocks * self.n_chunks,)
@@ -457,17 +480,20 @@ def _launch_dynconv(
     flip: bool,
 ) -> None:
     _, C, H, W = src.shape
-    G, K = weight.shape[0], weight.shape[-1]
-    plan = _Plan(src, K)
+    K = weight.shape[-1]
+    plan = _Plan(src, K, conv=True)
     has_bias = bias is not None
+    acc = accumulation_dtype(src.dtype)
+    # The per-sample kernels and biases, synthesized once per call (B·C·K² values: small next to the map) so
+    # that the conv's inner loop loads one weight per tap rather than redoing the G-way softmax per tile.
+    kernel = (torch.softmax(kernel_logits.to(acc), dim=1) * weight.to(acc)).sum(dim=1).contiguous()
+    beta = (torch.softmax(bias_logits.to(acc), dim=1) * bias.to(acc)).sum(dim=1).contiguous() if has_bias else kernel
     with device_guard(src):
         _dynconv_kernel[plan.grid](
             src,
             dst,
-            kernel_logits,
-            weight,
-            bias_logits if has_bias else weight,
-            bias if has_bias else weight,
+            kernel,
+            beta,
             C,
             H,
             W,
@@ -476,16 +502,14 @@ def _launch_dynconv(
             plan.n_cblocks,
             plan.n_chunks,
             plan.chunk_len,
-            G=G,
             K=K,
-            KK_PAD=plan.kk_pad,
             BLOCK_C=plan.block_c,
             BLOCK_P=plan.block_p,
             FLIP=flip,
             HAS_BIAS=has_bias,
             ACC=tl_accumulation_dtype(src.dtype),
             INDEX64=needs_int64(src, dst),
-            num_warps=plan.settings.num_warps,
+            num_warps=plan.num_warps,
         )
 
 
@@ -538,7 +562,7 @@ def idconv_backward(
 
     _launch_dynconv(grad_out, grad_x, kernel_logits, weight, None, None, flip=True)
 
-    plan = _Plan(x, K)
+    plan = _Plan(x, K, conv=False)
     dk_part = torch.empty((plan.n_chunks, B, C, K * K), dtype=acc, device=x.device)
     dbeta_part = torch.empty((plan.n_chunks, B, C), dtype=acc, device=x.device)
     with device_guard(x):
@@ -562,7 +586,7 @@ def idconv_backward(
             BLOCK_P=plan.block_p,
             ACC=tl_accumulation_dtype(x.dtype),
             INDEX64=needs_int64(x, grad_out),
-            num_warps=plan.settings.num_warps,
+            num_warps=plan.num_warps,
         )
         # A [channels, taps] tile of at most 1024 elements over 8 warps: 4 per thread, which the G-way softmax
         # chain holds several times over without spilling (static audit: 8 per thread spilled 4 B at G = 3).
