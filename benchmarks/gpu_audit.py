@@ -133,11 +133,13 @@ def triton_op(op: str):
 
 
 @contextlib.contextmanager
-def plan_for_gpu(sm_count: int) -> Iterator[None]:
-    """Make the launch code plan on CPU tensors as it would on a CUDA device with `sm_count` SMs."""
+def plan_for_gpu(sm_count: int, index64: bool = False) -> Iterator[None]:
+    """Make the launch code plan on CPU tensors as it would on a CUDA device with `sm_count` SMs; with
+    `index64`, as for a sample spanning 2^31 elements (the kernels' int64 in-sample offsets)."""
     from transxnet_kernels.triton import common
 
-    with common.launch_overrides(common.LaunchTarget(sm_count=sm_count, interpreted=False)):
+    limit = 0 if index64 else common.INT32_SPAN_LIMIT
+    with common.launch_overrides(common.LaunchTarget(sm_count=sm_count, interpreted=False, int32_span_limit=limit)):
         yield
 
 
@@ -202,6 +204,7 @@ class OpCall:
 
     op: str
     args: Tuple[Any, ...]
+    index64: bool = False  # planned as if a sample spanned 2^31 elements (int64 in-sample offsets)
 
     def with_dtype(self, dtype: str) -> OpCall:
         def cast(a):
@@ -209,7 +212,7 @@ class OpCall:
                 return a.with_dtype(dtype)
             return tuple(cast(x) for x in a) if isinstance(a, tuple) else a
 
-        return OpCall(self.op, tuple(cast(a) for a in self.args))
+        return dataclasses.replace(self, args=tuple(cast(a) for a in self.args))
 
     def tensors(self) -> List[TensorSpec]:
         flat = [x for a in self.args for x in (a if isinstance(a, tuple) else (a,))]
@@ -343,6 +346,7 @@ def capture_calls(jobs: int, use_cache: bool, log=print) -> Dict[OpCall, str]:
             + "\n"
         )
     fp32.update(head_dim_limit_calls())
+    fp32.update(int64_offset_calls(fp32))
     return {
         call.with_dtype(dtype): cfg.replace(" ", f" {short} ", 1)
         for dtype, short in DTYPES.items()
@@ -367,6 +371,16 @@ def head_dim_limit_calls() -> Dict[OpCall, str]:
         call = OpCall("osra_attention", (transposed(N), transposed(M), transposed(M), bias, None))
         calls[call] = f"t osra-head-dim-{d} train {B}x{N}"
     return calls
+
+
+def int64_offset_calls(calls: Dict[OpCall, str]) -> Dict[OpCall, str]:
+    """The kernels' int64-offset variants (INDEX64, taken when one sample spans 2^31 elements, which no model
+    shape here reaches) must compile too: per op and per with / without gradients, the first call of
+    `calls`, planned as if its samples were that large. Labelled apart, so the per-call estimates skip them."""
+    firsts: Dict[Tuple[str, bool], Tuple[OpCall, str]] = {}
+    for call, config in calls.items():
+        firsts.setdefault((call.op, any(t.requires_grad for t in call.tensors())), (call, config))
+    return {dataclasses.replace(call, index64=True): f"int64-offsets {config}" for call, config in firsts.values()}
 
 
 # ===================================================================================================
@@ -512,7 +526,9 @@ def record_call(call: OpCall, gpu: Gpu) -> List[Launch]:
     inputs = [
         t for a in args for t in (a if isinstance(a, list) else [a]) if isinstance(t, torch.Tensor) and t.requires_grad
     ]
-    with plan_for_gpu(gpu.sms), recording_launches(gpu, launches, phase), torch.set_grad_enabled(bool(inputs)):
+    with plan_for_gpu(gpu.sms, call.index64), recording_launches(gpu, launches, phase), torch.set_grad_enabled(
+        bool(inputs)
+    ):
         out = triton_op(call.op)(*args)
         if inputs:
             phase[0] = "backward"
