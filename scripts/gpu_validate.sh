@@ -3,7 +3,7 @@
 #
 #   bash scripts/gpu_validate.sh [--quick | --full] [--out DIR]
 #
-# --quick (default) takes at most about 10 minutes (phase limits T_TESTS=240, T_OPS=150, T_MODEL=180 seconds,
+# --quick (default) takes at most 8 minutes (phase limits T_TESTS=200, T_OPS=120, T_MODEL=150 seconds,
 #   overridable from the environment): the op, backend and accelerated-model tests on CUDA
 #   (TRANSXNET_REQUIRE_BACKENDS=triton, no -x), the op benchmarks at the TransXNet-T stage shapes (eager,
 #   Triton, SDPA/Flex for attention; torch.compile baselines at stage 1 only), and the model benchmark for T
@@ -45,7 +45,7 @@ if [ "$MODE" = quick ]; then
   TESTS="tests/ops tests/test_backend.py tests/test_accelerated.py"
   OPS_FILTER="T-stage and ((not compiled and not flex) or T-stage1)"
   MODEL_ARGS="--models t --modes infer,train --precisions fp32,amp --no-detection"
-  T_TESTS=${T_TESTS:-240}; T_OPS=${T_OPS:-150}; T_MODEL=${T_MODEL:-180}
+  T_TESTS=${T_TESTS:-200}; T_OPS=${T_OPS:-120}; T_MODEL=${T_MODEL:-150}
 else
   TESTS="tests"; OPS_FILTER=""; MODEL_ARGS=""
   T_TESTS=3600; T_OPS=3600; T_MODEL=3600
