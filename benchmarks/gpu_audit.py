@@ -526,8 +526,10 @@ def record_call(call: OpCall, gpu: Gpu) -> List[Launch]:
     inputs = [
         t for a in args for t in (a if isinstance(a, list) else [a]) if isinstance(t, torch.Tensor) and t.requires_grad
     ]
-    with plan_for_gpu(gpu.sms, call.index64), recording_launches(gpu, launches, phase), torch.set_grad_enabled(
-        bool(inputs)
+    with (
+        plan_for_gpu(gpu.sms, call.index64),
+        recording_launches(gpu, launches, phase),
+        torch.set_grad_enabled(bool(inputs)),
     ):
         out = triton_op(call.op)(*args)
         if inputs:
