@@ -13,6 +13,12 @@ import torch
 import torch.nn.functional as F
 
 
+def idconv_mix(logits: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
+    """IDConv's per-sample kernels (or biases): sum_g softmax_g(logits)[b, g] * bank[g], logits [B, G, ...]
+    and bank [G, ...] -> [B, ...]."""
+    return (torch.softmax(logits, dim=1) * bank.unsqueeze(0)).sum(dim=1)
+
+
 def idconv(
     x: torch.Tensor,
     kernel_logits: torch.Tensor,
@@ -28,10 +34,10 @@ def idconv(
     """
     B, C, H, W = x.shape
     K = weight.shape[-1]
-    kernel = (torch.softmax(kernel_logits, dim=1) * weight.unsqueeze(0)).sum(dim=1)
+    kernel = idconv_mix(kernel_logits, weight)
     conv_bias = None
     if bias is not None:
-        conv_bias = (torch.softmax(bias_logits, dim=1) * bias.unsqueeze(0)).sum(dim=1).reshape(-1)
+        conv_bias = idconv_mix(bias_logits, bias).reshape(-1)
     if torch.compiler.is_exporting() and not isinstance(B, int):  # issue 14 (export)
         return _per_sample_dwconv_by_patches(x, kernel, conv_bias)
     out = F.conv2d(

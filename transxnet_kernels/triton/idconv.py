@@ -59,7 +59,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import ops
+from .. import ops, reference
 from ..layout import channels_last_input
 from .common import (
     LaunchTarget,
@@ -418,23 +418,8 @@ def _softmax_chain_kernel(
 # ------------------------------------------------------------------------------------------- launch
 
 
-def _tiling(C: int, HW: int, K: int, channels_fastest: bool, settings: Settings) -> Tuple[int, int, int]:
-    """(KK_PAD, BLOCK_C, BLOCK_P) for a [channels, taps, positions] tile of settings.tile_elements."""
-    kk_pad = triton.next_power_of_2(K * K)
-    plane = max(1, settings.tile_elements // kk_pad)
-    c_pow2 = triton.next_power_of_2(C)
-    if channels_fastest:  # channels_last: consecutive channels are adjacent in memory
-        block_c = min(c_pow2, 32, plane)
-        block_p = min(triton.next_power_of_2(HW), max(1, plane // block_c))
-    else:
-        block_p = min(triton.next_power_of_2(HW), plane)
-        block_c = min(c_pow2, max(1, plane // block_p))
-    return kk_pad, block_c, block_p
-
-
-def _conv_tiling(C: int, HW: int, channels_fastest: bool, settings: Settings) -> Tuple[int, int]:
-    """(BLOCK_C, BLOCK_P) for a [channels, positions] output tile of settings.conv_tile_elements."""
-    tile = settings.conv_tile_elements
+def _split_tile(C: int, HW: int, tile: int, channels_fastest: bool) -> Tuple[int, int]:
+    """(BLOCK_C, BLOCK_P) sharing `tile` elements between channels and positions of x's layout."""
     c_pow2 = triton.next_power_of_2(C)
     if channels_fastest:  # channels_last: consecutive channels are adjacent in memory
         block_c = min(c_pow2, 32, tile)
@@ -443,6 +428,12 @@ def _conv_tiling(C: int, HW: int, channels_fastest: bool, settings: Settings) ->
         block_p = min(triton.next_power_of_2(HW), tile)
         block_c = min(c_pow2, max(1, tile // block_p))
     return block_c, block_p
+
+
+def _tiling(C: int, HW: int, K: int, channels_fastest: bool, settings: Settings) -> Tuple[int, int, int]:
+    """(KK_PAD, BLOCK_C, BLOCK_P) for a [channels, taps, positions] tile of settings.tile_elements."""
+    kk_pad = triton.next_power_of_2(K * K)
+    return (kk_pad, *_split_tile(C, HW, max(1, settings.tile_elements // kk_pad), channels_fastest))
 
 
 def _chunks(B: int, n_cblocks: int, HW: int, block_p: int, settings: Settings) -> Tuple[int, int]:
@@ -460,7 +451,7 @@ class _Plan:
         B, C, H, W = x.shape
         self.settings = launch_settings(Settings, x.device)
         if conv:
-            self.block_c, self.block_p = _conv_tiling(C, H * W, channels_last_input(x), self.settings)
+            self.block_c, self.block_p = _split_tile(C, H * W, self.settings.conv_tile_elements, channels_last_input(x))
             self.num_warps = self.settings.conv_num_warps
         else:
             self.kk_pad, self.block_c, self.block_p = _tiling(C, H * W, K, channels_last_input(x), self.settings)
@@ -486,8 +477,8 @@ def _launch_dynconv(
     acc = accumulation_dtype(src.dtype)
     # The per-sample kernels and biases, synthesized once per call (B·C·K² values: small next to the map) so
     # that the conv's inner loop loads one weight per tap rather than redoing the G-way softmax per tile.
-    kernel = (torch.softmax(kernel_logits.to(acc), dim=1) * weight.to(acc)).sum(dim=1).contiguous()
-    beta = (torch.softmax(bias_logits.to(acc), dim=1) * bias.to(acc)).sum(dim=1).contiguous() if has_bias else kernel
+    kernel = reference.idconv_mix(kernel_logits.to(acc), weight.to(acc)).contiguous()
+    beta = reference.idconv_mix(bias_logits.to(acc), bias.to(acc)).contiguous() if has_bias else kernel
     with device_guard(src):
         _dynconv_kernel[plan.grid](
             src,
