@@ -227,6 +227,25 @@ def test_triton_grid_puts_spatial_tiles_on_axis_0(target):
 
 
 @requires_triton
+def test_triton_nchw_tiles_are_one_channel_on_gpus_and_share_small_planes_in_the_interpreter():
+    """On GPUs an NCHW tile is one channel's long run of pixels (coalesced). The interpreter's cost is per
+    tile operation, so there small planes share a tile (the whole-model training test took 20 minutes with
+    one channel per program) while large planes keep one channel per tile. Planned on meta tensors."""
+    from transxnet_kernels.triton import common, ms_ffn
+
+    widths, ksizes = [16, 16, 16, 16], [1, 3, 5, 7]
+    small, large = (torch.empty(2, 64, side, side, device="meta") for side in (8, 64))
+    with common.launch_overrides(common.LaunchTarget(sm_count=132, interpreted=False)):
+        assert ms_ffn._plan(small, widths, ksizes).block_c == 1
+        assert ms_ffn._plan(large, widths, ksizes).block_c == 1
+    with common.launch_overrides(common.LaunchTarget(sm_count=1, interpreted=True)):
+        plan = ms_ffn._plan(small, widths, ksizes)
+        assert plan.block_c == 16 and plan.block_hw == 64 and plan.grid[:2] == (1, 4), plan
+        plan = ms_ffn._plan(large, widths, ksizes)
+        assert plan.block_c == 1 and plan.block_hw == 4096, plan
+
+
+@requires_triton
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_triton_gradcheck(layout):
     args = msdw_args([1, 2, 1], [1, 3, 5], 2, 3, 4, dtype=torch.float64, layout=layout)

@@ -18,11 +18,14 @@ Backward (dz = dL/dz):
 
 Kernels. One launch covers every group: the per-group weights are packed (inside the op, so autograd
 reaches the original tensors) into a zero-padded table [C, kmax^2]; a small "block table" lists
-channel blocks that never straddle a group, each with its kernel size, so the tap loops run exactly
-k^2 iterations (runtime loop bound), never kmax^2. A program owns one channel block x one spatial
-tile and loops over a range of the batch; per-channel reductions (BN statistics, dW, dbias) are
+channel blocks that never straddle a group, each with its kernel size k. The stencil helpers hold one
+compiled copy per odd kernel size up to kmax and branch (uniformly over the program) to the block's:
+k rows as a runtime loop, a row's k taps unrolled, so a tap's offset and column mask are compile-time
+shifts of the tile's (the column masks are computed once per tile) and a block runs exactly k^2 taps,
+never kmax^2. A program owns one channel block x one spatial tile and loops over a range of the
+batch; per-channel reductions (BN statistics, dW, dbias) are
 written as per-program partials and summed afterwards in torch (deterministic, no atomics anywhere).
-Layouts: any strides; contiguous NCHW tiles one channel x a long run of pixels, channels_last tiles
+Layouts: any strides; on GPUs contiguous NCHW tiles one channel x a long run of pixels, channels_last tiles
 up to 32 contiguous channels x a few pixels. Base pointers move in int64 per image; in-image offsets
 are int32 unless one image spans >= 2^31 elements. fp16/bf16/fp32 accumulate in fp32, fp64 in fp64.
 
@@ -37,8 +40,10 @@ Passes over the big tensor (one pass = B*C*H*W elements read or written; e = ele
     The eager sequence (split, 4 convs, cat, add, GELU, BN) needs ~12 passes forward and ~20 backward.
     Minimal bytes: forward 2*N*e, forward+backward 5*N*e (x, out, go, dx, and x again for dW
     are unavoidable without keeping a tile of dz on chip across halo'd neighbours), N = B*C*H*W.
-    Each tap is one masked load per output element from L1/L2, so a pass is bound by load issue rather
-    than DRAM traffic (the static GPU audit, `python -m benchmarks.gpu_audit`, counts it).
+    Each tap is still one predicated load and one FMA per output element from L1/L2 (about 8 issued
+    instructions per tap and output on sm_90), so a pass is bound by instruction issue rather than DRAM
+    traffic: the static GPU audit (`python -m benchmarks.gpu_audit`) estimates the T stage-1 bf16
+    forward of multiscale_dwconv at ~8x its DRAM time on an H100.
 """
 
 from __future__ import annotations
@@ -70,17 +75,21 @@ class Settings:
 
     tile_elements: elements of one program's [channels, positions] tile; target_programs: programs a launch
     should have before the batch is split across programs; max_channel_block: channels of a channels_last
-    tile. On GPUs: small tiles, enough programs to fill the SMs several times over. Triton's interpreter
-    runs programs one after another, so there few large programs are fastest."""
+    tile; nchw_channel_block: most channels of a contiguous-NCHW tile (they fill what a plane leaves of the
+    tile). On GPUs: small tiles, enough programs to fill the SMs several times over, NCHW tiles of one channel
+    (a long coalesced run of pixels). Triton's interpreter runs programs one after another at ~0.7 ms per tile
+    operation whatever the tile's size, so there few large programs are fastest: small NCHW planes share a
+    tile (one channel per program made the whole-model training test 20 minutes)."""
 
     tile_elements: int
     target_programs: int
     max_channel_block: int = 32
+    nchw_channel_block: int = 1
 
     @classmethod
     def for_target(cls, target: LaunchTarget) -> Settings:
         if target.interpreted:
-            return cls(tile_elements=4096, target_programs=1)
+            return cls(tile_elements=4096, target_programs=1, nchw_channel_block=32)
         return cls(tile_elements=1024, target_programs=8 * target.sm_count)
 
 
@@ -102,6 +111,53 @@ def _gelu_grad(z):
 
 
 @triton.jit
+def _dwconv_tile_k(
+    src,
+    weight_ptr,
+    cs,
+    cmask,
+    h,
+    w,
+    pmask,
+    stride_c,
+    stride_h,
+    stride_w,
+    H,
+    W,
+    K: tl.constexpr,
+    KK_STRIDE: tl.constexpr,
+    TRANSPOSE: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_HW: tl.constexpr,
+):
+    """sum_{i,j<K} W[c,i,j] * src[c, h+i-r, w+j-r] (TRANSPOSE: src[c, h-i+r, w-j+r]) over one tile, for a
+    kernel size known at compile time: rows are a runtime loop, a row's K taps unrolled, so a tap's
+    column offset and column mask are compile-time shifts of the tile's (hoisted out of the row loop)."""
+    R: tl.constexpr = K // 2
+    acc = tl.zeros([BLOCK_C, BLOCK_HW], ACC)
+    c_src = src + cs[:, None] * stride_c
+    w_row = weight_ptr + cs * KK_STRIDE
+    for i in range(0, K):
+        if TRANSPOSE:
+            hh = h + (R - i)
+        else:
+            hh = h + (i - R)
+        h_ok = pmask & (hh >= 0) & (hh < H)
+        row = c_src + (hh * stride_h + w * stride_w)[None, :]
+        for j in tl.static_range(K):
+            if TRANSPOSE:
+                dj = R - j
+            else:
+                dj = j - R
+            ok = cmask[:, None] & (h_ok & (w + dj >= 0) & (w + dj < W))[None, :]
+            tap = tl.load(w_row + (i * K + j), mask=cmask, other=0.0).to(ACC)
+            v = tl.load(row + dj * stride_w, mask=ok, other=0.0).to(ACC)
+            acc += tap[:, None] * v
+    return acc
+
+
+@triton.jit
 def _dwconv_tile(
     src,
     weight_ptr,
@@ -116,34 +172,74 @@ def _dwconv_tile(
     stride_w,
     H,
     W,
-    KK_STRIDE: tl.constexpr,
+    KMAX: tl.constexpr,
     TRANSPOSE: tl.constexpr,
     ACC: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_HW: tl.constexpr,
 ):
-    """sum_{i,j<k} W[c,i,j] * src[c, h+i-r, w+j-r] (TRANSPOSE: src[c, h-i+r, w-j+r]) over one tile."""
-    r = k // 2
+    """_dwconv_tile_k for the channel block's kernel size k (odd, <= KMAX): one compiled copy per odd size,
+    picked by a branch that is uniform over the program."""
     acc = tl.zeros([BLOCK_C, BLOCK_HW], ACC)
-    c_off = cs[:, None] * stride_c
-    w_row = weight_ptr + cs * KK_STRIDE
-    for i in range(0, k):
-        if TRANSPOSE:
-            hh = h + (r - i)
-        else:
-            hh = h + (i - r)
-        h_ok = pmask & (hh >= 0) & (hh < H)
-        row = c_off + (hh * stride_h)[None, :]
-        for j in range(0, k):
-            if TRANSPOSE:
-                ww = w + (r - j)
-            else:
-                ww = w + (j - r)
-            ok = cmask[:, None] & (h_ok & (ww >= 0) & (ww < W))[None, :]
-            tap = tl.load(w_row + (i * k + j), mask=cmask, other=0.0).to(ACC)
-            v = tl.load(src + row + (ww * stride_w)[None, :], mask=ok, other=0.0).to(ACC)
-            acc += tap[:, None] * v
+    for K in tl.static_range(1, KMAX + 1, 2):
+        if k == K:
+            acc = _dwconv_tile_k(
+                src,
+                weight_ptr,
+                cs,
+                cmask,
+                h,
+                w,
+                pmask,
+                stride_c,
+                stride_h,
+                stride_w,
+                H,
+                W,
+                K,
+                KMAX * KMAX,
+                TRANSPOSE,
+                ACC,
+                BLOCK_C,
+                BLOCK_HW,
+            )
     return acc
+
+
+@triton.jit
+def _wgrad_tile_k(
+    acc_w,
+    g,
+    x_b,
+    cs,
+    cmask,
+    h,
+    w,
+    pmask,
+    stride_c,
+    stride_h,
+    stride_w,
+    H,
+    W,
+    K: tl.constexpr,
+    KK_POW2: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    """acc_w[c, i*K+j] += sum_tile g[c, p] * x[c, h+i-r, w+j-r]  (g is zero outside the tile); rows a
+    runtime loop, a row's taps unrolled as in _dwconv_tile_k."""
+    R: tl.constexpr = K // 2
+    taps = tl.arange(0, KK_POW2)
+    c_x = x_b + cs[:, None] * stride_c
+    for i in range(0, K):
+        hh = h + (i - R)
+        h_ok = pmask & (hh >= 0) & (hh < H)
+        row = c_x + (hh * stride_h + w * stride_w)[None, :]
+        for j in tl.static_range(K):
+            ok = cmask[:, None] & (h_ok & (w + (j - R) >= 0) & (w + (j - R) < W))[None, :]
+            v = tl.load(row + (j - R) * stride_w, mask=ok, other=0.0).to(ACC)
+            part = tl.sum(g * v, axis=1)
+            acc_w += tl.where(taps[None, :] == i * K + j, part[:, None], 0.0)
+    return acc_w
 
 
 @triton.jit
@@ -162,23 +258,16 @@ def _wgrad_tile(
     stride_w,
     H,
     W,
+    KMAX: tl.constexpr,
     KK_POW2: tl.constexpr,
     ACC: tl.constexpr,
 ):
-    """acc_w[c, i*k+j] += sum_tile g[c, p] * x[c, h+i-r, w+j-r]  (g is zero outside the tile)."""
-    r = k // 2
-    taps = tl.arange(0, KK_POW2)
-    c_off = cs[:, None] * stride_c
-    for i in range(0, k):
-        hh = h + (i - r)
-        h_ok = pmask & (hh >= 0) & (hh < H)
-        row = c_off + (hh * stride_h)[None, :]
-        for j in range(0, k):
-            ww = w + (j - r)
-            ok = cmask[:, None] & (h_ok & (ww >= 0) & (ww < W))[None, :]
-            v = tl.load(x_b + row + (ww * stride_w)[None, :], mask=ok, other=0.0).to(ACC)
-            part = tl.sum(g * v, axis=1)
-            acc_w += tl.where(taps[None, :] == i * k + j, part[:, None], 0.0)
+    """_wgrad_tile_k for the channel block's kernel size k, as _dwconv_tile picks _dwconv_tile_k."""
+    for K in tl.static_range(1, KMAX + 1, 2):
+        if k == K:
+            acc_w = _wgrad_tile_k(
+                acc_w, g, x_b, cs, cmask, h, w, pmask, stride_c, stride_h, stride_w, H, W, K, KK_POW2, ACC
+            )
     return acc_w
 
 
@@ -251,7 +340,7 @@ def _forward_kernel(
     out_stride_h,
     out_stride_w,
     MODE: tl.constexpr,
-    KK_STRIDE: tl.constexpr,
+    KMAX: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_HW: tl.constexpr,
     INDEX64: tl.constexpr,
@@ -292,7 +381,7 @@ def _forward_kernel(
                 x_stride_w,
                 H,
                 W,
-                KK_STRIDE,
+                KMAX,
                 False,
                 ACC,
                 BLOCK_C,
@@ -390,7 +479,7 @@ def _middle_grad_kernel(
     dz_stride_w,
     STATS: tl.constexpr,
     DZ: tl.constexpr,
-    KK_STRIDE: tl.constexpr,
+    KMAX: tl.constexpr,
     KK_POW2: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_HW: tl.constexpr,
@@ -437,7 +526,7 @@ def _middle_grad_kernel(
             x_stride_w,
             H,
             W,
-            KK_STRIDE,
+            KMAX,
             False,
             ACC,
             BLOCK_C,
@@ -455,7 +544,7 @@ def _middle_grad_kernel(
             tl.store(d_b + d_tile, dz.to(dz_ptr.dtype.element_ty), mask=mask)
             acc_b += tl.sum(dz, axis=1)
             acc_w = _wgrad_tile(
-                acc_w, dz, x_b, cs, cmask, h, w, pmask, k, x_stride_c, x_stride_h, x_stride_w, H, W, KK_POW2, ACC
+                acc_w, dz, x_b, cs, cmask, h, w, pmask, k, x_stride_c, x_stride_h, x_stride_w, H, W, KMAX, KK_POW2, ACC
             )
         x_b += x_stride_b
         g_b += grad_out_stride_b
@@ -465,7 +554,7 @@ def _middle_grad_kernel(
         tl.store(psgo_ptr + part, s_go, mask=cmask)
         tl.store(psgx_ptr + part, s_gx, mask=cmask)
     if DZ:
-        _store_wgrad_partials(pdw_ptr, pdb_ptr, acc_w, acc_b, cs, cmask, C, KK_STRIDE, KK_POW2)
+        _store_wgrad_partials(pdw_ptr, pdb_ptr, acc_w, acc_b, cs, cmask, C, KMAX * KMAX, KK_POW2)
 
 
 @triton.jit(
@@ -516,7 +605,7 @@ def _dx_kernel(
     dx_stride_w,
     RESIDUAL: tl.constexpr,
     WGRAD: tl.constexpr,
-    KK_STRIDE: tl.constexpr,
+    KMAX: tl.constexpr,
     KK_POW2: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_HW: tl.constexpr,
@@ -551,7 +640,7 @@ def _dx_kernel(
             src_stride_w,
             H,
             W,
-            KK_STRIDE,
+            KMAX,
             True,
             ACC,
             BLOCK_C,
@@ -565,13 +654,13 @@ def _dx_kernel(
         if WGRAD:
             acc_b += tl.sum(g, axis=1)
             acc_w = _wgrad_tile(
-                acc_w, g, x_b, cs, cmask, h, w, pmask, k, x_stride_c, x_stride_h, x_stride_w, H, W, KK_POW2, ACC
+                acc_w, g, x_b, cs, cmask, h, w, pmask, k, x_stride_c, x_stride_h, x_stride_w, H, W, KMAX, KK_POW2, ACC
             )
         s_b += src_stride_b
         x_b += x_stride_b
         dx_b += dx_stride_b
     if WGRAD:
-        _store_wgrad_partials(pdw_ptr, pdb_ptr, acc_w, acc_b, cs, cmask, C, KK_STRIDE, KK_POW2)
+        _store_wgrad_partials(pdw_ptr, pdb_ptr, acc_w, acc_b, cs, cmask, C, KMAX * KMAX, KK_POW2)
 
 
 # ------------------------------------------------------------------------------------------- launch
@@ -583,7 +672,7 @@ class _Plan(NamedTuple):
     grid: Tuple[int, int, int]  # (spatial tiles, channel blocks, batch splits): the large count on axis 0
     b_per_prog: int
     blocks: torch.Tensor  # int32 [n_blocks, 3]: first channel, end channel, kernel size
-    kk_stride: int  # row length of the packed weight table: kmax^2
+    kmax: int  # the largest kernel size (the packed weight table's rows are kmax^2 long)
     kk_pow2: int
     index64: bool
     acc: torch.dtype
@@ -596,7 +685,7 @@ class _Plan(NamedTuple):
 
     def constexprs(self) -> dict:
         return dict(
-            KK_STRIDE=self.kk_stride,
+            KMAX=self.kmax,
             BLOCK_C=self.block_c,
             BLOCK_HW=self.block_hw,
             INDEX64=self.index64,
@@ -626,7 +715,11 @@ def _plan(x: torch.Tensor, widths: Sequence[int], ksizes: Sequence[int], *others
     B, _, H, W = x.shape
     hw = H * W
     settings = launch_settings(Settings, x.device)
-    block_c = min(settings.max_channel_block, triton.next_power_of_2(max(widths))) if channels_last_input(x) else 1
+    if channels_last_input(x):
+        max_block_c = settings.max_channel_block
+    else:  # channels only fill what a plane leaves of the tile
+        max_block_c = min(settings.nchw_channel_block, max(1, settings.tile_elements // triton.next_power_of_2(hw)))
+    block_c = min(max_block_c, triton.next_power_of_2(max(widths)))
     block_hw = max(1, min(triton.next_power_of_2(hw), settings.tile_elements // block_c))
     blocks = _block_table(widths, ksizes, block_c, x.device)
     n_hw = triton.cdiv(hw, block_hw)
@@ -639,11 +732,11 @@ def _plan(x: torch.Tensor, widths: Sequence[int], ksizes: Sequence[int], *others
         (n_hw, blocks.shape[0], triton.cdiv(B, b_per_prog)),
         b_per_prog,
         blocks,
-        kmax * kmax,
+        kmax,
         triton.next_power_of_2(kmax * kmax),
         needs_int64(x, *others),
         accumulation_dtype(x.dtype),
-        max(1, min(8, block_c * block_hw // 256)),
+        max(1, min(8, block_c * block_hw // 128)),  # 4 tile elements per thread: the unrolled taps keep K masks each
     )
 
 
@@ -692,7 +785,7 @@ def _sum_wgrad_partials(pdw: torch.Tensor, pdb: torch.Tensor, w_table: torch.Ten
 
 def _wgrad_partials(plan: _Plan, C: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
     return (
-        torch.empty((plan.partials, C, plan.kk_stride), dtype=plan.acc, device=device),
+        torch.empty((plan.partials, C, plan.kmax * plan.kmax), dtype=plan.acc, device=device),
         torch.empty((plan.partials, C), dtype=plan.acc, device=device),
     )
 
