@@ -11,7 +11,11 @@ case (e = element size, bias read once and, in the backward, its gradient writte
   fwd+bwd  bytes = fwd + e·(4·BhNd + 4·BhMd + 2·hNM) + 8·BhN    FLOPs = 14·BhNMd
 The GPU target (issue 5): Triton faster than every baseline on fwd+bwd, peak memory <= SDPA's.
 
-Run on a GPU: PYTHONPATH=. python -m pytest benchmarks/bench_osra.py --benchmark-only
+Baselines: eager and torch.compile of the reference, SDPA with torch's own backend choice and with each
+backend forced (efficient, cuDNN, flash, math; flash takes no additive mask, so its cases skip), and
+FlexAttention with the bias as a score_mod.
+
+Run on a GPU: PYTHONPATH=. python -m pytest benchmarks/bench_osra_attention.py --benchmark-only
 (-k "T-s1 and bfloat16" to narrow). CPU runs collect and skip.
 """
 
@@ -58,8 +62,23 @@ def _min_bytes_and_flops(B, h, N, M, d, elem, with_backward):
     return fwd_bytes + bwd_bytes, 14 * B * h * N * M * d
 
 
-def _sdpa(q, k, v, bias):
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.expand(q.shape[0], -1, -1, -1))
+def _sdpa(backend=None):
+    """SDPA with the bias as its additive mask: torch's own choice, or one backend forced (a backend that
+    cannot take this case raises, and the case is skipped)."""
+
+    def run(q, k, v, bias):
+        mask = bias.expand(q.shape[0], -1, -1, -1)
+        if backend is None:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel(getattr(SDPBackend, backend)):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    return run
+
+
+SDPA_BACKENDS = ("EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "FLASH_ATTENTION", "MATH")
 
 
 @functools.cache
@@ -85,16 +104,18 @@ def _triton(q, k, v, bias):
         return transxnet_kernels.osra_attention(q, k, v, bias)
 
 
-IMPLS = ("eager", "compiled", "sdpa", "flex", "triton")
+IMPLS = ("eager", "compiled", "sdpa", *(f"sdpa-{b.lower()}" for b in SDPA_BACKENDS), "flex", "triton")
 
 
 def _implementation(name):
     if name == "flex":
         return _flex_attention_with_bias()
+    if name.startswith("sdpa-"):
+        return _sdpa(name.removeprefix("sdpa-").upper())
     return {
         "eager": reference.osra_attention,
         "compiled": torch.compile(reference.osra_attention),
-        "sdpa": _sdpa,
+        "sdpa": _sdpa(),
         "triton": _triton,
     }[name]
 

@@ -133,13 +133,14 @@ def triton_op(op: str):
 
 
 @contextlib.contextmanager
-def plan_for_gpu(sm_count: int, index64: bool = False) -> Iterator[None]:
-    """Make the launch code plan on CPU tensors as it would on a CUDA device with `sm_count` SMs; with
-    `index64`, as for a sample spanning 2^31 elements (the kernels' int64 in-sample offsets)."""
+def plan_for_gpu(gpu: Gpu, index64: bool = False) -> Iterator[None]:
+    """Make the launch code plan on CPU tensors as it would on `gpu` (its SM count and compute capability);
+    with `index64`, as for a sample spanning 2^31 elements (the kernels' int64 in-sample offsets)."""
     from transxnet_kernels.triton import common
 
     limit = 0 if index64 else common.INT32_SPAN_LIMIT
-    with common.launch_overrides(common.LaunchTarget(sm_count=sm_count, interpreted=False, int32_span_limit=limit)):
+    target = common.LaunchTarget(sm_count=gpu.sms, interpreted=False, int32_span_limit=limit, capability=gpu.cc)
+    with common.launch_overrides(target):
         yield
 
 
@@ -527,7 +528,7 @@ def record_call(call: OpCall, gpu: Gpu) -> List[Launch]:
         t for a in args for t in (a if isinstance(a, list) else [a]) if isinstance(t, torch.Tensor) and t.requires_grad
     ]
     with (
-        plan_for_gpu(gpu.sms, call.index64),
+        plan_for_gpu(gpu, call.index64),
         recording_launches(gpu, launches, phase),
         torch.set_grad_enabled(bool(inputs)),
     ):

@@ -95,6 +95,11 @@ def _osra_bwd_dq(args, grid) -> Trips:
     }
 
 
+def _osra_short(kernel: str) -> Callable[[Mapping, Sequence[int]], Trips]:
+    """The short-path kernels: every batch once per (query block, head), whatever the batch groups."""
+    return lambda args, grid: {f"{kernel}:b": grid[0] * grid[1] * args["B"]}
+
+
 def _osra_bwd_dkdv(args, grid) -> Trips:
     rows = _split_range_trips(args["N"], args["ROWS_PER_SPLIT"], args["BLOCK_N"], grid[2])
     return {"_osra_bwd_dkdv_kernel:start_n": grid[0] * grid[1] * rows}
@@ -110,4 +115,6 @@ LOOP_TRIPS: Dict[str, Callable[[Mapping, Sequence[int]], Trips]] = {
     "_osra_fwd_kernel": _osra_fwd,
     "_osra_bwd_dq_kernel": _osra_bwd_dq,
     "_osra_bwd_dkdv_kernel": _osra_bwd_dkdv,
+    "_osra_fwd_short_kernel": _osra_short("_osra_fwd_short_kernel"),
+    "_osra_bwd_short_kernel": _osra_short("_osra_bwd_short_kernel"),
 }

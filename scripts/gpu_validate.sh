@@ -43,7 +43,7 @@ status=0
 
 if [ "$MODE" = quick ]; then
   TESTS="tests/ops tests/test_backend.py tests/test_accelerated.py"
-  OPS_FILTER="T-stage and ((not compiled and not flex) or T-stage1)"
+  OPS_FILTER="T-stage and ((not compiled and not flex and not sdpa-) or T-stage1)"
   MODEL_ARGS="--models t --modes infer,train --precisions fp32,amp --no-detection"
   T_TESTS=${T_TESTS:-200}; T_OPS=${T_OPS:-120}; T_MODEL=${T_MODEL:-150}
 else

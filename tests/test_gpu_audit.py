@@ -30,21 +30,40 @@ KERNELS = (
     "_dx_kernel",  # multi-scale depthwise conv, MS-FFN middle
     "_osra_fwd_kernel",
     "_osra_bwd_dq_kernel",
-    "_osra_bwd_dkdv_kernel",  # OSRA
+    "_osra_bwd_dkdv_kernel",  # OSRA, flash path (M > 64)
+    "_osra_fwd_short_kernel",
+    "_osra_bwd_short_kernel",  # OSRA, short path (M <= 64)
 )
 
 
 # (kernel, target, dtype) -> the spill ptxas reports today (bytes, the largest over the kernel's
 # specialisations, stores or loads) under Triton 3.8.0 (CI's). Every other case must not spill, and these
 # must stay as measured: a change either way fails until this table says what the audit measures now.
-# All are NCHW passes of the MS-FFN stencil kernels, which since their taps were unrolled per kernel size keep
-# K column masks per tile element and run 4 tile elements per thread (8 before: 10 cases of 4-16 B, and
-# 255 registers with up to 1 KB of spills once the taps were unrolled). 4-8 B per thread stays in L1; the
-# stencil issue (12) is what removes them.
+# * NCHW passes of the MS-FFN stencil kernels, which since their taps were unrolled per kernel size keep K column
+#   masks per tile element and run 4 tile elements per thread (8 before: 10 cases of 4-16 B, and 255 registers
+#   with up to 1 KB of spills once the taps were unrolled). 4-8 B per thread stays in L1; the stencil issue
+#   (12) is what removes them.
+# * OSRA's one-pass short-path kernels (issue 13): the backward holds the bias tile, the bias-gradient sum and
+#   five dots' operands across its batch loop; the fp32 forward splits its operands for 3xTF32. They still
+#   issue 2-7x fewer instructions than the flash kernels they replace at these shapes (static estimate, which
+#   counts spill instructions but not their L1/L2 traffic). The fp32 backward on sm_8x stays on the flash
+#   kernels (it spilled 7-8 KB there).
 KNOWN_SPILLS = {
     **{("_forward_kernel", "sm_80", d): 8 for d in DTYPES},  # GELU+BatchNorm epilogue pass, 1024-pixel tiles
     ("_middle_grad_kernel", "sm_90", "bf16"): 8,  # stats + dz pass, 256-pixel tiles
+    **{("_osra_bwd_short_kernel", "sm_80", d): 652 for d in ("fp16", "bf16")},
+    **{("_osra_bwd_short_kernel", "sm_86", d): 644 for d in ("fp16", "bf16")},
+    **{("_osra_bwd_short_kernel", "sm_90", d): 256 for d in ("fp16", "bf16")},
+    ("_osra_bwd_short_kernel", "sm_90", "fp32"): 2172,
+    ("_osra_fwd_short_kernel", "sm_80", "fp32"): 788,
+    ("_osra_fwd_short_kernel", "sm_86", "fp32"): 780,
+    ("_osra_fwd_short_kernel", "sm_90", "fp32"): 188,
 }
+
+
+# (kernel, target, dtype) the launch code routes elsewhere: the fp32 OSRA backward on sm_8x runs on the flash
+# kernels (osra_attention._short_path). Pinned: these must have no launch.
+NOT_LAUNCHED = {("_osra_bwd_short_kernel", t, "fp32") for t in ("sm_80", "sm_86")}
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +94,9 @@ def test_launches_compile_fit_and_do_not_spill(audit, kernel, target, dtype):
     entry = next((e for e in audit["kernels"] if e["kernel"] == kernel and e["target"] == target), None)
     assert entry is not None, f"no launch of {kernel} recorded for {target}"
     specs = [s for s in entry["specialisations"] if s["dtype"] == dtype]
+    if (kernel, target, dtype) in NOT_LAUNCHED:
+        assert not specs, f"{kernel} on {target}, {dtype}: launched, but NOT_LAUNCHED says it is routed away"
+        return
     assert specs, f"no {dtype} launch of {kernel} recorded for {target}"
     limit = audit["targets"][target]["smem_per_block_kb"] * 1024
     failures = [f"{s['constexprs']}: compile error {s['error']}" for s in specs if not s["ok"]]

@@ -57,26 +57,27 @@ def osra_args(
     return requiring_grad(args, [0, 1, 2] + ([3] if bias is not None else [])) if grad else args
 
 
-# (B, h, N, M, d, bias dims). The Triton rows each exercise a kernel path (BLOCK_M = 64 keys, BLOCK_N = 16 or 32
-# queries by kernel; interpreted, the backward splits/groups work to fill 4 programs); the cpp rows its register
-# blocking.
+# (B, h, N, M, d, bias dims). The Triton rows each exercise a kernel path: M <= 64 keys take the one-pass short
+# path (query blocks of 64 or 128 rows; interpreted, batch groups fill 4 programs), longer M the flash kernels
+# (BLOCK_M = 64 keys, BLOCK_N = 16 or 32 queries; interpreted, the backward splits/groups work to fill 4
+# programs); the cpp rows its register blocking.
 CASES = [
-    (2, 3, 37, 49, 19, (1, 3)),  # batch-1 bias, one batch per group, groups summed
-    (5, 2, 37, 49, 21, (1, 2)),  # groups of 3 batches accumulated in registers (one key block)
-    (3, 2, 37, 130, 24, (1, 2)),  # M over two key blocks: bias gradient read-modify-written per group
-    (3, 2, 70, 130, 28, (3, 2)),  # per-batch bias: no reduction; two query blocks
-    (1, 1, 150, 20, 32, (1, 1)),  # batch 1; dk/dv query range split over 3 programs
-    (2, 2, 70, 20, 32, (1, 1)),  # bias broadcast over heads
-    (2, 2, 33, 17, 24, None),  # no bias
-    (1, 1, 9, 1050, 21, (1, 1)),  # detection-size M: 17 key blocks
+    (2, 3, 37, 49, 19, (1, 3)),  # short: batch-1 bias, one batch per group, groups summed
+    (5, 2, 37, 49, 21, (1, 2)),  # short: groups of 3 batches share the bias tile and sum its gradient in registers
+    (3, 2, 37, 130, 24, (1, 2)),  # flash: M over two key blocks, bias gradient read-modify-written per group
+    (3, 2, 70, 130, 28, (3, 2)),  # flash: per-batch bias, no reduction; two query blocks
+    (1, 1, 150, 20, 32, (1, 1)),  # short: batch 1, three query blocks' dk/dv partials summed
+    (2, 2, 70, 20, 32, (1, 1)),  # short: bias broadcast over heads
+    (2, 2, 33, 17, 24, None),  # short: no bias
+    (1, 1, 9, 1050, 21, (1, 1)),  # flash: detection-size M, 17 key blocks
+    (2, 2, 50, 49, 24, (2, 2)),  # short: per-sample bias, loaded and its gradient stored per batch
     (2, 3, 37, 11, 13, (1, 3)),  # bias shared over the batch, odd sizes
-    (2, 2, 50, 49, 24, (2, 2)),  # per-sample bias, M = 49
     (1, 1, 1, 1, 5, None),  # single query and key
     (3, 4, 20, 13, 28, (1, 1)),  # bias broadcast over heads too
     (2, 1, 9, 70, 9, (2, 1)),  # M spanning several register blocks
     (1, 2, 16, 7, 40, None),  # d spanning several register blocks
 ]
-INTERPRETED_CASES = CASES[:8]
+INTERPRETED_CASES = CASES[:9]
 
 
 def case_id(c):
@@ -92,7 +93,7 @@ def _sweep():
         cases = INTERPRETED_CASES if backend.interpreted else CASES
         for dtype in backend.dtypes:
             for case in cases:
-                for transposed in [True, False] if backend.name == "cpp" and case in CASES[8:] else [True]:
+                for transposed in [True, False] if backend.name == "cpp" and case in CASES[9:] else [True]:
                     params.append(
                         backend_param(
                             backend,
@@ -110,9 +111,12 @@ def test_matches_reference(backend, dtype, case, transposed, nan_poisoned_empty)
     check_op(backend, OP, osra_args(*case, dtype=dtype, transposed=transposed, device=backend.device))
 
 
+@pytest.mark.parametrize("scale", [0.3, 0.0, -0.3])
 @pytest.mark.parametrize("transposed", [False, True], ids=["contiguous", "model"])
 @pytest.mark.parametrize("backend", backend_params(OP, per_isa=False))
-def test_custom_scale(backend, transposed):
+def test_custom_scale(backend, transposed, scale):
+    """Any scale, zero and negative included (softmax(bias) and reversed scores; Triton's short path needs a
+    positive one and hands these to the flash kernels)."""
     check_op(
         backend,
         OP,
@@ -126,7 +130,7 @@ def test_custom_scale(backend, transposed):
             dtype=torch.float64,
             transposed=transposed,
             seed=1,
-            scale=0.3,
+            scale=scale,
             device=backend.device,
         ),
     )
@@ -219,19 +223,21 @@ def test_triton_zero_sizes(dim, nan_poisoned_empty):
 
 
 @requires_triton
-def test_triton_int64_offsets_path(nan_poisoned_empty):
+@pytest.mark.parametrize("M", [49, 70], ids=["short", "flash"])
+def test_triton_int64_offsets_path(M, nan_poisoned_empty):
     """The int64 in-slice offsets used when a tensor spans 2^31 elements, forced on a small input (forward and
-    both backward kernels, with a batch-1 bias gradient)."""
+    backward kernels of both paths, with a batch-1 bias gradient)."""
     from transxnet_kernels.triton import common
 
     target = dataclasses.replace(common.launch_target(DEVICE), int32_span_limit=0)
     with common.launch_overrides(target):
-        check_op(TRITON, OP, osra_args(3, 2, 37, 70, 19, (1, 2), seed=11))
+        check_op(TRITON, OP, osra_args(3, 2, 37, M, 19, (1, 2), seed=11))
 
 
 @requires_triton
-def test_triton_bias_gradient_is_deterministic():
-    args = osra_args(5, 2, 37, 130, 19, (1, 2), seed=6)
+@pytest.mark.parametrize("M", [49, 130], ids=["short", "flash"])
+def test_triton_bias_gradient_is_deterministic(M):
+    args = osra_args(5, 2, 37, M, 19, (1, 2), seed=6)
     grad_out = torch.randn(5, 2, 37, 19, device=DEVICE)
     with TRITON.active():
         first = evaluate(tk.osra_attention, args, grad_out)[1]
@@ -327,6 +333,41 @@ def test_triton_fp64_gpu_path_without_tl_dot(monkeypatch, bias_shape):
 
     monkeypatch.setattr(triton_osra, "_uses_dot", lambda q: False)
     check_op(TRITON, OP, osra_args(3, 2, 37, 49, 19, bias_shape, dtype=torch.float64, seed=10))
+
+
+@requires_triton
+def test_triton_fp32_dot_precision_follows_the_users_tf32_setting():
+    """fp32 short-path dots: TF32 only once the user allowed it for matmuls, else 3xTF32; fp64 IEEE; fp16/bf16
+    their own tensor-core inputs."""
+    from transxnet_kernels.triton import osra_attention as triton_osra
+
+    def precision(dtype=torch.float32):
+        return triton_osra._short_precision(torch.empty(1, 1, 4, 8, dtype=dtype))
+
+    assert (precision(), precision(torch.float64), precision(torch.bfloat16)) == ("tf32x3", "ieee", "tf32")
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        assert precision() == "tf32"
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+@requires_triton
+def test_triton_short_path_choice():
+    """Short path for M <= 64 keys and a positive scale, except the fp32 backward on sm_8x (flash kernels)."""
+    from transxnet_kernels.triton import common
+    from transxnet_kernels.triton import osra_attention as triton_osra
+
+    def short(kernel, capability, M=49, scale=0.2, dtype=torch.float32):
+        q, k = torch.empty(1, 1, 4, 8, dtype=dtype), torch.empty(1, 1, M, 8, dtype=dtype)
+        target = common.LaunchTarget(sm_count=132, interpreted=False, capability=capability)
+        with common.launch_overrides(target):
+            return triton_osra._short_path(q, k, scale, kernel)
+
+    assert [short("fwd", 80), short("fwd", 90), short("bwd", 86), short("bwd", 90)] == [True, True, False, True]
+    assert short("bwd", 80, dtype=torch.bfloat16) and short("bwd", 80, dtype=torch.float16)
+    assert not short("fwd", 90, M=65) and not short("fwd", 90, scale=0.0) and not short("fwd", 90, scale=-1.0)
 
 
 # ---------------------------------------------------------------------------------------- cpp

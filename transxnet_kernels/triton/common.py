@@ -81,13 +81,14 @@ def needs_int64(*tensors: torch.Tensor) -> bool:
 
 @dataclass(frozen=True)
 class LaunchTarget:
-    """What launch plans need to know of the device: the SMs a grid should fill, and whether the kernels
-    run interpreted (on CPU, where few large programs are fastest). `int32_span_limit` is the INDEX64
-    threshold."""
+    """What launch plans need to know of the device: the SMs a grid should fill, whether the kernels
+    run interpreted (on CPU, where few large programs are fastest), and the compute capability (where a
+    choice is per GPU generation). `int32_span_limit` is the INDEX64 threshold."""
 
     sm_count: int
     interpreted: bool
     int32_span_limit: int = INT32_SPAN_LIMIT
+    capability: int = 0  # compute capability as 10 * major + minor (90: H100); 0 when interpreted
 
 
 _overrides: contextvars.ContextVar[Optional[Dict[type, object]]] = contextvars.ContextVar(
@@ -108,8 +109,9 @@ def launch_overrides(*settings: object) -> Iterator[None]:
 
 
 @functools.cache
-def _cuda_sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+def _cuda_target(index: int) -> LaunchTarget:
+    props = torch.cuda.get_device_properties(index)
+    return LaunchTarget(props.multi_processor_count, interpreted=False, capability=10 * props.major + props.minor)
 
 
 def launch_target(device: torch.device) -> LaunchTarget:
@@ -119,7 +121,7 @@ def launch_target(device: torch.device) -> LaunchTarget:
         return override
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
-        return LaunchTarget(_cuda_sm_count(index), interpreted=False)
+        return _cuda_target(index)
     return LaunchTarget(sm_count=1, interpreted=True)
 
 

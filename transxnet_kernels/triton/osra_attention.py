@@ -1,44 +1,60 @@
-"""OSRA attention in Triton: softmax(q @ k^T * scale + bias) @ v, flash-style, with its backward.
+"""OSRA attention in Triton: softmax(q @ k^T * scale + bias) @ v, with its backward.
 
 Shapes: q [B, h, N, d]; k, v [B, h, M, d]; bias [1 or B, 1 or h, N, M] or None. Any strides for
 q, k, v, bias and the incoming gradient (the model passes transposed views); no [B, h, N, M]
-tensor is ever materialised.
+tensor is ever materialised. The output is allocated as [B, h, d, N] memory and returned as its
+[B, h, N, d] transposed view, so the model's `out.transpose(-1, -2).reshape(B, c, H, W)` is a free
+view. Both passes store lse = log-sum-exp of the scores (fp32; fp64 for fp64 inputs).
 
-Forward (one program per (query block, b, head)): q tile in registers, loop over key blocks of
-BLOCK_M keys with the online softmax; the bias tile is loaded and added in registers; the program
-writes out and the log-sum-exp lse = m + log(l) (fp32; fp64 for fp64 inputs). The output is
-allocated as [B, h, d, N] memory and returned as its [B, h, N, d] transposed view, so the model's
-`out.transpose(-1, -2).reshape(B, c, H, W)` is a free view.
+Backward math, with P = exp(S - lse), dP = dO @ v^T, Delta = rowsum(dO * O) = rowsum(P * dP),
+dS = P * (dP - Delta): dq = scale * dS @ k, dk = scale * dS^T @ q, dv = P^T @ dO, dbias = dS summed
+over the bias's broadcast (batch / head) dims. Every reduction is deterministic (fixed-order sums
+of partials, no atomics).
 
-Backward, with P = exp(S - lse), dP = dO @ v^T, Delta = rowsum(dO * O), dS = P * (dP - Delta):
-  dq = scale * dS @ k, dk = scale * dS^T @ q, dv = P^T @ dO, dbias = dS summed over the bias's
-  broadcast (batch / head) dims.
-* `_osra_bwd_dq_kernel`, one program per (query block, head, batch group): loops over the batches
-  of its group; per batch it computes Delta (stored for the next kernel), dq, and dS, which it
-  accumulates into the bias gradient. A batch-1 bias is reduced deterministically: the program
-  owns its [BLOCK_N, M] slice of a per-group fp32 partial (accumulated in registers when M fits
-  one key block, else read-modify-written by the owning program only), and the few group
-  partials are summed by torch.sum (fixed order). Groups exist only to fill the GPU when
-  N-blocks x heads is small; per-batch biases need no reduction and are written directly.
-* `_osra_bwd_dkdv_kernel`, one program per (key block, b·head, query split): loops over its
-  query range; when B·h·key-blocks is too small to fill the GPU the query range is split and the
-  fp32 partials summed (deterministic, no atomics).
+Two paths (`_short_path` picks per call):
+* Short: M <= SHORT_PATH_MAX_KEYS = 64 keys (every OSRA call of TransXNet at 224x224: M = 49), a
+  positive finite scale, tl.dot available. All keys in one block; one program per (query block,
+  head, batch group) loops over its group's batches.
+  - `_osra_fwd_short_kernel`: a batch-shared bias tile is loaded once per program, as bias / scale
+    with -inf on padded keys, and starts the q @ k^T dot as its accumulator (the scores come out in
+    the dot's register layout and the softmax stays there); one-pass softmax, no rescaling.
+  - `_osra_bwd_short_kernel`: one read of q, dO, k, v and lse per (query block, batch); O is not
+    read (Delta from P * dP). dq is stored; dk and dv are stored as fp32 partials per query block
+    ([query blocks, B, h, M, d]) and summed afterwards; dS is summed over the group's batches in
+    registers and stored per group ([groups, h, N, M], summed afterwards). Batch groups are as few
+    as give Settings.short_path_programs (8 per SM) programs.
+* Flash: longer M (detection sizes, M ~ 950), or a scale <= 0, or fp64 on GPUs.
+  - `_osra_fwd_kernel`, one program per (query block, b·head): loop over key blocks of BLOCK_M keys
+    with the online softmax.
+  - `_osra_bwd_dq_kernel`, one program per (query block, head, batch group): per batch Delta (stored
+    for the next kernel), dq, and dS accumulated into the bias gradient's per-group partial (in
+    registers when M fits one key block, else read-modify-written by the owning program only).
+  - `_osra_bwd_dkdv_kernel`, one program per (key block, b·head, query split): loops over its query
+    range; the query range is split (fp32 partials, summed) only when B·h·key-blocks cannot fill
+    the GPU.
 
 Precision: fp16/bf16 inputs use fp32 softmax and fp32 accumulation (P and dS are rounded to the
-input dtype before their tl.dot, as flash attention does); fp32 uses input_precision="ieee" (no
-TF32); fp64 computes in fp64 (for gradcheck); on GPUs fp64 skips tl.dot (not compiled for fp64 by
-Triton before 2025) for a broadcast-multiply-sum on 16x16 blocks: slow, exact, any Triton 3.
+input dtype before their tl.dot, as flash attention does); fp64 computes in fp64 (for gradcheck);
+on GPUs fp64 skips tl.dot (not compiled for fp64 by Triton before 2025) for the flash kernels'
+broadcast-multiply-sum on 16x16 blocks: slow, exact, any Triton 3. fp32 never uses plain TF32
+unless the user allowed it for matmuls (`torch.set_float32_matmul_precision("high")` or
+`torch.backends.cuda.matmul.fp32_precision = "tf32"`); otherwise the short path uses 3xTF32 (error
+~1e-6 relative, like IEEE fp32) where the static audit counts fewer instructions for it than for
+IEEE FMA (`_short_precision`); the flash kernels use IEEE. The fp32 backward on sm_8x runs on the
+flash kernels (the one-pass kernel's five fp32 dots spill there; `_short_path`).
 
 Roofline (e = element size, minimal traffic, the bias read once since it is shared across B):
   forward  bytes = e·(2·BhNd + 2·BhMd) + e_bias·h·N·M + 4·BhN (lse);  FLOPs = 4·BhNMd
-  backward bytes = e·(4·BhNd + 4·BhMd) + e_bias·2·h·N·M + 8·BhN;     FLOPs = 10·BhNMd (+4·BhNMd of
-  recompute in this two-kernel design). At the model's sizes (d <= 32, M = 49) the FLOP/byte ratio
-  is ~M/2 ≈ 25, so every OSRA call is memory-bound on H100 (3.35 TB/s; ~295 FLOP/byte ridge for
-  bf16 tensor cores, ~20 for fp32 ieee FMA on the larger-d stages).
+  backward bytes = e·(4·BhNd + 4·BhMd) + e_bias·2·h·N·M + 8·BhN;     FLOPs = 10·BhNMd
+The short backward moves more: the dk/dv partials (2·4·BhMd per query block, written and read
+back) and the bias-gradient group partials (4·hNM per group). At the model's sizes (d <= 32,
+M = 49) the FLOP/byte ratio is ~M/2 ≈ 25, so every OSRA call is memory-bound on H100 (3.35 TB/s;
+~295 FLOP/byte ridge for bf16 tensor cores, ~20 for fp32 IEEE FMA).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -48,7 +64,15 @@ import triton.language as tl
 
 from .. import ops
 from ..backend import CallInfo
-from .common import LaunchTarget, accumulation_dtype, device_guard, launch_settings, needs_int64, supports
+from .common import (
+    LaunchTarget,
+    accumulation_dtype,
+    device_guard,
+    launch_settings,
+    launch_target,
+    needs_int64,
+    supports,
+)
 
 # The largest head dim the kernels are audited (static GPU audit) and tested for; TransXNet's are 19 to 32.
 # At 64 the fp32 kernels spill and the dq kernel needs 116 KB of shared memory (sm_86 has 99 KB).
@@ -62,6 +86,273 @@ def _matmul(a, b, PRECISION: tl.constexpr, USE_DOT: tl.constexpr):
         return tl.dot(a, b, input_precision=PRECISION)
     else:
         return tl.sum(a[:, :, None] * b[None, :, :], axis=1)
+
+
+@triton.jit
+def _log2e(like):
+    """log2(e) in like's dtype (a Python float literal would be fp32, too coarse for the fp64 kernels)."""
+    return 1.0 / tl.log(tl.zeros_like(like) + 2.0)
+
+
+@triton.jit
+def _scores_init(
+    bias_ptr, nm_offs, mask_n, mask_m, scale, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr
+):
+    """bias / scale, -inf on padded keys: the accumulator the short-path kernels start the q @ k^T dot from,
+    so S / scale = q @ k^T + bias / scale comes out of the dot in its register layout and the softmax
+    stays there (a bias added after the dot makes Triton move the scores to the bias's load layout: ~3x the
+    instructions). The launcher routes scale <= 0 to the flash kernels."""
+    key_pad = tl.where(mask_m, 0.0, float("-inf")).to(scale.dtype)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + nm_offs, mask=mask_n[:, None] & mask_m[None, :], other=0.0).to(scale.dtype)
+        return bias / scale + key_pad[None, :]
+    else:
+        return tl.zeros([BLOCK_N, BLOCK_M], scale.dtype) + key_pad[None, :]
+
+
+_SHORT_PATH_ALIGNMENT_FREE = [
+    "q_stride_b",
+    "q_stride_h",
+    "q_stride_n",
+    "q_stride_d",
+    "k_stride_b",
+    "k_stride_h",
+    "k_stride_m",
+    "k_stride_d",
+    "bias_stride_b",
+    "bias_stride_h",
+    "bias_stride_n",
+    "bias_stride_m",
+    "B",
+    "H",
+    "N",
+    "M",
+    "D",
+    "BATCHES_PER_PROGRAM",
+]
+
+
+@triton.jit(do_not_specialize_on_alignment=_SHORT_PATH_ALIGNMENT_FREE)
+def _osra_fwd_short_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    bias_ptr,
+    out_ptr,
+    lse_ptr,
+    scale_ptr,
+    q_stride_b,
+    q_stride_h,
+    q_stride_n,
+    q_stride_d,
+    k_stride_b,
+    k_stride_h,
+    k_stride_m,
+    k_stride_d,
+    bias_stride_b,
+    bias_stride_h,
+    bias_stride_n,
+    bias_stride_m,
+    B,
+    H,
+    N,
+    M,
+    D,
+    BATCHES_PER_PROGRAM,
+    HAS_BIAS: tl.constexpr,
+    BIAS_PER_BATCH: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    INDEX64: tl.constexpr,
+):
+    """All M <= BLOCK_M keys in one block: one pass, no rescaling. One program per (query block, head,
+    batch group); a batch-shared bias tile is loaded once and serves every batch of the group."""
+    pid_n = tl.program_id(0)
+    h = tl.program_id(1).to(tl.int64)
+    group = tl.program_id(2).to(tl.int64)
+    scale = tl.load(scale_ptr)
+    scale_log2 = scale * _log2e(scale)  # exp(x * scale) = exp2(x * scale_log2)
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    if INDEX64:
+        offs_n = offs_n.to(tl.int64)
+    mask_n = offs_n < N
+    mask_m = offs_m < M
+    mask_d = offs_d < D
+    nd_mask = mask_n[:, None] & mask_d[None, :]
+    # In-slice offset tiles (int32 unless INDEX64) on int64 scalar bases: pointer tiles cost registers.
+    # q and out share one layout, k and v another (the launcher makes it so): one offset tile each.
+    nd_offs = offs_n[:, None] * q_stride_n + offs_d[None, :] * q_stride_d
+    dm_offs = offs_d[:, None] * k_stride_d + offs_m[None, :] * k_stride_m
+    md_offs = offs_m[:, None] * k_stride_m + offs_d[None, :] * k_stride_d
+    nm_offs = offs_n[:, None] * bias_stride_n + offs_m[None, :] * bias_stride_m
+    bias_head = bias_ptr + h * bias_stride_h
+    scores_init = _scores_init(
+        bias_head, nm_offs, mask_n, mask_m, scale, HAS_BIAS and not BIAS_PER_BATCH, BLOCK_N, BLOCK_M
+    )
+
+    b_lo = group * BATCHES_PER_PROGRAM
+    for b in range(b_lo, tl.minimum(b_lo + BATCHES_PER_PROGRAM, B)):
+        if BIAS_PER_BATCH:
+            scores_init = _scores_init(
+                bias_head + b * bias_stride_b, nm_offs, mask_n, mask_m, scale, HAS_BIAS, BLOCK_N, BLOCK_M
+            )
+        q_slice = b * q_stride_b + h * q_stride_h
+        k_slice = b * k_stride_b + h * k_stride_h
+        q = tl.load(q_ptr + q_slice + nd_offs, mask=nd_mask, other=0.0)
+        # K^T is loaded transposed (not tl.trans of a K tile): the tile goes straight to the dot operand.
+        kt = tl.load(k_ptr + k_slice + dm_offs, mask=mask_d[:, None] & mask_m[None, :], other=0.0)
+        v = tl.load(v_ptr + k_slice + md_offs, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+        s = tl.dot(q, kt, acc=scores_init, input_precision=PRECISION)  # S / scale
+        m = tl.max(s, 1)
+        p = tl.exp2(s * scale_log2 - (m * scale_log2)[:, None])
+        l = tl.sum(p, 1)
+        out = tl.dot(p.to(v.dtype), v, input_precision=PRECISION) * (1.0 / l)[:, None]
+        tl.store(out_ptr + q_slice + nd_offs, out.to(out_ptr.dtype.element_ty), mask=nd_mask)
+        tl.store(lse_ptr + (b * H + h) * N + offs_n, m * scale + tl.log(l), mask=mask_n)
+
+
+@triton.jit(
+    do_not_specialize_on_alignment=_SHORT_PATH_ALIGNMENT_FREE
+    + [
+        "dkv_stride_s",
+        "dkv_stride_b",
+        "dkv_stride_h",
+        "dkv_stride_m",
+        "dkv_stride_d",
+        "dbias_stride_g",
+        "dbias_stride_h",
+        "dbias_stride_n",
+        "dbias_stride_m",
+    ]
+)
+def _osra_bwd_short_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    bias_ptr,
+    grad_out_ptr,
+    lse_ptr,
+    dq_ptr,
+    dk_ptr,
+    dv_ptr,
+    dbias_ptr,
+    scale_ptr,
+    q_stride_b,
+    q_stride_h,
+    q_stride_n,
+    q_stride_d,
+    k_stride_b,
+    k_stride_h,
+    k_stride_m,
+    k_stride_d,
+    bias_stride_b,
+    bias_stride_h,
+    bias_stride_n,
+    bias_stride_m,
+    dkv_stride_s,
+    dkv_stride_b,
+    dkv_stride_h,
+    dkv_stride_m,
+    dkv_stride_d,
+    dbias_stride_g,
+    dbias_stride_h,
+    dbias_stride_n,
+    dbias_stride_m,
+    B,
+    H,
+    N,
+    M,
+    D,
+    BATCHES_PER_PROGRAM,
+    HAS_BIAS: tl.constexpr,
+    BIAS_PER_BATCH: tl.constexpr,
+    HAS_DBIAS: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    INDEX64: tl.constexpr,
+):
+    """The whole backward of the one-key-block case in one pass over q and dO: per (query block, head, batch
+    group) program and batch, dq (stored), this query block's dk/dv partial (stored at [query block, b, h]) and
+    dS, summed over the group's batches in registers for a batch-shared bias (stored per group), stored per
+    batch otherwise. Delta = rowsum(P * dP) (= rowsum(dO * O)), so O is not read."""
+    pid_n = tl.program_id(0)
+    h = tl.program_id(1).to(tl.int64)
+    group = tl.program_id(2).to(tl.int64)
+    scale = tl.load(scale_ptr)
+    log2e = _log2e(scale)
+    scale_log2 = scale * log2e
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    if INDEX64:
+        offs_n = offs_n.to(tl.int64)
+    mask_n = offs_n < N
+    mask_m = offs_m < M
+    mask_d = offs_d < D
+    nd_mask = mask_n[:, None] & mask_d[None, :]
+    md_mask = mask_m[:, None] & mask_d[None, :]
+    dm_mask = mask_d[:, None] & mask_m[None, :]
+    nm_mask = mask_n[:, None] & mask_m[None, :]
+    # In-slice offset tiles (int32 unless INDEX64) on int64 scalar bases: pointer tiles cost registers.
+    # q, dO and dq share one layout, k and v another (the launcher makes it so): one offset tile each.
+    nd_offs = offs_n[:, None] * q_stride_n + offs_d[None, :] * q_stride_d
+    dm_offs = offs_d[:, None] * k_stride_d + offs_m[None, :] * k_stride_m
+    md_offs = offs_m[:, None] * k_stride_m + offs_d[None, :] * k_stride_d
+    nm_offs = offs_n[:, None] * bias_stride_n + offs_m[None, :] * bias_stride_m
+    bias_head = bias_ptr + h * bias_stride_h
+    dbias_head = dbias_ptr + h * dbias_stride_h
+    scores_init = _scores_init(
+        bias_head, nm_offs, mask_n, mask_m, scale, HAS_BIAS and not BIAS_PER_BATCH, BLOCK_N, BLOCK_M
+    )
+    dbias_acc = tl.zeros([BLOCK_N, BLOCK_M], scale.dtype)
+
+    b_lo = group * BATCHES_PER_PROGRAM
+    for b in range(b_lo, tl.minimum(b_lo + BATCHES_PER_PROGRAM, B)):
+        if BIAS_PER_BATCH:
+            scores_init = _scores_init(
+                bias_head + b * bias_stride_b, nm_offs, mask_n, mask_m, scale, HAS_BIAS, BLOCK_N, BLOCK_M
+            )
+        q_slice = b * q_stride_b + h * q_stride_h
+        k_slice = b * k_stride_b + h * k_stride_h
+        q = tl.load(q_ptr + q_slice + nd_offs, mask=nd_mask, other=0.0)
+        do = tl.load(grad_out_ptr + q_slice + nd_offs, mask=nd_mask, other=0.0)
+        lse = tl.load(lse_ptr + (b * H + h) * N + offs_n, mask=mask_n, other=float("inf"))  # padded rows: P = 0
+        kt = tl.load(k_ptr + k_slice + dm_offs, mask=dm_mask, other=0.0)
+        vt = tl.load(v_ptr + k_slice + dm_offs, mask=dm_mask, other=0.0)
+        k = tl.load(k_ptr + k_slice + md_offs, mask=md_mask, other=0.0)
+        s = tl.dot(q, kt, acc=scores_init, input_precision=PRECISION)  # S / scale
+        p = tl.exp2(s * scale_log2 - (lse * log2e)[:, None])
+        # Each product as soon as its operands exist, each result stored at once: fewer live register tiles.
+        dkv_slice = pid_n * dkv_stride_s + b * dkv_stride_b + h * dkv_stride_h
+        dkv_offs = offs_m[:, None] * dkv_stride_m + offs_d[None, :] * dkv_stride_d
+        dv = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+        tl.store(dv_ptr + dkv_slice + dkv_offs, dv.to(dv_ptr.dtype.element_ty), mask=md_mask)
+        dp = tl.dot(do, vt, input_precision=PRECISION)
+        ds = p * (dp - tl.sum(p * dp, 1)[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION) * scale
+        tl.store(dq_ptr + q_slice + nd_offs, dq.to(dq_ptr.dtype.element_ty), mask=nd_mask)
+        dk = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION) * scale
+        tl.store(dk_ptr + dkv_slice + dkv_offs, dk.to(dk_ptr.dtype.element_ty), mask=md_mask)
+        if HAS_DBIAS:
+            if BIAS_PER_BATCH:
+                dbias_offs = offs_n[:, None] * dbias_stride_n + offs_m[None, :] * dbias_stride_m
+                tl.store(dbias_head + b * dbias_stride_g + dbias_offs, ds.to(dbias_ptr.dtype.element_ty), mask=nm_mask)
+            else:
+                dbias_acc += ds
+    if HAS_DBIAS:
+        if not BIAS_PER_BATCH:
+            dbias_offs = offs_n[:, None] * dbias_stride_n + offs_m[None, :] * dbias_stride_m
+            tl.store(
+                dbias_head + group * dbias_stride_g + dbias_offs, dbias_acc.to(dbias_ptr.dtype.element_ty), mask=nm_mask
+            )
 
 
 @triton.jit(
@@ -486,8 +777,26 @@ _BLOCKS = {
 }
 
 
+def _user_allows_tf32() -> bool:
+    """Whether the user allowed TF32 for fp32 matmuls (torch.matmul would use it)."""
+    try:
+        return torch.get_float32_matmul_precision() != "highest"
+    except RuntimeError:  # torch >= 2.9 refuses the legacy query once the new per-backend flags are set
+        return torch.backends.cuda.matmul.fp32_precision == "tf32"
+
+
+def _short_precision(q: torch.Tensor) -> str:
+    """tl.dot's input precision in the short-path kernels. fp16/bf16 ignore it; fp64 is IEEE. fp32 uses TF32
+    only where the user allowed it for matmuls; otherwise 3xTF32 (three TF32 tensor-core products, ~1e-6
+    relative error like IEEE fp32): the static audit counts 1.4-2.3x fewer instructions for it than for
+    IEEE FMA in the forward on sm_80 and sm_90, and 2x fewer in the sm_90 backward."""
+    if q.dtype != torch.float32:
+        return "ieee" if q.dtype == torch.float64 else "tf32"
+    return "tf32" if _user_allows_tf32() else "tf32x3"
+
+
 def _config(q: torch.Tensor, kernel: str) -> _Config:
-    """Launch configuration of `kernel` ("fwd", "dq" or "dkdv") for q's dtype and head dim."""
+    """Launch configuration of the flash kernel `kernel` ("fwd", "dq" or "dkdv") for q's dtype and head dim."""
     d = q.shape[-1]
     if not _uses_dot(q):
         # Without tl.dot a [block_n, block_d, block_m] product lives in registers: keep it small.
@@ -499,17 +808,63 @@ def _config(q: torch.Tensor, kernel: str) -> _Config:
     return _Config(block_n, 64, max(16, triton.next_power_of_2(d)), precision, True, num_warps, num_stages)
 
 
+# Keys the short path holds in one block; TransXNet's M is 49 at 224x224 in every stage.
+SHORT_PATH_MAX_KEYS = 64
+# (kernel, half precision?) -> (BLOCK_N, num_warps, num_stages) of the short-path kernels, chosen with the static
+# GPU audit (sm_80/86/90, T/S/B shapes). The forwards run 16 query rows per warp: each warp owns whole rows of
+# the scores (row max and sum stay in the warp) and no warp replicates another's mma tiles (the flash kernels'
+# 8 warps on 16-32 rows did, 4x). The backward runs 8 warps on 64 rows (two warps split a row block's keys):
+# with 4 warps its five dots' operands spilled 1.7-2.7 KB per thread, with 8, 256-652 B (Triton 3.8).
+_SHORT_BLOCKS = {
+    ("fwd", True): (128, 8, 2),
+    ("bwd", True): (64, 8, 2),
+    ("fwd", False): (64, 4, 2),
+    ("bwd", False): (64, 8, 2),
+}
+
+
+def _short_path(q: torch.Tensor, k: torch.Tensor, scale: float, kernel: str) -> bool:
+    """Whether `kernel` ("fwd" or "bwd") runs on the short path: all keys in one block, tl.dot available, and
+    a positive finite scale (the kernels start the scores from bias / scale and take the softmax's max of
+    S / scale). Not the fp32 backward on sm_8x: there the one-pass kernel's five fp32 dots spill 7-8 KB per
+    thread (IEEE or 3xTF32) and the static audit estimates it no faster than the flash kernels, which do
+    not spill; both passes share the forward's lse."""
+    if kernel == "bwd" and q.dtype == torch.float32 and 0 < launch_target(q.device).capability < 90:
+        return False
+    return k.shape[2] <= SHORT_PATH_MAX_KEYS and _uses_dot(q) and 0.0 < scale < math.inf
+
+
+def _short_config(q: torch.Tensor, k: torch.Tensor, kernel: str) -> _Config:
+    half = q.dtype in (torch.float16, torch.bfloat16)
+    block_n, num_warps, num_stages = _SHORT_BLOCKS[kernel, half]
+    block_m = max(16, triton.next_power_of_2(k.shape[2]))
+    block_d = max(16, triton.next_power_of_2(q.shape[-1]))
+    return _Config(block_n, block_m, block_d, _short_precision(q), True, num_warps, num_stages)
+
+
+def _batch_groups(B: int, programs_per_batch: int, target: int) -> Tuple[int, int]:
+    """(groups, batches per group): the fewest batch groups that give `target` programs."""
+    groups = min(B, max(1, triton.cdiv(target, programs_per_batch)))
+    per_group = triton.cdiv(B, groups)
+    return triton.cdiv(B, per_group), per_group
+
+
 @dataclass(frozen=True)
 class Settings:
-    """Launch settings (override with common.launch_overrides). target_programs: programs a backward launch
-    should have; the bias-gradient batch groups and the dk/dv query splits exist only below it. Interpreted,
-    a small value, so small test shapes exercise those paths."""
+    """Launch settings (override with common.launch_overrides). target_programs: programs a flash backward
+    launch should have; the bias-gradient batch groups and the dk/dv query splits exist only below it.
+    short_path_programs: programs a short-path launch should have (8 per SM); its batch groups, which share a
+    bias tile and sum the bias gradient in registers, are as long as that allows. Interpreted, small values,
+    so small test shapes exercise the groups and splits."""
 
     target_programs: int
+    short_path_programs: int
 
     @classmethod
     def for_target(cls, target: LaunchTarget) -> Settings:
-        return cls(target_programs=4 if target.interpreted else 2 * target.sm_count)
+        if target.interpreted:
+            return cls(target_programs=4, short_path_programs=4)
+        return cls(target_programs=2 * target.sm_count, short_path_programs=8 * target.sm_count)
 
 
 def _bias_strides(bias: Optional[torch.Tensor]) -> Tuple[int, int, int, int]:
@@ -556,6 +911,9 @@ def _forward(q, k, v, bias, scale):
         return out, lse
     if M == 0:  # softmax over no keys: the reference's empty sum, zeros (lse -inf)
         return out.zero_(), lse.fill_(float("-inf"))
+    if _short_path(q, k, scale, "fwd"):
+        _forward_short(q, k, v, bias, scale, out, lse)
+        return out, lse
     cfg = _config(q, "fwd")
     grid = (triton.cdiv(N, cfg.block_n), B * h)
     with device_guard(q):
@@ -587,42 +945,145 @@ def _forward(q, k, v, bias, scale):
     return out, lse
 
 
-def _backward(grad_out, q, k, v, bias, out, lse, scale, bias_needs_grad):
+def _bias_per_batch(bias: Optional[torch.Tensor]) -> bool:
+    return bias is not None and bias.shape[0] > 1
+
+
+def _short_path_groups(bias, B: int, programs_per_batch: int, device: torch.device) -> Tuple[int, int]:
+    """(groups, batches per group) of a short-path launch. A batch-shared bias tile is loaded once per group
+    (and its gradient summed over the group in registers), so groups are as few as the target number of
+    programs allows; without one, a program per batch."""
+    if bias is None or _bias_per_batch(bias):
+        return B, 1
+    return _batch_groups(B, programs_per_batch, launch_settings(Settings, device).short_path_programs)
+
+
+def _dbias_buffer(bias, has_dbias: bool, groups: int, batches_per_group: int, q: torch.Tensor, M: int):
+    """(buffer, its strides, dims to sum) of the bias gradient: one [h, N, M] slice per batch group (per batch
+    for a per-batch bias), summed afterwards over the groups and a broadcast head dim. Sums over batches or
+    groups accumulate in fp32 (fp64), whatever the bias dtype."""
+    if not has_dbias:
+        return torch.empty((0,), dtype=q.dtype, device=q.device), (0, 0, 0, 0), []
+    _, h, N, _ = q.shape
+    reduce_dims = [i for i, size in enumerate((groups, h)) if bias.shape[i] == 1 and size > 1]
+    dtype = accumulation_dtype(q.dtype) if reduce_dims or batches_per_group > 1 else bias.dtype
+    buf = torch.empty((groups, h, N, M), dtype=dtype, device=q.device)
+    return buf, buf.stride(), reduce_dims
+
+
+def _dkdv_buffers(k: torch.Tensor, partials: int):
+    """(dk, dv, their 5 strides): fp32 (fp64) partials [partials, B, h, M, d], summed afterwards in a fixed
+    order; with one partial, the gradients themselves (partial stride 0)."""
+    if partials > 1:
+        shape = (partials,) + tuple(k.shape)
+        dk = torch.empty(shape, dtype=accumulation_dtype(k.dtype), device=k.device)
+        return dk, torch.empty_like(dk), dk.stride()
+    dk = torch.empty_like(k)
+    return dk, torch.empty_like(k), (0,) + dk.stride()
+
+
+def _forward_short(q, k, v, bias, scale, out, lse):
+    B, h, N, d = q.shape
+    cfg = _short_config(q, k, "fwd")
+    n_blocks = triton.cdiv(N, cfg.block_n)
+    groups, batches_per_group = _short_path_groups(bias, B, n_blocks * h, q.device)
+    with device_guard(q):
+        _osra_fwd_short_kernel[(n_blocks, h, groups)](
+            q,
+            k,
+            v,
+            bias if bias is not None else q,
+            out,
+            lse,
+            _scale_tensor(scale, q),
+            *q.stride(),
+            *k.stride(),
+            *_bias_strides(bias),
+            B,
+            h,
+            N,
+            k.shape[2],
+            d,
+            batches_per_group,
+            HAS_BIAS=bias is not None,
+            BIAS_PER_BATCH=_bias_per_batch(bias),
+            PRECISION=cfg.precision,
+            BLOCK_N=cfg.block_n,
+            BLOCK_M=cfg.block_m,
+            BLOCK_D=cfg.block_d,
+            INDEX64=needs_int64(q, k, v, out),
+            num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
+        )
+
+
+def _backward_short(grad_out, q, k, v, bias, lse, scale, has_dbias):
+    """(dq, dk, dv, bias-gradient buffer, its dims to sum) of the one-pass backward."""
+    B, h, N, d = q.shape
+    M = k.shape[2]
+    cfg = _short_config(q, k, "bwd")
+    n_blocks = triton.cdiv(N, cfg.block_n)
+    groups, batches_per_group = _short_path_groups(bias, B, n_blocks * h, q.device)
+    dbias_buf, dbias_strides, reduce_dims = _dbias_buffer(bias, has_dbias, groups, batches_per_group, q, M)
+    dk_buf, dv_buf, dkv_strides = _dkdv_buffers(k, n_blocks)  # a dk/dv partial per query block
+    dq = torch.empty_like(q)
+    with device_guard(q):
+        _osra_bwd_short_kernel[(n_blocks, h, groups)](
+            q,
+            k,
+            v,
+            bias if bias is not None else q,
+            grad_out,
+            lse,
+            dq,
+            dk_buf,
+            dv_buf,
+            dbias_buf,
+            _scale_tensor(scale, q),
+            *q.stride(),
+            *k.stride(),
+            *_bias_strides(bias),
+            *dkv_strides,
+            *dbias_strides,
+            B,
+            h,
+            N,
+            M,
+            d,
+            batches_per_group,
+            HAS_BIAS=bias is not None,
+            BIAS_PER_BATCH=_bias_per_batch(bias),
+            HAS_DBIAS=has_dbias,
+            PRECISION=cfg.precision,
+            BLOCK_N=cfg.block_n,
+            BLOCK_M=cfg.block_m,
+            BLOCK_D=cfg.block_d,
+            INDEX64=needs_int64(q, k, v, grad_out, dq),
+            num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
+        )
+    if n_blocks > 1:
+        dk_buf, dv_buf = dk_buf.sum(0), dv_buf.sum(0)
+    return dq, dk_buf, dv_buf, dbias_buf, reduce_dims
+
+
+def _backward_flash(grad_out, q, k, v, bias, out, lse, scale, has_dbias):
+    """(dq, dk, dv, bias-gradient buffer, its dims to sum): the dq kernel (with Delta and the bias gradient),
+    then the dk/dv kernel."""
     B, h, N, d = q.shape
     M = k.shape[2]
     device = q.device
-    has_dbias = bias is not None and bias_needs_grad
-    if B * h * N * M == 0:  # no scores: every gradient is zero (or empty)
-        dbias = torch.zeros_like(bias) if has_dbias else q.new_empty((0,))
-        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dbias
-    inputs = (q, k, v)  # the gradients take the layouts of empty_like(input), as the fake impl says
-    q, k, v = _shared_layouts(q, k, v)
-    out, grad_out = _in_layout_of(out, q), _in_layout_of(grad_out, q)
-    acc_dtype = accumulation_dtype(q.dtype)
     target = launch_settings(Settings, device).target_programs
     scale_t = _scale_tensor(scale, q)
     cfg = _config(q, "dq")
     n_blocks = triton.cdiv(N, cfg.block_n)
-
-    # Bias-gradient target: per-batch biases get one slice per batch (no reduction); a batch-1 bias
-    # gets one fp32 partial per batch group, summed afterwards together with a broadcast head dim.
-    if has_dbias and bias.shape[0] == 1 and B > 1:
-        groups = min(B, max(1, triton.cdiv(target, n_blocks * h)))
-        batches_per_group = triton.cdiv(B, groups)
-        groups = triton.cdiv(B, batches_per_group)
-    else:
-        groups, batches_per_group = B, 1
-    reduce_dims = [i for i, size in enumerate((groups, h)) if has_dbias and bias.shape[i] == 1 and size > 1]
-    if has_dbias:
-        # Sums over batches or groups accumulate in fp32 (fp64), whatever the bias dtype.
-        dbias_dtype = acc_dtype if reduce_dims or batches_per_group > 1 else bias.dtype
-        dbias_buf = torch.empty((groups, h, N, M), dtype=dbias_dtype, device=device)
-    else:
-        dbias_buf = torch.empty((0,), dtype=q.dtype, device=device)
-    dbias_strides = dbias_buf.stride() if has_dbias else (0, 0, 0, 0)
+    # Batch groups exist to sum a batch-shared bias's gradient; per-batch biases get one slice per batch.
+    shared_dbias = has_dbias and not _bias_per_batch(bias)
+    groups, batches_per_group = _batch_groups(B, n_blocks * h, target) if shared_dbias else (B, 1)
+    dbias_buf, dbias_strides, reduce_dims = _dbias_buffer(bias, has_dbias, groups, batches_per_group, q, M)
 
     dq = torch.empty_like(q)
-    delta = torch.empty((B, h, N), dtype=acc_dtype, device=device)
+    delta = torch.empty((B, h, N), dtype=accumulation_dtype(q.dtype), device=device)
     # Split the query range of dk/dv only when B·h·key-blocks cannot fill the device.
     dkdv_cfg = _config(q, "dkdv")
     n_dkdv_blocks = triton.cdiv(N, dkdv_cfg.block_n)
@@ -630,13 +1091,7 @@ def _backward(grad_out, q, k, v, bias, out, lse, scale, bias_needs_grad):
     splits = min(n_dkdv_blocks, max(1, triton.cdiv(target, m_blocks * B * h)))
     rows_per_split = triton.cdiv(n_dkdv_blocks, splits) * dkdv_cfg.block_n
     splits = triton.cdiv(N, rows_per_split)
-    if splits > 1:
-        dk_buf = torch.empty((splits, B, h, M, d), dtype=acc_dtype, device=device)
-        dv_buf = torch.empty((splits, B, h, M, d), dtype=acc_dtype, device=device)
-        dkv_strides = dk_buf.stride()
-    else:
-        dk_buf, dv_buf = torch.empty_like(k), torch.empty_like(k)
-        dkv_strides = (0,) + dk_buf.stride()
+    dk_buf, dv_buf, dkv_strides = _dkdv_buffers(k, splits)
     index64 = needs_int64(q, k, v, out, grad_out, dq)
     with device_guard(q):
         _osra_bwd_dq_kernel[(n_blocks, h, groups)](
@@ -705,8 +1160,23 @@ def _backward(grad_out, q, k, v, bias, out, lse, scale, bias_needs_grad):
         )
     if splits > 1:
         dk_buf, dv_buf = dk_buf.sum(0), dv_buf.sum(0)
-    dq, dk, dv = (_in_layout_of(grad, torch.empty_like(t)) for grad, t in zip((dq, dk_buf, dv_buf), inputs))
+    return dq, dk_buf, dv_buf, dbias_buf, reduce_dims
 
+
+def _backward(grad_out, q, k, v, bias, out, lse, scale, bias_needs_grad):
+    has_dbias = bias is not None and bias_needs_grad
+    if q.shape[:3].numel() * k.shape[2] == 0:  # no scores: every gradient is zero (or empty)
+        dbias = torch.zeros_like(bias) if has_dbias else q.new_empty((0,))
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dbias
+    inputs = (q, k, v)  # the gradients take the layouts of empty_like(input), as the fake impl says
+    q, k, v = _shared_layouts(q, k, v)
+    grad_out = _in_layout_of(grad_out, q)
+    if _short_path(q, k, scale, "bwd"):
+        grads = _backward_short(grad_out, q, k, v, bias, lse, scale, has_dbias)
+    else:
+        grads = _backward_flash(grad_out, q, k, v, bias, _in_layout_of(out, q), lse, scale, has_dbias)
+    dq, dk, dv, dbias_buf, reduce_dims = grads
+    dq, dk, dv = (_in_layout_of(grad, torch.empty_like(t)) for grad, t in zip((dq, dk, dv), inputs))
     if not has_dbias:
         dbias = dbias_buf
     elif reduce_dims:
