@@ -111,6 +111,21 @@ def _gelu_grad(z):
 
 
 @triton.jit
+def _tap_row(c_base, h, w, pmask, di, stride_h, stride_w, H):
+    """Row di of a tile's taps: per channel, pointers to (h + di, w), and which tile pixels have that row
+    inside the image."""
+    hh = h + di
+    return c_base + (hh * stride_h + w * stride_w)[None, :], pmask & (hh >= 0) & (hh < H)
+
+
+@triton.jit
+def _tap_mask(cmask, h_ok, w, dj, W):
+    """The mask of the tap at column shift dj in a row whose in-image pixels are h_ok. dj is a compile-time
+    shift, so the column part is computed once per tile, outside the row loop."""
+    return cmask[:, None] & (h_ok & (w + dj >= 0) & (w + dj < W))[None, :]
+
+
+@triton.jit
 def _dwconv_tile_k(
     src,
     weight_ptr,
@@ -140,19 +155,16 @@ def _dwconv_tile_k(
     w_row = weight_ptr + cs * KK_STRIDE
     for i in range(0, K):
         if TRANSPOSE:
-            hh = h + (R - i)
+            row, h_ok = _tap_row(c_src, h, w, pmask, R - i, stride_h, stride_w, H)
         else:
-            hh = h + (i - R)
-        h_ok = pmask & (hh >= 0) & (hh < H)
-        row = c_src + (hh * stride_h + w * stride_w)[None, :]
+            row, h_ok = _tap_row(c_src, h, w, pmask, i - R, stride_h, stride_w, H)
         for j in tl.static_range(K):
             if TRANSPOSE:
                 dj = R - j
             else:
                 dj = j - R
-            ok = cmask[:, None] & (h_ok & (w + dj >= 0) & (w + dj < W))[None, :]
             tap = tl.load(w_row + (i * K + j), mask=cmask, other=0.0).to(ACC)
-            v = tl.load(row + dj * stride_w, mask=ok, other=0.0).to(ACC)
+            v = tl.load(row + dj * stride_w, mask=_tap_mask(cmask, h_ok, w, dj, W), other=0.0).to(ACC)
             acc += tap[:, None] * v
     return acc
 
@@ -231,12 +243,9 @@ def _wgrad_tile_k(
     taps = tl.arange(0, KK_POW2)
     c_x = x_b + cs[:, None] * stride_c
     for i in range(0, K):
-        hh = h + (i - R)
-        h_ok = pmask & (hh >= 0) & (hh < H)
-        row = c_x + (hh * stride_h + w * stride_w)[None, :]
+        row, h_ok = _tap_row(c_x, h, w, pmask, i - R, stride_h, stride_w, H)
         for j in tl.static_range(K):
-            ok = cmask[:, None] & (h_ok & (w + (j - R) >= 0) & (w + (j - R) < W))[None, :]
-            v = tl.load(row + (j - R) * stride_w, mask=ok, other=0.0).to(ACC)
+            v = tl.load(row + (j - R) * stride_w, mask=_tap_mask(cmask, h_ok, w, j - R, W), other=0.0).to(ACC)
             part = tl.sum(g * v, axis=1)
             acc_w += tl.where(taps[None, :] == i * K + j, part[:, None], 0.0)
     return acc_w
