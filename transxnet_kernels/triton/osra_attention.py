@@ -110,11 +110,9 @@ def _scores_init(
         return tl.zeros([BLOCK_N, BLOCK_M], scale.dtype) + key_pad[None, :]
 
 
+# q's strides and N are specialised on 16-alignment (see common.py): q, dO, out and dq tiles then move in vectors.
 _SHORT_PATH_ALIGNMENT_FREE = [
-    "q_stride_b",
-    "q_stride_h",
     "q_stride_n",
-    "q_stride_d",
     "k_stride_b",
     "k_stride_h",
     "k_stride_m",
@@ -125,7 +123,6 @@ _SHORT_PATH_ALIGNMENT_FREE = [
     "bias_stride_m",
     "B",
     "H",
-    "N",
     "M",
     "D",
     "BATCHES_PER_PROGRAM",
