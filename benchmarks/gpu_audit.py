@@ -17,6 +17,7 @@ Pipeline
    the output. `JITFunction.run` is patched to record each launch (kernel, grid, arguments, num_warps,
    num_stages) instead of running it, and the launch code is made to plan for the target GPU (its SM
    count, GPU tiles) by the adapter below. One replay per GPU model, as grids depend on the SM count.
+   The torch ops the replay runs (inside the ops' custom-op wrappers too) are recorded with their bytes.
 3. Specialise and compile. Triton's own binder (`create_function_from_signature` with the target's
    backend) computes each launch's specialisation exactly as the JIT would: ints equal to 1 or
    divisible by 16, pointers 16-byte aligned (the CPU allocator aligns storages to 64 bytes, so a
@@ -34,8 +35,10 @@ Pipeline
    many times each source loop's body runs over the whole launch (from the launch arguments). Then
    instructions = Σ_loops (body instructions not in an inner loop) x trips x warps + (instructions
    outside loops) x programs x warps. One issue per scheduler per clock, no stalls modelled, no
-   wave tails; torch work between launches (partial sums, copies) is not counted. Beside it, the
-   call's roofline: minimal DRAM bytes (the formulas of the kernel module docstrings) / bandwidth.
+   wave tails. Torch work between launches (sums of partials, copies, fills) is recorded in step 2 by a
+   dispatch mode and adds its bytes / bandwidth (each aten op that is not a view or an allocation reads
+   its tensor arguments and writes its outputs once; a fill or zero only writes). Beside it, the call's
+   roofline: minimal DRAM bytes (the formulas of the kernel module docstrings) / bandwidth.
 6. Cache: compile results, keyed by `ASTSource.hash()` (kernel source and every jit helper it calls,
    signature, constexprs, attributes), the options, the target and the Triton version, are kept in
    `benchmarks/results/gpu_audit_cache_<triton>.json`, so a rerun compiles only what changed.
@@ -73,7 +76,9 @@ if os.environ.get("TRITON_INTERPRET", "0") == "1":
     raise SystemExit("gpu_audit needs compiled Triton kernels: unset TRITON_INTERPRET")
 
 import torch
+import torch.utils._pytree as pytree
 import triton
+from torch.utils._python_dispatch import TorchDispatchMode
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import JITFunction, create_function_from_signature
@@ -120,6 +125,10 @@ SCHEDULERS_PER_SM = 4
 # ADAPTER: every reference to transxnet_kernels internals lives here; nothing else in this tool knows the
 # package layout.
 # ===================================================================================================
+
+
+# The namespace of the Triton implementations' custom ops (their wrappers run torch work worth counting).
+TRITON_NAMESPACE = "transxnet_triton"
 
 
 def triton_op(op: str):
@@ -513,8 +522,40 @@ def _drop_directories(value: Any) -> Any:
     return re.sub(r"/[^'\",()\s]+", lambda m: Path(m.group(0)).name, value)
 
 
-def record_call(call: OpCall, gpu: Gpu) -> List[Launch]:
-    """The launches of one op call (forward, then backward when an input needs a gradient)."""
+class TorchWork(TorchDispatchMode):
+    """Records the DRAM bytes of the torch ops run between launches, per phase: every aten op that is neither
+    a view nor an allocation reads its tensor arguments and writes its outputs once (a fill or zero only
+    writes). The ops' custom-op wrappers are entered (redispatched to their CPU kernels with this mode
+    active) so that the torch work inside them is seen."""
+
+    ALLOCATIONS = ("empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "detach", "alias")
+    WRITE_ONLY = ("fill_", "zero_", "zeros", "full", "ones", "zeros_like", "full_like", "ones_like")
+
+    def __init__(self, phase: List[str], namespace: str):
+        super().__init__()
+        self.phase = phase
+        self.namespace = namespace
+        self.bytes: Dict[str, int] = collections.defaultdict(int)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.namespace == self.namespace:
+            with self:
+                return func.redispatch(torch._C.DispatchKeySet(torch._C.DispatchKey.CPU), *args, **kwargs)
+        out = func(*args, **kwargs)
+        name = func._schema.name.split("::")[-1]
+        if func.namespace == "aten" and not func.is_view and name not in self.ALLOCATIONS:
+            reads = [] if name in self.WRITE_ONLY else pytree.tree_leaves((args, kwargs))
+            writes = pytree.tree_leaves(out)
+            self.bytes[self.phase[0]] += sum(
+                t.numel() * t.element_size() for t in reads + writes if isinstance(t, torch.Tensor)
+            )
+        return out
+
+
+def record_call(call: OpCall, gpu: Gpu) -> Tuple[List[Launch], Dict[str, int]]:
+    """The launches of one op call (forward, then backward when an input needs a gradient), and the DRAM
+    bytes of the torch work between them per phase."""
     launches: List[Launch] = []
     phase = ["forward"]
 
@@ -527,16 +568,21 @@ def record_call(call: OpCall, gpu: Gpu) -> List[Launch]:
     inputs = [
         t for a in args for t in (a if isinstance(a, list) else [a]) if isinstance(t, torch.Tensor) and t.requires_grad
     ]
+    grad_out = None
+    torch_work = TorchWork(phase, TRITON_NAMESPACE)
     with (
         plan_for_gpu(gpu, call.index64),
         recording_launches(gpu, launches, phase),
         torch.set_grad_enabled(bool(inputs)),
     ):
-        out = triton_op(call.op)(*args)
+        with torch_work:
+            out = triton_op(call.op)(*args)
         if inputs:
+            grad_out = torch.empty_like(out)
             phase[0] = "backward"
-            torch.autograd.grad(out, inputs, torch.empty_like(out))
-    return launches
+            with torch_work:
+                torch.autograd.grad(out, inputs, grad_out)
+    return launches, dict(torch_work.bytes)
 
 
 # ===================================================================================================
@@ -871,10 +917,10 @@ def save_cache(path: Path, entries: Dict[str, Any]) -> None:
 _CALLS: List[OpCall] = []  # op calls to record, inherited by the forked workers
 
 
-def _record_target(target: str) -> List[Tuple[OpCall, List[Launch]]]:
+def _record_target(target: str) -> List[Tuple[OpCall, List[Launch], Dict[str, int]]]:
     gpu = GPUS[target]
     return [
-        (call, record_call(call, gpu))
+        (call, *record_call(call, gpu))
         for call in _CALLS
         if triton_runs(getattr(torch, call.tensors()[0].dtype), gpu.cc)
     ]
@@ -899,7 +945,7 @@ def audit(targets: Sequence[str], jobs: int, use_cache: bool, configs: str = "",
 
     cache_path = RESULTS / f"gpu_audit_cache_{triton.__version__}.json"
     cache = load_cache(cache_path) if use_cache else {}
-    specs = {ln.compile_key: ln.spec for per in launches.values() for _, lns in per for ln in lns}
+    specs = {ln.compile_key: ln.spec for per in launches.values() for _, lns, _ in per for ln in lns}
     todo = {k: s for k, s in specs.items() if k not in cache}
     log(f"[audit] {len(specs)} distinct specialisations, {len(todo)} to compile ({jobs} jobs)")
     compile_started = time.perf_counter()
@@ -930,8 +976,8 @@ def build_report(calls: Dict[OpCall, str], launches, cache) -> Dict[str, Any]:
     call_rows = []
     for target, per_call in launches.items():
         gpu = GPUS[target]
-        for call, lns in per_call:
-            phases = collections.defaultdict(lambda: {"estimate_s": 0.0, "dram_s": 0.0, "issue_s": 0.0})
+        for call, lns, torch_bytes in per_call:
+            phases = collections.defaultdict(lambda: {"estimate_s": 0.0, "dram_s": 0.0, "issue_s": 0.0, "torch_s": 0.0})
             for ln in lns:
                 result = cache[ln.compile_key]
                 entry = kernels.setdefault(
@@ -958,6 +1004,11 @@ def build_report(calls: Dict[OpCall, str], launches, cache) -> Dict[str, Any]:
                 if gpu.estimate:
                     for k, v in launch_seconds(ln, result, gpu).items():
                         phases[ln.phase][k] += v
+            if gpu.estimate:
+                for phase, n_bytes in torch_bytes.items():
+                    seconds = n_bytes / (gpu.dram_tb_s * 1e12)
+                    for k in ("torch_s", "dram_s", "estimate_s"):
+                        phases[phase][k] += seconds
             if gpu.estimate and phases:
                 rb = roofline_bytes(call)
                 for phase, t in phases.items():
