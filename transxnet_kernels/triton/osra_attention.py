@@ -322,10 +322,11 @@ def _osra_bwd_short_kernel(
         q = tl.load(q_ptr + q_slice + nd_offs, mask=nd_mask, other=0.0)
         do = tl.load(grad_out_ptr + q_slice + nd_offs, mask=nd_mask, other=0.0)
         lse = tl.load(lse_ptr + (b * H + h) * N + offs_n, mask=mask_n, other=float("inf"))  # padded rows: P = 0
-        kt = tl.load(k_ptr + k_slice + dm_offs, mask=dm_mask, other=0.0)
         vt = tl.load(v_ptr + k_slice + dm_offs, mask=dm_mask, other=0.0)
+        # K once, its transpose for the scores taken through shared memory: a second (K^T) load held 16-32
+        # more registers of addresses and data (loads of unaligned rows of M keys are scalar) and spilled more.
         k = tl.load(k_ptr + k_slice + md_offs, mask=md_mask, other=0.0)
-        s = tl.dot(q, kt, acc=scores_init, input_precision=PRECISION)  # S / scale
+        s = tl.dot(q, tl.trans(k), acc=scores_init, input_precision=PRECISION)  # S / scale
         p = tl.exp2(s * scale_log2 - (lse * log2e)[:, None])
         # Each product as soon as its operands exist, each result stored at once: fewer live register tiles.
         dkv_slice = pid_n * dkv_stride_s + b * dkv_stride_b + h * dkv_stride_h
@@ -810,14 +811,21 @@ SHORT_PATH_MAX_KEYS = 64
 # (kernel, half precision?) -> (BLOCK_N, num_warps, num_stages) of the short-path kernels, chosen with the static
 # GPU audit (sm_80/86/90, T/S/B shapes). The forwards run 16 query rows per warp: each warp owns whole rows of
 # the scores (row max and sum stay in the warp) and no warp replicates another's mma tiles (the flash kernels'
-# 8 warps on 16-32 rows did, 4x). The backward runs 8 warps on 64 rows (two warps split a row block's keys):
-# with 4 warps its five dots' operands spilled 1.7-2.7 KB per thread, with 8, 256-652 B (Triton 3.8).
+# 8 warps on 16-32 rows did, 4x). The backward runs 8 warps on 64 rows (two warps share a 16-row mma tile):
+# with 4 warps its five dots' operands spilled 1.2-2.7 KB per thread, with 8, 84-640 B (Triton 3.8, bf16).
+# One pipeline stage: a one-key-block loop over batches has little to prefetch, and a second stage's buffers
+# made the bf16 backward spill 580-764 B instead of 84-640 B and the fp32 forward on sm_90 44-188 B instead
+# of 0-160 B. The fp32 forward on sm_8x keeps 64 rows and 2 stages (`_SHORT_BLOCKS_SM8X`): with 128 rows its
+# unaligned-N cases spilled 1.3 KB instead of 0.8 KB. A forward takes no more rows than N (stage 4: N = 49, 64
+# rows): fp16/bf16 keep 8 warps (with 4, the scalar loads of unaligned rows spilled 84-96 B), fp32 drops to 4
+# (8 warps replicated its 3xTF32 mma tiles: static estimate 15 vs 9 us for T stage 4 on H100).
 _SHORT_BLOCKS = {
-    ("fwd", True): (128, 8, 2),
-    ("bwd", True): (64, 8, 2),
-    ("fwd", False): (64, 4, 2),
-    ("bwd", False): (64, 8, 2),
+    ("fwd", True): (128, 8, 1),
+    ("bwd", True): (64, 8, 1),
+    ("fwd", False): (128, 8, 1),
+    ("bwd", False): (64, 8, 1),
 }
+_SHORT_BLOCKS_SM8X = {("fwd", False): (64, 4, 2)}
 
 
 def _short_path(q: torch.Tensor, k: torch.Tensor, scale: float, kernel: str) -> bool:
@@ -833,7 +841,14 @@ def _short_path(q: torch.Tensor, k: torch.Tensor, scale: float, kernel: str) -> 
 
 def _short_config(q: torch.Tensor, k: torch.Tensor, kernel: str) -> _Config:
     half = q.dtype in (torch.float16, torch.bfloat16)
-    block_n, num_warps, num_stages = _SHORT_BLOCKS[kernel, half]
+    blocks = _SHORT_BLOCKS[kernel, half]
+    if 0 < launch_target(q.device).capability < 90:
+        blocks = _SHORT_BLOCKS_SM8X.get((kernel, half), blocks)
+    block_n, num_warps, num_stages = blocks
+    if kernel == "fwd":  # no more query rows than N; fp32 with 16 rows per warp (see _SHORT_BLOCKS)
+        block_n = min(block_n, max(16, triton.next_power_of_2(q.shape[2])))
+        if not half:
+            num_warps = min(num_warps, block_n // 16)
     block_m = max(16, triton.next_power_of_2(k.shape[2]))
     block_d = max(16, triton.next_power_of_2(q.shape[-1]))
     return _Config(block_n, block_m, block_d, _short_precision(q), True, num_warps, num_stages)
