@@ -891,6 +891,9 @@ def roofline_bytes(call: OpCall) -> Dict[str, int]:
             "backward": e * (4 * B * h * N * d + 4 * B * h * M * d) + 2 * bias_bytes + 8 * B * h * N,
         }
     n = math.prod(first.shape)  # the stencil ops: forward reads x, writes y; backward 3 more passes
+    if call.op == "idconv":  # plus its logits, weight bank and bias: read forward, read and grads written backward
+        small = sum(math.prod(t.shape) * getattr(torch, t.dtype).itemsize for t in call.tensors()[1:])
+        return {"forward": 2 * n * e + small, "backward": 3 * n * e + 2 * small}
     return {"forward": 2 * n * e, "backward": 3 * n * e}
 
 

@@ -45,6 +45,10 @@ def _kernel_grad_partial(args, grid) -> Trips:
     return {"_kernel_grad_partial_kernel:p0": _idconv_positions(args, grid)}
 
 
+def _mix(args, grid) -> Trips:
+    return {}  # the G groups are a static_range
+
+
 def _softmax_chain(args, grid) -> Trips:
     return {"_softmax_chain_kernel:chunk": grid[0] * args["n_chunks"]}
 
@@ -109,6 +113,7 @@ LOOP_TRIPS: Dict[str, Callable[[Mapping, Sequence[int]], Trips]] = {
     "_dynconv_kernel": _dynconv,
     "_kernel_grad_partial_kernel": _kernel_grad_partial,
     "_softmax_chain_kernel": _softmax_chain,
+    "_mix_kernel": _mix,
     "_forward_kernel": _msdw_forward,
     "_middle_grad_kernel": _middle_grad,
     "_dx_kernel": _dx,

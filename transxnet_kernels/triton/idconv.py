@@ -22,9 +22,13 @@ Kernels (no atomics anywhere, so every result is deterministic):
   owns (sample, channel block, chunk of output positions) and walks the chunk in [channels, positions]
   tiles; each thread accumulates its own outputs over the K² taps, unrolled with compile-time offsets
   (one load and one FMA per tap and output, masks from the row and column of each tap, no reduction
-  across threads). The per-sample kernels k[b,c] and biases β[b,c] (softmax over G) are synthesized
-  once per call by torch ops into [B, C, K²] / [B, C] buffers in the accumulation dtype (B·G·C·K²
-  values read, B·C·K² written and read: small next to the map), so a tap costs one weight load.
+  across threads). The per-sample kernels k[b,c] and biases β[b,c] are synthesized once per call by
+  ``_mix_kernel`` into [B, C, K²] / [B, C] buffers in the accumulation dtype, so a tap costs one
+  weight load.
+* ``_mix_kernel`` -- the softmax over G and the weighted sum of the weight bank, one read of the logits
+  (B·G·C·K² values) and one write of the kernels (B·C·K²): not small next to the map in the late stages
+  (stage 4: K² = H·W). It replaced torch's softmax, product and sum (three passes; the static audit
+  counted them at up to 40% of the stage-4 forward estimate).
 * ``_kernel_grad_partial_kernel`` -- dk and dβ partial sums, one program per (sample, channel block,
   chunk of positions), accumulated elementwise in registers and reduced once at the end; partials go
   to a [chunks, B, C, K²] buffer.
@@ -37,10 +41,11 @@ larger tensor all work without copies); the small tensors (logits, weight, bias)
 Offsets within a sample are int32 unless the sample spans 2^31 elements; the sample base offset is
 always int64, so B·C·H·W beyond 2^31 is fine. Accumulation is fp32 (fp64 for fp64 inputs).
 
-Roofline (N = B·C·H·W elements of e bytes each; the K² logits/weights are negligible):
+Roofline (N = B·C·H·W elements of e bytes each; L = the logits, weight bank and bias tensors' bytes,
+B·G·C·K²·e for the kernel logits, as large as G·N·e when K² = H·W):
 
-    forward           reads x, writes y                       2·N·e bytes, 2·K²·N FLOPs
-    backward          reads gy, x; writes gx                  3·N·e bytes minimum
+    forward           reads x, logits; writes y               2·N·e + L bytes, 2·K²·N FLOPs
+    backward          reads gy, x, logits; writes gx, grads   3·N·e + 2·L bytes minimum
     (this backward:   gx pass reads gy, writes gx; dk pass reads gy, x  -> 4·N·e bytes)
     forward+backward  5·N·e bytes minimum (6·N·e as implemented)
 
@@ -59,7 +64,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import ops, reference
+from .. import ops
 from ..layout import channels_last_input
 from .common import (
     LaunchTarget,
@@ -92,6 +97,10 @@ class Settings:
         return cls()
 
 
+# Elements of a _mix_kernel program (4 warps: 4 per thread, each with G loads of logits and of the bank).
+_MIX_BLOCK = 512
+
+
 @triton.jit
 def _group_max(logits_ptrs, g_stride, mask, G: tl.constexpr, ACC: tl.constexpr):
     """max_g logits[g] (the softmax's shift); logits of group g at ptrs + g·g_stride."""
@@ -121,6 +130,26 @@ def _softmax_backward(
             grad_logits_ptrs + g * g_stride, (s * (dot - weighted_dot)).to(grad_logits_ptrs.dtype.element_ty), mask=mask
         )
         tl.store(grad_bank_part_ptrs + g * g_stride, (s * d).to(grad_bank_part_ptrs.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize_on_alignment=["n"])
+def _mix_kernel(logits_ptr, bank_ptr, out_ptr, n, n_blocks, G: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
+    """out[b, i] = Σ_g s_g(logits[b, :, i]) · bank[g, i] over the flattened i < n (n = C·K² for the kernels,
+    C for the biases): one read of the logits and one write, in place of torch's softmax, product and sum
+    (three passes over G·n values per sample; at stage 4, K² = H·W, as many values as the map)."""
+    pid = tl.program_id(0)
+    b = (pid // n_blocks).to(tl.int64)
+    i = (pid % n_blocks) * BLOCK + tl.arange(0, BLOCK)
+    mask = i < n
+    logits_ptrs = logits_ptr + b * G * n + i
+    m = _group_max(logits_ptrs, n, mask, G, ACC)
+    den = tl.zeros_like(m)
+    num = tl.zeros_like(m)
+    for g in tl.static_range(G):
+        e = tl.exp(tl.load(logits_ptrs + g * n, mask=mask, other=0.0).to(ACC) - m)
+        den += e
+        num += e * tl.load(bank_ptr + g * n + i, mask=mask, other=0.0).to(ACC)
+    tl.store(out_ptr + b * n + i, num / den, mask=mask)
 
 
 @triton.jit
@@ -461,6 +490,22 @@ class _Plan:
         self.grid = (B * self.n_cblocks * self.n_chunks,)
 
 
+def _mix(logits: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
+    """Σ_g softmax_g(logits)[b, g] · bank[g] -> [B, *bank.shape[1:]] in the accumulation dtype (contiguous
+    logits and bank)."""
+    B, G = logits.shape[:2]
+    out = torch.empty((B,) + tuple(bank.shape[1:]), dtype=accumulation_dtype(logits.dtype), device=logits.device)
+    n = out[0].numel() if B else 0
+    if out.numel() == 0:
+        return out
+    n_blocks = triton.cdiv(n, _MIX_BLOCK)
+    with device_guard(logits):
+        _mix_kernel[(B * n_blocks,)](
+            logits, bank, out, n, n_blocks, G=G, BLOCK=_MIX_BLOCK, ACC=tl_accumulation_dtype(logits.dtype), num_warps=4
+        )
+    return out
+
+
 def _launch_dynconv(
     src: torch.Tensor,
     dst: torch.Tensor,
@@ -474,11 +519,10 @@ def _launch_dynconv(
     K = weight.shape[-1]
     plan = _Plan(src, K, conv=True)
     has_bias = bias is not None
-    acc = accumulation_dtype(src.dtype)
-    # The per-sample kernels and biases, synthesized once per call (B·C·K² values: small next to the map) so
-    # that the conv's inner loop loads one weight per tap rather than redoing the G-way softmax per tile.
-    kernel = reference.idconv_mix(kernel_logits.to(acc), weight.to(acc)).contiguous()
-    beta = reference.idconv_mix(bias_logits.to(acc), bias.to(acc)).contiguous() if has_bias else kernel
+    # The per-sample kernels and biases, synthesized once per call (B·C·K² values) so that the conv's inner
+    # loop loads one weight per tap rather than redoing the G-way softmax per tile.
+    kernel = _mix(kernel_logits, weight)
+    beta = _mix(bias_logits, bias) if has_bias else kernel
     with device_guard(src):
         _dynconv_kernel[plan.grid](
             src,
