@@ -47,7 +47,8 @@ KERNELS = (
 # * OSRA's one-pass short-path kernels (issue 13): the backward holds the bias tile, the bias-gradient sum and
 #   five dots' operands across its batch loop, and rows of M = 49 keys (or N = 196 / 49 queries) load as
 #   scalars with a 64-bit address each; the fp32 forward splits its operands for 3xTF32. The largest spills
-#   are those unaligned-N shapes (stages 3-4); 16-aligned N spill 12-116 B in fp16/bf16. They still issue
+#   are those unaligned-N shapes (stages 3-4); 16-aligned N spill 44-116 B in fp16/bf16 (sm_90: 128 query rows
+#   per program, 180 B with int64 offsets). They still issue
 #   2-7x fewer instructions than the flash kernels they replace at these shapes (static estimate, which
 #   counts spill instructions but not their L1/L2 traffic). The fp32 backward on sm_8x stays on the flash
 #   kernels (it spilled 7-8 KB there).
@@ -55,7 +56,7 @@ KNOWN_SPILLS = {
     **{("_forward_kernel", "sm_80", d): 4 for d in ("fp16", "bf16")},  # GELU+BatchNorm epilogue, 1024-pixel tiles
     **{("_osra_bwd_short_kernel", "sm_80", d): 640 for d in ("fp16", "bf16")},
     **{("_osra_bwd_short_kernel", "sm_86", d): 620 for d in ("fp16", "bf16")},
-    **{("_osra_bwd_short_kernel", "sm_90", d): 140 for d in ("fp16", "bf16")},
+    **{("_osra_bwd_short_kernel", "sm_90", d): 180 for d in ("fp16", "bf16")},
     ("_osra_bwd_short_kernel", "sm_90", "fp32"): 2344,
     ("_osra_fwd_short_kernel", "sm_80", "fp32"): 788,
     ("_osra_fwd_short_kernel", "sm_86", "fp32"): 780,
@@ -122,8 +123,8 @@ def test_launches_compile_fit_and_do_not_spill(audit, kernel, target, dtype):
 
 
 def test_torch_work_between_launches_is_counted(audit):
-    """The OSRA short backward sums its dk/dv partials (one fp32 [B, h, M, d] pair per 64-query block) with
-    torch inside the op's custom-op wrapper: the estimate must carry at least those reads, and the forward
+    """The OSRA short backward sums its dk/dv partials (one fp32 [B, h, M, d] pair per block of 64 or 128 queries)
+    with torch inside the op's custom-op wrapper: the estimate must carry at least those reads, and the forward
     (no torch work but its tiny scale tensor) almost nothing."""
     rows = [
         r
@@ -135,7 +136,7 @@ def test_torch_work_between_launches_is_counted(audit):
     for r in rows:
         bandwidth = audit["targets"][r["target"]]["dram_tb_s"] * 1e12
         B, h, N, d = r["shape"]
-        n_blocks = -(-N // 64)
+        n_blocks = -(-N // 128)  # a lower bound for either row count
         if r["phase"] == "forward":
             assert r["torch_s"] * bandwidth < 1024, r
         elif n_blocks > 1:

@@ -370,6 +370,24 @@ def test_triton_short_path_choice():
     assert not short("fwd", 90, M=65) and not short("fwd", 90, scale=0.0) and not short("fwd", 90, scale=-1.0)
 
 
+def test_triton_short_path_rows_per_program():
+    """Query rows per program: the half-precision backward takes 128 on sm_90+ (and interpreted) when N is a
+    multiple of 16, else 64; a forward never takes more rows than N (rounded up to a power of two)."""
+    from transxnet_kernels.triton import common
+    from transxnet_kernels.triton import osra_attention as triton_osra
+
+    def rows(kernel, capability, N, dtype=torch.bfloat16):
+        q, k = torch.empty(1, 1, N, 24, dtype=dtype), torch.empty(1, 1, 49, 24, dtype=dtype)
+        target = common.LaunchTarget(sm_count=132, interpreted=capability == 0, capability=capability)
+        with common.launch_overrides(target):
+            return triton_osra._short_config(q, k, kernel).block_n
+
+    bwd_rows = [rows("bwd", 90, 3136), rows("bwd", 0, 784), rows("bwd", 90, 196), rows("bwd", 80, 3136)]
+    assert bwd_rows == [128, 128, 64, 64]
+    assert rows("bwd", 90, 3136, torch.float32) == 64
+    assert [rows("fwd", 90, 3136), rows("fwd", 90, 49), rows("fwd", 80, 49, torch.float32)] == [128, 64, 64]
+
+
 # ---------------------------------------------------------------------------------------- cpp
 
 
