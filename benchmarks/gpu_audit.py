@@ -37,8 +37,9 @@ Pipeline
    outside loops) x programs x warps. One issue per scheduler per clock, no stalls modelled, no
    wave tails. Torch work between launches (sums of partials, copies, fills) is recorded in step 2 by a
    dispatch mode and adds its bytes / bandwidth (each aten op that is not a view or an allocation reads
-   its tensor arguments and writes its outputs once; a fill or zero only writes). Beside it, the call's
-   roofline: minimal DRAM bytes (the formulas of the kernel module docstrings) / bandwidth.
+   its tensor arguments and writes its outputs once; a fill or zero only writes, a copy reads only its
+   source). Beside it, the call's roofline: minimal DRAM bytes (the kernel module docstrings' formulas)
+   / bandwidth.
 6. Cache: compile results, keyed by `ASTSource.hash()` (kernel source and every jit helper it calls,
    signature, constexprs, attributes), the options, the target and the Triton version, are kept in
    `benchmarks/results/gpu_audit_cache_<triton>.json`, so a rerun compiles only what changed.
@@ -525,8 +526,8 @@ def _drop_directories(value: Any) -> Any:
 class TorchWork(TorchDispatchMode):
     """Records the DRAM bytes of the torch ops run between launches, per phase: every aten op that is neither
     a view nor an allocation reads its tensor arguments and writes its outputs once (a fill or zero only
-    writes). The ops' custom-op wrappers are entered (redispatched to their CPU kernels with this mode
-    active) so that the torch work inside them is seen."""
+    writes, a copy reads only its source). The ops' custom-op wrappers are entered (redispatched to their
+    CPU kernels with this mode active) so that the torch work inside them is seen."""
 
     ALLOCATIONS = ("empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "detach", "alias")
     WRITE_ONLY = ("fill_", "zero_", "zeros", "full", "ones", "zeros_like", "full_like", "ones_like")
@@ -545,7 +546,8 @@ class TorchWork(TorchDispatchMode):
         out = func(*args, **kwargs)
         name = func._schema.name.split("::")[-1]
         if func.namespace == "aten" and not func.is_view and name not in self.ALLOCATIONS:
-            reads = [] if name in self.WRITE_ONLY else pytree.tree_leaves((args, kwargs))
+            read_args = args[1:] if name == "copy_" else args  # a copy's destination is only written
+            reads = [] if name in self.WRITE_ONLY else pytree.tree_leaves((read_args, kwargs))
             writes = pytree.tree_leaves(out)
             self.bytes[self.phase[0]] += sum(
                 t.numel() * t.element_size() for t in reads + writes if isinstance(t, torch.Tensor)

@@ -495,9 +495,9 @@ def _mix(logits: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
     logits and bank)."""
     B, G = logits.shape[:2]
     out = torch.empty((B,) + tuple(bank.shape[1:]), dtype=accumulation_dtype(logits.dtype), device=logits.device)
-    n = out[0].numel() if B else 0
     if out.numel() == 0:
         return out
+    n = out.numel() // B
     n_blocks = triton.cdiv(n, _MIX_BLOCK)
     with device_guard(logits):
         _mix_kernel[(B * n_blocks,)](
