@@ -665,6 +665,7 @@ def _disassemble(cubin: bytes) -> str:
 @dataclasses.dataclass(frozen=True)
 class SourceLoop:
     name: str  # <function>:<loop variable>
+    file: str  # the source file's name (helpers may live in another module than the kernel)
     first_line: int
     last_line: int
 
@@ -690,6 +691,7 @@ def _source_loops(fn: JITFunction) -> List[SourceLoop]:
     loops = []
     for f in _jit_helpers(fn):
         lines, first = inspect.getsourcelines(f.fn)
+        file = os.path.basename(inspect.getsourcefile(f.fn))
         tree = ast.parse(textwrap.dedent("".join(lines)))
         for node in ast.walk(tree):
             if (
@@ -699,12 +701,14 @@ def _source_loops(fn: JITFunction) -> List[SourceLoop]:
                 and node.iter.func.id == "range"
             ):
                 target = node.target.id if isinstance(node.target, ast.Name) else ast.unparse(node.target)
-                loops.append(SourceLoop(f"{f.__name__}:{target}", first + node.lineno - 1, first + node.end_lineno - 1))
+                loops.append(
+                    SourceLoop(f"{f.__name__}:{target}", file, first + node.lineno - 1, first + node.end_lineno - 1)
+                )
     return loops
 
 
 _INSTRUCTION = re.compile(r"^\s*/\*([0-9a-f]+)\*/\s+(@!?U?P\w+\s+)?([A-Z0-9_]+)([.\w]*)(.*?);")
-_LINE_INFO = re.compile(r'//## File "[^"]*", line (\d+)')
+_LINE_INFO = re.compile(r'//## File "([^"]*)", line (\d+)')
 _LABEL = re.compile(r"^(\.L_\w+):")
 _BRANCH_TARGET = re.compile(r"`\((\.L_\w+)\)")
 
@@ -794,11 +798,11 @@ def analyse_sass(sass: str, source_loops: Sequence[SourceLoop]) -> Dict[str, Any
 
     Returns the instruction counts outside every loop and, per loop, the counts of its body that are
     in no inner loop, the source loop its branch's line falls in (innermost) and its nesting depth."""
-    instructions, labels, line = [], {}, 0
+    instructions, labels, line = [], {}, ("", 0)
     pending_labels = []
     for text in sass.splitlines():
         if m := _LINE_INFO.search(text):
-            line = int(m.group(1))
+            line = (os.path.basename(m.group(1)), int(m.group(2)))
         elif m := _LABEL.match(text):
             pending_labels.append(m.group(1))
         elif m := _INSTRUCTION.match(text):
@@ -826,8 +830,8 @@ def analyse_sass(sass: str, source_loops: Sequence[SourceLoop]) -> Dict[str, Any
             c[category] += 1
             c["total"] += 1
     result = []
-    for (lo, hi, branch_line), c in zip(loops, counts):
-        enclosing = [s for s in source_loops if s.first_line <= branch_line <= s.last_line]
+    for (lo, hi, (branch_file, branch_line)), c in zip(loops, counts):
+        enclosing = [s for s in source_loops if s.file == branch_file and s.first_line <= branch_line <= s.last_line]
         source = min(enclosing, key=lambda s: s.last_line - s.first_line).name if enclosing else None
         depth = sum(1 for lo2, hi2, _ in loops if lo2 <= lo and hi <= hi2) - 1
         result.append(

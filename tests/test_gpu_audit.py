@@ -145,3 +145,47 @@ def test_torch_work_between_launches_is_counted(audit):
             assert r["estimate_s"] - r["torch_s"] >= r["issue_s"] * (1 - 1e-9), r  # added on top of the launches
             checked += 1
     assert checked, "no OSRA backward with several query blocks recorded"
+
+
+_ATTRIBUTION_CHECK = r"""
+import inspect
+
+from benchmarks import gpu_audit
+from transxnet_kernels.triton import idconv, ms_ffn
+
+loops = gpu_audit._source_loops(idconv._dynconv_kernel)
+helper_loop = next(lp for lp in loops if lp.name == "_dwconv_tile_vec_k:i")
+kernel_loop = next(lp for lp in loops if lp.name == "_dynconv_kernel:kh")
+
+
+def sass_loop_at(path, line):
+    sass = "\n".join(
+        [
+            f'\t//## File "{path}", line {line}',
+            "        /*0000*/                   NOP ;",
+            ".L_x_0:",
+            "        /*0010*/                   FFMA R1, R2, R3, R1 ;",
+            "        /*0020*/              @P0 BRA `(.L_x_0) ;",
+        ]
+    )
+    (loop,) = gpu_audit.analyse_sass(sass, loops)["loops"]
+    return loop["source_loop"]
+
+
+ms_ffn_path, idconv_path = inspect.getsourcefile(ms_ffn), inspect.getsourcefile(idconv)
+assert sass_loop_at(ms_ffn_path, helper_loop.first_line + 1) == "_dwconv_tile_vec_k:i"
+assert sass_loop_at(idconv_path, kernel_loop.first_line + 1) == "_dynconv_kernel:kh"
+# The helper's line numbers in the kernel's file name no loop of the helper.
+assert sass_loop_at(idconv_path, helper_loop.first_line + 1) != "_dwconv_tile_vec_k:i"
+"""
+
+
+def test_sass_loops_are_attributed_within_their_source_file():
+    """Kernels inline helpers from other modules (IDConv's passes use the MS-FFN's chunked stencils), and
+    nvdisasm's line info names file and line: a SASS loop must map to a source loop of its own file, never to a
+    loop of another file that happens to span the same line number. (In a subprocess: the audit module needs
+    compiled Triton, not the interpreter this process runs.)"""
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _ATTRIBUTION_CHECK], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
