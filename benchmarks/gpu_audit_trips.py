@@ -12,7 +12,7 @@ finds in the SASS but not here as an error).
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Mapping, Sequence
+from typing import Callable, Dict, List, Mapping, Sequence
 
 Trips = Dict[str, int]
 
@@ -38,7 +38,8 @@ def _idconv_positions(args: Mapping, grid: Sequence[int]) -> int:
 
 def _dynconv(args, grid) -> Trips:
     tiles = _idconv_positions(args, grid)
-    return {"_dynconv_kernel:p0": tiles, "_dynconv_kernel:kh": tiles * args["K"]}
+    rows = "_dwconv_tile_vec_k:i" if args["VEC"] else "_dynconv_kernel:kh"
+    return {"_dynconv_kernel:p0": tiles, rows: tiles * args["K"]}
 
 
 def _kernel_grad_partial(args, grid) -> Trips:
@@ -70,17 +71,28 @@ def _stencil(args, grid, loops: Sequence[str]) -> Trips:
     return {f"{name}:i": rows for name in loops}
 
 
+def _conv_loop(args) -> str:
+    """The stencil helper a launch runs: chunks of 4 pixels (VEC) or one load per tap."""
+    return "_dwconv_tile_vec_k" if args["VEC"] else "_dwconv_tile_k"
+
+
+def _wgrad_loops(args) -> List[str]:
+    """The weight-gradient helper's row loop; none on chunks of 4 pixels (VEC: rows and taps unrolled, so its
+    body counts once per image in the caller's loop)."""
+    return [] if args["VEC"] else ["_wgrad_tile_k"]
+
+
 def _msdw_forward(args, grid) -> Trips:
-    return {"_forward_kernel:_": grid[0] * grid[1] * args["B"], **_stencil(args, grid, ["_dwconv_tile_k"])}
+    return {"_forward_kernel:_": grid[0] * grid[1] * args["B"], **_stencil(args, grid, [_conv_loop(args)])}
 
 
 def _middle_grad(args, grid) -> Trips:
-    loops = ["_dwconv_tile_k", "_wgrad_tile_k"] if args["DZ"] else ["_dwconv_tile_k"]
+    loops = [_conv_loop(args), *_wgrad_loops(args)] if args["DZ"] else [_conv_loop(args)]
     return {"_middle_grad_kernel:_": grid[0] * grid[1] * args["B"], **_stencil(args, grid, loops)}
 
 
 def _dx(args, grid) -> Trips:
-    loops = ["_dwconv_tile_k", "_wgrad_tile_k"] if args["WGRAD"] else ["_dwconv_tile_k"]
+    loops = [_conv_loop(args), *_wgrad_loops(args)] if args["WGRAD"] else [_conv_loop(args)]
     return {"_dx_kernel:_": grid[0] * grid[1] * args["B"], **_stencil(args, grid, loops)}
 
 

@@ -321,14 +321,16 @@ def groups_id(groups) -> str:
     return "w{}k{}-B{}H{}W{}".format("_".join(map(str, widths)), "_".join(map(str, ksizes)), B, H, W)
 
 
-def ms_ffn_small_tiles():
+def ms_ffn_small_tiles(index64: bool = True):
     """launch_overrides for the Triton MS-FFN kernels giving GPU-like launch shapes on small inputs: several
-    spatial tiles, channel blocks per group, the batch split over programs, and int64 in-image offsets."""
+    spatial tiles, channel blocks per group, the batch split over programs, and (index64) int64 in-image
+    offsets."""
     import dataclasses
 
     from transxnet_kernels.triton import common, ms_ffn
 
+    target = common.launch_target(DEVICE)
     return common.launch_overrides(
         ms_ffn.Settings(tile_elements=16, target_programs=10**6, max_channel_block=2),
-        dataclasses.replace(common.launch_target(DEVICE), int32_span_limit=0),
+        dataclasses.replace(target, int32_span_limit=0) if index64 else target,
     )

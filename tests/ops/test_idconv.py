@@ -176,6 +176,41 @@ def test_triton_position_chunking(target_programs, nan_poisoned_empty):
 
 
 @requires_triton
+@pytest.mark.parametrize("conv_tile_elements", [512, 16], ids=["one-tile", "tiles-and-chunks"])
+@pytest.mark.parametrize("shape", [(2, 3, 8, 8, 2, 3), (1, 2, 5, 12, 3, 7), (2, 2, 4, 16, 2, 9)], ids=str)
+def test_triton_chunked_stencils(shape, conv_tile_elements, nan_poisoned_empty):
+    """NCHW rows of a multiple of 4 pixels: the forward, gx and dk passes on the chunked stencils (the plans
+    must say so), against the fp64 reference; 16-position tiles give several tiles and position chunks."""
+    from transxnet_kernels.triton import common
+    from transxnet_kernels.triton import idconv as triton_idconv
+
+    args = idconv_args(*shape, dtype=torch.float64, seed=5)
+    settings = triton_idconv.Settings(conv_tile_elements=conv_tile_elements, target_programs=8)
+    with common.launch_overrides(settings):
+        x, K = args[0].detach(), shape[-1]
+        assert triton_idconv._Plan(x, K, conv=True, others=(x,)).chunked
+        assert triton_idconv._Plan(x, K, conv=False, others=(x,)).chunked
+        check_op(TRITON, OP, args)
+
+
+@requires_triton
+def test_triton_chunked_stencils_only_where_they_apply():
+    from transxnet_kernels.triton import common
+    from transxnet_kernels.triton import idconv as triton_idconv
+
+    def chunked(x, K=7):
+        return triton_idconv._Plan(x, K, conv=True, others=(x,)).chunked
+
+    x = torch.empty(2, 3, 8, 8, device="meta")
+    assert chunked(x)
+    assert not chunked(x, K=11)
+    assert not chunked(torch.empty(2, 3, 8, 6, device="meta"))
+    assert not chunked(x.to(memory_format=torch.channels_last))
+    with common.launch_overrides(dataclasses.replace(common.launch_target(DEVICE), int32_span_limit=0)):
+        assert not chunked(x)
+
+
+@requires_triton
 def test_triton_int64_offsets_path(nan_poisoned_empty):
     """The int64 in-sample offsets used when a sample spans 2^31 elements, forced on a small input."""
     from transxnet_kernels.triton import common

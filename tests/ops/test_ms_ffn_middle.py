@@ -254,6 +254,19 @@ def test_triton_many_tiles_and_batch_splits(layout, training, nan_poisoned_empty
         )
 
 
+@requires_triton
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_triton_chunked_stencil(training, nan_poisoned_empty):
+    """The chunked stencils (W a multiple of 4, row-contiguous) in the middle's forward, statistics and backward
+    passes, with several tiles and batch splits."""
+    from transxnet_kernels.triton import ms_ffn
+
+    args = middle_args([2, 3, 1, 2], [1, 3, 5, 7], 3, 6, 8, dtype=torch.float64, training=training)
+    with ms_ffn_small_tiles(index64=False):
+        assert ms_ffn._plan(args[0].detach(), [2, 3, 1, 2], [1, 3, 5, 7]).vec
+        check_middle(TRITON, args)
+
+
 class EagerMiddle(nn.Module):
     """The released MS-FFN middle as separate modules: split, dw convs, cat, residual, GELU, BN."""
 

@@ -2,6 +2,8 @@
 layouts, memory layouts, dtypes, NaN-poisoned allocations; then each backend's own paths (Triton: tiling and
 batch splits, the launch grid, gradcheck, opcheck, torch.compile, > 2^31 elements; cpp: the NHWC kernel limit)."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -203,6 +205,60 @@ def test_compile_fullgraph(backend):
 def test_triton_many_tiles_and_batch_splits(layout, nan_poisoned_empty):
     with ms_ffn_small_tiles():
         check_op(TRITON, OP, msdw_args([3, 5, 1], [3, 1, 5], 3, 5, 7, dtype=torch.float64, layout=layout))
+
+
+# Row-contiguous maps with W a multiple of 4 take the chunked stencils (_dwconv_tile_vec_k, _wgrad_tile_vec_k):
+# chunks at both row ends and in the middle, H smaller than the kernel, kernels 1 to 9, one and several tiles.
+CHUNKED = [
+    ([2, 3, 1, 2], [1, 3, 5, 7], 2, 6, 8),
+    ([1, 2], [9, 3], 1, 3, 12),
+    ([3], [7], 3, 5, 4),
+    ([2, 1], [5, 1], 2, 9, 16),
+]
+
+
+@requires_triton
+@pytest.mark.parametrize("small_tiles", [False, True], ids=["default-tiles", "small-tiles"])
+@pytest.mark.parametrize("groups", CHUNKED, ids=groups_id)
+def test_triton_chunked_stencil(groups, small_tiles, nan_poisoned_empty):
+    """The chunked (4 pixels per thread) stencils against the fp64 reference, output and every gradient; with
+    small tiles also several tiles per plane and batch splits. Fails if the plan does not take that path, so
+    the test cannot pass on the per-tap stencil alone."""
+    from transxnet_kernels.triton import ms_ffn
+
+    args = msdw_args(*groups, dtype=torch.float64)
+    with ms_ffn_small_tiles(index64=False) if small_tiles else contextlib.nullcontext():
+        assert ms_ffn._plan(args[0].detach(), groups[0], groups[1]).vec
+        check_op(TRITON, OP, args)
+
+
+@requires_triton
+def test_triton_block_table_runs_the_largest_kernels_first():
+    from transxnet_kernels.triton import ms_ffn
+
+    table = ms_ffn._block_table([3, 2, 4, 1], [1, 3, 7, 5], 2, torch.device("cpu")).tolist()
+    assert table == [[5, 7, 7], [7, 9, 7], [9, 10, 5], [3, 5, 3], [0, 2, 1], [2, 3, 1]]
+
+
+@requires_triton
+def test_triton_chunked_stencil_only_where_it_applies():
+    """W not a multiple of 4, channels_last, a column stride, a channel stride off by one element, a kernel
+    of 11, int64 in-image offsets: the per-tap stencil (the plan says so; the reference sweeps above cover
+    these results)."""
+    from transxnet_kernels.triton import ms_ffn
+
+    def plan(x, ksizes=(3, 5)):
+        return ms_ffn._plan(x, [1, 1], list(ksizes))
+
+    x = torch.empty(2, 2, 6, 8, device="meta")
+    assert plan(x).vec
+    assert not plan(x, (3, 11)).vec
+    assert not plan(torch.empty(2, 2, 6, 6, device="meta")).vec
+    assert not plan(x.to(memory_format=torch.channels_last)).vec
+    assert not plan(torch.empty(2, 2, 6, 16, device="meta")[..., ::2]).vec
+    assert not plan(torch.empty(2, 3, 6, 8, device="meta")[:, :2].as_strided((2, 2, 6, 8), (97, 49, 8, 1))).vec
+    with ms_ffn_small_tiles(index64=True):
+        assert not plan(x).vec
 
 
 @requires_triton

@@ -21,8 +21,7 @@ Kernels (no atomics anywhere, so every result is deterministic):
 * ``_dynconv_kernel`` -- one launch for the forward, and again with flipped taps for gx. A program
   owns (sample, channel block, chunk of output positions) and walks the chunk in [channels, positions]
   tiles; each thread accumulates its own outputs over the K² taps, unrolled with compile-time offsets
-  (one load and one FMA per tap and output, masks from the row and column of each tap, no reduction
-  across threads). The per-sample kernels k[b,c] and biases β[b,c] are synthesized once per call by
+  (no reduction across threads; see the chunked stencils below). The per-sample kernels k[b,c] and biases β[b,c] are synthesized once per call by
   ``_mix_kernel`` into [B, C, K²] / [B, C] buffers in the accumulation dtype, so a tap costs one
   weight load.
 * ``_mix_kernel`` -- the softmax over G and the weighted sum of the weight bank, one read of the logits
@@ -49,10 +48,17 @@ B·G·C·K²·e for the kernel logits, as large as G·N·e when K² = H·W):
     (this backward:   gx pass reads gy, writes gx; dk pass reads gy, x  -> 4·N·e bytes)
     forward+backward  5·N·e bytes minimum (6·N·e as implemented)
 
-Each pass gathers the K×K taps from L1/L2 with one masked load per tap and output element, so it is bound
-by instruction issue rather than DRAM traffic (the static GPU audit, `python -m benchmarks.gpu_audit`, counts
-it). The conv passes' previous form, a [channels, taps, positions] window reduced over the taps across
-threads, measured 0.14-0.19x eager on an H200 (benchmarks/results, 2026-11-28); the dk pass keeps that form.
+On NCHW maps whose rows are a multiple of 4 pixels (T/S/B stages 1-2: W = 56, 28), with row-contiguous
+strides that are multiples of 4 and int32 offsets, the conv passes and the dk pass run the MS-FFN's chunked
+stencils (`ms_ffn._dwconv_tile_vec_k`, `ms_ffn._wgrad_tile_vec_k`): a thread owns 4 pixels of a row and
+reads each kernel row with 3 vector loads; the dk pass keeps one per-thread partial per tap and reduces once
+per program. Elsewhere each pass gathers the K×K taps from L1/L2 with one masked load per tap and output
+element (the dk pass as a [channels, taps, positions] window), bound by instruction issue rather than DRAM
+traffic. Static GPU audit (`python -m benchmarks.gpu_audit`, Triton 3.8, H100 SXM, batch 128, bf16, NCHW;
+estimate / DRAM roofline, µs), per-tap -> chunked: T stage 1 (24x56x56) forward 166 -> 71 / 12, backward
+483 -> 144 / 18; stage 2 forward 97 -> 43 / 6, backward 311 -> 110 / 9; stages 3-4 unchanged. The conv
+passes' first form, a [channels, taps, positions] window reduced over the taps across threads, measured
+0.14-0.19x eager on an H200 (benchmarks/results, 2026-11-28).
 """
 
 from __future__ import annotations
@@ -76,14 +82,26 @@ from .common import (
     tl_accumulation_dtype,
 )
 
+# The chunked stencils are the MS-FFN's (same conditions, same code).
+from .ms_ffn import (
+    _chunk_coords,
+    _chunked_hw,
+    _dwconv_tile_vec_k,
+    _tap_totals,
+    _vectorisable,
+    _wgrad_init,
+    _wgrad_tile_vec_k,
+)
+
 
 @dataclass(frozen=True)
 class Settings:
     """Launch settings (override with common.launch_overrides).
 
     conv_tile_elements: outputs of one program's [channels, positions] tile in the conv passes (forward, gx),
-    each thread looping over the K² taps for its share; conv_num_warps: its warps. tile_elements: elements of
-    the dk pass's [channels, taps, positions] register tile; num_warps: its warps. target_programs: programs
+    each thread looping over the K² taps for its share, and in the chunked dk pass; conv_num_warps: its warps.
+    tile_elements: elements of the per-tap dk pass's [channels, taps, positions] register tile; num_warps: its
+    warps. target_programs: programs
     a launch should have before a plane is split into position chunks."""
 
     conv_tile_elements: int = 512
@@ -198,10 +216,13 @@ def _tap_window(
 
 
 @triton.jit
-def _plane_offsets(c, p, W, stride_c, stride_h, stride_w, INDEX64: tl.constexpr):
-    """Offsets of the [channels, positions] tile at output positions p."""
-    h = p // W
-    w = p % W
+def _plane_offsets(c, p, W, stride_c, stride_h, stride_w, INDEX64: tl.constexpr, VEC: tl.constexpr = False):
+    """Offsets of the [channels, positions] tile at output positions p (VEC: in chunks of 4, see _chunked_hw)."""
+    if VEC:
+        h, w = _chunked_hw(p, W)
+    else:
+        h = p // W
+        w = p % W
     # One return: Triton rejects returns of different types (int64 / int32) from the two branches.
     if INDEX64:
         c, h, w = c.to(tl.int64), h.to(tl.int64), w.to(tl.int64)
@@ -252,12 +273,23 @@ def _dynconv_kernel(
     HAS_BIAS: tl.constexpr,
     ACC: tl.constexpr,
     INDEX64: tl.constexpr,
+    VEC: tl.constexpr,
 ):
     """dst[b,c] = src[b,c] ⋆ k[b,c] (+ β[b,c]) with k, β already synthesized ([B, C, K²], [B, C]); FLIP
     convolves with the flipped kernel (gx).
 
     Each thread accumulates its own outputs over the K² taps (unrolled, offsets known at compile time): no
-    reduction across threads, the centre offset and the row / column indices computed once per tile."""
+    reduction across threads, the centre offset and the row / column indices computed once per tile. VEC
+    (row-contiguous planes, W and strides multiples of 4, K <= 9): the MS-FFN's chunked stencil
+    (ms_ffn._dwconv_tile_vec_k), 4 outputs per thread from 3 vector loads per kernel row."""
+    if VEC:  # multiples of 4 (the launcher checks), restated so Triton can prove the chunks' alignment
+        src_stride_b = src_stride_b // 4 * 4
+        src_stride_c = src_stride_c // 4 * 4
+        src_stride_h = src_stride_h // 4 * 4
+        dst_stride_b = dst_stride_b // 4 * 4
+        dst_stride_c = dst_stride_c // 4 * 4
+        dst_stride_h = dst_stride_h // 4 * 4
+        chunk_len = chunk_len // 4 * 4
     pid = tl.program_id(0)
     chunk = pid % n_chunks
     bc = pid // n_chunks
@@ -275,28 +307,51 @@ def _dynconv_kernel(
     p_end = tl.minimum(p_start + chunk_len, H * W)
     for p0 in range(p_start, p_end, BLOCK_P):
         p = p0 + tl.arange(0, BLOCK_P)
-        h = p // W
-        w = p % W
         ok = c_ok[:, None] & (p < p_end)[None, :]
-        centre = _plane_offsets(c, p, W, src_stride_c, src_stride_h, src_stride_w, INDEX64)
-        acc = tl.zeros([BLOCK_C, BLOCK_P], ACC)
-        # Kernel rows as a runtime loop, taps within a row unrolled: a 7x smaller body than unrolling all K²
-        # taps (compile time), for one row offset and row mask per K taps.
-        for kh in range(K):
-            dh = P - kh if FLIP else kh - P
-            row_ok = ok & ((h + dh >= 0) & (h + dh < H))[None, :]
-            if INDEX64:
-                row = centre + dh.to(tl.int64) * src_stride_h
-            else:
-                row = centre + dh * src_stride_h
-            for kw in tl.static_range(K):
-                dw = P - kw if FLIP else kw - P
-                tap = tl.load(taps + kh * K + kw, mask=c_ok, other=0.0)  # L1-resident, one per channel held
-                valid = row_ok & ((w + dw >= 0) & (w + dw < W))[None, :]
-                acc += tap[:, None] * tl.load(src + row + dw * src_stride_w, mask=valid, other=0.0).to(ACC)
+        if VEC:
+            hq, wq, q_ok, left_ok, right_ok = _chunk_coords(p0 // 4, p_end // 4, W, BLOCK_P // 4)
+            acc = _dwconv_tile_vec_k(
+                src,
+                kernel_ptr + b * C * KK,
+                c,
+                c_ok,
+                hq,
+                wq,
+                q_ok,
+                left_ok,
+                right_ok,
+                H,
+                src_stride_c,
+                src_stride_h,
+                K,
+                KK,
+                FLIP,
+                ACC,
+                BLOCK_C,
+                BLOCK_P,
+            )
+        else:
+            h = p // W
+            w = p % W
+            centre = _plane_offsets(c, p, W, src_stride_c, src_stride_h, src_stride_w, INDEX64)
+            acc = tl.zeros([BLOCK_C, BLOCK_P], ACC)
+            # Kernel rows as a runtime loop, taps within a row unrolled: a 7x smaller body than unrolling all K²
+            # taps (compile time), for one row offset and row mask per K taps.
+            for kh in range(K):
+                dh = P - kh if FLIP else kh - P
+                row_ok = ok & ((h + dh >= 0) & (h + dh < H))[None, :]
+                if INDEX64:
+                    row = centre + dh.to(tl.int64) * src_stride_h
+                else:
+                    row = centre + dh * src_stride_h
+                for kw in tl.static_range(K):
+                    dw = P - kw if FLIP else kw - P
+                    tap = tl.load(taps + kh * K + kw, mask=c_ok, other=0.0)  # L1-resident, one per channel held
+                    valid = row_ok & ((w + dw >= 0) & (w + dw < W))[None, :]
+                    acc += tap[:, None] * tl.load(src + row + dw * src_stride_w, mask=valid, other=0.0).to(ACC)
         if HAS_BIAS:
             acc += beta[:, None]
-        out_offs = _plane_offsets(c, p, W, dst_stride_c, dst_stride_h, dst_stride_w, INDEX64)
+        out_offs = _plane_offsets(c, p, W, dst_stride_c, dst_stride_h, dst_stride_w, INDEX64, VEC)
         tl.store(dst + out_offs, acc.to(dst_ptr.dtype.element_ty), mask=ok)
 
 
@@ -345,8 +400,19 @@ def _kernel_grad_partial_kernel(
     BLOCK_P: tl.constexpr,
     ACC: tl.constexpr,
     INDEX64: tl.constexpr,
+    VEC: tl.constexpr,
 ):
-    """Chunk partials of dk[b,c,t] = Σ gy·shifted x and dβ[b,c] = Σ gy, into [chunks, B, C, ...]."""
+    """Chunk partials of dk[b,c,t] = Σ gy·shifted x and dβ[b,c] = Σ gy, into [chunks, B, C, ...]. VEC (the
+    conditions of _dynconv_kernel's): the MS-FFN's chunked weight-gradient stencil (ms_ffn._wgrad_tile_vec_k),
+    per-thread partials per tap reduced once at the end."""
+    if VEC:  # multiples of 4 (the launcher checks), restated so Triton can prove the chunks' alignment
+        x_stride_b = x_stride_b // 4 * 4
+        x_stride_c = x_stride_c // 4 * 4
+        x_stride_h = x_stride_h // 4 * 4
+        grad_out_stride_b = grad_out_stride_b // 4 * 4
+        grad_out_stride_c = grad_out_stride_c // 4 * 4
+        grad_out_stride_h = grad_out_stride_h // 4 * 4
+        chunk_len = chunk_len // 4 * 4
     pid = tl.program_id(0)
     chunk = pid % n_chunks
     bc = pid // n_chunks
@@ -358,24 +424,51 @@ def _kernel_grad_partial_kernel(
     p_start = chunk * chunk_len
     p_end = tl.minimum(p_start + chunk_len, H * W)
     # Elementwise accumulators: the cross-thread reduction over positions happens once, at the end.
-    acc_k = tl.zeros([BLOCK_C, KK_PAD, BLOCK_P], ACC)
+    KK: tl.constexpr = K * K
+    if VEC:
+        acc_k = _wgrad_init(K, KK_PAD, ACC, BLOCK_C, BLOCK_P, True)
+    else:
+        acc_k = tl.zeros([BLOCK_C, KK_PAD, BLOCK_P], ACC)
     acc_beta = tl.zeros([BLOCK_C, BLOCK_P], ACC)
     for p0 in range(p_start, p_end, BLOCK_P):
         p = p0 + tl.arange(0, BLOCK_P)
-        g_offs = _plane_offsets(c, p, W, grad_out_stride_c, grad_out_stride_h, grad_out_stride_w, INDEX64)
+        g_offs = _plane_offsets(c, p, W, grad_out_stride_c, grad_out_stride_h, grad_out_stride_w, INDEX64, VEC)
         grad = tl.load(grad_out + g_offs, mask=c_ok[:, None] & (p < p_end)[None, :], other=0.0).to(ACC)
-        offs, mask = _tap_window(c, c_ok, p, p_end, H, W, x_stride_c, x_stride_h, x_stride_w, K, KK_PAD, False, INDEX64)
-        window = tl.load(x + offs, mask=mask, other=0.0).to(ACC)
-        acc_k += window * grad[:, None, :]
+        if VEC:
+            hq, wq, q_ok, left_ok, right_ok = _chunk_coords(p0 // 4, p_end // 4, W, BLOCK_P // 4)
+            acc_k = _wgrad_tile_vec_k(
+                acc_k,
+                grad,
+                x,
+                c,
+                c_ok,
+                hq,
+                wq,
+                q_ok,
+                left_ok,
+                right_ok,
+                H,
+                x_stride_c,
+                x_stride_h,
+                K,
+                ACC,
+                BLOCK_C,
+                BLOCK_P,
+            )
+        else:
+            offs, mask = _tap_window(
+                c, c_ok, p, p_end, H, W, x_stride_c, x_stride_h, x_stride_w, K, KK_PAD, False, INDEX64
+            )
+            window = tl.load(x + offs, mask=mask, other=0.0).to(ACC)
+            acc_k += window * grad[:, None, :]
         acc_beta += grad
-    KK: tl.constexpr = K * K
+    if VEC:
+        dk = _tap_totals(acc_k, KK, KK_PAD)
+    else:
+        dk = tl.sum(acc_k, axis=2)
     t = tl.arange(0, KK_PAD)
     part = (chunk * B + b) * C
-    tl.store(
-        dk_part_ptr + (part + c[:, None]) * KK + t[None, :],
-        tl.sum(acc_k, axis=2),
-        mask=c_ok[:, None] & (t < KK)[None, :],
-    )
+    tl.store(dk_part_ptr + (part + c[:, None]) * KK + t[None, :], dk, mask=c_ok[:, None] & (t < KK)[None, :])
     tl.store(dbeta_part_ptr + part + c, tl.sum(acc_beta, axis=1), mask=c_ok)
 
 
@@ -476,11 +569,18 @@ def _chunks(B: int, n_cblocks: int, HW: int, block_p: int, settings: Settings) -
 class _Plan:
     """Tiling and chunking of one plane-shaped pass over x's layout: a conv pass (forward, gx) or the dk pass."""
 
-    def __init__(self, x: torch.Tensor, K: int, conv: bool):
+    def __init__(self, x: torch.Tensor, K: int, conv: bool, others: Tuple[torch.Tensor, ...] = ()):
         B, C, H, W = x.shape
         self.settings = launch_settings(Settings, x.device)
-        if conv:
-            self.block_c, self.block_p = _split_tile(C, H * W, self.settings.conv_tile_elements, channels_last_input(x))
+        # NCHW rows of a multiple of 4 pixels run the chunked stencils (ms_ffn._vectorisable), with int32
+        # in-plane offsets only; the dk pass then tiles like a conv pass (per-thread partials per tap).
+        block_c, block_p = _split_tile(C, H * W, self.settings.conv_tile_elements, channels_last_input(x))
+        self.chunked = (
+            not channels_last_input(x) and not needs_int64(x, *others) and _vectorisable(block_p, K, x, *others)
+        )
+        self.kk_pad = triton.next_power_of_2(K * K)
+        if conv or self.chunked:
+            self.block_c, self.block_p = block_c, block_p
             self.num_warps = self.settings.conv_num_warps
         else:
             self.kk_pad, self.block_c, self.block_p = _tiling(C, H * W, K, channels_last_input(x), self.settings)
@@ -517,7 +617,8 @@ def _launch_dynconv(
 ) -> None:
     _, C, H, W = src.shape
     K = weight.shape[-1]
-    plan = _Plan(src, K, conv=True)
+    plan = _Plan(src, K, conv=True, others=(dst,))
+    index64 = needs_int64(src, dst)
     has_bias = bias is not None
     # The per-sample kernels and biases, synthesized once per call (B·C·K² values) so that the conv's inner
     # loop loads one weight per tap rather than redoing the G-way softmax per tile.
@@ -543,7 +644,8 @@ def _launch_dynconv(
             FLIP=flip,
             HAS_BIAS=has_bias,
             ACC=tl_accumulation_dtype(src.dtype),
-            INDEX64=needs_int64(src, dst),
+            INDEX64=index64,
+            VEC=plan.chunked,
             num_warps=plan.num_warps,
         )
 
@@ -597,7 +699,7 @@ def idconv_backward(
 
     _launch_dynconv(grad_out, grad_x, kernel_logits, weight, None, None, flip=True)
 
-    plan = _Plan(x, K, conv=False)
+    plan = _Plan(x, K, conv=False, others=(grad_out,))
     dk_part = torch.empty((plan.n_chunks, B, C, K * K), dtype=acc, device=x.device)
     dbeta_part = torch.empty((plan.n_chunks, B, C), dtype=acc, device=x.device)
     with device_guard(x):
@@ -621,6 +723,7 @@ def idconv_backward(
             BLOCK_P=plan.block_p,
             ACC=tl_accumulation_dtype(x.dtype),
             INDEX64=needs_int64(x, grad_out),
+            VEC=plan.chunked,
             num_warps=plan.num_warps,
         )
         # A [channels, taps] tile of at most 1024 elements over 8 warps: 4 per thread, which the G-way softmax
