@@ -21,9 +21,9 @@ Kernels (no atomics anywhere, so every result is deterministic):
 * ``_dynconv_kernel`` -- one launch for the forward, and again with flipped taps for gx. A program
   owns (sample, channel block, chunk of output positions) and walks the chunk in [channels, positions]
   tiles; each thread accumulates its own outputs over the K² taps, unrolled with compile-time offsets
-  (no reduction across threads; see the chunked stencils below). The per-sample kernels k[b,c] and biases β[b,c] are synthesized once per call by
-  ``_mix_kernel`` into [B, C, K²] / [B, C] buffers in the accumulation dtype, so a tap costs one
-  weight load.
+  (no reduction across threads; see the chunked stencils below). The per-sample kernels k[b,c] and
+  biases β[b,c] are synthesized once per call by ``_mix_kernel`` into [B, C, K²] / [B, C] buffers in the
+  accumulation dtype, so a tap costs one weight load.
 * ``_mix_kernel`` -- the softmax over G and the weighted sum of the weight bank, one read of the logits
   (B·G·C·K² values) and one write of the kernels (B·C·K²): not small next to the map in the late stages
   (stage 4: K² = H·W). It replaced torch's softmax, product and sum (three passes; the static audit
