@@ -44,22 +44,20 @@ KERNELS = (
 #   masks per tile element and run 4 tile elements per thread (8 before: 10 cases of 4-16 B, and 255 registers
 #   with up to 1 KB of spills once the taps were unrolled). 4 B per thread stays in L1; the stencil issue
 #   (12) is what removes them.
-# * OSRA's one-pass short-path kernels (issue 13): the backward holds the bias tile, the bias-gradient sum and
-#   five dots' operands across its batch loop, and rows of M = 49 keys (or N = 196 / 49 queries) load as
-#   scalars with a 64-bit address each; the fp32 forward splits its operands for 3xTF32. The largest spills
-#   are those unaligned-N shapes (stages 3-4); 16-aligned N spill 44-116 B in fp16/bf16 (sm_90: 128 query rows
-#   per program, 180 B with int64 offsets). They still issue
-#   2-7x fewer instructions than the flash kernels they replace at these shapes (static estimate, which
-#   counts spill instructions but not their L1/L2 traffic). The fp32 backward on sm_8x stays on the flash
-#   kernels (it spilled 7-8 KB there).
+# * OSRA's one-pass short-path kernels (issue 13): the fp16/bf16 backward holds the bias tile, the bias-gradient
+#   sum and five dots' operands across its batch loop in 16-row strips of 64 keys (chained dots put every warp on
+#   the query rows), and rows of M = 49 keys (or N = 196 / 49 queries) load as scalars with a 64-bit address
+#   each. The largest spills are those unaligned-N shapes (stages 3-4); 16-aligned N spill 44-116 B (sm_90: 128
+#   query rows per program, 180 B with int64 offsets). No smaller tile removes them (32 or 16 rows on 2-8
+#   warps spilled 0.3-4.9 KB), and the flash kernels that do not spill are estimated 2-3x slower at these
+#   shapes. The sm_90 fp32 forward spills 160-192 B at unaligned N (stages 3-4); 16 rows per program would not
+#   spill but is estimated ~2x slower. The fp32 backward (sm_90) and the fp32 forward on sm_8x run 16-row tiles
+#   that do not spill (osra_attention._SHORT_BLOCKS); the fp32 backward on sm_8x runs the flash kernels.
 KNOWN_SPILLS = {
     **{("_forward_kernel", "sm_80", d): 4 for d in ("fp16", "bf16")},  # GELU+BatchNorm epilogue, 1024-pixel tiles
     **{("_osra_bwd_short_kernel", "sm_80", d): 640 for d in ("fp16", "bf16")},
     **{("_osra_bwd_short_kernel", "sm_86", d): 620 for d in ("fp16", "bf16")},
     **{("_osra_bwd_short_kernel", "sm_90", d): 180 for d in ("fp16", "bf16")},
-    ("_osra_bwd_short_kernel", "sm_90", "fp32"): 2344,
-    ("_osra_fwd_short_kernel", "sm_80", "fp32"): 788,
-    ("_osra_fwd_short_kernel", "sm_86", "fp32"): 780,
     ("_osra_fwd_short_kernel", "sm_90", "fp32"): 192,
 }
 

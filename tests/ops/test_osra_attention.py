@@ -371,21 +371,26 @@ def test_triton_short_path_choice():
 
 
 def test_triton_short_path_rows_per_program():
-    """Query rows per program: the half-precision backward takes 128 on sm_90+ (and interpreted) when N is a
-    multiple of 16, else 64; a forward never takes more rows than N (rounded up to a power of two)."""
+    """Query rows (and warps) per program: the half-precision backward takes 128 on sm_90+ (and interpreted) when
+    N is a multiple of 16, else 64; the fp32 backward 16 on 8 warps; a forward never takes more rows than N
+    (rounded up to a power of two), fp32 then 16 rows per warp; the fp32 forward on sm_8x 16 rows on 4 warps
+    (the configurations the static GPU audit finds spill-free)."""
     from transxnet_kernels.triton import common
     from transxnet_kernels.triton import osra_attention as triton_osra
 
-    def rows(kernel, capability, N, dtype=torch.bfloat16):
+    def rows_and_warps(kernel, capability, N, dtype=torch.bfloat16):
         q, k = torch.empty(1, 1, N, 24, dtype=dtype), torch.empty(1, 1, 49, 24, dtype=dtype)
         target = common.LaunchTarget(sm_count=132, interpreted=capability == 0, capability=capability)
         with common.launch_overrides(target):
-            return triton_osra._short_config(q, k, kernel).block_n
+            cfg = triton_osra._short_config(q, k, kernel)
+        return cfg.block_n, cfg.num_warps
 
-    bwd_rows = [rows("bwd", 90, 3136), rows("bwd", 0, 784), rows("bwd", 90, 196), rows("bwd", 80, 3136)]
-    assert bwd_rows == [128, 128, 64, 64]
-    assert rows("bwd", 90, 3136, torch.float32) == 64
-    assert [rows("fwd", 90, 3136), rows("fwd", 90, 49), rows("fwd", 80, 49, torch.float32)] == [128, 64, 64]
+    bwd = [rows_and_warps("bwd", 90, 3136), rows_and_warps("bwd", 0, 784), rows_and_warps("bwd", 90, 196)]
+    assert bwd + [rows_and_warps("bwd", 80, 3136)] == [(128, 8), (128, 8), (64, 8), (64, 8)]
+    assert rows_and_warps("bwd", 90, 3136, torch.float32) == (16, 8)
+    assert [rows_and_warps("fwd", 90, 3136), rows_and_warps("fwd", 90, 49)] == [(128, 8), (64, 8)]
+    fp32_fwd = [rows_and_warps("fwd", c, N, torch.float32) for c, N in ((90, 3136), (90, 49), (80, 3136), (86, 49))]
+    assert fp32_fwd == [(128, 8), (64, 4), (16, 4), (16, 4)]
 
 
 # ---------------------------------------------------------------------------------------- cpp

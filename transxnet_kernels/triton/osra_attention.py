@@ -809,23 +809,29 @@ def _config(q: torch.Tensor, kernel: str) -> _Config:
 # Keys the short path holds in one block; TransXNet's M is 49 at 224x224 in every stage.
 SHORT_PATH_MAX_KEYS = 64
 # (kernel, half precision?) -> (BLOCK_N, num_warps, num_stages) of the short-path kernels, chosen with the static
-# GPU audit (sm_80/86/90, T/S/B shapes). The forwards run 16 query rows per warp: each warp owns whole rows of
-# the scores (row max and sum stay in the warp) and no warp replicates another's mma tiles (the flash kernels'
-# 8 warps on 16-32 rows did, 4x). The backward runs 8 warps on 64 rows (two warps share a 16-row mma tile):
-# with 4 warps its five dots' operands spilled 1.2-2.7 KB per thread, with 8, 84-640 B (Triton 3.8, bf16).
-# One pipeline stage: a one-key-block loop over batches has little to prefetch, and a second stage's buffers
-# made the bf16 backward spill 580-764 B instead of 84-640 B and the fp32 forward on sm_90 44-188 B instead
-# of 0-160 B. The fp32 forward on sm_8x keeps 64 rows and 2 stages (`_SHORT_BLOCKS_SM8X`): with 128 rows its
-# unaligned-N cases spilled 1.3 KB instead of 0.8 KB. A forward takes no more rows than N (stage 4: N = 49, 64
-# rows): fp16/bf16 keep 8 warps (with 4, the scalar loads of unaligned rows spilled 84-96 B), fp32 drops to 4
-# (8 warps replicated its 3xTF32 mma tiles: static estimate 15 vs 9 us for T stage 4 on H100).
+# GPU audit (sm_80/86/90, T/S/B shapes). Triton gives chained dots all warps on the query rows (warpsPerCTA
+# [num_warps, 1]), so each warp holds whole 16-row strips of [rows, 64 keys] fp32 tiles (32 registers each) and
+# warps beyond rows / 16 replicate mma work. The forwards run 16 query rows per warp, so row max and sum stay in
+# the warp. The fp16/bf16 backward runs 8 warps on 64 rows (two warps share a 16-row mma tile): with 4 warps
+# its five dots' operands spilled 1.2-2.7 KB per thread, with 8, 84-640 B (Triton 3.8). One pipeline stage: a
+# one-key-block loop over batches has little to prefetch, and a second stage's buffers made the bf16 backward
+# spill 580-764 B instead of 84-640 B and the fp32 forward on sm_90 44-188 B instead of 0-160 B. A forward
+# takes no more rows than N (stage 4: N = 49, 64 rows): fp16/bf16 keep 8 warps (with 4, the scalar loads of
+# unaligned rows spilled 84-96 B), fp32 drops to 16 rows per warp (8 warps replicated its 3xTF32 mma tiles:
+# static estimate 15 vs 9 us for T stage 4 on H100).
+# fp32 (3xTF32 splits every operand in two) runs the smallest tiles that do not spill: the backward (sm_90+; sm_8x
+# runs the flash kernels, see _short_path) 16 rows on 8 warps: 64 rows spilled 2.0-2.3 KB per thread, 16 on 4
+# warps 0.8 KB (T stage 1 estimate on H100: 340 us, against 213 us for the spilling 64 rows, whose spill traffic
+# the estimate does not count, and 457 us for the flash kernels). The forward on sm_8x (`_SHORT_BLOCKS_SM8X`)
+# 16 rows on 4 warps, 1 stage: 64 rows on 4 warps spilled 0.8-1.7 KB (2 stages or 1), 32 rows 0.6-1.3 KB (2, 4
+# or 8 warps); T stage 1 estimate on A100 164 us (113 us for the spilling 64 rows, 372 us for the flash kernel).
 _SHORT_BLOCKS = {
     ("fwd", True): (128, 8, 1),
     ("bwd", True): (64, 8, 1),
     ("fwd", False): (128, 8, 1),
-    ("bwd", False): (64, 8, 1),
+    ("bwd", False): (16, 8, 1),
 }
-_SHORT_BLOCKS_SM8X = {("fwd", False): (64, 4, 2)}
+_SHORT_BLOCKS_SM8X = {("fwd", False): (16, 4, 1)}
 # fp16/bf16 backward rows per program on sm_90+ when N is a multiple of 16 (TransXNet's stages 1-2): half the
 # dk/dv partials and ~30% fewer instructions per query than 64 rows (T stage 1 estimate 48 -> 33 us, plus 16 MB
 # less partial traffic), 44 B spilled instead of 12 B. Unaligned N (stages 3-4; scalar q loads) spilled up to
@@ -853,10 +859,11 @@ def _short_config(q: torch.Tensor, k: torch.Tensor, kernel: str) -> _Config:
     block_n, num_warps, num_stages = blocks
     if kernel == "bwd" and half and not 0 < capability < 90 and q.shape[2] % 16 == 0:
         block_n = _SHORT_BWD_ROWS_ALIGNED_SM90
-    if kernel == "fwd":  # no more query rows than N; fp32 with 16 rows per warp (see _SHORT_BLOCKS)
-        block_n = min(block_n, max(16, triton.next_power_of_2(q.shape[2])))
-        if not half:
-            num_warps = min(num_warps, block_n // 16)
+    if kernel == "fwd":  # no more query rows than N; then fp32 with 16 rows per warp (see _SHORT_BLOCKS)
+        rows = min(block_n, max(16, triton.next_power_of_2(q.shape[2])))
+        if not half and rows < block_n:
+            num_warps = min(num_warps, rows // 16)
+        block_n = rows
     block_m = max(16, triton.next_power_of_2(k.shape[2]))
     block_d = max(16, triton.next_power_of_2(q.shape[-1]))
     return _Config(block_n, block_m, block_d, _short_precision(q), True, num_warps, num_stages)
