@@ -575,11 +575,10 @@ class _Plan:
         # NCHW rows of a multiple of 4 pixels run the chunked stencils (ms_ffn._vectorisable), with int32
         # in-plane offsets only; the dk pass then tiles like a conv pass (per-thread partials per tap).
         block_c, block_p = _split_tile(C, H * W, self.settings.conv_tile_elements, channels_last_input(x))
-        self.chunked = (
-            not channels_last_input(x) and not needs_int64(x, *others) and _vectorisable(block_p, K, x, *others)
-        )
-        self.kk_pad = triton.next_power_of_2(K * K)
+        self.index64 = needs_int64(x, *others)
+        self.chunked = not channels_last_input(x) and not self.index64 and _vectorisable(block_p, K, x, *others)
         if conv or self.chunked:
+            self.kk_pad = triton.next_power_of_2(K * K)
             self.block_c, self.block_p = block_c, block_p
             self.num_warps = self.settings.conv_num_warps
         else:
@@ -618,7 +617,6 @@ def _launch_dynconv(
     _, C, H, W = src.shape
     K = weight.shape[-1]
     plan = _Plan(src, K, conv=True, others=(dst,))
-    index64 = needs_int64(src, dst)
     has_bias = bias is not None
     # The per-sample kernels and biases, synthesized once per call (B·C·K² values) so that the conv's inner
     # loop loads one weight per tap rather than redoing the G-way softmax per tile.
@@ -644,7 +642,7 @@ def _launch_dynconv(
             FLIP=flip,
             HAS_BIAS=has_bias,
             ACC=tl_accumulation_dtype(src.dtype),
-            INDEX64=index64,
+            INDEX64=plan.index64,
             VEC=plan.chunked,
             num_warps=plan.num_warps,
         )
@@ -722,7 +720,7 @@ def idconv_backward(
             BLOCK_C=plan.block_c,
             BLOCK_P=plan.block_p,
             ACC=tl_accumulation_dtype(x.dtype),
-            INDEX64=needs_int64(x, grad_out),
+            INDEX64=plan.index64,
             VEC=plan.chunked,
             num_warps=plan.num_warps,
         )
