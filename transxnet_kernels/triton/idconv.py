@@ -85,8 +85,10 @@ from .common import (
 # The chunked stencils are the MS-FFN's (same conditions, same code).
 from .ms_ffn import (
     _chunk_coords,
+    _chunk_strides,
     _chunked_hw,
     _dwconv_tile_vec_k,
+    _multiple_of_4,
     _tap_totals,
     _vectorisable,
     _wgrad_init,
@@ -282,14 +284,10 @@ def _dynconv_kernel(
     reduction across threads, the centre offset and the row / column indices computed once per tile. VEC
     (row-contiguous planes, W and strides multiples of 4, K <= 9): the MS-FFN's chunked stencil
     (ms_ffn._dwconv_tile_vec_k), 4 outputs per thread from 3 vector loads per kernel row."""
-    if VEC:  # multiples of 4 (the launcher checks), restated so Triton can prove the chunks' alignment
-        src_stride_b = src_stride_b // 4 * 4
-        src_stride_c = src_stride_c // 4 * 4
-        src_stride_h = src_stride_h // 4 * 4
-        dst_stride_b = dst_stride_b // 4 * 4
-        dst_stride_c = dst_stride_c // 4 * 4
-        dst_stride_h = dst_stride_h // 4 * 4
-        chunk_len = chunk_len // 4 * 4
+    if VEC:  # strides Triton can prove multiples of 4 (see _multiple_of_4)
+        src_stride_b, src_stride_c, src_stride_h = _chunk_strides(src_stride_b, src_stride_c, src_stride_h)
+        dst_stride_b, dst_stride_c, dst_stride_h = _chunk_strides(dst_stride_b, dst_stride_c, dst_stride_h)
+        chunk_len = _multiple_of_4(chunk_len)
     pid = tl.program_id(0)
     chunk = pid % n_chunks
     bc = pid // n_chunks
@@ -405,14 +403,12 @@ def _kernel_grad_partial_kernel(
     """Chunk partials of dk[b,c,t] = Σ gy·shifted x and dβ[b,c] = Σ gy, into [chunks, B, C, ...]. VEC (the
     conditions of _dynconv_kernel's): the MS-FFN's chunked weight-gradient stencil (ms_ffn._wgrad_tile_vec_k),
     per-thread partials per tap reduced once at the end."""
-    if VEC:  # multiples of 4 (the launcher checks), restated so Triton can prove the chunks' alignment
-        x_stride_b = x_stride_b // 4 * 4
-        x_stride_c = x_stride_c // 4 * 4
-        x_stride_h = x_stride_h // 4 * 4
-        grad_out_stride_b = grad_out_stride_b // 4 * 4
-        grad_out_stride_c = grad_out_stride_c // 4 * 4
-        grad_out_stride_h = grad_out_stride_h // 4 * 4
-        chunk_len = chunk_len // 4 * 4
+    if VEC:  # strides Triton can prove multiples of 4 (see _multiple_of_4)
+        x_stride_b, x_stride_c, x_stride_h = _chunk_strides(x_stride_b, x_stride_c, x_stride_h)
+        grad_out_stride_b, grad_out_stride_c, grad_out_stride_h = _chunk_strides(
+            grad_out_stride_b, grad_out_stride_c, grad_out_stride_h
+        )
+        chunk_len = _multiple_of_4(chunk_len)
     pid = tl.program_id(0)
     chunk = pid % n_chunks
     bc = pid // n_chunks

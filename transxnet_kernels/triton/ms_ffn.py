@@ -180,6 +180,20 @@ def _dwconv_tile_k(
 
 
 @triton.jit
+def _multiple_of_4(n):
+    """n, a multiple of 4 (the launcher checks it: _vectorisable), restated as one, so that Triton's divisibility
+    analysis proves the alignment of the 4-pixel chunks addressed with it and moves them in vectors (without
+    this the chunk loads stay scalar and go through shared memory)."""
+    return n // 4 * 4
+
+
+@triton.jit
+def _chunk_strides(stride_b, stride_c, stride_h):
+    """A tensor's batch, channel and row strides, each _multiple_of_4."""
+    return _multiple_of_4(stride_b), _multiple_of_4(stride_c), _multiple_of_4(stride_h)
+
+
+@triton.jit
 def _lanes(t, BLOCK_C: tl.constexpr, CHUNKS: tl.constexpr):
     """The four lanes of a [BLOCK_C, CHUNKS, 4] tile, each [BLOCK_C, CHUNKS] (lane l = element l of every
     chunk; the lane axis is within a thread, so this moves no data)."""
@@ -591,13 +605,9 @@ def _forward_kernel(
 ):
     """MODE _CONV: out = conv(x).  _APPLY: out = GELU(conv(x) + x) * scale + shift.
     _STATS: per-program (count, mean, M2) of GELU(conv(x) + x), merged with Chan's formula."""
-    if VEC:  # multiples of 4 (the launcher checks), restated so Triton can prove the chunks' alignment
-        x_stride_b = x_stride_b // 4 * 4
-        x_stride_c = x_stride_c // 4 * 4
-        x_stride_h = x_stride_h // 4 * 4
-        out_stride_b = out_stride_b // 4 * 4
-        out_stride_c = out_stride_c // 4 * 4
-        out_stride_h = out_stride_h // 4 * 4
+    if VEC:  # strides Triton can prove multiples of 4 (see _multiple_of_4)
+        x_stride_b, x_stride_c, x_stride_h = _chunk_strides(x_stride_b, x_stride_c, x_stride_h)
+        out_stride_b, out_stride_c, out_stride_h = _chunk_strides(out_stride_b, out_stride_c, out_stride_h)
     cs, cmask, k, h, w, pmask = _tile_coords(blocks_ptr, H, W, BLOCK_C, BLOCK_HW, INDEX64, VEC)
     mask = cmask[:, None] & pmask[None, :]
     bias = tl.load(bias_ptr + cs, mask=cmask, other=0.0).to(ACC)
@@ -757,16 +767,12 @@ def _middle_grad_kernel(
     """Recomputes z = conv(x) + x, y = GELU(z), xhat = (y - mean) * rstd on the tile, then
     STATS: partial sums of go and go * xhat;  DZ: dz = (cgo*go + cxhat*xhat + cconst) * GELU'(z),
     stored, with partial dW and dbias."""
-    if VEC:  # multiples of 4 (the launcher checks), restated so Triton can prove the chunks' alignment
-        x_stride_b = x_stride_b // 4 * 4
-        x_stride_c = x_stride_c // 4 * 4
-        x_stride_h = x_stride_h // 4 * 4
-        grad_out_stride_b = grad_out_stride_b // 4 * 4
-        grad_out_stride_c = grad_out_stride_c // 4 * 4
-        grad_out_stride_h = grad_out_stride_h // 4 * 4
-        dz_stride_b = dz_stride_b // 4 * 4
-        dz_stride_c = dz_stride_c // 4 * 4
-        dz_stride_h = dz_stride_h // 4 * 4
+    if VEC:  # strides Triton can prove multiples of 4 (see _multiple_of_4)
+        x_stride_b, x_stride_c, x_stride_h = _chunk_strides(x_stride_b, x_stride_c, x_stride_h)
+        grad_out_stride_b, grad_out_stride_c, grad_out_stride_h = _chunk_strides(
+            grad_out_stride_b, grad_out_stride_c, grad_out_stride_h
+        )
+        dz_stride_b, dz_stride_c, dz_stride_h = _chunk_strides(dz_stride_b, dz_stride_c, dz_stride_h)
     cs, cmask, k, h, w, pmask = _tile_coords(blocks_ptr, H, W, BLOCK_C, BLOCK_HW, INDEX64, VEC)
     mask = cmask[:, None] & pmask[None, :]
     bias = tl.load(bias_ptr + cs, mask=cmask, other=0.0).to(ACC)
@@ -914,16 +920,10 @@ def _dx_kernel(
     VEC: tl.constexpr,
 ):
     """dx = conv_transpose(src) (+ src if RESIDUAL); WGRAD: partial dW = sum src * shifted x, dbias."""
-    if VEC:  # multiples of 4 (the launcher checks), restated so Triton can prove the chunks' alignment
-        src_stride_b = src_stride_b // 4 * 4
-        src_stride_c = src_stride_c // 4 * 4
-        src_stride_h = src_stride_h // 4 * 4
-        x_stride_b = x_stride_b // 4 * 4
-        x_stride_c = x_stride_c // 4 * 4
-        x_stride_h = x_stride_h // 4 * 4
-        dx_stride_b = dx_stride_b // 4 * 4
-        dx_stride_c = dx_stride_c // 4 * 4
-        dx_stride_h = dx_stride_h // 4 * 4
+    if VEC:  # strides Triton can prove multiples of 4 (see _multiple_of_4)
+        src_stride_b, src_stride_c, src_stride_h = _chunk_strides(src_stride_b, src_stride_c, src_stride_h)
+        x_stride_b, x_stride_c, x_stride_h = _chunk_strides(x_stride_b, x_stride_c, x_stride_h)
+        dx_stride_b, dx_stride_c, dx_stride_h = _chunk_strides(dx_stride_b, dx_stride_c, dx_stride_h)
     cs, cmask, k, h, w, pmask = _tile_coords(blocks_ptr, H, W, BLOCK_C, BLOCK_HW, INDEX64, VEC)
     mask = cmask[:, None] & pmask[None, :]
     s_tile = cs[:, None] * src_stride_c + (h * src_stride_h + w * src_stride_w)[None, :]
