@@ -572,7 +572,7 @@ class _Plan:
         # in-plane offsets only; the dk pass then tiles like a conv pass (per-thread partials per tap).
         block_c, block_p = _split_tile(C, H * W, self.settings.conv_tile_elements, channels_last_input(x))
         self.index64 = needs_int64(x, *others)
-        self.chunked = not channels_last_input(x) and not self.index64 and _vectorisable(block_p, K, x, *others)
+        self.chunked = _vectorisable(block_p, K, self.index64, x, *others)
         if conv or self.chunked:
             self.kk_pad = triton.next_power_of_2(K * K)
             self.block_c, self.block_p = block_c, block_p

@@ -1049,17 +1049,19 @@ def _block_table(widths: Sequence[int], ksizes: Sequence[int], block_c: int, dev
     return table
 
 
-def _vectorisable(block_hw: int, kmax: int, *tensors: torch.Tensor) -> bool:
-    """Whether the stencils may run on chunks of 4 pixels of a row (_dwconv_tile_vec_k): every tensor a kernel
-    reads or writes has unit column stride and row, channel and batch strides that are multiples of 4 (so a
-    chunk never straddles a row and its 4 elements are contiguous), W is a multiple of 4, the tile holds whole
-    chunks, and the taps reach at most one chunk to each side (kmax <= 9)."""
-    W = tensors[0].shape[3]
+def _vectorisable(block_hw: int, kmax: int, index64: bool, x: torch.Tensor, *others: torch.Tensor) -> bool:
+    """Whether the stencils may run on chunks of 4 pixels of a row (_dwconv_tile_vec_k): x is not channels_last
+    (those tiles run channels fastest), offsets are int32 (with int64 ones, planes of 2^31 elements, the chunked
+    _dx_kernel spilled), every tensor a kernel reads or writes has unit column stride and row, channel and batch
+    strides that are multiples of 4 (so a chunk never straddles a row and its 4 elements are contiguous), W is a
+    multiple of 4, the tile holds whole chunks, and the taps reach at most one chunk to each side (kmax <= 9)."""
     return (
-        W % 4 == 0
+        not channels_last_input(x)
+        and not index64
+        and x.shape[3] % 4 == 0
         and block_hw % 4 == 0
         and kmax <= 9
-        and all(t.stride(3) == 1 and all(st % 4 == 0 for st in t.stride()[:3]) for t in tensors)
+        and all(t.stride(3) == 1 and all(st % 4 == 0 for st in t.stride()[:3]) for t in (x, *others))
     )
 
 
@@ -1090,8 +1092,7 @@ def _plan(x: torch.Tensor, widths: Sequence[int], ksizes: Sequence[int], *others
         index64,
         accumulation_dtype(x.dtype),
         max(1, min(8, block_c * block_hw // 128)),  # 4 tile elements per thread: the unrolled taps keep K masks each
-        # int64 in-image offsets (planes of 2^31 elements) keep the per-tap stencils: the chunked ones spill there
-        not channels_last_input(x) and not index64 and _vectorisable(block_hw, kmax, x, *others),
+        _vectorisable(block_hw, kmax, index64, x, *others),
     )
 
 
