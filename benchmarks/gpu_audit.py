@@ -829,10 +829,18 @@ def analyse_sass(sass: str, source_loops: Sequence[SourceLoop]) -> Dict[str, Any
         for c in (outside if i is None else counts[i],):
             c[category] += 1
             c["total"] += 1
+
+    def source_loop_of(file, line):
+        enclosing = [s for s in source_loops if s.file == file and s.first_line <= line <= s.last_line]
+        return min(enclosing, key=lambda s: s.last_line - s.first_line).name if enclosing else None
+
     result = []
     for (lo, hi, (branch_file, branch_line)), c in zip(loops, counts):
-        enclosing = [s for s in source_loops if s.file == branch_file and s.first_line <= branch_line <= s.last_line]
-        source = min(enclosing, key=lambda s: s.last_line - s.first_line).name if enclosing else None
+        source = source_loop_of(branch_file, branch_line)
+        if source is None:  # the branch carries a hoisted line: the source loop most of the body's lines fall in
+            votes = collections.Counter(source_loop_of(*ln) for a, _, ln, _ in instructions if lo <= a <= hi)
+            votes.pop(None, None)
+            source = votes.most_common(1)[0][0] if votes else None
         depth = sum(1 for lo2, hi2, _ in loops if lo2 <= lo and hi <= hi2) - 1
         result.append(
             {"source_loop": source, "branch_line": branch_line, "depth": depth, "sass_range": [lo, hi], "body": dict(c)}

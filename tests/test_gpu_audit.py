@@ -175,13 +175,30 @@ assert sass_loop_at(ms_ffn_path, helper_loop.first_line + 1) == "_dwconv_tile_ve
 assert sass_loop_at(idconv_path, kernel_loop.first_line + 1) == "_dynconv_kernel:kh"
 # The helper's line numbers in the kernel's file name no loop of the helper.
 assert sass_loop_at(idconv_path, helper_loop.first_line + 1) != "_dwconv_tile_vec_k:i"
+# A branch whose line is hoisted out of every loop (ptxas does this to small loop bodies): the loop goes to the
+# source loop the body's lines fall in.
+kernel_def_line = inspect.getsourcelines(idconv._dynconv_kernel.fn)[1]
+sass = "\n".join(
+    [
+        "        /*0000*/                   NOP ;",
+        ".L_x_0:",
+        f'\t//## File "{idconv_path}", line {kernel_loop.first_line + 1}',
+        "        /*0010*/                   FFMA R1, R2, R3, R1 ;",
+        "        /*0020*/                   FFMA R1, R2, R3, R1 ;",
+        f'\t//## File "{idconv_path}", line {kernel_def_line}',
+        "        /*0030*/              @P0 BRA `(.L_x_0) ;",
+    ]
+)
+(loop,) = gpu_audit.analyse_sass(sass, loops)["loops"]
+assert loop["source_loop"] == "_dynconv_kernel:kh", loop
 """
 
 
 def test_sass_loops_are_attributed_within_their_source_file():
     """Kernels inline helpers from other modules (IDConv's passes use the MS-FFN's chunked stencils), and
     nvdisasm's line info names file and line: a SASS loop must map to a source loop of its own file, never to a
-    loop of another file that happens to span the same line number. (In a subprocess: the audit module needs
+    loop of another file that happens to span the same line number; a loop whose branch carries a line outside
+    every loop goes by its body's lines. (In a subprocess: the audit module needs
     compiled Triton, not the interpreter this process runs.)"""
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
