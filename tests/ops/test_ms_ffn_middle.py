@@ -365,12 +365,13 @@ def test_triton_opcheck(training):
     ops = torch.ops.transxnet_triton
     torch.library.opcheck(ops.ms_ffn_middle.default, (x, w_table, bias, nw, nb, rm, rv, widths, ksizes, training, 1e-5))
     with torch.no_grad():
-        _, mean, var = ops.ms_ffn_middle(x, w_table, bias, nw, nb, rm, rv, widths, ksizes, training, 1e-5)
+        _, mean, var, z = ops.ms_ffn_middle(x, w_table, bias, nw, nb, rm, rv, widths, ksizes, training, 1e-5)
     torch.library.opcheck(
         ops.ms_ffn_middle_backward.default,
         (
             torch.randn_like(x),
             x.detach(),
+            z if training else None,
             w_table.detach(),
             bias.detach(),
             nw.detach(),
@@ -382,6 +383,32 @@ def test_triton_opcheck(training):
             1e-5,
         ),
     )
+
+
+@requires_triton
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_triton_training_saves_the_preactivation(layout):
+    """Training runs the stencil once: the forward keeps z = conv(x) + x in x's dtype and layout for the
+    normalising pass and the backward (eval saves none and the backward recomputes it)."""
+    from transxnet_kernels.triton import ms_ffn
+
+    for training in (True, False):
+        x, weights, biases, nw, nb, rm, rv, *_ = middle_args([2, 1], [3, 5], 2, 5, 6, layout=layout, seed=3)
+        w_table, bias, widths, ksizes = ms_ffn._pack(weights, biases)
+        out, *_ = torch.ops.transxnet_triton.ms_ffn_middle(
+            x, w_table, bias, nw, nb, rm, rv, widths, ksizes, training, 1e-5
+        )
+        saved = [t for t in out.grad_fn.saved_tensors if t is not None and t.shape == x.shape]
+        saved = [t for t in saved if t.data_ptr() != x.data_ptr()]
+        if not training:
+            assert saved == []
+            continue
+        assert len(saved) == 1
+        (z,) = saved
+        x64 = x.detach().double()
+        expected = reference.multiscale_dwconv(x64, [w.double() for w in weights], [b.double() for b in biases]) + x64
+        assert z.dtype == x.dtype and z.stride() == x.stride()
+        assert_rel_close(z.double(), expected, TOLERANCE[x.dtype], "saved z")
 
 
 @requires_triton
