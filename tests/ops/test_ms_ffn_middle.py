@@ -3,6 +3,8 @@ output, running statistics and every gradient, training and eval, awkward group 
 dtypes, NaN-poisoned allocations; then each backend's own paths (Triton: tiling and batch splits, an eager
 module's training steps, gradcheck, opcheck, torch.compile; cpp: eval only, auto falls back in training)."""
 
+from unittest import mock
+
 import pytest
 import torch
 import torch.nn as nn
@@ -363,15 +365,17 @@ def test_triton_opcheck(training):
     w_table, bias, widths, ksizes = ms_ffn._pack(weights, biases)
     x, w_table, bias, nw, nb = (t.requires_grad_() for t in (x, w_table, bias, nw, nb))
     ops = torch.ops.transxnet_triton
-    torch.library.opcheck(ops.ms_ffn_middle.default, (x, w_table, bias, nw, nb, rm, rv, widths, ksizes, training, 1e-5))
+    for save_z in (False, True):
+        args = (x, w_table, bias, nw, nb, rm, rv, widths, ksizes, training, save_z, 1e-5)
+        torch.library.opcheck(ops.ms_ffn_middle.default, args)
     with torch.no_grad():
-        _, mean, var, z = ops.ms_ffn_middle(x, w_table, bias, nw, nb, rm, rv, widths, ksizes, training, 1e-5)
+        _, mean, var, z = ops.ms_ffn_middle(x, w_table, bias, nw, nb, rm, rv, widths, ksizes, training, True, 1e-5)
     torch.library.opcheck(
         ops.ms_ffn_middle_backward.default,
         (
             torch.randn_like(x),
             x.detach(),
-            z if training else None,
+            z,
             w_table.detach(),
             bias.detach(),
             nw.detach(),
@@ -387,22 +391,29 @@ def test_triton_opcheck(training):
 
 @requires_triton
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_triton_training_saves_the_preactivation(layout):
-    """Training runs the stencil once: the forward keeps z = conv(x) + x in x's dtype and layout for the
-    normalising pass and the backward (eval saves none and the backward recomputes it)."""
+def test_triton_saves_the_preactivation_for_the_backward(layout):
+    """The stencil runs once per training step: the forward keeps z = conv(x) + x in x's dtype and layout for
+    the normalising pass and the backward, in training and in eval with gradients (frozen BatchNorm); eval
+    without gradients keeps nothing."""
     from transxnet_kernels.triton import ms_ffn
 
-    for training in (True, False):
+    for training, grad in ((True, True), (False, True), (False, False)):
         x, weights, biases, nw, nb, rm, rv, *_ = middle_args([2, 1], [3, 5], 2, 5, 6, layout=layout, seed=3)
-        w_table, bias, widths, ksizes = ms_ffn._pack(weights, biases)
-        out, *_ = torch.ops.transxnet_triton.ms_ffn_middle(
-            x, w_table, bias, nw, nb, rm, rv, widths, ksizes, training, 1e-5
-        )
+        packed = torch.ops.transxnet_triton.ms_ffn_middle
+        calls = []
+        with (
+            tk.use_backend("triton"),
+            torch.set_grad_enabled(grad),
+            mock.patch.object(ms_ffn, "ms_ffn_middle_packed", lambda *a: calls.append(a) or packed(*a)),
+        ):
+            out = tk.ms_ffn_middle(x, weights, biases, nw, nb, rm, rv, training, 0.1, 1e-5)
+        ((*_, save_z, _eps),) = calls
+        assert save_z == (grad and not training)
+        if not grad:
+            assert out.grad_fn is None
+            continue
         saved = [t for t in out.grad_fn.saved_tensors if t is not None and t.shape == x.shape]
         saved = [t for t in saved if t.data_ptr() != x.data_ptr()]
-        if not training:
-            assert saved == []
-            continue
         assert len(saved) == 1
         (z,) = saved
         x64 = x.detach().double()

@@ -41,16 +41,16 @@ Passes over the big tensor (one pass = B*C*H*W elements read or written; e = ele
     multiscale_dwconv  forward  read x, write out                                   2 passes
                        backward read go, x; write dx (dW fused into the dx pass)     3 passes
     ms_ffn_middle      forward  eval:  read x, write out                            2 passes
-                                train: read x, write z = conv(x) + x (+ stats
-                                       partials); read z, write out                 4 passes
-                       backward eval:  read x, go; write dz (+dW, dgamma, dbeta);
-                                       read dz, write dx                            5 passes
-                                train: read z, go (BN grad sums); read z, go, x,
-                                       write dz (+dW); read dz, write dx            8 passes
-    Training runs the conv stencil once (forward) and the dW and dx stencils: z is saved in x's dtype instead
-    of recomputed in the normalising pass and twice in the backward (four conv stencils before), one pass
-    more each way, because the stencils, not DRAM, bound these kernels. It costs one x-sized activation per
-    MS-FFN in training (TransXNet-T, batch 128, bf16: 1.2 GB over its 18 blocks). Static audit, Triton 3.8,
+                                train (and eval with gradients): read x, write
+                                       z = conv(x) + x (+ stats partials in
+                                       training); read z, write out                 4 passes
+                       backward eval:  read z, go, x; write dz (+dW, dgamma, dbeta);
+                                       read dz, write dx                            6 passes
+                                train: read z, go (BN grad sums), then as eval      8 passes
+    A training step runs the conv stencil once (forward) and the dW and dx stencils: z is saved in x's dtype
+    instead of recomputed in the normalising pass and in the backward (four conv stencils in training before,
+    two in eval with gradients), one pass more each way, because the stencils, not DRAM, bound these kernels.
+    It costs one x-sized activation per MS-FFN while gradients are recorded (TransXNet-T, batch 128, bf16: 1.2 GB over its 18 blocks). Static audit, Triton 3.8,
     T stage 1 bf16 training, H100 (A100), µs: forward 1157 -> 759 (1735 -> 1149), backward 2393 -> 1746
     (3586 -> 2624); stage 3 forward 526 -> 304, backward 1040 -> 642.
     The eager sequence (split, 4 convs, cat, add, GELU, BN) needs ~12 passes forward and ~20 backward.
@@ -117,7 +117,7 @@ class Settings:
 _NO_REGISTER_BUDGET = {"maxnreg": 255}
 
 # Forward kernel modes (see _forward_kernel).
-_CONV, _APPLY, _STATS, _APPLY_SAVED = 0, 1, 2, 3
+_CONV, _APPLY, _STATS, _APPLY_SAVED, _PREACT = 0, 1, 2, 3, 4
 
 
 @triton.jit
@@ -619,7 +619,7 @@ def _forward_kernel(
     """MODE _CONV: out = conv(x).  _APPLY: out = GELU(conv(x) + x) * scale + shift.
     _STATS: out = z = conv(x) + x (the pre-activation, in out's dtype) and per-program (count, mean, M2) of
     GELU(z), merged with Chan's formula.  _APPLY_SAVED: x holds that z; out = GELU(z) * scale + shift
-    (no stencil)."""
+    (no stencil).  _PREACT: out = z (eval with gradients: z saved for _APPLY_SAVED and the backward)."""
     if VEC:  # strides Triton can prove multiples of 4 (see _multiple_of_4)
         x_stride_b, x_stride_c, x_stride_h = _chunk_strides(x_stride_b, x_stride_c, x_stride_h)
         out_stride_b, out_stride_c, out_stride_h = _chunk_strides(out_stride_b, out_stride_c, out_stride_h)
@@ -668,7 +668,9 @@ def _forward_kernel(
                 )
                 + bias[:, None]
             )
-        if MODE == 0:
+        if MODE == 0 or MODE == 4:
+            if MODE == 4:
+                z += tl.load(x_b + x_tile, mask=mask, other=0.0).to(ACC)
             tl.store(o_b + o_tile, z.to(out_ptr.dtype.element_ty), mask=mask)
         else:
             if MODE != 3:
@@ -1299,18 +1301,20 @@ def ms_ffn_middle_packed(
     widths: List[int],
     ksizes: List[int],
     training: bool,
+    save_z: bool,
     eps: float,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out, mean, var, z): mean and var are the per-channel statistics BN normalised with (batch mean and
     biased batch variance in training, copies of the running statistics in eval), in the accumulation dtype;
-    z = conv(x) + x in x's dtype in training (saved for the backward), empty in eval.
+    z = conv(x) + x in x's dtype in training or with save_z (eval with gradients), for the backward; else empty.
 
-    Training computes the stencil once: the statistics pass stores z, the normalising pass and the backward
-    read it. That moves one pass more than recomputing the conv in each (write z, read z), but the stencil,
-    not DRAM, bounds these kernels (static GPU audit): each recompute costs more than a pass."""
+    Then the stencil runs once: the first pass stores z, the normalising pass and the backward read it. That
+    moves one pass more than recomputing the conv in each (write z, read z), but the stencil, not DRAM, bounds
+    these kernels (static GPU audit): each recompute costs more than a pass."""
     C = x.shape[1]
     out = torch.empty_like(x)
-    z = torch.empty_like(x) if training else x.new_empty(0)
+    keep_z = training or save_z
+    z = torch.empty_like(x) if keep_z else x.new_empty(0)
     plan = _plan(x, widths, ksizes, out)
     w_table, bias = w_table.contiguous(), bias.contiguous()
     if training:
@@ -1323,9 +1327,11 @@ def ms_ffn_middle_packed(
     else:
         mean = running_mean.to(plan.acc, copy=True)
         var = running_var.to(plan.acc, copy=True)
+        if keep_z and x.numel() > 0:
+            _launch_forward(_PREACT, x, w_table, bias, plan, out=z)
     scale = norm_weight.to(plan.acc) * torch.rsqrt(var + eps)
     shift = norm_bias.to(plan.acc) - mean * scale
-    if training:
+    if keep_z and x.numel() > 0:
         _launch_forward(_APPLY_SAVED, z, w_table, bias, plan, out=out, scale=scale, shift=shift)
     elif x.numel() > 0:
         _launch_forward(_APPLY, x, w_table, bias, plan, out=out, scale=scale, shift=shift)
@@ -1333,10 +1339,10 @@ def ms_ffn_middle_packed(
 
 
 @ms_ffn_middle_packed.register_fake
-def _(x, w_table, bias, norm_weight, norm_bias, running_mean, running_var, widths, ksizes, training, eps):
+def _(x, w_table, bias, norm_weight, norm_bias, running_mean, running_var, widths, ksizes, training, save_z, eps):
     acc = accumulation_dtype(x.dtype)
     C = x.shape[1]
-    z = torch.empty_like(x) if training else x.new_empty(0)
+    z = torch.empty_like(x) if training or save_z else x.new_empty(0)
     return torch.empty_like(x), x.new_empty((C,), dtype=acc), x.new_empty((C,), dtype=acc), z
 
 
@@ -1355,7 +1361,7 @@ def ms_ffn_middle_backward(
     training: bool,
     eps: float,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx, dw_table, dbias, dgamma, dbeta). z: the forward's saved z (training), or None to recompute it."""
+    """(dx, dw_table, dbias, dgamma, dbeta). z: the forward's saved z, or None to recompute it."""
     B, C, H, W = x.shape
     n = B * H * W
     if n == 0:  # eval on an empty batch
@@ -1436,9 +1442,9 @@ def _(grad_out, x, z, w_table, bias, norm_weight, mean, var, widths, ksizes, tra
 
 
 def _middle_setup_context(ctx, inputs, output):
-    x, w_table, bias, norm_weight, norm_bias, _, _, widths, ksizes, training, eps = inputs
+    x, w_table, bias, norm_weight, norm_bias, _, _, widths, ksizes, training, save_z, eps = inputs
     _, mean, var, z = output
-    ctx.save_for_backward(x, z if training else None, w_table, bias, norm_weight, mean, var)
+    ctx.save_for_backward(x, z if training or save_z else None, w_table, bias, norm_weight, mean, var)
     ctx.args = (widths, ksizes, training, eps)
     ctx.norm_bias_dtype = norm_bias.dtype
 
@@ -1446,7 +1452,7 @@ def _middle_setup_context(ctx, inputs, output):
 def _middle_autograd_rule(ctx, grad_out, _grad_mean, _grad_var, _grad_z):
     x, z, w_table, bias, norm_weight, mean, var = ctx.saved_tensors
     dx, dw, db, dgamma, dbeta = ms_ffn_middle_backward(grad_out, x, z, w_table, bias, norm_weight, mean, var, *ctx.args)
-    return dx, dw, db, dgamma, dbeta.to(ctx.norm_bias_dtype), None, None, None, None, None, None
+    return dx, dw, db, dgamma, dbeta.to(ctx.norm_bias_dtype), None, None, None, None, None, None, None
 
 
 ms_ffn_middle_packed.register_autograd(_middle_autograd_rule, setup_context=_middle_setup_context)
@@ -1464,8 +1470,21 @@ def ms_ffn_middle(x, weights, biases, norm_weight, norm_bias, running_mean, runn
         norm_weight = torch.ones(C, dtype=w_table.dtype, device=x.device)
     if norm_bias is None:
         norm_bias = torch.zeros(C, dtype=w_table.dtype, device=x.device)
+    # Eval with gradients (frozen BatchNorm while fine-tuning) keeps z too: the backward then skips the conv.
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, w_table, bias, norm_weight, norm_bias))
     out, mean, var, _ = ms_ffn_middle_packed(
-        x, w_table, bias, norm_weight, norm_bias, running_mean, running_var, widths, ksizes, training, float(eps)
+        x,
+        w_table,
+        bias,
+        norm_weight,
+        norm_bias,
+        running_mean,
+        running_var,
+        widths,
+        ksizes,
+        training,
+        not training and needs_grad,
+        float(eps),
     )
     if training and running_mean is not None:
         with torch.no_grad():
