@@ -50,9 +50,10 @@ Passes over the big tensor (one pass = B*C*H*W elements read or written; e = ele
     A training step runs the conv stencil once (forward) and the dW and dx stencils: z is saved in x's dtype
     instead of recomputed in the normalising pass and in the backward (four conv stencils in training before,
     two in eval with gradients), one pass more each way, because the stencils, not DRAM, bound these kernels.
-    It costs one x-sized activation per MS-FFN while gradients are recorded (TransXNet-T, batch 128, bf16: 1.2 GB over its 18 blocks). Static audit, Triton 3.8,
-    T stage 1 bf16 training, H100 (A100), µs: forward 1157 -> 759 (1735 -> 1149), backward 2393 -> 1746
-    (3586 -> 2624); stage 3 forward 526 -> 304, backward 1040 -> 642.
+    It costs one x-sized activation per MS-FFN while gradients are recorded (TransXNet-T, batch 128, bf16:
+    1.2 GB over its 18 blocks). Static audit, Triton 3.8, T stage 1 bf16 training, H100 (A100), µs: forward
+    1157 -> 759 (1735 -> 1149), backward 2393 -> 1746 (3586 -> 2624); stage 3 forward 526 -> 304, backward
+    1040 -> 642.
     The eager sequence (split, 4 convs, cat, add, GELU, BN) needs ~12 passes forward and ~20 backward.
     Minimal bytes: forward 2*N*e, forward+backward 5*N*e (x, out, go, dx, and x again for dW
     are unavoidable without keeping a tile of dz on chip across halo'd neighbours), N = B*C*H*W.
