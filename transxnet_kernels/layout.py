@@ -17,6 +17,11 @@ def sample_span(t: torch.Tensor) -> int:
     return sum((n - 1) * abs(s) for n, s in zip(t.shape[1:], t.stride()[1:]))
 
 
+def tensor_span(t: torch.Tensor) -> int:
+    """Largest element offset inside t (all dims)."""
+    return sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride()))
+
+
 def empty_like_layout(x: torch.Tensor) -> torch.Tensor:
     """An uninitialised tensor shaped like x: channels_last when x's channels are unit-stride, else contiguous."""
     memory_format = torch.channels_last if channels_last_input(x) else torch.contiguous_format

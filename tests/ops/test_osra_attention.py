@@ -58,7 +58,7 @@ def osra_args(
 
 
 # (B, h, N, M, d, bias dims). The Triton rows each exercise a kernel path: M <= 64 keys take the one-pass short
-# path (query blocks of 64 or 128 rows; interpreted, batch groups fill 4 programs), longer M the flash kernels
+# path (query blocks of 32 to 128 rows; interpreted, batch groups fill 4 programs), longer M the flash kernels
 # (BLOCK_M = 64 keys, BLOCK_N = 16 or 32 queries; interpreted, the backward splits/groups work to fill 4
 # programs); the cpp rows its register blocking.
 CASES = [
@@ -225,8 +225,9 @@ def test_triton_zero_sizes(dim, nan_poisoned_empty):
 @requires_triton
 @pytest.mark.parametrize("M", [49, 70], ids=["short", "flash"])
 def test_triton_int64_offsets_path(M, nan_poisoned_empty):
-    """The int64 in-slice offsets used when a tensor spans 2^31 elements, forced on a small input (forward and
-    backward kernels of both paths, with a batch-1 bias gradient)."""
+    """The int64 offsets used when a tensor spans 2^31 elements, forced on a small input (forward and backward
+    kernels of the flash path; the short path's forward, whose backward then runs on the flash kernels; with a
+    batch-1 bias gradient)."""
     from transxnet_kernels.triton import common
 
     target = dataclasses.replace(common.launch_target(DEVICE), int32_span_limit=0)
@@ -359,22 +360,42 @@ def test_triton_short_path_choice():
     from transxnet_kernels.triton import common
     from transxnet_kernels.triton import osra_attention as triton_osra
 
-    def short(kernel, capability, M=49, scale=0.2, dtype=torch.float32):
+    def short(kernel, capability, M=49, scale=0.2, dtype=torch.float32, int32_span_limit=common.INT32_SPAN_LIMIT):
         q, k = torch.empty(1, 1, 4, 8, dtype=dtype), torch.empty(1, 1, M, 8, dtype=dtype)
-        target = common.LaunchTarget(sm_count=132, interpreted=False, capability=capability)
+        target = common.LaunchTarget(132, interpreted=False, int32_span_limit=int32_span_limit, capability=capability)
         with common.launch_overrides(target):
-            return triton_osra._short_path(q, k, scale, kernel)
+            return triton_osra._short_path(q, k, None, scale, kernel)
 
     assert [short("fwd", 80), short("fwd", 90), short("bwd", 86), short("bwd", 90)] == [True, True, False, True]
     assert short("bwd", 80, dtype=torch.bfloat16) and short("bwd", 80, dtype=torch.float16)
     assert not short("fwd", 90, M=65) and not short("fwd", 90, scale=0.0) and not short("fwd", 90, scale=-1.0)
+    # The one-pass backward addresses in int32 only; its largest offset here is k's and the dk/dv partials', 391.
+    assert short("bwd", 90, int32_span_limit=392) and not short("bwd", 90, int32_span_limit=391)
+    assert short("fwd", 90, int32_span_limit=0)  # the forward has an int64 variant
+
+
+@requires_triton
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16], ids=dtype_id)
+@pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[4]], ids=case_id)
+def test_triton_short_backward_sums_the_bias_gradient_in_its_buffer(case, dtype, nan_poisoned_empty):
+    """The one-pass backward as planned for sm_8x, where it sums a batch-shared bias's gradient over each batch
+    group by read-modify-writes of the group's buffer slice instead of in registers: groups of one and of three
+    batches, three query blocks."""
+    from transxnet_kernels.triton import common
+    from transxnet_kernels.triton import osra_attention as triton_osra
+
+    args = osra_args(*case, dtype=dtype)
+    with common.launch_overrides(dataclasses.replace(common.launch_target(DEVICE), capability=80)):
+        q, k, _, bias, _ = args
+        assert triton_osra._short_path(q, k, bias, 0.2, "bwd") and not triton_osra._short_dbias_in_registers(q)
+        check_op(TRITON, OP, args)
 
 
 def test_triton_short_path_rows_per_program():
     """Query rows (and warps) per program: the half-precision backward takes 128 on sm_90+ (and interpreted) when
-    N is a multiple of 16, else 64; the fp32 backward 16 on 8 warps; a forward never takes more rows than N
-    (rounded up to a power of two), fp32 then 16 rows per warp; the fp32 forward on sm_8x 16 rows on 4 warps
-    (the configurations the static GPU audit finds spill-free)."""
+    N is a multiple of 16, else 32, and 64 on sm_8x; the fp32 backward 16 on 8 warps; a forward never takes more
+    rows than N (rounded up to a power of two), fp32 below 64 rows then 16 rows per warp; the fp32 forward on
+    sm_8x 16 rows on 4 warps (the configurations the static GPU audit finds spill-free)."""
     from transxnet_kernels.triton import common
     from transxnet_kernels.triton import osra_attention as triton_osra
 
@@ -386,11 +407,11 @@ def test_triton_short_path_rows_per_program():
         return cfg.block_n, cfg.num_warps
 
     bwd = [rows_and_warps("bwd", 90, 3136), rows_and_warps("bwd", 0, 784), rows_and_warps("bwd", 90, 196)]
-    assert bwd + [rows_and_warps("bwd", 80, 3136)] == [(128, 8), (128, 8), (64, 8), (64, 8)]
+    assert bwd + [rows_and_warps("bwd", 80, 3136)] == [(128, 8), (128, 8), (32, 8), (64, 8)]
     assert rows_and_warps("bwd", 90, 3136, torch.float32) == (16, 8)
     assert [rows_and_warps("fwd", 90, 3136), rows_and_warps("fwd", 90, 49)] == [(128, 8), (64, 8)]
-    fp32_fwd = [rows_and_warps("fwd", c, N, torch.float32) for c, N in ((90, 3136), (90, 49), (80, 3136), (86, 49))]
-    assert fp32_fwd == [(128, 8), (64, 4), (16, 4), (16, 4)]
+    fp32_fwd = [rows_and_warps("fwd", c, N, torch.float32) for c, N in ((90, 3136), (90, 49), (90, 20), (80, 3136))]
+    assert fp32_fwd == [(128, 8), (64, 8), (32, 2), (16, 4)]
 
 
 # ---------------------------------------------------------------------------------------- cpp

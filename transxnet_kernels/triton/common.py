@@ -34,6 +34,11 @@ from ..layout import sample_span
 MIN_CAPABILITY = 8
 # Offsets inside one sample become int64 from this span on (2^31 - 1 is the largest int32).
 INT32_SPAN_LIMIT = 2**31 - 1
+# Launch option for kernels to which ptxas gives a register budget below what their code needs (72-80 registers
+# on 2-4 warps), so that they spill: `.maxnreg 255` lets ptxas allocate what the code needs. Used by the MS-FFN
+# forward and saved-z gradient passes (spilled 4-32 B in fp16/bf16 on sm_80 and sm_90 without it; 90-197
+# registers with it) and by IDConv's int64-offset convolution (4 B on sm_86 fp16 under Triton 3.6; 122 with it).
+NO_REGISTER_BUDGET = {"maxnreg": 255}
 
 
 def interpreter_active() -> bool:
@@ -80,6 +85,12 @@ def needs_int64(*tensors: torch.Tensor) -> bool:
     """Whether offsets within one sample of any tensor can pass int32 (the kernels' INDEX64)."""
     limit = launch_target(tensors[0].device).int32_span_limit
     return max(sample_span(t) for t in tensors) >= limit
+
+
+def fits_int32(device: torch.device, *spans: int) -> bool:
+    """Whether element offsets up to these spans fit int32 (for kernels that address whole tensors, batch
+    included, in int32)."""
+    return max(spans) < launch_target(device).int32_span_limit
 
 
 @dataclass(frozen=True)

@@ -78,6 +78,7 @@ import triton.language as tl
 from .. import ops
 from ..layout import channels_last_input
 from .common import (
+    NO_REGISTER_BUDGET,
     LaunchTarget,
     accumulation_dtype,
     device_guard,
@@ -111,11 +112,6 @@ class Settings:
             return cls(tile_elements=4096, target_programs=1, nchw_channel_block=32)
         return cls(tile_elements=1024, target_programs=8 * target.sm_count)
 
-
-# Launch option of the forward kernel and of the gradient kernel reading a saved z: for these (small) kernels
-# ptxas picks a register budget below what the code needs (80 registers on 2 warps) and spills 4-32 B in the
-# fp16/bf16 per-tap variants (sm_80, sm_90); `.maxnreg 255` lets it allocate what it needs (90-170), no spill.
-_NO_REGISTER_BUDGET = {"maxnreg": 255}
 
 # Forward kernel modes (see _forward_kernel).
 _CONV, _APPLY, _STATS, _APPLY_SAVED, _PREACT = 0, 1, 2, 3, 4
@@ -1164,7 +1160,7 @@ def _launch_forward(
             *out_t.stride(),
             MODE=mode,
             **plan.constexprs(),
-            **_NO_REGISTER_BUDGET,
+            **NO_REGISTER_BUDGET,
         )
 
 
@@ -1413,7 +1409,7 @@ def ms_ffn_middle_backward(
                 STATS=stats,
                 DZ=dz_pass,
                 Z_SAVED=z is not None,
-                **(_NO_REGISTER_BUDGET if z is not None else {}),
+                **(NO_REGISTER_BUDGET if z is not None else {}),
                 KK_POW2=plan.kk_pow2,
                 **plan.constexprs(),
             )

@@ -20,9 +20,10 @@ Two paths (`_short_path` picks per call):
     the dot's register layout and the softmax stays there); one-pass softmax, no rescaling.
   - `_osra_bwd_short_kernel`: one read of q, dO, k, v and lse per (query block, batch); O is not
     read (Delta from P * dP). dq is stored; dk and dv are stored as fp32 partials per query block
-    ([query blocks, B, h, M, d]) and summed afterwards; dS is summed over the group's batches in
-    registers and stored per group ([groups, h, N, M], summed afterwards). Batch groups are as few
-    as give Settings.short_path_programs (8 per SM) programs.
+    ([query blocks, B, h, M, d]) and summed afterwards; dS is summed over the group's batches (in
+    registers on sm_90, in the program's own slice of the buffer on sm_8x: `_short_dbias_in_registers`)
+    into a slice per group ([groups, h, N, M], summed afterwards). Batch groups are as few as give
+    Settings.short_path_programs (8 per SM) programs.
 * Flash: longer M (detection sizes, M ~ 950), or a scale <= 0, or fp64 on GPUs.
   - `_osra_fwd_kernel`, one program per (query block, b·head): loop over key blocks of BLOCK_M keys
     with the online softmax.
@@ -64,10 +65,12 @@ import triton.language as tl
 
 from .. import ops
 from ..backend import CallInfo
+from ..layout import tensor_span
 from .common import (
     LaunchTarget,
     accumulation_dtype,
     device_guard,
+    fits_int32,
     launch_settings,
     launch_target,
     needs_int64,
@@ -200,17 +203,22 @@ def _osra_fwd_short_kernel(
             )
         q_slice = b * q_stride_b + h * q_stride_h
         k_slice = b * k_stride_b + h * k_stride_h
-        q = tl.load(q_ptr + q_slice + nd_offs, mask=nd_mask, other=0.0)
+        lse_slice = (b * H + h) * N
+        if not INDEX64:  # whole tensors within int32 (the launcher checks): see _osra_bwd_short_kernel's offsets
+            q_slice = q_slice.to(tl.int32)
+            k_slice = k_slice.to(tl.int32)
+            lse_slice = lse_slice.to(tl.int32)
+        q = tl.load(q_ptr + (q_slice + nd_offs), mask=nd_mask, other=0.0)
         # K^T is loaded transposed (not tl.trans of a K tile): the tile goes straight to the dot operand.
-        kt = tl.load(k_ptr + k_slice + dm_offs, mask=mask_d[:, None] & mask_m[None, :], other=0.0)
-        v = tl.load(v_ptr + k_slice + md_offs, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+        kt = tl.load(k_ptr + (k_slice + dm_offs), mask=mask_d[:, None] & mask_m[None, :], other=0.0)
+        v = tl.load(v_ptr + (k_slice + md_offs), mask=mask_m[:, None] & mask_d[None, :], other=0.0)
         s = tl.dot(q, kt, acc=scores_init, input_precision=PRECISION)  # S / scale
         m = tl.max(s, 1)
         p = tl.exp2(s * scale_log2 - (m * scale_log2)[:, None])
         l = tl.sum(p, 1)
         out = tl.dot(p.to(v.dtype), v, input_precision=PRECISION) * (1.0 / l)[:, None]
-        tl.store(out_ptr + q_slice + nd_offs, out.to(out_ptr.dtype.element_ty), mask=nd_mask)
-        tl.store(lse_ptr + (b * H + h) * N + offs_n, m * scale + tl.log(l), mask=mask_n)
+        tl.store(out_ptr + (q_slice + nd_offs), out.to(out_ptr.dtype.element_ty), mask=nd_mask)
+        tl.store(lse_ptr + (lse_slice + offs_n), m * scale + tl.log(l), mask=mask_n)
 
 
 @triton.jit(
@@ -269,19 +277,21 @@ def _osra_bwd_short_kernel(
     HAS_BIAS: tl.constexpr,
     BIAS_PER_BATCH: tl.constexpr,
     HAS_DBIAS: tl.constexpr,
+    DBIAS_IN_REGISTERS: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    INDEX64: tl.constexpr,
 ):
     """The whole backward of the one-key-block case in one pass over q and dO: per (query block, head, batch
     group) program and batch, dq (stored), this query block's dk/dv partial (stored at [query block, b, h]) and
-    dS, summed over the group's batches in registers for a batch-shared bias (stored per group), stored per
-    batch otherwise. Delta = rowsum(P * dP) (= rowsum(dO * O)), so O is not read."""
+    dS, summed over the group's batches for a batch-shared bias (stored per group), stored per batch otherwise.
+    The group sum is a register tile (DBIAS_IN_REGISTERS) or the group's slice of the bias-gradient buffer,
+    read, added to and written back per batch by this program only: 32 registers per thread fewer, which is
+    what keeps the sm_8x kernel from spilling. Delta = rowsum(P * dP) (= rowsum(dO * O)), so O is not read."""
     pid_n = tl.program_id(0)
-    h = tl.program_id(1).to(tl.int64)
-    group = tl.program_id(2).to(tl.int64)
+    h = tl.program_id(1)
+    group = tl.program_id(2)
     scale = tl.load(scale_ptr)
     log2e = _log2e(scale)
     scale_log2 = scale * log2e
@@ -289,8 +299,6 @@ def _osra_bwd_short_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    if INDEX64:
-        offs_n = offs_n.to(tl.int64)
     mask_n = offs_n < N
     mask_m = offs_m < M
     mask_d = offs_d < D
@@ -298,18 +306,21 @@ def _osra_bwd_short_kernel(
     md_mask = mask_m[:, None] & mask_d[None, :]
     dm_mask = mask_d[:, None] & mask_m[None, :]
     nm_mask = mask_n[:, None] & mask_m[None, :]
-    # In-slice offset tiles (int32 unless INDEX64) on int64 scalar bases: pointer tiles cost registers.
-    # q, dO and dq share one layout, k and v another (the launcher makes it so): one offset tile each.
+    # Every offset is int32 (the launcher routes larger tensors to the flash kernels), and each load or store
+    # adds its batch's base to the offset tile before the pointer: from `ptr + base + offsets` LLVM hoists
+    # `ptr + offsets` out of the batch loop, a 64-bit pointer tile per access held across it, which made this
+    # kernel spill 0.4-0.6 KB. q, dO and dq share one layout, k and v another (the launcher makes it so): one
+    # offset tile each.
     nd_offs = offs_n[:, None] * q_stride_n + offs_d[None, :] * q_stride_d
     dm_offs = offs_d[:, None] * k_stride_d + offs_m[None, :] * k_stride_m
     md_offs = offs_m[:, None] * k_stride_m + offs_d[None, :] * k_stride_d
     nm_offs = offs_n[:, None] * bias_stride_n + offs_m[None, :] * bias_stride_m
     bias_head = bias_ptr + h * bias_stride_h
-    dbias_head = dbias_ptr + h * dbias_stride_h
     scores_init = _scores_init(
         bias_head, nm_offs, mask_n, mask_m, scale, HAS_BIAS and not BIAS_PER_BATCH, BLOCK_N, BLOCK_M
     )
     dbias_acc = tl.zeros([BLOCK_N, BLOCK_M], scale.dtype)
+    dbias_offs = offs_n[:, None] * dbias_stride_n + offs_m[None, :] * dbias_stride_m
 
     b_lo = group * BATCHES_PER_PROGRAM
     for b in range(b_lo, tl.minimum(b_lo + BATCHES_PER_PROGRAM, B)):
@@ -319,38 +330,42 @@ def _osra_bwd_short_kernel(
             )
         q_slice = b * q_stride_b + h * q_stride_h
         k_slice = b * k_stride_b + h * k_stride_h
-        q = tl.load(q_ptr + q_slice + nd_offs, mask=nd_mask, other=0.0)
-        do = tl.load(grad_out_ptr + q_slice + nd_offs, mask=nd_mask, other=0.0)
-        lse = tl.load(lse_ptr + (b * H + h) * N + offs_n, mask=mask_n, other=float("inf"))  # padded rows: P = 0
-        vt = tl.load(v_ptr + k_slice + dm_offs, mask=dm_mask, other=0.0)
+        dkv_slice = pid_n * dkv_stride_s + b * dkv_stride_b + h * dkv_stride_h
+        lse_slice = (b * H + h) * N
+        dbias_slice = (b if BIAS_PER_BATCH else group) * dbias_stride_g + h * dbias_stride_h
+        q = tl.load(q_ptr + (q_slice + nd_offs), mask=nd_mask, other=0.0)
+        do = tl.load(grad_out_ptr + (q_slice + nd_offs), mask=nd_mask, other=0.0)
+        lse = tl.load(lse_ptr + (lse_slice + offs_n), mask=mask_n, other=float("inf"))  # padded rows: P = 0
+        vt = tl.load(v_ptr + (k_slice + dm_offs), mask=dm_mask, other=0.0)
         # K once, its transpose for the scores taken through shared memory: a second (K^T) load held 16-32
         # more registers of addresses and data (loads of unaligned rows of M keys are scalar) and spilled more.
-        k = tl.load(k_ptr + k_slice + md_offs, mask=md_mask, other=0.0)
+        k = tl.load(k_ptr + (k_slice + md_offs), mask=md_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), acc=scores_init, input_precision=PRECISION)  # S / scale
         p = tl.exp2(s * scale_log2 - (lse * log2e)[:, None])
         # Each product as soon as its operands exist, each result stored at once: fewer live register tiles.
-        dkv_slice = pid_n * dkv_stride_s + b * dkv_stride_b + h * dkv_stride_h
         dkv_offs = offs_m[:, None] * dkv_stride_m + offs_d[None, :] * dkv_stride_d
         dv = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
-        tl.store(dv_ptr + dkv_slice + dkv_offs, dv.to(dv_ptr.dtype.element_ty), mask=md_mask)
+        tl.store(dv_ptr + (dkv_slice + dkv_offs), dv.to(dv_ptr.dtype.element_ty), mask=md_mask)
         dp = tl.dot(do, vt, input_precision=PRECISION)
         ds = p * (dp - tl.sum(p * dp, 1)[:, None])
         dq = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION) * scale
-        tl.store(dq_ptr + q_slice + nd_offs, dq.to(dq_ptr.dtype.element_ty), mask=nd_mask)
+        tl.store(dq_ptr + (q_slice + nd_offs), dq.to(dq_ptr.dtype.element_ty), mask=nd_mask)
         dk = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION) * scale
-        tl.store(dk_ptr + dkv_slice + dkv_offs, dk.to(dk_ptr.dtype.element_ty), mask=md_mask)
+        tl.store(dk_ptr + (dkv_slice + dkv_offs), dk.to(dk_ptr.dtype.element_ty), mask=md_mask)
         if HAS_DBIAS:
+            dbias_ptrs = dbias_ptr + (dbias_slice + dbias_offs)
             if BIAS_PER_BATCH:
-                dbias_offs = offs_n[:, None] * dbias_stride_n + offs_m[None, :] * dbias_stride_m
-                tl.store(dbias_head + b * dbias_stride_g + dbias_offs, ds.to(dbias_ptr.dtype.element_ty), mask=nm_mask)
-            else:
+                tl.store(dbias_ptrs, ds.to(dbias_ptr.dtype.element_ty), mask=nm_mask)
+            elif DBIAS_IN_REGISTERS:
                 dbias_acc += ds
-    if HAS_DBIAS:
-        if not BIAS_PER_BATCH:
-            dbias_offs = offs_n[:, None] * dbias_stride_n + offs_m[None, :] * dbias_stride_m
-            tl.store(
-                dbias_head + group * dbias_stride_g + dbias_offs, dbias_acc.to(dbias_ptr.dtype.element_ty), mask=nm_mask
-            )
+            else:
+                # The barrier orders the previous batch's store before this load across the program's threads.
+                tl.debug_barrier()
+                partial = tl.load(dbias_ptrs, mask=nm_mask & (b > b_lo), other=0.0)  # the first batch starts it
+                tl.store(dbias_ptrs, (partial + ds).to(dbias_ptr.dtype.element_ty), mask=nm_mask)
+    if HAS_DBIAS and DBIAS_IN_REGISTERS and not BIAS_PER_BATCH:
+        dbias_ptrs = dbias_ptr + (group * dbias_stride_g + h * dbias_stride_h + dbias_offs)
+        tl.store(dbias_ptrs, dbias_acc.to(dbias_ptr.dtype.element_ty), mask=nm_mask)
 
 
 @triton.jit(
@@ -813,12 +828,13 @@ SHORT_PATH_MAX_KEYS = 64
 # [num_warps, 1]), so each warp holds whole 16-row strips of [rows, 64 keys] fp32 tiles (32 registers each) and
 # warps beyond rows / 16 replicate mma work. The forwards run 16 query rows per warp, so row max and sum stay in
 # the warp. The fp16/bf16 backward runs 8 warps on 64 rows (two warps share a 16-row mma tile): with 4 warps
-# its five dots' operands spilled 1.2-2.7 KB per thread, with 8, 84-640 B (Triton 3.8). One pipeline stage: a
-# one-key-block loop over batches has little to prefetch, and a second stage's buffers made the bf16 backward
-# spill 580-764 B instead of 84-640 B and the fp32 forward on sm_90 44-188 B instead of 0-160 B. A forward
+# its five dots' operands spilled 0.1-0.5 KB per thread, with 8 none (Triton 3.8; 32 or 16 rows on 4 warps
+# spilled 24-100 B). One pipeline stage: a one-key-block loop over batches has little to prefetch, and a second
+# stage's buffers made the kernels spill more (by 0.1-0.2 KB, measured on their earlier versions). A forward
 # takes no more rows than N (stage 4: N = 49, 64 rows): fp16/bf16 keep 8 warps (with 4, the scalar loads of
-# unaligned rows spilled 84-96 B), fp32 drops to 16 rows per warp (8 warps replicated its 3xTF32 mma tiles:
-# static estimate 15 vs 9 us for T stage 4 on H100).
+# unaligned rows spilled 84-96 B), fp32 below 64 rows drops to 16 rows per warp; at 64 rows (N <= 64: stage 4)
+# it keeps 8 warps, which replicate its 3xTF32 mma tiles (static estimate 15 vs 9 us for T stage 4 on H100), as
+# 4 warps spilled 12 B under Triton 3.6 (TransXNet-B, odd head dim).
 # fp32 (3xTF32 splits every operand in two) runs the smallest tiles that do not spill: the backward (sm_90+; sm_8x
 # runs the flash kernels, see _short_path) 16 rows on 8 warps: 64 rows spilled 2.0-2.3 KB per thread, 16 on 4
 # warps 0.8 KB (T stage 1 estimate on H100: 340 us, against 213 us for the spilling 64 rows, whose spill traffic
@@ -832,22 +848,47 @@ _SHORT_BLOCKS = {
     ("bwd", False): (16, 8, 1),
 }
 _SHORT_BLOCKS_SM8X = {("fwd", False): (16, 4, 1)}
-# fp16/bf16 backward rows per program on sm_90+ when N is a multiple of 16 (TransXNet's stages 1-2): half the
-# dk/dv partials and ~30% fewer instructions per query than 64 rows (T stage 1 estimate 48 -> 33 us, plus 16 MB
-# less partial traffic), 44 B spilled instead of 12 B. Unaligned N (stages 3-4; scalar q loads) spilled up to
-# 0.8 KB with 128 rows, and sm_8x 2.7 KB: they keep 64.
-_SHORT_BWD_ROWS_ALIGNED_SM90 = 128
+# fp16/bf16 backward rows per program on sm_90+, by whether N is a multiple of 16. Aligned (TransXNet's stages
+# 1-2): 128, half the dk/dv partials and ~30% fewer instructions per query than 64 rows (T stage 1 estimate
+# 48 -> 33 us, plus 16 MB less partial traffic), no spill. Unaligned N (stages 3-4; scalar q loads): 32, as 128
+# rows spilled 100-108 B and 64 rows 16 B under Triton 3.6 (TransXNet-B, odd head dims).
+_SHORT_BWD_ROWS_SM90 = {True: 128, False: 32}
 
 
-def _short_path(q: torch.Tensor, k: torch.Tensor, scale: float, kernel: str) -> bool:
+def _short_dbias_in_registers(q: torch.Tensor) -> bool:
+    """Whether the one-pass backward sums a batch-shared bias's gradient over its batch group in registers (sm_90+,
+    and interpreted) or in its slice of the gradient buffer (sm_8x: the register tile made it spill 8-16 B, the
+    read-modify-write does not; it costs 16 loads and 16 stores per thread and batch, of the program's own
+    16 KB slice, which stays in cache)."""
+    return not 0 < launch_target(q.device).capability < 90
+
+
+def _short_path(q: torch.Tensor, k: torch.Tensor, bias: Optional[torch.Tensor], scale: float, kernel: str) -> bool:
     """Whether `kernel` ("fwd" or "bwd") runs on the short path: all keys in one block, tl.dot available, and
     a positive finite scale (the kernels start the scores from bias / scale and take the softmax's max of
     S / scale). Not the fp32 backward on sm_8x: there the one-pass kernel's five fp32 dots spill 7-8 KB per
     thread (IEEE or 3xTF32) and the static audit estimates it no faster than the flash kernels, which do
-    not spill; both passes share the forward's lse."""
-    if kernel == "bwd" and q.dtype == torch.float32 and 0 < launch_target(q.device).capability < 90:
-        return False
+    not spill; both passes share the forward's lse. Nor a backward whose offsets pass int32: the one-pass
+    kernel has no int64 variant (with int64 offset tiles it spilled 28-88 B on every target)."""
+    if kernel == "bwd":
+        if q.dtype == torch.float32 and 0 < launch_target(q.device).capability < 90:
+            return False
+        if not fits_int32(q.device, *_short_path_spans(q, k, bias, kernel)):
+            return False
     return k.shape[2] <= SHORT_PATH_MAX_KEYS and _uses_dot(q) and 0.0 < scale < math.inf
+
+
+def _short_path_spans(q: torch.Tensor, k: torch.Tensor, bias: Optional[torch.Tensor], kernel: str) -> Tuple[int, ...]:
+    """The largest element offset into each tensor a short-path kernel addresses, batch included: q (out, dO
+    and dq share its layout), k and v (one layout), lse, the bias; the backward's dk/dv partials (one per query
+    block) and bias-gradient buffer (at most one [h, N, M] slice per batch)."""
+    B, h, N, _ = q.shape
+    M = k.shape[2]
+    spans = (tensor_span(q), tensor_span(k), B * h * N - 1, tensor_span(bias) if bias is not None else 0)
+    if kernel == "bwd":
+        query_blocks = triton.cdiv(N, _short_config(q, k, kernel).block_n)
+        spans += (query_blocks * k.numel() - 1, B * h * N * M - 1)
+    return spans
 
 
 def _short_config(q: torch.Tensor, k: torch.Tensor, kernel: str) -> _Config:
@@ -857,11 +898,11 @@ def _short_config(q: torch.Tensor, k: torch.Tensor, kernel: str) -> _Config:
     if 0 < capability < 90:
         blocks = _SHORT_BLOCKS_SM8X.get((kernel, half), blocks)
     block_n, num_warps, num_stages = blocks
-    if kernel == "bwd" and half and not 0 < capability < 90 and q.shape[2] % 16 == 0:
-        block_n = _SHORT_BWD_ROWS_ALIGNED_SM90
-    if kernel == "fwd":  # no more query rows than N; then fp32 with 16 rows per warp (see _SHORT_BLOCKS)
+    if kernel == "bwd" and half and not 0 < capability < 90:
+        block_n = _SHORT_BWD_ROWS_SM90[q.shape[2] % 16 == 0]
+    if kernel == "fwd":  # no more query rows than N; then fp32 with 16 rows per warp below 64 (see _SHORT_BLOCKS)
         rows = min(block_n, max(16, triton.next_power_of_2(q.shape[2])))
-        if not half and rows < block_n:
+        if not half and rows < min(block_n, 64):
             num_warps = min(num_warps, rows // 16)
         block_n = rows
     block_m = max(16, triton.next_power_of_2(k.shape[2]))
@@ -938,7 +979,7 @@ def _forward(q, k, v, bias, scale):
         return out, lse
     if M == 0:  # softmax over no keys: the reference's empty sum, zeros (lse -inf)
         return out.zero_(), lse.fill_(float("-inf"))
-    if _short_path(q, k, scale, "fwd"):
+    if _short_path(q, k, bias, scale, "fwd"):
         _forward_short(q, k, v, bias, scale, out, lse)
         return out, lse
     cfg = _config(q, "fwd")
@@ -1038,7 +1079,7 @@ def _forward_short(q, k, v, bias, scale, out, lse):
             BLOCK_N=cfg.block_n,
             BLOCK_M=cfg.block_m,
             BLOCK_D=cfg.block_d,
-            INDEX64=needs_int64(q, k, v, out),
+            INDEX64=not fits_int32(q.device, *_short_path_spans(q, k, bias, "fwd")),
             num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
         )
@@ -1081,11 +1122,11 @@ def _backward_short(grad_out, q, k, v, bias, lse, scale, has_dbias):
             HAS_BIAS=bias is not None,
             BIAS_PER_BATCH=_bias_per_batch(bias),
             HAS_DBIAS=has_dbias,
+            DBIAS_IN_REGISTERS=_short_dbias_in_registers(q),
             PRECISION=cfg.precision,
             BLOCK_N=cfg.block_n,
             BLOCK_M=cfg.block_m,
             BLOCK_D=cfg.block_d,
-            INDEX64=needs_int64(q, k, v, grad_out, dq),
             num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
         )
@@ -1198,7 +1239,7 @@ def _backward(grad_out, q, k, v, bias, out, lse, scale, bias_needs_grad):
     inputs = (q, k, v)  # the gradients take the layouts of empty_like(input), as the fake impl says
     q, k, v = _shared_layouts(q, k, v)
     grad_out = _in_layout_of(grad_out, q)
-    if _short_path(q, k, scale, "bwd"):
+    if _short_path(q, k, bias, scale, "bwd"):
         grads = _backward_short(grad_out, q, k, v, bias, lse, scale, has_dbias)
     else:
         grads = _backward_flash(grad_out, q, k, v, bias, _in_layout_of(out, q), lse, scale, has_dbias)
