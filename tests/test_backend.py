@@ -561,3 +561,23 @@ def test_auto_never_picks_triton(monkeypatch):
         for needs_grad, training in ((False, False), (True, False), (True, True)):
             assert bk.select(op, cuda, torch.bfloat16, needs_grad, training, 32) == "reference", op
             assert not bk.runs_fused(op, cuda, torch.bfloat16), op
+
+
+@pytest.mark.parametrize("capability", [(7, 0), (7, 5), (8, 0), (9, 0)])
+def test_triton_declines_gpus_below_compute_capability_8(monkeypatch, capability):
+    """Triton 3.3+ targets sm_80+ (on 7.x tl.dot falls back to FMA and bf16 is absent) and the kernels are audited
+    for sm_80/86/90 only: a forced triton backend on a V100 or T4 raises and says why; from 8.0 on it runs."""
+    if not tk.available_backends()["triton"].startswith("available"):
+        pytest.skip("the triton backend is not available here")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    cuda = torch.device("cuda", 0)
+    implemented = [op for op, status in tk.backend_status()["triton"].items() if status == "available"]
+    assert "idconv" in implemented and "osra_attention" in implemented
+    with tk.use_backend("triton"):
+        for op in implemented:
+            if capability < (8, 0):
+                message = rf"compute capability {capability[0]}\.{capability[1]} is below 8\.0"
+                with pytest.raises(tk.BackendUnavailableError, match=message):
+                    bk.select(op, cuda, torch.float32, False, False, 32)
+            else:
+                assert bk.select(op, cuda, torch.float32, False, False, 32) == "triton", op

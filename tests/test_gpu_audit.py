@@ -93,7 +93,7 @@ def test_launches_compile_fit_and_do_not_spill(audit, kernel, target, dtype):
 
 
 def test_torch_work_between_launches_is_counted(audit):
-    """The OSRA short backward sums its dk/dv partials (one fp32 [B, h, M, d] pair per block of 32 to 128 queries)
+    """The OSRA short backward sums its dk/dv partials (one fp32 [B, h, M, d] pair per block of 64 or 128 queries)
     with torch inside the op's custom-op wrapper: the estimate must carry at least those reads, and the forward
     (no torch work but its tiny scale tensor) almost nothing. (The int64-offset variants run the flash backward.)"""
     rows = [

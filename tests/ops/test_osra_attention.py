@@ -58,7 +58,7 @@ def osra_args(
 
 
 # (B, h, N, M, d, bias dims). The Triton rows each exercise a kernel path: M <= 64 keys take the one-pass short
-# path (query blocks of 32 to 128 rows; interpreted, batch groups fill 4 programs), longer M the flash kernels
+# path (query blocks of 64 or 128 rows; interpreted, batch groups fill 4 programs), longer M the flash kernels
 # (BLOCK_M = 64 keys, BLOCK_N = 16 or 32 queries; interpreted, the backward splits/groups work to fill 4
 # programs); the cpp rows its register blocking.
 CASES = [
@@ -393,7 +393,7 @@ def test_triton_short_backward_sums_the_bias_gradient_in_its_buffer(case, dtype,
 
 def test_triton_short_path_rows_per_program():
     """Query rows (and warps) per program: the half-precision backward takes 128 on sm_90+ (and interpreted) when
-    N is a multiple of 16, else 32, and 64 on sm_8x; the fp32 backward 16 on 8 warps; a forward never takes more
+    N is a multiple of 16, else 64, and 64 on sm_8x; the fp32 backward 16 on 8 warps; a forward never takes more
     rows than N (rounded up to a power of two), fp32 below 64 rows then 16 rows per warp; the fp32 forward on
     sm_8x 16 rows on 4 warps (the configurations the static GPU audit finds spill-free)."""
     from transxnet_kernels.triton import common
@@ -407,7 +407,7 @@ def test_triton_short_path_rows_per_program():
         return cfg.block_n, cfg.num_warps
 
     bwd = [rows_and_warps("bwd", 90, 3136), rows_and_warps("bwd", 0, 784), rows_and_warps("bwd", 90, 196)]
-    assert bwd + [rows_and_warps("bwd", 80, 3136)] == [(128, 8), (128, 8), (32, 8), (64, 8)]
+    assert bwd + [rows_and_warps("bwd", 80, 3136)] == [(128, 8), (128, 8), (64, 8), (64, 8)]
     assert rows_and_warps("bwd", 90, 3136, torch.float32) == (16, 8)
     assert [rows_and_warps("fwd", 90, 3136), rows_and_warps("fwd", 90, 49)] == [(128, 8), (64, 8)]
     fp32_fwd = [rows_and_warps("fwd", c, N, torch.float32) for c, N in ((90, 3136), (90, 49), (90, 20), (80, 3136))]

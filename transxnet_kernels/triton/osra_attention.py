@@ -20,10 +20,10 @@ Two paths (`_short_path` picks per call):
     the dot's register layout and the softmax stays there); one-pass softmax, no rescaling.
   - `_osra_bwd_short_kernel`: one read of q, dO, k, v and lse per (query block, batch); O is not
     read (Delta from P * dP). dq is stored; dk and dv are stored as fp32 partials per query block
-    ([query blocks, B, h, M, d]) and summed afterwards; dS is summed over the group's batches (in
-    registers on sm_90, in the program's own slice of the buffer on sm_8x: `_short_dbias_in_registers`)
-    into a slice per group ([groups, h, N, M], summed afterwards). Batch groups are as few as give
-    Settings.short_path_programs (8 per SM) programs.
+    ([query blocks, B, h, M, d]) and summed afterwards (one block: stored in k's dtype); dS is summed
+    over the group's batches (in registers on sm_90, in the program's own slice of the buffer on
+    sm_8x: `_short_dbias_in_registers`) into a slice per group ([groups, h, N, M], summed afterwards).
+    Batch groups are as few as give Settings.short_path_programs (8 per SM) programs.
 * Flash: longer M (detection sizes, M ~ 950), or a scale <= 0, or fp64 on GPUs.
   - `_osra_fwd_kernel`, one program per (query block, b·head): loop over key blocks of BLOCK_M keys
     with the online softmax.
@@ -848,11 +848,11 @@ _SHORT_BLOCKS = {
     ("bwd", False): (16, 8, 1),
 }
 _SHORT_BLOCKS_SM8X = {("fwd", False): (16, 4, 1)}
-# fp16/bf16 backward rows per program on sm_90+, by whether N is a multiple of 16. Aligned (TransXNet's stages
-# 1-2): 128, half the dk/dv partials and ~30% fewer instructions per query than 64 rows (T stage 1 estimate
-# 48 -> 33 us, plus 16 MB less partial traffic), no spill. Unaligned N (stages 3-4; scalar q loads): 32, as 128
-# rows spilled 100-108 B and 64 rows 16 B under Triton 3.6 (TransXNet-B, odd head dims).
-_SHORT_BWD_ROWS_SM90 = {True: 128, False: 32}
+# fp16/bf16 backward rows per program on sm_90+ when N is a multiple of 16 (TransXNet's stages 1-2): half the
+# dk/dv partials and ~30% fewer instructions per query than 64 rows (T stage 1 estimate 48 -> 33 us, plus 16 MB
+# less partial traffic), no spill. Unaligned N (stages 3-4; scalar q loads) spilled 100-108 B with 128 rows:
+# they keep 64.
+_SHORT_BWD_ROWS_ALIGNED_SM90 = 128
 
 
 def _short_dbias_in_registers(q: torch.Tensor) -> bool:
@@ -898,8 +898,8 @@ def _short_config(q: torch.Tensor, k: torch.Tensor, kernel: str) -> _Config:
     if 0 < capability < 90:
         blocks = _SHORT_BLOCKS_SM8X.get((kernel, half), blocks)
     block_n, num_warps, num_stages = blocks
-    if kernel == "bwd" and half and not 0 < capability < 90:
-        block_n = _SHORT_BWD_ROWS_SM90[q.shape[2] % 16 == 0]
+    if kernel == "bwd" and half and not 0 < capability < 90 and q.shape[2] % 16 == 0:
+        block_n = _SHORT_BWD_ROWS_ALIGNED_SM90
     if kernel == "fwd":  # no more query rows than N; then fp32 with 16 rows per warp below 64 (see _SHORT_BLOCKS)
         rows = min(block_n, max(16, triton.next_power_of_2(q.shape[2])))
         if not half and rows < min(block_n, 64):
@@ -1093,7 +1093,12 @@ def _backward_short(grad_out, q, k, v, bias, lse, scale, has_dbias):
     n_blocks = triton.cdiv(N, cfg.block_n)
     groups, batches_per_group = _short_path_groups(bias, B, n_blocks * h, q.device)
     dbias_buf, dbias_strides, reduce_dims = _dbias_buffer(bias, has_dbias, groups, batches_per_group, q, M)
-    dk_buf, dv_buf, dkv_strides = _dkdv_buffers(k, n_blocks)  # a dk/dv partial per query block
+    # dk/dv: a partial per query block, [query blocks, B, h, M, d], fp32 and summed afterwards; with one block
+    # the gradients themselves in k's dtype, in the same d-contiguous layout (the caller puts them in k's): written
+    # in the model's k layout (M-contiguous), the kernel spilled 16 B on sm_90 under Triton 3.6.
+    partial_dtype = accumulation_dtype(k.dtype) if n_blocks > 1 else k.dtype
+    dk_buf = torch.empty((n_blocks,) + tuple(k.shape), dtype=partial_dtype, device=k.device)
+    dv_buf = torch.empty_like(dk_buf)
     dq = torch.empty_like(q)
     with device_guard(q):
         _osra_bwd_short_kernel[(n_blocks, h, groups)](
@@ -1111,7 +1116,7 @@ def _backward_short(grad_out, q, k, v, bias, lse, scale, has_dbias):
             *q.stride(),
             *k.stride(),
             *_bias_strides(bias),
-            *dkv_strides,
+            *dk_buf.stride(),
             *dbias_strides,
             B,
             h,
@@ -1130,9 +1135,8 @@ def _backward_short(grad_out, q, k, v, bias, lse, scale, has_dbias):
             num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
         )
-    if n_blocks > 1:
-        dk_buf, dv_buf = dk_buf.sum(0), dv_buf.sum(0)
-    return dq, dk_buf, dv_buf, dbias_buf, reduce_dims
+    dk, dv = (dk_buf.sum(0), dv_buf.sum(0)) if n_blocks > 1 else (dk_buf[0], dv_buf[0])
+    return dq, dk, dv, dbias_buf, reduce_dims
 
 
 def _backward_flash(grad_out, q, k, v, bias, out, lse, scale, has_dbias):
