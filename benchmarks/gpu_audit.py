@@ -414,11 +414,21 @@ class Launch:
 
 
 def _launch_bytes(args: Dict[str, Any]) -> int:
-    """Bytes of the distinct tensors a launch is given (each read or written once)."""
+    """Bytes of the distinct tensors a launch is given (each read or written once). A launch with a channel block
+    table (blocks_ptr: int32 rows of first channel, end channel, kernel size) covers only its blocks' channels:
+    of a tensor whose axis 1 is the C channels (feature maps, per-channel partials) it moves that share."""
+    blocks = args.get("blocks_ptr")
+    share = 1.0
+    if isinstance(blocks, torch.Tensor) and isinstance(args.get("C"), int) and args["C"] > 0:
+        rows = blocks.reshape(-1, 3).to(torch.int64)
+        share = float((rows[:, 1] - rows[:, 0]).sum()) / args["C"]
     seen = {}
     for value in args.values():
         if isinstance(value, torch.Tensor):
-            seen[(value.data_ptr(), value.shape, value.stride())] = value.numel() * value.element_size()
+            size = value.numel() * value.element_size()
+            if value.dim() >= 2 and value.shape[1] == args.get("C"):
+                size = int(size * share)
+            seen[(value.data_ptr(), value.shape, value.stride())] = size
     return sum(seen.values())
 
 

@@ -120,6 +120,20 @@ def test_torch_work_between_launches_is_counted(audit):
     assert checked, "no OSRA backward with several query blocks recorded"
 
 
+def test_launches_by_kernel_size_count_each_channel_once(audit):
+    """The whole-plane stencil (stages 3-4 at 224x224) runs one launch per kernel size, each given the whole
+    feature maps but covering only its channel blocks: the launches' DRAM bytes must add up to the op's (x read
+    and out written once), not once per launch."""
+    rows = [
+        r
+        for r in audit["calls"]
+        if r["op"] == "multiscale_dwconv" and r["phase"] == "forward" and r["shape"][2] <= 16 and r["shape"][3] <= 16
+    ]
+    assert rows, "no multiscale_dwconv forward on a small plane recorded"
+    for r in rows:
+        assert r["dram_s"] <= 1.1 * r["roofline_s"], r  # + the packed weights; 4 sizes counted 4 times: ~4x
+
+
 _ATTRIBUTION_CHECK = r"""
 import inspect
 
