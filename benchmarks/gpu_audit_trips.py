@@ -71,28 +71,32 @@ def _stencil(args, grid, loops: Sequence[str]) -> Trips:
     return {f"{name}:i": rows for name in loops}
 
 
-def _conv_loop(args) -> str:
-    """The stencil helper a launch runs: chunks of 4 pixels (VEC) or one load per tap."""
-    return "_dwconv_tile_vec_k" if args["VEC"] else "_dwconv_tile_k"
+def _conv_loops(args) -> List[str]:
+    """The row loop of the stencil helper a launch runs: chunks of 4 pixels (VEC) or one load per tap; none for
+    the whole-plane stencil (PLANE_W: a launch per kernel size, its taps unrolled in the caller's per-image
+    loop, whose body then counts exactly once per image)."""
+    if args["PLANE_W"]:
+        return []
+    return ["_dwconv_tile_vec_k" if args["VEC"] else "_dwconv_tile_k"]
 
 
 def _wgrad_loops(args) -> List[str]:
-    """The weight-gradient helper's row loop; none on chunks of 4 pixels (VEC: rows and taps unrolled, so its
-    body counts once per image in the caller's loop)."""
-    return [] if args["VEC"] else ["_wgrad_tile_k"]
+    """The weight-gradient helper's row loop; none on chunks of 4 pixels or whole planes (rows and taps
+    unrolled, so its body counts once per image in the caller's loop)."""
+    return [] if args["VEC"] or args["PLANE_W"] else ["_wgrad_tile_k"]
 
 
 def _msdw_forward(args, grid) -> Trips:
-    return {"_forward_kernel:_": grid[0] * grid[1] * args["B"], **_stencil(args, grid, [_conv_loop(args)])}
+    return {"_forward_kernel:_": grid[0] * grid[1] * args["B"], **_stencil(args, grid, _conv_loops(args))}
 
 
 def _middle_grad(args, grid) -> Trips:
-    loops = [_conv_loop(args), *_wgrad_loops(args)] if args["DZ"] else [_conv_loop(args)]
+    loops = [*_conv_loops(args), *_wgrad_loops(args)] if args["DZ"] else _conv_loops(args)
     return {"_middle_grad_kernel:_": grid[0] * grid[1] * args["B"], **_stencil(args, grid, loops)}
 
 
 def _dx(args, grid) -> Trips:
-    loops = [_conv_loop(args), *_wgrad_loops(args)] if args["WGRAD"] else [_conv_loop(args)]
+    loops = [*_conv_loops(args), *_wgrad_loops(args)] if args["WGRAD"] else _conv_loops(args)
     return {"_dx_kernel:_": grid[0] * grid[1] * args["B"], **_stencil(args, grid, loops)}
 
 

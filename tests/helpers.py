@@ -321,16 +321,29 @@ def groups_id(groups) -> str:
     return "w{}k{}-B{}H{}W{}".format("_".join(map(str, widths)), "_".join(map(str, ksizes)), B, H, W)
 
 
-def ms_ffn_small_tiles(index64: bool = True):
+def ms_ffn_small_tiles(index64: bool = True, plane: bool = False):
     """launch_overrides for the Triton MS-FFN kernels giving GPU-like launch shapes on small inputs: several
     spatial tiles, channel blocks per group, the batch split over programs, and (index64) int64 in-image
-    offsets."""
+    offsets. plane: the whole-plane stencil where it applies (a few channels per tile), else the tiled ones."""
     import dataclasses
 
     from transxnet_kernels.triton import common, ms_ffn
 
     target = common.launch_target(DEVICE)
     return common.launch_overrides(
-        ms_ffn.Settings(tile_elements=16, target_programs=10**6, max_channel_block=2),
+        ms_ffn.Settings(
+            tile_elements=16, target_programs=10**6, max_channel_block=2, plane_max=16 if plane else 0, plane_columns=8
+        ),
         dataclasses.replace(target, int32_span_limit=0) if index64 else target,
     )
+
+
+def ms_ffn_tiled_stencils():
+    """launch_overrides for the Triton MS-FFN kernels: the default launch settings without the whole-plane
+    stencil, so small planes run the tiled stencils (per tap, or chunks of 4 pixels) that larger ones take."""
+    import dataclasses
+
+    from transxnet_kernels.triton import common, ms_ffn
+
+    settings = ms_ffn.Settings.for_target(common.launch_target(DEVICE))
+    return common.launch_overrides(dataclasses.replace(settings, plane_max=0))

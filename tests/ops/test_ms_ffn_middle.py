@@ -3,6 +3,7 @@ output, running statistics and every gradient, training and eval, awkward group 
 dtypes, NaN-poisoned allocations; then each backend's own paths (Triton: tiling and batch splits, an eager
 module's training steps, gradcheck, opcheck, torch.compile; cpp: eval only, auto falls back in training)."""
 
+import contextlib
 from unittest import mock
 
 import pytest
@@ -29,6 +30,7 @@ from helpers import (
     fused_backends,
     groups_id,
     ms_ffn_small_tiles,
+    ms_ffn_tiled_stencils,
     not_interpreted,
     randn,
     requires_cpp,
@@ -129,24 +131,31 @@ def _sweep():
                 ]
             for g, layout, training, affine in cases:
                 mode = ("train" if training else "eval") + ("" if affine else "-noaffine")
-                params.append(
-                    backend_param(
-                        backend,
-                        dtype,
-                        g,
-                        layout,
-                        training,
-                        affine,
-                        extra_id=f"-{dtype_id(dtype)}-{groups_id(g)}-{layout}-{mode}",
+                # Triton: planes of <= 16 x 16 take the whole-plane stencil; again with the tiled stencils larger
+                # planes take (in the interpreter: fp64 training, which runs every kernel).
+                tiled = backend.name == "triton" and (not backend.interpreted or (dtype == torch.float64 and training))
+                for stencil in ("default", "tiled") if tiled else ("default",):
+                    params.append(
+                        backend_param(
+                            backend,
+                            dtype,
+                            g,
+                            layout,
+                            training,
+                            affine,
+                            stencil,
+                            extra_id=f"-{dtype_id(dtype)}-{groups_id(g)}-{layout}-{mode}"
+                            + ("-tiled" if stencil == "tiled" else ""),
+                        )
                     )
-                )
     return params
 
 
-@pytest.mark.parametrize("backend,dtype,groups,layout,training,affine", _sweep())
-def test_matches_reference(backend, dtype, groups, layout, training, affine, nan_poisoned_empty):
+@pytest.mark.parametrize("backend,dtype,groups,layout,training,affine,stencil", _sweep())
+def test_matches_reference(backend, dtype, groups, layout, training, affine, stencil, nan_poisoned_empty):
     args = middle_args(*groups, dtype=dtype, layout=layout, training=training, affine=affine, device=backend.device)
-    out = check_middle(backend, args)
+    with ms_ffn_tiled_stencils() if stencil == "tiled" else contextlib.nullcontext():
+        out = check_middle(backend, args)
     assert_output_layout(out, args[0])
 
 
@@ -246,11 +255,12 @@ def test_training_on_one_value_per_channel_raises(backend):
 
 
 @requires_triton
+@pytest.mark.parametrize("plane", [False, True], ids=["tiled", "plane"])
 @pytest.mark.parametrize(
     "layout,training", [("contiguous", False), ("channels_last", True)], ids=["contiguous-eval", "channels_last-train"]
 )
-def test_triton_many_tiles_and_batch_splits(layout, training, nan_poisoned_empty):
-    with ms_ffn_small_tiles():
+def test_triton_many_tiles_and_batch_splits(layout, training, plane, nan_poisoned_empty):
+    with ms_ffn_small_tiles(index64=not plane, plane=plane):
         check_middle(
             TRITON, middle_args([3, 5, 1], [3, 1, 5], 3, 5, 7, dtype=torch.float64, layout=layout, training=training)
         )

@@ -27,6 +27,7 @@ from helpers import (
     fused_backends,
     groups_id,
     ms_ffn_small_tiles,
+    ms_ffn_tiled_stencils,
     not_interpreted,
     randn,
     requires_cpp,
@@ -83,18 +84,22 @@ def _sweep():
             else LAYOUTS
         )
         for dtype in (torch.float32, torch.float64):
+            # Triton: planes of <= 16 x 16 take the whole-plane stencil; again with the tiled stencils larger
+            # planes take (in the interpreter in fp64 only).
+            tiled = backend.name == "triton" and (dtype == torch.float64 or not backend.interpreted)
             for g in groups:
                 for layout in layouts:
-                    params.append(
-                        backend_param(backend, dtype, g, layout, extra_id=f"-{dtype_id(dtype)}-{groups_id(g)}-{layout}")
-                    )
+                    for stencil in ("default", "tiled") if tiled else ("default",):
+                        extra = f"-{dtype_id(dtype)}-{groups_id(g)}-{layout}" + ("-tiled" if stencil == "tiled" else "")
+                        params.append(backend_param(backend, dtype, g, layout, stencil, extra_id=extra))
     return params
 
 
-@pytest.mark.parametrize("backend,dtype,groups,layout", _sweep())
-def test_matches_reference(backend, dtype, groups, layout, nan_poisoned_empty):
+@pytest.mark.parametrize("backend,dtype,groups,layout,stencil", _sweep())
+def test_matches_reference(backend, dtype, groups, layout, stencil, nan_poisoned_empty):
     args = msdw_args(*groups, dtype=dtype, layout=layout, device=backend.device)
-    out, _, _ = check_op(backend, OP, args)
+    with ms_ffn_tiled_stencils() if stencil == "tiled" else contextlib.nullcontext():
+        out, _, _ = check_op(backend, OP, args)
     assert_output_layout(out, args[0])
 
 
@@ -201,10 +206,53 @@ def test_compile_fullgraph(backend):
 
 
 @requires_triton
+@pytest.mark.parametrize("plane", [False, True], ids=["tiled", "plane"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_triton_many_tiles_and_batch_splits(layout, nan_poisoned_empty):
-    with ms_ffn_small_tiles():
+def test_triton_many_tiles_and_batch_splits(layout, plane, nan_poisoned_empty):
+    with ms_ffn_small_tiles(index64=not plane, plane=plane):
         check_op(TRITON, OP, msdw_args([3, 5, 1], [3, 1, 5], 3, 5, 7, dtype=torch.float64, layout=layout))
+
+
+@requires_triton
+def test_triton_whole_plane_stencil_where_it_applies():
+    """Planes of at most plane_max rows and columns with int32 offsets, in either memory layout, take the
+    whole-plane stencil: one launch per kernel size, largest first, a program per channel block holding the
+    plane padded to powers of 2. Planned on meta tensors, nothing runs."""
+    from transxnet_kernels.triton import common, ms_ffn
+
+    def plan(x, widths=(2, 3), ksizes=(3, 7)):
+        return ms_ffn._plan(x, list(widths), list(ksizes))
+
+    with common.launch_overrides(common.LaunchTarget(sm_count=132, interpreted=False)):
+        p = plan(torch.empty(8, 5, 14, 14, device="meta"))
+        assert p.plane == (14, 14, 16) and p.block_hw == 256 and not p.vec, p
+        assert [launch.kmax for launch in p.launches] == [7, 3]
+        assert p.block_c == 4 and p.num_warps == 2, p  # 128 (channel, column) pairs of 16 columns, capped at 4
+        assert [launch.grid[:2] for launch in p.launches] == [(1, 1), (1, 1)]
+        assert plan(torch.empty(8, 5, 7, 9, device="meta").to(memory_format=torch.channels_last)).plane == (7, 9, 16)
+        assert plan(torch.empty(8, 5, 16, 1, device="meta")).plane == (16, 1, 1)
+        assert plan(torch.empty(8, 5, 17, 4, device="meta")).plane == (0, 0, 0)
+        assert plan(torch.empty(8, 5, 4, 17, device="meta")).plane == (0, 0, 0)
+        assert plan(torch.empty(8, 5, 17, 4, device="meta")).launches[0].kmax == 7
+    with ms_ffn_small_tiles(index64=True, plane=True):
+        assert plan(torch.empty(8, 5, 14, 14, device="meta")).plane == (0, 0, 0)
+
+
+@requires_triton
+def test_triton_whole_plane_launches_with_unequal_batch_splits(nan_poisoned_empty):
+    """One launch per kernel size, each splitting the batch for its own channel blocks: the k = 3 launch (four
+    one-channel blocks) splits a batch of 4 once, the k = 5 launch (one block) four times, so the weight
+    gradient's partials have rows only one launch writes (zero for the other's channels)."""
+    import dataclasses
+
+    from transxnet_kernels.triton import common, ms_ffn
+
+    args = msdw_args([4, 1], [3, 5], 4, 6, 5, dtype=torch.float64)
+    settings = ms_ffn.Settings.for_target(common.launch_target(DEVICE))
+    with common.launch_overrides(dataclasses.replace(settings, target_programs=4, plane_columns=8)):
+        plan = ms_ffn._plan(args[0].detach(), [4, 1], [3, 5])
+        assert [(launch.kmax, launch.grid) for launch in plan.launches] == [(5, (1, 1, 4)), (3, (1, 4, 1))], plan
+        check_op(TRITON, OP, args)
 
 
 # Row-contiguous maps with W a multiple of 4 take the chunked stencils (_dwconv_tile_vec_k, _wgrad_tile_vec_k):
@@ -227,7 +275,7 @@ def test_triton_chunked_stencil(groups, small_tiles, nan_poisoned_empty):
     from transxnet_kernels.triton import ms_ffn
 
     args = msdw_args(*groups, dtype=torch.float64)
-    with ms_ffn_small_tiles(index64=False) if small_tiles else contextlib.nullcontext():
+    with ms_ffn_small_tiles(index64=False) if small_tiles else ms_ffn_tiled_stencils():
         assert ms_ffn._plan(args[0].detach(), groups[0], groups[1]).vec
         check_op(TRITON, OP, args)
 
@@ -236,8 +284,15 @@ def test_triton_chunked_stencil(groups, small_tiles, nan_poisoned_empty):
 def test_triton_block_table_runs_the_largest_kernels_first():
     from transxnet_kernels.triton import ms_ffn
 
-    table = ms_ffn._block_table([3, 2, 4, 1], [1, 3, 7, 5], 2, torch.device("cpu")).tolist()
-    assert table == [[5, 7, 7], [7, 9, 7], [9, 10, 5], [3, 5, 3], [0, 2, 1], [2, 3, 1]]
+    ((kmax, table),) = ms_ffn._block_tables([3, 2, 4, 1], [1, 3, 7, 5], 2, False, torch.device("cpu"))
+    assert kmax == 7 and table.tolist() == [[5, 7, 7], [7, 9, 7], [9, 10, 5], [3, 5, 3], [0, 2, 1], [2, 3, 1]]
+    tables = ms_ffn._block_tables([3, 2, 4, 1], [1, 3, 7, 5], 2, True, torch.device("cpu"))
+    assert [(k, t.tolist()) for k, t in tables] == [
+        (7, [[5, 7, 7], [7, 9, 7]]),
+        (5, [[9, 10, 5]]),
+        (3, [[3, 5, 3]]),
+        (1, [[0, 2, 1], [2, 3, 1]]),
+    ]
 
 
 @requires_triton
@@ -251,12 +306,14 @@ def test_triton_chunked_stencil_only_where_it_applies():
         return ms_ffn._plan(x, [1, 1], list(ksizes))
 
     x = torch.empty(2, 2, 6, 8, device="meta")
-    assert plan(x).vec
-    assert not plan(x, (3, 11)).vec
-    assert not plan(torch.empty(2, 2, 6, 6, device="meta")).vec
-    assert not plan(x.to(memory_format=torch.channels_last)).vec
-    assert not plan(torch.empty(2, 2, 6, 16, device="meta")[..., ::2]).vec
-    assert not plan(torch.empty(2, 3, 6, 8, device="meta")[:, :2].as_strided((2, 2, 6, 8), (97, 49, 8, 1))).vec
+    with ms_ffn_tiled_stencils():
+        assert plan(x).vec
+        assert not plan(x, (3, 11)).vec
+        assert not plan(torch.empty(2, 2, 6, 6, device="meta")).vec
+        assert not plan(x.to(memory_format=torch.channels_last)).vec
+        assert not plan(torch.empty(2, 2, 6, 16, device="meta")[..., ::2]).vec
+        assert not plan(torch.empty(2, 3, 6, 8, device="meta")[:, :2].as_strided((2, 2, 6, 8), (97, 49, 8, 1))).vec
+    assert not plan(x).vec  # the whole-plane stencil
     with ms_ffn_small_tiles(index64=True):
         assert not plan(x).vec
 
@@ -278,25 +335,31 @@ def test_triton_grid_puts_spatial_tiles_on_axis_0(target):
     for widths, ksizes in (([32], [3]), ([8, 8, 8, 8], [1, 3, 5, 7])):
         with common.launch_overrides(launch):
             plan = ms_ffn._plan(x, widths, ksizes)
-        assert plan.grid[0] * plan.block_hw >= side * side and plan.grid[0] > 65535, plan.grid
-        assert plan.grid[1] <= 65535 and plan.grid[2] <= 65535, plan.grid
+        ((_, grid, _, _),) = plan.launches
+        assert grid[0] * plan.block_hw >= side * side and grid[0] > 65535, grid
+        assert grid[1] <= 65535 and grid[2] <= 65535, grid
 
 
 @requires_triton
 def test_triton_nchw_tiles_are_one_channel_on_gpus_and_share_small_planes_in_the_interpreter():
     """On GPUs an NCHW tile is one channel's long run of pixels (coalesced). The interpreter's cost is per
     tile operation, so there small planes share a tile (the whole-model training test took 20 minutes with
-    one channel per program) while large planes keep one channel per tile. Planned on meta tensors."""
+    one channel per program) while large planes keep one channel per tile (the tiled stencils: small planes
+    take the whole-plane one by default). Planned on meta tensors."""
+    import dataclasses
+
     from transxnet_kernels.triton import common, ms_ffn
 
     widths, ksizes = [16, 16, 16, 16], [1, 3, 5, 7]
     small, large = (torch.empty(2, 64, side, side, device="meta") for side in (8, 64))
-    with common.launch_overrides(common.LaunchTarget(sm_count=132, interpreted=False)):
+    no_plane = dataclasses.replace(ms_ffn.Settings.for_target(common.LaunchTarget(1, False)), plane_max=0)
+    with common.launch_overrides(common.LaunchTarget(sm_count=132, interpreted=False), no_plane):
         assert ms_ffn._plan(small, widths, ksizes).block_c == 1
         assert ms_ffn._plan(large, widths, ksizes).block_c == 1
-    with common.launch_overrides(common.LaunchTarget(sm_count=1, interpreted=True)):
+    no_plane = dataclasses.replace(ms_ffn.Settings.for_target(common.LaunchTarget(1, True)), plane_max=0)
+    with common.launch_overrides(common.LaunchTarget(sm_count=1, interpreted=True), no_plane):
         plan = ms_ffn._plan(small, widths, ksizes)
-        assert plan.block_c == 16 and plan.block_hw == 64 and plan.grid[:2] == (1, 4), plan
+        assert plan.block_c == 16 and plan.block_hw == 64 and plan.launches[0].grid[:2] == (1, 4), plan
         plan = ms_ffn._plan(large, widths, ksizes)
         assert plan.block_c == 1 and plan.block_hw == 4096, plan
 

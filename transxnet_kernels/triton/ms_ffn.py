@@ -34,8 +34,15 @@ T/S/B stages 1-2: W = 56, 28; `_vectorisable`), a thread owns chunks of 4 pixels
 it loads its chunk and both neighbours (3 vector loads, masks per chunk) and runs the row's K taps on those
 12 registers (`_dwconv_tile_vec_k`); the weight gradient keeps one per-thread partial per tap, unrolled,
 and reduces across threads once per program (`_wgrad_tile_vec_k`, `_tap_totals`) instead of once per tap
-and image. Elsewhere (channels_last, W = 14 or 7, K > 9) each tap is one predicated load and one FMA per
-output element (`_dwconv_tile_k`, `_wgrad_tile_k`; about 8 issued instructions per tap and output on sm_90).
+and image. Planes of at most 16 x 16 (`Settings.plane_max`; stages 3-4 at 224^2, either layout) run the
+whole-plane stencil `_dwconv_plane_k` in the passes that do not reduce the weight gradient: a thread owns one
+channel's column and all H of its outputs; per kernel column it loads the shifted column once (H loads, one
+mask) and adds its K vertical taps to every output row as FMAs between registers, rows outside the image
+skipped at compile time; one launch per kernel size (KMAX is the block's k, heaviest first), the residual
+taken from the centre column. The weight-gradient passes keep the tiled stencil there: a per-thread partial
+per tap beside the plane's rows spilled. Elsewhere (channels_last, larger planes, K > 9) each tap is one
+predicated load and one FMA per output element (`_dwconv_tile_k`, `_wgrad_tile_k`; about 8 issued
+instructions per tap and output on sm_90).
 
 Passes over the big tensor (one pass = B*C*H*W elements read or written; e = element size):
     multiscale_dwconv  forward  read x, write out                                   2 passes
@@ -60,9 +67,12 @@ Passes over the big tensor (one pass = B*C*H*W elements read or written; e = ele
     The passes are still bound by instruction issue rather than DRAM traffic. Static GPU audit
     (`python -m benchmarks.gpu_audit`, Triton 3.8, H100 SXM, batch 128, bf16, NCHW, eval; estimate / DRAM
     roofline, µs), per-tap -> chunked stencils: T stage 1 (192x56x56) forward 831 -> 542 / 92, backward
-    2728 -> 1848 / 138; stage 2 forward 417 -> 272 / 46, backward 1367 -> 930 / 69; stages 3-4 (W = 14, 7)
-    unchanged (forward 247 / 27 and 174 / 13). The estimate counts every kernel size's unrolled code in a
-    program's per-image loop body, though a block runs one size: an overestimate for the chunked kernels.
+    2728 -> 1848 / 138; stage 2 forward 417 -> 272 / 46, backward 1367 -> 930 / 69. The estimate counts every
+    kernel size's unrolled code in a program's per-image loop body, though a block runs one size: an
+    overestimate for the chunked kernels. Whole-plane stencil, T stages 3-4, H100 (A100), µs, before -> now /
+    DRAM roofline: multiscale_dwconv forward bf16 204 -> 45 / 27 (304 -> 70 / 45) and 147 -> 25 / 13, fp32
+    166 -> 56 / 54 and 116 -> 29 / 27; ms_ffn_middle training forward bf16 304 -> 135 / 27 and 203 -> 73 / 13;
+    the backward is bound by the tiled weight-gradient passes (multiscale_dwconv bf16 stage 3: 507 / 40).
 """
 
 from __future__ import annotations
@@ -93,23 +103,26 @@ from .common import (
 class Settings:
     """Launch settings (override with common.launch_overrides).
 
-    tile_elements: elements of one program's [channels, positions] tile; target_programs: programs a launch
-    should have before the batch is split across programs; max_channel_block: channels of a channels_last
-    tile; nchw_channel_block: most channels of a contiguous-NCHW tile (they fill what a plane leaves of the
-    tile). On GPUs: small tiles, enough programs to fill the SMs several times over, NCHW tiles of one channel
-    (a long coalesced run of pixels). Triton's interpreter runs programs one after another at ~0.7 ms per tile
-    operation whatever the tile's size, so there few large programs are fastest: small NCHW planes share a
-    tile (one channel per program made the whole-model training test 20 minutes)."""
+    tile_elements: elements of one program's [channels, positions] tile; target_programs: programs a launch should have
+    before the batch is split across programs; max_channel_block: channels of a channels_last tile; nchw_channel_block:
+    most channels of a contiguous-NCHW tile (they fill what a plane leaves of the tile); plane_max: the largest H and W
+    the whole-plane stencil runs (0: never); plane_columns: (channel, column) pairs of a whole-plane tile, one per
+    thread on GPUs. On GPUs: small tiles, enough programs to fill the SMs several times over, NCHW tiles of one channel
+    (a long coalesced run of pixels). Triton's interpreter runs programs one after another at ~0.7 ms per tile operation
+    whatever the tile's size, so there few large programs are fastest: small NCHW planes share a tile (one channel per
+    program made the whole-model training test 20 minutes)."""
 
     tile_elements: int
     target_programs: int
     max_channel_block: int = 32
     nchw_channel_block: int = 1
+    plane_max: int = 16
+    plane_columns: int = 128
 
     @classmethod
     def for_target(cls, target: LaunchTarget) -> Settings:
         if target.interpreted:
-            return cls(tile_elements=4096, target_programs=1, nchw_channel_block=32)
+            return cls(tile_elements=4096, target_programs=1, nchw_channel_block=32, plane_columns=512)
         return cls(tile_elements=1024, target_programs=8 * target.sm_count)
 
 
@@ -319,6 +332,89 @@ def _dwconv_tile_vec_k(
 
 
 @triton.jit
+def _rows_to_tile(rows, HP: tl.constexpr, WP: tl.constexpr, BLOCK_C: tl.constexpr):
+    """HP row tiles [BLOCK_C, WP] (HP a power of 2) as one [BLOCK_C, HP * WP] tile, pixel h * WP + w: a tree of
+    joins, each adding the top bit of the row index as a new innermost axis, then rows moved outside columns."""
+    level_rows = rows
+    for level in tl.static_range(HP.bit_length() - 1):
+        joined = ()
+        for m in tl.static_range(HP >> (level + 1)):
+            pair = tl.join(level_rows[m], level_rows[m + (HP >> (level + 1))])
+            joined = joined + (tl.reshape(pair, [BLOCK_C, WP, 2 << level]),)
+        level_rows = joined
+    return tl.reshape(tl.permute(tl.reshape(level_rows[0], [BLOCK_C, WP, HP]), (0, 2, 1)), [BLOCK_C, HP * WP])
+
+
+@triton.jit
+def _plane_column(src_columns, m, dj, stride_w, stride_h, H: tl.constexpr, ACC: tl.constexpr):
+    """The H rows of column w + dj of each tile column w (masked by m: zero outside the image or channels)."""
+    col = src_columns + dj * stride_w
+    vals = ()
+    for r in tl.static_range(H):
+        vals = vals + (tl.load(col + r * stride_h, mask=m, other=0.0).to(ACC),)
+    return vals
+
+
+@triton.jit
+def _dwconv_plane_k(
+    src,
+    weight_ptr,
+    cs,
+    cmask,
+    stride_c,
+    stride_h,
+    stride_w,
+    K: tl.constexpr,
+    KK_STRIDE: tl.constexpr,
+    TRANSPOSE: tl.constexpr,
+    ADD_SRC: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    H: tl.constexpr,
+    W: tl.constexpr,
+    HP: tl.constexpr,
+    WP: tl.constexpr,
+):
+    """_dwconv_tile_k for a whole plane of compile-time H x W: a thread owns one channel's column w and all H of
+    its outputs (HP row tiles [BLOCK_C, WP], rows >= H zero). Per kernel column it loads the column w + dj once
+    (H loads, one mask per column shift) and adds its K vertical taps to every output row as FMAs between
+    registers: rows outside the image are skipped at compile time, so no tap has a mask of its own, and each
+    loaded value serves K outputs (the one-load-per-tap form: one load, its address and mask per tap). ADD_SRC:
+    plus src itself (the residual), from the centre column already loaded."""
+    R: tl.constexpr = K // 2
+    w = tl.arange(0, WP)
+    columns = src + cs[:, None] * stride_c + w[None, :] * stride_w
+    w_row = weight_ptr + cs * KK_STRIDE
+    acc = ()
+    for _ in tl.static_range(HP):
+        acc = acc + (tl.zeros([BLOCK_C, WP], ACC),)
+    for j in tl.static_range(K):
+        dj = (j - R) * (1 - 2 * TRANSPOSE)
+        vals = _plane_column(
+            columns, cmask[:, None] & ((w + dj >= 0) & (w + dj < W))[None, :], dj, stride_w, stride_h, H, ACC
+        )
+        for i in tl.static_range(K):
+            tap = tl.load(w_row + (i * K + j), mask=cmask, other=0.0).to(ACC)[:, None]
+            # Output row ho takes input row ho + the tap's row shift (compile-time indices and bounds).
+            new_acc = ()
+            for ho in tl.static_range(HP):
+                if (ho < H) & (ho + (i - R) * (1 - 2 * TRANSPOSE) >= 0) & (ho + (i - R) * (1 - 2 * TRANSPOSE) < H):
+                    new_acc = new_acc + (acc[ho] + tap * vals[ho + (i - R) * (1 - 2 * TRANSPOSE)],)
+                else:
+                    new_acc = new_acc + (acc[ho],)
+            acc = new_acc
+        if ADD_SRC and j == R:
+            new_acc = ()
+            for ho in tl.static_range(HP):
+                if ho < H:
+                    new_acc = new_acc + (acc[ho] + vals[ho],)
+                else:
+                    new_acc = new_acc + (acc[ho],)
+            acc = new_acc
+    return acc
+
+
+@triton.jit
 def _dwconv_tile(
     src,
     weight_ptr,
@@ -334,63 +430,97 @@ def _dwconv_tile(
     H,
     W,
     KMAX: tl.constexpr,
+    KK_STRIDE: tl.constexpr,
     TRANSPOSE: tl.constexpr,
+    ADD_SRC: tl.constexpr,
     ACC: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_HW: tl.constexpr,
     VEC: tl.constexpr,
+    PLANE_H: tl.constexpr,
+    PLANE_W: tl.constexpr,
+    PLANE_WP: tl.constexpr,
 ):
     """_dwconv_tile_k (_dwconv_tile_vec_k when VEC) for the channel block's kernel size k (odd, <= KMAX): one
-    compiled copy per odd size, picked by a branch that is uniform over the program."""
-    acc = tl.zeros([BLOCK_C, BLOCK_HW], ACC)
-    if VEC:  # outside the per-size branches, so it is computed once per program (hoisted out of the batch loop)
-        hq, wq, qmask, left_ok, right_ok = _chunk_coords(
-            tl.program_id(0) * (BLOCK_HW // 4), H * (W // 4), W, BLOCK_HW // 4
+    compiled copy per odd size, picked by a branch that is uniform over the program. PLANE_W > 0: the whole-plane
+    stencil _dwconv_plane_k, whose launches hold blocks of one kernel size, KMAX. ADD_SRC: plus the tile of src
+    itself (the residual; the whole-plane stencil takes it from its centre column instead of loading it again,
+    which also keeps the tile's own offsets out of its registers)."""
+    if PLANE_W > 0:
+        HP: tl.constexpr = BLOCK_HW // PLANE_WP
+        rows = _dwconv_plane_k(
+            src,
+            weight_ptr,
+            cs,
+            cmask,
+            stride_c,
+            stride_h,
+            stride_w,
+            KMAX,
+            KK_STRIDE,
+            TRANSPOSE,
+            ADD_SRC,
+            ACC,
+            BLOCK_C,
+            PLANE_H,
+            PLANE_W,
+            HP,
+            PLANE_WP,
         )
-    for K in tl.static_range(1, KMAX + 1, 2):
-        if k == K:
-            if VEC:
-                acc = _dwconv_tile_vec_k(
-                    src,
-                    weight_ptr,
-                    cs,
-                    cmask,
-                    hq,
-                    wq,
-                    qmask,
-                    left_ok,
-                    right_ok,
-                    H,
-                    stride_c,
-                    stride_h,
-                    K,
-                    KMAX * KMAX,
-                    TRANSPOSE,
-                    ACC,
-                    BLOCK_C,
-                    BLOCK_HW,
-                )
-            else:
-                acc = _dwconv_tile_k(
-                    src,
-                    weight_ptr,
-                    cs,
-                    cmask,
-                    h,
-                    w,
-                    pmask,
-                    stride_c,
-                    stride_h,
-                    stride_w,
-                    H,
-                    W,
-                    K,
-                    KMAX * KMAX,
-                    TRANSPOSE,
-                    ACC,
-                    BLOCK_C,
-                    BLOCK_HW,
-                )
+        acc = _rows_to_tile(rows, HP, PLANE_WP, BLOCK_C)
+    else:
+        acc = tl.zeros([BLOCK_C, BLOCK_HW], ACC)
+        if VEC:  # outside the per-size branches, so it is computed once per program (hoisted out of the batch loop)
+            hq, wq, qmask, left_ok, right_ok = _chunk_coords(
+                tl.program_id(0) * (BLOCK_HW // 4), H * (W // 4), W, BLOCK_HW // 4
+            )
+        for K in tl.static_range(1, KMAX + 1, 2):
+            if k == K:
+                if VEC:
+                    acc = _dwconv_tile_vec_k(
+                        src,
+                        weight_ptr,
+                        cs,
+                        cmask,
+                        hq,
+                        wq,
+                        qmask,
+                        left_ok,
+                        right_ok,
+                        H,
+                        stride_c,
+                        stride_h,
+                        K,
+                        KK_STRIDE,
+                        TRANSPOSE,
+                        ACC,
+                        BLOCK_C,
+                        BLOCK_HW,
+                    )
+                else:
+                    acc = _dwconv_tile_k(
+                        src,
+                        weight_ptr,
+                        cs,
+                        cmask,
+                        h,
+                        w,
+                        pmask,
+                        stride_c,
+                        stride_h,
+                        stride_w,
+                        H,
+                        W,
+                        K,
+                        KK_STRIDE,
+                        TRANSPOSE,
+                        ACC,
+                        BLOCK_C,
+                        BLOCK_HW,
+                    )
+        if ADD_SRC:
+            src_tile = cs[:, None] * stride_c + (h * stride_h + w * stride_w)[None, :]
+            acc += tl.load(src + src_tile, mask=cmask[:, None] & pmask[None, :], other=0.0).to(ACC)
     return acc
 
 
@@ -540,10 +670,18 @@ def _partial_rows(C, cs):
 
 @triton.jit
 def _tile_coords(
-    blocks_ptr, H, W, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, INDEX64: tl.constexpr, VEC: tl.constexpr
+    blocks_ptr,
+    H,
+    W,
+    BLOCK_C: tl.constexpr,
+    BLOCK_HW: tl.constexpr,
+    INDEX64: tl.constexpr,
+    VEC: tl.constexpr,
+    PLANE_WP: tl.constexpr,
 ):
     """This program's spatial tile (grid axis 0, the large one: h, w, mask) and channel block (axis 1:
-    channels, mask, kernel size); VEC: h, w from _chunked_hw."""
+    channels, mask, kernel size); VEC: h, w from _chunked_hw; PLANE_WP > 0: the whole plane, rows PLANE_WP
+    apart (the layout of _rows_to_tile)."""
     blk = tl.program_id(1)
     c0 = tl.load(blocks_ptr + 3 * blk)
     c1 = tl.load(blocks_ptr + 3 * blk + 1)
@@ -554,6 +692,10 @@ def _tile_coords(
     pmask = p < H * W
     if VEC:
         h, w = _chunked_hw(p, W)
+    elif PLANE_WP > 0:
+        h = p // PLANE_WP
+        w = p % PLANE_WP
+        pmask = (h < H) & (w < W)
     else:
         h = p // W
         w = p % W
@@ -612,6 +754,10 @@ def _forward_kernel(
     INDEX64: tl.constexpr,
     ACC: tl.constexpr,
     VEC: tl.constexpr,
+    KK_STRIDE: tl.constexpr,
+    PLANE_H: tl.constexpr,
+    PLANE_W: tl.constexpr,
+    PLANE_WP: tl.constexpr,
 ):
     """MODE _CONV: out = conv(x).  _APPLY: out = GELU(conv(x) + x) * scale + shift.
     _STATS: out = z = conv(x) + x (the pre-activation, in out's dtype) and per-program (count, mean, M2) of
@@ -620,7 +766,7 @@ def _forward_kernel(
     if VEC:  # strides Triton can prove multiples of 4 (see _multiple_of_4)
         x_stride_b, x_stride_c, x_stride_h = _chunk_strides(x_stride_b, x_stride_c, x_stride_h)
         out_stride_b, out_stride_c, out_stride_h = _chunk_strides(out_stride_b, out_stride_c, out_stride_h)
-    cs, cmask, k, h, w, pmask = _tile_coords(blocks_ptr, H, W, BLOCK_C, BLOCK_HW, INDEX64, VEC)
+    cs, cmask, k, h, w, pmask = _tile_coords(blocks_ptr, H, W, BLOCK_C, BLOCK_HW, INDEX64, VEC, PLANE_WP)
     mask = cmask[:, None] & pmask[None, :]
     bias = tl.load(bias_ptr + cs, mask=cmask, other=0.0).to(ACC)
     x_tile = cs[:, None] * x_stride_c + (h * x_stride_h + w * x_stride_w)[None, :]
@@ -657,21 +803,22 @@ def _forward_kernel(
                     H,
                     W,
                     KMAX,
+                    KK_STRIDE,
                     False,
+                    MODE != 0,
                     ACC,
                     BLOCK_C,
                     BLOCK_HW,
                     VEC,
+                    PLANE_H,
+                    PLANE_W,
+                    PLANE_WP,
                 )
                 + bias[:, None]
             )
         if MODE == 0 or MODE == 4:
-            if MODE == 4:
-                z += tl.load(x_b + x_tile, mask=mask, other=0.0).to(ACC)
             tl.store(o_b + o_tile, z.to(out_ptr.dtype.element_ty), mask=mask)
         else:
-            if MODE != 3:
-                z += tl.load(x_b + x_tile, mask=mask, other=0.0).to(ACC)
             if MODE == 2:  # saved for _APPLY_SAVED and the backward; the statistics keep z's full precision
                 tl.store(o_b + o_tile, z.to(out_ptr.dtype.element_ty), mask=mask)
             y = _gelu(z)
@@ -786,6 +933,10 @@ def _middle_grad_kernel(
     INDEX64: tl.constexpr,
     ACC: tl.constexpr,
     VEC: tl.constexpr,
+    KK_STRIDE: tl.constexpr,
+    PLANE_H: tl.constexpr,
+    PLANE_W: tl.constexpr,
+    PLANE_WP: tl.constexpr,
 ):
     """z = conv(x) + x (Z_SAVED: the forward's, read from z_ptr, laid out as dz; else recomputed),
     y = GELU(z), xhat = (y - mean) * rstd on the tile, then STATS: partial sums of go and go * xhat;
@@ -796,12 +947,11 @@ def _middle_grad_kernel(
             grad_out_stride_b, grad_out_stride_c, grad_out_stride_h
         )
         dz_stride_b, dz_stride_c, dz_stride_h = _chunk_strides(dz_stride_b, dz_stride_c, dz_stride_h)
-    cs, cmask, k, h, w, pmask = _tile_coords(blocks_ptr, H, W, BLOCK_C, BLOCK_HW, INDEX64, VEC)
+    cs, cmask, k, h, w, pmask = _tile_coords(blocks_ptr, H, W, BLOCK_C, BLOCK_HW, INDEX64, VEC, PLANE_WP)
     mask = cmask[:, None] & pmask[None, :]
     bias = tl.load(bias_ptr + cs, mask=cmask, other=0.0).to(ACC)
     mean = tl.load(mean_ptr + cs, mask=cmask, other=0.0).to(ACC)
     rstd = tl.load(rstd_ptr + cs, mask=cmask, other=0.0).to(ACC)
-    x_tile = cs[:, None] * x_stride_c + (h * x_stride_h + w * x_stride_w)[None, :]
     g_tile = cs[:, None] * grad_out_stride_c + (h * grad_out_stride_h + w * grad_out_stride_w)[None, :]
     d_tile = cs[:, None] * dz_stride_c + (h * dz_stride_h + w * dz_stride_w)[None, :]
     b_lo = tl.program_id(2) * b_per_prog
@@ -838,13 +988,18 @@ def _middle_grad_kernel(
                 H,
                 W,
                 KMAX,
+                KK_STRIDE,
                 False,
+                True,
                 ACC,
                 BLOCK_C,
                 BLOCK_HW,
                 VEC,
+                PLANE_H,
+                PLANE_W,
+                PLANE_WP,
             )
-            z += bias[:, None] + tl.load(x_b + x_tile, mask=mask, other=0.0).to(ACC)
+            z += bias[:, None]
         go = tl.load(g_b + g_tile, mask=mask, other=0.0).to(ACC)
         xhat = (_gelu(z) - mean[:, None]) * rstd[:, None]
         if STATS:
@@ -888,7 +1043,7 @@ def _middle_grad_kernel(
     if DZ:
         if VEC:
             acc_w = _tap_totals(acc_w, KMAX * KMAX, KK_POW2)
-        _store_wgrad_partials(pdw_ptr, pdb_ptr, acc_w, acc_b, cs, cmask, C, KMAX * KMAX, KK_POW2)
+        _store_wgrad_partials(pdw_ptr, pdb_ptr, acc_w, acc_b, cs, cmask, C, KK_STRIDE, KK_POW2)
 
 
 @triton.jit(
@@ -946,13 +1101,17 @@ def _dx_kernel(
     INDEX64: tl.constexpr,
     ACC: tl.constexpr,
     VEC: tl.constexpr,
+    KK_STRIDE: tl.constexpr,
+    PLANE_H: tl.constexpr,
+    PLANE_W: tl.constexpr,
+    PLANE_WP: tl.constexpr,
 ):
     """dx = conv_transpose(src) (+ src if RESIDUAL); WGRAD: partial dW = sum src * shifted x, dbias."""
     if VEC:  # strides Triton can prove multiples of 4 (see _multiple_of_4)
         src_stride_b, src_stride_c, src_stride_h = _chunk_strides(src_stride_b, src_stride_c, src_stride_h)
         x_stride_b, x_stride_c, x_stride_h = _chunk_strides(x_stride_b, x_stride_c, x_stride_h)
         dx_stride_b, dx_stride_c, dx_stride_h = _chunk_strides(dx_stride_b, dx_stride_c, dx_stride_h)
-    cs, cmask, k, h, w, pmask = _tile_coords(blocks_ptr, H, W, BLOCK_C, BLOCK_HW, INDEX64, VEC)
+    cs, cmask, k, h, w, pmask = _tile_coords(blocks_ptr, H, W, BLOCK_C, BLOCK_HW, INDEX64, VEC, PLANE_WP)
     mask = cmask[:, None] & pmask[None, :]
     s_tile = cs[:, None] * src_stride_c + (h * src_stride_h + w * src_stride_w)[None, :]
     dx_tile = cs[:, None] * dx_stride_c + (h * dx_stride_h + w * dx_stride_w)[None, :]
@@ -980,18 +1139,20 @@ def _dx_kernel(
             H,
             W,
             KMAX,
+            KK_STRIDE,
             True,
+            RESIDUAL,
             ACC,
             BLOCK_C,
             BLOCK_HW,
             VEC,
+            PLANE_H,
+            PLANE_W,
+            PLANE_WP,
         )
-        if RESIDUAL or WGRAD:
-            g = tl.load(s_b + s_tile, mask=mask, other=0.0).to(ACC)
-        if RESIDUAL:
-            dx += g
         tl.store(dx_b + dx_tile, dx.to(dx_ptr.dtype.element_ty), mask=mask)
         if WGRAD:
+            g = tl.load(s_b + s_tile, mask=mask, other=0.0).to(ACC)
             acc_b += tl.sum(g, axis=1)
             acc_w = _wgrad_tile(
                 acc_w,
@@ -1021,49 +1182,69 @@ def _dx_kernel(
     if WGRAD:
         if VEC:
             acc_w = _tap_totals(acc_w, KMAX * KMAX, KK_POW2)
-        _store_wgrad_partials(pdw_ptr, pdb_ptr, acc_w, acc_b, cs, cmask, C, KMAX * KMAX, KK_POW2)
+        _store_wgrad_partials(pdw_ptr, pdb_ptr, acc_w, acc_b, cs, cmask, C, KK_STRIDE, KK_POW2)
 
 
 # ------------------------------------------------------------------------------------------- launch
 
 
+class _Launch(NamedTuple):
+    blocks: torch.Tensor  # int32 [n_blocks, 3]: first channel, end channel, kernel size
+    grid: Tuple[int, int, int]  # (spatial tiles, channel blocks, batch splits): the large count on axis 0
+    b_per_prog: int
+    kmax: int  # KMAX: the largest kernel size of its blocks (a whole-plane launch's blocks all have it)
+
+
 class _Plan(NamedTuple):
     block_c: int
     block_hw: int
-    grid: Tuple[int, int, int]  # (spatial tiles, channel blocks, batch splits): the large count on axis 0
-    b_per_prog: int
-    blocks: torch.Tensor  # int32 [n_blocks, 3]: first channel, end channel, kernel size
-    kmax: int  # the largest kernel size (the packed weight table's rows are kmax^2 long)
+    launches: Tuple[_Launch, ...]  # one, or one per kernel size for the whole-plane stencil, heaviest first
+    kk_stride: int  # the packed weight table's row length: its largest kernel size, squared
     kk_pow2: int
     index64: bool
     acc: torch.dtype
     num_warps: int
     vec: bool  # _dwconv_tile_vec_k's chunked stencil (see _vectorisable)
+    plane: Tuple[int, int, int]  # (H, W, W padded to a power of 2): _dwconv_plane_k's stencil; zeros if not
 
     @property
     def partials(self) -> int:
-        """Rows of per-channel partials: one per (spatial tile, batch split)."""
-        return self.grid[0] * self.grid[2]
+        """Rows of per-channel partials: one per (spatial tile, batch split) of a launch."""
+        return max(launch.grid[0] * launch.grid[2] for launch in self.launches)
 
-    def constexprs(self) -> dict:
+    def partial_buffer(self, *shape: int, device: torch.device) -> torch.Tensor:
+        """[partials, *shape] per-program partials in the accumulation dtype. With one launch per kernel size, a
+        launch with fewer batch splits leaves its channels' last rows unwritten: those are zero."""
+        allocate = torch.zeros if len(self.launches) > 1 else torch.empty
+        return allocate((self.partials, *shape), dtype=self.acc, device=device)
+
+    def constexprs(self, launch: _Launch) -> dict:
         return dict(
-            KMAX=self.kmax,
+            KMAX=launch.kmax,
+            KK_STRIDE=self.kk_stride,
             BLOCK_C=self.block_c,
             BLOCK_HW=self.block_hw,
             INDEX64=self.index64,
             ACC=tl_accumulation_dtype(self.acc),
             VEC=self.vec,
+            PLANE_H=self.plane[0],
+            PLANE_W=self.plane[1],
+            PLANE_WP=self.plane[2],
             num_warps=self.num_warps,
         )
 
 
-_BLOCK_TABLES: Dict[Tuple, torch.Tensor] = {}
+_BLOCK_TABLES: Dict[Tuple, Tuple[Tuple[int, torch.Tensor], ...]] = {}
 
 
-def _block_table(widths: Sequence[int], ksizes: Sequence[int], block_c: int, device: torch.device) -> torch.Tensor:
-    key = (tuple(widths), tuple(ksizes), block_c, device)
-    table = _BLOCK_TABLES.get(key)
-    if table is None:
+def _block_tables(
+    widths: Sequence[int], ksizes: Sequence[int], block_c: int, by_size: bool, device: torch.device
+) -> Tuple[Tuple[int, torch.Tensor], ...]:
+    """(largest kernel size, block table) of each launch: channel blocks that never straddle a group, with their
+    kernel size; one table for all sizes, or (by_size) one per size."""
+    key = (tuple(widths), tuple(ksizes), block_c, by_size, device)
+    tables = _BLOCK_TABLES.get(key)
+    if tables is None:
         rows, c0 = [], 0
         for width, k in zip(widths, ksizes):
             for start in range(c0, c0 + width, block_c):
@@ -1072,9 +1253,14 @@ def _block_table(widths: Sequence[int], ksizes: Sequence[int], block_c: int, dev
         # Heaviest blocks first: the grid runs channel blocks in table order, so the k = 7 blocks do not form
         # the launch's tail (stable: channel order within a size).
         rows.sort(key=lambda row: -row[2])
-        table = torch.tensor(rows, dtype=torch.int32).reshape(-1, 3).to(device)
-        _BLOCK_TABLES[key] = table
-    return table
+        groups = (
+            [[row for row in rows if row[2] == k] for k in sorted(set(ksizes), reverse=True)] if by_size else [rows]
+        )
+        tables = tuple(
+            (group[0][2], torch.tensor(group, dtype=torch.int32).reshape(-1, 3).to(device)) for group in groups
+        )
+        _BLOCK_TABLES[key] = tables
+    return tables
 
 
 def _vectorisable(block_hw: int, kmax: int, index64: bool, x: torch.Tensor, *others: torch.Tensor) -> bool:
@@ -1093,34 +1279,55 @@ def _vectorisable(block_hw: int, kmax: int, index64: bool, x: torch.Tensor, *oth
     )
 
 
-def _plan(x: torch.Tensor, widths: Sequence[int], ksizes: Sequence[int], *others: torch.Tensor) -> _Plan:
+def _plane_shape(H: int, W: int, index64: bool, weight_grad: bool, settings: Settings) -> Tuple[int, int, int]:
+    """(H, W, W padded) when the whole-plane stencil runs: planes of at most settings.plane_max rows and columns
+    (they are unrolled: one compiled kernel per plane shape) with int32 offsets, in launches that do not reduce
+    the weight gradient (a per-thread partial per tap beside the plane's rows spilled registers); else zeros."""
+    if index64 or weight_grad or max(H, W) > settings.plane_max:
+        return (0, 0, 0)
+    return (H, W, triton.next_power_of_2(W))
+
+
+def _plan(
+    x: torch.Tensor, widths: Sequence[int], ksizes: Sequence[int], *others: torch.Tensor, weight_grad: bool = False
+) -> _Plan:
+    """Launch plan for the kernels reading x and writing or reading others; weight_grad: for launches that also
+    reduce the weight gradient."""
     B, _, H, W = x.shape
     hw = H * W
     settings = launch_settings(Settings, x.device)
-    if channels_last_input(x):
-        max_block_c = settings.max_channel_block
-    else:  # channels only fill what a plane leaves of the tile
-        max_block_c = min(settings.nchw_channel_block, max(1, settings.tile_elements // triton.next_power_of_2(hw)))
-    block_c = min(max_block_c, triton.next_power_of_2(max(widths)))
-    block_hw = max(1, min(triton.next_power_of_2(hw), settings.tile_elements // block_c))
-    blocks = _block_table(widths, ksizes, block_c, x.device)
-    n_hw = triton.cdiv(hw, block_hw)
-    splits = max(1, min(B, triton.cdiv(settings.target_programs, max(1, blocks.shape[0] * n_hw))))
-    b_per_prog = max(1, triton.cdiv(B, splits))
-    kmax = max(ksizes)
     index64 = needs_int64(x, *others)
+    plane = _plane_shape(H, W, index64, weight_grad, settings)
+    if plane[1]:  # whole planes, one (channel, column) per thread
+        block_hw = triton.next_power_of_2(H) * plane[2]
+        block_c = min(triton.next_power_of_2(max(widths)), max(1, settings.plane_columns // plane[2]))
+        num_warps = max(1, min(8, block_c * plane[2] // 32))
+    else:
+        if channels_last_input(x):
+            max_block_c = settings.max_channel_block
+        else:  # channels only fill what a plane leaves of the tile
+            max_block_c = min(settings.nchw_channel_block, max(1, settings.tile_elements // triton.next_power_of_2(hw)))
+        block_c = min(max_block_c, triton.next_power_of_2(max(widths)))
+        block_hw = max(1, min(triton.next_power_of_2(hw), settings.tile_elements // block_c))
+        num_warps = max(1, min(8, block_c * block_hw // 128))  # 4 tile elements per thread: K masks per tap row
+    n_hw = triton.cdiv(hw, block_hw)
+    launches = []
+    for kmax, blocks in _block_tables(widths, ksizes, block_c, bool(plane[1]), x.device):
+        splits = max(1, min(B, triton.cdiv(settings.target_programs, max(1, blocks.shape[0] * n_hw))))
+        b_per_prog = max(1, triton.cdiv(B, splits))
+        launches.append(_Launch(blocks, (n_hw, blocks.shape[0], triton.cdiv(B, b_per_prog)), b_per_prog, kmax))
+    kk_stride = max(ksizes) ** 2
     return _Plan(
         block_c,
         block_hw,
-        (n_hw, blocks.shape[0], triton.cdiv(B, b_per_prog)),
-        b_per_prog,
-        blocks,
-        kmax,
-        triton.next_power_of_2(kmax * kmax),
+        tuple(launches),
+        kk_stride,
+        triton.next_power_of_2(kk_stride),
         index64,
         accumulation_dtype(x.dtype),
-        max(1, min(8, block_c * block_hw // 128)),  # 4 tile elements per thread: the unrolled taps keep K masks each
-        _vectorisable(block_hw, kmax, index64, x, *others),
+        num_warps,
+        not plane[1] and _vectorisable(block_hw, max(ksizes), index64, x, *others),
+        plane,
     )
 
 
@@ -1140,28 +1347,29 @@ def _launch_forward(
     out_t = out if out is not None else x
     pcnt, pmean, pm2 = stats if stats else (unused, unused, unused)
     with device_guard(x):
-        _forward_kernel[plan.grid](
-            x,
-            out_t,
-            w_table,
-            bias,
-            plan.blocks,
-            scale if scale is not None else unused,
-            shift if shift is not None else unused,
-            pcnt,
-            pmean,
-            pm2,
-            B,
-            C,
-            H,
-            W,
-            plan.b_per_prog,
-            *x.stride(),
-            *out_t.stride(),
-            MODE=mode,
-            **plan.constexprs(),
-            **NO_REGISTER_BUDGET,
-        )
+        for launch in plan.launches:
+            _forward_kernel[launch.grid](
+                x,
+                out_t,
+                w_table,
+                bias,
+                launch.blocks,
+                scale if scale is not None else unused,
+                shift if shift is not None else unused,
+                pcnt,
+                pmean,
+                pm2,
+                B,
+                C,
+                H,
+                W,
+                launch.b_per_prog,
+                *x.stride(),
+                *out_t.stride(),
+                MODE=mode,
+                **plan.constexprs(launch),
+                **NO_REGISTER_BUDGET,
+            )
 
 
 def _sum_wgrad_partials(pdw: torch.Tensor, pdb: torch.Tensor, w_table: torch.Tensor, bias: torch.Tensor):
@@ -1170,8 +1378,8 @@ def _sum_wgrad_partials(pdw: torch.Tensor, pdb: torch.Tensor, w_table: torch.Ten
 
 def _wgrad_partials(plan: _Plan, C: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
     return (
-        torch.empty((plan.partials, C, plan.kmax * plan.kmax), dtype=plan.acc, device=device),
-        torch.empty((plan.partials, C), dtype=plan.acc, device=device),
+        plan.partial_buffer(C, plan.kk_stride, device=device),
+        plan.partial_buffer(C, device=device),
     )
 
 
@@ -1187,27 +1395,28 @@ def _launch_dx(
     dx = torch.empty_like(x)
     pdw, pdb = wgrad if wgrad is not None else (w_table, w_table)
     with device_guard(x):
-        _dx_kernel[plan.grid](
-            src,
-            x,
-            dx,
-            w_table,
-            plan.blocks,
-            pdw,
-            pdb,
-            B,
-            C,
-            H,
-            W,
-            plan.b_per_prog,
-            *src.stride(),
-            *x.stride(),
-            *dx.stride(),
-            RESIDUAL=residual,
-            WGRAD=wgrad is not None,
-            KK_POW2=plan.kk_pow2,
-            **plan.constexprs(),
-        )
+        for launch in plan.launches:
+            _dx_kernel[launch.grid](
+                src,
+                x,
+                dx,
+                w_table,
+                launch.blocks,
+                pdw,
+                pdb,
+                B,
+                C,
+                H,
+                W,
+                launch.b_per_prog,
+                *src.stride(),
+                *x.stride(),
+                *dx.stride(),
+                RESIDUAL=residual,
+                WGRAD=wgrad is not None,
+                KK_POW2=plan.kk_pow2,
+                **plan.constexprs(launch),
+            )
     return dx
 
 
@@ -1253,7 +1462,7 @@ def multiscale_dwconv_backward(
     C = x.shape[1]
     if x.numel() == 0:
         return torch.zeros_like(x), torch.zeros_like(w_table), torch.zeros_like(bias)
-    plan = _plan(x, widths, ksizes, grad_out)
+    plan = _plan(x, widths, ksizes, grad_out, weight_grad=True)
     pdw, pdb = _wgrad_partials(plan, C, x.device)
     dx = _launch_dx(grad_out, x, w_table.contiguous(), plan, residual=False, wgrad=(pdw, pdb))
     return (dx, *_sum_wgrad_partials(pdw, pdb, w_table, bias))
@@ -1315,7 +1524,7 @@ def ms_ffn_middle_packed(
     plan = _plan(x, widths, ksizes, out)
     w_table, bias = w_table.contiguous(), bias.contiguous()
     if training:
-        stats = tuple(torch.empty((plan.partials, C), dtype=plan.acc, device=x.device) for _ in range(3))
+        stats = tuple(plan.partial_buffer(C, device=x.device) for _ in range(3))
         _launch_forward(_STATS, x, w_table, bias, plan, out=z, stats=stats)
         pcnt, pmean, pm2 = stats
         n = pcnt.sum(0)
@@ -1372,47 +1581,48 @@ def ms_ffn_middle_backward(
     dz = torch.empty_like(x)
     if z is not None and z.stride() != dz.stride():  # the kernel reads z with dz's strides
         z = torch.empty_like(dz).copy_(z)
-    plan = _plan(x, widths, ksizes, grad_out, dz)
+    plan = _plan(x, widths, ksizes, grad_out, dz, weight_grad=True)
     w_table, bias = w_table.contiguous(), bias.contiguous()
     rstd = torch.rsqrt(var + eps)
     cgo = norm_weight.to(plan.acc) * rstd
-    sgo, sgx = (torch.empty((plan.partials, C), dtype=plan.acc, device=x.device) for _ in range(2))
+    sgo, sgx = (plan.partial_buffer(C, device=x.device) for _ in range(2))
     pdw, pdb = _wgrad_partials(plan, C, x.device)
 
     def launch(stats: bool, dz_pass: bool, cxhat: torch.Tensor, cconst: torch.Tensor) -> None:
         with device_guard(x):
-            _middle_grad_kernel[plan.grid](
-                x,
-                z if z is not None else dz,
-                grad_out,
-                dz,
-                w_table,
-                bias,
-                plan.blocks,
-                mean,
-                rstd,
-                cgo,
-                cxhat,
-                cconst,
-                sgo,
-                sgx,
-                pdw,
-                pdb,
-                B,
-                C,
-                H,
-                W,
-                plan.b_per_prog,
-                *x.stride(),
-                *grad_out.stride(),
-                *dz.stride(),
-                STATS=stats,
-                DZ=dz_pass,
-                Z_SAVED=z is not None,
-                **(NO_REGISTER_BUDGET if z is not None else {}),
-                KK_POW2=plan.kk_pow2,
-                **plan.constexprs(),
-            )
+            for launch in plan.launches:
+                _middle_grad_kernel[launch.grid](
+                    x,
+                    z if z is not None else dz,
+                    grad_out,
+                    dz,
+                    w_table,
+                    bias,
+                    launch.blocks,
+                    mean,
+                    rstd,
+                    cgo,
+                    cxhat,
+                    cconst,
+                    sgo,
+                    sgx,
+                    pdw,
+                    pdb,
+                    B,
+                    C,
+                    H,
+                    W,
+                    launch.b_per_prog,
+                    *x.stride(),
+                    *grad_out.stride(),
+                    *dz.stride(),
+                    STATS=stats,
+                    DZ=dz_pass,
+                    Z_SAVED=z is not None,
+                    **(NO_REGISTER_BUDGET if z is not None else {}),
+                    KK_POW2=plan.kk_pow2,
+                    **plan.constexprs(launch),
+                )
 
     if training:  # BN's gradient needs the batch sums of go and go*xhat before dz exists: one more pass
         launch(True, False, cgo, cgo)
@@ -1422,7 +1632,7 @@ def ms_ffn_middle_backward(
         zeros = torch.zeros_like(cgo)
         launch(True, True, zeros, zeros)
         dbeta, dgamma = sgo.sum(0), sgx.sum(0)
-    dx = _launch_dx(dz, x, w_table, plan, residual=True, wgrad=None)
+    dx = _launch_dx(dz, x, w_table, _plan(x, widths, ksizes, dz), residual=True, wgrad=None)
     dw, db = _sum_wgrad_partials(pdw, pdb, w_table, bias)
     return dx, dw, db, dgamma.to(norm_weight.dtype), dbeta.to(norm_weight.dtype)
 
