@@ -81,9 +81,17 @@ def _conv_loops(args) -> List[str]:
 
 
 def _wgrad_loops(args) -> List[str]:
-    """The weight-gradient helper's row loop; none on chunks of 4 pixels or whole planes (rows and taps
-    unrolled, so its body counts once per image in the caller's loop)."""
+    """The tiled weight-gradient helper's row loop; none on chunks of 4 pixels (rows and taps unrolled, so its
+    body counts once per image in the caller's loop) or whole planes (see _wgrad_plane)."""
     return [] if args["VEC"] or args["PLANE_W"] else ["_wgrad_tile_k"]
+
+
+def _wgrad_plane(args, grid) -> Trips:
+    """_wgrad_plane_k's image loop, after the caller's: one copy per kernel column (KMAX copies, tied to one
+    source loop, whose largest body the audit counts per trip), each over every image of every channel block."""
+    if not args["PLANE_W"]:
+        return {}
+    return {"_wgrad_plane_k:_image": args["KMAX"] * grid[0] * grid[1] * args["B"]}
 
 
 def _msdw_forward(args, grid) -> Trips:
@@ -92,12 +100,14 @@ def _msdw_forward(args, grid) -> Trips:
 
 def _middle_grad(args, grid) -> Trips:
     loops = [*_conv_loops(args), *_wgrad_loops(args)] if args["DZ"] else _conv_loops(args)
-    return {"_middle_grad_kernel:_": grid[0] * grid[1] * args["B"], **_stencil(args, grid, loops)}
+    trips = {"_middle_grad_kernel:_": grid[0] * grid[1] * args["B"], **_stencil(args, grid, loops)}
+    return {**trips, **_wgrad_plane(args, grid)} if args["DZ"] else trips
 
 
 def _dx(args, grid) -> Trips:
     loops = [*_conv_loops(args), *_wgrad_loops(args)] if args["WGRAD"] else _conv_loops(args)
-    return {"_dx_kernel:_": grid[0] * grid[1] * args["B"], **_stencil(args, grid, loops)}
+    trips = {"_dx_kernel:_": grid[0] * grid[1] * args["B"], **_stencil(args, grid, loops)}
+    return {**trips, **_wgrad_plane(args, grid)} if args["WGRAD"] else trips
 
 
 # --------------------------------------------------------------------------------------------- OSRA

@@ -227,7 +227,7 @@ def test_triton_whole_plane_stencil_where_it_applies():
         p = plan(torch.empty(8, 5, 14, 14, device="meta"))
         assert p.plane == (14, 14, 16) and p.block_hw == 256 and not p.vec, p
         assert [launch.kmax for launch in p.launches] == [7, 3]
-        assert p.block_c == 4 and p.num_warps == 2, p  # 128 (channel, column) pairs of 16 columns, capped at 4
+        assert p.block_c == 4 and p.num_warps == 2, p  # 64 (channel, column) pairs of 16 columns: 4
         assert [launch.grid[:2] for launch in p.launches] == [(1, 1), (1, 1)]
         assert plan(torch.empty(8, 5, 7, 9, device="meta").to(memory_format=torch.channels_last)).plane == (7, 9, 16)
         assert plan(torch.empty(8, 5, 16, 1, device="meta")).plane == (16, 1, 1)

@@ -29,20 +29,23 @@ Layouts: any strides; on GPUs contiguous NCHW tiles one channel x a long run of 
 up to 32 contiguous channels x a few pixels. Base pointers move in int64 per image; in-image offsets
 are int32 unless one image spans >= 2^31 elements. fp16/bf16/fp32 accumulate in fp32, fp64 in fp64.
 
-Stencils. Where each row is contiguous and W, the row/channel/batch strides are multiples of 4 (NCHW at
-T/S/B stages 1-2: W = 56, 28; `_vectorisable`), a thread owns chunks of 4 pixels of a row: per kernel row
-it loads its chunk and both neighbours (3 vector loads, masks per chunk) and runs the row's K taps on those
-12 registers (`_dwconv_tile_vec_k`); the weight gradient keeps one per-thread partial per tap, unrolled,
-and reduces across threads once per program (`_wgrad_tile_vec_k`, `_tap_totals`) instead of once per tap
-and image. Planes of at most 16 x 16 (`Settings.plane_max`; stages 3-4 at 224^2, either layout) run the
-whole-plane stencil `_dwconv_plane_k` in the passes that do not reduce the weight gradient: a thread owns one
-channel's column and all H of its outputs; per kernel column it loads the shifted column once (H loads, one
-mask) and adds its K vertical taps to every output row as FMAs between registers, rows outside the image
-skipped at compile time; one launch per kernel size (KMAX is the block's k, heaviest first), the residual
-taken from the centre column. The weight-gradient passes keep the tiled stencil there: a per-thread partial
-per tap beside the plane's rows spilled. Elsewhere (channels_last, larger planes, K > 9) each tap is one
-predicated load and one FMA per output element (`_dwconv_tile_k`, `_wgrad_tile_k`; about 8 issued
-instructions per tap and output on sm_90).
+Stencils. Where each row is contiguous and W, the row/channel/batch strides are multiples of 4 (NCHW at T/S/B
+stages 1-2: W = 56, 28; `_vectorisable`), a thread owns chunks of 4 pixels of a row: per kernel row it loads
+its chunk and both neighbours (3 vector loads, masks per chunk) and runs the row's K taps on those 12
+registers (`_dwconv_tile_vec_k`); the weight gradient keeps one per-thread partial per tap, unrolled, and
+reduces across threads once per program (`_wgrad_tile_vec_k`, `_tap_totals`) instead of once per tap and
+image. Planes of at most 16 x 16 (`Settings.plane_max`; stages 3-4 at 224^2, either layout) run the
+whole-plane stencil `_dwconv_plane_k`: a thread owns one channel's column and all H of its outputs; per kernel
+column it loads the shifted column once (H loads, one mask) and adds its K vertical taps to every output row
+as FMAs between registers, rows outside the image skipped at compile time; one launch per kernel size (KMAX is
+the block's k, heaviest first), the residual taken from the centre column. Their weight gradient
+(`_wgrad_plane_k`) sweeps the program's images again after its per-image loop, kernel column by kernel column:
+the thread's own g column and the shifted x column (read again; L2 should hold them), K per-thread partials,
+one cross-column sum per tap at the end (all K^2 partials across the images spilled). The middle's dz pass
+reads back the dz it stored after a barrier; there dz is kept in fp32 for half x (rounded, the
+BatchNorm-cancelling dW sums missed the fp16 tolerance), one half-pass more each way. Elsewhere
+(channels_last, larger planes, K > 9) each tap is one predicated load and one FMA per output element
+(`_dwconv_tile_k`, `_wgrad_tile_k`; about 8 issued instructions per tap and output on sm_90).
 
 Passes over the big tensor (one pass = B*C*H*W elements read or written; e = element size):
     multiscale_dwconv  forward  read x, write out                                   2 passes
@@ -54,6 +57,9 @@ Passes over the big tensor (one pass = B*C*H*W elements read or written; e = ele
                        backward eval:  read z, go, x; write dz (+dW, dgamma, dbeta);
                                        read dz, write dx                            6 passes
                                 train: read z, go (BN grad sums), then as eval      8 passes
+    Whole planes (H, W <= 16) add the weight gradient's second sweep over their program's images (x and go or
+    dz again, L2-resident if the program's images fit) and, for half x, keep the middle's dz in fp32 (the dz
+    write and the dx pass's read: one pass more each).
     A training step runs the conv stencil once (forward) and the dW and dx stencils: z is saved in x's dtype
     instead of recomputed in the normalising pass and in the backward (four conv stencils in training before,
     two in eval with gradients), one pass more each way, because the stencils, not DRAM, bound these kernels.
@@ -69,10 +75,10 @@ Passes over the big tensor (one pass = B*C*H*W elements read or written; e = ele
     roofline, µs), per-tap -> chunked stencils: T stage 1 (192x56x56) forward 831 -> 542 / 92, backward
     2728 -> 1848 / 138; stage 2 forward 417 -> 272 / 46, backward 1367 -> 930 / 69. The estimate counts every
     kernel size's unrolled code in a program's per-image loop body, though a block runs one size: an
-    overestimate for the chunked kernels. Whole-plane stencil, T stages 3-4, H100 (A100), µs, before -> now /
-    DRAM roofline: multiscale_dwconv forward bf16 204 -> 45 / 27 (304 -> 70 / 45) and 147 -> 25 / 13, fp32
-    166 -> 56 / 54 and 116 -> 29 / 27; ms_ffn_middle training forward bf16 304 -> 135 / 27 and 203 -> 73 / 13;
-    the backward is bound by the tiled weight-gradient passes (multiscale_dwconv bf16 stage 3: 507 / 40).
+    overestimate for the chunked kernels. Whole-plane stencils, T stages 3-4 (14x14, 7x7), H100, µs, before ->
+    now / DRAM roofline: multiscale_dwconv forward + backward bf16 710 -> 166 / 67 and 500 -> 92 / 34, fp32
+    602 -> 178 / 134 and 420 -> 95 / 67 (forward alone bf16 204 -> 44 / 27); ms_ffn_middle training forward +
+    backward bf16 946 -> 388 / 67 and 617 -> 213 / 34, fp32 915 -> 495 / 134 (A100 in benchmarks/results).
 """
 
 from __future__ import annotations
@@ -117,7 +123,7 @@ class Settings:
     max_channel_block: int = 32
     nchw_channel_block: int = 1
     plane_max: int = 16
-    plane_columns: int = 128
+    plane_columns: int = 64
 
     @classmethod
     def for_target(cls, target: LaunchTarget) -> Settings:
@@ -412,6 +418,73 @@ def _dwconv_plane_k(
                     new_acc = new_acc + (acc[ho],)
             acc = new_acc
     return acc
+
+
+@triton.jit
+def _wgrad_plane_k(
+    g_b,
+    x_b,
+    pdw_ptr,
+    pdb_ptr,
+    cs,
+    cmask,
+    part,
+    n_images,
+    g_stride_b,
+    g_stride_c,
+    g_stride_h,
+    g_stride_w,
+    x_stride_b,
+    x_stride_c,
+    x_stride_h,
+    x_stride_w,
+    K: tl.constexpr,
+    KK_STRIDE: tl.constexpr,
+    BIAS: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    H: tl.constexpr,
+    W: tl.constexpr,
+    WP: tl.constexpr,
+):
+    """Partial dW[c, i, j] = sum over n_images images and the plane of g * x shifted by (i - r, j - r) for a
+    whole plane of compile-time H x W (the layout of _dwconv_plane_k: a thread owns one channel's column w),
+    stored at rows `part` of pdw (and, BIAS, sum g at pdb). Kernel column j outermost: for each image the
+    thread loads its own g column and the x column w + j - r (2H loads, one mask per column), and each of the
+    K row taps adds sum_h g[h] * x[h + i - r] (compile-time bounds) to one per-thread partial; after the
+    images, one cross-column sum per tap. K partials per thread: keeping all K^2 across the images spilled."""
+    R: tl.constexpr = K // 2
+    w = tl.arange(0, WP)
+    g_columns = g_b + cs[:, None] * g_stride_c + w[None, :] * g_stride_w
+    x_columns = x_b + cs[:, None] * x_stride_c + w[None, :] * x_stride_w
+    g_mask = cmask[:, None] & (w < W)[None, :]
+    for j in tl.static_range(K):
+        x_mask = cmask[:, None] & ((w + j - R >= 0) & (w + j - R < W))[None, :]
+        partials = (tl.zeros([BLOCK_C, WP], ACC),) * K
+        if BIAS and j == R:
+            g_total = tl.zeros([BLOCK_C, WP], ACC)
+        g_image = g_columns
+        x_image = x_columns
+        for _image in range(n_images):
+            g_vals = _plane_column(g_image, g_mask, 0, 0, g_stride_h, H, ACC)
+            x_vals = _plane_column(x_image, x_mask, j - R, x_stride_w, x_stride_h, H, ACC)
+            new_partials = ()
+            for i in tl.static_range(K):
+                acc = partials[i]
+                for ho in tl.static_range(H):
+                    if (ho + i - R >= 0) & (ho + i - R < H):
+                        acc += g_vals[ho] * x_vals[ho + i - R]
+                new_partials = new_partials + (acc,)
+            partials = new_partials
+            if BIAS and j == R:
+                for ho in tl.static_range(H):
+                    g_total += g_vals[ho]
+            g_image += g_stride_b
+            x_image += x_stride_b
+        for i in tl.static_range(K):
+            tl.store(pdw_ptr + part * KK_STRIDE + (i * K + j), tl.sum(partials[i], axis=1), mask=cmask)
+        if BIAS and j == R:
+            tl.store(pdb_ptr + part, tl.sum(g_total, axis=1), mask=cmask)
 
 
 @triton.jit
@@ -967,7 +1040,8 @@ def _middle_grad_kernel(
         cgo = tl.load(cgo_ptr + cs, mask=cmask, other=0.0).to(ACC)
         cxhat = tl.load(cxhat_ptr + cs, mask=cmask, other=0.0).to(ACC)
         cconst = tl.load(cconst_ptr + cs, mask=cmask, other=0.0).to(ACC)
-        acc_w = _wgrad_init(KMAX, KK_POW2, ACC, BLOCK_C, BLOCK_HW, VEC)
+        if PLANE_W == 0:
+            acc_w = _wgrad_init(KMAX, KK_POW2, ACC, BLOCK_C, BLOCK_HW, VEC)
         acc_b = tl.zeros([BLOCK_C], ACC)
     for _ in range(b_lo, b_hi):
         if Z_SAVED:
@@ -1010,28 +1084,29 @@ def _middle_grad_kernel(
             dz = tl.where(mask, dz, 0.0)
             tl.store(d_b + d_tile, dz.to(dz_ptr.dtype.element_ty), mask=mask)
             acc_b += tl.sum(dz, axis=1)
-            acc_w = _wgrad_tile(
-                acc_w,
-                dz,
-                x_b,
-                cs,
-                cmask,
-                h,
-                w,
-                pmask,
-                k,
-                x_stride_c,
-                x_stride_h,
-                x_stride_w,
-                H,
-                W,
-                KMAX,
-                KK_POW2,
-                ACC,
-                BLOCK_C,
-                BLOCK_HW,
-                VEC,
-            )
+            if PLANE_W == 0:
+                acc_w = _wgrad_tile(
+                    acc_w,
+                    dz,
+                    x_b,
+                    cs,
+                    cmask,
+                    h,
+                    w,
+                    pmask,
+                    k,
+                    x_stride_c,
+                    x_stride_h,
+                    x_stride_w,
+                    H,
+                    W,
+                    KMAX,
+                    KK_POW2,
+                    ACC,
+                    BLOCK_C,
+                    BLOCK_HW,
+                    VEC,
+                )
         x_b += x_stride_b
         z_b += dz_stride_b
         g_b += grad_out_stride_b
@@ -1041,9 +1116,39 @@ def _middle_grad_kernel(
         tl.store(psgo_ptr + part, s_go, mask=cmask)
         tl.store(psgx_ptr + part, s_gx, mask=cmask)
     if DZ:
-        if VEC:
-            acc_w = _tap_totals(acc_w, KMAX * KMAX, KK_POW2)
-        _store_wgrad_partials(pdw_ptr, pdb_ptr, acc_w, acc_b, cs, cmask, C, KK_STRIDE, KK_POW2)
+        if PLANE_W > 0:  # dW from the dz just stored (the op gives the plane path an fp32 dz for half x)
+            tl.store(pdb_ptr + _partial_rows(C, cs), acc_b, mask=cmask)
+            tl.debug_barrier()  # the plane layout reads dz elements other threads of the program stored
+            _wgrad_plane_k(
+                dz_ptr + b_lo.to(tl.int64) * dz_stride_b,
+                x_ptr + b_lo.to(tl.int64) * x_stride_b,
+                pdw_ptr,
+                pdb_ptr,
+                cs,
+                cmask,
+                _partial_rows(C, cs),
+                b_hi - b_lo,
+                dz_stride_b,
+                dz_stride_c,
+                dz_stride_h,
+                dz_stride_w,
+                x_stride_b,
+                x_stride_c,
+                x_stride_h,
+                x_stride_w,
+                KMAX,
+                KK_STRIDE,
+                False,
+                ACC,
+                BLOCK_C,
+                PLANE_H,
+                PLANE_W,
+                PLANE_WP,
+            )
+        else:
+            if VEC:
+                acc_w = _tap_totals(acc_w, KMAX * KMAX, KK_POW2)
+            _store_wgrad_partials(pdw_ptr, pdb_ptr, acc_w, acc_b, cs, cmask, C, KK_STRIDE, KK_POW2)
 
 
 @triton.jit(
@@ -1120,7 +1225,7 @@ def _dx_kernel(
     s_b = src_ptr + b_lo.to(tl.int64) * src_stride_b
     x_b = x_ptr + b_lo.to(tl.int64) * x_stride_b
     dx_b = dx_ptr + b_lo.to(tl.int64) * dx_stride_b
-    if WGRAD:
+    if WGRAD and PLANE_W == 0:
         acc_w = _wgrad_init(KMAX, KK_POW2, ACC, BLOCK_C, BLOCK_HW, VEC)
         acc_b = tl.zeros([BLOCK_C], ACC)
     for _ in range(b_lo, b_hi):
@@ -1151,7 +1256,7 @@ def _dx_kernel(
             PLANE_WP,
         )
         tl.store(dx_b + dx_tile, dx.to(dx_ptr.dtype.element_ty), mask=mask)
-        if WGRAD:
+        if WGRAD and PLANE_W == 0:
             g = tl.load(s_b + s_tile, mask=mask, other=0.0).to(ACC)
             acc_b += tl.sum(g, axis=1)
             acc_w = _wgrad_tile(
@@ -1179,7 +1284,34 @@ def _dx_kernel(
         s_b += src_stride_b
         x_b += x_stride_b
         dx_b += dx_stride_b
-    if WGRAD:
+    if WGRAD and PLANE_W > 0:  # a second sweep over the program's images: src and x again (from L2)
+        _wgrad_plane_k(
+            src_ptr + b_lo.to(tl.int64) * src_stride_b,
+            x_ptr + b_lo.to(tl.int64) * x_stride_b,
+            pdw_ptr,
+            pdb_ptr,
+            cs,
+            cmask,
+            _partial_rows(C, cs),
+            b_hi - b_lo,
+            src_stride_b,
+            src_stride_c,
+            src_stride_h,
+            src_stride_w,
+            x_stride_b,
+            x_stride_c,
+            x_stride_h,
+            x_stride_w,
+            KMAX,
+            KK_STRIDE,
+            True,
+            ACC,
+            BLOCK_C,
+            PLANE_H,
+            PLANE_W,
+            PLANE_WP,
+        )
+    elif WGRAD:
         if VEC:
             acc_w = _tap_totals(acc_w, KMAX * KMAX, KK_POW2)
         _store_wgrad_partials(pdw_ptr, pdb_ptr, acc_w, acc_b, cs, cmask, C, KK_STRIDE, KK_POW2)
@@ -1279,25 +1411,21 @@ def _vectorisable(block_hw: int, kmax: int, index64: bool, x: torch.Tensor, *oth
     )
 
 
-def _plane_shape(H: int, W: int, index64: bool, weight_grad: bool, settings: Settings) -> Tuple[int, int, int]:
+def _plane_shape(H: int, W: int, index64: bool, settings: Settings) -> Tuple[int, int, int]:
     """(H, W, W padded) when the whole-plane stencil runs: planes of at most settings.plane_max rows and columns
-    (they are unrolled: one compiled kernel per plane shape) with int32 offsets, in launches that do not reduce
-    the weight gradient (a per-thread partial per tap beside the plane's rows spilled registers); else zeros."""
-    if index64 or weight_grad or max(H, W) > settings.plane_max:
+    (they are unrolled: one compiled kernel per plane shape) with int32 offsets; else zeros."""
+    if index64 or max(H, W) > settings.plane_max:
         return (0, 0, 0)
     return (H, W, triton.next_power_of_2(W))
 
 
-def _plan(
-    x: torch.Tensor, widths: Sequence[int], ksizes: Sequence[int], *others: torch.Tensor, weight_grad: bool = False
-) -> _Plan:
-    """Launch plan for the kernels reading x and writing or reading others; weight_grad: for launches that also
-    reduce the weight gradient."""
+def _plan(x: torch.Tensor, widths: Sequence[int], ksizes: Sequence[int], *others: torch.Tensor) -> _Plan:
+    """Launch plan for the kernels reading x and writing or reading others."""
     B, _, H, W = x.shape
     hw = H * W
     settings = launch_settings(Settings, x.device)
     index64 = needs_int64(x, *others)
-    plane = _plane_shape(H, W, index64, weight_grad, settings)
+    plane = _plane_shape(H, W, index64, settings)
     if plane[1]:  # whole planes, one (channel, column) per thread
         block_hw = triton.next_power_of_2(H) * plane[2]
         block_c = min(triton.next_power_of_2(max(widths)), max(1, settings.plane_columns // plane[2]))
@@ -1462,7 +1590,7 @@ def multiscale_dwconv_backward(
     C = x.shape[1]
     if x.numel() == 0:
         return torch.zeros_like(x), torch.zeros_like(w_table), torch.zeros_like(bias)
-    plan = _plan(x, widths, ksizes, grad_out, weight_grad=True)
+    plan = _plan(x, widths, ksizes, grad_out)
     pdw, pdb = _wgrad_partials(plan, C, x.device)
     dx = _launch_dx(grad_out, x, w_table.contiguous(), plan, residual=False, wgrad=(pdw, pdb))
     return (dx, *_sum_wgrad_partials(pdw, pdb, w_table, bias))
@@ -1578,10 +1706,12 @@ def ms_ffn_middle_backward(
             torch.zeros_like(norm_weight),
             torch.zeros_like(norm_weight),
         )
-    dz = torch.empty_like(x)
+    plan = _plan(x, widths, ksizes, grad_out)  # dz has x's shape and strides
+    # The whole-plane weight gradient reads dz back after the pass stored it: in the accumulation dtype, so
+    # that dW sums unrounded dz (rounded to fp16, its BatchNorm-cancelling sums lost the fp16 tolerance).
+    dz = torch.empty_like(x, dtype=plan.acc if plan.plane[1] else x.dtype)
     if z is not None and z.stride() != dz.stride():  # the kernel reads z with dz's strides
-        z = torch.empty_like(dz).copy_(z)
-    plan = _plan(x, widths, ksizes, grad_out, dz, weight_grad=True)
+        z = torch.empty_like(x).copy_(z)
     w_table, bias = w_table.contiguous(), bias.contiguous()
     rstd = torch.rsqrt(var + eps)
     cgo = norm_weight.to(plan.acc) * rstd
@@ -1632,7 +1762,7 @@ def ms_ffn_middle_backward(
         zeros = torch.zeros_like(cgo)
         launch(True, True, zeros, zeros)
         dbeta, dgamma = sgo.sum(0), sgx.sum(0)
-    dx = _launch_dx(dz, x, w_table, _plan(x, widths, ksizes, dz), residual=True, wgrad=None)
+    dx = _launch_dx(dz, x, w_table, plan, residual=True, wgrad=None)
     dw, db = _sum_wgrad_partials(pdw, pdb, w_table, bias)
     return dx, dw, db, dgamma.to(norm_weight.dtype), dbeta.to(norm_weight.dtype)
 
