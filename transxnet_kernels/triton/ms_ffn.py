@@ -1544,6 +1544,8 @@ def _launch_dx(
                 WGRAD=wgrad is not None,
                 KK_POW2=plan.kk_pow2,
                 **plan.constexprs(launch),
+                # the whole-plane weight-gradient sweep spilled 16-32 B (fp16/bf16, sm_86, Triton 3.6) without it
+                **(NO_REGISTER_BUDGET if wgrad is not None and plan.plane[1] else {}),
             )
     return dx
 
