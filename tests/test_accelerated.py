@@ -7,6 +7,7 @@ import torch
 import torch.multiprocessing as mp
 
 import transxnet
+import transxnet_kernels as tk
 from helpers import DEVICE, assert_rel_close, rel_err, requires_cpp, requires_triton
 
 SMALL_ARCH = dict(layers=(1, 1, 2, 1), embed_dims=(16, 32, 48, 64), num_heads=(1, 1, 2, 2), num_groups=(2, 2, 3, 2))
@@ -344,6 +345,13 @@ def test_cpu_inference_runs_the_cpp_kernels_in_channels_last(monkeypatch):
     with torch.no_grad():
         feats = fast.forward_features(x)
     assert feats.is_contiguous(memory_format=torch.channels_last)
+    # The kernels run unchecked on this path, but still on the backend the user chose.
+    ran.clear()
+    with torch.no_grad(), tk.use_backend("reference"):
+        on_reference = fast(x)
+    assert not ran, f"the reference backend ran C++ kernels: {ran}"
+    with torch.no_grad():
+        assert_rel_close(fast(x), on_reference, 1e-5, "cpp vs reference backend")
 
 
 @requires_triton

@@ -143,6 +143,39 @@ def test_auto_picks_cpp_for_inference_and_reference_for_gradients(monkeypatch):
         assert ran_cpp() == CPP_READY
 
 
+def test_unchecked_kernel_follows_the_backend_choice(monkeypatch):
+    """Op.unchecked_kernel: the raw kernel a call without gradients ends in under the current choice (the C++
+    extension's function, the reference), computing the op; None where a forced backend cannot run the call."""
+    monkeypatch.delenv("TRANSXNET_BACKEND", raising=False)
+    cpu = torch.device("cpu")
+    args = idconv_args(dtype=torch.float32)
+    with torch.no_grad():
+        expected = tk.reference.idconv(*args)
+    with tk.use_backend("reference"):
+        assert tk.idconv.unchecked_kernel(cpu, torch.float32) is tk.reference.idconv
+    kernel = tk.idconv.unchecked_kernel(cpu, torch.float32)
+    if not CPP_READY:
+        assert kernel is tk.reference.idconv
+        return
+    from transxnet_kernels.cpp import ops as cpp_ops
+
+    calls = []
+    real_extension = cpp_ops._C
+
+    class CountingExtension:
+        def __getattr__(self, name):
+            calls.append(name)
+            return getattr(real_extension, name)
+
+    monkeypatch.setattr(cpp_ops, "_C", CountingExtension())
+    with torch.no_grad():
+        torch.testing.assert_close(kernel(*args), expected, rtol=1e-5, atol=1e-6)
+    assert calls == ["idconv_forward"]
+    with tk.use_backend("cpp"):
+        assert tk.osra_attention.unchecked_kernel(cpu, torch.float16) is None  # cpp: fp32/fp64 only
+        assert tk.ms_ffn_middle_eval.unchecked_kernel(cpu, torch.float64) is not None
+
+
 def test_implementation_and_status_per_op():
     assert tk.idconv.implementation("reference") is tk.reference.idconv
     assert tk.idconv.status("reference") == "available"

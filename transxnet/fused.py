@@ -19,7 +19,9 @@ state dict keeps its keys, order and values. What the subclasses change:
   a source tensor changes (see `inference_constant`).
 * CPU inference (eval, no gradients): the network runs in channels_last, where oneDNN's convolutions are
   about twice as fast and the C++ kernels work natively; every conv runs as a oneDNN convolution with its
-  weight prepacked once and a following GELU fused as its post-op.
+  weight prepacked once and a following GELU fused as its post-op, and the fused ops run their kernels
+  unchecked (`inference_op`). At batch 1 per-call costs outweigh the arithmetic of most calls, so IDConv's
+  projection (1x1 convs over K*K + 1 pixels) runs as two linear layers in eval.
 """
 
 from __future__ import annotations
@@ -163,6 +165,14 @@ def onednn_inference(x: torch.Tensor) -> bool:
     )
 
 
+def inference_op(op, x: torch.Tensor):
+    """`op` (a transxnet_kernels op) for a call on tensors like x; on oneDNN inference its unchecked kernel,
+    which skips the argument checks and the torch.library layer (the accelerated modules build the
+    arguments; at batch 1 those layers cost about as much as the kernels)."""
+    kernel = op.unchecked_kernel(x.device, x.dtype) if onednn_inference(x) else None
+    return op if kernel is None else kernel
+
+
 class FoldedConv:
     """A conv's geometry with (folded) weights; on oneDNN inference the weight is prepacked and GELU runs as
     the convolution's post-op."""
@@ -225,22 +235,22 @@ class AcceleratedIDConv(IDConv):
             return super().forward(x)
         B, C = x.shape[:2]
         G, K = self.num_groups, self.kernel_size
-        conv_norm, conv = self.proj
-        pooled = F.adaptive_avg_pool2d(x, K).flatten(2)
-        both = torch.cat([pooled, x.mean(dim=(2, 3)).unsqueeze(2)], dim=2).unsqueeze(2)  # [B, C, 1, K*K + 1]
-        reduce = folded_conv(
-            self,
-            "reduce",
-            conv_norm.conv,
-            both,
-            state_of(conv_norm.conv, conv_norm.bn),
-            lambda: fold_bn_into_conv(conv_norm.conv, conv_norm.bn),
+        pooled = F.adaptive_avg_pool2d(x, K).flatten(2).transpose(1, 2)
+        both = torch.cat([pooled, x.mean(dim=(2, 3)).unsqueeze(1)], dim=1)  # [B, K*K + 1, C]
+        # proj's 1x1 convs on K*K + 1 pixels as linear layers: a matmul costs a fraction of a conv call there.
+        reduce_w, reduce_b, expand_w, expand_b = inference_constant(
+            self, "proj", state_of(self.proj[0].conv, self.proj[0].bn, self.proj[1]), self.proj_linear
         )
-        expand = plain_conv(self, "expand", conv, both)
-        logits = expand(reduce(both, gelu=True)).reshape(B, G * C, K * K + 1)
-        kernel_logits = logits[..., : K * K].reshape(B, G, C, K, K)
-        bias_logits = logits[..., K * K].reshape(B, G, C)
-        return tk.idconv(x, kernel_logits, self.weight, bias_logits, self.bias)
+        logits = F.linear(F.gelu(F.linear(both, reduce_w, reduce_b)), expand_w, expand_b)  # [B, K*K + 1, G*C]
+        kernel_logits = logits[:, : K * K].reshape(B, K, K, G, C).permute(0, 3, 4, 1, 2)
+        bias_logits = logits[:, K * K].reshape(B, G, C)
+        return inference_op(tk.idconv, x)(x, kernel_logits, self.weight, bias_logits, self.bias)
+
+    def proj_linear(self) -> Tuple[torch.Tensor, ...]:
+        """proj in eval mode as two linear layers (weight [out, in], bias): 1x1 conv + BatchNorm, GELU, 1x1 conv."""
+        conv_norm, conv = self.proj
+        reduce_w, reduce_b = fold_bn_into_conv(conv_norm.conv, conv_norm.bn)
+        return reduce_w.flatten(1), reduce_b, conv.weight.flatten(1), conv.bias
 
 
 class AcceleratedOSRA(OSRA):
@@ -264,7 +274,8 @@ class AcceleratedOSRA(OSRA):
         local_weights = lambda: (with_identity_tap(local.weight), local.bias)  # noqa: E731
         r = folded_conv(self, "local", local, r, state_of(local), local_weights)(r)
         q_map = plain_conv(self, "q", self.q, x)(x)
-        return self.attend(q_map, plain_conv(self, "kv", self.kv, r)(r), relative_pos_enc)
+        kv_map = plain_conv(self, "kv", self.kv, r)(r)
+        return self.attend(q_map, kv_map, relative_pos_enc, attention=inference_op(tk.osra_attention, x))
 
     @staticmethod
     def reduction_affine(conv_norm: ConvNorm) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -345,7 +356,7 @@ class AcceleratedMlp(Mlp):
             lambda: (*batchnorm_scale_shift(self.fc1[2]), *batchnorm_scale_shift(self.norm)),
         )
         in_scale, in_shift, out_scale, out_shift = scales
-        return tk.ms_ffn_middle_eval(h, in_scale, in_shift, *mlp_weights(self), out_scale, out_shift)
+        return inference_op(tk.ms_ffn_middle_eval, h)(h, in_scale, in_shift, *mlp_weights(self), out_scale, out_shift)
 
     def fused_middle(self, x):
         """norm(act(dwconv(x) + x)) in one op, with nn.BatchNorm2d's exact semantics."""

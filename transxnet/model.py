@@ -166,8 +166,9 @@ class OSRA(nn.Module):
         r = self.local_conv(r) + r
         return self.attend(self.q(x), self.kv(r), relative_pos_enc)
 
-    def attend(self, q_map, kv_map, relative_pos_enc=None):
-        """The attention from q(x) [B, C, H, W] and kv(r) [B, 2C, h', w'] (k the first C channels, v the last)."""
+    def attend(self, q_map, kv_map, relative_pos_enc=None, attention=tk.osra_attention):
+        """The attention from q(x) [B, C, H, W] and kv(r) [B, 2C, h', w'] (k the first C channels, v the last);
+        `attention` computes softmax(q k^T * scale + bias) v (tk.osra_attention, or a kernel taking its arguments)."""
         B, C, H, W = q_map.shape
         h = self.num_heads
         d = C // h
@@ -178,7 +179,7 @@ class OSRA(nn.Module):
         v = v.reshape(B, h, d, M).transpose(-1, -2)
         if relative_pos_enc is not None:
             relative_pos_enc = resize_relative_pos_enc(relative_pos_enc, H * W, M)
-        out = tk.osra_attention(q, k, v, relative_pos_enc, self.scale)
+        out = attention(q, k, v, relative_pos_enc, self.scale)
         return out.transpose(-1, -2).reshape(B, C, H, W)
 
 

@@ -146,8 +146,14 @@ def runs_fused(op_name: str, device: torch.device, dtype: torch.dtype) -> bool:
     While exporting, True: the one-op forms are then exported as their reference formulas (see `exporting`)."""
     if exporting():
         return True
+    return inference_backend(op_name, device, dtype) not in (None, "reference")
+
+
+def inference_backend(op_name: str, device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    """The backend a call without gradients would run under the current choice, or None where a forced
+    backend cannot run it (never raises; not export-aware: see `select`)."""
     backend, _ = _resolve(OPS[op_name], CallInfo(device, dtype, False))
-    return backend not in (None, "reference")
+    return backend
 
 
 def backend_status() -> Dict[str, Dict[str, str]]:

@@ -21,7 +21,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from . import reference
-from .backend import BACKENDS, OPS, CallInfo, Supports, always, call_info, runs_fused, select
+from .backend import BACKENDS, OPS, CallInfo, Supports, always, call_info, inference_backend, runs_fused, select
 
 Tensor = torch.Tensor
 
@@ -30,6 +30,7 @@ Tensor = torch.Tensor
 class _Impl:
     fn: Callable
     supports: Supports
+    unchecked: Optional[Callable] = None  # the raw kernel for inference calls whose arguments are known good
 
 
 class Op:
@@ -40,7 +41,7 @@ class Op:
         self.__doc__ = definition.__doc__
         self.__signature__ = inspect.signature(definition)
         self._definition = definition
-        self._impls: Dict[str, _Impl] = {"reference": _Impl(reference_fn, always)}
+        self._impls: Dict[str, _Impl] = {"reference": _Impl(reference_fn, always, reference_fn)}
         self._load_errors: Dict[str, str] = {}
         OPS[self.name] = self
 
@@ -52,16 +53,32 @@ class Op:
         backend = select(self.name, info.device, info.dtype, info.needs_grad, info.training, info.head_dim)
         return self._impls[backend].fn(*args)
 
-    def register(self, backend: str, supports: Supports = always) -> Callable[[Callable], Callable]:
-        """Decorator: `fn` implements this op on `backend` for the calls `supports` accepts."""
+    def register(
+        self, backend: str, supports: Supports = always, unchecked: Optional[Callable] = None
+    ) -> Callable[[Callable], Callable]:
+        """Decorator: `fn` implements this op on `backend` for the calls `supports` accepts. `unchecked`, if
+        given, is the kernel `fn` ends in, taking the same full positional arguments (see `unchecked_kernel`)."""
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
 
         def deco(fn: Callable) -> Callable:
-            self._impls[backend] = _Impl(fn, supports)
+            self._impls[backend] = _Impl(fn, supports, unchecked)
             return fn
 
         return deco
+
+    def unchecked_kernel(self, device: torch.device, dtype: torch.dtype) -> Optional[Callable]:
+        """The raw kernel a call without gradients on `device` and `dtype` would end in under the current
+        backend choice, or None when that backend registered none (or a forced backend cannot run the call:
+        the checked op then raises why).
+
+        For a caller that builds the arguments itself and calls the op many times per forward (the
+        accelerated model's CPU inference): it takes the full positional arguments, already of one device
+        and dtype and outside autocast, and skips the argument checks and the torch.library layer, which
+        cost more than the kernels at batch 1. Not for traced calls (torch.compile / export), which must see
+        the op."""
+        backend = inference_backend(self.name, device, dtype)
+        return None if backend is None else self._impls[backend].unchecked
 
     def library_op(self, namespace: str, fake: Callable[..., Tensor]) -> Callable[[Callable], Any]:
         """Decorator: `fn` as the torch.library custom op ``<namespace>::<op>`` taking this op's arguments, with

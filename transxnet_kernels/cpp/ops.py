@@ -44,7 +44,7 @@ so the model's ``out.transpose(-1, -2).reshape(B, C, H, W)`` is a view.
 from __future__ import annotations
 
 import importlib.util
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import torch
 
@@ -60,6 +60,11 @@ if importlib.util.find_spec("transxnet_kernels._C") is None:  # no compiler, fai
 from .. import _C
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
+
+
+def _kernel(name: str) -> Callable:
+    """The extension's function `name` as an op's unchecked kernel (looked up per call, so tests can wrap `_C`)."""
+    return lambda *args: getattr(_C, name)(*args)
 
 
 def kernel_isa() -> str:
@@ -90,13 +95,13 @@ def supports_eval_batchnorm(info: CallInfo) -> Optional[str]:
     return supports(info)
 
 
-@ops.idconv.register("cpp", supports=supports)
+@ops.idconv.register("cpp", supports=supports, unchecked=_kernel("idconv_forward"))
 @ops.idconv.library_op("transxnet_cpp", fake=lambda x, *_: empty_like_layout(x))
 def idconv(x, kernel_logits, weight, bias_logits, bias):
     return _C.idconv_forward(x, kernel_logits, weight, bias_logits, bias)
 
 
-@ops.multiscale_dwconv.register("cpp", supports=supports)
+@ops.multiscale_dwconv.register("cpp", supports=supports, unchecked=_kernel("multiscale_dwconv_forward"))
 @ops.multiscale_dwconv.library_op("transxnet_cpp", fake=lambda x, *_: empty_like_layout(x))
 def multiscale_dwconv(x, weights, biases):
     return _C.multiscale_dwconv_forward(x, weights, biases)
@@ -127,7 +132,7 @@ def ms_ffn_middle(x, weights, biases, norm_weight, norm_bias, running_mean, runn
     return ms_ffn_middle_inference(x, weights, biases, norm_weight, norm_bias, running_mean, running_var, float(eps))
 
 
-@ops.ms_ffn_middle_eval.register("cpp", supports=supports)
+@ops.ms_ffn_middle_eval.register("cpp", supports=supports, unchecked=_kernel("ms_ffn_middle_eval_forward"))
 @ops.ms_ffn_middle_eval.library_op("transxnet_cpp", fake=lambda x, *_: empty_like_layout(x))
 def ms_ffn_middle_eval(x, input_scale, input_shift, weights, biases, output_scale, output_shift):
     return _C.ms_ffn_middle_eval_forward(x, input_scale, input_shift, weights, biases, output_scale, output_shift)
@@ -135,7 +140,7 @@ def ms_ffn_middle_eval(x, input_scale, input_shift, weights, biases, output_scal
 
 # The output has q's dimension order, dense (empty_like, as the kernel allocates it): for the model's transposed
 # channels_last q, its transpose + reshape back to [B, C, H, W] is a view.
-@ops.osra_attention.register("cpp", supports=supports)
+@ops.osra_attention.register("cpp", supports=supports, unchecked=_kernel("osra_attention_forward"))
 @ops.osra_attention.library_op("transxnet_cpp", fake=lambda q, *_: torch.empty_like(q))
 def osra_attention(q, k, v, bias, scale):
     return _C.osra_attention_forward(q, k, v, bias, scale)
