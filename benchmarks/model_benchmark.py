@@ -183,8 +183,15 @@ def percentile(values, q: float) -> float:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
 
-def bench_case(case: dict, variants, x, rounds: int, warmup: int):
-    """Interleaved timing: each round runs every variant once."""
+def bench_case(case: dict, variants, x, rounds: int, warmup: int, settle: int = 0):
+    """Interleaved timing: each round runs every variant once, each timed call right after `settle` untimed
+    calls of the same variant.
+
+    Settling matters for short CPU calls: after a call, its engine's worker threads spin for a while (OpenMP's
+    and ONNX Runtime's pools both do), so on a 2-core machine the next variant's call would share the cores
+    with them. Measured on T at batch 1 (2026-12-03): alternating single calls made accelerated 1.5x and ONNX
+    Runtime 1.5x slower than runs of calls of one engine. With a settling call each timed call sees its own
+    pool warm and the other idle, as in a process serving one engine."""
     device = x.device
     log(f"{case['label']}: warm-up ({', '.join(v.name for v in variants)})")
     outputs = {}
@@ -195,9 +202,11 @@ def bench_case(case: dict, variants, x, rounds: int, warmup: int):
     times = {v.name: [] for v in variants}
     for _ in tqdm(range(rounds), desc=case["label"], unit="round", file=sys.stderr, leave=False):
         for v in variants:
+            for _ in range(settle):
+                v.step(x)
             sync(device)
             t0 = time.perf_counter()
-            v.step(x)
+            outputs[v.name] = v.step(x)
             sync(device)
             times[v.name].append(time.perf_counter() - t0)
     log(f"{case['label']}: {rounds} rounds done")
@@ -306,6 +315,13 @@ def main(argv=None):
     p.add_argument("--no-onnx", action="store_true", help="skip the ONNX Runtime column (CPU inference)")
     p.add_argument("--rounds", type=int, default=None, help="timed rounds (default 10 GPU, 5 CPU)")
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument(
+        "--settle",
+        type=int,
+        default=None,
+        help="untimed calls of a variant right before each of its timed calls (default: 1 on CPU at batch <= 4, "
+        "where another engine's spinning threads would share the cores with a short call; else 0)",
+    )
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--device", default=None)
     p.add_argument("--out", default=RESULTS_DIR)
@@ -354,6 +370,7 @@ def main(argv=None):
                     )
                     # small batches: more rounds for a stable latency distribution
                     case_rounds = min(50, rounds * max(1, max(batches) // batch))
+                    settle = args.settle if args.settle is not None else int(not on_gpu and batch <= 4)
                     rows += bench_case(
                         {
                             "label": label,
@@ -367,6 +384,7 @@ def main(argv=None):
                         x,
                         case_rounds,
                         args.warmup,
+                        settle,
                     )
                     save(rows)
                     del variants
