@@ -193,3 +193,17 @@ def test_sass_loops_are_attributed_within_their_source_file():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", _ATTRIBUTION_CHECK], cwd=ROOT, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_each_op_is_audited_in_plain_and_accelerated_training_and_eval(audit):
+    """The audit spies on the transxnet_kernels ops by replacing the module attributes: a model path that bound
+    an op earlier (e.g. as a default argument) would drop out of every estimate silently."""
+    families = {}
+    for row in audit["calls"]:
+        families.setdefault(row["op"], set()).add(" ".join(row["config"].split()[2:4]))
+    # A call equal to an earlier configuration's is recorded under the earlier one (plain before accelerated).
+    for op in ("idconv", "osra_attention", "multiscale_dwconv"):
+        assert {"plain train", "plain eval"} <= families.get(op, set()), (op, families.get(op))
+    for op in ("idconv", "ms_ffn_middle"):  # (OSRA's accelerated eval calls equal the plain model's)
+        assert "accelerated eval" in families.get(op, set()), (op, families.get(op))
+    assert "accelerated train" in families["ms_ffn_middle"], families["ms_ffn_middle"]

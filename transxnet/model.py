@@ -166,9 +166,10 @@ class OSRA(nn.Module):
         r = self.local_conv(r) + r
         return self.attend(self.q(x), self.kv(r), relative_pos_enc)
 
-    def attend(self, q_map, kv_map, relative_pos_enc=None, attention=tk.osra_attention):
+    def attend(self, q_map, kv_map, relative_pos_enc=None, attention=None):
         """The attention from q(x) [B, C, H, W] and kv(r) [B, 2C, h', w'] (k the first C channels, v the last);
-        `attention` computes softmax(q k^T * scale + bias) v (tk.osra_attention, or a kernel taking its arguments)."""
+        `attention` computes softmax(q k^T * scale + bias) v: tk.osra_attention (looked up per call, not bound
+        as a default: the static audit and tests wrap it), or a kernel taking its arguments."""
         B, C, H, W = q_map.shape
         h = self.num_heads
         d = C // h
@@ -179,7 +180,7 @@ class OSRA(nn.Module):
         v = v.reshape(B, h, d, M).transpose(-1, -2)
         if relative_pos_enc is not None:
             relative_pos_enc = resize_relative_pos_enc(relative_pos_enc, H * W, M)
-        out = attention(q, k, v, relative_pos_enc, self.scale)
+        out = (attention or tk.osra_attention)(q, k, v, relative_pos_enc, self.scale)
         return out.transpose(-1, -2).reshape(B, C, H, W)
 
 
