@@ -37,12 +37,16 @@ def _idconv_positions(args: Mapping, grid: Sequence[int]) -> int:
 
 
 def _dynconv(args, grid) -> Trips:
+    if args["PLANE_W"]:  # the whole-plane stencil: no runtime loop
+        return {}
     tiles = _idconv_positions(args, grid)
     rows = "_dwconv_tile_vec_k:i" if args["VEC"] else "_dynconv_kernel:kh"
     return {"_dynconv_kernel:p0": tiles, rows: tiles * args["K"]}
 
 
 def _kernel_grad_partial(args, grid) -> Trips:
+    if args["PLANE_W"]:  # _wgrad_plane_k over one image (a literal 1: its image loop folds away)
+        return {}
     return {"_kernel_grad_partial_kernel:p0": _idconv_positions(args, grid)}
 
 

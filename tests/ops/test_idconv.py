@@ -180,12 +180,13 @@ def test_triton_position_chunking(target_programs, nan_poisoned_empty):
 @pytest.mark.parametrize("shape", [(2, 3, 8, 8, 2, 3), (1, 2, 5, 12, 3, 7), (2, 2, 4, 16, 2, 9)], ids=str)
 def test_triton_chunked_stencils(shape, conv_tile_elements, nan_poisoned_empty):
     """NCHW rows of a multiple of 4 pixels: the forward, gx and dk passes on the chunked stencils (the plans
-    must say so), against the fp64 reference; 16-position tiles give several tiles and position chunks."""
+    must say so), against the fp64 reference; 16-position tiles give several tiles and position chunks. The
+    whole-plane stencil is off (these planes would take it)."""
     from transxnet_kernels.triton import common
     from transxnet_kernels.triton import idconv as triton_idconv
 
     args = idconv_args(*shape, dtype=torch.float64, seed=5)
-    settings = triton_idconv.Settings(conv_tile_elements=conv_tile_elements, target_programs=8)
+    settings = triton_idconv.Settings(conv_tile_elements=conv_tile_elements, target_programs=8, plane_max=0)
     with common.launch_overrides(settings):
         x, K = args[0].detach(), shape[-1]
         assert triton_idconv._Plan(x, K, conv=True, others=(x,)).chunked
@@ -195,6 +196,7 @@ def test_triton_chunked_stencils(shape, conv_tile_elements, nan_poisoned_empty):
 
 @requires_triton
 def test_triton_chunked_stencils_only_where_they_apply():
+    """Planned on meta tensors, with the whole-plane stencil off (it takes every plane of these sizes)."""
     from transxnet_kernels.triton import common
     from transxnet_kernels.triton import idconv as triton_idconv
 
@@ -202,12 +204,60 @@ def test_triton_chunked_stencils_only_where_they_apply():
         return triton_idconv._Plan(x, K, conv=True, others=(x,)).chunked
 
     x = torch.empty(2, 3, 8, 8, device="meta")
-    assert chunked(x)
-    assert not chunked(x, K=11)
-    assert not chunked(torch.empty(2, 3, 8, 6, device="meta"))
-    assert not chunked(x.to(memory_format=torch.channels_last))
-    with common.launch_overrides(dataclasses.replace(common.launch_target(DEVICE), int32_span_limit=0)):
-        assert not chunked(x)
+    with common.launch_overrides(triton_idconv.Settings(plane_max=0)):
+        assert chunked(x)
+        assert not chunked(x, K=11)
+        assert not chunked(torch.empty(2, 3, 8, 6, device="meta"))
+        assert not chunked(x.to(memory_format=torch.channels_last))
+        with common.launch_overrides(dataclasses.replace(common.launch_target(DEVICE), int32_span_limit=0)):
+            assert not chunked(x)
+    assert not chunked(x)  # the whole-plane stencil
+
+
+@requires_triton
+def test_triton_whole_plane_stencils_where_they_apply():
+    """Planes of at most plane_max rows and columns with int32 offsets, in either layout, run the whole-plane
+    stencils in both the conv and the dk pass: a program per (sample, channel block), one chunk, the plane padded
+    to powers of 2, plane_columns (channel, column) pairs per program. Planned on meta tensors."""
+    from transxnet_kernels.triton import common
+    from transxnet_kernels.triton import idconv as triton_idconv
+
+    gpu = common.LaunchTarget(sm_count=132, interpreted=False, capability=90)
+    with common.launch_overrides(gpu, triton_idconv.Settings.for_target(gpu)):
+        for conv in (True, False):
+            x = torch.empty(128, 112, 14, 14, device="meta")
+            for layout in (x, x.to(memory_format=torch.channels_last)):
+                p = triton_idconv._Plan(layout, 7, conv=conv, others=(layout,))
+                assert p.plane == (14, 14, 16) and not p.chunked, p.plane
+                assert (p.block_c, p.block_p, p.num_warps, p.n_chunks) == (4, 256, 2, 1)
+                assert p.grid == (128 * 28,)
+            p = triton_idconv._Plan(torch.empty(128, 224, 7, 7, device="meta"), 7, conv=conv)
+            assert p.plane == (7, 7, 8) and (p.block_c, p.block_p, p.grid) == (8, 64, (128 * 28,))
+            for H, W in ((17, 4), (4, 17), (28, 28)):
+                assert triton_idconv._Plan(torch.empty(2, 3, H, W, device="meta"), 7, conv=conv).plane == (0, 0, 0)
+        with common.launch_overrides(dataclasses.replace(gpu, int32_span_limit=0)):
+            assert triton_idconv._Plan(torch.empty(2, 3, 14, 14, device="meta"), 7, conv=True).plane == (0, 0, 0)
+
+
+# Small planes on both stencil families: the whole-plane one with several channel blocks (2 columns of 8 per
+# program) and odd channel counts, and the tiled ones (per tap, chunks of 4) that larger planes take.
+STENCIL_SHAPES = [(2, 5, 14, 14, 2, 7), (1, 3, 7, 7, 3, 7), (2, 3, 6, 8, 2, 5), (3, 2, 16, 3, 1, 9), (1, 4, 1, 5, 2, 3)]
+
+
+@requires_triton
+@pytest.mark.parametrize("stencil", ["plane", "tiled"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("shape", STENCIL_SHAPES, ids=str)
+def test_triton_plane_and_tiled_stencils_on_small_planes(shape, layout, stencil, nan_poisoned_empty):
+    from transxnet_kernels.triton import common
+    from transxnet_kernels.triton import idconv as triton_idconv
+
+    args = idconv_args(*shape, dtype=torch.float64, layout=layout, seed=11)
+    plane_max = 16 if stencil == "plane" else 0
+    with common.launch_overrides(triton_idconv.Settings(plane_max=plane_max, plane_columns=16)):
+        x = args[0].detach()
+        assert bool(triton_idconv._Plan(x, shape[-1], conv=False, others=(x,)).plane[1]) == (stencil == "plane")
+        check_op(TRITON, OP, args)
 
 
 @requires_triton

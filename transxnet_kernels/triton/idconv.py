@@ -48,17 +48,25 @@ B·G·C·K²·e for the kernel logits, as large as G·N·e when K² = H·W):
     (this backward:   gx pass reads gy, writes gx; dk pass reads gy, x  -> 4·N·e bytes)
     forward+backward  5·N·e bytes minimum (6·N·e as implemented)
 
-On NCHW maps whose rows are a multiple of 4 pixels (T/S/B stages 1-2: W = 56, 28), with row-contiguous
-strides that are multiples of 4 and int32 offsets, the conv passes and the dk pass run the MS-FFN's chunked
-stencils (`ms_ffn._dwconv_tile_vec_k`, `ms_ffn._wgrad_tile_vec_k`): a thread owns 4 pixels of a row and
-reads each kernel row with 3 vector loads; the dk pass keeps one per-thread partial per tap and reduces once
-per program. Elsewhere each pass gathers the K×K taps from L1/L2 with one masked load per tap and output
-element (the dk pass as a [channels, taps, positions] window), bound by instruction issue rather than DRAM
-traffic. Static GPU audit (`python -m benchmarks.gpu_audit`, Triton 3.8, H100 SXM, batch 128, bf16, NCHW;
-estimate / DRAM roofline, µs), per-tap -> chunked: T stage 1 (24x56x56) forward 166 -> 71 / 12, backward
-483 -> 144 / 18; stage 2 forward 97 -> 43 / 6, backward 311 -> 110 / 9; stages 3-4 unchanged. The conv
-passes' first form, a [channels, taps, positions] window reduced over the taps across threads, measured
-0.14-0.19x eager on an H200 (benchmarks/results, 2026-11-28).
+Stencils. Planes of at most Settings.plane_max (16) rows and columns with int32 offsets (T/S/B stages 3-4 at
+224^2: 14x14, 7x7, either layout) run the MS-FFN's whole-plane stencils, a program per (sample, channel block)
+and a thread per (channel, column): the conv passes `ms_ffn._dwconv_plane_k` (per kernel column, the shifted
+column loaded once and its K vertical taps added as register FMAs with compile-time row bounds), the dk pass
+`ms_ffn._wgrad_plane_k` over the one sample (K per-thread partials per kernel column, one cross-column sum per
+tap; a single chunk, so dk and dβ need no chunk sums). On NCHW maps whose rows are a multiple of 4 pixels (T/S/B
+stages 1-2: W = 56, 28), with row-contiguous strides that are multiples of 4 and int32 offsets, the conv passes
+and the dk pass run the MS-FFN's chunked stencils (`ms_ffn._dwconv_tile_vec_k`, `ms_ffn._wgrad_tile_vec_k`): a
+thread owns 4 pixels of a row and reads each kernel row with 3 vector loads; the dk pass keeps one per-thread
+partial per tap and reduces once per program. Elsewhere each pass gathers the K×K taps from L1/L2 with one
+masked load per tap and output element (the dk pass as a [channels, taps, positions] window), bound by
+instruction issue rather than DRAM traffic. Static GPU audit (`python -m benchmarks.gpu_audit`, Triton 3.8,
+H100 SXM, batch 128, bf16, NCHW; estimate / DRAM roofline, µs): per-tap -> chunked, T stage 1 (24x56x56)
+forward 166 -> 71 / 12, backward 483 -> 144 / 18; stage 2 forward 97 -> 43 / 6, backward 311 -> 110 / 9;
+per-tap -> whole-plane, stage 3 (112x14x14) forward 60 -> 12 / 4, backward 288 -> 33 / 7; stage 4 (224x7x7)
+forward 35 -> 9 / 3, backward 191 -> 31 / 6 (there the softmax chain over the per-sample kernels and the batch
+sum of its weight-gradient terms, each pass as large as the logits, are 40% of the estimate). The conv passes'
+first form, a [channels, taps, positions] window reduced over the taps across threads, measured 0.14-0.19x
+eager on an H200 (benchmarks/results, 2026-11-28).
 """
 
 from __future__ import annotations
@@ -88,11 +96,15 @@ from .ms_ffn import (
     _chunk_coords,
     _chunk_strides,
     _chunked_hw,
+    _dwconv_plane_k,
     _dwconv_tile_vec_k,
     _multiple_of_4,
+    _plane_shape,
+    _rows_to_tile,
     _tap_totals,
     _vectorisable,
     _wgrad_init,
+    _wgrad_plane_k,
     _wgrad_tile_vec_k,
 )
 
@@ -104,18 +116,21 @@ class Settings:
     conv_tile_elements: outputs of one program's [channels, positions] tile in the conv passes (forward, gx),
     each thread looping over the K² taps for its share, and in the chunked dk pass; conv_num_warps: its warps.
     tile_elements: elements of the per-tap dk pass's [channels, taps, positions] register tile; num_warps: its
-    warps. target_programs: programs
-    a launch should have before a plane is split into position chunks."""
+    warps. target_programs: programs a launch should have before a plane is split into position chunks.
+    plane_max: the largest H and W the whole-plane stencils run (0: never); plane_columns: (channel, column) pairs
+    of a whole-plane program, one per thread on GPUs (the interpreter runs few large programs fastest)."""
 
     conv_tile_elements: int = 512
     conv_num_warps: int = 4
     tile_elements: int = 8192
     num_warps: int = 8
     target_programs: int = 1024
+    plane_max: int = 16
+    plane_columns: int = 64
 
     @classmethod
     def for_target(cls, target: LaunchTarget) -> Settings:
-        return cls()
+        return cls(plane_columns=512) if target.interpreted else cls()
 
 
 # Elements of a _mix_kernel program (4 warps: 4 per thread, each with G loads of logits and of the bank).
@@ -277,6 +292,9 @@ def _dynconv_kernel(
     ACC: tl.constexpr,
     INDEX64: tl.constexpr,
     VEC: tl.constexpr,
+    PLANE_H: tl.constexpr,
+    PLANE_W: tl.constexpr,
+    PLANE_WP: tl.constexpr,
 ):
     """dst[b,c] = src[b,c] ⋆ k[b,c] (+ β[b,c]) with k, β already synthesized ([B, C, K²], [B, C]); FLIP
     convolves with the flipped kernel (gx).
@@ -284,7 +302,9 @@ def _dynconv_kernel(
     Each thread accumulates its own outputs over the K² taps (unrolled, offsets known at compile time): no
     reduction across threads, the centre offset and the row / column indices computed once per tile. VEC
     (row-contiguous planes, W and strides multiples of 4, K <= 9): the MS-FFN's chunked stencil
-    (ms_ffn._dwconv_tile_vec_k), 4 outputs per thread from 3 vector loads per kernel row."""
+    (ms_ffn._dwconv_tile_vec_k), 4 outputs per thread from 3 vector loads per kernel row. PLANE_W > 0 (planes of
+    at most Settings.plane_max, int32 offsets): the MS-FFN's whole-plane stencil (ms_ffn._dwconv_plane_k), a
+    program per (sample, channel block) holding the plane, a thread per (channel, column)."""
     if VEC:  # strides Triton can prove multiples of 4 (see _multiple_of_4)
         src_stride_b, src_stride_c, src_stride_h = _chunk_strides(src_stride_b, src_stride_c, src_stride_h)
         dst_stride_b, dst_stride_c, dst_stride_h = _chunk_strides(dst_stride_b, dst_stride_c, dst_stride_h)
@@ -302,56 +322,87 @@ def _dynconv_kernel(
         beta = tl.load(beta_ptr + b * C + c, mask=c_ok, other=0.0)
     src = src_ptr + b * src_stride_b
     dst = dst_ptr + b * dst_stride_b
-    p_start = chunk * chunk_len
-    p_end = tl.minimum(p_start + chunk_len, H * W)
-    for p0 in range(p_start, p_end, BLOCK_P):
-        p = p0 + tl.arange(0, BLOCK_P)
-        ok = c_ok[:, None] & (p < p_end)[None, :]
-        if VEC:
-            hq, wq, q_ok, left_ok, right_ok = _chunk_coords(p0 // 4, p_end // 4, W, BLOCK_P // 4)
-            acc = _dwconv_tile_vec_k(
-                src,
-                kernel_ptr + b * C * KK,
-                c,
-                c_ok,
-                hq,
-                wq,
-                q_ok,
-                left_ok,
-                right_ok,
-                H,
-                src_stride_c,
-                src_stride_h,
-                K,
-                KK,
-                FLIP,
-                ACC,
-                BLOCK_C,
-                BLOCK_P,
-            )
-        else:
-            h = p // W
-            w = p % W
-            centre = _plane_offsets(c, p, W, src_stride_c, src_stride_h, src_stride_w, INDEX64)
-            acc = tl.zeros([BLOCK_C, BLOCK_P], ACC)
-            # Kernel rows as a runtime loop, taps within a row unrolled: a 7x smaller body than unrolling all K²
-            # taps (compile time), for one row offset and row mask per K taps.
-            for kh in range(K):
-                dh = P - kh if FLIP else kh - P
-                row_ok = ok & ((h + dh >= 0) & (h + dh < H))[None, :]
-                if INDEX64:
-                    row = centre + dh.to(tl.int64) * src_stride_h
-                else:
-                    row = centre + dh * src_stride_h
-                for kw in tl.static_range(K):
-                    dw = P - kw if FLIP else kw - P
-                    tap = tl.load(taps + kh * K + kw, mask=c_ok, other=0.0)  # L1-resident, one per channel held
-                    valid = row_ok & ((w + dw >= 0) & (w + dw < W))[None, :]
-                    acc += tap[:, None] * tl.load(src + row + dw * src_stride_w, mask=valid, other=0.0).to(ACC)
+    if PLANE_W > 0:
+        HP: tl.constexpr = BLOCK_P // PLANE_WP
+        rows = _dwconv_plane_k(
+            src,
+            kernel_ptr + b * C * KK,
+            c,
+            c_ok,
+            src_stride_c,
+            src_stride_h,
+            src_stride_w,
+            K,
+            KK,
+            FLIP,
+            False,
+            ACC,
+            BLOCK_C,
+            PLANE_H,
+            PLANE_W,
+            HP,
+            PLANE_WP,
+        )
+        acc = _rows_to_tile(rows, HP, PLANE_WP, BLOCK_C)
         if HAS_BIAS:
             acc += beta[:, None]
-        out_offs = _plane_offsets(c, p, W, dst_stride_c, dst_stride_h, dst_stride_w, INDEX64, VEC)
+        p = tl.arange(0, BLOCK_P)
+        h = p // PLANE_WP
+        w = p % PLANE_WP
+        ok = c_ok[:, None] & ((h < PLANE_H) & (w < PLANE_W))[None, :]
+        out_offs = c[:, None] * dst_stride_c + (h * dst_stride_h + w * dst_stride_w)[None, :]
         tl.store(dst + out_offs, acc.to(dst_ptr.dtype.element_ty), mask=ok)
+    else:
+        p_start = chunk * chunk_len
+        p_end = tl.minimum(p_start + chunk_len, H * W)
+        for p0 in range(p_start, p_end, BLOCK_P):
+            p = p0 + tl.arange(0, BLOCK_P)
+            ok = c_ok[:, None] & (p < p_end)[None, :]
+            if VEC:
+                hq, wq, q_ok, left_ok, right_ok = _chunk_coords(p0 // 4, p_end // 4, W, BLOCK_P // 4)
+                acc = _dwconv_tile_vec_k(
+                    src,
+                    kernel_ptr + b * C * KK,
+                    c,
+                    c_ok,
+                    hq,
+                    wq,
+                    q_ok,
+                    left_ok,
+                    right_ok,
+                    H,
+                    src_stride_c,
+                    src_stride_h,
+                    K,
+                    KK,
+                    FLIP,
+                    ACC,
+                    BLOCK_C,
+                    BLOCK_P,
+                )
+            else:
+                h = p // W
+                w = p % W
+                centre = _plane_offsets(c, p, W, src_stride_c, src_stride_h, src_stride_w, INDEX64)
+                acc = tl.zeros([BLOCK_C, BLOCK_P], ACC)
+                # Kernel rows as a runtime loop, taps within a row unrolled: a 7x smaller body than unrolling all K²
+                # taps (compile time), for one row offset and row mask per K taps.
+                for kh in range(K):
+                    dh = P - kh if FLIP else kh - P
+                    row_ok = ok & ((h + dh >= 0) & (h + dh < H))[None, :]
+                    if INDEX64:
+                        row = centre + dh.to(tl.int64) * src_stride_h
+                    else:
+                        row = centre + dh * src_stride_h
+                    for kw in tl.static_range(K):
+                        dw = P - kw if FLIP else kw - P
+                        tap = tl.load(taps + kh * K + kw, mask=c_ok, other=0.0)  # L1-resident, one per channel held
+                        valid = row_ok & ((w + dw >= 0) & (w + dw < W))[None, :]
+                        acc += tap[:, None] * tl.load(src + row + dw * src_stride_w, mask=valid, other=0.0).to(ACC)
+            if HAS_BIAS:
+                acc += beta[:, None]
+            out_offs = _plane_offsets(c, p, W, dst_stride_c, dst_stride_h, dst_stride_w, INDEX64, VEC)
+            tl.store(dst + out_offs, acc.to(dst_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit(
@@ -400,10 +451,15 @@ def _kernel_grad_partial_kernel(
     ACC: tl.constexpr,
     INDEX64: tl.constexpr,
     VEC: tl.constexpr,
+    PLANE_H: tl.constexpr,
+    PLANE_W: tl.constexpr,
+    PLANE_WP: tl.constexpr,
 ):
     """Chunk partials of dk[b,c,t] = Σ gy·shifted x and dβ[b,c] = Σ gy, into [chunks, B, C, ...]. VEC (the
     conditions of _dynconv_kernel's): the MS-FFN's chunked weight-gradient stencil (ms_ffn._wgrad_tile_vec_k),
-    per-thread partials per tap reduced once at the end."""
+    per-thread partials per tap reduced once at the end. PLANE_W > 0: its whole-plane weight gradient
+    (ms_ffn._wgrad_plane_k) over the one sample, a single chunk: K per-thread partials per kernel column, one
+    cross-column sum per tap."""
     if VEC:  # strides Triton can prove multiples of 4 (see _multiple_of_4)
         x_stride_b, x_stride_c, x_stride_h = _chunk_strides(x_stride_b, x_stride_c, x_stride_h)
         grad_out_stride_b, grad_out_stride_c, grad_out_stride_h = _chunk_strides(
@@ -418,55 +474,83 @@ def _kernel_grad_partial_kernel(
     c_ok = c < C
     x = x_ptr + b * x_stride_b
     grad_out = grad_out_ptr + b * grad_out_stride_b
-    p_start = chunk * chunk_len
-    p_end = tl.minimum(p_start + chunk_len, H * W)
-    # Elementwise accumulators: the cross-thread reduction over positions happens once, at the end.
     KK: tl.constexpr = K * K
-    if VEC:
-        acc_k = _wgrad_init(K, KK_PAD, ACC, BLOCK_C, BLOCK_P, True)
+    if PLANE_W > 0:
+        _wgrad_plane_k(
+            grad_out,
+            x,
+            dk_part_ptr + b * C * KK,
+            dbeta_part_ptr + b * C,
+            c,
+            c_ok,
+            c,
+            1,
+            grad_out_stride_b,
+            grad_out_stride_c,
+            grad_out_stride_h,
+            grad_out_stride_w,
+            x_stride_b,
+            x_stride_c,
+            x_stride_h,
+            x_stride_w,
+            K,
+            KK,
+            True,
+            ACC,
+            BLOCK_C,
+            PLANE_H,
+            PLANE_W,
+            PLANE_WP,
+        )
     else:
-        acc_k = tl.zeros([BLOCK_C, KK_PAD, BLOCK_P], ACC)
-    acc_beta = tl.zeros([BLOCK_C, BLOCK_P], ACC)
-    for p0 in range(p_start, p_end, BLOCK_P):
-        p = p0 + tl.arange(0, BLOCK_P)
-        g_offs = _plane_offsets(c, p, W, grad_out_stride_c, grad_out_stride_h, grad_out_stride_w, INDEX64, VEC)
-        grad = tl.load(grad_out + g_offs, mask=c_ok[:, None] & (p < p_end)[None, :], other=0.0).to(ACC)
+        p_start = chunk * chunk_len
+        p_end = tl.minimum(p_start + chunk_len, H * W)
+        # Elementwise accumulators: the cross-thread reduction over positions happens once, at the end.
         if VEC:
-            hq, wq, q_ok, left_ok, right_ok = _chunk_coords(p0 // 4, p_end // 4, W, BLOCK_P // 4)
-            acc_k = _wgrad_tile_vec_k(
-                acc_k,
-                grad,
-                x,
-                c,
-                c_ok,
-                hq,
-                wq,
-                q_ok,
-                left_ok,
-                right_ok,
-                H,
-                x_stride_c,
-                x_stride_h,
-                K,
-                ACC,
-                BLOCK_C,
-                BLOCK_P,
-            )
+            acc_k = _wgrad_init(K, KK_PAD, ACC, BLOCK_C, BLOCK_P, True)
         else:
-            offs, mask = _tap_window(
-                c, c_ok, p, p_end, H, W, x_stride_c, x_stride_h, x_stride_w, K, KK_PAD, False, INDEX64
-            )
-            window = tl.load(x + offs, mask=mask, other=0.0).to(ACC)
-            acc_k += window * grad[:, None, :]
-        acc_beta += grad
-    if VEC:
-        dk = _tap_totals(acc_k, KK, KK_PAD)
-    else:
-        dk = tl.sum(acc_k, axis=2)
-    t = tl.arange(0, KK_PAD)
-    part = (chunk * B + b) * C
-    tl.store(dk_part_ptr + (part + c[:, None]) * KK + t[None, :], dk, mask=c_ok[:, None] & (t < KK)[None, :])
-    tl.store(dbeta_part_ptr + part + c, tl.sum(acc_beta, axis=1), mask=c_ok)
+            acc_k = tl.zeros([BLOCK_C, KK_PAD, BLOCK_P], ACC)
+        acc_beta = tl.zeros([BLOCK_C, BLOCK_P], ACC)
+        for p0 in range(p_start, p_end, BLOCK_P):
+            p = p0 + tl.arange(0, BLOCK_P)
+            g_offs = _plane_offsets(c, p, W, grad_out_stride_c, grad_out_stride_h, grad_out_stride_w, INDEX64, VEC)
+            grad = tl.load(grad_out + g_offs, mask=c_ok[:, None] & (p < p_end)[None, :], other=0.0).to(ACC)
+            if VEC:
+                hq, wq, q_ok, left_ok, right_ok = _chunk_coords(p0 // 4, p_end // 4, W, BLOCK_P // 4)
+                acc_k = _wgrad_tile_vec_k(
+                    acc_k,
+                    grad,
+                    x,
+                    c,
+                    c_ok,
+                    hq,
+                    wq,
+                    q_ok,
+                    left_ok,
+                    right_ok,
+                    H,
+                    x_stride_c,
+                    x_stride_h,
+                    K,
+                    ACC,
+                    BLOCK_C,
+                    BLOCK_P,
+                )
+            else:
+                offs, mask = _tap_window(
+                    c, c_ok, p, p_end, H, W, x_stride_c, x_stride_h, x_stride_w, K, KK_PAD, False, INDEX64
+                )
+                window = tl.load(x + offs, mask=mask, other=0.0).to(ACC)
+                acc_k += window * grad[:, None, :]
+            acc_beta += grad
+        if VEC:
+            dk = _tap_totals(acc_k, KK, KK_PAD)
+        else:
+            dk = tl.sum(acc_k, axis=2)
+        t = tl.arange(0, KK_PAD)
+        part = (chunk * B + b) * C
+        tl.store(dk_part_ptr + (part + c[:, None]) * KK + t[None, :], dk, mask=c_ok[:, None] & (t < KK)[None, :])
+        tl.store(dbeta_part_ptr + part + c, tl.sum(acc_beta, axis=1), mask=c_ok)
 
 
 @triton.jit(do_not_specialize_on_alignment=["B", "C", "n_cblocks", "n_chunks"])
@@ -569,10 +653,23 @@ class _Plan:
     def __init__(self, x: torch.Tensor, K: int, conv: bool, others: Tuple[torch.Tensor, ...] = ()):
         B, C, H, W = x.shape
         self.settings = launch_settings(Settings, x.device)
+        self.index64 = needs_int64(x, *others)
+        # Planes of at most plane_max rows and columns (stages 3-4 at 224^2, either layout) run the whole-plane
+        # stencils: a program per (sample, channel block), the plane padded to powers of 2, one chunk.
+        self.plane = _plane_shape(H, W, self.index64, self.settings)
+        if self.plane[1]:
+            self.chunked = False
+            self.kk_pad = triton.next_power_of_2(K * K)
+            self.block_p = triton.next_power_of_2(H) * self.plane[2]
+            self.block_c = min(triton.next_power_of_2(C), max(1, self.settings.plane_columns // self.plane[2]))
+            self.num_warps = max(1, min(8, self.block_c * self.plane[2] // 32))
+            self.n_cblocks = triton.cdiv(C, self.block_c)
+            self.n_chunks, self.chunk_len = 1, H * W
+            self.grid = (B * self.n_cblocks,)
+            return
         # NCHW rows of a multiple of 4 pixels run the chunked stencils (ms_ffn._vectorisable), with int32
         # in-plane offsets only; the dk pass then tiles like a conv pass (per-thread partials per tap).
         block_c, block_p = _split_tile(C, H * W, self.settings.conv_tile_elements, channels_last_input(x))
-        self.index64 = needs_int64(x, *others)
         self.chunked = _vectorisable(block_p, K, self.index64, x, *others)
         if conv or self.chunked:
             self.kk_pad = triton.next_power_of_2(K * K)
@@ -584,6 +681,19 @@ class _Plan:
         self.n_cblocks = triton.cdiv(C, self.block_c)
         self.n_chunks, self.chunk_len = _chunks(B, self.n_cblocks, H * W, self.block_p, self.settings)
         self.grid = (B * self.n_cblocks * self.n_chunks,)
+
+    def constexprs(self) -> dict:
+        """The stencil choice's compile-time arguments, shared by the conv and dk kernels."""
+        return dict(
+            BLOCK_C=self.block_c,
+            BLOCK_P=self.block_p,
+            INDEX64=self.index64,
+            VEC=self.chunked,
+            PLANE_H=self.plane[0],
+            PLANE_W=self.plane[1],
+            PLANE_WP=self.plane[2],
+            num_warps=self.num_warps,
+        )
 
 
 def _mix(logits: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
@@ -634,14 +744,10 @@ def _launch_dynconv(
             plan.n_chunks,
             plan.chunk_len,
             K=K,
-            BLOCK_C=plan.block_c,
-            BLOCK_P=plan.block_p,
             FLIP=flip,
             HAS_BIAS=has_bias,
             ACC=tl_accumulation_dtype(src.dtype),
-            INDEX64=plan.index64,
-            VEC=plan.chunked,
-            num_warps=plan.num_warps,
+            **plan.constexprs(),
             **(NO_REGISTER_BUDGET if plan.index64 else {}),  # ptxas's budget spilled 4 B (Triton 3.6, sm_86)
         )
 
@@ -715,12 +821,8 @@ def idconv_backward(
             plan.chunk_len,
             K=K,
             KK_PAD=plan.kk_pad,
-            BLOCK_C=plan.block_c,
-            BLOCK_P=plan.block_p,
             ACC=tl_accumulation_dtype(x.dtype),
-            INDEX64=plan.index64,
-            VEC=plan.chunked,
-            num_warps=plan.num_warps,
+            **plan.constexprs(),
         )
         # A [channels, taps] tile of at most 1024 elements over 8 warps: 4 per thread, which the G-way softmax
         # chain holds several times over without spilling (static audit: 8 per thread spilled 4 B at G = 3).
