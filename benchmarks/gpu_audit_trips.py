@@ -37,7 +37,7 @@ def _idconv_positions(args: Mapping, grid: Sequence[int]) -> int:
 
 
 def _dynconv(args, grid) -> Trips:
-    if args["PLANE_W"]:  # the whole-plane stencil: no runtime loop
+    if args["PLANE_W"] or args["STRIP"]:  # the whole-plane and strip stencils: no runtime loop
         return {}
     tiles = _idconv_positions(args, grid)
     rows = "_dwconv_tile_vec_k:i" if args["VEC"] else "_dynconv_kernel:kh"
@@ -45,7 +45,7 @@ def _dynconv(args, grid) -> Trips:
 
 
 def _kernel_grad_partial(args, grid) -> Trips:
-    if args["PLANE_W"]:  # _wgrad_plane_k over one image (a literal 1: its image loop folds away)
+    if args["PLANE_W"] or args["STRIP"]:  # _wgrad_plane_k over one image (a literal 1: its loop folds away); strips
         return {}
     return {"_kernel_grad_partial_kernel:p0": _idconv_positions(args, grid)}
 

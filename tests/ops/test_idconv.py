@@ -175,22 +175,37 @@ def test_triton_position_chunking(target_programs, nan_poisoned_empty):
         check_op(TRITON, OP, idconv_args(2, 1, 20, 21, 2, 7, seed=3))
 
 
+# Launch settings of the stencils of NCHW rows of a multiple of 4 pixels (the whole-plane stencil off: these planes
+# would take it): the chunked conv stencil in one tile or in 16-position tiles (several tiles and position chunks),
+# or strips of 8 rows, or of 2 rows with 2 chunks of a row per program (several strips and column blocks).
+ROW_STENCILS = {
+    "chunks-one-tile": dict(conv_tile_elements=512, target_programs=8, strip_rows=0),
+    "chunks-tiled": dict(conv_tile_elements=16, target_programs=8, strip_rows=0),
+    "strips": dict(),
+    "strips-small": dict(strip_rows=2, strip_row_chunks=2, strip_chunks=4),
+}
+
+
 @requires_triton
-@pytest.mark.parametrize("conv_tile_elements", [512, 16], ids=["one-tile", "tiles-and-chunks"])
+@pytest.mark.parametrize("stencil", list(ROW_STENCILS))
 @pytest.mark.parametrize("shape", [(2, 3, 8, 8, 2, 3), (1, 2, 5, 12, 3, 7), (2, 2, 4, 16, 2, 9)], ids=str)
-def test_triton_chunked_stencils(shape, conv_tile_elements, nan_poisoned_empty):
-    """NCHW rows of a multiple of 4 pixels: the forward, gx and dk passes on the chunked stencils (the plans
-    must say so), against the fp64 reference; 16-position tiles give several tiles and position chunks. The
-    whole-plane stencil is off (these planes would take it)."""
+def test_triton_chunked_stencils(shape, stencil, nan_poisoned_empty):
+    """NCHW rows of a multiple of 4 pixels: the forward, gx and dk passes on the chunked or the strip stencils (the
+    plans must say so), against the fp64 reference."""
     from transxnet_kernels.triton import common
     from transxnet_kernels.triton import idconv as triton_idconv
 
     args = idconv_args(*shape, dtype=torch.float64, seed=5)
-    settings = triton_idconv.Settings(conv_tile_elements=conv_tile_elements, target_programs=8, plane_max=0)
+    settings = triton_idconv.Settings(plane_max=0, **ROW_STENCILS[stencil])
     with common.launch_overrides(settings):
         x, K = args[0].detach(), shape[-1]
-        assert triton_idconv._Plan(x, K, conv=True, others=(x,)).chunked
-        assert triton_idconv._Plan(x, K, conv=False, others=(x,)).chunked
+        conv = triton_idconv._Plan(x, K, conv=True, others=(x,))
+        dk = triton_idconv._Plan(x, K, conv=False, others=(x,))
+        assert conv.chunked and dk.chunked
+        assert conv.strip == dk.strip == settings.strip_rows
+        if stencil == "strips-small":
+            strips = triton_idconv.triton.cdiv(shape[2], 2) * triton_idconv.triton.cdiv(shape[3], 8)
+            assert conv.n_chunks == dk.n_chunks == strips
         check_op(TRITON, OP, args)
 
 

@@ -54,14 +54,19 @@ and a thread per (channel, column): the conv passes `ms_ffn._dwconv_plane_k` (pe
 column loaded once and its K vertical taps added as register FMAs with compile-time row bounds), the dk pass
 `ms_ffn._wgrad_plane_k` over the one sample (K per-thread partials per kernel column, one cross-column sum per
 tap; a single chunk, so dk and dβ need no chunk sums). On NCHW maps whose rows are a multiple of 4 pixels (T/S/B
-stages 1-2: W = 56, 28), with row-contiguous strides that are multiples of 4 and int32 offsets, the conv passes
-and the dk pass run the MS-FFN's chunked stencils (`ms_ffn._dwconv_tile_vec_k`, `ms_ffn._wgrad_tile_vec_k`): a
-thread owns 4 pixels of a row and reads each kernel row with 3 vector loads; the dk pass keeps one per-thread
-partial per tap and reduces once per program. Elsewhere each pass gathers the K×K taps from L1/L2 with one
-masked load per tap and output element (the dk pass as a [channels, taps, positions] window), bound by
-instruction issue rather than DRAM traffic. Static GPU audit (`python -m benchmarks.gpu_audit`, Triton 3.8,
-H100 SXM, batch 128, bf16, NCHW; estimate / DRAM roofline, µs): per-tap -> chunked, T stage 1 (24x56x56)
-forward 166 -> 71 / 12, backward 483 -> 144 / 18; stage 2 forward 97 -> 43 / 6, backward 311 -> 110 / 9;
+stages 1-2: W = 56, 28), with row-contiguous strides that are multiples of 4 and int32 offsets, the conv and dk
+passes run strips of Settings.strip_rows (8) rows, a program per (sample, channel block, strip, block of up to
+16 chunks of a row) and a thread per (channel, chunk of 4 pixels): `ms_ffn._dwconv_strip_vec_k` loads the K²
+taps once and each of the strip's 8 + K - 1 input rows once (3 vector loads: the chunk and its neighbours) and
+adds it into every output row it reaches by register FMAs; `ms_ffn._wgrad_strip_vec_k` holds the strip's gy
+rows and multiplies each x row into K² per-thread partials, reduced once per program into one chunk of dk and
+dβ partials per (strip, column block). With strip_rows = 0 they run the MS-FFN's chunked stencils
+(`ms_ffn._dwconv_tile_vec_k`, `ms_ffn._wgrad_tile_vec_k`: every kernel row and the taps reloaded per output
+row). Elsewhere each pass gathers the K×K taps from L1/L2 with one masked load per tap and output element
+(the dk pass as a [channels, taps, positions] window), bound by instruction issue rather than DRAM traffic.
+Static GPU audit (`python -m benchmarks.gpu_audit`, Triton 3.8, H100 SXM, batch 128, bf16, NCHW; estimate /
+DRAM roofline, µs): per-tap -> chunked -> strips, T stage 1 (24x56x56) forward 166 -> 71 -> 28 / 12,
+backward 483 -> 144 -> 67 / 18; stage 2 forward 97 -> 43 -> 17 / 6, backward 311 -> 110 -> 41 / 9;
 per-tap -> whole-plane, stage 3 (112x14x14) forward 60 -> 12 / 4, backward 288 -> 33 / 7; stage 4 (224x7x7)
 forward 35 -> 9 / 3, backward 191 -> 31 / 6 (there the softmax chain over the per-sample kernels and the batch
 sum of its weight-gradient terms, each pass as large as the logits, are 40% of the estimate). The conv passes'
@@ -97,6 +102,7 @@ from .ms_ffn import (
     _chunk_strides,
     _chunked_hw,
     _dwconv_plane_k,
+    _dwconv_strip_vec_k,
     _dwconv_tile_vec_k,
     _multiple_of_4,
     _plane_shape,
@@ -105,6 +111,7 @@ from .ms_ffn import (
     _vectorisable,
     _wgrad_init,
     _wgrad_plane_k,
+    _wgrad_strip_vec_k,
     _wgrad_tile_vec_k,
 )
 
@@ -118,7 +125,11 @@ class Settings:
     tile_elements: elements of the per-tap dk pass's [channels, taps, positions] register tile; num_warps: its
     warps. target_programs: programs a launch should have before a plane is split into position chunks.
     plane_max: the largest H and W the whole-plane stencils run (0: never); plane_columns: (channel, column) pairs
-    of a whole-plane program, one per thread on GPUs (the interpreter runs few large programs fastest)."""
+    of a whole-plane program, one per thread on GPUs (the interpreter runs few large programs fastest).
+    strip_rows: output rows of a strip program of the conv and dk passes where the chunked stencils apply (0: the
+    chunked stencils instead); strip_chunks: (channel, chunk of 4 pixels) pairs of one strip program, one per thread;
+    strip_row_chunks: most chunks of a row one strip program covers (wider rows take several column blocks,
+    so a row is not padded far past W)."""
 
     conv_tile_elements: int = 512
     conv_num_warps: int = 4
@@ -127,10 +138,13 @@ class Settings:
     target_programs: int = 1024
     plane_max: int = 16
     plane_columns: int = 64
+    strip_rows: int = 8
+    strip_chunks: int = 64
+    strip_row_chunks: int = 16
 
     @classmethod
     def for_target(cls, target: LaunchTarget) -> Settings:
-        return cls(plane_columns=512) if target.interpreted else cls()
+        return cls(plane_columns=512, strip_chunks=512) if target.interpreted else cls()
 
 
 # Elements of a _mix_kernel program (4 warps: 4 per thread, each with G loads of logits and of the bank).
@@ -247,6 +261,15 @@ def _plane_offsets(c, p, W, stride_c, stride_h, stride_w, INDEX64: tl.constexpr,
     return c[:, None] * stride_c + h[None, :] * stride_h + w[None, :] * stride_w
 
 
+@triton.jit
+def _strip_coords(chunk, W, STRIP: tl.constexpr, CHUNKS: tl.constexpr):
+    """Position chunk `chunk` of a strip pass as (first row of its strip, then _chunk_coords' chunk column, mask
+    and neighbour flags of its block of CHUNKS chunks of a row): chunks enumerate column blocks fastest."""
+    n_column_blocks = tl.cdiv(W // 4, CHUNKS)
+    _, wq, q_ok, left_ok, right_ok = _chunk_coords((chunk % n_column_blocks) * CHUNKS, W // 4, W, CHUNKS)
+    return (chunk // n_column_blocks) * STRIP, wq, q_ok, left_ok, right_ok
+
+
 @triton.jit(
     do_not_specialize_on_alignment=[
         "C",
@@ -295,6 +318,7 @@ def _dynconv_kernel(
     PLANE_H: tl.constexpr,
     PLANE_W: tl.constexpr,
     PLANE_WP: tl.constexpr,
+    STRIP: tl.constexpr,
 ):
     """dst[b,c] = src[b,c] ⋆ k[b,c] (+ β[b,c]) with k, β already synthesized ([B, C, K²], [B, C]); FLIP
     convolves with the flipped kernel (gx).
@@ -304,7 +328,10 @@ def _dynconv_kernel(
     (row-contiguous planes, W and strides multiples of 4, K <= 9): the MS-FFN's chunked stencil
     (ms_ffn._dwconv_tile_vec_k), 4 outputs per thread from 3 vector loads per kernel row. PLANE_W > 0 (planes of
     at most Settings.plane_max, int32 offsets): the MS-FFN's whole-plane stencil (ms_ffn._dwconv_plane_k), a
-    program per (sample, channel block) holding the plane, a thread per (channel, column)."""
+    program per (sample, channel block) holding the plane, a thread per (channel, column). STRIP > 0 (with VEC):
+    strips of STRIP rows (ms_ffn._dwconv_strip_vec_k), a program per (sample, channel block, strip, block of
+    BLOCK_P columns), each input row loaded once per strip and the taps once per program; the position chunks
+    are the (strip, column block) pairs."""
     if VEC:  # strides Triton can prove multiples of 4 (see _multiple_of_4)
         src_stride_b, src_stride_c, src_stride_h = _chunk_strides(src_stride_b, src_stride_c, src_stride_h)
         dst_stride_b, dst_stride_c, dst_stride_h = _chunk_strides(dst_stride_b, dst_stride_c, dst_stride_h)
@@ -352,6 +379,39 @@ def _dynconv_kernel(
         ok = c_ok[:, None] & ((h < PLANE_H) & (w < PLANE_W))[None, :]
         out_offs = c[:, None] * dst_stride_c + (h * dst_stride_h + w * dst_stride_w)[None, :]
         tl.store(dst + out_offs, acc.to(dst_ptr.dtype.element_ty), mask=ok)
+    elif STRIP > 0:
+        CHUNKS: tl.constexpr = BLOCK_P // 4
+        h0, wq, q_ok, left_ok, right_ok = _strip_coords(chunk, W, STRIP, CHUNKS)
+        rows = _dwconv_strip_vec_k(
+            src,
+            kernel_ptr + b * C * KK,
+            c,
+            c_ok,
+            h0,
+            wq,
+            q_ok,
+            left_ok,
+            right_ok,
+            H,
+            src_stride_c,
+            src_stride_h,
+            K,
+            KK,
+            FLIP,
+            ACC,
+            BLOCK_C,
+            CHUNKS,
+            STRIP,
+        )
+        lane = tl.arange(0, 4)
+        for o in tl.static_range(STRIP):
+            out = rows[o]
+            if HAS_BIAS:
+                out += beta[:, None, None]
+            ok = c_ok[:, None] & (q_ok & (h0 + o < H))[None, :]
+            chunk_offs = c[:, None] * (dst_stride_c // 4) + ((h0 + o) * (dst_stride_h // 4) + wq)[None, :]
+            out_ptrs = dst + (chunk_offs * 4)[:, :, None] + lane[None, None, :]
+            tl.store(out_ptrs, out.to(dst_ptr.dtype.element_ty), mask=ok[:, :, None])
     else:
         p_start = chunk * chunk_len
         p_end = tl.minimum(p_start + chunk_len, H * W)
@@ -454,12 +514,14 @@ def _kernel_grad_partial_kernel(
     PLANE_H: tl.constexpr,
     PLANE_W: tl.constexpr,
     PLANE_WP: tl.constexpr,
+    STRIP: tl.constexpr,
 ):
     """Chunk partials of dk[b,c,t] = Σ gy·shifted x and dβ[b,c] = Σ gy, into [chunks, B, C, ...]. VEC (the
     conditions of _dynconv_kernel's): the MS-FFN's chunked weight-gradient stencil (ms_ffn._wgrad_tile_vec_k),
     per-thread partials per tap reduced once at the end. PLANE_W > 0: its whole-plane weight gradient
     (ms_ffn._wgrad_plane_k) over the one sample, a single chunk: K per-thread partials per kernel column, one
-    cross-column sum per tap."""
+    cross-column sum per tap. STRIP > 0: the strips of _dynconv_kernel (ms_ffn._wgrad_strip_vec_k), one chunk of
+    partials per (strip, column block)."""
     if VEC:  # strides Triton can prove multiples of 4 (see _multiple_of_4)
         x_stride_b, x_stride_c, x_stride_h = _chunk_strides(x_stride_b, x_stride_c, x_stride_h)
         grad_out_stride_b, grad_out_stride_c, grad_out_stride_h = _chunk_strides(
@@ -502,6 +564,34 @@ def _kernel_grad_partial_kernel(
             PLANE_W,
             PLANE_WP,
         )
+    elif STRIP > 0:
+        CHUNKS: tl.constexpr = BLOCK_P // 4
+        h0, wq, q_ok, left_ok, right_ok = _strip_coords(chunk, W, STRIP, CHUNKS)
+        partials, g_total = _wgrad_strip_vec_k(
+            grad_out,
+            x,
+            c,
+            c_ok,
+            h0,
+            wq,
+            q_ok,
+            left_ok,
+            right_ok,
+            H,
+            grad_out_stride_c,
+            grad_out_stride_h,
+            x_stride_c,
+            x_stride_h,
+            K,
+            ACC,
+            BLOCK_C,
+            CHUNKS,
+            STRIP,
+        )
+        part = (chunk * B + b) * C + c
+        for t in tl.static_range(KK):
+            tl.store(dk_part_ptr + part * KK + t, tl.sum(partials[t], axis=1), mask=c_ok)
+        tl.store(dbeta_part_ptr + part, tl.sum(g_total, axis=1), mask=c_ok)
     else:
         p_start = chunk * chunk_len
         p_end = tl.minimum(p_start + chunk_len, H * W)
@@ -658,7 +748,7 @@ class _Plan:
         # stencils: a program per (sample, channel block), the plane padded to powers of 2, one chunk.
         self.plane = _plane_shape(H, W, self.index64, self.settings)
         if self.plane[1]:
-            self.chunked = False
+            self.chunked, self.strip = False, 0
             self.kk_pad = triton.next_power_of_2(K * K)
             self.block_p = triton.next_power_of_2(H) * self.plane[2]
             self.block_c = min(triton.next_power_of_2(C), max(1, self.settings.plane_columns // self.plane[2]))
@@ -671,6 +761,18 @@ class _Plan:
         # in-plane offsets only; the dk pass then tiles like a conv pass (per-thread partials per tap).
         block_c, block_p = _split_tile(C, H * W, self.settings.conv_tile_elements, channels_last_input(x))
         self.chunked = _vectorisable(block_p, K, self.index64, x, *others)
+        self.strip = self.settings.strip_rows if self.chunked else 0
+        if self.strip:  # strips of rows: a program per (sample, channel block, strip, column block)
+            chunks = min(triton.next_power_of_2(W // 4), self.settings.strip_row_chunks)
+            self.kk_pad = triton.next_power_of_2(K * K)
+            self.block_p = 4 * chunks
+            self.block_c = min(triton.next_power_of_2(C), max(1, self.settings.strip_chunks // chunks))
+            self.num_warps = max(1, min(8, self.block_c * chunks // 32))
+            self.n_cblocks = triton.cdiv(C, self.block_c)
+            self.n_chunks = triton.cdiv(H, self.strip) * triton.cdiv(W // 4, chunks)
+            self.chunk_len = self.strip * self.block_p
+            self.grid = (B * self.n_cblocks * self.n_chunks,)
+            return
         if conv or self.chunked:
             self.kk_pad = triton.next_power_of_2(K * K)
             self.block_c, self.block_p = block_c, block_p
@@ -692,6 +794,7 @@ class _Plan:
             PLANE_H=self.plane[0],
             PLANE_W=self.plane[1],
             PLANE_WP=self.plane[2],
+            STRIP=self.strip,
             num_warps=self.num_warps,
         )
 

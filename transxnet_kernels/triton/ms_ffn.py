@@ -43,7 +43,9 @@ the block's k, heaviest first), the residual taken from the centre column. Their
 the thread's own g column and the shifted x column (read again; L2 should hold them), K per-thread partials,
 one cross-column sum per tap at the end (all K^2 partials across the images spilled). The middle's dz pass
 reads back the dz it stored after a barrier; there dz is kept in fp32 for half x (rounded, the
-BatchNorm-cancelling dW sums missed the fp16 tolerance), one half-pass more each way. Elsewhere
+BatchNorm-cancelling dW sums missed the fp16 tolerance), one half-pass more each way. The strip stencils
+`_dwconv_strip_vec_k` / `_wgrad_strip_vec_k` (strips of rows on chunks of 4 pixels, each input row loaded once per
+strip) serve IDConv at stages 1-2; these kernels do not use them yet. Elsewhere
 (channels_last, larger planes, K > 9) each tap is one predicated load and one FMA per output element
 (`_dwconv_tile_k`, `_wgrad_tile_k`; about 8 issued instructions per tap and output on sm_90).
 
@@ -335,6 +337,121 @@ def _dwconv_tile_vec_k(
             acc2 += tap * row[6 + (j - R) * (1 - 2 * TRANSPOSE)]
             acc3 += tap * row[7 + (j - R) * (1 - 2 * TRANSPOSE)]
     return tl.reshape(tl.join(tl.join(acc0, acc2), tl.join(acc1, acc3)), [BLOCK_C, BLOCK_HW])
+
+
+@triton.jit
+def _dwconv_strip_vec_k(
+    src,
+    weight_ptr,
+    cs,
+    cmask,
+    h0,
+    wq,
+    qmask,
+    left_ok,
+    right_ok,
+    H,
+    stride_c,
+    stride_h,
+    K: tl.constexpr,
+    KK_STRIDE: tl.constexpr,
+    TRANSPOSE: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    CHUNKS: tl.constexpr,
+    S: tl.constexpr,
+):
+    """_dwconv_tile_vec_k for a strip of S output rows h0 .. h0 + S - 1 of whole rows (the conditions of the
+    chunked stencil): a thread owns one chunk of 4 pixels in each of the S rows. The K^2 taps are loaded once,
+    and each of the S + K - 1 input rows once (3 vector loads: the chunk and its neighbours, zero outside the
+    image), feeding every output row it reaches by FMAs between registers (compile-time row indices), so a
+    loaded row serves K output rows: about K^2 * 4 * S FMAs per (S + K - 1) row loads, where the chunked stencil
+    reloads each input row and the taps for every output row. Returns the S output rows, each [BLOCK_C, CHUNKS,
+    4] (lane = pixel within the chunk)."""
+    R: tl.constexpr = K // 2
+    c_chunks = cs[:, None] * (stride_c // 4)
+    w_row = weight_ptr + cs * KK_STRIDE
+    taps = ()
+    for t in tl.static_range(K * K):
+        taps = taps + (tl.load(w_row + t, mask=cmask, other=0.0).to(ACC)[:, None],)
+    acc = (tl.zeros([BLOCK_C, CHUNKS], ACC),) * (4 * S)
+    for r in tl.static_range(S + 2 * R):  # input row h0 + r - R
+        hh = h0 + (r - R) + tl.zeros([CHUNKS], tl.int32)
+        row = _row_lanes(src, c_chunks, hh, wq, cmask, qmask, left_ok, right_ok, H, stride_h, R, ACC, BLOCK_C, CHUNKS)
+        new_acc = ()
+        for o in tl.static_range(S):
+            # Output row o reads input row o + the kernel row's shift: kernel row R + (r - R - o) * sign
+            # (compile-time; outside 0 .. K - 1 this input row does not reach output row o).
+            for v in tl.static_range(4):
+                a = acc[4 * o + v]
+                if (R + (r - R - o) * (1 - 2 * TRANSPOSE) >= 0) & (R + (r - R - o) * (1 - 2 * TRANSPOSE) < K):
+                    for j in tl.static_range(K):
+                        tap = taps[(R + (r - R - o) * (1 - 2 * TRANSPOSE)) * K + j]
+                        a += tap * row[4 + v + (j - R) * (1 - 2 * TRANSPOSE)]
+                new_acc = new_acc + (a,)
+        acc = new_acc
+    rows = ()
+    for o in tl.static_range(S):
+        joined = tl.join(tl.join(acc[4 * o], acc[4 * o + 2]), tl.join(acc[4 * o + 1], acc[4 * o + 3]))
+        rows = rows + (tl.reshape(joined, [BLOCK_C, CHUNKS, 4]),)
+    return rows
+
+
+@triton.jit
+def _wgrad_strip_vec_k(
+    g_src,
+    x_src,
+    cs,
+    cmask,
+    h0,
+    wq,
+    qmask,
+    left_ok,
+    right_ok,
+    H,
+    g_stride_c,
+    g_stride_h,
+    x_stride_c,
+    x_stride_h,
+    K: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    CHUNKS: tl.constexpr,
+    S: tl.constexpr,
+):
+    """The weight-gradient terms sum g[h, w] * x[h + i - r, w + j - r] over a strip of S rows h0 .. h0 + S - 1
+    (the layout of _dwconv_strip_vec_k: a thread owns one chunk of 4 pixels per row), as K^2 per-thread partials
+    [BLOCK_C, CHUNKS] (tap i * K + j) and the thread's sum of g, for the caller to reduce across threads once. The
+    S g rows are loaded first (one vector load each); each of the S + K - 1 x rows is loaded once (3 vector loads)
+    and multiplied into every partial it reaches."""
+    R: tl.constexpr = K // 2
+    g_chunks = cs[:, None] * (g_stride_c // 4)
+    x_chunks = cs[:, None] * (x_stride_c // 4)
+    g_rows = ()
+    g_total = tl.zeros([BLOCK_C, CHUNKS], ACC)
+    for o in tl.static_range(S):
+        hh = h0 + o + tl.zeros([CHUNKS], tl.int32)
+        lanes = _row_lanes(
+            g_src, g_chunks, hh, wq, cmask, qmask, left_ok, right_ok, H, g_stride_h, 0, ACC, BLOCK_C, CHUNKS
+        )
+        g_rows = g_rows + (lanes[4], lanes[5], lanes[6], lanes[7])
+        g_total += lanes[4] + lanes[5] + lanes[6] + lanes[7]
+    partials = (tl.zeros([BLOCK_C, CHUNKS], ACC),) * (K * K)
+    for r in tl.static_range(S + 2 * R):  # x row h0 + r - R: kernel row r - o for g row o
+        hh = h0 + (r - R) + tl.zeros([CHUNKS], tl.int32)
+        row = _row_lanes(
+            x_src, x_chunks, hh, wq, cmask, qmask, left_ok, right_ok, H, x_stride_h, R, ACC, BLOCK_C, CHUNKS
+        )
+        new_partials = ()
+        for t in tl.static_range(K * K):
+            a = partials[t]
+            for o in tl.static_range(S):
+                if r - o == t // K:
+                    for v in tl.static_range(4):
+                        a += g_rows[4 * o + v] * row[4 + v + t % K - R]
+            new_partials = new_partials + (a,)
+        partials = new_partials
+    return partials, g_total
 
 
 @triton.jit
