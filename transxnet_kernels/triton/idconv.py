@@ -723,12 +723,6 @@ def _split_tile(C: int, HW: int, tile: int, channels_fastest: bool) -> Tuple[int
     return block_c, block_p
 
 
-def _tiling(C: int, HW: int, K: int, channels_fastest: bool, settings: Settings) -> Tuple[int, int, int]:
-    """(KK_PAD, BLOCK_C, BLOCK_P) for a [channels, taps, positions] tile of settings.tile_elements."""
-    kk_pad = triton.next_power_of_2(K * K)
-    return (kk_pad, *_split_tile(C, HW, max(1, settings.tile_elements // kk_pad), channels_fastest))
-
-
 def _chunks(B: int, n_cblocks: int, HW: int, block_p: int, settings: Settings) -> Tuple[int, int]:
     """(number of position chunks per plane, positions per chunk, a multiple of block_p)."""
     n_tiles = triton.cdiv(HW, block_p)
@@ -742,47 +736,50 @@ class _Plan:
 
     def __init__(self, x: torch.Tensor, K: int, conv: bool, others: Tuple[torch.Tensor, ...] = ()):
         B, C, H, W = x.shape
+        self.batch, self.channels = B, C
         self.settings = launch_settings(Settings, x.device)
         self.index64 = needs_int64(x, *others)
+        self.kk_pad = triton.next_power_of_2(K * K)
         # Planes of at most plane_max rows and columns (stages 3-4 at 224^2, either layout) run the whole-plane
         # stencils: a program per (sample, channel block), the plane padded to powers of 2, one chunk.
         self.plane = _plane_shape(H, W, self.index64, self.settings)
+        # Elsewhere NCHW rows of a multiple of 4 pixels run the chunked stencils (ms_ffn._vectorisable), with
+        # int32 in-plane offsets only, in strips of rows unless strip_rows is 0; the dk pass then tiles like a
+        # conv pass (per-thread partials per tap).
+        block_c, block_p = _split_tile(C, H * W, self.settings.conv_tile_elements, channels_last_input(x))
+        self.chunked = not self.plane[1] and _vectorisable(block_p, K, self.index64, x, *others)
+        self.strip = self.settings.strip_rows if self.chunked else 0
         if self.plane[1]:
-            self.chunked, self.strip = False, 0
-            self.kk_pad = triton.next_power_of_2(K * K)
             self.block_p = triton.next_power_of_2(H) * self.plane[2]
             self.block_c = min(triton.next_power_of_2(C), max(1, self.settings.plane_columns // self.plane[2]))
             self.num_warps = max(1, min(8, self.block_c * self.plane[2] // 32))
-            self.n_cblocks = triton.cdiv(C, self.block_c)
             self.n_chunks, self.chunk_len = 1, H * W
-            self.grid = (B * self.n_cblocks,)
-            return
-        # NCHW rows of a multiple of 4 pixels run the chunked stencils (ms_ffn._vectorisable), with int32
-        # in-plane offsets only; the dk pass then tiles like a conv pass (per-thread partials per tap).
-        block_c, block_p = _split_tile(C, H * W, self.settings.conv_tile_elements, channels_last_input(x))
-        self.chunked = _vectorisable(block_p, K, self.index64, x, *others)
-        self.strip = self.settings.strip_rows if self.chunked else 0
-        if self.strip:  # strips of rows: a program per (sample, channel block, strip, column block)
+        elif self.strip:  # a program per (sample, channel block, strip, column block)
             chunks = min(triton.next_power_of_2(W // 4), self.settings.strip_row_chunks)
-            self.kk_pad = triton.next_power_of_2(K * K)
             self.block_p = 4 * chunks
             self.block_c = min(triton.next_power_of_2(C), max(1, self.settings.strip_chunks // chunks))
             self.num_warps = max(1, min(8, self.block_c * chunks // 32))
-            self.n_cblocks = triton.cdiv(C, self.block_c)
             self.n_chunks = triton.cdiv(H, self.strip) * triton.cdiv(W // 4, chunks)
             self.chunk_len = self.strip * self.block_p
-            self.grid = (B * self.n_cblocks * self.n_chunks,)
-            return
-        if conv or self.chunked:
-            self.kk_pad = triton.next_power_of_2(K * K)
-            self.block_c, self.block_p = block_c, block_p
-            self.num_warps = self.settings.conv_num_warps
         else:
-            self.kk_pad, self.block_c, self.block_p = _tiling(C, H * W, K, channels_last_input(x), self.settings)
-            self.num_warps = self.settings.num_warps
-        self.n_cblocks = triton.cdiv(C, self.block_c)
-        self.n_chunks, self.chunk_len = _chunks(B, self.n_cblocks, H * W, self.block_p, self.settings)
-        self.grid = (B * self.n_cblocks * self.n_chunks,)
+            if conv or self.chunked:
+                self.block_c, self.block_p = block_c, block_p
+                self.num_warps = self.settings.conv_num_warps
+            else:
+                # a [channels, taps, positions] tile of settings.tile_elements
+                tile = max(1, self.settings.tile_elements // self.kk_pad)
+                self.block_c, self.block_p = _split_tile(C, H * W, tile, channels_last_input(x))
+                self.num_warps = self.settings.num_warps
+            self.n_chunks, self.chunk_len = _chunks(B, self.n_cblocks, H * W, self.block_p, self.settings)
+
+    @property
+    def n_cblocks(self) -> int:
+        return triton.cdiv(self.channels, self.block_c)
+
+    @property
+    def grid(self) -> Tuple[int]:
+        """A program per (sample, channel block, position chunk)."""
+        return (self.batch * self.n_cblocks * self.n_chunks,)
 
     def constexprs(self) -> dict:
         """The stencil choice's compile-time arguments, shared by the conv and dk kernels."""
