@@ -114,6 +114,12 @@ def _dx(args, grid) -> Trips:
     return {**trips, **_wgrad_plane(args, grid)} if args["WGRAD"] else trips
 
 
+def _strips(kernel: str) -> Callable[[Mapping, Sequence[int]], Trips]:
+    """The strip kernels: every image once per (strip, channel block), whatever the batch splits; their stencils
+    and weight-gradient sweeps are unrolled (static_range) in the image loop's body."""
+    return lambda args, grid: {f"{kernel}:_": grid[0] * grid[1] * args["B"]}
+
+
 # --------------------------------------------------------------------------------------------- OSRA
 
 
@@ -147,6 +153,9 @@ LOOP_TRIPS: Dict[str, Callable[[Mapping, Sequence[int]], Trips]] = {
     "_forward_kernel": _msdw_forward,
     "_middle_grad_kernel": _middle_grad,
     "_dx_kernel": _dx,
+    "_strip_forward_kernel": _strips("_strip_forward_kernel"),
+    "_strip_dz_kernel": _strips("_strip_dz_kernel"),
+    "_strip_dx_kernel": _strips("_strip_dx_kernel"),
     "_osra_fwd_kernel": _osra_fwd,
     "_osra_bwd_dq_kernel": _osra_bwd_dq,
     "_osra_bwd_dkdv_kernel": _osra_bwd_dkdv,

@@ -321,10 +321,11 @@ def groups_id(groups) -> str:
     return "w{}k{}-B{}H{}W{}".format("_".join(map(str, widths)), "_".join(map(str, ksizes)), B, H, W)
 
 
-def ms_ffn_small_tiles(index64: bool = True, plane: bool = False):
+def ms_ffn_small_tiles(index64: bool = True, plane: bool = False, strips: bool = False):
     """launch_overrides for the Triton MS-FFN kernels giving GPU-like launch shapes on small inputs: several
     spatial tiles, channel blocks per group, the batch split over programs, and (index64) int64 in-image
-    offsets. plane: the whole-plane stencil where it applies (a few channels per tile), else the tiled ones."""
+    offsets. plane: the whole-plane stencil where it applies (a few channels per tile); strips: strips of 2 rows
+    x 2 chunks, 2 channels per program, where they apply; else the tiled stencils (per tap, chunks of 4)."""
     import dataclasses
 
     from transxnet_kernels.triton import common, ms_ffn
@@ -332,18 +333,26 @@ def ms_ffn_small_tiles(index64: bool = True, plane: bool = False):
     target = common.launch_target(DEVICE)
     return common.launch_overrides(
         ms_ffn.Settings(
-            tile_elements=16, target_programs=10**6, max_channel_block=2, plane_max=16 if plane else 0, plane_columns=8
+            tile_elements=16,
+            target_programs=10**6,
+            max_channel_block=2,
+            plane_max=16 if plane else 0,
+            plane_columns=8,
+            strip_rows=2 if strips else 0,
+            strip_chunks=4,
+            strip_row_chunks=2,
         ),
         dataclasses.replace(target, int32_span_limit=0) if index64 else target,
     )
 
 
-def ms_ffn_tiled_stencils():
+def ms_ffn_tiled_stencils(strips: bool = True):
     """launch_overrides for the Triton MS-FFN kernels: the default launch settings without the whole-plane
-    stencil, so small planes run the tiled stencils (per tap, or chunks of 4 pixels) that larger ones take."""
+    stencil, so small planes run the stencils larger ones take (strips of rows where rows are a multiple of 4
+    pixels, else per tap); strips=False: chunks of 4 pixels there instead."""
     import dataclasses
 
     from transxnet_kernels.triton import common, ms_ffn
 
     settings = ms_ffn.Settings.for_target(common.launch_target(DEVICE))
-    return common.launch_overrides(dataclasses.replace(settings, plane_max=0))
+    return common.launch_overrides(dataclasses.replace(settings, plane_max=0, strip_rows=settings.strip_rows * strips))

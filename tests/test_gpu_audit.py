@@ -28,6 +28,9 @@ KERNELS = (
     "_forward_kernel",
     "_middle_grad_kernel",
     "_dx_kernel",  # multi-scale depthwise conv, MS-FFN middle
+    "_strip_forward_kernel",
+    "_strip_dz_kernel",
+    "_strip_dx_kernel",  # the same on strips of rows (NCHW stages 1-2)
     "_osra_fwd_kernel",
     "_osra_bwd_dq_kernel",
     "_osra_bwd_dkdv_kernel",  # OSRA, flash path (M > 64)

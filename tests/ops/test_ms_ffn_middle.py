@@ -267,16 +267,45 @@ def test_triton_many_tiles_and_batch_splits(layout, training, plane, nan_poisone
 
 
 @requires_triton
+@pytest.mark.parametrize("strips", [False, True], ids=["chunks", "strips"])
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
-def test_triton_chunked_stencil(training, nan_poisoned_empty):
-    """The chunked stencils (W a multiple of 4, row-contiguous) in the middle's forward, statistics and backward
-    passes, with several tiles and batch splits."""
+def test_triton_row_stencils(training, strips, nan_poisoned_empty):
+    """The chunked stencils and the strip kernels (W a multiple of 4, row-contiguous) in the middle's forward,
+    statistics and backward passes, with several tiles or strips and column blocks, and batch splits."""
     from transxnet_kernels.triton import ms_ffn
 
     args = middle_args([2, 3, 1, 2], [1, 3, 5, 7], 3, 6, 8, dtype=torch.float64, training=training)
-    with ms_ffn_small_tiles(index64=False):
-        assert ms_ffn._plan(args[0].detach(), [2, 3, 1, 2], [1, 3, 5, 7]).vec
+    with ms_ffn_small_tiles(index64=False, strips=strips):
+        plan = ms_ffn._plan(args[0].detach(), [2, 3, 1, 2], [1, 3, 5, 7])
+        assert plan.strip if strips else plan.vec
         check_middle(TRITON, args)
+
+
+@requires_triton
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_triton_strips_in_half_precision_and_with_a_recomputed_z(training, nan_poisoned_empty):
+    """fp16 on the strip kernels (their dW sums the dz still in registers, unrounded); and the backward op called
+    without the forward's z, whose dz pass recomputes the conv on the plan without strips."""
+    from transxnet_kernels.triton import ms_ffn
+
+    widths, ksizes = [2, 3, 1, 2], [1, 3, 5, 7]
+    with ms_ffn_tiled_stencils():
+        args = middle_args(widths, ksizes, 2, 10, 12, dtype=torch.float16, training=training, seed=3)
+        assert ms_ffn._plan(args[0].detach(), widths, ksizes).strip
+        check_middle(TRITON, args)
+        x, weights, biases, norm_weight, norm_bias, running_mean, running_var = middle_args(
+            widths, ksizes, 2, 10, 12, dtype=torch.float64, grad=False
+        )[:7]
+        w_table, bias, _, _ = ms_ffn._pack(weights, biases)
+        _, mean, var, z = ms_ffn.ms_ffn_middle_packed(
+            x, w_table, bias, norm_weight, norm_bias, running_mean, running_var, widths, ksizes, training, True, 1e-5
+        )
+        grad_out = torch.randn_like(x)
+        args = (grad_out, x, w_table, bias, norm_weight, mean, var, widths, ksizes, training, 1e-5)
+        saved = ms_ffn.ms_ffn_middle_backward(args[0], args[1], z, *args[2:])
+        recomputed = ms_ffn.ms_ffn_middle_backward(args[0], args[1], None, *args[2:])
+        for name, a, b in zip(("dx", "dW", "dbias", "dgamma", "dbeta"), saved, recomputed):
+            assert_rel_close(a, b, TOLERANCE[torch.float64], f"{name}: saved z vs recomputed")
 
 
 class EagerMiddle(nn.Module):

@@ -255,28 +255,38 @@ def test_triton_whole_plane_launches_with_unequal_batch_splits(nan_poisoned_empt
         check_op(TRITON, OP, args)
 
 
-# Row-contiguous maps with W a multiple of 4 take the chunked stencils (_dwconv_tile_vec_k, _wgrad_tile_vec_k):
-# chunks at both row ends and in the middle, H smaller than the kernel, kernels 1 to 9, one and several tiles.
+# Row-contiguous maps with W a multiple of 4 take the strip kernels (_strip_*_kernel: _dwconv_strip_vec_k,
+# _wgrad_strip_vec_k), or with strip_rows = 0 the chunked stencils (_dwconv_tile_vec_k, _wgrad_tile_vec_k): chunks
+# at both row ends and in the middle, H smaller than the kernel and than a strip, kernels 1 to 9, one and several
+# tiles, strips and column blocks.
 CHUNKED = [
     ([2, 3, 1, 2], [1, 3, 5, 7], 2, 6, 8),
     ([1, 2], [9, 3], 1, 3, 12),
     ([3], [7], 3, 5, 4),
     ([2, 1], [5, 1], 2, 9, 16),
 ]
+# launch_overrides of each row stencil, and the plan field that names it
+ROW_STENCILS = {
+    "chunks-one-tile": (lambda: ms_ffn_tiled_stencils(strips=False), "vec"),
+    "chunks-tiled": (lambda: ms_ffn_small_tiles(index64=False), "vec"),
+    "strips": (ms_ffn_tiled_stencils, "strip"),
+    "strips-small": (lambda: ms_ffn_small_tiles(index64=False, strips=True), "strip"),
+}
 
 
 @requires_triton
-@pytest.mark.parametrize("small_tiles", [False, True], ids=["default-tiles", "small-tiles"])
+@pytest.mark.parametrize("stencil", list(ROW_STENCILS))
 @pytest.mark.parametrize("groups", CHUNKED, ids=groups_id)
-def test_triton_chunked_stencil(groups, small_tiles, nan_poisoned_empty):
-    """The chunked (4 pixels per thread) stencils against the fp64 reference, output and every gradient; with
-    small tiles also several tiles per plane and batch splits. Fails if the plan does not take that path, so
-    the test cannot pass on the per-tap stencil alone."""
+def test_triton_row_stencils(groups, stencil, nan_poisoned_empty):
+    """The chunked and strip stencils against the fp64 reference, output and every gradient; small tiles and
+    strips add several tiles or strips and column blocks per plane and batch splits. Fails if the plan does not
+    take that path, so the test cannot pass on the per-tap stencil alone."""
     from transxnet_kernels.triton import ms_ffn
 
+    overrides, field = ROW_STENCILS[stencil]
     args = msdw_args(*groups, dtype=torch.float64)
-    with ms_ffn_small_tiles(index64=False) if small_tiles else ms_ffn_tiled_stencils():
-        assert ms_ffn._plan(args[0].detach(), groups[0], groups[1]).vec
+    with overrides():
+        assert getattr(ms_ffn._plan(args[0].detach(), groups[0], groups[1]), field)
         check_op(TRITON, OP, args)
 
 
@@ -296,26 +306,53 @@ def test_triton_block_table_runs_the_largest_kernels_first():
 
 
 @requires_triton
-def test_triton_chunked_stencil_only_where_it_applies():
+@pytest.mark.parametrize("strips", [False, True], ids=["chunks", "strips"])
+def test_triton_row_stencils_only_where_they_apply(strips):
     """W not a multiple of 4, channels_last, a column stride, a channel stride off by one element, a kernel
     of 11, int64 in-image offsets: the per-tap stencil (the plan says so; the reference sweeps above cover
-    these results)."""
+    these results), never the chunked or strip ones."""
     from transxnet_kernels.triton import ms_ffn
 
-    def plan(x, ksizes=(3, 5)):
-        return ms_ffn._plan(x, [1, 1], list(ksizes))
+    def row_stencil(x, ksizes=(3, 5)):
+        p = ms_ffn._plan(x, [1, 1], list(ksizes))
+        assert not (p.vec and p.strip), p
+        return p.strip if strips else p.vec
 
     x = torch.empty(2, 2, 6, 8, device="meta")
-    with ms_ffn_tiled_stencils():
-        assert plan(x).vec
-        assert not plan(x, (3, 11)).vec
-        assert not plan(torch.empty(2, 2, 6, 6, device="meta")).vec
-        assert not plan(x.to(memory_format=torch.channels_last)).vec
-        assert not plan(torch.empty(2, 2, 6, 16, device="meta")[..., ::2]).vec
-        assert not plan(torch.empty(2, 3, 6, 8, device="meta")[:, :2].as_strided((2, 2, 6, 8), (97, 49, 8, 1))).vec
-    assert not plan(x).vec  # the whole-plane stencil
-    with ms_ffn_small_tiles(index64=True):
-        assert not plan(x).vec
+    with ms_ffn_tiled_stencils(strips=strips):
+        assert row_stencil(x)
+        assert not row_stencil(x, (3, 11))
+        assert not row_stencil(torch.empty(2, 2, 6, 6, device="meta"))
+        assert not row_stencil(x.to(memory_format=torch.channels_last))
+        assert not row_stencil(torch.empty(2, 2, 6, 16, device="meta")[..., ::2])
+        strided = torch.empty(2, 3, 6, 8, device="meta")[:, :2].as_strided((2, 2, 6, 8), (97, 49, 8, 1))
+        assert not row_stencil(strided)
+    assert not row_stencil(x)  # the whole-plane stencil
+    with ms_ffn_small_tiles(index64=True, strips=strips):
+        assert not row_stencil(x)
+
+
+@requires_triton
+def test_triton_strip_plans_at_the_model_stages():
+    """On a GPU, NCHW stages 1-2 (T: 192 x 56 x 56, 384 x 28 x 28; detection's 200 x 304) run strips of 8 rows x
+    8 chunks (one compiled kernel for both widths), 8 channels of one kernel size per program (2 warps), one
+    launch per kernel size, heaviest first; the statistics-only passes plan without strips. Planned on meta
+    tensors."""
+    from transxnet_kernels.triton import common, ms_ffn
+
+    gpu = common.LaunchTarget(sm_count=132, interpreted=False)
+    with common.launch_overrides(gpu, ms_ffn.Settings.for_target(gpu)):
+        for C, H, W, tiles in ((192, 56, 56, 7 * 2), (384, 28, 28, 4), (192, 200, 304, 25 * 10)):
+            x = torch.empty(128, C, H, W, device="meta")
+            widths = [C // 4] * 4
+            p = ms_ffn._plan(x, widths, [1, 3, 5, 7])
+            assert (p.strip, p.block_c, p.block_hw, p.num_warps, p.vec) == (8, 8, 32, 2, False), p
+            assert [launch.kmax for launch in p.launches] == [7, 5, 3, 1]
+            assert [launch.grid[:2] for launch in p.launches] == [(tiles, C // 4 // 8)] * 4
+            constexprs = p.strip_constexprs(p.launches[0])
+            assert (constexprs["K"], constexprs["CHUNKS"], constexprs["STRIP"]) == (7, 8, 8)
+            unstripped = ms_ffn._plan(x, widths, [1, 3, 5, 7], strips=False)
+            assert unstripped.vec and not unstripped.strip and len(unstripped.launches) == 1
 
 
 @requires_triton
@@ -344,19 +381,19 @@ def test_triton_grid_puts_spatial_tiles_on_axis_0(target):
 def test_triton_nchw_tiles_are_one_channel_on_gpus_and_share_small_planes_in_the_interpreter():
     """On GPUs an NCHW tile is one channel's long run of pixels (coalesced). The interpreter's cost is per
     tile operation, so there small planes share a tile (the whole-model training test took 20 minutes with
-    one channel per program) while large planes keep one channel per tile (the tiled stencils: small planes
-    take the whole-plane one by default). Planned on meta tensors."""
+    one channel per program) while large planes keep one channel per tile (the tiled stencils: by default small
+    planes take the whole-plane one, NCHW rows of a multiple of 4 pixels the strips). Planned on meta tensors."""
     import dataclasses
 
     from transxnet_kernels.triton import common, ms_ffn
 
     widths, ksizes = [16, 16, 16, 16], [1, 3, 5, 7]
     small, large = (torch.empty(2, 64, side, side, device="meta") for side in (8, 64))
-    no_plane = dataclasses.replace(ms_ffn.Settings.for_target(common.LaunchTarget(1, False)), plane_max=0)
+    no_plane = dataclasses.replace(ms_ffn.Settings.for_target(common.LaunchTarget(1, False)), plane_max=0, strip_rows=0)
     with common.launch_overrides(common.LaunchTarget(sm_count=132, interpreted=False), no_plane):
         assert ms_ffn._plan(small, widths, ksizes).block_c == 1
         assert ms_ffn._plan(large, widths, ksizes).block_c == 1
-    no_plane = dataclasses.replace(ms_ffn.Settings.for_target(common.LaunchTarget(1, True)), plane_max=0)
+    no_plane = dataclasses.replace(ms_ffn.Settings.for_target(common.LaunchTarget(1, True)), plane_max=0, strip_rows=0)
     with common.launch_overrides(common.LaunchTarget(sm_count=1, interpreted=True), no_plane):
         plan = ms_ffn._plan(small, widths, ksizes)
         assert plan.block_c == 16 and plan.block_hw == 64 and plan.launches[0].grid[:2] == (1, 4), plan

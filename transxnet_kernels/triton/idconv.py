@@ -99,6 +99,7 @@ from .common import (
 # The chunked stencils are the MS-FFN's (same conditions, same code).
 from .ms_ffn import (
     _chunk_coords,
+    _chunk_ptrs,
     _chunk_strides,
     _chunked_hw,
     _dwconv_plane_k,
@@ -107,6 +108,7 @@ from .ms_ffn import (
     _multiple_of_4,
     _plane_shape,
     _rows_to_tile,
+    _strip_coords,
     _tap_totals,
     _vectorisable,
     _wgrad_init,
@@ -261,15 +263,6 @@ def _plane_offsets(c, p, W, stride_c, stride_h, stride_w, INDEX64: tl.constexpr,
     return c[:, None] * stride_c + h[None, :] * stride_h + w[None, :] * stride_w
 
 
-@triton.jit
-def _strip_coords(chunk, W, STRIP: tl.constexpr, CHUNKS: tl.constexpr):
-    """Position chunk `chunk` of a strip pass as (first row of its strip, then _chunk_coords' chunk column, mask
-    and neighbour flags of its block of CHUNKS chunks of a row): chunks enumerate column blocks fastest."""
-    n_column_blocks = tl.cdiv(W // 4, CHUNKS)
-    _, wq, q_ok, left_ok, right_ok = _chunk_coords((chunk % n_column_blocks) * CHUNKS, W // 4, W, CHUNKS)
-    return (chunk // n_column_blocks) * STRIP, wq, q_ok, left_ok, right_ok
-
-
 @triton.jit(
     do_not_specialize_on_alignment=[
         "C",
@@ -398,19 +391,18 @@ def _dynconv_kernel(
             K,
             KK,
             FLIP,
+            False,
             ACC,
             BLOCK_C,
             CHUNKS,
             STRIP,
         )
-        lane = tl.arange(0, 4)
         for o in tl.static_range(STRIP):
             out = rows[o]
             if HAS_BIAS:
                 out += beta[:, None, None]
             ok = c_ok[:, None] & (q_ok & (h0 + o < H))[None, :]
-            chunk_offs = c[:, None] * (dst_stride_c // 4) + ((h0 + o) * (dst_stride_h // 4) + wq)[None, :]
-            out_ptrs = dst + (chunk_offs * 4)[:, :, None] + lane[None, None, :]
+            out_ptrs = _chunk_ptrs(dst, c[:, None] * (dst_stride_c // 4), h0 + o, wq, dst_stride_h)
             tl.store(out_ptrs, out.to(dst_ptr.dtype.element_ty), mask=ok[:, :, None])
     else:
         p_start = chunk * chunk_len
@@ -568,6 +560,7 @@ def _kernel_grad_partial_kernel(
         CHUNKS: tl.constexpr = BLOCK_P // 4
         h0, wq, q_ok, left_ok, right_ok = _strip_coords(chunk, W, STRIP, CHUNKS)
         partials, g_total = _wgrad_strip_vec_k(
+            _wgrad_init(K, KK_PAD, ACC, BLOCK_C, BLOCK_P, True),
             grad_out,
             x,
             c,

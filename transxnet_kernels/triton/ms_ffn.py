@@ -29,25 +29,29 @@ Layouts: any strides; on GPUs contiguous NCHW tiles one channel x a long run of 
 up to 32 contiguous channels x a few pixels. Base pointers move in int64 per image; in-image offsets
 are int32 unless one image spans >= 2^31 elements. fp16/bf16/fp32 accumulate in fp32, fp64 in fp64.
 
-Stencils. Where each row is contiguous and W, the row/channel/batch strides are multiples of 4 (NCHW at T/S/B
-stages 1-2: W = 56, 28; `_vectorisable`), a thread owns chunks of 4 pixels of a row: per kernel row it loads
-its chunk and both neighbours (3 vector loads, masks per chunk) and runs the row's K taps on those 12
-registers (`_dwconv_tile_vec_k`); the weight gradient keeps one per-thread partial per tap, unrolled, and
-reduces across threads once per program (`_wgrad_tile_vec_k`, `_tap_totals`) instead of once per tap and
-image. Planes of at most 16 x 16 (`Settings.plane_max`; stages 3-4 at 224^2, either layout) run the
-whole-plane stencil `_dwconv_plane_k`: a thread owns one channel's column and all H of its outputs; per kernel
-column it loads the shifted column once (H loads, one mask) and adds its K vertical taps to every output row
-as FMAs between registers, rows outside the image skipped at compile time; one launch per kernel size (KMAX is
-the block's k, heaviest first), the residual taken from the centre column. Their weight gradient
-(`_wgrad_plane_k`) sweeps the program's images again after its per-image loop, kernel column by kernel column:
-the thread's own g column and the shifted x column (read again; L2 should hold them), K per-thread partials,
-one cross-column sum per tap at the end (all K^2 partials across the images spilled). The middle's dz pass
-reads back the dz it stored after a barrier; there dz is kept in fp32 for half x (rounded, the
-BatchNorm-cancelling dW sums missed the fp16 tolerance), one half-pass more each way. The strip stencils
-`_dwconv_strip_vec_k` / `_wgrad_strip_vec_k` (strips of rows on chunks of 4 pixels, each input row loaded once per
-strip) serve IDConv at stages 1-2; these kernels do not use them yet. Elsewhere
-(channels_last, larger planes, K > 9) each tap is one predicated load and one FMA per output element
-(`_dwconv_tile_k`, `_wgrad_tile_k`; about 8 issued instructions per tap and output on sm_90).
+Stencils. Where each row is contiguous and W, the row/channel/batch strides are multiples of 4 (NCHW at T/S/B stages
+1-2: W = 56, 28; `_vectorisable`), a thread owns chunks of 4 pixels of a row and per kernel row loads its chunk and
+both neighbours (3 vector loads, masks per chunk). There the stencil passes run the strip kernels
+(`_strip_forward_kernel`, `_strip_dz_kernel`, `_strip_dx_kernel`; `Settings.strip_rows`): a program per (strip of 8
+rows x block of 8 chunks of a row, channel block of one kernel size, batch split), one launch per kernel size, a
+thread owning one chunk in each of the strip's rows. `_dwconv_strip_vec_k` loads the K^2 taps once and each of the 8
++ K - 1 input rows once, adding it into every output row it reaches as FMAs between registers (the residual from the
+same rows); `_wgrad_strip_rows_k` multiplies each x row once into K^2 per-thread dW partials (the dz pass from its
+dz still in registers, unrounded), reduced across threads once per program (`_tap_totals`). The passes without a
+stencil (`_APPLY_SAVED`, training's statistics pass) keep the chunked tiles, as do all passes with strip_rows = 0:
+`_dwconv_tile_vec_k` runs a kernel row's K taps on the 12 loaded registers and `_wgrad_tile_vec_k` keeps one
+per-thread partial per tap. Planes of at most 16 x 16 (`Settings.plane_max`; stages 3-4 at 224^2, either layout) run
+the whole-plane stencil `_dwconv_plane_k`: a thread owns one channel's column and all H of its outputs; per kernel
+column it loads the shifted column once (H loads, one mask) and adds its K vertical taps to every output row as FMAs
+between registers, rows outside the image skipped at compile time; one launch per kernel size (KMAX is the block's
+k, heaviest first), the residual taken from the centre column. Their weight gradient (`_wgrad_plane_k`) sweeps the
+program's images again after its per-image loop, kernel column by kernel column: the thread's own g column and the
+shifted x column (read again; L2 should hold them), K per-thread partials, one cross-column sum per tap at the end
+(all K^2 partials across the images spilled). The middle's dz pass reads back the dz it stored after a barrier;
+there dz is kept in fp32 for half x (rounded, the BatchNorm-cancelling dW sums missed the fp16 tolerance), one
+half-pass more each way. The strip stencils serve IDConv at stages 1-2 too. Elsewhere (channels_last, larger planes,
+K > 9) each tap is one predicated load and one FMA per output element (`_dwconv_tile_k`, `_wgrad_tile_k`; about 8
+issued instructions per tap and output on sm_90).
 
 Passes over the big tensor (one pass = B*C*H*W elements read or written; e = element size):
     multiscale_dwconv  forward  read x, write out                                   2 passes
@@ -81,6 +85,11 @@ Passes over the big tensor (one pass = B*C*H*W elements read or written; e = ele
     now / DRAM roofline: multiscale_dwconv forward + backward bf16 710 -> 166 / 67 and 500 -> 92 / 34, fp32
     602 -> 178 / 134 and 420 -> 95 / 67 (forward alone bf16 204 -> 44 / 27); ms_ffn_middle training forward +
     backward bf16 946 -> 388 / 67 and 617 -> 213 / 34, fp32 915 -> 495 / 134 (A100 in benchmarks/results).
+    Strips, T stages 1-2 (192x56x56, 384x28x28), H100, µs, chunked -> strips / DRAM roofline: multiscale_dwconv
+    bf16 forward 401 -> 127 / 92 and 201 -> 70 / 46, backward 1170 -> 232 / 138 and 591 -> 132 / 69; fp32
+    forward 307 -> 184 / 184, backward 890 -> 302 / 276; ms_ffn_middle training bf16 forward 755 -> 369 / 92,
+    backward 1746 -> 663 / 138 (there the GELU and statistics epilogues, ~40 issued instructions per element
+    and pass, and the stencil-free passes now bound it).
 """
 
 from __future__ import annotations
@@ -115,7 +124,11 @@ class Settings:
     before the batch is split across programs; max_channel_block: channels of a channels_last tile; nchw_channel_block:
     most channels of a contiguous-NCHW tile (they fill what a plane leaves of the tile); plane_max: the largest H and W
     the whole-plane stencil runs (0: never); plane_columns: (channel, column) pairs of a whole-plane tile, one per
-    thread on GPUs. On GPUs: small tiles, enough programs to fill the SMs several times over, NCHW tiles of one channel
+    thread on GPUs; strip_rows: output rows of a strip program where the chunked stencils apply (0: the chunked
+    tiles instead); strip_chunks: (channel, chunk of 4 pixels) pairs of a strip program, one per thread;
+    strip_row_chunks: most chunks of a row a strip program covers (wider rows take several column blocks; 8
+    serves W = 28 and 56 with one compiled kernel, and a block costs no extra loads: every chunk reads both
+    neighbours). On GPUs: small tiles, enough programs to fill the SMs several times over, NCHW tiles of one channel
     (a long coalesced run of pixels). Triton's interpreter runs programs one after another at ~0.7 ms per tile operation
     whatever the tile's size, so there few large programs are fastest: small NCHW planes share a tile (one channel per
     program made the whole-model training test 20 minutes)."""
@@ -126,11 +139,16 @@ class Settings:
     nchw_channel_block: int = 1
     plane_max: int = 16
     plane_columns: int = 64
+    strip_rows: int = 8
+    strip_chunks: int = 64
+    strip_row_chunks: int = 8
 
     @classmethod
     def for_target(cls, target: LaunchTarget) -> Settings:
         if target.interpreted:
-            return cls(tile_elements=4096, target_programs=1, nchw_channel_block=32, plane_columns=512)
+            return cls(
+                tile_elements=4096, target_programs=1, nchw_channel_block=32, plane_columns=512, strip_chunks=512
+            )
         return cls(tile_elements=1024, target_programs=8 * target.sm_count)
 
 
@@ -356,18 +374,21 @@ def _dwconv_strip_vec_k(
     K: tl.constexpr,
     KK_STRIDE: tl.constexpr,
     TRANSPOSE: tl.constexpr,
+    ADD_SRC: tl.constexpr,
     ACC: tl.constexpr,
     BLOCK_C: tl.constexpr,
     CHUNKS: tl.constexpr,
     S: tl.constexpr,
 ):
-    """_dwconv_tile_vec_k for a strip of S output rows h0 .. h0 + S - 1 of whole rows (the conditions of the
-    chunked stencil): a thread owns one chunk of 4 pixels in each of the S rows. The K^2 taps are loaded once,
+    """_dwconv_tile_vec_k for a strip of S output rows h0 .. h0 + S - 1 over a block of CHUNKS chunks of a row
+    (wq: their chunk columns; the conditions of the chunked stencil): a thread owns one chunk of 4 pixels in each
+    of the S rows. The K^2 taps are loaded once,
     and each of the S + K - 1 input rows once (3 vector loads: the chunk and its neighbours, zero outside the
     image), feeding every output row it reaches by FMAs between registers (compile-time row indices), so a
     loaded row serves K output rows: about K^2 * 4 * S FMAs per (S + K - 1) row loads, where the chunked stencil
-    reloads each input row and the taps for every output row. Returns the S output rows, each [BLOCK_C, CHUNKS,
-    4] (lane = pixel within the chunk)."""
+    reloads each input row and the taps for every output row. ADD_SRC: plus src itself (the residual), from the
+    rows already loaded (a load of its own per row kept those registers live across the stencil: spills in fp32).
+    Returns the S output rows, each [BLOCK_C, CHUNKS, 4] (lane = pixel within the chunk)."""
     R: tl.constexpr = K // 2
     c_chunks = cs[:, None] * (stride_c // 4)
     w_row = weight_ptr + cs * KK_STRIDE
@@ -381,13 +402,16 @@ def _dwconv_strip_vec_k(
         new_acc = ()
         for o in tl.static_range(S):
             # Output row o reads input row o + the kernel row's shift: kernel row R + (r - R - o) * sign
-            # (compile-time; outside 0 .. K - 1 this input row does not reach output row o).
+            # (compile-time, written out each time: a name assigned it would be a runtime value on GPUs; outside
+            # 0 .. K - 1 this input row does not reach output row o).
             for v in tl.static_range(4):
                 a = acc[4 * o + v]
                 if (R + (r - R - o) * (1 - 2 * TRANSPOSE) >= 0) & (R + (r - R - o) * (1 - 2 * TRANSPOSE) < K):
                     for j in tl.static_range(K):
                         tap = taps[(R + (r - R - o) * (1 - 2 * TRANSPOSE)) * K + j]
                         a += tap * row[4 + v + (j - R) * (1 - 2 * TRANSPOSE)]
+                if ADD_SRC and (r - R == o):
+                    a += row[4 + v]
                 new_acc = new_acc + (a,)
         acc = new_acc
     rows = ()
@@ -398,7 +422,51 @@ def _dwconv_strip_vec_k(
 
 
 @triton.jit
+def _wgrad_strip_rows_k(
+    partials,
+    g_rows,
+    x_src,
+    x_chunks,
+    cmask,
+    h0,
+    wq,
+    qmask,
+    left_ok,
+    right_ok,
+    H,
+    x_stride_h,
+    K: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    CHUNKS: tl.constexpr,
+    S: tl.constexpr,
+):
+    """partials[i * K + j] += sum over a strip of S rows h0 .. h0 + S - 1 of g[h, w] * x[h + i - r, w + j - r],
+    per thread (the layout of _dwconv_strip_vec_k: a thread owns one chunk of 4 pixels per row), for the caller
+    to reduce across threads once. g_rows: the strip's g as 4 * S lane tiles [BLOCK_C, CHUNKS] (row o, lane v at
+    4 * o + v; zero outside the image); x_chunks: the channels' offsets in chunks. Each of the S + K - 1 x rows is
+    loaded once (3 vector loads) and multiplied into every partial it reaches."""
+    R: tl.constexpr = K // 2
+    for r in tl.static_range(S + 2 * R):  # x row h0 + r - R: kernel row r - o for g row o
+        hh = h0 + (r - R) + tl.zeros([CHUNKS], tl.int32)
+        row = _row_lanes(
+            x_src, x_chunks, hh, wq, cmask, qmask, left_ok, right_ok, H, x_stride_h, R, ACC, BLOCK_C, CHUNKS
+        )
+        new_partials = ()
+        for t in tl.static_range(K * K):
+            a = partials[t]
+            for o in tl.static_range(S):
+                if r - o == t // K:
+                    for v in tl.static_range(4):
+                        a += g_rows[4 * o + v] * row[4 + v + t % K - R]
+            new_partials = new_partials + (a,)
+        partials = new_partials
+    return partials
+
+
+@triton.jit
 def _wgrad_strip_vec_k(
+    partials,
     g_src,
     x_src,
     cs,
@@ -419,14 +487,9 @@ def _wgrad_strip_vec_k(
     CHUNKS: tl.constexpr,
     S: tl.constexpr,
 ):
-    """The weight-gradient terms sum g[h, w] * x[h + i - r, w + j - r] over a strip of S rows h0 .. h0 + S - 1
-    (the layout of _dwconv_strip_vec_k: a thread owns one chunk of 4 pixels per row), as K^2 per-thread partials
-    [BLOCK_C, CHUNKS] (tap i * K + j) and the thread's sum of g, for the caller to reduce across threads once. The
-    S g rows are loaded first (one vector load each); each of the S + K - 1 x rows is loaded once (3 vector loads)
-    and multiplied into every partial it reaches."""
-    R: tl.constexpr = K // 2
+    """_wgrad_strip_rows_k with g read from g_src (one vector load per row): the updated partials and the thread's
+    sum of g over the strip [BLOCK_C, CHUNKS]."""
     g_chunks = cs[:, None] * (g_stride_c // 4)
-    x_chunks = cs[:, None] * (x_stride_c // 4)
     g_rows = ()
     g_total = tl.zeros([BLOCK_C, CHUNKS], ACC)
     for o in tl.static_range(S):
@@ -436,22 +499,44 @@ def _wgrad_strip_vec_k(
         )
         g_rows = g_rows + (lanes[4], lanes[5], lanes[6], lanes[7])
         g_total += lanes[4] + lanes[5] + lanes[6] + lanes[7]
-    partials = (tl.zeros([BLOCK_C, CHUNKS], ACC),) * (K * K)
-    for r in tl.static_range(S + 2 * R):  # x row h0 + r - R: kernel row r - o for g row o
-        hh = h0 + (r - R) + tl.zeros([CHUNKS], tl.int32)
-        row = _row_lanes(
-            x_src, x_chunks, hh, wq, cmask, qmask, left_ok, right_ok, H, x_stride_h, R, ACC, BLOCK_C, CHUNKS
-        )
-        new_partials = ()
-        for t in tl.static_range(K * K):
-            a = partials[t]
-            for o in tl.static_range(S):
-                if r - o == t // K:
-                    for v in tl.static_range(4):
-                        a += g_rows[4 * o + v] * row[4 + v + t % K - R]
-            new_partials = new_partials + (a,)
-        partials = new_partials
+    partials = _wgrad_strip_rows_k(
+        partials,
+        g_rows,
+        x_src,
+        cs[:, None] * (x_stride_c // 4),
+        cmask,
+        h0,
+        wq,
+        qmask,
+        left_ok,
+        right_ok,
+        H,
+        x_stride_h,
+        K,
+        ACC,
+        BLOCK_C,
+        CHUNKS,
+        S,
+    )
     return partials, g_total
+
+
+@triton.jit
+def _strip_coords(chunk, W, STRIP: tl.constexpr, CHUNKS: tl.constexpr):
+    """Position chunk `chunk` of a strip pass as (first row of its strip, then _chunk_coords' chunk column, mask
+    and neighbour flags of its block of CHUNKS chunks of a row): chunks enumerate column blocks fastest."""
+    n_column_blocks = tl.cdiv(W // 4, CHUNKS)
+    _, wq, q_ok, left_ok, right_ok = _chunk_coords((chunk % n_column_blocks) * CHUNKS, W // 4, W, CHUNKS)
+    return (chunk // n_column_blocks) * STRIP, wq, q_ok, left_ok, right_ok
+
+
+@triton.jit
+def _chunk_ptrs(base, c_chunks, hh, wq, stride_h):
+    """Pointers [BLOCK_C, CHUNKS, 4] to the 4-pixel chunks at chunk columns wq of row hh, c_chunks being the
+    channels' offsets in chunks [BLOCK_C, 1]: written as 4 * (chunk offset) + lane, as _row_lanes does, so that
+    Triton proves the alignment it moves vectors on."""
+    lane = tl.arange(0, 4)
+    return base + ((c_chunks + (hh * (stride_h // 4) + wq)[None, :]) * 4)[:, :, None] + lane[None, None, :]
 
 
 @triton.jit
@@ -1434,6 +1519,422 @@ def _dx_kernel(
         _store_wgrad_partials(pdw_ptr, pdb_ptr, acc_w, acc_b, cs, cmask, C, KK_STRIDE, KK_POW2)
 
 
+# ------------------------------------------------------------------------------------------- strips
+
+
+@triton.jit
+def _strip_block(blocks_ptr, W, BLOCK_C: tl.constexpr, CHUNKS: tl.constexpr, STRIP: tl.constexpr):
+    """This program's channel block (grid axis 1: channels, mask) and strip (axis 0: _strip_coords' first row,
+    chunk columns, mask and neighbour flags)."""
+    blk = tl.program_id(1)
+    cs = tl.load(blocks_ptr + 3 * blk) + tl.arange(0, BLOCK_C)
+    cmask = cs < tl.load(blocks_ptr + 3 * blk + 1)
+    h0, wq, qmask, left_ok, right_ok = _strip_coords(tl.program_id(0), W, STRIP, CHUNKS)
+    return cs, cmask, h0, wq, qmask, left_ok, right_ok
+
+
+@triton.jit
+def _chunk_mask(cmask, qmask, hh, H):
+    """[BLOCK_C, CHUNKS, 1]: the strip's chunks of row hh that are in the image, for the block's channels."""
+    return (cmask[:, None] & (qmask & (hh < H))[None, :])[:, :, None]
+
+
+@triton.jit
+def _lane_sum(t, BLOCK_C: tl.constexpr, CHUNKS: tl.constexpr):
+    """[BLOCK_C, CHUNKS]: a [BLOCK_C, CHUNKS, 4] tile summed over its lanes within each thread (adds of split
+    lanes: a tl.sum over the lane axis, accumulated in the image loop, crashed Triton 3.8's thread-locality
+    pass)."""
+    l0, l1, l2, l3 = _lanes(t, BLOCK_C, CHUNKS)
+    return (l0 + l1) + (l2 + l3)
+
+
+@triton.jit
+def _strip_sum(t):
+    """Per-channel sum of a [BLOCK_C, CHUNKS, 4] tile (one reduction across threads)."""
+    return tl.sum(tl.sum(t, axis=2), axis=1)
+
+
+@triton.jit(
+    # batch counts of 1 (batch 1, or one image per program) would compile a second copy of every kernel
+    do_not_specialize=["B", "b_per_prog"],
+    do_not_specialize_on_alignment=[
+        "C",
+        "H",
+        "W",
+        "x_stride_b",
+        "x_stride_c",
+        "x_stride_h",
+        "out_stride_b",
+        "out_stride_c",
+        "out_stride_h",
+    ],
+)
+def _strip_forward_kernel(
+    x_ptr,
+    out_ptr,
+    weight_ptr,
+    bias_ptr,
+    blocks_ptr,
+    scale_ptr,
+    shift_ptr,
+    pcnt_ptr,
+    pmean_ptr,
+    pm2_ptr,
+    B,
+    C,
+    H,
+    W,
+    b_per_prog,
+    x_stride_b,
+    x_stride_c,
+    x_stride_h,
+    out_stride_b,
+    out_stride_c,
+    out_stride_h,
+    MODE: tl.constexpr,
+    K: tl.constexpr,
+    KK_STRIDE: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    CHUNKS: tl.constexpr,
+    STRIP: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    """_forward_kernel's stencil modes (_CONV, _APPLY, _STATS, _PREACT) on strips of STRIP rows of NCHW maps whose
+    rows are a multiple of 4 pixels: a program per (strip x block of CHUNKS chunks of a row, channel block of
+    kernel size K, batch split), a thread per (channel, chunk); _dwconv_strip_vec_k computes the strip's rows
+    (with the residual, taken from its loaded rows), and _STATS reduces (count, mean, M2) of GELU(z) across
+    threads once per strip and image (the strip's values stay in registers for the second moment)."""
+    x_stride_b, x_stride_c, x_stride_h = _chunk_strides(x_stride_b, x_stride_c, x_stride_h)
+    out_stride_b, out_stride_c, out_stride_h = _chunk_strides(out_stride_b, out_stride_c, out_stride_h)
+    cs, cmask, h0, wq, qmask, left_ok, right_ok = _strip_block(blocks_ptr, W, BLOCK_C, CHUNKS, STRIP)
+    o_chunks = cs[:, None] * (out_stride_c // 4)
+    bias = tl.load(bias_ptr + cs, mask=cmask, other=0.0).to(ACC)[:, None, None]
+    b_lo = tl.program_id(2) * b_per_prog
+    b_hi = tl.minimum(b_lo + b_per_prog, B)
+    x_b = x_ptr + b_lo.to(tl.int64) * x_stride_b
+    o_b = out_ptr + b_lo.to(tl.int64) * out_stride_b
+    if MODE == 1:
+        scale = tl.load(scale_ptr + cs, mask=cmask, other=0.0).to(ACC)[:, None, None]
+        shift = tl.load(shift_ptr + cs, mask=cmask, other=0.0).to(ACC)[:, None, None]
+    if MODE == 2:
+        n = tl.zeros([BLOCK_C], ACC)
+        mean = tl.zeros([BLOCK_C], ACC)
+        m2 = tl.zeros([BLOCK_C], ACC)
+        # pixels of the strip in the image (the same for every image and channel)
+        n_strip = (tl.minimum(H - h0, STRIP) * 4 * tl.sum(qmask.to(tl.int32), axis=0)).to(ACC)
+    for _ in range(b_lo, b_hi):
+        rows = _dwconv_strip_vec_k(
+            x_b,
+            weight_ptr,
+            cs,
+            cmask,
+            h0,
+            wq,
+            qmask,
+            left_ok,
+            right_ok,
+            H,
+            x_stride_c,
+            x_stride_h,
+            K,
+            KK_STRIDE,
+            False,
+            MODE != 0,
+            ACC,
+            BLOCK_C,
+            CHUNKS,
+            STRIP,
+        )
+        if MODE == 2:
+            ys = ()
+            y_total = tl.zeros([BLOCK_C, CHUNKS, 4], ACC)
+        for o in tl.static_range(STRIP):
+            ok = _chunk_mask(cmask, qmask, h0 + o, H)
+            z = rows[o] + bias
+            out_ptrs = _chunk_ptrs(o_b, o_chunks, h0 + o, wq, out_stride_h)
+            if MODE == 1:
+                tl.store(out_ptrs, (_gelu(z) * scale + shift).to(out_ptr.dtype.element_ty), mask=ok)
+            else:  # the conv, or z (saved for _APPLY_SAVED and the backward)
+                tl.store(out_ptrs, z.to(out_ptr.dtype.element_ty), mask=ok)
+            if MODE == 2:  # the statistics keep z's full precision
+                y = tl.where(ok, _gelu(z), 0.0)
+                ys = ys + (y,)
+                y_total += y
+        if MODE == 2:
+            mean_strip = _strip_sum(y_total) / n_strip
+            sq_total = tl.zeros([BLOCK_C, CHUNKS, 4], ACC)
+            for o in tl.static_range(STRIP):
+                d = tl.where(_chunk_mask(cmask, qmask, h0 + o, H), ys[o] - mean_strip[:, None, None], 0.0)
+                sq_total += d * d
+            delta = mean_strip - mean
+            n_new = n + n_strip
+            mean += delta * (n_strip / n_new)
+            m2 += _strip_sum(sq_total) + delta * delta * (n * n_strip / n_new)
+            n = n_new
+        x_b += x_stride_b
+        o_b += out_stride_b
+    if MODE == 2:
+        part = _partial_rows(C, cs)
+        tl.store(pcnt_ptr + part, n, mask=cmask)
+        tl.store(pmean_ptr + part, mean, mask=cmask)
+        tl.store(pm2_ptr + part, m2, mask=cmask)
+
+
+@triton.jit(
+    # batch counts of 1 (batch 1, or one image per program) would compile a second copy of every kernel
+    do_not_specialize=["B", "b_per_prog"],
+    do_not_specialize_on_alignment=[
+        "C",
+        "H",
+        "W",
+        "x_stride_b",
+        "x_stride_c",
+        "x_stride_h",
+        "grad_out_stride_b",
+        "grad_out_stride_c",
+        "grad_out_stride_h",
+        "dz_stride_b",
+        "dz_stride_c",
+        "dz_stride_h",
+    ],
+)
+def _strip_dz_kernel(
+    x_ptr,
+    z_ptr,
+    grad_out_ptr,
+    dz_ptr,
+    blocks_ptr,
+    mean_ptr,
+    rstd_ptr,
+    cgo_ptr,
+    cxhat_ptr,
+    cconst_ptr,
+    psgo_ptr,
+    psgx_ptr,
+    pdw_ptr,
+    pdb_ptr,
+    B,
+    C,
+    H,
+    W,
+    b_per_prog,
+    x_stride_b,
+    x_stride_c,
+    x_stride_h,
+    grad_out_stride_b,
+    grad_out_stride_c,
+    grad_out_stride_h,
+    dz_stride_b,
+    dz_stride_c,
+    dz_stride_h,
+    STATS: tl.constexpr,
+    K: tl.constexpr,
+    KK_STRIDE: tl.constexpr,
+    KK_POW2: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    CHUNKS: tl.constexpr,
+    STRIP: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    """_middle_grad_kernel's dz pass (DZ, Z_SAVED; STATS too in eval) on the strips of _strip_forward_kernel: per
+    row of the strip z and go are read (one vector load each), dz = (cgo*go + cxhat*xhat + cconst) * GELU'(z) is
+    stored, and the strip's dz, still in registers (unrounded), feeds _wgrad_strip_rows_k's per-thread dW
+    partials, each x row loaded once per strip. Sums of go, go*xhat and dz stay per thread until the end."""
+    x_stride_b, x_stride_c, x_stride_h = _chunk_strides(x_stride_b, x_stride_c, x_stride_h)
+    grad_out_stride_b, grad_out_stride_c, grad_out_stride_h = _chunk_strides(
+        grad_out_stride_b, grad_out_stride_c, grad_out_stride_h
+    )
+    dz_stride_b, dz_stride_c, dz_stride_h = _chunk_strides(dz_stride_b, dz_stride_c, dz_stride_h)
+    cs, cmask, h0, wq, qmask, left_ok, right_ok = _strip_block(blocks_ptr, W, BLOCK_C, CHUNKS, STRIP)
+    x_chunks = cs[:, None] * (x_stride_c // 4)
+    g_chunks = cs[:, None] * (grad_out_stride_c // 4)
+    d_chunks = cs[:, None] * (dz_stride_c // 4)
+    mean = tl.load(mean_ptr + cs, mask=cmask, other=0.0).to(ACC)[:, None, None]
+    rstd = tl.load(rstd_ptr + cs, mask=cmask, other=0.0).to(ACC)[:, None, None]
+    cgo = tl.load(cgo_ptr + cs, mask=cmask, other=0.0).to(ACC)[:, None, None]
+    cxhat = tl.load(cxhat_ptr + cs, mask=cmask, other=0.0).to(ACC)[:, None, None]
+    cconst = tl.load(cconst_ptr + cs, mask=cmask, other=0.0).to(ACC)[:, None, None]
+    b_lo = tl.program_id(2) * b_per_prog
+    b_hi = tl.minimum(b_lo + b_per_prog, B)
+    x_b = x_ptr + b_lo.to(tl.int64) * x_stride_b
+    g_b = grad_out_ptr + b_lo.to(tl.int64) * grad_out_stride_b
+    d_b = dz_ptr + b_lo.to(tl.int64) * dz_stride_b
+    z_b = z_ptr + b_lo.to(tl.int64) * dz_stride_b
+    if STATS:
+        t_go = tl.zeros([BLOCK_C, CHUNKS], ACC)
+        t_gx = tl.zeros([BLOCK_C, CHUNKS], ACC)
+    t_dz = tl.zeros([BLOCK_C, CHUNKS], ACC)
+    acc_w = _wgrad_init(K, KK_POW2, ACC, BLOCK_C, 4 * CHUNKS, True)
+    for _ in range(b_lo, b_hi):
+        dz_rows = ()
+        for o in tl.static_range(STRIP):
+            ok = _chunk_mask(cmask, qmask, h0 + o, H)
+            z = tl.load(_chunk_ptrs(z_b, d_chunks, h0 + o, wq, dz_stride_h), mask=ok, other=0.0).to(ACC)
+            go = tl.load(_chunk_ptrs(g_b, g_chunks, h0 + o, wq, grad_out_stride_h), mask=ok, other=0.0).to(ACC)
+            xhat = (_gelu(z) - mean) * rstd
+            if STATS:  # go is zero outside the image
+                t_go += _lane_sum(go, BLOCK_C, CHUNKS)
+                t_gx += _lane_sum(go * xhat, BLOCK_C, CHUNKS)
+            dz = tl.where(ok, (cgo * go + cxhat * xhat + cconst) * _gelu_grad(z), 0.0)
+            tl.store(_chunk_ptrs(d_b, d_chunks, h0 + o, wq, dz_stride_h), dz.to(dz_ptr.dtype.element_ty), mask=ok)
+            l0, l1, l2, l3 = _lanes(dz, BLOCK_C, CHUNKS)
+            t_dz += (l0 + l1) + (l2 + l3)
+            dz_rows = dz_rows + (l0, l1, l2, l3)
+        acc_w = _wgrad_strip_rows_k(
+            acc_w,
+            dz_rows,
+            x_b,
+            x_chunks,
+            cmask,
+            h0,
+            wq,
+            qmask,
+            left_ok,
+            right_ok,
+            H,
+            x_stride_h,
+            K,
+            ACC,
+            BLOCK_C,
+            CHUNKS,
+            STRIP,
+        )
+        x_b += x_stride_b
+        z_b += dz_stride_b
+        g_b += grad_out_stride_b
+        d_b += dz_stride_b
+    if STATS:
+        part = _partial_rows(C, cs)
+        tl.store(psgo_ptr + part, tl.sum(t_go, axis=1), mask=cmask)
+        tl.store(psgx_ptr + part, tl.sum(t_gx, axis=1), mask=cmask)
+    acc_w = _tap_totals(acc_w, K * K, KK_POW2)
+    _store_wgrad_partials(pdw_ptr, pdb_ptr, acc_w, tl.sum(t_dz, axis=1), cs, cmask, C, KK_STRIDE, KK_POW2)
+
+
+@triton.jit(
+    # batch counts of 1 (batch 1, or one image per program) would compile a second copy of every kernel
+    do_not_specialize=["B", "b_per_prog"],
+    do_not_specialize_on_alignment=[
+        "C",
+        "H",
+        "W",
+        "src_stride_b",
+        "src_stride_c",
+        "src_stride_h",
+        "x_stride_b",
+        "x_stride_c",
+        "x_stride_h",
+        "dx_stride_b",
+        "dx_stride_c",
+        "dx_stride_h",
+    ],
+)
+def _strip_dx_kernel(
+    src_ptr,
+    x_ptr,
+    dx_ptr,
+    weight_ptr,
+    blocks_ptr,
+    pdw_ptr,
+    pdb_ptr,
+    B,
+    C,
+    H,
+    W,
+    b_per_prog,
+    src_stride_b,
+    src_stride_c,
+    src_stride_h,
+    x_stride_b,
+    x_stride_c,
+    x_stride_h,
+    dx_stride_b,
+    dx_stride_c,
+    dx_stride_h,
+    RESIDUAL: tl.constexpr,
+    WGRAD: tl.constexpr,
+    K: tl.constexpr,
+    KK_STRIDE: tl.constexpr,
+    KK_POW2: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    CHUNKS: tl.constexpr,
+    STRIP: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    """_dx_kernel on the strips of _strip_forward_kernel: dx = conv_transpose(src) (+ src if RESIDUAL, from the
+    stencil's loaded rows); WGRAD: per-thread dW partials from _wgrad_strip_vec_k (src's rows again, from L1/L2, and
+    each x row once per strip), reduced across threads once per program, and dbias."""
+    src_stride_b, src_stride_c, src_stride_h = _chunk_strides(src_stride_b, src_stride_c, src_stride_h)
+    x_stride_b, x_stride_c, x_stride_h = _chunk_strides(x_stride_b, x_stride_c, x_stride_h)
+    dx_stride_b, dx_stride_c, dx_stride_h = _chunk_strides(dx_stride_b, dx_stride_c, dx_stride_h)
+    cs, cmask, h0, wq, qmask, left_ok, right_ok = _strip_block(blocks_ptr, W, BLOCK_C, CHUNKS, STRIP)
+    dx_chunks = cs[:, None] * (dx_stride_c // 4)
+    b_lo = tl.program_id(2) * b_per_prog
+    b_hi = tl.minimum(b_lo + b_per_prog, B)
+    s_b = src_ptr + b_lo.to(tl.int64) * src_stride_b
+    x_b = x_ptr + b_lo.to(tl.int64) * x_stride_b
+    dx_b = dx_ptr + b_lo.to(tl.int64) * dx_stride_b
+    if WGRAD:
+        acc_w = _wgrad_init(K, KK_POW2, ACC, BLOCK_C, 4 * CHUNKS, True)
+        t_g = tl.zeros([BLOCK_C, CHUNKS], ACC)
+    for _ in range(b_lo, b_hi):
+        rows = _dwconv_strip_vec_k(
+            s_b,
+            weight_ptr,
+            cs,
+            cmask,
+            h0,
+            wq,
+            qmask,
+            left_ok,
+            right_ok,
+            H,
+            src_stride_c,
+            src_stride_h,
+            K,
+            KK_STRIDE,
+            True,
+            RESIDUAL,
+            ACC,
+            BLOCK_C,
+            CHUNKS,
+            STRIP,
+        )
+        for o in tl.static_range(STRIP):
+            dx_ptrs = _chunk_ptrs(dx_b, dx_chunks, h0 + o, wq, dx_stride_h)
+            tl.store(dx_ptrs, rows[o].to(dx_ptr.dtype.element_ty), mask=_chunk_mask(cmask, qmask, h0 + o, H))
+        if WGRAD:
+            acc_w, g_total = _wgrad_strip_vec_k(
+                acc_w,
+                s_b,
+                x_b,
+                cs,
+                cmask,
+                h0,
+                wq,
+                qmask,
+                left_ok,
+                right_ok,
+                H,
+                src_stride_c,
+                src_stride_h,
+                x_stride_c,
+                x_stride_h,
+                K,
+                ACC,
+                BLOCK_C,
+                CHUNKS,
+                STRIP,
+            )
+            t_g += g_total
+        s_b += src_stride_b
+        x_b += x_stride_b
+        dx_b += dx_stride_b
+    if WGRAD:
+        acc_w = _tap_totals(acc_w, K * K, KK_POW2)
+        _store_wgrad_partials(pdw_ptr, pdb_ptr, acc_w, tl.sum(t_g, axis=1), cs, cmask, C, KK_STRIDE, KK_POW2)
+
+
 # ------------------------------------------------------------------------------------------- launch
 
 
@@ -1455,6 +1956,7 @@ class _Plan(NamedTuple):
     num_warps: int
     vec: bool  # _dwconv_tile_vec_k's chunked stencil (see _vectorisable)
     plane: Tuple[int, int, int]  # (H, W, W padded to a power of 2): _dwconv_plane_k's stencil; zeros if not
+    strip: int  # rows of a strip of the _strip_* kernels (block_hw: 4 x their chunks of a row); 0 if not
 
     @property
     def partials(self) -> int:
@@ -1479,6 +1981,17 @@ class _Plan(NamedTuple):
             PLANE_H=self.plane[0],
             PLANE_W=self.plane[1],
             PLANE_WP=self.plane[2],
+            num_warps=self.num_warps,
+        )
+
+    def strip_constexprs(self, launch: _Launch) -> dict:
+        return dict(
+            K=launch.kmax,
+            KK_STRIDE=self.kk_stride,
+            BLOCK_C=self.block_c,
+            CHUNKS=self.block_hw // 4,
+            STRIP=self.strip,
+            ACC=tl_accumulation_dtype(self.acc),
             num_warps=self.num_warps,
         )
 
@@ -1536,17 +2049,30 @@ def _plane_shape(H: int, W: int, index64: bool, settings: Settings) -> Tuple[int
     return (H, W, triton.next_power_of_2(W))
 
 
-def _plan(x: torch.Tensor, widths: Sequence[int], ksizes: Sequence[int], *others: torch.Tensor) -> _Plan:
-    """Launch plan for the kernels reading x and writing or reading others."""
+def _plan(
+    x: torch.Tensor, widths: Sequence[int], ksizes: Sequence[int], *others: torch.Tensor, strips: bool = True
+) -> _Plan:
+    """Launch plan for the kernels reading x and writing or reading others. strips=False: no strip plan (for the
+    passes without a stencil, which the _strip_* kernels do not run)."""
     B, _, H, W = x.shape
     hw = H * W
     settings = launch_settings(Settings, x.device)
     index64 = needs_int64(x, *others)
     plane = _plane_shape(H, W, index64, settings)
+    strip = 0
     if plane[1]:  # whole planes, one (channel, column) per thread
         block_hw = triton.next_power_of_2(H) * plane[2]
         block_c = min(triton.next_power_of_2(max(widths)), max(1, settings.plane_columns // plane[2]))
         num_warps = max(1, min(8, block_c * plane[2] // 32))
+        n_hw = 1
+    elif strips and settings.strip_rows and _vectorisable(4, max(ksizes), index64, x, *others):
+        # strips of rows x blocks of chunks of a row, one (channel, chunk) per thread
+        strip = settings.strip_rows
+        chunks = min(triton.next_power_of_2(W // 4), settings.strip_row_chunks)
+        block_hw = 4 * chunks
+        block_c = min(triton.next_power_of_2(max(widths)), max(1, settings.strip_chunks // chunks))
+        num_warps = max(1, min(8, block_c * chunks // 32))
+        n_hw = triton.cdiv(H, strip) * triton.cdiv(W // 4, chunks)
     else:
         if channels_last_input(x):
             max_block_c = settings.max_channel_block
@@ -1555,9 +2081,9 @@ def _plan(x: torch.Tensor, widths: Sequence[int], ksizes: Sequence[int], *others
         block_c = min(max_block_c, triton.next_power_of_2(max(widths)))
         block_hw = max(1, min(triton.next_power_of_2(hw), settings.tile_elements // block_c))
         num_warps = max(1, min(8, block_c * block_hw // 128))  # 4 tile elements per thread: K masks per tap row
-    n_hw = triton.cdiv(hw, block_hw)
+        n_hw = triton.cdiv(hw, block_hw)
     launches = []
-    for kmax, blocks in _block_tables(widths, ksizes, block_c, bool(plane[1]), x.device):
+    for kmax, blocks in _block_tables(widths, ksizes, block_c, bool(plane[1] or strip), x.device):
         splits = max(1, min(B, triton.cdiv(settings.target_programs, max(1, blocks.shape[0] * n_hw))))
         b_per_prog = max(1, triton.cdiv(B, splits))
         launches.append(_Launch(blocks, (n_hw, blocks.shape[0], triton.cdiv(B, b_per_prog)), b_per_prog, kmax))
@@ -1571,8 +2097,9 @@ def _plan(x: torch.Tensor, widths: Sequence[int], ksizes: Sequence[int], *others
         index64,
         accumulation_dtype(x.dtype),
         num_warps,
-        not plane[1] and _vectorisable(block_hw, max(ksizes), index64, x, *others),
+        not plane[1] and not strip and _vectorisable(block_hw, max(ksizes), index64, x, *others),
         plane,
+        strip,
     )
 
 
@@ -1593,28 +2120,53 @@ def _launch_forward(
     pcnt, pmean, pm2 = stats if stats else (unused, unused, unused)
     with device_guard(x):
         for launch in plan.launches:
-            _forward_kernel[launch.grid](
-                x,
-                out_t,
-                w_table,
-                bias,
-                launch.blocks,
-                scale if scale is not None else unused,
-                shift if shift is not None else unused,
-                pcnt,
-                pmean,
-                pm2,
-                B,
-                C,
-                H,
-                W,
-                launch.b_per_prog,
-                *x.stride(),
-                *out_t.stride(),
-                MODE=mode,
-                **plan.constexprs(launch),
-                **NO_REGISTER_BUDGET,
-            )
+            if plan.strip:
+                assert mode != _APPLY_SAVED, "no stencil: run it on a plan without strips"
+                _strip_forward_kernel[launch.grid](
+                    x,
+                    out_t,
+                    w_table,
+                    bias,
+                    launch.blocks,
+                    scale if scale is not None else unused,
+                    shift if shift is not None else unused,
+                    pcnt,
+                    pmean,
+                    pm2,
+                    B,
+                    C,
+                    H,
+                    W,
+                    launch.b_per_prog,
+                    *x.stride()[:3],
+                    *out_t.stride()[:3],
+                    MODE=mode,
+                    **plan.strip_constexprs(launch),
+                    **NO_REGISTER_BUDGET,
+                )
+            else:
+                _forward_kernel[launch.grid](
+                    x,
+                    out_t,
+                    w_table,
+                    bias,
+                    launch.blocks,
+                    scale if scale is not None else unused,
+                    shift if shift is not None else unused,
+                    pcnt,
+                    pmean,
+                    pm2,
+                    B,
+                    C,
+                    H,
+                    W,
+                    launch.b_per_prog,
+                    *x.stride(),
+                    *out_t.stride(),
+                    MODE=mode,
+                    **plan.constexprs(launch),
+                    **NO_REGISTER_BUDGET,
+                )
 
 
 def _sum_wgrad_partials(pdw: torch.Tensor, pdb: torch.Tensor, w_table: torch.Tensor, bias: torch.Tensor):
@@ -1641,29 +2193,53 @@ def _launch_dx(
     pdw, pdb = wgrad if wgrad is not None else (w_table, w_table)
     with device_guard(x):
         for launch in plan.launches:
-            _dx_kernel[launch.grid](
-                src,
-                x,
-                dx,
-                w_table,
-                launch.blocks,
-                pdw,
-                pdb,
-                B,
-                C,
-                H,
-                W,
-                launch.b_per_prog,
-                *src.stride(),
-                *x.stride(),
-                *dx.stride(),
-                RESIDUAL=residual,
-                WGRAD=wgrad is not None,
-                KK_POW2=plan.kk_pow2,
-                **plan.constexprs(launch),
-                # the whole-plane weight-gradient sweep spilled 16-32 B (fp16/bf16, sm_86, Triton 3.6) without it
-                **(NO_REGISTER_BUDGET if wgrad is not None and plan.plane[1] else {}),
-            )
+            if plan.strip:
+                _strip_dx_kernel[launch.grid](
+                    src,
+                    x,
+                    dx,
+                    w_table,
+                    launch.blocks,
+                    pdw,
+                    pdb,
+                    B,
+                    C,
+                    H,
+                    W,
+                    launch.b_per_prog,
+                    *src.stride()[:3],
+                    *x.stride()[:3],
+                    *dx.stride()[:3],
+                    RESIDUAL=residual,
+                    WGRAD=wgrad is not None,
+                    KK_POW2=plan.kk_pow2,
+                    **plan.strip_constexprs(launch),
+                    **NO_REGISTER_BUDGET,
+                )
+            else:
+                _dx_kernel[launch.grid](
+                    src,
+                    x,
+                    dx,
+                    w_table,
+                    launch.blocks,
+                    pdw,
+                    pdb,
+                    B,
+                    C,
+                    H,
+                    W,
+                    launch.b_per_prog,
+                    *src.stride(),
+                    *x.stride(),
+                    *dx.stride(),
+                    RESIDUAL=residual,
+                    WGRAD=wgrad is not None,
+                    KK_POW2=plan.kk_pow2,
+                    **plan.constexprs(launch),
+                    # the whole-plane weight-gradient sweep spilled 16-32 B (fp16/bf16, sm_86, Triton 3.6) without it
+                    **(NO_REGISTER_BUDGET if wgrad is not None and plan.plane[1] else {}),
+                )
     return dx
 
 
@@ -1784,8 +2360,9 @@ def ms_ffn_middle_packed(
             _launch_forward(_PREACT, x, w_table, bias, plan, out=z)
     scale = norm_weight.to(plan.acc) * torch.rsqrt(var + eps)
     shift = norm_bias.to(plan.acc) - mean * scale
-    if keep_z and x.numel() > 0:
-        _launch_forward(_APPLY_SAVED, z, w_table, bias, plan, out=out, scale=scale, shift=shift)
+    if keep_z and x.numel() > 0:  # no stencil: not a strip pass
+        elementwise = _plan(z, widths, ksizes, out, strips=False)
+        _launch_forward(_APPLY_SAVED, z, w_table, bias, elementwise, out=out, scale=scale, shift=shift)
     elif x.numel() > 0:
         _launch_forward(_APPLY, x, w_table, bias, plan, out=out, scale=scale, shift=shift)
     return out, mean, var, z
@@ -1826,6 +2403,11 @@ def ms_ffn_middle_backward(
             torch.zeros_like(norm_weight),
         )
     plan = _plan(x, widths, ksizes, grad_out)  # dz has x's shape and strides
+    # The strip kernel runs the dz pass from the saved z; the statistics pass of training (no stencil) and a dz
+    # pass that recomputes z run on the plan without strips.
+    unstripped = _plan(x, widths, ksizes, grad_out, strips=False) if plan.strip else plan
+    dz_plan = plan if z is not None else unstripped
+    stats_plan = unstripped if training else dz_plan
     # The whole-plane weight gradient reads dz back after the pass stored it: in the accumulation dtype, so
     # that dW sums unrounded dz (rounded to fp16, its BatchNorm-cancelling sums lost the fp16 tolerance).
     dz = torch.empty_like(x, dtype=plan.acc if plan.plane[1] else x.dtype)
@@ -1834,52 +2416,83 @@ def ms_ffn_middle_backward(
     w_table, bias = w_table.contiguous(), bias.contiguous()
     rstd = torch.rsqrt(var + eps)
     cgo = norm_weight.to(plan.acc) * rstd
-    sgo, sgx = (plan.partial_buffer(C, device=x.device) for _ in range(2))
-    pdw, pdb = _wgrad_partials(plan, C, x.device)
+    sgo, sgx = (stats_plan.partial_buffer(C, device=x.device) for _ in range(2))
+    pdw, pdb = _wgrad_partials(dz_plan, C, x.device)
 
-    def launch(stats: bool, dz_pass: bool, cxhat: torch.Tensor, cconst: torch.Tensor) -> None:
+    def launch(pass_plan: _Plan, stats: bool, dz_pass: bool, cxhat: torch.Tensor, cconst: torch.Tensor) -> None:
         with device_guard(x):
-            for launch in plan.launches:
-                _middle_grad_kernel[launch.grid](
-                    x,
-                    z if z is not None else dz,
-                    grad_out,
-                    dz,
-                    w_table,
-                    bias,
-                    launch.blocks,
-                    mean,
-                    rstd,
-                    cgo,
-                    cxhat,
-                    cconst,
-                    sgo,
-                    sgx,
-                    pdw,
-                    pdb,
-                    B,
-                    C,
-                    H,
-                    W,
-                    launch.b_per_prog,
-                    *x.stride(),
-                    *grad_out.stride(),
-                    *dz.stride(),
-                    STATS=stats,
-                    DZ=dz_pass,
-                    Z_SAVED=z is not None,
-                    **(NO_REGISTER_BUDGET if z is not None else {}),
-                    KK_POW2=plan.kk_pow2,
-                    **plan.constexprs(launch),
-                )
+            for launch in pass_plan.launches:
+                if pass_plan.strip:
+                    assert dz_pass and z is not None, "the strip kernel is the dz pass from the saved z"
+                    _strip_dz_kernel[launch.grid](
+                        x,
+                        z,
+                        grad_out,
+                        dz,
+                        launch.blocks,
+                        mean,
+                        rstd,
+                        cgo,
+                        cxhat,
+                        cconst,
+                        sgo,
+                        sgx,
+                        pdw,
+                        pdb,
+                        B,
+                        C,
+                        H,
+                        W,
+                        launch.b_per_prog,
+                        *x.stride()[:3],
+                        *grad_out.stride()[:3],
+                        *dz.stride()[:3],
+                        STATS=stats,
+                        KK_POW2=pass_plan.kk_pow2,
+                        **pass_plan.strip_constexprs(launch),
+                        **NO_REGISTER_BUDGET,
+                    )
+                else:
+                    _middle_grad_kernel[launch.grid](
+                        x,
+                        z if z is not None else dz,
+                        grad_out,
+                        dz,
+                        w_table,
+                        bias,
+                        launch.blocks,
+                        mean,
+                        rstd,
+                        cgo,
+                        cxhat,
+                        cconst,
+                        sgo,
+                        sgx,
+                        pdw,
+                        pdb,
+                        B,
+                        C,
+                        H,
+                        W,
+                        launch.b_per_prog,
+                        *x.stride(),
+                        *grad_out.stride(),
+                        *dz.stride(),
+                        STATS=stats,
+                        DZ=dz_pass,
+                        Z_SAVED=z is not None,
+                        **(NO_REGISTER_BUDGET if z is not None else {}),
+                        KK_POW2=pass_plan.kk_pow2,
+                        **pass_plan.constexprs(launch),
+                    )
 
     if training:  # BN's gradient needs the batch sums of go and go*xhat before dz exists: one more pass
-        launch(True, False, cgo, cgo)
+        launch(stats_plan, True, False, cgo, cgo)
         dbeta, dgamma = sgo.sum(0), sgx.sum(0)
-        launch(False, True, -cgo * dgamma / n, -cgo * dbeta / n)
+        launch(dz_plan, False, True, -cgo * dgamma / n, -cgo * dbeta / n)
     else:
         zeros = torch.zeros_like(cgo)
-        launch(True, True, zeros, zeros)
+        launch(dz_plan, True, True, zeros, zeros)
         dbeta, dgamma = sgo.sum(0), sgx.sum(0)
     dx = _launch_dx(dz, x, w_table, plan, residual=True, wgrad=None)
     dw, db = _sum_wgrad_partials(pdw, pdb, w_table, bias)
