@@ -2122,51 +2122,32 @@ def _launch_forward(
         for launch in plan.launches:
             if plan.strip:
                 assert mode != _APPLY_SAVED, "no stencil: run it on a plan without strips"
-                _strip_forward_kernel[launch.grid](
-                    x,
-                    out_t,
-                    w_table,
-                    bias,
-                    launch.blocks,
-                    scale if scale is not None else unused,
-                    shift if shift is not None else unused,
-                    pcnt,
-                    pmean,
-                    pm2,
-                    B,
-                    C,
-                    H,
-                    W,
-                    launch.b_per_prog,
-                    *x.stride()[:3],
-                    *out_t.stride()[:3],
-                    MODE=mode,
-                    **plan.strip_constexprs(launch),
-                    **NO_REGISTER_BUDGET,
-                )
+                kernel, constexprs = _strip_forward_kernel, plan.strip_constexprs(launch)
+                strides = (*x.stride()[:3], *out_t.stride()[:3])  # rows are contiguous
             else:
-                _forward_kernel[launch.grid](
-                    x,
-                    out_t,
-                    w_table,
-                    bias,
-                    launch.blocks,
-                    scale if scale is not None else unused,
-                    shift if shift is not None else unused,
-                    pcnt,
-                    pmean,
-                    pm2,
-                    B,
-                    C,
-                    H,
-                    W,
-                    launch.b_per_prog,
-                    *x.stride(),
-                    *out_t.stride(),
-                    MODE=mode,
-                    **plan.constexprs(launch),
-                    **NO_REGISTER_BUDGET,
-                )
+                kernel, constexprs = _forward_kernel, plan.constexprs(launch)
+                strides = (*x.stride(), *out_t.stride())
+            kernel[launch.grid](
+                x,
+                out_t,
+                w_table,
+                bias,
+                launch.blocks,
+                scale if scale is not None else unused,
+                shift if shift is not None else unused,
+                pcnt,
+                pmean,
+                pm2,
+                B,
+                C,
+                H,
+                W,
+                launch.b_per_prog,
+                *strides,
+                MODE=mode,
+                **constexprs,
+                **NO_REGISTER_BUDGET,
+            )
 
 
 def _sum_wgrad_partials(pdw: torch.Tensor, pdb: torch.Tensor, w_table: torch.Tensor, bias: torch.Tensor):
@@ -2194,52 +2175,34 @@ def _launch_dx(
     with device_guard(x):
         for launch in plan.launches:
             if plan.strip:
-                _strip_dx_kernel[launch.grid](
-                    src,
-                    x,
-                    dx,
-                    w_table,
-                    launch.blocks,
-                    pdw,
-                    pdb,
-                    B,
-                    C,
-                    H,
-                    W,
-                    launch.b_per_prog,
-                    *src.stride()[:3],
-                    *x.stride()[:3],
-                    *dx.stride()[:3],
-                    RESIDUAL=residual,
-                    WGRAD=wgrad is not None,
-                    KK_POW2=plan.kk_pow2,
-                    **plan.strip_constexprs(launch),
-                    **NO_REGISTER_BUDGET,
-                )
+                kernel, constexprs = _strip_dx_kernel, plan.strip_constexprs(launch)
+                strides = (*src.stride()[:3], *x.stride()[:3], *dx.stride()[:3])  # rows are contiguous
+                budget = NO_REGISTER_BUDGET
             else:
-                _dx_kernel[launch.grid](
-                    src,
-                    x,
-                    dx,
-                    w_table,
-                    launch.blocks,
-                    pdw,
-                    pdb,
-                    B,
-                    C,
-                    H,
-                    W,
-                    launch.b_per_prog,
-                    *src.stride(),
-                    *x.stride(),
-                    *dx.stride(),
-                    RESIDUAL=residual,
-                    WGRAD=wgrad is not None,
-                    KK_POW2=plan.kk_pow2,
-                    **plan.constexprs(launch),
-                    # the whole-plane weight-gradient sweep spilled 16-32 B (fp16/bf16, sm_86, Triton 3.6) without it
-                    **(NO_REGISTER_BUDGET if wgrad is not None and plan.plane[1] else {}),
-                )
+                kernel, constexprs = _dx_kernel, plan.constexprs(launch)
+                strides = (*src.stride(), *x.stride(), *dx.stride())
+                # the whole-plane weight-gradient sweep spilled 16-32 B (fp16/bf16, sm_86, Triton 3.6) without it
+                budget = NO_REGISTER_BUDGET if wgrad is not None and plan.plane[1] else {}
+            kernel[launch.grid](
+                src,
+                x,
+                dx,
+                w_table,
+                launch.blocks,
+                pdw,
+                pdb,
+                B,
+                C,
+                H,
+                W,
+                launch.b_per_prog,
+                *strides,
+                RESIDUAL=residual,
+                WGRAD=wgrad is not None,
+                KK_POW2=plan.kk_pow2,
+                **constexprs,
+                **budget,
+            )
     return dx
 
 
