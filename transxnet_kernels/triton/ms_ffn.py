@@ -2120,14 +2120,7 @@ def _launch_forward(
     pcnt, pmean, pm2 = stats if stats else (unused, unused, unused)
     with device_guard(x):
         for launch in plan.launches:
-            if plan.strip:
-                assert mode != _APPLY_SAVED, "no stencil: run it on a plan without strips"
-                kernel, constexprs = _strip_forward_kernel, plan.strip_constexprs(launch)
-                strides = (*x.stride()[:3], *out_t.stride()[:3])  # rows are contiguous
-            else:
-                kernel, constexprs = _forward_kernel, plan.constexprs(launch)
-                strides = (*x.stride(), *out_t.stride())
-            kernel[launch.grid](
+            args = (
                 x,
                 out_t,
                 w_table,
@@ -2143,11 +2136,26 @@ def _launch_forward(
                 H,
                 W,
                 launch.b_per_prog,
-                *strides,
-                MODE=mode,
-                **constexprs,
-                **NO_REGISTER_BUDGET,
             )
+            if plan.strip:  # rows are contiguous: no column strides
+                assert mode != _APPLY_SAVED, "no stencil: run it on a plan without strips"
+                _strip_forward_kernel[launch.grid](
+                    *args,
+                    *x.stride()[:3],
+                    *out_t.stride()[:3],
+                    MODE=mode,
+                    **plan.strip_constexprs(launch),
+                    **NO_REGISTER_BUDGET,
+                )
+            else:
+                _forward_kernel[launch.grid](
+                    *args,
+                    *x.stride(),
+                    *out_t.stride(),
+                    MODE=mode,
+                    **plan.constexprs(launch),
+                    **NO_REGISTER_BUDGET,
+                )
 
 
 def _sum_wgrad_partials(pdw: torch.Tensor, pdb: torch.Tensor, w_table: torch.Tensor, bias: torch.Tensor):
@@ -2174,35 +2182,29 @@ def _launch_dx(
     pdw, pdb = wgrad if wgrad is not None else (w_table, w_table)
     with device_guard(x):
         for launch in plan.launches:
-            if plan.strip:
-                kernel, constexprs = _strip_dx_kernel, plan.strip_constexprs(launch)
-                strides = (*src.stride()[:3], *x.stride()[:3], *dx.stride()[:3])  # rows are contiguous
-                budget = NO_REGISTER_BUDGET
+            args = (src, x, dx, w_table, launch.blocks, pdw, pdb, B, C, H, W, launch.b_per_prog)
+            flags = dict(RESIDUAL=residual, WGRAD=wgrad is not None, KK_POW2=plan.kk_pow2)
+            if plan.strip:  # rows are contiguous: no column strides
+                _strip_dx_kernel[launch.grid](
+                    *args,
+                    *src.stride()[:3],
+                    *x.stride()[:3],
+                    *dx.stride()[:3],
+                    **flags,
+                    **plan.strip_constexprs(launch),
+                    **NO_REGISTER_BUDGET,
+                )
             else:
-                kernel, constexprs = _dx_kernel, plan.constexprs(launch)
-                strides = (*src.stride(), *x.stride(), *dx.stride())
-                # the whole-plane weight-gradient sweep spilled 16-32 B (fp16/bf16, sm_86, Triton 3.6) without it
-                budget = NO_REGISTER_BUDGET if wgrad is not None and plan.plane[1] else {}
-            kernel[launch.grid](
-                src,
-                x,
-                dx,
-                w_table,
-                launch.blocks,
-                pdw,
-                pdb,
-                B,
-                C,
-                H,
-                W,
-                launch.b_per_prog,
-                *strides,
-                RESIDUAL=residual,
-                WGRAD=wgrad is not None,
-                KK_POW2=plan.kk_pow2,
-                **constexprs,
-                **budget,
-            )
+                _dx_kernel[launch.grid](
+                    *args,
+                    *src.stride(),
+                    *x.stride(),
+                    *dx.stride(),
+                    **flags,
+                    **plan.constexprs(launch),
+                    # the whole-plane weight-gradient sweep spilled 16-32 B (fp16/bf16, sm_86, Triton 3.6) without it
+                    **(NO_REGISTER_BUDGET if wgrad is not None and plan.plane[1] else {}),
+                )
     return dx
 
 
