@@ -2387,6 +2387,8 @@ def ms_ffn_middle_backward(
     def launch(pass_plan: _Plan, stats: bool, dz_pass: bool, cxhat: torch.Tensor, cconst: torch.Tensor) -> None:
         with device_guard(x):
             for launch in pass_plan.launches:
+                # per-channel inputs and partial buffers, then the sizes: the same for both kernels
+                shared = (mean, rstd, cgo, cxhat, cconst, sgo, sgx, pdw, pdb, B, C, H, W, launch.b_per_prog)
                 if pass_plan.strip:
                     assert dz_pass and z is not None, "the strip kernel is the dz pass from the saved z"
                     _strip_dz_kernel[launch.grid](
@@ -2395,20 +2397,7 @@ def ms_ffn_middle_backward(
                         grad_out,
                         dz,
                         launch.blocks,
-                        mean,
-                        rstd,
-                        cgo,
-                        cxhat,
-                        cconst,
-                        sgo,
-                        sgx,
-                        pdw,
-                        pdb,
-                        B,
-                        C,
-                        H,
-                        W,
-                        launch.b_per_prog,
+                        *shared,
                         *x.stride()[:3],
                         *grad_out.stride()[:3],
                         *dz.stride()[:3],
@@ -2426,20 +2415,7 @@ def ms_ffn_middle_backward(
                         w_table,
                         bias,
                         launch.blocks,
-                        mean,
-                        rstd,
-                        cgo,
-                        cxhat,
-                        cconst,
-                        sgo,
-                        sgx,
-                        pdw,
-                        pdb,
-                        B,
-                        C,
-                        H,
-                        W,
-                        launch.b_per_prog,
+                        *shared,
                         *x.stride(),
                         *grad_out.stride(),
                         *dz.stride(),
