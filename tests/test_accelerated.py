@@ -354,6 +354,32 @@ def test_cpu_inference_runs_the_cpp_kernels_in_channels_last(monkeypatch):
         assert_rel_close(fast(x), on_reference, 1e-5, "cpp vs reference backend")
 
 
+def test_cpu_inference_feeds_every_conv_channels_last(monkeypatch):
+    """On CPU inference every conv reads a channels_last map (any other layout costs a copy inside the conv):
+    OSRA's input, a channel slice, is made channels_last once; its reduction's affine map and its attention
+    output keep the layout, and so does the concatenation of the two halves."""
+    from transxnet import fused
+
+    seen = []
+    folded_call = fused.FoldedConv.__call__
+
+    def recording_call(self, x, gelu=False):
+        seen.append((tuple(self.weight.shape), x.is_contiguous(memory_format=torch.channels_last)))
+        return folded_call(self, x, gelu)
+
+    monkeypatch.setattr(fused.FoldedConv, "__call__", recording_call)
+    eager, fast = eager_and_accelerated("t", num_classes=10)
+    eager.eval(), fast.eval()
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        out = fast(x)
+    assert len(seen) > 100, f"only {len(seen)} conv calls recorded"
+    not_channels_last = [shape for shape, ok in seen if not ok]
+    assert not not_channels_last, f"{len(not_channels_last)} convs read other layouts: {not_channels_last[:5]}"
+    with torch.no_grad():
+        assert_rel_close(out, eager(x), 1e-5, "accelerated vs eager")
+
+
 @requires_triton
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_accelerated_on_forced_triton_backend_matches_eager(mode):

@@ -260,6 +260,9 @@ class AcceleratedOSRA(OSRA):
     def forward(self, x, relative_pos_enc=None):
         if self.training:
             return super().forward(x, relative_pos_enc)
+        if onednn_inference(x):
+            # x is a channel slice of a channels_last map: one copy here instead of one in each conv reading it
+            x = x.contiguous(memory_format=torch.channels_last)
         r = x
         if self.sr_ratio > 1:
             reduce, affine = self.sr
@@ -269,7 +272,8 @@ class AcceleratedOSRA(OSRA):
             )
             affine_state = state_of(affine.conv, affine.bn)
             scale, shift = inference_constant(self, "sr_affine", affine_state, lambda: self.reduction_affine(affine))
-            r = torch.addcmul(shift, conv(x, gelu=True), scale)
+            # in the conv output's layout (addcmul(shift, ...) lays its output out as `shift`: contiguous NCHW)
+            r = conv(x, gelu=True) * scale + shift
         local = self.local_conv
         local_weights = lambda: (with_identity_tap(local.weight), local.bias)  # noqa: E731
         r = folded_conv(self, "local", local, r, state_of(local), local_weights)(r)

@@ -180,7 +180,10 @@ class OSRA(nn.Module):
         v = v.reshape(B, h, d, M).transpose(-1, -2)
         if relative_pos_enc is not None:
             relative_pos_enc = resize_relative_pos_enc(relative_pos_enc, H * W, M)
-        out = (attention or tk.osra_attention)(q, k, v, relative_pos_enc, self.scale)
+        out = (attention or tk.osra_attention)(q, k, v, relative_pos_enc, self.scale)  # [B, h, N, d]
+        if q_map.is_contiguous(memory_format=torch.channels_last) and not q_map.is_contiguous():
+            # a channels_last map in, one out: [B, N, h, d] is [B, H, W, C] (one copy, none with one head)
+            return out.transpose(1, 2).reshape(B, H, W, C).permute(0, 3, 1, 2)
         return out.transpose(-1, -2).reshape(B, C, H, W)
 
 
