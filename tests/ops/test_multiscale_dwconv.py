@@ -3,6 +3,7 @@ layouts, memory layouts, dtypes, NaN-poisoned allocations; then each backend's o
 batch splits, the launch grid, gradcheck, opcheck, torch.compile, > 2^31 elements; cpp: the NHWC kernel limit)."""
 
 import contextlib
+import math
 
 import pytest
 import torch
@@ -336,8 +337,8 @@ def test_triton_row_stencils_only_where_they_apply(strips):
 def test_triton_strip_plans_at_the_model_stages():
     """On a GPU, NCHW stages 1-2 (T: 192 x 56 x 56, 384 x 28 x 28; detection's 200 x 304) run strips of 8 rows x
     8 chunks (one compiled kernel for both widths), 8 channels of one kernel size per program (2 warps), one
-    launch per kernel size, heaviest first; the statistics-only passes plan without strips. Planned on meta
-    tensors."""
+    launch per kernel size, heaviest first (the dx pass with the weight gradient of fp32 maps: strips of 6 rows);
+    the statistics-only passes plan without strips. Planned on meta tensors."""
     from transxnet_kernels.triton import common, ms_ffn
 
     gpu = common.LaunchTarget(sm_count=132, interpreted=False)
@@ -353,6 +354,12 @@ def test_triton_strip_plans_at_the_model_stages():
             assert (constexprs["K"], constexprs["CHUNKS"], constexprs["STRIP"]) == (7, 8, 8)
             unstripped = ms_ffn._plan(x, widths, [1, 3, 5, 7], strips=False)
             assert unstripped.vec and not unstripped.strip and len(unstripped.launches) == 1
+            # the dx pass with the weight gradient: strips of 6 rows for fp32 maps, 8 for half ones
+            column_blocks = tiles // math.ceil(H / 8)
+            for dtype, rows in ((torch.float32, 6), (torch.bfloat16, 8), (torch.float16, 8)):
+                wgrad_dx = ms_ffn._plan(x.to(dtype), widths, [1, 3, 5, 7], wgrad_dx=True)
+                assert wgrad_dx.strip == rows and wgrad_dx.strip_constexprs(wgrad_dx.launches[0])["STRIP"] == rows
+                assert [launch.grid[0] for launch in wgrad_dx.launches] == [math.ceil(H / rows) * column_blocks] * 4
 
 
 @requires_triton

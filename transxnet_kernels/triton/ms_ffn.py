@@ -33,8 +33,9 @@ Stencils. Where each row is contiguous and W, the row/channel/batch strides are 
 1-2: W = 56, 28; `_vectorisable`), a thread owns chunks of 4 pixels of a row and per kernel row loads its chunk and
 both neighbours (3 vector loads, masks per chunk). There the stencil passes run the strip kernels
 (`_strip_forward_kernel`, `_strip_dz_kernel`, `_strip_dx_kernel`; `Settings.strip_rows`): a program per (strip of 8
-rows x block of 8 chunks of a row, channel block of one kernel size, batch split), one launch per kernel size, a
-thread owning one chunk in each of the strip's rows. `_dwconv_strip_vec_k` loads the K^2 taps once and each of the 8
+rows x block of 8 chunks of a row, channel block of one kernel size, batch split; 6 rows in the dx pass that also
+accumulates dW on fp32 maps, `Settings.wgrad_strip_rows`), one launch per kernel size, a thread owning one chunk in
+each of the strip's rows. `_dwconv_strip_vec_k` loads the K^2 taps once and each of the 8
 + K - 1 input rows once, adding it into every output row it reaches as FMAs between registers (the residual from the
 same rows); `_wgrad_strip_rows_k` multiplies each x row once into K^2 per-thread dW partials (the dz pass from its
 dz still in registers, unrounded), reduced across threads once per program (`_tap_totals`). The passes without a
@@ -87,7 +88,7 @@ Passes over the big tensor (one pass = B*C*H*W elements read or written; e = ele
     backward bf16 946 -> 388 / 67 and 617 -> 213 / 34, fp32 915 -> 495 / 134 (A100 in benchmarks/results).
     Strips, T stages 1-2 (192x56x56, 384x28x28), H100, µs, chunked -> strips / DRAM roofline: multiscale_dwconv
     bf16 forward 401 -> 127 / 92 and 201 -> 70 / 46, backward 1170 -> 232 / 138 and 591 -> 132 / 69; fp32
-    forward 307 -> 184 / 184, backward 890 -> 302 / 276; ms_ffn_middle training bf16 forward 755 -> 369 / 92,
+    forward 307 -> 184 / 184, backward 890 -> 310 / 276; ms_ffn_middle training bf16 forward 755 -> 369 / 92,
     backward 1746 -> 663 / 138 (there the GELU and statistics epilogues, ~40 issued instructions per element
     and pass, and the stencil-free passes now bound it).
 """
@@ -128,8 +129,11 @@ class Settings:
     tiles instead); strip_chunks: (channel, chunk of 4 pixels) pairs of a strip program, one per thread;
     strip_row_chunks: most chunks of a row a strip program covers (wider rows take several column blocks; 8
     serves W = 28 and 56 with one compiled kernel, and a block costs no extra loads: every chunk reads both
-    neighbours). On GPUs: small tiles, enough programs to fill the SMs several times over, NCHW tiles of one channel
-    (a long coalesced run of pixels). Triton's interpreter runs programs one after another at ~0.7 ms per tile operation
+    neighbours); wgrad_strip_rows: at most this many rows in the dx pass that also accumulates the weight
+    gradient, for fp32 and fp64 maps (its K^2 per-thread partials beside the stencil's taps and accumulators:
+    8 rows spilled 4 B at K = 7 in fp32 on sm_90 under Triton 3.6; 6 rows take 245 registers there). On GPUs:
+    small tiles, enough programs to fill the SMs several times over, NCHW tiles of one channel (a long coalesced run
+    of pixels). Triton's interpreter runs programs one after another at ~0.7 ms per tile operation
     whatever the tile's size, so there few large programs are fastest: small NCHW planes share a tile (one channel per
     program made the whole-model training test 20 minutes)."""
 
@@ -142,6 +146,7 @@ class Settings:
     strip_rows: int = 8
     strip_chunks: int = 64
     strip_row_chunks: int = 8
+    wgrad_strip_rows: int = 6
 
     @classmethod
     def for_target(cls, target: LaunchTarget) -> Settings:
@@ -2050,10 +2055,16 @@ def _plane_shape(H: int, W: int, index64: bool, settings: Settings) -> Tuple[int
 
 
 def _plan(
-    x: torch.Tensor, widths: Sequence[int], ksizes: Sequence[int], *others: torch.Tensor, strips: bool = True
+    x: torch.Tensor,
+    widths: Sequence[int],
+    ksizes: Sequence[int],
+    *others: torch.Tensor,
+    strips: bool = True,
+    wgrad_dx: bool = False,
 ) -> _Plan:
     """Launch plan for the kernels reading x and writing or reading others. strips=False: no strip plan (for the
-    passes without a stencil, which the _strip_* kernels do not run)."""
+    passes without a stencil, which the _strip_* kernels do not run); wgrad_dx: for the dx pass that also
+    accumulates the weight gradient (`Settings.wgrad_strip_rows`)."""
     B, _, H, W = x.shape
     hw = H * W
     settings = launch_settings(Settings, x.device)
@@ -2068,6 +2079,8 @@ def _plan(
     elif strips and settings.strip_rows and _vectorisable(4, max(ksizes), index64, x, *others):
         # strips of rows x blocks of chunks of a row, one (channel, chunk) per thread
         strip = settings.strip_rows
+        if wgrad_dx and x.element_size() >= 4:
+            strip = min(strip, settings.wgrad_strip_rows)
         chunks = min(triton.next_power_of_2(W // 4), settings.strip_row_chunks)
         block_hw = 4 * chunks
         block_c = min(triton.next_power_of_2(max(widths)), max(1, settings.strip_chunks // chunks))
@@ -2250,7 +2263,7 @@ def multiscale_dwconv_backward(
     C = x.shape[1]
     if x.numel() == 0:
         return torch.zeros_like(x), torch.zeros_like(w_table), torch.zeros_like(bias)
-    plan = _plan(x, widths, ksizes, grad_out)
+    plan = _plan(x, widths, ksizes, grad_out, wgrad_dx=True)
     pdw, pdb = _wgrad_partials(plan, C, x.device)
     dx = _launch_dx(grad_out, x, w_table.contiguous(), plan, residual=False, wgrad=(pdw, pdb))
     return (dx, *_sum_wgrad_partials(pdw, pdb, w_table, bias))
