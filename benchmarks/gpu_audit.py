@@ -7,7 +7,8 @@ Pipeline
 1. Capture. Each TransXNet (t, s, b; plain and `accelerated`; train with gradients and eval without)
    runs on the `meta` device at batch 128 x 224x224 and batch 2 x 800x1216, NCHW and channels_last
    input, while a spy on the public ops records every call's tensors (shape, strides, storage offset,
-   dtype, requires_grad) and other arguments. The model runs in fp32; fp16 and bf16 calls are those
+   dtype, requires_grad) and other arguments; `has_fused` answers as Triton would on a GPU, so the eval model
+   takes its one-op inference forms (`ms_ffn_middle_eval`). The model runs in fp32; fp16 and bf16 calls are those
    calls with each floating tensor's dtype replaced (a model cast with `.to(dtype)` runs the same code
    with the same element strides). On meta, BatchNorm is replaced by a per-channel affine map with
    the same output layout (its decomposition costs ~0.1 s a call and changes nothing we record).
@@ -87,7 +88,8 @@ from triton.runtime.jit import JITFunction, create_function_from_signature
 from benchmarks.gpu_audit_trips import LOOP_TRIPS
 
 RESULTS = Path(__file__).resolve().parent / "results"
-OPS = ("idconv", "multiscale_dwconv", "ms_ffn_middle", "osra_attention")
+OPS = ("idconv", "multiscale_dwconv", "ms_ffn_middle", "ms_ffn_middle_eval", "osra_attention")
+FORWARD_ONLY_OPS = ("ms_ffn_middle_eval",)  # inference ops without a backward: their calls replay the forward only
 TRITON_BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 
 
@@ -239,11 +241,13 @@ class OpCall:
         return torch.is_grad_enabled() and any(t.requires_grad for t in self.tensors())
 
 
-def _spec(value):
+def _spec(value, gradients: bool = True):
+    """The spec of an op argument; gradients=False: recorded as not requiring a gradient."""
     if isinstance(value, torch.Tensor):
-        return TensorSpec.of(value)
+        spec = TensorSpec.of(value)
+        return spec if gradients else dataclasses.replace(spec, requires_grad=False)
     if isinstance(value, (list, tuple)):
-        return tuple(_spec(v) for v in value)
+        return tuple(_spec(v, gradients) for v in value)
     return value
 
 
@@ -268,15 +272,22 @@ def capture_model_calls(size: str) -> Dict[OpCall, str]:
         def record(*args, **kwargs):
             bound = inspect.signature(originals[op]).bind(*args, **kwargs)
             bound.apply_defaults()
-            call = OpCall(op, tuple(_spec(v) for v in bound.arguments.values()))
+            gradients = op not in FORWARD_ONLY_OPS
+            call = OpCall(op, tuple(_spec(v, gradients) for v in bound.arguments.values()))
             calls.setdefault(call, config[0])
             return originals[op](*args, **kwargs)
 
         return record
 
-    real_batch_norm = F.batch_norm
+    def triton_has(op, x):
+        """has_fused as on a GPU with Triton forced: on meta no fused backend runs, and the model would take the
+        forms without its one-op inference paths."""
+        return transxnet_kernels.backend.OPS[op].status("triton") == "available"
+
+    real_batch_norm, real_has_fused = F.batch_norm, transxnet_kernels.has_fused
     try:
         F.batch_norm = _affine_batch_norm
+        transxnet_kernels.has_fused = triton_has
         for op in OPS:
             setattr(transxnet_kernels, op, spy(op))
         with torch.device("meta"):
@@ -297,7 +308,7 @@ def capture_model_calls(size: str) -> Dict[OpCall, str]:
                         with torch.set_grad_enabled(training):
                             model(x)
     finally:
-        F.batch_norm = real_batch_norm
+        F.batch_norm, transxnet_kernels.has_fused = real_batch_norm, real_has_fused
         for op, fn in originals.items():
             setattr(transxnet_kernels, op, fn)
     return calls
@@ -700,8 +711,10 @@ def _source_loops(fn: JITFunction) -> List[SourceLoop]:
     """The runtime `for ... in range(...)` loops of fn and its helpers, with their source line spans."""
     loops = []
     for f in _jit_helpers(fn):
-        lines, first = inspect.getsourcelines(f.fn)
-        file = os.path.basename(inspect.getsourcefile(f.fn))
+        # The source as the JITFunction kept it when defined, which Triton compiles and numbers SASS lines by;
+        # inspect would read the file as it is now, and an edit since the import shifts every span after it.
+        lines, first = f.raw_src, f.starting_line_number
+        file = os.path.basename(f.fn.__code__.co_filename)
         tree = ast.parse(textwrap.dedent("".join(lines)))
         for node in ast.walk(tree):
             if (

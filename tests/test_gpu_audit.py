@@ -186,6 +186,50 @@ assert loop["source_loop"] == "_dynconv_kernel:kh", loop
 """
 
 
+_EDITED_SOURCE_CHECK = r"""
+import importlib, linecache, sys, tempfile
+from pathlib import Path
+
+from benchmarks import gpu_audit
+
+source = '''
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def kernel(x_ptr, n):
+    acc = 0.0
+    for i in range(n):
+        acc += tl.load(x_ptr + i)
+    tl.store(x_ptr, acc)
+'''
+with tempfile.TemporaryDirectory() as directory:
+    path = Path(directory) / "edited_kernel_module.py"
+    path.write_text(source)
+    sys.path.insert(0, directory)
+    module = importlib.import_module("edited_kernel_module")
+    (before,) = gpu_audit._source_loops(module.kernel)
+    assert (before.name, before.first_line, before.last_line) == ("kernel:i", 9, 10), before
+    path.write_text("# three lines\n# added above\n# the kernel\n" + source)  # edited while the audit runs
+    linecache.checkcache()
+    (after,) = gpu_audit._source_loops(module.kernel)
+    assert after == before, (before, after)
+"""
+
+
+def test_source_loops_follow_the_compiled_source_not_the_edited_file():
+    """SASS line numbers come from the source Triton compiled (the module as imported), so the loop spans must
+    too. Read from the file instead, an edit made while an audit ran (lines added above the kernels) shifted
+    every span below it, and the strip kernels' image loops went unattributed. (In a subprocess, as below.)"""
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(
+        [sys.executable, "-c", _EDITED_SOURCE_CHECK], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 def test_sass_loops_are_attributed_within_their_source_file():
     """Kernels inline helpers from other modules (IDConv's passes use the MS-FFN's chunked stencils), and
     nvdisasm's line info names file and line: a SASS loop must map to a source loop of its own file, never to a
