@@ -1,6 +1,7 @@
 """transxnet.accelerated(): same state dict, same math as eager, compile/AMP/DDP ready."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -340,7 +341,12 @@ def test_cpu_inference_runs_the_cpp_kernels_in_channels_last(monkeypatch):
     x = torch.randn(2, 3, 64, 96)
     with torch.no_grad():
         fast(x)
-    for kernel in ("idconv_forward", "osra_attention_forward", "ms_ffn_middle_eval_forward"):
+    for kernel in (
+        "idconv_forward",
+        "osra_attention_forward",
+        "ms_ffn_middle_eval_forward",
+        "multiscale_dwconv_forward",
+    ):
         assert ran.get(kernel), f"{kernel} did not run; ran: {ran}"
     with torch.no_grad():
         feats = fast.forward_features(x)
@@ -380,12 +386,59 @@ def test_cpu_inference_feeds_every_conv_channels_last(monkeypatch):
         assert_rel_close(out, eager(x), 1e-5, "accelerated vs eager")
 
 
+@requires_cpp
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="oneDNN inference paths need mkldnn")
+@pytest.mark.parametrize("gelu", [False, True], ids=["plain", "gelu"])
+def test_cpu_inference_runs_small_convs_without_onednn(monkeypatch, gelu):
+    """On CPU inference a 1x1 conv of at most MATMUL_MAX_MACS runs as one matmul on the channels_last map's
+    [pixels, channels] view (larger ones, and other backends' choices, as the prepacked oneDNN conv); a
+    depthwise conv with stride 1 and 'same' padding runs the cpp multiscale_dwconv kernel unless the
+    reference backend is chosen. Each against F.conv2d, output in channels_last."""
+    import torch.nn.functional as F
+
+    from transxnet import fused
+
+    calls = []
+    real_addmm = torch.addmm
+    monkeypatch.setattr(torch, "addmm", lambda *a: calls.append("addmm") or real_addmm(*a))
+    real_pointwise = torch.ops.mkldnn._convolution_pointwise
+
+    def run(conv, x):
+        calls.clear()
+        weight, bias = conv.weight.detach() * 1.5, conv.bias.detach() + 0.25  # as a fold would change them
+        folded = fused.FoldedConv(conv, weight, bias, x)
+        out = folded(x, gelu=gelu)
+        expected = F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+        assert_rel_close(out, F.gelu(expected) if gelu else expected, 1e-5, f"{conv}")
+        assert out.is_contiguous(memory_format=torch.channels_last)
+        return list(calls)
+
+    torch.manual_seed(0)
+    pointwise = torch.nn.Conv2d(24, 40, 1)
+    depthwise = torch.nn.Conv2d(24, 24, 5, padding=2, groups=24)
+    strided = torch.nn.Conv2d(24, 24, 3, stride=2, padding=1, groups=24)
+    small = torch.randn(1, 24, 7, 9).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        assert run(pointwise, small) == ["addmm"]
+        monkeypatch.setattr(fused.FoldedConv, "MATMUL_MAX_MACS", 7 * 9 * 24 * 40 - 1)
+        assert run(pointwise, small) == []
+        monkeypatch.setattr(
+            torch.ops.mkldnn, "_convolution_pointwise", lambda *a: calls.append("onednn") or real_pointwise(*a)
+        )
+        assert run(pointwise, small) == ["onednn"]
+        assert run(depthwise, small) == []  # neither: the cpp kernel
+        assert run(strided, small) == ["onednn"]
+        with tk.use_backend("reference"):
+            assert run(depthwise, small) == ["onednn"]
+
+
 @requires_triton
-@pytest.mark.parametrize("mode", ["train", "eval"])
-def test_accelerated_on_forced_triton_backend_matches_eager(mode):
+@pytest.mark.parametrize("mode", ["train", "eval", "inference"])
+def test_accelerated_on_forced_triton_backend_matches_eager(mode, monkeypatch):
     """The whole model on the Triton kernels (the interpreter on CPU), in fp64 so that any
     difference is a bug, not rounding: the model's real strides (channel slices, transposed
-    q/k/v views) and its BatchNorm bookkeeping."""
+    q/k/v views) and its BatchNorm bookkeeping; eval with gradients (ms_ffn_middle, which has a
+    backward) and without (ms_ffn_middle_eval, forward-only)."""
     import transxnet_kernels as tk
 
     torch.manual_seed(0)
@@ -394,12 +447,22 @@ def test_accelerated_on_forced_triton_backend_matches_eager(mode):
     fast = transxnet.accelerated(copy.deepcopy(eager))
     x = torch.randn(2, 3, 32, 40, device=DEVICE, dtype=torch.float64)
     eager.to(DEVICE), fast.to(DEVICE)
+    calls = []
+    triton_eval = tk.ms_ffn_middle_eval._impls["triton"]
+
+    def counting_eval(*args):
+        calls.append(args[0].shape)
+        return triton_eval.fn(*args)
+
+    monkeypatch.setitem(tk.ms_ffn_middle_eval._impls, "triton", dataclasses.replace(triton_eval, fn=counting_eval))
     outs = []
-    with tk.use_backend("reference"):
-        outs.append(eager(x))
-    with tk.use_backend("triton"):
-        outs.append(fast(x))
+    with torch.set_grad_enabled(mode != "inference"):
+        with tk.use_backend("reference"):
+            outs.append(eager(x))
+        with tk.use_backend("triton"):
+            outs.append(fast(x))
     assert_rel_close(outs[1], outs[0], 1e-10, f"{mode} logits")
+    assert len(calls) == (4 if mode == "inference" else 0)  # one per block
     if mode == "train":
         for out in outs:
             (out * torch.linspace(-1, 1, out.numel(), device=DEVICE, dtype=out.dtype).view_as(out)).sum().backward()

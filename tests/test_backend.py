@@ -179,12 +179,26 @@ def test_unchecked_kernel_follows_the_backend_choice(monkeypatch):
 def test_implementation_and_status_per_op():
     assert tk.idconv.implementation("reference") is tk.reference.idconv
     assert tk.idconv.status("reference") == "available"
-    assert tk.ms_ffn_middle_eval.status("triton") == "not implemented"
-    with pytest.raises(KeyError):
-        tk.ms_ffn_middle_eval.implementation("triton")
     info = bk.CallInfo(torch.device("cpu"), torch.float32, needs_grad=False)
-    assert "no implementation of ms_ffn_middle_eval" in tk.ms_ffn_middle_eval.reason_unsupported("triton", info)
     assert tk.idconv.reason_unsupported("reference", info) is None
+
+    def negate(x: torch.Tensor) -> torch.Tensor:
+        return -x
+
+    def probe_op(x: torch.Tensor):
+        return (x,), bk.call_info([x])
+
+    op = tk.ops.define(negate)(probe_op)  # an op no fused backend implements
+    try:
+        assert op.status("triton") == "not implemented"
+        with pytest.raises(KeyError):
+            op.implementation("triton")
+        assert "has no implementation of probe_op" in op.reason_unsupported("triton", info)
+        with tk.use_backend("cpp"), pytest.raises(tk.BackendUnavailableError, match="no implementation of probe_op"):
+            op(torch.ones(2))
+        assert torch.equal(op(torch.ones(2)), -torch.ones(2))  # auto: the reference
+    finally:
+        del bk.OPS["probe_op"]
     with pytest.raises(ValueError, match="unknown backend"):
         tk.idconv.register("cuda")
     status = tk.backend_status()

@@ -10,17 +10,18 @@ state dict keeps its keys, order and values. What the subclasses change:
   size when no gradient is needed.
 * Eval only: every BatchNorm next to a conv is folded into it (stem, downsamplers, IDConv's projection,
   OSRA's reduction, the STE's three BatchNorms, fc2), and so are the blocks' layer scales (into the STE's
-  last conv and fc2); where a fused backend has it, fc1's GELU + BatchNorm, the multi-scale depthwise convs,
-  the residual, GELU and BatchNorm run as one op (`ms_ffn_middle_eval`); the position encoding's and OSRA's
-  local-conv residuals are folded into the kernels' centre taps; IDConv's projection runs once over the
-  pooled map and the mean side by side. All of it is exact in real arithmetic: results differ from eager
-  by float rounding only.
+  last conv and fc2); where a fused backend has it and no gradient is recorded, fc1's GELU + BatchNorm, the
+  multi-scale depthwise convs, the residual, GELU and BatchNorm run as one op (`ms_ffn_middle_eval`, forward
+  only); the position encoding's and OSRA's local-conv residuals are folded into the kernels' centre taps;
+  IDConv's projection runs once over the pooled map and the mean side by side. All of it is exact in real
+  arithmetic: results differ from eager by float rounding only.
 * Eval without an autograd graph: the folded weights are inference constants, computed once and kept until
   a source tensor changes (see `inference_constant`).
 * CPU inference (eval, no gradients): the network runs in channels_last, where oneDNN's convolutions are
   about twice as fast and the C++ kernels work natively; every conv runs as a oneDNN convolution with its
-  weight prepacked once and a following GELU fused as its post-op, and the fused ops run their kernels
-  unchecked (`inference_op`). At batch 1 per-call costs outweigh the arithmetic of most calls, so IDConv's
+  weight prepacked once and a following GELU fused as its post-op (small 1x1 and 'same' depthwise convs
+  run as a matmul and the cpp depthwise kernel instead: see `FoldedConv`), and the fused ops run their
+  kernels unchecked (`inference_op`). At batch 1 per-call costs outweigh the arithmetic of most calls, so IDConv's
   projection (1x1 convs over K*K + 1 pixels) runs as two linear layers in eval.
 """
 
@@ -34,6 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import transxnet_kernels as tk
+from transxnet_kernels.backend import exporting
 
 from .model import (
     OSRA,
@@ -174,14 +176,36 @@ def inference_op(op, x: torch.Tensor):
 
 
 class FoldedConv:
-    """A conv's geometry with (folded) weights; on oneDNN inference the weight is prepacked and GELU runs as
-    the convolution's post-op."""
+    """A conv's geometry with (folded) weights. On oneDNN inference the weight is prepacked and GELU runs as the
+    convolution's post-op, except where a oneDNN call costs more than its arithmetic (at batch 1 a call costs
+    ~50-90 µs whatever its size): 1x1 convs of at most `MATMUL_MAX_MACS` multiply-adds run as one matmul on the
+    channels_last map's [pixels, channels] view, and depthwise convs with stride 1 and 'same' padding run the
+    fused multiscale_dwconv kernel (cpp) when the backend choice has one."""
+
+    # Measured on the 2-core dev machine (2 threads, TransXNet-T at batch 1): oneDNN 8.7 ms against 3.9 ms for
+    # the 1x1 convs under 10M MACs, 22.8 against 23.8 ms for those above (its prepacked blocked kernels win there).
+    MATMUL_MAX_MACS = 10_000_000
 
     def __init__(self, conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor, x: torch.Tensor):
         self.stride, self.padding = list(conv.stride), list(conv.padding)
         self.dilation, self.groups = list(conv.dilation), conv.groups
         self.onednn = onednn_inference(x)
+        self.matmul_weight = self.depthwise = None
         if self.onednn:
+            out_channels, in_per_group, kh, kw = weight.shape
+            unit = self.stride == [1, 1] and self.dilation == [1, 1]
+            zero_bias = bias if bias is not None else weight.new_zeros(out_channels)
+            if unit and (kh, kw) == (1, 1) and self.groups == 1 and self.padding == [0, 0]:
+                self.matmul_weight = weight.reshape(out_channels, in_per_group).t().contiguous()  # [in, out]
+                self.matmul_bias = zero_bias
+            elif (
+                unit
+                and in_per_group == 1
+                and self.groups == out_channels
+                and kh == kw
+                and self.padding == [kh // 2] * 2
+            ):
+                self.depthwise = ([weight.contiguous()], [zero_bias])
             # The input size is a layout hint only: other sizes and layouts run correctly.
             hint = [x.shape[0], conv.in_channels, *x.shape[2:]]
             weight = torch._C._nn.mkldnn_reorder_conv2d_weight(
@@ -191,6 +215,19 @@ class FoldedConv:
 
     def __call__(self, x: torch.Tensor, gelu: bool = False) -> torch.Tensor:
         if self.onednn:
+            out = None
+            if self.matmul_weight is not None:
+                B, C, H, W = x.shape
+                if B * H * W * C * self.matmul_weight.shape[1] <= self.MATMUL_MAX_MACS:
+                    # a view of a channels_last map; the result [B*H*W, out] is one as well
+                    flat = torch.addmm(self.matmul_bias, x.permute(0, 2, 3, 1).reshape(-1, C), self.matmul_weight)
+                    out = flat.view(B, H, W, -1).permute(0, 3, 1, 2)
+            elif self.depthwise is not None:
+                kernel = tk.multiscale_dwconv.unchecked_fused_kernel(x.device, x.dtype)
+                if kernel is not None:
+                    out = kernel(x, *self.depthwise)
+            if out is not None:
+                return F.gelu(out) if gelu else out
             attr = "gelu" if gelu else "none"
             return torch.ops.mkldnn._convolution_pointwise(
                 x, self.weight, self.bias, self.padding, self.stride, self.dilation, self.groups, attr, [], "none"
@@ -335,11 +372,19 @@ class AcceleratedMlp(Mlp):
             return self.drop(self.fc2(self.drop(self.fused_middle(self.fc1(x)))))
         fc1 = self.fc1[0]
         h = plain_conv(self, "fc1", fc1, x)(x)
-        if tk.has_fused("ms_ffn_middle_eval", h):
+        # ms_ffn_middle_eval is forward-only (Triton and cpp): with gradients (frozen BatchNorm while fine-tuning)
+        # ms_ffn_middle runs, which has a backward. Exported graphs take the one-op form in every grad mode.
+        if tk.has_fused("ms_ffn_middle_eval", h) and (exporting() or not self.middle_records_grad(h)):
             x = self.fused_eval(h)
         else:
             x = self.fused_middle(self.fc1[2](self.fc1[1](h)))
         return self.drop(self.folded_fc2(self.drop(x), layer_scale))
+
+    def middle_records_grad(self, h) -> bool:
+        """Whether the middle (from fc1's GELU to its BatchNorm) on fc1's conv output `h` records an autograd graph."""
+        if not torch.is_grad_enabled():
+            return False
+        return h.requires_grad or any(t.requires_grad for t in state_of(self.fc1[2], self.norm, *self.dwconv.proj))
 
     def folded_fc2(self, x, layer_scale: Optional[LayerScale] = None):
         """fc2 in eval mode with its BatchNorm (and the block's layer scale) folded into the conv."""

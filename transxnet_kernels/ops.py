@@ -80,6 +80,12 @@ class Op:
         backend = inference_backend(self.name, device, dtype)
         return None if backend is None else self._impls[backend].unchecked
 
+    def unchecked_fused_kernel(self, device: torch.device, dtype: torch.dtype) -> Optional[Callable]:
+        """unchecked_kernel where the current choice is a fused backend, else None (the reference too: for a
+        caller with a standard-op path of its own, which then keeps it)."""
+        backend = inference_backend(self.name, device, dtype)
+        return None if backend in (None, "reference") else self._impls[backend].unchecked
+
     def library_op(self, namespace: str, fake: Callable[..., Tensor]) -> Callable[[Callable], Any]:
         """Decorator: `fn` as the torch.library custom op ``<namespace>::<op>`` taking this op's arguments, with
         `fake` as its fake (meta) implementation. The schema is inferred from the reference, so a backend does

@@ -1,7 +1,7 @@
 """ms_ffn_middle_eval (inference MS-FFN, fc1's GELU + BatchNorm folded in front) on every fused backend that has
 it against the fp64 reference: awkward group layouts, memory layouts, dtypes, NaN-poisoned allocations; the
-cpp kernels' banded rows, opcheck and torch.compile. It is forward-only everywhere (the model uses it in eval
-only): a forced call that needs gradients is refused."""
+Triton stencils and the cpp kernels' banded rows; opcheck and torch.compile. It is forward-only everywhere (the
+model uses it in eval without gradients): a forced call that needs gradients is refused."""
 
 import pytest
 import torch
@@ -13,6 +13,7 @@ from helpers import (
     DEVICE,
     LAYOUTS,
     TOLERANCE,
+    TRITON,
     assert_output_layout,
     assert_rel_close,
     backend_dtype_params,
@@ -22,13 +23,14 @@ from helpers import (
     dtype_id,
     fused_backends,
     groups_id,
+    ms_ffn_small_tiles,
     not_interpreted,
     randn,
     requires_cpp,
+    requires_triton,
     requiring_grad,
     to_layout,
 )
-from transxnet_kernels import reference
 
 OP = "ms_ffn_middle_eval"
 
@@ -113,19 +115,48 @@ def test_mixed_dtypes_and_devices_raise_value_error_naming_the_argument(choice):
             tk.ms_ffn_middle_eval(x, s_in[:2], t_in, weights, biases, s_out, t_out)
 
 
-def test_triton_has_no_implementation():
-    """Not a Triton op (training never uses it): forcing Triton says so; auto runs another backend."""
-    args = eval_args([2, 1], [3, 5], 1, 4, 4, device=DEVICE, grad=False)
-    assert tk.backend_status()["triton"][OP] == "not implemented"
-    with (
-        tk.use_backend("triton"),
-        pytest.raises(tk.BackendUnavailableError, match="has no implementation of ms_ffn_middle_eval"),
-    ):
+@pytest.mark.parametrize("backend,dtype", backend_dtype_params(OP, dtypes=[torch.float16, torch.bfloat16]))
+def test_half_precision(backend, dtype, nan_poisoned_empty):
+    """Half-precision x and conv weights with fp32 scales and shifts (BatchNorm's fp32 parameters under autocast);
+    Triton stores y = GELU(x) * s + t in x's dtype between its two launches."""
+    x, s_in, t_in, weights, biases, s_out, t_out = eval_args(
+        [3, 2, 2, 2], [1, 3, 5, 7], 2, 6, 8, dtype=dtype, device=backend.device, seed=2, grad=False
+    )
+    check_op(backend, OP, (x, s_in.float(), t_in.float(), weights, biases, s_out.float(), t_out.float()))
+
+
+@pytest.mark.parametrize("backend", backend_params(OP, per_isa=False))
+def test_forward_only(backend):
+    """A forced call that needs gradients says so; auto runs the reference, which has a backward."""
+    args = eval_args([2, 1], [3, 5], 1, 4, 4, device=backend.device)
+    with backend.active(), pytest.raises(tk.BackendUnavailableError, match="forward-only"):
         tk.ms_ffn_middle_eval(*args)
     with tk.use_backend("auto"):
-        assert_rel_close(
-            tk.ms_ffn_middle_eval(*args), reference.ms_ffn_middle_eval(*args), TOLERANCE[torch.float32], "auto"
-        )
+        out = tk.ms_ffn_middle_eval(*args)
+    out.sum().backward()
+    assert all(t.grad is not None for t in (args[0], *args[3], *args[4]))
+
+
+@requires_triton
+@pytest.mark.parametrize("stencil", ["strips", "chunks", "plane", "per-tap-int64"])
+def test_triton_stencils(stencil, nan_poisoned_empty):
+    """Both launches on each stencil the plan picks, with several tiles or strips, channel blocks and batch
+    splits: strips of rows, chunks of 4 pixels, whole planes, and per-tap tiles with int64 offsets."""
+    from transxnet_kernels.triton import ms_ffn
+
+    widths, ksizes = [2, 3, 1, 2], [1, 3, 5, 7]
+    args = eval_args(widths, ksizes, 3, 6, 8, dtype=torch.float64, device=DEVICE, grad=False)
+    settings = {
+        "strips": dict(index64=False, strips=True),
+        "chunks": dict(index64=False),
+        "plane": dict(index64=False, plane=True),
+        "per-tap-int64": dict(index64=True),
+    }[stencil]
+    with ms_ffn_small_tiles(**settings):
+        plan = ms_ffn._plan(args[0], widths, ksizes)
+        picked = {"strips": plan.strip, "chunks": plan.vec, "plane": plan.plane[1], "per-tap-int64": plan.index64}
+        assert picked[stencil], plan
+        check_op(TRITON, OP, args)
 
 
 # ---------------------------------------------------------------------------------------- cpp
@@ -145,14 +176,23 @@ def test_cpp_banded_rows(backend):
 
 
 @requires_cpp
-def test_cpp_compile_fullgraph_channels_last():
-    x, *rest = eval_args([3, 2, 2, 2], [1, 3, 5, 7], 2, 8, 9, layout="channels_last", grad=False)
+def test_cpp_refuses_half_precision():
+    args = eval_args([2], [3], 1, 4, 4, dtype=torch.float16, grad=False)
+    with tk.use_backend("cpp"), pytest.raises(tk.BackendUnavailableError, match="dtype"):
+        tk.ms_ffn_middle_eval(*args)
+
+
+@pytest.mark.parametrize("backend", backend_params(OP, per_isa=False))
+def test_compile_fullgraph_channels_last(backend):
+    x, *rest = eval_args(
+        [3, 2, 2, 2], [1, 3, 5, 7], 2, 8, 12, layout="channels_last", device=backend.device, grad=False
+    )
 
     def middle(x):
         return tk.ms_ffn_middle_eval(x, *rest) * 2
 
     torch._dynamo.reset()
-    with tk.use_backend("cpp"):
+    with backend.active():
         expected = middle(x)
         compiled = torch.compile(middle, fullgraph=True, backend="aot_eager")
         with torch.no_grad():
@@ -161,16 +201,10 @@ def test_cpp_compile_fullgraph_channels_last():
     assert_rel_close(actual, expected, TOLERANCE[torch.float32], "compiled")
 
 
-@requires_cpp
-def test_cpp_refuses_half_precision():
-    args = eval_args([2], [3], 1, 4, 4, dtype=torch.float16, grad=False)
-    with tk.use_backend("cpp"), pytest.raises(tk.BackendUnavailableError, match="dtype"):
-        tk.ms_ffn_middle_eval(*args)
-
-
-@requires_cpp
-def test_cpp_opcheck():
-    op = torch.ops.transxnet_cpp.ms_ffn_middle_eval.default
-    torch.library.opcheck(op, eval_args([3, 2, 2], [1, 3, 5], 2, 7, 9, grad=False))
-    torch.library.opcheck(op, eval_args([4, 3], [3, 7], 1, 5, 6, layout="channels_last", grad=False))
-    torch.library.opcheck(op, eval_args([4, 3], [3, 7], 2, 5, 6, layout="channel_slice", grad=False))
+@pytest.mark.parametrize("backend", backend_params(OP, per_isa=False))
+def test_opcheck(backend):
+    op = getattr(torch.ops, f"transxnet_{backend.name}").ms_ffn_middle_eval.default
+    device = backend.device
+    torch.library.opcheck(op, eval_args([3, 2, 2], [1, 3, 5], 2, 7, 9, device=device, grad=False))
+    torch.library.opcheck(op, eval_args([4, 3], [3, 7], 1, 5, 8, layout="channels_last", device=device, grad=False))
+    torch.library.opcheck(op, eval_args([4, 3], [3, 7], 2, 5, 6, layout="channel_slice", device=device, grad=False))

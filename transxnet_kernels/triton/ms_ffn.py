@@ -64,6 +64,8 @@ Passes over the big tensor (one pass = B*C*H*W elements read or written; e = ele
                        backward eval:  read z, go, x; write dz (+dW, dgamma, dbeta);
                                        read dz, write dx                            6 passes
                                 train: read z, go (BN grad sums), then as eval      8 passes
+    ms_ffn_middle_eval forward (inference): read x, write y = GELU(x) * s + t;
+                                read y, write out (see ms_ffn_middle_eval)          4 passes
     Whole planes (H, W <= 16) add the weight gradient's second sweep over their program's images (x and go or
     dz again, L2-resident if the program's images fit) and, for half x, keep the middle's dz in fp32 (the dz
     write and the dx pass's read: one pass more each).
@@ -2515,4 +2517,55 @@ def ms_ffn_middle(x, weights, biases, norm_weight, norm_bias, running_mean, runn
     if training and running_var is not None:
         with torch.no_grad():
             running_var.copy_(momentum * var * (n / (n - 1)) + (1 - momentum) * running_var)
+    return out
+
+
+# ----------------------------------------------------------------------------- ms_ffn_middle_eval
+
+
+def _supports_inference(info) -> Optional[str]:
+    if info.needs_grad:
+        return (
+            "the Triton ms_ffn_middle_eval is forward-only (inference); with gradients the model runs fc1's "
+            "GELU and BatchNorm, then ms_ffn_middle"
+        )
+    return supports(info)
+
+
+@ops.ms_ffn_middle_eval.register("triton", supports=_supports_inference)
+@ops.ms_ffn_middle_eval.library_op("transxnet_triton", fake=lambda x, *_: torch.empty_like(x))
+def ms_ffn_middle_eval(x, input_scale, input_shift, weights, biases, output_scale, output_shift):
+    """Two launches over the map: y = GELU(x) * input_scale + input_shift (`_APPLY_SAVED`, no stencil), stored
+    in x's dtype, then `_APPLY`'s stencil on y with the output affine: 4 passes against the 2 of one kernel.
+
+    Not one kernel: a stencil thread loads its chunk and both neighbours for each of the strip's STRIP + K - 1
+    input rows, so a prologue would evaluate the GELU ~5x per input element at K = 7 (and the plane and tiled
+    stencils once per tap), where the middle's GELU epilogue alone already bounds the strip passes (static
+    audit, see the module docstring)."""
+    w_table, bias, widths, ksizes = _pack(weights, biases)
+    out = torch.empty_like(x)
+    if x.numel() == 0:
+        return out
+    y = torch.empty_like(x)
+    acc = accumulation_dtype(x.dtype)
+
+    def per_channel(t):
+        return t.to(acc).contiguous()
+
+    w_table, bias = w_table.contiguous(), bias.contiguous()
+    elementwise = _plan(x, widths, ksizes, y, strips=False)
+    _launch_forward(
+        _APPLY_SAVED,
+        x,
+        w_table,
+        bias,
+        elementwise,
+        out=y,
+        scale=per_channel(input_scale),
+        shift=per_channel(input_shift),
+    )
+    stencil = _plan(y, widths, ksizes, out)
+    _launch_forward(
+        _APPLY, y, w_table, bias, stencil, out=out, scale=per_channel(output_scale), shift=per_channel(output_shift)
+    )
     return out
