@@ -251,6 +251,7 @@ def test_each_op_is_audited_in_plain_and_accelerated_training_and_eval(audit):
     # A call equal to an earlier configuration's is recorded under the earlier one (plain before accelerated).
     for op in ("idconv", "osra_attention", "multiscale_dwconv"):
         assert {"plain train", "plain eval"} <= families.get(op, set()), (op, families.get(op))
-    for op in ("idconv", "ms_ffn_middle"):  # (OSRA's accelerated eval calls equal the plain model's)
+    # (OSRA's accelerated eval calls equal the plain model's; the accelerated eval MS-FFN runs ms_ffn_middle_eval)
+    for op in ("idconv", "ms_ffn_middle_eval"):
         assert "accelerated eval" in families.get(op, set()), (op, families.get(op))
     assert "accelerated train" in families["ms_ffn_middle"], families["ms_ffn_middle"]
