@@ -129,6 +129,11 @@ def state_of(*modules: Optional[nn.Module]) -> tuple:
     )
 
 
+def records_grad(tensors) -> bool:
+    """Whether autograd records a graph through any of `tensors`."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def inference_constant(module: nn.Module, name: str, sources: tuple, build: Callable[[], Any], key=()) -> Any:
     """build(), a value computed from the tensors `sources`; cached per (module, name) when it needs no
     autograd graph and nothing traces, until a source changes.
@@ -136,7 +141,7 @@ def inference_constant(module: nn.Module, name: str, sources: tuple, build: Call
     The cache key holds each source's storage address and version counter (in-place updates bump it,
     `load_state_dict` and optimizer steps included) plus `key`; the entry pins the sources' storages, so
     while it lives no new tensor can reuse an address it keys on (a `.to()` or a new parameter misses)."""
-    if tracing() or (torch.is_grad_enabled() and any(t.requires_grad for t in sources)):
+    if tracing() or records_grad(sources):
         return build()
     try:
         full_key = (key, tuple((t.data_ptr(), t._version) for t in sources))
@@ -194,10 +199,10 @@ class FoldedConv:
         if self.onednn:
             out_channels, in_per_group, kh, kw = weight.shape
             unit = self.stride == [1, 1] and self.dilation == [1, 1]
-            zero_bias = bias if bias is not None else weight.new_zeros(out_channels)
+            dense_bias = bias if bias is not None else weight.new_zeros(out_channels)
             if unit and (kh, kw) == (1, 1) and self.groups == 1 and self.padding == [0, 0]:
                 self.matmul_weight = weight.reshape(out_channels, in_per_group).t().contiguous()  # [in, out]
-                self.matmul_bias = zero_bias
+                self.matmul_bias = dense_bias
             elif (
                 unit
                 and in_per_group == 1
@@ -205,7 +210,7 @@ class FoldedConv:
                 and kh == kw
                 and self.padding == [kh // 2] * 2
             ):
-                self.depthwise = ([weight.contiguous()], [zero_bias])
+                self.depthwise = ([weight.contiguous()], [dense_bias])
             # The input size is a layout hint only: other sizes and layouts run correctly.
             hint = [x.shape[0], conv.in_channels, *x.shape[2:]]
             weight = torch._C._nn.mkldnn_reorder_conv2d_weight(
@@ -382,9 +387,7 @@ class AcceleratedMlp(Mlp):
 
     def middle_records_grad(self, h) -> bool:
         """Whether the middle (from fc1's GELU to its BatchNorm) on fc1's conv output `h` records an autograd graph."""
-        if not torch.is_grad_enabled():
-            return False
-        return h.requires_grad or any(t.requires_grad for t in state_of(self.fc1[2], self.norm, *self.dwconv.proj))
+        return records_grad((h, *state_of(self.fc1[2], self.norm, *self.dwconv.proj)))
 
     def folded_fc2(self, x, layer_scale: Optional[LayerScale] = None):
         """fc2 in eval mode with its BatchNorm (and the block's layer scale) folded into the conv."""
