@@ -132,14 +132,17 @@ int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 // out = NHWC depthwise conv of x (channel stride 1, any pixel strides) into a
 // channels_last out; make_conv(b) fills the per-sample fields (groups, bias,
 // epilogue), this sets x, out, sizes. Tasks are (sample, band of rows), bands
-// only as many as needed to occupy every thread (a band restages its halo rows).
+// only as many as needed to give every thread one: a band restages its K - 1
+// halo rows (ms_ffn_middle_eval: their input GELU too). Staging each sample once
+// into a shared buffer instead measured slower at batch 1 on 2 threads (the
+// buffer's first touch costs more than the halo rows).
 template <typename T, typename MakeConv>
 void run_dwconv_nhwc(const at::Tensor& x, at::Tensor& out, int64_t max_k, MakeConv&& make_conv) {
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   if (B * C * H * W == 0) return;
   const KernelTable<T>& kt = kernels<T>();
   const int64_t scratch_size = kt.dwconv_nhwc_scratch(W, C, max_k);
-  const int64_t wanted_bands = std::min(H, (2 * at::get_num_threads() + B - 1) / B);
+  const int64_t wanted_bands = std::min(H, (at::get_num_threads() + B - 1) / B);
   const int64_t band_rows = (H + wanted_bands - 1) / wanted_bands;
   const int64_t bands = (H + band_rows - 1) / band_rows;
   const T* xp = x.const_data_ptr<T>();
