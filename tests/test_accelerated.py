@@ -432,6 +432,35 @@ def test_cpu_inference_runs_small_convs_without_onednn(monkeypatch, gelu):
             assert run(depthwise, small) == ["onednn"]
 
 
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="oneDNN inference paths need mkldnn")
+def test_cpu_inference_packs_conv_weights_per_input_shape(monkeypatch):
+    """oneDNN's blocked weight layout depends on the input shape (weights packed for a 2x2-pixel input ran a
+    14x14 3x3/2 conv ~50x slower): a FoldedConv prepacks its weight once per input shape, keeps the
+    PACKED_SHAPES most recently used, and is right at every shape."""
+    import torch.nn.functional as F
+
+    from transxnet import fused
+
+    packed_for = []
+    real_reorder = torch._C._nn.mkldnn_reorder_conv2d_weight
+    monkeypatch.setattr(
+        torch._C._nn, "mkldnn_reorder_conv2d_weight", lambda *a: packed_for.append(a[-1][-1]) or real_reorder(*a)
+    )
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(16, 24, 3, stride=2, padding=1)
+    weight, bias = conv.weight.detach() * 1.5, conv.bias.detach() + 0.25
+    maps = {s: torch.randn(1, 16, s, s).contiguous(memory_format=torch.channels_last) for s in (2, 5, 6, 7, 8, 14)}
+    with torch.no_grad():
+        folded = fused.FoldedConv(conv, weight, bias, maps[2])
+        assert folded.onednn
+        for s in (2, 14, 2, 5, 6, 7, 8, 14):
+            expected = F.conv2d(maps[s], weight, bias, stride=2, padding=1)
+            assert_rel_close(folded(maps[s]), expected, 1e-5, f"{s}x{s} input")
+    # 2 is reused while kept; 14 is dropped (least recently used) when the fifth shape arrives, packed again
+    assert packed_for == [2, 14, 5, 6, 7, 8, 14]
+    assert len(folded.packed) == fused.FoldedConv.PACKED_SHAPES
+
+
 @requires_triton
 @pytest.mark.parametrize("mode", ["train", "eval", "inference"])
 def test_accelerated_on_forced_triton_backend_matches_eager(mode, monkeypatch):

@@ -190,11 +190,14 @@ class FoldedConv:
     # Measured on the 2-core dev machine (2 threads, TransXNet-T at batch 1): oneDNN 8.7 ms against 3.9 ms for
     # the 1x1 convs under 10M MACs, 22.8 against 23.8 ms for those above (its prepacked blocked kernels win there).
     MATMUL_MAX_MACS = 10_000_000
+    # Input shapes a conv keeps prepacked weights for (least recently used dropped).
+    PACKED_SHAPES = 4
 
     def __init__(self, conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor, x: torch.Tensor):
         self.stride, self.padding = list(conv.stride), list(conv.padding)
         self.dilation, self.groups = list(conv.dilation), conv.groups
         self.onednn = onednn_inference(x)
+        self.weight, self.bias = weight, bias
         self.matmul_weight = self.depthwise = None
         if self.onednn:
             out_channels, in_per_group, kh, kw = weight.shape
@@ -211,12 +214,23 @@ class FoldedConv:
                 and self.padding == [kh // 2] * 2
             ):
                 self.depthwise = ([weight.contiguous()], [dense_bias])
-            # The input size is a layout hint only: other sizes and layouts run correctly.
-            hint = [x.shape[0], conv.in_channels, *x.shape[2:]]
-            weight = torch._C._nn.mkldnn_reorder_conv2d_weight(
-                weight.contiguous().to_mkldnn(), self.padding, self.stride, self.dilation, self.groups, hint
+            self.packed: Dict[tuple, torch.Tensor] = {}  # input shape -> prepacked weight, oldest first
+
+    def packed_weight(self, x: torch.Tensor) -> torch.Tensor:
+        """The weight in the blocked layout oneDNN picks for inputs of x's shape, prepacked once per shape. The
+        layout depends on the shape: weights packed for a 32-pixel input ran TransXNet-T's 224-pixel forward
+        2.7x slower (a 3x3 stride-2 conv packed for 2x2 pixels, ~50x), so a model warmed up or first run at
+        another size must not keep them."""
+        shape = tuple(x.shape)
+        packed = self.packed.pop(shape, None)
+        if packed is None:
+            packed = torch._C._nn.mkldnn_reorder_conv2d_weight(
+                self.weight.contiguous().to_mkldnn(), self.padding, self.stride, self.dilation, self.groups, list(shape)
             )
-        self.weight, self.bias = weight, bias
+        self.packed[shape] = packed  # (re)inserted as the most recent
+        if len(self.packed) > self.PACKED_SHAPES:
+            self.packed.pop(next(iter(self.packed)), None)
+        return packed
 
     def __call__(self, x: torch.Tensor, gelu: bool = False) -> torch.Tensor:
         if self.onednn:
@@ -235,7 +249,16 @@ class FoldedConv:
                 return F.gelu(out) if gelu else out
             attr = "gelu" if gelu else "none"
             return torch.ops.mkldnn._convolution_pointwise(
-                x, self.weight, self.bias, self.padding, self.stride, self.dilation, self.groups, attr, [], "none"
+                x,
+                self.packed_weight(x),
+                self.bias,
+                self.padding,
+                self.stride,
+                self.dilation,
+                self.groups,
+                attr,
+                [],
+                "none",
             )
         out = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
         return F.gelu(out) if gelu else out
