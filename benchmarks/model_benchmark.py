@@ -13,7 +13,9 @@ stdout, JSON and a PNG bar chart under benchmarks/results/, tagged with device,
 versions, date and git commit.
 
 "eager" is the released model on the pure-PyTorch reference ops; "compile" is
-torch.compile of that; "accelerated" is transxnet.accelerated() on the backend auto picks; "acc-triton" (GPU)
+torch.compile of that; "accelerated" is transxnet.accelerated() on the backend auto picks; "acc-compile"
+(inference) is torch.compile of the accelerated model with inductor's freezing (parameters and the folded
+weights become constants: the deployment a torch-only user would pick); "acc-triton" (GPU)
 is accelerated() with the Triton backend forced (auto does not pick it yet); "onnxruntime"
 (CPU inference, when onnxruntime is installed) runs the accelerated model's ONNX export (the folded,
 BatchNorm-free graph; static batch size) in ONNX Runtime's CPU execution provider, all graph
@@ -96,10 +98,11 @@ def sync(device):
 class Variant:
     """One way of running the model: a callable step plus the backend it runs under."""
 
-    def __init__(self, name, model, backend, train, amp_dtype, device, compile_model=False):
+    def __init__(self, name, model, backend, train, amp_dtype, device, compile_options=None):
+        """compile_options: None runs the model as it is, a dict (inductor options) runs torch.compile of it."""
         self.name, self.train, self.device, self.backend, self.amp_dtype = name, train, device, backend, amp_dtype
         self.model = model.train(train)
-        self.fn = torch.compile(self.model) if compile_model else self.model
+        self.fn = self.model if compile_options is None else torch.compile(self.model, options=compile_options)
         self.opt = torch.optim.SGD(self.model.parameters(), lr=1e-6) if train else None
 
     def autocast(self):
@@ -238,12 +241,13 @@ def make_variants(builder, train, amp_dtype, device, with_compile, onnx_input=No
     eager = builder().to(device)
     variants = [Variant("eager", eager, "reference", train, amp_dtype, device)]
     if with_compile:
-        variants.append(
-            Variant("compile", copy.deepcopy(eager), "reference", train, amp_dtype, device, compile_model=True)
-        )
+        variants.append(Variant("compile", copy.deepcopy(eager), "reference", train, amp_dtype, device, {}))
     variants.append(
         Variant("accelerated", transxnet.accelerated(copy.deepcopy(eager)), "auto", train, amp_dtype, device)
     )
+    if with_compile and not train:
+        accelerated = transxnet.accelerated(copy.deepcopy(eager))
+        variants.append(Variant("acc-compile", accelerated, "auto", train, amp_dtype, device, {"freezing": True}))
     if device.type == "cuda":
         # auto leaves Triton out until its kernels measure faster (transxnet_kernels.backend.AUTO_ORDER)
         variants.append(
@@ -310,7 +314,11 @@ def main(argv=None):
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--modes", default="infer,train")
     p.add_argument("--precisions", default=None, help="fp32,amp (default: fp32+amp on GPU, fp32 on CPU)")
-    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline (slow to build)")
+    p.add_argument(
+        "--no-compile",
+        action="store_true",
+        help="skip the torch.compile variants (compile, acc-compile: slow to build)",
+    )
     p.add_argument("--no-detection", action="store_true", help="skip the fork_feat detection-size case")
     p.add_argument("--no-onnx", action="store_true", help="skip the ONNX Runtime column (CPU inference)")
     p.add_argument("--rounds", type=int, default=None, help="timed rounds (default 10 GPU, 5 CPU)")
