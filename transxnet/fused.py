@@ -242,7 +242,7 @@ class FoldedConv:
                     flat = torch.addmm(self.matmul_bias, x.permute(0, 2, 3, 1).reshape(-1, C), self.matmul_weight)
                     out = flat.view(B, H, W, -1).permute(0, 3, 1, 2)
             elif self.depthwise is not None:
-                kernel = tk.multiscale_dwconv.unchecked_fused_kernel(x.device, x.dtype)
+                kernel = tk.multiscale_dwconv.unchecked_kernel(x.device, x.dtype, fused_only=True)
                 if kernel is not None:
                     out = kernel(x, *self.depthwise)
             if out is not None:

@@ -67,10 +67,13 @@ class Op:
 
         return deco
 
-    def unchecked_kernel(self, device: torch.device, dtype: torch.dtype) -> Optional[Callable]:
+    def unchecked_kernel(
+        self, device: torch.device, dtype: torch.dtype, fused_only: bool = False
+    ) -> Optional[Callable]:
         """The raw kernel a call without gradients on `device` and `dtype` would end in under the current
         backend choice, or None when that backend registered none (or a forced backend cannot run the call:
-        the checked op then raises why).
+        the checked op then raises why). fused_only: None where the choice is the reference too (for a caller
+        with a standard-op path of its own, which then keeps it).
 
         For a caller that builds the arguments itself and calls the op many times per forward (the
         accelerated model's CPU inference): it takes the full positional arguments, already of one device
@@ -78,13 +81,9 @@ class Op:
         cost more than the kernels at batch 1. Not for traced calls (torch.compile / export), which must see
         the op."""
         backend = inference_backend(self.name, device, dtype)
-        return None if backend is None else self._impls[backend].unchecked
-
-    def unchecked_fused_kernel(self, device: torch.device, dtype: torch.dtype) -> Optional[Callable]:
-        """unchecked_kernel where the current choice is a fused backend, else None (the reference too: for a
-        caller with a standard-op path of its own, which then keeps it)."""
-        backend = inference_backend(self.name, device, dtype)
-        return None if backend in (None, "reference") else self._impls[backend].unchecked
+        if backend is None or (fused_only and backend == "reference"):
+            return None
+        return self._impls[backend].unchecked
 
     def library_op(self, namespace: str, fake: Callable[..., Tensor]) -> Callable[[Callable], Any]:
         """Decorator: `fn` as the torch.library custom op ``<namespace>::<op>`` taking this op's arguments, with
