@@ -295,6 +295,23 @@ def test_compile_fullgraph_reference_backend_matches_eager_without_batch_recompi
     assert len(graphs) == 1, f"{len(graphs)} graphs compiled: batch size changes must not recompile"
 
 
+def test_inductor_freezing_with_cpp_wrapper_cpu_inference_matches_eager():
+    """The README's lowest-latency CPU recipe: torch.compile of the accelerated model under inductor's freezing and
+    C++ wrapper config, which folds the weights into constants and calls the graph's kernels (the transxnet_kernels
+    custom ops among them, on the backend auto picks) from generated C++. Its outputs must be eager's."""
+    import torch._inductor.config
+
+    eager, fast = small_eval_pair()
+    x = torch.randn(1, 3, 64, 96)
+    torch._dynamo.reset()
+    compiled = torch.compile(fast)
+    with torch.no_grad(), torch._inductor.config.patch(freezing=True, cpp_wrapper=True):
+        ref = eager(x)
+        assert_rel_close(compiled(x), ref, 1e-5, "first call")
+        assert_rel_close(compiled(x), ref, 1e-5, "second call")
+    torch._dynamo.reset()
+
+
 def test_ddp_two_gloo_processes_match_single_process(tmp_path):
     from ddp_worker import ddp_step
 
