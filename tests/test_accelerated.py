@@ -215,6 +215,43 @@ def test_inference_constants_are_reused_and_follow_replacement_moves_and_revert(
     assert not any(m in fused._CONSTANTS for m in fast.modules()), "revert drops the cached constants"
 
 
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="checked forwards are oneDNN inference only")
+def test_checked_forward_serves_constants_without_reading_their_sources(monkeypatch):
+    """CPU inference checks the model's state once per forward: with nothing changed since the last forward no
+    constant reads its sources; an in-place update, a replaced parameter or a direct submodule call (no checked
+    forward) are still seen."""
+    import transxnet.fused as fused
+
+    eager, fast = small_eval_pair()
+    reads = []
+    real_state_of = fused.state_of
+
+    def counting_state_of(*sources):
+        reads.append(1)
+        return real_state_of(*sources)
+
+    monkeypatch.setattr(fused, "state_of", counting_state_of)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert_rel_close(fast(x), eager(x), 1e-5, "first forward")
+        assert reads, "the first forward checks every constant"
+        reads.clear()
+        assert_rel_close(fast(x), eager(x), 1e-5, "second forward")
+        assert not reads, "an unchanged model's constants are served without reading their sources"
+        for step, (a, b) in enumerate([(eager.network[2][0].mlp.fc2[1], fast.network[2][0].mlp.fc2[1])] * 2):
+            a.running_var.mul_(1.5), b.running_var.mul_(1.5)  # in place: the fingerprint's version changes
+            assert_rel_close(fast(x), eager(x), 1e-5, f"after update {step}")
+            assert reads, "a changed model checks its constants again"
+            reads.clear()
+        conv = fast.network[0][0].token_mixer.proj[3]
+        conv.weight = torch.nn.Parameter(conv.weight.detach() * 0.5)
+        eager.network[0][0].token_mixer.proj[3].weight.mul_(0.5)
+        assert_rel_close(fast(x), eager(x), 1e-5, "replaced parameter")
+        block_in = torch.randn(1, 16, 16, 16).contiguous(memory_format=torch.channels_last)
+        eager.network[0][0].pos_embed.weight.mul_(2.0), fast.network[0][0].pos_embed.weight.mul_(2.0)
+        assert_rel_close(fast.network[0][0](block_in), eager.network[0][0](block_in), 1e-5, "block called alone")
+
+
 def test_eval_with_gradients_reaches_parameters_and_input():
     """Eval mode with autograd on (saliency maps, fine-tuning a frozen-BN backbone) builds folded weights per
     call from the live parameters, so gradients reach the parameters and the input as in eager (fp64: any

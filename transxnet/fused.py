@@ -16,7 +16,8 @@ state dict keeps its keys, order and values. What the subclasses change:
   IDConv's projection runs once over the pooled map and the mean side by side. All of it is exact in real
   arithmetic: results differ from eager by float rounding only.
 * Eval without an autograd graph: the folded weights are inference constants, computed once and kept until
-  a source tensor changes (see `inference_constant`).
+  a source tensor changes (see `inference_constant`; in CPU inference checked once per forward,
+  `checked_forward`).
 * CPU inference (eval, no gradients): the network runs in channels_last, where oneDNN's convolutions are
   about twice as fast and the C++ kernels work natively; every conv runs as a oneDNN convolution with its
   weight prepacked once and a following GELU fused as its post-op (small 1x1 and 'same' depthwise convs
@@ -27,8 +28,11 @@ state dict keeps its keys, order and values. What the subclasses change:
 
 from __future__ import annotations
 
+import contextlib
+import itertools
+import threading
 import weakref
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -110,7 +114,7 @@ def mlp_weights(mlp: Mlp):
 
 _ONEDNN_CONV = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
 
-# module -> name -> (key, pinned sources, value). Weak keys: a collected module frees its entries; a
+# module -> name -> (key, pinned sources, value, epoch). Weak keys: a collected module frees its entries; a
 # deepcopy or pickle of the model never sees them.
 _CONSTANTS: weakref.WeakKeyDictionary[nn.Module, Dict[str, tuple]] = weakref.WeakKeyDictionary()
 
@@ -121,11 +125,16 @@ def tracing() -> bool:
     return torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
 
 
-def state_of(*modules: Optional[nn.Module]) -> tuple:
-    """The parameters and buffers held directly by `modules` (None skipped): the sources of a fold. Read from
-    the modules' own dicts at every call, so a replaced parameter is seen, and fast (no recursion)."""
+def state_of(*sources) -> tuple:
+    """The tensors of `sources` (None skipped): a module's own parameters and buffers, a tensor itself; what a
+    fold is computed from. Read from the modules' own dicts at every call, so a replaced parameter is seen, and
+    fast (no recursion)."""
     return tuple(
-        t for m in modules if m is not None for d in (m._parameters, m._buffers) for t in d.values() if t is not None
+        t
+        for m in sources
+        if m is not None
+        for t in ((m,) if isinstance(m, torch.Tensor) else (*m._parameters.values(), *m._buffers.values()))
+        if t is not None
     )
 
 
@@ -134,24 +143,91 @@ def records_grad(tensors) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
+class _CheckedForward(threading.local):
+    """The epoch of the CPU inference forward this thread runs under `checked_forward`, else None."""
+
+    epoch: Optional[int] = None
+
+
+_FORWARD = _CheckedForward()
+_EPOCHS = itertools.count(1)
+# model -> (state fingerprint, epoch) of its last checked forward
+_FINGERPRINTS: weakref.WeakKeyDictionary[nn.Module, Tuple[list, int]] = weakref.WeakKeyDictionary()
+
+
+def state_fingerprint(model: nn.Module) -> list:
+    """Storage address and version counter of every parameter and buffer of `model` (what inference constants
+    key on). A plain walk of the module tree: `model.modules()` builds every module's name, ~1 ms for T's 960."""
+    fingerprint, stack = [], [model]
+    while stack:
+        module = stack.pop()
+        for tensors in (module._parameters, module._buffers):
+            for t in tensors.values():
+                if t is not None:
+                    fingerprint.append((t.data_ptr(), t._version))
+        stack.extend(child for child in module._modules.values() if child is not None)
+    return fingerprint
+
+
+@contextlib.contextmanager
+def checked_forward(model: nn.Module, x: torch.Tensor) -> Iterator[None]:
+    """A forward of `model` whose inference constants are checked once, here, instead of at each use.
+
+    At batch 1 on CPU the per-use checks (each source's address and version, the oneDNN-inference test) cost
+    a noticeable part of the forward. Here one fingerprint of all of the model's parameters and buffers is
+    compared with that of its last checked forward: unchanged, the forward keeps that forward's epoch, and an
+    entry validated (or built) in this epoch is served on its name and `key` alone; changed, a new epoch starts
+    and every entry is checked in full once more. Only for oneDNN inference (fp32 CPU, no gradient, no
+    autocast, not traced: all of the forward's maps are then fp32 CPU), and not nested. A module left in
+    training mode updates its BatchNorms' buffers during the forward, but then runs its training path, which
+    uses no constant; parameters that the forward itself changes (from a hook) are seen at the next forward."""
+    if _FORWARD.epoch is not None or not onednn_inference(x):
+        yield
+        return
+    try:
+        fingerprint = state_fingerprint(model)
+    except RuntimeError:  # an inference-mode parameter has no version counter: check at each use
+        yield
+        return
+    last = _FINGERPRINTS.get(model)
+    epoch = last[1] if last is not None and last[0] == fingerprint else next(_EPOCHS)
+    _FINGERPRINTS[model] = (fingerprint, epoch)
+    _FORWARD.epoch = epoch
+    try:
+        yield
+    finally:
+        _FORWARD.epoch = None
+
+
 def inference_constant(module: nn.Module, name: str, sources: tuple, build: Callable[[], Any], key=()) -> Any:
-    """build(), a value computed from the tensors `sources`; cached per (module, name) when it needs no
-    autograd graph and nothing traces, until a source changes.
+    """build(), a value computed from the tensors of `sources` (modules or tensors: `state_of`); cached per
+    (module, name) when it needs no autograd graph and nothing traces, until a source changes.
 
     The cache key holds each source's storage address and version counter (in-place updates bump it,
     `load_state_dict` and optimizer steps included) plus `key`; the entry pins the sources' storages, so
-    while it lives no new tensor can reuse an address it keys on (a `.to()` or a new parameter misses)."""
+    while it lives no new tensor can reuse an address it keys on (a `.to()` or a new parameter misses).
+    Within a `checked_forward` an entry checked in its epoch is served without reading the sources."""
+    epoch = _FORWARD.epoch
+    entries = _CONSTANTS.get(module)
+    if epoch is not None and entries is not None:
+        entry = entries.get(name)
+        if entry is not None and entry[3] == epoch and entry[0][0] == key:
+            return entry[2]
+    sources = state_of(*sources)
     if tracing() or records_grad(sources):
         return build()
     try:
         full_key = (key, tuple((t.data_ptr(), t._version) for t in sources))
     except RuntimeError:  # inference-mode tensors carry no version counter: nothing safe to key on
         return build()
-    entries = _CONSTANTS.setdefault(module, {})
+    if entries is None:
+        entries = _CONSTANTS.setdefault(module, {})
     entry = entries.get(name)
     if entry is None or entry[0] != full_key:
-        entry = (full_key, [t.detach() for t in sources], build())
-        entries[name] = entry
+        entry = (full_key, [t.detach() for t in sources], build(), epoch)
+    elif entry[3] != epoch:
+        entry = (*entry[:3], epoch)
+    entries[name] = entry
     return entry[2]
 
 
@@ -161,8 +237,8 @@ def drop_inference_constants(module: nn.Module) -> None:
 
 def onednn_inference(x: torch.Tensor) -> bool:
     """Whether convs on x run as oneDNN convolutions with prepacked weights and fused GELU: fp32 CPU
-    inference (no gradient, no autocast, not traced)."""
-    return (
+    inference (no gradient, no autocast, not traced); inside a `checked_forward`, which holds only then."""
+    return _FORWARD.epoch is not None or (
         _ONEDNN_CONV
         and x.device.type == "cpu"
         and x.dtype == torch.float32
@@ -265,15 +341,15 @@ class FoldedConv:
 
 
 def folded_conv(module: nn.Module, name: str, conv: nn.Conv2d, x, sources: tuple, weights: Callable[[], tuple]):
-    """The FoldedConv of `conv` with weights() = (weight, bias) computed from `sources`, as an inference
-    constant of `module` for inputs like x."""
+    """The FoldedConv of `conv` with weights() = (weight, bias) computed from `sources` (modules or tensors), as
+    an inference constant of `module` for inputs like x."""
     mode = (onednn_inference(x), x.device, x.dtype)
     return inference_constant(module, name, sources, lambda: FoldedConv(conv, *weights(), x), key=mode)
 
 
 def plain_conv(module: nn.Module, name: str, conv: nn.Conv2d, x) -> FoldedConv:
     """`conv` with its own weights, as an inference constant of `module`."""
-    return folded_conv(module, name, conv, x, state_of(conv), lambda: (conv.weight, conv.bias))
+    return folded_conv(module, name, conv, x, (conv,), lambda: (conv.weight, conv.bias))
 
 
 # ------------------------------------------------------------------------------- accelerated modules
@@ -286,7 +362,7 @@ class AcceleratedConvNorm(ConvNorm):
         if self.training:
             return super().forward(x)
         conv = folded_conv(
-            self, "conv", self.conv, x, state_of(self.conv, self.bn), lambda: fold_bn_into_conv(self.conv, self.bn)
+            self, "conv", self.conv, x, (self.conv, self.bn), lambda: fold_bn_into_conv(self.conv, self.bn)
         )
         return conv(x, gelu=hasattr(self, "act"))
 
@@ -304,7 +380,7 @@ class AcceleratedIDConv(IDConv):
         both = torch.cat([pooled, x.mean(dim=(2, 3)).unsqueeze(1)], dim=1)  # [B, K*K + 1, C]
         # proj's 1x1 convs on K*K + 1 pixels as linear layers: a matmul costs a fraction of a conv call there.
         reduce_w, reduce_b, expand_w, expand_b = inference_constant(
-            self, "proj", state_of(self.proj[0].conv, self.proj[0].bn, self.proj[1]), self.proj_linear
+            self, "proj", (self.proj[0].conv, self.proj[0].bn, self.proj[1]), self.proj_linear
         )
         logits = F.linear(F.gelu(F.linear(both, reduce_w, reduce_b)), expand_w, expand_b)  # [B, K*K + 1, G*C]
         kernel_logits = logits[:, : K * K].reshape(B, K, K, G, C).permute(0, 3, 4, 1, 2)
@@ -331,17 +407,16 @@ class AcceleratedOSRA(OSRA):
         r = x
         if self.sr_ratio > 1:
             reduce, affine = self.sr
-            reduce_state = state_of(reduce.conv, reduce.bn)
             conv = folded_conv(
-                self, "sr", reduce.conv, x, reduce_state, lambda: fold_bn_into_conv(reduce.conv, reduce.bn)
+                self, "sr", reduce.conv, x, (reduce.conv, reduce.bn), lambda: fold_bn_into_conv(reduce.conv, reduce.bn)
             )
-            affine_state = state_of(affine.conv, affine.bn)
-            scale, shift = inference_constant(self, "sr_affine", affine_state, lambda: self.reduction_affine(affine))
+            affine_sources = (affine.conv, affine.bn)
+            scale, shift = inference_constant(self, "sr_affine", affine_sources, lambda: self.reduction_affine(affine))
             # in the conv output's layout (addcmul(shift, ...) lays its output out as `shift`: contiguous NCHW)
             r = conv(x, gelu=True) * scale + shift
         local = self.local_conv
         local_weights = lambda: (with_identity_tap(local.weight), local.bias)  # noqa: E731
-        r = folded_conv(self, "local", local, r, state_of(local), local_weights)(r)
+        r = folded_conv(self, "local", local, r, (local,), local_weights)(r)
         q_map = plain_conv(self, "q", self.q, x)(x)
         kv_map = plain_conv(self, "kv", self.kv, r)(r)
         return self.attend(q_map, kv_map, relative_pos_enc, attention=inference_op(tk.osra_attention, x))
@@ -369,7 +444,6 @@ class AcceleratedHybridTokenMixer(HybridTokenMixer):
         """The STE's convs in eval mode (dw3x3 -> GELU -> 1x1 -> GELU -> 1x1), its three BatchNorms folded
         into the 1x1 convs and the layer scale into the last, and the layer scale's weight as [1, C, 1, 1]."""
         dw, _, bn1, pw1, _, bn2, pw2, bn3 = self.proj  # the GELUs run as the convs' post-ops
-        ls_state = state_of(layer_scale)
 
         def last_weights():
             w, b = scale_conv_output(*fold_bn_into_next_pointwise(bn2, pw2), *batchnorm_scale_shift(bn3))
@@ -378,14 +452,14 @@ class AcceleratedHybridTokenMixer(HybridTokenMixer):
         ls_weight = inference_constant(
             self,
             "ls_weight",
-            ls_state,
+            (layer_scale,),
             lambda: layer_scale_affine(layer_scale, x.shape[1], x)[0].view(1, -1, 1, 1),
             key=(x.device, x.dtype),
         )
         return (
             plain_conv(self, "dw", dw, x),
-            folded_conv(self, "pw1", pw1, x, state_of(bn1, pw1), lambda: fold_bn_into_next_pointwise(bn1, pw1)),
-            folded_conv(self, "pw2", pw2, x, state_of(bn2, pw2, bn3) + ls_state, last_weights),
+            folded_conv(self, "pw1", pw1, x, (bn1, pw1), lambda: fold_bn_into_next_pointwise(bn1, pw1)),
+            folded_conv(self, "pw2", pw2, x, (bn2, pw2, bn3, layer_scale), last_weights),
             ls_weight,
         )
 
@@ -410,7 +484,8 @@ class AcceleratedMlp(Mlp):
 
     def middle_records_grad(self, h) -> bool:
         """Whether the middle (from fc1's GELU to its BatchNorm) on fc1's conv output `h` records an autograd graph."""
-        return records_grad((h, *state_of(self.fc1[2], self.norm, *self.dwconv.proj)))
+        # (the grad-mode test first: no-grad calls skip gathering the state)
+        return torch.is_grad_enabled() and records_grad((h, *state_of(self.fc1[2], self.norm, *self.dwconv.proj)))
 
     def folded_fc2(self, x, layer_scale: Optional[LayerScale] = None):
         """fc2 in eval mode with its BatchNorm (and the block's layer scale) folded into the conv."""
@@ -420,14 +495,14 @@ class AcceleratedMlp(Mlp):
             w, b = fold_bn_into_conv(conv, self.fc2[1])
             return scale_conv_output(w, b, *layer_scale_affine(layer_scale, conv.out_channels, w))
 
-        return folded_conv(self, "fc2", conv, x, state_of(conv, self.fc2[1], layer_scale), weights)(x)
+        return folded_conv(self, "fc2", conv, x, (conv, self.fc2[1], layer_scale), weights)(x)
 
     def fused_eval(self, h):
         """Eval: fc1's GELU + BatchNorm, the middle and its BatchNorm in one op (`h` is fc1's conv output)."""
         scales = inference_constant(
             self,
             "scales",
-            state_of(self.fc1[2], self.norm),
+            (self.fc1[2], self.norm),
             lambda: (*batchnorm_scale_shift(self.fc1[2]), *batchnorm_scale_shift(self.norm)),
         )
         in_scale, in_shift, out_scale, out_shift = scales
@@ -464,13 +539,22 @@ class AcceleratedBlock(Block):
         if self.training:
             return super()._forward(x, relative_pos_enc)
         pos = self.pos_embed
-        x = folded_conv(pos, "pos_embed", pos, x, state_of(pos), lambda: (with_identity_tap(pos.weight), pos.bias))(x)
+        x = folded_conv(pos, "pos_embed", pos, x, (pos,), lambda: (with_identity_tap(pos.weight), pos.bias))(x)
         x = x + self.token_mixer(self.norm1(x), relative_pos_enc, self.layer_scale_1)
         return x + self.mlp(self.norm2(x), self.layer_scale_2)
 
 
 class AcceleratedTransXNet(TransXNet):
-    """The relative-position bias resized once per stage (and cached); CPU inference in channels_last."""
+    """The relative-position bias resized once per stage (and cached); CPU inference in channels_last, its
+    inference constants checked once per forward (`checked_forward`)."""
+
+    def forward(self, x):
+        with checked_forward(self, x):
+            return super().forward(x)
+
+    def forward_features(self, x):
+        with checked_forward(self, x):
+            return super().forward_features(x)
 
     def stage_relative_pos_enc(self, stage: int, x: torch.Tensor) -> torch.Tensor:
         """The bias resized to the stage's input once (exact: the blocks share it); an inference constant
