@@ -70,8 +70,10 @@ def test_ms_ffn(benchmark, name, ch, size, case, impl):
         for c, k in zip(widths, KERNELS)
     ]
     biases = [(0.1 * torch.randn(c, device=device, dtype=DTYPE)).requires_grad_(backward) for c in widths]
-    norm_weight = torch.ones(ch, device=device, dtype=DTYPE, requires_grad=backward)
-    norm_bias = torch.zeros(ch, device=device, dtype=DTYPE, requires_grad=backward)
+    # fp32 BatchNorm parameters beside half activations, as autocast training has them (cuDNN's BatchNorm
+    # backward refuses half parameters with fp32 running statistics).
+    norm_weight = torch.ones(ch, device=device, dtype=torch.float32, requires_grad=backward)
+    norm_bias = torch.zeros(ch, device=device, dtype=torch.float32, requires_grad=backward)
     running_mean = torch.zeros(ch, device=device, dtype=torch.float32)
     running_var = torch.ones(ch, device=device, dtype=torch.float32)
     training = "train" in case

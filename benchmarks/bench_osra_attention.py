@@ -2,8 +2,9 @@
 
 Shapes: every stage of TransXNet-T/S/B at batch 128 with 224x224 input (N = 3136, 784, 196, 49
 queries; M = 49 keys), and every stage of T at a detection-size input 800x1216 (batch 2,
-N = 60800 / 15200 / 3800 / 950, M = 950). q and k are the model's transposed views of [B, h, d, L]
-memory; the bias is [1, h, N, M] and requires grad (it is a parameter).
+N = 60800 / 15200 / 3800 / 950, M = 950). q, k and v are the model's views: q of the q conv's output,
+k and v the two halves of the kv conv's (transposed views of [B, h, d, L] memory); the bias is [1, h, N, M]
+and requires grad (it is a parameter).
 
 Passes: "fwd" (no grad) and "fwd+bwd" (q, k, v and bias gradients). Minimal traffic and FLOPs per
 case (e = element size, bias read once and, in the backward, its gradient written once):
@@ -131,13 +132,14 @@ def test_osra_attention(benchmark, shape_name, dtype, passes, impl):
     if fn is None:
         pytest.skip("this torch has no FlexAttention")
     torch.manual_seed(0)
-    q = torch.randn(B, h, d, N, device=DEVICE, dtype=dtype).transpose(-1, -2)
-    k = torch.randn(B, h, d, M, device=DEVICE, dtype=dtype).transpose(-1, -2)
-    v = torch.randn(B, h, M, d, device=DEVICE, dtype=dtype)
-    bias = torch.randn(1, h, N, M, device=DEVICE, dtype=dtype)
     with_backward = passes == "fwd+bwd"
-    for t in (q, k, v, bias):
-        t.requires_grad_(with_backward)
+    # The model's layouts: q a transposed view of the q conv's [B, h·d, N] output; k and v the two channel
+    # halves of the kv conv's [B, 2·h·d, M] output, transposed alike (one set of strides, no copies).
+    q_map = torch.randn(B, h * d, N, device=DEVICE, dtype=dtype, requires_grad=with_backward)
+    kv_map = torch.randn(B, 2 * h * d, M, device=DEVICE, dtype=dtype, requires_grad=with_backward)
+    bias = torch.randn(1, h, N, M, device=DEVICE, dtype=dtype, requires_grad=with_backward)
+    q = q_map.view(B, h, d, N).transpose(-1, -2)
+    k, v = (half.reshape(B, h, d, M).transpose(-1, -2) for half in kv_map.chunk(2, dim=1))
     grad_out = torch.randn(B, h, N, d, device=DEVICE, dtype=dtype)
 
     def step():
@@ -145,7 +147,7 @@ def test_osra_attention(benchmark, shape_name, dtype, passes, impl):
             with torch.no_grad():
                 return fn(q, k, v, bias)
         out = fn(q, k, v, bias)
-        return torch.autograd.grad(out, (q, k, v, bias), grad_out)
+        return torch.autograd.grad(out, (q_map, kv_map, bias), grad_out)
 
     try:
         step()  # compile / autotune outside the timing

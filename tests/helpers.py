@@ -310,14 +310,35 @@ def check_op(backend: Backend, op: str, args, grad_seed: int = 0, tol: Optional[
         with contextlib.nullcontext() if grad_out is not None else torch.no_grad():
             out, grads = evaluate(getattr(tk, op), args, grad_out)
     assert out.dtype == dtype, f"{what} output dtype {out.dtype} != {dtype}"
-    assert_rel_close(out, ref_out, tol, f"{backend} {op} {what} output")
+    tols = [tol] * (1 + len(ref_grads))
+    if dtype == torch.float32 and grad_out is not None:
+        own_errors = same_dtype_reference_errors(op, args, grad_out, (ref_out, *ref_grads))
+        tols = [max(tol, CONDITIONING_FACTOR * e) for e in own_errors]
+    assert_rel_close(out, ref_out, tols[0], f"{backend} {op} {what} output")
     if grad_out is not None:
         inputs = [t for t in flat_tensors(args) if t.requires_grad]
         assert len(grads) == len(ref_grads) == len(inputs)
         for i, (g, rg, t) in enumerate(zip(grads, ref_grads, inputs)):
             assert g.dtype == t.dtype, f"{what} grad {i}: dtype {g.dtype} != {t.dtype}"
-            assert_rel_close(g, rg, tol, f"{backend} {op} {what} grad of tensor {i}")
+            assert_rel_close(g, rg, tols[1 + i], f"{backend} {op} {what} grad of tensor {i}")
     return out, ref_out, ref_args
+
+
+# A gradient can be a sum that nearly cancels (the conv bias of a one-channel group under training-mode
+# BatchNorm on a 3 x 10 plane): its fp32 value is then off by more than TOLERANCE[fp32] however it is summed,
+# PyTorch's own fp32 computation included. Such a value is held to this many times PyTorch's own fp32 error
+# instead (a wrong kernel is off by O(1), far beyond either bound).
+CONDITIONING_FACTOR = 4.0
+
+
+def same_dtype_reference_errors(op: str, args, grad_out: torch.Tensor, fp64_results) -> List[float]:
+    """Relative error against the fp64 results of the reference op run in the inputs' own dtype (on copies,
+    so running statistics are untouched; TF32 off), for the output and each gradient: how well conditioned
+    each checked value is at that precision."""
+    copies = map_tensors(lambda t: t.detach().clone().requires_grad_(t.requires_grad), args)
+    with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, allow_tf32=False):
+        out, grads = evaluate(getattr(reference, op), copies, grad_out)
+    return [rel_err(a, b) for a, b in zip((out, *grads), fp64_results)]
 
 
 def groups_id(groups) -> str:
