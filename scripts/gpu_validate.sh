@@ -6,9 +6,10 @@
 # On a GPU nearly all of a first run is Triton compiling kernels (measured on an H200, 2026-12-04: ~15 s of
 # every ~16 s op-benchmark case; 164 test cases in 160 s on 8 processes). So the op benchmarks run twice:
 # a compile-only pass over every core (pytest-xdist, TRANSXNET_BENCH_COMPILE_ONLY=1) fills the on-disk
-# Triton and Inductor caches, then the timed pass runs serially on warm caches.
-# --quick (default) takes at most ~7.5 minutes (phase limits T_COMPILE=100, T_OPS=110, T_MODEL=120,
-#   T_TESTS=110 seconds, overridable from the environment): the op benchmarks at the TransXNet-T stage shapes
+# Triton and Inductor caches, then the timed pass runs serially on warm caches; and before the model benchmark,
+# benchmarks.gpu_warmup replays the model's captured op calls over every core to compile its kernels.
+# --quick (default) takes at most ~8.5 minutes (phase limits T_COMPILE=100, T_OPS=110, T_WARM=90, T_MODEL=120,
+#   T_TESTS=80 seconds, overridable from the environment): the op benchmarks at the TransXNet-T stage shapes
 #   (eager, Triton, SDPA for attention; torch.compile and FlexAttention baselines at stage 1 only); the model
 #   benchmark for T, fp32 and AMP, inference and training step, eager / accelerated (no torch.compile
 #   variants: they do not finish compiling in the quick budget); then the accelerated-model, backend and op
@@ -51,11 +52,12 @@ status=0
 if [ "$MODE" = quick ]; then
   TESTS="tests/test_accelerated.py tests/test_backend.py tests/ops"
   OPS_FILTER="T-stage and ((not compiled and not flex and not sdpa-) or T-stage1)"
-  MODEL_ARGS="--models t --modes infer,train --precisions fp32,amp --no-detection --no-compile"
-  T_COMPILE=${T_COMPILE:-100}; T_OPS=${T_OPS:-110}; T_MODEL=${T_MODEL:-120}; T_TESTS=${T_TESTS:-110}
+  MODELS="t"; MODEL_ARGS="--models t --modes infer,train --precisions fp32,amp --no-detection --no-compile"
+  T_COMPILE=${T_COMPILE:-100}; T_OPS=${T_OPS:-110}; T_WARM=${T_WARM:-90}; T_MODEL=${T_MODEL:-120}
+  T_TESTS=${T_TESTS:-80}
 else
-  TESTS="tests"; OPS_FILTER=""; MODEL_ARGS=""
-  T_COMPILE=1800; T_OPS=3600; T_MODEL=3600; T_TESTS=3600
+  TESTS="tests"; OPS_FILTER=""; MODELS="t s b"; MODEL_ARGS=""
+  T_COMPILE=1800; T_OPS=3600; T_WARM=1800; T_MODEL=3600; T_TESTS=3600
 fi
 
 # Compiling is CPU work: one process per core (pytest-xdist), where it is installed.
@@ -71,6 +73,12 @@ echo "== op benchmarks: timed"
 TRANSXNET_BENCH_JSONL="$OUT/ops.jsonl" timeout "$T_OPS" "$PY" -m pytest -v -rfE --tb=short -p no:cacheprovider $BENCHES \
   ${OPS_FILTER:+-k "$OPS_FILTER"} > "$OUT/ops.log" 2>&1 || status=1
 grep -E "(FAILED|ERROR)" "$OUT/ops.log" | tail -n 10; tail -n 3 "$OUT/ops.log"
+
+echo "== model kernels: parallel compile (benchmarks.gpu_warmup; models: $MODELS)"
+for model in $MODELS; do
+  timeout "$T_WARM" "$PY" -m benchmarks.gpu_warmup --model "$model" --input 128x224x224 --precisions fp32,amp \
+    --jobs "$(nproc)" 2>&1 | tail -n 12 || status=1
+done
 
 echo "== model benchmark ($MODEL_ARGS)"
 timeout "$T_MODEL" "$PY" -m benchmarks.model_benchmark $MODEL_ARGS --out "$OUT" > "$OUT/model.log" 2>&1 || status=1
