@@ -113,6 +113,7 @@ from .common import (
     accumulation_dtype,
     device_guard,
     launch_settings,
+    launch_target,
     needs_int64,
     supports,
     tl_accumulation_dtype,
@@ -2056,6 +2057,13 @@ def _plane_shape(H: int, W: int, index64: bool, settings: Settings) -> Tuple[int
     return (H, W, triton.next_power_of_2(W))
 
 
+# Launch plans by everything they depend on. Planning is ~50-100 us of Python per pass, paid by every call on the
+# host while a GPU call of the small stages runs in about as long; a model calls with a few layouts, so the memo
+# stays small (cleared past _PLANS_MAX for callers with ever-changing shapes).
+_PLANS: Dict[Tuple, _Plan] = {}
+_PLANS_MAX = 4096
+
+
 def _plan(
     x: torch.Tensor,
     widths: Sequence[int],
@@ -2066,10 +2074,41 @@ def _plan(
 ) -> _Plan:
     """Launch plan for the kernels reading x and writing or reading others. strips=False: no strip plan (for the
     passes without a stencil, which the _strip_* kernels do not run); wgrad_dx: for the dx pass that also
-    accumulates the weight gradient (`Settings.wgrad_strip_rows`)."""
+    accumulates the weight gradient (`Settings.wgrad_strip_rows`). Memoised on shapes, strides, dtype, device,
+    the groups and the launch target and settings in effect (test and audit overrides included)."""
+    target, settings = launch_target(x.device), launch_settings(Settings, x.device)
+    key = (
+        x.shape,
+        x.stride(),
+        x.dtype,
+        x.device,
+        tuple((t.shape, t.stride()) for t in others),
+        tuple(widths),
+        tuple(ksizes),
+        strips,
+        wgrad_dx,
+        target,
+        settings,
+    )
+    plan = _PLANS.get(key)
+    if plan is None:
+        if len(_PLANS) >= _PLANS_MAX:
+            _PLANS.clear()
+        plan = _PLANS[key] = _make_plan(x, widths, ksizes, others, strips, wgrad_dx, settings)
+    return plan
+
+
+def _make_plan(
+    x: torch.Tensor,
+    widths: Sequence[int],
+    ksizes: Sequence[int],
+    others: Sequence[torch.Tensor],
+    strips: bool,
+    wgrad_dx: bool,
+    settings: Settings,
+) -> _Plan:
     B, _, H, W = x.shape
     hw = H * W
-    settings = launch_settings(Settings, x.device)
     index64 = needs_int64(x, *others)
     plane = _plane_shape(H, W, index64, settings)
     strip = 0

@@ -1,0 +1,37 @@
+"""benchmarks/host_overhead.py: the Triton ops' Python launch path timed with launches counted, not run (in a
+subprocess without TRITON_INTERPRET, as it plans launches for a GPU)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_host_overhead_times_each_op_call_of_the_model_forward_and_backward(tmp_path):
+    pytest.importorskip("triton")
+    rows_file = tmp_path / "rows.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.host_overhead", "--ops", "idconv,ms_ffn_middle_eval", "--reps", "2"]
+        + ["--json", str(rows_file)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(rows_file.read_text())
+    idconv = [r for r in rows if r["op"] == "idconv"]
+    # T's four stages, each without and with gradients; the inference middle has no backward
+    assert sorted(r["shape"][1] for r in idconv if r["mode"] == "forward") == [24, 48, 112, 224]
+    assert {r["mode"] for r in idconv} == {"forward", "forward+backward"}
+    assert {r["mode"] for r in rows if r["op"] == "ms_ffn_middle_eval"} == {"forward"}
+    for r in rows:
+        assert r["shape"][0] == 1 and r["launches"] > 0 and r["host_us"] > 0
+    fwd = {r["shape"][1]: r["launches"] for r in idconv if r["mode"] == "forward"}
+    assert all(r["launches"] > fwd[r["shape"][1]] for r in idconv if r["mode"] == "forward+backward")
