@@ -1,45 +1,118 @@
-"""Fill the on-disk Triton cache with a model's kernels before timing it, compiling in parallel.
+"""Fill the on-disk Triton cache with a model's kernels before its first call, compiling in parallel.
 
-On a GPU, the first call of each kernel specialisation compiles it (seconds each), one after another,
-inside the model's first forward and backward: on an H200 (2026-12-04) the model benchmark for TransXNet-T
-did not finish its warm-up in 170 s. This replays the model's op calls as the static audit captured them
-(`benchmarks/results/gpu_audit_calls.json`: every distinct public-op call of T/S/B, with shapes, strides,
-storage offsets, dtypes and which tensors need gradients) on the GPU, forward and backward, the calls
-shared among several processes. Each compile lands in Triton's on-disk cache, which the model's own first
-call then reads. Precisions: `fp32`, `bf16`, `fp16` replay each call with its floating tensors in that dtype
-(a model cast with `.to(dtype)`); `amp` replays the fp32 call under autocast (bf16 where the GPU has it),
-as the model's AMP run makes it. A call the file does not hold (a model or input it was not captured
-for, or model code changed since) is not warmed and compiles at its first use, as without this tool.
+On a GPU, the first call of each kernel specialisation compiles it, one after another, inside the model's
+first forward and backward: TransXNet-T's accelerated training step at 128x224x224 makes ~100 distinct
+specialisations, the largest (the stencils on strips of rows, k = 7) 20-35 s each to compile on this project's
+2-core machine; on an H200 the model benchmark did not finish its warm-up in 170 s (2026-12-04). This tool
+runs the model once on the `meta` device to record every call of the fused ops (shapes, strides, storage
+offsets, dtypes, which tensors need gradients: what the kernels specialise on), then replays the calls on
+the GPU, forward and backward, shared among several processes. Each compile lands in Triton's on-disk cache
+(`TRITON_CACHE_DIR`, default ~/.triton/cache), which the model's own first call then reads, as does every later
+process on the machine. Precisions: `fp32`, `bf16`, `fp16` replay each call with its floating tensors in that
+dtype (a model cast with `.to(dtype)`); `amp` replays the fp32 call under autocast (bf16 where the GPU has
+it), as the model's AMP run makes it.
 
     python -m benchmarks.gpu_warmup --model t --input 128x224x224 --precisions fp32,amp --jobs 16
+    python -m benchmarks.gpu_warmup --model t --input 2x800x1216 --modes eval --layouts channels_last
+
+`capture_calls(model, (B, C, H, W))` records the calls of any TransXNet module (a timm one, a fork_feat
+backbone) for `warm`.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import multiprocessing
 import time
 from concurrent.futures import ProcessPoolExecutor
-from pathlib import Path
 from typing import Any, Dict, List, Sequence, Tuple
 
 import torch
 
-CALLS_FILE = Path(__file__).resolve().parent / "results" / "gpu_audit_calls.json"
+OPS = ("idconv", "multiscale_dwconv", "ms_ffn_middle", "ms_ffn_middle_eval", "osra_attention")
 FORWARD_ONLY_OPS = ("ms_ffn_middle_eval",)
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "amp": None}
 
 
-def select_calls(saved: Dict[str, Any], model: str, inputs: str) -> List[Dict[str, Any]]:
-    """The saved calls of TransXNet-`model` at input `inputs` (BxHxW), every mode and layout. The capture names
-    each call after the first configuration making it ("t accelerated train 128x224x224 nchw")."""
-    chosen = []
-    for call in saved["calls"]:
-        size, _fused, _mode, shape, _layout = call["config"].split()
-        if size == model and shape == inputs:
-            chosen.append(call)
-    return chosen
+def _encode(value, gradients: bool):
+    """An op argument as the replay rebuilds it: a tensor as its layout (no values), lists element-wise."""
+    if isinstance(value, torch.Tensor):
+        return {
+            "tensor": {
+                "shape": list(value.shape),
+                "stride": list(value.stride()),
+                "offset": value.storage_offset(),
+                "dtype": str(value.dtype).removeprefix("torch."),
+                "requires_grad": value.requires_grad and gradients and torch.is_grad_enabled(),
+            }
+        }
+    if isinstance(value, (list, tuple)):
+        return [_encode(v, gradients) for v in value]
+    return value
+
+
+def _affine_batch_norm(input, running_mean, running_var, weight=None, bias=None, *args, **kwargs):
+    """Stand-in for F.batch_norm on meta: same shape, layout and autograd reach, none of its ~0.1 s a call."""
+    out = input * weight.view(1, -1, 1, 1) if weight is not None else input * 1
+    return out + bias.view(1, -1, 1, 1) if bias is not None else out
+
+
+def capture_calls(
+    model: torch.nn.Module,
+    input_shape: Sequence[int],
+    modes: Sequence[str] = ("train", "eval"),
+    layouts: Sequence[str] = ("nchw",),
+) -> List[Dict[str, Any]]:
+    """Every distinct fused-op call a forward of (a meta copy of) `model` makes on an input of `input_shape`, in
+    each mode (train: with gradients; eval: without) and input layout (nchw, channels_last), as the replay
+    takes them: {"op", "config", "args"}. The model's choices of fused forms are made as with the Triton
+    backend available (on meta no fused backend runs)."""
+    import copy
+
+    import torch.nn.functional as F
+
+    import transxnet_kernels
+
+    calls: Dict[str, Dict[str, Any]] = {}
+    config = [""]
+    originals = {op: getattr(transxnet_kernels, op) for op in OPS}
+
+    def spy(op):
+        def record(*args, **kwargs):
+            bound = inspect.signature(originals[op]).bind(*args, **kwargs)
+            bound.apply_defaults()
+            encoded = [_encode(v, op not in FORWARD_ONLY_OPS) for v in bound.arguments.values()]
+            calls.setdefault(json.dumps([op, encoded]), {"op": op, "config": config[0], "args": encoded})
+            return originals[op](*args, **kwargs)
+
+        return record
+
+    def triton_has(op, x):
+        return transxnet_kernels.backend.OPS[op].status("triton") == "available"
+
+    real_batch_norm, real_has_fused = F.batch_norm, transxnet_kernels.has_fused
+    try:
+        F.batch_norm = _affine_batch_norm
+        transxnet_kernels.has_fused = triton_has
+        for op in OPS:
+            setattr(transxnet_kernels, op, spy(op))
+        meta = copy.deepcopy(model).to("meta")
+        for mode in modes:
+            meta.train(mode == "train")
+            for layout in layouts:
+                x = torch.empty(*input_shape, device="meta")
+                if layout == "channels_last":
+                    x = x.contiguous(memory_format=torch.channels_last)
+                config[0] = f"{mode} {'x'.join(map(str, input_shape))} {layout}"
+                with torch.set_grad_enabled(mode == "train"):
+                    meta(x)
+    finally:
+        F.batch_norm, transxnet_kernels.has_fused = real_batch_norm, real_has_fused
+        for op, fn in originals.items():
+            setattr(transxnet_kernels, op, fn)
+    return list(calls.values())
 
 
 def _tensor(spec: Dict[str, Any], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -63,8 +136,8 @@ def _arguments(encoded, dtype: torch.dtype, device: torch.device):
 
 
 def replay(call: Dict[str, Any], precision: str, device: torch.device, backend: str) -> None:
-    """One op call on `backend`: the forward without gradients (what inference and a no_grad forward run), then,
-    when an input needs a gradient, forward and backward (a training forward can take other kernels)."""
+    """One op call on `backend` as the model made it: forward and backward when an input needed a gradient (the
+    call was captured in grad mode), else the forward without gradients."""
     import transxnet_kernels as tk
 
     amp = precision == "amp"
@@ -75,10 +148,9 @@ def replay(call: Dict[str, Any], precision: str, device: torch.device, backend: 
     op = getattr(tk, call["op"])
     autocast_dtype = torch.bfloat16 if device.type != "cuda" or torch.cuda.is_bf16_supported() else torch.float16
     with tk.use_backend(backend), torch.autocast(device.type, dtype=autocast_dtype, enabled=amp):
-        with torch.no_grad():
-            op(*args)
-        if inputs:
+        with torch.set_grad_enabled(bool(inputs)):
             out = op(*args)
+        if inputs:
             torch.autograd.grad(out, inputs, torch.ones_like(out))
 
 
@@ -115,25 +187,34 @@ def warm(
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="t", help="t, s or b")
-    p.add_argument("--input", default="128x224x224", help="BxHxW as captured (128x224x224 or 2x800x1216)")
+    p.add_argument("--input", default="128x224x224", help="BxHxW of the 3-channel input")
+    p.add_argument("--modes", default="train,eval", help="comma list of train (with gradients), eval")
+    p.add_argument("--layouts", default="nchw", help="comma list of nchw, channels_last")
+    p.add_argument("--plain", action="store_true", help="the released model's forms, not transxnet.accelerated's")
     p.add_argument("--precisions", default="fp32,amp", help=f"comma list of {', '.join(PRECISIONS)}")
     p.add_argument("--jobs", type=int, default=max(1, (multiprocessing.cpu_count() or 2)))
     p.add_argument("--device", default="cuda")
     p.add_argument("--backend", default="triton", help="the backend whose kernels to warm")
-    p.add_argument("--calls", type=Path, default=CALLS_FILE)
     args = p.parse_args(argv)
     precisions = [x for x in args.precisions.split(",") if x]
     unknown = [x for x in precisions if x not in PRECISIONS]
     if unknown:
         p.error(f"unknown precisions {unknown}; choose from {list(PRECISIONS)}")
-    calls = select_calls(json.loads(args.calls.read_text()), args.model, args.input)
-    if not calls:
-        p.error(f"{args.calls.name} holds no call of model {args.model!r} at input {args.input}")
+    import transxnet
+
+    batch, height, width = (int(n) for n in args.input.split("x"))
+    with torch.device("meta"):
+        model = transxnet.TransXNet(args.model)
+    if not args.plain:
+        transxnet.accelerated(model)
     start = time.perf_counter()
+    calls = capture_calls(model, (batch, 3, height, width), args.modes.split(","), args.layouts.split(","))
+    captured = time.perf_counter() - start
     done, failures = warm(calls, precisions, args.jobs, args.device, args.backend)
     print(
-        f"[warmup] {args.model} {args.input} {','.join(precisions)}: {done} of {done + len(failures)} op calls "
-        f"replayed on {args.backend} in {time.perf_counter() - start:.0f} s over {args.jobs} processes"
+        f"[warmup] {args.model} {args.input} {args.modes} {args.layouts} {','.join(precisions)}: {len(calls)} "
+        f"distinct op calls captured in {captured:.0f} s; {done} of {done + len(failures)} replays on "
+        f"{args.backend} in {time.perf_counter() - start - captured:.0f} s over {args.jobs} processes"
     )
     for line in failures:
         print(f"[warmup] failed: {line}")

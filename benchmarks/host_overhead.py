@@ -2,16 +2,16 @@
 
 A GPU op benchmark that calls the op back to back (`triton.testing.do_bench`) measures the host, not the GPU,
 wherever the host's per-call work outlasts the kernels: argument checks, launch planning, small torch ops
-(allocations, weight packing), and Triton's own launch binding. This replays a model's op calls as the static
-audit captured them (`benchmarks/results/gpu_audit_calls.json`) through each op's Triton implementation on
-CPU tensors of batch 1 (the host work does not depend on the batch), planning launches as for an sm_90 GPU
+(allocations, weight packing), and Triton's own launch binding. This replays a model's op calls (captured on
+the meta device by `gpu_warmup.capture_calls`, train and eval) through each op's Triton implementation on CPU
+tensors of batch 1 (the host work does not depend on the batch), planning launches as for an sm_90 GPU
 (`gpu_audit.plan_for_gpu`), with `JITFunction.run` replaced by a counter: the time is the Python launch path
 minus Triton's launch itself (binding and the driver call, a further ~10-30 us per launch on a GPU host).
 The torch ops between launches run here on the CPU on one sample's tensors: where a GPU host pays one dispatch
 each, this also pays their arithmetic (filling the output gradient, summing partials: up to a few hundred us
 at stage 1 on a slow core), so stage-1 backward times overstate the host's share most.
 
-    python -m benchmarks.host_overhead [--model t] [--ops idconv,ms_ffn_middle] [--reps 50]
+    python -m benchmarks.host_overhead [--model t] [--plain] [--ops idconv,ms_ffn_middle] [--reps 50]
 """
 
 from __future__ import annotations
@@ -74,8 +74,7 @@ def measure(calls: Sequence[Dict[str, Any]], reps: int, target: str = "sm_90") -
                 args = _batch_one([gpu_warmup._arguments(a, torch.float32, torch.device("cpu")) for a in call["args"]])
                 flat = [t for a in args for t in (a if isinstance(a, list) else [a]) if isinstance(t, torch.Tensor)]
                 inputs = [t for t in flat if t.requires_grad] if call["op"] not in gpu_warmup.FORWARD_ONLY_OPS else []
-                cases = [("forward", False)] + ([("forward+backward", True)] if inputs else [])
-                for mode, grad in cases:
+                for mode, grad in [("forward+backward", True)] if inputs else [("forward", False)]:
                     key = (call["op"], tuple(args[0].shape[1:]), args[0].stride(), mode)
                     if key in seen:
                         continue
@@ -108,13 +107,21 @@ def measure(calls: Sequence[Dict[str, Any]], reps: int, target: str = "sm_90") -
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="t")
-    p.add_argument("--input", default="128x224x224")
+    p.add_argument("--input", default="128x224x224", help="BxHxW of the captured model call (batch 1 is timed)")
+    p.add_argument("--plain", action="store_true", help="the released model's forms, not transxnet.accelerated's")
     p.add_argument("--ops", default="", help="comma list of ops (default: all)")
     p.add_argument("--reps", type=int, default=50)
     p.add_argument("--json", default="", help="also write the rows here")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    calls = gpu_warmup.select_calls(json.loads(gpu_warmup.CALLS_FILE.read_text()), args.model, args.input)
+    import transxnet
+
+    with torch.device("meta"):
+        model = transxnet.TransXNet(args.model)
+    if not args.plain:
+        transxnet.accelerated(model)
+    batch, height, width = (int(n) for n in args.input.split("x"))
+    calls = gpu_warmup.capture_calls(model, (batch, 3, height, width))
     if args.ops:
         calls = [c for c in calls if c["op"] in args.ops.split(",")]
     rows = measure(calls, args.reps)

@@ -1,7 +1,5 @@
-"""benchmarks/gpu_warmup.py: choosing a model's captured op calls and replaying them (here on the CPU, the
+"""benchmarks/gpu_warmup.py: capturing a model's fused-op calls on meta and replaying them (here on the CPU, the
 Triton backend through its interpreter; on a GPU the same code fills Triton's compile cache)."""
-
-import json
 
 import pytest
 import torch
@@ -18,41 +16,43 @@ def _spec(shape, requires_grad=True, dtype="float32"):
     return {"tensor": {"shape": shape, "stride": stride, "offset": 0, "dtype": dtype, "requires_grad": requires_grad}}
 
 
-# A small IDConv call (x, the per-sample kernel logits, the kernel bank, the bias logits, the bias bank) and an
-# inference MS-FFN middle (x, the group weights and biases, BatchNorm scale, shift, running mean and variance).
-SMALL_CALLS = {
-    "key": "test",
-    "calls": [
-        {
-            "op": "idconv",
-            "config": "t plain train 2x12x12 nchw",
-            "args": [_spec([2, 4, 6, 5]), _spec([2, 2, 4, 3, 3]), _spec([2, 4, 3, 3]), _spec([2, 2, 4]), _spec([2, 4])],
-        },
-        {
-            "op": "multiscale_dwconv",
-            "config": "t accelerated eval 2x12x12 channels_last",
-            "args": [_spec([1, 4, 5, 5]), [_spec([2, 1, 1, 1]), _spec([2, 1, 3, 3])], [_spec([2]), _spec([2])]],
-        },
-        {"op": "idconv", "config": "s plain train 2x12x12 nchw", "args": []},
-        {"op": "idconv", "config": "t plain train 1x16x16 nchw", "args": []},
-    ],
-}
+# A failing call (IDConv without its kernel bank and bias logits) and a small multiscale_dwconv call (x, the
+# group weights and biases).
+SMALL_CALLS = [
+    {
+        "op": "idconv",
+        "config": "train 2x3x12x12 nchw",
+        "args": [_spec([2, 4, 6, 5]), _spec([2, 2, 4, 3, 3])],
+    },
+    {
+        "op": "multiscale_dwconv",
+        "config": "train 1x3x20x20 nchw",
+        "args": [_spec([1, 4, 5, 5]), [_spec([2, 1, 1, 1]), _spec([2, 1, 3, 3])], [_spec([2]), _spec([2])]],
+    },
+]
 
 
-def test_select_calls_keeps_one_model_at_one_input_in_every_mode_and_layout():
-    chosen = gpu_warmup.select_calls(SMALL_CALLS, "t", "2x12x12")
-    assert [c["config"] for c in chosen] == ["t plain train 2x12x12 nchw", "t accelerated eval 2x12x12 channels_last"]
+@pytest.fixture(scope="module")
+def captured():
+    """The calls of the accelerated TransXNet-T on a 2x3x32x32 input, training and eval, NCHW."""
+    import transxnet
+
+    with torch.device("meta"):
+        model = transxnet.accelerated(transxnet.TransXNet("t"))
+    return gpu_warmup.capture_calls(model, (2, 3, 32, 32))
 
 
-def test_the_committed_capture_holds_every_op_of_t_at_224():
-    chosen = gpu_warmup.select_calls(json.loads(gpu_warmup.CALLS_FILE.read_text()), "t", "128x224x224")
-    assert {c["op"] for c in chosen} == {
-        "idconv",
-        "multiscale_dwconv",
-        "ms_ffn_middle",
-        "ms_ffn_middle_eval",
-        "osra_attention",
-    }
+def test_capture_records_each_distinct_call_of_training_and_inference(captured):
+    train = [c for c in captured if c["config"] == "train 2x3x32x32 nchw"]
+    infer = [c for c in captured if c["config"] == "eval 2x3x32x32 nchw"]
+    assert len(train) + len(infer) == len(captured)
+    assert {c["op"] for c in train} == {"idconv", "osra_attention", "ms_ffn_middle"}
+    assert {c["op"] for c in infer} == {"idconv", "osra_attention", "ms_ffn_middle_eval"}
+    # four stages of each op (calls repeat within a stage and are recorded once)
+    assert sorted(c["args"][0]["tensor"]["shape"][1] for c in train if c["op"] == "idconv") == [24, 48, 112, 224]
+    # gradients as the model asks for them: x of every training call, nothing in eval
+    assert all(c["args"][0]["tensor"]["requires_grad"] for c in train)
+    assert not any(a["tensor"]["requires_grad"] for c in infer for a in c["args"] if isinstance(a, dict))
 
 
 def test_replayed_tensors_keep_the_captured_layout_and_valid_values():
@@ -64,17 +64,14 @@ def test_replayed_tensors_keep_the_captured_layout_and_valid_values():
 
 @requires_triton
 @pytest.mark.parametrize("precision", ["fp32", "amp"])
-def test_warm_replays_each_call_forward_and_backward_on_triton(precision, monkeypatch):
-    calls = gpu_warmup.select_calls(SMALL_CALLS, "t", "2x12x12")
+def test_warm_replays_every_captured_call_on_triton(captured, precision, monkeypatch):
     ran = []
     real = gpu_warmup.replay
     monkeypatch.setattr(gpu_warmup, "replay", lambda call, *a: (ran.append(call["op"]), real(call, *a)))
-    done, failures = gpu_warmup.warm(calls, [precision], jobs=1, device="cpu", backend="triton")
-    assert failures == [] and done == 2 and ran == ["idconv", "multiscale_dwconv"]
+    done, failures = gpu_warmup.warm(captured, [precision], jobs=1, device="cpu", backend="triton")
+    assert failures == [] and done == len(captured) and ran == [c["op"] for c in captured]
 
 
 def test_a_failing_call_is_reported_and_the_others_still_run():
-    broken = dict(SMALL_CALLS["calls"][0], args=SMALL_CALLS["calls"][0]["args"][:2])
-    calls = [broken, SMALL_CALLS["calls"][1]]
-    done, failures = gpu_warmup.warm(calls, ["fp32"], jobs=2, device="cpu", backend="reference")
-    assert done == 1 and len(failures) == 1 and failures[0].startswith("idconv fp32 t plain train")
+    done, failures = gpu_warmup.warm(SMALL_CALLS, ["fp32"], jobs=2, device="cpu", backend="reference")
+    assert done == 1 and len(failures) == 1 and failures[0].startswith("idconv fp32 train 2x3x12x12 nchw")
