@@ -86,10 +86,9 @@ from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import JITFunction, create_function_from_signature
 
 from benchmarks.gpu_audit_trips import LOOP_TRIPS
+from benchmarks.gpu_warmup import FORWARD_ONLY_OPS, OPS, _affine_batch_norm
 
 RESULTS = Path(__file__).resolve().parent / "results"
-OPS = ("idconv", "multiscale_dwconv", "ms_ffn_middle", "ms_ffn_middle_eval", "osra_attention")
-FORWARD_ONLY_OPS = ("ms_ffn_middle_eval",)  # inference ops without a backward: their calls replay the forward only
 TRITON_BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 
 
@@ -249,12 +248,6 @@ def _spec(value, gradients: bool = True):
     if isinstance(value, (list, tuple)):
         return tuple(_spec(v, gradients) for v in value)
     return value
-
-
-def _affine_batch_norm(input, running_mean, running_var, weight=None, bias=None, *args, **kwargs):
-    """Stand-in for F.batch_norm on meta: same shape, layout and autograd reach, none of the cost."""
-    out = input * weight.view(1, -1, 1, 1) if weight is not None else input * 1
-    return out + bias.view(1, -1, 1, 1) if bias is not None else out
 
 
 def capture_model_calls(size: str) -> Dict[OpCall, str]:

@@ -1,16 +1,16 @@
 """Fill the on-disk Triton cache with a model's kernels before its first call, compiling in parallel.
 
 On a GPU, the first call of each kernel specialisation compiles it, one after another, inside the model's
-first forward and backward: TransXNet-T's accelerated training step at 128x224x224 makes ~100 distinct
-specialisations, the largest (the stencils on strips of rows, k = 7) 20-35 s each to compile on this project's
-2-core machine; on an H200 the model benchmark did not finish its warm-up in 170 s (2026-12-04). This tool
-runs the model once on the `meta` device to record every call of the fused ops (shapes, strides, storage
-offsets, dtypes, which tensors need gradients: what the kernels specialise on), then replays the calls on
-the GPU, forward and backward, shared among several processes. Each compile lands in Triton's on-disk cache
-(`TRITON_CACHE_DIR`, default ~/.triton/cache), which the model's own first call then reads, as does every later
-process on the machine. Precisions: `fp32`, `bf16`, `fp16` replay each call with its floating tensors in that
-dtype (a model cast with `.to(dtype)`); `amp` replays the fp32 call under autocast (bf16 where the GPU has
-it), as the model's AMP run makes it.
+first forward and backward: TransXNet-T's accelerated training step at 128x224x224 (fp32) makes 78 distinct
+specialisations (inference: 31), the largest (the stencils on strips of rows, k = 7) 20-35 s each to compile
+on this project's 2-core machine; on an H200 the model benchmark did not finish its warm-up in 170 s
+(2026-12-04). This tool runs the model once on the `meta` device to record every call of the fused ops
+(shapes, strides, storage offsets, dtypes, which tensors need gradients: what the kernels specialise on), then
+replays the calls on the GPU as the model made them, shared among several processes. Each compile lands in
+Triton's on-disk cache (`TRITON_CACHE_DIR`, default ~/.triton/cache), which the model's own first call then
+reads, as does every later process on the machine. Precisions: `fp32`, `bf16`, `fp16` replay each call with
+its floating tensors in that dtype (a model cast with `.to(dtype)`); `amp` replays the fp32 call under
+autocast (bf16 where the GPU has it), as the model's AMP run makes it.
 
     python -m benchmarks.gpu_warmup --model t --input 128x224x224 --precisions fp32,amp --jobs 16
     python -m benchmarks.gpu_warmup --model t --input 2x800x1216 --modes eval --layouts channels_last
@@ -31,6 +31,8 @@ from typing import Any, Dict, List, Sequence, Tuple
 
 import torch
 
+# The public fused ops, and those without a backward (their calls replay the forward only). The static GPU audit
+# (gpu_audit.py) captures with these and `_affine_batch_norm` too.
 OPS = ("idconv", "multiscale_dwconv", "ms_ffn_middle", "ms_ffn_middle_eval", "osra_attention")
 FORWARD_ONLY_OPS = ("ms_ffn_middle_eval",)
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "amp": None}
@@ -54,7 +56,7 @@ def _encode(value, gradients: bool):
 
 
 def _affine_batch_norm(input, running_mean, running_var, weight=None, bias=None, *args, **kwargs):
-    """Stand-in for F.batch_norm on meta: same shape, layout and autograd reach, none of its ~0.1 s a call."""
+    """Stand-in for F.batch_norm on meta: same shape, layout and autograd reach, none of the cost."""
     out = input * weight.view(1, -1, 1, 1) if weight is not None else input * 1
     return out + bias.view(1, -1, 1, 1) if bias is not None else out
 
