@@ -9,8 +9,8 @@ on this project's 2-core machine; on an H200 the model benchmark did not finish 
 replays the calls on the GPU as the model made them, shared among several processes. Each compile lands in
 Triton's on-disk cache (`TRITON_CACHE_DIR`, default ~/.triton/cache), which the model's own first call then
 reads, as does every later process on the machine. Precisions: `fp32`, `bf16`, `fp16` replay each call with
-its floating tensors in that dtype (a model cast with `.to(dtype)`); `amp` replays the fp32 call under
-autocast (bf16 where the GPU has it), as the model's AMP run makes it.
+its floating tensors in that dtype (a model cast with `.to(dtype)`); `amp` replays the call under autocast
+(bf16 where the GPU has it) with the tensors as the model's AMP run hands them to the op (`replay_dtypes`).
 
     python -m benchmarks.gpu_warmup --model t --input 128x224x224 --precisions fp32,amp --jobs 16
     python -m benchmarks.gpu_warmup --model t --input 2x800x1216 --modes eval --layouts channels_last
@@ -24,10 +24,11 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import math
 import multiprocessing
 import time
 from concurrent.futures import ProcessPoolExecutor
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 import torch
 
@@ -117,24 +118,46 @@ def capture_calls(
     return list(calls.values())
 
 
-def _tensor(spec: Dict[str, Any], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def _span(spec: Dict[str, Any]) -> int:
+    """Elements from the tensor's first to one past its last (its storage offset aside)."""
+    shape, stride = spec["shape"], spec["stride"]
+    return 1 + sum((n - 1) * s for n, s in zip(shape, stride)) if all(shape) else 0
+
+
+def _tensor(spec: Dict[str, Any], floating: torch.dtype, device: torch.device) -> torch.Tensor:
     """A tensor with the spec's shape, strides and storage offset (so the kernels specialise on the same
-    alignments), floating specs in `dtype`. Values in [0.5, 1.5): valid BatchNorm variances, finite everywhere."""
+    alignments), a floating spec in `floating`. Values in [0.5, 1.5): valid BatchNorm variances, finite everywhere."""
     shape, stride, offset = spec["shape"], spec["stride"], spec["offset"]
-    saved_dtype = getattr(torch, spec["dtype"])
-    dtype = dtype if saved_dtype.is_floating_point else saved_dtype
-    span = 1 + sum((n - 1) * s for n, s in zip(shape, stride)) if all(shape) else 0
-    base = torch.rand(offset + span, device=device).add_(0.5).to(dtype)
+    saved = getattr(torch, spec["dtype"])
+    dtype = floating if saved.is_floating_point else saved
+    base = torch.rand(offset + _span(spec), device=device).add_(0.5).to(dtype)
     t = base.as_strided(shape, stride, offset)
     return t.requires_grad_() if spec["requires_grad"] and dtype.is_floating_point else t
 
 
-def _arguments(encoded, dtype: torch.dtype, device: torch.device):
+def _arguments(encoded, floating: Callable[[Dict[str, Any]], torch.dtype], device: torch.device):
+    """The call's arguments rebuilt, each floating tensor in the dtype `floating` gives its spec."""
     if isinstance(encoded, dict):
-        return _tensor(encoded["tensor"], dtype, device)
+        return _tensor(encoded["tensor"], floating(encoded["tensor"]), device)
     if isinstance(encoded, list):
-        return [_arguments(a, dtype, device) for a in encoded]
+        return [_arguments(a, floating, device) for a in encoded]
     return encoded
+
+
+def _autocast_dtype(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if device.type != "cuda" or torch.cuda.is_bf16_supported() else torch.float16
+
+
+def replay_dtypes(precision: str, device: torch.device) -> Callable[[Dict[str, Any]], torch.dtype]:
+    """Each floating tensor's dtype as the replay of `precision` builds it. For amp, what reaches the op under
+    autocast: views with gaps (channel slices: activations, which autocast's convs and linears made half
+    precision) in the autocast dtype, with their strides; dense tensors in fp32, the op's own autocast
+    casting those it casts (parameters, dense activations: `.to` keeps dense strides) and leaving the rest
+    fp32 as the model has them (BatchNorm's parameters and statistics)."""
+    if precision != "amp":
+        return lambda spec: PRECISIONS[precision]
+    half = _autocast_dtype(device)
+    return lambda spec: half if _span(spec) != math.prod(spec["shape"]) else torch.float32
 
 
 def replay(call: Dict[str, Any], precision: str, device: torch.device, backend: str) -> None:
@@ -142,14 +165,11 @@ def replay(call: Dict[str, Any], precision: str, device: torch.device, backend: 
     call was captured in grad mode), else the forward without gradients."""
     import transxnet_kernels as tk
 
-    amp = precision == "amp"
-    dtype = torch.float32 if amp else PRECISIONS[precision]
-    args = [_arguments(a, dtype, device) for a in call["args"]]
+    args = [_arguments(a, replay_dtypes(precision, device), device) for a in call["args"]]
     leaves = [t for a in args for t in (a if isinstance(a, list) else [a]) if isinstance(t, torch.Tensor)]
     inputs = [t for t in leaves if t.requires_grad] if call["op"] not in FORWARD_ONLY_OPS else []
     op = getattr(tk, call["op"])
-    autocast_dtype = torch.bfloat16 if device.type != "cuda" or torch.cuda.is_bf16_supported() else torch.float16
-    with tk.use_backend(backend), torch.autocast(device.type, dtype=autocast_dtype, enabled=amp):
+    with tk.use_backend(backend), torch.autocast(device.type, _autocast_dtype(device), enabled=precision == "amp"):
         with torch.set_grad_enabled(bool(inputs)):
             out = op(*args)
         if inputs:

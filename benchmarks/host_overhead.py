@@ -71,7 +71,8 @@ def measure(calls: Sequence[Dict[str, Any]], reps: int, target: str = "sm_90") -
         with gpu_audit.plan_for_gpu(gpu_audit.GPUS[target]):
             for call in calls:
                 op = gpu_audit.triton_op(call["op"])
-                args = _batch_one([gpu_warmup._arguments(a, torch.float32, torch.device("cpu")) for a in call["args"]])
+                fp32 = gpu_warmup.replay_dtypes("fp32", torch.device("cpu"))
+                args = _batch_one([gpu_warmup._arguments(a, fp32, torch.device("cpu")) for a in call["args"]])
                 flat = [t for a in args for t in (a if isinstance(a, list) else [a]) if isinstance(t, torch.Tensor)]
                 inputs = [t for t in flat if t.requires_grad] if call["op"] not in gpu_warmup.FORWARD_ONLY_OPS else []
                 for mode, grad in [("forward+backward", True)] if inputs else [("forward", False)]:

@@ -75,3 +75,16 @@ def test_warm_replays_every_captured_call_on_triton(captured, precision, monkeyp
 def test_a_failing_call_is_reported_and_the_others_still_run():
     done, failures = gpu_warmup.warm(SMALL_CALLS, ["fp32"], jobs=2, device="cpu", backend="reference")
     assert done == 1 and len(failures) == 1 and failures[0].startswith("idconv fp32 train 2x3x12x12 nchw")
+
+
+def test_amp_replay_builds_channel_slices_in_half_and_leaves_dense_tensors_to_the_ops_autocast(captured):
+    dtype_of = gpu_warmup.replay_dtypes("amp", torch.device("cpu"))
+    idconv = next(c for c in captured if c["op"] == "idconv")
+    middle = next(c for c in captured if c["op"] == "ms_ffn_middle")
+    # IDConv's x is a channel half of the block's map (the model's x.chunk(2, dim=1)): a view with gaps, which
+    # under autocast arrives in half precision with its own strides
+    assert dtype_of(idconv["args"][0]["tensor"]) == torch.bfloat16
+    # the MS-FFN map and every BatchNorm tensor are dense: fp32 here, cast (or not) by the op itself
+    assert dtype_of(middle["args"][0]["tensor"]) == torch.float32
+    assert all(dtype_of(a["tensor"]) == torch.float32 for a in middle["args"][3:7] if isinstance(a, dict))
+    assert gpu_warmup.replay_dtypes("fp16", torch.device("cpu"))(idconv["args"][0]["tensor"]) == torch.float16
