@@ -8,8 +8,8 @@
 # a compile-only pass over every core (pytest-xdist, TRANSXNET_BENCH_COMPILE_ONLY=1) fills the on-disk
 # Triton and Inductor caches, then the timed pass runs serially on warm caches; and before the model benchmark,
 # benchmarks.gpu_warmup replays the model's captured op calls over every core to compile its kernels.
-# --quick (default) takes at most ~8.5 minutes (phase limits T_COMPILE=100, T_OPS=110, T_WARM=90, T_MODEL=120,
-#   T_TESTS=80 seconds, overridable from the environment): the op benchmarks at the TransXNet-T stage shapes
+# --quick (default) takes at most ~9 minutes (phase limits T_COMPILE=100, T_OPS=140, T_WARM=90, T_MODEL=120,
+#   T_TESTS=70 seconds, overridable from the environment): the op benchmarks at the TransXNet-T stage shapes
 #   (eager, Triton, SDPA for attention; torch.compile and FlexAttention baselines at stage 1 only); the model
 #   benchmark for T, fp32 and AMP, inference and training step, eager / accelerated (no torch.compile
 #   variants: they do not finish compiling in the quick budget); then the accelerated-model, backend and op
@@ -53,8 +53,8 @@ if [ "$MODE" = quick ]; then
   TESTS="tests/test_accelerated.py tests/test_backend.py tests/ops"
   OPS_FILTER="T-stage and ((not compiled and not flex and not sdpa-) or T-stage1)"
   MODELS="t"; MODEL_ARGS="--models t --modes infer,train --precisions fp32,amp --no-detection --no-compile"
-  T_COMPILE=${T_COMPILE:-100}; T_OPS=${T_OPS:-110}; T_WARM=${T_WARM:-90}; T_MODEL=${T_MODEL:-120}
-  T_TESTS=${T_TESTS:-80}
+  T_COMPILE=${T_COMPILE:-100}; T_OPS=${T_OPS:-140}; T_WARM=${T_WARM:-90}; T_MODEL=${T_MODEL:-120}
+  T_TESTS=${T_TESTS:-70}
 else
   TESTS="tests"; OPS_FILTER=""; MODELS="t s b"; MODEL_ARGS=""
   T_COMPILE=1800; T_OPS=3600; T_WARM=1800; T_MODEL=3600; T_TESTS=3600
