@@ -335,31 +335,39 @@ def test_triton_row_stencils_only_where_they_apply(strips):
 
 @requires_triton
 def test_triton_strip_plans_at_the_model_stages():
-    """On a GPU, NCHW stages 1-2 (T: 192 x 56 x 56, 384 x 28 x 28; detection's 200 x 304) run strips of 8 rows x
+    """On a GPU, NCHW stages 1-2 (T: 192 x 56 x 56, 384 x 28 x 28; detection's 200 x 304) run strips of 4 rows x
     8 chunks (one compiled kernel for both widths), 8 channels of one kernel size per program (2 warps), one
-    launch per kernel size, heaviest first (the dx pass with the weight gradient of fp32 maps: strips of 6 rows);
-    the statistics-only passes plan without strips. Planned on meta tensors."""
+    launch per kernel size, heaviest first; the statistics-only passes plan without strips. The dx pass with the
+    weight gradient takes the same strips, and with longer strips (strip_rows 8) at most 6 rows on fp32 maps.
+    Planned on meta tensors."""
+    import dataclasses
+
     from transxnet_kernels.triton import common, ms_ffn
 
     gpu = common.LaunchTarget(sm_count=132, interpreted=False)
-    with common.launch_overrides(gpu, ms_ffn.Settings.for_target(gpu)):
-        for C, H, W, tiles in ((192, 56, 56, 7 * 2), (384, 28, 28, 4), (192, 200, 304, 25 * 10)):
+    settings = ms_ffn.Settings.for_target(gpu)
+    with common.launch_overrides(gpu, settings):
+        for C, H, W, column_blocks in ((192, 56, 56, 2), (384, 28, 28, 1), (192, 200, 304, 10)):
+            tiles = math.ceil(H / 4) * column_blocks
             x = torch.empty(128, C, H, W, device="meta")
             widths = [C // 4] * 4
             p = ms_ffn._plan(x, widths, [1, 3, 5, 7])
-            assert (p.strip, p.block_c, p.block_hw, p.num_warps, p.vec) == (8, 8, 32, 2, False), p
+            assert (p.strip, p.block_c, p.block_hw, p.num_warps, p.vec) == (4, 8, 32, 2, False), p
             assert [launch.kmax for launch in p.launches] == [7, 5, 3, 1]
             assert [launch.grid[:2] for launch in p.launches] == [(tiles, C // 4 // 8)] * 4
             constexprs = p.strip_constexprs(p.launches[0])
-            assert (constexprs["K"], constexprs["CHUNKS"], constexprs["STRIP"]) == (7, 8, 8)
+            assert (constexprs["K"], constexprs["CHUNKS"], constexprs["STRIP"]) == (7, 8, 4)
             unstripped = ms_ffn._plan(x, widths, [1, 3, 5, 7], strips=False)
             assert unstripped.vec and not unstripped.strip and len(unstripped.launches) == 1
-            # the dx pass with the weight gradient: strips of 6 rows for fp32 maps, 8 for half ones
-            column_blocks = tiles // math.ceil(H / 8)
-            for dtype, rows in ((torch.float32, 6), (torch.bfloat16, 8), (torch.float16, 8)):
+            for dtype in (torch.float32, torch.bfloat16, torch.float16):
                 wgrad_dx = ms_ffn._plan(x.to(dtype), widths, [1, 3, 5, 7], wgrad_dx=True)
-                assert wgrad_dx.strip == rows and wgrad_dx.strip_constexprs(wgrad_dx.launches[0])["STRIP"] == rows
-                assert [launch.grid[0] for launch in wgrad_dx.launches] == [math.ceil(H / rows) * column_blocks] * 4
+                assert wgrad_dx.strip == 4 and wgrad_dx.strip_constexprs(wgrad_dx.launches[0])["STRIP"] == 4
+                assert [launch.grid[0] for launch in wgrad_dx.launches] == [tiles] * 4
+            with common.launch_overrides(dataclasses.replace(settings, strip_rows=8)):
+                for dtype, rows in ((torch.float32, 6), (torch.bfloat16, 8), (torch.float16, 8)):
+                    wgrad_dx = ms_ffn._plan(x.to(dtype), widths, [1, 3, 5, 7], wgrad_dx=True)
+                    assert wgrad_dx.strip == rows and wgrad_dx.strip_constexprs(wgrad_dx.launches[0])["STRIP"] == rows
+                    assert [launch.grid[0] for launch in wgrad_dx.launches] == [math.ceil(H / rows) * column_blocks] * 4
 
 
 @requires_triton

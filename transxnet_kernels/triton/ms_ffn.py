@@ -32,10 +32,9 @@ are int32 unless one image spans >= 2^31 elements. fp16/bf16/fp32 accumulate in 
 Stencils. Where each row is contiguous and W, the row/channel/batch strides are multiples of 4 (NCHW at T/S/B stages
 1-2: W = 56, 28; `_vectorisable`), a thread owns chunks of 4 pixels of a row and per kernel row loads its chunk and
 both neighbours (3 vector loads, masks per chunk). There the stencil passes run the strip kernels
-(`_strip_forward_kernel`, `_strip_dz_kernel`, `_strip_dx_kernel`; `Settings.strip_rows`): a program per (strip of 8
-rows x block of 8 chunks of a row, channel block of one kernel size, batch split; 6 rows in the dx pass that also
-accumulates dW on fp32 maps, `Settings.wgrad_strip_rows`), one launch per kernel size, a thread owning one chunk in
-each of the strip's rows. `_dwconv_strip_vec_k` loads the K^2 taps once and each of the 8
+(`_strip_forward_kernel`, `_strip_dz_kernel`, `_strip_dx_kernel`; `Settings.strip_rows`): a program per (strip of 4
+rows x block of 8 chunks of a row, channel block of one kernel size, batch split), one launch per kernel size, a
+thread owning one chunk in each of the strip's rows. `_dwconv_strip_vec_k` loads the K^2 taps once and each of the 4
 + K - 1 input rows once, adding it into every output row it reaches as FMAs between registers (the residual from the
 same rows); `_wgrad_strip_rows_k` multiplies each x row once into K^2 per-thread dW partials (the dz pass from its
 dz still in registers, unrounded), reduced across threads once per program (`_tap_totals`). The passes without a
@@ -134,7 +133,13 @@ class Settings:
     serves W = 28 and 56 with one compiled kernel, and a block costs no extra loads: every chunk reads both
     neighbours); wgrad_strip_rows: at most this many rows in the dx pass that also accumulates the weight
     gradient, for fp32 and fp64 maps (its K^2 per-thread partials beside the stencil's taps and accumulators:
-    8 rows spilled 4 B at K = 7 in fp32 on sm_90 under Triton 3.6; 6 rows take 245 registers there). On GPUs:
+    8 rows spilled 4 B at K = 7 in fp32 on sm_90 under Triton 3.6; 6 rows take 245 registers there), binding where
+    strip_rows is larger. strip_rows is 4, not 8: the strips are unrolled (STRIP + K - 1 input rows), and at 8 the
+    k = 7 kernels took 20-35 s each to compile for sm_90, a GPU's first call paying them one after another; at 4
+    the strip kernels of T's training middle at stages 1-2 compile in 41-45% of the time (bf16 145 -> 60 s, fp32
+    149 -> 67 s on this project's 2-core machine) with fewer registers, for static estimates (Triton 3.8, H100)
+    0.95-1.09x those at 8 rows at the 224^2 stages 1-2 of T/S/B, up to 1.22x for the fp16/bf16 multiscale_dwconv
+    backward at 800x1216 (not yet measured on a GPU). On GPUs:
     small tiles, enough programs to fill the SMs several times over, NCHW tiles of one channel (a long coalesced run
     of pixels). Triton's interpreter runs programs one after another at ~0.7 ms per tile operation
     whatever the tile's size, so there few large programs are fastest: small NCHW planes share a tile (one channel per
@@ -146,7 +151,7 @@ class Settings:
     nchw_channel_block: int = 1
     plane_max: int = 16
     plane_columns: int = 64
-    strip_rows: int = 8
+    strip_rows: int = 4
     strip_chunks: int = 64
     strip_row_chunks: int = 8
     wgrad_strip_rows: int = 6
