@@ -2,8 +2,8 @@
 
 On a GPU, the first call of each kernel specialisation compiles it, one after another, inside the model's
 first forward and backward: TransXNet-T's accelerated training step at 128x224x224 (fp32) makes 78 distinct
-specialisations (inference: 31), the largest (the stencils on strips of rows, k = 7) 20-35 s each to compile
-on this project's 2-core machine; on an H200 the model benchmark did not finish its warm-up in 170 s
+specialisations (inference: 31), ~415 s of compiling on this project's 2-core machine, the largest (IDConv's
+stencils at k = 7) up to ~33 s each; on an H200 the model benchmark did not finish its warm-up in 170 s
 (2026-12-04). This tool runs the model once on the `meta` device to record every call of the fused ops
 (shapes, strides, storage offsets, dtypes, which tensors need gradients: what the kernels specialise on), then
 replays the calls on the GPU as the model made them, shared among several processes. Each compile lands in
