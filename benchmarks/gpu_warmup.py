@@ -166,14 +166,25 @@ def replay(call: Dict[str, Any], precision: str, device: torch.device, backend: 
     import transxnet_kernels as tk
 
     args = [_arguments(a, replay_dtypes(precision, device), device) for a in call["args"]]
-    leaves = [t for a in args for t in (a if isinstance(a, list) else [a]) if isinstance(t, torch.Tensor)]
-    inputs = [t for t in leaves if t.requires_grad] if call["op"] not in FORWARD_ONLY_OPS else []
-    op = getattr(tk, call["op"])
     with tk.use_backend(backend), torch.autocast(device.type, _autocast_dtype(device), enabled=precision == "amp"):
-        with torch.set_grad_enabled(bool(inputs)):
-            out = op(*args)
-        if inputs:
-            torch.autograd.grad(out, inputs, torch.ones_like(out))
+        run_call(getattr(tk, call["op"]), args, gradient_inputs(call["op"], args))
+
+
+def gradient_inputs(op: str, args: Sequence[Any]) -> List[torch.Tensor]:
+    """The tensors of a rebuilt call that need a gradient (none for a forward-only op)."""
+    if op in FORWARD_ONLY_OPS:
+        return []
+    leaves = [t for a in args for t in (a if isinstance(a, list) else [a]) if isinstance(t, torch.Tensor)]
+    return [t for t in leaves if t.requires_grad]
+
+
+def run_call(op: Callable[..., torch.Tensor], args: Sequence[Any], inputs: Sequence[torch.Tensor]) -> None:
+    """op(*args): forward and backward (a gradient of ones) when `inputs` need gradients, else the forward alone,
+    without recording a graph."""
+    with torch.set_grad_enabled(bool(inputs)):
+        out = op(*args)
+    if inputs:
+        torch.autograd.grad(out, inputs, torch.ones_like(out))
 
 
 def _replay_share(work: Sequence[Tuple[Dict[str, Any], str]], device: str, backend: str) -> Tuple[int, List[str]]:

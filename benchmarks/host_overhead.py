@@ -65,41 +65,37 @@ def measure(calls: Sequence[Dict[str, Any]], reps: int, target: str = "sm_90") -
         launches[0] += 1
 
     rows, seen = [], set()
+    fp32 = gpu_warmup.replay_dtypes("fp32", torch.device("cpu"))
     real_run = JITFunction.run
     JITFunction.run = count
     try:
         with gpu_audit.plan_for_gpu(gpu_audit.GPUS[target]):
             for call in calls:
                 op = gpu_audit.triton_op(call["op"])
-                fp32 = gpu_warmup.replay_dtypes("fp32", torch.device("cpu"))
                 args = _batch_one([gpu_warmup._arguments(a, fp32, torch.device("cpu")) for a in call["args"]])
-                flat = [t for a in args for t in (a if isinstance(a, list) else [a]) if isinstance(t, torch.Tensor)]
-                inputs = [t for t in flat if t.requires_grad] if call["op"] not in gpu_warmup.FORWARD_ONLY_OPS else []
-                for mode, grad in [("forward+backward", True)] if inputs else [("forward", False)]:
-                    key = (call["op"], tuple(args[0].shape[1:]), args[0].stride(), mode)
-                    if key in seen:
-                        continue
-                    seen.add(key)
+                inputs = gpu_warmup.gradient_inputs(call["op"], args)
+                mode = "forward+backward" if inputs else "forward"
+                key = (call["op"], tuple(args[0].shape[1:]), args[0].stride(), mode)
+                if key in seen:
+                    continue
+                seen.add(key)
 
-                    def step(grad=grad):
-                        with torch.set_grad_enabled(grad):
-                            out = op(*args)
-                            if grad:
-                                torch.autograd.grad(out, inputs, torch.ones_like(out))
+                def step():
+                    gpu_warmup.run_call(op, args, inputs)
 
-                    step()
-                    launches[0] = 0
-                    step()
-                    rows.append(
-                        {
-                            "op": call["op"],
-                            "shape": list(args[0].shape),
-                            "config": call["config"],
-                            "mode": mode,
-                            "launches": launches[0],
-                            "host_us": _median_us(step, reps),
-                        }
-                    )
+                step()
+                launches[0] = 0
+                step()
+                rows.append(
+                    {
+                        "op": call["op"],
+                        "shape": list(args[0].shape),
+                        "config": call["config"],
+                        "mode": mode,
+                        "launches": launches[0],
+                        "host_us": _median_us(step, reps),
+                    }
+                )
     finally:
         JITFunction.run = real_run
     return rows
