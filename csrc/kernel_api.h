@@ -75,6 +75,22 @@ struct AttentionHead {
   T scale;
 };
 
+// Output rows of one sample of a strided depthwise conv (OSRA's spatial reduction),
+// channels_last: out[ho, wo, c] = epilogue(bias[c] + sum_{i,j} weight[i*K + j][c] *
+// x[ho*stride - pad + i, wo*stride - pad + j, c]), zero padding; epilogue: gelu if
+// gelu, then * scale + shift if scale is given.
+template <typename T>
+struct StridedConv {
+  const T* x; int64_t x_sh, x_sw;  // x[h, w, c] = x[h * x_sh + w * x_sw + c]
+  T* out;                          // [Ho, Wo, C] contiguous
+  int64_t H, W, C, Ho, Wo, K, stride, pad;
+  const T* weight;                 // [K*K][ldw] tap-major, zeros past C
+  int64_t ldw;
+  const T* bias;                   // [C + kChannelPad]
+  bool gelu;
+  const T* scale; const T* shift;  // nullptr: no affine, else [C + kChannelPad]
+};
+
 template <typename T>
 struct KernelTable {
   // Elements of (zero-filled) scratch dwconv_plane needs for kernels up to max_k.
@@ -90,6 +106,9 @@ struct KernelTable {
   // Elements of scratch one attention_rows call needs.
   int64_t (*attention_scratch)(int64_t M, int64_t d);
   void (*attention_rows)(const AttentionHead<T>& a, int64_t n0, int64_t n1, T* scratch);
+  // x[i] = gelu(x[i]) (exact erf form) for n contiguous elements.
+  void (*gelu_inplace)(T* x, int64_t n);
+  void (*strided_dwconv_rows)(const StridedConv<T>& p, int64_t r0, int64_t r1);
 };
 
 namespace base {

@@ -104,6 +104,52 @@ inline void stage_act(const T* src, T* dst, int64_t n, const Vectorized<T>& scal
   if (i < n) at::vec::fmadd(gelu_erf(Vectorized<T>::loadu(src + i, n - i)), scale, shift).store(dst + i, n - i);
 }
 
+// x[i] = gelu(x[i]) for n contiguous elements.
+template <typename T>
+void gelu_inplace(T* x, int64_t n) {
+  constexpr int VL = Vectorized<T>::size();
+  int64_t i = 0;
+  for (; i + VL <= n; i += VL) gelu_erf(Vectorized<T>::loadu(x + i)).store(x + i);
+  if (i < n) gelu_erf(Vectorized<T>::loadu(x + i, n - i)).store(x + i, n - i);
+}
+
+// Output rows [r0, r1) of a strided NHWC depthwise conv (StridedConv): per output
+// pixel and channel vector, the taps inside the image accumulated in one register.
+// The maps are small (OSRA reduces to ~7x7 outputs), so no staging or blocking.
+template <typename T>
+void strided_dwconv_rows(const StridedConv<T>& p, int64_t r0, int64_t r1) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t VL = Vec::size();
+  for (int64_t ho = r0; ho < r1; ++ho) {
+    const int64_t h0 = ho * p.stride - p.pad;
+    const int64_t i0 = h0 < 0 ? -h0 : 0, i1 = min_i64(p.K, p.H - h0);
+    for (int64_t wo = 0; wo < p.Wo; ++wo) {
+      const int64_t w0 = wo * p.stride - p.pad;
+      const int64_t j0 = w0 < 0 ? -w0 : 0, j1 = min_i64(p.K, p.W - w0);
+      T* out = p.out + (ho * p.Wo + wo) * p.C;
+      for (int64_t c = 0; c < p.C; c += VL) {
+        const int64_t n = min_i64(VL, p.C - c);
+        Vec acc = Vec::loadu(p.bias + c);
+        for (int64_t i = i0; i < i1; ++i) {
+          const T* x_row = p.x + (h0 + i) * p.x_sh + c;
+          const T* w_row = p.weight + i * p.K * p.ldw + c;
+          for (int64_t j = j0; j < j1; ++j) {
+            const T* xp = x_row + (w0 + j) * p.x_sw;
+            acc = at::vec::fmadd(n == VL ? Vec::loadu(xp) : Vec::loadu(xp, n), Vec::loadu(w_row + j * p.ldw), acc);
+          }
+        }
+        if (p.gelu) acc = gelu_erf(acc);
+        if (p.scale) acc = at::vec::fmadd(acc, Vec::loadu(p.scale + c), Vec::loadu(p.shift + c));
+        if (n == VL) {
+          acc.store(out + c);
+        } else {
+          acc.store(out + c, n);
+        }
+      }
+    }
+  }
+}
+
 template <typename T>
 int64_t dwconv_scratch(int64_t H, int64_t W, int64_t max_k) {
   const int64_t pad = max_k / 2;
@@ -503,7 +549,7 @@ template <typename T>
 const KernelTable<T>& table() {
   static const KernelTable<T> t{&dwconv_scratch<T>,      &dwconv_plane<T>,    &mix_kernel<T>,
                                 &dwconv_nhwc_scratch<T>, &dwconv_nhwc_rows<T>, &attention_scratch<T>,
-                                &attention_rows<T>};
+                                &attention_rows<T>,      &gelu_inplace<T>,     &strided_dwconv_rows<T>};
   return t;
 }
 

@@ -215,13 +215,65 @@ def test_inference_constants_are_reused_and_follow_replacement_moves_and_revert(
     assert not any(m in fused._CONSTANTS for m in fast.modules()), "revert drops the cached constants"
 
 
+def _fingerprints():
+    """The state fingerprints a checked forward may use: the C++ walk (where the extension is built), Python's."""
+    import transxnet.fused as fused
+
+    native = pytest.param(
+        "native",
+        marks=pytest.mark.skipif(fused._native_state_fingerprint is None, reason="the C++ extension is not built"),
+    )
+    return [native, "python"]
+
+
+def _use_fingerprint(monkeypatch, which: str):
+    import transxnet.fused as fused
+
+    if which == "python":
+        monkeypatch.setattr(fused, "_native_state_fingerprint", None)
+
+
+@pytest.mark.parametrize("which", _fingerprints())
+def test_state_fingerprint_sees_every_change_of_parameters_and_buffers(monkeypatch, which):
+    """Equal while nothing changes; different after an in-place update (version), a `.data` swap (address), a
+    replaced parameter or buffer, a replaced or added submodule; an inference-mode parameter raises RuntimeError
+    (no version counter: the checked forward then checks at each use)."""
+    import transxnet.fused as fused
+
+    _use_fingerprint(monkeypatch, which)
+    model = transxnet.TransXNet("t", num_classes=10).eval()
+    block = model.network[0][0]
+    changes = [
+        lambda: block.mlp.fc2[1].running_var.mul_(1.5),
+        lambda: setattr(block.pos_embed.weight, "data", block.pos_embed.weight.data.clone()),
+        lambda: setattr(block.pos_embed, "weight", torch.nn.Parameter(block.pos_embed.weight.detach().clone())),
+        lambda: setattr(block.mlp.norm, "running_mean", block.mlp.norm.running_mean.clone()),
+        lambda: setattr(block.mlp, "fc2", copy.deepcopy(block.mlp.fc2)),
+        lambda: block.mlp.add_module("extra", torch.nn.Linear(2, 2)),
+    ]
+    last = fused.state_fingerprint(model)
+    assert fused.state_fingerprint(model) == last
+    for i, change in enumerate(changes):
+        change()
+        now = fused.state_fingerprint(model)
+        assert now != last, f"change {i} not seen"
+        assert fused.state_fingerprint(model) == now
+        last = now
+    with torch.inference_mode():
+        block.layer_scale_1.bias = torch.nn.Parameter(torch.zeros_like(block.layer_scale_1.bias))
+    with pytest.raises(RuntimeError):
+        fused.state_fingerprint(model)
+
+
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="checked forwards are oneDNN inference only")
-def test_checked_forward_serves_constants_without_reading_their_sources(monkeypatch):
+@pytest.mark.parametrize("which", _fingerprints())
+def test_checked_forward_serves_constants_without_reading_their_sources(monkeypatch, which):
     """CPU inference checks the model's state once per forward: with nothing changed since the last forward no
     constant reads its sources; an in-place update, a replaced parameter or a direct submodule call (no checked
     forward) are still seen."""
     import transxnet.fused as fused
 
+    _use_fingerprint(monkeypatch, which)
     eager, fast = small_eval_pair()
     reads = []
     real_state_of = fused.state_of
@@ -400,6 +452,8 @@ def test_cpu_inference_runs_the_cpp_kernels_in_channels_last(monkeypatch):
         "osra_attention_forward",
         "ms_ffn_middle_eval_forward",
         "multiscale_dwconv_forward",
+        "strided_dwconv_forward",  # OSRA's reductions
+        "gelu_",  # the GELUs after matmuls and depthwise convs
     ):
         assert ran.get(kernel), f"{kernel} did not run; ran: {ran}"
     with torch.no_grad():
@@ -423,9 +477,9 @@ def test_cpu_inference_feeds_every_conv_channels_last(monkeypatch):
     seen = []
     folded_call = fused.FoldedConv.__call__
 
-    def recording_call(self, x, gelu=False):
+    def recording_call(self, x, gelu=False, affine=None):
         seen.append((tuple(self.weight.shape), x.is_contiguous(memory_format=torch.channels_last)))
-        return folded_call(self, x, gelu)
+        return folded_call(self, x, gelu, affine)
 
     monkeypatch.setattr(fused.FoldedConv, "__call__", recording_call)
     eager, fast = eager_and_accelerated("t", num_classes=10)
@@ -442,12 +496,16 @@ def test_cpu_inference_feeds_every_conv_channels_last(monkeypatch):
 
 @requires_cpp
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="oneDNN inference paths need mkldnn")
-@pytest.mark.parametrize("gelu", [False, True], ids=["plain", "gelu"])
-def test_cpu_inference_runs_small_convs_without_onednn(monkeypatch, gelu):
+@pytest.mark.parametrize(
+    "gelu,affine", [(False, False), (True, False), (True, True)], ids=["plain", "gelu", "gelu-affine"]
+)
+def test_cpu_inference_runs_small_convs_without_onednn(monkeypatch, gelu, affine):
     """On CPU inference a 1x1 conv of at most MATMUL_MAX_MACS runs as one matmul on the channels_last map's
     [pixels, channels] view (larger ones, and other backends' choices, as the prepacked oneDNN conv); a
-    depthwise conv with stride 1 and 'same' padding runs the cpp multiscale_dwconv kernel unless the
-    reference backend is chosen. Each against F.conv2d, output in channels_last."""
+    depthwise conv with stride 1 and 'same' padding runs the cpp multiscale_dwconv kernel, and other depthwise
+    convs (strided, other padding) the cpp strided_dwconv kernel, unless the reference backend is chosen; the
+    GELU after a matmul or a cpp kernel runs the cpp gelu_, not torch's. Each against F.conv2d (then GELU,
+    then the affine map), output in channels_last."""
     import torch.nn.functional as F
 
     from transxnet import fused
@@ -457,13 +515,20 @@ def test_cpu_inference_runs_small_convs_without_onednn(monkeypatch, gelu):
     monkeypatch.setattr(torch, "addmm", lambda *a: calls.append("addmm") or real_addmm(*a))
     real_pointwise = torch.ops.mkldnn._convolution_pointwise
 
+    real_gelu = F.gelu
+    monkeypatch.setattr(F, "gelu", lambda *a: calls.append("torch gelu") or real_gelu(*a))
+
     def run(conv, x):
         calls.clear()
         weight, bias = conv.weight.detach() * 1.5, conv.bias.detach() + 0.25  # as a fold would change them
+        channels = conv.out_channels
+        scale_shift = (torch.randn(1, channels, 1, 1), torch.randn(1, channels, 1, 1)) if affine else None
         folded = fused.FoldedConv(conv, weight, bias, x)
-        out = folded(x, gelu=gelu)
+        out = folded(x, gelu=gelu, affine=scale_shift)
         expected = F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
-        assert_rel_close(out, F.gelu(expected) if gelu else expected, 1e-5, f"{conv}")
+        expected = real_gelu(expected) if gelu else expected
+        expected = expected * scale_shift[0] + scale_shift[1] if affine else expected
+        assert_rel_close(out, expected, 1e-5, f"{conv}")
         assert out.is_contiguous(memory_format=torch.channels_last)
         return list(calls)
 
@@ -472,18 +537,22 @@ def test_cpu_inference_runs_small_convs_without_onednn(monkeypatch, gelu):
     depthwise = torch.nn.Conv2d(24, 24, 5, padding=2, groups=24)
     strided = torch.nn.Conv2d(24, 24, 3, stride=2, padding=1, groups=24)
     small = torch.randn(1, 24, 7, 9).contiguous(memory_format=torch.channels_last)
+    torch_gelu = ["torch gelu"] if gelu else []
     with torch.no_grad():
         assert run(pointwise, small) == ["addmm"]
+        with tk.use_backend("reference"):
+            assert run(pointwise, small) == ["addmm"] + torch_gelu
         monkeypatch.setattr(fused.FoldedConv, "MATMUL_MAX_MACS", 7 * 9 * 24 * 40 - 1)
         assert run(pointwise, small) == []
         monkeypatch.setattr(
             torch.ops.mkldnn, "_convolution_pointwise", lambda *a: calls.append("onednn") or real_pointwise(*a)
         )
-        assert run(pointwise, small) == ["onednn"]
-        assert run(depthwise, small) == []  # neither: the cpp kernel
-        assert run(strided, small) == ["onednn"]
+        assert run(pointwise, small) == ["onednn"]  # GELU as its post-op
+        assert run(depthwise, small) == []  # the cpp kernels only
+        assert run(strided, small) == []
         with tk.use_backend("reference"):
             assert run(depthwise, small) == ["onednn"]
+            assert run(strided, small) == ["onednn"]
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="oneDNN inference paths need mkldnn")

@@ -39,7 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import transxnet_kernels as tk
-from transxnet_kernels.backend import exporting
+from transxnet_kernels.backend import exporting, inference_backend
 
 from .model import (
     OSRA,
@@ -150,9 +150,11 @@ def storage_versions(tensors) -> tuple:
 
 
 class _CheckedForward(threading.local):
-    """The epoch of the CPU inference forward this thread runs under `checked_forward`, else None."""
+    """The epoch of the CPU inference forward this thread runs under `checked_forward`, else None; and that
+    forward's kernel choices (`unchecked_kernel`)."""
 
     epoch: Optional[int] = None
+    kernels: Optional[Dict[tuple, Optional[Callable]]] = None
 
 
 _FORWARD = _CheckedForward()
@@ -161,9 +163,24 @@ _EPOCHS = itertools.count(1)
 _FINGERPRINTS: weakref.WeakKeyDictionary[nn.Module, Tuple[tuple, int]] = weakref.WeakKeyDictionary()
 
 
-def state_fingerprint(model: nn.Module) -> tuple:
+try:  # the C++ extension's walk, where it is built
+    from transxnet_kernels._C import state_fingerprint as _native_state_fingerprint
+except ImportError:
+    _native_state_fingerprint = None
+
+
+def state_fingerprint(model: nn.Module):
     """Storage address and version counter of every parameter and buffer of `model` (what inference constants
-    key on). A plain walk of the module tree: `model.modules()` builds every module's name, ~1 ms for T's 960."""
+    key on), compared for equality only. The C++ extension walks the tree in ~0.1 ms for T's 960 modules and
+    1508 tensors; without it `python_state_fingerprint` (~1.3 ms)."""
+    if _native_state_fingerprint is not None:
+        return _native_state_fingerprint(model)
+    return python_state_fingerprint(model)
+
+
+def python_state_fingerprint(model: nn.Module) -> tuple:
+    """state_fingerprint in Python. A plain walk of the module tree: `model.modules()` builds every module's
+    name, ~1 ms for T's 960."""
     tensors, stack = [], [model]
     while stack:  # inline rather than state_of per module: that doubled the walk's ~1.4 ms on T
         module = stack.pop()
@@ -196,11 +213,11 @@ def checked_forward(model: nn.Module, x: torch.Tensor) -> Iterator[None]:
     last = _FINGERPRINTS.get(model)
     epoch = last[1] if last is not None and last[0] == fingerprint else next(_EPOCHS)
     _FINGERPRINTS[model] = (fingerprint, epoch)
-    _FORWARD.epoch = epoch
+    _FORWARD.epoch, _FORWARD.kernels = epoch, {}
     try:
         yield
     finally:
-        _FORWARD.epoch = None
+        _FORWARD.epoch = _FORWARD.kernels = None
 
 
 def inference_constant(module: nn.Module, name: str, sources: tuple, build: Callable[[], Any], key=()) -> Any:
@@ -252,20 +269,58 @@ def onednn_inference(x: torch.Tensor) -> bool:
     )
 
 
+def unchecked_kernel(op, x: torch.Tensor, fused_only: bool = False) -> Optional[Callable]:
+    """op.unchecked_kernel for calls on tensors like x. Within a `checked_forward` the backend choice is resolved
+    once per op for the whole forward (all of its maps are fp32 CPU; a choice changed by a hook during the
+    forward applies from the next): at batch 1 the ~120 resolutions of a T forward cost ~0.5 ms."""
+    kernels = _FORWARD.kernels
+    if kernels is None:
+        return op.unchecked_kernel(x.device, x.dtype, fused_only)
+    key = (op.name, fused_only)
+    if key not in kernels:
+        kernels[key] = op.unchecked_kernel(x.device, x.dtype, fused_only)
+    return kernels[key]
+
+
 def inference_op(op, x: torch.Tensor):
     """`op` (a transxnet_kernels op) for a call on tensors like x; on oneDNN inference its unchecked kernel,
     which skips the argument checks and the torch.library layer (the accelerated modules build the
     arguments; at batch 1 those layers cost about as much as the kernels)."""
-    kernel = op.unchecked_kernel(x.device, x.dtype) if onednn_inference(x) else None
+    kernel = unchecked_kernel(op, x) if onednn_inference(x) else None
     return op if kernel is None else kernel
+
+
+def cpp_helpers(x: torch.Tensor):
+    """The cpp backend's non-op kernels (`transxnet_kernels.cpp.ops`: `gelu_`, `strided_dwconv`) where the cpp
+    backend runs the fused ops of this oneDNN-inference call, else None (another backend chosen, or no build):
+    under a forced reference backend the model runs standard ops throughout. Resolved once per checked forward."""
+    kernels = _FORWARD.kernels
+    if kernels is not None and "cpp" in kernels:
+        return kernels["cpp"]
+    helpers = None
+    if inference_backend("multiscale_dwconv", x.device, x.dtype) == "cpp":
+        from transxnet_kernels.cpp import ops as helpers
+    if kernels is not None:
+        kernels["cpp"] = helpers
+    return helpers
+
+
+def gelu_fresh(x: torch.Tensor) -> torch.Tensor:
+    """F.gelu(x) for x a fresh result no one else holds (a conv's or matmul's output): on oneDNN inference where
+    the cpp backend runs, computed in place by its kernel. Torch's fp32 CPU GELU runs oneDNN's eltwise primitive,
+    ~10 us a call even on 300 elements and 30-190 us within T's batch-1 forward (~2.8 ms of its ~68)."""
+    helpers = cpp_helpers(x) if onednn_inference(x) else None
+    return F.gelu(x) if helpers is None else helpers.gelu_(x)
 
 
 class FoldedConv:
     """A conv's geometry with (folded) weights. On oneDNN inference the weight is prepacked and GELU runs as the
     convolution's post-op, except where a oneDNN call costs more than its arithmetic (at batch 1 a call costs
     ~50-90 µs whatever its size): 1x1 convs of at most `MATMUL_MAX_MACS` multiply-adds run as one matmul on the
-    channels_last map's [pixels, channels] view, and depthwise convs with stride 1 and 'same' padding run the
-    fused multiscale_dwconv kernel (cpp) when the backend choice has one."""
+    channels_last map's [pixels, channels] view, depthwise convs with stride 1 and 'same' padding run the
+    fused multiscale_dwconv kernel (cpp) when the backend choice has one, and other depthwise convs (OSRA's
+    strided reductions: 50-130 us a oneDNN call at batch 1 for ~0.1-0.2M multiply-adds) the cpp backend's
+    `strided_dwconv`, with the GELU and affine epilogue fused."""
 
     # Measured on the 2-core dev machine (2 threads, TransXNet-T at batch 1): oneDNN 8.7 ms against 3.9 ms for
     # the 1x1 convs under 10M MACs, 22.8 against 23.8 ms for those above (its prepacked blocked kernels win there).
@@ -278,7 +333,7 @@ class FoldedConv:
         self.dilation, self.groups = list(conv.dilation), conv.groups
         self.onednn = onednn_inference(x)
         self.weight, self.bias = weight, bias
-        self.matmul_weight = self.depthwise = None
+        self.matmul_weight = self.depthwise = self.strided_depthwise = None
         if self.onednn:
             out_channels, in_per_group, kh, kw = weight.shape
             unit = self.stride == [1, 1] and self.dilation == [1, 1]
@@ -294,6 +349,15 @@ class FoldedConv:
                 and self.padding == [kh // 2] * 2
             ):
                 self.depthwise = ([weight.contiguous()], [dense_bias])
+            elif (
+                in_per_group == 1
+                and self.groups == out_channels
+                and kh == kw
+                and self.dilation == [1, 1]
+                and self.stride[0] == self.stride[1]
+                and self.padding[0] == self.padding[1]
+            ):
+                self.strided_depthwise = (weight.contiguous(), dense_bias)
             self.packed: Dict[tuple, torch.Tensor] = {}  # input shape -> prepacked weight, oldest first
 
     def packed_weight(self, x: torch.Tensor) -> torch.Tensor:
@@ -312,7 +376,19 @@ class FoldedConv:
             self.packed.pop(next(iter(self.packed)), None)
         return packed
 
-    def __call__(self, x: torch.Tensor, gelu: bool = False) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, gelu: bool = False, affine: Optional[tuple] = None) -> torch.Tensor:
+        """conv(x), GELU'd if gelu, then mapped per channel to out * scale + shift if affine = (scale, shift)."""
+        if self.strided_depthwise is not None:
+            helpers = cpp_helpers(x)
+            if helpers is not None:
+                scale, shift = affine if affine is not None else (None, None)
+                weight, bias = self.strided_depthwise
+                return helpers.strided_dwconv(x, weight, bias, self.stride[0], self.padding[0], gelu, scale, shift)
+        out = self.conv(x, gelu)
+        return out if affine is None else out * affine[0] + affine[1]
+
+    def conv(self, x: torch.Tensor, gelu: bool) -> torch.Tensor:
+        """conv(x), GELU'd if gelu."""
         if self.onednn:
             out = None
             if self.matmul_weight is not None:
@@ -322,11 +398,11 @@ class FoldedConv:
                     flat = torch.addmm(self.matmul_bias, x.permute(0, 2, 3, 1).reshape(-1, C), self.matmul_weight)
                     out = flat.view(B, H, W, -1).permute(0, 3, 1, 2)
             elif self.depthwise is not None:
-                kernel = tk.multiscale_dwconv.unchecked_kernel(x.device, x.dtype, fused_only=True)
+                kernel = unchecked_kernel(tk.multiscale_dwconv, x, fused_only=True)
                 if kernel is not None:
                     out = kernel(x, *self.depthwise)
             if out is not None:
-                return F.gelu(out) if gelu else out
+                return gelu_fresh(out) if gelu else out
             attr = "gelu" if gelu else "none"
             return torch.ops.mkldnn._convolution_pointwise(
                 x,
@@ -386,7 +462,7 @@ class AcceleratedIDConv(IDConv):
         reduce_w, reduce_b, expand_w, expand_b = inference_constant(
             self, "proj", (self.proj[0].conv, self.proj[0].bn, self.proj[1]), self.proj_linear
         )
-        logits = F.linear(F.gelu(F.linear(both, reduce_w, reduce_b)), expand_w, expand_b)  # [B, K*K + 1, G*C]
+        logits = F.linear(gelu_fresh(F.linear(both, reduce_w, reduce_b)), expand_w, expand_b)  # [B, K*K + 1, G*C]
         kernel_logits = logits[:, : K * K].reshape(B, K, K, G, C).permute(0, 3, 4, 1, 2)
         bias_logits = logits[:, K * K].reshape(B, G, C)
         return inference_op(tk.idconv, x)(x, kernel_logits, self.weight, bias_logits, self.bias)
@@ -417,7 +493,7 @@ class AcceleratedOSRA(OSRA):
             affine_sources = (affine.conv, affine.bn)
             scale, shift = inference_constant(self, "sr_affine", affine_sources, lambda: self.reduction_affine(affine))
             # in the conv output's layout (addcmul(shift, ...) lays its output out as `shift`: contiguous NCHW)
-            r = conv(x, gelu=True) * scale + shift
+            r = conv(x, gelu=True, affine=(scale, shift))
         local = self.local_conv
         local_weights = lambda: (with_identity_tap(local.weight), local.bias)  # noqa: E731
         r = folded_conv(self, "local", local, r, (local,), local_weights)(r)

@@ -77,6 +77,33 @@ def set_kernel_isa(name: str) -> str:
     return _C.set_kernel_isa(name)
 
 
+def gelu_(x: torch.Tensor) -> torch.Tensor:
+    """x = GELU(x) in place, returning x: the exact (erf) form, fp32 through the kernels' fitted rational erf
+    (|erf error| <= 3.7e-7, as in ms_ffn_middle_eval). A dense float32/float64 CPU tensor of any dimension order,
+    outside autograd. Not an op: the accelerated model's CPU inference applies it to fresh conv and matmul
+    outputs, where torch's fp32 GELU runs oneDNN's eltwise primitive (~10 us a call on 300 elements, 30-190 us
+    inside a batch-1 forward, its OpenMP region included); this runs on the calling thread below 16384 elements."""
+    return _C.gelu_(x)
+
+
+def strided_dwconv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    stride: int,
+    padding: int,
+    gelu: bool = False,
+    scale: Optional[torch.Tensor] = None,
+    shift: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """F.conv2d(x, weight, bias, stride, padding, groups=C) for a depthwise weight [C, 1, K, K], then GELU if
+    `gelu`, then * scale + shift (C elements each, any shape) if given; a channels_last result, any input layout
+    (channels_last read in place). Not an op: OSRA's strided spatial reduction in the accelerated model's CPU
+    inference, which oneDNN runs at 50-130 us a call at batch 1 for 0.1-0.2M multiply-adds. Forward only,
+    float32/float64 CPU tensors, outside autograd. Bytes: x + out (+ the small weight)."""
+    return _C.strided_dwconv_forward(x, weight, bias, stride, padding, gelu, scale, shift)
+
+
 def supports(info: CallInfo) -> Optional[str]:
     """The cpp backend's predicate: None when the kernels can run the call, else why not."""
     if info.device.type != "cpu":
