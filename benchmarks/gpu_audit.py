@@ -6,12 +6,13 @@ without a GPU. Everything here is a static estimate, never a measurement.
 Pipeline
 1. Capture. Each TransXNet (t, s, b; plain and `accelerated`; train with gradients and eval without)
    runs on the `meta` device at batch 128 x 224x224 and batch 2 x 800x1216, NCHW and channels_last
-   input, while a spy on the public ops records every call's tensors (shape, strides, storage offset,
-   dtype, requires_grad) and other arguments; `has_fused` answers as Triton would on a GPU, so the eval model
-   takes its one-op inference forms (`ms_ffn_middle_eval`). The model runs in fp32; fp16 and bf16 calls are those
-   calls with each floating tensor's dtype replaced (a model cast with `.to(dtype)` runs the same code
-   with the same element strides). On meta, BatchNorm is replaced by a per-channel affine map with
-   the same output layout (its decomposition costs ~0.1 s a call and changes nothing we record).
+   input, while a spy on the public ops (`gpu_warmup.recording_fused_calls`) records every call's tensors
+   (shape, strides, storage offset, dtype, requires_grad) and other arguments; `has_fused` answers as Triton
+   would on a GPU, so the eval model takes its one-op inference forms (`ms_ffn_middle_eval`). The model runs
+   in fp32; fp16 and bf16 calls are those calls with each floating tensor's dtype replaced (a model cast
+   with `.to(dtype)` runs the same code with the same element strides). On meta, BatchNorm is replaced by a
+   per-channel affine map with the same output layout (its decomposition costs ~0.1 s a call and changes
+   nothing we record).
 2. Record. Each distinct call is replayed through the op's Triton implementation on CPU tensors
    (`torch.empty` + `as_strided`: pages are touched only where torch computes something small), the
    forward and, when some input needs a gradient, `torch.autograd.grad` with a gradient laid out like
@@ -86,7 +87,7 @@ from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import JITFunction, create_function_from_signature
 
 from benchmarks.gpu_audit_trips import LOOP_TRIPS
-from benchmarks.gpu_warmup import FORWARD_ONLY_OPS, OPS, _affine_batch_norm
+from benchmarks.gpu_warmup import FORWARD_ONLY_OPS, OPS, _affine_batch_norm, recording_fused_calls
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TRITON_BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
@@ -251,38 +252,19 @@ def _spec(value, gradients: bool = True):
 
 
 def capture_model_calls(size: str) -> Dict[OpCall, str]:
-    """Every distinct fp32 public-op call of TransXNet-`size`, mapped to the first configuration making it."""
-    import torch.nn.functional as F
-
+    """Every distinct fp32 public-op call of TransXNet-`size`, mapped to the first configuration making it. Unlike
+    the warm-up's capture, a call records its tensors' requires_grad in every grad mode (forward-only ops aside):
+    an eval call with trainable parameters is also audited with its backward (fine-tuning with frozen BatchNorm)."""
     import transxnet
-    import transxnet_kernels
 
     calls: Dict[OpCall, str] = {}
     config = [""]
-    originals = {op: getattr(transxnet_kernels, op) for op in OPS}
 
-    def spy(op):
-        def record(*args, **kwargs):
-            bound = inspect.signature(originals[op]).bind(*args, **kwargs)
-            bound.apply_defaults()
-            gradients = op not in FORWARD_ONLY_OPS
-            call = OpCall(op, tuple(_spec(v, gradients) for v in bound.arguments.values()))
-            calls.setdefault(call, config[0])
-            return originals[op](*args, **kwargs)
+    def record(op, arguments):
+        gradients = op not in FORWARD_ONLY_OPS
+        calls.setdefault(OpCall(op, tuple(_spec(v, gradients) for v in arguments)), config[0])
 
-        return record
-
-    def triton_has(op, x):
-        """has_fused as on a GPU with Triton forced: on meta no fused backend runs, and the model would take the
-        forms without its one-op inference paths."""
-        return transxnet_kernels.backend.OPS[op].status("triton") == "available"
-
-    real_batch_norm, real_has_fused = F.batch_norm, transxnet_kernels.has_fused
-    try:
-        F.batch_norm = _affine_batch_norm
-        transxnet_kernels.has_fused = triton_has
-        for op in OPS:
-            setattr(transxnet_kernels, op, spy(op))
+    with recording_fused_calls(record):
         with torch.device("meta"):
             model = transxnet.TransXNet(size)
         for fused in (False, True):
@@ -300,10 +282,6 @@ def capture_model_calls(size: str) -> Dict[OpCall, str]:
                         )
                         with torch.set_grad_enabled(training):
                             model(x)
-    finally:
-        F.batch_norm, transxnet_kernels.has_fused = real_batch_norm, real_has_fused
-        for op, fn in originals.items():
-            setattr(transxnet_kernels, op, fn)
     return calls
 
 
@@ -312,7 +290,15 @@ def _capture_key() -> str:
     import transxnet
 
     digest = hashlib.sha256(f"{torch.__version__} {MODEL_SIZES} {INPUTS} {OPS}".encode())
-    for code in (TensorSpec, OpCall, _spec, _affine_batch_norm, capture_model_calls, head_dim_limit_calls):
+    for code in (
+        TensorSpec,
+        OpCall,
+        _spec,
+        _affine_batch_norm,
+        recording_fused_calls,
+        capture_model_calls,
+        head_dim_limit_calls,
+    ):
         digest.update(inspect.getsource(code).encode())
     for path in sorted(Path(transxnet.__file__).parent.glob("*.py")):
         digest.update(path.read_bytes())

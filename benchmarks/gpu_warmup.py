@@ -22,18 +22,19 @@ backbone) for `warm`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import json
 import math
 import multiprocessing
 import time
 from concurrent.futures import ProcessPoolExecutor
-from typing import Any, Callable, Dict, List, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Sequence, Tuple
 
 import torch
 
 # The public fused ops, and those without a backward (their calls replay the forward only). The static GPU audit
-# (gpu_audit.py) captures with these and `_affine_batch_norm` too.
+# (gpu_audit.py) captures with these too (`recording_fused_calls`).
 OPS = ("idconv", "multiscale_dwconv", "ms_ffn_middle", "ms_ffn_middle_eval", "osra_attention")
 FORWARD_ONLY_OPS = ("ms_ffn_middle_eval",)
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "amp": None}
@@ -62,32 +63,26 @@ def _affine_batch_norm(input, running_mean, running_var, weight=None, bias=None,
     return out + bias.view(1, -1, 1, 1) if bias is not None else out
 
 
-def capture_calls(
-    model: torch.nn.Module,
-    input_shape: Sequence[int],
-    modes: Sequence[str] = ("train", "eval"),
-    layouts: Sequence[str] = ("nchw",),
-) -> List[Dict[str, Any]]:
-    """Every distinct fused-op call a forward of (a meta copy of) `model` makes on an input of `input_shape`, in
-    each mode (train: with gradients; eval: without) and input layout (nchw, channels_last), as the replay
-    takes them: {"op", "config", "args"}. The model's choices of fused forms are made as with the Triton
-    backend available (on meta no fused backend runs)."""
-    import copy
-
+@contextlib.contextmanager
+def recording_fused_calls(on_call: Callable[[str, List[Any]], None]) -> Iterator[None]:
+    """Inside the block each call of a public fused op (`OPS`, as `transxnet_kernels.<op>`) is passed to
+    on_call(op, its arguments in signature order, defaults filled in) and then runs; F.batch_norm is the meta
+    stand-in `_affine_batch_norm`; and `has_fused` answers as with the Triton backend available, so a model run on
+    meta (where no fused backend runs) takes the fused forms it would take on a GPU. The meta capture of this
+    warm-up and of the static GPU audit (gpu_audit.capture_model_calls)."""
     import torch.nn.functional as F
 
     import transxnet_kernels
 
-    calls: Dict[str, Dict[str, Any]] = {}
-    config = [""]
     originals = {op: getattr(transxnet_kernels, op) for op in OPS}
 
     def spy(op):
+        signature = inspect.signature(originals[op])
+
         def record(*args, **kwargs):
-            bound = inspect.signature(originals[op]).bind(*args, **kwargs)
+            bound = signature.bind(*args, **kwargs)
             bound.apply_defaults()
-            encoded = [_encode(v, op not in FORWARD_ONLY_OPS) for v in bound.arguments.values()]
-            calls.setdefault(json.dumps([op, encoded]), {"op": op, "config": config[0], "args": encoded})
+            on_call(op, list(bound.arguments.values()))
             return originals[op](*args, **kwargs)
 
         return record
@@ -101,6 +96,33 @@ def capture_calls(
         transxnet_kernels.has_fused = triton_has
         for op in OPS:
             setattr(transxnet_kernels, op, spy(op))
+        yield
+    finally:
+        F.batch_norm, transxnet_kernels.has_fused = real_batch_norm, real_has_fused
+        for op, fn in originals.items():
+            setattr(transxnet_kernels, op, fn)
+
+
+def capture_calls(
+    model: torch.nn.Module,
+    input_shape: Sequence[int],
+    modes: Sequence[str] = ("train", "eval"),
+    layouts: Sequence[str] = ("nchw",),
+) -> List[Dict[str, Any]]:
+    """Every distinct fused-op call a forward of (a meta copy of) `model` makes on an input of `input_shape`, in
+    each mode (train: with gradients; eval: without) and input layout (nchw, channels_last), as the replay
+    takes them: {"op", "config", "args"}. The model's choices of fused forms are made as with the Triton
+    backend available (on meta no fused backend runs)."""
+    import copy
+
+    calls: Dict[str, Dict[str, Any]] = {}
+    config = [""]
+
+    def record(op, arguments):
+        encoded = [_encode(v, op not in FORWARD_ONLY_OPS) for v in arguments]
+        calls.setdefault(json.dumps([op, encoded]), {"op": op, "config": config[0], "args": encoded})
+
+    with recording_fused_calls(record):
         meta = copy.deepcopy(model).to("meta")
         for mode in modes:
             meta.train(mode == "train")
@@ -111,10 +133,6 @@ def capture_calls(
                 config[0] = f"{mode} {'x'.join(map(str, input_shape))} {layout}"
                 with torch.set_grad_enabled(mode == "train"):
                     meta(x)
-    finally:
-        F.batch_norm, transxnet_kernels.has_fused = real_batch_norm, real_has_fused
-        for op, fn in originals.items():
-            setattr(transxnet_kernels, op, fn)
     return list(calls.values())
 
 

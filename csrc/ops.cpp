@@ -485,7 +485,8 @@ at::Tensor gelu_(at::Tensor x) {
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gelu_cpp", [&] {
     scalar_t* p = x.mutable_data_ptr<scalar_t>();
     const KernelTable<scalar_t>& kt = kernels<scalar_t>();
-    at::parallel_for(0, x.numel(), kGeluGrain, [&](int64_t begin, int64_t end) { kt.gelu_inplace(p + begin, end - begin); });
+    at::parallel_for(0, x.numel(), kGeluGrain,
+                     [&](int64_t begin, int64_t end) { kt.gelu_inplace(p + begin, end - begin); });
   });
   return x;
 }
