@@ -6,22 +6,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import CPP_ISAS, TOLERANCE, assert_rel_close, randn, requires_cpp
+from helpers import TOLERANCE, assert_rel_close, backend_params, cpp_only, randn, requires_cpp
 
 pytestmark = requires_cpp
 
 
-@pytest.fixture(params=CPP_ISAS)
+@pytest.fixture(params=backend_params("multiscale_dwconv", only=cpp_only))
 def cpp(request):
     """transxnet_kernels.cpp.ops with its kernels built for one ISA (skipped where this CPU cannot run it)."""
     from transxnet_kernels.cpp import ops as cpp_ops
 
-    try:
-        previous = cpp_ops.set_kernel_isa(request.param)
-    except RuntimeError as exc:
-        pytest.skip(f"this CPU cannot run the {request.param} kernels: {exc}")
-    yield cpp_ops
-    cpp_ops.set_kernel_isa(previous)
+    with request.param.active():
+        yield cpp_ops
 
 
 def _dense_layouts(x: torch.Tensor):

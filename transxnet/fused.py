@@ -269,17 +269,21 @@ def onednn_inference(x: torch.Tensor) -> bool:
     )
 
 
-def unchecked_kernel(op, x: torch.Tensor, fused_only: bool = False) -> Optional[Callable]:
-    """op.unchecked_kernel for calls on tensors like x. Within a `checked_forward` the backend choice is resolved
-    once per op for the whole forward (all of its maps are fp32 CPU; a choice changed by a hook during the
-    forward applies from the next): at batch 1 the ~120 resolutions of a T forward cost ~0.5 ms."""
+def resolved_per_forward(key, resolve: Callable[[], Any]) -> Any:
+    """resolve(), computed once per `checked_forward` under `key` (a kernel choice: all of the forward's maps are
+    fp32 CPU; a choice changed by a hook during the forward applies from the next), and at every call outside
+    one. At batch 1 the ~120 backend resolutions of a T forward cost ~0.5 ms."""
     kernels = _FORWARD.kernels
     if kernels is None:
-        return op.unchecked_kernel(x.device, x.dtype, fused_only)
-    key = (op.name, fused_only)
+        return resolve()
     if key not in kernels:
-        kernels[key] = op.unchecked_kernel(x.device, x.dtype, fused_only)
+        kernels[key] = resolve()
     return kernels[key]
+
+
+def unchecked_kernel(op, x: torch.Tensor, fused_only: bool = False) -> Optional[Callable]:
+    """op.unchecked_kernel for calls on tensors like x, resolved once per checked forward."""
+    return resolved_per_forward((op.name, fused_only), lambda: op.unchecked_kernel(x.device, x.dtype, fused_only))
 
 
 def inference_op(op, x: torch.Tensor):
@@ -294,15 +298,15 @@ def cpp_helpers(x: torch.Tensor):
     """The cpp backend's non-op kernels (`transxnet_kernels.cpp.ops`: `gelu_`, `strided_dwconv`) where the cpp
     backend runs the fused ops of this oneDNN-inference call, else None (another backend chosen, or no build):
     under a forced reference backend the model runs standard ops throughout. Resolved once per checked forward."""
-    kernels = _FORWARD.kernels
-    if kernels is not None and "cpp" in kernels:
-        return kernels["cpp"]
-    helpers = None
-    if inference_backend("multiscale_dwconv", x.device, x.dtype) == "cpp":
+
+    def resolve():
+        if inference_backend("multiscale_dwconv", x.device, x.dtype) != "cpp":
+            return None
         from transxnet_kernels.cpp import ops as helpers
-    if kernels is not None:
-        kernels["cpp"] = helpers
-    return helpers
+
+        return helpers
+
+    return resolved_per_forward("cpp", resolve)
 
 
 def gelu_fresh(x: torch.Tensor) -> torch.Tensor:
