@@ -151,14 +151,17 @@ std::vector<T> tap_major(const T* w, int64_t channels, int64_t taps, int64_t ldw
 // halo rows (ms_ffn_middle_eval: their input GELU too). Staging each sample once
 // into a shared buffer instead measured slower at batch 1 on 2 threads (the
 // buffer's first touch costs more than the halo rows).
+// Bands of rows each of B samples splits into for run_dwconv_nhwc (at least one task per thread).
+int64_t wanted_bands(int64_t B, int64_t H) { return std::min(H, (at::get_num_threads() + B - 1) / B); }
+
 template <typename T, typename MakeConv>
 void run_dwconv_nhwc(const at::Tensor& x, at::Tensor& out, int64_t max_k, MakeConv&& make_conv) {
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   if (B * C * H * W == 0) return;
   const KernelTable<T>& kt = kernels<T>();
   const int64_t scratch_size = kt.dwconv_nhwc_scratch(W, C, max_k);
-  const int64_t wanted_bands = std::min(H, (at::get_num_threads() + B - 1) / B);
-  const int64_t band_rows = (H + wanted_bands - 1) / wanted_bands;
+  const int64_t wanted = wanted_bands(B, H);
+  const int64_t band_rows = (H + wanted - 1) / wanted;
   const int64_t bands = (H + band_rows - 1) / band_rows;
   const T* xp = x.const_data_ptr<T>();
   T* op = out.mutable_data_ptr<T>();
@@ -318,9 +321,13 @@ std::vector<ChannelConv<T>> channel_table(const MultiscaleParams& p) {
 
 // The multi-scale depthwise conv in either layout; scale/shift (length C, or
 // nullptr) add the MS-FFN epilogue, in_scale/in_shift the staged input activation.
+// overwrite_input: the result may take x's storage where that is safe: the NHWC
+// kernels, x dense channels_last, and each sample one band (one task reads
+// input rows only below the output rows it has written, and its staged copies
+// of the rows around them; bands of one sample would read each other's rows).
 template <typename T>
 at::Tensor multiscale_forward(const at::Tensor& x_in, const MultiscaleParams& params, const T* scale, const T* shift,
-                              const T* in_scale, const T* in_shift) {
+                              const T* in_scale, const T* in_shift, bool overwrite_input = false) {
   int64_t max_k = 1;
   for (const auto& w : params.weights) max_k = std::max(max_k, w.size(2));
   const bool nhwc = channels_last_input(x_in) && max_k <= kMaxNhwcKernel;
@@ -331,7 +338,9 @@ at::Tensor multiscale_forward(const at::Tensor& x_in, const MultiscaleParams& pa
     run_dwconv<T>(x, out, channel_table<T>(params), scale, shift, in_scale, in_shift);
     return same_layout_as_input(out, x_in);
   }
-  at::Tensor out = empty_like_layout(x_in);
+  const bool in_place = overwrite_input && x_in.is_contiguous(at::MemoryFormat::ChannelsLast) &&
+                        wanted_bands(x_in.size(0), x_in.size(2)) == 1;
+  at::Tensor out = in_place ? x_in : empty_like_layout(x_in);
   // Per group the weights tap-major [k*k][ldw]; per channel bias and affine tables, padded.
   std::vector<std::vector<T>> tables;
   std::vector<NhwcGroup<T>> groups;
@@ -410,11 +419,11 @@ at::Tensor ms_ffn_middle_forward(const at::Tensor& x, const std::vector<at::Tens
 }
 
 // GELU(multiscale_dwconv(y) + y) * output_scale + output_shift with
-// y = GELU(x) * input_scale + input_shift computed while staging the conv input.
-at::Tensor ms_ffn_middle_eval_forward(const at::Tensor& x, const at::Tensor& input_scale,
-                                      const at::Tensor& input_shift, const std::vector<at::Tensor>& weights,
-                                      const std::vector<at::Tensor>& biases, const at::Tensor& output_scale,
-                                      const at::Tensor& output_shift) {
+// y = GELU(x) * input_scale + input_shift computed while staging the conv input;
+// overwrite_input as in multiscale_forward.
+at::Tensor ms_ffn_middle_eval(const at::Tensor& x, const at::Tensor& input_scale, const at::Tensor& input_shift,
+                              const std::vector<at::Tensor>& weights, const std::vector<at::Tensor>& biases,
+                              const at::Tensor& output_scale, const at::Tensor& output_shift, bool overwrite_input) {
   check_x(x);
   const int64_t C = x.size(1);
   const MultiscaleParams params = multiscale_params(x, weights, biases);
@@ -426,8 +435,26 @@ at::Tensor ms_ffn_middle_eval_forward(const at::Tensor& x, const at::Tensor& inp
     const std::vector<T> in_shift = channel_vector<T>(input_shift, C, "input_shift");
     const std::vector<T> scale = channel_vector<T>(output_scale, C, "output_scale");
     const std::vector<T> shift = channel_vector<T>(output_shift, C, "output_shift");
-    return multiscale_forward<T>(x, params, scale.data(), shift.data(), in_scale.data(), in_shift.data());
+    return multiscale_forward<T>(x, params, scale.data(), shift.data(), in_scale.data(), in_shift.data(),
+                                 overwrite_input);
   });
+}
+
+at::Tensor ms_ffn_middle_eval_forward(const at::Tensor& x, const at::Tensor& input_scale,
+                                      const at::Tensor& input_shift, const std::vector<at::Tensor>& weights,
+                                      const std::vector<at::Tensor>& biases, const at::Tensor& output_scale,
+                                      const at::Tensor& output_shift) {
+  return ms_ffn_middle_eval(x, input_scale, input_shift, weights, biases, output_scale, output_shift, false);
+}
+
+// ms_ffn_middle_eval_forward whose result takes x's storage where that is safe (multiscale_forward), for x a
+// fresh tensor no one else reads: a fresh result would be a first touch of new pages, at batch 16 a page
+// fault per 4 KB (TransXNet-S stage 1: 77 MB, ~19 ms of a 75 ms call).
+at::Tensor ms_ffn_middle_eval_overwriting(const at::Tensor& x, const at::Tensor& input_scale,
+                                          const at::Tensor& input_shift, const std::vector<at::Tensor>& weights,
+                                          const std::vector<at::Tensor>& biases, const at::Tensor& output_scale,
+                                          const at::Tensor& output_shift) {
+  return ms_ffn_middle_eval(x, input_scale, input_shift, weights, biases, output_scale, output_shift, true);
 }
 
 at::Tensor osra_attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -614,6 +641,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("multiscale_dwconv_forward", &transxnet::multiscale_dwconv_forward);
   m.def("ms_ffn_middle_forward", &transxnet::ms_ffn_middle_forward);
   m.def("ms_ffn_middle_eval_forward", &transxnet::ms_ffn_middle_eval_forward);
+  m.def("ms_ffn_middle_eval_overwriting", &transxnet::ms_ffn_middle_eval_overwriting,
+        "ms_ffn_middle_eval_forward whose result may take x's storage (x is then overwritten)");
   m.def("osra_attention_forward", &transxnet::osra_attention_forward);
   m.def("strided_dwconv_forward", &transxnet::strided_dwconv_forward);
   m.def("state_fingerprint", &transxnet::state_fingerprint,

@@ -450,7 +450,7 @@ def test_cpu_inference_runs_the_cpp_kernels_in_channels_last(monkeypatch):
     for kernel in (
         "idconv_forward",
         "osra_attention_forward",
-        "ms_ffn_middle_eval_forward",
+        "ms_ffn_middle_eval_overwriting",  # the MS-FFN middle, which may take fc1's output storage
         "multiscale_dwconv_forward",
         "strided_dwconv_forward",  # OSRA's reductions
         "gelu_",  # the GELUs after matmuls and depthwise convs
@@ -466,6 +466,31 @@ def test_cpu_inference_runs_the_cpp_kernels_in_channels_last(monkeypatch):
     assert not ran, f"the reference backend ran C++ kernels: {ran}"
     with torch.no_grad():
         assert_rel_close(fast(x), on_reference, 1e-5, "cpp vs reference backend")
+
+
+@requires_cpp
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="oneDNN inference paths need mkldnn")
+def test_cpu_inference_middle_overwrites_fc1_output_and_matches_eager(monkeypatch):
+    """At a batch of at least the thread count the MS-FFN middle's result takes fc1's output storage in every
+    block, and the model's output is still eager's (nothing else reads fc1's output)."""
+    from transxnet_kernels.cpp import ops as cpp_ops
+
+    in_place = []
+    real = cpp_ops.ms_ffn_middle_eval_overwriting
+
+    def recording(x, *args):
+        out = real(x, *args)
+        in_place.append(out.data_ptr() == x.data_ptr())
+        return out
+
+    monkeypatch.setattr(cpp_ops, "ms_ffn_middle_eval_overwriting", recording)
+    eager, fast = eager_and_accelerated("t", num_classes=10)
+    eager.eval(), fast.eval()
+    x = torch.randn(max(2, torch.get_num_threads()), 3, 64, 96)
+    with torch.no_grad():
+        out, expected = fast(x), eager(x)
+    assert len(in_place) == sum(fast.arch["layers"]) and all(in_place), in_place
+    assert_rel_close(out, expected, 1e-5, "accelerated vs eager")
 
 
 def test_cpu_inference_feeds_every_conv_channels_last(monkeypatch):

@@ -1,12 +1,14 @@
 """The cpp backend's non-op kernels of the accelerated model's CPU inference (`transxnet_kernels.cpp.ops`): the
-in-place GELU and the strided depthwise conv with its GELU + affine epilogue, in every kernel ISA this CPU runs,
-against torch in fp64 (fp32 inputs, fp64 reference) and their refusals."""
+in-place GELU, the strided depthwise conv with its GELU + affine epilogue and the MS-FFN eval middle that may
+overwrite its input, in every kernel ISA this CPU runs, against torch or the op's reference in fp64 (fp32 inputs,
+fp64 reference) and their refusals."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import TOLERANCE, assert_rel_close, backend_params, cpp_only, randn, requires_cpp
+import transxnet_kernels as tk
+from helpers import TOLERANCE, assert_rel_close, backend_params, cpp_only, randn, requires_cpp, to_layout
 
 pytestmark = requires_cpp
 
@@ -119,3 +121,74 @@ def test_strided_dwconv_refuses_what_it_cannot_run(cpp):
         cpp.strided_dwconv(x, weight, bias, 0, 1)
     with pytest.raises(RuntimeError, match="dtype"):
         cpp.strided_dwconv(x, weight.double(), bias, 2, 1)
+
+
+# (channel widths, kernel sizes, H, W): the MS-FFN layout with odd, unequal groups; H and W smaller than the
+# largest kernel; groups spanning several vectors with a runtime kernel size.
+MIDDLE_SHAPES = [([3, 2, 2, 2], [1, 3, 5, 7], 11, 9), ([6, 5, 5, 5], [1, 3, 5, 7], 3, 2), ([20, 17], [11, 3], 12, 23)]
+
+
+def middle_eval_args(widths, ksizes, B, H, W, dtype, layout):
+    gen = torch.Generator().manual_seed(B * 1000 + H * 10 + W)
+    C = sum(widths)
+    x = to_layout(randn(B, C, H, W, dtype=dtype, gen=gen, device="cpu"), layout)
+    weights = [randn(c, 1, k, k, dtype=dtype, gen=gen, scale=0.3, device="cpu") for c, k in zip(widths, ksizes)]
+    biases = [randn(c, dtype=dtype, gen=gen, scale=0.3, device="cpu") for c in widths]
+    scales = [randn(C, dtype=dtype, gen=gen, device="cpu") for _ in range(4)]
+    return x, scales[0], scales[1], weights, biases, scales[2], scales[3]
+
+
+def middle_eval_reference(args):
+    """The op's reference in fp64."""
+    as64 = [[t.double() for t in a] if isinstance(a, list) else a.double() for a in args]
+    with tk.use_backend("reference"):
+        return tk.ms_ffn_middle_eval(*as64)
+
+
+@pytest.mark.parametrize("shape", MIDDLE_SHAPES, ids=lambda s: "x".join(map(str, s[0] + s[1])) + f"-{s[2]}x{s[3]}")
+@pytest.mark.parametrize(
+    "threads,B,in_place",
+    [(2, 2, True), (2, 3, True), (1, 1, True), (2, 1, False), (4, 2, False)],
+    ids=["2thr-b2", "2thr-b3", "1thr-b1", "2thr-b1-bands", "4thr-b2-bands"],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_middle_eval_overwriting_takes_the_input_only_where_safe(cpp, shape, threads, B, in_place, dtype):
+    """With at least as many samples as threads (each sample one task) on a dense channels_last input the
+    result takes the input's storage; with fewer (a sample's rows split into bands, which read each other's
+    input rows) the input is left as it was. Either way the result is the op's."""
+    widths, ksizes, H, W = shape
+    args = middle_eval_args(widths, ksizes, B, H, W, dtype, "channels_last")
+    x = args[0]
+    x_before = x.clone()
+    expected = middle_eval_reference(args)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = cpp.ms_ffn_middle_eval_overwriting(*args)
+    finally:
+        torch.set_num_threads(saved)
+    assert out.is_contiguous(memory_format=torch.channels_last) and out.dtype == dtype
+    assert_rel_close(out, expected, TOLERANCE[dtype], f"{shape} B={B} threads={threads}")
+    assert (out.data_ptr() == x.data_ptr()) == in_place
+    if not in_place:
+        assert torch.equal(x, x_before), "the input changed"
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channel_slice", "nchw_slice"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_middle_eval_overwriting_keeps_other_layouts(cpp, layout, dtype):
+    """An NCHW or non-dense input is read, not overwritten (a channel slice's other half is NaN: reading it
+    would show), and the result has the op's layout."""
+    args = middle_eval_args([3, 2, 2, 2], [1, 3, 5, 7], 2, 11, 9, dtype, layout)
+    x = args[0]
+    x_before = x.clone()
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        out = cpp.ms_ffn_middle_eval_overwriting(*args)
+    finally:
+        torch.set_num_threads(saved)
+    assert_rel_close(out, middle_eval_reference(args), TOLERANCE[dtype], layout)
+    assert torch.equal(x.isnan(), x_before.isnan()) and torch.equal(x.nan_to_num(), x_before.nan_to_num())
+    assert out.data_ptr() != x.data_ptr()
+    assert out.is_contiguous(memory_format=torch.channels_last) == (layout == "channel_slice")

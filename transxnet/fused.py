@@ -309,6 +309,23 @@ def cpp_helpers(x: torch.Tensor):
     return resolved_per_forward("cpp", resolve)
 
 
+def middle_eval_overwriting(x: torch.Tensor) -> Optional[Callable]:
+    """The cpp backend's `ms_ffn_middle_eval_overwriting` (its result may take the input's storage) where the cpp
+    backend runs ms_ffn_middle_eval for this oneDNN-inference call, else None; for x a fresh conv output no one
+    else reads. Resolved once per checked forward."""
+    if not onednn_inference(x):
+        return None
+
+    def resolve():
+        if inference_backend("ms_ffn_middle_eval", x.device, x.dtype) != "cpp":
+            return None
+        from transxnet_kernels.cpp import ops as helpers
+
+        return helpers.ms_ffn_middle_eval_overwriting
+
+    return resolved_per_forward("ms_ffn_middle_eval_overwriting", resolve)
+
+
 def gelu_fresh(x: torch.Tensor) -> torch.Tensor:
     """F.gelu(x) for x a fresh result no one else holds (a conv's or matmul's output): on oneDNN inference where
     the cpp backend runs, computed in place by its kernel. Torch's fp32 CPU GELU runs oneDNN's eltwise primitive,
@@ -589,7 +606,9 @@ class AcceleratedMlp(Mlp):
             lambda: (*batchnorm_scale_shift(self.fc1[2]), *batchnorm_scale_shift(self.norm)),
         )
         in_scale, in_shift, out_scale, out_shift = scales
-        return inference_op(tk.ms_ffn_middle_eval, h)(h, in_scale, in_shift, *mlp_weights(self), out_scale, out_shift)
+        args = (h, in_scale, in_shift, *mlp_weights(self), out_scale, out_shift)
+        overwriting = middle_eval_overwriting(h)
+        return overwriting(*args) if overwriting is not None else inference_op(tk.ms_ffn_middle_eval, h)(*args)
 
     def fused_middle(self, x):
         """norm(act(dwconv(x) + x)) in one op, with nn.BatchNorm2d's exact semantics."""

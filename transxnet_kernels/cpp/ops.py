@@ -34,7 +34,8 @@ so the model's ``out.transpose(-1, -2).reshape(B, C, H, W)`` is a view.
   (batch statistics) is not fused: it runs on the reference.
 * ms_ffn_middle_eval: y = gelu(x) * input_scale + input_shift computed while
   staging the conv input (the conv zero-pads y), then the epilogue
-  gelu(conv + bias + y) * output_scale + output_shift. Bytes: x + out.
+  gelu(conv + bias + y) * output_scale + output_shift. Bytes: x + out
+  (``ms_ffn_middle_eval_overwriting``: out may be x's storage).
 * osra_attention: per (b, head, block of 128 query rows) pack k^T and v, then
   per row scores in registers, scale + bias, softmax, p @ v; the [N, M] score
   matrix never reaches memory. Bytes: q + k + v + bias + out; FLOPs 4*B*h*N*M*d.
@@ -102,6 +103,24 @@ def strided_dwconv(
     inference, which oneDNN runs at 50-130 us a call at batch 1 for 0.1-0.2M multiply-adds. Forward only,
     float32/float64 CPU tensors, outside autograd. Bytes: x + out (+ the small weight)."""
     return _C.strided_dwconv_forward(x, weight, bias, stride, padding, gelu, scale, shift)
+
+
+def ms_ffn_middle_eval_overwriting(
+    x: torch.Tensor,
+    input_scale: torch.Tensor,
+    input_shift: torch.Tensor,
+    weights: List[torch.Tensor],
+    biases: List[torch.Tensor],
+    output_scale: torch.Tensor,
+    output_shift: torch.Tensor,
+) -> torch.Tensor:
+    """ms_ffn_middle_eval whose result may take x's storage, overwriting x: for x a fresh tensor no one else reads
+    (the accelerated model's fc1 output). It does where that is safe: x dense channels_last, at most 63 taps a
+    side, and at least as many samples as threads (each sample one task, which reads input rows only past the
+    output rows it has written). A fresh result is a first touch of new memory there, a page fault per 4 KB
+    (TransXNet-S at batch 16, stage 1: 77 MB, ~19 ms of a ~75 ms call). Not an op: forward only, float32/float64
+    CPU tensors, outside autograd."""
+    return _C.ms_ffn_middle_eval_overwriting(x, input_scale, input_shift, weights, biases, output_scale, output_shift)
 
 
 def supports(info: CallInfo) -> Optional[str]:
