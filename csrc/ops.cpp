@@ -144,6 +144,9 @@ std::vector<T> tap_major(const T* w, int64_t channels, int64_t taps, int64_t ldw
   return table;
 }
 
+// Bands of rows each of B samples splits into for run_dwconv_nhwc (at least one task per thread).
+int64_t wanted_bands(int64_t B, int64_t H) { return std::min(H, (at::get_num_threads() + B - 1) / B); }
+
 // out = NHWC depthwise conv of x (channel stride 1, any pixel strides) into a
 // channels_last out; make_conv(b) fills the per-sample fields (groups, bias,
 // epilogue), this sets x, out, sizes. Tasks are (sample, band of rows), bands
@@ -151,9 +154,6 @@ std::vector<T> tap_major(const T* w, int64_t channels, int64_t taps, int64_t ldw
 // halo rows (ms_ffn_middle_eval: their input GELU too). Staging each sample once
 // into a shared buffer instead measured slower at batch 1 on 2 threads (the
 // buffer's first touch costs more than the halo rows).
-// Bands of rows each of B samples splits into for run_dwconv_nhwc (at least one task per thread).
-int64_t wanted_bands(int64_t B, int64_t H) { return std::min(H, (at::get_num_threads() + B - 1) / B); }
-
 template <typename T, typename MakeConv>
 void run_dwconv_nhwc(const at::Tensor& x, at::Tensor& out, int64_t max_k, MakeConv&& make_conv) {
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);

@@ -294,36 +294,20 @@ def inference_op(op, x: torch.Tensor):
     return op if kernel is None else kernel
 
 
-def cpp_helpers(x: torch.Tensor):
-    """The cpp backend's non-op kernels (`transxnet_kernels.cpp.ops`: `gelu_`, `strided_dwconv`) where the cpp
-    backend runs the fused ops of this oneDNN-inference call, else None (another backend chosen, or no build):
-    under a forced reference backend the model runs standard ops throughout. Resolved once per checked forward."""
+def cpp_helpers(x: torch.Tensor, op: str = "multiscale_dwconv"):
+    """The cpp backend's non-op kernels (`transxnet_kernels.cpp.ops`: `gelu_`, `strided_dwconv`,
+    `ms_ffn_middle_eval_overwriting`) where the cpp backend runs the fused op `op` of this oneDNN-inference call,
+    else None (another backend chosen, or no build): under a forced reference backend the model runs standard ops
+    throughout. Resolved once per checked forward."""
 
     def resolve():
-        if inference_backend("multiscale_dwconv", x.device, x.dtype) != "cpp":
+        if inference_backend(op, x.device, x.dtype) != "cpp":
             return None
         from transxnet_kernels.cpp import ops as helpers
 
         return helpers
 
-    return resolved_per_forward("cpp", resolve)
-
-
-def middle_eval_overwriting(x: torch.Tensor) -> Optional[Callable]:
-    """The cpp backend's `ms_ffn_middle_eval_overwriting` (its result may take the input's storage) where the cpp
-    backend runs ms_ffn_middle_eval for this oneDNN-inference call, else None; for x a fresh conv output no one
-    else reads. Resolved once per checked forward."""
-    if not onednn_inference(x):
-        return None
-
-    def resolve():
-        if inference_backend("ms_ffn_middle_eval", x.device, x.dtype) != "cpp":
-            return None
-        from transxnet_kernels.cpp import ops as helpers
-
-        return helpers.ms_ffn_middle_eval_overwriting
-
-    return resolved_per_forward("ms_ffn_middle_eval_overwriting", resolve)
+    return resolved_per_forward(("cpp", op), resolve)
 
 
 def gelu_fresh(x: torch.Tensor) -> torch.Tensor:
@@ -607,8 +591,11 @@ class AcceleratedMlp(Mlp):
         )
         in_scale, in_shift, out_scale, out_shift = scales
         args = (h, in_scale, in_shift, *mlp_weights(self), out_scale, out_shift)
-        overwriting = middle_eval_overwriting(h)
-        return overwriting(*args) if overwriting is not None else inference_op(tk.ms_ffn_middle_eval, h)(*args)
+        # h is fc1's fresh conv output, read by nothing else: the cpp kernel may write its result over it
+        helpers = cpp_helpers(h, "ms_ffn_middle_eval") if onednn_inference(h) else None
+        if helpers is not None:
+            return helpers.ms_ffn_middle_eval_overwriting(*args)
+        return inference_op(tk.ms_ffn_middle_eval, h)(*args)
 
     def fused_middle(self, x):
         """norm(act(dwconv(x) + x)) in one op, with nn.BatchNorm2d's exact semantics."""

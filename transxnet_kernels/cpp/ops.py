@@ -115,11 +115,11 @@ def ms_ffn_middle_eval_overwriting(
     output_shift: torch.Tensor,
 ) -> torch.Tensor:
     """ms_ffn_middle_eval whose result may take x's storage, overwriting x: for x a fresh tensor no one else reads
-    (the accelerated model's fc1 output). It does where that is safe: x dense channels_last, at most 63 taps a
-    side, and at least as many samples as threads (each sample one task, which reads input rows only past the
-    output rows it has written). A fresh result is a first touch of new memory there, a page fault per 4 KB
-    (TransXNet-S at batch 16, stage 1: 77 MB, ~19 ms of a ~75 ms call). Not an op: forward only, float32/float64
-    CPU tensors, outside autograd."""
+    (the accelerated model's fc1 output). It does where that is safe: x dense channels_last, kernels of at most
+    63x63 (the NHWC kernels), and at least as many samples as threads (each sample one task, which reads input
+    rows only past the output rows it has written). A fresh result is a first touch of new memory there, a page
+    fault per 4 KB (TransXNet-S at batch 16, stage 1: 77 MB, ~19 ms of a ~75 ms call). Not an op: forward only,
+    float32/float64 CPU tensors, outside autograd."""
     return _C.ms_ffn_middle_eval_overwriting(x, input_scale, input_shift, weights, biases, output_scale, output_shift)
 
 
