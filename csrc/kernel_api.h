@@ -96,8 +96,9 @@ struct KernelTable {
   // Elements of (zero-filled) scratch dwconv_plane needs for kernels up to max_k.
   int64_t (*dwconv_scratch)(int64_t H, int64_t W, int64_t max_k);
   void (*dwconv_plane)(const PlaneConv<T>& p, T* scratch);
-  // IDConv kernel mixing: out[t] = sum_g softmax_g(logits[g * g_stride + t]) * weight[g * g_stride + t].
-  void (*mix_kernel)(const T* logits, const T* weight, int64_t G, int64_t g_stride, int64_t KK, T* out);
+  // IDConv kernel mixing: out[t] = sum_g softmax_g(logits[g * logit_g_stride + t]) * weight[g * weight_g_stride + t].
+  void (*mix_kernel)(const T* logits, const T* weight, int64_t G, int64_t logit_g_stride, int64_t weight_g_stride,
+                     int64_t KK, T* out);
   // Elements of (zero-filled) scratch dwconv_nhwc_rows needs: max_k staged input rows plus a zero row.
   int64_t (*dwconv_nhwc_scratch)(int64_t W, int64_t C, int64_t max_k);
   // Output rows [r0, r1) of one NHWC sample. The scratch is zero-filled once; calls with
@@ -109,6 +110,9 @@ struct KernelTable {
   // x[i] = gelu(x[i]) (exact erf form) for n contiguous elements.
   void (*gelu_inplace)(T* x, int64_t n);
   void (*strided_dwconv_rows)(const StridedConv<T>& p, int64_t r0, int64_t r1);
+  // out[c] = scale * sum over rows [h0, h1) and columns [w0, w1) of x[h * sh + w * sw + c], c < C.
+  void (*box_sum)(const T* x, int64_t sh, int64_t sw, int64_t h0, int64_t h1, int64_t w0, int64_t w1, int64_t C,
+                  T scale, T* out);
 };
 
 namespace base {

@@ -113,6 +113,37 @@ void gelu_inplace(T* x, int64_t n) {
   if (i < n) gelu_erf(Vectorized<T>::loadu(x + i, n - i)).store(x + i, n - i);
 }
 
+// out[c] = scale * sum of x[h * sh + w * sw + c] over rows [h0, h1) and columns
+// [w0, w1), for c < C (channels unit-stride): a box of a channels_last map, as
+// IDConv's adaptive pooling bins and its mean. Channel vectors in register blocks
+// of up to kMaxAcc, each summed over the box before one store.
+template <typename T>
+void box_sum(const T* x, int64_t sh, int64_t sw, int64_t h0, int64_t h1, int64_t w0, int64_t w1, int64_t C,
+             T scale, T* out) {
+  using Vec = Vectorized<T>;
+  constexpr int VL = Vec::size();
+  int64_t c = 0;
+  for (; c + kMaxAcc * VL <= C; c += kMaxAcc * VL) {
+    Vec acc[kMaxAcc];
+    for (int i = 0; i < kMaxAcc; ++i) acc[i] = Vec(T(0));
+    for (int64_t h = h0; h < h1; ++h) {
+      for (int64_t w = w0; w < w1; ++w) {
+        const T* px = x + h * sh + w * sw + c;
+        for (int i = 0; i < kMaxAcc; ++i) acc[i] = acc[i] + Vec::loadu(px + i * VL);
+      }
+    }
+    for (int i = 0; i < kMaxAcc; ++i) (acc[i] * Vec(scale)).store(out + c + i * VL);
+  }
+  for (; c < C; c += VL) {
+    const int64_t n = min_i64(VL, C - c);  // lanes past n load zeros and are not stored
+    Vec acc(T(0));
+    for (int64_t h = h0; h < h1; ++h) {
+      for (int64_t w = w0; w < w1; ++w) acc = acc + Vec::loadu(x + h * sh + w * sw + c, n);
+    }
+    (acc * Vec(scale)).store(out + c, n);
+  }
+}
+
 // Output rows [r0, r1) of a strided NHWC depthwise conv (StridedConv): per output
 // pixel and channel vector, the taps inside the image accumulated in one register.
 // The maps are small (OSRA reduces to ~7x7 outputs), so no staging or blocking.
@@ -408,18 +439,19 @@ void dwconv_nhwc_rows(const NhwcConv<T>& p, int64_t r0, int64_t r1, T* scratch) 
 }
 
 template <typename T>
-void mix_kernel(const T* logits, const T* weight, int64_t G, int64_t g_stride, int64_t KK, T* out) {
+void mix_kernel(const T* logits, const T* weight, int64_t G, int64_t logit_g_stride, int64_t weight_g_stride,
+                int64_t KK, T* out) {
   using Vec = Vectorized<T>;
   constexpr int VL = Vec::size();
   for (int64_t t = 0; t < KK; t += VL) {
     const int64_t n = min_i64(VL, KK - t);
     Vec mx = Vec::loadu(logits + t, n);
-    for (int64_t g = 1; g < G; ++g) mx = at::vec::maximum(mx, Vec::loadu(logits + g * g_stride + t, n));
+    for (int64_t g = 1; g < G; ++g) mx = at::vec::maximum(mx, Vec::loadu(logits + g * logit_g_stride + t, n));
     Vec sum(T(0)), acc(T(0));
     for (int64_t g = 0; g < G; ++g) {
-      const Vec e = (Vec::loadu(logits + g * g_stride + t, n) - mx).exp();
+      const Vec e = (Vec::loadu(logits + g * logit_g_stride + t, n) - mx).exp();
       sum = sum + e;
-      acc = at::vec::fmadd(e, Vec::loadu(weight + g * g_stride + t, n), acc);
+      acc = at::vec::fmadd(e, Vec::loadu(weight + g * weight_g_stride + t, n), acc);
     }
     // Lanes past n (zero-filled loads) are never stored.
     (acc / sum).store(out + t, n);
@@ -549,7 +581,8 @@ template <typename T>
 const KernelTable<T>& table() {
   static const KernelTable<T> t{&dwconv_scratch<T>,      &dwconv_plane<T>,    &mix_kernel<T>,
                                 &dwconv_nhwc_scratch<T>, &dwconv_nhwc_rows<T>, &attention_scratch<T>,
-                                &attention_rows<T>,      &gelu_inplace<T>,     &strided_dwconv_rows<T>};
+                                &attention_rows<T>,      &gelu_inplace<T>,     &strided_dwconv_rows<T>,
+                                &box_sum<T>};
   return t;
 }
 

@@ -189,34 +189,104 @@ at::Tensor same_layout_as_input(const at::Tensor& out, const at::Tensor& x) {
   return channels_last_input(x) ? out.contiguous(at::MemoryFormat::ChannelsLast) : out;
 }
 
-// softmax_g(bias_logits[b, :, c]) . bias[:, c]
+// IDConv logits of G groups as the kernels read them: logit (b, g, c) at
+// p[b * sample + g * group + c * channel] (a kernel logit's K*K taps are
+// contiguous from there). idconv_forward passes its [B, G, C, K, K] and
+// [B, G, C] inputs; idconv_eval its [B, G*C, K*K + 1] matmul result, whose last
+// column holds the bias logits.
 template <typename T>
-T mixed_bias(const T* bias_logits, const T* bias, int64_t b, int64_t c, int64_t G, int64_t C) {
+struct LogitsView {
+  const T* p;
+  int64_t sample, group, channel;
+  const T* at(int64_t b, int64_t g, int64_t c) const { return p + b * sample + g * group + c * channel; }
+};
+
+// softmax_g(bias_logits(b, g, c)) . bias[:, c]
+template <typename T>
+T mixed_bias(const LogitsView<T>& bias_logits, const T* bias, int64_t b, int64_t c, int64_t G, int64_t C) {
   T mx = -std::numeric_limits<T>::infinity();
-  for (int64_t g = 0; g < G; ++g) mx = std::max(mx, bias_logits[(b * G + g) * C + c]);
+  for (int64_t g = 0; g < G; ++g) mx = std::max(mx, *bias_logits.at(b, g, c));
   T sum = 0, acc = 0;
   for (int64_t g = 0; g < G; ++g) {
-    const T eg = std::exp(bias_logits[(b * G + g) * C + c] - mx);
+    const T eg = std::exp(*bias_logits.at(b, g, c) - mx);
     sum += eg;
     acc += eg * bias[g * C + c];
   }
   return acc / sum;
 }
 
+// out = the IDConv depthwise conv of x with the kernels and biases mixed from the
+// logits (bias_logits.p null: no bias). x is channels_last-strided (nhwc, out
+// channels_last) or contiguous (out contiguous); weight [G, C, K, K] and bias
+// [G, C] contiguous.
+template <typename T>
+void run_idconv(const at::Tensor& x, at::Tensor& out, bool nhwc, const LogitsView<T>& kernel_logits,
+                const LogitsView<T>& bias_logits, const T* wp, const T* bp, int64_t G, int64_t K) {
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const KernelTable<T>& kt = kernels<T>();
+  const int64_t KK = K * K;
+  if (nhwc) {
+    // Per sample: the mixed kernel tap-major [KK][ldw] and the mixed bias [C + pad].
+    const int64_t ldw = round_up(C, kChannelPad<T>), bias_len = C + kChannelPad<T>;
+    std::vector<T> tables(B * KK * ldw, T(0)), biases(B * bias_len, T(0));
+    // Tasks (sample, channel): at batch 1 the mixing (G exponentials per tap) is a good part of a
+    // late stage's call (T, stage 4: 224 channels, 7x7 pixels), so it is split among threads too.
+    at::parallel_for(0, B * C, 16, [&](int64_t begin, int64_t end) {
+      std::vector<T> mixed(KK);
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t b = task / C, c = task % C;
+        T* table = tables.data() + b * KK * ldw;
+        kt.mix_kernel(kernel_logits.at(b, 0, c), wp + c * KK, G, kernel_logits.group, C * KK, KK, mixed.data());
+        for (int64_t t = 0; t < KK; ++t) table[t * ldw + c] = mixed[t];
+        if (bp) biases[b * bias_len + c] = mixed_bias(bias_logits, bp, b, c, G, C);
+      }
+    });
+    std::vector<NhwcGroup<T>> groups;
+    for (int64_t b = 0; b < B; ++b) groups.push_back({0, C, K, tables.data() + b * KK * ldw, ldw});
+    run_dwconv_nhwc<T>(x, out, K, [&](int64_t b) {
+      NhwcConv<T> p{};
+      p.groups = &groups[b];
+      p.num_groups = 1;
+      p.bias = biases.data() + b * bias_len;
+      return p;
+    });
+  } else {
+    const int64_t scratch_size = kt.dwconv_scratch(H, W, K);
+    const T* xp = x.const_data_ptr<T>();
+    T* op = out.mutable_data_ptr<T>();
+    at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
+      std::vector<T> scratch(scratch_size), mixed(KK);  // scratch zero-filled: the padding border
+      for (int64_t plane = begin; plane < end; ++plane) {
+        const int64_t b = plane / C, c = plane % C;
+        kt.mix_kernel(kernel_logits.at(b, 0, c), wp + c * KK, G, kernel_logits.group, C * KK, KK, mixed.data());
+        const T conv_bias = bp ? mixed_bias(bias_logits, bp, b, c, G, C) : T(0);
+        PlaneConv<T> p{xp + plane * H * W, op + plane * H * W, mixed.data(), conv_bias, H, W, K, K / 2,
+                       false, T(1), T(0), false, T(1), T(0)};
+        kt.dwconv_plane(p, scratch.data());
+      }
+    });
+  }
+}
+
+void check_idconv_weights(const at::Tensor& weight, const at::Tensor& x) {
+  check_input(weight, x, "weight");
+  TORCH_CHECK(weight.dim() == 4 && weight.size(1) == x.size(1) && weight.size(2) == weight.size(3),
+              "weight must be [G, C, K, K]");
+  TORCH_CHECK(weight.size(-1) % 2 == 1, "the kernel size must be odd");
+}
+
 at::Tensor idconv_forward(const at::Tensor& x_in, const at::Tensor& kernel_logits_in, const at::Tensor& weight_in,
                           const std::optional<at::Tensor>& bias_logits_in, const std::optional<at::Tensor>& bias_in) {
   check_x(x_in);
   check_input(kernel_logits_in, x_in, "kernel_logits");
-  check_input(weight_in, x_in, "weight");
+  check_idconv_weights(weight_in, x_in);
   TORCH_CHECK(bias_logits_in.has_value() == bias_in.has_value(), "pass both bias_logits and bias, or neither");
   const bool nhwc = channels_last_input(x_in) && weight_in.size(-1) <= kMaxNhwcKernel;
   const at::Tensor x = nhwc ? x_in : x_in.contiguous();
   const at::Tensor logits = kernel_logits_in.contiguous();
   const at::Tensor weight = weight_in.contiguous();
-  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t B = x.size(0), C = x.size(1);
   const int64_t G = weight.size(0), K = weight.size(-1);
-  TORCH_CHECK(weight.sizes() == at::IntArrayRef({G, C, K, K}), "weight must be [G, C, K, K]");
-  TORCH_CHECK(K % 2 == 1, "the kernel size must be odd");
   TORCH_CHECK(logits.sizes() == at::IntArrayRef({B, G, C, K, K}), "kernel_logits must be [B, G, C, K, K]");
   at::Tensor bias_logits, bias;
   if (bias_in.has_value()) {
@@ -230,52 +300,107 @@ at::Tensor idconv_forward(const at::Tensor& x_in, const at::Tensor& kernel_logit
   at::Tensor out = nhwc ? empty_like_layout(x_in) : at::empty(x.sizes(), x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "idconv_cpp", [&] {
     using T = scalar_t;
-    const KernelTable<T>& kt = kernels<T>();
     const int64_t KK = K * K;
-    const T* lp = logits.const_data_ptr<T>();
-    const T* wp = weight.const_data_ptr<T>();
-    const T* blp = bias.defined() ? bias_logits.const_data_ptr<T>() : nullptr;
-    const T* bp = bias.defined() ? bias.const_data_ptr<T>() : nullptr;
-    if (nhwc) {
-      // Per sample: the mixed kernel tap-major [KK][ldw] and the mixed bias [C + pad].
-      const int64_t ldw = round_up(C, kChannelPad<T>), bias_len = C + kChannelPad<T>;
-      std::vector<T> tables(B * KK * ldw, T(0)), biases(B * bias_len, T(0));
-      at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-        std::vector<T> mixed(KK);
-        for (int64_t b = begin; b < end; ++b) {
-          T* table = tables.data() + b * KK * ldw;
-          for (int64_t c = 0; c < C; ++c) {
-            kt.mix_kernel(lp + (b * G * C + c) * KK, wp + c * KK, G, C * KK, KK, mixed.data());
-            for (int64_t t = 0; t < KK; ++t) table[t * ldw + c] = mixed[t];
-            if (bp) biases[b * bias_len + c] = mixed_bias(blp, bp, b, c, G, C);
-          }
-        }
-      });
-      std::vector<NhwcGroup<T>> groups;
-      for (int64_t b = 0; b < B; ++b) groups.push_back({0, C, K, tables.data() + b * KK * ldw, ldw});
-      run_dwconv_nhwc<T>(x, out, K, [&](int64_t b) {
-        NhwcConv<T> p{};
-        p.groups = &groups[b];
-        p.num_groups = 1;
-        p.bias = biases.data() + b * bias_len;
-        return p;
-      });
-    } else {
-      const int64_t scratch_size = kt.dwconv_scratch(H, W, K);
-      const T* xp = x.const_data_ptr<T>();
-      T* op = out.mutable_data_ptr<T>();
-      at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
-        std::vector<T> scratch(scratch_size), mixed(KK);  // scratch zero-filled: the padding border
-        for (int64_t plane = begin; plane < end; ++plane) {
-          const int64_t b = plane / C, c = plane % C;
-          kt.mix_kernel(lp + (b * G * C + c) * KK, wp + c * KK, G, C * KK, KK, mixed.data());
-          const T conv_bias = bp ? mixed_bias(blp, bp, b, c, G, C) : T(0);
-          PlaneConv<T> p{xp + plane * H * W, op + plane * H * W, mixed.data(), conv_bias, H, W, K, K / 2,
-                         false, T(1), T(0), false, T(1), T(0)};
-          kt.dwconv_plane(p, scratch.data());
-        }
-      });
+    const LogitsView<T> kernel_view{logits.const_data_ptr<T>(), G * C * KK, C * KK, KK};
+    const LogitsView<T> bias_view{bias.defined() ? bias_logits.const_data_ptr<T>() : nullptr, G * C, C, 1};
+    run_idconv<T>(x, out, nhwc, kernel_view, bias_view, weight.const_data_ptr<T>(),
+                  bias.defined() ? bias.const_data_ptr<T>() : nullptr, G, K);
+  });
+  return same_layout_as_input(out, x_in);
+}
+
+at::Tensor gelu_(at::Tensor x);
+
+// IDConv in eval mode from its input, for the accelerated model's CPU inference
+// at small batches, where the ~13 torch calls between the input and
+// idconv_forward cost more than their arithmetic: the pooled map (adaptive
+// average pooling to K x K, PyTorch's bins) and the mean as one [B, K*K + 1, C]
+// matrix, read from x in one pass of box sums; proj (its 1x1 conv + BatchNorm,
+// GELU, 1x1 conv: reduce_weight [R, C], reduce_bias [R], expand_weight [G*C, R],
+// expand_bias [G*C]) as two matmuls, the second producing [B, G*C, K*K + 1],
+// whose rows are each (group, channel)'s K*K kernel logits and its bias logit,
+// the layout the mixing reads; then the conv as idconv_forward.
+at::Tensor idconv_eval(const at::Tensor& x_in, const at::Tensor& reduce_weight, const at::Tensor& reduce_bias,
+                       const at::Tensor& expand_weight, const at::Tensor& expand_bias, const at::Tensor& weight_in,
+                       const at::Tensor& bias_in) {
+  check_x(x_in);
+  check_idconv_weights(weight_in, x_in);
+  const at::Tensor weight = weight_in.contiguous();
+  const int64_t B = x_in.size(0), C = x_in.size(1), H = x_in.size(2), W = x_in.size(3);
+  const int64_t G = weight.size(0), K = weight.size(-1), KK = K * K;
+  TORCH_CHECK(H > 0 && W > 0, "idconv_eval pools the input: H and W must be positive");
+  const struct {
+    const at::Tensor& t;
+    const char* what;
+  } params[] = {{reduce_weight, "reduce_weight"}, {reduce_bias, "reduce_bias"}, {expand_weight, "expand_weight"},
+                {expand_bias, "expand_bias"},     {bias_in, "bias"}};
+  for (const auto& param : params) check_input(param.t, x_in, param.what);
+  const int64_t R = reduce_weight.size(0);
+  TORCH_CHECK(reduce_weight.sizes() == at::IntArrayRef({R, C}) && reduce_bias.sizes() == at::IntArrayRef({R}),
+              "reduce_weight must be [R, C] and reduce_bias [R]");
+  TORCH_CHECK(expand_weight.sizes() == at::IntArrayRef({G * C, R}) && expand_bias.sizes() == at::IntArrayRef({G * C}),
+              "expand_weight must be [G*C, R] and expand_bias [G*C]");
+  TORCH_CHECK(bias_in.sizes() == at::IntArrayRef({G, C}), "bias must be [G, C]");
+  const at::Tensor bias = bias_in.contiguous();
+  // The pooling reads channel vectors: an input without unit-stride channels is copied once.
+  const at::Tensor xs = channels_last_input(x_in) ? x_in : x_in.contiguous(at::MemoryFormat::ChannelsLast);
+  at::Tensor pooled = at::empty({B, KK + 1, C}, x_in.options());
+  AT_DISPATCH_FLOATING_TYPES(x_in.scalar_type(), "idconv_eval_pool", [&] {
+    using T = scalar_t;
+    const KernelTable<T>& kt = kernels<T>();
+    const T* xp = xs.const_data_ptr<T>();
+    T* pp = pooled.mutable_data_ptr<T>();
+    const int64_t sb = xs.stride(0), sh = xs.stride(2), sw = xs.stride(3);
+    // The bins tile the map exactly when K divides H and W: the mean is then the bins' mean. Otherwise bins
+    // overlap, and each task also sums its share of whole rows (row i*H/K up to (i+1)*H/K) for the mean.
+    const bool tiled = H % K == 0 && W % K == 0;
+    std::vector<T> row_sums(tiled ? 0 : B * K * C);
+    // Tasks: (sample, row of bins). Below ~32K elements a task group, the calling thread runs it alone.
+    const int64_t task_elems = ((H + K - 1) / K + 1) * W * C;
+    at::parallel_for(0, B * K, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, task_elems)),
+                     [&](int64_t begin, int64_t end) {
+                       for (int64_t task = begin; task < end; ++task) {
+                         const int64_t b = task / K, i = task % K;
+                         const T* xb = xp + b * sb;
+                         const int64_t h0 = i * H / K, h1 = ((i + 1) * H + K - 1) / K;
+                         for (int64_t j = 0; j < K; ++j) {
+                           const int64_t w0 = j * W / K, w1 = ((j + 1) * W + K - 1) / K;
+                           kt.box_sum(xb, sh, sw, h0, h1, w0, w1, C, T(1) / T((h1 - h0) * (w1 - w0)),
+                                      pp + (b * (KK + 1) + i * K + j) * C);
+                         }
+                         if (!tiled) {
+                           kt.box_sum(xb, sh, sw, i * H / K, (i + 1) * H / K, 0, W, C, T(1),
+                                      row_sums.data() + (b * K + i) * C);
+                         }
+                       }
+                     });
+    for (int64_t b = 0; b < B; ++b) {
+      T* mean = pp + (b * (KK + 1) + KK) * C;
+      const T* parts = tiled ? pp + b * (KK + 1) * C : row_sums.data() + b * K * C;
+      const int64_t num_parts = tiled ? KK : K;
+      const T scale = tiled ? T(1) / T(KK) : T(1) / T(H * W);
+      for (int64_t c = 0; c < C; ++c) {
+        T sum = 0;
+        for (int64_t part = 0; part < num_parts; ++part) sum += parts[part * C + c];
+        mean[c] = sum * scale;
+      }
     }
+  });
+  at::Tensor hidden = at::addmm(reduce_bias, pooled.view({B * (KK + 1), C}), reduce_weight.t());
+  transxnet::gelu_(hidden);  // qualified: ADL would also find at::gelu_
+  const at::Tensor logits =
+      at::baddbmm(expand_bias.view({1, G * C, 1}), expand_weight.expand({B, G * C, R}),
+                  hidden.view({B, KK + 1, R}).transpose(1, 2))
+          .contiguous();  // [B, G*C, KK + 1]
+  const bool nhwc = channels_last_input(x_in) && K <= kMaxNhwcKernel;
+  const at::Tensor x = nhwc ? x_in : x_in.contiguous();
+  at::Tensor out = nhwc ? empty_like_layout(x_in) : at::empty(x.sizes(), x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "idconv_eval", [&] {
+    using T = scalar_t;
+    const T* lp = logits.const_data_ptr<T>();
+    const int64_t row = KK + 1;
+    const LogitsView<T> kernel_view{lp, G * C * row, C * row, row}, bias_view{lp + KK, G * C * row, C * row, row};
+    run_idconv<T>(x, out, nhwc, kernel_view, bias_view, weight.const_data_ptr<T>(), bias.const_data_ptr<T>(), G, K);
   });
   return same_layout_as_input(out, x_in);
 }
@@ -638,6 +763,8 @@ py::bytes state_fingerprint(py::handle model) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "TransXNet fused CPU kernels (forward, fp32/fp64)";
   m.def("idconv_forward", &transxnet::idconv_forward);
+  m.def("idconv_eval", &transxnet::idconv_eval,
+        "IDConv in eval mode from its input: pooling, proj as two matmuls (its BatchNorm folded), the conv");
   m.def("multiscale_dwconv_forward", &transxnet::multiscale_dwconv_forward);
   m.def("ms_ffn_middle_forward", &transxnet::ms_ffn_middle_forward);
   m.def("ms_ffn_middle_eval_forward", &transxnet::ms_ffn_middle_eval_forward);

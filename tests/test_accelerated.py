@@ -448,7 +448,7 @@ def test_cpu_inference_runs_the_cpp_kernels_in_channels_last(monkeypatch):
     with torch.no_grad():
         fast(x)
     for kernel in (
-        "idconv_forward",
+        "idconv_eval",  # IDConv from its input: pooling, proj and the conv in one call
         "osra_attention_forward",
         "ms_ffn_middle_eval_overwriting",  # the MS-FFN middle, which may take fc1's output storage
         "multiscale_dwconv_forward",

@@ -1,7 +1,7 @@
 """The cpp backend's non-op kernels of the accelerated model's CPU inference (`transxnet_kernels.cpp.ops`): the
-in-place GELU, the strided depthwise conv with its GELU + affine epilogue and the MS-FFN eval middle that may
-overwrite its input, in every kernel ISA this CPU runs, against torch or the op's reference in fp64 (fp32 inputs,
-fp64 reference) and their refusals."""
+in-place GELU, the strided depthwise conv with its GELU + affine epilogue, the MS-FFN eval middle that may
+overwrite its input and IDConv's eval forward from its input, in every kernel ISA this CPU runs, against torch or
+the op's reference in fp64 (fp32 inputs, fp64 reference) and their refusals."""
 
 import pytest
 import torch
@@ -192,3 +192,91 @@ def test_middle_eval_overwriting_keeps_other_layouts(cpp, layout, dtype):
     assert torch.equal(x.isnan(), x_before.isnan()) and torch.equal(x.nan_to_num(), x_before.nan_to_num())
     assert out.data_ptr() != x.data_ptr()
     assert out.is_contiguous(memory_format=torch.channels_last) == (layout == "channel_slice")
+
+
+# (B, C, H, W, G, K): TransXNet-T's stage-1 IDConv (bins tiling the map); odd channels with overlapping bins;
+# H and W smaller than K (bins repeat pixels); a batch of tiled maps with 3 groups; a kernel of 3 on an odd map.
+IDCONV_SHAPES = [
+    (1, 24, 56, 56, 2, 7),
+    (2, 5, 9, 11, 2, 7),
+    (1, 3, 4, 5, 2, 7),
+    (3, 17, 21, 14, 3, 7),
+    (1, 40, 5, 7, 4, 3),
+]
+
+
+def idconv_id(shape):
+    return "B{}C{}H{}W{}G{}K{}".format(*shape)
+
+
+def idconv_eval_args(shape, dtype, layout):
+    B, C, H, W, G, K = shape
+    R = max(1, C // 4)
+    gen = torch.Generator().manual_seed(sum(shape))
+    x = randn(B, C, H, W, dtype=dtype, gen=gen, device="cpu")
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "channel_slice":  # the first half of a channels_last map whose other half is NaN
+        full = torch.cat([x, torch.full_like(x, float("nan"))], dim=1).contiguous(memory_format=torch.channels_last)
+        x = full[:, :C]
+    params = [(R, C), (R,), (G * C, R), (G * C,), (G, C, K, K), (G, C)]
+    return (x, *(randn(*p, dtype=dtype, gen=gen, scale=0.5, device="cpu") for p in params))
+
+
+def idconv_eval_reference(x, reduce_weight, reduce_bias, expand_weight, expand_bias, weight, bias):
+    """IDConv's eval math in fp64 as the released module runs it: proj on the pooled map and on the mean, then the
+    op's reference."""
+    x, reduce_weight, reduce_bias, expand_weight, expand_bias, weight, bias = (
+        t.double() for t in (x, reduce_weight, reduce_bias, expand_weight, expand_bias, weight, bias)
+    )
+    B, C = x.shape[:2]
+    G, K = weight.shape[0], weight.shape[-1]
+
+    def proj(pixels):  # [B, C, h, w] -> [B, G*C, h, w]
+        hidden = F.gelu(F.conv2d(pixels, reduce_weight[:, :, None, None], reduce_bias))
+        return F.conv2d(hidden, expand_weight[:, :, None, None], expand_bias)
+
+    kernel_logits = proj(F.adaptive_avg_pool2d(x, K)).reshape(B, G, C, K, K)
+    bias_logits = proj(x.mean(dim=(2, 3), keepdim=True)).reshape(B, G, C)
+    with tk.use_backend("reference"):
+        return tk.idconv(x, kernel_logits, weight, bias_logits, bias)
+
+
+@pytest.mark.parametrize("threads", [1, 2], ids=["1thr", "2thr"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "channel_slice"])
+@pytest.mark.parametrize("shape", IDCONV_SHAPES, ids=idconv_id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_idconv_eval_matches_the_released_math(cpp, shape, dtype, layout, threads):
+    args = idconv_eval_args(shape, dtype, layout)
+    x_before = args[0].clone()
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = cpp.idconv_eval(*args)
+    finally:
+        torch.set_num_threads(saved)
+    assert out.dtype == dtype
+    assert out.is_contiguous(memory_format=torch.channels_last) == (layout != "contiguous")
+    assert_rel_close(out, idconv_eval_reference(*args), TOLERANCE[dtype], f"{idconv_id(shape)} {layout}")
+    x = args[0]
+    assert torch.equal(x.isnan(), x_before.isnan()) and torch.equal(x.nan_to_num(), x_before.nan_to_num())
+
+
+def test_idconv_eval_refuses_what_it_cannot_run(cpp):
+    x, reduce_weight, reduce_bias, expand_weight, expand_bias, weight, bias = idconv_eval_args(
+        (1, 8, 9, 9, 2, 7), torch.float32, "channels_last"
+    )
+    with pytest.raises(RuntimeError, match="positive"):
+        cpp.idconv_eval(x[:, :, :0], reduce_weight, reduce_bias, expand_weight, expand_bias, weight, bias)
+    with pytest.raises(RuntimeError, match=r"\[G, C, K, K\]"):
+        cpp.idconv_eval(x, reduce_weight, reduce_bias, expand_weight, expand_bias, weight[:, :4], bias)
+    with pytest.raises(RuntimeError, match="odd"):
+        cpp.idconv_eval(x, reduce_weight, reduce_bias, expand_weight, expand_bias, weight[..., :6, :6], bias)
+    with pytest.raises(RuntimeError, match=r"reduce_weight must be \[R, C\]"):
+        cpp.idconv_eval(x, reduce_weight[:, :4], reduce_bias, expand_weight, expand_bias, weight, bias)
+    with pytest.raises(RuntimeError, match=r"expand_weight must be \[G\*C, R\]"):
+        cpp.idconv_eval(x, reduce_weight, reduce_bias, expand_weight[:8], expand_bias, weight, bias)
+    with pytest.raises(RuntimeError, match=r"bias must be \[G, C\]"):
+        cpp.idconv_eval(x, reduce_weight, reduce_bias, expand_weight, expand_bias, weight, bias[:1])
+    with pytest.raises(RuntimeError, match="dtype"):
+        cpp.idconv_eval(x, reduce_weight.double(), reduce_bias, expand_weight, expand_bias, weight, bias)

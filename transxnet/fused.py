@@ -23,7 +23,8 @@ state dict keeps its keys, order and values. What the subclasses change:
   weight prepacked once and a following GELU fused as its post-op (small 1x1 and 'same' depthwise convs
   run as a matmul and the cpp depthwise kernel instead: see `FoldedConv`), and the fused ops run their
   kernels unchecked (`inference_op`). At batch 1 per-call costs outweigh the arithmetic of most calls, so IDConv's
-  projection (1x1 convs over K*K + 1 pixels) runs as two linear layers in eval.
+  projection (1x1 convs over K*K + 1 pixels) runs as two linear layers in eval, and where the cpp backend
+  runs IDConv, the pooling, the projection and the conv are one call (`idconv_eval`).
 """
 
 from __future__ import annotations
@@ -296,9 +297,9 @@ def inference_op(op, x: torch.Tensor):
 
 def cpp_helpers(x: torch.Tensor, op: str = "multiscale_dwconv"):
     """The cpp backend's non-op kernels (`transxnet_kernels.cpp.ops`: `gelu_`, `strided_dwconv`,
-    `ms_ffn_middle_eval_overwriting`) where the cpp backend runs the fused op `op` of this oneDNN-inference call,
-    else None (another backend chosen, or no build): under a forced reference backend the model runs standard ops
-    throughout. Resolved once per checked forward."""
+    `ms_ffn_middle_eval_overwriting`, `idconv_eval`) where the cpp backend runs the fused op `op` of this
+    oneDNN-inference call, else None (another backend chosen, or no build): under a forced reference backend the
+    model runs standard ops throughout. Resolved once per checked forward."""
 
     def resolve():
         if inference_backend(op, x.device, x.dtype) != "cpp":
@@ -462,12 +463,15 @@ class AcceleratedIDConv(IDConv):
             return super().forward(x)
         B, C = x.shape[:2]
         G, K = self.num_groups, self.kernel_size
-        pooled = F.adaptive_avg_pool2d(x, K).flatten(2).transpose(1, 2)
-        both = torch.cat([pooled, x.mean(dim=(2, 3)).unsqueeze(1)], dim=1)  # [B, K*K + 1, C]
         # proj's 1x1 convs on K*K + 1 pixels as linear layers: a matmul costs a fraction of a conv call there.
         reduce_w, reduce_b, expand_w, expand_b = inference_constant(
             self, "proj", (self.proj[0].conv, self.proj[0].bn, self.proj[1]), self.proj_linear
         )
+        helpers = cpp_helpers(x, "idconv") if onednn_inference(x) else None
+        if helpers is not None:  # all of the below in one call
+            return helpers.idconv_eval(x, reduce_w, reduce_b, expand_w, expand_b, self.weight, self.bias)
+        pooled = F.adaptive_avg_pool2d(x, K).flatten(2).transpose(1, 2)
+        both = torch.cat([pooled, x.mean(dim=(2, 3)).unsqueeze(1)], dim=1)  # [B, K*K + 1, C]
         logits = F.linear(gelu_fresh(F.linear(both, reduce_w, reduce_b)), expand_w, expand_b)  # [B, K*K + 1, G*C]
         kernel_logits = logits[:, : K * K].reshape(B, K, K, G, C).permute(0, 3, 4, 1, 2)
         bias_logits = logits[:, K * K].reshape(B, G, C)

@@ -123,6 +123,26 @@ def ms_ffn_middle_eval_overwriting(
     return _C.ms_ffn_middle_eval_overwriting(x, input_scale, input_shift, weights, biases, output_scale, output_shift)
 
 
+def idconv_eval(
+    x: torch.Tensor,
+    reduce_weight: torch.Tensor,
+    reduce_bias: torch.Tensor,
+    expand_weight: torch.Tensor,
+    expand_bias: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+) -> torch.Tensor:
+    """IDConv's eval forward from its input x [B, C, H, W]: the logits from `proj` as two linear layers
+    (reduce_weight [R, C] and reduce_bias [R]: its 1x1 conv with the BatchNorm folded; GELU; expand_weight
+    [G*C, R] and expand_bias [G*C]: its second 1x1 conv) applied to the input pooled to K x K (adaptive average
+    pooling, PyTorch's bins) and to its mean, then `idconv` with weight [G, C, K, K] and bias [G, C]. The pooling
+    and the mean are one pass of box sums over x, the kernel and bias logits come out of one matmul in the layout
+    the mixing reads, so the ~13 torch calls of the same math (0.1-0.2 ms per call at batch 1 in TransXNet-T)
+    are one. idconv's layout rule. Not an op: forward only, float32/float64 CPU tensors, outside autograd.
+    Bytes: x + out (+ the weights and K*K + 1 rows of logits)."""
+    return _C.idconv_eval(x, reduce_weight, reduce_bias, expand_weight, expand_bias, weight, bias)
+
+
 def supports(info: CallInfo) -> Optional[str]:
     """The cpp backend's predicate: None when the kernels can run the call, else why not."""
     if info.device.type != "cpu":
