@@ -569,7 +569,7 @@ class AcceleratedMlp(Mlp):
             x = self.fused_eval(h)
         else:
             x = self.fused_middle(self.fc1[2](self.fc1[1](h)))
-        return self.drop(self.folded_fc2(self.drop(x), layer_scale))
+        return self.folded_fc2(x, layer_scale)  # (dropout is the identity in eval)
 
     def middle_records_grad(self, h) -> bool:
         """Whether the middle (from fc1's GELU to its BatchNorm) on fc1's conv output `h` records an autograd graph."""
@@ -624,17 +624,23 @@ class AcceleratedMlp(Mlp):
         )
 
 
+def group_norm(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+    """norm(x) as one aten call: at batch 1 the module call and F.group_norm's Python checks cost about as much
+    as a late stage's normalisation (in eval, like the folded BatchNorms, the module's hooks do not run)."""
+    return torch.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
+
+
 class AcceleratedBlock(Block):
     """Eval: each branch's layer scale folded into the branch's last conv (drop path is off in eval), the
-    position encoding's residual into its centre tap."""
+    position encoding's residual into its centre tap, the GroupNorms one aten call each (`group_norm`)."""
 
     def _forward(self, x, relative_pos_enc=None):
         if self.training:
             return super()._forward(x, relative_pos_enc)
         pos = self.pos_embed
         x = folded_conv(pos, "pos_embed", pos, x, (pos,), lambda: (with_identity_tap(pos.weight), pos.bias))(x)
-        x = x + self.token_mixer(self.norm1(x), relative_pos_enc, self.layer_scale_1)
-        return x + self.mlp(self.norm2(x), self.layer_scale_2)
+        x = x + self.token_mixer(group_norm(self.norm1, x), relative_pos_enc, self.layer_scale_1)
+        return x + self.mlp(group_norm(self.norm2, x), self.layer_scale_2)
 
 
 class AcceleratedTransXNet(TransXNet):
