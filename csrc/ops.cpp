@@ -189,15 +189,19 @@ at::Tensor same_layout_as_input(const at::Tensor& out, const at::Tensor& x) {
   return channels_last_input(x) ? out.contiguous(at::MemoryFormat::ChannelsLast) : out;
 }
 
-// IDConv logits of G groups as the kernels read them: logit (b, g, c) at
-// p[b * sample + g * group + c * channel] (a kernel logit's K*K taps are
-// contiguous from there). idconv_forward passes its [B, G, C, K, K] and
-// [B, G, C] inputs; idconv_eval its [B, G*C, K*K + 1] matmul result, whose last
-// column holds the bias logits.
+// IDConv logits of G groups as the kernels read them, from a [B, G, C] or [B, G, C, K*K]
+// view (taps unit-stride): logit (b, g, c) at p[b * sample + g * group + c * channel],
+// a kernel logit's K*K taps contiguous from there. idconv_forward's inputs are
+// contiguous; idconv_eval's are views of its [B, G*C, K*K + 1] matmul result.
 template <typename T>
 struct LogitsView {
   const T* p;
   int64_t sample, group, channel;
+  explicit LogitsView(const at::Tensor& t)
+      : p(t.defined() ? t.const_data_ptr<T>() : nullptr),
+        sample(t.defined() ? t.stride(0) : 0),
+        group(t.defined() ? t.stride(1) : 0),
+        channel(t.defined() ? t.stride(2) : 0) {}
   const T* at(int64_t b, int64_t g, int64_t c) const { return p + b * sample + g * group + c * channel; }
 };
 
@@ -268,6 +272,23 @@ void run_idconv(const at::Tensor& x, at::Tensor& out, bool nhwc, const LogitsVie
   }
 }
 
+// The IDConv conv of x_in in the layout rule's output layout: kernel_logits a
+// [B, G, C, K*K] view with unit-stride taps, bias_logits a [B, G, C] view (or
+// undefined, with bias: no bias), weight [G, C, K, K] and bias [G, C] contiguous.
+at::Tensor idconv_conv(const at::Tensor& x_in, const at::Tensor& kernel_logits, const at::Tensor& bias_logits,
+                       const at::Tensor& weight, const at::Tensor& bias) {
+  const int64_t G = weight.size(0), K = weight.size(-1);
+  const bool nhwc = channels_last_input(x_in) && K <= kMaxNhwcKernel;
+  const at::Tensor x = nhwc ? x_in : x_in.contiguous();
+  at::Tensor out = nhwc ? empty_like_layout(x_in) : at::empty(x.sizes(), x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "idconv_cpp", [&] {
+    using T = scalar_t;
+    run_idconv<T>(x, out, nhwc, LogitsView<T>(kernel_logits), LogitsView<T>(bias_logits),
+                  weight.const_data_ptr<T>(), bias.defined() ? bias.const_data_ptr<T>() : nullptr, G, K);
+  });
+  return same_layout_as_input(out, x_in);
+}
+
 void check_idconv_weights(const at::Tensor& weight, const at::Tensor& x) {
   check_input(weight, x, "weight");
   TORCH_CHECK(weight.dim() == 4 && weight.size(1) == x.size(1) && weight.size(2) == weight.size(3),
@@ -281,32 +302,21 @@ at::Tensor idconv_forward(const at::Tensor& x_in, const at::Tensor& kernel_logit
   check_input(kernel_logits_in, x_in, "kernel_logits");
   check_idconv_weights(weight_in, x_in);
   TORCH_CHECK(bias_logits_in.has_value() == bias_in.has_value(), "pass both bias_logits and bias, or neither");
-  const bool nhwc = channels_last_input(x_in) && weight_in.size(-1) <= kMaxNhwcKernel;
-  const at::Tensor x = nhwc ? x_in : x_in.contiguous();
   const at::Tensor logits = kernel_logits_in.contiguous();
   const at::Tensor weight = weight_in.contiguous();
-  const int64_t B = x.size(0), C = x.size(1);
+  const int64_t B = x_in.size(0), C = x_in.size(1);
   const int64_t G = weight.size(0), K = weight.size(-1);
   TORCH_CHECK(logits.sizes() == at::IntArrayRef({B, G, C, K, K}), "kernel_logits must be [B, G, C, K, K]");
   at::Tensor bias_logits, bias;
   if (bias_in.has_value()) {
-    check_input(*bias_logits_in, x, "bias_logits");
-    check_input(*bias_in, x, "bias");
+    check_input(*bias_logits_in, x_in, "bias_logits");
+    check_input(*bias_in, x_in, "bias");
     bias_logits = bias_logits_in->contiguous();
     bias = bias_in->contiguous();
     TORCH_CHECK(bias.sizes() == at::IntArrayRef({G, C}) && bias_logits.sizes() == at::IntArrayRef({B, G, C}),
                 "bias must be [G, C] and bias_logits [B, G, C]");
   }
-  at::Tensor out = nhwc ? empty_like_layout(x_in) : at::empty(x.sizes(), x.options());
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "idconv_cpp", [&] {
-    using T = scalar_t;
-    const int64_t KK = K * K;
-    const LogitsView<T> kernel_view{logits.const_data_ptr<T>(), G * C * KK, C * KK, KK};
-    const LogitsView<T> bias_view{bias.defined() ? bias_logits.const_data_ptr<T>() : nullptr, G * C, C, 1};
-    run_idconv<T>(x, out, nhwc, kernel_view, bias_view, weight.const_data_ptr<T>(),
-                  bias.defined() ? bias.const_data_ptr<T>() : nullptr, G, K);
-  });
-  return same_layout_as_input(out, x_in);
+  return idconv_conv(x_in, logits.view({B, G, C, K * K}), bias_logits, weight, bias);
 }
 
 at::Tensor gelu_(at::Tensor x);
@@ -392,17 +402,9 @@ at::Tensor idconv_eval(const at::Tensor& x_in, const at::Tensor& reduce_weight, 
       at::baddbmm(expand_bias.view({1, G * C, 1}), expand_weight.expand({B, G * C, R}),
                   hidden.view({B, KK + 1, R}).transpose(1, 2))
           .contiguous();  // [B, G*C, KK + 1]
-  const bool nhwc = channels_last_input(x_in) && K <= kMaxNhwcKernel;
-  const at::Tensor x = nhwc ? x_in : x_in.contiguous();
-  at::Tensor out = nhwc ? empty_like_layout(x_in) : at::empty(x.sizes(), x.options());
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "idconv_eval", [&] {
-    using T = scalar_t;
-    const T* lp = logits.const_data_ptr<T>();
-    const int64_t row = KK + 1;
-    const LogitsView<T> kernel_view{lp, G * C * row, C * row, row}, bias_view{lp + KK, G * C * row, C * row, row};
-    run_idconv<T>(x, out, nhwc, kernel_view, bias_view, weight.const_data_ptr<T>(), bias.const_data_ptr<T>(), G, K);
-  });
-  return same_layout_as_input(out, x_in);
+  // Each (group, channel) row: its K*K kernel logits, then its bias logit.
+  return idconv_conv(x_in, logits.narrow(2, 0, KK).view({B, G, C, KK}), logits.select(2, KK).view({B, G, C}),
+                     weight, bias);
 }
 
 // Contiguous copies of the group weights/biases and the per-channel table pointing into them.

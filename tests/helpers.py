@@ -243,6 +243,17 @@ def to_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
     return full.chunk(2, dim=1)[0]
 
 
+@contextlib.contextmanager
+def num_threads(n: int):
+    """torch's intra-op thread count set to n inside the block, restored after."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
 def map_tensors(fn: Callable[[torch.Tensor], torch.Tensor], args):
     """args with fn applied to every tensor, inside lists and tuples too."""
     if isinstance(args, torch.Tensor):

@@ -8,7 +8,16 @@ import torch
 import torch.nn.functional as F
 
 import transxnet_kernels as tk
-from helpers import TOLERANCE, assert_rel_close, backend_params, cpp_only, randn, requires_cpp, to_layout
+from helpers import (
+    TOLERANCE,
+    assert_rel_close,
+    backend_params,
+    cpp_only,
+    num_threads,
+    randn,
+    requires_cpp,
+    to_layout,
+)
 
 pytestmark = requires_cpp
 
@@ -161,12 +170,8 @@ def test_middle_eval_overwriting_takes_the_input_only_where_safe(cpp, shape, thr
     x = args[0]
     x_before = x.clone()
     expected = middle_eval_reference(args)
-    saved = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with num_threads(threads):
         out = cpp.ms_ffn_middle_eval_overwriting(*args)
-    finally:
-        torch.set_num_threads(saved)
     assert out.is_contiguous(memory_format=torch.channels_last) and out.dtype == dtype
     assert_rel_close(out, expected, TOLERANCE[dtype], f"{shape} B={B} threads={threads}")
     assert (out.data_ptr() == x.data_ptr()) == in_place
@@ -182,12 +187,8 @@ def test_middle_eval_overwriting_keeps_other_layouts(cpp, layout, dtype):
     args = middle_eval_args([3, 2, 2, 2], [1, 3, 5, 7], 2, 11, 9, dtype, layout)
     x = args[0]
     x_before = x.clone()
-    saved = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with num_threads(2):
         out = cpp.ms_ffn_middle_eval_overwriting(*args)
-    finally:
-        torch.set_num_threads(saved)
     assert_rel_close(out, middle_eval_reference(args), TOLERANCE[dtype], layout)
     assert torch.equal(x.isnan(), x_before.isnan()) and torch.equal(x.nan_to_num(), x_before.nan_to_num())
     assert out.data_ptr() != x.data_ptr()
@@ -213,12 +214,7 @@ def idconv_eval_args(shape, dtype, layout):
     B, C, H, W, G, K = shape
     R = max(1, C // 4)
     gen = torch.Generator().manual_seed(sum(shape))
-    x = randn(B, C, H, W, dtype=dtype, gen=gen, device="cpu")
-    if layout == "channels_last":
-        x = x.contiguous(memory_format=torch.channels_last)
-    elif layout == "channel_slice":  # the first half of a channels_last map whose other half is NaN
-        full = torch.cat([x, torch.full_like(x, float("nan"))], dim=1).contiguous(memory_format=torch.channels_last)
-        x = full[:, :C]
+    x = to_layout(randn(B, C, H, W, dtype=dtype, gen=gen, device="cpu"), layout)
     params = [(R, C), (R,), (G * C, R), (G * C,), (G, C, K, K), (G, C)]
     return (x, *(randn(*p, dtype=dtype, gen=gen, scale=0.5, device="cpu") for p in params))
 
@@ -249,12 +245,8 @@ def idconv_eval_reference(x, reduce_weight, reduce_bias, expand_weight, expand_b
 def test_idconv_eval_matches_the_released_math(cpp, shape, dtype, layout, threads):
     args = idconv_eval_args(shape, dtype, layout)
     x_before = args[0].clone()
-    saved = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with num_threads(threads):
         out = cpp.idconv_eval(*args)
-    finally:
-        torch.set_num_threads(saved)
     assert out.dtype == dtype
     assert out.is_contiguous(memory_format=torch.channels_last) == (layout != "contiguous")
     assert_rel_close(out, idconv_eval_reference(*args), TOLERANCE[dtype], f"{idconv_id(shape)} {layout}")

@@ -25,6 +25,7 @@ from helpers import (
     groups_id,
     ms_ffn_small_tiles,
     not_interpreted,
+    num_threads,
     randn,
     requires_cpp,
     requires_triton,
@@ -167,12 +168,8 @@ def test_triton_stencils(stencil, nan_poisoned_empty):
 def test_cpp_banded_rows(backend):
     """Batch 1 with more threads than samples splits rows into bands that restage their halo rows."""
     args = eval_args([5, 4, 4, 4], [1, 3, 5, 7], 1, 23, 9, dtype=torch.float64, layout="channels_last", grad=False)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(4)
-    try:
+    with num_threads(4):
         check_op(backend, OP, args)
-    finally:
-        torch.set_num_threads(threads)
 
 
 @requires_cpp
