@@ -1,4 +1,5 @@
-"""Fit the rational erf the C++ kernels' fp32 GELU uses (csrc/kernels.h, `gelu_erf`), and check it in fp32.
+"""Fit the rational erf of the fp32 GELU in the C++ kernels (csrc/kernels.h, `gelu_erf`) and in the MS-FFN Triton
+kernels (transxnet_kernels/triton/ms_ffn.py, `_erf_scaled`; a test pins the two copies equal); check it in fp32.
 
     erf(x / sqrt(2)) ~= x * P(x^2) / Q(x^2)   fitted for |x| <= FIT_END * sqrt(2),   Q(0) = 1
 

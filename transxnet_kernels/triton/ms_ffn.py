@@ -92,6 +92,14 @@ Passes over the big tensor (one pass = B*C*H*W elements read or written; e = ele
     forward 307 -> 184 / 184, backward 890 -> 310 / 276; ms_ffn_middle training bf16 forward 755 -> 369 / 92,
     backward 1746 -> 663 / 138 (there the GELU and statistics epilogues, ~40 issued instructions per element
     and pass, and the stencil-free passes now bound it).
+    Epilogues, T (NCHW and channels_last, worst), H100 (A100), µs, before -> now / DRAM roofline: the rational
+    GELU (`_erf_scaled`: 18-20 issued instructions per GELU on sm_90 against ~36 for libdevice's erf), the
+    training backward's per-channel sums kept per thread until the end of the program (`_middle_grad_kernel`)
+    and no zero-filled gradient for the saved z (`_middle_setup_context`): ms_ffn_middle training bf16 stage 1
+    forward 385 -> 293 / 92 (588 -> 469 / 154), backward 678 -> 505 / 138 (1071 -> 800 / 231); fp32 stage 1
+    forward 414 -> 394 / 184, backward 1113 -> 746 / 276; ms_ffn_middle_eval bf16 stage 1 364 -> 275 / 92,
+    stage 4 63 -> 49 / 13. (The backward's "now" also counts only the tensors a pass dereferences: its
+    statistics pass is handed x and dz but reads z and go only.)
 """
 
 from __future__ import annotations
@@ -103,6 +111,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from .. import ops
 from ..layout import channels_last_input
@@ -111,6 +120,7 @@ from .common import (
     LaunchTarget,
     accumulation_dtype,
     device_guard,
+    interpreter_active,
     launch_settings,
     launch_target,
     needs_int64,
@@ -169,17 +179,52 @@ class Settings:
 _CONV, _APPLY, _STATS, _APPLY_SAVED, _PREACT = 0, 1, 2, 3, 4
 
 
+# The interpreter runs no libdevice call; there the rational erf divides exactly (see _erf_scaled).
+_INTERPRETED: tl.constexpr = tl.constexpr(interpreter_active())
+
+
+@triton.jit
+def _erf_scaled(z):
+    """erf(z / sqrt(2)), the exact GELU's erf. fp64: libdevice's erf. fp32 (every narrower map computes in fp32):
+    the C++ kernels' rational form (csrc/kernels.h `gelu_erf`, fitted by scripts/fit_gelu_erf.py; a test pins the
+    two sets of coefficients equal), z P(z^2) / Q(z^2) on z clamped to +-5.8, the result clamped to [-1, 1]:
+    |erf error| <= 3.7e-7, exactly +-1 in the tails. On sm_90 that is 11 FFMAs, 2 FMNMX, a MUFU.RCP and 3 FMULs
+    (the division approximate, ~2 ulp: libdevice's fast_dividef, as Q >= 1 needs no range fix-up) against ~30
+    instructions for libdevice's erff, which selects one of two coefficient sets per element with predicated
+    MOVs: the GELU epilogues bound the MS-FFN passes, not DRAM."""
+    if z.dtype == tl.float64:
+        return tl.erf(z * 0.70710678118654752440)
+    else:
+        zc = tl.clamp(z, -5.8, 5.8)
+        v = zc * zc
+        p = 2.201084176e-10 * v - 4.406808074e-08
+        p = p * v + 6.584054972e-06
+        p = p * v + 3.511301766e-04
+        p = p * v + 9.085664526e-03
+        p = p * v + 7.286975533e-02
+        p = p * v + 7.978842854e-01
+        q = 6.400325219e-05 * v + 1.861072727e-03
+        q = q * v + 2.939036861e-02
+        q = q * v + 2.579930723e-01
+        q = q * v + 1.0
+        if _INTERPRETED:
+            ratio = p / q
+        else:
+            ratio = libdevice.fast_dividef(p, q)
+        return tl.clamp(zc * ratio, -1.0, 1.0)
+
+
 @triton.jit
 def _gelu(z):
-    inv_sqrt2 = tl.full([], 0.70710678118654752440, z.dtype)
-    return 0.5 * z * (1.0 + tl.erf(z * inv_sqrt2))
+    half_z = 0.5 * z
+    return half_z * _erf_scaled(z) + half_z
 
 
 @triton.jit
 def _gelu_grad(z):
-    inv_sqrt2 = tl.full([], 0.70710678118654752440, z.dtype)
+    """GELU'(z) = Phi(z) + z phi(z)."""
     inv_sqrt_2pi = tl.full([], 0.39894228040143267794, z.dtype)
-    return 0.5 * (1.0 + tl.erf(z * inv_sqrt2)) + z * tl.exp(-0.5 * z * z) * inv_sqrt_2pi
+    return 0.5 * _erf_scaled(z) + 0.5 + z * tl.exp(-0.5 * z * z) * inv_sqrt_2pi
 
 
 @triton.jit
@@ -1248,16 +1293,19 @@ def _middle_grad_kernel(
     g_b = grad_out_ptr + b_lo.to(tl.int64) * grad_out_stride_b
     d_b = dz_ptr + b_lo.to(tl.int64) * dz_stride_b
     z_b = z_ptr + b_lo.to(tl.int64) * dz_stride_b
+    # The per-channel sums (go, go * xhat, dz) accumulate per thread, one value per tile element, and are reduced
+    # across the program once after the loop: a reduction per image cost ~60 issued instructions per thread for
+    # its 4 elements (shuffles, shared memory, barriers).
     if STATS:
-        s_go = tl.zeros([BLOCK_C], ACC)
-        s_gx = tl.zeros([BLOCK_C], ACC)
+        t_go = tl.zeros([BLOCK_C, BLOCK_HW], ACC)
+        t_gx = tl.zeros([BLOCK_C, BLOCK_HW], ACC)
     if DZ:
         cgo = tl.load(cgo_ptr + cs, mask=cmask, other=0.0).to(ACC)
         cxhat = tl.load(cxhat_ptr + cs, mask=cmask, other=0.0).to(ACC)
         cconst = tl.load(cconst_ptr + cs, mask=cmask, other=0.0).to(ACC)
         if PLANE_W == 0:
             acc_w = _wgrad_init(KMAX, KK_POW2, ACC, BLOCK_C, BLOCK_HW, VEC)
-        acc_b = tl.zeros([BLOCK_C], ACC)
+        t_dz = tl.zeros([BLOCK_C, BLOCK_HW], ACC)
     for _ in range(b_lo, b_hi):
         if Z_SAVED:
             z = tl.load(z_b + d_tile, mask=mask, other=0.0).to(ACC)
@@ -1292,13 +1340,13 @@ def _middle_grad_kernel(
         go = tl.load(g_b + g_tile, mask=mask, other=0.0).to(ACC)
         xhat = (_gelu(z) - mean[:, None]) * rstd[:, None]
         if STATS:
-            s_go += tl.sum(go, axis=1)
-            s_gx += tl.sum(tl.where(mask, go * xhat, 0.0), axis=1)
+            t_go += go
+            t_gx += tl.where(mask, go * xhat, 0.0)
         if DZ:
             dz = (cgo[:, None] * go + cxhat[:, None] * xhat + cconst[:, None]) * _gelu_grad(z)
             dz = tl.where(mask, dz, 0.0)
             tl.store(d_b + d_tile, dz.to(dz_ptr.dtype.element_ty), mask=mask)
-            acc_b += tl.sum(dz, axis=1)
+            t_dz += dz
             if PLANE_W == 0:
                 acc_w = _wgrad_tile(
                     acc_w,
@@ -1328,9 +1376,10 @@ def _middle_grad_kernel(
         d_b += dz_stride_b
     if STATS:
         part = _partial_rows(C, cs)
-        tl.store(psgo_ptr + part, s_go, mask=cmask)
-        tl.store(psgx_ptr + part, s_gx, mask=cmask)
+        tl.store(psgo_ptr + part, tl.sum(t_go, axis=1), mask=cmask)
+        tl.store(psgx_ptr + part, tl.sum(t_gx, axis=1), mask=cmask)
     if DZ:
+        acc_b = tl.sum(t_dz, axis=1)
         if PLANE_W > 0:  # dW from the dz just stored (the op gives the plane path an fp32 dz for half x)
             tl.store(pdb_ptr + _partial_rows(C, cs), acc_b, mask=cmask)
             tl.debug_barrier()  # the plane layout reads dz elements other threads of the program stored
@@ -2516,9 +2565,14 @@ def _middle_setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, z if training or save_z else None, w_table, bias, norm_weight, mean, var)
     ctx.args = (widths, ksizes, training, eps)
     ctx.norm_bias_dtype = norm_bias.dtype
+    # The gradients of mean, var and z (outputs for the running statistics and the backward only) would otherwise
+    # be materialised as zeros: for z, a fill as large as the map each backward (154 MB at T's stage 1, bf16).
+    ctx.set_materialize_grads(False)
 
 
 def _middle_autograd_rule(ctx, grad_out, _grad_mean, _grad_var, _grad_z):
+    if grad_out is None:  # an undefined output gradient (autograd may pass one; gradcheck checks it)
+        return (None,) * 12
     x, z, w_table, bias, norm_weight, mean, var = ctx.saved_tensors
     dx, dw, db, dgamma, dbeta = ms_ffn_middle_backward(grad_out, x, z, w_table, bias, norm_weight, mean, var, *ctx.args)
     return dx, dw, db, dgamma, dbeta.to(ctx.norm_bias_dtype), None, None, None, None, None, None, None
@@ -2585,7 +2639,9 @@ def ms_ffn_middle_eval(x, input_scale, input_shift, weights, biases, output_scal
     Not one kernel: a stencil thread loads its chunk and both neighbours for each of the strip's STRIP + K - 1
     input rows, so a prologue would evaluate the GELU ~5x per input element at K = 7 (and the plane and tiled
     stencils once per tap), where the middle's GELU epilogue alone already bounds the strip passes (static
-    audit, see the module docstring)."""
+    audit, see the module docstring). With the rational GELU (~19 instructions) the trade is closer but still
+    lost in bf16: ~2.4 extra GELUs per element on average over the four groups cost more issue time (~46
+    instructions) than the two bf16 passes they would save take DRAM time (~35 instructions' worth on H100)."""
     w_table, bias, widths, ksizes = _pack(weights, biases)
     out = torch.empty_like(x)
     if x.numel() == 0:
