@@ -175,6 +175,23 @@ def test_triton_position_chunking(target_programs, nan_poisoned_empty):
         check_op(TRITON, OP, idconv_args(2, 1, 20, 21, 2, 7, seed=3))
 
 
+# (H, most rows per strip) -> rows per strip: as few strips as the most rows allow, evenly filled.
+_STRIP_ROWS = {(8, 8): 8, (5, 8): 5, (4, 8): 4, (9, 8): 5, (8, 2): 2, (5, 2): 2, (4, 2): 2, (9, 2): 2}
+_STRIP_ROWS.update({(h, 0): 0 for h in (4, 5, 8, 9)})
+
+
+@requires_triton
+@pytest.mark.parametrize(
+    ("H", "most", "rows"), [(28, 8, 7), (56, 8, 8), (100, 8, 8), (50, 4, 4), (25, 8, 7), (3, 8, 3)]
+)
+def test_triton_strip_rows_are_balanced(H, most, rows):
+    """T/S/B at 224^2: stage 1 (H = 56) keeps 8-row strips, stage 2 (H = 28) takes 7, not 8 (32 rows computed)."""
+    from transxnet_kernels.triton import idconv as triton_idconv
+
+    assert triton_idconv._balanced_strip_rows(H, most) == rows
+    assert triton_idconv._balanced_strip_rows(H, 0) == 0
+
+
 # Launch settings of the stencils of NCHW rows of a multiple of 4 pixels (the whole-plane stencil off: these planes
 # would take it): the chunked conv stencil in one tile or in 16-position tiles (several tiles and position chunks),
 # or strips of 8 rows, or of 2 rows with 2 chunks of a row per program (several strips and column blocks).
@@ -188,10 +205,13 @@ ROW_STENCILS = {
 
 @requires_triton
 @pytest.mark.parametrize("stencil", list(ROW_STENCILS))
-@pytest.mark.parametrize("shape", [(2, 3, 8, 8, 2, 3), (1, 2, 5, 12, 3, 7), (2, 2, 4, 16, 2, 9)], ids=str)
+@pytest.mark.parametrize(
+    "shape", [(2, 3, 8, 8, 2, 3), (1, 2, 5, 12, 3, 7), (2, 2, 4, 16, 2, 9), (1, 2, 9, 8, 2, 5)], ids=str
+)
 def test_triton_chunked_stencils(shape, stencil, nan_poisoned_empty):
     """NCHW rows of a multiple of 4 pixels: the forward, gx and dk passes on the chunked or the strip stencils (the
-    plans must say so), against the fp64 reference."""
+    plans must say so; H = 9 in strips of at most 8 rows: two of 5, the second with a row past the map), against the
+    fp64 reference."""
     from transxnet_kernels.triton import common
     from transxnet_kernels.triton import idconv as triton_idconv
 
@@ -202,7 +222,7 @@ def test_triton_chunked_stencils(shape, stencil, nan_poisoned_empty):
         conv = triton_idconv._Plan(x, K, conv=True, others=(x,))
         dk = triton_idconv._Plan(x, K, conv=False, others=(x,))
         assert conv.chunked and dk.chunked
-        assert conv.strip == dk.strip == settings.strip_rows
+        assert conv.strip == dk.strip == _STRIP_ROWS[shape[2], settings.strip_rows]
         if stencil == "strips-small":
             strips = triton_idconv.triton.cdiv(shape[2], 2) * triton_idconv.triton.cdiv(shape[3], 8)
             assert conv.n_chunks == dk.n_chunks == strips

@@ -48,30 +48,29 @@ B·G·C·K²·e for the kernel logits, as large as G·N·e when K² = H·W):
     (this backward:   gx pass reads gy, writes gx; dk pass reads gy, x  -> 4·N·e bytes)
     forward+backward  5·N·e bytes minimum (6·N·e as implemented)
 
-Stencils. Planes of at most Settings.plane_max (16) rows and columns with int32 offsets (T/S/B stages 3-4 at
-224^2: 14x14, 7x7, either layout) run the MS-FFN's whole-plane stencils, a program per (sample, channel block)
-and a thread per (channel, column): the conv passes `ms_ffn._dwconv_plane_k` (per kernel column, the shifted
-column loaded once and its K vertical taps added as register FMAs with compile-time row bounds), the dk pass
-`ms_ffn._wgrad_plane_k` over the one sample (K per-thread partials per kernel column, one cross-column sum per
-tap; a single chunk, so dk and dβ need no chunk sums). On NCHW maps whose rows are a multiple of 4 pixels (T/S/B
-stages 1-2: W = 56, 28), with row-contiguous strides that are multiples of 4 and int32 offsets, the conv and dk
-passes run strips of Settings.strip_rows (8) rows, a program per (sample, channel block, strip, block of up to
-16 chunks of a row) and a thread per (channel, chunk of 4 pixels): `ms_ffn._dwconv_strip_vec_k` loads the K²
-taps once and each of the strip's 8 + K - 1 input rows once (3 vector loads: the chunk and its neighbours) and
-adds it into every output row it reaches by register FMAs; `ms_ffn._wgrad_strip_vec_k` holds the strip's gy
-rows and multiplies each x row into K² per-thread partials, reduced once per program into one chunk of dk and
-dβ partials per (strip, column block). With strip_rows = 0 they run the MS-FFN's chunked stencils
-(`ms_ffn._dwconv_tile_vec_k`, `ms_ffn._wgrad_tile_vec_k`: every kernel row and the taps reloaded per output
-row). Elsewhere each pass gathers the K×K taps from L1/L2 with one masked load per tap and output element
-(the dk pass as a [channels, taps, positions] window), bound by instruction issue rather than DRAM traffic.
-Static GPU audit (`python -m benchmarks.gpu_audit`, Triton 3.8, H100 SXM, batch 128, bf16, NCHW; estimate /
-DRAM roofline, µs): per-tap -> chunked -> strips, T stage 1 (24x56x56) forward 166 -> 71 -> 28 / 12,
-backward 483 -> 144 -> 67 / 18; stage 2 forward 97 -> 43 -> 17 / 6, backward 311 -> 110 -> 41 / 9;
-per-tap -> whole-plane, stage 3 (112x14x14) forward 60 -> 12 / 4, backward 288 -> 33 / 7; stage 4 (224x7x7)
-forward 35 -> 9 / 3, backward 191 -> 31 / 6 (there the softmax chain over the per-sample kernels and the batch
-sum of its weight-gradient terms, each pass as large as the logits, are 40% of the estimate). The conv passes'
-first form, a [channels, taps, positions] window reduced over the taps across threads, measured 0.14-0.19x
-eager on an H200 (benchmarks/results, 2026-11-28).
+Stencils. Planes of at most Settings.plane_max (16) rows and columns with int32 offsets (T/S/B stages 3-4 at 224^2:
+14x14, 7x7, either layout) run the MS-FFN's whole-plane stencils, a program per (sample, channel block) and a thread
+per (channel, column): the conv passes `ms_ffn._dwconv_plane_k` (per kernel column, the shifted column loaded once
+and its K vertical taps added as register FMAs with compile-time row bounds), the dk pass `ms_ffn._wgrad_plane_k`
+over the one sample (K per-thread partials per kernel column, one cross-column sum per tap; a single chunk, so dk
+and dβ need no chunk sums). On NCHW maps whose rows are a multiple of 4 pixels (T/S/B stages 1-2: W = 56, 28), with
+row-contiguous strides that are multiples of 4 and int32 offsets, the conv and dk passes run strips of at most
+Settings.strip_rows (8) rows, spread evenly (7 at H = 28), a program per (sample, channel block, strip, block of up
+to 16 chunks of a row) and a thread per (channel, chunk of 4 pixels): `ms_ffn._dwconv_strip_vec_k` loads the K² taps
+once and each of the strip's S + K - 1 input rows once (3 vector loads: the chunk and its neighbours) and adds it
+into every output row it reaches by register FMAs; `ms_ffn._wgrad_strip_vec_k` holds the strip's gy rows and
+multiplies each x row into K² per-thread partials, reduced once per program into one chunk of dk and dβ partials per
+(strip, column block). With strip_rows = 0 they run the MS-FFN's chunked stencils (`ms_ffn._dwconv_tile_vec_k`,
+`ms_ffn._wgrad_tile_vec_k`: every kernel row and the taps reloaded per output row). Elsewhere each pass gathers the
+K×K taps from L1/L2 with one masked load per tap and output element (the dk pass as a [channels, taps, positions]
+window), bound by instruction issue rather than DRAM traffic. Static GPU audit (`python -m benchmarks.gpu_audit`,
+Triton 3.8, H100 SXM, batch 128, bf16, NCHW; estimate / DRAM roofline, µs): per-tap -> chunked -> strips, T stage 1
+(24x56x56) forward 166 -> 71 -> 28 / 12, backward 483 -> 144 -> 67 / 18; stage 2 forward 97 -> 43 -> 17 / 6,
+backward 311 -> 110 -> 41 / 9; per-tap -> whole-plane, stage 3 (112x14x14) forward 60 -> 12 / 4, backward 288 -> 33
+/ 7; stage 4 (224x7x7) forward 35 -> 9 / 3, backward 191 -> 31 / 6 (there the softmax chain over the per-sample
+kernels and the batch sum of its weight-gradient terms, each pass as large as the logits, are 40% of the estimate).
+The conv passes' first form, a [channels, taps, positions] window reduced over the taps across threads, measured
+0.14-0.19x eager on an H200 (benchmarks/results, 2026-11-28).
 """
 
 from __future__ import annotations
@@ -128,8 +127,9 @@ class Settings:
     warps. target_programs: programs a launch should have before a plane is split into position chunks.
     plane_max: the largest H and W the whole-plane stencils run (0: never); plane_columns: (channel, column) pairs
     of a whole-plane program, one per thread on GPUs (the interpreter runs few large programs fastest).
-    strip_rows: output rows of a strip program of the conv and dk passes where the chunked stencils apply (0: the
-    chunked stencils instead); strip_chunks: (channel, chunk of 4 pixels) pairs of one strip program, one per thread;
+    strip_rows: most output rows of a strip program of the conv and dk passes where the chunked stencils apply (0:
+    the chunked stencils instead; H is cut into as few strips as that allows, of equal rows, see
+    _balanced_strip_rows); strip_chunks: (channel, chunk of 4 pixels) pairs of one strip program, one per thread;
     strip_row_chunks: most chunks of a row one strip program covers (wider rows take several column blocks,
     so a row is not padded far past W)."""
 
@@ -724,6 +724,15 @@ def _chunks(B: int, n_cblocks: int, HW: int, block_p: int, settings: Settings) -
     return triton.cdiv(n_tiles, tiles_per_chunk), tiles_per_chunk * block_p
 
 
+def _balanced_strip_rows(H: int, most_rows: int) -> int:
+    """Rows per strip: as few strips as `most_rows` allows, the rows spread evenly over them. A strip computes all
+    its rows (rows past H are masked at the store only), so 8-row strips over H = 28 (stage 2 at 224^2) would
+    compute 32 rows; 7-row strips compute 28."""
+    if most_rows <= 0:
+        return 0
+    return triton.cdiv(H, triton.cdiv(H, most_rows))
+
+
 class _Plan:
     """Tiling and chunking of one plane-shaped pass over x's layout: a conv pass (forward, gx) or the dk pass."""
 
@@ -741,7 +750,7 @@ class _Plan:
         # conv pass (per-thread partials per tap).
         block_c, block_p = _split_tile(C, H * W, self.settings.conv_tile_elements, channels_last_input(x))
         self.chunked = not self.plane[1] and _vectorisable(block_p, K, self.index64, x, *others)
-        self.strip = self.settings.strip_rows if self.chunked else 0
+        self.strip = _balanced_strip_rows(H, self.settings.strip_rows) if self.chunked else 0
         if self.plane[1]:
             self.block_p = triton.next_power_of_2(H) * self.plane[2]
             self.block_c = min(triton.next_power_of_2(C), max(1, self.settings.plane_columns // self.plane[2]))
