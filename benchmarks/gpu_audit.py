@@ -29,20 +29,23 @@ Pipeline
 4. Occupancy: resident blocks per SM = min over registers (64K per SM, 256-register allocation units
    per warp), shared memory (+1 KB reserved per block on sm_80+), warps and the block limit.
 5. Static time of one op call on a GPU model: per launch, max(DRAM bytes / bandwidth, issued
-   warp-instructions / (SMs x 4 schedulers x clock)), summed over the launches of the forward (and
-   of the backward). DRAM bytes: every tensor a launch is given, read or written once (distinct
-   storages; L2 catches the stencil/tile reuse). Issued warp-instructions: the SASS is split into
-   loops by backward branches; each SASS loop is tied to a source `for` loop by the line info of its
-   branch (Triton emits .loc, nvdisasm prints it); `gpu_audit_trips.LOOP_TRIPS` gives, per kernel, how
-   many times each source loop's body runs over the whole launch (from the launch arguments). Then
-   instructions = Σ_loops (body instructions not in an inner loop) x trips x warps + (instructions
-   outside loops) x programs x warps. One issue per scheduler per clock, no stalls modelled, no
-   wave tails. Torch work between launches (sums of partials, copies, fills) is recorded in step 2 by a
-   dispatch mode and adds its bytes / bandwidth (each aten op that is not a view or an allocation reads
-   its tensor arguments and writes its outputs once; a fill or zero only writes, a copy reads only its
-   source). Beside it, the call's roofline: minimal DRAM bytes (the kernel module docstrings' formulas)
-   / bandwidth.
-6. Cache: compile results, keyed by `ASTSource.hash()` (kernel source and every jit helper it calls,
+   warp-instructions / (SMs x 4 schedulers x clock)), summed over the launches of the forward (and of the
+   backward). DRAM bytes: every tensor a launch is given and its compiled code dereferences, read or written
+   once (distinct storages; L2 catches the stencil/tile reuse). Which pointer parameters a specialisation
+   dereferences comes from its TTIR (`unused_pointer_args`: data flow from each parameter to a load or
+   store, so a pass handed a tensor its constexpr branches skip is not charged for it). Issued
+   warp-instructions: the SASS is split into loops by backward branches; each SASS loop is tied to a source
+   `for` loop by the line info of its branch (Triton emits .loc, nvdisasm prints it);
+   `gpu_audit_trips.LOOP_TRIPS` gives, per kernel, how many times each source loop's body runs over the
+   whole launch (from the launch arguments). Then instructions = Σ_loops (body instructions not in an inner
+   loop) x trips x warps + (instructions outside loops) x programs x warps. One issue per scheduler per
+   clock, no stalls modelled, no wave tails. Torch work between launches (sums of partials, copies, fills)
+   is recorded in step 2 by a dispatch mode and adds its bytes / bandwidth (each aten op that is not a view
+   or an allocation reads its tensor arguments and writes its outputs once; a fill or zero only writes, a
+   copy reads only its source). Beside it, the call's roofline: minimal DRAM bytes (the kernel module
+   docstrings' formulas) / bandwidth.
+6. Cache: compile results (with the unused pointer parameters; entries cached before that field get it from
+   a TTIR-only compile), keyed by `ASTSource.hash()` (kernel source and every jit helper it calls,
    signature, constexprs, attributes), the options, the target and the Triton version, are kept in
    `benchmarks/results/gpu_audit_cache_<triton>.json`, so a rerun compiles only what changed.
 
@@ -400,26 +403,33 @@ class Launch:
     compile_key: str  # identifies the compiled specialisation (see `compile_spec`)
     spec: Dict[str, Any]  # what `compile_spec` needs: fn, signature, constexprs, attrs, options
     loop_trips: Dict[str, int]
-    dram_bytes: int
+    tensors: Tuple[Tuple[Tuple[str, ...], int], ...]  # per distinct tensor: the arguments naming it, its bytes
+
+    def dram_bytes(self, unused_args: Sequence[str] = ()) -> int:
+        """Each distinct tensor read or written once, but those only named by arguments the compiled kernel never
+        uses (a pass handed a tensor that its constexpr branches do not touch)."""
+        return sum(size for names, size in self.tensors if not set(names) <= set(unused_args))
 
 
-def _launch_bytes(args: Dict[str, Any]) -> int:
-    """Bytes of the distinct tensors a launch is given (each read or written once). A launch with a channel block
-    table (blocks_ptr: int32 rows of first channel, end channel, kernel size) covers only its blocks' channels:
-    of a tensor whose axis 1 is the C channels (feature maps, per-channel partials) it moves that share."""
+def _launch_tensors(args: Dict[str, Any]) -> Tuple[Tuple[Tuple[str, ...], int], ...]:
+    """The distinct tensors a launch is given, with the arguments naming each and its bytes. A launch with a
+    channel block table (blocks_ptr: int32 rows of first channel, end channel, kernel size) covers only its
+    blocks' channels: of a tensor whose axis 1 is the C channels (feature maps, per-channel partials) it moves
+    that share."""
     blocks = args.get("blocks_ptr")
     share = 1.0
     if isinstance(blocks, torch.Tensor) and isinstance(args.get("C"), int) and args["C"] > 0:
         rows = blocks.reshape(-1, 3).to(torch.int64)
         share = float((rows[:, 1] - rows[:, 0]).sum()) / args["C"]
-    seen = {}
-    for value in args.values():
+    seen: Dict[Tuple, Tuple[Tuple[str, ...], int]] = {}
+    for name, value in args.items():
         if isinstance(value, torch.Tensor):
             size = value.numel() * value.element_size()
             if value.dim() >= 2 and value.shape[1] == args.get("C"):
                 size = int(size * share)
-            seen[(value.data_ptr(), value.shape, value.stride())] = size
-    return sum(seen.values())
+            key = (value.data_ptr(), value.shape, value.stride())
+            seen[key] = (seen[key][0] + (name,) if key in seen else (name,), size)
+    return tuple(seen.values())
 
 
 def _describe(value) -> Any:
@@ -475,7 +485,7 @@ def recording_launches(gpu: Gpu, sink: List[Launch], phase: List[str]) -> Iterat
                 hashlib.sha256(key.encode()).hexdigest(),
                 spec,
                 LOOP_TRIPS[fn.__name__](bound, grid),
-                _launch_bytes(bound),
+                _launch_tensors(bound),
             )
         )
 
@@ -592,14 +602,18 @@ def record_call(call: OpCall, gpu: Gpu) -> Tuple[List[Launch], Dict[str, int]]:
 # ===================================================================================================
 
 
+def _ast_source(spec: Dict[str, Any]) -> Tuple[JITFunction, ASTSource]:
+    module, name = spec["fn"].split(":")
+    fn = getattr(importlib.import_module(module), name)
+    return fn, ASTSource(fn, spec["signature"], spec["constexprs"], spec["attrs"])
+
+
 def compile_spec(spec: Dict[str, Any]) -> Dict[str, Any]:
     """Compile one specialisation for its target: resources and the SASS loop analysis, or the error."""
     from triton import knobs
 
     target = GPUTarget("cuda", spec["cc"], 32)
-    module, name = spec["fn"].split(":")
-    fn = getattr(importlib.import_module(module), name)
-    src = ASTSource(fn, spec["signature"], spec["constexprs"], spec["attrs"])
+    fn, src = _ast_source(spec)
     log = io.StringIO()
     started = time.perf_counter()
     try:
@@ -630,8 +644,101 @@ def compile_spec(spec: Dict[str, Any]) -> Dict[str, Any]:
         "stack_bytes": ptxas["stack"],
         "smem_bytes": int(kernel.metadata.shared) + ptxas["static_smem"],
         "sass": analyse_sass(sass, _source_loops(fn)),
+        "unused_pointer_args": unused_pointer_args(kernel.asm["ttir"]),
         "compile_s": time.perf_counter() - started,
     }
+
+
+_SSA = re.compile(r"%[\w.$-]+(?:#\d+)?")
+_DEFINITION = re.compile(r"%[\w.$-]+(?::\d+)?(?:, %[\w.$-]+(?::\d+)?)* = ")  # a line defining values
+_MEMORY_OPS = ("tt.load", "tt.store", "tt.atomic_rmw", "tt.atomic_cas", "tt.descriptor_", "tt.call")
+
+
+def _ssa_results(lhs: str) -> List[str]:
+    """The values a "%a, %b = ..." or "%t:3 = ..." line defines, as later lines name them (%t#0 .. %t#2)."""
+    results = []
+    for token in lhs.split(","):
+        token = token.strip()
+        name, _, count = token.partition(":")
+        results += [f"{name}#{i}" for i in range(int(count))] if count else [name]
+    return results
+
+
+def unused_pointer_args(ttir: str) -> List[str]:
+    """The pointer parameters (by source name) that a kernel's TTIR never dereferences. Triton's TTIR passes have
+    inlined the helpers, pruned the branches its constexprs rule out and removed dead code; what can remain of an
+    untouched tensor is pointer arithmetic carried through a loop (a per-image base advanced but never loaded).
+    So: data flow from each pointer parameter through every op's operands to its results, through scf.for
+    iter_args and the yields of scf.for / scf.if to their block arguments and results; a parameter is used
+    when it reaches an operand of a load, store, atomic, descriptor op or call."""
+    header_at = ttir.index("tt.func public @")
+    header_end = ttir.index("\n", header_at)
+    header, body = ttir[header_at:header_end], ttir[header_end:]
+    # "%x_ptr: !tt.ptr<bf16> {tt.divisibility = 16 : i32} loc("x_ptr"(#loc))" (Triton 3.6 names it %arg0)
+    params = re.findall(r'(%[\w.$-]+): !tt\.ptr<[^>]+>(?: \{[^}]*\})? loc\("(\w+)"', header)
+    edges: Dict[str, set] = collections.defaultdict(set)
+    sinks: set = set()
+    regions: List[Tuple[str, List[str], List[str]]] = []  # (op, results, block arguments) of each open region
+    for raw in body.splitlines():
+        line = re.sub(r"\bloc\(.*$", "", raw).strip()  # drop the location suffix
+        closes, opens = line.startswith("}"), line.endswith("{")
+        if closes and regions:
+            region = regions.pop()
+            if opens:  # "} else {": the same scf.if's other region
+                regions.append(region)
+            continue
+        lhs, eq, rhs = line.partition(" = ") if _DEFINITION.match(line) else ("", "", line)
+        results = _ssa_results(lhs) if eq else []
+        if rhs.startswith("scf.for "):
+            pairs = re.findall(r"(%[\w.$-]+) = (%[\w.$-]+(?:#\d+)?)", rhs[rhs.find("iter_args(") :])
+            for arg, init in pairs:
+                edges[init].add(arg)
+            regions.append(("for", results, [arg for arg, _ in pairs]))
+            continue
+        operands = _SSA.findall(rhs)
+        if rhs.startswith("scf.yield"):
+            op, region_results, args = regions[-1] if regions else ("", [], [])
+            for i, value in enumerate(operands):
+                targets = [region_results[i]] if i < len(region_results) else region_results
+                edges[value].update(targets + ([args[i]] if op == "for" and i < len(args) else []))
+            continue
+        if opens:
+            regions.append(("if" if rhs.startswith("scf.if") else "other", results, []))
+        for value in operands:
+            edges[value].update(results)
+        if rhs.startswith(_MEMORY_OPS):
+            sinks.update(operands)
+    unused = []
+    for value, name in params:
+        seen, todo = {value}, [value]
+        while todo:
+            for nxt in edges[todo.pop()]:
+                if nxt not in seen:
+                    seen.add(nxt)
+                    todo.append(nxt)
+        if not seen & sinks:
+            unused.append(name)
+    return unused
+
+
+def pointer_use_spec(spec: Dict[str, Any]) -> List[str]:
+    """unused_pointer_args of one specialisation from its TTIR alone (Triton's front end, no ptxas): for cache
+    entries compiled before the field existed."""
+    from triton._C.libtriton import ir
+
+    target = GPUTarget("cuda", spec["cc"], 32)
+    backend = make_backend(target)
+    _, src = _ast_source(spec)
+    options = backend.parse_options(dict(spec["options"], **src.parse_options()))
+    context = ir.context()
+    ir.load_dialects(context)
+    backend.load_dialects(context)
+    codegen = backend.get_codegen_implementation(options)
+    module = src.make_ir(target, options, codegen, backend.get_module_map(), context)
+    stages: Dict[str, Any] = {}
+    backend.add_stages(stages, options, src.language)
+    ttir = stages["ttir"](module, {"hash": "", "target": target, **options.__dict__})
+    return unused_pointer_args(str(ttir))
 
 
 def _parse_ptxas_log(log: str) -> Dict[str, int]:
@@ -888,7 +995,7 @@ def issued_warp_instructions(launch: Launch, sass: Dict[str, Any]) -> int:
 
 
 def launch_seconds(launch: Launch, result: Dict[str, Any], gpu: Gpu) -> Dict[str, float]:
-    dram = launch.dram_bytes / (gpu.dram_tb_s * 1e12)
+    dram = launch.dram_bytes(result["unused_pointer_args"]) / (gpu.dram_tb_s * 1e12)
     issue = issued_warp_instructions(launch, result["sass"]) / (gpu.sms * SCHEDULERS_PER_SM * gpu.clock_ghz * 1e9)
     return {"dram_s": dram, "issue_s": issue, "estimate_s": max(dram, issue)}
 
@@ -952,6 +1059,10 @@ def _compile_worker(key: str) -> Dict[str, Any]:
     return compile_spec(_PENDING[key])
 
 
+def _pointer_use_worker(key: str) -> List[str]:
+    return pointer_use_spec(_PENDING[key])
+
+
 def audit(targets: Sequence[str], jobs: int, use_cache: bool, configs: str = "", log=print) -> Dict[str, Any]:
     """The audit of the op calls whose (first) configuration label matches the regex `configs`."""
     started = time.perf_counter()
@@ -977,6 +1088,13 @@ def audit(targets: Sequence[str], jobs: int, use_cache: bool, configs: str = "",
             if i % 10 == 0 or i == len(todo):
                 log(f"[audit]   compiled {i}/{len(todo)} ({time.perf_counter() - compile_started:.0f} s)")
                 save_cache(cache_path, cache)
+    missing = {k: s for k, s in specs.items() if cache[k]["ok"] and "unused_pointer_args" not in cache[k]}
+    if missing:
+        log(f"[audit] {len(missing)} cached specialisations without pointer use: their TTIR ({jobs} jobs)")
+        _PENDING.update(missing)
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("fork")) as pool:
+            for key, unused in zip(missing, pool.map(_pointer_use_worker, missing)):
+                cache[key]["unused_pointer_args"] = unused
     # A full audit drops entries no launch needs any more; a filtered one keeps the others' entries.
     save_cache(cache_path, {k: v for k, v in cache.items() if k in specs or configs})
     report = build_report(calls, launches, cache)

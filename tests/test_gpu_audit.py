@@ -242,6 +242,71 @@ def test_sass_loops_are_attributed_within_their_source_file():
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
+_POINTER_USE_CHECK = r"""
+import importlib, sys, tempfile
+from pathlib import Path
+
+from benchmarks import gpu_audit
+
+source = '''
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def kernel(x_ptr, skipped_ptr, carried_ptr, out_ptr, n, SKIP: tl.constexpr):
+    acc = tl.load(x_ptr)
+    if not SKIP:
+        acc += tl.load(skipped_ptr)
+    base = carried_ptr  # advanced through the loop, never loaded: no DRAM traffic
+    for i in range(n):
+        acc += tl.load(x_ptr + i)
+        base += 1
+    tl.store(out_ptr, acc)
+'''
+with tempfile.TemporaryDirectory() as directory:
+    (Path(directory) / "pointer_use_module.py").write_text(source)
+    sys.path.insert(0, directory)
+    module = importlib.import_module("pointer_use_module")
+    signature = {"x_ptr": "*fp32", "skipped_ptr": "*fp32", "carried_ptr": "*fp32", "out_ptr": "*fp32", "n": "i32",
+                 "SKIP": "constexpr"}
+    for skip, unused in ((True, ["skipped_ptr", "carried_ptr"]), (False, ["carried_ptr"])):
+        spec = dict(fn="pointer_use_module:kernel", signature=signature, constexprs={(5,): skip}, attrs={},
+                    options={"num_warps": 1}, cc=90)
+        assert gpu_audit.pointer_use_spec(spec) == unused, (skip, gpu_audit.pointer_use_spec(spec))
+        assert gpu_audit.compile_spec(spec)["unused_pointer_args"] == unused
+    launch = gpu_audit.Launch("kernel", "forward", (1, 1, 1), 1, "", {}, {}, ((("x_ptr",), 8), (("skipped_ptr",
+             "carried_ptr"), 16), (("out_ptr",), 4)))
+    assert launch.dram_bytes() == 28 and launch.dram_bytes(["skipped_ptr"]) == 28
+    assert launch.dram_bytes(["skipped_ptr", "carried_ptr"]) == 12
+"""
+
+
+def test_dram_bytes_count_only_the_tensors_a_kernel_dereferences():
+    """A pass may be handed tensors its constexpr branches never touch (the training statistics pass of the MS-FFN
+    backward gets x and dz): the TTIR's data flow from each pointer parameter to a load or store decides, also
+    through a loop-carried pointer that is only advanced; a tensor counts while any argument naming it is used.
+    The cache-filling TTIR-only path and the full compile must agree. (In a subprocess, as above.)"""
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _POINTER_USE_CHECK], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_statistics_pass_is_charged_for_what_it_reads(audit):
+    """The training MS-FFN backward's statistics pass reads the saved z and the output gradient only: with the dz
+    pass (z, go, x read, dz written) and the dx pass (dz read, dx written), 8 passes over the map, not 10 (x and dz
+    are passed to the statistics pass but not touched)."""
+    rows = [
+        r
+        for r in audit["calls"]
+        if r["op"] == "ms_ffn_middle" and r["phase"] == "backward" and "train" in r["config"] and r["shape"][2] == 56
+    ]
+    assert rows, "no training ms_ffn_middle backward at 56x56 recorded"
+    for r in rows:
+        assert r["dram_s"] <= 8.5 / 3 * r["roofline_s"], r  # the roofline: 3 passes
+
+
 def test_each_op_is_audited_in_plain_and_accelerated_training_and_eval(audit):
     """The audit spies on the transxnet_kernels ops by replacing the module attributes: a model path that bound
     an op earlier (e.g. as a default argument) would drop out of every estimate silently."""
