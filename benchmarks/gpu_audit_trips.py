@@ -55,7 +55,8 @@ def _mix(args, grid) -> Trips:
 
 
 def _softmax_chain(args, grid) -> Trips:
-    return {"_softmax_chain_kernel:chunk": grid[0] * args["n_chunks"]}
+    samples = args["B"] * args["n_cblocks"]  # every (sample, channel block) once, whatever the grouping
+    return {"_softmax_chain_kernel:b": samples, "_softmax_chain_kernel:chunk": samples * args["n_chunks"]}
 
 
 # --------------------------------------------------------------------- multi-scale depthwise conv

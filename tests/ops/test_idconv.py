@@ -342,6 +342,20 @@ def test_triton_beyond_int32_elements():
 
 
 @requires_triton
+@pytest.mark.parametrize("chain_programs", [2, 3, 100], ids=lambda n: f"programs{n}")
+def test_triton_softmax_chain_sample_groups(chain_programs, nan_poisoned_empty):
+    """The softmax chain sums the bank-gradient terms over each program's group of samples: B = 5 in groups of 2
+    (the last one short) or 1 per program, one or several channel blocks; every gradient against the fp64
+    reference."""
+    from transxnet_kernels.triton import common
+    from transxnet_kernels.triton import idconv as triton_idconv
+
+    args = idconv_args(5, 3, 6, 7, 3, 5, dtype=torch.float64, seed=9)
+    with common.launch_overrides(triton_idconv.Settings(chain_programs=chain_programs, plane_max=0)):
+        check_op(TRITON, OP, args)
+
+
+@requires_triton
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 def test_triton_gradcheck(bias):
     args = idconv_args(2, 3, 5, 4, 2, 3, bias=bias, dtype=torch.float64, layout="channels_last", seed=5)

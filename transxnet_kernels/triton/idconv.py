@@ -32,8 +32,9 @@ Kernels (no atomics anywhere, so every result is deterministic):
   chunk of positions), accumulated elementwise in registers and reduced once at the end; partials go
   to a [chunks, B, C, K²] buffer.
 * ``_softmax_chain_kernel`` -- sums the chunks in a fixed order and chains dk/dβ through the softmax
-  to grad kernel_logits / bias_logits, and writes the per-sample terms s_g·dk, s_g·dβ whose sum over
-  the batch (a deterministic ``torch.sum``) is grad weight / bias.
+  to grad kernel_logits / bias_logits; a program takes a group of samples (Settings.chain_programs) and
+  sums their terms s_g·dk, s_g·dβ in registers, one store per group, whose sum over the groups (a
+  deterministic ``torch.sum``) is grad weight / bias.
 
 x, gy, y and gx are addressed through their strides (contiguous, channels_last, channel slices of a
 larger tensor all work without copies); the small tensors (logits, weight, bias) are made contiguous.
@@ -69,8 +70,10 @@ Triton 3.8, H100 SXM, batch 128, bf16, NCHW; estimate / DRAM roofline, µs): per
 backward 311 -> 110 -> 41 / 9; per-tap -> whole-plane, stage 3 (112x14x14) forward 60 -> 12 / 4, backward 288 -> 33
 / 7; stage 4 (224x7x7) forward 35 -> 9 / 3, backward 191 -> 31 / 6 (there the softmax chain over the per-sample
 kernels and the batch sum of its weight-gradient terms, each pass as large as the logits, are 40% of the estimate).
-The conv passes' first form, a [channels, taps, positions] window reduced over the taps across threads, measured
-0.14-0.19x eager on an H200 (benchmarks/results, 2026-11-28).
+Then (worst over layouts and modes, H100): 7-row strips at stage 2 (28 rows computed, not 32) forward 17 -> 15,
+backward 41 -> 38; the chain summing the weight-gradient terms over sample groups, stage 4 backward bf16 31 -> 28,
+fp32 34 -> 28 / 12. The conv passes' first form, a [channels, taps, positions] window reduced over the taps across
+threads, measured 0.14-0.19x eager on an H200 (benchmarks/results, 2026-11-28).
 """
 
 from __future__ import annotations
@@ -131,7 +134,9 @@ class Settings:
     the chunked stencils instead; H is cut into as few strips as that allows, of equal rows, see
     _balanced_strip_rows); strip_chunks: (channel, chunk of 4 pixels) pairs of one strip program, one per thread;
     strip_row_chunks: most chunks of a row one strip program covers (wider rows take several column blocks,
-    so a row is not padded far past W)."""
+    so a row is not padded far past W). chain_programs: programs of the softmax-chain launch, which sums the
+    weight-bank gradient terms over each program's samples before storing them (256: 7 samples a program at T's
+    stage 4, 1792 (sample, channel block) pairs, two programs per SM on an H100; interpreted, few programs)."""
 
     conv_tile_elements: int = 512
     conv_num_warps: int = 4
@@ -143,10 +148,11 @@ class Settings:
     strip_rows: int = 8
     strip_chunks: int = 64
     strip_row_chunks: int = 16
+    chain_programs: int = 256
 
     @classmethod
     def for_target(cls, target: LaunchTarget) -> Settings:
-        return cls(plane_columns=512, strip_chunks=512) if target.interpreted else cls()
+        return cls(plane_columns=512, strip_chunks=512, chain_programs=1) if target.interpreted else cls()
 
 
 # Elements of a _mix_kernel program (4 warps: 4 per thread, each with G loads of logits and of the bank).
@@ -163,10 +169,9 @@ def _group_max(logits_ptrs, g_stride, mask, G: tl.constexpr, ACC: tl.constexpr):
 
 
 @triton.jit
-def _softmax_backward(
-    d, logits_ptrs, bank_ptrs, grad_logits_ptrs, grad_bank_part_ptrs, g_stride, mask, G: tl.constexpr, ACC: tl.constexpr
-):
-    """Given d = grad of Σ_g s_g·bank[g], store grad logits s_g·(d·bank[g] − Σ s·d·bank) and s_g·d."""
+def _softmax_backward(d, logits_ptrs, bank_ptrs, grad_logits_ptrs, g_stride, mask, G: tl.constexpr, ACC: tl.constexpr):
+    """Given d = grad of Σ_g s_g·bank[g], store grad logits s_g·(d·bank[g] − Σ s·d·bank) and return the G terms
+    s_g·d of the bank's gradient."""
     m = _group_max(logits_ptrs, g_stride, mask, G, ACC)
     den = tl.zeros_like(m)
     weighted_dot = tl.zeros_like(m)
@@ -175,13 +180,23 @@ def _softmax_backward(
         den += e
         weighted_dot += e * d * tl.load(bank_ptrs + g * g_stride, mask=mask, other=0.0).to(ACC)
     weighted_dot = weighted_dot / den
+    bank_terms = ()
     for g in tl.static_range(G):
         s = tl.exp(tl.load(logits_ptrs + g * g_stride, mask=mask, other=0.0).to(ACC) - m) / den
         dot = d * tl.load(bank_ptrs + g * g_stride, mask=mask, other=0.0).to(ACC)
         tl.store(
             grad_logits_ptrs + g * g_stride, (s * (dot - weighted_dot)).to(grad_logits_ptrs.dtype.element_ty), mask=mask
         )
-        tl.store(grad_bank_part_ptrs + g * g_stride, (s * d).to(grad_bank_part_ptrs.dtype.element_ty), mask=mask)
+        bank_terms = bank_terms + (s * d,)
+    return bank_terms
+
+
+@triton.jit
+def _add_terms(total, terms, G: tl.constexpr):
+    out = ()
+    for g in tl.static_range(G):
+        out = out + (total[g] + terms[g],)
+    return out
 
 
 @triton.jit(do_not_specialize_on_alignment=["n"])
@@ -636,7 +651,7 @@ def _kernel_grad_partial_kernel(
         tl.store(dbeta_part_ptr + part + c, tl.sum(acc_beta, axis=1), mask=c_ok)
 
 
-@triton.jit(do_not_specialize_on_alignment=["B", "C", "n_cblocks", "n_chunks"])
+@triton.jit(do_not_specialize_on_alignment=["B", "C", "n_cblocks", "n_chunks", "samples_per_program"])
 def _softmax_chain_kernel(
     dk_part_ptr,
     dbeta_part_ptr,
@@ -652,6 +667,7 @@ def _softmax_chain_kernel(
     C,
     n_cblocks,
     n_chunks,
+    samples_per_program,
     G: tl.constexpr,
     K: tl.constexpr,
     KK_PAD: tl.constexpr,
@@ -659,46 +675,43 @@ def _softmax_chain_kernel(
     HAS_BIAS: tl.constexpr,
     ACC: tl.constexpr,
 ):
-    """Sum the chunk partials (fixed order) and chain dk, dβ through the softmax over G."""
+    """Per (sample group, channel block): for each sample, sum the chunk partials (fixed order), chain dk, dβ
+    through the softmax over G and store the logits' gradients; the weight-bank (and bias-bank) gradient terms
+    s_g·dk are summed over the group's samples in registers and stored once per group ([groups, G, C, K²]): a
+    per-sample store was as large as the kernel logits, read back by the batch sum (stage 4: K² = H·W)."""
     pid = tl.program_id(0)
-    b = (pid // n_cblocks).to(tl.int64)
+    group = (pid // n_cblocks).to(tl.int64)  # and so the samples' offsets
     c = (pid % n_cblocks) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
     KK: tl.constexpr = K * K
     t = tl.arange(0, KK_PAD)
     kmask = c_ok[:, None] & (t < KK)[None, :]
     ct = c[:, None] * KK + t[None, :]
-    dk = tl.zeros([BLOCK_C, KK_PAD], ACC)
-    dbeta = tl.zeros([BLOCK_C], ACC)
-    for chunk in range(n_chunks):
-        part = (chunk * B + b) * C
-        dk += tl.load(dk_part_ptr + part * KK + ct, mask=kmask, other=0.0)
-        dbeta += tl.load(dbeta_part_ptr + part + c, mask=c_ok, other=0.0)
-    k_offs = b * G * C * KK + ct
-    _softmax_backward(
-        dk,
-        kernel_logits_ptr + k_offs,
-        weight_ptr + ct,
-        grad_kernel_logits_ptr + k_offs,
-        grad_weight_part_ptr + k_offs,
-        C * KK,
-        kmask,
-        G,
-        ACC,
-    )
-    if HAS_BIAS:
-        b_offs = b * G * C + c
-        _softmax_backward(
-            dbeta,
-            bias_logits_ptr + b_offs,
-            bias_ptr + c,
-            grad_bias_logits_ptr + b_offs,
-            grad_bias_part_ptr + b_offs,
-            C,
-            c_ok,
-            G,
-            ACC,
+    grad_weight = (tl.zeros([BLOCK_C, KK_PAD], ACC),) * G
+    grad_bias = (tl.zeros([BLOCK_C], ACC),) * G
+    b_lo = group * samples_per_program
+    for b in range(b_lo, tl.minimum(b_lo + samples_per_program, B)):
+        dk = tl.zeros([BLOCK_C, KK_PAD], ACC)
+        dbeta = tl.zeros([BLOCK_C], ACC)
+        for chunk in range(n_chunks):
+            part = (chunk * B + b) * C
+            dk += tl.load(dk_part_ptr + part * KK + ct, mask=kmask, other=0.0)
+            dbeta += tl.load(dbeta_part_ptr + part + c, mask=c_ok, other=0.0)
+        k_offs = b * G * C * KK + ct
+        terms = _softmax_backward(
+            dk, kernel_logits_ptr + k_offs, weight_ptr + ct, grad_kernel_logits_ptr + k_offs, C * KK, kmask, G, ACC
         )
+        grad_weight = _add_terms(grad_weight, terms, G)
+        if HAS_BIAS:
+            b_offs = b * G * C + c
+            terms = _softmax_backward(
+                dbeta, bias_logits_ptr + b_offs, bias_ptr + c, grad_bias_logits_ptr + b_offs, C, c_ok, G, ACC
+            )
+            grad_bias = _add_terms(grad_bias, terms, G)
+    for g in tl.static_range(G):
+        tl.store(grad_weight_part_ptr + (group * G + g) * C * KK + ct, grad_weight[g], mask=kmask)
+        if HAS_BIAS:
+            tl.store(grad_bias_part_ptr + (group * G + g) * C + c, grad_bias[g], mask=c_ok)
 
 
 # ------------------------------------------------------------------------------------------- launch
@@ -886,11 +899,9 @@ def idconv_backward(
     acc = accumulation_dtype(x.dtype)
     grad_x = torch.empty_like(x)
     grad_kernel_logits = torch.empty(kernel_logits.shape, dtype=kernel_logits.dtype, device=x.device)
-    grad_weight_part = torch.empty((B, G, C, K, K), dtype=acc, device=x.device)
     grad_bias_logits = torch.empty(
         (B, G, C) if has_bias else (0,), dtype=bias_logits.dtype if has_bias else x.dtype, device=x.device
     )
-    grad_bias_part = torch.empty((B, G, C), dtype=acc, device=x.device)
     if x.numel() == 0:
         grad_kernel_logits.zero_()
         grad_bias_logits.zero_()
@@ -926,11 +937,19 @@ def idconv_backward(
             ACC=tl_accumulation_dtype(x.dtype),
             **plan.constexprs(),
         )
-        # A [channels, taps] tile of at most 1024 elements over 8 warps: 4 per thread, which the G-way softmax
-        # chain holds several times over without spilling (static audit: 8 per thread spilled 4 B at G = 3).
-        chain_block_c = min(triton.next_power_of_2(C), max(1, 1024 // plan.kk_pad))
+        # A [channels, taps] tile over 8 warps of at most 1024 elements (4 per thread) for G <= 2, 512 beyond: the
+        # program holds G bank-gradient sums beside the G-way softmax chain (static audit: 4 per thread spilled
+        # 16-28 B at G = 4, 8 per thread 4 B at G = 3 before the sums).
+        chain_tile = 1024 if G <= 2 else 512
+        chain_block_c = min(triton.next_power_of_2(C), max(1, chain_tile // plan.kk_pad))
         chain_cblocks = triton.cdiv(C, chain_block_c)
-        _softmax_chain_kernel[(B * chain_cblocks,)](
+        # Samples per program: as many as leave plan.settings.chain_programs programs (the bank-gradient terms
+        # are summed over a program's samples, so fewer groups store fewer partials).
+        samples = max(1, (B * chain_cblocks) // max(1, plan.settings.chain_programs))
+        groups = triton.cdiv(B, samples)
+        grad_weight_part = torch.empty((groups, G, C, K, K), dtype=acc, device=x.device)
+        grad_bias_part = torch.empty((groups, G, C), dtype=acc, device=x.device)
+        _softmax_chain_kernel[(groups * chain_cblocks,)](
             dk_part,
             dbeta_part,
             kernel_logits,
@@ -945,6 +964,7 @@ def idconv_backward(
             C,
             chain_cblocks,
             plan.n_chunks,
+            samples,
             G=G,
             K=K,
             KK_PAD=plan.kk_pad,
@@ -953,7 +973,7 @@ def idconv_backward(
             ACC=tl_accumulation_dtype(x.dtype),
             num_warps=8,
         )
-    # Per-sample terms summed over the batch by torch's (deterministic) reduction.
+    # Per-group terms summed over the groups by torch's (deterministic) reduction.
     grad_weight = grad_weight_part.sum(0).to(weight.dtype)
     if has_bias:
         grad_bias = grad_bias_part.sum(0).to(bias.dtype)
