@@ -44,8 +44,8 @@ Pipeline
    or an allocation reads its tensor arguments and writes its outputs once; a fill or zero only writes, a
    copy reads only its source). Beside it, the call's roofline: minimal DRAM bytes (the kernel module
    docstrings' formulas) / bandwidth.
-6. Cache: compile results (with the unused pointer parameters; entries cached before that field get it from
-   a TTIR-only compile), keyed by `ASTSource.hash()` (kernel source and every jit helper it calls,
+6. Cache: compile results (with the unused pointer parameters; an entry without them, from an older audit,
+   compiles again), keyed by `ASTSource.hash()` (kernel source and every jit helper it calls,
    signature, constexprs, attributes), the options, the target and the Triton version, are kept in
    `benchmarks/results/gpu_audit_cache_<triton>.json`, so a rerun compiles only what changed.
 
@@ -408,7 +408,8 @@ class Launch:
     def dram_bytes(self, unused_args: Sequence[str] = ()) -> int:
         """Each distinct tensor read or written once, but those only named by arguments the compiled kernel never
         uses (a pass handed a tensor that its constexpr branches do not touch)."""
-        return sum(size for names, size in self.tensors if not set(names) <= set(unused_args))
+        unused = set(unused_args)
+        return sum(size for names, size in self.tensors if not set(names) <= unused)
 
 
 def _launch_tensors(args: Dict[str, Any]) -> Tuple[Tuple[Tuple[str, ...], int], ...]:
@@ -721,26 +722,6 @@ def unused_pointer_args(ttir: str) -> List[str]:
     return unused
 
 
-def pointer_use_spec(spec: Dict[str, Any]) -> List[str]:
-    """unused_pointer_args of one specialisation from its TTIR alone (Triton's front end, no ptxas): for cache
-    entries compiled before the field existed."""
-    from triton._C.libtriton import ir
-
-    target = GPUTarget("cuda", spec["cc"], 32)
-    backend = make_backend(target)
-    _, src = _ast_source(spec)
-    options = backend.parse_options(dict(spec["options"], **src.parse_options()))
-    context = ir.context()
-    ir.load_dialects(context)
-    backend.load_dialects(context)
-    codegen = backend.get_codegen_implementation(options)
-    module = src.make_ir(target, options, codegen, backend.get_module_map(), context)
-    stages: Dict[str, Any] = {}
-    backend.add_stages(stages, options, src.language)
-    ttir = stages["ttir"](module, {"hash": "", "target": target, **options.__dict__})
-    return unused_pointer_args(str(ttir))
-
-
 def _parse_ptxas_log(log: str) -> Dict[str, int]:
     def grab(pattern):
         m = re.search(pattern, log)
@@ -1026,10 +1007,12 @@ def roofline_bytes(call: OpCall) -> Dict[str, int]:
 
 
 def load_cache(path: Path) -> Dict[str, Any]:
+    """The cached compile results of this Triton version; an entry without a field the report reads (written by an
+    older audit) is left out, so its specialisation compiles again."""
     if path.exists():
         data = json.loads(path.read_text())
         if data.get("triton") == triton.__version__:
-            return data["entries"]
+            return {k: v for k, v in data["entries"].items() if not v["ok"] or "unused_pointer_args" in v}
     return {}
 
 
@@ -1059,10 +1042,6 @@ def _compile_worker(key: str) -> Dict[str, Any]:
     return compile_spec(_PENDING[key])
 
 
-def _pointer_use_worker(key: str) -> List[str]:
-    return pointer_use_spec(_PENDING[key])
-
-
 def audit(targets: Sequence[str], jobs: int, use_cache: bool, configs: str = "", log=print) -> Dict[str, Any]:
     """The audit of the op calls whose (first) configuration label matches the regex `configs`."""
     started = time.perf_counter()
@@ -1088,13 +1067,6 @@ def audit(targets: Sequence[str], jobs: int, use_cache: bool, configs: str = "",
             if i % 10 == 0 or i == len(todo):
                 log(f"[audit]   compiled {i}/{len(todo)} ({time.perf_counter() - compile_started:.0f} s)")
                 save_cache(cache_path, cache)
-    missing = {k: s for k, s in specs.items() if cache[k]["ok"] and "unused_pointer_args" not in cache[k]}
-    if missing:
-        log(f"[audit] {len(missing)} cached specialisations without pointer use: their TTIR ({jobs} jobs)")
-        _PENDING.update(missing)
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("fork")) as pool:
-            for key, unused in zip(missing, pool.map(_pointer_use_worker, missing)):
-                cache[key]["unused_pointer_args"] = unused
     # A full audit drops entries no launch needs any more; a filtered one keeps the others' entries.
     save_cache(cache_path, {k: v for k, v in cache.items() if k in specs or configs})
     report = build_report(calls, launches, cache)
