@@ -45,6 +45,17 @@ def interpreter_active() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for launch planning. Not triton.cdiv: in Triton 3.8 (not 3.6) that is a constexpr function whose host
+    call unwraps every argument, ~1 us each, and a launch plan makes several."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (0 for n <= 0, as triton.next_power_of_2), a plain function like cdiv."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
 def supports(info: CallInfo) -> Optional[str]:
     """The Triton backend's predicate: None when the kernels can run the call, else why not."""
     if info.device.type == "cuda":

@@ -91,9 +91,11 @@ from .common import (
     NO_REGISTER_BUDGET,
     LaunchTarget,
     accumulation_dtype,
+    cdiv,
     device_guard,
     launch_settings,
     needs_int64,
+    next_power_of_2,
     supports,
     tl_accumulation_dtype,
 )
@@ -719,22 +721,22 @@ def _softmax_chain_kernel(
 
 def _split_tile(C: int, HW: int, tile: int, channels_fastest: bool) -> Tuple[int, int]:
     """(BLOCK_C, BLOCK_P) sharing `tile` elements between channels and positions of x's layout."""
-    c_pow2 = triton.next_power_of_2(C)
+    c_pow2 = next_power_of_2(C)
     if channels_fastest:  # channels_last: consecutive channels are adjacent in memory
         block_c = min(c_pow2, 32, tile)
-        block_p = min(triton.next_power_of_2(HW), max(1, tile // block_c))
+        block_p = min(next_power_of_2(HW), max(1, tile // block_c))
     else:
-        block_p = min(triton.next_power_of_2(HW), tile)
+        block_p = min(next_power_of_2(HW), tile)
         block_c = min(c_pow2, max(1, tile // block_p))
     return block_c, block_p
 
 
 def _chunks(B: int, n_cblocks: int, HW: int, block_p: int, settings: Settings) -> Tuple[int, int]:
     """(number of position chunks per plane, positions per chunk, a multiple of block_p)."""
-    n_tiles = triton.cdiv(HW, block_p)
-    n_chunks = min(n_tiles, max(1, triton.cdiv(settings.target_programs, B * n_cblocks)))
-    tiles_per_chunk = triton.cdiv(n_tiles, n_chunks)
-    return triton.cdiv(n_tiles, tiles_per_chunk), tiles_per_chunk * block_p
+    n_tiles = cdiv(HW, block_p)
+    n_chunks = min(n_tiles, max(1, cdiv(settings.target_programs, B * n_cblocks)))
+    tiles_per_chunk = cdiv(n_tiles, n_chunks)
+    return cdiv(n_tiles, tiles_per_chunk), tiles_per_chunk * block_p
 
 
 def _balanced_strip_rows(H: int, most_rows: int) -> int:
@@ -743,7 +745,7 @@ def _balanced_strip_rows(H: int, most_rows: int) -> int:
     compute 32 rows; 7-row strips compute 28."""
     if most_rows <= 0:
         return 0
-    return triton.cdiv(H, triton.cdiv(H, most_rows))
+    return cdiv(H, cdiv(H, most_rows))
 
 
 class _Plan:
@@ -754,7 +756,7 @@ class _Plan:
         self.batch, self.channels = B, C
         self.settings = launch_settings(Settings, x.device)
         self.index64 = needs_int64(x, *others)
-        self.kk_pad = triton.next_power_of_2(K * K)
+        self.kk_pad = next_power_of_2(K * K)
         # Planes of at most plane_max rows and columns (stages 3-4 at 224^2, either layout) run the whole-plane
         # stencils: a program per (sample, channel block), the plane padded to powers of 2, one chunk.
         self.plane = _plane_shape(H, W, self.index64, self.settings)
@@ -765,16 +767,16 @@ class _Plan:
         self.chunked = not self.plane[1] and _vectorisable(block_p, K, self.index64, x, *others)
         self.strip = _balanced_strip_rows(H, self.settings.strip_rows) if self.chunked else 0
         if self.plane[1]:
-            self.block_p = triton.next_power_of_2(H) * self.plane[2]
-            self.block_c = min(triton.next_power_of_2(C), max(1, self.settings.plane_columns // self.plane[2]))
+            self.block_p = next_power_of_2(H) * self.plane[2]
+            self.block_c = min(next_power_of_2(C), max(1, self.settings.plane_columns // self.plane[2]))
             self.num_warps = max(1, min(8, self.block_c * self.plane[2] // 32))
             self.n_chunks, self.chunk_len = 1, H * W
         elif self.strip:  # a program per (sample, channel block, strip, column block)
-            chunks = min(triton.next_power_of_2(W // 4), self.settings.strip_row_chunks)
+            chunks = min(next_power_of_2(W // 4), self.settings.strip_row_chunks)
             self.block_p = 4 * chunks
-            self.block_c = min(triton.next_power_of_2(C), max(1, self.settings.strip_chunks // chunks))
+            self.block_c = min(next_power_of_2(C), max(1, self.settings.strip_chunks // chunks))
             self.num_warps = max(1, min(8, self.block_c * chunks // 32))
-            self.n_chunks = triton.cdiv(H, self.strip) * triton.cdiv(W // 4, chunks)
+            self.n_chunks = cdiv(H, self.strip) * cdiv(W // 4, chunks)
             self.chunk_len = self.strip * self.block_p
         else:
             if conv or self.chunked:
@@ -789,7 +791,7 @@ class _Plan:
 
     @property
     def n_cblocks(self) -> int:
-        return triton.cdiv(self.channels, self.block_c)
+        return cdiv(self.channels, self.block_c)
 
     @property
     def grid(self) -> Tuple[int]:
@@ -819,7 +821,7 @@ def _mix(logits: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
     if out.numel() == 0:
         return out
     n = out.numel() // B
-    n_blocks = triton.cdiv(n, _MIX_BLOCK)
+    n_blocks = cdiv(n, _MIX_BLOCK)
     with device_guard(logits):
         _mix_kernel[(B * n_blocks,)](
             logits, bank, out, n, n_blocks, G=G, BLOCK=_MIX_BLOCK, ACC=tl_accumulation_dtype(logits.dtype), num_warps=4
@@ -941,12 +943,12 @@ def idconv_backward(
         # program holds G bank-gradient sums beside the G-way softmax chain (static audit: 4 per thread spilled
         # 16-28 B at G = 4, 8 per thread 4 B at G = 3 before the sums).
         chain_tile = 1024 if G <= 2 else 512
-        chain_block_c = min(triton.next_power_of_2(C), max(1, chain_tile // plan.kk_pad))
-        chain_cblocks = triton.cdiv(C, chain_block_c)
+        chain_block_c = min(next_power_of_2(C), max(1, chain_tile // plan.kk_pad))
+        chain_cblocks = cdiv(C, chain_block_c)
         # Samples per program: as many as leave plan.settings.chain_programs programs (the bank-gradient terms
         # are summed over a program's samples, so fewer groups store fewer partials).
         samples = max(1, (B * chain_cblocks) // max(1, plan.settings.chain_programs))
-        groups = triton.cdiv(B, samples)
+        groups = cdiv(B, samples)
         grad_weight_part = torch.empty((groups, G, C, K, K), dtype=acc, device=x.device)
         grad_bias_part = torch.empty((groups, G, C), dtype=acc, device=x.device)
         _softmax_chain_kernel[(groups * chain_cblocks,)](

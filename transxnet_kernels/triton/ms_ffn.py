@@ -119,11 +119,13 @@ from .common import (
     NO_REGISTER_BUDGET,
     LaunchTarget,
     accumulation_dtype,
+    cdiv,
     device_guard,
     interpreter_active,
     launch_settings,
     launch_target,
     needs_int64,
+    next_power_of_2,
     supports,
     tl_accumulation_dtype,
 )
@@ -2108,7 +2110,7 @@ def _plane_shape(H: int, W: int, index64: bool, settings: Settings) -> Tuple[int
     (they are unrolled: one compiled kernel per plane shape) with int32 offsets; else zeros."""
     if index64 or max(H, W) > settings.plane_max:
         return (0, 0, 0)
-    return (H, W, triton.next_power_of_2(W))
+    return (H, W, next_power_of_2(W))
 
 
 # Launch plans by everything they depend on. Planning is ~50-100 us of Python per pass, paid by every call on the
@@ -2167,8 +2169,8 @@ def _make_plan(
     plane = _plane_shape(H, W, index64, settings)
     strip = 0
     if plane[1]:  # whole planes, one (channel, column) per thread
-        block_hw = triton.next_power_of_2(H) * plane[2]
-        block_c = min(triton.next_power_of_2(max(widths)), max(1, settings.plane_columns // plane[2]))
+        block_hw = next_power_of_2(H) * plane[2]
+        block_c = min(next_power_of_2(max(widths)), max(1, settings.plane_columns // plane[2]))
         num_warps = max(1, min(8, block_c * plane[2] // 32))
         n_hw = 1
     elif strips and settings.strip_rows and _vectorisable(4, max(ksizes), index64, x, *others):
@@ -2176,32 +2178,32 @@ def _make_plan(
         strip = settings.strip_rows
         if wgrad_dx and x.element_size() >= 4:
             strip = min(strip, settings.wgrad_strip_rows)
-        chunks = min(triton.next_power_of_2(W // 4), settings.strip_row_chunks)
+        chunks = min(next_power_of_2(W // 4), settings.strip_row_chunks)
         block_hw = 4 * chunks
-        block_c = min(triton.next_power_of_2(max(widths)), max(1, settings.strip_chunks // chunks))
+        block_c = min(next_power_of_2(max(widths)), max(1, settings.strip_chunks // chunks))
         num_warps = max(1, min(8, block_c * chunks // 32))
-        n_hw = triton.cdiv(H, strip) * triton.cdiv(W // 4, chunks)
+        n_hw = cdiv(H, strip) * cdiv(W // 4, chunks)
     else:
         if channels_last_input(x):
             max_block_c = settings.max_channel_block
         else:  # channels only fill what a plane leaves of the tile
-            max_block_c = min(settings.nchw_channel_block, max(1, settings.tile_elements // triton.next_power_of_2(hw)))
-        block_c = min(max_block_c, triton.next_power_of_2(max(widths)))
-        block_hw = max(1, min(triton.next_power_of_2(hw), settings.tile_elements // block_c))
+            max_block_c = min(settings.nchw_channel_block, max(1, settings.tile_elements // next_power_of_2(hw)))
+        block_c = min(max_block_c, next_power_of_2(max(widths)))
+        block_hw = max(1, min(next_power_of_2(hw), settings.tile_elements // block_c))
         num_warps = max(1, min(8, block_c * block_hw // 128))  # 4 tile elements per thread: K masks per tap row
-        n_hw = triton.cdiv(hw, block_hw)
+        n_hw = cdiv(hw, block_hw)
     launches = []
     for kmax, blocks in _block_tables(widths, ksizes, block_c, bool(plane[1] or strip), x.device):
-        splits = max(1, min(B, triton.cdiv(settings.target_programs, max(1, blocks.shape[0] * n_hw))))
-        b_per_prog = max(1, triton.cdiv(B, splits))
-        launches.append(_Launch(blocks, (n_hw, blocks.shape[0], triton.cdiv(B, b_per_prog)), b_per_prog, kmax))
+        splits = max(1, min(B, cdiv(settings.target_programs, max(1, blocks.shape[0] * n_hw))))
+        b_per_prog = max(1, cdiv(B, splits))
+        launches.append(_Launch(blocks, (n_hw, blocks.shape[0], cdiv(B, b_per_prog)), b_per_prog, kmax))
     kk_stride = max(ksizes) ** 2
     return _Plan(
         block_c,
         block_hw,
         tuple(launches),
         kk_stride,
-        triton.next_power_of_2(kk_stride),
+        next_power_of_2(kk_stride),
         index64,
         accumulation_dtype(x.dtype),
         num_warps,

@@ -69,11 +69,13 @@ from ..layout import tensor_span
 from .common import (
     LaunchTarget,
     accumulation_dtype,
+    cdiv,
     device_guard,
     fits_int32,
     launch_settings,
     launch_target,
     needs_int64,
+    next_power_of_2,
     supports,
 )
 
@@ -813,12 +815,12 @@ def _config(q: torch.Tensor, kernel: str) -> _Config:
     d = q.shape[-1]
     if not _uses_dot(q):
         # Without tl.dot a [block_n, block_d, block_m] product lives in registers: keep it small.
-        return _Config(16, 16, triton.next_power_of_2(d), "ieee", False, 4, 3)
+        return _Config(16, 16, next_power_of_2(d), "ieee", False, 4, 3)
     half = q.dtype in (torch.float16, torch.bfloat16)
     block_n, num_warps, num_stages = _BLOCKS[kernel, half]
     # IEEE fp32 (no TF32: the user did not ask for it) runs tl.dot on FMA units; tl.dot needs dims >= 16.
     precision = "tf32" if half else "ieee"
-    return _Config(block_n, 64, max(16, triton.next_power_of_2(d)), precision, True, num_warps, num_stages)
+    return _Config(block_n, 64, max(16, next_power_of_2(d)), precision, True, num_warps, num_stages)
 
 
 # Keys the short path holds in one block; TransXNet's M is 49 at 224x224 in every stage.
@@ -886,7 +888,7 @@ def _short_path_spans(q: torch.Tensor, k: torch.Tensor, bias: Optional[torch.Ten
     M = k.shape[2]
     spans = (tensor_span(q), tensor_span(k), B * h * N - 1, tensor_span(bias) if bias is not None else 0)
     if kernel == "bwd":
-        query_blocks = triton.cdiv(N, _short_config(q, k, kernel).block_n)
+        query_blocks = cdiv(N, _short_config(q, k, kernel).block_n)
         spans += (query_blocks * k.numel() - 1, B * h * N * M - 1)
     return spans
 
@@ -901,20 +903,20 @@ def _short_config(q: torch.Tensor, k: torch.Tensor, kernel: str) -> _Config:
     if kernel == "bwd" and half and not 0 < capability < 90 and q.shape[2] % 16 == 0:
         block_n = _SHORT_BWD_ROWS_ALIGNED_SM90
     if kernel == "fwd":  # no more query rows than N; then fp32 with 16 rows per warp below 64 (see _SHORT_BLOCKS)
-        rows = min(block_n, max(16, triton.next_power_of_2(q.shape[2])))
+        rows = min(block_n, max(16, next_power_of_2(q.shape[2])))
         if not half and rows < min(block_n, 64):
             num_warps = min(num_warps, rows // 16)
         block_n = rows
-    block_m = max(16, triton.next_power_of_2(k.shape[2]))
-    block_d = max(16, triton.next_power_of_2(q.shape[-1]))
+    block_m = max(16, next_power_of_2(k.shape[2]))
+    block_d = max(16, next_power_of_2(q.shape[-1]))
     return _Config(block_n, block_m, block_d, _short_precision(q), True, num_warps, num_stages)
 
 
 def _batch_groups(B: int, programs_per_batch: int, target: int) -> Tuple[int, int]:
     """(groups, batches per group): the fewest batch groups that give `target` programs."""
-    groups = min(B, max(1, triton.cdiv(target, programs_per_batch)))
-    per_group = triton.cdiv(B, groups)
-    return triton.cdiv(B, per_group), per_group
+    groups = min(B, max(1, cdiv(target, programs_per_batch)))
+    per_group = cdiv(B, groups)
+    return cdiv(B, per_group), per_group
 
 
 @dataclass(frozen=True)
@@ -983,7 +985,7 @@ def _forward(q, k, v, bias, scale):
         _forward_short(q, k, v, bias, scale, out, lse)
         return out, lse
     cfg = _config(q, "fwd")
-    grid = (triton.cdiv(N, cfg.block_n), B * h)
+    grid = (cdiv(N, cfg.block_n), B * h)
     with device_guard(q):
         _osra_fwd_kernel[grid](
             q,
@@ -1053,7 +1055,7 @@ def _dkdv_buffers(k: torch.Tensor, partials: int):
 def _forward_short(q, k, v, bias, scale, out, lse):
     B, h, N, d = q.shape
     cfg = _short_config(q, k, "fwd")
-    n_blocks = triton.cdiv(N, cfg.block_n)
+    n_blocks = cdiv(N, cfg.block_n)
     groups, batches_per_group = _short_path_groups(bias, B, n_blocks * h, q.device)
     with device_guard(q):
         _osra_fwd_short_kernel[(n_blocks, h, groups)](
@@ -1090,7 +1092,7 @@ def _backward_short(grad_out, q, k, v, bias, lse, scale, has_dbias):
     B, h, N, d = q.shape
     M = k.shape[2]
     cfg = _short_config(q, k, "bwd")
-    n_blocks = triton.cdiv(N, cfg.block_n)
+    n_blocks = cdiv(N, cfg.block_n)
     groups, batches_per_group = _short_path_groups(bias, B, n_blocks * h, q.device)
     dbias_buf, dbias_strides, reduce_dims = _dbias_buffer(bias, has_dbias, groups, batches_per_group, q, M)
     # dk/dv: a partial per query block, [query blocks, B, h, M, d], fp32 and summed afterwards; with one block
@@ -1148,7 +1150,7 @@ def _backward_flash(grad_out, q, k, v, bias, out, lse, scale, has_dbias):
     target = launch_settings(Settings, device).target_programs
     scale_t = _scale_tensor(scale, q)
     cfg = _config(q, "dq")
-    n_blocks = triton.cdiv(N, cfg.block_n)
+    n_blocks = cdiv(N, cfg.block_n)
     # Batch groups exist to sum a batch-shared bias's gradient; per-batch biases get one slice per batch.
     shared_dbias = has_dbias and not _bias_per_batch(bias)
     groups, batches_per_group = _batch_groups(B, n_blocks * h, target) if shared_dbias else (B, 1)
@@ -1158,11 +1160,11 @@ def _backward_flash(grad_out, q, k, v, bias, out, lse, scale, has_dbias):
     delta = torch.empty((B, h, N), dtype=accumulation_dtype(q.dtype), device=device)
     # Split the query range of dk/dv only when B·h·key-blocks cannot fill the device.
     dkdv_cfg = _config(q, "dkdv")
-    n_dkdv_blocks = triton.cdiv(N, dkdv_cfg.block_n)
-    m_blocks = triton.cdiv(M, dkdv_cfg.block_m)
-    splits = min(n_dkdv_blocks, max(1, triton.cdiv(target, m_blocks * B * h)))
-    rows_per_split = triton.cdiv(n_dkdv_blocks, splits) * dkdv_cfg.block_n
-    splits = triton.cdiv(N, rows_per_split)
+    n_dkdv_blocks = cdiv(N, dkdv_cfg.block_n)
+    m_blocks = cdiv(M, dkdv_cfg.block_m)
+    splits = min(n_dkdv_blocks, max(1, cdiv(target, m_blocks * B * h)))
+    rows_per_split = cdiv(n_dkdv_blocks, splits) * dkdv_cfg.block_n
+    splits = cdiv(N, rows_per_split)
     dk_buf, dv_buf, dkv_strides = _dkdv_buffers(k, splits)
     index64 = needs_int64(q, k, v, out, grad_out, dq)
     with device_guard(q):
