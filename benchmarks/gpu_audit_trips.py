@@ -146,6 +146,10 @@ def _osra_bwd_dkdv(args, grid) -> Trips:
     return {"_osra_bwd_dkdv_kernel:start_n": grid[0] * grid[1] * rows}
 
 
+def _osra_dkdv_sum(args, grid) -> Trips:
+    return {"_osra_dkdv_sum_kernel:_partial": grid[0] * grid[1] * grid[2] * args["PARTIALS"]}
+
+
 LOOP_TRIPS: Dict[str, Callable[[Mapping, Sequence[int]], Trips]] = {
     "_dynconv_kernel": _dynconv,
     "_kernel_grad_partial_kernel": _kernel_grad_partial,
@@ -162,4 +166,5 @@ LOOP_TRIPS: Dict[str, Callable[[Mapping, Sequence[int]], Trips]] = {
     "_osra_bwd_dkdv_kernel": _osra_bwd_dkdv,
     "_osra_fwd_short_kernel": _osra_short("_osra_fwd_short_kernel"),
     "_osra_bwd_short_kernel": _osra_short("_osra_bwd_short_kernel"),
+    "_osra_dkdv_sum_kernel": _osra_dkdv_sum,
 }
