@@ -394,8 +394,8 @@ def test_triton_short_backward_sums_the_bias_gradient_in_its_buffer(case, dtype,
 def test_triton_short_path_rows_per_program():
     """Query rows (and warps) per program: the half-precision backward takes 128 on sm_90+ (and interpreted) when
     N is a multiple of 16, else 64, and 64 on sm_8x; the fp32 backward 16 on 8 warps; a forward never takes more
-    rows than N (rounded up to a power of two), fp32 below 64 rows then 16 rows per warp; the fp32 forward on
-    sm_8x 16 rows on 4 warps (the configurations the static GPU audit finds spill-free)."""
+    rows than N (rounded up to a power of two), then 16 rows per warp (fp32: 64 rows on 8 warps); the fp32
+    forward on sm_8x 16 rows on 4 warps (the configurations the static GPU audit finds spill-free)."""
     from transxnet_kernels.triton import common
     from transxnet_kernels.triton import osra_attention as triton_osra
 
@@ -409,9 +409,28 @@ def test_triton_short_path_rows_per_program():
     bwd = [rows_and_warps("bwd", 90, 3136), rows_and_warps("bwd", 0, 784), rows_and_warps("bwd", 90, 196)]
     assert bwd + [rows_and_warps("bwd", 80, 3136)] == [(128, 8), (128, 8), (64, 8), (64, 8)]
     assert rows_and_warps("bwd", 90, 3136, torch.float32) == (16, 8)
-    assert [rows_and_warps("fwd", 90, 3136), rows_and_warps("fwd", 90, 49)] == [(128, 8), (64, 8)]
+    half_fwd = [rows_and_warps("fwd", c, N) for c, N in ((90, 3136), (90, 49), (80, 49), (90, 20))]
+    assert half_fwd == [(128, 8), (64, 4), (64, 4), (32, 2)]
     fp32_fwd = [rows_and_warps("fwd", c, N, torch.float32) for c, N in ((90, 3136), (90, 49), (90, 20), (80, 3136))]
     assert fp32_fwd == [(128, 8), (64, 8), (32, 2), (16, 4)]
+
+
+@requires_triton
+def test_triton_scale_tensor_made_once_per_scale_dtype_and_device(monkeypatch):
+    """The scale the kernels read by pointer is one tensor per (scale, accumulation dtype, device), kept (up to a
+    bound, oldest dropped first) instead of filled at every call."""
+    from transxnet_kernels.triton import osra_attention as triton_osra
+
+    monkeypatch.setattr(triton_osra, "_SCALES", {})
+    monkeypatch.setattr(triton_osra, "_SCALES_KEPT", 2)
+    q = torch.zeros(1, 1, 2, 4, device=DEVICE)
+    kept = triton_osra._scale_tensor(0.125, q)
+    assert triton_osra._scale_tensor(0.125, q.half()) is kept  # fp16 computes in fp32 too
+    assert (kept.dtype, kept.tolist()) == (torch.float32, [0.125])
+    as_fp64 = triton_osra._scale_tensor(0.125, q.double())
+    assert as_fp64 is not kept and (as_fp64.dtype, as_fp64.tolist()) == (torch.float64, [0.125])
+    assert triton_osra._scale_tensor(0.25, q).tolist() == [0.25]  # a third entry: the first is dropped
+    assert triton_osra._scale_tensor(0.125, q) is not kept
 
 
 # ---------------------------------------------------------------------------------------- cpp

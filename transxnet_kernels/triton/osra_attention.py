@@ -58,7 +58,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import triton
@@ -887,10 +887,11 @@ SHORT_PATH_MAX_KEYS = 64
 # its five dots' operands spilled 0.1-0.5 KB per thread, with 8 none (Triton 3.8; 32 or 16 rows on 4 warps
 # spilled 24-100 B). One pipeline stage: a one-key-block loop over batches has little to prefetch, and a second
 # stage's buffers made the kernels spill more (by 0.1-0.2 KB, measured on their earlier versions). A forward
-# takes no more rows than N (stage 4: N = 49, 64 rows): fp16/bf16 keep 8 warps (with 4, the scalar loads of
-# unaligned rows spilled 84-96 B), fp32 below 64 rows drops to 16 rows per warp; at 64 rows (N <= 64: stage 4)
-# it keeps 8 warps, which replicate its 3xTF32 mma tiles (static estimate 15 vs 9 us for T stage 4 on H100), as
-# 4 warps spilled 12 B under Triton 3.6 (TransXNet-B, odd head dim).
+# takes no more rows than N (stage 4: N = 49, 64 rows) and then 16 rows per warp: fp16/bf16 at 64 rows on 4
+# warps, not 8 that would replicate the mma tiles (static audit, T stage 4 on H100: 7.7 -> 5.9 us issue; no
+# spill under Triton 3.6 or 3.8 on sm_80/86/90, 128-254 registers; an earlier form of the kernel spilled 84-96 B
+# there). fp32 at 64 rows keeps 8 warps, which replicate its 3xTF32 mma tiles (15 vs 9 us), as 4 warps spilled
+# 12 B under Triton 3.6 (TransXNet-B, odd head dim; still so).
 # fp32 (3xTF32 splits every operand in two) runs the smallest tiles that do not spill: the backward (sm_90+; sm_8x
 # runs the flash kernels, see _short_path) 16 rows on 8 warps: 64 rows spilled 2.0-2.3 KB per thread, 16 on 4
 # warps 0.8 KB (T stage 1 estimate on H100: 340 us, against 213 us for the spilling 64 rows, whose spill traffic
@@ -956,9 +957,9 @@ def _short_config(q: torch.Tensor, k: torch.Tensor, kernel: str) -> _Config:
     block_n, num_warps, num_stages = blocks
     if kernel == "bwd" and half and not 0 < capability < 90 and q.shape[2] % 16 == 0:
         block_n = _SHORT_BWD_ROWS_ALIGNED_SM90
-    if kernel == "fwd":  # no more query rows than N; then fp32 with 16 rows per warp below 64 (see _SHORT_BLOCKS)
+    if kernel == "fwd":  # no more query rows than N, then 16 rows per warp; fp32 keeps 8 at 64 (see _SHORT_BLOCKS)
         rows = min(block_n, max(16, next_power_of_2(q.shape[2])))
-        if not half and rows < min(block_n, 64):
+        if rows < block_n and (half or rows < 64):
             num_warps = min(num_warps, rows // 16)
         block_n = rows
     block_m = max(16, next_power_of_2(k.shape[2]))
@@ -998,9 +999,29 @@ def _bias_strides(bias: Optional[torch.Tensor]) -> Tuple[int, int, int, int]:
     return tuple(0 if bias.shape[i] == 1 else bias.stride(i) for i in range(4))  # type: ignore[return-value]
 
 
+# (scale, dtype, device) -> the one-element tensor the kernels read the scale from; a scale needs one, not a fill
+# launch per call. Bounded for callers that vary the scale (the oldest goes first).
+_SCALES: Dict[Tuple[float, torch.dtype, torch.device], torch.Tensor] = {}
+_SCALES_KEPT = 64
+
+
 def _scale_tensor(scale: float, q: torch.Tensor) -> torch.Tensor:
-    # Passed by pointer so fp64 calls get the scale in fp64 (Triton float args are fp32).
-    return torch.full((1,), scale, dtype=accumulation_dtype(q.dtype), device=q.device)
+    """The scale as a one-element tensor in q's accumulation dtype: passed by pointer so that fp64 calls get it in
+    fp64 (Triton's float arguments are fp32). Made afresh while a CUDA graph is captured (it would live in the
+    graph's memory pool); else made once, and its fill is waited for so that any stream may read it at once."""
+    dtype = accumulation_dtype(q.dtype)
+    if q.is_cuda and torch.cuda.is_current_stream_capturing():
+        return torch.full((1,), scale, dtype=dtype, device=q.device)
+    key = (scale, dtype, q.device)
+    kept = _SCALES.get(key)
+    if kept is None:
+        kept = torch.full((1,), scale, dtype=dtype, device=q.device)
+        if q.is_cuda:
+            torch.cuda.current_stream(q.device).synchronize()
+        if len(_SCALES) >= _SCALES_KEPT:
+            del _SCALES[next(iter(_SCALES))]
+        _SCALES[key] = kept
+    return kept
 
 
 def _dense(t: torch.Tensor) -> bool:
