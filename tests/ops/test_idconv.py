@@ -368,10 +368,45 @@ def test_triton_gradcheck(bias):
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 def test_triton_opcheck(bias):
     args = idconv_args(2, 3, 4, 5, 2, 3, bias=bias, seed=6)
-    torch.library.opcheck(torch.ops.transxnet_triton.idconv.default, args)
+    for keep_kernels in (True, False):
+        torch.library.opcheck(torch.ops.transxnet_triton.idconv.default, (*args, keep_kernels))
     grad_out = torch.randn(2, 3, 4, 5, device=DEVICE)
     detached = [None if t is None else t.detach() for t in args]
-    torch.library.opcheck(torch.ops.transxnet_triton.idconv_backward.default, (grad_out, *detached))
+    _, kernels = torch.ops.transxnet_triton.idconv.default(*detached, True)
+    for kept in (kernels, None):
+        torch.library.opcheck(torch.ops.transxnet_triton.idconv_backward.default, (grad_out, *detached, kept))
+
+
+@requires_triton
+def test_triton_backward_reuses_the_forwards_kernels(monkeypatch):
+    """With gradients recorded the forward keeps its per-sample kernels for the backward, which then mixes
+    nothing (one mix launch, the forward's); the gradients equal those of mixing the kernels again; without
+    gradients nothing is kept."""
+    from transxnet_kernels.triton import idconv as triton_idconv
+
+    args = idconv_args(2, 3, 6, 5, 2, 3, bias=True, dtype=torch.float64, seed=9)
+    grad_out = torch.randn(2, 3, 6, 5, dtype=torch.float64, device=DEVICE)
+    detached = [t.detach() for t in args]
+    kernels = torch.ops.transxnet_triton.idconv.default(*detached, True)[1]
+    assert kernels.shape == (2, 3, 3, 3)
+    assert torch.ops.transxnet_triton.idconv.default(*detached, False)[1].numel() == 0
+    kept = triton_idconv.idconv_backward(grad_out, *detached, kernels)
+    again = triton_idconv.idconv_backward(grad_out, *detached, None)
+    for name, a, b in zip(("x", "kernel_logits", "weight", "bias_logits", "bias"), kept, again):
+        assert torch.equal(a, b), name
+
+    mixes = []
+    kernel_class = type(triton_idconv._mix_kernel)  # JITFunction, or the interpreter's InterpretedFunction
+    real_run = kernel_class.run
+
+    def counting_run(fn, *a, **k):
+        mixes.append(fn is triton_idconv._mix_kernel)
+        return real_run(fn, *a, **k)
+
+    monkeypatch.setattr(kernel_class, "run", counting_run)
+    with TRITON.active():
+        tk.idconv(*args).backward(grad_out)
+    assert sum(mixes) == 2  # the forward's kernels and biases; the backward mixes none
 
 
 @requires_triton

@@ -22,8 +22,9 @@ Kernels (no atomics anywhere, so every result is deterministic):
   owns (sample, channel block, chunk of output positions) and walks the chunk in [channels, positions]
   tiles; each thread accumulates its own outputs over the K² taps, unrolled with compile-time offsets
   (no reduction across threads; see the chunked stencils below). The per-sample kernels k[b,c] and
-  biases β[b,c] are synthesized once per call by ``_mix_kernel`` into [B, C, K²] / [B, C] buffers in the
-  accumulation dtype, so a tap costs one weight load.
+  biases β[b,c] are synthesized once per forward by ``_mix_kernel`` into [B, C, K²] / [B, C] buffers in the
+  accumulation dtype, so a tap costs one weight load; where autograd records a graph the kernels are kept for
+  the backward's gx pass (`idconv_keeping_kernels`), which then mixes nothing.
 * ``_mix_kernel`` -- the softmax over G and the weighted sum of the weight bank, one read of the logits
   (B·G·C·K² values) and one write of the kernels (B·C·K²): not small next to the map in the late stages
   (stage 4: K² = H·W). It replaced torch's softmax, product and sum (three passes; the static audit
@@ -830,22 +831,14 @@ def _mix(logits: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
 
 
 def _launch_dynconv(
-    src: torch.Tensor,
-    dst: torch.Tensor,
-    kernel_logits: torch.Tensor,
-    weight: torch.Tensor,
-    bias_logits: Optional[torch.Tensor],
-    bias: Optional[torch.Tensor],
-    flip: bool,
+    src: torch.Tensor, dst: torch.Tensor, kernel: torch.Tensor, beta: Optional[torch.Tensor], flip: bool
 ) -> None:
+    """dst = the conv of src with the per-sample kernels [B, C, K, K] (`_mix`'s) and biases [B, C] (or none)."""
     _, C, H, W = src.shape
-    K = weight.shape[-1]
+    K = kernel.shape[-1]
     plan = _Plan(src, K, conv=True, others=(dst,))
-    has_bias = bias is not None
-    # The per-sample kernels and biases, synthesized once per call (B·C·K² values) so that the conv's inner
-    # loop loads one weight per tap rather than redoing the G-way softmax per tile.
-    kernel = _mix(kernel_logits, weight)
-    beta = _mix(bias_logits, bias) if has_bias else kernel
+    has_bias = beta is not None
+    beta = beta if has_bias else kernel
     with device_guard(src):
         _dynconv_kernel[plan.grid](
             src,
@@ -872,17 +865,48 @@ def _launch_dynconv(
 # ------------------------------------------------------------------------------- torch.library ops
 
 
-@ops.idconv.register("triton", supports=supports)
-@ops.idconv.library_op("transxnet_triton", fake=lambda x, *_: torch.empty_like(x))
-def idconv(x, kernel_logits, weight, bias_logits, bias):
+@torch.library.custom_op("transxnet_triton::idconv", mutates_args=())
+def idconv_keeping_kernels(
+    x: torch.Tensor,
+    kernel_logits: torch.Tensor,
+    weight: torch.Tensor,
+    bias_logits: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    keep_kernels: bool,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(out, kernels): the per-sample kernels [B, C, K, K] the conv ran with (accumulation dtype), kept for the
+    backward's gx pass when keep_kernels (else empty), which then does not mix them again from the logits: one
+    read of the logits (G·B·C·K² values) and one write of the kernels fewer per backward, for an activation of
+    B·C·K² values (stage 4 at 224²: as many as the map, in fp32; 1.6% of it at stage 1)."""
     out = torch.empty_like(x)
     if out.numel() == 0:
-        return out
+        return out, _kernels_buffer(x, weight, keep_kernels)
     kernel_logits, weight = kernel_logits.contiguous(), weight.contiguous()
-    if bias is not None:
-        bias_logits, bias = bias_logits.contiguous(), bias.contiguous()
-    _launch_dynconv(x, out, kernel_logits, weight, bias_logits, bias, flip=False)
-    return out
+    # The per-sample kernels and biases, synthesized once per call (B·C·K² values) so that the conv's inner loop
+    # loads one weight per tap rather than redoing the G-way softmax per tile.
+    kernels = _mix(kernel_logits, weight)
+    beta = _mix(bias_logits.contiguous(), bias.contiguous()) if bias is not None else None
+    _launch_dynconv(x, out, kernels, beta, flip=False)
+    return out, kernels if keep_kernels else _kernels_buffer(x, weight, False)
+
+
+def _kernels_buffer(x: torch.Tensor, weight: torch.Tensor, keep_kernels: bool) -> torch.Tensor:
+    """An (uninitialised) kernels output: [B, C, K, K] in the accumulation dtype when kept, else empty."""
+    shape = (*x.shape[:2], *weight.shape[-2:]) if keep_kernels else (0,)
+    return x.new_empty(shape, dtype=accumulation_dtype(x.dtype))
+
+
+@idconv_keeping_kernels.register_fake
+def _(x, kernel_logits, weight, bias_logits, bias, keep_kernels):
+    return torch.empty_like(x), _kernels_buffer(x, weight, keep_kernels)
+
+
+@ops.idconv.register("triton", supports=supports)
+def idconv(x, kernel_logits, weight, bias_logits, bias):
+    """idconv, keeping the per-sample kernels for the backward where autograd records a graph."""
+    sources = (x, kernel_logits, weight, bias_logits, bias)
+    keep = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in sources)
+    return idconv_keeping_kernels(x, kernel_logits, weight, bias_logits, bias, keep)[0]
 
 
 @torch.library.custom_op("transxnet_triton::idconv_backward", mutates_args=())
@@ -893,8 +917,10 @@ def idconv_backward(
     weight: torch.Tensor,
     bias_logits: Optional[torch.Tensor],
     bias: Optional[torch.Tensor],
+    kernels: Optional[torch.Tensor],
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Grads of x, kernel_logits, weight, bias_logits, bias (the last two empty without a bias)."""
+    """Grads of x, kernel_logits, weight, bias_logits, bias (the last two empty without a bias). kernels: the
+    forward's per-sample kernels, or None to mix them again."""
     B, C, H, W = x.shape
     G, K = weight.shape[0], weight.shape[-1]
     has_bias = bias is not None
@@ -914,7 +940,9 @@ def idconv_backward(
     if has_bias:
         bias_logits, bias = bias_logits.contiguous(), bias.contiguous()
 
-    _launch_dynconv(grad_out, grad_x, kernel_logits, weight, None, None, flip=True)
+    if kernels is None:
+        kernels = _mix(kernel_logits, weight)
+    _launch_dynconv(grad_out, grad_x, kernels, None, flip=True)
 
     plan = _Plan(x, K, conv=False, others=(grad_out,))
     dk_part = torch.empty((plan.n_chunks, B, C, K * K), dtype=acc, device=x.device)
@@ -985,7 +1013,7 @@ def idconv_backward(
 
 
 @idconv_backward.register_fake
-def _(grad_out, x, kernel_logits, weight, bias_logits, bias):
+def _(grad_out, x, kernel_logits, weight, bias_logits, bias, kernels):
     has_bias = bias is not None
     return (
         torch.empty_like(x),
@@ -999,21 +1027,25 @@ def _(grad_out, x, kernel_logits, weight, bias_logits, bias):
 
 
 def _setup_context(ctx, inputs, output):
-    x, kernel_logits, weight, bias_logits, bias = inputs
+    x, kernel_logits, weight, bias_logits, bias, keep_kernels = inputs
+    kernels = output[1] if keep_kernels else None
     ctx.has_bias = bias is not None
     if ctx.has_bias:
-        ctx.save_for_backward(x, kernel_logits, weight, bias_logits, bias)
+        ctx.save_for_backward(x, kernel_logits, weight, kernels, bias_logits, bias)
     else:
-        ctx.save_for_backward(x, kernel_logits, weight)
+        ctx.save_for_backward(x, kernel_logits, weight, kernels)
+    ctx.set_materialize_grads(False)  # the kernels' gradient: never used
 
 
-def _autograd_rule(ctx, grad_out):
+def _autograd_rule(ctx, grad_out, _grad_kernels):
+    if grad_out is None:  # an undefined output gradient (autograd may pass one; gradcheck checks it)
+        return (None,) * 6
     if ctx.has_bias:
-        x, kernel_logits, weight, bias_logits, bias = ctx.saved_tensors
+        x, kernel_logits, weight, kernels, bias_logits, bias = ctx.saved_tensors
     else:
-        (x, kernel_logits, weight), bias_logits, bias = ctx.saved_tensors, None, None
-    grads = idconv_backward(grad_out, x, kernel_logits, weight, bias_logits, bias)
-    return grads if ctx.has_bias else (*grads[:3], None, None)
+        (x, kernel_logits, weight, kernels), bias_logits, bias = ctx.saved_tensors, None, None
+    grads = idconv_backward(grad_out, x, kernel_logits, weight, bias_logits, bias, kernels)
+    return (*grads, None) if ctx.has_bias else (*grads[:3], None, None, None)
 
 
-idconv.register_autograd(_autograd_rule, setup_context=_setup_context)
+idconv_keeping_kernels.register_autograd(_autograd_rule, setup_context=_setup_context)
