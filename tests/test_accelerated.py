@@ -358,6 +358,39 @@ def test_autocast_bfloat16_cpu():
     assert all(torch.isfinite(p.grad).all() for p in fast.parameters())
 
 
+@requires_triton
+def test_autocast_inference_casts_the_multiscale_weights_once(monkeypatch):
+    """Eval under autocast without gradients: ms_ffn_middle_eval gets the multi-scale weights already in the
+    autocast dtype, the same tensors at every forward (cast once, kept as inference constants: so the op neither
+    casts them per call nor repacks them), and new ones after a weight changes."""
+    torch.manual_seed(0)
+    arch = dict(SMALL_ARCH, layers=(1, 1, 1, 1))
+    fast = transxnet.accelerated(perturbed(transxnet.TransXNet(arch, num_classes=4))).eval().to(DEVICE)
+    triton_eval = tk.ms_ffn_middle_eval._impls["triton"]
+    passed = []
+
+    def recording_eval(*args):
+        passed.append((args[3], args[4]))
+        return triton_eval.fn(*args)
+
+    monkeypatch.setitem(tk.ms_ffn_middle_eval._impls, "triton", dataclasses.replace(triton_eval, fn=recording_eval))
+    x = torch.randn(1, 3, 32, 32, device=DEVICE)
+    outs = []
+    with torch.no_grad(), torch.autocast(DEVICE.type, dtype=torch.bfloat16), tk.use_backend("triton"):
+        for step in range(3):
+            if step == 2:
+                fast.network[0][0].mlp.dwconv.proj[1].weight.mul_(0.5)
+            outs.append(fast(x))
+    blocks = len(passed) // 3
+    assert blocks == 4
+    first, second, third = passed[:blocks], passed[blocks : 2 * blocks], passed[2 * blocks :]
+    for (w1, b1), (w2, b2) in zip(first, second):
+        assert all(t.dtype == torch.bfloat16 for t in (*w1, *b1))
+        assert all(a is b for a, b in zip((*w1, *b1), (*w2, *b2)))
+    assert third[0][0][1] is not first[0][0][1] and all(a is b for a, b in zip(third[1][0], first[1][0]))
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_compile_fullgraph_reference_backend_matches_eager_without_batch_recompiles(mode):
     import transxnet_kernels as tk

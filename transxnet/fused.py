@@ -41,6 +41,7 @@ import torch.nn.functional as F
 
 import transxnet_kernels as tk
 from transxnet_kernels.backend import exporting, inference_backend
+from transxnet_kernels.ops import autocast_dtype
 
 from .model import (
     OSRA,
@@ -594,7 +595,19 @@ class AcceleratedMlp(Mlp):
             lambda: (*batchnorm_scale_shift(self.fc1[2]), *batchnorm_scale_shift(self.norm)),
         )
         in_scale, in_shift, out_scale, out_shift = scales
-        args = (h, in_scale, in_shift, *mlp_weights(self), out_scale, out_shift)
+        weights, biases = mlp_weights(self)
+        dtype = autocast_dtype(h.device.type)
+        if dtype is not None and dtype != weights[0].dtype:
+            # The op would cast them at every call (eight launches on a GPU), into new tensors each time, on
+            # which the Triton op cannot keep its packed weight table either.
+            weights, biases = inference_constant(
+                self,
+                "multiscale_weights",
+                tuple(self.dwconv.proj),
+                lambda: ([w.to(dtype) for w in weights], [b.to(dtype) for b in biases]),
+                key=dtype,
+            )
+        args = (h, in_scale, in_shift, weights, biases, out_scale, out_shift)
         # h is fc1's fresh conv output, read by nothing else: the cpp kernel may write its result over it
         helpers = cpp_helpers(h, "ms_ffn_middle_eval") if onednn_inference(h) else None
         if helpers is not None:

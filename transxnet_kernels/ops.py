@@ -152,17 +152,23 @@ def _same_device_and_dtype(op: str, named: Sequence[Tuple[str, Optional[Tensor]]
             _check(t.is_floating_point(), lambda: f"{op}: {name} must be floating point, got {t.dtype}")
 
 
-def _autocast(tensors: List[Optional[Tensor]]) -> List[Optional[Tensor]]:
-    """The tensors cast to the autocast dtype when autocast is on for their device, else unchanged."""
-    device_type = tensors[0].device.type
+def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The dtype the ops cast their floating inputs to on `device_type` (autocast on), else None."""
     # is_autocast_enabled raises for device types without autocast (e.g. meta): those have nothing to cast.
     # is_autocast_available is a graph break for dynamo before torch 2.13; a compiled call's (fake) tensors
     # are on a real device, which has autocast, so the check is for eager calls only.
     if not torch.compiler.is_compiling() and not torch.amp.is_autocast_available(device_type):
-        return tensors
+        return None
     if not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+def _autocast(tensors: List[Optional[Tensor]]) -> List[Optional[Tensor]]:
+    """The tensors cast to the autocast dtype when autocast is on for their device, else unchanged."""
+    dtype = autocast_dtype(tensors[0].device.type)
+    if dtype is None:
         return tensors
-    dtype = torch.get_autocast_dtype(device_type)
     return [None if t is None else t.to(dtype) for t in tensors]
 
 

@@ -160,6 +160,64 @@ def test_triton_stencils(stencil, nan_poisoned_empty):
         check_op(TRITON, OP, args)
 
 
+@requires_triton
+def test_triton_packed_weights_kept_until_a_source_changes():
+    """The packed weight table is built once per weight set and rebuilt when a weight changes in place or is
+    replaced: each output matches the reference on the weights of that call."""
+    from transxnet_kernels.triton import ms_ffn
+
+    widths, ksizes = [2, 3, 1, 2], [1, 3, 5, 7]
+    x, in_scale, in_shift, weights, biases, out_scale, out_shift = eval_args(
+        widths, ksizes, 2, 6, 5, dtype=torch.float64, device=DEVICE, grad=False
+    )
+
+    def run():
+        with TRITON.active():
+            out = tk.ms_ffn_middle_eval(x, in_scale, in_shift, weights, biases, out_scale, out_shift)
+        with tk.use_backend("reference"):
+            ref = tk.ms_ffn_middle_eval(x, in_scale, in_shift, weights, biases, out_scale, out_shift)
+        assert_rel_close(out, ref, TOLERANCE[torch.float64], "output")
+        return ms_ffn._pack_for_inference(weights, biases)[0]
+
+    table = run()
+    assert run() is table  # the same weights: the table is reused
+    with torch.no_grad():
+        weights[3].mul_(-2.0)  # in place: the version counter moves
+    changed = run()
+    assert changed is not table and run() is changed
+    biases[1] = biases[1] + 1.0  # a new tensor
+    assert run() is not changed
+
+
+@requires_triton
+def test_triton_packed_weights_not_kept_for_inference_mode_tensors():
+    """Tensors created under torch.inference_mode carry no version counter: they are packed at every call."""
+    from transxnet_kernels.triton import ms_ffn
+
+    gen = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        weights = [randn(2, 1, k, k, gen=gen) for k in (1, 3)]
+        biases = [randn(2, gen=gen) for _ in range(2)]
+        first = ms_ffn._pack_for_inference(weights, biases)[0]
+        second = ms_ffn._pack_for_inference(weights, biases)[0]
+    assert first is not second and torch.equal(first, second)
+
+
+@requires_triton
+def test_triton_packed_weights_cache_is_bounded(monkeypatch):
+    """Beyond its bound the oldest packed table is dropped, and with it the pinned sources."""
+    from transxnet_kernels.triton import ms_ffn
+
+    monkeypatch.setattr(ms_ffn, "_INFERENCE_PACKS", {})
+    monkeypatch.setattr(ms_ffn, "_INFERENCE_PACKS_KEPT", 2)
+    gen = torch.Generator().manual_seed(0)
+    sets = [([randn(2, 1, 3, 3, gen=gen)], [randn(2, gen=gen)]) for _ in range(3)]
+    tables = [ms_ffn._pack_for_inference(*s)[0] for s in sets]
+    assert len(ms_ffn._INFERENCE_PACKS) == 2
+    assert ms_ffn._pack_for_inference(*sets[2])[0] is tables[2]
+    assert ms_ffn._pack_for_inference(*sets[0])[0] is not tables[0]  # dropped, packed again
+
+
 # ---------------------------------------------------------------------------------------- cpp
 
 

@@ -2327,6 +2327,35 @@ def _pack(weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor]):
     return w_table, torch.cat(list(biases)), widths, ksizes
 
 
+# Packed tables of ms_ffn_middle_eval (forward-only, so its weights are constants): key -> (the _pack result, its
+# sources). The key holds each weight's and bias's storage address, version counter (in-place updates bump it),
+# shape, strides, dtype and device; the entry pins the sources, so no new tensor can take an address it keys on
+# while it lives. The oldest entry goes first beyond _INFERENCE_PACKS_KEPT (a model has one weight set per MS-FFN).
+_INFERENCE_PACKS: Dict[tuple, tuple] = {}
+_INFERENCE_PACKS_KEPT = 256
+
+
+def _pack_for_inference(weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor]):
+    """_pack(weights, biases), kept until a source changes: on a GPU the packing is ten small launches (a pad is a
+    fill and a copy; two cats), as many as the op's own, at every inference call. Packed afresh while a CUDA graph
+    is being captured (its replays must read the weights then current, and the table would live in the graph's
+    memory pool) or where the tensors carry no version counter (inference-mode tensors)."""
+    sources = (*weights, *biases)
+    if sources[0].is_cuda and torch.cuda.is_current_stream_capturing():
+        return _pack(weights, biases)
+    try:
+        key = tuple((t.data_ptr(), t._version, t.shape, t.stride(), t.dtype, t.device) for t in sources)
+    except RuntimeError:  # an inference-mode tensor has no version counter
+        return _pack(weights, biases)
+    entry = _INFERENCE_PACKS.get(key)
+    if entry is None:
+        entry = (_pack(weights, biases), tuple(t.detach() for t in sources))
+        if len(_INFERENCE_PACKS) >= _INFERENCE_PACKS_KEPT:
+            del _INFERENCE_PACKS[next(iter(_INFERENCE_PACKS))]
+        _INFERENCE_PACKS[key] = entry
+    return entry[0]
+
+
 # ------------------------------------------------------------------------------ multiscale_dwconv
 
 
@@ -2644,7 +2673,7 @@ def ms_ffn_middle_eval(x, input_scale, input_shift, weights, biases, output_scal
     audit, see the module docstring). With the rational GELU (~19 instructions) the trade is closer but still
     lost in bf16: ~2.4 extra GELUs per element on average over the four groups cost more issue time (~46
     instructions) than the two bf16 passes they would save take DRAM time (~35 instructions' worth on H100)."""
-    w_table, bias, widths, ksizes = _pack(weights, biases)
+    w_table, bias, widths, ksizes = _pack_for_inference(weights, biases)
     out = torch.empty_like(x)
     if x.numel() == 0:
         return out
