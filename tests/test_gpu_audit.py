@@ -36,6 +36,7 @@ KERNELS = (
     "_osra_bwd_dkdv_kernel",  # OSRA, flash path (M > 64)
     "_osra_fwd_short_kernel",
     "_osra_bwd_short_kernel",  # OSRA, short path (M <= 64)
+    "_osra_dkdv_sum_kernel",  # OSRA, both paths' dk/dv partials
 )
 
 
@@ -96,9 +97,10 @@ def test_launches_compile_fit_and_do_not_spill(audit, kernel, target, dtype):
 
 
 def test_torch_work_between_launches_is_counted(audit):
-    """The OSRA short backward sums its dk/dv partials (one fp32 [B, h, M, d] pair per block of 64 or 128 queries)
-    with torch inside the op's custom-op wrapper: the estimate must carry at least those reads, and the forward
-    (no torch work but its tiny scale tensor) almost nothing. (The int64-offset variants run the flash backward.)"""
+    """The OSRA short backward sums its bias-gradient partials (one fp32 [h, N, M] slice per batch group, at least
+    two groups at these shapes) with torch inside the op's custom-op wrapper: the estimate must carry at least
+    those reads, on top of the launches, and the forward (no torch work) almost nothing. (The int64-offset
+    variants run the flash backward.)"""
     rows = [
         r
         for r in audit["calls"]
@@ -111,16 +113,15 @@ def test_torch_work_between_launches_is_counted(audit):
     checked = 0
     for r in rows:
         bandwidth = audit["targets"][r["target"]]["dram_tb_s"] * 1e12
-        B, h, N, d = r["shape"]
-        n_blocks = -(-N // 128)  # a lower bound for either row count
+        h, N = r["shape"][1:3]
         if r["phase"] == "forward":
             assert r["torch_s"] * bandwidth < 1024, r
-        elif n_blocks > 1:
-            partial_reads = 2 * n_blocks * B * h * 49 * d * 4
+        else:
+            partial_reads = 2 * h * N * 49 * 4
             assert r["torch_s"] * bandwidth >= partial_reads, (r, partial_reads)
             assert r["estimate_s"] - r["torch_s"] >= r["issue_s"] * (1 - 1e-9), r  # added on top of the launches
             checked += 1
-    assert checked, "no OSRA backward with several query blocks recorded"
+    assert checked, "no OSRA backward recorded"
 
 
 def test_launches_by_kernel_size_count_each_channel_once(audit):
