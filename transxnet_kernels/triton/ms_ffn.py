@@ -2351,7 +2351,7 @@ def _pack_for_inference(weights: Sequence[torch.Tensor], biases: Sequence[torch.
     if entry is None:
         entry = (_pack(weights, biases), tuple(t.detach() for t in sources))
         if len(_INFERENCE_PACKS) >= _INFERENCE_PACKS_KEPT:
-            del _INFERENCE_PACKS[next(iter(_INFERENCE_PACKS))]
+            _INFERENCE_PACKS.pop(next(iter(_INFERENCE_PACKS)), None)  # None: another thread may have dropped it
         _INFERENCE_PACKS[key] = entry
     return entry[0]
 

@@ -1019,7 +1019,7 @@ def _scale_tensor(scale: float, q: torch.Tensor) -> torch.Tensor:
         if q.is_cuda:
             torch.cuda.current_stream(q.device).synchronize()
         if len(_SCALES) >= _SCALES_KEPT:
-            del _SCALES[next(iter(_SCALES))]
+            _SCALES.pop(next(iter(_SCALES)), None)  # None: another thread may have dropped it
         _SCALES[key] = kept
     return kept
 
