@@ -359,21 +359,27 @@ def test_autocast_bfloat16_cpu():
 
 
 @requires_triton
-def test_autocast_inference_casts_the_multiscale_weights_once(monkeypatch):
-    """Eval under autocast without gradients: ms_ffn_middle_eval gets the multi-scale weights already in the
-    autocast dtype, the same tensors at every forward (cast once, kept as inference constants: so the op neither
-    casts them per call nor repacks them), and new ones after a weight changes."""
+def test_autocast_inference_casts_the_weights_once(monkeypatch):
+    """Eval under autocast without gradients: ms_ffn_middle_eval gets the multi-scale weights and idconv its weight
+    bank already in the autocast dtype, the same tensors at every forward (cast once, kept as inference constants:
+    so the ops do not cast them per call, nor the Triton ms_ffn_middle_eval repack them), and new ones after a
+    weight changes."""
     torch.manual_seed(0)
     arch = dict(SMALL_ARCH, layers=(1, 1, 1, 1))
     fast = transxnet.accelerated(perturbed(transxnet.TransXNet(arch, num_classes=4))).eval().to(DEVICE)
-    triton_eval = tk.ms_ffn_middle_eval._impls["triton"]
-    passed = []
+    triton_eval, triton_idconv = tk.ms_ffn_middle_eval._impls["triton"], tk.idconv._impls["triton"]
+    passed, banks = [], []
 
     def recording_eval(*args):
         passed.append((args[3], args[4]))
         return triton_eval.fn(*args)
 
+    def recording_idconv(*args):
+        banks.append((args[2], args[4]))
+        return triton_idconv.fn(*args)
+
     monkeypatch.setitem(tk.ms_ffn_middle_eval._impls, "triton", dataclasses.replace(triton_eval, fn=recording_eval))
+    monkeypatch.setitem(tk.idconv._impls, "triton", dataclasses.replace(triton_idconv, fn=recording_idconv))
     x = torch.randn(1, 3, 32, 32, device=DEVICE)
     outs = []
     with torch.no_grad(), torch.autocast(DEVICE.type, dtype=torch.bfloat16), tk.use_backend("triton"):
@@ -388,6 +394,9 @@ def test_autocast_inference_casts_the_multiscale_weights_once(monkeypatch):
         assert all(t.dtype == torch.bfloat16 for t in (*w1, *b1))
         assert all(a is b for a, b in zip((*w1, *b1), (*w2, *b2)))
     assert third[0][0][1] is not first[0][0][1] and all(a is b for a, b in zip(third[1][0], first[1][0]))
+    assert len(banks) == 3 * blocks
+    for (w1, b1), (w2, b2) in zip(banks[:blocks], banks[blocks : 2 * blocks]):
+        assert w1.dtype == b1.dtype == torch.bfloat16 and w1 is w2 and b1 is b2
     torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
 
 

@@ -254,6 +254,22 @@ def inference_constant(module: nn.Module, name: str, sources: tuple, build: Call
     return entry[2]
 
 
+def autocast_constants(module: nn.Module, name: str, x: torch.Tensor, *tensors: Optional[torch.Tensor]) -> tuple:
+    """`tensors` (parameters of `module`; None passes through) in the dtype autocast gives the ops on x's device,
+    kept as an inference constant of `module`: the ops would cast them at every call, a launch each on a GPU.
+    Unchanged where autocast is off or they already have that dtype."""
+    dtype = autocast_dtype(x.device.type)
+    if dtype is None or all(t is None or t.dtype == dtype for t in tensors):
+        return tensors
+    return inference_constant(
+        module,
+        name,
+        tuple(t for t in tensors if t is not None),
+        lambda: tuple(None if t is None else t.to(dtype) for t in tensors),
+        key=dtype,
+    )
+
+
 def drop_inference_constants(module: nn.Module) -> None:
     _CONSTANTS.pop(module, None)
 
@@ -476,7 +492,8 @@ class AcceleratedIDConv(IDConv):
         logits = F.linear(gelu_fresh(F.linear(both, reduce_w, reduce_b)), expand_w, expand_b)  # [B, K*K + 1, G*C]
         kernel_logits = logits[:, : K * K].reshape(B, K, K, G, C).permute(0, 3, 4, 1, 2)
         bias_logits = logits[:, K * K].reshape(B, G, C)
-        return inference_op(tk.idconv, x)(x, kernel_logits, self.weight, bias_logits, self.bias)
+        weight, bias = autocast_constants(self, "weight_bank", x, self.weight, self.bias)
+        return inference_op(tk.idconv, x)(x, kernel_logits, weight, bias_logits, bias)
 
     def proj_linear(self) -> Tuple[torch.Tensor, ...]:
         """proj in eval mode as two linear layers (weight [out, in], bias): 1x1 conv + BatchNorm, GELU, 1x1 conv."""
@@ -596,17 +613,9 @@ class AcceleratedMlp(Mlp):
         )
         in_scale, in_shift, out_scale, out_shift = scales
         weights, biases = mlp_weights(self)
-        dtype = autocast_dtype(h.device.type)
-        if dtype is not None and dtype != weights[0].dtype:
-            # The op would cast them at every call (eight launches on a GPU), into new tensors each time, on
-            # which the Triton op cannot keep its packed weight table either.
-            weights, biases = inference_constant(
-                self,
-                "multiscale_weights",
-                tuple(self.dwconv.proj),
-                lambda: ([w.to(dtype) for w in weights], [b.to(dtype) for b in biases]),
-                key=dtype,
-            )
+        # cast once: new tensors at every call would also defeat the Triton op's kept packed weight table
+        cast = autocast_constants(self, "multiscale_weights", h, *weights, *biases)
+        weights, biases = list(cast[: len(weights)]), list(cast[len(weights) :])
         args = (h, in_scale, in_shift, weights, biases, out_scale, out_shift)
         # h is fc1's fresh conv output, read by nothing else: the cpp kernel may write its result over it
         helpers = cpp_helpers(h, "ms_ffn_middle_eval") if onednn_inference(h) else None
