@@ -146,6 +146,11 @@ def _osra_bwd_dkdv(args, grid) -> Trips:
     return {"_osra_bwd_dkdv_kernel:start_n": grid[0] * grid[1] * rows}
 
 
+def _batch_norm_affine(args, grid) -> Trips:
+    sweeps = grid[0] * args["P"]  # both sweeps over the partials run in the training form only (P = 0 in eval)
+    return {"_batch_norm_affine_kernel:p": sweeps, "_batch_norm_affine_kernel:q": sweeps}
+
+
 def _osra_dkdv_sum(args, grid) -> Trips:
     return {"_osra_dkdv_sum_kernel:_partial": grid[0] * grid[1] * grid[2] * args["PARTIALS"]}
 
@@ -161,6 +166,7 @@ LOOP_TRIPS: Dict[str, Callable[[Mapping, Sequence[int]], Trips]] = {
     "_strip_forward_kernel": _strips("_strip_forward_kernel"),
     "_strip_dz_kernel": _strips("_strip_dz_kernel"),
     "_strip_dx_kernel": _strips("_strip_dx_kernel"),
+    "_batch_norm_affine_kernel": _batch_norm_affine,
     "_osra_fwd_kernel": _osra_fwd,
     "_osra_bwd_dq_kernel": _osra_bwd_dq,
     "_osra_bwd_dkdv_kernel": _osra_bwd_dkdv,

@@ -31,6 +31,7 @@ KERNELS = (
     "_strip_forward_kernel",
     "_strip_dz_kernel",
     "_strip_dx_kernel",  # the same on strips of rows (NCHW stages 1-2)
+    "_batch_norm_affine_kernel",  # MS-FFN middle's BatchNorm statistics and affine map
     "_osra_fwd_kernel",
     "_osra_bwd_dq_kernel",
     "_osra_bwd_dkdv_kernel",  # OSRA, flash path (M > 64)

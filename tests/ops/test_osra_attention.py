@@ -419,10 +419,11 @@ def test_triton_short_path_rows_per_program():
 def test_triton_scale_tensor_made_once_per_scale_dtype_and_device(monkeypatch):
     """The scale the kernels read by pointer is one tensor per (scale, accumulation dtype, device), kept (up to a
     bound, oldest dropped first) instead of filled at every call."""
+    from transxnet_kernels.triton import common
     from transxnet_kernels.triton import osra_attention as triton_osra
 
-    monkeypatch.setattr(triton_osra, "_SCALES", {})
-    monkeypatch.setattr(triton_osra, "_SCALES_KEPT", 2)
+    monkeypatch.setattr(common, "_SCALARS", {})
+    monkeypatch.setattr(common, "_SCALARS_KEPT", 2)
     q = torch.zeros(1, 1, 2, 4, device=DEVICE)
     kept = triton_osra._scale_tensor(0.125, q)
     assert triton_osra._scale_tensor(0.125, q.half()) is kept  # fp16 computes in fp32 too

@@ -22,7 +22,7 @@ import contextvars
 import functools
 import os
 from dataclasses import dataclass
-from typing import Dict, Iterator, Optional, Type, TypeVar
+from typing import Dict, Iterator, Optional, Tuple, Type, TypeVar
 
 import torch
 import triton.language as tl
@@ -54,6 +54,30 @@ def cdiv(a: int, b: int) -> int:
 def next_power_of_2(n: int) -> int:
     """The smallest power of two >= n (0 for n <= 0, as triton.next_power_of_2), a plain function like cdiv."""
     return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
+# (value, dtype, device) -> a one-element tensor holding value: for kernels that need a float argument in fp64
+# (Triton's float arguments are fp32), read by pointer. Bounded for callers that vary the value (oldest first).
+_SCALARS: Dict[Tuple[float, torch.dtype, torch.device], torch.Tensor] = {}
+_SCALARS_KEPT = 64
+
+
+def kept_scalar(value: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """`value` as a one-element tensor of `dtype` on `device`, made once and kept instead of filled at every call
+    (a launch on a GPU). Made afresh while a CUDA graph is captured (it would live in the graph's memory pool);
+    a kept one's fill is waited for, so that any stream may read it at once."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return torch.full((1,), value, dtype=dtype, device=device)
+    key = (value, dtype, device)
+    kept = _SCALARS.get(key)
+    if kept is None:
+        kept = torch.full((1,), value, dtype=dtype, device=device)
+        if device.type == "cuda":
+            torch.cuda.current_stream(device).synchronize()
+        if len(_SCALARS) >= _SCALARS_KEPT:
+            _SCALARS.pop(next(iter(_SCALARS)), None)  # None: another thread may have dropped it
+        _SCALARS[key] = kept
+    return kept
 
 
 def supports(info: CallInfo) -> Optional[str]:

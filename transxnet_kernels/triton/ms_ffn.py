@@ -24,7 +24,9 @@ k rows as a runtime loop, a row's k taps unrolled, so a tap's offset and column 
 shifts of the tile's (the column masks are computed once per tile) and a block runs exactly k^2 taps,
 never kmax^2. A program owns one channel block x one spatial tile and loops over a range of the
 batch; per-channel reductions (BN statistics, dW, dbias) are
-written as per-program partials and summed afterwards in torch (deterministic, no atomics anywhere).
+written as per-program partials and summed afterwards in a fixed order (deterministic, no atomics anywhere): dW,
+dbias and the backward's BN sums by torch, the forward's BN statistics with BN's affine map by
+`_batch_norm_affine_kernel` (one launch, where torch took ~15 small ones).
 Layouts: any strides; on GPUs contiguous NCHW tiles one channel x a long run of pixels, channels_last tiles
 up to 32 contiguous channels x a few pixels. Base pointers move in int64 per image; in-image offsets
 are int32 unless one image spans >= 2^31 elements. fp16/bf16/fp32 accumulate in fp32, fp64 in fp64.
@@ -122,6 +124,7 @@ from .common import (
     cdiv,
     device_guard,
     interpreter_active,
+    kept_scalar,
     launch_settings,
     launch_target,
     needs_int64,
@@ -1583,6 +1586,59 @@ def _dx_kernel(
         _store_wgrad_partials(pdw_ptr, pdb_ptr, acc_w, acc_b, cs, cmask, C, KK_STRIDE, KK_POW2)
 
 
+@triton.jit
+def _batch_norm_affine_kernel(
+    pcnt_ptr,
+    pmean_ptr,
+    pm2_ptr,
+    mean_ptr,
+    var_ptr,
+    weight_ptr,
+    bias_ptr,
+    eps_ptr,
+    scale_ptr,
+    shift_ptr,
+    P,
+    C,
+    FROM_PARTIALS: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    """BatchNorm's per-channel affine map, scale = weight / sqrt(var + eps) and shift = bias - mean * scale, for a
+    block of channels. FROM_PARTIALS (training): mean and the biased variance combined from the statistics pass's
+    (count, mean, M2) partials [P, C] in a fixed order, mean = sum c*m / n, var = sum (M2 + c*(m - mean)^2) / n,
+    and stored; else mean_ptr and var_ptr hold them already (eval: copies of the running statistics)."""
+    cs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cs < C
+    if FROM_PARTIALS:
+        n = tl.zeros([BLOCK_C], ACC)
+        total = tl.zeros([BLOCK_C], ACC)
+        for p in range(P):
+            count = tl.load(pcnt_ptr + p * C + cs, mask=cmask, other=0.0)
+            n += count
+            total += count * tl.load(pmean_ptr + p * C + cs, mask=cmask, other=0.0)
+        mean = total / n
+        m2 = tl.zeros([BLOCK_C], ACC)
+        for q in range(P):  # a second sweep: the deviations from the batch mean, not from a running estimate
+            d = tl.load(pmean_ptr + q * C + cs, mask=cmask, other=0.0) - mean
+            m2 += tl.load(pm2_ptr + q * C + cs, mask=cmask, other=0.0) + tl.load(
+                pcnt_ptr + q * C + cs, mask=cmask, other=0.0
+            ) * (d * d)
+        var = m2 / n
+        tl.store(mean_ptr + cs, mean, mask=cmask)
+        tl.store(var_ptr + cs, var, mask=cmask)
+    else:
+        mean = tl.load(mean_ptr + cs, mask=cmask, other=0.0)
+        var = tl.load(var_ptr + cs, mask=cmask, other=0.0)
+    if var.dtype == tl.float64:  # sqrt_rn is fp32's correctly rounded square root; fp64's plain one is
+        root = tl.sqrt(var + tl.load(eps_ptr))
+    else:
+        root = tl.sqrt_rn(var + tl.load(eps_ptr))
+    scale = tl.load(weight_ptr + cs, mask=cmask, other=0.0).to(ACC) / root
+    tl.store(scale_ptr + cs, scale, mask=cmask)
+    tl.store(shift_ptr + cs, tl.load(bias_ptr + cs, mask=cmask, other=0.0).to(ACC) - mean * scale, mask=cmask)
+
+
 # ------------------------------------------------------------------------------------------- strips
 
 
@@ -2268,6 +2324,43 @@ def _launch_forward(
                 )
 
 
+def _batch_norm_affine(
+    plan: _Plan,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float,
+    stats: Tuple[torch.Tensor, ...] = (),
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) [C] in the accumulation dtype, from the statistics pass's partials (training: mean and var are
+    written) or from mean and var as given (eval), in one launch: the torch form was ~15 small launches per call."""
+    C = mean.shape[0]
+    scale, shift = torch.empty_like(mean), torch.empty_like(mean)
+    pcnt, pmean, pm2 = stats if stats else (mean, mean, mean)
+    block_c = min(1024, next_power_of_2(C))
+    with device_guard(mean):
+        _batch_norm_affine_kernel[(cdiv(C, block_c),)](
+            pcnt,
+            pmean,
+            pm2,
+            mean,
+            var,
+            weight.contiguous(),
+            bias.contiguous(),
+            kept_scalar(eps, plan.acc, mean.device),
+            scale,
+            shift,
+            pcnt.shape[0] if stats else 0,
+            C,
+            FROM_PARTIALS=bool(stats),
+            BLOCK_C=block_c,
+            ACC=tl_accumulation_dtype(plan.acc),
+            num_warps=4,
+        )
+    return scale, shift
+
+
 def _sum_wgrad_partials(pdw: torch.Tensor, pdb: torch.Tensor, w_table: torch.Tensor, bias: torch.Tensor):
     return pdw.sum(0).to(w_table.dtype), pdb.sum(0).to(bias.dtype)
 
@@ -2453,17 +2546,14 @@ def ms_ffn_middle_packed(
     if training:
         stats = tuple(plan.partial_buffer(C, device=x.device) for _ in range(3))
         _launch_forward(_STATS, x, w_table, bias, plan, out=z, stats=stats)
-        pcnt, pmean, pm2 = stats
-        n = pcnt.sum(0)
-        mean = (pcnt * pmean).sum(0) / n
-        var = (pm2.sum(0) + (pcnt * (pmean - mean) ** 2).sum(0)) / n
+        mean, var = (torch.empty(C, dtype=plan.acc, device=x.device) for _ in range(2))
+        scale, shift = _batch_norm_affine(plan, mean, var, norm_weight, norm_bias, eps, stats)
     else:
         mean = running_mean.to(plan.acc, copy=True)
         var = running_var.to(plan.acc, copy=True)
         if keep_z and x.numel() > 0:
             _launch_forward(_PREACT, x, w_table, bias, plan, out=z)
-    scale = norm_weight.to(plan.acc) * torch.rsqrt(var + eps)
-    shift = norm_bias.to(plan.acc) - mean * scale
+        scale, shift = _batch_norm_affine(plan, mean, var, norm_weight, norm_bias, eps)
     if keep_z and x.numel() > 0:  # no stencil: not a strip pass
         elementwise = _plan(z, widths, ksizes, out, strips=False)
         _launch_forward(_APPLY_SAVED, z, w_table, bias, elementwise, out=out, scale=scale, shift=shift)

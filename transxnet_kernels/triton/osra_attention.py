@@ -58,7 +58,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import triton
@@ -73,6 +73,7 @@ from .common import (
     cdiv,
     device_guard,
     fits_int32,
+    kept_scalar,
     launch_settings,
     launch_target,
     needs_int64,
@@ -999,29 +1000,10 @@ def _bias_strides(bias: Optional[torch.Tensor]) -> Tuple[int, int, int, int]:
     return tuple(0 if bias.shape[i] == 1 else bias.stride(i) for i in range(4))  # type: ignore[return-value]
 
 
-# (scale, dtype, device) -> the one-element tensor the kernels read the scale from; a scale needs one, not a fill
-# launch per call. Bounded for callers that vary the scale (the oldest goes first).
-_SCALES: Dict[Tuple[float, torch.dtype, torch.device], torch.Tensor] = {}
-_SCALES_KEPT = 64
-
-
 def _scale_tensor(scale: float, q: torch.Tensor) -> torch.Tensor:
     """The scale as a one-element tensor in q's accumulation dtype: passed by pointer so that fp64 calls get it in
-    fp64 (Triton's float arguments are fp32). Made afresh while a CUDA graph is captured (it would live in the
-    graph's memory pool); else made once, and its fill is waited for so that any stream may read it at once."""
-    dtype = accumulation_dtype(q.dtype)
-    if q.is_cuda and torch.cuda.is_current_stream_capturing():
-        return torch.full((1,), scale, dtype=dtype, device=q.device)
-    key = (scale, dtype, q.device)
-    kept = _SCALES.get(key)
-    if kept is None:
-        kept = torch.full((1,), scale, dtype=dtype, device=q.device)
-        if q.is_cuda:
-            torch.cuda.current_stream(q.device).synchronize()
-        if len(_SCALES) >= _SCALES_KEPT:
-            _SCALES.pop(next(iter(_SCALES)), None)  # None: another thread may have dropped it
-        _SCALES[key] = kept
-    return kept
+    fp64 (Triton's float arguments are fp32); kept, not filled at every call (`kept_scalar`)."""
+    return kept_scalar(scale, accumulation_dtype(q.dtype), q.device)
 
 
 def _dense(t: torch.Tensor) -> bool:
