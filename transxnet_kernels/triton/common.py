@@ -56,6 +56,13 @@ def next_power_of_2(n: int) -> int:
     return 1 << (n - 1).bit_length() if n > 0 else 0
 
 
+def keep_bounded(cache: Dict, key, value, bound: int) -> None:
+    """cache[key] = value, dropping the oldest entry first where the cache already holds `bound` entries."""
+    if len(cache) >= bound:
+        cache.pop(next(iter(cache)), None)  # None: another thread may have dropped it
+    cache[key] = value
+
+
 # (value, dtype, device) -> a one-element tensor holding value: for kernels that need a float argument in fp64
 # (Triton's float arguments are fp32), read by pointer. Bounded for callers that vary the value (oldest first).
 _SCALARS: Dict[Tuple[float, torch.dtype, torch.device], torch.Tensor] = {}
@@ -74,9 +81,7 @@ def kept_scalar(value: float, dtype: torch.dtype, device: torch.device) -> torch
         kept = torch.full((1,), value, dtype=dtype, device=device)
         if device.type == "cuda":
             torch.cuda.current_stream(device).synchronize()
-        if len(_SCALARS) >= _SCALARS_KEPT:
-            _SCALARS.pop(next(iter(_SCALARS)), None)  # None: another thread may have dropped it
-        _SCALARS[key] = kept
+        keep_bounded(_SCALARS, key, kept, _SCALARS_KEPT)
     return kept
 
 

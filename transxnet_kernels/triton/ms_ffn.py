@@ -124,6 +124,7 @@ from .common import (
     cdiv,
     device_guard,
     interpreter_active,
+    keep_bounded,
     kept_scalar,
     launch_settings,
     launch_target,
@@ -2443,9 +2444,7 @@ def _pack_for_inference(weights: Sequence[torch.Tensor], biases: Sequence[torch.
     entry = _INFERENCE_PACKS.get(key)
     if entry is None:
         entry = (_pack(weights, biases), tuple(t.detach() for t in sources))
-        if len(_INFERENCE_PACKS) >= _INFERENCE_PACKS_KEPT:
-            _INFERENCE_PACKS.pop(next(iter(_INFERENCE_PACKS)), None)  # None: another thread may have dropped it
-        _INFERENCE_PACKS[key] = entry
+        keep_bounded(_INFERENCE_PACKS, key, entry, _INFERENCE_PACKS_KEPT)
     return entry[0]
 
 
