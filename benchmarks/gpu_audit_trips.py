@@ -116,8 +116,9 @@ def _dx(args, grid) -> Trips:
 
 
 def _strips(kernel: str) -> Callable[[Mapping, Sequence[int]], Trips]:
-    """The strip kernels: every image once per (strip, channel block), whatever the batch splits; their stencils
-    and weight-gradient sweeps are unrolled (static_range) in the image loop's body."""
+    """The strip and thread-plane kernels: every image once per (strip, channel block), whatever the batch splits
+    (a thread-plane grid has one spatial tile); their stencils and weight-gradient sweeps are unrolled
+    (static_range) in the image loop's body."""
     return lambda args, grid: {f"{kernel}:_": grid[0] * grid[1] * args["B"]}
 
 
@@ -166,6 +167,8 @@ LOOP_TRIPS: Dict[str, Callable[[Mapping, Sequence[int]], Trips]] = {
     "_strip_forward_kernel": _strips("_strip_forward_kernel"),
     "_strip_dz_kernel": _strips("_strip_dz_kernel"),
     "_strip_dx_kernel": _strips("_strip_dx_kernel"),
+    "_thread_plane_forward_kernel": _strips("_thread_plane_forward_kernel"),
+    "_thread_plane_dx_kernel": _strips("_thread_plane_dx_kernel"),
     "_batch_norm_affine_kernel": _batch_norm_affine,
     "_osra_fwd_kernel": _osra_fwd,
     "_osra_bwd_dq_kernel": _osra_bwd_dq,

@@ -358,11 +358,13 @@ def groups_id(groups) -> str:
     return "w{}k{}-B{}H{}W{}".format("_".join(map(str, widths)), "_".join(map(str, ksizes)), B, H, W)
 
 
-def ms_ffn_small_tiles(index64: bool = True, plane: bool = False, strips: bool = False):
+def ms_ffn_small_tiles(index64: bool = True, plane: bool = False, strips: bool = False, thread_planes: bool = False):
     """launch_overrides for the Triton MS-FFN kernels giving GPU-like launch shapes on small inputs: several
     spatial tiles, channel blocks per group, the batch split over programs, and (index64) int64 in-image
     offsets. plane: the whole-plane stencil where it applies (a few channels per tile); strips: strips of 2 rows
-    x 2 chunks, 2 channels per program, where they apply; else the tiled stencils (per tap, chunks of 4)."""
+    x 2 chunks, 2 channels per program, where they apply; thread_planes: the forward passes on planes of at most
+    64 pixels with a thread per plane, 2 channels and one image per program; else the tiled stencils (per tap,
+    chunks of 4)."""
     import dataclasses
 
     from transxnet_kernels.triton import common, ms_ffn
@@ -378,6 +380,9 @@ def ms_ffn_small_tiles(index64: bool = True, plane: bool = False, strips: bool =
             strip_rows=2 if strips else 0,
             strip_chunks=4,
             strip_row_chunks=2,
+            thread_plane_pixels=64 if thread_planes else 0,
+            thread_plane_channels=2,
+            thread_plane_programs=10**6,
         ),
         dataclasses.replace(target, int32_span_limit=0) if index64 else target,
     )
@@ -385,11 +390,13 @@ def ms_ffn_small_tiles(index64: bool = True, plane: bool = False, strips: bool =
 
 def ms_ffn_tiled_stencils(strips: bool = True):
     """launch_overrides for the Triton MS-FFN kernels: the default launch settings without the whole-plane
-    stencil, so small planes run the stencils larger ones take (strips of rows where rows are a multiple of 4
-    pixels, else per tap); strips=False: chunks of 4 pixels there instead."""
+    stencil and thread planes, so small planes run the stencils larger ones take (strips of rows where rows are
+    a multiple of 4 pixels, else per tap); strips=False: chunks of 4 pixels there instead."""
     import dataclasses
 
     from transxnet_kernels.triton import common, ms_ffn
 
     settings = ms_ffn.Settings.for_target(common.launch_target(DEVICE))
-    return common.launch_overrides(dataclasses.replace(settings, plane_max=0, strip_rows=settings.strip_rows * strips))
+    return common.launch_overrides(
+        dataclasses.replace(settings, plane_max=0, strip_rows=settings.strip_rows * strips, thread_plane_pixels=0)
+    )

@@ -273,15 +273,22 @@ def test_training_on_one_value_per_channel_raises(backend):
 
 
 @requires_triton
-@pytest.mark.parametrize("plane", [False, True], ids=["tiled", "plane"])
+@pytest.mark.parametrize("stencil", ["tiled", "plane", "thread-planes"])
 @pytest.mark.parametrize(
     "layout,training", [("contiguous", False), ("channels_last", True)], ids=["contiguous-eval", "channels_last-train"]
 )
-def test_triton_many_tiles_and_batch_splits(layout, training, plane, nan_poisoned_empty):
-    with ms_ffn_small_tiles(index64=not plane, plane=plane):
-        check_middle(
-            TRITON, middle_args([3, 5, 1], [3, 1, 5], 3, 5, 7, dtype=torch.float64, layout=layout, training=training)
-        )
+def test_triton_many_tiles_and_batch_splits(layout, training, stencil, nan_poisoned_empty):
+    """Several tiles, channel blocks per group and batch splits on the per-tap tiles (int64 offsets), the whole-plane
+    stencil, or thread planes (the forward's statistics merged over one-image programs; the backward on whole
+    planes, as thread planes have no backward)."""
+    from transxnet_kernels.triton import ms_ffn
+
+    args = middle_args([3, 5, 1], [3, 1, 5], 3, 5, 7, dtype=torch.float64, layout=layout, training=training)
+    plane = stencil != "tiled"
+    with ms_ffn_small_tiles(index64=not plane, plane=plane, thread_planes=stencil == "thread-planes"):
+        forward = ms_ffn._plan(args[0].detach(), [3, 5, 1], [3, 1, 5], thread_planes=True)
+        assert bool(forward.thread_plane[2]) == (stencil == "thread-planes"), forward
+        check_middle(TRITON, args)
 
 
 @requires_triton

@@ -116,12 +116,14 @@ def test_mixed_dtypes_and_devices_raise_value_error_naming_the_argument(choice):
             tk.ms_ffn_middle_eval(x, s_in[:2], t_in, weights, biases, s_out, t_out)
 
 
+@pytest.mark.parametrize("H", [6, 9], ids=["48px", "72px"])
 @pytest.mark.parametrize("backend,dtype", backend_dtype_params(OP, dtypes=[torch.float16, torch.bfloat16]))
-def test_half_precision(backend, dtype, nan_poisoned_empty):
-    """Half-precision x and conv weights with fp32 scales and shifts (BatchNorm's fp32 parameters under autocast);
-    Triton stores y = GELU(x) * s + t in x's dtype between its two launches."""
+def test_half_precision(backend, dtype, H, nan_poisoned_empty):
+    """Half-precision x and conv weights with fp32 scales and shifts (BatchNorm's fp32 parameters under autocast).
+    Triton, on planes of at most 64 pixels, keeps y = GELU(x) * s + t in fp32 registers (thread planes); on larger
+    ones it stores y in x's dtype between its two launches."""
     x, s_in, t_in, weights, biases, s_out, t_out = eval_args(
-        [3, 2, 2, 2], [1, 3, 5, 7], 2, 6, 8, dtype=dtype, device=backend.device, seed=2, grad=False
+        [3, 2, 2, 2], [1, 3, 5, 7], 2, H, 8, dtype=dtype, device=backend.device, seed=2, grad=False
     )
     check_op(backend, OP, (x, s_in.float(), t_in.float(), weights, biases, s_out.float(), t_out.float()))
 
@@ -139,10 +141,11 @@ def test_forward_only(backend):
 
 
 @requires_triton
-@pytest.mark.parametrize("stencil", ["strips", "chunks", "plane", "per-tap-int64"])
-def test_triton_stencils(stencil, nan_poisoned_empty):
-    """Both launches on each stencil the plan picks, with several tiles or strips, channel blocks and batch
-    splits: strips of rows, chunks of 4 pixels, whole planes, and per-tap tiles with int64 offsets."""
+@pytest.mark.parametrize("stencil", ["strips", "chunks", "plane", "per-tap-int64", "thread-planes"])
+def test_triton_stencils(stencil, nan_poisoned_empty, monkeypatch):
+    """Each stencil the plan picks, with several tiles or strips, channel blocks and batch splits: two launches
+    on strips of rows, chunks of 4 pixels, whole planes, and per-tap tiles with int64 offsets; one (_EVAL) on
+    thread planes."""
     from transxnet_kernels.triton import ms_ffn
 
     widths, ksizes = [2, 3, 1, 2], [1, 3, 5, 7]
@@ -152,12 +155,28 @@ def test_triton_stencils(stencil, nan_poisoned_empty):
         "chunks": dict(index64=False),
         "plane": dict(index64=False, plane=True),
         "per-tap-int64": dict(index64=True),
+        "thread-planes": dict(index64=False, thread_planes=True),
     }[stencil]
+    modes = []
+    launch_forward = ms_ffn._launch_forward
+
+    def recording_launch_forward(mode, *args, **kwargs):
+        modes.append(mode)
+        launch_forward(mode, *args, **kwargs)
+
+    monkeypatch.setattr(ms_ffn, "_launch_forward", recording_launch_forward)
     with ms_ffn_small_tiles(**settings):
-        plan = ms_ffn._plan(args[0], widths, ksizes)
-        picked = {"strips": plan.strip, "chunks": plan.vec, "plane": plan.plane[1], "per-tap-int64": plan.index64}
+        plan = ms_ffn._plan(args[0], widths, ksizes, thread_planes=True)
+        picked = {
+            "strips": plan.strip,
+            "chunks": plan.vec,
+            "plane": plan.plane[1],
+            "per-tap-int64": plan.index64,
+            "thread-planes": plan.thread_plane[2],
+        }
         assert picked[stencil], plan
         check_op(TRITON, OP, args)
+    assert modes == ([ms_ffn._EVAL] if stencil == "thread-planes" else [ms_ffn._APPLY_SAVED, ms_ffn._APPLY])
 
 
 @requires_triton

@@ -250,10 +250,69 @@ def test_triton_whole_plane_launches_with_unequal_batch_splits(nan_poisoned_empt
 
     args = msdw_args([4, 1], [3, 5], 4, 6, 5, dtype=torch.float64)
     settings = ms_ffn.Settings.for_target(common.launch_target(DEVICE))
-    with common.launch_overrides(dataclasses.replace(settings, target_programs=4, plane_columns=8)):
-        plan = ms_ffn._plan(args[0].detach(), [4, 1], [3, 5])
+    overrides = dataclasses.replace(settings, target_programs=4, plane_columns=8, thread_plane_pixels=0)
+    with common.launch_overrides(overrides):
+        plan = ms_ffn._plan(args[0].detach(), [4, 1], [3, 5], thread_planes=True)
         assert [(launch.kmax, launch.grid) for launch in plan.launches] == [(5, (1, 1, 4)), (3, (1, 4, 1))], plan
         check_op(TRITON, OP, args)
+
+
+# Planes of at most 64 pixels: 7 x 7 (stage 4 at 224^2) with kernels up to 7, one row or column, a single pixel,
+# 8 x 8 (64 pixels exactly), taps reaching past both edges (K = 7 on 2 x 5), kernel 9 beside 1.
+THREAD_PLANES = [
+    ([2, 3, 1, 2], [1, 3, 5, 7], 2, 7, 7),
+    ([3, 2], [7, 3], 3, 2, 5),
+    ([1, 2], [9, 1], 1, 1, 9),
+    ([2], [5], 2, 1, 1),
+    ([1, 1], [3, 7], 2, 8, 8),
+]
+
+
+@requires_triton
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("groups", THREAD_PLANES, ids=groups_id)
+def test_triton_thread_planes(groups, layout, nan_poisoned_empty):
+    """The forward and the backward on a thread per plane (_thread_plane_forward_kernel, _thread_plane_dx_kernel:
+    dx with the weight gradient for K = 1, dx and the weight gradient as two launches above) against the fp64
+    reference, with 2 channels and one image per program (several channel blocks per group, the batch split).
+    Fails if either plan does not take thread planes."""
+    from transxnet_kernels.triton import ms_ffn
+
+    args = msdw_args(*groups, dtype=torch.float64, layout=layout)
+    with ms_ffn_small_tiles(index64=False, thread_planes=True):
+        for wgrad_dx in (False, True):
+            plan = ms_ffn._plan(args[0].detach(), groups[0], groups[1], wgrad_dx=wgrad_dx, thread_planes=True)
+            H, W = groups[3:]
+            assert plan.thread_plane == (H, W, 1 << (H * W - 1).bit_length()) and plan.block_c <= 2, plan
+            assert len(plan.launches) == len(set(groups[1])) and plan.launches[0].grid[2] == groups[2], plan
+        check_op(TRITON, OP, args)
+
+
+@requires_triton
+def test_triton_thread_planes_where_they_apply():
+    """Forward plans on planes of at most thread_plane_pixels pixels with int32 offsets take thread planes:
+    blocks of channels dividing every group's width, a launch per kernel size, few programs; larger planes,
+    int64 offsets and plans for the backward (thread_planes=False) do not. Planned on meta tensors."""
+    from transxnet_kernels.triton import common, ms_ffn
+
+    def plan(x, widths, ksizes=(1, 3, 5, 7), **kwargs):
+        return ms_ffn._plan(x, list(widths), list(ksizes), **kwargs)
+
+    with common.launch_overrides(common.LaunchTarget(sm_count=132, interpreted=False)):
+        for widths, block_c in (([448] * 4, 64), ([512] * 4, 128), ([672] * 4, 32), ([3, 5, 1, 2], 8)):
+            x = torch.empty(128, sum(widths), 7, 7, device="meta")
+            p = plan(x, widths, thread_planes=True)
+            assert p.thread_plane == (7, 7, 64) and p.plane == (0, 0, 0) and not p.vec, p
+            assert p.block_c == block_c and p.num_warps == max(1, block_c // 32), p
+            assert [launch.kmax for launch in p.launches] == [7, 5, 3, 1], p
+            blocks = -(-widths[0] // block_c)
+            assert p.launches[0].grid == (1, blocks, -(-128 // -(-128 // -(-264 // blocks)))), p
+            assert plan(x, widths).thread_plane == (0, 0, 0) and plan(x, widths).plane == (7, 7, 8)
+        x = torch.empty(2, 8, 8, 8, device="meta").to(memory_format=torch.channels_last)
+        assert plan(x, [2] * 4, thread_planes=True).thread_plane == (8, 8, 64)
+        assert plan(torch.empty(2, 8, 9, 8, device="meta"), [2] * 4, thread_planes=True).thread_plane == (0, 0, 0)
+    with ms_ffn_small_tiles(index64=True, thread_planes=True):
+        assert plan(torch.empty(2, 8, 7, 7, device="meta"), [2] * 4, thread_planes=True).thread_plane == (0, 0, 0)
 
 
 # Row-contiguous maps with W a multiple of 4 take the strip kernels (_strip_*_kernel: _dwconv_strip_vec_k,

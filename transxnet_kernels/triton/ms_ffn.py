@@ -155,7 +155,10 @@ class Settings:
     the strip kernels of T's training middle at stages 1-2 compile in 41-45% of the time (bf16 145 -> 60 s, fp32
     149 -> 67 s on this project's 2-core machine) with fewer registers, for static estimates (Triton 3.8, H100)
     0.95-1.09x those at 8 rows at the 224^2 stages 1-2 of T/S/B, up to 1.22x for the fp16/bf16 multiscale_dwconv
-    backward at 800x1216 (not yet measured on a GPU). On GPUs:
+    backward at 800x1216 (not yet measured on a GPU). thread_plane_pixels: the forward passes with a stencil run
+    on planes of at most this many pixels with a thread per channel plane (_thread_plane_forward_kernel; 0: never;
+    64 takes 7 x 7, stage 4 at 224^2, and 8 x 8), at most thread_plane_channels channels per program, and before
+    the batch is split, thread_plane_programs programs per launch (twice the SMs on GPUs). On GPUs:
     small tiles, enough programs to fill the SMs several times over, NCHW tiles of one channel (a long coalesced run
     of pixels). Triton's interpreter runs programs one after another at ~0.7 ms per tile operation
     whatever the tile's size, so there few large programs are fastest: small NCHW planes share a tile (one channel per
@@ -171,18 +174,26 @@ class Settings:
     strip_chunks: int = 64
     strip_row_chunks: int = 8
     wgrad_strip_rows: int = 6
+    thread_plane_pixels: int = 64
+    thread_plane_channels: int = 128
+    thread_plane_programs: int = 1
 
     @classmethod
     def for_target(cls, target: LaunchTarget) -> Settings:
         if target.interpreted:
             return cls(
-                tile_elements=4096, target_programs=1, nchw_channel_block=32, plane_columns=512, strip_chunks=512
+                tile_elements=4096,
+                target_programs=1,
+                nchw_channel_block=32,
+                plane_columns=512,
+                strip_chunks=512,
+                thread_plane_channels=512,
             )
-        return cls(tile_elements=1024, target_programs=8 * target.sm_count)
+        return cls(tile_elements=1024, target_programs=8 * target.sm_count, thread_plane_programs=2 * target.sm_count)
 
 
-# Forward kernel modes (see _forward_kernel).
-_CONV, _APPLY, _STATS, _APPLY_SAVED, _PREACT = 0, 1, 2, 3, 4
+# Forward kernel modes (see _forward_kernel; _EVAL, ms_ffn_middle_eval in one pass, only on thread planes).
+_CONV, _APPLY, _STATS, _APPLY_SAVED, _PREACT, _EVAL = 0, 1, 2, 3, 4, 5
 
 
 # The interpreter runs no libdevice call; there the rational erf divides exactly (see _erf_scaled).
@@ -2056,6 +2067,300 @@ def _strip_dx_kernel(
         _store_wgrad_partials(pdw_ptr, pdb_ptr, acc_w, tl.sum(t_g, axis=1), cs, cmask, C, KK_STRIDE, KK_POW2)
 
 
+# ---------------------------------------------------------------------------------------- thread planes
+
+
+@triton.jit
+def _thread_plane_taps(weight_ptr, cs, cmask, K: tl.constexpr, KK_STRIDE: tl.constexpr, ACC: tl.constexpr):
+    """The K^2 taps of each thread's channel, [BLOCK_C] each, loaded once per program (not per image)."""
+    taps = ()
+    for t in tl.static_range(K * K):
+        taps = taps + (tl.load(weight_ptr + cs * KK_STRIDE + t, mask=cmask, other=0.0).to(ACC),)
+    return taps
+
+
+@triton.jit
+def _values_tile(values, BLOCK_C: tl.constexpr, P: tl.constexpr):
+    """P per-thread values [BLOCK_C] (P a power of 2) as one [BLOCK_C, P] tile, value p in column p: a tree of
+    joins, each appending the second of a pair after the first (the join's new in-thread axis moved outside the
+    columns), so a store of the tile can move it to a coalesced layout in one conversion."""
+    level = ()
+    for p in tl.static_range(P):
+        level = level + (values[p][:, None],)
+    for depth in tl.static_range(P.bit_length() - 1):
+        joined = ()
+        for m in tl.static_range(P >> (depth + 1)):
+            pair = tl.permute(tl.join(level[2 * m], level[2 * m + 1]), (0, 2, 1))
+            joined = joined + (tl.reshape(pair, [BLOCK_C, 2 << depth]),)
+        level = joined
+    return level[0]
+
+
+@triton.jit(
+    # batch counts of 1 (batch 1, or one image per program) would compile a second copy of every kernel
+    do_not_specialize=["B", "b_per_prog"],
+    do_not_specialize_on_alignment=[
+        "C",
+        "x_stride_b",
+        "x_stride_c",
+        "x_stride_h",
+        "out_stride_b",
+        "out_stride_c",
+        "out_stride_h",
+    ],
+)
+def _thread_plane_forward_kernel(
+    x_ptr,
+    out_ptr,
+    weight_ptr,
+    bias_ptr,
+    blocks_ptr,
+    scale_ptr,
+    shift_ptr,
+    in_scale_ptr,
+    in_shift_ptr,
+    pcnt_ptr,
+    pmean_ptr,
+    pm2_ptr,
+    B,
+    C,
+    b_per_prog,
+    x_stride_b,
+    x_stride_c,
+    x_stride_h,
+    x_stride_w,
+    out_stride_b,
+    out_stride_c,
+    out_stride_h,
+    out_stride_w,
+    MODE: tl.constexpr,
+    K: tl.constexpr,
+    KK_STRIDE: tl.constexpr,
+    H: tl.constexpr,
+    W: tl.constexpr,
+    P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    """_forward_kernel's stencil modes (_CONV, _APPLY, _STATS, _PREACT) and _EVAL on planes of at most
+    Settings.thread_plane_pixels pixels, a thread per channel: a program per (channel block of kernel size K,
+    batch split). Per image a thread loads its channel's H x W plane once (H * W loads, no mask but the
+    channel's) and computes every output from registers: out-of-image taps are skipped at compile time, so each
+    output runs only its in-image taps as FMAs (at 7 x 7 with K = 7, 28 on average against 49 padded), the taps
+    themselves loaded once per program. _EVAL first maps each loaded value y = GELU(x) * in_scale + in_shift
+    (ms_ffn_middle_eval's fc1 GELU and BatchNorm: once per element, as no neighbour's thread needs it), then
+    _APPLY. _STATS reduces (count, mean, M2) of GELU(z) in the thread: its channel's partial over its images
+    (the plane's from sums of GELU(z) - its first value, then merged with Chan's formula).
+    The outputs leave in [BLOCK_C, 8] tiles of consecutive pixels (_values_tile), which a store moves to a
+    coalesced layout; the plane's loads are one per thread and pixel (lanes: channels; in NCHW 2-4 bytes each,
+    a plane apart, served from L1 after the first touch of each sector)."""
+    R: tl.constexpr = K // 2
+    blk = tl.program_id(1)
+    cs = tl.load(blocks_ptr + 3 * blk) + tl.arange(0, BLOCK_C)
+    cmask = cs < tl.load(blocks_ptr + 3 * blk + 1)
+    taps = _thread_plane_taps(weight_ptr, cs, cmask, K, KK_STRIDE, ACC)
+    bias = tl.load(bias_ptr + cs, mask=cmask, other=0.0).to(ACC)
+    if MODE == 1 or MODE == 5:
+        scale = tl.load(scale_ptr + cs, mask=cmask, other=0.0).to(ACC)
+        shift = tl.load(shift_ptr + cs, mask=cmask, other=0.0).to(ACC)
+    if MODE == 5:
+        in_scale = tl.load(in_scale_ptr + cs, mask=cmask, other=0.0).to(ACC)
+        in_shift = tl.load(in_shift_ptr + cs, mask=cmask, other=0.0).to(ACC)
+    if MODE == 2:
+        n = tl.zeros([BLOCK_C], ACC)
+        mean = tl.zeros([BLOCK_C], ACC)
+        m2 = tl.zeros([BLOCK_C], ACC)
+    GP: tl.constexpr = min(P, 8)
+    b_lo = tl.program_id(2) * b_per_prog
+    b_hi = tl.minimum(b_lo + b_per_prog, B)
+    x_c = x_ptr + b_lo.to(tl.int64) * x_stride_b + cs * x_stride_c
+    o_b = out_ptr + b_lo.to(tl.int64) * out_stride_b
+    for _ in range(b_lo, b_hi):
+        src = ()
+        for p in tl.static_range(H * W):
+            v = tl.load(x_c + (p // W) * x_stride_h + (p % W) * x_stride_w, mask=cmask, other=0.0).to(ACC)
+            if MODE == 5:
+                v = _gelu(v) * in_scale + in_shift
+            src = src + (v,)
+        # The outputs leave in groups of GP pixels: only a group's are live beside the taps and the plane (groups
+        # of 16 or 32, or the whole plane, spilled 4-112 B at K = 7 in _STATS on sm_90; of 8, none).
+        for grp in tl.static_range(P // GP):
+            outs = ()
+            for q in tl.static_range(GP):
+                if grp * GP + q < H * W:
+                    z = bias
+                    # Output p = grp * GP + q takes input p + the tap's shift; taps outside the image are skipped
+                    # (compile-time bounds, written out each time: a name assigned them would be a runtime value on
+                    # GPUs).
+                    for i in tl.static_range(K):
+                        if ((grp * GP + q) // W + i - R >= 0) & ((grp * GP + q) // W + i - R < H):
+                            for j in tl.static_range(K):
+                                if ((grp * GP + q) % W + j - R >= 0) & ((grp * GP + q) % W + j - R < W):
+                                    z += taps[i * K + j] * src[grp * GP + q + (i - R) * W + (j - R)]
+                    if MODE != 0:
+                        z += src[grp * GP + q]
+                    if MODE == 1 or MODE == 5:
+                        outs = outs + (_gelu(z) * scale + shift,)
+                    else:
+                        outs = outs + (z,)
+                    if MODE == 2:  # the statistics keep z's full precision
+                        if grp * GP + q == 0:
+                            y_shift = _gelu(z)
+                            y_total = tl.zeros([BLOCK_C], ACC)
+                            sq_total = tl.zeros([BLOCK_C], ACC)
+                        else:
+                            d = _gelu(z) - y_shift
+                            y_total += d
+                            sq_total += d * d
+                else:
+                    outs = outs + (tl.zeros([BLOCK_C], ACC),)
+            pix = grp * GP + tl.arange(0, GP)
+            o_tile = cs[:, None] * out_stride_c + ((pix // W) * out_stride_h + (pix % W) * out_stride_w)[None, :]
+            mask = cmask[:, None] & (pix < H * W)[None, :]
+            tl.store(o_b + o_tile, _values_tile(outs, BLOCK_C, GP).to(out_ptr.dtype.element_ty), mask=mask)
+        if MODE == 2:
+            # The plane's mean and M2 from sums of y - y[0] (shifted by a value of the plane, so its square sums
+            # do not cancel): a second sweep about the mean would keep y or z live beside the taps and the plane,
+            # which spilled (K = 7, 0.1-0.2 KB a thread on sm_80/90).
+            mean_plane = y_shift + y_total / (H * W)
+            m2_plane = sq_total - y_total * y_total / (H * W)
+            delta = mean_plane - mean
+            n_new = n + H * W
+            mean += delta * ((H * W) / n_new)
+            m2 += m2_plane + delta * delta * (n * (H * W) / n_new)
+            n = n_new
+        x_c += x_stride_b
+        o_b += out_stride_b
+    if MODE == 2:
+        part = _partial_rows(C, cs)
+        tl.store(pcnt_ptr + part, n, mask=cmask)
+        tl.store(pmean_ptr + part, mean, mask=cmask)
+        tl.store(pm2_ptr + part, m2, mask=cmask)
+
+
+@triton.jit(
+    # batch counts of 1 (batch 1, or one image per program) would compile a second copy of every kernel
+    do_not_specialize=["B", "b_per_prog"],
+    do_not_specialize_on_alignment=[
+        "C",
+        "src_stride_b",
+        "src_stride_c",
+        "src_stride_h",
+        "x_stride_b",
+        "x_stride_c",
+        "x_stride_h",
+        "dx_stride_b",
+        "dx_stride_c",
+        "dx_stride_h",
+    ],
+)
+def _thread_plane_dx_kernel(
+    src_ptr,
+    x_ptr,
+    dx_ptr,
+    weight_ptr,
+    blocks_ptr,
+    pdw_ptr,
+    pdb_ptr,
+    B,
+    C,
+    b_per_prog,
+    src_stride_b,
+    src_stride_c,
+    src_stride_h,
+    src_stride_w,
+    x_stride_b,
+    x_stride_c,
+    x_stride_h,
+    x_stride_w,
+    dx_stride_b,
+    dx_stride_c,
+    dx_stride_h,
+    dx_stride_w,
+    RESIDUAL: tl.constexpr,
+    WGRAD: tl.constexpr,
+    DX: tl.constexpr,
+    K: tl.constexpr,
+    KK_STRIDE: tl.constexpr,
+    H: tl.constexpr,
+    W: tl.constexpr,
+    P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    """_dx_kernel on thread planes. DX: dx = conv_transpose(src) (+ src with RESIDUAL), src being grad_out or dz;
+    WGRAD: the weight and bias gradients' per-program partials, dW[i, j] = sum src * x shifted by the tap (K^2
+    per-thread sums over the program's images: its channel's partial, no reduction across threads). Per image a
+    thread loads its channel's src plane once (and x's a row at a time); taps reaching outside the image are
+    skipped at compile time in both sums. Both in one launch for K = 1; for larger K, dx and the weight
+    gradient are two launches (_launch_dx), as the K^2 sums beside the taps, src and the outputs spilled (sm_90:
+    K = 7 0.2-0.8 KB a thread, K = 3 32-44 B), at the cost of reading src once more."""
+    R: tl.constexpr = K // 2
+    blk = tl.program_id(1)
+    cs = tl.load(blocks_ptr + 3 * blk) + tl.arange(0, BLOCK_C)
+    cmask = cs < tl.load(blocks_ptr + 3 * blk + 1)
+    if DX:
+        taps = _thread_plane_taps(weight_ptr, cs, cmask, K, KK_STRIDE, ACC)
+    pix = tl.arange(0, P)
+    mask = cmask[:, None] & (pix < H * W)[None, :]
+    dx_tile = cs[:, None] * dx_stride_c + ((pix // W) * dx_stride_h + (pix % W) * dx_stride_w)[None, :]
+    b_lo = tl.program_id(2) * b_per_prog
+    b_hi = tl.minimum(b_lo + b_per_prog, B)
+    s_c = src_ptr + b_lo.to(tl.int64) * src_stride_b + cs * src_stride_c
+    x_c = x_ptr + b_lo.to(tl.int64) * x_stride_b + cs * x_stride_c
+    dx_b = dx_ptr + b_lo.to(tl.int64) * dx_stride_b
+    if WGRAD:
+        acc_w = (tl.zeros([BLOCK_C], ACC),) * (K * K)
+        acc_b = tl.zeros([BLOCK_C], ACC)
+    for _ in range(b_lo, b_hi):
+        g = ()
+        for p in tl.static_range(H * W):
+            g = g + (tl.load(s_c + (p // W) * src_stride_h + (p % W) * src_stride_w, mask=cmask, other=0.0).to(ACC),)
+        if DX:
+            outs = ()
+            for p in tl.static_range(P):
+                if p < H * W:
+                    # Output p takes src at p minus the tap's shift (the transposed conv); compile-time bounds.
+                    d = tl.zeros([BLOCK_C], ACC)
+                    for i in tl.static_range(K):
+                        if (p // W - i + R >= 0) & (p // W - i + R < H):
+                            for j in tl.static_range(K):
+                                if (p % W - j + R >= 0) & (p % W - j + R < W):
+                                    d += taps[i * K + j] * g[p - (i - R) * W - (j - R)]
+                    if RESIDUAL:
+                        d += g[p]
+                    outs = outs + (d,)
+                else:
+                    outs = outs + (tl.zeros([BLOCK_C], ACC),)
+            tl.store(dx_b + dx_tile, _values_tile(outs, BLOCK_C, P).to(dx_ptr.dtype.element_ty), mask=mask)
+        if WGRAD:
+            # x read a row at a time: row r meets output row ho through kernel row r - ho + R.
+            for r in tl.static_range(H):
+                xr = ()
+                for w in tl.static_range(W):
+                    xr = xr + (tl.load(x_c + r * x_stride_h + w * x_stride_w, mask=cmask, other=0.0).to(ACC),)
+                new_w = ()
+                for i in tl.static_range(K):
+                    for j in tl.static_range(K):
+                        a = acc_w[i * K + j]
+                        if (r - i + R >= 0) & (r - i + R < H):
+                            for wo in tl.static_range(W):
+                                if (wo + j - R >= 0) & (wo + j - R < W):
+                                    a += g[(r - i + R) * W + wo] * xr[wo + j - R]
+                        new_w = new_w + (a,)
+                acc_w = new_w
+            for p in tl.static_range(H * W):
+                acc_b += g[p]
+        s_c += src_stride_b
+        x_c += x_stride_b
+        dx_b += dx_stride_b
+    if WGRAD:
+        part = _partial_rows(C, cs)
+        for t in tl.static_range(K * K):
+            tl.store(pdw_ptr + part * KK_STRIDE + t, acc_w[t], mask=cmask)
+        tl.store(pdb_ptr + part, acc_b, mask=cmask)
+
+
 # ------------------------------------------------------------------------------------------- launch
 
 
@@ -2078,6 +2383,7 @@ class _Plan(NamedTuple):
     vec: bool  # _dwconv_tile_vec_k's chunked stencil (see _vectorisable)
     plane: Tuple[int, int, int]  # (H, W, W padded to a power of 2): _dwconv_plane_k's stencil; zeros if not
     strip: int  # rows of a strip of the _strip_* kernels (block_hw: 4 x their chunks of a row); 0 if not
+    thread_plane: Tuple[int, int, int]  # (H, W, H * W padded to a power of 2): a thread per plane; zeros if not
 
     @property
     def partials(self) -> int:
@@ -2102,6 +2408,19 @@ class _Plan(NamedTuple):
             PLANE_H=self.plane[0],
             PLANE_W=self.plane[1],
             PLANE_WP=self.plane[2],
+            num_warps=self.num_warps,
+        )
+
+    def thread_plane_constexprs(self, launch: _Launch) -> dict:
+        H, W, P = self.thread_plane
+        return dict(
+            K=launch.kmax,
+            KK_STRIDE=self.kk_stride,
+            H=H,
+            W=W,
+            P=P,
+            BLOCK_C=self.block_c,
+            ACC=tl_accumulation_dtype(self.acc),
             num_warps=self.num_warps,
         )
 
@@ -2162,6 +2481,18 @@ def _vectorisable(block_hw: int, kmax: int, index64: bool, x: torch.Tensor, *oth
     )
 
 
+def _channel_block_dividing(widths: Sequence[int]) -> int:
+    """Channels of a thread-plane block: the largest power of 2 dividing every group's width, at least a warp's 32
+    (T/S/B's stage 4: 448, 512, 672 channels per group: blocks of 64, 128, 32, none half empty); for groups
+    narrower than a warp, their widest, rounded up to a power of 2."""
+    if max(widths) < 32:
+        return next_power_of_2(max(widths))
+    divisor = 1
+    while divisor < 1024 and all(w % (2 * divisor) == 0 for w in widths):
+        divisor *= 2
+    return max(32, divisor)
+
+
 def _plane_shape(H: int, W: int, index64: bool, settings: Settings) -> Tuple[int, int, int]:
     """(H, W, W padded) when the whole-plane stencil runs: planes of at most settings.plane_max rows and columns
     (they are unrolled: one compiled kernel per plane shape) with int32 offsets; else zeros."""
@@ -2184,11 +2515,14 @@ def _plan(
     *others: torch.Tensor,
     strips: bool = True,
     wgrad_dx: bool = False,
+    thread_planes: bool = False,
 ) -> _Plan:
     """Launch plan for the kernels reading x and writing or reading others. strips=False: no strip plan (for the
     passes without a stencil, which the _strip_* kernels do not run); wgrad_dx: for the dx pass that also
-    accumulates the weight gradient (`Settings.wgrad_strip_rows`). Memoised on shapes, strides, dtype, device,
-    the groups and the launch target and settings in effect (test and audit overrides included)."""
+    accumulates the weight gradient (`Settings.wgrad_strip_rows`); thread_planes: for the passes with a
+    thread-plane kernel (_launch_forward's stencil modes, _launch_dx), which run a thread per plane on small planes
+    (`Settings.thread_plane_pixels`; the middle's dz pass has no such form). Memoised on shapes, strides, dtype,
+    device, the groups and the launch target and settings in effect (test and audit overrides included)."""
     target, settings = launch_target(x.device), launch_settings(Settings, x.device)
     key = (
         x.shape,
@@ -2200,6 +2534,7 @@ def _plan(
         tuple(ksizes),
         strips,
         wgrad_dx,
+        thread_planes,
         target,
         settings,
     )
@@ -2207,7 +2542,7 @@ def _plan(
     if plan is None:
         if len(_PLANS) >= _PLANS_MAX:
             _PLANS.clear()
-        plan = _PLANS[key] = _make_plan(x, widths, ksizes, others, strips, wgrad_dx, settings)
+        plan = _PLANS[key] = _make_plan(x, widths, ksizes, others, strips, wgrad_dx, thread_planes, settings)
     return plan
 
 
@@ -2218,14 +2553,23 @@ def _make_plan(
     others: Sequence[torch.Tensor],
     strips: bool,
     wgrad_dx: bool,
+    thread_planes: bool,
     settings: Settings,
 ) -> _Plan:
     B, _, H, W = x.shape
     hw = H * W
     index64 = needs_int64(x, *others)
-    plane = _plane_shape(H, W, index64, settings)
+    thread_plane = (0, 0, 0)
+    if thread_planes and not index64 and 0 < hw <= settings.thread_plane_pixels:
+        thread_plane = (H, W, next_power_of_2(hw))
+    plane = (0, 0, 0) if thread_plane[2] else _plane_shape(H, W, index64, settings)
     strip = 0
-    if plane[1]:  # whole planes, one (channel, column) per thread
+    if thread_plane[2]:  # a thread per (channel, image) plane
+        block_hw = thread_plane[2]
+        block_c = min(_channel_block_dividing(widths), settings.thread_plane_channels)
+        num_warps = max(1, min(8, block_c // 32))
+        n_hw = 1
+    elif plane[1]:  # whole planes, one (channel, column) per thread
         block_hw = next_power_of_2(H) * plane[2]
         block_c = min(next_power_of_2(max(widths)), max(1, settings.plane_columns // plane[2]))
         num_warps = max(1, min(8, block_c * plane[2] // 32))
@@ -2250,8 +2594,11 @@ def _make_plan(
         num_warps = max(1, min(8, block_c * block_hw // 128))  # 4 tile elements per thread: K masks per tap row
         n_hw = cdiv(hw, block_hw)
     launches = []
-    for kmax, blocks in _block_tables(widths, ksizes, block_c, bool(plane[1] or strip), x.device):
-        splits = max(1, min(B, cdiv(settings.target_programs, max(1, blocks.shape[0] * n_hw))))
+    # A thread plane program holds one block per SM (up to ~250 registers a thread): fewer, longer programs, each
+    # loading its taps once for all its images.
+    target_programs = settings.thread_plane_programs if thread_plane[2] else settings.target_programs
+    for kmax, blocks in _block_tables(widths, ksizes, block_c, bool(plane[1] or strip or thread_plane[2]), x.device):
+        splits = max(1, min(B, cdiv(target_programs, max(1, blocks.shape[0] * n_hw))))
         b_per_prog = max(1, cdiv(B, splits))
         launches.append(_Launch(blocks, (n_hw, blocks.shape[0], cdiv(B, b_per_prog)), b_per_prog, kmax))
     kk_stride = max(ksizes) ** 2
@@ -2264,9 +2611,13 @@ def _make_plan(
         index64,
         accumulation_dtype(x.dtype),
         num_warps,
-        not plane[1] and not strip and _vectorisable(block_hw, max(ksizes), index64, x, *others),
+        not plane[1]
+        and not strip
+        and not thread_plane[2]
+        and _vectorisable(block_hw, max(ksizes), index64, x, *others),
         plane,
         strip,
+        thread_plane,
     )
 
 
@@ -2280,13 +2631,42 @@ def _launch_forward(
     scale: Optional[torch.Tensor] = None,
     shift: Optional[torch.Tensor] = None,
     stats: Tuple[torch.Tensor, ...] = (),
+    in_scale: Optional[torch.Tensor] = None,
+    in_shift: Optional[torch.Tensor] = None,
 ) -> None:
     B, C, H, W = x.shape
     unused = bias  # pointer arguments a mode does not read
     out_t = out if out is not None else x
     pcnt, pmean, pm2 = stats if stats else (unused, unused, unused)
+    assert (mode == _EVAL) == (in_scale is not None), "_EVAL takes the input affine, and only it"
     with device_guard(x):
         for launch in plan.launches:
+            if plan.thread_plane[2]:
+                assert mode != _APPLY_SAVED, "no stencil: run it on a plan without thread planes"
+                _thread_plane_forward_kernel[launch.grid](
+                    x,
+                    out_t,
+                    w_table,
+                    bias,
+                    launch.blocks,
+                    scale if scale is not None else unused,
+                    shift if shift is not None else unused,
+                    in_scale if in_scale is not None else unused,
+                    in_shift if in_shift is not None else unused,
+                    pcnt,
+                    pmean,
+                    pm2,
+                    B,
+                    C,
+                    launch.b_per_prog,
+                    *x.stride(),
+                    *out_t.stride(),
+                    MODE=mode,
+                    **plan.thread_plane_constexprs(launch),
+                    **NO_REGISTER_BUDGET,
+                )
+                continue
+            assert mode != _EVAL, "_EVAL runs on thread planes only"
             args = (
                 x,
                 out_t,
@@ -2373,6 +2753,10 @@ def _wgrad_partials(plan: _Plan, C: int, device: torch.device) -> Tuple[torch.Te
     )
 
 
+# Largest kernel size whose thread-plane dx pass also sums the weight gradient (see _thread_plane_dx_kernel).
+_THREAD_PLANE_FUSED_WGRAD_K = 1
+
+
 def _launch_dx(
     src: torch.Tensor,
     x: torch.Tensor,
@@ -2388,7 +2772,22 @@ def _launch_dx(
         for launch in plan.launches:
             args = (src, x, dx, w_table, launch.blocks, pdw, pdb, B, C, H, W, launch.b_per_prog)
             flags = dict(RESIDUAL=residual, WGRAD=wgrad is not None, KK_POW2=plan.kk_pow2)
-            if plan.strip:  # rows are contiguous: no column strides
+            if plan.thread_plane[2]:
+                fused = wgrad is None or launch.kmax <= _THREAD_PLANE_FUSED_WGRAD_K
+                for dx_pass, wgrad_pass in ((True, wgrad is not None),) if fused else ((True, False), (False, True)):
+                    _thread_plane_dx_kernel[launch.grid](
+                        *args[:9],
+                        launch.b_per_prog,
+                        *src.stride(),
+                        *x.stride(),
+                        *dx.stride(),
+                        RESIDUAL=residual,
+                        WGRAD=wgrad_pass,
+                        DX=dx_pass,
+                        **plan.thread_plane_constexprs(launch),
+                        **NO_REGISTER_BUDGET,
+                    )
+            elif plan.strip:  # rows are contiguous: no column strides
                 _strip_dx_kernel[launch.grid](
                     *args,
                     *src.stride()[:3],
@@ -2458,7 +2857,7 @@ def multiscale_dwconv_packed(
     """multiscale_dwconv on the packed weight table (see _pack)."""
     out = torch.empty_like(x)
     if x.numel() > 0:
-        plan = _plan(x, widths, ksizes, out)
+        plan = _plan(x, widths, ksizes, out, thread_planes=True)
         _launch_forward(_CONV, x, w_table.contiguous(), bias.contiguous(), plan, out=out)
     return out
 
@@ -2481,7 +2880,7 @@ def multiscale_dwconv_backward(
     C = x.shape[1]
     if x.numel() == 0:
         return torch.zeros_like(x), torch.zeros_like(w_table), torch.zeros_like(bias)
-    plan = _plan(x, widths, ksizes, grad_out, wgrad_dx=True)
+    plan = _plan(x, widths, ksizes, grad_out, wgrad_dx=True, thread_planes=True)
     pdw, pdb = _wgrad_partials(plan, C, x.device)
     dx = _launch_dx(grad_out, x, w_table.contiguous(), plan, residual=False, wgrad=(pdw, pdb))
     return (dx, *_sum_wgrad_partials(pdw, pdb, w_table, bias))
@@ -2540,7 +2939,7 @@ def ms_ffn_middle_packed(
     out = torch.empty_like(x)
     keep_z = training or save_z
     z = torch.empty_like(x) if keep_z else x.new_empty(0)
-    plan = _plan(x, widths, ksizes, out)
+    plan = _plan(x, widths, ksizes, out, thread_planes=True)
     w_table, bias = w_table.contiguous(), bias.contiguous()
     if training:
         stats = tuple(plan.partial_buffer(C, device=x.device) for _ in range(3))
@@ -2663,7 +3062,8 @@ def ms_ffn_middle_backward(
         zeros = torch.zeros_like(cgo)
         launch(dz_plan, True, True, zeros, zeros)
         dbeta, dgamma = sgo.sum(0), sgx.sum(0)
-    dx = _launch_dx(dz, x, w_table, plan, residual=True, wgrad=None)
+    # dx = conv_transpose(dz) + dz, a thread per plane where planes are small (the dz pass has no such form)
+    dx = _launch_dx(dz, x, w_table, _plan(x, widths, ksizes, grad_out, thread_planes=True), residual=True, wgrad=None)
     dw, db = _sum_wgrad_partials(pdw, pdb, w_table, bias)
     return dx, dw, db, dgamma.to(norm_weight.dtype), dbeta.to(norm_weight.dtype)
 
@@ -2753,8 +3153,10 @@ def _supports_inference(info) -> Optional[str]:
 @ops.ms_ffn_middle_eval.register("triton", supports=_supports_inference)
 @ops.ms_ffn_middle_eval.library_op("transxnet_triton", fake=lambda x, *_: torch.empty_like(x))
 def ms_ffn_middle_eval(x, input_scale, input_shift, weights, biases, output_scale, output_shift):
-    """Two launches over the map: y = GELU(x) * input_scale + input_shift (`_APPLY_SAVED`, no stencil), stored
-    in x's dtype, then `_APPLY`'s stencil on y with the output affine: 4 passes against the 2 of one kernel.
+    """On planes of thread_plane_pixels or fewer (stage 4 at 224^2) one launch, `_EVAL`: a thread per plane maps
+    each element it loads once, 2 passes. Elsewhere two launches over the map: y = GELU(x) * input_scale +
+    input_shift (`_APPLY_SAVED`, no stencil), stored in x's dtype, then `_APPLY`'s stencil on y with the output
+    affine: 4 passes against the 2 of one kernel.
 
     Not one kernel: a stencil thread loads its chunk and both neighbours for each of the strip's STRIP + K - 1
     input rows, so a prologue would evaluate the GELU ~5x per input element at K = 7 (and the plane and tiled
@@ -2766,13 +3168,28 @@ def ms_ffn_middle_eval(x, input_scale, input_shift, weights, biases, output_scal
     out = torch.empty_like(x)
     if x.numel() == 0:
         return out
-    y = torch.empty_like(x)
     acc = accumulation_dtype(x.dtype)
 
     def per_channel(t):
         return t.to(acc).contiguous()
 
     w_table, bias = w_table.contiguous(), bias.contiguous()
+    plan = _plan(x, widths, ksizes, out, thread_planes=True)
+    if plan.thread_plane[2]:
+        _launch_forward(
+            _EVAL,
+            x,
+            w_table,
+            bias,
+            plan,
+            out=out,
+            scale=per_channel(output_scale),
+            shift=per_channel(output_shift),
+            in_scale=per_channel(input_scale),
+            in_shift=per_channel(input_shift),
+        )
+        return out
+    y = torch.empty_like(x)
     elementwise = _plan(x, widths, ksizes, y, strips=False)
     _launch_forward(
         _APPLY_SAVED,
