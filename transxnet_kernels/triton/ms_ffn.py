@@ -51,13 +51,23 @@ program's images again after its per-image loop, kernel column by kernel column:
 shifted x column (read again; L2 should hold them), K per-thread partials, one cross-column sum per tap at the end
 (all K^2 partials across the images spilled). The middle's dz pass reads back the dz it stored after a barrier;
 there dz is kept in fp32 for half x (rounded, the BatchNorm-cancelling dW sums missed the fp16 tolerance), one
-half-pass more each way. The strip stencils serve IDConv at stages 1-2 too. Elsewhere (channels_last, larger planes,
+half-pass more each way. Thread planes (`Settings.thread_plane_pixels`: planes of at most 64 pixels, so stage 4 at
+224^2, 7 x 7, int32 offsets, either layout): the forward passes with a stencil (`_thread_plane_forward_kernel`) and
+the dx pass with or without the weight gradient (`_thread_plane_dx_kernel`) give each thread a whole (channel,
+image) plane. It loads the plane once and computes every output from registers, taps outside the image skipped
+at compile time in both directions (at 7 x 7 with K = 7, 28 FMAs per output on average against 49; the
+column-per-thread plane stencil loads every value K times and keeps the column taps), and the taps stay in
+registers across the program's images. Per-channel sums (BN statistics, dW, dbias) stay in the thread: its
+channel's partial, no reduction across threads. `ms_ffn_middle_eval` there is one pass (`_EVAL`: fc1's GELU and
+BatchNorm applied once to each loaded value, as no other thread needs it). The middle's dz pass keeps the
+whole-plane stencil. The strip stencils serve IDConv at stages 1-2 too. Elsewhere (channels_last, larger planes,
 K > 9) each tap is one predicated load and one FMA per output element (`_dwconv_tile_k`, `_wgrad_tile_k`; about 8
 issued instructions per tap and output on sm_90).
 
 Passes over the big tensor (one pass = B*C*H*W elements read or written; e = element size):
     multiscale_dwconv  forward  read x, write out                                   2 passes
                        backward read go, x; write dx (dW fused into the dx pass)     3 passes
+                                (thread planes, K > 1: read go, write dx; read go, x  4 passes)
     ms_ffn_middle      forward  eval:  read x, write out                            2 passes
                                 train (and eval with gradients): read x, write
                                        z = conv(x) + x (+ stats partials in
@@ -67,6 +77,7 @@ Passes over the big tensor (one pass = B*C*H*W elements read or written; e = ele
                                 train: read z, go (BN grad sums), then as eval      8 passes
     ms_ffn_middle_eval forward (inference): read x, write y = GELU(x) * s + t;
                                 read y, write out (see ms_ffn_middle_eval)          4 passes
+                                (thread planes: read x, write out                    2 passes)
     Whole planes (H, W <= 16) add the weight gradient's second sweep over their program's images (x and go or
     dz again, L2-resident if the program's images fit) and, for half x, keep the middle's dz in fp32 (the dz
     write and the dx pass's read: one pass more each).
