@@ -169,6 +169,7 @@ LOOP_TRIPS: Dict[str, Callable[[Mapping, Sequence[int]], Trips]] = {
     "_strip_dx_kernel": _strips("_strip_dx_kernel"),
     "_thread_plane_forward_kernel": _strips("_thread_plane_forward_kernel"),
     "_thread_plane_dx_kernel": _strips("_thread_plane_dx_kernel"),
+    "_thread_plane_dz_kernel": _strips("_thread_plane_dz_kernel"),
     "_batch_norm_affine_kernel": _batch_norm_affine,
     "_osra_fwd_kernel": _osra_fwd,
     "_osra_bwd_dq_kernel": _osra_bwd_dq,

@@ -32,7 +32,8 @@ KERNELS = (
     "_strip_dz_kernel",
     "_strip_dx_kernel",  # the same on strips of rows (NCHW stages 1-2)
     "_thread_plane_forward_kernel",
-    "_thread_plane_dx_kernel",  # the forward and dx passes on small planes, a thread per plane (stage 4)
+    "_thread_plane_dx_kernel",
+    "_thread_plane_dz_kernel",  # the forward, dx and dz passes on small planes, a thread per plane (stage 4)
     "_batch_norm_affine_kernel",  # MS-FFN middle's BatchNorm statistics and affine map
     "_osra_fwd_kernel",
     "_osra_bwd_dq_kernel",

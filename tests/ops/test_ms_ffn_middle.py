@@ -279,8 +279,8 @@ def test_training_on_one_value_per_channel_raises(backend):
 )
 def test_triton_many_tiles_and_batch_splits(layout, training, stencil, nan_poisoned_empty):
     """Several tiles, channel blocks per group and batch splits on the per-tap tiles (int64 offsets), the whole-plane
-    stencil, or thread planes (the forward's statistics merged over one-image programs; the backward on whole
-    planes, as thread planes have no backward)."""
+    stencil, or thread planes (the forward's statistics merged over one-image programs; the backward's dz and dx
+    passes on thread planes, its training statistics pass on whole planes)."""
     from transxnet_kernels.triton import ms_ffn
 
     args = middle_args([3, 5, 1], [3, 1, 5], 3, 5, 7, dtype=torch.float64, layout=layout, training=training)
@@ -289,6 +289,35 @@ def test_triton_many_tiles_and_batch_splits(layout, training, stencil, nan_poiso
         forward = ms_ffn._plan(args[0].detach(), [3, 5, 1], [3, 1, 5], thread_planes=True)
         assert bool(forward.thread_plane[2]) == (stencil == "thread-planes"), forward
         check_middle(TRITON, args)
+
+
+@requires_triton
+@pytest.mark.parametrize("shape", [(3, 7, 7), (2, 2, 5)], ids=["B3H7W7", "B2H2W5"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_triton_thread_plane_dz_pass(training, layout, shape, nan_poisoned_empty, monkeypatch):
+    """The backward's dz pass from the saved z on thread planes (_thread_plane_dz_kernel: dz and the weight
+    gradient in one launch per kernel size, BatchNorm's gradient sums a pass of their own in eval too; then dx on
+    _thread_plane_dx_kernel) against the fp64 reference, with 2 channels and one image per program, on a plane
+    smaller than the kernel in both directions. Fails unless the dz pass ran there once per kernel size (the
+    launches are recorded)."""
+    from transxnet_kernels.triton import ms_ffn
+
+    kernel, launched = ms_ffn._thread_plane_dz_kernel, []
+
+    class RecordingKernel:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launched.append(kwargs["K"])
+                return kernel[grid](*args, **kwargs)
+
+            return launch
+
+    monkeypatch.setattr(ms_ffn, "_thread_plane_dz_kernel", RecordingKernel())
+    args = middle_args([3, 5, 1, 2], [3, 1, 5, 7], *shape, dtype=torch.float64, layout=layout, training=training)
+    with ms_ffn_small_tiles(index64=False, thread_planes=True):
+        check_middle(TRITON, args)
+    assert sorted(launched) == [1, 3, 5, 7], launched
 
 
 @requires_triton

@@ -273,9 +273,8 @@ THREAD_PLANES = [
 @pytest.mark.parametrize("groups", THREAD_PLANES, ids=groups_id)
 def test_triton_thread_planes(groups, layout, nan_poisoned_empty):
     """The forward and the backward on a thread per plane (_thread_plane_forward_kernel, _thread_plane_dx_kernel:
-    dx with the weight gradient for K = 1, dx and the weight gradient as two launches above) against the fp64
-    reference, with 2 channels and one image per program (several channel blocks per group, the batch split).
-    Fails if either plan does not take thread planes."""
+    dx and the weight gradient as two launches) against the fp64 reference, with 2 channels and one image per program
+    (several channel blocks per group, the batch split). Fails if either plan does not take thread planes."""
     from transxnet_kernels.triton import ms_ffn
 
     args = msdw_args(*groups, dtype=torch.float64, layout=layout)

@@ -59,15 +59,18 @@ at compile time in both directions (at 7 x 7 with K = 7, 28 FMAs per output on a
 column-per-thread plane stencil loads every value K times and keeps the column taps), and the taps stay in
 registers across the program's images. Per-channel sums (BN statistics, dW, dbias) stay in the thread: its
 channel's partial, no reduction across threads. `ms_ffn_middle_eval` there is one pass (`_EVAL`: fc1's GELU and
-BatchNorm applied once to each loaded value, as no other thread needs it). The middle's dz pass keeps the
-whole-plane stencil. The strip stencils serve IDConv at stages 1-2 too. Elsewhere (channels_last, larger planes,
+BatchNorm applied once to each loaded value, as no other thread needs it). The middle's dz pass from the saved z
+(`_thread_plane_dz_kernel`) computes a thread's dz pixel by pixel from z and go, stores it and keeps it in
+registers (unrounded) for the weight gradient's K^2 per-thread sums against the x plane: no barrier, no read of
+dz back, dz in x's dtype (the whole-plane pass reads it back, in fp32 for half x). The strip stencils serve
+IDConv at stages 1-2 too. Elsewhere (channels_last, larger planes,
 K > 9) each tap is one predicated load and one FMA per output element (`_dwconv_tile_k`, `_wgrad_tile_k`; about 8
 issued instructions per tap and output on sm_90).
 
 Passes over the big tensor (one pass = B*C*H*W elements read or written; e = element size):
     multiscale_dwconv  forward  read x, write out                                   2 passes
                        backward read go, x; write dx (dW fused into the dx pass)     3 passes
-                                (thread planes, K > 1: read go, write dx; read go, x  4 passes)
+                                (thread planes: read go, write dx; read go, x         4 passes)
     ms_ffn_middle      forward  eval:  read x, write out                            2 passes
                                 train (and eval with gradients): read x, write
                                        z = conv(x) + x (+ stats partials in
@@ -2107,6 +2110,59 @@ def _values_tile(values, BLOCK_C: tl.constexpr, P: tl.constexpr):
     return level[0]
 
 
+@triton.jit
+def _channel_block(blocks_ptr, BLOCK_C: tl.constexpr):
+    """This program's channel block (grid axis 1, a row of the block table): its channels and their mask."""
+    blk = tl.program_id(1)
+    cs = tl.load(blocks_ptr + 3 * blk) + tl.arange(0, BLOCK_C)
+    return cs, cs < tl.load(blocks_ptr + 3 * blk + 1)
+
+
+@triton.jit
+def _plane_values(c_base, cmask, stride_h, stride_w, H: tl.constexpr, W: tl.constexpr, ACC: tl.constexpr):
+    """Each thread's H x W plane of its channel (c_base: [BLOCK_C] pointers to pixel (0, 0)), as H * W values
+    [BLOCK_C] in row-major order: one load per thread and pixel, no mask but the channel's."""
+    values = ()
+    for p in tl.static_range(H * W):
+        values = values + (tl.load(c_base + (p // W) * stride_h + (p % W) * stride_w, mask=cmask, other=0.0).to(ACC),)
+    return values
+
+
+@triton.jit
+def _store_pixel_group(
+    base, values, first, cs, cmask, stride_c, stride_h, stride_w, H: tl.constexpr, W: tl.constexpr, GP: tl.constexpr
+):
+    """Stores GP per-thread values [BLOCK_C] as pixels first .. first + GP - 1 of each thread's plane (those past
+    H * W masked), through _values_tile's [BLOCK_C, GP] tile."""
+    pix = first + tl.arange(0, GP)
+    tile = cs[:, None] * stride_c + ((pix // W) * stride_h + (pix % W) * stride_w)[None, :]
+    mask = cmask[:, None] & (pix < H * W)[None, :]
+    tl.store(base + tile, _values_tile(values, cs.shape[0], GP).to(base.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _thread_plane_wgrad(
+    acc_w, g, x_c, cmask, x_stride_h, x_stride_w, K: tl.constexpr, H: tl.constexpr, W: tl.constexpr
+):
+    """acc_w (K^2 per-thread sums [BLOCK_C]) += the weight gradient of one image: dW[i, j] += sum_p g[p] * x[p
+    shifted by tap (i, j)], g the thread's plane of the output gradient, x its plane, read a row at a time (row r
+    meets output row ho through kernel row r - ho + R); taps reaching outside the image skipped at compile time."""
+    R: tl.constexpr = K // 2
+    for r in tl.static_range(H):
+        xr = _plane_values(x_c + r * x_stride_h, cmask, x_stride_h, x_stride_w, 1, W, g[0].dtype)
+        new_w = ()
+        for i in tl.static_range(K):
+            for j in tl.static_range(K):
+                a = acc_w[i * K + j]
+                if (r - i + R >= 0) & (r - i + R < H):
+                    for wo in tl.static_range(W):
+                        if (wo + j - R >= 0) & (wo + j - R < W):
+                            a += g[(r - i + R) * W + wo] * xr[wo + j - R]
+                new_w = new_w + (a,)
+        acc_w = new_w
+    return acc_w
+
+
 @triton.jit(
     # batch counts of 1 (batch 1, or one image per program) would compile a second copy of every kernel
     do_not_specialize=["B", "b_per_prog"],
@@ -2166,9 +2222,7 @@ def _thread_plane_forward_kernel(
     coalesced layout; the plane's loads are one per thread and pixel (lanes: channels; in NCHW 2-4 bytes each,
     a plane apart, served from L1 after the first touch of each sector)."""
     R: tl.constexpr = K // 2
-    blk = tl.program_id(1)
-    cs = tl.load(blocks_ptr + 3 * blk) + tl.arange(0, BLOCK_C)
-    cmask = cs < tl.load(blocks_ptr + 3 * blk + 1)
+    cs, cmask = _channel_block(blocks_ptr, BLOCK_C)
     taps = _thread_plane_taps(weight_ptr, cs, cmask, K, KK_STRIDE, ACC)
     bias = tl.load(bias_ptr + cs, mask=cmask, other=0.0).to(ACC)
     if MODE == 1 or MODE == 5:
@@ -2187,12 +2241,12 @@ def _thread_plane_forward_kernel(
     x_c = x_ptr + b_lo.to(tl.int64) * x_stride_b + cs * x_stride_c
     o_b = out_ptr + b_lo.to(tl.int64) * out_stride_b
     for _ in range(b_lo, b_hi):
-        src = ()
-        for p in tl.static_range(H * W):
-            v = tl.load(x_c + (p // W) * x_stride_h + (p % W) * x_stride_w, mask=cmask, other=0.0).to(ACC)
-            if MODE == 5:
-                v = _gelu(v) * in_scale + in_shift
-            src = src + (v,)
+        src = _plane_values(x_c, cmask, x_stride_h, x_stride_w, H, W, ACC)
+        if MODE == 5:
+            mapped = ()
+            for p in tl.static_range(H * W):
+                mapped = mapped + (_gelu(src[p]) * in_scale + in_shift,)
+            src = mapped
         # The outputs leave in groups of GP pixels: only a group's are live beside the taps and the plane (groups
         # of 16 or 32, or the whole plane, spilled 4-112 B at K = 7 in _STATS on sm_90; of 8, none).
         for grp in tl.static_range(P // GP):
@@ -2225,10 +2279,7 @@ def _thread_plane_forward_kernel(
                             sq_total += d * d
                 else:
                     outs = outs + (tl.zeros([BLOCK_C], ACC),)
-            pix = grp * GP + tl.arange(0, GP)
-            o_tile = cs[:, None] * out_stride_c + ((pix // W) * out_stride_h + (pix % W) * out_stride_w)[None, :]
-            mask = cmask[:, None] & (pix < H * W)[None, :]
-            tl.store(o_b + o_tile, _values_tile(outs, BLOCK_C, GP).to(out_ptr.dtype.element_ty), mask=mask)
+            _store_pixel_group(o_b, outs, grp * GP, cs, cmask, out_stride_c, out_stride_h, out_stride_w, H, W, GP)
         if MODE == 2:
             # The plane's mean and M2 from sums of y - y[0] (shifted by a value of the plane, so its square sums
             # do not cancel): a second sweep about the mean would keep y or z live beside the taps and the plane,
@@ -2301,20 +2352,18 @@ def _thread_plane_dx_kernel(
 ):
     """_dx_kernel on thread planes. DX: dx = conv_transpose(src) (+ src with RESIDUAL), src being grad_out or dz;
     WGRAD: the weight and bias gradients' per-program partials, dW[i, j] = sum src * x shifted by the tap (K^2
-    per-thread sums over the program's images: its channel's partial, no reduction across threads). Per image a
-    thread loads its channel's src plane once (and x's a row at a time); taps reaching outside the image are
-    skipped at compile time in both sums. Both in one launch for K = 1; for larger K, dx and the weight
-    gradient are two launches (_launch_dx), as the K^2 sums beside the taps, src and the outputs spilled (sm_90:
-    K = 7 0.2-0.8 KB a thread, K = 3 32-44 B), at the cost of reading src once more."""
+    per-thread sums over the program's images: its channel's partial, no reduction across threads;
+    _thread_plane_wgrad). Per image a thread loads its channel's src plane once; taps reaching outside the image
+    are skipped at compile time in both sums, and dx leaves in groups of 8 pixels as the forward's outputs do.
+    One launch does one of the two (_launch_dx): with both, the K^2 sums beside the taps, src and the outputs
+    spilled (sm_90: K = 7 0.2-0.8 KB a thread, K = 3 32-44 B; K = 1 16 B in fp32 under Triton 3.6), at the cost
+    of reading src once more."""
     R: tl.constexpr = K // 2
-    blk = tl.program_id(1)
-    cs = tl.load(blocks_ptr + 3 * blk) + tl.arange(0, BLOCK_C)
-    cmask = cs < tl.load(blocks_ptr + 3 * blk + 1)
+    tl.static_assert(DX != WGRAD, "one launch computes dx or the weight gradient")
+    cs, cmask = _channel_block(blocks_ptr, BLOCK_C)
     if DX:
         taps = _thread_plane_taps(weight_ptr, cs, cmask, K, KK_STRIDE, ACC)
-    pix = tl.arange(0, P)
-    mask = cmask[:, None] & (pix < H * W)[None, :]
-    dx_tile = cs[:, None] * dx_stride_c + ((pix // W) * dx_stride_h + (pix % W) * dx_stride_w)[None, :]
+    GP: tl.constexpr = min(P, 8)
     b_lo = tl.program_id(2) * b_per_prog
     b_hi = tl.minimum(b_lo + b_per_prog, B)
     s_c = src_ptr + b_lo.to(tl.int64) * src_stride_b + cs * src_stride_c
@@ -2324,52 +2373,140 @@ def _thread_plane_dx_kernel(
         acc_w = (tl.zeros([BLOCK_C], ACC),) * (K * K)
         acc_b = tl.zeros([BLOCK_C], ACC)
     for _ in range(b_lo, b_hi):
-        g = ()
-        for p in tl.static_range(H * W):
-            g = g + (tl.load(s_c + (p // W) * src_stride_h + (p % W) * src_stride_w, mask=cmask, other=0.0).to(ACC),)
+        g = _plane_values(s_c, cmask, src_stride_h, src_stride_w, H, W, ACC)
         if DX:
-            outs = ()
-            for p in tl.static_range(P):
-                if p < H * W:
-                    # Output p takes src at p minus the tap's shift (the transposed conv); compile-time bounds.
-                    d = tl.zeros([BLOCK_C], ACC)
-                    for i in tl.static_range(K):
-                        if (p // W - i + R >= 0) & (p // W - i + R < H):
-                            for j in tl.static_range(K):
-                                if (p % W - j + R >= 0) & (p % W - j + R < W):
-                                    d += taps[i * K + j] * g[p - (i - R) * W - (j - R)]
-                    if RESIDUAL:
-                        d += g[p]
-                    outs = outs + (d,)
-                else:
-                    outs = outs + (tl.zeros([BLOCK_C], ACC),)
-            tl.store(dx_b + dx_tile, _values_tile(outs, BLOCK_C, P).to(dx_ptr.dtype.element_ty), mask=mask)
+            for grp in tl.static_range(P // GP):
+                outs = ()
+                for q in tl.static_range(GP):
+                    if grp * GP + q < H * W:
+                        # Output p takes src at p minus the tap's shift (the transposed conv); compile-time bounds.
+                        d = tl.zeros([BLOCK_C], ACC)
+                        for i in tl.static_range(K):
+                            if ((grp * GP + q) // W - i + R >= 0) & ((grp * GP + q) // W - i + R < H):
+                                for j in tl.static_range(K):
+                                    if ((grp * GP + q) % W - j + R >= 0) & ((grp * GP + q) % W - j + R < W):
+                                        d += taps[i * K + j] * g[grp * GP + q - (i - R) * W - (j - R)]
+                        if RESIDUAL:
+                            d += g[grp * GP + q]
+                        outs = outs + (d,)
+                    else:
+                        outs = outs + (tl.zeros([BLOCK_C], ACC),)
+                _store_pixel_group(dx_b, outs, grp * GP, cs, cmask, dx_stride_c, dx_stride_h, dx_stride_w, H, W, GP)
         if WGRAD:
-            # x read a row at a time: row r meets output row ho through kernel row r - ho + R.
-            for r in tl.static_range(H):
-                xr = ()
-                for w in tl.static_range(W):
-                    xr = xr + (tl.load(x_c + r * x_stride_h + w * x_stride_w, mask=cmask, other=0.0).to(ACC),)
-                new_w = ()
-                for i in tl.static_range(K):
-                    for j in tl.static_range(K):
-                        a = acc_w[i * K + j]
-                        if (r - i + R >= 0) & (r - i + R < H):
-                            for wo in tl.static_range(W):
-                                if (wo + j - R >= 0) & (wo + j - R < W):
-                                    a += g[(r - i + R) * W + wo] * xr[wo + j - R]
-                        new_w = new_w + (a,)
-                acc_w = new_w
+            acc_w = _thread_plane_wgrad(acc_w, g, x_c, cmask, x_stride_h, x_stride_w, K, H, W)
             for p in tl.static_range(H * W):
                 acc_b += g[p]
         s_c += src_stride_b
         x_c += x_stride_b
         dx_b += dx_stride_b
     if WGRAD:
-        part = _partial_rows(C, cs)
-        for t in tl.static_range(K * K):
-            tl.store(pdw_ptr + part * KK_STRIDE + t, acc_w[t], mask=cmask)
-        tl.store(pdb_ptr + part, acc_b, mask=cmask)
+        _store_thread_plane_wgrad(pdw_ptr, pdb_ptr, acc_w, acc_b, C, cs, cmask, K, KK_STRIDE)
+
+
+@triton.jit(
+    # batch counts of 1 (batch 1, or one image per program) would compile a second copy of every kernel
+    do_not_specialize=["B", "b_per_prog"],
+    do_not_specialize_on_alignment=[
+        "C",
+        "x_stride_b",
+        "x_stride_c",
+        "x_stride_h",
+        "grad_out_stride_b",
+        "grad_out_stride_c",
+        "grad_out_stride_h",
+        "dz_stride_b",
+        "dz_stride_c",
+        "dz_stride_h",
+    ],
+)
+def _thread_plane_dz_kernel(
+    x_ptr,
+    z_ptr,
+    grad_out_ptr,
+    dz_ptr,
+    blocks_ptr,
+    mean_ptr,
+    rstd_ptr,
+    cgo_ptr,
+    cxhat_ptr,
+    cconst_ptr,
+    pdw_ptr,
+    pdb_ptr,
+    B,
+    C,
+    b_per_prog,
+    x_stride_b,
+    x_stride_c,
+    x_stride_h,
+    x_stride_w,
+    grad_out_stride_b,
+    grad_out_stride_c,
+    grad_out_stride_h,
+    grad_out_stride_w,
+    dz_stride_b,
+    dz_stride_c,
+    dz_stride_h,
+    dz_stride_w,
+    K: tl.constexpr,
+    KK_STRIDE: tl.constexpr,
+    H: tl.constexpr,
+    W: tl.constexpr,
+    P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    """_middle_grad_kernel's dz pass from the saved z on thread planes: per image a thread computes its plane's
+    dz = (cgo*go + cxhat*xhat + cconst) * GELU'(z), xhat = (GELU(z) - mean) * rstd, pixel by pixel from z and
+    go (laid out as dz), stores each value as it is computed and keeps the plane in registers (unrounded) for
+    the weight gradient's K^2 per-thread sums against its x plane (_thread_plane_wgrad). Every per-channel sum
+    is the thread's channel's partial over the program's images: no reduction across threads, and no read of dz
+    back (the whole-plane dz pass reads it back after a barrier, kept in fp32 for half x). BatchNorm's gradient
+    sums are a pass of their own (_middle_grad_kernel's STATS) in eval with gradients too, where the other
+    stencils fold them into the dz pass: here, beside the K^2 sums, they spilled 4-8 B a thread (fp32, sm_90,
+    Triton 3.6). The stores are per thread and pixel, as the
+    loads are: stored in groups of 8 pixels (_store_pixel_group's layout conversion, as the other thread-plane
+    kernels do) beside the K^2 sums, dz spilled 4-52 B a thread (sm_90, K = 1 to 7, fp16/bf16 and fp32)."""
+    cs, cmask = _channel_block(blocks_ptr, BLOCK_C)
+    mean = tl.load(mean_ptr + cs, mask=cmask, other=0.0).to(ACC)
+    rstd = tl.load(rstd_ptr + cs, mask=cmask, other=0.0).to(ACC)
+    cgo = tl.load(cgo_ptr + cs, mask=cmask, other=0.0).to(ACC)
+    cxhat = tl.load(cxhat_ptr + cs, mask=cmask, other=0.0).to(ACC)
+    cconst = tl.load(cconst_ptr + cs, mask=cmask, other=0.0).to(ACC)
+    b_lo = tl.program_id(2) * b_per_prog
+    b_hi = tl.minimum(b_lo + b_per_prog, B)
+    x_c = x_ptr + b_lo.to(tl.int64) * x_stride_b + cs * x_stride_c
+    z_c = z_ptr + b_lo.to(tl.int64) * dz_stride_b + cs * dz_stride_c
+    g_c = grad_out_ptr + b_lo.to(tl.int64) * grad_out_stride_b + cs * grad_out_stride_c
+    dz_c = dz_ptr + b_lo.to(tl.int64) * dz_stride_b + cs * dz_stride_c
+    acc_w = (tl.zeros([BLOCK_C], ACC),) * (K * K)
+    acc_b = tl.zeros([BLOCK_C], ACC)
+    for _ in range(b_lo, b_hi):
+        dz = ()
+        for p in tl.static_range(H * W):
+            at = (p // W) * dz_stride_h + (p % W) * dz_stride_w  # z is laid out as dz
+            z = tl.load(z_c + at, mask=cmask, other=0.0).to(ACC)
+            go_at = g_c + (p // W) * grad_out_stride_h + (p % W) * grad_out_stride_w
+            go = tl.load(go_at, mask=cmask, other=0.0).to(ACC)
+            xhat = (_gelu(z) - mean) * rstd
+            d = (cgo * go + cxhat * xhat + cconst) * _gelu_grad(z)
+            tl.store(dz_c + at, d.to(dz_ptr.dtype.element_ty), mask=cmask)
+            acc_b += d
+            dz = dz + (d,)
+        acc_w = _thread_plane_wgrad(acc_w, dz, x_c, cmask, x_stride_h, x_stride_w, K, H, W)
+        x_c += x_stride_b
+        z_c += dz_stride_b
+        g_c += grad_out_stride_b
+        dz_c += dz_stride_b
+    _store_thread_plane_wgrad(pdw_ptr, pdb_ptr, acc_w, acc_b, C, cs, cmask, K, KK_STRIDE)
+
+
+@triton.jit
+def _store_thread_plane_wgrad(pdw_ptr, pdb_ptr, acc_w, acc_b, C, cs, cmask, K: tl.constexpr, KK_STRIDE: tl.constexpr):
+    """The program's weight and bias gradient partials (_thread_plane_wgrad's sums) into its partial rows."""
+    part = _partial_rows(C, cs)
+    for t in tl.static_range(K * K):
+        tl.store(pdw_ptr + part * KK_STRIDE + t, acc_w[t], mask=cmask)
+    tl.store(pdb_ptr + part, acc_b, mask=cmask)
 
 
 # ------------------------------------------------------------------------------------------- launch
@@ -2531,8 +2668,8 @@ def _plan(
     """Launch plan for the kernels reading x and writing or reading others. strips=False: no strip plan (for the
     passes without a stencil, which the _strip_* kernels do not run); wgrad_dx: for the dx pass that also
     accumulates the weight gradient (`Settings.wgrad_strip_rows`); thread_planes: for the passes with a
-    thread-plane kernel (_launch_forward's stencil modes, _launch_dx), which run a thread per plane on small planes
-    (`Settings.thread_plane_pixels`; the middle's dz pass has no such form). Memoised on shapes, strides, dtype,
+    thread-plane kernel (_launch_forward's stencil modes, _launch_dx, the middle's dz pass from the saved z), which
+    run a thread per plane on small planes (`Settings.thread_plane_pixels`). Memoised on shapes, strides, dtype,
     device, the groups and the launch target and settings in effect (test and audit overrides included)."""
     target, settings = launch_target(x.device), launch_settings(Settings, x.device)
     key = (
@@ -2764,10 +2901,6 @@ def _wgrad_partials(plan: _Plan, C: int, device: torch.device) -> Tuple[torch.Te
     )
 
 
-# Largest kernel size whose thread-plane dx pass also sums the weight gradient (see _thread_plane_dx_kernel).
-_THREAD_PLANE_FUSED_WGRAD_K = 1
-
-
 def _launch_dx(
     src: torch.Tensor,
     x: torch.Tensor,
@@ -2784,8 +2917,7 @@ def _launch_dx(
             args = (src, x, dx, w_table, launch.blocks, pdw, pdb, B, C, H, W, launch.b_per_prog)
             flags = dict(RESIDUAL=residual, WGRAD=wgrad is not None, KK_POW2=plan.kk_pow2)
             if plan.thread_plane[2]:
-                fused = wgrad is None or launch.kmax <= _THREAD_PLANE_FUSED_WGRAD_K
-                for dx_pass, wgrad_pass in ((True, wgrad is not None),) if fused else ((True, False), (False, True)):
+                for dx_pass in (True, False) if wgrad is not None else (True,):  # dx, then the weight gradient
                     _thread_plane_dx_kernel[launch.grid](
                         *args[:9],
                         launch.b_per_prog,
@@ -2793,7 +2925,7 @@ def _launch_dx(
                         *x.stride(),
                         *dx.stride(),
                         RESIDUAL=residual,
-                        WGRAD=wgrad_pass,
+                        WGRAD=not dx_pass,
                         DX=dx_pass,
                         **plan.thread_plane_constexprs(launch),
                         **NO_REGISTER_BUDGET,
@@ -3006,14 +3138,21 @@ def ms_ffn_middle_backward(
             torch.zeros_like(norm_weight),
         )
     plan = _plan(x, widths, ksizes, grad_out)  # dz has x's shape and strides
-    # The strip kernel runs the dz pass from the saved z; the statistics pass of training (no stencil) and a dz
-    # pass that recomputes z run on the plan without strips.
+    thread_plan = _plan(x, widths, ksizes, grad_out, thread_planes=True)
+    # The strip and thread-plane kernels run the dz pass from the saved z; the statistics pass of training (no
+    # stencil) and a dz pass that recomputes z run on the plan without strips.
     unstripped = _plan(x, widths, ksizes, grad_out, strips=False) if plan.strip else plan
-    dz_plan = plan if z is not None else unstripped
-    stats_plan = unstripped if training else dz_plan
+    if z is None:
+        dz_plan = unstripped
+    else:
+        dz_plan = thread_plan if thread_plan.thread_plane[2] else plan
+    # BatchNorm's gradient sums: in the dz pass in eval, a pass of their own in training (dz needs them) and on
+    # thread planes (see _thread_plane_dz_kernel)
+    separate_stats = training or bool(dz_plan.thread_plane[2])
+    stats_plan = unstripped if separate_stats else dz_plan
     # The whole-plane weight gradient reads dz back after the pass stored it: in the accumulation dtype, so
     # that dW sums unrounded dz (rounded to fp16, its BatchNorm-cancelling sums lost the fp16 tolerance).
-    dz = torch.empty_like(x, dtype=plan.acc if plan.plane[1] else x.dtype)
+    dz = torch.empty_like(x, dtype=plan.acc if dz_plan.plane[1] else x.dtype)
     if z is not None and z.stride() != dz.stride():  # the kernel reads z with dz's strides
         z = torch.empty_like(x).copy_(z)
     w_table, bias = w_table.contiguous(), bias.contiguous()
@@ -3027,7 +3166,24 @@ def ms_ffn_middle_backward(
             for launch in pass_plan.launches:
                 # per-channel inputs and partial buffers, then the sizes: the same for both kernels
                 shared = (mean, rstd, cgo, cxhat, cconst, sgo, sgx, pdw, pdb, B, C, H, W, launch.b_per_prog)
-                if pass_plan.strip:
+                if pass_plan.thread_plane[2]:
+                    assert dz_pass and not stats and z is not None, "the thread-plane kernel: dz from the saved z"
+                    _thread_plane_dz_kernel[launch.grid](
+                        x,
+                        z,
+                        grad_out,
+                        dz,
+                        launch.blocks,
+                        *shared[:5],  # no BatchNorm gradient sums
+                        *shared[7:11],
+                        launch.b_per_prog,
+                        *x.stride(),
+                        *grad_out.stride(),
+                        *dz.stride(),
+                        **pass_plan.thread_plane_constexprs(launch),
+                        **NO_REGISTER_BUDGET,
+                    )
+                elif pass_plan.strip:
                     assert dz_pass and z is not None, "the strip kernel is the dz pass from the saved z"
                     _strip_dz_kernel[launch.grid](
                         x,
@@ -3065,16 +3221,18 @@ def ms_ffn_middle_backward(
                         **pass_plan.constexprs(launch),
                     )
 
-    if training:  # BN's gradient needs the batch sums of go and go*xhat before dz exists: one more pass
+    if separate_stats:
         launch(stats_plan, True, False, cgo, cgo)
         dbeta, dgamma = sgo.sum(0), sgx.sum(0)
-        launch(dz_plan, False, True, -cgo * dgamma / n, -cgo * dbeta / n)
+    if training:  # BN's gradient needs the batch sums of go and go*xhat before dz exists
+        cxhat, cconst = -cgo * dgamma / n, -cgo * dbeta / n
     else:
-        zeros = torch.zeros_like(cgo)
-        launch(dz_plan, True, True, zeros, zeros)
+        cxhat = cconst = torch.zeros_like(cgo)
+    launch(dz_plan, not separate_stats, True, cxhat, cconst)
+    if not separate_stats:
         dbeta, dgamma = sgo.sum(0), sgx.sum(0)
-    # dx = conv_transpose(dz) + dz, a thread per plane where planes are small (the dz pass has no such form)
-    dx = _launch_dx(dz, x, w_table, _plan(x, widths, ksizes, grad_out, thread_planes=True), residual=True, wgrad=None)
+    # dx = conv_transpose(dz) + dz, a thread per plane where planes are small
+    dx = _launch_dx(dz, x, w_table, thread_plan, residual=True, wgrad=None)
     dw, db = _sum_wgrad_partials(pdw, pdb, w_table, bias)
     return dx, dw, db, dgamma.to(norm_weight.dtype), dbeta.to(norm_weight.dtype)
 
