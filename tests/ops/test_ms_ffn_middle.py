@@ -292,15 +292,17 @@ def test_triton_many_tiles_and_batch_splits(layout, training, stencil, nan_poiso
 
 
 @requires_triton
-@pytest.mark.parametrize("shape", [(3, 7, 7), (2, 2, 5)], ids=["B3H7W7", "B2H2W5"])
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("shape", [(3, 7, 7), (4, 3, 5)], ids=["B3H7W7", "B4H3W5"])
+@pytest.mark.parametrize(
+    "layout,training", [("contiguous", False), ("channels_last", True)], ids=["contiguous-eval", "channels_last-train"]
+)
 def test_triton_thread_plane_dz_pass(training, layout, shape, nan_poisoned_empty, monkeypatch):
-    """The backward's dz pass from the saved z on thread planes (_thread_plane_dz_kernel: dz and the weight
-    gradient in one launch per kernel size, BatchNorm's gradient sums a pass of their own in eval too; then dx on
-    _thread_plane_dx_kernel) against the fp64 reference, with 2 channels and one image per program, on a plane
-    smaller than the kernel in both directions. Fails unless the dz pass ran there once per kernel size (the
-    launches are recorded)."""
+    """The backward's dz pass from the saved z on thread planes for fp16 maps (_thread_plane_dz_kernel:
+    dz and the weight gradient in one launch per kernel size, BatchNorm's gradient sums a pass of their own in eval
+    too; then dx on _thread_plane_dx_kernel) against the reference, with 2 channels and one image per program, on
+    a plane smaller than the kernel in both directions, fp32 BatchNorm parameters (as under autocast). Fails
+    unless the dz pass ran there once per kernel size (the launches are recorded), and unless an fp64 map keeps
+    the whole-plane dz pass (_THREAD_PLANE_DZ_MAX_ELEMENT_SIZE)."""
     from transxnet_kernels.triton import ms_ffn
 
     kernel, launched = ms_ffn._thread_plane_dz_kernel, []
@@ -314,10 +316,15 @@ def test_triton_thread_plane_dz_pass(training, layout, shape, nan_poisoned_empty
             return launch
 
     monkeypatch.setattr(ms_ffn, "_thread_plane_dz_kernel", RecordingKernel())
-    args = middle_args([3, 5, 1, 2], [3, 1, 5, 7], *shape, dtype=torch.float64, layout=layout, training=training)
+    widths, ksizes = [3, 2, 1, 2], [1, 3, 5, 7]
+    args = list(middle_args(widths, ksizes, *shape, dtype=torch.float16, layout=layout, training=training, seed=2))
+    args[3], args[4] = (t.detach().float().requires_grad_() for t in args[3:5])
     with ms_ffn_small_tiles(index64=False, thread_planes=True):
-        check_middle(TRITON, args)
-    assert sorted(launched) == [1, 3, 5, 7], launched
+        check_middle(TRITON, tuple(args))
+        assert sorted(launched) == [1, 3, 5, 7], launched
+        launched.clear()
+        check_middle(TRITON, middle_args(widths, ksizes, *shape, dtype=torch.float64, layout=layout, training=training))
+        assert launched == [], launched
 
 
 @requires_triton

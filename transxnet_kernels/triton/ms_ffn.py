@@ -59,11 +59,11 @@ at compile time in both directions (at 7 x 7 with K = 7, 28 FMAs per output on a
 column-per-thread plane stencil loads every value K times and keeps the column taps), and the taps stay in
 registers across the program's images. Per-channel sums (BN statistics, dW, dbias) stay in the thread: its
 channel's partial, no reduction across threads. `ms_ffn_middle_eval` there is one pass (`_EVAL`: fc1's GELU and
-BatchNorm applied once to each loaded value, as no other thread needs it). The middle's dz pass from the saved z
-(`_thread_plane_dz_kernel`) computes a thread's dz pixel by pixel from z and go, stores it and keeps it in
-registers (unrounded) for the weight gradient's K^2 per-thread sums against the x plane: no barrier, no read of
-dz back, dz in x's dtype (the whole-plane pass reads it back, in fp32 for half x). The strip stencils serve
-IDConv at stages 1-2 too. Elsewhere (channels_last, larger planes,
+BatchNorm applied once to each loaded value, as no other thread needs it). For fp16/bf16 maps the middle's dz pass
+from the saved z (`_thread_plane_dz_kernel`) computes a thread's dz pixel by pixel from z and go, stores it and
+keeps it in registers (unrounded) for the weight gradient's K^2 per-thread sums against the x plane: no barrier,
+no read of dz back, dz in x's dtype (the whole-plane pass reads it back, in fp32 for half x); fp32 keeps the
+whole-plane pass (_THREAD_PLANE_DZ_MAX_ELEMENT_SIZE). The strip stencils serve IDConv at stages 1-2 too. Elsewhere (channels_last, larger planes,
 K > 9) each tap is one predicated load and one FMA per output element (`_dwconv_tile_k`, `_wgrad_tile_k`; about 8
 issued instructions per tap and output on sm_90).
 
@@ -3111,6 +3111,12 @@ def _(x, w_table, bias, norm_weight, norm_bias, running_mean, running_var, width
     return torch.empty_like(x), x.new_empty((C,), dtype=acc), x.new_empty((C,), dtype=acc), z
 
 
+# The widest map element whose dz pass runs on thread planes (_thread_plane_dz_kernel): every specialisation sits at
+# 255 registers, and the fp32 one spilled 4 B a thread at K = 5 on sm_90 (Triton 3.8); fp32 and fp64 keep the
+# whole-plane dz pass.
+_THREAD_PLANE_DZ_MAX_ELEMENT_SIZE = 2
+
+
 @torch.library.custom_op("transxnet_triton::ms_ffn_middle_backward", mutates_args=())
 def ms_ffn_middle_backward(
     grad_out: torch.Tensor,
@@ -3144,8 +3150,10 @@ def ms_ffn_middle_backward(
     unstripped = _plan(x, widths, ksizes, grad_out, strips=False) if plan.strip else plan
     if z is None:
         dz_plan = unstripped
+    elif thread_plan.thread_plane[2] and x.element_size() <= _THREAD_PLANE_DZ_MAX_ELEMENT_SIZE:
+        dz_plan = thread_plan
     else:
-        dz_plan = thread_plan if thread_plan.thread_plane[2] else plan
+        dz_plan = plan
     # BatchNorm's gradient sums: in the dz pass in eval, a pass of their own in training (dz needs them) and on
     # thread planes (see _thread_plane_dz_kernel)
     separate_stats = training or bool(dz_plan.thread_plane[2])
