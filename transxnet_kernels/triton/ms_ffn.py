@@ -63,9 +63,9 @@ BatchNorm applied once to each loaded value, as no other thread needs it). For f
 from the saved z (`_thread_plane_dz_kernel`) computes a thread's dz pixel by pixel from z and go, stores it and
 keeps it in registers (unrounded) for the weight gradient's K^2 per-thread sums against the x plane: no barrier,
 no read of dz back, dz in x's dtype (the whole-plane pass reads it back, in fp32 for half x); fp32 keeps the
-whole-plane pass (_THREAD_PLANE_DZ_MAX_ELEMENT_SIZE). The strip stencils serve IDConv at stages 1-2 too. Elsewhere (channels_last, larger planes,
-K > 9) each tap is one predicated load and one FMA per output element (`_dwconv_tile_k`, `_wgrad_tile_k`; about 8
-issued instructions per tap and output on sm_90).
+whole-plane pass (_THREAD_PLANE_DZ_MAX_ELEMENT_SIZE). The strip stencils serve IDConv at stages 1-2 too.
+Elsewhere (channels_last, larger planes, K > 9) each tap is one predicated load and one FMA per output element
+(`_dwconv_tile_k`, `_wgrad_tile_k`; about 8 issued instructions per tap and output on sm_90).
 
 Passes over the big tensor (one pass = B*C*H*W elements read or written; e = element size):
     multiscale_dwconv  forward  read x, write out                                   2 passes
