@@ -45,8 +45,11 @@ KERNELS = (
 
 
 # (kernel, target, dtype) the launch code routes elsewhere: the fp32 OSRA backward on sm_8x runs on the flash
-# kernels (osra_attention._short_path). Pinned: these must have no launch.
-NOT_LAUNCHED = {("_osra_bwd_short_kernel", t, "fp32") for t in ("sm_80", "sm_86")}
+# kernels (osra_attention._short_path), the fp32 MS-FFN middle's dz pass on whole planes
+# (ms_ffn._THREAD_PLANE_DZ_MAX_ELEMENT_SIZE). Pinned: these must have no launch.
+NOT_LAUNCHED = {("_osra_bwd_short_kernel", t, "fp32") for t in ("sm_80", "sm_86")} | {
+    ("_thread_plane_dz_kernel", t, "fp32") for t in TARGETS
+}
 
 
 @pytest.fixture(scope="module")
