@@ -38,7 +38,10 @@ Pipeline
    `for` loop by the line info of its branch (Triton emits .loc, nvdisasm prints it);
    `gpu_audit_trips.LOOP_TRIPS` gives, per kernel, how many times each source loop's body runs over the
    whole launch (from the launch arguments). Then instructions = Σ_loops (body instructions not in an inner
-   loop) x trips x warps + (instructions outside loops) x programs x warps. One issue per scheduler per
+   loop) x trips x warps + (instructions outside loops) x programs x warps. A source loop compiled to several
+   SASS loops counts one of them per trip (`trip_instructions`): the largest (unswitched or peeled copies),
+   or, where LLVM or ptxas unrolled it (a main loop doing k trips per pass beside a remainder loop doing
+   one), the main loop's body / k. One issue per scheduler per
    clock, no stalls modelled, no wave tails. Torch work between launches (sums of partials, copies, fills)
    is recorded in step 2 by a dispatch mode and adds its bytes / bandwidth (each aten op that is not a view
    or an allocation reads its tensor arguments and writes its outputs once; a fill or zero only writes, a
@@ -957,22 +960,41 @@ def occupancy(result: Dict[str, Any], num_warps: int, gpu: Gpu) -> Dict[str, int
     return {"blocks_per_sm": blocks, "warps_per_sm": blocks * num_warps}
 
 
+def trip_instructions(versions: Sequence[Dict[str, int]]) -> float:
+    """Instructions one trip of a source loop issues, from the exclusive bodies of the SASS loops tied to it.
+
+    Several versions are unswitched or peeled copies (one runs per trip: the largest counts) or an unrolled
+    loop: LLVM and ptxas unroll a runtime loop by k = 2, 4 or 8 into a main loop doing k trips per pass and a
+    remainder loop doing one. That pair is recognised by its loads: the main loop's are k times the
+    remainder's, less at most one per extra trip (a loop-invariant constant load hoisted out of the unrolled
+    body), and its instructions at least 3/4 of k times (the branch and induction are shared); a trip then
+    costs the main body / k. Copies per kernel size (the stencils' K taps unrolled) scale their loads by
+    K / K' (7 / 3 for their 35 and 15), which misses both tests."""
+    largest = max(versions, key=lambda body: body.get("total", 0))
+    smallest = min(versions, key=lambda body: body.get("total", 0))
+    total, loads, remainder_loads = largest.get("total", 0), largest.get("load", 0), smallest.get("load", 0)
+    for k in (2, 4, 8):
+        unrolled_loads = k * remainder_loads - (k - 1) <= loads <= k * remainder_loads
+        if remainder_loads > 0 and unrolled_loads and total >= 0.75 * k * smallest.get("total", 0):
+            return total / k
+    return total
+
+
 def issued_warp_instructions(launch: Launch, sass: Dict[str, Any]) -> int:
-    """Σ over source loops of (exclusive SASS body) x trips, plus the straight code once per program;
-    times the program's warps. Several SASS loops tied to one source loop are versions of it
-    (unswitched or peeled copies; one runs per trip): the largest body counts, once."""
+    """Σ over source loops of (instructions per trip, `trip_instructions`) x trips, plus the straight code once per
+    program; times the program's warps."""
     programs = launch.grid[0] * launch.grid[1] * launch.grid[2]
     per_warp = sass["outside_loops"].get("total", 0) * programs
-    bodies: Dict[str, int] = {}
+    versions: Dict[str, List[Dict[str, int]]] = collections.defaultdict(list)
     for loop in sass["loops"]:
         if loop["source_loop"] not in launch.loop_trips:
             raise KeyError(
                 f"{launch.kernel}: SASS loop at line {loop['branch_line']} (source loop "
                 f"{loop['source_loop']}) has no trip count in gpu_audit_trips.LOOP_TRIPS"
             )
-        bodies[loop["source_loop"]] = max(bodies.get(loop["source_loop"], 0), loop["body"].get("total", 0))
-    per_warp += sum(body * launch.loop_trips[name] for name, body in bodies.items())
-    return per_warp * launch.num_warps
+        versions[loop["source_loop"]].append(loop["body"])
+    per_warp += sum(trip_instructions(bodies) * launch.loop_trips[name] for name, bodies in versions.items())
+    return round(per_warp * launch.num_warps)
 
 
 def launch_seconds(launch: Launch, result: Dict[str, Any], gpu: Gpu) -> Dict[str, float]:

@@ -40,7 +40,7 @@ KERNELS = (
     "_osra_bwd_dkdv_kernel",  # OSRA, flash path (M > 64)
     "_osra_fwd_short_kernel",
     "_osra_bwd_short_kernel",  # OSRA, short path (M <= 64)
-    "_osra_dkdv_sum_kernel",  # OSRA, both paths' dk/dv partials
+    "_osra_dkdv_sum_kernel",  # OSRA, the flash path's dk/dv partials
 )
 
 
@@ -247,6 +247,36 @@ def test_sass_loops_are_attributed_within_their_source_file():
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", _ATTRIBUTION_CHECK], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+_UNROLLED_LOOP_CHECK = r"""
+from benchmarks.gpu_audit import trip_instructions
+
+# Unrolled by 4 (the OSRA short backward's partial sum, Triton 3.8, sm_90): the main loop does 4 trips a pass,
+# with one hoisted constant load the remainder loop repeats per trip.
+assert trip_instructions([{"load": 33, "total": 135}, {"load": 9, "total": 38}]) == 135 / 4
+assert trip_instructions([{"load": 20, "total": 140}, {"load": 5, "total": 39}]) == 140 / 4
+# By 2, each pass doing exactly two trips' loads.
+assert trip_instructions([{"load": 6, "total": 50}, {"load": 12, "total": 90}]) == 90 / 2
+# Copies per kernel size (K = 3, 5, 7 taps unrolled), one runs per trip: the largest counts.
+assert trip_instructions([{"load": 15, "total": 121}, {"load": 25, "total": 171}, {"load": 35, "total": 227}]) == 227
+# Peeled or unswitched copies of one body, and a loop without loads.
+assert trip_instructions([{"load": 28, "total": 286}, {"load": 28, "total": 300}]) == 300
+assert trip_instructions([{"total": 40}, {"total": 12}]) == 40
+"""
+
+
+def test_unrolled_loops_count_their_instructions_per_trip():
+    """LLVM and ptxas unroll runtime loops: one source loop becomes a main loop doing k trips per pass and a
+    remainder loop. Counting the main body per trip, the audit charged 4x the instructions of such loops (the
+    MS-FFN statistics sweeps, IDConv's softmax chain, OSRA's partial sums); copies per kernel size must still
+    count their largest body. (In a subprocess: the audit module needs compiled Triton.)"""
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(
+        [sys.executable, "-c", _UNROLLED_LOOP_CHECK], cwd=ROOT, env=env, capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
