@@ -142,6 +142,17 @@ def _osra_short(kernel: str) -> Callable[[Mapping, Sequence[int]], Trips]:
     return lambda args, grid: {f"{kernel}:b": grid[0] * grid[1] * args["B"]}
 
 
+def _osra_bwd_short(args, grid) -> Trips:
+    """Every batch once per (query block, head); then the last query-block program of each (head, batch group)
+    sums the group's dk and dv partials (two _store_partials_sum calls, each over one partial per query block)."""
+    reduced = grid[1] * args["B"]  # (head, batch) pairs, each summed once
+    return {
+        **_osra_short("_osra_bwd_short_kernel")(args, grid),
+        "_osra_bwd_short_kernel:group_b": reduced,
+        "_store_partials_sum:_partial": 2 * reduced * grid[0],
+    }
+
+
 def _osra_bwd_dkdv(args, grid) -> Trips:
     rows = _split_range_trips(args["N"], args["ROWS_PER_SPLIT"], args["BLOCK_N"], grid[2])
     return {"_osra_bwd_dkdv_kernel:start_n": grid[0] * grid[1] * rows}
@@ -153,7 +164,7 @@ def _batch_norm_affine(args, grid) -> Trips:
 
 
 def _osra_dkdv_sum(args, grid) -> Trips:
-    return {"_osra_dkdv_sum_kernel:_partial": grid[0] * grid[1] * grid[2] * args["PARTIALS"]}
+    return {"_store_partials_sum:_partial": grid[0] * grid[1] * grid[2] * args["PARTIALS"]}
 
 
 LOOP_TRIPS: Dict[str, Callable[[Mapping, Sequence[int]], Trips]] = {
@@ -175,6 +186,6 @@ LOOP_TRIPS: Dict[str, Callable[[Mapping, Sequence[int]], Trips]] = {
     "_osra_bwd_dq_kernel": _osra_bwd_dq,
     "_osra_bwd_dkdv_kernel": _osra_bwd_dkdv,
     "_osra_fwd_short_kernel": _osra_short("_osra_fwd_short_kernel"),
-    "_osra_bwd_short_kernel": _osra_short("_osra_bwd_short_kernel"),
+    "_osra_bwd_short_kernel": _osra_bwd_short,
     "_osra_dkdv_sum_kernel": _osra_dkdv_sum,
 }

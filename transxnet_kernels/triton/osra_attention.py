@@ -21,7 +21,9 @@ Two paths (`_short_path` picks per call):
     are as few as give Settings.short_forward_warps (16 per SM) warps.
   - `_osra_bwd_short_kernel`: one read of q, dO, k, v and lse per (query block, batch); O is not
     read (Delta from P * dP). dq is stored; dk and dv are stored as fp32 partials per query block
-    ([query blocks, B, h, M, d]; one block: in k's dtype); dS is summed
+    ([query blocks, B, h, M, d]; one block: in k's dtype), which the last query-block program of each
+    (head, batch group) to finish sums, in query-block order, into dk and dv (an atomic arrival count per
+    (head, group); the partials are read back from L2, no separate sum launch); dS is summed
     over the group's batches (in registers on sm_90, in the program's own slice of the buffer on
     sm_8x: `_short_dbias_in_registers`) into a slice per group ([groups, h, N, M], summed afterwards).
     Batch groups are as few as give Settings.short_backward_programs (8 per SM) programs.
@@ -33,8 +35,8 @@ Two paths (`_short_path` picks per call):
     registers when M fits one key block, else read-modify-written by the owning program only).
   - `_osra_bwd_dkdv_kernel`, one program per (key block, b·head, query split): loops over its query
     range; the query range is split (fp32 partials) only when B·h·key-blocks cannot fill the GPU.
-* Both: `_osra_dkdv_sum_kernel` sums the dk/dv partials in a fixed order and stores dk and dv once, in
-  k's and v's dtype and layout (one launch for both; not run when a single partial already is the gradient).
+  - `_osra_dkdv_sum_kernel` sums the dk/dv partials in a fixed order and stores dk and dv once, in
+    k's and v's dtype and layout (one launch for both; not run when a single partial already is the gradient).
 
 Precision: fp16/bf16 inputs use fp32 softmax and fp32 accumulation (P and dS are rounded to the
 input dtype before their tl.dot, as flash attention does); fp64 computes in fp64 (for gradcheck);
@@ -49,8 +51,8 @@ flash kernels (the one-pass kernel's five fp32 dots spill there; `_short_path`).
 Roofline (e = element size, minimal traffic, the bias read once since it is shared across B):
   forward  bytes = e·(2·BhNd + 2·BhMd) + e_bias·h·N·M + 4·BhN (lse);  FLOPs = 4·BhNMd
   backward bytes = e·(4·BhNd + 4·BhMd) + e_bias·2·h·N·M + 8·BhN;     FLOPs = 10·BhNMd
-The short backward moves more: the dk/dv partials (2·4·BhMd per query block, written and read
-back) and the bias-gradient group partials (4·hNM per group). At the model's sizes (d <= 32,
+The short backward moves more: the dk/dv partials (2·4·BhMd per query block, written; read back from L2)
+and the bias-gradient group partials (4·hNM per group). At the model's sizes (d <= 32,
 M = 49) the FLOP/byte ratio is ~M/2 ≈ 25, so every OSRA call is memory-bound on H100 (3.35 TB/s;
 ~295 FLOP/byte ridge for bf16 tensor cores, ~20 for fp32 IEEE FMA).
 """
@@ -117,6 +119,27 @@ def _scores_init(
         return bias / scale + key_pad[None, :]
     else:
         return tl.zeros([BLOCK_N, BLOCK_M], scale.dtype) + key_pad[None, :]
+
+
+@triton.jit
+def _store_partials_sum(
+    parts_ptr,
+    parts_stride_s,
+    PARTIALS,
+    parts_offs,
+    grad_ptr,
+    grad_offs,
+    mask,
+    ACC: tl.constexpr,
+):
+    """grad = the sum of PARTIALS partial tiles, taken in ACC in a fixed order (partial 0 first) and stored once,
+    in grad's dtype and layout. The partials are read past L1 (.cg): other programs of the launch may have
+    written them."""
+    acc = tl.zeros(parts_offs.shape, ACC)
+    for _partial in range(PARTIALS):
+        acc += tl.load(parts_ptr + parts_offs, mask=mask, other=0.0, cache_modifier=".cg").to(ACC)
+        parts_ptr += parts_stride_s  # a 64-bit pointer step: PARTIALS·B·h·M·d may pass int32
+    tl.store(grad_ptr + grad_offs, acc.to(grad_ptr.dtype.element_ty), mask=mask)
 
 
 # q's strides and N are specialised on 16-alignment (see common.py): q, dO, out and dq tiles then move in vectors.
@@ -235,6 +258,14 @@ def _osra_fwd_short_kernel(
         "dkv_stride_h",
         "dkv_stride_m",
         "dkv_stride_d",
+        "dk_stride_b",
+        "dk_stride_h",
+        "dk_stride_m",
+        "dk_stride_d",
+        "dv_stride_b",
+        "dv_stride_h",
+        "dv_stride_m",
+        "dv_stride_d",
         "dbias_stride_g",
         "dbias_stride_h",
         "dbias_stride_n",
@@ -249,8 +280,11 @@ def _osra_bwd_short_kernel(
     grad_out_ptr,
     lse_ptr,
     dq_ptr,
+    dk_parts_ptr,
+    dv_parts_ptr,
     dk_ptr,
     dv_ptr,
+    arrivals_ptr,
     dbias_ptr,
     scale_ptr,
     q_stride_b,
@@ -270,6 +304,14 @@ def _osra_bwd_short_kernel(
     dkv_stride_h,
     dkv_stride_m,
     dkv_stride_d,
+    dk_stride_b,
+    dk_stride_h,
+    dk_stride_m,
+    dk_stride_d,
+    dv_stride_b,
+    dv_stride_h,
+    dv_stride_m,
+    dv_stride_d,
     dbias_stride_g,
     dbias_stride_h,
     dbias_stride_n,
@@ -284,6 +326,7 @@ def _osra_bwd_short_kernel(
     BIAS_PER_BATCH: tl.constexpr,
     HAS_DBIAS: tl.constexpr,
     DBIAS_IN_REGISTERS: tl.constexpr,
+    ACC: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -294,7 +337,13 @@ def _osra_bwd_short_kernel(
     dS, summed over the group's batches for a batch-shared bias (stored per group), stored per batch otherwise.
     The group sum is a register tile (DBIAS_IN_REGISTERS) or the group's slice of the bias-gradient buffer,
     read, added to and written back per batch by this program only: 32 registers per thread fewer, which is
-    what keeps the sm_8x kernel from spilling. Delta = rowsum(P * dP) (= rowsum(dO * O)), so O is not read."""
+    what keeps the sm_8x kernel from spilling. Delta = rowsum(P * dP) (= rowsum(dO * O)), so O is not read.
+
+    dk and dv: the last of a (head, batch group)'s query-block programs to finish (an arrival count per
+    (head, group), incremented once per program after its partial stores) sums the group's partials in query
+    block order, so the sum is deterministic whoever arrives last, and stores dk and dv once, in their dtype and
+    layout. The partials are read back while the programs that wrote them (neighbours in the grid) are still
+    running, from L2, where a separate sum kernel read them from DRAM."""
     pid_n = tl.program_id(0)
     h = tl.program_id(1)
     group = tl.program_id(2)
@@ -326,7 +375,8 @@ def _osra_bwd_short_kernel(
         bias_head, nm_offs, mask_n, mask_m, scale, HAS_BIAS and not BIAS_PER_BATCH, BLOCK_N, BLOCK_M
     )
     dbias_acc = tl.zeros([BLOCK_N, BLOCK_M], scale.dtype)
-    dbias_offs = offs_n[:, None] * dbias_stride_n + offs_m[None, :] * dbias_stride_m
+    if BIAS_PER_BATCH or not DBIAS_IN_REGISTERS:  # else computed after the loop: held across it, it made sm_90 spill
+        dbias_offs = offs_n[:, None] * dbias_stride_n + offs_m[None, :] * dbias_stride_m
 
     b_lo = group * BATCHES_PER_PROGRAM
     for b in range(b_lo, tl.minimum(b_lo + BATCHES_PER_PROGRAM, B)):
@@ -351,27 +401,44 @@ def _osra_bwd_short_kernel(
         # Each product as soon as its operands exist, each result stored at once: fewer live register tiles.
         dkv_offs = offs_m[:, None] * dkv_stride_m + offs_d[None, :] * dkv_stride_d
         dv = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
-        tl.store(dv_ptr + (dkv_slice + dkv_offs), dv.to(dv_ptr.dtype.element_ty), mask=md_mask)
+        tl.store(dv_parts_ptr + (dkv_slice + dkv_offs), dv.to(dv_parts_ptr.dtype.element_ty), mask=md_mask)
         dp = tl.dot(do, vt, input_precision=PRECISION)
         ds = p * (dp - tl.sum(p * dp, 1)[:, None])
         dq = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION) * scale
         tl.store(dq_ptr + (q_slice + nd_offs), dq.to(dq_ptr.dtype.element_ty), mask=nd_mask)
         dk = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION) * scale
-        tl.store(dk_ptr + (dkv_slice + dkv_offs), dk.to(dk_ptr.dtype.element_ty), mask=md_mask)
+        tl.store(dk_parts_ptr + (dkv_slice + dkv_offs), dk.to(dk_parts_ptr.dtype.element_ty), mask=md_mask)
         if HAS_DBIAS:
-            dbias_ptrs = dbias_ptr + (dbias_slice + dbias_offs)
-            if BIAS_PER_BATCH:
-                tl.store(dbias_ptrs, ds.to(dbias_ptr.dtype.element_ty), mask=nm_mask)
-            elif DBIAS_IN_REGISTERS:
+            if DBIAS_IN_REGISTERS and not BIAS_PER_BATCH:
                 dbias_acc += ds
+            elif BIAS_PER_BATCH:
+                tl.store(dbias_ptr + (dbias_slice + dbias_offs), ds.to(dbias_ptr.dtype.element_ty), mask=nm_mask)
             else:
+                dbias_ptrs = dbias_ptr + (dbias_slice + dbias_offs)
                 # The barrier orders the previous batch's store before this load across the program's threads.
                 tl.debug_barrier()
                 partial = tl.load(dbias_ptrs, mask=nm_mask & (b > b_lo), other=0.0)  # the first batch starts it
                 tl.store(dbias_ptrs, (partial + ds).to(dbias_ptr.dtype.element_ty), mask=nm_mask)
     if HAS_DBIAS and DBIAS_IN_REGISTERS and not BIAS_PER_BATCH:
+        dbias_offs = offs_n[:, None] * dbias_stride_n + offs_m[None, :] * dbias_stride_m
         dbias_ptrs = dbias_ptr + (group * dbias_stride_g + h * dbias_stride_h + dbias_offs)
         tl.store(dbias_ptrs, dbias_acc.to(dbias_ptr.dtype.element_ty), mask=nm_mask)
+
+    # The barrier puts every thread's partial stores before the count; the atomic (acq_rel, GPU scope) releases
+    # them to, and acquires the other programs' for, the program that arrives last.
+    query_blocks = tl.num_programs(0)
+    tl.debug_barrier()
+    arrived = tl.atomic_add(arrivals_ptr + (h * tl.num_programs(2) + group), 1)
+    if arrived == query_blocks - 1:
+        parts_offs = offs_m[:, None] * dkv_stride_m + offs_d[None, :] * dkv_stride_d
+        dk_offs = offs_m[:, None] * dk_stride_m + offs_d[None, :] * dk_stride_d
+        dv_offs = offs_m[:, None] * dv_stride_m + offs_d[None, :] * dv_stride_d
+        for group_b in range(b_lo, tl.minimum(b_lo + BATCHES_PER_PROGRAM, B)):
+            parts = group_b * dkv_stride_b + h * dkv_stride_h
+            dk = dk_ptr + (group_b * dk_stride_b + h * dk_stride_h)
+            dv = dv_ptr + (group_b * dv_stride_b + h * dv_stride_h)
+            _store_partials_sum(dk_parts_ptr + parts, dkv_stride_s, query_blocks, parts_offs, dk, dk_offs, md_mask, ACC)
+            _store_partials_sum(dv_parts_ptr + parts, dkv_stride_s, query_blocks, parts_offs, dv, dv_offs, md_mask, ACC)
 
 
 @triton.jit(
@@ -802,11 +869,7 @@ def _osra_dkdv_sum_kernel(
         parts = dv_parts_ptr + (b * parts_stride_b + h * parts_stride_h)
         grad = dv_ptr + (b * dv_stride_b + h * dv_stride_h)
         grad_offs = offs_m[:, None] * dv_stride_m + offs_d[None, :] * dv_stride_d
-    acc = tl.zeros([BLOCK_M, BLOCK_D], ACC)
-    for _partial in range(PARTIALS):
-        acc += tl.load(parts + parts_offs, mask=mask, other=0.0).to(ACC)
-        parts += parts_stride_s  # a 64-bit pointer step: PARTIALS·B·h·M·d may pass int32
-    tl.store(grad + grad_offs, acc.to(grad.dtype.element_ty), mask=mask)
+    _store_partials_sum(parts, parts_stride_s, PARTIALS, parts_offs, grad, grad_offs, mask, ACC)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1121,8 +1184,8 @@ def _dkdv_buffers(k: torch.Tensor, partials: int):
 
 def _dkdv_from_partials(dk_parts: torch.Tensor, dv_parts: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
     """(dk, dv) in the layouts and dtypes of empty_like(k) and empty_like(v) (what the fake impl promises), from
-    the backward kernels' partials [S, B, h, M, d]: one partial already so is returned as it is (the flash
-    kernels without a query split); else `_osra_dkdv_sum_kernel` sums, casts and lays out both in one launch.
+    the flash dk/dv kernel's partials [S, B, h, M, d]: one partial already so is returned as it is (no query
+    split); else `_osra_dkdv_sum_kernel` sums, casts and lays out both in one launch.
     It replaced torch's sum over the partials (an fp32 write of dk and dv) and the copies into k's dtype and
     layout (their reads): T stage 3 bf16, ~11 MB less traffic per backward and 4 launches -> 1."""
     dk, dv = torch.empty_like(k), torch.empty_like(v)
@@ -1189,8 +1252,8 @@ def _forward_short(q, k, v, bias, scale, out, lse):
         )
 
 
-def _backward_short(grad_out, q, k, v, bias, lse, scale, has_dbias):
-    """(dq, dk, dv, bias-gradient buffer, its dims to sum) of the one-pass backward."""
+def _backward_short(grad_out, q, k, v, bias, lse, scale, has_dbias, dk, dv):
+    """(dq, bias-gradient buffer, its dims to sum) of the one-pass backward; dk and dv (any layout) are written."""
     B, h, N, d = q.shape
     M = k.shape[2]
     cfg = _short_config(q, k, "bwd")
@@ -1198,12 +1261,13 @@ def _backward_short(grad_out, q, k, v, bias, lse, scale, has_dbias):
     programs = launch_settings(Settings, q.device).short_backward_programs
     groups, batches_per_group = _short_path_groups(bias, B, n_blocks * h, programs)
     dbias_buf, dbias_strides, reduce_dims = _dbias_buffer(bias, has_dbias, groups, batches_per_group, q, M)
-    # dk/dv: a partial per query block, [query blocks, B, h, M, d], fp32; with one block in k's dtype, in the same
-    # d-contiguous layout (_dkdv_from_partials puts them in k's): written in the model's k layout (M-contiguous),
-    # the kernel spilled 16 B on sm_90 under Triton 3.6.
+    # dk/dv partials, one per query block, [query blocks, B, h, M, d], d-contiguous (stored from the dot in the
+    # model's k layout, M-contiguous, the kernel spilled 16 B on sm_90 under Triton 3.6), fp32 (one block: k's
+    # dtype, as no sum follows); the kernel sums them into dk and dv. Arrival counts: one per (head, batch group).
     partial_dtype = accumulation_dtype(k.dtype) if n_blocks > 1 else k.dtype
-    dk_buf = torch.empty((n_blocks,) + tuple(k.shape), dtype=partial_dtype, device=k.device)
-    dv_buf = torch.empty_like(dk_buf)
+    dk_parts = torch.empty((n_blocks,) + tuple(k.shape), dtype=partial_dtype, device=k.device)
+    dv_parts = torch.empty_like(dk_parts)
+    arrivals = torch.zeros((h, groups), dtype=torch.int32, device=q.device)
     dq = torch.empty_like(q)
     with device_guard(q):
         _osra_bwd_short_kernel[(n_blocks, h, groups)](
@@ -1214,14 +1278,19 @@ def _backward_short(grad_out, q, k, v, bias, lse, scale, has_dbias):
             grad_out,
             lse,
             dq,
-            dk_buf,
-            dv_buf,
+            dk_parts,
+            dv_parts,
+            dk,
+            dv,
+            arrivals,
             dbias_buf,
             _scale_tensor(scale, q),
             *q.stride(),
             *k.stride(),
             *_bias_strides(bias),
-            *dk_buf.stride(),
+            *dk_parts.stride(),
+            *dk.stride(),
+            *dv.stride(),
             *dbias_strides,
             B,
             h,
@@ -1233,6 +1302,7 @@ def _backward_short(grad_out, q, k, v, bias, lse, scale, has_dbias):
             BIAS_PER_BATCH=_bias_per_batch(bias),
             HAS_DBIAS=has_dbias,
             DBIAS_IN_REGISTERS=_short_dbias_in_registers(q),
+            ACC=tl_accumulation_dtype(k.dtype),
             PRECISION=cfg.precision,
             BLOCK_N=cfg.block_n,
             BLOCK_M=cfg.block_m,
@@ -1240,7 +1310,7 @@ def _backward_short(grad_out, q, k, v, bias, lse, scale, has_dbias):
             num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
         )
-    return dq, dk_buf, dv_buf, dbias_buf, reduce_dims
+    return dq, dbias_buf, reduce_dims
 
 
 def _backward_flash(grad_out, q, k, v, bias, out, lse, scale, has_dbias):
@@ -1346,12 +1416,13 @@ def _backward(grad_out, q, k, v, bias, out, lse, scale, bias_needs_grad):
     q, k, v = _shared_layouts(q, k, v)
     grad_out = _in_layout_of(grad_out, q)
     if _short_path(q, k, bias, scale, "bwd"):
-        grads = _backward_short(grad_out, q, k, v, bias, lse, scale, has_dbias)
+        dk, dv = torch.empty_like(inputs[1]), torch.empty_like(inputs[2])
+        dq, dbias_buf, reduce_dims = _backward_short(grad_out, q, k, v, bias, lse, scale, has_dbias, dk, dv)
     else:
         grads = _backward_flash(grad_out, q, k, v, bias, _in_layout_of(out, q), lse, scale, has_dbias)
-    dq, dk_parts, dv_parts, dbias_buf, reduce_dims = grads
+        dq, dk_parts, dv_parts, dbias_buf, reduce_dims = grads
+        dk, dv = _dkdv_from_partials(dk_parts, dv_parts, *inputs[1:])
     dq = _in_layout_of(dq, torch.empty_like(inputs[0]))
-    dk, dv = _dkdv_from_partials(dk_parts, dv_parts, *inputs[1:])
     if not has_dbias:
         dbias = dbias_buf
     elif reduce_dims:
