@@ -391,6 +391,30 @@ def test_triton_short_backward_sums_the_bias_gradient_in_its_buffer(case, dtype,
         check_op(TRITON, OP, args)
 
 
+@requires_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=dtype_id)
+@pytest.mark.parametrize("programs", [1, 10**6], ids=["one-group", "group-per-batch"])
+@pytest.mark.parametrize("case", [CASES[1], CASES[4], CASES[8]], ids=case_id)
+def test_triton_short_backward_sums_its_dkdv_partials(case, programs, dtype, monkeypatch, nan_poisoned_empty):
+    """The one-pass backward's last query-block program of each (head, batch group) sums the group's dk/dv
+    partials itself, no separate sum launch: one batch group or one per batch, one query block (fp16, N = 37) or
+    several (fp32's 16 rows; fp16's 64 for N = 150), a batch-shared or a per-batch bias."""
+    from transxnet_kernels.triton import common
+    from transxnet_kernels.triton import osra_attention as triton_osra
+
+    class NotLaunched:
+        def __getitem__(self, grid):
+            raise AssertionError("the short backward launched _osra_dkdv_sum_kernel")
+
+    monkeypatch.setattr(triton_osra, "_osra_dkdv_sum_kernel", NotLaunched())
+    args = osra_args(*case, dtype=dtype)
+    settings = triton_osra.Settings.for_target(common.launch_target(DEVICE))
+    with common.launch_overrides(dataclasses.replace(settings, short_backward_programs=programs)):
+        q, k, _, bias, _ = args
+        assert triton_osra._short_path(q, k, bias, 0.2, "bwd")
+        check_op(TRITON, OP, args)
+
+
 def test_triton_short_path_rows_per_program():
     """Query rows (and warps) per program: the half-precision backward takes 128 on sm_90+ (and interpreted) when
     N is a multiple of 16, else 64, and 64 on sm_8x; the fp32 backward 16 on 8 warps; a forward never takes more

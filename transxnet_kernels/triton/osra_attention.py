@@ -430,15 +430,24 @@ def _osra_bwd_short_kernel(
     tl.debug_barrier()
     arrived = tl.atomic_add(arrivals_ptr + (h * tl.num_programs(2) + group), 1)
     if arrived == query_blocks - 1:
-        parts_offs = offs_m[:, None] * dkv_stride_m + offs_d[None, :] * dkv_stride_d
-        dk_offs = offs_m[:, None] * dk_stride_m + offs_d[None, :] * dk_stride_d
-        dv_offs = offs_m[:, None] * dv_stride_m + offs_d[None, :] * dv_stride_d
+        # Flat [key, d] index tiles of its own: with the batch loop's 2-D ones (offs_m, offs_d and md_mask, then
+        # live across the loop) the sm_86 kernel spilled 20 B under Triton 3.6.
+        flat = tl.arange(0, BLOCK_M * BLOCK_D)
+        key, dim = flat // BLOCK_D, flat % BLOCK_D
+        flat_mask = (key < M) & (dim < D)
+        parts_offs = key * dkv_stride_m + dim * dkv_stride_d
+        dk_offs = key * dk_stride_m + dim * dk_stride_d
+        dv_offs = key * dv_stride_m + dim * dv_stride_d
         for group_b in range(b_lo, tl.minimum(b_lo + BATCHES_PER_PROGRAM, B)):
             parts = group_b * dkv_stride_b + h * dkv_stride_h
             dk = dk_ptr + (group_b * dk_stride_b + h * dk_stride_h)
             dv = dv_ptr + (group_b * dv_stride_b + h * dv_stride_h)
-            _store_partials_sum(dk_parts_ptr + parts, dkv_stride_s, query_blocks, parts_offs, dk, dk_offs, md_mask, ACC)
-            _store_partials_sum(dv_parts_ptr + parts, dkv_stride_s, query_blocks, parts_offs, dv, dv_offs, md_mask, ACC)
+            _store_partials_sum(
+                dk_parts_ptr + parts, dkv_stride_s, query_blocks, parts_offs, dk, dk_offs, flat_mask, ACC
+            )
+            _store_partials_sum(
+                dv_parts_ptr + parts, dkv_stride_s, query_blocks, parts_offs, dv, dv_offs, flat_mask, ACC
+            )
 
 
 @triton.jit(
