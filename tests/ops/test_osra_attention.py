@@ -409,7 +409,7 @@ def test_triton_short_backward_sums_its_dkdv_partials(case, programs, dtype, mon
     monkeypatch.setattr(triton_osra, "_osra_dkdv_sum_kernel", NotLaunched())
     args = osra_args(*case, dtype=dtype)
     settings = triton_osra.Settings.for_target(common.launch_target(DEVICE))
-    with common.launch_overrides(dataclasses.replace(settings, short_backward_programs=programs)):
+    with common.launch_overrides(dataclasses.replace(settings, short_path_programs=programs)):
         q, k, _, bias, _ = args
         assert triton_osra._short_path(q, k, bias, 0.2, "bwd")
         check_op(TRITON, OP, args)

@@ -17,8 +17,7 @@ Two paths (`_short_path` picks per call):
   head, batch group) loops over its group's batches.
   - `_osra_fwd_short_kernel`: a batch-shared bias tile is loaded once per program, as bias / scale
     with -inf on padded keys, and starts the q @ k^T dot as its accumulator (the scores come out in
-    the dot's register layout and the softmax stays there); one-pass softmax, no rescaling. Batch groups
-    are as few as give Settings.short_forward_warps (16 per SM) warps.
+    the dot's register layout and the softmax stays there); one-pass softmax, no rescaling.
   - `_osra_bwd_short_kernel`: one read of q, dO, k, v and lse per (query block, batch); O is not
     read (Delta from P * dP). dq is stored; dk and dv are stored as fp32 partials per query block
     ([query blocks, B, h, M, d]; one block: in k's dtype), which the last query-block program of each
@@ -26,7 +25,7 @@ Two paths (`_short_path` picks per call):
     (head, group); the partials are read back from L2, no separate sum launch); dS is summed
     over the group's batches (in registers on sm_90, in the program's own slice of the buffer on
     sm_8x: `_short_dbias_in_registers`) into a slice per group ([groups, h, N, M], summed afterwards).
-    Batch groups are as few as give Settings.short_backward_programs (8 per SM) programs.
+    In both, batch groups are as few as give Settings.short_path_programs (8 per SM) programs.
 * Flash: longer M (detection sizes, M ~ 950), or a scale <= 0, or fp64 on GPUs.
   - `_osra_fwd_kernel`, one program per (query block, b·head): loop over key blocks of BLOCK_M keys
     with the online softmax.
@@ -1052,28 +1051,23 @@ def _batch_groups(B: int, programs_per_batch: int, target: int) -> Tuple[int, in
 class Settings:
     """Launch settings (override with common.launch_overrides). target_programs: programs a flash backward
     launch should have; the bias-gradient batch groups and the dk/dv query splits exist only below it.
-    short_backward_programs: programs a short-path backward launch should have (8 per SM: as many bias-gradient
-    partials); its batch groups, which share a bias tile and sum the bias gradient in registers, are as long as
-    that allows. short_forward_warps: warps a short-path forward launch should have in all (16 per SM); its
-    batch groups share a bias tile. A forward program holds 127-205 registers a thread, so 1 (8 warps) to 3
-    (4 warps) of them are resident per SM, and 16 warps' worth of programs fill that in one or two waves; more
-    programs only repeat the prologue (the bias tile and the offset tiles: half the issued instructions of a
-    stage-3 bf16 forward at 8 programs per SM, static audit on sm_90). Interpreted, small values, so small test
+    short_path_programs: programs a short-path launch should have (8 per SM); its batch groups, which share a
+    bias tile (and, in the backward, sum the bias gradient), are as long as that allows. Not fewer for the
+    forward, although each program pays a prologue (the bias tile, the offset tiles; up to half the issued
+    instructions of a stage-3 bf16 forward at 2 batches a program): its programs hold 127-205 registers, so 1-3
+    are resident per SM, and a grid of 1-2 waves ends on a partial wave (B stage 1 bf16 on H100 at 16 warps'
+    worth per SM: 1.14 waves of 22 batches a program, so 2 waves' time). At ~8 waves that tail is small. The
+    static audit models no tails and counts the longer groups as faster. Interpreted, small values, so small test
     shapes exercise the groups and splits."""
 
     target_programs: int
-    short_backward_programs: int
-    short_forward_warps: int
+    short_path_programs: int
 
     @classmethod
     def for_target(cls, target: LaunchTarget) -> Settings:
         if target.interpreted:
-            return cls(target_programs=4, short_backward_programs=4, short_forward_warps=32)
-        return cls(
-            target_programs=2 * target.sm_count,
-            short_backward_programs=8 * target.sm_count,
-            short_forward_warps=16 * target.sm_count,
-        )
+            return cls(target_programs=4, short_path_programs=4)
+        return cls(target_programs=2 * target.sm_count, short_path_programs=8 * target.sm_count)
 
 
 def _bias_strides(bias: Optional[torch.Tensor]) -> Tuple[int, int, int, int]:
@@ -1229,7 +1223,7 @@ def _forward_short(q, k, v, bias, scale, out, lse):
     B, h, N, d = q.shape
     cfg = _short_config(q, k, "fwd")
     n_blocks = cdiv(N, cfg.block_n)
-    programs = max(1, launch_settings(Settings, q.device).short_forward_warps // cfg.num_warps)
+    programs = launch_settings(Settings, q.device).short_path_programs
     groups, batches_per_group = _short_path_groups(bias, B, n_blocks * h, programs)
     with device_guard(q):
         _osra_fwd_short_kernel[(n_blocks, h, groups)](
@@ -1267,7 +1261,7 @@ def _backward_short(grad_out, q, k, v, bias, lse, scale, has_dbias, dk, dv):
     M = k.shape[2]
     cfg = _short_config(q, k, "bwd")
     n_blocks = cdiv(N, cfg.block_n)
-    programs = launch_settings(Settings, q.device).short_backward_programs
+    programs = launch_settings(Settings, q.device).short_path_programs
     groups, batches_per_group = _short_path_groups(bias, B, n_blocks * h, programs)
     dbias_buf, dbias_strides, reduce_dims = _dbias_buffer(bias, has_dbias, groups, batches_per_group, q, M)
     # dk/dv partials, one per query block, [query blocks, B, h, M, d], d-contiguous (stored from the dot in the
