@@ -859,7 +859,7 @@ def _osra_dkdv_sum_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """dk (program axis 2 = 0) or dv (1) of one (b·head, block of keys): the backward kernels' partials
+    """dk (program axis 2 = 0) or dv (1) of one (b·head, block of keys): the flash dk/dv kernel's partials
     [PARTIALS, B, h, M, d] summed in a fixed order (partial 0 first) in ACC and stored once, in the gradient's
     dtype and layout (d-contiguous partials; the model's k and v are key-contiguous)."""
     bh = tl.program_id(0)
@@ -1153,13 +1153,13 @@ def _bias_per_batch(bias: Optional[torch.Tensor]) -> bool:
     return bias is not None and bias.shape[0] > 1
 
 
-def _short_path_groups(bias, B: int, programs_per_batch: int, target_programs: int) -> Tuple[int, int]:
+def _short_path_groups(bias, B: int, programs_per_batch: int, device: torch.device) -> Tuple[int, int]:
     """(groups, batches per group) of a short-path launch. A batch-shared bias tile is loaded once per group
     (and its gradient summed over the group), so groups are as few as the target number of programs allows;
     without one, a program per batch."""
     if bias is None or _bias_per_batch(bias):
         return B, 1
-    return _batch_groups(B, programs_per_batch, target_programs)
+    return _batch_groups(B, programs_per_batch, launch_settings(Settings, device).short_path_programs)
 
 
 def _dbias_buffer(bias, has_dbias: bool, groups: int, batches_per_group: int, q: torch.Tensor, M: int):
@@ -1223,8 +1223,7 @@ def _forward_short(q, k, v, bias, scale, out, lse):
     B, h, N, d = q.shape
     cfg = _short_config(q, k, "fwd")
     n_blocks = cdiv(N, cfg.block_n)
-    programs = launch_settings(Settings, q.device).short_path_programs
-    groups, batches_per_group = _short_path_groups(bias, B, n_blocks * h, programs)
+    groups, batches_per_group = _short_path_groups(bias, B, n_blocks * h, q.device)
     with device_guard(q):
         _osra_fwd_short_kernel[(n_blocks, h, groups)](
             q,
@@ -1261,8 +1260,7 @@ def _backward_short(grad_out, q, k, v, bias, lse, scale, has_dbias, dk, dv):
     M = k.shape[2]
     cfg = _short_config(q, k, "bwd")
     n_blocks = cdiv(N, cfg.block_n)
-    programs = launch_settings(Settings, q.device).short_path_programs
-    groups, batches_per_group = _short_path_groups(bias, B, n_blocks * h, programs)
+    groups, batches_per_group = _short_path_groups(bias, B, n_blocks * h, q.device)
     dbias_buf, dbias_strides, reduce_dims = _dbias_buffer(bias, has_dbias, groups, batches_per_group, q, M)
     # dk/dv partials, one per query block, [query blocks, B, h, M, d], d-contiguous (stored from the dot in the
     # model's k layout, M-contiguous, the kernel spilled 16 B on sm_90 under Triton 3.6), fp32 (one block: k's
