@@ -28,25 +28,25 @@ Pipeline
    gives registers and spill bytes, Triton's metadata the shared memory, nvdisasm the SASS.
 4. Occupancy: resident blocks per SM = min over registers (64K per SM, 256-register allocation units
    per warp), shared memory (+1 KB reserved per block on sm_80+), warps and the block limit.
-5. Static time of one op call on a GPU model: per launch, max(DRAM bytes / bandwidth, issued
-   warp-instructions / (SMs x 4 schedulers x clock)), summed over the launches of the forward (and of the
-   backward). DRAM bytes: every tensor a launch is given and its compiled code dereferences, read or written
-   once (distinct storages; L2 catches the stencil/tile reuse). Which pointer parameters a specialisation
-   dereferences comes from its TTIR (`unused_pointer_args`: data flow from each parameter to a load or
-   store, so a pass handed a tensor its constexpr branches skip is not charged for it). Issued
-   warp-instructions: the SASS is split into loops by backward branches; each SASS loop is tied to a source
-   `for` loop by the line info of its branch (Triton emits .loc, nvdisasm prints it);
-   `gpu_audit_trips.LOOP_TRIPS` gives, per kernel, how many times each source loop's body runs over the
-   whole launch (from the launch arguments). Then instructions = Σ_loops (body instructions not in an inner
-   loop) x trips x warps + (instructions outside loops) x programs x warps. A source loop compiled to several
-   SASS loops counts one of them per trip (`trip_instructions`): the largest (unswitched or peeled copies),
-   or, where LLVM or ptxas unrolled it (a main loop doing k trips per pass beside a remainder loop doing
-   one), the main loop's body / k. One issue per scheduler per
-   clock, no stalls modelled, no wave tails. Torch work between launches (sums of partials, copies, fills)
-   is recorded in step 2 by a dispatch mode and adds its bytes / bandwidth (each aten op that is not a view
-   or an allocation reads its tensor arguments and writes its outputs once; a fill or zero only writes, a
-   copy reads only its source). Beside it, the call's roofline: minimal DRAM bytes (the kernel module
-   docstrings' formulas) / bandwidth.
+5. Static time of one op call on a GPU model: per launch, max(DRAM bytes / bandwidth, issue time of the busiest SM),
+   summed over the launches of the forward (and of the backward). The busiest SM runs ceil(programs / SMs) of the
+   launch's programs (a partial last wave costs a whole one) and issues at most min(4 schedulers, resident warps)
+   instructions a clock (`issue_seconds`). DRAM bytes: every tensor a launch is given and its compiled code
+   dereferences, read or written once (distinct storages; L2 catches the stencil/tile reuse). Which pointer
+   parameters a specialisation dereferences comes from its TTIR (`unused_pointer_args`: data flow from each parameter
+   to a load or store, so a pass handed a tensor its constexpr branches skip is not charged for it). Issued
+   warp-instructions: the SASS is split into loops by backward branches; each SASS loop is tied to a source `for`
+   loop by the line info of its branch (Triton emits .loc, nvdisasm prints it); `gpu_audit_trips.LOOP_TRIPS` gives,
+   per kernel, how many times each source loop's body runs over the whole launch (from the launch arguments). Then
+   instructions = Σ_loops (body instructions not in an inner loop) x trips x warps + (instructions outside loops) x
+   programs x warps. A source loop compiled to several SASS loops counts one of them per trip (`trip_instructions`):
+   the largest (unswitched or peeled copies), or, where LLVM or ptxas unrolled it (a main loop doing k trips per pass
+   beside a remainder loop doing one), the main loop's body / k. One issue per scheduler and per warp per clock; no
+   stalls modelled, so no memory latency: launches holding few warps per SM are still optimistic. Torch work between
+   launches (sums of partials, copies, fills) is recorded in step 2 by a dispatch mode and adds its bytes / bandwidth
+   (each aten op that is not a view or an allocation reads its tensor arguments and writes its outputs once; a fill
+   or zero only writes, a copy reads only its source). Beside it, the call's roofline: minimal DRAM bytes (the kernel
+   module docstrings' formulas) / bandwidth.
 6. Cache: compile results (with the unused pointer parameters; an entry without them, from an older audit,
    compiles again), keyed by `ASTSource.hash()` (kernel source and every jit helper it calls,
    signature, constexprs, attributes), the options, the target and the Triton version, are kept in
@@ -997,9 +997,26 @@ def issued_warp_instructions(launch: Launch, sass: Dict[str, Any]) -> int:
     return round(per_warp * launch.num_warps)
 
 
+def issue_seconds(launch: Launch, result: Dict[str, Any], gpu: Gpu) -> float:
+    """Time the busiest SM takes to issue its programs' instructions.
+
+    Programs of one launch cost alike (their instructions are averaged) and are spread over the SMs, so the
+    busiest runs ceil(programs / SMs) of them: a partial last wave costs what a full one does. An SM issues at
+    most one instruction per scheduler per clock and a warp at most one per clock (in order, no dual issue), so
+    an SM holding fewer warps than schedulers leaves some idle. Still no stalls: a real warp waits on memory
+    and on dependent instructions, which only more resident warps hide."""
+    programs = launch.grid[0] * launch.grid[1] * launch.grid[2]
+    on_busiest_sm = math.ceil(programs / gpu.sms)
+    # A block that cannot fit is reported as a problem; its time is counted as if one did.
+    resident_blocks = min(on_busiest_sm, max(occupancy(result, launch.num_warps, gpu)["blocks_per_sm"], 1))
+    issue_per_clock = min(SCHEDULERS_PER_SM, resident_blocks * launch.num_warps)
+    per_program = issued_warp_instructions(launch, result["sass"]) / programs
+    return on_busiest_sm * per_program / (issue_per_clock * gpu.clock_ghz * 1e9)
+
+
 def launch_seconds(launch: Launch, result: Dict[str, Any], gpu: Gpu) -> Dict[str, float]:
     dram = launch.dram_bytes(result["unused_pointer_args"]) / (gpu.dram_tb_s * 1e12)
-    issue = issued_warp_instructions(launch, result["sass"]) / (gpu.sms * SCHEDULERS_PER_SM * gpu.clock_ghz * 1e9)
+    issue = issue_seconds(launch, result, gpu)
     return {"dram_s": dram, "issue_s": issue, "estimate_s": max(dram, issue)}
 
 

@@ -280,6 +280,40 @@ def test_unrolled_loops_count_their_instructions_per_trip():
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
+_ISSUE_TIME_CHECK = r"""
+from benchmarks.gpu_audit import GPUS, Launch, issue_seconds
+
+h100 = GPUS["sm_90"]
+clock = h100.clock_ghz * 1e9
+
+
+def cycles(programs, num_warps, registers=64):
+    launch = Launch("kernel", "forward", (programs, 1, 1), num_warps, "", {}, {}, ())
+    result = {"registers": registers, "smem_bytes": 0, "sass": {"outside_loops": {"total": 100}, "loops": []}}
+    return round(issue_seconds(launch, result, h100) * clock, 6)
+
+
+# One 8-warp program per SM: 800 warp-instructions on 4 schedulers.
+assert cycles(132, 8) == 200
+# One program more: the busiest SM runs two, whether or not both fit (a partial wave costs a whole one).
+assert cycles(133, 8) == 400 and cycles(133, 8, registers=255) == 400
+# One-warp programs: a warp issues at most once a clock, so one or two resident warps leave schedulers idle ...
+assert cycles(132, 1) == 100 and cycles(264, 1) == 100
+# ... and 16 of them keep all four busy.
+assert cycles(132 * 16, 1) == 400
+"""
+
+
+def test_issue_time_is_the_busiest_sms():
+    """The issue term: the busiest SM's programs (wave tails) at min(4 schedulers, resident warps) instructions
+    a clock. Thread-plane launches of one-warp programs, two per SM, issue at half the rate the audit charged
+    them before this term. (In a subprocess: the audit module needs compiled Triton.)"""
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _ISSUE_TIME_CHECK], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 _POINTER_USE_CHECK = r"""
 import importlib, sys, tempfile
 from pathlib import Path
