@@ -415,6 +415,22 @@ def test_triton_short_backward_sums_its_dkdv_partials(case, programs, dtype, mon
         check_op(TRITON, OP, args)
 
 
+def test_batch_groups_balance_the_busiest_sm():
+    """Short-path batch groups: the longest groups above the floor on programs end on a ragged last wave, so the
+    group length is the one whose busiest SM does least (programs on it x (batches + prologue)). T stage 1 on an
+    H100 (25 query blocks, batch 128): the forward's 4 per SM takes 26 groups of 5 (650 programs, 5 on the
+    busiest SM) over 22 of 6 (550: also 5, each a batch longer); the backward's 8 per SM keeps 43 of 3 (9 a SM);
+    one SM (interpreted) takes the fewest groups."""
+    from transxnet_kernels.triton import osra_attention as triton_osra
+
+    assert triton_osra._batch_groups(128, 25, 4 * 132, 132, 1.0) == (26, 5)
+    assert triton_osra._batch_groups(128, 25, 8 * 132, 132, 1.0) == (43, 3)
+    assert triton_osra._batch_groups(10, 2, 4, 1, 1.0) == triton_osra._fewest_batch_groups(10, 2, 4) == (2, 5)
+    for B, per_batch, floor, sms in [(128, 25, 528, 132), (128, 4, 864, 108), (37, 3, 264, 132), (1, 7, 528, 132)]:
+        groups, per_group = triton_osra._batch_groups(B, per_batch, floor, sms, 1.0)
+        assert groups == -(-B // per_group) and (groups == B or groups * per_batch >= floor)
+
+
 def test_triton_short_path_rows_per_program():
     """Query rows (and warps) per program: the half-precision backward takes 128 on sm_90+ (and interpreted) when
     N is a multiple of 16, else 64, and 64 on sm_8x; the fp32 backward 16 on 8 warps; a forward never takes more

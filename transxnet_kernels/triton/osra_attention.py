@@ -25,7 +25,7 @@ Two paths (`_short_path` picks per call):
     (head, group); the partials are read back from L2, no separate sum launch); dS is summed
     over the group's batches (in registers on sm_90, in the program's own slice of the buffer on
     sm_8x: `_short_dbias_in_registers`) into a slice per group ([groups, h, N, M], summed afterwards).
-    In both, batch groups are as few as give Settings.short_path_programs (8 per SM) programs.
+    In both, batch groups are as long as Settings' floor on programs and the wave tail allow (`_batch_groups`).
 * Flash: longer M (detection sizes, M ~ 950), or a scale <= 0, or fp64 on GPUs.
   - `_osra_fwd_kernel`, one program per (query block, b·head): loop over key blocks of BLOCK_M keys
     with the online softmax.
@@ -1040,10 +1040,29 @@ def _short_config(q: torch.Tensor, k: torch.Tensor, kernel: str) -> _Config:
     return _Config(block_n, block_m, block_d, _short_precision(q), True, num_warps, num_stages)
 
 
-def _batch_groups(B: int, programs_per_batch: int, target: int) -> Tuple[int, int]:
+def _fewest_batch_groups(B: int, programs_per_batch: int, target: int) -> Tuple[int, int]:
     """(groups, batches per group): the fewest batch groups that give `target` programs."""
     groups = min(B, max(1, cdiv(target, programs_per_batch)))
     per_group = cdiv(B, groups)
+    return cdiv(B, per_group), per_group
+
+
+def _batch_groups(
+    B: int, programs_per_batch: int, min_programs: int, sm_count: int, prologue_batches: float
+) -> Tuple[int, int]:
+    """(groups, batches per group) of a launch of programs_per_batch programs per batch group.
+
+    Among the group lengths that still give min_programs programs (or a group per batch), the one whose busiest
+    SM does the least: ceil(programs / SMs) programs of (batches per group + prologue_batches) each, the prologue
+    being what a program pays once, in batches' worth. Longer groups pay fewer prologues but end on a ragged
+    last wave; ties go to the longer groups (fewer programs). With one SM (interpreted), the fewest groups."""
+    _, longest = _fewest_batch_groups(B, programs_per_batch, min_programs)
+
+    def busiest_sm_work(per_group: int) -> float:
+        programs = cdiv(B, per_group) * programs_per_batch
+        return cdiv(programs, sm_count) * (per_group + prologue_batches)
+
+    per_group = min(range(longest, 0, -1), key=busiest_sm_work)
     return cdiv(B, per_group), per_group
 
 
@@ -1051,23 +1070,34 @@ def _batch_groups(B: int, programs_per_batch: int, target: int) -> Tuple[int, in
 class Settings:
     """Launch settings (override with common.launch_overrides). target_programs: programs a flash backward
     launch should have; the bias-gradient batch groups and the dk/dv query splits exist only below it.
-    short_path_programs: programs a short-path launch should have (8 per SM); its batch groups, which share a
-    bias tile (and, in the backward, sum the bias gradient), are as long as that allows. Not fewer for the
-    forward, although each program pays a prologue (the bias tile, the offset tiles; up to half the issued
-    instructions of a stage-3 bf16 forward at 2 batches a program): its programs hold 127-205 registers, so 1-3
-    are resident per SM, and a grid of 1-2 waves ends on a partial wave (B stage 1 bf16 on H100 at 16 warps'
-    worth per SM: 1.14 waves of 22 batches a program, so 2 waves' time). At ~8 waves that tail is small. The
-    static audit models no tails and counts the longer groups as faster. Interpreted, small values, so small test
-    shapes exercise the groups and splits."""
+    short_path_programs, short_forward_programs: the fewest programs a short-path backward (8 per SM: the bias
+    gradient's partials) and forward (4 per SM) launch may have; their batch groups, which share a bias tile (and,
+    in the backward, sum the bias gradient), are the length `_batch_groups` finds best for sm_count SMs, each
+    program paying a prologue of prologue_batches batches' worth (the bias tile, the offset tiles: the SASS outside
+    the batch loop issues 0.6-1.3x one trip of it, Triton 3.8, sm_80-90, forward and backward). The programs hold
+    127-255 registers, so 1-3 are resident per SM and a ragged last wave costs a whole one (B stage 1 bf16 forward
+    on an H100 at 16 warps' worth per SM was 1.14 waves of 22 batches a program: 2 waves' time). The forward's
+    floor of 4 per SM keeps 2+ waves, room for what the static audit does not model (programs slowed unevenly by
+    DRAM contention) to even out; at 2 per SM it estimates 0-23% less, at 8 per SM 3% less to 23% more (T/S/B
+    224^2 stages, batch 128, fp32 and bf16, A100 and H100, Triton 3.8).
+    Interpreted, small values, so small test shapes exercise the groups and splits."""
 
     target_programs: int
     short_path_programs: int
+    short_forward_programs: int
+    sm_count: int
+    prologue_batches: float = 1.0
 
     @classmethod
     def for_target(cls, target: LaunchTarget) -> Settings:
         if target.interpreted:
-            return cls(target_programs=4, short_path_programs=4)
-        return cls(target_programs=2 * target.sm_count, short_path_programs=8 * target.sm_count)
+            return cls(target_programs=4, short_path_programs=4, short_forward_programs=4, sm_count=1)
+        return cls(
+            target_programs=2 * target.sm_count,
+            short_path_programs=8 * target.sm_count,
+            short_forward_programs=4 * target.sm_count,
+            sm_count=target.sm_count,
+        )
 
 
 def _bias_strides(bias: Optional[torch.Tensor]) -> Tuple[int, int, int, int]:
@@ -1153,13 +1183,15 @@ def _bias_per_batch(bias: Optional[torch.Tensor]) -> bool:
     return bias is not None and bias.shape[0] > 1
 
 
-def _short_path_groups(bias, B: int, programs_per_batch: int, device: torch.device) -> Tuple[int, int]:
+def _short_path_groups(bias, B: int, programs_per_batch: int, device: torch.device, backward: bool) -> Tuple[int, int]:
     """(groups, batches per group) of a short-path launch. A batch-shared bias tile is loaded once per group
-    (and its gradient summed over the group), so groups are as few as the target number of programs allows;
-    without one, a program per batch."""
+    (and its gradient summed over the group), so groups are as long as the programs' floor and the wave tail
+    allow (`_batch_groups`); without one, a program per batch."""
     if bias is None or _bias_per_batch(bias):
         return B, 1
-    return _batch_groups(B, programs_per_batch, launch_settings(Settings, device).short_path_programs)
+    settings = launch_settings(Settings, device)
+    floor = settings.short_path_programs if backward else settings.short_forward_programs
+    return _batch_groups(B, programs_per_batch, floor, settings.sm_count, settings.prologue_batches)
 
 
 def _dbias_buffer(bias, has_dbias: bool, groups: int, batches_per_group: int, q: torch.Tensor, M: int):
@@ -1223,7 +1255,7 @@ def _forward_short(q, k, v, bias, scale, out, lse):
     B, h, N, d = q.shape
     cfg = _short_config(q, k, "fwd")
     n_blocks = cdiv(N, cfg.block_n)
-    groups, batches_per_group = _short_path_groups(bias, B, n_blocks * h, q.device)
+    groups, batches_per_group = _short_path_groups(bias, B, n_blocks * h, q.device, backward=False)
     with device_guard(q):
         _osra_fwd_short_kernel[(n_blocks, h, groups)](
             q,
@@ -1260,7 +1292,7 @@ def _backward_short(grad_out, q, k, v, bias, lse, scale, has_dbias, dk, dv):
     M = k.shape[2]
     cfg = _short_config(q, k, "bwd")
     n_blocks = cdiv(N, cfg.block_n)
-    groups, batches_per_group = _short_path_groups(bias, B, n_blocks * h, q.device)
+    groups, batches_per_group = _short_path_groups(bias, B, n_blocks * h, q.device, backward=True)
     dbias_buf, dbias_strides, reduce_dims = _dbias_buffer(bias, has_dbias, groups, batches_per_group, q, M)
     # dk/dv partials, one per query block, [query blocks, B, h, M, d], d-contiguous (stored from the dot in the
     # model's k layout, M-contiguous, the kernel spilled 16 B on sm_90 under Triton 3.6), fp32 (one block: k's
@@ -1320,13 +1352,16 @@ def _backward_flash(grad_out, q, k, v, bias, out, lse, scale, has_dbias):
     B, h, N, d = q.shape
     M = k.shape[2]
     device = q.device
-    target = launch_settings(Settings, device).target_programs
+    settings = launch_settings(Settings, device)
     scale_t = _scale_tensor(scale, q)
     cfg = _config(q, "dq")
     n_blocks = cdiv(N, cfg.block_n)
     # Batch groups exist to sum a batch-shared bias's gradient; per-batch biases get one slice per batch.
     shared_dbias = has_dbias and not _bias_per_batch(bias)
-    groups, batches_per_group = _batch_groups(B, n_blocks * h, target) if shared_dbias else (B, 1)
+    # Each group writes a bias-gradient slice that is summed afterwards: as few groups as fill the GPU.
+    groups, batches_per_group = (
+        _fewest_batch_groups(B, n_blocks * h, settings.target_programs) if shared_dbias else (B, 1)
+    )
     dbias_buf, dbias_strides, reduce_dims = _dbias_buffer(bias, has_dbias, groups, batches_per_group, q, M)
 
     dq = torch.empty_like(q)
@@ -1335,7 +1370,7 @@ def _backward_flash(grad_out, q, k, v, bias, out, lse, scale, has_dbias):
     dkdv_cfg = _config(q, "dkdv")
     n_dkdv_blocks = cdiv(N, dkdv_cfg.block_n)
     m_blocks = cdiv(M, dkdv_cfg.block_m)
-    splits = min(n_dkdv_blocks, max(1, cdiv(target, m_blocks * B * h)))
+    splits = min(n_dkdv_blocks, max(1, cdiv(settings.target_programs, m_blocks * B * h)))
     rows_per_split = cdiv(n_dkdv_blocks, splits) * dkdv_cfg.block_n
     splits = cdiv(N, rows_per_split)
     dk_buf, dv_buf = _dkdv_buffers(k, splits)
