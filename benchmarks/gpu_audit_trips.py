@@ -159,8 +159,9 @@ def _osra_bwd_dkdv(args, grid) -> Trips:
 
 
 def _batch_norm_affine(args, grid) -> Trips:
-    sweeps = grid[0] * args["P"]  # both sweeps over the partials run in the training form only (P = 0 in eval)
-    return {"_batch_norm_affine_kernel:p": sweeps, "_batch_norm_affine_kernel:q": sweeps}
+    # both sweeps over the partials, BLOCK_P rows a trip, run in the training form only (P = 0 in eval)
+    sweeps = grid[0] * -(-args["P"] // args["BLOCK_P"])
+    return {"_batch_norm_affine_kernel:p0": sweeps, "_batch_norm_affine_kernel:q0": sweeps}
 
 
 def _osra_dkdv_sum(args, grid) -> Trips:

@@ -364,7 +364,7 @@ def ms_ffn_small_tiles(index64: bool = True, plane: bool = False, strips: bool =
     offsets. plane: the whole-plane stencil where it applies (a few channels per tile); strips: strips of 2 rows
     x 2 chunks, 2 channels per program, where they apply; thread_planes: the forward passes on planes of at most
     64 pixels with a thread per plane, 2 channels and one image per program; else the tiled stencils (per tap,
-    chunks of 4)."""
+    chunks of 4). The BatchNorm affine map takes 2 channels a program and its partials 2 rows a tile."""
     import dataclasses
 
     from transxnet_kernels.triton import common, ms_ffn
@@ -382,7 +382,9 @@ def ms_ffn_small_tiles(index64: bool = True, plane: bool = False, strips: bool =
             strip_row_chunks=2,
             thread_plane_pixels=64 if thread_planes else 0,
             thread_plane_channels=2,
-            thread_plane_programs=10**6,
+            thread_plane_warps=10**6,
+            affine_channels=2,
+            affine_rows=2,
         ),
         dataclasses.replace(target, int32_span_limit=0) if index64 else target,
     )

@@ -290,8 +290,9 @@ def test_triton_thread_planes(groups, layout, nan_poisoned_empty):
 @requires_triton
 def test_triton_thread_planes_where_they_apply():
     """Forward plans on planes of at most thread_plane_pixels pixels with int32 offsets take thread planes:
-    blocks of channels dividing every group's width, a launch per kernel size, few programs; larger planes,
-    int64 offsets and plans for the backward (thread_planes=False) do not. Planned on meta tensors."""
+    blocks of channels dividing every group's width, a launch per kernel size, programs of four warps per SM in
+    all; larger planes, int64 offsets and plans for the backward (thread_planes=False) do not. Planned on meta
+    tensors."""
     from transxnet_kernels.triton import common, ms_ffn
 
     def plan(x, widths, ksizes=(1, 3, 5, 7), **kwargs):
@@ -305,7 +306,8 @@ def test_triton_thread_planes_where_they_apply():
             assert p.block_c == block_c and p.num_warps == max(1, block_c // 32), p
             assert [launch.kmax for launch in p.launches] == [7, 5, 3, 1], p
             blocks = -(-widths[0] // block_c)
-            assert p.launches[0].grid == (1, blocks, -(-128 // -(-128 // -(-264 // blocks)))), p
+            programs = 4 * 132 // p.num_warps  # four warps per SM in all
+            assert p.launches[0].grid == (1, blocks, -(-128 // -(-128 // -(-programs // blocks)))), p
             assert plan(x, widths).thread_plane == (0, 0, 0) and plan(x, widths).plane == (7, 7, 8)
         x = torch.empty(2, 8, 8, 8, device="meta").to(memory_format=torch.channels_last)
         assert plan(x, [2] * 4, thread_planes=True).thread_plane == (8, 8, 64)

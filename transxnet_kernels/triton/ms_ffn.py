@@ -116,6 +116,12 @@ Passes over the big tensor (one pass = B*C*H*W elements read or written; e = ele
     forward 414 -> 394 / 184, backward 1113 -> 746 / 276; ms_ffn_middle_eval bf16 stage 1 364 -> 275 / 92,
     stage 4 63 -> 49 / 13. (The backward's "now" also counts only the tensors a pass dereferences: its
     statistics pass is handed x and dz but reads z and go only.)
+    Wave tails and idle schedulers (the audit's issue time is its busiest SM's since the twenty-sixth session),
+    B stage 4 (2688x7x7) bf16, H100 (A100), µs, before the term -> with it -> now / DRAM roofline: the thread-plane
+    passes at four warps per SM, multiscale_dwconv forward 22.2 -> 35.0 -> 24.9 / 20.1 (36.1 -> 52.2 -> 37.1 /
+    33.7), ms_ffn_middle training forward 54.1 -> 85.8 -> 63.3 / 20.1 (85.7 -> 130.8 -> 92.4 / 33.7); the BatchNorm
+    affine map in tiles of 32 partial rows x 32 channels (it was one program sweeping T stage 1's 196 rows one at
+    a time: 10.5 -> 0.7 µs on an H100).
 """
 
 from __future__ import annotations
@@ -172,11 +178,17 @@ class Settings:
     backward at 800x1216 (not yet measured on a GPU). thread_plane_pixels: the forward passes with a stencil run
     on planes of at most this many pixels with a thread per channel plane (_thread_plane_forward_kernel; 0: never;
     64 takes 7 x 7, stage 4 at 224^2, and 8 x 8), at most thread_plane_channels channels per program, and before
-    the batch is split, thread_plane_programs programs per launch (twice the SMs on GPUs). On GPUs:
-    small tiles, enough programs to fill the SMs several times over, NCHW tiles of one channel (a long coalesced run
-    of pixels). Triton's interpreter runs programs one after another at ~0.7 ms per tile operation
-    whatever the tile's size, so there few large programs are fastest: small NCHW planes share a tile (one channel per
-    program made the whole-model training test 20 minutes)."""
+    the batch is split, programs of thread_plane_warps warps in all per launch (four per SM on GPUs, one per
+    scheduler: programs of one warp, B's stage 4, were two per SM, leaving half the schedulers idle; the static
+    estimates, Triton 3.8, of the B stage-4 bf16 multiscale_dwconv forward drop 35.0 -> 24.9 us on an H100 and of
+    the MS-FFN middle 85.8 -> 65.1; at eight per SM the T and S stage-4 bf16 backward estimate up to 1.8x more,
+    and the audit models no latency that more warps would hide). affine_channels, affine_rows: the BatchNorm affine
+    kernel's channels per program and partial rows per tile (on GPUs a warp's 32 contiguous channels x 32 rows: a
+    program per 32 channels, ~7 tiles per sweep at T's stage 1, where one program of all 192 channels swept the 196
+    partial rows one at a time). On GPUs: small tiles, enough programs to fill the SMs several times over, NCHW
+    tiles of one channel (a long coalesced run of pixels). Triton's interpreter runs programs one after another at
+    ~0.7 ms per tile operation whatever the tile's size, so there few large programs are fastest: small NCHW planes
+    share a tile (one channel per program made the whole-model training test 20 minutes)."""
 
     tile_elements: int
     target_programs: int
@@ -190,7 +202,9 @@ class Settings:
     wgrad_strip_rows: int = 6
     thread_plane_pixels: int = 64
     thread_plane_channels: int = 128
-    thread_plane_programs: int = 1
+    thread_plane_warps: int = 1
+    affine_channels: int = 1024
+    affine_rows: int = 64
 
     @classmethod
     def for_target(cls, target: LaunchTarget) -> Settings:
@@ -203,7 +217,13 @@ class Settings:
                 strip_chunks=512,
                 thread_plane_channels=512,
             )
-        return cls(tile_elements=1024, target_programs=8 * target.sm_count, thread_plane_programs=2 * target.sm_count)
+        return cls(
+            tile_elements=1024,
+            target_programs=8 * target.sm_count,
+            thread_plane_warps=4 * target.sm_count,
+            affine_channels=32,
+            affine_rows=32,
+        )
 
 
 # Forward kernel modes (see _forward_kernel; _EVAL, ms_ffn_middle_eval in one pass, only on thread planes).
@@ -1627,30 +1647,39 @@ def _batch_norm_affine_kernel(
     P,
     C,
     FROM_PARTIALS: tl.constexpr,
+    BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr,
     ACC: tl.constexpr,
 ):
     """BatchNorm's per-channel affine map, scale = weight / sqrt(var + eps) and shift = bias - mean * scale, for a
     block of channels. FROM_PARTIALS (training): mean and the biased variance combined from the statistics pass's
-    (count, mean, M2) partials [P, C] in a fixed order, mean = sum c*m / n, var = sum (M2 + c*(m - mean)^2) / n,
-    and stored; else mean_ptr and var_ptr hold them already (eval: copies of the running statistics)."""
+    (count, mean, M2) partials [P, C], mean = sum c*m / n, var = sum (M2 + c*(m - mean)^2) / n, and stored; else
+    mean_ptr and var_ptr hold them already (eval: copies of the running statistics). The partials are swept in
+    tiles of BLOCK_P rows, each tile's rows summed in place and the rows reduced once at the end (a fixed order):
+    a sweep row by row issued P dependent trips of a few loads each, on as few programs as channel blocks."""
     cs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cs < C
     if FROM_PARTIALS:
-        n = tl.zeros([BLOCK_C], ACC)
-        total = tl.zeros([BLOCK_C], ACC)
-        for p in range(P):
-            count = tl.load(pcnt_ptr + p * C + cs, mask=cmask, other=0.0)
-            n += count
-            total += count * tl.load(pmean_ptr + p * C + cs, mask=cmask, other=0.0)
-        mean = total / n
-        m2 = tl.zeros([BLOCK_C], ACC)
-        for q in range(P):  # a second sweep: the deviations from the batch mean, not from a running estimate
-            d = tl.load(pmean_ptr + q * C + cs, mask=cmask, other=0.0) - mean
-            m2 += tl.load(pm2_ptr + q * C + cs, mask=cmask, other=0.0) + tl.load(
-                pcnt_ptr + q * C + cs, mask=cmask, other=0.0
+        rows = tl.arange(0, BLOCK_P)
+        n_tile = tl.zeros([BLOCK_P, BLOCK_C], ACC)
+        total_tile = tl.zeros([BLOCK_P, BLOCK_C], ACC)
+        for p0 in range(0, P, BLOCK_P):
+            offs = (p0 + rows)[:, None] * C + cs[None, :]
+            tile_mask = ((p0 + rows) < P)[:, None] & cmask[None, :]
+            count = tl.load(pcnt_ptr + offs, mask=tile_mask, other=0.0)
+            n_tile += count
+            total_tile += count * tl.load(pmean_ptr + offs, mask=tile_mask, other=0.0)
+        n = tl.sum(n_tile, axis=0)
+        mean = tl.sum(total_tile, axis=0) / n
+        m2_tile = tl.zeros([BLOCK_P, BLOCK_C], ACC)
+        for q0 in range(0, P, BLOCK_P):  # a second sweep: the deviations from the batch mean, not a running one
+            offs = (q0 + rows)[:, None] * C + cs[None, :]
+            tile_mask = ((q0 + rows) < P)[:, None] & cmask[None, :]
+            d = tl.load(pmean_ptr + offs, mask=tile_mask, other=0.0) - mean[None, :]
+            m2_tile += tl.load(pm2_ptr + offs, mask=tile_mask, other=0.0) + tl.load(
+                pcnt_ptr + offs, mask=tile_mask, other=0.0
             ) * (d * d)
-        var = m2 / n
+        var = tl.sum(m2_tile, axis=0) / n
         tl.store(mean_ptr + cs, mean, mask=cmask)
         tl.store(var_ptr + cs, var, mask=cmask)
     else:
@@ -2742,9 +2771,9 @@ def _make_plan(
         num_warps = max(1, min(8, block_c * block_hw // 128))  # 4 tile elements per thread: K masks per tap row
         n_hw = cdiv(hw, block_hw)
     launches = []
-    # A thread plane program holds one block per SM (up to ~250 registers a thread): fewer, longer programs, each
-    # loading its taps once for all its images.
-    target_programs = settings.thread_plane_programs if thread_plane[2] else settings.target_programs
+    # Thread-plane programs take up to ~250 registers a thread: a few warps per SM, each program loading its taps
+    # once for all its images (see Settings.thread_plane_warps).
+    target_programs = max(1, settings.thread_plane_warps // num_warps) if thread_plane[2] else settings.target_programs
     for kmax, blocks in _block_tables(widths, ksizes, block_c, bool(plane[1] or strip or thread_plane[2]), x.device):
         splits = max(1, min(B, cdiv(target_programs, max(1, blocks.shape[0] * n_hw))))
         b_per_prog = max(1, cdiv(B, splits))
@@ -2867,7 +2896,8 @@ def _batch_norm_affine(
     C = mean.shape[0]
     scale, shift = torch.empty_like(mean), torch.empty_like(mean)
     pcnt, pmean, pm2 = stats if stats else (mean, mean, mean)
-    block_c = min(1024, next_power_of_2(C))
+    settings = launch_settings(Settings, mean.device)
+    block_c = min(settings.affine_channels, next_power_of_2(C))
     with device_guard(mean):
         _batch_norm_affine_kernel[(cdiv(C, block_c),)](
             pcnt,
@@ -2883,6 +2913,7 @@ def _batch_norm_affine(
             pcnt.shape[0] if stats else 0,
             C,
             FROM_PARTIALS=bool(stats),
+            BLOCK_P=settings.affine_rows,
             BLOCK_C=block_c,
             ACC=tl_accumulation_dtype(plan.acc),
             num_warps=4,
