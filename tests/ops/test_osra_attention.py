@@ -421,13 +421,13 @@ def test_batch_groups_balance_the_busiest_sm():
     H100 (25 query blocks, batch 128): the forward's 4 per SM takes 26 groups of 5 (650 programs, 5 on the
     busiest SM) over 22 of 6 (550: also 5, each a batch longer); the backward's 8 per SM keeps 43 of 3 (9 a SM);
     one SM (interpreted) takes the fewest groups."""
-    from transxnet_kernels.triton import osra_attention as triton_osra
+    from transxnet_kernels.triton.common import balanced_batch_groups, fewest_batch_groups
 
-    assert triton_osra._batch_groups(128, 25, 4 * 132, 132, 1.0) == (26, 5)
-    assert triton_osra._batch_groups(128, 25, 8 * 132, 132, 1.0) == (43, 3)
-    assert triton_osra._batch_groups(10, 2, 4, 1, 1.0) == triton_osra._fewest_batch_groups(10, 2, 4) == (2, 5)
+    assert balanced_batch_groups(128, 25, 4 * 132, 132, 1.0) == (26, 5)
+    assert balanced_batch_groups(128, 25, 8 * 132, 132, 1.0) == (43, 3)
+    assert balanced_batch_groups(10, 2, 4, 1, 1.0) == fewest_batch_groups(10, 2, 4) == (2, 5)
     for B, per_batch, floor, sms in [(128, 25, 528, 132), (128, 4, 864, 108), (37, 3, 264, 132), (1, 7, 528, 132)]:
-        groups, per_group = triton_osra._batch_groups(B, per_batch, floor, sms, 1.0)
+        groups, per_group = balanced_batch_groups(B, per_batch, floor, sms, 1.0)
         assert groups == -(-B // per_group) and (groups == B or groups * per_batch >= floor)
 
 

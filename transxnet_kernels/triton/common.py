@@ -56,6 +56,32 @@ def next_power_of_2(n: int) -> int:
     return 1 << (n - 1).bit_length() if n > 0 else 0
 
 
+def fewest_batch_groups(B: int, programs_per_batch: int, target: int) -> Tuple[int, int]:
+    """(groups, batches per group): the fewest batch groups that give `target` programs."""
+    groups = min(B, max(1, cdiv(target, programs_per_batch)))
+    per_group = cdiv(B, groups)
+    return cdiv(B, per_group), per_group
+
+
+def balanced_batch_groups(
+    B: int, programs_per_batch: int, min_programs: int, sm_count: int, prologue_batches: float
+) -> Tuple[int, int]:
+    """(groups, batches per group) of a launch of programs_per_batch programs per batch group.
+
+    Among the group lengths that still give min_programs programs (or a group per batch), the one whose busiest
+    SM does the least: ceil(programs / SMs) programs of (batches per group + prologue_batches) each, the prologue
+    being what a program pays once, in batches' worth. Longer groups pay fewer prologues but end on a ragged
+    last wave; ties go to the longer groups (fewer programs). With one SM (interpreted), the fewest groups."""
+    _, longest = fewest_batch_groups(B, programs_per_batch, min_programs)
+
+    def busiest_sm_work(per_group: int) -> float:
+        programs = cdiv(B, per_group) * programs_per_batch
+        return cdiv(programs, sm_count) * (per_group + prologue_batches)
+
+    per_group = min(range(longest, 0, -1), key=busiest_sm_work)
+    return cdiv(B, per_group), per_group
+
+
 def keep_bounded(cache: Dict, key, value, bound: int) -> None:
     """cache[key] = value, dropping the oldest entry first where the cache already holds `bound` entries."""
     if len(cache) >= bound:

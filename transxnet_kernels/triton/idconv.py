@@ -92,6 +92,7 @@ from .common import (
     NO_REGISTER_BUDGET,
     LaunchTarget,
     accumulation_dtype,
+    balanced_batch_groups,
     cdiv,
     device_guard,
     launch_settings,
@@ -137,9 +138,14 @@ class Settings:
     the chunked stencils instead; H is cut into as few strips as that allows, of equal rows, see
     _balanced_strip_rows); strip_chunks: (channel, chunk of 4 pixels) pairs of one strip program, one per thread;
     strip_row_chunks: most chunks of a row one strip program covers (wider rows take several column blocks,
-    so a row is not padded far past W). chain_programs: programs of the softmax-chain launch, which sums the
-    weight-bank gradient terms over each program's samples before storing them (256: 7 samples a program at T's
-    stage 4, 1792 (sample, channel block) pairs, two programs per SM on an H100; interpreted, few programs)."""
+    so a row is not padded far past W). chain_programs: the fewest programs of the softmax-chain launch, which
+    sums the weight-bank gradient terms over each program's samples before storing them; its sample groups are
+    the length `balanced_batch_groups` finds best for sm_count SMs, charging each program chain_prologue_samples
+    samples' worth for its setup and its G bank-gradient sums stored once. One program per SM on GPUs: a program
+    takes ~140-180 registers on 8 warps, one resident per SM, so more programs add waves, not residency (T's stage
+    4, 1792 (sample, channel block) pairs: 256 programs of 7 samples were 266, three on the busiest SM of an H100;
+    now 16 groups of 8 samples, 224 programs, two on the busiest). The prologue charge is a rough one sample's
+    worth, not measured per kernel. Interpreted, few programs."""
 
     conv_tile_elements: int = 512
     conv_num_warps: int = 4
@@ -151,11 +157,15 @@ class Settings:
     strip_rows: int = 8
     strip_chunks: int = 64
     strip_row_chunks: int = 16
-    chain_programs: int = 256
+    chain_programs: int = 1
+    sm_count: int = 1
+    chain_prologue_samples: float = 1.0
 
     @classmethod
     def for_target(cls, target: LaunchTarget) -> Settings:
-        return cls(plane_columns=512, strip_chunks=512, chain_programs=1) if target.interpreted else cls()
+        if target.interpreted:
+            return cls(plane_columns=512, strip_chunks=512)
+        return cls(chain_programs=target.sm_count, sm_count=target.sm_count)
 
 
 # Elements of a _mix_kernel program (4 warps: 4 per thread, each with G loads of logits and of the bank).
@@ -973,10 +983,12 @@ def idconv_backward(
         chain_tile = 1024 if G <= 2 else 512
         chain_block_c = min(next_power_of_2(C), max(1, chain_tile // plan.kk_pad))
         chain_cblocks = cdiv(C, chain_block_c)
-        # Samples per program: as many as leave plan.settings.chain_programs programs (the bank-gradient terms
-        # are summed over a program's samples, so fewer groups store fewer partials).
-        samples = max(1, (B * chain_cblocks) // max(1, plan.settings.chain_programs))
-        groups = cdiv(B, samples)
+        # Sample groups: the bank-gradient terms are summed over a program's samples, so fewer groups store fewer
+        # partials; the group length balances the busiest SM against chain_programs (`balanced_batch_groups`).
+        settings = plan.settings
+        groups, samples = balanced_batch_groups(
+            B, chain_cblocks, settings.chain_programs, settings.sm_count, settings.chain_prologue_samples
+        )
         grad_weight_part = torch.empty((groups, G, C, K, K), dtype=acc, device=x.device)
         grad_bias_part = torch.empty((groups, G, C), dtype=acc, device=x.device)
         _softmax_chain_kernel[(groups * chain_cblocks,)](

@@ -25,7 +25,8 @@ Two paths (`_short_path` picks per call):
     (head, group); the partials are read back from L2, no separate sum launch); dS is summed
     over the group's batches (in registers on sm_90, in the program's own slice of the buffer on
     sm_8x: `_short_dbias_in_registers`) into a slice per group ([groups, h, N, M], summed afterwards).
-    In both, batch groups are as long as Settings' floor on programs and the wave tail allow (`_batch_groups`).
+    In both, batch groups are as long as Settings' floor on programs and the wave tail allow
+    (`balanced_batch_groups`).
 * Flash: longer M (detection sizes, M ~ 950), or a scale <= 0, or fp64 on GPUs.
   - `_osra_fwd_kernel`, one program per (query block, b·head): loop over key blocks of BLOCK_M keys
     with the online softmax.
@@ -72,8 +73,10 @@ from ..layout import tensor_span
 from .common import (
     LaunchTarget,
     accumulation_dtype,
+    balanced_batch_groups,
     cdiv,
     device_guard,
+    fewest_batch_groups,
     fits_int32,
     kept_scalar,
     launch_settings,
@@ -1040,39 +1043,13 @@ def _short_config(q: torch.Tensor, k: torch.Tensor, kernel: str) -> _Config:
     return _Config(block_n, block_m, block_d, _short_precision(q), True, num_warps, num_stages)
 
 
-def _fewest_batch_groups(B: int, programs_per_batch: int, target: int) -> Tuple[int, int]:
-    """(groups, batches per group): the fewest batch groups that give `target` programs."""
-    groups = min(B, max(1, cdiv(target, programs_per_batch)))
-    per_group = cdiv(B, groups)
-    return cdiv(B, per_group), per_group
-
-
-def _batch_groups(
-    B: int, programs_per_batch: int, min_programs: int, sm_count: int, prologue_batches: float
-) -> Tuple[int, int]:
-    """(groups, batches per group) of a launch of programs_per_batch programs per batch group.
-
-    Among the group lengths that still give min_programs programs (or a group per batch), the one whose busiest
-    SM does the least: ceil(programs / SMs) programs of (batches per group + prologue_batches) each, the prologue
-    being what a program pays once, in batches' worth. Longer groups pay fewer prologues but end on a ragged
-    last wave; ties go to the longer groups (fewer programs). With one SM (interpreted), the fewest groups."""
-    _, longest = _fewest_batch_groups(B, programs_per_batch, min_programs)
-
-    def busiest_sm_work(per_group: int) -> float:
-        programs = cdiv(B, per_group) * programs_per_batch
-        return cdiv(programs, sm_count) * (per_group + prologue_batches)
-
-    per_group = min(range(longest, 0, -1), key=busiest_sm_work)
-    return cdiv(B, per_group), per_group
-
-
 @dataclass(frozen=True)
 class Settings:
     """Launch settings (override with common.launch_overrides). target_programs: programs a flash backward
     launch should have; the bias-gradient batch groups and the dk/dv query splits exist only below it.
     short_path_programs, short_forward_programs: the fewest programs a short-path backward (8 per SM: the bias
     gradient's partials) and forward (4 per SM) launch may have; their batch groups, which share a bias tile (and,
-    in the backward, sum the bias gradient), are the length `_batch_groups` finds best for sm_count SMs, each
+    in the backward, sum the bias gradient), are the length `balanced_batch_groups` finds best for sm_count SMs, each
     program paying a prologue of prologue_batches batches' worth (the bias tile, the offset tiles: the SASS outside
     the batch loop issues 0.6-1.3x one trip of it, Triton 3.8, sm_80-90, forward and backward). The programs hold
     127-255 registers, so 1-3 are resident per SM and a ragged last wave costs a whole one (B stage 1 bf16 forward
@@ -1186,12 +1163,12 @@ def _bias_per_batch(bias: Optional[torch.Tensor]) -> bool:
 def _short_path_groups(bias, B: int, programs_per_batch: int, device: torch.device, backward: bool) -> Tuple[int, int]:
     """(groups, batches per group) of a short-path launch. A batch-shared bias tile is loaded once per group
     (and its gradient summed over the group), so groups are as long as the programs' floor and the wave tail
-    allow (`_batch_groups`); without one, a program per batch."""
+    allow (`balanced_batch_groups`); without one, a program per batch."""
     if bias is None or _bias_per_batch(bias):
         return B, 1
     settings = launch_settings(Settings, device)
     floor = settings.short_path_programs if backward else settings.short_forward_programs
-    return _batch_groups(B, programs_per_batch, floor, settings.sm_count, settings.prologue_batches)
+    return balanced_batch_groups(B, programs_per_batch, floor, settings.sm_count, settings.prologue_batches)
 
 
 def _dbias_buffer(bias, has_dbias: bool, groups: int, batches_per_group: int, q: torch.Tensor, M: int):
@@ -1360,7 +1337,7 @@ def _backward_flash(grad_out, q, k, v, bias, out, lse, scale, has_dbias):
     shared_dbias = has_dbias and not _bias_per_batch(bias)
     # Each group writes a bias-gradient slice that is summed afterwards: as few groups as fill the GPU.
     groups, batches_per_group = (
-        _fewest_batch_groups(B, n_blocks * h, settings.target_programs) if shared_dbias else (B, 1)
+        fewest_batch_groups(B, n_blocks * h, settings.target_programs) if shared_dbias else (B, 1)
     )
     dbias_buf, dbias_strides, reduce_dims = _dbias_buffer(bias, has_dbias, groups, batches_per_group, q, M)
 
