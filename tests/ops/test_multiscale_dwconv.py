@@ -306,8 +306,10 @@ def test_triton_thread_planes_where_they_apply():
             assert p.block_c == block_c and p.num_warps == max(1, block_c // 32), p
             assert [launch.kmax for launch in p.launches] == [7, 5, 3, 1], p
             blocks = -(-widths[0] // block_c)
-            programs = 4 * 132 // p.num_warps  # four warps per SM in all
-            assert p.launches[0].grid == (1, blocks, -(-128 // -(-128 // -(-programs // blocks)))), p
+            floor = 4 * 132 // p.num_warps  # four warps per SM in all
+            splits, per_split = common.balanced_batch_groups(128, blocks, floor, 132, 1.0)
+            assert p.launches[0].grid == (1, blocks, splits) and p.launches[0].b_per_prog == per_split, p
+            assert per_split <= common.fewest_batch_groups(128, blocks, floor)[1], p  # no fewer programs
             assert plan(x, widths).thread_plane == (0, 0, 0) and plan(x, widths).plane == (7, 7, 8)
         x = torch.empty(2, 8, 8, 8, device="meta").to(memory_format=torch.channels_last)
         assert plan(x, [2] * 4, thread_planes=True).thread_plane == (8, 8, 64)

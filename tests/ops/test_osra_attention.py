@@ -428,7 +428,8 @@ def test_batch_groups_balance_the_busiest_sm():
     assert balanced_batch_groups(10, 2, 4, 1, 1.0) == fewest_batch_groups(10, 2, 4) == (2, 5)
     for B, per_batch, floor, sms in [(128, 25, 528, 132), (128, 4, 864, 108), (37, 3, 264, 132), (1, 7, 528, 132)]:
         groups, per_group = balanced_batch_groups(B, per_batch, floor, sms, 1.0)
-        assert groups == -(-B // per_group) and (groups == B or groups * per_batch >= floor)
+        # Never longer groups than the fewest that reach the floor (fewer programs).
+        assert groups == -(-B // per_group) and per_group <= fewest_batch_groups(B, per_batch, floor)[1]
 
 
 def test_triton_short_path_rows_per_program():

@@ -57,9 +57,10 @@ def next_power_of_2(n: int) -> int:
 
 
 def fewest_batch_groups(B: int, programs_per_batch: int, target: int) -> Tuple[int, int]:
-    """(groups, batches per group): the fewest batch groups that give `target` programs."""
-    groups = min(B, max(1, cdiv(target, programs_per_batch)))
-    per_group = cdiv(B, groups)
+    """(groups, batches per group): the fewest batch groups that give `target` programs (an empty batch: no
+    group, of one)."""
+    groups = max(1, min(B, cdiv(target, programs_per_batch)))
+    per_group = max(1, cdiv(B, groups))
     return cdiv(B, per_group), per_group
 
 

@@ -1047,16 +1047,16 @@ def _short_config(q: torch.Tensor, k: torch.Tensor, kernel: str) -> _Config:
 class Settings:
     """Launch settings (override with common.launch_overrides). target_programs: programs a flash backward
     launch should have; the bias-gradient batch groups and the dk/dv query splits exist only below it.
-    short_path_programs, short_forward_programs: the fewest programs a short-path backward (8 per SM: the bias
-    gradient's partials) and forward (4 per SM) launch may have; their batch groups, which share a bias tile (and,
-    in the backward, sum the bias gradient), are the length `balanced_batch_groups` finds best for sm_count SMs, each
-    program paying a prologue of prologue_batches batches' worth (the bias tile, the offset tiles: the SASS outside
-    the batch loop issues 0.6-1.3x one trip of it, Triton 3.8, sm_80-90, forward and backward). The programs hold
-    127-255 registers, so 1-3 are resident per SM and a ragged last wave costs a whole one (B stage 1 bf16 forward
-    on an H100 at 16 warps' worth per SM was 1.14 waves of 22 batches a program: 2 waves' time). The forward's
-    floor of 4 per SM keeps 2+ waves, room for what the static audit does not model (programs slowed unevenly by
-    DRAM contention) to even out; at 2 per SM it estimates 0-23% less, at 8 per SM 3% less to 23% more (T/S/B
-    224^2 stages, batch 128, fp32 and bf16, A100 and H100, Triton 3.8).
+    short_path_programs, short_forward_programs: the fewest programs (as the groups round) a short-path backward (8 per
+    SM: the bias gradient's partials) and forward (4 per SM) launch may have; their batch groups, which share a bias
+    tile (and, in the backward, sum the bias gradient), are the length `balanced_batch_groups` finds best for sm_count
+    SMs, each program paying a prologue of prologue_batches batches' worth (the bias tile, the offset tiles: the SASS
+    outside the batch loop issues 0.6-1.3x one trip of it, Triton 3.8, sm_80-90, forward and backward). The programs
+    hold 127-255 registers, so 1-3 are resident per SM and a ragged last wave costs a whole one (B stage 1 bf16 forward
+    on an H100 at 16 warps' worth per SM was 1.14 waves of 22 batches a program: 2 waves' time). The forward's floor of
+    4 per SM keeps 2+ waves, room for what the static audit does not model (programs slowed unevenly by DRAM contention)
+    to even out; at 2 per SM it estimates 0-23% less, at 8 per SM 3% less to 23% more (T/S/B 224^2 stages, batch 128,
+    fp32 and bf16, A100 and H100, Triton 3.8).
     Interpreted, small values, so small test shapes exercise the groups and splits."""
 
     target_programs: int
