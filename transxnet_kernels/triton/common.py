@@ -64,6 +64,7 @@ def fewest_batch_groups(B: int, programs_per_batch: int, target: int) -> Tuple[i
     return cdiv(B, per_group), per_group
 
 
+@functools.lru_cache(maxsize=4096)  # a launch path's host cost: up to B candidates when one group fills the GPU
 def balanced_batch_groups(
     B: int, programs_per_batch: int, min_programs: int, sm_count: int, prologue_batches: float
 ) -> Tuple[int, int]:
