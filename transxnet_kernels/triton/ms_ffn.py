@@ -116,13 +116,12 @@ Passes over the big tensor (one pass = B*C*H*W elements read or written; e = ele
     forward 414 -> 394 / 184, backward 1113 -> 746 / 276; ms_ffn_middle_eval bf16 stage 1 364 -> 275 / 92,
     stage 4 63 -> 49 / 13. (The backward's "now" also counts only the tensors a pass dereferences: its
     statistics pass is handed x and dz but reads z and go only.)
-    Wave tails and idle schedulers (the audit's issue time is its busiest SM's since the twenty-sixth session),
-    B stage 4 (2688x7x7) bf16, H100 (A100), µs, before the term -> with it -> now / DRAM roofline: the thread-plane
-    passes at four warps per SM and the batch split balancing the busiest SM, multiscale_dwconv forward 22.2 ->
-    35.0 -> 23.0 / 20.1 (36.1 -> 52.2 -> 37.1 / 33.7), ms_ffn_middle training forward 54.1 -> 85.8 -> 57.5 / 20.1
-    (85.7 -> 130.8 -> 92.4 / 33.7); the BatchNorm
-    affine map in tiles of 32 partial rows x 32 channels (it was one program sweeping T stage 1's 196 rows one at
-    a time: 10.5 -> 0.7 µs on an H100).
+    Wave tails and idle schedulers (the audit's issue time is its busiest SM's since the twenty-sixth session), B
+    stage 4 (2688x7x7) bf16, H100 (A100), µs, before the term -> with it -> now / DRAM roofline: the thread-plane
+    passes at four warps per SM and the batch split balancing the busiest SM, multiscale_dwconv forward 22.2 -> 35.0
+    -> 23.0 / 20.1 (36.1 -> 52.2 -> 37.1 / 33.7), ms_ffn_middle training forward 54.1 -> 85.8 -> 57.5 / 20.1 (85.7
+    -> 130.8 -> 92.4 / 33.7); the BatchNorm affine map in tiles of 32 partial rows x 32 channels (it was one program
+    sweeping T stage 1's 196 rows one at a time: 10.5 -> 0.7 µs on an H100).
 """
 
 from __future__ import annotations
