@@ -12,9 +12,10 @@
 #   T_TESTS=70 seconds, overridable from the environment): the op benchmarks at the TransXNet-T stage shapes
 #   (eager, Triton, SDPA for attention; torch.compile and FlexAttention baselines at stage 1 only); the model
 #   benchmark for T, fp32 and AMP, inference and training step, eager / accelerated (no torch.compile
-#   variants: they do not finish compiling in the quick budget); then the accelerated-model, backend and op
-#   tests on CUDA in that order (TRANSXNET_REQUIRE_BACKENDS=triton, no -x; a phase cut short names the
-#   failures it reached).
+#   variants: they do not finish compiling in the quick budget); then the OSRA op tests (first: the short
+#   backward's in-kernel dk/dv sum rests on an arrival count that only a GPU runs concurrently), the
+#   accelerated-model, backend and other op tests on CUDA in that order (TRANSXNET_REQUIRE_BACKENDS=triton, no
+#   -x; a phase cut short names the failures it reached).
 # --full: every op benchmark shape, T/S/B with torch.compile in the model benchmark, the whole test suite.
 # Each phase writes its files into DIR (default benchmarks/results/gpu_<UTC stamp>) as soon as it ends, so a
 # run cut short still leaves what it finished: env.txt, ops.log, ops.jsonl (one line per benchmark case,
@@ -50,7 +51,7 @@ cat "$OUT/env.txt"
 status=0
 
 if [ "$MODE" = quick ]; then
-  TESTS="tests/test_accelerated.py tests/test_backend.py tests/ops"
+  TESTS="tests/ops/test_osra_attention.py tests/test_accelerated.py tests/test_backend.py tests/ops"
   OPS_FILTER="T-stage and ((not compiled and not flex and not sdpa-) or T-stage1)"
   MODELS="t"; MODEL_ARGS="--models t --modes infer,train --precisions fp32,amp --no-detection --no-compile"
   T_COMPILE=${T_COMPILE:-100}; T_OPS=${T_OPS:-140}; T_WARM=${T_WARM:-90}; T_MODEL=${T_MODEL:-120}
