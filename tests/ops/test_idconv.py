@@ -344,9 +344,9 @@ def test_triton_beyond_int32_elements():
 @requires_triton
 @pytest.mark.parametrize("chain_programs", [2, 3, 100], ids=lambda n: f"programs{n}")
 def test_triton_softmax_chain_sample_groups(chain_programs, nan_poisoned_empty):
-    """The softmax chain sums the bank-gradient terms over each program's group of samples: B = 5 in groups of 2
-    (the last one short) or 1 per program, one or several channel blocks; every gradient against the fp64
-    reference."""
+    """The softmax chain sums the bank-gradient terms over each program's group of samples: B = 5 in the fewest
+    groups that give chain_programs programs on one SM (interpreted), of 3 or 2 samples (the last one short) or 1
+    per program; every gradient against the fp64 reference."""
     from transxnet_kernels.triton import common
     from transxnet_kernels.triton import idconv as triton_idconv
 
