@@ -96,6 +96,7 @@ from .common import (
     cdiv,
     device_guard,
     launch_settings,
+    launch_target,
     needs_int64,
     next_power_of_2,
     supports,
@@ -137,15 +138,15 @@ class Settings:
     strip_rows: most output rows of a strip program of the conv and dk passes where the chunked stencils apply (0:
     the chunked stencils instead; H is cut into as few strips as that allows, of equal rows, see
     _balanced_strip_rows); strip_chunks: (channel, chunk of 4 pixels) pairs of one strip program, one per thread;
-    strip_row_chunks: most chunks of a row one strip program covers (wider rows take several column blocks,
-    so a row is not padded far past W). chain_programs: the fewest programs of the softmax-chain launch, which
-    sums the weight-bank gradient terms over each program's samples before storing them; its sample groups are
-    the length `balanced_batch_groups` finds best for sm_count SMs, charging each program chain_prologue_samples
-    samples' worth for its setup and its G bank-gradient sums stored once. One program per SM on GPUs: a program
-    takes ~140-180 registers on 8 warps, one resident per SM, so more programs add waves, not residency (T's stage
-    4, 1792 (sample, channel block) pairs: 256 programs of 7 samples were 266, three on the busiest SM of an H100;
-    now 16 groups of 8 samples, 224 programs, two on the busiest). The prologue charge is a rough one sample's
-    worth, not measured per kernel. Interpreted, few programs."""
+    strip_row_chunks: most chunks of a row one strip program covers (wider rows take several column blocks, so a row is
+    not padded far past W). chain_programs: the fewest programs of the softmax-chain launch, which sums the weight-bank
+    gradient terms over each program's samples before storing them; its sample groups are the length
+    `balanced_batch_groups` finds best for the launch target's SMs, charging each program chain_prologue_samples
+    samples' worth for its setup and its G bank-gradient sums stored once. One program per SM on GPUs: a program takes
+    ~140-180 registers on 8 warps, one resident per SM, so more programs add waves, not residency (T's stage 4, 1792
+    (sample, channel block) pairs: 256 programs of 7 samples were 266, three on the busiest SM of an H100; now 16 groups
+    of 8 samples, 224 programs, two on the busiest). The prologue charge is a rough one sample's worth, not measured per
+    kernel. Interpreted, few programs."""
 
     conv_tile_elements: int = 512
     conv_num_warps: int = 4
@@ -158,14 +159,13 @@ class Settings:
     strip_chunks: int = 64
     strip_row_chunks: int = 16
     chain_programs: int = 1
-    sm_count: int = 1
     chain_prologue_samples: float = 1.0
 
     @classmethod
     def for_target(cls, target: LaunchTarget) -> Settings:
         if target.interpreted:
             return cls(plane_columns=512, strip_chunks=512)
-        return cls(chain_programs=target.sm_count, sm_count=target.sm_count)
+        return cls(chain_programs=target.sm_count)
 
 
 # Elements of a _mix_kernel program (4 warps: 4 per thread, each with G loads of logits and of the bank).
@@ -985,9 +985,9 @@ def idconv_backward(
         chain_cblocks = cdiv(C, chain_block_c)
         # Sample groups: the bank-gradient terms are summed over a program's samples, so fewer groups store fewer
         # partials; the group length balances the busiest SM against chain_programs (`balanced_batch_groups`).
-        settings = plan.settings
+        settings, sm_count = plan.settings, launch_target(x.device).sm_count
         groups, samples = balanced_batch_groups(
-            B, chain_cblocks, settings.chain_programs, settings.sm_count, settings.chain_prologue_samples
+            B, chain_cblocks, settings.chain_programs, sm_count, settings.chain_prologue_samples
         )
         grad_weight_part = torch.empty((groups, G, C, K, K), dtype=acc, device=x.device)
         grad_bias_part = torch.empty((groups, G, C), dtype=acc, device=x.device)

@@ -162,38 +162,39 @@ class Settings:
     """Launch settings (override with common.launch_overrides).
 
     tile_elements: elements of one program's [channels, positions] tile; target_programs: programs a launch should have
-    (as the split rounds) once the batch is split across programs, the split's length balancing the busiest of sm_count
-    SMs (`balanced_batch_groups`, each program charged prologue_images images' worth for its setup: a rough figure; the
-    SASS outside the image loop issues 0.15-2x one trip of it). The dx pass on thread planes that also sums the weight
-    gradient keeps the fewest splits: its partials, [splits, C, K^2], are summed afterwards, and balanced (43 splits,
-    not 26) they made B stage 4's bf16 multiscale_dwconv backward ~10% slower. max_channel_block: channels of a
-    channels_last tile; nchw_channel_block: most channels of a contiguous-NCHW tile (they fill what a plane leaves of
-    the tile); plane_max: the largest H and W the whole-plane stencil runs (0: never); plane_columns: (channel, column)
-    pairs of a whole-plane tile, one per thread on GPUs; strip_rows: output rows of a strip program where the chunked
-    stencils apply (0: the chunked tiles instead); strip_chunks: (channel, chunk of 4 pixels) pairs of a strip program,
-    one per thread; strip_row_chunks: most chunks of a row a strip program covers (wider rows take several column
-    blocks; 8 serves W = 28 and 56 with one compiled kernel, and a block costs no extra loads: every chunk reads both
-    neighbours); wgrad_strip_rows: at most this many rows in the dx pass that also accumulates the weight gradient, for
-    fp32 and fp64 maps (its K^2 per-thread partials beside the stencil's taps and accumulators: 8 rows spilled 4 B at K
-    = 7 in fp32 on sm_90 under Triton 3.6; 6 rows take 245 registers there), binding where strip_rows is larger.
-    strip_rows is 4, not 8: the strips are unrolled (STRIP + K - 1 input rows), and at 8 the k = 7 kernels took 20-35 s
-    each to compile for sm_90, a GPU's first call paying them one after another; at 4 the strip kernels of T's training
-    middle at stages 1-2 compile in 41-45% of the time (bf16 145 -> 60 s, fp32 149 -> 67 s on this project's 2-core
-    machine) with fewer registers, for static estimates (Triton 3.8, H100) 0.95-1.09x those at 8 rows at the 224^2
-    stages 1-2 of T/S/B, up to 1.22x for the fp16/bf16 multiscale_dwconv backward at 800x1216 (not yet measured on a
-    GPU). thread_plane_pixels: the forward passes with a stencil run on planes of at most this many pixels with a thread
-    per channel plane (_thread_plane_forward_kernel; 0: never; 64 takes 7 x 7, stage 4 at 224^2, and 8 x 8), at most
-    thread_plane_channels channels per program, and before the batch is split, programs of thread_plane_warps warps in
-    all per launch (four per SM on GPUs, one per scheduler: programs of one warp, B's stage 4, were two per SM, leaving
-    half the schedulers idle; the static estimates, Triton 3.8, before the balanced splits, of the B stage-4 bf16
-    multiscale_dwconv forward drop 35.0 -> 24.9 us on an H100 and of the MS-FFN middle 85.8 -> 65.1; at eight per SM the
-    T and S stage-4 bf16 backward estimate up to 1.8x more, and the audit models no latency that more warps would hide).
-    affine_channels, affine_rows: the BatchNorm affine kernel's channels per program and partial rows per tile (on GPUs
-    a warp's 32 contiguous channels x 32 rows: a program per 32 channels, ~7 tiles per sweep at T's stage 1, where one
-    program of all 192 channels swept the 196 partial rows one at a time). On GPUs: small tiles, enough programs to fill
-    the SMs several times over, NCHW tiles of one channel (a long coalesced run of pixels). Triton's interpreter runs
-    programs one after another at ~0.7 ms per tile operation whatever the tile's size, so there few large programs are
-    fastest: small NCHW planes share a tile (one channel per program made the whole-model training test 20 minutes)."""
+    (as the split rounds) once the batch is split across programs, the split's length balancing the busiest of the
+    launch target's SMs (`balanced_batch_groups`, each program charged prologue_images images' worth for its setup: a
+    rough figure; the SASS outside the image loop issues 0.15-2x one trip of it). The dx pass on thread planes that also
+    sums the weight gradient keeps the fewest splits: its partials, [splits, C, K^2], are summed afterwards, and
+    balanced (43 splits, not 26) they made B stage 4's bf16 multiscale_dwconv backward ~10% slower. max_channel_block:
+    channels of a channels_last tile; nchw_channel_block: most channels of a contiguous-NCHW tile (they fill what a
+    plane leaves of the tile); plane_max: the largest H and W the whole-plane stencil runs (0: never); plane_columns:
+    (channel, column) pairs of a whole-plane tile, one per thread on GPUs; strip_rows: output rows of a strip program
+    where the chunked stencils apply (0: the chunked tiles instead); strip_chunks: (channel, chunk of 4 pixels) pairs of
+    a strip program, one per thread; strip_row_chunks: most chunks of a row a strip program covers (wider rows take
+    several column blocks; 8 serves W = 28 and 56 with one compiled kernel, and a block costs no extra loads: every
+    chunk reads both neighbours); wgrad_strip_rows: at most this many rows in the dx pass that also accumulates the
+    weight gradient, for fp32 and fp64 maps (its K^2 per-thread partials beside the stencil's taps and accumulators: 8
+    rows spilled 4 B at K = 7 in fp32 on sm_90 under Triton 3.6; 6 rows take 245 registers there), binding where
+    strip_rows is larger. strip_rows is 4, not 8: the strips are unrolled (STRIP + K - 1 input rows), and at 8 the k = 7
+    kernels took 20-35 s each to compile for sm_90, a GPU's first call paying them one after another; at 4 the strip
+    kernels of T's training middle at stages 1-2 compile in 41-45% of the time (bf16 145 -> 60 s, fp32 149 -> 67 s on
+    this project's 2-core machine) with fewer registers, for static estimates (Triton 3.8, H100) 0.95-1.09x those at 8
+    rows at the 224^2 stages 1-2 of T/S/B, up to 1.22x for the fp16/bf16 multiscale_dwconv backward at 800x1216 (not yet
+    measured on a GPU). thread_plane_pixels: the forward passes with a stencil run on planes of at most this many pixels
+    with a thread per channel plane (_thread_plane_forward_kernel; 0: never; 64 takes 7 x 7, stage 4 at 224^2, and 8 x
+    8), at most thread_plane_channels channels per program, and before the batch is split, programs of
+    thread_plane_warps warps in all per launch (four per SM on GPUs, one per scheduler: programs of one warp, B's stage
+    4, were two per SM, leaving half the schedulers idle; the static estimates, Triton 3.8, before the balanced splits,
+    of the B stage-4 bf16 multiscale_dwconv forward drop 35.0 -> 24.9 us on an H100 and of the MS-FFN middle 85.8 ->
+    65.1; at eight per SM the T and S stage-4 bf16 backward estimate up to 1.8x more, and the audit models no latency
+    that more warps would hide). affine_channels, affine_rows: the BatchNorm affine kernel's channels per program and
+    partial rows per tile (on GPUs a warp's 32 contiguous channels x 32 rows: a program per 32 channels, ~7 tiles per
+    sweep at T's stage 1, where one program of all 192 channels swept the 196 partial rows one at a time). On GPUs:
+    small tiles, enough programs to fill the SMs several times over, NCHW tiles of one channel (a long coalesced run of
+    pixels). Triton's interpreter runs programs one after another at ~0.7 ms per tile operation whatever the tile's
+    size, so there few large programs are fastest: small NCHW planes share a tile (one channel per program made the
+    whole-model training test 20 minutes)."""
 
     tile_elements: int
     target_programs: int
@@ -210,7 +211,6 @@ class Settings:
     thread_plane_warps: int = 1
     affine_channels: int = 1024
     affine_rows: int = 64
-    sm_count: int = 1
     prologue_images: float = 1.0
 
     @classmethod
@@ -230,7 +230,6 @@ class Settings:
             thread_plane_warps=4 * target.sm_count,
             affine_channels=32,
             affine_rows=32,
-            sm_count=target.sm_count,
         )
 
 
@@ -2727,7 +2726,9 @@ def _plan(
     if plan is None:
         if len(_PLANS) >= _PLANS_MAX:
             _PLANS.clear()
-        plan = _PLANS[key] = _make_plan(x, widths, ksizes, others, strips, wgrad_dx, thread_planes, settings)
+        plan = _PLANS[key] = _make_plan(
+            x, widths, ksizes, others, strips, wgrad_dx, thread_planes, settings, target.sm_count
+        )
     return plan
 
 
@@ -2740,6 +2741,7 @@ def _make_plan(
     wgrad_dx: bool,
     thread_planes: bool,
     settings: Settings,
+    sm_count: int,
 ) -> _Plan:
     B, _, H, W = x.shape
     hw = H * W
@@ -2787,7 +2789,7 @@ def _make_plan(
             splits, b_per_prog = fewest_batch_groups(B, blocks.shape[0] * n_hw, target_programs)
         else:
             splits, b_per_prog = balanced_batch_groups(
-                B, blocks.shape[0] * n_hw, target_programs, settings.sm_count, settings.prologue_images
+                B, blocks.shape[0] * n_hw, target_programs, sm_count, settings.prologue_images
             )
         launches.append(_Launch(blocks, (n_hw, blocks.shape[0], splits), b_per_prog, kmax))
     kk_stride = max(ksizes) ** 2

@@ -1049,31 +1049,29 @@ class Settings:
     launch should have; the bias-gradient batch groups and the dk/dv query splits exist only below it.
     short_path_programs, short_forward_programs: the fewest programs (as the groups round) a short-path backward (8 per
     SM: the bias gradient's partials) and forward (4 per SM) launch may have; their batch groups, which share a bias
-    tile (and, in the backward, sum the bias gradient), are the length `balanced_batch_groups` finds best for sm_count
-    SMs, each program paying a prologue of prologue_batches batches' worth (the bias tile, the offset tiles: the SASS
-    outside the batch loop issues 0.6-1.3x one trip of it, Triton 3.8, sm_80-90, forward and backward). The programs
-    hold 127-255 registers, so 1-3 are resident per SM and a ragged last wave costs a whole one (B stage 1 bf16 forward
-    on an H100 at 16 warps' worth per SM was 1.14 waves of 22 batches a program: 2 waves' time). The forward's floor of
-    4 per SM keeps 2+ waves, room for what the static audit does not model (programs slowed unevenly by DRAM contention)
-    to even out; at 2 per SM it estimates 0-23% less, at 8 per SM 3% less to 23% more (T/S/B 224^2 stages, batch 128,
-    fp32 and bf16, A100 and H100, Triton 3.8).
+    tile (and, in the backward, sum the bias gradient), are the length `balanced_batch_groups` finds best for the launch
+    target's SMs, each program paying a prologue of prologue_batches batches' worth (the bias tile, the offset tiles:
+    the SASS outside the batch loop issues 0.6-1.3x one trip of it, Triton 3.8, sm_80-90, forward and backward). The
+    programs hold 127-255 registers, so 1-3 are resident per SM and a ragged last wave costs a whole one (B stage 1 bf16
+    forward on an H100 at 16 warps' worth per SM was 1.14 waves of 22 batches a program: 2 waves' time). The forward's
+    floor of 4 per SM keeps 2+ waves, room for what the static audit does not model (programs slowed unevenly by DRAM
+    contention) to even out; at 2 per SM it estimates 0-23% less, at 8 per SM 3% less to 23% more (T/S/B 224^2 stages,
+    batch 128, fp32 and bf16, A100 and H100, Triton 3.8).
     Interpreted, small values, so small test shapes exercise the groups and splits."""
 
     target_programs: int
     short_path_programs: int
     short_forward_programs: int
-    sm_count: int
     prologue_batches: float = 1.0
 
     @classmethod
     def for_target(cls, target: LaunchTarget) -> Settings:
         if target.interpreted:
-            return cls(target_programs=4, short_path_programs=4, short_forward_programs=4, sm_count=1)
+            return cls(target_programs=4, short_path_programs=4, short_forward_programs=4)
         return cls(
             target_programs=2 * target.sm_count,
             short_path_programs=8 * target.sm_count,
             short_forward_programs=4 * target.sm_count,
-            sm_count=target.sm_count,
         )
 
 
@@ -1168,7 +1166,8 @@ def _short_path_groups(bias, B: int, programs_per_batch: int, device: torch.devi
         return B, 1
     settings = launch_settings(Settings, device)
     floor = settings.short_path_programs if backward else settings.short_forward_programs
-    return balanced_batch_groups(B, programs_per_batch, floor, settings.sm_count, settings.prologue_batches)
+    sm_count = launch_target(device).sm_count
+    return balanced_batch_groups(B, programs_per_batch, floor, sm_count, settings.prologue_batches)
 
 
 def _dbias_buffer(bias, has_dbias: bool, groups: int, batches_per_group: int, q: torch.Tensor, M: int):
