@@ -1640,6 +1640,13 @@ def _dx_kernel(
 
 
 @triton.jit
+def _partials_tile(first, cs, cmask, P, C, BLOCK_P: tl.constexpr):
+    """Offsets and mask of rows first .. first + BLOCK_P - 1 of a [P, C] partials buffer, channels cs."""
+    rows = first + tl.arange(0, BLOCK_P)
+    return rows[:, None] * C + cs[None, :], (rows < P)[:, None] & cmask[None, :]
+
+
+@triton.jit
 def _batch_norm_affine_kernel(
     pcnt_ptr,
     pmean_ptr,
@@ -1663,16 +1670,14 @@ def _batch_norm_affine_kernel(
     (count, mean, M2) partials [P, C], mean = sum c*m / n, var = sum (M2 + c*(m - mean)^2) / n, and stored; else
     mean_ptr and var_ptr hold them already (eval: copies of the running statistics). The partials are swept in
     tiles of BLOCK_P rows, each tile's rows summed in place and the rows reduced once at the end (a fixed order):
-    a sweep row by row issued P dependent trips of a few loads each, on as few programs as channel blocks."""
+    a sweep row by row took P trips of a few loads each, on as few programs as channel blocks."""
     cs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cs < C
     if FROM_PARTIALS:
-        rows = tl.arange(0, BLOCK_P)
         n_tile = tl.zeros([BLOCK_P, BLOCK_C], ACC)
         total_tile = tl.zeros([BLOCK_P, BLOCK_C], ACC)
         for p0 in range(0, P, BLOCK_P):
-            offs = (p0 + rows)[:, None] * C + cs[None, :]
-            tile_mask = ((p0 + rows) < P)[:, None] & cmask[None, :]
+            offs, tile_mask = _partials_tile(p0, cs, cmask, P, C, BLOCK_P)
             count = tl.load(pcnt_ptr + offs, mask=tile_mask, other=0.0)
             n_tile += count
             total_tile += count * tl.load(pmean_ptr + offs, mask=tile_mask, other=0.0)
@@ -1680,8 +1685,7 @@ def _batch_norm_affine_kernel(
         mean = tl.sum(total_tile, axis=0) / n
         m2_tile = tl.zeros([BLOCK_P, BLOCK_C], ACC)
         for q0 in range(0, P, BLOCK_P):  # a second sweep: the deviations from the batch mean, not a running one
-            offs = (q0 + rows)[:, None] * C + cs[None, :]
-            tile_mask = ((q0 + rows) < P)[:, None] & cmask[None, :]
+            offs, tile_mask = _partials_tile(q0, cs, cmask, P, C, BLOCK_P)
             d = tl.load(pmean_ptr + offs, mask=tile_mask, other=0.0) - mean[None, :]
             m2_tile += tl.load(pm2_ptr + offs, mask=tile_mask, other=0.0) + tl.load(
                 pcnt_ptr + offs, mask=tile_mask, other=0.0
