@@ -408,6 +408,10 @@ class Launch:
     loop_trips: Dict[str, int]
     tensors: Tuple[Tuple[Tuple[str, ...], int], ...]  # per distinct tensor: the arguments naming it, its bytes
 
+    @property
+    def programs(self) -> int:
+        return self.grid[0] * self.grid[1] * self.grid[2]
+
     def dram_bytes(self, unused_args: Sequence[str] = ()) -> int:
         """Each distinct tensor read or written once, but those only named by arguments the compiled kernel never
         uses (a pass handed a tensor that its constexpr branches do not touch)."""
@@ -983,8 +987,7 @@ def trip_instructions(versions: Sequence[Dict[str, int]]) -> float:
 def issued_warp_instructions(launch: Launch, sass: Dict[str, Any]) -> int:
     """Σ over source loops of (instructions per trip, `trip_instructions`) x trips, plus the straight code once per
     program; times the program's warps."""
-    programs = launch.grid[0] * launch.grid[1] * launch.grid[2]
-    per_warp = sass["outside_loops"].get("total", 0) * programs
+    per_warp = sass["outside_loops"].get("total", 0) * launch.programs
     versions: Dict[str, List[Dict[str, int]]] = collections.defaultdict(list)
     for loop in sass["loops"]:
         if loop["source_loop"] not in launch.loop_trips:
@@ -1005,12 +1008,11 @@ def issue_seconds(launch: Launch, result: Dict[str, Any], gpu: Gpu) -> float:
     most one instruction per scheduler per clock and a warp at most one per clock (in order, no dual issue), so
     an SM holding fewer warps than schedulers leaves some idle. Still no stalls: a real warp waits on memory
     and on dependent instructions, which only more resident warps hide."""
-    programs = launch.grid[0] * launch.grid[1] * launch.grid[2]
-    on_busiest_sm = math.ceil(programs / gpu.sms)
+    on_busiest_sm = math.ceil(launch.programs / gpu.sms)
     # A block that cannot fit is reported as a problem; its time is counted as if one did.
     resident_blocks = min(on_busiest_sm, max(occupancy(result, launch.num_warps, gpu)["blocks_per_sm"], 1))
     issue_per_clock = min(SCHEDULERS_PER_SM, resident_blocks * launch.num_warps)
-    per_program = issued_warp_instructions(launch, result["sass"]) / programs
+    per_program = issued_warp_instructions(launch, result["sass"]) / launch.programs
     return on_busiest_sm * per_program / (issue_per_clock * gpu.clock_ghz * 1e9)
 
 
