@@ -67,7 +67,7 @@ CASES = [
     (3, 2, 37, 130, 24, (1, 2)),  # flash: M over two key blocks, bias gradient read-modify-written per group
     (3, 2, 70, 130, 28, (3, 2)),  # flash: per-batch bias, no reduction; two query blocks
     (1, 1, 150, 20, 32, (1, 1)),  # short: batch 1, three query blocks' dk/dv partials summed
-    (2, 2, 70, 20, 32, (1, 1)),  # short: bias broadcast over heads
+    (2, 2, 68, 20, 32, (1, 1)),  # short: bias broadcast over heads; N a multiple of 4 (queries move in vectors)
     (2, 2, 33, 17, 24, None),  # short: no bias
     (1, 1, 9, 1050, 21, (1, 1)),  # flash: detection-size M, 17 key blocks
     (2, 2, 50, 49, 24, (2, 2)),  # short: per-sample bias, loaded and its gradient stored per batch
@@ -432,23 +432,49 @@ def test_batch_groups_balance_the_busiest_sm():
         assert groups == -(-B // per_group) and per_group <= fewest_batch_groups(B, per_batch, floor)[1]
 
 
+def test_query_vector_divides_n_and_the_query_strides():
+    """Q_VECTOR, the short-path kernels' promise that N and q's strides are multiples of it (they restate them so,
+    and queries then move in vectors): the most elements up to 16 bytes dividing N and the strides of dims longer
+    than 1, in the model's layout (queries contiguous); 1 otherwise. TransXNet at 224^2: N = 196 (stage 3) takes 4
+    in bf16 and fp32, 784 takes 16 bytes, 49 none."""
+    from transxnet_kernels.triton.osra_attention import _query_vector
+
+    def model_q(B, h, N, d, dtype):
+        return torch.empty(B, h, d, N, dtype=dtype).transpose(-1, -2)
+
+    assert _query_vector(model_q(2, 8, 196, 21, torch.bfloat16)) == 4
+    assert _query_vector(model_q(2, 8, 196, 21, torch.float32)) == 4
+    assert _query_vector(model_q(2, 4, 784, 19, torch.bfloat16)) == 8
+    assert _query_vector(model_q(2, 2, 3136, 24, torch.float64)) == 2
+    assert _query_vector(model_q(2, 16, 49, 21, torch.float16)) == 1
+    assert _query_vector(torch.empty(2, 8, 196, 20)) == 1  # d contiguous: no vector along the queries
+    # A size-1 dim's stride never moves the index (always 0), so it constrains nothing; the others still do.
+    assert _query_vector(model_q(1, 1, 12, 5, torch.float32)) == 4
+    assert _query_vector(torch.empty(300).as_strided((2, 1, 12, 5), (150, 150, 1, 12))) == 2  # batch stride 150
+    odd_batch = torch.empty(2 * 8 * 21 * 196 + 2 * 3, dtype=torch.bfloat16)
+    q = odd_batch.as_strided((2, 8, 196, 21), (8 * 21 * 196 + 3, 21 * 196, 1, 196))
+    assert _query_vector(q) == 1
+
+
 def test_triton_short_path_rows_per_program():
     """Query rows (and warps) per program: the half-precision backward takes 128 on sm_90+ (and interpreted) when
-    N is a multiple of 16, else 64, and 64 on sm_8x; the fp32 backward 16 on 8 warps; a forward never takes more
-    rows than N (rounded up to a power of two), then 16 rows per warp (fp32: 64 rows on 8 warps); the fp32
-    forward on sm_8x 16 rows on 4 warps (the configurations the static GPU audit finds spill-free)."""
+    its queries move in vectors of 4 or more (`_query_vector`: the model's layout at N = 3136, 784, 196), else 64
+    (N = 49, or d contiguous), and 64 on sm_8x; the fp32 backward 16 on 8 warps; a forward never takes more rows
+    than N (rounded up to a power of two), then 16 rows per warp (fp32: 64 rows on 8 warps); the fp32 forward on
+    sm_8x 16 rows on 4 warps (the configurations the static GPU audit finds spill-free)."""
     from transxnet_kernels.triton import common
     from transxnet_kernels.triton import osra_attention as triton_osra
 
-    def rows_and_warps(kernel, capability, N, dtype=torch.bfloat16):
-        q, k = torch.empty(1, 1, N, 24, dtype=dtype), torch.empty(1, 1, 49, 24, dtype=dtype)
+    def rows_and_warps(kernel, capability, N, dtype=torch.bfloat16, model_layout=True):
+        q = torch.empty(1, 1, 24, N, dtype=dtype).transpose(-1, -2) if model_layout else torch.empty(1, 1, N, 24)
+        k = torch.empty(1, 1, 49, 24, dtype=dtype)
         target = common.LaunchTarget(sm_count=132, interpreted=capability == 0, capability=capability)
         with common.launch_overrides(target):
-            cfg = triton_osra._short_config(q, k, kernel)
+            cfg = triton_osra._short_config(q.to(dtype), k, kernel)
         return cfg.block_n, cfg.num_warps
 
-    bwd = [rows_and_warps("bwd", 90, 3136), rows_and_warps("bwd", 0, 784), rows_and_warps("bwd", 90, 196)]
-    assert bwd + [rows_and_warps("bwd", 80, 3136)] == [(128, 8), (128, 8), (64, 8), (64, 8)]
+    bwd = [rows_and_warps("bwd", c, N) for c, N in ((90, 3136), (0, 784), (90, 196), (90, 49), (80, 3136))]
+    assert bwd + [rows_and_warps("bwd", 90, 3136, model_layout=False)] == [(128, 8)] * 3 + [(64, 8)] * 3
     assert rows_and_warps("bwd", 90, 3136, torch.float32) == (16, 8)
     half_fwd = [rows_and_warps("fwd", c, N) for c, N in ((90, 3136), (90, 49), (80, 49), (90, 20))]
     assert half_fwd == [(128, 8), (64, 4), (64, 4), (32, 2)]

@@ -12,7 +12,9 @@ bias tiles are masked on sizes (49 keys) that are not multiples of a vector, so 
 every distinct alignment pattern of shapes and strides would be another compile at run time and in the static
 audit. The exception: OSRA's short-path kernels specialise q's strides and N, which are multiples of 16 in
 stages 1-2 (N = 3136, 784), where q, dO, out and dq then move in 16-byte vectors (static audit: ~30% fewer
-instructions in the forward).
+instructions in the forward). Where a smaller power of two divides them (stage 3: N = 196, a multiple of 4), the
+launcher says so in a constexpr (`Q_VECTOR`) and the kernels restate N and the strides as its multiples, so the
+compiler sees the divisibility the specialisation misses (bf16 forward loop body on sm_90: 720 -> 487 instructions).
 """
 
 from __future__ import annotations

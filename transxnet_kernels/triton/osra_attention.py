@@ -124,6 +124,21 @@ def _scores_init(
 
 
 @triton.jit
+def _query_multiples(N, q_stride_b, q_stride_h, q_stride_d, Q_VECTOR: tl.constexpr):
+    """N and q's batch, head and d strides restated as multiples of Q_VECTOR, which divides each of them (the
+    launcher checks: `_query_vector`). The values are unchanged; the compiler now knows the divisibility, so q, dO,
+    out, dq and lse tiles move in Q_VECTOR-element vectors along the queries where Triton's specialisation on
+    16-divisibility does not see it (N = 196 at 224^2 stage 3: per element, a scalar load or store with its own
+    address and mask)."""
+    return (
+        N // Q_VECTOR * Q_VECTOR,
+        q_stride_b // Q_VECTOR * Q_VECTOR,
+        q_stride_h // Q_VECTOR * Q_VECTOR,
+        q_stride_d // Q_VECTOR * Q_VECTOR,
+    )
+
+
+@triton.jit
 def _store_partials_sum(
     parts_ptr,
     parts_stride_s,
@@ -197,9 +212,11 @@ def _osra_fwd_short_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
     INDEX64: tl.constexpr,
+    Q_VECTOR: tl.constexpr,
 ):
     """All M <= BLOCK_M keys in one block: one pass, no rescaling. One program per (query block, head,
     batch group); a batch-shared bias tile is loaded once and serves every batch of the group."""
+    N, q_stride_b, q_stride_h, q_stride_d = _query_multiples(N, q_stride_b, q_stride_h, q_stride_d, Q_VECTOR)
     pid_n = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
     group = tl.program_id(2).to(tl.int64)
@@ -333,6 +350,7 @@ def _osra_bwd_short_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    Q_VECTOR: tl.constexpr,
 ):
     """The whole backward of the one-key-block case in one pass over q and dO: per (query block, head, batch
     group) program and batch, dq (stored), this query block's dk/dv partial (stored at [query block, b, h]) and
@@ -346,6 +364,7 @@ def _osra_bwd_short_kernel(
     block order, so the sum is deterministic whoever arrives last, and stores dk and dv once, in their dtype and
     layout. The partials are read back while the programs that wrote them (neighbours in the grid) are still
     running, from L2, where a separate sum kernel read them from DRAM."""
+    N, q_stride_b, q_stride_h, q_stride_d = _query_multiples(N, q_stride_b, q_stride_h, q_stride_d, Q_VECTOR)
     pid_n = tl.program_id(0)
     h = tl.program_id(1)
     group = tl.program_id(2)
@@ -981,10 +1000,11 @@ _SHORT_BLOCKS = {
     ("bwd", False): (16, 8, 1),
 }
 _SHORT_BLOCKS_SM8X = {("fwd", False): (16, 4, 1)}
-# fp16/bf16 backward rows per program on sm_90+ when N is a multiple of 16 (TransXNet's stages 1-2): half the
-# dk/dv partials and ~30% fewer instructions per query than 64 rows (T stage 1 estimate 48 -> 33 us, plus 16 MB
-# less partial traffic), no spill. Unaligned N (stages 3-4; scalar q loads) spilled 100-108 B with 128 rows:
-# they keep 64.
+# fp16/bf16 backward rows per program on sm_90+ when its queries move in vectors of 4 or more (`_query_vector`;
+# TransXNet's stages 1-3): half the dk/dv partials and ~30% fewer instructions per query than 64 rows (T stage 1
+# estimate 48 -> 33 us, plus 16 MB less partial traffic), no spill. Scalar q loads (stage 4, N = 49; or d
+# contiguous) spilled 100-108 B with 128 rows: they keep 64. Stage 3 (N = 196) with 4-element vectors: no spill,
+# T/S/B estimates on H100 27.8 -> 24.9, 31.5 -> 22.7, 44.9 -> 36.3 us (Triton 3.8).
 _SHORT_BWD_ROWS_ALIGNED_SM90 = 128
 
 
@@ -1031,7 +1051,7 @@ def _short_config(q: torch.Tensor, k: torch.Tensor, kernel: str) -> _Config:
     if 0 < capability < 90:
         blocks = _SHORT_BLOCKS_SM8X.get((kernel, half), blocks)
     block_n, num_warps, num_stages = blocks
-    if kernel == "bwd" and half and not 0 < capability < 90 and q.shape[2] % 16 == 0:
+    if kernel == "bwd" and half and not 0 < capability < 90 and _query_vector(q) >= 4:
         block_n = _SHORT_BWD_ROWS_ALIGNED_SM90
     if kernel == "fwd":  # no more query rows than N, then 16 rows per warp; fp32 keeps 8 at 64 (see _SHORT_BLOCKS)
         rows = min(block_n, max(16, next_power_of_2(q.shape[2])))
@@ -1158,6 +1178,19 @@ def _bias_per_batch(bias: Optional[torch.Tensor]) -> bool:
     return bias is not None and bias.shape[0] > 1
 
 
+def _query_vector(q: torch.Tensor) -> int:
+    """The short-path kernels' Q_VECTOR: the most elements, up to 16 bytes, that divide N and q's batch, head and
+    d strides (size-1 dims aside: their index is always 0), so that a tile of queries moves in vectors of that
+    many; 1 unless the queries are contiguous. q's layout is also out's, dO's and dq's (the launchers make it so)."""
+    if q.stride(2) != 1:
+        return 1
+    multiples = [q.shape[2]] + [q.stride(i) for i in (0, 1, 3) if q.shape[i] > 1]
+    vector = 16 // q.element_size()
+    while vector > 1 and any(x % vector for x in multiples):
+        vector //= 2
+    return vector
+
+
 def _short_path_groups(bias, B: int, programs_per_batch: int, device: torch.device, backward: bool) -> Tuple[int, int]:
     """(groups, batches per group) of a short-path launch. A batch-shared bias tile is loaded once per group
     (and its gradient summed over the group), so groups are as long as the programs' floor and the wave tail
@@ -1257,6 +1290,7 @@ def _forward_short(q, k, v, bias, scale, out, lse):
             BLOCK_M=cfg.block_m,
             BLOCK_D=cfg.block_d,
             INDEX64=not fits_int32(q.device, *_short_path_spans(q, k, bias, "fwd")),
+            Q_VECTOR=_query_vector(q),
             num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
         )
@@ -1316,6 +1350,7 @@ def _backward_short(grad_out, q, k, v, bias, lse, scale, has_dbias, dk, dv):
             BLOCK_N=cfg.block_n,
             BLOCK_M=cfg.block_m,
             BLOCK_D=cfg.block_d,
+            Q_VECTOR=_query_vector(q),
             num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
         )
