@@ -47,6 +47,10 @@ def interpreter_active() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+# For kernels to branch on at compile time: the interpreter runs no libdevice call (fast divisions and logs, erf).
+INTERPRETED: tl.constexpr = tl.constexpr(interpreter_active())
+
+
 def cdiv(a: int, b: int) -> int:
     """ceil(a / b) for launch planning. Not triton.cdiv: in Triton 3.8 (not 3.6) that is a constexpr function whose host
     call unwraps every argument, ~1 us each, and a launch plan makes several."""

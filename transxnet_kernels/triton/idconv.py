@@ -115,6 +115,7 @@ from .ms_ffn import (
     _multiple_of_4,
     _plane_shape,
     _rows_to_tile,
+    _stencil_taps,
     _strip_coords,
     _tap_totals,
     _vectorisable,
@@ -374,14 +375,13 @@ def _dynconv_kernel(
         HP: tl.constexpr = BLOCK_P // PLANE_WP
         rows = _dwconv_plane_k(
             src,
-            kernel_ptr + b * C * KK,
+            _stencil_taps(kernel_ptr + b * C * KK, c, c_ok, K, KK, ACC),
             c,
             c_ok,
             src_stride_c,
             src_stride_h,
             src_stride_w,
             K,
-            KK,
             FLIP,
             False,
             ACC,
@@ -405,7 +405,7 @@ def _dynconv_kernel(
         h0, wq, q_ok, left_ok, right_ok = _strip_coords(chunk, W, STRIP, CHUNKS)
         rows = _dwconv_strip_vec_k(
             src,
-            kernel_ptr + b * C * KK,
+            _stencil_taps(kernel_ptr + b * C * KK, c, c_ok, K, KK, ACC),
             c,
             c_ok,
             h0,
@@ -417,7 +417,6 @@ def _dynconv_kernel(
             src_stride_c,
             src_stride_h,
             K,
-            KK,
             FLIP,
             False,
             ACC,

@@ -122,6 +122,12 @@ Passes over the big tensor (one pass = B*C*H*W elements read or written; e = ele
     -> 23.0 / 20.1 (36.1 -> 52.2 -> 37.1 / 33.7), ms_ffn_middle training forward 54.1 -> 85.8 -> 57.5 / 20.1 (85.7
     -> 130.8 -> 92.4 / 33.7); the BatchNorm affine map in tiles of 32 partial rows x 32 channels (it was one program
     sweeping T stage 1's 196 rows one at a time: 10.5 -> 0.7 µs on an H100).
+    Taps held across the images (`_stencil_taps` before the batch loop of the strip forward and dx kernels and of the
+    whole-plane passes: the loop's stores may alias the weights, so the compiler reloaded all K^2 taps per image, 147
+    of the K = 7 bf16 strip forward's 1250 instructions per image and thread on sm_90; 49 registers more, no spill,
+    at most 254 on sm_80/86/90), bf16 multiscale_dwconv forward, H100 (A100), µs, before -> now / DRAM roofline:
+    T stage 1 139.4 -> 130.0 / 92.0 (219.9 -> 205.0 / 154.1), T stage 2 71.1 -> 67.0 / 46.0, B stage 2 227.7 ->
+    212.3 / 145.7, T stage 3 46.7 -> 43.2 / 26.8; 76 rows 3-10% lower, none higher.
 """
 
 from __future__ import annotations
@@ -137,6 +143,7 @@ from triton.language.extra import libdevice
 
 from .. import ops
 from ..layout import channels_last_input
+from .common import INTERPRETED as _INTERPRETED
 from .common import (
     NO_REGISTER_BUDGET,
     LaunchTarget,
@@ -145,7 +152,6 @@ from .common import (
     cdiv,
     device_guard,
     fewest_batch_groups,
-    interpreter_active,
     keep_bounded,
     kept_scalar,
     launch_settings,
@@ -235,10 +241,6 @@ class Settings:
 
 # Forward kernel modes (see _forward_kernel; _EVAL, ms_ffn_middle_eval in one pass, only on thread planes).
 _CONV, _APPLY, _STATS, _APPLY_SAVED, _PREACT, _EVAL = 0, 1, 2, 3, 4, 5
-
-
-# The interpreter runs no libdevice call; there the rational erf divides exactly (see _erf_scaled).
-_INTERPRETED: tl.constexpr = tl.constexpr(interpreter_active())
 
 
 @triton.jit
@@ -474,9 +476,20 @@ def _dwconv_tile_vec_k(
 
 
 @triton.jit
+def _stencil_taps(weight_ptr, cs, cmask, K: tl.constexpr, KK_STRIDE: tl.constexpr, ACC: tl.constexpr):
+    """The K^2 taps of each channel of cs (row-major, KK_STRIDE apart per channel; 0 for masked channels), each a
+    [BLOCK_C, 1] column in ACC, as the register stencils take them."""
+    w_row = weight_ptr + cs * KK_STRIDE
+    taps = ()
+    for t in tl.static_range(K * K):
+        taps = taps + (tl.load(w_row + t, mask=cmask, other=0.0).to(ACC)[:, None],)
+    return taps
+
+
+@triton.jit
 def _dwconv_strip_vec_k(
     src,
-    weight_ptr,
+    taps,
     cs,
     cmask,
     h0,
@@ -488,7 +501,6 @@ def _dwconv_strip_vec_k(
     stride_c,
     stride_h,
     K: tl.constexpr,
-    KK_STRIDE: tl.constexpr,
     TRANSPOSE: tl.constexpr,
     ADD_SRC: tl.constexpr,
     ACC: tl.constexpr,
@@ -498,8 +510,9 @@ def _dwconv_strip_vec_k(
 ):
     """_dwconv_tile_vec_k for a strip of S output rows h0 .. h0 + S - 1 over a block of CHUNKS chunks of a row
     (wq: their chunk columns; the conditions of the chunked stencil): a thread owns one chunk of 4 pixels in each
-    of the S rows. The K^2 taps are loaded once,
-    and each of the S + K - 1 input rows once (3 vector loads: the chunk and its neighbours, zero outside the
+    of the S rows. The K^2 taps come in registers (`_stencil_taps`, which a caller looping over images calls
+    before its loop: the loop's stores may alias the weights, so the compiler cannot hoist the loads itself),
+    and each of the S + K - 1 input rows is loaded once (3 vector loads: the chunk and its neighbours, zero outside the
     image), feeding every output row it reaches by FMAs between registers (compile-time row indices), so a
     loaded row serves K output rows: about K^2 * 4 * S FMAs per (S + K - 1) row loads, where the chunked stencil
     reloads each input row and the taps for every output row. ADD_SRC: plus src itself (the residual), from the
@@ -507,10 +520,6 @@ def _dwconv_strip_vec_k(
     Returns the S output rows, each [BLOCK_C, CHUNKS, 4] (lane = pixel within the chunk)."""
     R: tl.constexpr = K // 2
     c_chunks = cs[:, None] * (stride_c // 4)
-    w_row = weight_ptr + cs * KK_STRIDE
-    taps = ()
-    for t in tl.static_range(K * K):
-        taps = taps + (tl.load(w_row + t, mask=cmask, other=0.0).to(ACC)[:, None],)
     acc = (tl.zeros([BLOCK_C, CHUNKS], ACC),) * (4 * S)
     for r in tl.static_range(S + 2 * R):  # input row h0 + r - R
         hh = h0 + (r - R) + tl.zeros([CHUNKS], tl.int32)
@@ -682,14 +691,13 @@ def _plane_column(src_columns, m, dj, stride_w, stride_h, H: tl.constexpr, ACC: 
 @triton.jit
 def _dwconv_plane_k(
     src,
-    weight_ptr,
+    taps,
     cs,
     cmask,
     stride_c,
     stride_h,
     stride_w,
     K: tl.constexpr,
-    KK_STRIDE: tl.constexpr,
     TRANSPOSE: tl.constexpr,
     ADD_SRC: tl.constexpr,
     ACC: tl.constexpr,
@@ -703,12 +711,12 @@ def _dwconv_plane_k(
     its outputs (HP row tiles [BLOCK_C, WP], rows >= H zero). Per kernel column it loads the column w + dj once
     (H loads, one mask per column shift) and adds its K vertical taps to every output row as FMAs between
     registers: rows outside the image are skipped at compile time, so no tap has a mask of its own, and each
-    loaded value serves K outputs (the one-load-per-tap form: one load, its address and mask per tap). ADD_SRC:
+    loaded value serves K outputs (the one-load-per-tap form: one load, its address and mask per tap). The K^2
+    taps come in registers (`_stencil_taps`, loaded by the caller before its loop over images). ADD_SRC:
     plus src itself (the residual), from the centre column already loaded."""
     R: tl.constexpr = K // 2
     w = tl.arange(0, WP)
     columns = src + cs[:, None] * stride_c + w[None, :] * stride_w
-    w_row = weight_ptr + cs * KK_STRIDE
     acc = ()
     for _ in tl.static_range(HP):
         acc = acc + (tl.zeros([BLOCK_C, WP], ACC),)
@@ -718,7 +726,7 @@ def _dwconv_plane_k(
             columns, cmask[:, None] & ((w + dj >= 0) & (w + dj < W))[None, :], dj, stride_w, stride_h, H, ACC
         )
         for i in tl.static_range(K):
-            tap = tl.load(w_row + (i * K + j), mask=cmask, other=0.0).to(ACC)[:, None]
+            tap = taps[i * K + j]
             # Output row ho takes input row ho + the tap's row shift (compile-time indices and bounds).
             new_acc = ()
             for ho in tl.static_range(HP):
@@ -806,9 +814,22 @@ def _wgrad_plane_k(
 
 
 @triton.jit
+def _plane_taps(
+    weight_ptr, cs, cmask, KMAX: tl.constexpr, KK_STRIDE: tl.constexpr, ACC: tl.constexpr, PLANE_W: tl.constexpr
+):
+    """The whole-plane stencil's taps for `_dwconv_tile` (its launches' blocks are all KMAX wide), loaded once by a
+    kernel before its loop over images; nothing for the other stencils, which load theirs per tap."""
+    if PLANE_W > 0:
+        return _stencil_taps(weight_ptr, cs, cmask, KMAX, KK_STRIDE, ACC)
+    else:
+        return ()
+
+
+@triton.jit
 def _dwconv_tile(
     src,
     weight_ptr,
+    plane_taps,
     cs,
     cmask,
     h,
@@ -834,21 +855,20 @@ def _dwconv_tile(
 ):
     """_dwconv_tile_k (_dwconv_tile_vec_k when VEC) for the channel block's kernel size k (odd, <= KMAX): one
     compiled copy per odd size, picked by a branch that is uniform over the program. PLANE_W > 0: the whole-plane
-    stencil _dwconv_plane_k, whose launches hold blocks of one kernel size, KMAX. ADD_SRC: plus the tile of src
-    itself (the residual; the whole-plane stencil takes it from its centre column instead of loading it again,
-    which also keeps the tile's own offsets out of its registers)."""
+    stencil _dwconv_plane_k, whose launches hold blocks of one kernel size, KMAX, on plane_taps (`_plane_taps`).
+    ADD_SRC: plus the tile of src itself (the residual; the whole-plane stencil takes it from its centre column
+    instead of loading it again, which also keeps the tile's own offsets out of its registers)."""
     if PLANE_W > 0:
         HP: tl.constexpr = BLOCK_HW // PLANE_WP
         rows = _dwconv_plane_k(
             src,
-            weight_ptr,
+            plane_taps,
             cs,
             cmask,
             stride_c,
             stride_h,
             stride_w,
             KMAX,
-            KK_STRIDE,
             TRANSPOSE,
             ADD_SRC,
             ACC,
@@ -1174,6 +1194,7 @@ def _forward_kernel(
         mean = tl.zeros([BLOCK_C], ACC)
         m2 = tl.zeros([BLOCK_C], ACC)
         n_tile = tl.sum(pmask.to(ACC), axis=0)
+    plane_taps = _plane_taps(weight_ptr, cs, cmask, KMAX, KK_STRIDE, ACC, PLANE_W)
     for _ in range(b_lo, b_hi):
         if MODE == 3:
             z = tl.load(x_b + x_tile, mask=mask, other=0.0).to(ACC)
@@ -1182,6 +1203,7 @@ def _forward_kernel(
                 _dwconv_tile(
                     x_b,
                     weight_ptr,
+                    plane_taps,
                     cs,
                     cmask,
                     h,
@@ -1364,6 +1386,7 @@ def _middle_grad_kernel(
         if PLANE_W == 0:
             acc_w = _wgrad_init(KMAX, KK_POW2, ACC, BLOCK_C, BLOCK_HW, VEC)
         t_dz = tl.zeros([BLOCK_C, BLOCK_HW], ACC)
+    plane_taps = _plane_taps(weight_ptr, cs, cmask, KMAX, KK_STRIDE, ACC, PLANE_W)
     for _ in range(b_lo, b_hi):
         if Z_SAVED:
             z = tl.load(z_b + d_tile, mask=mask, other=0.0).to(ACC)
@@ -1371,6 +1394,7 @@ def _middle_grad_kernel(
             z = _dwconv_tile(
                 x_b,
                 weight_ptr,
+                plane_taps,
                 cs,
                 cmask,
                 h,
@@ -1550,10 +1574,12 @@ def _dx_kernel(
     if WGRAD and PLANE_W == 0:
         acc_w = _wgrad_init(KMAX, KK_POW2, ACC, BLOCK_C, BLOCK_HW, VEC)
         acc_b = tl.zeros([BLOCK_C], ACC)
+    plane_taps = _plane_taps(weight_ptr, cs, cmask, KMAX, KK_STRIDE, ACC, PLANE_W)
     for _ in range(b_lo, b_hi):
         dx = _dwconv_tile(
             s_b,
             weight_ptr,
+            plane_taps,
             cs,
             cmask,
             h,
@@ -1808,10 +1834,11 @@ def _strip_forward_kernel(
         m2 = tl.zeros([BLOCK_C], ACC)
         # pixels of the strip in the image (the same for every image and channel)
         n_strip = (tl.minimum(H - h0, STRIP) * 4 * tl.sum(qmask.to(tl.int32), axis=0)).to(ACC)
+    taps = _stencil_taps(weight_ptr, cs, cmask, K, KK_STRIDE, ACC)
     for _ in range(b_lo, b_hi):
         rows = _dwconv_strip_vec_k(
             x_b,
-            weight_ptr,
+            taps,
             cs,
             cmask,
             h0,
@@ -1823,7 +1850,6 @@ def _strip_forward_kernel(
             x_stride_c,
             x_stride_h,
             K,
-            KK_STRIDE,
             False,
             MODE != 0,
             ACC,
@@ -2063,10 +2089,11 @@ def _strip_dx_kernel(
     if WGRAD:
         acc_w = _wgrad_init(K, KK_POW2, ACC, BLOCK_C, 4 * CHUNKS, True)
         t_g = tl.zeros([BLOCK_C, CHUNKS], ACC)
+    taps = _stencil_taps(weight_ptr, cs, cmask, K, KK_STRIDE, ACC)
     for _ in range(b_lo, b_hi):
         rows = _dwconv_strip_vec_k(
             s_b,
-            weight_ptr,
+            taps,
             cs,
             cmask,
             h0,
@@ -2078,7 +2105,6 @@ def _strip_dx_kernel(
             src_stride_c,
             src_stride_h,
             K,
-            KK_STRIDE,
             True,
             RESIDUAL,
             ACC,
