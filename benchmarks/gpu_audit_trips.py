@@ -92,11 +92,11 @@ def _wgrad_loops(args) -> List[str]:
 
 
 def _wgrad_plane(args, grid) -> Trips:
-    """_wgrad_plane_k's image loop, after the caller's: one copy per kernel column (KMAX copies, tied to one
-    source loop, whose largest body the audit counts per trip), each over every image of every channel block."""
+    """_wgrad_plane_k's image loop, after the caller's: every image of every channel block once (its K^2 taps
+    unrolled in the body)."""
     if not args["PLANE_W"]:
         return {}
-    return {"_wgrad_plane_k:_image": args["KMAX"] * grid[0] * grid[1] * args["B"]}
+    return {"_wgrad_plane_k:_image": grid[0] * grid[1] * args["B"]}
 
 
 def _msdw_forward(args, grid) -> Trips:

@@ -433,27 +433,32 @@ def test_batch_groups_balance_the_busiest_sm():
 
 
 def test_query_vector_divides_n_and_the_query_strides():
-    """Q_VECTOR, the short-path kernels' promise that N and q's strides are multiples of it (they restate them so,
-    and queries then move in vectors): the most elements up to 16 bytes dividing N and the strides of dims longer
-    than 1, in the model's layout (queries contiguous); 1 otherwise. TransXNet at 224^2: N = 196 (stage 3) takes 4
-    in bf16 and fp32, 784 takes 16 bytes, 49 none."""
-    from transxnet_kernels.triton.osra_attention import _query_vector
+    """The queries' vector (`_query_alignment`): the most elements up to 16 bytes dividing N and the strides of q's
+    dims longer than 1, in the model's layout (queries contiguous); 1 otherwise. TransXNet at 224^2: N = 196
+    (stage 3) takes 4 in bf16 and fp32, 784 takes 16 bytes, 49 none. Q_VECTOR, the short-path kernels' promise that
+    N and q's strides are its multiples (they restate them so): the alignment, or 1 where N and all four strides
+    are multiples of 16, which Triton's specialisation already says."""
+    from transxnet_kernels.triton.osra_attention import _query_alignment, _query_vector
 
     def model_q(B, h, N, d, dtype):
         return torch.empty(B, h, d, N, dtype=dtype).transpose(-1, -2)
 
-    assert _query_vector(model_q(2, 8, 196, 21, torch.bfloat16)) == 4
-    assert _query_vector(model_q(2, 8, 196, 21, torch.float32)) == 4
-    assert _query_vector(model_q(2, 4, 784, 19, torch.bfloat16)) == 8
-    assert _query_vector(model_q(2, 2, 3136, 24, torch.float64)) == 2
-    assert _query_vector(model_q(2, 16, 49, 21, torch.float16)) == 1
-    assert _query_vector(torch.empty(2, 8, 196, 20)) == 1  # d contiguous: no vector along the queries
+    assert _query_alignment(model_q(2, 8, 196, 21, torch.bfloat16)) == 4
+    assert _query_alignment(model_q(2, 8, 196, 21, torch.float32)) == 4
+    assert _query_alignment(model_q(2, 4, 784, 19, torch.bfloat16)) == 8
+    assert _query_alignment(model_q(2, 2, 3136, 24, torch.float64)) == 2
+    assert _query_alignment(model_q(2, 16, 49, 21, torch.float16)) == 1
+    assert _query_alignment(torch.empty(2, 8, 196, 20)) == 1  # d contiguous: no vector along the queries
     # A size-1 dim's stride never moves the index (always 0), so it constrains nothing; the others still do.
-    assert _query_vector(model_q(1, 1, 12, 5, torch.float32)) == 4
-    assert _query_vector(torch.empty(300).as_strided((2, 1, 12, 5), (150, 150, 1, 12))) == 2  # batch stride 150
+    assert _query_alignment(model_q(1, 1, 12, 5, torch.float32)) == 4
+    assert _query_alignment(torch.empty(300).as_strided((2, 1, 12, 5), (150, 150, 1, 12))) == 2  # batch stride 150
     odd_batch = torch.empty(2 * 8 * 21 * 196 + 2 * 3, dtype=torch.bfloat16)
     q = odd_batch.as_strided((2, 8, 196, 21), (8 * 21 * 196 + 3, 21 * 196, 1, 196))
-    assert _query_vector(q) == 1
+    assert _query_alignment(q) == 1
+    assert _query_vector(model_q(2, 8, 196, 21, torch.bfloat16)) == 4
+    assert _query_vector(model_q(2, 4, 784, 24, torch.bfloat16)) == 1  # 784, 24 * 784, ...: all multiples of 16
+    padded_batch = torch.empty(1000, dtype=torch.bfloat16).as_strided((2, 3, 32, 5), (488, 160, 1, 32))
+    assert _query_vector(padded_batch) == 8  # the batch stride, 488, is a multiple of 8, not of 16
 
 
 def test_triton_short_path_rows_per_program():

@@ -54,8 +54,8 @@ Stencils. Planes of at most Settings.plane_max (16) rows and columns with int32 
 14x14, 7x7, either layout) run the MS-FFN's whole-plane stencils, a program per (sample, channel block) and a thread
 per (channel, column): the conv passes `ms_ffn._dwconv_plane_k` (per kernel column, the shifted column loaded once
 and its K vertical taps added as register FMAs with compile-time row bounds), the dk pass `ms_ffn._wgrad_plane_k`
-over the one sample (K per-thread partials per kernel column, one cross-column sum per tap; a single chunk, so dk
-and dβ need no chunk sums). On NCHW maps whose rows are a multiple of 4 pixels (T/S/B stages 1-2: W = 56, 28), with
+over the one sample (K² per-thread partials, one cross-column sum per tap; a single chunk, so dk and dβ need no
+chunk sums). On NCHW maps whose rows are a multiple of 4 pixels (T/S/B stages 1-2: W = 56, 28), with
 row-contiguous strides that are multiples of 4 and int32 offsets, the conv and dk passes run strips of at most
 Settings.strip_rows (8) rows, spread evenly (7 at H = 28), a program per (sample, channel block, strip, block of up
 to 16 chunks of a row) and a thread per (channel, chunk of 4 pixels): `ms_ffn._dwconv_strip_vec_k` loads the K² taps
@@ -538,8 +538,8 @@ def _kernel_grad_partial_kernel(
     """Chunk partials of dk[b,c,t] = Σ gy·shifted x and dβ[b,c] = Σ gy, into [chunks, B, C, ...]. VEC (the
     conditions of _dynconv_kernel's): the MS-FFN's chunked weight-gradient stencil (ms_ffn._wgrad_tile_vec_k),
     per-thread partials per tap reduced once at the end. PLANE_W > 0: its whole-plane weight gradient
-    (ms_ffn._wgrad_plane_k) over the one sample, a single chunk: K per-thread partials per kernel column, one
-    cross-column sum per tap. STRIP > 0: the strips of _dynconv_kernel (ms_ffn._wgrad_strip_vec_k), one chunk of
+    (ms_ffn._wgrad_plane_k) over the one sample, a single chunk: K² per-thread partials, one cross-column sum per
+    tap. STRIP > 0: the strips of _dynconv_kernel (ms_ffn._wgrad_strip_vec_k), one chunk of
     partials per (strip, column block)."""
     if VEC:  # strides Triton can prove multiples of 4 (see _multiple_of_4)
         x_stride_b, x_stride_c, x_stride_h = _chunk_strides(x_stride_b, x_stride_c, x_stride_h)
@@ -975,6 +975,9 @@ def idconv_backward(
             KK_PAD=plan.kk_pad,
             ACC=tl_accumulation_dtype(x.dtype),
             **plan.constexprs(),
+            # Whole planes hold the K^2 weight-gradient partials at once: ptxas's budget (72 registers on 2 warps)
+            # spilled 16 B (fp16, 7 x 7, sm_80, Triton 3.8).
+            **(NO_REGISTER_BUDGET if plan.plane[1] else {}),
         )
         # A [channels, taps] tile over 8 warps of at most 1024 elements (4 per thread) for G <= 2, 512 beyond: the
         # program holds G bank-gradient sums beside the G-way softmax chain (static audit: 4 per thread spilled

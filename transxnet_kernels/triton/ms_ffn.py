@@ -45,16 +45,16 @@ stencil (`_APPLY_SAVED`, training's statistics pass) keep the chunked tiles, as 
 per-thread partial per tap. Planes of at most 16 x 16 (`Settings.plane_max`; stages 3-4 at 224^2, either layout) run
 the whole-plane stencil `_dwconv_plane_k`: a thread owns one channel's column and all H of its outputs; per kernel
 column it loads the shifted column once (H loads, one mask) and adds its K vertical taps to every output row as FMAs
-between registers, rows outside the image skipped at compile time; one launch per kernel size (KMAX is the block's
-k, heaviest first), the residual taken from the centre column. Their weight gradient (`_wgrad_plane_k`) sweeps the
-program's images again after its per-image loop, kernel column by kernel column: the thread's own g column and the
-shifted x column (read again; L2 should hold them), K per-thread partials, one cross-column sum per tap at the end
-(all K^2 partials across the images spilled). The middle's dz pass reads back the dz it stored after a barrier;
-there dz is kept in fp32 for half x (rounded, the BatchNorm-cancelling dW sums missed the fp16 tolerance), one
-half-pass more each way. Thread planes (`Settings.thread_plane_pixels`: planes of at most 64 pixels, so stage 4 at
-224^2, 7 x 7, int32 offsets, either layout): the forward passes with a stencil (`_thread_plane_forward_kernel`) and
-the dx pass with or without the weight gradient (`_thread_plane_dx_kernel`) give each thread a whole (channel,
-image) plane. It loads the plane once and computes every output from registers, taps outside the image skipped
+between registers, rows outside the image skipped at compile time; one launch per kernel size (KMAX is the block's k,
+heaviest first), the residual taken from the centre column. Their weight gradient (`_wgrad_plane_k`) sweeps the
+program's images again after its per-image loop: per image the thread's own g column once and each shifted x column once
+(read again; L2 should hold them), into K^2 per-thread partials held across the images, one cross-column sum per tap at
+the end. The middle's dz pass reads back the dz it stored after a barrier; there dz is kept in fp32 for half x (rounded,
+the BatchNorm-cancelling dW sums missed the fp16 tolerance), one half-pass more each way. Thread planes
+(`Settings.thread_plane_pixels`: planes of at most 64 pixels, so stage 4 at 224^2, 7 x 7, int32 offsets, either layout):
+the forward passes with a stencil (`_thread_plane_forward_kernel`) and the dx pass with or without the weight gradient
+(`_thread_plane_dx_kernel`) give each thread a whole (channel, image) plane. It loads the plane once and computes every
+output from registers, taps outside the image skipped
 at compile time in both directions (at 7 x 7 with K = 7, 28 FMAs per output on average against 49; the
 column-per-thread plane stencil loads every value K times and keeps the column taps), and the taps stay in
 registers across the program's images. Per-channel sums (BN statistics, dW, dbias) stay in the thread: its
@@ -127,7 +127,9 @@ Passes over the big tensor (one pass = B*C*H*W elements read or written; e = ele
     of the K = 7 bf16 strip forward's 1250 instructions per image and thread on sm_90; 49 registers more, no spill,
     at most 254 on sm_80/86/90), bf16 multiscale_dwconv forward, H100 (A100), µs, before -> now / DRAM roofline:
     T stage 1 139.4 -> 130.0 / 92.0 (219.9 -> 205.0 / 154.1), T stage 2 71.1 -> 67.0 / 46.0, B stage 2 227.7 ->
-    212.3 / 145.7, T stage 3 46.7 -> 43.2 / 26.8; 76 rows 3-10% lower, none higher.
+    212.3 / 145.7, T stage 3 46.7 -> 43.2 / 26.8; 76 rows 3-10% lower, none higher. The whole-plane weight gradient
+    in one sweep over the images (all K^2 partials per thread, not K per kernel-column sweep, each of which reloaded
+    the g column): multiscale_dwconv backward at T stage 3, H100, bf16 127.5 -> 91.0 / 40.3, fp32 127.6 -> 98.3 / 80.5.
 """
 
 from __future__ import annotations
@@ -775,42 +777,44 @@ def _wgrad_plane_k(
 ):
     """Partial dW[c, i, j] = sum over n_images images and the plane of g * x shifted by (i - r, j - r) for a
     whole plane of compile-time H x W (the layout of _dwconv_plane_k: a thread owns one channel's column w),
-    stored at rows `part` of pdw (and, BIAS, sum g at pdb). Kernel column j outermost: for each image the
-    thread loads its own g column and the x column w + j - r (2H loads, one mask per column), and each of the
-    K row taps adds sum_h g[h] * x[h + i - r] (compile-time bounds) to one per-thread partial; after the
-    images, one cross-column sum per tap. K partials per thread: keeping all K^2 across the images spilled."""
+    stored at rows `part` of pdw (and, BIAS, sum g at pdb). Per image the thread loads its own g column once and
+    each x column w + j - r once (H loads, one mask per column), and each of the K^2 taps adds
+    sum_h g[h] * x[h + i - r] (compile-time bounds) to its own per-thread partial; after the images, one
+    cross-column sum per tap. (With the kernel column outermost and K partials at a time, the g column was
+    loaded K times per image: 7 sweeps of ~287 issued instructions per image against one of 1096, K = 7, bf16,
+    sm_90. The K^2 partials held across the images spill on no audited target.)"""
     R: tl.constexpr = K // 2
     w = tl.arange(0, WP)
     g_columns = g_b + cs[:, None] * g_stride_c + w[None, :] * g_stride_w
     x_columns = x_b + cs[:, None] * x_stride_c + w[None, :] * x_stride_w
     g_mask = cmask[:, None] & (w < W)[None, :]
-    for j in tl.static_range(K):
-        x_mask = cmask[:, None] & ((w + j - R >= 0) & (w + j - R < W))[None, :]
-        partials = (tl.zeros([BLOCK_C, WP], ACC),) * K
-        if BIAS and j == R:
-            g_total = tl.zeros([BLOCK_C, WP], ACC)
-        g_image = g_columns
-        x_image = x_columns
-        for _image in range(n_images):
-            g_vals = _plane_column(g_image, g_mask, 0, 0, g_stride_h, H, ACC)
-            x_vals = _plane_column(x_image, x_mask, j - R, x_stride_w, x_stride_h, H, ACC)
-            new_partials = ()
+    # Kernel-column-major: partials[j * K + i] is tap (i, j), in the order the image loop produces them.
+    partials = (tl.zeros([BLOCK_C, WP], ACC),) * (K * K)
+    if BIAS:
+        g_total = tl.zeros([BLOCK_C, WP], ACC)
+    for _image in range(n_images):
+        g_vals = _plane_column(g_columns, g_mask, 0, 0, g_stride_h, H, ACC)
+        new_partials = ()
+        for j in tl.static_range(K):
+            x_mask = cmask[:, None] & ((w + j - R >= 0) & (w + j - R < W))[None, :]
+            x_vals = _plane_column(x_columns, x_mask, j - R, x_stride_w, x_stride_h, H, ACC)
             for i in tl.static_range(K):
-                acc = partials[i]
+                acc = partials[j * K + i]
                 for ho in tl.static_range(H):
                     if (ho + i - R >= 0) & (ho + i - R < H):
                         acc += g_vals[ho] * x_vals[ho + i - R]
                 new_partials = new_partials + (acc,)
-            partials = new_partials
-            if BIAS and j == R:
-                for ho in tl.static_range(H):
-                    g_total += g_vals[ho]
-            g_image += g_stride_b
-            x_image += x_stride_b
+        partials = new_partials
+        if BIAS:
+            for ho in tl.static_range(H):
+                g_total += g_vals[ho]
+        g_columns += g_stride_b
+        x_columns += x_stride_b
+    for j in tl.static_range(K):
         for i in tl.static_range(K):
-            tl.store(pdw_ptr + part * KK_STRIDE + (i * K + j), tl.sum(partials[i], axis=1), mask=cmask)
-        if BIAS and j == R:
-            tl.store(pdb_ptr + part, tl.sum(g_total, axis=1), mask=cmask)
+            tl.store(pdw_ptr + part * KK_STRIDE + (i * K + j), tl.sum(partials[j * K + i], axis=1), mask=cmask)
+    if BIAS:
+        tl.store(pdb_ptr + part, tl.sum(g_total, axis=1), mask=cmask)
 
 
 @triton.jit

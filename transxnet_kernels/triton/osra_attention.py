@@ -27,9 +27,10 @@ Two paths (`_short_path` picks per call):
     sm_8x: `_short_dbias_in_registers`) into a slice per group ([groups, h, N, M], summed afterwards).
     In both, batch groups are as long as Settings' floor on programs and the wave tail allow
     (`balanced_batch_groups`), and q, out, dO, dq and lse tiles move in vectors along the queries wherever a power
-    of two divides N and q's strides (`_query_vector`, the kernels' Q_VECTOR: N = 196 at stage 3, where Triton's
+    of two divides N and q's strides (`_query_alignment`; the kernels' Q_VECTOR at N = 196, stage 3, where Triton's
     16-divisibility specialisation sees none and every element was a scalar load or store with its own address
-    and mask). The forward's per-row log of the softmax sum is the hardware's approximate one (`_log_row_sum`).
+    and mask). The fp16/bf16 forward's per-row log of the softmax sum is the hardware's approximate one
+    (`_log_row_sum`).
     Static audit, Triton 3.8, batch 128, bf16, H100 SXM, µs (before -> now / DRAM roofline): T/S/B stage 3
     forward 8.7 -> 6.9 / 4.3, 10.8 -> 8.6 / 6.2, 14.4 -> 10.9 / 6.6; backward (128 query rows per program, which
     spilled with scalar q loads) 28.4 -> 24.9 / 8.7, 32.4 -> 22.7 / 12.3, 46.3 -> 36.3 / 13.2.
@@ -116,15 +117,16 @@ def _log2e(like):
 
 
 @triton.jit
-def _log_row_sum(l):
-    """log(l) of a softmax row sum (l >= 1: the row's largest term is exp(0)). fp32: the hardware's approximate
-    log2 (MUFU.LG2, absolute error ~2^-22) times ln 2, libdevice's fast_logf, where its logf spends ~12 FFMAs per
-    row on range reduction and special cases that l in [1, M] never needs (the short forward stores one per row
-    and batch). fp64, and the interpreter (no libdevice): tl.log."""
-    if l.dtype == tl.float64 or INTERPRETED:
-        return tl.log(l)
-    else:
+def _log_row_sum(l, HALF: tl.constexpr):
+    """log(l) of a softmax row sum (l >= 1: the row's largest term is exp(0)). HALF (fp16/bf16 inputs): the
+    hardware's approximate log2 (MUFU.LG2, absolute error ~2^-22) times ln 2, libdevice's fast_logf, where its logf
+    spends ~12 FFMAs per row on range reduction and special cases that l in [1, M] never needs (the short forward
+    stores one per row and batch). fp32 inputs keep tl.log: with the fast log the 3xTF32 forward at 64 rows
+    spilled 12 B on sm_90 under Triton 3.6 (255 registers). fp64, and the interpreter (no libdevice): tl.log."""
+    if HALF and not INTERPRETED:
         return libdevice.fast_logf(l)
+    else:
+        return tl.log(l)
 
 
 @triton.jit
@@ -286,7 +288,11 @@ def _osra_fwd_short_kernel(
         l = tl.sum(p, 1)
         out = tl.dot(p.to(v.dtype), v, input_precision=PRECISION) * (1.0 / l)[:, None]
         tl.store(out_ptr + (q_slice + nd_offs), out.to(out_ptr.dtype.element_ty), mask=nd_mask)
-        tl.store(lse_ptr + (lse_slice + offs_n), m * scale + _log_row_sum(l), mask=mask_n)
+        tl.store(
+            lse_ptr + (lse_slice + offs_n),
+            m * scale + _log_row_sum(l, q.dtype.is_fp16() or q.dtype.is_bf16()),
+            mask=mask_n,
+        )
 
 
 @triton.jit(
@@ -1020,7 +1026,7 @@ _SHORT_BLOCKS = {
     ("bwd", False): (16, 8, 1),
 }
 _SHORT_BLOCKS_SM8X = {("fwd", False): (16, 4, 1)}
-# fp16/bf16 backward rows per program on sm_90+ when its queries move in vectors of 4 or more (`_query_vector`;
+# fp16/bf16 backward rows per program on sm_90+ when its queries move in vectors of 4 or more (`_query_alignment`;
 # TransXNet's stages 1-3): half the dk/dv partials and ~30% fewer instructions per query than 64 rows (T stage 1
 # estimate 48 -> 33 us, plus 16 MB less partial traffic), no spill. Scalar q loads (stage 4, N = 49; or d
 # contiguous) spilled 100-108 B with 128 rows: they keep 64. Stage 3 (N = 196) with 4-element vectors: no spill,
@@ -1071,7 +1077,7 @@ def _short_config(q: torch.Tensor, k: torch.Tensor, kernel: str) -> _Config:
     if 0 < capability < 90:
         blocks = _SHORT_BLOCKS_SM8X.get((kernel, half), blocks)
     block_n, num_warps, num_stages = blocks
-    if kernel == "bwd" and half and not 0 < capability < 90 and _query_vector(q) >= 4:
+    if kernel == "bwd" and half and not 0 < capability < 90 and _query_alignment(q) >= 4:
         block_n = _SHORT_BWD_ROWS_ALIGNED_SM90
     if kernel == "fwd":  # no more query rows than N, then 16 rows per warp; fp32 keeps 8 at 64 (see _SHORT_BLOCKS)
         rows = min(block_n, max(16, next_power_of_2(q.shape[2])))
@@ -1198,10 +1204,10 @@ def _bias_per_batch(bias: Optional[torch.Tensor]) -> bool:
     return bias is not None and bias.shape[0] > 1
 
 
-def _query_vector(q: torch.Tensor) -> int:
-    """The short-path kernels' Q_VECTOR: the most elements, up to 16 bytes, that divide N and q's batch, head and
-    d strides (size-1 dims aside: their index is always 0), so that a tile of queries moves in vectors of that
-    many; 1 unless the queries are contiguous. q's layout is also out's, dO's and dq's (the launchers make it so)."""
+def _query_alignment(q: torch.Tensor) -> int:
+    """The most elements, up to 16 bytes, that divide N and q's batch, head and d strides (size-1 dims aside: their
+    index is always 0): the vector a tile of queries moves in; 1 unless the queries are contiguous. q's layout is
+    also out's, dO's and dq's (the launchers make it so)."""
     if q.stride(2) != 1:
         return 1
     multiples = [q.shape[2]] + [q.stride(i) for i in (0, 1, 3) if q.shape[i] > 1]
@@ -1209,6 +1215,15 @@ def _query_vector(q: torch.Tensor) -> int:
     while vector > 1 and any(x % vector for x in multiples):
         vector //= 2
     return vector
+
+
+def _query_vector(q: torch.Tensor) -> int:
+    """The short-path kernels' Q_VECTOR: `_query_alignment`, except 1 where N and the four strides are all multiples
+    of 16, which Triton's specialisation already tells the compiler (restated anyway, the sm_86 backward at 64 rows
+    spilled 12 B under Triton 3.6)."""
+    if all(x % 16 == 0 for x in (q.shape[2], q.stride(0), q.stride(1), q.stride(3))):
+        return 1
+    return _query_alignment(q)
 
 
 def _short_path_groups(bias, B: int, programs_per_batch: int, device: torch.device, backward: bool) -> Tuple[int, int]:
@@ -1370,7 +1385,9 @@ def _backward_short(grad_out, q, k, v, bias, lse, scale, has_dbias, dk, dv):
             BLOCK_N=cfg.block_n,
             BLOCK_M=cfg.block_m,
             BLOCK_D=cfg.block_d,
-            Q_VECTOR=_query_vector(q),
+            # The 64-row backward (sm_8x at stage 3) keeps scalar q loads: vectorised, the static audit counted 1.0%
+            # (Triton 3.8) to 4.6% (3.6) more issue there; vectors are what let the 128-row one fit (_short_config).
+            Q_VECTOR=_query_vector(q) if cfg.block_n >= _SHORT_BWD_ROWS_ALIGNED_SM90 else 1,
             num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
         )
