@@ -54,16 +54,15 @@ the BatchNorm-cancelling dW sums missed the fp16 tolerance), one half-pass more 
 (`Settings.thread_plane_pixels`: planes of at most 64 pixels, so stage 4 at 224^2, 7 x 7, int32 offsets, either layout):
 the forward passes with a stencil (`_thread_plane_forward_kernel`) and the dx pass with or without the weight gradient
 (`_thread_plane_dx_kernel`) give each thread a whole (channel, image) plane. It loads the plane once and computes every
-output from registers, taps outside the image skipped
-at compile time in both directions (at 7 x 7 with K = 7, 28 FMAs per output on average against 49; the
-column-per-thread plane stencil loads every value K times and keeps the column taps), and the taps stay in
-registers across the program's images. Per-channel sums (BN statistics, dW, dbias) stay in the thread: its
-channel's partial, no reduction across threads. `ms_ffn_middle_eval` there is one pass (`_EVAL`: fc1's GELU and
-BatchNorm applied once to each loaded value, as no other thread needs it). For fp16/bf16 maps the middle's dz pass
-from the saved z (`_thread_plane_dz_kernel`) computes a thread's dz pixel by pixel from z and go, stores it and
-keeps it in registers (unrounded) for the weight gradient's K^2 per-thread sums against the x plane: no barrier,
-no read of dz back, dz in x's dtype (the whole-plane pass reads it back, in fp32 for half x); fp32 keeps the
-whole-plane pass (_THREAD_PLANE_DZ_MAX_ELEMENT_SIZE). The strip stencils serve IDConv at stages 1-2 too.
+output from registers, taps outside the image skipped at compile time in both directions (at 7 x 7 with K = 7, 28 FMAs
+per output on average against 49; the column-per-thread plane stencil loads every value K times and keeps the column
+taps), and the taps stay in registers across the program's images. Per-channel sums (BN statistics, dW, dbias) stay in
+the thread: its channel's partial, no reduction across threads. `ms_ffn_middle_eval` there is one pass (`_EVAL`: fc1's
+GELU and BatchNorm applied once to each loaded value, as no other thread needs it). For fp16/bf16 maps the middle's dz
+pass from the saved z (`_thread_plane_dz_kernel`) computes a thread's dz pixel by pixel from z and go, stores it and
+keeps it in registers (unrounded) for the weight gradient's K^2 per-thread sums against the x plane: no barrier, no read
+of dz back, dz in x's dtype (the whole-plane pass reads it back, in fp32 for half x); fp32 keeps the whole-plane pass
+(_THREAD_PLANE_DZ_MAX_ELEMENT_SIZE). The strip stencils serve IDConv at stages 1-2 too.
 Elsewhere (channels_last, larger planes, K > 9) each tap is one predicated load and one FMA per output element
 (`_dwconv_tile_k`, `_wgrad_tile_k`; about 8 issued instructions per tap and output on sm_90).
 
