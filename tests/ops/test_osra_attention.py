@@ -14,6 +14,7 @@ from helpers import (
     DEVICE,
     TOLERANCE,
     TRITON,
+    TRITON_DTYPES,
     assert_rel_close,
     backend_dtype_params,
     backend_param,
@@ -387,7 +388,28 @@ def test_triton_short_backward_sums_the_bias_gradient_in_its_buffer(case, dtype,
     args = osra_args(*case, dtype=dtype)
     with common.launch_overrides(dataclasses.replace(common.launch_target(DEVICE), capability=80)):
         q, k, _, bias, _ = args
-        assert triton_osra._short_path(q, k, bias, 0.2, "bwd") and not triton_osra._short_dbias_in_registers(q)
+        block_n = triton_osra._short_config(q, k, bias, "bwd").block_n
+        assert triton_osra._short_path(q, k, bias, 0.2, "bwd")
+        assert not triton_osra._short_dbias_in_registers(q, block_n)
+        check_op(TRITON, OP, args)
+
+
+@requires_triton
+@pytest.mark.parametrize("dtype", [d for d in (torch.float16, torch.bfloat16) if d in TRITON_DTYPES], ids=dtype_id)
+def test_triton_short_backward_holds_a_16bit_bias_tile(dtype, nan_poisoned_empty):
+    """The 128-row one-pass backward as planned for sm_80: the batch-shared 16-bit bias held in its own dtype across
+    the batch loop and turned into the scores' fp32 start per batch (BIAS_TILE_RAW), the bias gradient summed in
+    registers; N = 144 (a multiple of 16, as the plan needs: two query blocks, the second 16 rows), the five batches
+    in groups that share the tile. bf16 where Triton runs it (not interpreted)."""
+    from transxnet_kernels.triton import common
+    from transxnet_kernels.triton import osra_attention as triton_osra
+
+    args = osra_args(5, 2, 144, 49, 12, (1, 2), dtype=dtype)
+    with common.launch_overrides(dataclasses.replace(common.launch_target(DEVICE), capability=80)):
+        q, k, _, bias, _ = args
+        block_n = triton_osra._short_config(q, k, bias, "bwd").block_n
+        _, per_group = triton_osra._short_path_groups(bias, 5, 2 * 2, q.device, backward=True)
+        assert block_n == 128 and triton_osra._short_dbias_in_registers(q, block_n) and per_group > 1
         check_op(TRITON, OP, args)
 
 
@@ -464,22 +486,31 @@ def test_query_vector_divides_n_and_the_query_strides():
 def test_triton_short_path_rows_per_program():
     """Query rows (and warps) per program: the half-precision backward takes 128 on sm_90+ (and interpreted) when
     its queries move in vectors of 4 or more (`_query_vector`: the model's layout at N = 3136, 784, 196), else 64
-    (N = 49, or d contiguous), and 64 on sm_8x; the fp32 backward 16 on 8 warps; a forward never takes more rows
-    than N (rounded up to a power of two), then 16 rows per warp (fp32: 64 rows on 8 warps); the fp32 forward on
-    sm_8x 16 rows on 4 warps (the configurations the static GPU audit finds spill-free)."""
+    (N = 49, or d contiguous); on sm_80 128 only with a batch-shared 16-bit bias where Triton's specialisation
+    already knows the vectors (N = 3136, 784), else 64 (and always on sm_86); the fp32 backward 16 on 8 warps; a
+    forward never takes more rows than N (rounded up to a power of two), then 16 rows per warp (fp32: 64 rows on 8
+    warps); the fp32 forward on sm_8x 16 rows on 4 warps (the configurations the static GPU audit finds
+    spill-free)."""
     from transxnet_kernels.triton import common
     from transxnet_kernels.triton import osra_attention as triton_osra
 
-    def rows_and_warps(kernel, capability, N, dtype=torch.bfloat16, model_layout=True):
+    def rows_and_warps(kernel, capability, N, dtype=torch.bfloat16, model_layout=True, bias_dtype=None):
         q = torch.empty(1, 1, 24, N, dtype=dtype).transpose(-1, -2) if model_layout else torch.empty(1, 1, N, 24)
         k = torch.empty(1, 1, 49, 24, dtype=dtype)
+        bias = None if bias_dtype is None else torch.empty(1, 1, 49, N, dtype=bias_dtype).transpose(-1, -2)
         target = common.LaunchTarget(sm_count=132, interpreted=capability == 0, capability=capability)
         with common.launch_overrides(target):
-            cfg = triton_osra._short_config(q.to(dtype), k, kernel)
+            cfg = triton_osra._short_config(q.to(dtype), k, bias, kernel)
         return cfg.block_n, cfg.num_warps
 
     bwd = [rows_and_warps("bwd", c, N) for c, N in ((90, 3136), (0, 784), (90, 196), (90, 49), (80, 3136))]
     assert bwd + [rows_and_warps("bwd", 90, 3136, model_layout=False)] == [(128, 8)] * 3 + [(64, 8)] * 3
+    # sm_8x: 128 rows only with a batch-shared 16-bit bias and N a multiple of 16 (stages 1-2).
+    sm8x = [rows_and_warps("bwd", 80, N, bias_dtype=torch.bfloat16) for N in (3136, 784, 196, 49)]
+    assert sm8x == [(128, 8), (128, 8), (64, 8), (64, 8)]
+    assert rows_and_warps("bwd", 80, 3136, torch.float16, bias_dtype=torch.float16) == (128, 8)
+    assert rows_and_warps("bwd", 86, 3136, bias_dtype=torch.bfloat16) == (64, 8)  # sm_86 spilled at 128
+    assert rows_and_warps("bwd", 80, 3136, bias_dtype=torch.float32) == (64, 8)
     assert rows_and_warps("bwd", 90, 3136, torch.float32) == (16, 8)
     half_fwd = [rows_and_warps("fwd", c, N) for c, N in ((90, 3136), (90, 49), (80, 49), (90, 20))]
     assert half_fwd == [(128, 8), (64, 4), (64, 4), (32, 2)]

@@ -23,8 +23,11 @@ Two paths (`_short_path` picks per call):
     ([query blocks, B, h, M, d]; one block: in k's dtype), which the last query-block program of each
     (head, batch group) to finish sums, in query-block order, into dk and dv (an atomic arrival count per
     (head, group); the partials are read back from L2, no separate sum launch); dS is summed
-    over the group's batches (in registers on sm_90, in the program's own slice of the buffer on
-    sm_8x: `_short_dbias_in_registers`) into a slice per group ([groups, h, N, M], summed afterwards).
+    over the group's batches (in registers on sm_90 and in sm_80's 128-row kernel, in the program's own slice
+    of the buffer in sm_8x's 64-row one: `_short_dbias_in_registers`) into a slice per group ([groups, h, N, M],
+    summed afterwards).
+    On sm_80 the fp16/bf16 backward at 128 query rows (stages 1-2) holds the batch-shared bias tile in its 16-bit
+    dtype and converts it per batch (`BIAS_TILE_RAW`): the fp32 tile left no registers for the bias-gradient sum.
     In both, batch groups are as long as Settings' floor on programs and the wave tail allow
     (`balanced_batch_groups`), and q, out, dO, dq and lse tiles move in vectors along the queries wherever a power
     of two divides N and q's strides (`_query_alignment`; the kernels' Q_VECTOR at N = 196, stage 3, where Triton's
@@ -143,6 +146,13 @@ def _scores_init(
         return bias / scale + key_pad[None, :]
     else:
         return tl.zeros([BLOCK_N, BLOCK_M], scale.dtype) + key_pad[None, :]
+
+
+@triton.jit
+def _bias_tile_raw(bias_ptr, nm_offs, mask_n, mask_m):
+    """`_scores_init`'s batch-shared bias tile before its conversion: in the bias's dtype, -inf on padded keys."""
+    key_pad = tl.where(mask_m, 0.0, float("-inf")).to(bias_ptr.dtype.element_ty)
+    return tl.load(bias_ptr + nm_offs, mask=mask_n[:, None] & mask_m[None, :], other=0.0) + key_pad[None, :]
 
 
 @triton.jit
@@ -371,6 +381,7 @@ def _osra_bwd_short_kernel(
     BIAS_PER_BATCH: tl.constexpr,
     HAS_DBIAS: tl.constexpr,
     DBIAS_IN_REGISTERS: tl.constexpr,
+    BIAS_TILE_RAW: tl.constexpr,
     ACC: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -383,7 +394,10 @@ def _osra_bwd_short_kernel(
     dS, summed over the group's batches for a batch-shared bias (stored per group), stored per batch otherwise.
     The group sum is a register tile (DBIAS_IN_REGISTERS) or the group's slice of the bias-gradient buffer,
     read, added to and written back per batch by this program only: 32 registers per thread fewer, which is
-    what keeps the sm_8x kernel from spilling. Delta = rowsum(P * dP) (= rowsum(dO * O)), so O is not read.
+    what keeps the sm_8x 64-row kernel from spilling. A batch-shared bias is held across the batch loop as the
+    scores' fp32 start (bias / scale), or (BIAS_TILE_RAW, the sm_80 128-row kernel) in its own 16-bit dtype,
+    converted per batch: half the registers for 2 instructions per element and batch. Delta = rowsum(P * dP)
+    (= rowsum(dO * O)), so O is not read.
 
     dk and dv: the last of a (head, batch group)'s query-block programs to finish (an arrival count per
     (head, group), incremented once per program after its partial stores) sums the group's partials in query
@@ -418,9 +432,12 @@ def _osra_bwd_short_kernel(
     md_offs = offs_m[:, None] * k_stride_m + offs_d[None, :] * k_stride_d
     nm_offs = offs_n[:, None] * bias_stride_n + offs_m[None, :] * bias_stride_m
     bias_head = bias_ptr + h * bias_stride_h
-    scores_init = _scores_init(
-        bias_head, nm_offs, mask_n, mask_m, scale, HAS_BIAS and not BIAS_PER_BATCH, BLOCK_N, BLOCK_M
-    )
+    if BIAS_TILE_RAW:
+        bias_tile = _bias_tile_raw(bias_head, nm_offs, mask_n, mask_m)
+    else:
+        scores_init = _scores_init(
+            bias_head, nm_offs, mask_n, mask_m, scale, HAS_BIAS and not BIAS_PER_BATCH, BLOCK_N, BLOCK_M
+        )
     dbias_acc = tl.zeros([BLOCK_N, BLOCK_M], scale.dtype)
     if BIAS_PER_BATCH or not DBIAS_IN_REGISTERS:  # else computed after the loop: held across it, it made sm_90 spill
         dbias_offs = offs_n[:, None] * dbias_stride_n + offs_m[None, :] * dbias_stride_m
@@ -431,6 +448,10 @@ def _osra_bwd_short_kernel(
             scores_init = _scores_init(
                 bias_head + b * bias_stride_b, nm_offs, mask_n, mask_m, scale, HAS_BIAS, BLOCK_N, BLOCK_M
             )
+        elif BIAS_TILE_RAW:
+            # The scale is loaded again per batch: the loop's stores may alias it, so the load stays in the loop
+            # and so does the conversion; the tile held across the loop is the bias's 16-bit one.
+            scores_init = bias_tile.to(scale.dtype) / tl.load(scale_ptr)
         q_slice = b * q_stride_b + h * q_stride_h
         k_slice = b * k_stride_b + h * k_stride_h
         dkv_slice = pid_n * dkv_stride_s + b * dkv_stride_b + h * dkv_stride_h
@@ -1026,20 +1047,38 @@ _SHORT_BLOCKS = {
     ("bwd", False): (16, 8, 1),
 }
 _SHORT_BLOCKS_SM8X = {("fwd", False): (16, 4, 1)}
-# fp16/bf16 backward rows per program on sm_90+ when its queries move in vectors of 4 or more (`_query_alignment`;
-# TransXNet's stages 1-3): half the dk/dv partials and ~30% fewer instructions per query than 64 rows (T stage 1
-# estimate 48 -> 33 us, plus 16 MB less partial traffic), no spill. Scalar q loads (stage 4, N = 49; or d
-# contiguous) spilled 100-108 B with 128 rows: they keep 64. Stage 3 (N = 196) with 4-element vectors: no spill,
-# T/S/B estimates on H100 27.8 -> 24.9, 31.5 -> 22.7, 44.9 -> 36.3 us (Triton 3.8).
-_SHORT_BWD_ROWS_ALIGNED_SM90 = 128
+# fp16/bf16 backward rows per program when its queries move in vectors of 4 or more (`_query_alignment`; TransXNet's
+# stages 1-3 on sm_90+, 1-2 on sm_8x): half the dk/dv partials and ~30% fewer instructions per query than 64 rows
+# (sm_90, T stage 1 estimate 48 -> 33 us, plus 16 MB less partial traffic), no spill. Scalar q loads (stage 4,
+# N = 49; or d contiguous) spilled 100-108 B with 128 rows on sm_90: they keep 64. Stage 3 (N = 196) with 4-element
+# vectors on sm_90: no spill, T/S/B estimates on H100 27.8 -> 24.9, 31.5 -> 22.7, 44.9 -> 36.3 us (Triton 3.8).
+# sm_80 (mma.sync: the dots' operands and accumulators all in registers) fits 128 rows only with its bias-gradient
+# sum in registers (its read-modify-write offsets and masks spilled 92 B) and the shared bias held in its 16-bit
+# dtype (BIAS_TILE_RAW; held as the fp32 scores' start it spilled 8 B), and only where Triton's specialisation
+# already knows the query alignment (N = 3136, 784): with Q_VECTOR = 4 restated (N = 196) it spilled 16-24 B, with
+# scalar loads 72-76 B. sm_86 spilled 8-32 B even so: it keeps 64 rows. Static audit, Triton 3.8, A100, bf16
+# backward, 64 -> 128 rows, us (DRAM roofline): T stage 1 95.1 -> 71.8 (41.1), stage 2 56.8 -> 44.5 (21.4); B stage 1
+# 173.9 -> 121.0 (65.8), stage 2 101.0 -> 73.8 (34.3).
+_SHORT_BWD_ROWS_ALIGNED = 128
 
 
-def _short_dbias_in_registers(q: torch.Tensor) -> bool:
+def _short_bwd_rows_aligned(q: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
+    """Whether the fp16/bf16 one-pass backward takes _SHORT_BWD_ROWS_ALIGNED query rows (see there)."""
+    capability = launch_target(q.device).capability
+    if _query_alignment(q) < 4:
+        return False
+    if not 0 < capability < 90:
+        return True
+    shared_16bit_bias = bias is not None and not _bias_per_batch(bias) and bias.element_size() == 2
+    return capability == 80 and shared_16bit_bias and _query_vector(q) == 1
+
+
+def _short_dbias_in_registers(q: torch.Tensor, block_n: int) -> bool:
     """Whether the one-pass backward sums a batch-shared bias's gradient over its batch group in registers (sm_90+,
-    and interpreted) or in its slice of the gradient buffer (sm_8x: the register tile made it spill 8-16 B, the
-    read-modify-write does not; it costs 16 loads and 16 stores per thread and batch, of the program's own
-    16 KB slice, which stays in cache)."""
-    return not 0 < launch_target(q.device).capability < 90
+    interpreted, and the sm_80 128-row kernel) or in its slice of the gradient buffer (the sm_8x 64-row kernel: the
+    register tile made it spill 8-16 B, the read-modify-write does not; it costs 16 loads and 16 stores per thread
+    and batch, of the program's own 16 KB slice, which stays in cache)."""
+    return not 0 < launch_target(q.device).capability < 90 or block_n >= _SHORT_BWD_ROWS_ALIGNED
 
 
 def _short_path(q: torch.Tensor, k: torch.Tensor, bias: Optional[torch.Tensor], scale: float, kernel: str) -> bool:
@@ -1065,20 +1104,20 @@ def _short_path_spans(q: torch.Tensor, k: torch.Tensor, bias: Optional[torch.Ten
     M = k.shape[2]
     spans = (tensor_span(q), tensor_span(k), B * h * N - 1, tensor_span(bias) if bias is not None else 0)
     if kernel == "bwd":
-        query_blocks = cdiv(N, _short_config(q, k, kernel).block_n)
+        query_blocks = cdiv(N, _short_config(q, k, bias, kernel).block_n)
         spans += (query_blocks * k.numel() - 1, B * h * N * M - 1)
     return spans
 
 
-def _short_config(q: torch.Tensor, k: torch.Tensor, kernel: str) -> _Config:
+def _short_config(q: torch.Tensor, k: torch.Tensor, bias: Optional[torch.Tensor], kernel: str) -> _Config:
     half = q.dtype in (torch.float16, torch.bfloat16)
     blocks = _SHORT_BLOCKS[kernel, half]
     capability = launch_target(q.device).capability
     if 0 < capability < 90:
         blocks = _SHORT_BLOCKS_SM8X.get((kernel, half), blocks)
     block_n, num_warps, num_stages = blocks
-    if kernel == "bwd" and half and not 0 < capability < 90 and _query_alignment(q) >= 4:
-        block_n = _SHORT_BWD_ROWS_ALIGNED_SM90
+    if kernel == "bwd" and half and _short_bwd_rows_aligned(q, bias):
+        block_n = _SHORT_BWD_ROWS_ALIGNED
     if kernel == "fwd":  # no more query rows than N, then 16 rows per warp; fp32 keeps 8 at 64 (see _SHORT_BLOCKS)
         rows = min(block_n, max(16, next_power_of_2(q.shape[2])))
         if rows < block_n and (half or rows < 64):
@@ -1297,7 +1336,7 @@ def _dkdv_from_partials(dk_parts: torch.Tensor, dv_parts: torch.Tensor, k: torch
 
 def _forward_short(q, k, v, bias, scale, out, lse):
     B, h, N, d = q.shape
-    cfg = _short_config(q, k, "fwd")
+    cfg = _short_config(q, k, bias, "fwd")
     n_blocks = cdiv(N, cfg.block_n)
     groups, batches_per_group = _short_path_groups(bias, B, n_blocks * h, q.device, backward=False)
     with device_guard(q):
@@ -1335,7 +1374,7 @@ def _backward_short(grad_out, q, k, v, bias, lse, scale, has_dbias, dk, dv):
     """(dq, bias-gradient buffer, its dims to sum) of the one-pass backward; dk and dv (any layout) are written."""
     B, h, N, d = q.shape
     M = k.shape[2]
-    cfg = _short_config(q, k, "bwd")
+    cfg = _short_config(q, k, bias, "bwd")
     n_blocks = cdiv(N, cfg.block_n)
     groups, batches_per_group = _short_path_groups(bias, B, n_blocks * h, q.device, backward=True)
     dbias_buf, dbias_strides, reduce_dims = _dbias_buffer(bias, has_dbias, groups, batches_per_group, q, M)
@@ -1379,7 +1418,8 @@ def _backward_short(grad_out, q, k, v, bias, lse, scale, has_dbias, dk, dv):
             HAS_BIAS=bias is not None,
             BIAS_PER_BATCH=_bias_per_batch(bias),
             HAS_DBIAS=has_dbias,
-            DBIAS_IN_REGISTERS=_short_dbias_in_registers(q),
+            DBIAS_IN_REGISTERS=_short_dbias_in_registers(q, cfg.block_n),
+            BIAS_TILE_RAW=0 < launch_target(q.device).capability < 90 and cfg.block_n >= _SHORT_BWD_ROWS_ALIGNED,
             ACC=tl_accumulation_dtype(k.dtype),
             PRECISION=cfg.precision,
             BLOCK_N=cfg.block_n,
@@ -1387,7 +1427,7 @@ def _backward_short(grad_out, q, k, v, bias, lse, scale, has_dbias, dk, dv):
             BLOCK_D=cfg.block_d,
             # The 64-row backward (sm_8x at stage 3) keeps scalar q loads: vectorised, the static audit counted 1.0%
             # (Triton 3.8) to 4.6% (3.6) more issue there; vectors are what let the 128-row one fit (_short_config).
-            Q_VECTOR=_query_vector(q) if cfg.block_n >= _SHORT_BWD_ROWS_ALIGNED_SM90 else 1,
+            Q_VECTOR=_query_vector(q) if cfg.block_n >= _SHORT_BWD_ROWS_ALIGNED else 1,
             num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
         )
