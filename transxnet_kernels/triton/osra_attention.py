@@ -139,11 +139,12 @@ def _scores_init(
     """bias / scale, -inf on padded keys: the accumulator the short-path kernels start the q @ k^T dot from,
     so S / scale = q @ k^T + bias / scale comes out of the dot in its register layout and the softmax
     stays there (a bias added after the dot makes Triton move the scores to the bias's load layout: ~3x the
-    instructions). The launcher routes scale <= 0 to the flash kernels."""
+    instructions). The launcher routes scale <= 0 to the flash kernels. Taken as bias * (1 / scale): one FFMA
+    per element with the padding, where the division spent three instructions (`_scores_from_raw_bias` alike)."""
     key_pad = tl.where(mask_m, 0.0, float("-inf")).to(scale.dtype)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + nm_offs, mask=mask_n[:, None] & mask_m[None, :], other=0.0).to(scale.dtype)
-        return bias / scale + key_pad[None, :]
+        return bias * (1.0 / scale) + key_pad[None, :]
     else:
         return tl.zeros([BLOCK_N, BLOCK_M], scale.dtype) + key_pad[None, :]
 
@@ -153,6 +154,12 @@ def _bias_tile_raw(bias_ptr, nm_offs, mask_n, mask_m):
     """`_scores_init`'s batch-shared bias tile before its conversion: in the bias's dtype, -inf on padded keys."""
     key_pad = tl.where(mask_m, 0.0, float("-inf")).to(bias_ptr.dtype.element_ty)
     return tl.load(bias_ptr + nm_offs, mask=mask_n[:, None] & mask_m[None, :], other=0.0) + key_pad[None, :]
+
+
+@triton.jit
+def _scores_from_raw_bias(bias_tile, scale):
+    """`_scores_init` from `_bias_tile_raw`'s tile: the same values (x + -inf = -inf, x + 0 = x in any dtype)."""
+    return bias_tile.to(scale.dtype) * (1.0 / scale)
 
 
 @triton.jit
@@ -451,7 +458,7 @@ def _osra_bwd_short_kernel(
         elif BIAS_TILE_RAW:
             # The scale is loaded again per batch: the loop's stores may alias it, so the load stays in the loop
             # and so does the conversion; the tile held across the loop is the bias's 16-bit one.
-            scores_init = bias_tile.to(scale.dtype) / tl.load(scale_ptr)
+            scores_init = _scores_from_raw_bias(bias_tile, tl.load(scale_ptr))
         q_slice = b * q_stride_b + h * q_stride_h
         k_slice = b * k_stride_b + h * k_stride_h
         dkv_slice = pid_n * dkv_stride_s + b * dkv_stride_b + h * dkv_stride_h
