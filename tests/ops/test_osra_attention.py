@@ -487,10 +487,10 @@ def test_triton_short_path_rows_per_program():
     """Query rows (and warps) per program: the half-precision backward takes 128 on sm_90+ (and interpreted) when
     its queries move in vectors of 4 or more (`_query_vector`: the model's layout at N = 3136, 784, 196), else 64
     (N = 49, or d contiguous); on sm_80 128 only with a batch-shared 16-bit bias where Triton's specialisation
-    already knows the vectors (N = 3136, 784), else 64 (and always on sm_86); the fp32 backward 16 on 8 warps; a
-    forward never takes more rows than N (rounded up to a power of two), then 16 rows per warp (fp32: 64 rows on 8
-    warps); the fp32 forward on sm_8x 16 rows on 4 warps (the configurations the static GPU audit finds
-    spill-free)."""
+    already knows the vectors (N = 3136, 784), else 64 (and always on sm_86); the fp32 backward 16 rows, on 8 warps
+    there (N = 3136, 784) and on 4 elsewhere; a forward never takes more rows than N (rounded up to a power of two),
+    then 16 rows per warp (fp32: 64 rows on 8 warps); the fp32 forward on sm_8x 16 rows on 4 warps (the
+    configurations the static GPU audit finds spill-free)."""
     from transxnet_kernels.triton import common
     from transxnet_kernels.triton import osra_attention as triton_osra
 
@@ -511,7 +511,8 @@ def test_triton_short_path_rows_per_program():
     assert rows_and_warps("bwd", 80, 3136, torch.float16, bias_dtype=torch.float16) == (128, 8)
     assert rows_and_warps("bwd", 86, 3136, bias_dtype=torch.bfloat16) == (64, 8)  # sm_86 spilled at 128
     assert rows_and_warps("bwd", 80, 3136, bias_dtype=torch.float32) == (64, 8)
-    assert rows_and_warps("bwd", 90, 3136, torch.float32) == (16, 8)
+    fp32_bwd = [rows_and_warps("bwd", 90, N, torch.float32) for N in (3136, 784, 196, 49)]
+    assert fp32_bwd == [(16, 8), (16, 8), (16, 4), (16, 4)]
     half_fwd = [rows_and_warps("fwd", c, N) for c, N in ((90, 3136), (90, 49), (80, 49), (90, 20))]
     assert half_fwd == [(128, 8), (64, 4), (64, 4), (32, 2)]
     fp32_fwd = [rows_and_warps("fwd", c, N, torch.float32) for c, N in ((90, 3136), (90, 49), (90, 20), (80, 3136))]

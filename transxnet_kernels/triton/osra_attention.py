@@ -1042,9 +1042,10 @@ SHORT_PATH_MAX_KEYS = 64
 # there). fp32 at 64 rows keeps 8 warps, which replicate its 3xTF32 mma tiles (15 vs 9 us), as 4 warps spilled
 # 12 B under Triton 3.6 (TransXNet-B, odd head dim; still so).
 # fp32 (3xTF32 splits every operand in two) runs the smallest tiles that do not spill: the backward (sm_90+; sm_8x
-# runs the flash kernels, see _short_path) 16 rows on 8 warps: 64 rows spilled 2.0-2.3 KB per thread, 16 on 4
-# warps 0.8 KB (T stage 1 estimate on H100: 340 us, against 213 us for the spilling 64 rows, whose spill traffic
-# the estimate does not count, and 457 us for the flash kernels). The forward on sm_8x (`_SHORT_BLOCKS_SM8X`)
+# runs the flash kernels, see _short_path) 16 rows on 8 warps (4 at stages 3-4: _SHORT_BWD_FP32_WARPS_UNSPECIALISED):
+# 64 rows spilled 2.0-2.3 KB per thread, 16 on 4 warps 0.8 KB in an earlier form of the kernel (T stage 1 estimate
+# on H100: 340 us, against 213 us for the spilling 64 rows, whose spill traffic the estimate does not count, and
+# 457 us for the flash kernels). The forward on sm_8x (`_SHORT_BLOCKS_SM8X`)
 # 16 rows on 4 warps, 1 stage: 64 rows on 4 warps spilled 0.8-1.7 KB (2 stages or 1), 32 rows 0.6-1.3 KB (2, 4
 # or 8 warps); T stage 1 estimate on A100 164 us (113 us for the spilling 64 rows, 372 us for the flash kernel).
 _SHORT_BLOCKS = {
@@ -1054,6 +1055,11 @@ _SHORT_BLOCKS = {
     ("bwd", False): (16, 8, 1),
 }
 _SHORT_BLOCKS_SM8X = {("fwd", False): (16, 4, 1)}
+# The fp32 backward's warps where Triton's 16-divisibility specialisation does not already vectorise q (stages 3-4:
+# N = 196, 49): one warp on its 16-row mma tile instead of eight repeating it. Static audit, Triton 3.8, H100, T
+# stage 3 / 4 backward 79.6 -> 62.4 / 52.5 -> 39.9 us, no spill under 3.8 or 3.6; with q in specialised vectors
+# (stages 1-2) 4 warps spilled 12 B under Triton 3.6 (none under 3.8), so those keep 8.
+_SHORT_BWD_FP32_WARPS_UNSPECIALISED = 4
 # fp16/bf16 backward rows per program when its queries move in vectors of 4 or more (`_query_alignment`; TransXNet's
 # stages 1-3 on sm_90+, 1-2 on sm_8x): half the dk/dv partials and ~30% fewer instructions per query than 64 rows
 # (sm_90, T stage 1 estimate 48 -> 33 us, plus 16 MB less partial traffic), no spill. Scalar q loads (stage 4,
@@ -1077,7 +1083,7 @@ def _short_bwd_rows_aligned(q: torch.Tensor, bias: Optional[torch.Tensor]) -> bo
     if not 0 < capability < 90:
         return True
     shared_16bit_bias = bias is not None and not _bias_per_batch(bias) and bias.element_size() == 2
-    return capability == 80 and shared_16bit_bias and _query_vector(q) == 1
+    return capability == 80 and shared_16bit_bias and _query_vectors_specialised(q)
 
 
 def _short_dbias_in_registers(q: torch.Tensor, block_n: int) -> bool:
@@ -1125,6 +1131,8 @@ def _short_config(q: torch.Tensor, k: torch.Tensor, bias: Optional[torch.Tensor]
     block_n, num_warps, num_stages = blocks
     if kernel == "bwd" and half and _short_bwd_rows_aligned(q, bias):
         block_n = _SHORT_BWD_ROWS_ALIGNED
+    if kernel == "bwd" and q.dtype == torch.float32 and not _query_vectors_specialised(q):
+        num_warps = _SHORT_BWD_FP32_WARPS_UNSPECIALISED
     if kernel == "fwd":  # no more query rows than N, then 16 rows per warp; fp32 keeps 8 at 64 (see _SHORT_BLOCKS)
         rows = min(block_n, max(16, next_power_of_2(q.shape[2])))
         if rows < block_n and (half or rows < 64):
@@ -1261,6 +1269,13 @@ def _query_alignment(q: torch.Tensor) -> int:
     while vector > 1 and any(x % vector for x in multiples):
         vector //= 2
     return vector
+
+
+def _query_vectors_specialised(q: torch.Tensor) -> bool:
+    """Whether q's tiles move in vectors by Triton's own 16-divisibility specialisation: N and q's strides are
+    multiples of 16 (TransXNet's stages 1-2 in the model's layout), so Q_VECTOR is 1 and the compiled kernel differs
+    from the one for N = 196 (Q_VECTOR = 4) or 49 (scalar)."""
+    return _query_alignment(q) > 1 and _query_vector(q) == 1
 
 
 def _query_vector(q: torch.Tensor) -> int:
