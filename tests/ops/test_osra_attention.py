@@ -519,6 +519,22 @@ def test_triton_short_path_rows_per_program():
     assert fp32_fwd == [(128, 8), (64, 8), (32, 2), (16, 4)]
 
 
+def test_triton_short_forward_register_budget():
+    """The half-precision forward at 128 query rows launches under a 128-register budget on sm_90+ (two 8-warp
+    blocks per SM, `_SHORT_FWD_HALF_REGISTERS_SM90`); not on sm_8x, not in fp32, not at 64 rows (N = 49)."""
+    from transxnet_kernels.triton import common
+    from transxnet_kernels.triton import osra_attention as triton_osra
+
+    def budgeted(capability, N, dtype=torch.bfloat16):
+        q = torch.empty(1, 1, 24, N, dtype=dtype).transpose(-1, -2)
+        k = torch.empty(1, 1, 49, 24, dtype=dtype)
+        with common.launch_overrides(common.LaunchTarget(sm_count=132, interpreted=False, capability=capability)):
+            return triton_osra._short_fwd_register_budget(q, triton_osra._short_config(q, k, None, "fwd"))
+
+    assert budgeted(90, 3136) and budgeted(90, 196, torch.float16)
+    assert not any([budgeted(80, 3136), budgeted(86, 3136), budgeted(90, 3136, torch.float32), budgeted(90, 49)])
+
+
 @requires_triton
 def test_triton_scale_tensor_made_once_per_scale_dtype_and_device(monkeypatch):
     """The scale the kernels read by pointer is one tensor per (scale, accumulation dtype, device), kept (up to a

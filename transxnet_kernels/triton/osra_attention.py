@@ -32,8 +32,9 @@ Two paths (`_short_path` picks per call):
     (`balanced_batch_groups`), and q, out, dO, dq and lse tiles move in vectors along the queries wherever a power
     of two divides N and q's strides (`_query_alignment`; the kernels' Q_VECTOR at N = 196, stage 3, where Triton's
     16-divisibility specialisation sees none and every element was a scalar load or store with its own address
-    and mask). The fp16/bf16 forward's per-row log of the softmax sum is the hardware's approximate one
-    (`_log_row_sum`).
+    and mask). The fp16/bf16 forward's per-row log and reciprocal of the softmax sum are the hardware's approximate
+    ones (`_log_row_sum`, `_reciprocal_row_sum`); its 128-row kernel on sm_90 runs under a 128-register budget
+    (`_SHORT_FWD_HALF_REGISTERS_SM90`: two blocks per SM).
     Static audit, Triton 3.8, batch 128, bf16, H100 SXM, µs (before -> now / DRAM roofline): T/S/B stage 3
     forward 8.7 -> 6.9 / 4.3, 10.8 -> 8.6 / 6.2, 14.4 -> 10.9 / 6.6; backward (128 query rows per program, which
     spilled with scalar q loads) 28.4 -> 24.9 / 8.7, 32.4 -> 22.7 / 12.3, 46.3 -> 36.3 / 13.2.
@@ -130,6 +131,18 @@ def _log_row_sum(l, HALF: tl.constexpr):
         return libdevice.fast_logf(l)
     else:
         return tl.log(l)
+
+
+@triton.jit
+def _reciprocal_row_sum(l, HALF: tl.constexpr):
+    """1 / l of a softmax row sum (l in [1, M]). HALF (fp16/bf16 inputs): the hardware's approximate reciprocal and
+    one multiply (libdevice's fast_dividef, error ~2 ulp like Triton's division), where that division (div.full)
+    adds range checks and scalings per row that l never needs. fp32 (untried with it), fp64 and the interpreter:
+    1 / l."""
+    if HALF and not INTERPRETED:
+        return libdevice.fast_dividef(tl.zeros_like(l) + 1.0, l)
+    else:
+        return 1.0 / l
 
 
 @triton.jit
@@ -261,6 +274,7 @@ def _osra_fwd_short_kernel(
     group = tl.program_id(2).to(tl.int64)
     scale = tl.load(scale_ptr)
     scale_log2 = scale * _log2e(scale)  # exp(x * scale) = exp2(x * scale_log2)
+    HALF: tl.constexpr = q_ptr.dtype.element_ty.is_fp16() or q_ptr.dtype.element_ty.is_bf16()
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
@@ -303,13 +317,9 @@ def _osra_fwd_short_kernel(
         m = tl.max(s, 1)
         p = tl.exp2(s * scale_log2 - (m * scale_log2)[:, None])
         l = tl.sum(p, 1)
-        out = tl.dot(p.to(v.dtype), v, input_precision=PRECISION) * (1.0 / l)[:, None]
+        out = tl.dot(p.to(v.dtype), v, input_precision=PRECISION) * _reciprocal_row_sum(l, HALF)[:, None]
         tl.store(out_ptr + (q_slice + nd_offs), out.to(out_ptr.dtype.element_ty), mask=nd_mask)
-        tl.store(
-            lse_ptr + (lse_slice + offs_n),
-            m * scale + _log_row_sum(l, q.dtype.is_fp16() or q.dtype.is_bf16()),
-            mask=mask_n,
-        )
+        tl.store(lse_ptr + (lse_slice + offs_n), m * scale + _log_row_sum(l, HALF), mask=mask_n)
 
 
 @triton.jit(
@@ -1073,6 +1083,12 @@ _SHORT_BWD_FP32_WARPS_UNSPECIALISED = 4
 # backward, 64 -> 128 rows, us (DRAM roofline): T stage 1 95.1 -> 71.8 (41.1), stage 2 56.8 -> 44.5 (21.4); B stage 1
 # 173.9 -> 121.0 (65.8), stage 2 101.0 -> 73.8 (34.3).
 _SHORT_BWD_ROWS_ALIGNED = 128
+# The fp16/bf16 forward at 128 rows on sm_90+ under a register budget: unbudgeted, ptxas took 135 registers (Triton
+# 3.8), one 8-warp block per SM where 125 had allowed two, for 0.6% fewer issued instructions; at 128 it runs two
+# blocks again with no spill (Triton 3.6 and 3.8). The static audit counts the instructions, not the latency the
+# second block hides. (sm_86 spilled 16-32 B at 128, the int64-offset variant 40-56 B; sm_80 has run one block per
+# SM at 143-154 registers.)
+_SHORT_FWD_HALF_REGISTERS_SM90 = {"maxnreg": 128}
 
 
 def _short_bwd_rows_aligned(q: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
@@ -1084,6 +1100,13 @@ def _short_bwd_rows_aligned(q: torch.Tensor, bias: Optional[torch.Tensor]) -> bo
         return True
     shared_16bit_bias = bias is not None and not _bias_per_batch(bias) and bias.element_size() == 2
     return capability == 80 and shared_16bit_bias and _query_vectors_specialised(q)
+
+
+def _short_fwd_register_budget(q: torch.Tensor, cfg: _Config) -> bool:
+    """Whether the one-pass forward launches under _SHORT_FWD_HALF_REGISTERS_SM90 (see there) when its offsets fit
+    int32."""
+    half = q.dtype in (torch.float16, torch.bfloat16)
+    return half and cfg.block_n == 128 and not 0 < launch_target(q.device).capability < 90
 
 
 def _short_dbias_in_registers(q: torch.Tensor, block_n: int) -> bool:
@@ -1361,6 +1384,7 @@ def _forward_short(q, k, v, bias, scale, out, lse):
     cfg = _short_config(q, k, bias, "fwd")
     n_blocks = cdiv(N, cfg.block_n)
     groups, batches_per_group = _short_path_groups(bias, B, n_blocks * h, q.device, backward=False)
+    index64 = not fits_int32(q.device, *_short_path_spans(q, k, bias, "fwd"))
     with device_guard(q):
         _osra_fwd_short_kernel[(n_blocks, h, groups)](
             q,
@@ -1385,10 +1409,11 @@ def _forward_short(q, k, v, bias, scale, out, lse):
             BLOCK_N=cfg.block_n,
             BLOCK_M=cfg.block_m,
             BLOCK_D=cfg.block_d,
-            INDEX64=not fits_int32(q.device, *_short_path_spans(q, k, bias, "fwd")),
+            INDEX64=index64,
             Q_VECTOR=_query_vector(q),
             num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
+            **(_SHORT_FWD_HALF_REGISTERS_SM90 if _short_fwd_register_budget(q, cfg) and not index64 else {}),
         )
 
 
