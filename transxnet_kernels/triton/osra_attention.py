@@ -1055,9 +1055,9 @@ SHORT_PATH_MAX_KEYS = 64
 # runs the flash kernels, see _short_path) 16 rows on 8 warps (4 at stages 3-4: _SHORT_BWD_FP32_WARPS_UNSPECIALISED):
 # 64 rows spilled 2.0-2.3 KB per thread, 16 on 4 warps 0.8 KB in an earlier form of the kernel (T stage 1 estimate
 # on H100: 340 us, against 213 us for the spilling 64 rows, whose spill traffic the estimate does not count, and
-# 457 us for the flash kernels). The forward on sm_8x (`_SHORT_BLOCKS_SM8X`)
-# 16 rows on 4 warps, 1 stage: 64 rows on 4 warps spilled 0.8-1.7 KB (2 stages or 1), 32 rows 0.6-1.3 KB (2, 4
-# or 8 warps); T stage 1 estimate on A100 164 us (113 us for the spilling 64 rows, 372 us for the flash kernel).
+# 457 us for the flash kernels). The forward on sm_8x (`_SHORT_BLOCKS_SM8X`) 16 rows on 4 warps, 1 stage: 64 rows
+# on 4 warps spilled 0.8-1.7 KB (2 stages or 1), 32 rows 0.6-1.3 KB (2, 4 or 8 warps); T stage 1 estimate on A100
+# 164 us (113 us for the spilling 64 rows, 372 us for the flash kernel).
 _SHORT_BLOCKS = {
     ("fwd", True): (128, 8, 1),
     ("bwd", True): (64, 8, 1),
@@ -1103,8 +1103,8 @@ def _short_bwd_rows_aligned(q: torch.Tensor, bias: Optional[torch.Tensor]) -> bo
 
 
 def _short_fwd_register_budget(q: torch.Tensor, cfg: _Config) -> bool:
-    """Whether the one-pass forward launches under _SHORT_FWD_HALF_REGISTERS_SM90 (see there) when its offsets fit
-    int32."""
+    """Whether the one-pass forward launches under _SHORT_FWD_HALF_REGISTERS_SM90 (see there); the launcher also
+    needs its offsets in int32 (the int64 variant spilled under the budget)."""
     half = q.dtype in (torch.float16, torch.bfloat16)
     return half and cfg.block_n == 128 and not 0 < launch_target(q.device).capability < 90
 
