@@ -281,7 +281,7 @@ def test_unrolled_loops_count_their_instructions_per_trip():
 
 
 _ISSUE_TIME_CHECK = r"""
-from benchmarks.gpu_audit import GPUS, Launch, issue_seconds
+from benchmarks.gpu_audit import GPUS, Launch, issue_seconds, launch_seconds
 
 h100 = GPUS["sm_90"]
 clock = h100.clock_ghz * 1e9
@@ -301,13 +301,30 @@ assert cycles(133, 8) == 400 and cycles(133, 8, registers=255) == 400
 assert cycles(132, 1) == 100 and cycles(264, 1) == 100
 # ... and 16 of them keep all four busy.
 assert cycles(132 * 16, 1) == 400
+
+# The FP32-pipe bound: on A100 (16 FP32 lanes per scheduler) an fp-category instruction holds 2 issue slots, so a
+# body of 100 instructions, 80 of them fp, costs 160 slots there (and 100 where fp is under half); on H100 it is the
+# estimate itself.
+a100 = GPUS["sm_80"]
+launch = Launch("kernel", "forward", (108, 1, 1), 8, "", {}, {"kernel:i": 108 * 10}, ())
+loop = {"source_loop": "kernel:i", "body": {"total": 50, "fp": 10}}
+sass = {"outside_loops": {"total": 100, "fp": 80}, "loops": [loop]}
+result = {"registers": 64, "smem_bytes": 0, "sass": sass, "unused_pointer_args": []}
+assert (a100.fp32_pipe_slots, h100.fp32_pipe_slots) == (2, 1)
+assert round(issue_seconds(launch, result, a100) * a100.clock_ghz * 1e9, 6) == (100 + 10 * 50) * 8 / 4
+assert round(issue_seconds(launch, result, a100, 2) * a100.clock_ghz * 1e9, 6) == (160 + 10 * 50) * 8 / 4
+times = launch_seconds(launch, result, a100)
+assert times["fp32_pipe_estimate_s"] > times["estimate_s"] == times["issue_s"]
+times = launch_seconds(launch, result, h100)
+assert times["fp32_pipe_estimate_s"] == times["estimate_s"]
 """
 
 
 def test_issue_time_is_the_busiest_sms():
     """The issue term: the busiest SM's programs (wave tails) at min(4 schedulers, resident warps) instructions
     a clock. Thread-plane launches of one-warp programs, two per SM, issue at half the rate the audit charged
-    them before this term. (In a subprocess: the audit module needs compiled Triton.)"""
+    them before this term. The FP32-pipe bound beside it: fp-category instructions at 2 slots on A100, none on
+    H100. (In a subprocess: the audit module needs compiled Triton.)"""
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", _ISSUE_TIME_CHECK], cwd=ROOT, env=env, capture_output=True, text=True)
