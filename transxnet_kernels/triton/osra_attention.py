@@ -162,6 +162,8 @@ def _scores_init(
         return tl.zeros([BLOCK_N, BLOCK_M], scale.dtype) + key_pad[None, :]
 
 
+# Not shared with `_scores_init` (which could be `_scores_from_raw_bias` of this tile): built that way, the fp32 path's
+# code changed and the sm_90 fp16 backward at stage 3 spilled 32 B (Triton 3.8).
 @triton.jit
 def _bias_tile_raw(bias_ptr, nm_offs, mask_n, mask_m):
     """`_scores_init`'s batch-shared bias tile before its conversion: in the bias's dtype, -inf on padded keys."""
@@ -1466,6 +1468,7 @@ def _backward_short(grad_out, q, k, v, bias, lse, scale, has_dbias, dk, dv):
             BIAS_PER_BATCH=_bias_per_batch(bias),
             HAS_DBIAS=has_dbias,
             DBIAS_IN_REGISTERS=_short_dbias_in_registers(q, cfg.block_n),
+            # sm_8x takes 128 rows only with a batch-shared 16-bit bias (`_short_bwd_rows_aligned`), the tile held raw.
             BIAS_TILE_RAW=0 < launch_target(q.device).capability < 90 and cfg.block_n >= _SHORT_BWD_ROWS_ALIGNED,
             ACC=tl_accumulation_dtype(k.dtype),
             PRECISION=cfg.precision,
