@@ -24,7 +24,8 @@ KERNELS = (
     "_dynconv_kernel",
     "_kernel_grad_partial_kernel",
     "_softmax_chain_kernel",
-    "_mix_kernel",  # IDConv
+    "_mix_kernel",
+    "_mixing_plane_forward_kernel",  # IDConv
     "_forward_kernel",
     "_middle_grad_kernel",
     "_dx_kernel",  # multi-scale depthwise conv, MS-FFN middle

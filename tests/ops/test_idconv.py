@@ -378,35 +378,44 @@ def test_triton_opcheck(bias):
 
 
 @requires_triton
-def test_triton_backward_reuses_the_forwards_kernels(monkeypatch):
+@pytest.mark.parametrize("stencil", ["plane", "tiled"])
+def test_triton_backward_reuses_the_forwards_kernels(stencil, monkeypatch):
     """With gradients recorded the forward keeps its per-sample kernels for the backward, which then mixes
-    nothing (one mix launch, the forward's); the gradients equal those of mixing the kernels again; without
-    gradients nothing is kept."""
+    nothing; the gradients equal those of mixing the kernels again; without gradients nothing is kept. The kept
+    kernels are the reference's mix. Whole planes mix in the conv's own launch (`_mixing_plane_forward_kernel`),
+    other stencils in two `_mix_kernel` launches (kernels and biases) before it."""
+    from transxnet_kernels.triton import common
     from transxnet_kernels.triton import idconv as triton_idconv
 
     args = idconv_args(2, 3, 6, 5, 2, 3, bias=True, dtype=torch.float64, seed=9)
     grad_out = torch.randn(2, 3, 6, 5, dtype=torch.float64, device=DEVICE)
     detached = [t.detach() for t in args]
-    kernels = torch.ops.transxnet_triton.idconv.default(*detached, True)[1]
-    assert kernels.shape == (2, 3, 3, 3)
-    assert torch.ops.transxnet_triton.idconv.default(*detached, False)[1].numel() == 0
-    kept = triton_idconv.idconv_backward(grad_out, *detached, kernels)
-    again = triton_idconv.idconv_backward(grad_out, *detached, None)
-    for name, a, b in zip(("x", "kernel_logits", "weight", "bias_logits", "bias"), kept, again):
-        assert torch.equal(a, b), name
+    plane_max = 16 if stencil == "plane" else 0
+    with common.launch_overrides(triton_idconv.Settings(plane_max=plane_max, plane_columns=16)):
+        assert bool(triton_idconv._Plan(detached[0], 3, conv=True).plane[1]) == (stencil == "plane")
+        kernels = torch.ops.transxnet_triton.idconv.default(*detached, True)[1]
+        assert kernels.shape == (2, 3, 3, 3)
+        assert_rel_close(kernels, reference.idconv_mix(detached[1], detached[2]), 1e-12, "kept kernels")
+        assert torch.ops.transxnet_triton.idconv.default(*detached, False)[1].numel() == 0
+        kept = triton_idconv.idconv_backward(grad_out, *detached, kernels)
+        again = triton_idconv.idconv_backward(grad_out, *detached, None)
+        for name, a, b in zip(("x", "kernel_logits", "weight", "bias_logits", "bias"), kept, again):
+            assert torch.equal(a, b), name
 
-    mixes = []
-    kernel_class = type(triton_idconv._mix_kernel)  # JITFunction, or the interpreter's InterpretedFunction
-    real_run = kernel_class.run
+        launches = []
+        kernel_class = type(triton_idconv._mix_kernel)  # JITFunction, or the interpreter's InterpretedFunction
+        real_run = kernel_class.run
 
-    def counting_run(fn, *a, **k):
-        mixes.append(fn is triton_idconv._mix_kernel)
-        return real_run(fn, *a, **k)
+        def recording_run(fn, *a, **k):
+            launches.append(fn)
+            return real_run(fn, *a, **k)
 
-    monkeypatch.setattr(kernel_class, "run", counting_run)
-    with TRITON.active():
-        tk.idconv(*args).backward(grad_out)
-    assert sum(mixes) == 2  # the forward's kernels and biases; the backward mixes none
+        monkeypatch.setattr(kernel_class, "run", recording_run)
+        with TRITON.active():
+            tk.idconv(*args).backward(grad_out)
+    fused = launches.count(triton_idconv._mixing_plane_forward_kernel)
+    # The forward's mixing; the backward mixes none.
+    assert (launches.count(triton_idconv._mix_kernel), fused) == ((0, 1) if stencil == "plane" else (2, 0))
 
 
 @requires_triton
