@@ -3,6 +3,7 @@ dtypes, NaN-poisoned allocations; then each backend's own paths (Triton: chunkin
 opcheck, torch.compile, determinism; cpp: kernel ISAs, the NHWC kernel limit, forward-only refusals)."""
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -272,6 +273,33 @@ def test_triton_whole_plane_stencils_where_they_apply():
                 assert triton_idconv._Plan(torch.empty(2, 3, H, W, device="meta"), 7, conv=conv).plane == (0, 0, 0)
         with common.launch_overrides(dataclasses.replace(gpu, int32_span_limit=0)):
             assert triton_idconv._Plan(torch.empty(2, 3, 14, 14, device="meta"), 7, conv=True).plane == (0, 0, 0)
+        # Unmasked loads at compile-time strides (ms_ffn._dwconv_plane_k's DENSE) where every map's rows are contiguous.
+        x = torch.empty(128, 112, 14, 14, device="meta")
+        assert triton_idconv._Plan(x, 7, conv=True, others=(torch.empty_like(x),)).plane_dense
+        assert not triton_idconv._Plan(x.to(memory_format=torch.channels_last), 7, conv=True).plane_dense
+        assert not triton_idconv._Plan(x, 7, conv=True, others=(x.to(memory_format=torch.channels_last),)).plane_dense
+        assert not triton_idconv._Plan(torch.empty(2, 3, 28, 28, device="meta"), 7, conv=True).plane_dense
+
+
+@requires_triton
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_triton_non_finite_values_at_the_borders(layout):
+    """Zero padding is exact whatever the map holds: infinities and NaNs at the image borders give the
+    reference's non-finite outputs, position for position (the dense whole-plane stencil reads zeros outside the
+    image, never a neighbouring row times a zero tap)."""
+    args = idconv_args(2, 5, 7, 7, 2, 7, dtype=torch.float64, layout=layout, seed=4, grad=False)
+    x = args[0].clone()
+    x[0, 0, 3, 0] = math.inf
+    x[0, 2, 0, 6] = -math.inf
+    x[1, 4, 6, 6] = math.nan
+    with TRITON.active():
+        out = tk.idconv(x, *args[1:])
+    ref = reference.idconv(x, *args[1:])
+    assert torch.equal(torch.isnan(out), torch.isnan(ref))
+    assert torch.equal(torch.isinf(out), torch.isinf(ref)) and torch.isinf(ref).any()
+    assert torch.equal(out[torch.isinf(ref)], ref[torch.isinf(ref)])
+    finite = torch.isfinite(ref)
+    assert_rel_close(out[finite], ref[finite], 1e-10, "finite outputs")
 
 
 # Small planes on both stencil families: the whole-plane one with several channel blocks (2 columns of 8 per

@@ -240,6 +240,47 @@ def test_triton_whole_plane_stencil_where_it_applies():
 
 
 @requires_triton
+def test_triton_dense_whole_planes_where_rows_are_contiguous():
+    """Whole planes read with unmasked loads and compile-time strides (`plane_dense`) only where every map of the
+    pass has contiguous rows: NCHW, not channels_last, not rows padded past W, not a plan with such another map."""
+    from transxnet_kernels.triton import common, ms_ffn
+
+    def dense(x, *others):
+        return ms_ffn._plan(x, [2, 3], [3, 7], *others).plane_dense
+
+    x = torch.empty(8, 5, 14, 14, device="meta")
+    with common.launch_overrides(common.LaunchTarget(sm_count=132, interpreted=False)):
+        assert dense(x) and dense(x, torch.empty_like(x))
+        assert dense(torch.empty(8, 9, 14, 14, device="meta")[:, 2:7])  # a channel slice keeps its rows
+        assert not dense(x.to(memory_format=torch.channels_last))
+        assert not dense(x, x.to(memory_format=torch.channels_last))
+        assert not dense(torch.empty(8, 5, 14, 16, device="meta")[..., :14])
+        assert not dense(torch.empty(8, 5, 20, 20, device="meta"))  # no whole planes: the strips or tiles
+
+
+@requires_triton
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_triton_non_finite_values_at_the_borders(layout):
+    """Zero padding is exact whatever the map holds: infinities and NaNs at the image borders give the
+    reference's non-finite outputs, position for position (the dense whole-plane stencil reads zeros from a zero
+    plane outside the image, never a neighbouring row times a zero tap)."""
+    x, weights, biases = msdw_args([2, 2, 3], [3, 5, 7], 2, 9, 10, dtype=torch.float64, layout=layout, grad=False)
+    x = x.clone()
+    x[0, 0, 4, 0] = math.inf  # left border
+    x[0, 3, 0, 9] = -math.inf  # right border, top row
+    x[1, 5, 8, 9] = math.nan  # bottom-right corner
+    x[1, 6, 3, 0] = math.inf
+    with TRITON.active():
+        out = tk.multiscale_dwconv(x, weights, biases)
+    ref = reference.multiscale_dwconv(x, weights, biases)
+    assert torch.equal(torch.isnan(out), torch.isnan(ref))
+    assert torch.equal(torch.isinf(out), torch.isinf(ref)) and torch.isinf(ref).any()
+    assert torch.equal(out[torch.isinf(ref)], ref[torch.isinf(ref)])
+    finite = torch.isfinite(ref)
+    assert_rel_close(out[finite], ref[finite], 1e-10, "finite outputs")
+
+
+@requires_triton
 def test_triton_whole_plane_launches_with_unequal_batch_splits(nan_poisoned_empty):
     """One launch per kernel size, each splitting the batch for its own channel blocks: the k = 3 launch (four
     one-channel blocks) splits a batch of 4 once, the k = 5 launch (one block) four times, so the weight

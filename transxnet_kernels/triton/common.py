@@ -97,22 +97,28 @@ def keep_bounded(cache: Dict, key, value, bound: int) -> None:
     cache[key] = value
 
 
-# (value, dtype, device) -> a one-element tensor holding value: for kernels that need a float argument in fp64
-# (Triton's float arguments are fp32), read by pointer. Bounded for callers that vary the value (oldest first).
-_SCALARS: Dict[Tuple[float, torch.dtype, torch.device], torch.Tensor] = {}
+# (value, numel, dtype, device) -> a tensor filled with value: for kernels that need a float argument in fp64
+# (Triton's float arguments are fp32), read by pointer, or a plane of zeros to read. Bounded for callers that vary
+# the value (oldest first).
+_SCALARS: Dict[Tuple[float, int, torch.dtype, torch.device], torch.Tensor] = {}
 _SCALARS_KEPT = 64
 
 
 def kept_scalar(value: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """`value` as a one-element tensor of `dtype` on `device`, made once and kept instead of filled at every call
-    (a launch on a GPU). Made afresh while a CUDA graph is captured (it would live in the graph's memory pool);
-    a kept one's fill is waited for, so that any stream may read it at once."""
+    """`value` as a one-element tensor of `dtype` on `device` (`kept_filled`)."""
+    return kept_filled(value, 1, dtype, device)
+
+
+def kept_filled(value: float, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A tensor of `numel` elements of `dtype` on `device`, all `value`, made once and kept instead of filled at every
+    call (a launch on a GPU); kernels only read it. Made afresh while a CUDA graph is captured (it would live in the
+    graph's memory pool); a kept one's fill is waited for, so that any stream may read it at once."""
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return torch.full((1,), value, dtype=dtype, device=device)
-    key = (value, dtype, device)
+        return torch.full((numel,), value, dtype=dtype, device=device)
+    key = (value, numel, dtype, device)
     kept = _SCALARS.get(key)
     if kept is None:
-        kept = torch.full((1,), value, dtype=dtype, device=device)
+        kept = torch.full((numel,), value, dtype=dtype, device=device)
         if device.type == "cuda":
             torch.cuda.current_stream(device).synchronize()
         keep_bounded(_SCALARS, key, kept, _SCALARS_KEPT)

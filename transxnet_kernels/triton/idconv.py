@@ -108,6 +108,7 @@ from .common import (
     balanced_batch_groups,
     cdiv,
     device_guard,
+    kept_filled,
     launch_settings,
     launch_target,
     needs_int64,
@@ -122,6 +123,8 @@ from .ms_ffn import (
     _chunk_ptrs,
     _chunk_strides,
     _chunked_hw,
+    _dense_plane_conv_store,
+    _dense_rows,
     _dwconv_plane_k,
     _dwconv_strip_vec_k,
     _dwconv_tile_vec_k,
@@ -346,6 +349,7 @@ def _plane_conv_store(
     dst_stride_c,
     dst_stride_h,
     dst_stride_w,
+    zero_plane,
     K: tl.constexpr,
     FLIP: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -355,37 +359,63 @@ def _plane_conv_store(
     PLANE_H: tl.constexpr,
     PLANE_W: tl.constexpr,
     PLANE_WP: tl.constexpr,
+    PLANE_DENSE: tl.constexpr,
 ):
     """dst = the whole-plane conv of src (channels c, a thread per (channel, column): ms_ffn._dwconv_plane_k) with
-    the K^2 taps in registers, plus beta [BLOCK_C] where HAS_BIAS."""
-    HP: tl.constexpr = BLOCK_P // PLANE_WP
-    rows = _dwconv_plane_k(
-        src,
-        taps,
-        c,
-        c_ok,
-        src_stride_c,
-        src_stride_h,
-        src_stride_w,
-        K,
-        FLIP,
-        False,
-        ACC,
-        BLOCK_C,
-        PLANE_H,
-        PLANE_W,
-        HP,
-        PLANE_WP,
-    )
-    acc = _rows_to_tile(rows, HP, PLANE_WP, BLOCK_C)
-    if HAS_BIAS:
-        acc += beta[:, None]
-    p = tl.arange(0, BLOCK_P)
-    h = p // PLANE_WP
-    w = p % PLANE_WP
-    ok = c_ok[:, None] & ((h < PLANE_H) & (w < PLANE_W))[None, :]
-    out_offs = c[:, None] * dst_stride_c + (h * dst_stride_h + w * dst_stride_w)[None, :]
-    tl.store(dst + out_offs, acc.to(dst.dtype.element_ty), mask=ok)
+    the K^2 taps in registers, plus beta [BLOCK_C] where HAS_BIAS; dense planes store it row by row
+    (ms_ffn._dense_plane_conv_store)."""
+    if PLANE_DENSE:
+        _dense_plane_conv_store(
+            src,
+            dst,
+            taps,
+            beta,
+            c,
+            c_ok,
+            src_stride_c,
+            dst_stride_c,
+            zero_plane,
+            K,
+            FLIP,
+            False,
+            HAS_BIAS,
+            ACC,
+            BLOCK_C,
+            PLANE_H,
+            PLANE_W,
+            PLANE_WP,
+        )
+    else:
+        HP: tl.constexpr = BLOCK_P // PLANE_WP
+        rows = _dwconv_plane_k(
+            src,
+            taps,
+            c,
+            c_ok,
+            src_stride_c,
+            src_stride_h,
+            src_stride_w,
+            zero_plane,
+            K,
+            FLIP,
+            False,
+            ACC,
+            BLOCK_C,
+            PLANE_H,
+            PLANE_W,
+            HP,
+            PLANE_WP,
+            PLANE_DENSE,
+        )
+        acc = _rows_to_tile(rows, HP, PLANE_WP, BLOCK_C)
+        if HAS_BIAS:
+            acc += beta[:, None]
+        p = tl.arange(0, BLOCK_P)
+        h = p // PLANE_WP
+        w = p % PLANE_WP
+        ok = c_ok[:, None] & ((h < PLANE_H) & (w < PLANE_W))[None, :]
+        out_offs = c[:, None] * dst_stride_c + (h * dst_stride_h + w * dst_stride_w)[None, :]
+        tl.store(dst + out_offs, acc.to(dst.dtype.element_ty), mask=ok)
 
 
 @triton.jit(
@@ -425,6 +455,7 @@ def _dynconv_kernel(
     n_cblocks,
     n_chunks,
     chunk_len,
+    zero_plane_ptr,
     K: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_P: tl.constexpr,
@@ -436,6 +467,7 @@ def _dynconv_kernel(
     PLANE_H: tl.constexpr,
     PLANE_W: tl.constexpr,
     PLANE_WP: tl.constexpr,
+    PLANE_DENSE: tl.constexpr,
     STRIP: tl.constexpr,
 ):
     """dst[b,c] = src[b,c] ⋆ k[b,c] (+ β[b,c]) with k, β already synthesized ([B, C, K²], [B, C]); FLIP
@@ -483,6 +515,7 @@ def _dynconv_kernel(
             dst_stride_c,
             dst_stride_h,
             dst_stride_w,
+            zero_plane_ptr,
             K,
             FLIP,
             HAS_BIAS,
@@ -492,6 +525,7 @@ def _dynconv_kernel(
             PLANE_H,
             PLANE_W,
             PLANE_WP,
+            PLANE_DENSE,
         )
     elif STRIP > 0:
         CHUNKS: tl.constexpr = BLOCK_P // 4
@@ -609,6 +643,7 @@ def _mixing_plane_forward_kernel(
     dst_stride_h,
     dst_stride_w,
     n_cblocks,
+    zero_plane_ptr,
     G: tl.constexpr,
     K: tl.constexpr,
     KK_PAD: tl.constexpr,
@@ -620,6 +655,7 @@ def _mixing_plane_forward_kernel(
     PLANE_H: tl.constexpr,
     PLANE_W: tl.constexpr,
     PLANE_WP: tl.constexpr,
+    PLANE_DENSE: tl.constexpr,
 ):
     """The whole-plane forward with the mix fused: a program per (sample, channel block) mixes its channels' kernels
     from the logits as a [channels, taps] tile (each tap once, spread over the program's threads), stores them to
@@ -655,6 +691,7 @@ def _mixing_plane_forward_kernel(
         dst_stride_c,
         dst_stride_h,
         dst_stride_w,
+        zero_plane_ptr,
         K,
         False,
         HAS_BIAS,
@@ -664,6 +701,7 @@ def _mixing_plane_forward_kernel(
         PLANE_H,
         PLANE_W,
         PLANE_WP,
+        PLANE_DENSE,
     )
 
 
@@ -953,6 +991,7 @@ class _Plan:
         # Planes of at most plane_max rows and columns (stages 3-4 at 224^2, either layout) run the whole-plane
         # stencils: a program per (sample, channel block), the plane padded to powers of 2, one chunk.
         self.plane = _plane_shape(H, W, self.index64, self.settings)
+        self.plane_dense = bool(self.plane[1]) and _dense_rows(x, *others)
         # Elsewhere NCHW rows of a multiple of 4 pixels run the chunked stencils (ms_ffn._vectorisable), with
         # int32 in-plane offsets only, in strips of rows unless strip_rows is 0; the dk pass then tiles like a
         # conv pass (per-thread partials per tap).
@@ -991,9 +1030,10 @@ class _Plan:
         """A program per (sample, channel block, position chunk)."""
         return (self.batch * self.n_cblocks * self.n_chunks,)
 
-    def constexprs(self) -> dict:
-        """The stencil choice's compile-time arguments, shared by the conv and dk kernels."""
-        return dict(
+    def constexprs(self, conv: bool = True) -> dict:
+        """The stencil choice's compile-time arguments, shared by the conv and dk kernels (conv=False: the dk pass,
+        whose stencil takes no PLANE_DENSE)."""
+        constexprs = dict(
             BLOCK_C=self.block_c,
             BLOCK_P=self.block_p,
             INDEX64=self.index64,
@@ -1001,9 +1041,20 @@ class _Plan:
             PLANE_H=self.plane[0],
             PLANE_W=self.plane[1],
             PLANE_WP=self.plane[2],
+            PLANE_DENSE=self.plane_dense,
             STRIP=self.strip,
             num_warps=self.num_warps,
         )
+        if not conv:
+            constexprs.pop("PLANE_DENSE")
+        return constexprs
+
+    def zero_plane(self, src: torch.Tensor) -> torch.Tensor:
+        """The zeros a dense whole-plane conv pass reads outside the image (ms_ffn._dwconv_plane_k), in src's dtype;
+        src itself (not read) otherwise."""
+        if not self.plane_dense:
+            return src
+        return kept_filled(0.0, self.plane[0] * self.plane[1], src.dtype, src.device)
 
 
 def _half(logits: torch.Tensor) -> bool:
@@ -1064,6 +1115,7 @@ def _launch_dynconv(
             plan.n_cblocks,
             plan.n_chunks,
             plan.chunk_len,
+            plan.zero_plane(src),
             K=K,
             FLIP=flip,
             HAS_BIAS=has_bias,
@@ -1104,6 +1156,7 @@ def _launch_mixing_plane_forward(
             *x.stride(),
             *out.stride(),
             plan.n_cblocks,
+            plan.zero_plane(x),
             G=G,
             K=K,
             KK_PAD=plan.kk_pad,
@@ -1225,7 +1278,7 @@ def idconv_backward(
             K=K,
             KK_PAD=plan.kk_pad,
             ACC=tl_accumulation_dtype(x.dtype),
-            **plan.constexprs(),
+            **plan.constexprs(conv=False),
             # Whole planes hold the K^2 weight-gradient partials at once: ptxas's budget (72 registers on 2 warps)
             # spilled 16 B (fp16, 7 x 7, sm_80, Triton 3.8).
             **(NO_REGISTER_BUDGET if plan.plane[1] else {}),

@@ -46,7 +46,13 @@ per-thread partial per tap. Planes of at most 16 x 16 (`Settings.plane_max`; sta
 the whole-plane stencil `_dwconv_plane_k`: a thread owns one channel's column and all H of its outputs; per kernel
 column it loads the shifted column once (H loads, one mask) and adds its K vertical taps to every output row as FMAs
 between registers, rows outside the image skipped at compile time; one launch per kernel size (KMAX is the block's k,
-heaviest first), the residual taken from the centre column. Their weight gradient (`_wgrad_plane_k`) sweeps the
+heaviest first), the residual taken from the centre column. Where every map of the pass has contiguous rows (NCHW:
+`_dense_rows`, the plan's plane_dense) its loads are unmasked at compile-time row offsets: a column's lanes outside the
+image read a kept plane of zeros (`_Plan.zero_plane`, one pointer select per column shift) where a masked load paid an
+instruction to zero its register, exact zero padding whatever the map holds; and a pass that only convolves (the
+multi-scale forward, the dx passes, IDConv's) stores row by row from the stencil's row tiles
+(`_dense_plane_conv_store`: one mask for all rows, compile-time offsets) where the [channels, plane] tile cost
+per-element offsets, masks and registers. Their weight gradient (`_wgrad_plane_k`) sweeps the
 program's images again after its per-image loop: per image the thread's own g column once and each shifted x column once
 (read again; L2 should hold them), into K^2 per-thread partials held across the images, one cross-column sum per tap at
 the end. The middle's dz pass reads back the dz it stored after a barrier; there dz is kept in fp32 for half x (rounded,
@@ -154,6 +160,7 @@ from .common import (
     device_guard,
     fewest_batch_groups,
     keep_bounded,
+    kept_filled,
     kept_scalar,
     launch_settings,
     launch_target,
@@ -690,6 +697,16 @@ def _plane_column(src_columns, m, dj, stride_w, stride_h, H: tl.constexpr, ACC: 
 
 
 @triton.jit
+def _dense_plane_column(column, H: tl.constexpr, W: tl.constexpr, ACC: tl.constexpr):
+    """The H rows of `column` (pointers to row 0) of dense-row planes (row stride W, compile-time: the rows are
+    immediate offsets from it), unmasked."""
+    vals = ()
+    for r in tl.static_range(H):
+        vals = vals + (tl.load(column + r * W).to(ACC),)
+    return vals
+
+
+@triton.jit
 def _dwconv_plane_k(
     src,
     taps,
@@ -698,6 +715,7 @@ def _dwconv_plane_k(
     stride_c,
     stride_h,
     stride_w,
+    zero_plane,
     K: tl.constexpr,
     TRANSPOSE: tl.constexpr,
     ADD_SRC: tl.constexpr,
@@ -707,6 +725,7 @@ def _dwconv_plane_k(
     W: tl.constexpr,
     HP: tl.constexpr,
     WP: tl.constexpr,
+    DENSE: tl.constexpr,
 ):
     """_dwconv_tile_k for a whole plane of compile-time H x W: a thread owns one channel's column w and all H of
     its outputs (HP row tiles [BLOCK_C, WP], rows >= H zero). Per kernel column it loads the column w + dj once
@@ -714,18 +733,28 @@ def _dwconv_plane_k(
     registers: rows outside the image are skipped at compile time, so no tap has a mask of its own, and each
     loaded value serves K outputs (the one-load-per-tap form: one load, its address and mask per tap). The K^2
     taps come in registers (`_stencil_taps`, loaded by the caller before its loop over images). ADD_SRC:
-    plus src itself (the residual), from the centre column already loaded."""
+    plus src itself (the residual), from the centre column already loaded.
+    DENSE (rows contiguous: stride_w 1 and stride_h W, which the launcher checks): the loads are not masked. A
+    masked load pays an instruction to zero its register first (98 of the K = 7 bf16 forward's 1022 per image on
+    sm_90); here a column's lanes outside the image read `zero_plane` (H * W zeros in src's dtype) instead, one
+    pointer select per column shift, and lanes of padding channels read channel 0 (their outputs are not stored):
+    the same zeros as masking, exactly, whatever the map holds."""
     R: tl.constexpr = K // 2
     w = tl.arange(0, WP)
-    columns = src + cs[:, None] * stride_c + w[None, :] * stride_w
+    if DENSE:
+        channels = src + tl.where(cmask, cs, 0)[:, None] * stride_c
+    else:
+        columns = src + cs[:, None] * stride_c + w[None, :] * stride_w
     acc = ()
     for _ in tl.static_range(HP):
         acc = acc + (tl.zeros([BLOCK_C, WP], ACC),)
     for j in tl.static_range(K):
         dj = (j - R) * (1 - 2 * TRANSPOSE)
-        vals = _plane_column(
-            columns, cmask[:, None] & ((w + dj >= 0) & (w + dj < W))[None, :], dj, stride_w, stride_h, H, ACC
-        )
+        inside = (w + dj >= 0) & (w + dj < W)
+        if DENSE:
+            vals = _dense_plane_column(tl.where(inside[None, :], channels + (w + dj)[None, :], zero_plane), H, W, ACC)
+        else:
+            vals = _plane_column(columns, cmask[:, None] & inside[None, :], dj, stride_w, stride_h, H, ACC)
         for i in tl.static_range(K):
             tap = taps[i * K + j]
             # Output row ho takes input row ho + the tap's row shift (compile-time indices and bounds).
@@ -817,6 +846,44 @@ def _wgrad_plane_k(
 
 
 @triton.jit
+def _dense_plane_conv_store(
+    src,
+    dst,
+    taps,
+    shift,
+    cs,
+    cmask,
+    src_stride_c,
+    dst_stride_c,
+    zero_plane,
+    K: tl.constexpr,
+    TRANSPOSE: tl.constexpr,
+    ADD_SRC: tl.constexpr,
+    SHIFT: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    H: tl.constexpr,
+    W: tl.constexpr,
+    WP: tl.constexpr,
+):
+    """dst = the whole-plane stencil of src (`_dwconv_plane_k`, DENSE: both maps' rows contiguous) (+ shift [BLOCK_C]
+    where SHIFT), stored row by row from the stencil's row tiles: one mask for every row and each row at a
+    compile-time offset (the [channels, plane] tile's per-element offsets and masks took 31 of the K = 7 bf16
+    forward's 937 instructions per image on sm_90, and ~40 registers)."""
+    rows = _dwconv_plane_k(
+        src, taps, cs, cmask, src_stride_c, W, 1, zero_plane, K, TRANSPOSE, ADD_SRC, ACC, BLOCK_C, H, W, H, WP, True
+    )
+    w = tl.arange(0, WP)
+    row_offs = cs[:, None] * dst_stride_c + w[None, :]
+    row_mask = cmask[:, None] & (w < W)[None, :]
+    for r in tl.static_range(H):
+        out = rows[r]
+        if SHIFT:
+            out += shift[:, None]
+        tl.store(dst + row_offs + r * W, out.to(dst.dtype.element_ty), mask=row_mask)
+
+
+@triton.jit
 def _plane_taps(
     weight_ptr, cs, cmask, KMAX: tl.constexpr, KK_STRIDE: tl.constexpr, ACC: tl.constexpr, PLANE_W: tl.constexpr
 ):
@@ -844,6 +911,7 @@ def _dwconv_tile(
     stride_w,
     H,
     W,
+    zero_plane,
     KMAX: tl.constexpr,
     KK_STRIDE: tl.constexpr,
     TRANSPOSE: tl.constexpr,
@@ -855,6 +923,7 @@ def _dwconv_tile(
     PLANE_H: tl.constexpr,
     PLANE_W: tl.constexpr,
     PLANE_WP: tl.constexpr,
+    PLANE_DENSE: tl.constexpr,
 ):
     """_dwconv_tile_k (_dwconv_tile_vec_k when VEC) for the channel block's kernel size k (odd, <= KMAX): one
     compiled copy per odd size, picked by a branch that is uniform over the program. PLANE_W > 0: the whole-plane
@@ -871,6 +940,7 @@ def _dwconv_tile(
             stride_c,
             stride_h,
             stride_w,
+            zero_plane,
             KMAX,
             TRANSPOSE,
             ADD_SRC,
@@ -880,6 +950,7 @@ def _dwconv_tile(
             PLANE_W,
             HP,
             PLANE_WP,
+            PLANE_DENSE,
         )
         acc = _rows_to_tile(rows, HP, PLANE_WP, BLOCK_C)
     else:
@@ -1161,6 +1232,7 @@ def _forward_kernel(
     out_stride_c,
     out_stride_h,
     out_stride_w,
+    zero_plane_ptr,
     MODE: tl.constexpr,
     KMAX: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -1172,6 +1244,7 @@ def _forward_kernel(
     PLANE_H: tl.constexpr,
     PLANE_W: tl.constexpr,
     PLANE_WP: tl.constexpr,
+    PLANE_DENSE: tl.constexpr,
 ):
     """MODE _CONV: out = conv(x).  _APPLY: out = GELU(conv(x) + x) * scale + shift.
     _STATS: out = z = conv(x) + x (the pre-activation, in out's dtype) and per-program (count, mean, M2) of
@@ -1199,7 +1272,28 @@ def _forward_kernel(
         n_tile = tl.sum(pmask.to(ACC), axis=0)
     plane_taps = _plane_taps(weight_ptr, cs, cmask, KMAX, KK_STRIDE, ACC, PLANE_W)
     for _ in range(b_lo, b_hi):
-        if MODE == 3:
+        if MODE == 0 and PLANE_DENSE:  # the conv alone: stored row by row
+            _dense_plane_conv_store(
+                x_b,
+                o_b,
+                plane_taps,
+                bias,
+                cs,
+                cmask,
+                x_stride_c,
+                out_stride_c,
+                zero_plane_ptr,
+                KMAX,
+                False,
+                False,
+                True,
+                ACC,
+                BLOCK_C,
+                PLANE_H,
+                PLANE_W,
+                PLANE_WP,
+            )
+        elif MODE == 3:
             z = tl.load(x_b + x_tile, mask=mask, other=0.0).to(ACC)
         else:
             z = (
@@ -1218,6 +1312,7 @@ def _forward_kernel(
                     x_stride_w,
                     H,
                     W,
+                    zero_plane_ptr,
                     KMAX,
                     KK_STRIDE,
                     False,
@@ -1229,12 +1324,13 @@ def _forward_kernel(
                     PLANE_H,
                     PLANE_W,
                     PLANE_WP,
+                    PLANE_DENSE,
                 )
                 + bias[:, None]
             )
-        if MODE == 0 or MODE == 4:
+        if MODE == 4 or (MODE == 0 and not PLANE_DENSE):  # (dense planes stored MODE 0's rows above)
             tl.store(o_b + o_tile, z.to(out_ptr.dtype.element_ty), mask=mask)
-        else:
+        elif MODE != 0:
             if MODE == 2:  # saved for _APPLY_SAVED and the backward; the statistics keep z's full precision
                 tl.store(o_b + o_tile, z.to(out_ptr.dtype.element_ty), mask=mask)
             y = _gelu(z)
@@ -1339,6 +1435,7 @@ def _middle_grad_kernel(
     dz_stride_c,
     dz_stride_h,
     dz_stride_w,
+    zero_plane_ptr,
     STATS: tl.constexpr,
     DZ: tl.constexpr,
     Z_SAVED: tl.constexpr,
@@ -1353,6 +1450,7 @@ def _middle_grad_kernel(
     PLANE_H: tl.constexpr,
     PLANE_W: tl.constexpr,
     PLANE_WP: tl.constexpr,
+    PLANE_DENSE: tl.constexpr,
 ):
     """z = conv(x) + x (Z_SAVED: the forward's, read from z_ptr, laid out as dz; else recomputed),
     y = GELU(z), xhat = (y - mean) * rstd on the tile, then STATS: partial sums of go and go * xhat;
@@ -1409,6 +1507,7 @@ def _middle_grad_kernel(
                 x_stride_w,
                 H,
                 W,
+                zero_plane_ptr,
                 KMAX,
                 KK_STRIDE,
                 False,
@@ -1420,6 +1519,7 @@ def _middle_grad_kernel(
                 PLANE_H,
                 PLANE_W,
                 PLANE_WP,
+                PLANE_DENSE,
             )
             z += bias[:, None]
         go = tl.load(g_b + g_tile, mask=mask, other=0.0).to(ACC)
@@ -1546,6 +1646,7 @@ def _dx_kernel(
     dx_stride_c,
     dx_stride_h,
     dx_stride_w,
+    zero_plane_ptr,
     RESIDUAL: tl.constexpr,
     WGRAD: tl.constexpr,
     KMAX: tl.constexpr,
@@ -1559,6 +1660,7 @@ def _dx_kernel(
     PLANE_H: tl.constexpr,
     PLANE_W: tl.constexpr,
     PLANE_WP: tl.constexpr,
+    PLANE_DENSE: tl.constexpr,
 ):
     """dx = conv_transpose(src) (+ src if RESIDUAL); WGRAD: partial dW = sum src * shifted x, dbias."""
     if VEC:  # strides Triton can prove multiples of 4 (see _multiple_of_4)
@@ -1579,34 +1681,58 @@ def _dx_kernel(
         acc_b = tl.zeros([BLOCK_C], ACC)
     plane_taps = _plane_taps(weight_ptr, cs, cmask, KMAX, KK_STRIDE, ACC, PLANE_W)
     for _ in range(b_lo, b_hi):
-        dx = _dwconv_tile(
-            s_b,
-            weight_ptr,
-            plane_taps,
-            cs,
-            cmask,
-            h,
-            w,
-            pmask,
-            k,
-            src_stride_c,
-            src_stride_h,
-            src_stride_w,
-            H,
-            W,
-            KMAX,
-            KK_STRIDE,
-            True,
-            RESIDUAL,
-            ACC,
-            BLOCK_C,
-            BLOCK_HW,
-            VEC,
-            PLANE_H,
-            PLANE_W,
-            PLANE_WP,
-        )
-        tl.store(dx_b + dx_tile, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        if PLANE_DENSE:
+            _dense_plane_conv_store(
+                s_b,
+                dx_b,
+                plane_taps,
+                cs,
+                cs,
+                cmask,
+                src_stride_c,
+                dx_stride_c,
+                zero_plane_ptr,
+                KMAX,
+                True,
+                RESIDUAL,
+                False,
+                ACC,
+                BLOCK_C,
+                PLANE_H,
+                PLANE_W,
+                PLANE_WP,
+            )
+        else:
+            dx = _dwconv_tile(
+                s_b,
+                weight_ptr,
+                plane_taps,
+                cs,
+                cmask,
+                h,
+                w,
+                pmask,
+                k,
+                src_stride_c,
+                src_stride_h,
+                src_stride_w,
+                H,
+                W,
+                zero_plane_ptr,
+                KMAX,
+                KK_STRIDE,
+                True,
+                RESIDUAL,
+                ACC,
+                BLOCK_C,
+                BLOCK_HW,
+                VEC,
+                PLANE_H,
+                PLANE_W,
+                PLANE_WP,
+                PLANE_DENSE,
+            )
+            tl.store(dx_b + dx_tile, dx.to(dx_ptr.dtype.element_ty), mask=mask)
         if WGRAD and PLANE_W == 0:
             g = tl.load(s_b + s_tile, mask=mask, other=0.0).to(ACC)
             acc_b += tl.sum(g, axis=1)
@@ -2601,6 +2727,7 @@ class _Plan(NamedTuple):
     plane: Tuple[int, int, int]  # (H, W, W padded to a power of 2): _dwconv_plane_k's stencil; zeros if not
     strip: int  # rows of a strip of the _strip_* kernels (block_hw: 4 x their chunks of a row); 0 if not
     thread_plane: Tuple[int, int, int]  # (H, W, H * W padded to a power of 2): a thread per plane; zeros if not
+    plane_dense: bool  # whole planes whose rows are contiguous in every map (`_dense_rows`): unmasked loads
 
     @property
     def partials(self) -> int:
@@ -2625,8 +2752,16 @@ class _Plan(NamedTuple):
             PLANE_H=self.plane[0],
             PLANE_W=self.plane[1],
             PLANE_WP=self.plane[2],
+            PLANE_DENSE=self.plane_dense,
             num_warps=self.num_warps,
         )
+
+    def zero_plane(self, src: torch.Tensor) -> torch.Tensor:
+        """The zeros a dense whole-plane stencil reads outside the image (`_dwconv_plane_k`), in the dtype of the
+        map it reads, src; src itself (not read) otherwise."""
+        if not self.plane_dense:
+            return src
+        return kept_filled(0.0, self.plane[0] * self.plane[1], src.dtype, src.device)
 
     def thread_plane_constexprs(self, launch: _Launch) -> dict:
         H, W, P = self.thread_plane
@@ -2842,7 +2977,14 @@ def _make_plan(
         plane,
         strip,
         thread_plane,
+        bool(plane[1]) and _dense_rows(x, *others),
     )
+
+
+def _dense_rows(*maps: torch.Tensor) -> bool:
+    """Whether every map's rows are contiguous (column stride 1, row stride W; a size-1 dim's stride is never used):
+    the whole-plane stencil then addresses them with compile-time strides and unmasked loads (`_dwconv_plane_k`)."""
+    return all((t.shape[3] == 1 or t.stride(3) == 1) and (t.shape[2] == 1 or t.stride(2) == t.shape[3]) for t in maps)
 
 
 def _launch_forward(
@@ -2923,6 +3065,7 @@ def _launch_forward(
                     *args,
                     *x.stride(),
                     *out_t.stride(),
+                    plan.zero_plane(x),
                     MODE=mode,
                     **plan.constexprs(launch),
                     **NO_REGISTER_BUDGET,
@@ -3024,6 +3167,7 @@ def _launch_dx(
                     *src.stride(),
                     *x.stride(),
                     *dx.stride(),
+                    plan.zero_plane(src),
                     **flags,
                     **plan.constexprs(launch),
                     # the whole-plane weight-gradient sweep spilled 16-32 B (fp16/bf16, sm_86, Triton 3.6) without it
@@ -3299,6 +3443,7 @@ def ms_ffn_middle_backward(
                         *x.stride(),
                         *grad_out.stride(),
                         *dz.stride(),
+                        pass_plan.zero_plane(x),
                         STATS=stats,
                         DZ=dz_pass,
                         Z_SAVED=z is not None,
