@@ -36,10 +36,11 @@ Kernels (no atomics anywhere, so every result is deterministic):
   and not read back from DRAM, and the mix's launch is gone: at stage 4, where the kernels are as large as the
   fp32 map, that was a third of the forward's traffic. (Mixed in each of a channel's column threads instead,
   every tap would be mixed W times.) fp16/bf16 logits mix with the hardware's approximate exp and reciprocal
-  (`_softmax_mix`; the mix was 45% of the bf16 kernel's instructions on sm_90 at G = 4, 32% now). Static audit,
-  Triton 3.8, batch 128, forward, H100 (A100), µs, before -> now / DRAM roofline: T stage 4 fp32 10.2 -> 8.5 /
-  6.8 (17.2 -> 14.2 / 11.4), bf16 9.2 -> 7.9 / 3.4; B stage 4 fp32 20.5 -> 17.9 / 15.4 (34.4 -> 30.0 / 25.8),
-  bf16 16.1 -> 14.3 / 7.7; T stage 3 fp32 11.8 -> 10.9 / 8.4.
+  (`_softmax_mix`; B stage 4, G = 4, bf16, sm_90: with the exact forms the mix was 638 of the kernel's 1400
+  instructions, now 471 of 1088). Static audit, Triton 3.8, batch 128, forward, H100 (A100), µs, the two launches
+  -> this kernel (with ms_ffn's dense whole planes) / DRAM roofline: T stage 4 fp32 10.2 -> 8.5 / 6.8 (17.2 ->
+  14.2 / 11.4), bf16 9.2 -> 6.8 / 3.4; B stage 4 fp32 20.5 -> 17.9 / 15.4 (34.4 -> 30.0 / 25.8), bf16 16.1 ->
+  12.7 / 7.7; T stage 3 fp32 11.8 -> 9.3 / 8.4.
 * ``_kernel_grad_partial_kernel`` -- dk and dβ partial sums, one program per (sample, channel block,
   chunk of positions), accumulated elementwise in registers and reduced once at the end; partials go
   to a [chunks, B, C, K²] buffer.
