@@ -109,7 +109,6 @@ from .common import (
     balanced_batch_groups,
     cdiv,
     device_guard,
-    kept_filled,
     launch_settings,
     launch_target,
     needs_int64,
@@ -140,6 +139,7 @@ from .ms_ffn import (
     _wgrad_plane_k,
     _wgrad_strip_vec_k,
     _wgrad_tile_vec_k,
+    _zero_plane,
 )
 
 
@@ -231,12 +231,13 @@ def _add_terms(total, terms, G: tl.constexpr):
 
 
 @triton.jit
-def _softmax_mix(logits_ptrs, bank_ptrs, g_stride, mask, G: tl.constexpr, ACC: tl.constexpr, HALF: tl.constexpr):
+def _softmax_mix(logits_ptrs, bank_ptrs, g_stride, mask, G: tl.constexpr, ACC: tl.constexpr):
     """Σ_g s_g(logits) · bank[g] elementwise, s the softmax over the G groups (group g of either at ptrs + g·g_stride);
     0 where masked. HALF (fp16/bf16 logits): the hardware's approximate exp and reciprocal (libdevice's fast_expf and
     fast_dividef, a few ulp at the max-shifted logits' range), where expf and the division spend 6 and 9 issued
     instructions per element on range cases (sm_90) that a max-shifted softmax over G terms never reaches: far below
     the 16-bit output's rounding. fp32, fp64 and the interpreter (no libdevice): tl.exp and the division."""
+    HALF: tl.constexpr = logits_ptrs.dtype.element_ty.is_fp16() or logits_ptrs.dtype.element_ty.is_bf16()
     m = _group_max(logits_ptrs, g_stride, mask, G, ACC)
     den = tl.zeros_like(m)
     num = tl.zeros_like(m)
@@ -264,7 +265,6 @@ def _mix_kernel(
     G: tl.constexpr,
     BLOCK: tl.constexpr,
     ACC: tl.constexpr,
-    HALF: tl.constexpr,
 ):
     """out[b, i] = Σ_g s_g(logits[b, :, i]) · bank[g, i] over the flattened i < n (n = C·K² for the kernels,
     C for the biases): one read of the logits and one write, in place of torch's softmax, product and sum
@@ -273,7 +273,7 @@ def _mix_kernel(
     b = (pid // n_blocks).to(tl.int64)
     i = (pid % n_blocks) * BLOCK + tl.arange(0, BLOCK)
     mask = i < n
-    mixed = _softmax_mix(logits_ptr + b * G * n + i, bank_ptr + i, n, mask, G, ACC, HALF)
+    mixed = _softmax_mix(logits_ptr + b * G * n + i, bank_ptr + i, n, mask, G, ACC)
     tl.store(out_ptr + b * n + i, mixed, mask=mask)
 
 
@@ -652,7 +652,6 @@ def _mixing_plane_forward_kernel(
     BLOCK_P: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     ACC: tl.constexpr,
-    HALF: tl.constexpr,
     PLANE_H: tl.constexpr,
     PLANE_W: tl.constexpr,
     PLANE_WP: tl.constexpr,
@@ -672,10 +671,10 @@ def _mixing_plane_forward_kernel(
     tap_offs = c[:, None] * KK + t[None, :]
     tap_ok = c_ok[:, None] & (t < KK)[None, :]
     kernels = kernel_ptr + b * C * KK
-    mixed = _softmax_mix(logits_ptr + b * G * C * KK + tap_offs, bank_ptr + tap_offs, C * KK, tap_ok, G, ACC, HALF)
+    mixed = _softmax_mix(logits_ptr + b * G * C * KK + tap_offs, bank_ptr + tap_offs, C * KK, tap_ok, G, ACC)
     tl.store(kernels + tap_offs, mixed, mask=tap_ok)
     if HAS_BIAS:
-        beta = _softmax_mix(bias_logits_ptr + b * G * C + c, bias_bank_ptr + c, C, c_ok, G, ACC, HALF)
+        beta = _softmax_mix(bias_logits_ptr + b * G * C + c, bias_bank_ptr + c, C, c_ok, G, ACC)
     else:
         beta = c  # not read
     tl.debug_barrier()  # each tap is read back by every thread of its channel, stored by one thread of the program
@@ -1051,16 +1050,7 @@ class _Plan:
         return constexprs
 
     def zero_plane(self, src: torch.Tensor) -> torch.Tensor:
-        """The zeros a dense whole-plane conv pass reads outside the image (ms_ffn._dwconv_plane_k), in src's dtype;
-        src itself (not read) otherwise."""
-        if not self.plane_dense:
-            return src
-        return kept_filled(0.0, self.plane[0] * self.plane[1], src.dtype, src.device)
-
-
-def _half(logits: torch.Tensor) -> bool:
-    """Whether the mix may use the approximate exp and reciprocal (`_softmax_mix`)."""
-    return logits.dtype in (torch.float16, torch.bfloat16)
+        return _zero_plane(self.plane, self.plane_dense, src)
 
 
 def _mix(logits: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
@@ -1082,7 +1072,6 @@ def _mix(logits: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
             G=G,
             BLOCK=_MIX_BLOCK,
             ACC=tl_accumulation_dtype(logits.dtype),
-            HALF=_half(logits),
             num_warps=4,
         )
     return out
@@ -1163,7 +1152,6 @@ def _launch_mixing_plane_forward(
             KK_PAD=plan.kk_pad,
             HAS_BIAS=has_bias,
             ACC=tl_accumulation_dtype(x.dtype),
-            HALF=_half(kernel_logits),
             **constexprs,
         )
 

@@ -2757,11 +2757,7 @@ class _Plan(NamedTuple):
         )
 
     def zero_plane(self, src: torch.Tensor) -> torch.Tensor:
-        """The zeros a dense whole-plane stencil reads outside the image (`_dwconv_plane_k`), in the dtype of the
-        map it reads, src; src itself (not read) otherwise."""
-        if not self.plane_dense:
-            return src
-        return kept_filled(0.0, self.plane[0] * self.plane[1], src.dtype, src.device)
+        return _zero_plane(self.plane, self.plane_dense, src)
 
     def thread_plane_constexprs(self, launch: _Launch) -> dict:
         H, W, P = self.thread_plane
@@ -2979,6 +2975,14 @@ def _make_plan(
         thread_plane,
         bool(plane[1]) and _dense_rows(x, *others),
     )
+
+
+def _zero_plane(plane: Tuple[int, int, int], dense: bool, src: torch.Tensor) -> torch.Tensor:
+    """The zeros a dense whole-plane stencil (`_dwconv_plane_k`) on `plane` reads outside the image: H * W of them in
+    the dtype of the map it reads, src, kept; src itself (not read) where the planes are not dense."""
+    if not dense:
+        return src
+    return kept_filled(0.0, plane[0] * plane[1], src.dtype, src.device)
 
 
 def _dense_rows(*maps: torch.Tensor) -> bool:
