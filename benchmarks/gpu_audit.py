@@ -433,17 +433,18 @@ def _launch_tensors(args: Dict[str, Any]) -> Tuple[Tuple[Tuple[str, ...], int], 
     """The distinct tensors a launch is given, with the arguments naming each and its bytes. A launch with a
     channel block table (blocks_ptr: int32 rows of first channel, end channel, kernel size) covers only its
     blocks' channels: of a tensor whose axis 1 is the C channels (feature maps, per-channel partials) it moves
-    that share."""
-    blocks = args.get("blocks_ptr")
+    that share. C is the launch's C argument, or (a kernel without one) the channel count of its map x_ptr."""
+    blocks, x = args.get("blocks_ptr"), args.get("x_ptr")
+    channels = args.get("C", x.shape[1] if isinstance(x, torch.Tensor) and x.dim() == 4 else None)
     share = 1.0
-    if isinstance(blocks, torch.Tensor) and isinstance(args.get("C"), int) and args["C"] > 0:
+    if isinstance(blocks, torch.Tensor) and isinstance(channels, int) and channels > 0:
         rows = blocks.reshape(-1, 3).to(torch.int64)
-        share = float((rows[:, 1] - rows[:, 0]).sum()) / args["C"]
+        share = float((rows[:, 1] - rows[:, 0]).sum()) / channels
     seen: Dict[Tuple, Tuple[Tuple[str, ...], int]] = {}
     for name, value in args.items():
         if isinstance(value, torch.Tensor):
             size = value.numel() * value.element_size()
-            if value.dim() >= 2 and value.shape[1] == args.get("C"):
+            if value.dim() >= 2 and value.shape[1] == channels:
                 size = int(size * share)
             key = (value.data_ptr(), value.shape, value.stride())
             seen[key] = (seen[key][0] + (name,) if key in seen else (name,), size)

@@ -116,9 +116,9 @@ def _dx(args, grid) -> Trips:
 
 
 def _strips(kernel: str) -> Callable[[Mapping, Sequence[int]], Trips]:
-    """The strip and thread-plane kernels: every image once per (strip, channel block), whatever the batch splits
-    (a thread-plane grid has one spatial tile); their stencils and weight-gradient sweeps are unrolled
-    (static_range) in the image loop's body."""
+    """The strip, thread-plane and one-pass whole-plane kernels: every image once per (strip, channel block),
+    whatever the batch splits (a thread-plane or whole-plane grid has one spatial tile); their stencils and
+    weight-gradient sweeps are unrolled (static_range) in the image loop's body."""
     return lambda args, grid: {f"{kernel}:_": grid[0] * grid[1] * args["B"]}
 
 
@@ -183,6 +183,7 @@ LOOP_TRIPS: Dict[str, Callable[[Mapping, Sequence[int]], Trips]] = {
     "_thread_plane_forward_kernel": _strips("_thread_plane_forward_kernel"),
     "_thread_plane_dx_kernel": _strips("_thread_plane_dx_kernel"),
     "_thread_plane_dz_kernel": _strips("_thread_plane_dz_kernel"),
+    "_plane_eval_kernel": _strips("_plane_eval_kernel"),
     "_batch_norm_affine_kernel": _batch_norm_affine,
     "_osra_fwd_kernel": _osra_fwd,
     "_osra_bwd_dq_kernel": _osra_bwd_dq,

@@ -358,13 +358,20 @@ def groups_id(groups) -> str:
     return "w{}k{}-B{}H{}W{}".format("_".join(map(str, widths)), "_".join(map(str, ksizes)), B, H, W)
 
 
-def ms_ffn_small_tiles(index64: bool = True, plane: bool = False, strips: bool = False, thread_planes: bool = False):
+def ms_ffn_small_tiles(
+    index64: bool = True,
+    plane: bool = False,
+    strips: bool = False,
+    thread_planes: bool = False,
+    target_programs: int = 10**6,
+):
     """launch_overrides for the Triton MS-FFN kernels giving GPU-like launch shapes on small inputs: several
-    spatial tiles, channel blocks per group, the batch split over programs, and (index64) int64 in-image
-    offsets. plane: the whole-plane stencil where it applies (a few channels per tile); strips: strips of 2 rows
-    x 2 chunks, 2 channels per program, where they apply; thread_planes: the forward passes on planes of at most
-    64 pixels with a thread per plane, 2 channels and one image per program; else the tiled stencils (per tap,
-    chunks of 4). The BatchNorm affine map takes 2 channels a program and its partials 2 rows a tile."""
+    spatial tiles, channel blocks per group, the batch split over programs (as far as target_programs asks: a small
+    one leaves several images to a program), and (index64) int64 in-image offsets. plane: the whole-plane stencil
+    where it applies (a few channels per tile); strips: strips of 2 rows x 2 chunks, 2 channels per program, where
+    they apply; thread_planes: the forward passes on planes of at most 64 pixels with a thread per plane, 2 channels
+    and one image per program; else the tiled stencils (per tap, chunks of 4). The BatchNorm affine map takes 2
+    channels a program and its partials 2 rows a tile."""
     import dataclasses
 
     from transxnet_kernels.triton import common, ms_ffn
@@ -373,7 +380,7 @@ def ms_ffn_small_tiles(index64: bool = True, plane: bool = False, strips: bool =
     return common.launch_overrides(
         ms_ffn.Settings(
             tile_elements=16,
-            target_programs=10**6,
+            target_programs=target_programs,
             max_channel_block=2,
             plane_max=16 if plane else 0,
             plane_columns=8,

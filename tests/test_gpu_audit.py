@@ -35,6 +35,7 @@ KERNELS = (
     "_thread_plane_forward_kernel",
     "_thread_plane_dx_kernel",
     "_thread_plane_dz_kernel",  # the forward, dx and dz passes on small planes, a thread per plane (stage 4)
+    "_plane_eval_kernel",  # ms_ffn_middle_eval in one pass on dense whole planes (stage 3)
     "_batch_norm_affine_kernel",  # MS-FFN middle's BatchNorm statistics and affine map
     "_osra_fwd_kernel",
     "_osra_bwd_dq_kernel",

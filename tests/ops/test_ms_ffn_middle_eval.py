@@ -121,7 +121,7 @@ def test_mixed_dtypes_and_devices_raise_value_error_naming_the_argument(choice):
 def test_half_precision(backend, dtype, H, nan_poisoned_empty):
     """Half-precision x and conv weights with fp32 scales and shifts (BatchNorm's fp32 parameters under autocast).
     Triton, on planes of at most 64 pixels, keeps y = GELU(x) * s + t in fp32 registers (thread planes); on larger
-    ones it stores y in x's dtype between its two launches."""
+    ones it stores y in x's dtype (72 pixels: the one-pass whole-plane kernel's slot; two launches elsewhere)."""
     x, s_in, t_in, weights, biases, s_out, t_out = eval_args(
         [3, 2, 2, 2], [1, 3, 5, 7], 2, H, 8, dtype=dtype, device=backend.device, seed=2, grad=False
     )
@@ -141,42 +141,84 @@ def test_forward_only(backend):
 
 
 @requires_triton
-@pytest.mark.parametrize("stencil", ["strips", "chunks", "plane", "per-tap-int64", "thread-planes"])
+@pytest.mark.parametrize(
+    "stencil", ["strips", "chunks", "plane", "plane-channels-last", "per-tap-int64", "thread-planes"]
+)
 def test_triton_stencils(stencil, nan_poisoned_empty, monkeypatch):
     """Each stencil the plan picks, with several tiles or strips, channel blocks and batch splits: two launches
-    on strips of rows, chunks of 4 pixels, whole planes, and per-tap tiles with int64 offsets; one (_EVAL) on
-    thread planes."""
+    on strips of rows, chunks of 4 pixels, whole planes with channels_last rows, and per-tap tiles with int64
+    offsets; one pass on dense whole planes (`_plane_eval_kernel`, a launch per kernel size) and on thread planes
+    (_EVAL)."""
     from transxnet_kernels.triton import ms_ffn
 
     widths, ksizes = [2, 3, 1, 2], [1, 3, 5, 7]
-    args = eval_args(widths, ksizes, 3, 6, 8, dtype=torch.float64, device=DEVICE, grad=False)
+    layout = "channels_last" if stencil == "plane-channels-last" else "contiguous"
+    args = eval_args(widths, ksizes, 3, 6, 8, dtype=torch.float64, layout=layout, device=DEVICE, grad=False)
     settings = {
         "strips": dict(index64=False, strips=True),
         "chunks": dict(index64=False),
         "plane": dict(index64=False, plane=True),
+        "plane-channels-last": dict(index64=False, plane=True),
         "per-tap-int64": dict(index64=True),
         "thread-planes": dict(index64=False, thread_planes=True),
     }[stencil]
-    modes = []
-    launch_forward = ms_ffn._launch_forward
+    modes, one_pass = [], []
+    launch_forward, launch_plane_eval = ms_ffn._launch_forward, ms_ffn._launch_plane_eval
 
     def recording_launch_forward(mode, *args, **kwargs):
         modes.append(mode)
         launch_forward(mode, *args, **kwargs)
 
+    def recording_launch_plane_eval(*args):
+        one_pass.append(args[3])
+        launch_plane_eval(*args)
+
     monkeypatch.setattr(ms_ffn, "_launch_forward", recording_launch_forward)
+    monkeypatch.setattr(ms_ffn, "_launch_plane_eval", recording_launch_plane_eval)
     with ms_ffn_small_tiles(**settings):
         plan = ms_ffn._plan(args[0], widths, ksizes, thread_planes=True)
         picked = {
             "strips": plan.strip,
             "chunks": plan.vec,
-            "plane": plan.plane[1],
+            "plane": plan.plane[1] and plan.plane_dense,
+            "plane-channels-last": plan.plane[1] and not plan.plane_dense,
             "per-tap-int64": plan.index64,
             "thread-planes": plan.thread_plane[2],
         }
         assert picked[stencil], plan
         check_op(TRITON, OP, args)
-    assert modes == ([ms_ffn._EVAL] if stencil == "thread-planes" else [ms_ffn._APPLY_SAVED, ms_ffn._APPLY])
+    expected = {"thread-planes": [ms_ffn._EVAL], "plane": []}.get(stencil, [ms_ffn._APPLY_SAVED, ms_ffn._APPLY])
+    assert modes == expected
+    assert len(one_pass) == (stencil == "plane")
+
+
+@requires_triton
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("H,W", [(5, 7), (3, 2)], ids=["5x7", "3x2"])
+def test_triton_plane_eval_slots_reused_across_images(dtype, H, W, nan_poisoned_empty, monkeypatch):
+    """The one-pass whole-plane kernel with several images per program (each program's slot rewritten per image),
+    rows narrower than their power-of-two padding, a group narrower than its channel block (padding channels), a
+    plane smaller than the largest kernel, and y rounded to bf16 in the slot as the two-launch form stores it."""
+    from transxnet_kernels.triton import ms_ffn
+
+    widths, ksizes = [3, 2, 3, 1], [1, 3, 5, 7]
+    args = eval_args(widths, ksizes, 7, H, W, dtype=dtype, device=DEVICE, seed=3, grad=False)
+    launched = []
+    kernel = ms_ffn._plane_eval_kernel
+
+    class RecordingKernel:
+        def __getitem__(self, grid):
+            def launch(*kernel_args, **kwargs):
+                launched.append((grid, kernel_args[12], kwargs["KMAX"]))
+                return kernel[grid](*kernel_args, **kwargs)
+
+            return launch
+
+    monkeypatch.setattr(ms_ffn, "_plane_eval_kernel", RecordingKernel())
+    with ms_ffn_small_tiles(index64=False, plane=True, target_programs=1):
+        check_op(TRITON, OP, args)
+    assert sorted(k for _, _, k in launched) == [1, 3, 5, 7]
+    assert all(images > 1 for _, images, _ in launched), launched  # b_per_prog
 
 
 @requires_triton

@@ -64,7 +64,9 @@ output from registers, taps outside the image skipped at compile time in both di
 per output on average against 49; the column-per-thread plane stencil loads every value K times and keeps the column
 taps), and the taps stay in registers across the program's images. Per-channel sums (BN statistics, dW, dbias) stay in
 the thread: its channel's partial, no reduction across threads. `ms_ffn_middle_eval` there is one pass (`_EVAL`: fc1's
-GELU and BatchNorm applied once to each loaded value, as no other thread needs it). For fp16/bf16 maps the middle's dz
+GELU and BatchNorm applied once to each loaded value, as no other thread needs it); on dense whole planes (stage 3) one
+pass too (`_plane_eval_kernel`: each thread maps its own column once into its program's slot, which the stencil reads
+back after a barrier). For fp16/bf16 maps the middle's dz
 pass from the saved z (`_thread_plane_dz_kernel`) computes a thread's dz pixel by pixel from z and go, stores it and
 keeps it in registers (unrounded) for the weight gradient's K^2 per-thread sums against the x plane: no barrier, no read
 of dz back, dz in x's dtype (the whole-plane pass reads it back, in fp32 for half x); fp32 keeps the whole-plane pass
@@ -85,7 +87,9 @@ Passes over the big tensor (one pass = B*C*H*W elements read or written; e = ele
                                 train: read z, go (BN grad sums), then as eval      8 passes
     ms_ffn_middle_eval forward (inference): read x, write y = GELU(x) * s + t;
                                 read y, write out (see ms_ffn_middle_eval)          4 passes
-                                (thread planes: read x, write out                    2 passes)
+                                (thread planes: read x, write out                    2 passes;
+                                dense whole planes: read x, write out, and each
+                                program's slot for y written back once       2 + 1/images per program)
     Whole planes (H, W <= 16) add the weight gradient's second sweep over their program's images (x and go or
     dz again, L2-resident if the program's images fit) and, for half x, keep the middle's dz in fp32 (the dz
     write and the dx pass's read: one pass more each).
@@ -1352,6 +1356,116 @@ def _forward_kernel(
         tl.store(pcnt_ptr + part, n, mask=cmask)
         tl.store(pmean_ptr + part, mean, mask=cmask)
         tl.store(pm2_ptr + part, m2, mask=cmask)
+
+
+@triton.jit(
+    do_not_specialize_on_alignment=[
+        "B",
+        "b_per_prog",
+        "x_stride_b",
+        "x_stride_c",
+        "out_stride_b",
+        "out_stride_c",
+    ]
+)
+def _plane_eval_kernel(
+    x_ptr,
+    out_ptr,
+    slots_ptr,
+    weight_ptr,
+    bias_ptr,
+    blocks_ptr,
+    in_scale_ptr,
+    in_shift_ptr,
+    scale_ptr,
+    shift_ptr,
+    zero_plane_ptr,
+    B,
+    b_per_prog,
+    x_stride_b,
+    x_stride_c,
+    out_stride_b,
+    out_stride_c,
+    KMAX: tl.constexpr,
+    KK_STRIDE: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    PLANE_H: tl.constexpr,
+    PLANE_W: tl.constexpr,
+    PLANE_WP: tl.constexpr,
+):
+    """ms_ffn_middle_eval on dense whole planes (stage 3 at 224^2) in one pass over the map: per image, each thread
+    maps its own column once, y = GELU(x) * in_scale + in_shift, and stores it in x's dtype (as the two-launch form
+    stores y) into the program's slot of `slots_ptr` ([programs, BLOCK_C, H, W]); after a barrier the whole-plane
+    stencil runs on the slot (`_dwconv_plane_k`, dense: neighbours' columns read back from L1/L2, the residual from
+    the centre column), and out = GELU(conv(y) + bias + y) * scale + shift is stored row by row. A second barrier
+    keeps the next image's slot stores behind this image's stencil loads. KMAX = 1 needs no neighbour: y stays in
+    registers, no slot. One slot per program, rewritten per image, so the slots' DRAM traffic is one write-back of
+    1 / (images per program) of a pass, where the two-launch form wrote y and read it back (two passes)."""
+    blk = tl.program_id(1)
+    c0 = tl.load(blocks_ptr + 3 * blk)
+    c1 = tl.load(blocks_ptr + 3 * blk + 1)
+    cs = c0 + tl.arange(0, BLOCK_C)
+    cmask = cs < c1
+    w = tl.arange(0, PLANE_WP)
+    inside = (w < PLANE_W)[None, :]
+    row_mask = cmask[:, None] & inside
+    taps = _stencil_taps(weight_ptr, cs, cmask, KMAX, KK_STRIDE, ACC)
+    bias = tl.load(bias_ptr + cs, mask=cmask, other=0.0).to(ACC)[:, None]
+    in_scale = tl.load(in_scale_ptr + cs, mask=cmask, other=0.0).to(ACC)[:, None]
+    in_shift = tl.load(in_shift_ptr + cs, mask=cmask, other=0.0).to(ACC)[:, None]
+    scale = tl.load(scale_ptr + cs, mask=cmask, other=0.0).to(ACC)[:, None]
+    shift = tl.load(shift_ptr + cs, mask=cmask, other=0.0).to(ACC)[:, None]
+    # Padding channels read channel 0 (their outputs are not stored); lanes past W read the zero plane.
+    x_columns = tl.where(cmask, cs, 0)[:, None] * x_stride_c + w[None, :]
+    out_rows = cs[:, None] * out_stride_c + w[None, :]
+    slot_channel = tl.arange(0, BLOCK_C)
+    slot = slots_ptr + (blk * tl.num_programs(2) + tl.program_id(2)) * (BLOCK_C * PLANE_H * PLANE_W)
+    slot_rows = slot_channel[:, None] * (PLANE_H * PLANE_W) + w[None, :]
+    b_lo = tl.program_id(2) * b_per_prog
+    b_hi = tl.minimum(b_lo + b_per_prog, B)
+    x_b = x_ptr + b_lo.to(tl.int64) * x_stride_b
+    o_b = out_ptr + b_lo.to(tl.int64) * out_stride_b
+    for _ in range(b_lo, b_hi):
+        xs = _dense_plane_column(tl.where(inside, x_b + x_columns, zero_plane_ptr), PLANE_H, PLANE_W, ACC)
+        ys = ()
+        for r in tl.static_range(PLANE_H):
+            y = (_gelu(xs[r]) * in_scale + in_shift).to(slots_ptr.dtype.element_ty)
+            if KMAX == 1:
+                ys = ys + (taps[0] * y.to(ACC) + y.to(ACC),)
+            else:
+                tl.store(slot + slot_rows + r * PLANE_W, y, mask=row_mask)
+        if KMAX == 1:
+            rows = ys
+        else:
+            tl.debug_barrier()  # every thread's slot stores before any thread's stencil loads
+            rows = _dwconv_plane_k(
+                slot,
+                taps,
+                slot_channel,
+                cmask,
+                PLANE_H * PLANE_W,
+                PLANE_W,
+                1,
+                zero_plane_ptr,
+                KMAX,
+                False,
+                True,
+                ACC,
+                BLOCK_C,
+                PLANE_H,
+                PLANE_W,
+                PLANE_H,
+                PLANE_WP,
+                True,
+            )
+        for r in tl.static_range(PLANE_H):
+            out = _gelu(rows[r] + bias) * scale + shift
+            tl.store(o_b + out_rows + r * PLANE_W, out.to(out_ptr.dtype.element_ty), mask=row_mask)
+        if KMAX > 1:
+            tl.debug_barrier()  # every thread's stencil loads before the next image's slot stores
+        x_b += x_stride_b
+        o_b += out_stride_b
 
 
 @triton.jit
@@ -3076,6 +3190,58 @@ def _launch_forward(
                 )
 
 
+def _launch_plane_eval(
+    x: torch.Tensor,
+    w_table: torch.Tensor,
+    bias: torch.Tensor,
+    plan: _Plan,
+    out: torch.Tensor,
+    in_scale: torch.Tensor,
+    in_shift: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+) -> None:
+    """ms_ffn_middle_eval in one pass on dense whole planes (`_plane_eval_kernel`), a launch per kernel size; the
+    launches run in stream order, so they share one buffer of slots (x itself where only KMAX = 1 runs: no slot)."""
+    assert plan.plane[1] and plan.plane_dense and not plan.index64, plan
+    H, W = plan.plane[:2]
+    programs = max((launch.grid[1] * launch.grid[2] for launch in plan.launches if launch.kmax > 1), default=0)
+    # flat: a slots tensor with an axis of C would count as a map's channels in the audit's bytes
+    slots = torch.empty(programs * plan.block_c * H * W, dtype=x.dtype, device=x.device) if programs else x
+    zero_plane = plan.zero_plane(x)
+    with device_guard(x):
+        for launch in plan.launches:
+            assert launch.grid[0] == 1, launch.grid  # a program's tile is the whole plane
+            _plane_eval_kernel[launch.grid](
+                x,
+                out,
+                slots,
+                w_table,
+                bias,
+                launch.blocks,
+                in_scale,
+                in_shift,
+                scale,
+                shift,
+                zero_plane,
+                x.shape[0],
+                launch.b_per_prog,
+                x.stride(0),
+                x.stride(1),
+                out.stride(0),
+                out.stride(1),
+                KMAX=launch.kmax,
+                KK_STRIDE=plan.kk_stride,
+                ACC=tl_accumulation_dtype(plan.acc),
+                BLOCK_C=plan.block_c,
+                PLANE_H=H,
+                PLANE_W=W,
+                PLANE_WP=plan.plane[2],
+                num_warps=plan.num_warps,
+                **NO_REGISTER_BUDGET,
+            )
+
+
 def _batch_norm_affine(
     plan: _Plan,
     mean: torch.Tensor,
@@ -3557,17 +3723,22 @@ def _supports_inference(info) -> Optional[str]:
 @ops.ms_ffn_middle_eval.register("triton", supports=_supports_inference)
 @ops.ms_ffn_middle_eval.library_op("transxnet_triton", fake=lambda x, *_: torch.empty_like(x))
 def ms_ffn_middle_eval(x, input_scale, input_shift, weights, biases, output_scale, output_shift):
-    """On planes of thread_plane_pixels or fewer (stage 4 at 224^2) one launch, `_EVAL`: a thread per plane maps
-    each element it loads once, 2 passes. Elsewhere two launches over the map: y = GELU(x) * input_scale +
-    input_shift (`_APPLY_SAVED`, no stencil), stored in x's dtype, then `_APPLY`'s stencil on y with the output
-    affine: 4 passes against the 2 of one kernel.
+    """One pass over the map on small planes: on planes of thread_plane_pixels or fewer (stage 4 at 224^2) one
+    launch, `_EVAL`, a thread per plane mapping each element it loads once; on dense whole planes (stage 3, NCHW) a
+    launch per kernel size, `_plane_eval_kernel`, each thread mapping its own column once into its program's slot
+    for the stencil to read back. Elsewhere (strips at stages 1-2, channels_last) two launches over the map:
+    y = GELU(x) * input_scale + input_shift (`_APPLY_SAVED`, no stencil), stored in x's dtype, then `_APPLY`'s
+    stencil on y with the output affine: 4 passes against the 2 of one kernel.
 
-    Not one kernel: a stencil thread loads its chunk and both neighbours for each of the strip's STRIP + K - 1
-    input rows, so a prologue would evaluate the GELU ~5x per input element at K = 7 (and the plane and tiled
-    stencils once per tap), where the middle's GELU epilogue alone already bounds the strip passes (static
-    audit, see the module docstring). With the rational GELU (~19 instructions) the trade is closer but still
-    lost in bf16: ~2.4 extra GELUs per element on average over the four groups cost more issue time (~46
-    instructions) than the two bf16 passes they would save take DRAM time (~35 instructions' worth on H100)."""
+    Not one kernel there: a strip thread loads its chunk and both neighbours for each of the strip's STRIP + K - 1
+    input rows, so a prologue would evaluate the GELU ~5x per input element at K = 7 (and the tiled stencils once
+    per tap), where the middle's GELU epilogue alone already bounds the strip passes (static audit, see the module
+    docstring). With the rational GELU (~19 instructions) the trade is closer but still lost in bf16: ~2.4 extra
+    GELUs per element on average over the four groups cost more issue time (~46 instructions) than the two bf16
+    passes they would save take DRAM time (~35 instructions' worth on H100). The whole-plane slot evaluates each
+    GELU once: static audit, Triton 3.8, T stage 3 (896x14x14), batch 128, H100 (A100), µs, two launches -> one
+    pass / DRAM roofline: fp32 113.8 -> 68.0 / 53.7 (186.2 -> 106.7 / 89.9), bf16 90.1 -> 70.2 / 26.8
+    (133.8 -> 106.2 / 45.0); bf16 stays issue-bound (two GELUs and the stencil per element)."""
     w_table, bias, widths, ksizes = _pack_for_inference(weights, biases)
     out = torch.empty_like(x)
     if x.numel() == 0:
@@ -3593,6 +3764,17 @@ def ms_ffn_middle_eval(x, input_scale, input_shift, weights, biases, output_scal
             in_shift=per_channel(input_shift),
         )
         return out
+    stencil = _plan(x, widths, ksizes, out)
+    if stencil.plane[1] and stencil.plane_dense:
+        _launch_plane_eval(
+            x,
+            w_table,
+            bias,
+            stencil,
+            out,
+            *(per_channel(t) for t in (input_scale, input_shift, output_scale, output_shift)),
+        )
+        return out
     y = torch.empty_like(x)
     elementwise = _plan(x, widths, ksizes, y, strips=False)
     _launch_forward(
@@ -3605,7 +3787,6 @@ def ms_ffn_middle_eval(x, input_scale, input_shift, weights, biases, output_scal
         scale=per_channel(input_scale),
         shift=per_channel(input_shift),
     )
-    stencil = _plan(y, widths, ksizes, out)
     _launch_forward(
         _APPLY, y, w_table, bias, stencil, out=out, scale=per_channel(output_scale), shift=per_channel(output_shift)
     )
