@@ -184,6 +184,7 @@ LOOP_TRIPS: Dict[str, Callable[[Mapping, Sequence[int]], Trips]] = {
     "_thread_plane_dx_kernel": _strips("_thread_plane_dx_kernel"),
     "_thread_plane_dz_kernel": _strips("_thread_plane_dz_kernel"),
     "_plane_eval_kernel": _strips("_plane_eval_kernel"),
+    "_strip_eval_kernel": _strips("_strip_eval_kernel"),
     "_batch_norm_affine_kernel": _batch_norm_affine,
     "_osra_fwd_kernel": _osra_fwd,
     "_osra_bwd_dq_kernel": _osra_bwd_dq,

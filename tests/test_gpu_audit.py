@@ -36,6 +36,7 @@ KERNELS = (
     "_thread_plane_dx_kernel",
     "_thread_plane_dz_kernel",  # the forward, dx and dz passes on small planes, a thread per plane (stage 4)
     "_plane_eval_kernel",  # ms_ffn_middle_eval in one pass on dense whole planes (stage 3)
+    "_strip_eval_kernel",  # ms_ffn_middle_eval in one pass on whole-row strips (NCHW stages 1-2)
     "_batch_norm_affine_kernel",  # MS-FFN middle's BatchNorm statistics and affine map
     "_osra_fwd_kernel",
     "_osra_bwd_dq_kernel",
@@ -48,10 +49,13 @@ KERNELS = (
 
 # (kernel, target, dtype) the launch code routes elsewhere: the fp32 OSRA backward on sm_8x runs on the flash
 # kernels (osra_attention._short_path), the fp32 MS-FFN middle's dz pass on whole planes
-# (ms_ffn._THREAD_PLANE_DZ_MAX_ELEMENT_SIZE). Pinned: these must have no launch.
-NOT_LAUNCHED = {("_osra_bwd_short_kernel", t, "fp32") for t in ("sm_80", "sm_86")} | {
-    ("_thread_plane_dz_kernel", t, "fp32") for t in TARGETS
-}
+# (ms_ffn._THREAD_PLANE_DZ_MAX_ELEMENT_SIZE), 16-bit ms_ffn_middle_eval on sm_80 strips in two launches
+# (ms_ffn._one_pass_strips). Pinned: these must have no launch.
+NOT_LAUNCHED = (
+    {("_osra_bwd_short_kernel", t, "fp32") for t in ("sm_80", "sm_86")}
+    | {("_thread_plane_dz_kernel", t, "fp32") for t in TARGETS}
+    | {("_strip_eval_kernel", "sm_80", d) for d in ("fp16", "bf16")}
+)
 
 
 @pytest.fixture(scope="module")

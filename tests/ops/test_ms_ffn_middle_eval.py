@@ -3,6 +3,8 @@ it against the fp64 reference: awkward group layouts, memory layouts, dtypes, Na
 Triton stencils and the cpp kernels' banded rows; opcheck and torch.compile. It is forward-only everywhere (the
 model uses it in eval without gradients): a forced call that needs gradients is refused."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -142,20 +144,24 @@ def test_forward_only(backend):
 
 @requires_triton
 @pytest.mark.parametrize(
-    "stencil", ["strips", "chunks", "plane", "plane-channels-last", "per-tap-int64", "thread-planes"]
+    "stencil",
+    ["strips", "strips-wide-rows", "chunks", "plane", "plane-channels-last", "per-tap-int64", "thread-planes"],
 )
 def test_triton_stencils(stencil, nan_poisoned_empty, monkeypatch):
-    """Each stencil the plan picks, with several tiles or strips, channel blocks and batch splits: two launches
-    on strips of rows, chunks of 4 pixels, whole planes with channels_last rows, and per-tap tiles with int64
-    offsets; one pass on dense whole planes (`_plane_eval_kernel`, a launch per kernel size) and on thread planes
-    (_EVAL)."""
+    """Each stencil the plan picks, with several tiles or strips, channel blocks and batch splits. One pass on
+    strips whose programs cover whole rows (`_strip_eval_kernel`), on dense whole planes (`_plane_eval_kernel`),
+    each a launch per kernel size, and on thread planes (_EVAL); two launches on strips of rows wider than
+    whole_row_chunks, chunks of 4 pixels, whole planes with channels_last rows, and per-tap tiles with int64
+    offsets."""
     from transxnet_kernels.triton import ms_ffn
 
     widths, ksizes = [2, 3, 1, 2], [1, 3, 5, 7]
     layout = "channels_last" if stencil == "plane-channels-last" else "contiguous"
-    args = eval_args(widths, ksizes, 3, 6, 8, dtype=torch.float64, layout=layout, device=DEVICE, grad=False)
+    W = 16 if stencil == "strips-wide-rows" else 8
+    args = eval_args(widths, ksizes, 3, 6, W, dtype=torch.float64, layout=layout, device=DEVICE, grad=False)
     settings = {
         "strips": dict(index64=False, strips=True),
+        "strips-wide-rows": dict(index64=False, strips=True),
         "chunks": dict(index64=False),
         "plane": dict(index64=False, plane=True),
         "plane-channels-last": dict(index64=False, plane=True),
@@ -163,22 +169,29 @@ def test_triton_stencils(stencil, nan_poisoned_empty, monkeypatch):
         "thread-planes": dict(index64=False, thread_planes=True),
     }[stencil]
     modes, one_pass = [], []
-    launch_forward, launch_plane_eval = ms_ffn._launch_forward, ms_ffn._launch_plane_eval
+    launch_forward = ms_ffn._launch_forward
 
     def recording_launch_forward(mode, *args, **kwargs):
         modes.append(mode)
         launch_forward(mode, *args, **kwargs)
 
-    def recording_launch_plane_eval(*args):
-        one_pass.append(args[3])
-        launch_plane_eval(*args)
+    def recording(name):
+        launch = getattr(ms_ffn, name)
+
+        def recording_launch(*args):
+            one_pass.append(name)
+            launch(*args)
+
+        return recording_launch
 
     monkeypatch.setattr(ms_ffn, "_launch_forward", recording_launch_forward)
-    monkeypatch.setattr(ms_ffn, "_launch_plane_eval", recording_launch_plane_eval)
+    for name in ("_launch_plane_eval", "_launch_strip_eval"):
+        monkeypatch.setattr(ms_ffn, name, recording(name))
     with ms_ffn_small_tiles(**settings):
         plan = ms_ffn._plan(args[0], widths, ksizes, thread_planes=True)
         picked = {
             "strips": plan.strip,
+            "strips-wide-rows": plan.strip,
             "chunks": plan.vec,
             "plane": plan.plane[1] and plan.plane_dense,
             "plane-channels-last": plan.plane[1] and not plan.plane_dense,
@@ -187,38 +200,83 @@ def test_triton_stencils(stencil, nan_poisoned_empty, monkeypatch):
         }
         assert picked[stencil], plan
         check_op(TRITON, OP, args)
-    expected = {"thread-planes": [ms_ffn._EVAL], "plane": []}.get(stencil, [ms_ffn._APPLY_SAVED, ms_ffn._APPLY])
-    assert modes == expected
-    assert len(one_pass) == (stencil == "plane")
+    one_pass_launcher = {"strips": "_launch_strip_eval", "plane": "_launch_plane_eval"}.get(stencil)
+    assert one_pass == ([one_pass_launcher] if one_pass_launcher else [])
+    two_launches = [ms_ffn._APPLY_SAVED, ms_ffn._APPLY]
+    assert modes == {"thread-planes": [ms_ffn._EVAL], "plane": [], "strips": []}.get(stencil, two_launches)
 
 
 @requires_triton
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=dtype_id)
-@pytest.mark.parametrize("H,W", [(5, 7), (3, 2)], ids=["5x7", "3x2"])
-def test_triton_plane_eval_slots_reused_across_images(dtype, H, W, nan_poisoned_empty, monkeypatch):
-    """The one-pass whole-plane kernel with several images per program (each program's slot rewritten per image),
-    rows narrower than their power-of-two padding, a group narrower than its channel block (padding channels), a
-    plane smaller than the largest kernel, and y rounded to bf16 in the slot as the two-launch form stores it."""
+@pytest.mark.parametrize(
+    "stencil,H,W",
+    [("plane", 5, 7), ("plane", 3, 2), ("strips", 5, 8), ("strips", 3, 4), ("strips-default", 17, 20)],
+    ids=lambda v: str(v),
+)
+def test_triton_one_pass_slots_reused_across_images(dtype, stencil, H, W, nan_poisoned_empty, monkeypatch):
+    """The one-pass kernels (whole planes, whole-row strips) with several images per program (each program's slot
+    rewritten per image), a group narrower than its channel block (padding channels), a map smaller than the
+    largest kernel, the last strip past the image (odd H), whole-plane rows narrower than their power-of-two
+    padding, and y rounded to bf16 in the slot as the two-launch form stores it; strips-default: the default
+    settings' 7-row strips (17 rows: the last strip 3 rows) over whole rows of 5 chunks padded to 8."""
     from transxnet_kernels.triton import ms_ffn
 
     widths, ksizes = [3, 2, 3, 1], [1, 3, 5, 7]
     args = eval_args(widths, ksizes, 7, H, W, dtype=dtype, device=DEVICE, seed=3, grad=False)
-    launched = []
-    kernel = ms_ffn._plane_eval_kernel
+    stencil, default_settings = stencil.removesuffix("-default"), stencil.endswith("-default")
+    name = {"plane": "_plane_eval_kernel", "strips": "_strip_eval_kernel"}[stencil]
+    kernel, launched = getattr(ms_ffn, name), []
 
     class RecordingKernel:
         def __getitem__(self, grid):
             def launch(*kernel_args, **kwargs):
-                launched.append((grid, kernel_args[12], kwargs["KMAX"]))
+                images_per_program = kernel_args[12 if stencil == "plane" else 13]
+                launched.append((images_per_program, kwargs["KMAX" if stencil == "plane" else "K"]))
                 return kernel[grid](*kernel_args, **kwargs)
 
             return launch
 
-    monkeypatch.setattr(ms_ffn, "_plane_eval_kernel", RecordingKernel())
-    with ms_ffn_small_tiles(index64=False, plane=True, target_programs=1):
+    monkeypatch.setattr(ms_ffn, name, RecordingKernel())
+    small_tiles = ms_ffn_small_tiles(
+        index64=False, plane=stencil == "plane", strips=stencil == "strips", target_programs=1
+    )
+    with contextlib.nullcontext() if default_settings else small_tiles:
         check_op(TRITON, OP, args)
-    assert sorted(k for _, _, k in launched) == [1, 3, 5, 7]
-    assert all(images > 1 for _, images, _ in launched), launched  # b_per_prog
+    assert sorted(k for _, k in launched) == [1, 3, 5, 7]
+    assert all(images > 1 for images, _ in launched), launched
+
+
+@requires_triton
+@pytest.mark.parametrize("capability,dtype", [(80, torch.bfloat16), (80, torch.float32), (90, torch.bfloat16)])
+def test_triton_one_pass_strips_by_target(capability, dtype, monkeypatch):
+    """Whole-row strips run one pass except for 16-bit maps on compute capability 8.0 (16 FP32 lanes per
+    scheduler: the halo rows' GELUs cost more FP32-pipe time than the two passes save), which keep two launches;
+    both match the reference."""
+    import dataclasses
+
+    from transxnet_kernels.triton import common, ms_ffn
+
+    x, s_in, t_in, weights, biases, s_out, t_out = eval_args(
+        [2, 3, 1, 2], [1, 3, 5, 7], 2, 6, 8, dtype=dtype, device=DEVICE, grad=False
+    )
+    launched = []
+    launch_forward, launch_strip_eval = ms_ffn._launch_forward, ms_ffn._launch_strip_eval
+
+    def recording_launch_forward(mode, *args, **kwargs):
+        launched.append(mode)
+        launch_forward(mode, *args, **kwargs)
+
+    def recording_launch_strip_eval(*args):
+        launched.append("one pass")
+        launch_strip_eval(*args)
+
+    monkeypatch.setattr(ms_ffn, "_launch_forward", recording_launch_forward)
+    monkeypatch.setattr(ms_ffn, "_launch_strip_eval", recording_launch_strip_eval)
+    target = dataclasses.replace(common.launch_target(DEVICE), capability=capability)
+    with ms_ffn_small_tiles(index64=False, strips=True), common.launch_overrides(target):
+        check_op(TRITON, OP, (x, s_in.float(), t_in.float(), weights, biases, s_out.float(), t_out.float()))
+    two_launches = capability == 80 and dtype == torch.bfloat16
+    assert launched == ([ms_ffn._APPLY_SAVED, ms_ffn._APPLY] if two_launches else ["one pass"])
 
 
 @requires_triton

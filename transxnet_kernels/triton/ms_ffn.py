@@ -66,7 +66,8 @@ taps), and the taps stay in registers across the program's images. Per-channel s
 the thread: its channel's partial, no reduction across threads. `ms_ffn_middle_eval` there is one pass (`_EVAL`: fc1's
 GELU and BatchNorm applied once to each loaded value, as no other thread needs it); on dense whole planes (stage 3) one
 pass too (`_plane_eval_kernel`: each thread maps its own column once into its program's slot, which the stencil reads
-back after a barrier). For fp16/bf16 maps the middle's dz
+back after a barrier), and so on NCHW strips at stages 1-2 (`_strip_eval_kernel`, whole rows per program, the strip's
+halo rows mapped by both strips that read them). For fp16/bf16 maps the middle's dz
 pass from the saved z (`_thread_plane_dz_kernel`) computes a thread's dz pixel by pixel from z and go, stores it and
 keeps it in registers (unrounded) for the weight gradient's K^2 per-thread sums against the x plane: no barrier, no read
 of dz back, dz in x's dtype (the whole-plane pass reads it back, in fp32 for half x); fp32 keeps the whole-plane pass
@@ -88,8 +89,9 @@ Passes over the big tensor (one pass = B*C*H*W elements read or written; e = ele
     ms_ffn_middle_eval forward (inference): read x, write y = GELU(x) * s + t;
                                 read y, write out (see ms_ffn_middle_eval)          4 passes
                                 (thread planes: read x, write out                    2 passes;
-                                dense whole planes: read x, write out, and each
-                                program's slot for y written back once       2 + 1/images per program)
+                                NCHW whole planes and whole-row strips: read x,
+                                write out, each program's slot for y written
+                                back once               2 + (slot rows / rows) / images per program)
     Whole planes (H, W <= 16) add the weight gradient's second sweep over their program's images (x and go or
     dz again, L2-resident if the program's images fit) and, for half x, keep the middle's dz in fp32 (the dz
     write and the dx pass's read: one pass more each).
@@ -191,28 +193,32 @@ class Settings:
     where the chunked stencils apply (0: the chunked tiles instead); strip_chunks: (channel, chunk of 4 pixels) pairs of
     a strip program, one per thread; strip_row_chunks: most chunks of a row a strip program covers (wider rows take
     several column blocks; 8 serves W = 28 and 56 with one compiled kernel, and a block costs no extra loads: every
-    chunk reads both neighbours); wgrad_strip_rows: at most this many rows in the dx pass that also accumulates the
-    weight gradient, for fp32 and fp64 maps (its K^2 per-thread partials beside the stencil's taps and accumulators: 8
-    rows spilled 4 B at K = 7 in fp32 on sm_90 under Triton 3.6; 6 rows take 245 registers there), binding where
-    strip_rows is larger. strip_rows is 4, not 8: the strips are unrolled (STRIP + K - 1 input rows), and at 8 the k = 7
-    kernels took 20-35 s each to compile for sm_90, a GPU's first call paying them one after another; at 4 the strip
-    kernels of T's training middle at stages 1-2 compile in 41-45% of the time (bf16 145 -> 60 s, fp32 149 -> 67 s on
-    this project's 2-core machine) with fewer registers, for static estimates (Triton 3.8, H100) 0.95-1.09x those at 8
-    rows at the 224^2 stages 1-2 of T/S/B, up to 1.22x for the fp16/bf16 multiscale_dwconv backward at 800x1216 (not yet
-    measured on a GPU). thread_plane_pixels: the forward passes with a stencil run on planes of at most this many pixels
-    with a thread per channel plane (_thread_plane_forward_kernel; 0: never; 64 takes 7 x 7, stage 4 at 224^2, and 8 x
-    8), at most thread_plane_channels channels per program, and before the batch is split, programs of
-    thread_plane_warps warps in all per launch (four per SM on GPUs, one per scheduler: programs of one warp, B's stage
-    4, were two per SM, leaving half the schedulers idle; the static estimates, Triton 3.8, before the balanced splits,
-    of the B stage-4 bf16 multiscale_dwconv forward drop 35.0 -> 24.9 us on an H100 and of the MS-FFN middle 85.8 ->
-    65.1; at eight per SM the T and S stage-4 bf16 backward estimate up to 1.8x more, and the audit models no latency
-    that more warps would hide). affine_channels, affine_rows: the BatchNorm affine kernel's channels per program and
-    partial rows per tile (on GPUs a warp's 32 contiguous channels x 32 rows: a program per 32 channels, ~7 tiles per
-    sweep at T's stage 1, where one program of all 192 channels swept the 196 partial rows one at a time). On GPUs:
-    small tiles, enough programs to fill the SMs several times over, NCHW tiles of one channel (a long coalesced run of
-    pixels). Triton's interpreter runs programs one after another at ~0.7 ms per tile operation whatever the tile's
-    size, so there few large programs are fastest: small NCHW planes share a tile (one channel per program made the
-    whole-model training test 20 minutes)."""
+    chunk reads both neighbours); whole_row_chunks: most chunks of a row (padded to a power of 2) a one-pass eval strip
+    program covers (`_strip_eval_kernel` takes whole rows: W <= 64, stages 1-2 at 224^2; wider rows run
+    ms_ffn_middle_eval's two launches); whole_row_strip_rows: its output rows per program (7 divides the 56 and 28 rows
+    of stages 1-2 at 224^2; an input element's GELU runs (7 + K - 1) / 7 times, 1.86x at K = 7 against 2.5x with 4 rows:
+    static estimate, Triton 3.8, T stage 1 fp32 eval, H100, 270 -> 247 us); wgrad_strip_rows: at most this many rows in
+    the dx pass that also accumulates the weight gradient, for fp32 and fp64 maps (its K^2 per-thread partials beside
+    the stencil's taps and accumulators: 8 rows spilled 4 B at K = 7 in fp32 on sm_90 under Triton 3.6; 6 rows take 245
+    registers there), binding where strip_rows is larger. strip_rows is 4, not 8: the strips are unrolled (STRIP + K - 1
+    input rows), and at 8 the k = 7 kernels took 20-35 s each to compile for sm_90, a GPU's first call paying them one
+    after another; at 4 the strip kernels of T's training middle at stages 1-2 compile in 41-45% of the time (bf16 145
+    -> 60 s, fp32 149 -> 67 s on this project's 2-core machine) with fewer registers, for static estimates (Triton 3.8,
+    H100) 0.95-1.09x those at 8 rows at the 224^2 stages 1-2 of T/S/B, up to 1.22x for the fp16/bf16 multiscale_dwconv
+    backward at 800x1216 (not yet measured on a GPU). thread_plane_pixels: the forward passes with a stencil run on
+    planes of at most this many pixels with a thread per channel plane (_thread_plane_forward_kernel; 0: never; 64 takes
+    7 x 7, stage 4 at 224^2, and 8 x 8), at most thread_plane_channels channels per program, and before the batch is
+    split, programs of thread_plane_warps warps in all per launch (four per SM on GPUs, one per scheduler: programs of
+    one warp, B's stage 4, were two per SM, leaving half the schedulers idle; the static estimates, Triton 3.8, before
+    the balanced splits, of the B stage-4 bf16 multiscale_dwconv forward drop 35.0 -> 24.9 us on an H100 and of the
+    MS-FFN middle 85.8 -> 65.1; at eight per SM the T and S stage-4 bf16 backward estimate up to 1.8x more, and the
+    audit models no latency that more warps would hide). affine_channels, affine_rows: the BatchNorm affine kernel's
+    channels per program and partial rows per tile (on GPUs a warp's 32 contiguous channels x 32 rows: a program per 32
+    channels, ~7 tiles per sweep at T's stage 1, where one program of all 192 channels swept the 196 partial rows one at
+    a time). On GPUs: small tiles, enough programs to fill the SMs several times over, NCHW tiles of one channel (a long
+    coalesced run of pixels). Triton's interpreter runs programs one after another at ~0.7 ms per tile operation
+    whatever the tile's size, so there few large programs are fastest: small NCHW planes share a tile (one channel per
+    program made the whole-model training test 20 minutes)."""
 
     tile_elements: int
     target_programs: int
@@ -223,6 +229,8 @@ class Settings:
     strip_rows: int = 4
     strip_chunks: int = 64
     strip_row_chunks: int = 8
+    whole_row_chunks: int = 16
+    whole_row_strip_rows: int = 7
     wgrad_strip_rows: int = 6
     thread_plane_pixels: int = 64
     thread_plane_channels: int = 128
@@ -2136,6 +2144,133 @@ def _strip_forward_kernel(
 
 
 @triton.jit(
+    do_not_specialize=["B", "b_per_prog"],
+    do_not_specialize_on_alignment=[
+        "H",
+        "W",
+        "x_stride_b",
+        "x_stride_c",
+        "x_stride_h",
+        "out_stride_b",
+        "out_stride_c",
+        "out_stride_h",
+    ],
+)
+def _strip_eval_kernel(
+    x_ptr,
+    out_ptr,
+    slots_ptr,
+    weight_ptr,
+    bias_ptr,
+    blocks_ptr,
+    in_scale_ptr,
+    in_shift_ptr,
+    scale_ptr,
+    shift_ptr,
+    B,
+    H,
+    W,
+    b_per_prog,
+    x_stride_b,
+    x_stride_c,
+    x_stride_h,
+    out_stride_b,
+    out_stride_c,
+    out_stride_h,
+    K: tl.constexpr,
+    KK_STRIDE: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    CHUNKS: tl.constexpr,
+    STRIP: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    """ms_ffn_middle_eval in one pass on strips of STRIP rows whose programs cover whole rows (NCHW, W a multiple of
+    4 and at most 4 * CHUNKS; stages 1-2 at 224^2): per image each thread maps its own chunk of each of the strip's
+    STRIP + K - 1 input rows, y = GELU(x) * in_scale + in_shift (zero on rows outside the image: the conv's
+    padding), into its program's slot ([BLOCK_C, STRIP + K - 1, W] of `slots_ptr`, x's dtype, as the two-launch
+    form stores y); after a barrier the strip stencil runs on the slot (`_dwconv_strip_vec_k`: the slot's rows
+    all count as inside, a row's ends are the image's), and out = GELU(conv(y) + bias + y) * scale + shift is
+    stored. A second barrier keeps the next image's slot stores behind this image's stencil loads. An input
+    element's GELU runs (STRIP + K - 1) / STRIP times (the halo rows that neighbouring strips map too: 2.5x at
+    K = 7), where the two-launch form runs it once but writes y and reads it back. K = 1: y stays in registers."""
+    R: tl.constexpr = K // 2
+    SLOT_ROWS: tl.constexpr = STRIP + 2 * R
+    x_stride_b, x_stride_c, x_stride_h = _chunk_strides(x_stride_b, x_stride_c, x_stride_h)
+    out_stride_b, out_stride_c, out_stride_h = _chunk_strides(out_stride_b, out_stride_c, out_stride_h)
+    W = _multiple_of_4(W)
+    cs, cmask, h0, wq, qmask, left_ok, right_ok = _strip_block(blocks_ptr, W, BLOCK_C, CHUNKS, STRIP)
+    taps = _stencil_taps(weight_ptr, cs, cmask, K, KK_STRIDE, ACC)
+    bias = tl.load(bias_ptr + cs, mask=cmask, other=0.0).to(ACC)[:, None, None]
+    in_scale = tl.load(in_scale_ptr + cs, mask=cmask, other=0.0).to(ACC)[:, None, None]
+    in_shift = tl.load(in_shift_ptr + cs, mask=cmask, other=0.0).to(ACC)[:, None, None]
+    scale = tl.load(scale_ptr + cs, mask=cmask, other=0.0).to(ACC)[:, None, None]
+    shift = tl.load(shift_ptr + cs, mask=cmask, other=0.0).to(ACC)[:, None, None]
+    x_chunks = cs[:, None] * (x_stride_c // 4)
+    o_chunks = cs[:, None] * (out_stride_c // 4)
+    slot_channel = tl.arange(0, BLOCK_C)
+    slot_chunks = slot_channel[:, None] * (SLOT_ROWS * W // 4)
+    program = (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(2) + tl.program_id(2)
+    slot = slots_ptr + program.to(tl.int64) * (BLOCK_C * SLOT_ROWS * W)
+    slot_mask = (cmask[:, None] & qmask[None, :])[:, :, None]
+    b_lo = tl.program_id(2) * b_per_prog
+    b_hi = tl.minimum(b_lo + b_per_prog, B)
+    x_b = x_ptr + b_lo.to(tl.int64) * x_stride_b
+    o_b = out_ptr + b_lo.to(tl.int64) * out_stride_b
+    for _ in range(b_lo, b_hi):
+        if K == 1:
+            rows = ()
+            for o in tl.static_range(STRIP):
+                x = tl.load(
+                    _chunk_ptrs(x_b, x_chunks, h0 + o, wq, x_stride_h),
+                    mask=_chunk_mask(cmask, qmask, h0 + o, H),
+                    other=0.0,
+                ).to(ACC)
+                y = (_gelu(x) * in_scale + in_shift).to(slots_ptr.dtype.element_ty).to(ACC)
+                rows = rows + (taps[0][:, :, None] * y + y,)
+        else:
+            for r in tl.static_range(SLOT_ROWS):
+                inside = (h0 + r - R >= 0) & (h0 + r - R < H)
+                x = tl.load(
+                    _chunk_ptrs(x_b, x_chunks, h0 + r - R, wq, x_stride_h), mask=slot_mask & inside, other=0.0
+                ).to(ACC)
+                y = tl.where(inside, _gelu(x) * in_scale + in_shift, 0.0)
+                tl.store(_chunk_ptrs(slot, slot_chunks, r, wq, W), y.to(slots_ptr.dtype.element_ty), mask=slot_mask)
+            tl.debug_barrier()  # every thread's slot stores before any thread's stencil loads
+            rows = _dwconv_strip_vec_k(
+                slot,
+                taps,
+                slot_channel,
+                cmask,
+                R,
+                wq,
+                qmask,
+                left_ok,
+                right_ok,
+                SLOT_ROWS,
+                SLOT_ROWS * W,
+                W,
+                K,
+                False,
+                True,
+                ACC,
+                BLOCK_C,
+                CHUNKS,
+                STRIP,
+            )
+        for o in tl.static_range(STRIP):
+            out = _gelu(rows[o] + bias) * scale + shift
+            tl.store(
+                _chunk_ptrs(o_b, o_chunks, h0 + o, wq, out_stride_h),
+                out.to(out_ptr.dtype.element_ty),
+                mask=_chunk_mask(cmask, qmask, h0 + o, H),
+            )
+        if K > 1:
+            tl.debug_barrier()  # every thread's stencil loads before the next image's slot stores
+        x_b += x_stride_b
+        o_b += out_stride_b
+
+
+@triton.jit(
     # batch counts of 1 (batch 1, or one image per program) would compile a second copy of every kernel
     do_not_specialize=["B", "b_per_prog"],
     do_not_specialize_on_alignment=[
@@ -2978,13 +3113,16 @@ def _plan(
     strips: bool = True,
     wgrad_dx: bool = False,
     thread_planes: bool = False,
+    whole_rows: bool = False,
 ) -> _Plan:
     """Launch plan for the kernels reading x and writing or reading others. strips=False: no strip plan (for the
     passes without a stencil, which the _strip_* kernels do not run); wgrad_dx: for the dx pass that also
     accumulates the weight gradient (`Settings.wgrad_strip_rows`); thread_planes: for the passes with a
     thread-plane kernel (_launch_forward's stencil modes, _launch_dx, the middle's dz pass from the saved z), which
-    run a thread per plane on small planes (`Settings.thread_plane_pixels`). Memoised on shapes, strides, dtype,
-    device, the groups and the launch target and settings in effect (test and audit overrides included)."""
+    run a thread per plane on small planes (`Settings.thread_plane_pixels`); whole_rows: strips whose programs
+    cover whole rows (`_strip_eval_kernel`), and none where rows are wider than `Settings.whole_row_chunks`.
+    Memoised on shapes, strides, dtype, device, the groups and the launch target and settings in effect (test and
+    audit overrides included)."""
     target, settings = launch_target(x.device), launch_settings(Settings, x.device)
     key = (
         x.shape,
@@ -2997,6 +3135,7 @@ def _plan(
         strips,
         wgrad_dx,
         thread_planes,
+        whole_rows,
         target,
         settings,
     )
@@ -3005,7 +3144,7 @@ def _plan(
         if len(_PLANS) >= _PLANS_MAX:
             _PLANS.clear()
         plan = _PLANS[key] = _make_plan(
-            x, widths, ksizes, others, strips, wgrad_dx, thread_planes, settings, target.sm_count
+            x, widths, ksizes, others, strips, wgrad_dx, thread_planes, whole_rows, settings, target.sm_count
         )
     return plan
 
@@ -3018,6 +3157,7 @@ def _make_plan(
     strips: bool,
     wgrad_dx: bool,
     thread_planes: bool,
+    whole_rows: bool,
     settings: Settings,
     sm_count: int,
 ) -> _Plan:
@@ -3039,12 +3179,17 @@ def _make_plan(
         block_c = min(next_power_of_2(max(widths)), max(1, settings.plane_columns // plane[2]))
         num_warps = max(1, min(8, block_c * plane[2] // 32))
         n_hw = 1
-    elif strips and settings.strip_rows and _vectorisable(4, max(ksizes), index64, x, *others):
-        # strips of rows x blocks of chunks of a row, one (channel, chunk) per thread
-        strip = settings.strip_rows
+    elif (
+        strips
+        and settings.strip_rows
+        and _vectorisable(4, max(ksizes), index64, x, *others)
+        and not (whole_rows and next_power_of_2(W // 4) > settings.whole_row_chunks)
+    ):
+        # strips of rows x blocks of chunks of a row (whole_rows: the whole row), one (channel, chunk) per thread
+        strip = settings.whole_row_strip_rows if whole_rows else settings.strip_rows
         if wgrad_dx and x.element_size() >= 4:
             strip = min(strip, settings.wgrad_strip_rows)
-        chunks = min(next_power_of_2(W // 4), settings.strip_row_chunks)
+        chunks = next_power_of_2(W // 4) if whole_rows else min(next_power_of_2(W // 4), settings.strip_row_chunks)
         block_hw = 4 * chunks
         block_c = min(next_power_of_2(max(widths)), max(1, settings.strip_chunks // chunks))
         num_warps = max(1, min(8, block_c * chunks // 32))
@@ -3238,6 +3383,50 @@ def _launch_plane_eval(
                 PLANE_W=W,
                 PLANE_WP=plan.plane[2],
                 num_warps=plan.num_warps,
+                **NO_REGISTER_BUDGET,
+            )
+
+
+def _launch_strip_eval(
+    x: torch.Tensor,
+    w_table: torch.Tensor,
+    bias: torch.Tensor,
+    plan: _Plan,
+    out: torch.Tensor,
+    in_scale: torch.Tensor,
+    in_shift: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+) -> None:
+    """ms_ffn_middle_eval in one pass on whole-row strips (`_strip_eval_kernel`), a launch per kernel size sharing
+    one buffer of slots (x itself where only K = 1 runs: no slot)."""
+    B, _, H, W = x.shape
+    assert plan.strip and plan.block_hw >= W, plan  # a program's block of chunks is the whole row
+    rows = plan.strip + max(launch.kmax for launch in plan.launches) - 1
+    grids = [launch.grid for launch in plan.launches if launch.kmax > 1]
+    programs = max((g[0] * g[1] * g[2] for g in grids), default=0)
+    # flat: a slots tensor with an axis of C would count as a map's channels in the audit's bytes
+    slots = torch.empty(programs * plan.block_c * rows * W, dtype=x.dtype, device=x.device) if programs else x
+    with device_guard(x):
+        for launch in plan.launches:
+            _strip_eval_kernel[launch.grid](
+                x,
+                out,
+                slots,
+                w_table,
+                bias,
+                launch.blocks,
+                in_scale,
+                in_shift,
+                scale,
+                shift,
+                B,
+                H,
+                W,
+                launch.b_per_prog,
+                *x.stride()[:3],
+                *out.stride()[:3],
+                **plan.strip_constexprs(launch),
                 **NO_REGISTER_BUDGET,
             )
 
@@ -3720,25 +3909,34 @@ def _supports_inference(info) -> Optional[str]:
     return supports(info)
 
 
+def _one_pass_strips(x: torch.Tensor) -> bool:
+    """Whether ms_ffn_middle_eval may run its whole-row strips (`_strip_eval_kernel`) on x. fp16/bf16 maps on
+    compute capability 7.x-8.0 keep the two launches: there a scheduler has 16 FP32 lanes, a warp's FFMA takes 2
+    clocks, and the halo rows' extra GELUs cost more FP32-pipe time than the two 16-bit passes they save take DRAM
+    time (static audit, Triton 3.8, T stage 1 bf16 on A100, µs: by issue 435.6 -> 416.3, under the FP32-pipe bound
+    645.4 -> 694.3). fp32 maps save twice the bytes (A100: 739.5 -> 679.9 under that bound)."""
+    return x.element_size() >= 4 or not 70 <= launch_target(x.device).capability <= 80
+
+
 @ops.ms_ffn_middle_eval.register("triton", supports=_supports_inference)
 @ops.ms_ffn_middle_eval.library_op("transxnet_triton", fake=lambda x, *_: torch.empty_like(x))
 def ms_ffn_middle_eval(x, input_scale, input_shift, weights, biases, output_scale, output_shift):
-    """One pass over the map on small planes: on planes of thread_plane_pixels or fewer (stage 4 at 224^2) one
-    launch, `_EVAL`, a thread per plane mapping each element it loads once; on dense whole planes (stage 3, NCHW) a
-    launch per kernel size, `_plane_eval_kernel`, each thread mapping its own column once into its program's slot
-    for the stencil to read back. Elsewhere (strips at stages 1-2, channels_last) two launches over the map:
-    y = GELU(x) * input_scale + input_shift (`_APPLY_SAVED`, no stencil), stored in x's dtype, then `_APPLY`'s
-    stencil on y with the output affine: 4 passes against the 2 of one kernel.
+    """One pass over the map where a program can map y = GELU(x) * input_scale + input_shift for its own stencil: on
+    planes of thread_plane_pixels or fewer (stage 4 at 224^2) one launch, `_EVAL`, a thread per plane mapping each
+    element it loads once; on dense whole planes (stage 3, NCHW) `_plane_eval_kernel`, each thread mapping its own
+    column once into its program's slot for the stencil to read back; on NCHW rows of at most 4 * whole_row_chunks
+    pixels (stages 1-2) `_strip_eval_kernel`, whole-row strips mapping their rows and halo rows into a slot the same way
+    (a launch per kernel size for both; not for 16-bit maps on compute capability 7.x-8.0, `_one_pass_strips`).
+    Elsewhere (channels_last at stages 1-3, wider rows) two launches over the map: y (`_APPLY_SAVED`, no stencil),
+    stored in x's dtype, then `_APPLY`'s stencil on y with the output affine: 4 passes against 2.
 
-    Not one kernel there: a strip thread loads its chunk and both neighbours for each of the strip's STRIP + K - 1
-    input rows, so a prologue would evaluate the GELU ~5x per input element at K = 7 (and the tiled stencils once
-    per tap), where the middle's GELU epilogue alone already bounds the strip passes (static audit, see the module
-    docstring). With the rational GELU (~19 instructions) the trade is closer but still lost in bf16: ~2.4 extra
-    GELUs per element on average over the four groups cost more issue time (~46 instructions) than the two bf16
-    passes they would save take DRAM time (~35 instructions' worth on H100). The whole-plane slot evaluates each
-    GELU once: static audit, Triton 3.8, T stage 3 (896x14x14), batch 128, H100 (A100), µs, two launches -> one
-    pass / DRAM roofline: fp32 113.8 -> 68.0 / 53.7 (186.2 -> 106.7 / 89.9), bf16 90.1 -> 70.2 / 26.8
-    (133.8 -> 106.2 / 45.0); bf16 stays issue-bound (two GELUs and the stencil per element)."""
+    The slots keep each program's GELUs to its own rows (and a strip's halo rows): a prologue in the column-block
+    strips (each thread loading its chunk and both neighbours for every input row) would evaluate the GELU ~5x per
+    input element at K = 7, and the tiled stencils once per tap. Static audit, Triton 3.8, T, batch 128, NCHW, H100
+    (A100), µs, two launches -> one pass / DRAM roofline: fp32 stage 1 (192x56x56) 383.8 -> 247.2 / 184.0 (635.5 ->
+    405.2 / 308.3), stage 3 (896x14x14) 113.8 -> 68.0 / 53.7 (186.2 -> 106.7 / 89.9); bf16 stage 1 268.3 -> 256.3 /
+    92.0, stage 3 90.1 -> 70.2 / 26.8 (133.8 -> 106.2 / 45.0). The 16-bit passes stay issue-bound (two GELUs per
+    element, more on halo rows, and the stencil)."""
     w_table, bias, widths, ksizes = _pack_for_inference(weights, biases)
     out = torch.empty_like(x)
     if x.numel() == 0:
@@ -3771,6 +3969,17 @@ def ms_ffn_middle_eval(x, input_scale, input_shift, weights, biases, output_scal
             w_table,
             bias,
             stencil,
+            out,
+            *(per_channel(t) for t in (input_scale, input_shift, output_scale, output_shift)),
+        )
+        return out
+    strips = _plan(x, widths, ksizes, out, whole_rows=True)
+    if strips.strip and _one_pass_strips(x):
+        _launch_strip_eval(
+            x,
+            w_table,
+            bias,
+            strips,
             out,
             *(per_channel(t) for t in (input_scale, input_shift, output_scale, output_shift)),
         )
