@@ -378,19 +378,21 @@ def test_triton_short_path_choice():
 @requires_triton
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16], ids=dtype_id)
 @pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[4]], ids=case_id)
-def test_triton_short_backward_sums_the_bias_gradient_in_its_buffer(case, dtype, nan_poisoned_empty):
+@pytest.mark.parametrize("capability", [80, 86])
+def test_triton_short_backward_sums_the_bias_gradient_in_its_buffer(case, dtype, capability, nan_poisoned_empty):
     """The one-pass backward as planned for sm_8x, where it sums a batch-shared bias's gradient over each batch
-    group by read-modify-writes of the group's buffer slice instead of in registers: groups of one and of three
-    batches, three query blocks."""
+    group by read-modify-writes of the group's buffer slice instead of in registers (sm_80: rows padded to the key
+    block, sm_86: M keys): groups of one and of three batches, three query blocks."""
     from transxnet_kernels.triton import common
     from transxnet_kernels.triton import osra_attention as triton_osra
 
     args = osra_args(*case, dtype=dtype)
-    with common.launch_overrides(dataclasses.replace(common.launch_target(DEVICE), capability=80)):
+    with common.launch_overrides(dataclasses.replace(common.launch_target(DEVICE), capability=capability)):
         q, k, _, bias, _ = args
         block_n = triton_osra._short_config(q, k, bias, "bwd").block_n
         assert triton_osra._short_path(q, k, bias, 0.2, "bwd")
         assert not triton_osra._short_dbias_in_registers(q, block_n)
+        assert triton_osra._short_dbias_rows_padded(q) == (capability == 80)
         check_op(TRITON, OP, args)
 
 

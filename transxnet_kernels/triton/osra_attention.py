@@ -24,8 +24,8 @@ Two paths (`_short_path` picks per call):
     (head, batch group) to finish sums, in query-block order, into dk and dv (an atomic arrival count per
     (head, group); the partials are read back from L2, no separate sum launch); dS is summed
     over the group's batches (in registers on sm_90 and in sm_80's 128-row kernel, in the program's own slice
-    of the buffer in sm_8x's 64-row one: `_short_dbias_in_registers`) into a slice per group ([groups, h, N, M],
-    summed afterwards).
+    of the buffer in sm_8x's 64-row one: `_short_dbias_in_registers`; on sm_80 with rows padded to the key block,
+    `_short_dbias_rows_padded`) into a slice per group ([groups, h, N, M], summed afterwards).
     On sm_80 the fp16/bf16 backward at 128 query rows (stages 1-2) holds the batch-shared bias tile in its 16-bit
     dtype and converts it per batch (`BIAS_TILE_RAW`): the fp32 tile left no registers for the bias-gradient sum.
     In both, batch groups are as long as Settings' floor on programs and the wave tail allow
@@ -400,6 +400,7 @@ def _osra_bwd_short_kernel(
     BIAS_PER_BATCH: tl.constexpr,
     HAS_DBIAS: tl.constexpr,
     DBIAS_IN_REGISTERS: tl.constexpr,
+    DBIAS_ROWS_PADDED: tl.constexpr,
     BIAS_TILE_RAW: tl.constexpr,
     ACC: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -408,15 +409,17 @@ def _osra_bwd_short_kernel(
     BLOCK_D: tl.constexpr,
     Q_VECTOR: tl.constexpr,
 ):
-    """The whole backward of the one-key-block case in one pass over q and dO: per (query block, head, batch
-    group) program and batch, dq (stored), this query block's dk/dv partial (stored at [query block, b, h]) and
-    dS, summed over the group's batches for a batch-shared bias (stored per group), stored per batch otherwise.
-    The group sum is a register tile (DBIAS_IN_REGISTERS) or the group's slice of the bias-gradient buffer,
-    read, added to and written back per batch by this program only: 32 registers per thread fewer, which is
-    what keeps the sm_8x 64-row kernel from spilling. A batch-shared bias is held across the batch loop as the
-    scores' fp32 start (bias / scale), or (BIAS_TILE_RAW, the sm_80 128-row kernel) in its own 16-bit dtype,
-    converted per batch: half the registers for 2 instructions per element and batch. Delta = rowsum(P * dP)
-    (= rowsum(dO * O)), so O is not read.
+    """The whole backward of the one-key-block case in one pass over q and dO: per (query block, head, batch group)
+    program and batch, dq (stored), this query block's dk/dv partial (stored at [query block, b, h]) and dS, summed over
+    the group's batches for a batch-shared bias (stored per group), stored per batch otherwise. The group sum is a
+    register tile (DBIAS_IN_REGISTERS) or the group's slice of the bias-gradient buffer, read, added to and written back
+    per batch by this program only: 32 registers per thread fewer, which is what keeps the sm_8x 64-row kernel from
+    spilling. DBIAS_ROWS_PADDED (sm_80, `_short_dbias_rows_padded`): that buffer's rows are padded to BLOCK_M keys (the
+    padded keys' dS is 0), so whole rows move in 16-byte vectors at compile-time offsets: with masked scalar accesses to
+    rows of M = 49 keys the sum took 232 of the bf16 kernel's 1085 instructions per batch on sm_80 (S stage 3), padded
+    107 of 949. A batch-shared bias is held across the batch loop as the scores' fp32 start (bias / scale), or
+    (BIAS_TILE_RAW, the sm_80 128-row kernel) in its own 16-bit dtype, converted per batch: half the registers for 2
+    instructions per element and batch. Delta = rowsum(P * dP) (= rowsum(dO * O)), so O is not read.
 
     dk and dv: the last of a (head, batch group)'s query-block programs to finish (an arrival count per
     (head, group), incremented once per program after its partial stores) sums the group's partials in query
@@ -458,7 +461,9 @@ def _osra_bwd_short_kernel(
             bias_head, nm_offs, mask_n, mask_m, scale, HAS_BIAS and not BIAS_PER_BATCH, BLOCK_N, BLOCK_M
         )
     dbias_acc = tl.zeros([BLOCK_N, BLOCK_M], scale.dtype)
-    if BIAS_PER_BATCH or not DBIAS_IN_REGISTERS:  # else computed after the loop: held across it, it made sm_90 spill
+    if DBIAS_ROWS_PADDED:  # the group's slice, rows of BLOCK_M keys: whole rows in 16-byte vectors
+        dbias_offs = offs_n[:, None] * BLOCK_M + offs_m[None, :]
+    elif BIAS_PER_BATCH or not DBIAS_IN_REGISTERS:  # else computed after the loop: held across it, sm_90 spilled
         dbias_offs = offs_n[:, None] * dbias_stride_n + offs_m[None, :] * dbias_stride_m
 
     b_lo = group * BATCHES_PER_PROGRAM
@@ -501,11 +506,16 @@ def _osra_bwd_short_kernel(
             elif BIAS_PER_BATCH:
                 tl.store(dbias_ptr + (dbias_slice + dbias_offs), ds.to(dbias_ptr.dtype.element_ty), mask=nm_mask)
             else:
-                dbias_ptrs = dbias_ptr + (dbias_slice + dbias_offs)
+                if DBIAS_ROWS_PADDED:
+                    dbias_ptrs = dbias_ptr + ((group * H + h) * N * BLOCK_M + dbias_offs)
+                    dbias_mask = mask_n[:, None]
+                else:
+                    dbias_ptrs = dbias_ptr + (dbias_slice + dbias_offs)
+                    dbias_mask = nm_mask
                 # The barrier orders the previous batch's store before this load across the program's threads.
                 tl.debug_barrier()
-                partial = tl.load(dbias_ptrs, mask=nm_mask & (b > b_lo), other=0.0)  # the first batch starts it
-                tl.store(dbias_ptrs, (partial + ds).to(dbias_ptr.dtype.element_ty), mask=nm_mask)
+                partial = tl.load(dbias_ptrs, mask=dbias_mask & (b > b_lo), other=0.0)  # the first batch starts it
+                tl.store(dbias_ptrs, (partial + ds).to(dbias_ptr.dtype.element_ty), mask=dbias_mask)
     if HAS_DBIAS and DBIAS_IN_REGISTERS and not BIAS_PER_BATCH:
         dbias_offs = offs_n[:, None] * dbias_stride_n + offs_m[None, :] * dbias_stride_m
         dbias_ptrs = dbias_ptr + (group * dbias_stride_g + h * dbias_stride_h + dbias_offs)
@@ -1114,9 +1124,17 @@ def _short_fwd_register_budget(q: torch.Tensor, cfg: _Config) -> bool:
 def _short_dbias_in_registers(q: torch.Tensor, block_n: int) -> bool:
     """Whether the one-pass backward sums a batch-shared bias's gradient over its batch group in registers (sm_90+,
     interpreted, and the sm_80 128-row kernel) or in its slice of the gradient buffer (the sm_8x 64-row kernel: the
-    register tile made it spill 8-16 B, the read-modify-write does not; it costs 16 loads and 16 stores per thread
-    and batch, of the program's own 16 KB slice, which stays in cache)."""
+    register tile made it spill 8-16 B, the read-modify-write does not; it costs 16 loads and 16 stores per thread and
+    batch, 4 and 4 vectors on padded rows, of the program's own 16 KB slice, which stays in cache)."""
     return not 0 < launch_target(q.device).capability < 90 or block_n >= _SHORT_BWD_ROWS_ALIGNED
+
+
+def _short_dbias_rows_padded(q: torch.Tensor) -> bool:
+    """Whether the read-modify-write bias-gradient sum (`_short_dbias_in_registers` false) runs on rows padded to the
+    key block: on sm_80 (A100's 2 TB/s), where the kernel is bound by issue, the vector accesses cut its backward
+    (static audit, Triton 3.8, bf16 S stage 3: 53.6 -> 48.0 us); on sm_86/89 (GDDR, ~0.5-1 TB/s) it is bound by
+    DRAM and the padded rows' extra bytes made it slower (RTX 3090: S stage 3 82.6 -> 84.6 us, 1-3% at most shapes)."""
+    return launch_target(q.device).capability == 80
 
 
 def _short_path(q: torch.Tensor, k: torch.Tensor, bias: Optional[torch.Tensor], scale: float, kernel: str) -> bool:
@@ -1137,13 +1155,13 @@ def _short_path(q: torch.Tensor, k: torch.Tensor, bias: Optional[torch.Tensor], 
 def _short_path_spans(q: torch.Tensor, k: torch.Tensor, bias: Optional[torch.Tensor], kernel: str) -> Tuple[int, ...]:
     """The largest element offset into each tensor a short-path kernel addresses, batch included: q (out, dO
     and dq share its layout), k and v (one layout), lse, the bias; the backward's dk/dv partials (one per query
-    block) and bias-gradient buffer (at most one [h, N, M] slice per batch)."""
+    block) and bias-gradient buffer (at most one [h, N, M] slice per batch, rows padded to the key block)."""
     B, h, N, _ = q.shape
     M = k.shape[2]
     spans = (tensor_span(q), tensor_span(k), B * h * N - 1, tensor_span(bias) if bias is not None else 0)
     if kernel == "bwd":
-        query_blocks = cdiv(N, _short_config(q, k, bias, kernel).block_n)
-        spans += (query_blocks * k.numel() - 1, B * h * N * M - 1)
+        cfg = _short_config(q, k, bias, kernel)
+        spans += (cdiv(N, cfg.block_n) * k.numel() - 1, B * h * N * max(M, cfg.block_m) - 1)
     return spans
 
 
@@ -1324,16 +1342,17 @@ def _short_path_groups(bias, B: int, programs_per_batch: int, device: torch.devi
     return balanced_batch_groups(B, programs_per_batch, floor, sm_count, settings.prologue_batches)
 
 
-def _dbias_buffer(bias, has_dbias: bool, groups: int, batches_per_group: int, q: torch.Tensor, M: int):
-    """(buffer, its strides, dims to sum) of the bias gradient: one [h, N, M] slice per batch group (per batch
-    for a per-batch bias), summed afterwards over the groups and a broadcast head dim. Sums over batches or
-    groups accumulate in fp32 (fp64), whatever the bias dtype."""
+def _dbias_buffer(bias, has_dbias: bool, groups: int, batches_per_group: int, q: torch.Tensor, M: int, row: int):
+    """(buffer, its strides, dims to sum) of the bias gradient: one [h, N, row] slice per batch group (per batch
+    for a per-batch bias), summed afterwards over the groups and a broadcast head dim; keys past M (row > M: the
+    one-pass backward's read-modify-write sum, rows padded to its key block) are not part of the gradient
+    (`_backward` takes [..., :M]). Sums over batches or groups accumulate in fp32 (fp64), whatever the bias dtype."""
     if not has_dbias:
         return torch.empty((0,), dtype=q.dtype, device=q.device), (0, 0, 0, 0), []
     _, h, N, _ = q.shape
     reduce_dims = [i for i, size in enumerate((groups, h)) if bias.shape[i] == 1 and size > 1]
     dtype = accumulation_dtype(q.dtype) if reduce_dims or batches_per_group > 1 else bias.dtype
-    buf = torch.empty((groups, h, N, M), dtype=dtype, device=q.device)
+    buf = torch.empty((groups, h, N, row), dtype=dtype, device=q.device)
     return buf, buf.stride(), reduce_dims
 
 
@@ -1426,7 +1445,11 @@ def _backward_short(grad_out, q, k, v, bias, lse, scale, has_dbias, dk, dv):
     cfg = _short_config(q, k, bias, "bwd")
     n_blocks = cdiv(N, cfg.block_n)
     groups, batches_per_group = _short_path_groups(bias, B, n_blocks * h, q.device, backward=True)
-    dbias_buf, dbias_strides, reduce_dims = _dbias_buffer(bias, has_dbias, groups, batches_per_group, q, M)
+    dbias_in_registers = _short_dbias_in_registers(q, cfg.block_n)
+    rows_padded = has_dbias and not _bias_per_batch(bias) and not dbias_in_registers and _short_dbias_rows_padded(q)
+    dbias_buf, dbias_strides, reduce_dims = _dbias_buffer(
+        bias, has_dbias, groups, batches_per_group, q, M, cfg.block_m if rows_padded else M
+    )
     # dk/dv partials, one per query block, [query blocks, B, h, M, d], d-contiguous (stored from the dot in the
     # model's k layout, M-contiguous, the kernel spilled 16 B on sm_90 under Triton 3.6), fp32 (one block: k's
     # dtype, as no sum follows); the kernel sums them into dk and dv. Arrival counts: one per (head, batch group).
@@ -1467,7 +1490,8 @@ def _backward_short(grad_out, q, k, v, bias, lse, scale, has_dbias, dk, dv):
             HAS_BIAS=bias is not None,
             BIAS_PER_BATCH=_bias_per_batch(bias),
             HAS_DBIAS=has_dbias,
-            DBIAS_IN_REGISTERS=_short_dbias_in_registers(q, cfg.block_n),
+            DBIAS_IN_REGISTERS=dbias_in_registers,
+            DBIAS_ROWS_PADDED=rows_padded,
             # sm_8x takes 128 rows only with a batch-shared 16-bit bias (`_short_bwd_rows_aligned`), the tile held raw.
             BIAS_TILE_RAW=0 < launch_target(q.device).capability < 90 and cfg.block_n >= _SHORT_BWD_ROWS_ALIGNED,
             ACC=tl_accumulation_dtype(k.dtype),
@@ -1500,7 +1524,7 @@ def _backward_flash(grad_out, q, k, v, bias, out, lse, scale, has_dbias):
     groups, batches_per_group = (
         fewest_batch_groups(B, n_blocks * h, settings.target_programs) if shared_dbias else (B, 1)
     )
-    dbias_buf, dbias_strides, reduce_dims = _dbias_buffer(bias, has_dbias, groups, batches_per_group, q, M)
+    dbias_buf, dbias_strides, reduce_dims = _dbias_buffer(bias, has_dbias, groups, batches_per_group, q, M, M)
 
     dq = torch.empty_like(q)
     delta = torch.empty((B, h, N), dtype=accumulation_dtype(q.dtype), device=device)
@@ -1600,9 +1624,9 @@ def _backward(grad_out, q, k, v, bias, out, lse, scale, bias_needs_grad):
     if not has_dbias:
         dbias = dbias_buf
     elif reduce_dims:
-        dbias = dbias_buf.sum(dim=reduce_dims, keepdim=True).to(bias.dtype)
+        dbias = dbias_buf[..., : k.shape[2]].sum(dim=reduce_dims, keepdim=True).to(bias.dtype)
     else:
-        dbias = dbias_buf.to(bias.dtype)
+        dbias = dbias_buf[..., : k.shape[2]].to(bias.dtype, memory_format=torch.contiguous_format)
     return dq, dk, dv, dbias
 
 
