@@ -3353,6 +3353,7 @@ def _launch_plane_eval(
     programs = max((launch.grid[1] * launch.grid[2] for launch in plan.launches if launch.kmax > 1), default=0)
     # flat: a slots tensor with an axis of C would count as a map's channels in the audit's bytes
     slots = torch.empty(programs * plan.block_c * H * W, dtype=x.dtype, device=x.device) if programs else x
+    assert slots.numel() < 2**31, "the kernel addresses its slots in int32"  # programs ~ the SMs' fill, planes <= 256
     zero_plane = plan.zero_plane(x)
     with device_guard(x):
         for launch in plan.launches:
