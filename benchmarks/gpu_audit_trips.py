@@ -122,6 +122,12 @@ def _strips(kernel: str) -> Callable[[Mapping, Sequence[int]], Trips]:
     return lambda args, grid: {f"{kernel}:_": grid[0] * grid[1] * args["B"]}
 
 
+def _strip_eval(args, grid) -> Trips:
+    """Every image once per channel block, and in it every strip of STRIP rows, top to bottom."""
+    images = grid[0] * grid[1] * args["B"]
+    return {"_strip_eval_kernel:_": images, "_strip_eval_kernel:h0": images * -(-args["H"] // args["STRIP"])}
+
+
 # --------------------------------------------------------------------------------------------- OSRA
 
 
@@ -184,7 +190,7 @@ LOOP_TRIPS: Dict[str, Callable[[Mapping, Sequence[int]], Trips]] = {
     "_thread_plane_dx_kernel": _strips("_thread_plane_dx_kernel"),
     "_thread_plane_dz_kernel": _strips("_thread_plane_dz_kernel"),
     "_plane_eval_kernel": _strips("_plane_eval_kernel"),
-    "_strip_eval_kernel": _strips("_strip_eval_kernel"),
+    "_strip_eval_kernel": _strip_eval,
     "_batch_norm_affine_kernel": _batch_norm_affine,
     "_osra_fwd_kernel": _osra_fwd,
     "_osra_bwd_dq_kernel": _osra_bwd_dq,

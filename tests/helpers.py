@@ -369,9 +369,9 @@ def ms_ffn_small_tiles(
     tiles, channel blocks per group, the batch split over programs (as far as target_programs asks: a small one leaves
     several images to a program), and (index64) int64 in-image offsets. plane: the whole-plane stencil where it applies
     (a few channels per tile); strips: strips of 2 rows x 2 chunks, 2 channels per program, where they apply
-    (ms_ffn_middle_eval's whole-row strips: 2 rows, rows of at most 2 chunks); thread_planes: the forward passes on
-    planes of at most 64 pixels with a thread per plane, 2 channels and one image per program; else the tiled stencils
-    (per tap, chunks of 4). The BatchNorm affine map takes 2 channels a program and its partials 2 rows a tile."""
+    (ms_ffn_middle_eval's whole-row strips: rows of at most 2 chunks); thread_planes: the forward passes on planes of at
+    most 64 pixels with a thread per plane, 2 channels and one image per program; else the tiled stencils (per tap,
+    chunks of 4). The BatchNorm affine map takes 2 channels a program and its partials 2 rows a tile."""
     import dataclasses
 
     from transxnet_kernels.triton import common, ms_ffn
@@ -388,7 +388,6 @@ def ms_ffn_small_tiles(
             strip_chunks=4,
             strip_row_chunks=2,
             whole_row_chunks=2,
-            whole_row_strip_rows=2,
             thread_plane_pixels=64 if thread_planes else 0,
             thread_plane_channels=2,
             thread_plane_warps=10**6,

@@ -217,8 +217,9 @@ def test_triton_one_pass_slots_reused_across_images(dtype, stencil, H, W, nan_po
     """The one-pass kernels (whole planes, whole-row strips) with several images per program (each program's slot
     rewritten per image), a group narrower than its channel block (padding channels), a map smaller than the
     largest kernel, the last strip past the image (odd H), whole-plane rows narrower than their power-of-two
-    padding, and y rounded to bf16 in the slot as the two-launch form stores it; strips-default: the default
-    settings' 7-row strips (17 rows: the last strip 3 rows) over whole rows of 5 chunks padded to 8."""
+    padding, and y rounded to bf16 in the slot as the two-launch form stores it. Strips: a program walks down its
+    images' strips (2 rows; strips-default, the default settings: 4 rows, the last of 17 one row), the slot's top
+    rows carried from the strip above, over whole rows (strips-default: 5 chunks padded to 8)."""
     from transxnet_kernels.triton import ms_ffn
 
     widths, ksizes = [3, 2, 3, 1], [1, 3, 5, 7]

@@ -66,8 +66,8 @@ taps), and the taps stay in registers across the program's images. Per-channel s
 the thread: its channel's partial, no reduction across threads. `ms_ffn_middle_eval` there is one pass (`_EVAL`: fc1's
 GELU and BatchNorm applied once to each loaded value, as no other thread needs it); on dense whole planes (stage 3) one
 pass too (`_plane_eval_kernel`: each thread maps its own column once into its program's slot, which the stencil reads
-back after a barrier), and so on NCHW strips at stages 1-2 (`_strip_eval_kernel`, whole rows per program, the strip's
-halo rows mapped by both strips that read them). For fp16/bf16 maps the middle's dz
+back after a barrier), and so on NCHW strips at stages 1-2 (`_strip_eval_kernel`: a program covers whole rows and
+walks down its image's strips, mapping each input row once). For fp16/bf16 maps the middle's dz
 pass from the saved z (`_thread_plane_dz_kernel`) computes a thread's dz pixel by pixel from z and go, stores it and
 keeps it in registers (unrounded) for the weight gradient's K^2 per-thread sums against the x plane: no barrier, no read
 of dz back, dz in x's dtype (the whole-plane pass reads it back, in fp32 for half x); fp32 keeps the whole-plane pass
@@ -195,9 +195,7 @@ class Settings:
     several column blocks; 8 serves W = 28 and 56 with one compiled kernel, and a block costs no extra loads: every
     chunk reads both neighbours); whole_row_chunks: most chunks of a row (padded to a power of 2) a one-pass eval strip
     program covers (`_strip_eval_kernel` takes whole rows: W <= 64, stages 1-2 at 224^2; wider rows run
-    ms_ffn_middle_eval's two launches); whole_row_strip_rows: its output rows per program (7 divides the 56 and 28 rows
-    of stages 1-2 at 224^2; an input element's GELU runs (7 + K - 1) / 7 times, 1.86x at K = 7 against 2.5x with 4 rows:
-    static estimate, Triton 3.8, T stage 1 fp32 eval, H100, 270 -> 247 us); wgrad_strip_rows: at most this many rows in
+    ms_ffn_middle_eval's two launches); wgrad_strip_rows: at most this many rows in
     the dx pass that also accumulates the weight gradient, for fp32 and fp64 maps (its K^2 per-thread partials beside
     the stencil's taps and accumulators: 8 rows spilled 4 B at K = 7 in fp32 on sm_90 under Triton 3.6; 6 rows take 245
     registers there), binding where strip_rows is larger. strip_rows is 4, not 8: the strips are unrolled (STRIP + K - 1
@@ -230,7 +228,6 @@ class Settings:
     strip_chunks: int = 64
     strip_row_chunks: int = 8
     whole_row_chunks: int = 16
-    whole_row_strip_rows: int = 7
     wgrad_strip_rows: int = 6
     thread_plane_pixels: int = 64
     thread_plane_channels: int = 128
@@ -2143,6 +2140,15 @@ def _strip_forward_kernel(
         tl.store(pm2_ptr + part, m2, mask=cmask)
 
 
+@triton.jit
+def _mapped_chunk(x_b, x_chunks, hh, wq, x_stride_h, mask, H, in_scale, in_shift, slots_ptr, ACC: tl.constexpr):
+    """y = GELU(x) * in_scale + in_shift of the thread's chunk of row hh, in the slots' dtype; zero on rows outside
+    the image (the conv's zero padding of y)."""
+    inside = (hh >= 0) & (hh < H)
+    x = tl.load(_chunk_ptrs(x_b, x_chunks, hh, wq, x_stride_h), mask=mask & inside, other=0.0).to(ACC)
+    return tl.where(inside, _gelu(x) * in_scale + in_shift, 0.0).to(slots_ptr.dtype.element_ty)
+
+
 @triton.jit(
     do_not_specialize=["B", "b_per_prog"],
     do_not_specialize_on_alignment=[
@@ -2184,21 +2190,22 @@ def _strip_eval_kernel(
     STRIP: tl.constexpr,
     ACC: tl.constexpr,
 ):
-    """ms_ffn_middle_eval in one pass on strips of STRIP rows whose programs cover whole rows (NCHW, W a multiple of
-    4 and at most 4 * CHUNKS; stages 1-2 at 224^2): per image each thread maps its own chunk of each of the strip's
-    STRIP + K - 1 input rows, y = GELU(x) * in_scale + in_shift (zero on rows outside the image: the conv's
-    padding), into its program's slot ([BLOCK_C, STRIP + K - 1, W] of `slots_ptr`, x's dtype, as the two-launch
-    form stores y); after a barrier the strip stencil runs on the slot (`_dwconv_strip_vec_k`: the slot's rows
-    all count as inside, a row's ends are the image's), and out = GELU(conv(y) + bias + y) * scale + shift is
-    stored. A second barrier keeps the next image's slot stores behind this image's stencil loads. An input
-    element's GELU runs (STRIP + K - 1) / STRIP times (the halo rows that neighbouring strips map too: 2.5x at
-    K = 7), where the two-launch form runs it once but writes y and reads it back. K = 1: y stays in registers."""
+    """ms_ffn_middle_eval in one pass on NCHW maps whose rows a program covers whole (W a multiple of 4 and at most
+    4 * CHUNKS; stages 1-2 at 224^2): a program per (channel block, batch split) walks down each image's strips of
+    STRIP rows. Its slot ([BLOCK_C, STRIP + K - 1, W] of `slots_ptr`, x's dtype, as the two-launch form stores y)
+    holds the strip's input rows: per strip each thread maps its own chunk of the STRIP new rows, y = GELU(x) *
+    in_scale + in_shift (zero on rows outside the image: the conv's padding), below the K - 1 rows kept from the
+    strip above; after a barrier the strip stencil runs on the slot (`_dwconv_strip_vec_k`: the slot's rows all
+    count as inside, a row's ends are the image's) and out = GELU(conv(y) + bias + y) * scale + shift is stored;
+    after a second barrier each thread moves its own chunks of the last K - 1 rows to the top. So each input
+    element's GELU runs once, where a program per strip mapped its halo rows again ((STRIP + K - 1) / STRIP times:
+    2.5x at K = 7 with 4 rows, 1.86x with 7). K = 1: no slot, y stays in registers."""
     R: tl.constexpr = K // 2
     SLOT_ROWS: tl.constexpr = STRIP + 2 * R
     x_stride_b, x_stride_c, x_stride_h = _chunk_strides(x_stride_b, x_stride_c, x_stride_h)
     out_stride_b, out_stride_c, out_stride_h = _chunk_strides(out_stride_b, out_stride_c, out_stride_h)
     W = _multiple_of_4(W)
-    cs, cmask, h0, wq, qmask, left_ok, right_ok = _strip_block(blocks_ptr, W, BLOCK_C, CHUNKS, STRIP)
+    cs, cmask, _, wq, qmask, left_ok, right_ok = _strip_block(blocks_ptr, W, BLOCK_C, CHUNKS, STRIP)
     taps = _stencil_taps(weight_ptr, cs, cmask, K, KK_STRIDE, ACC)
     bias = tl.load(bias_ptr + cs, mask=cmask, other=0.0).to(ACC)[:, None, None]
     in_scale = tl.load(in_scale_ptr + cs, mask=cmask, other=0.0).to(ACC)[:, None, None]
@@ -2209,63 +2216,71 @@ def _strip_eval_kernel(
     o_chunks = cs[:, None] * (out_stride_c // 4)
     slot_channel = tl.arange(0, BLOCK_C)
     slot_chunks = slot_channel[:, None] * (SLOT_ROWS * W // 4)
-    program = (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(2) + tl.program_id(2)
-    slot = slots_ptr + program.to(tl.int64) * (BLOCK_C * SLOT_ROWS * W)
+    slot = slots_ptr + (tl.program_id(1) * tl.num_programs(2) + tl.program_id(2)).to(tl.int64) * (
+        BLOCK_C * SLOT_ROWS * W
+    )
     slot_mask = (cmask[:, None] & qmask[None, :])[:, :, None]
     b_lo = tl.program_id(2) * b_per_prog
     b_hi = tl.minimum(b_lo + b_per_prog, B)
     x_b = x_ptr + b_lo.to(tl.int64) * x_stride_b
     o_b = out_ptr + b_lo.to(tl.int64) * out_stride_b
     for _ in range(b_lo, b_hi):
-        if K == 1:
-            rows = ()
+        if K > 1:  # slot rows 0 .. 2R - 1: image rows -R .. R - 1, above the first strip's new rows
+            for r in tl.static_range(2 * R):
+                y = _mapped_chunk(
+                    x_b, x_chunks, r - R, wq, x_stride_h, slot_mask, H, in_scale, in_shift, slots_ptr, ACC
+                )
+                tl.store(_chunk_ptrs(slot, slot_chunks, r, wq, W), y, mask=slot_mask)
+        for h0 in range(0, H, STRIP):
+            if K == 1:
+                rows = ()
+                for o in tl.static_range(STRIP):
+                    y = _mapped_chunk(
+                        x_b, x_chunks, h0 + o, wq, x_stride_h, slot_mask, H, in_scale, in_shift, slots_ptr, ACC
+                    )
+                    rows = rows + (taps[0][:, :, None] * y.to(ACC) + y.to(ACC),)
+            else:
+                for r in tl.static_range(STRIP):  # the strip's new rows h0 + R .., each mapped once
+                    y = _mapped_chunk(
+                        x_b, x_chunks, h0 + R + r, wq, x_stride_h, slot_mask, H, in_scale, in_shift, slots_ptr, ACC
+                    )
+                    tl.store(_chunk_ptrs(slot, slot_chunks, 2 * R + r, wq, W), y, mask=slot_mask)
+                tl.debug_barrier()  # every thread's slot stores before any thread's stencil loads
+                rows = _dwconv_strip_vec_k(
+                    slot,
+                    taps,
+                    slot_channel,
+                    cmask,
+                    R,
+                    wq,
+                    qmask,
+                    left_ok,
+                    right_ok,
+                    SLOT_ROWS,
+                    SLOT_ROWS * W,
+                    W,
+                    K,
+                    False,
+                    True,
+                    ACC,
+                    BLOCK_C,
+                    CHUNKS,
+                    STRIP,
+                )
             for o in tl.static_range(STRIP):
-                x = tl.load(
-                    _chunk_ptrs(x_b, x_chunks, h0 + o, wq, x_stride_h),
+                out = _gelu(rows[o] + bias) * scale + shift
+                tl.store(
+                    _chunk_ptrs(o_b, o_chunks, h0 + o, wq, out_stride_h),
+                    out.to(out_ptr.dtype.element_ty),
                     mask=_chunk_mask(cmask, qmask, h0 + o, H),
-                    other=0.0,
-                ).to(ACC)
-                y = (_gelu(x) * in_scale + in_shift).to(slots_ptr.dtype.element_ty).to(ACC)
-                rows = rows + (taps[0][:, :, None] * y + y,)
-        else:
-            for r in tl.static_range(SLOT_ROWS):
-                inside = (h0 + r - R >= 0) & (h0 + r - R < H)
-                x = tl.load(
-                    _chunk_ptrs(x_b, x_chunks, h0 + r - R, wq, x_stride_h), mask=slot_mask & inside, other=0.0
-                ).to(ACC)
-                y = tl.where(inside, _gelu(x) * in_scale + in_shift, 0.0)
-                tl.store(_chunk_ptrs(slot, slot_chunks, r, wq, W), y.to(slots_ptr.dtype.element_ty), mask=slot_mask)
-            tl.debug_barrier()  # every thread's slot stores before any thread's stencil loads
-            rows = _dwconv_strip_vec_k(
-                slot,
-                taps,
-                slot_channel,
-                cmask,
-                R,
-                wq,
-                qmask,
-                left_ok,
-                right_ok,
-                SLOT_ROWS,
-                SLOT_ROWS * W,
-                W,
-                K,
-                False,
-                True,
-                ACC,
-                BLOCK_C,
-                CHUNKS,
-                STRIP,
-            )
-        for o in tl.static_range(STRIP):
-            out = _gelu(rows[o] + bias) * scale + shift
-            tl.store(
-                _chunk_ptrs(o_b, o_chunks, h0 + o, wq, out_stride_h),
-                out.to(out_ptr.dtype.element_ty),
-                mask=_chunk_mask(cmask, qmask, h0 + o, H),
-            )
-        if K > 1:
-            tl.debug_barrier()  # every thread's stencil loads before the next image's slot stores
+                )
+            if K > 1:
+                tl.debug_barrier()  # every thread's stencil loads before the slot changes
+                # The next strip's top rows are this one's last 2R: each thread moves its own chunks (in order, so an
+                # overlap, 2R > STRIP, reads each row before it is overwritten).
+                for r in tl.static_range(2 * R):
+                    kept = tl.load(_chunk_ptrs(slot, slot_chunks, STRIP + r, wq, W), mask=slot_mask)
+                    tl.store(_chunk_ptrs(slot, slot_chunks, r, wq, W), kept, mask=slot_mask)
         x_b += x_stride_b
         o_b += out_stride_b
 
@@ -3186,14 +3201,14 @@ def _make_plan(
         and not (whole_rows and next_power_of_2(W // 4) > settings.whole_row_chunks)
     ):
         # strips of rows x blocks of chunks of a row (whole_rows: the whole row), one (channel, chunk) per thread
-        strip = settings.whole_row_strip_rows if whole_rows else settings.strip_rows
+        strip = settings.strip_rows
         if wgrad_dx and x.element_size() >= 4:
             strip = min(strip, settings.wgrad_strip_rows)
         chunks = next_power_of_2(W // 4) if whole_rows else min(next_power_of_2(W // 4), settings.strip_row_chunks)
         block_hw = 4 * chunks
         block_c = min(next_power_of_2(max(widths)), max(1, settings.strip_chunks // chunks))
         num_warps = max(1, min(8, block_c * chunks // 32))
-        n_hw = cdiv(H, strip) * cdiv(W // 4, chunks)
+        n_hw = 1 if whole_rows else cdiv(H, strip) * cdiv(W // 4, chunks)  # whole rows: a program walks its strips
     else:
         if channels_last_input(x):
             max_block_c = settings.max_channel_block
@@ -3913,9 +3928,10 @@ def _supports_inference(info) -> Optional[str]:
 def _one_pass_strips(x: torch.Tensor) -> bool:
     """Whether ms_ffn_middle_eval may run its whole-row strips (`_strip_eval_kernel`) on x. fp16/bf16 maps on
     compute capability 7.x-8.0 keep the two launches: there a scheduler has 16 FP32 lanes, a warp's FFMA takes 2
-    clocks, and the halo rows' extra GELUs cost more FP32-pipe time than the two 16-bit passes they save take DRAM
-    time (static audit, Triton 3.8, T stage 1 bf16 on A100, µs: by issue 435.6 -> 416.3, under the FP32-pipe bound
-    645.4 -> 694.3). fp32 maps save twice the bytes (A100: 739.5 -> 679.9 under that bound)."""
+    clocks, and the FP32 pipe, not DRAM, binds both forms; the one-pass kernel issues more on it (its slot's 16-bit
+    round trips) than the two 16-bit passes it saves take DRAM time (static audit, Triton 3.8, T stage 1 bf16 on
+    A100, µs, two launches -> one pass: by issue 435.5 -> 424.6, under the FP32-pipe bound 645.4 -> 682.1). fp32
+    maps save twice the bytes (A100: 739.5 -> 670.3 under that bound)."""
     return x.element_size() >= 4 or not 70 <= launch_target(x.device).capability <= 80
 
 
@@ -3926,18 +3942,18 @@ def ms_ffn_middle_eval(x, input_scale, input_shift, weights, biases, output_scal
     planes of thread_plane_pixels or fewer (stage 4 at 224^2) one launch, `_EVAL`, a thread per plane mapping each
     element it loads once; on dense whole planes (stage 3, NCHW) `_plane_eval_kernel`, each thread mapping its own
     column once into its program's slot for the stencil to read back; on NCHW rows of at most 4 * whole_row_chunks
-    pixels (stages 1-2) `_strip_eval_kernel`, whole-row strips mapping their rows and halo rows into a slot the same way
-    (a launch per kernel size for both; not for 16-bit maps on compute capability 7.x-8.0, `_one_pass_strips`).
+    pixels (stages 1-2) `_strip_eval_kernel`, a program walking down its images' strips of whole rows through a slot the
+    same way (a launch per kernel size for both; not for 16-bit maps on compute capability 7.x-8.0, `_one_pass_strips`).
     Elsewhere (channels_last at stages 1-3, wider rows) two launches over the map: y (`_APPLY_SAVED`, no stencil),
     stored in x's dtype, then `_APPLY`'s stencil on y with the output affine: 4 passes against 2.
 
-    The slots keep each program's GELUs to its own rows (and a strip's halo rows): a prologue in the column-block
-    strips (each thread loading its chunk and both neighbours for every input row) would evaluate the GELU ~5x per
-    input element at K = 7, and the tiled stencils once per tap. Static audit, Triton 3.8, T, batch 128, NCHW, H100
-    (A100), µs, two launches -> one pass / DRAM roofline: fp32 stage 1 (192x56x56) 383.8 -> 247.2 / 184.0 (635.5 ->
-    405.2 / 308.3), stage 3 (896x14x14) 113.8 -> 68.0 / 53.7 (186.2 -> 106.7 / 89.9); bf16 stage 1 268.3 -> 256.3 /
-    92.0, stage 3 90.1 -> 70.2 / 26.8 (133.8 -> 106.2 / 45.0). The 16-bit passes stay issue-bound (two GELUs per
-    element, more on halo rows, and the stencil)."""
+    The slots keep each program's GELUs to its own rows: a prologue in the column-block strips (each thread loading
+    its chunk and both neighbours for every input row) would evaluate the GELU ~5x per input element at K = 7, and the
+    tiled stencils once per tap. Static audit, Triton 3.8, T, batch 128, NCHW, H100 (A100), µs, two launches -> one
+    pass / DRAM roofline: fp32 stage 1 (192x56x56) 383.8 -> 234.2 / 184.0 (635.5 -> 400.5 / 308.3), stage 3
+    (896x14x14) 113.8 -> 68.0 / 53.7 (186.2 -> 106.7 / 89.9); bf16 stage 1 268.3 -> 243.3 / 92.0, stage 3 90.1 ->
+    70.2 / 26.8 (133.8 -> 106.2 / 45.0). The 16-bit passes stay issue-bound (two GELUs per element and the
+    stencil)."""
     w_table, bias, widths, ksizes = _pack_for_inference(weights, biases)
     out = torch.empty_like(x)
     if x.numel() == 0:
