@@ -125,7 +125,7 @@ def _strips(kernel: str) -> Callable[[Mapping, Sequence[int]], Trips]:
 def _strip_eval(args, grid) -> Trips:
     """Every image once per channel block, and in it every strip of STRIP rows, top to bottom."""
     images = grid[0] * grid[1] * args["B"]
-    return {"_strip_eval_kernel:_": images, "_strip_eval_kernel:h0": images * -(-args["H"] // args["STRIP"])}
+    return {"_strip_eval_kernel:_": images, "_strip_eval_kernel:h0": images * _cdiv(args["H"], args["STRIP"])}
 
 
 # --------------------------------------------------------------------------------------------- OSRA

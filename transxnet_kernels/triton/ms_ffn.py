@@ -3350,6 +3350,15 @@ def _launch_forward(
                 )
 
 
+def _eval_slots(x: torch.Tensor, plan: _Plan, slot_elements: int) -> torch.Tensor:
+    """The one-pass eval kernels' slots: slot_elements in x's dtype per program of the largest launch with a stencil
+    (K > 1; the launches run in stream order, so they share the buffer), flat (a tensor with an axis of C would count
+    as a map's channels in the audit's bytes); x itself where only K = 1 runs (no slot)."""
+    grids = [launch.grid for launch in plan.launches if launch.kmax > 1]
+    programs = max((g[0] * g[1] * g[2] for g in grids), default=0)
+    return torch.empty(programs * slot_elements, dtype=x.dtype, device=x.device) if programs else x
+
+
 def _launch_plane_eval(
     x: torch.Tensor,
     w_table: torch.Tensor,
@@ -3361,13 +3370,10 @@ def _launch_plane_eval(
     scale: torch.Tensor,
     shift: torch.Tensor,
 ) -> None:
-    """ms_ffn_middle_eval in one pass on dense whole planes (`_plane_eval_kernel`), a launch per kernel size; the
-    launches run in stream order, so they share one buffer of slots (x itself where only KMAX = 1 runs: no slot)."""
+    """ms_ffn_middle_eval in one pass on dense whole planes (`_plane_eval_kernel`), a launch per kernel size."""
     assert plan.plane[1] and plan.plane_dense and not plan.index64, plan
     H, W = plan.plane[:2]
-    programs = max((launch.grid[1] * launch.grid[2] for launch in plan.launches if launch.kmax > 1), default=0)
-    # flat: a slots tensor with an axis of C would count as a map's channels in the audit's bytes
-    slots = torch.empty(programs * plan.block_c * H * W, dtype=x.dtype, device=x.device) if programs else x
+    slots = _eval_slots(x, plan, plan.block_c * H * W)
     assert slots.numel() < 2**31, "the kernel addresses its slots in int32"  # programs ~ the SMs' fill, planes <= 256
     zero_plane = plan.zero_plane(x)
     with device_guard(x):
@@ -3414,15 +3420,11 @@ def _launch_strip_eval(
     scale: torch.Tensor,
     shift: torch.Tensor,
 ) -> None:
-    """ms_ffn_middle_eval in one pass on whole-row strips (`_strip_eval_kernel`), a launch per kernel size sharing
-    one buffer of slots (x itself where only K = 1 runs: no slot)."""
+    """ms_ffn_middle_eval in one pass on whole-row strips (`_strip_eval_kernel`), a launch per kernel size."""
     B, _, H, W = x.shape
     assert plan.strip and plan.block_hw >= W, plan  # a program's block of chunks is the whole row
-    rows = plan.strip + max(launch.kmax for launch in plan.launches) - 1
-    grids = [launch.grid for launch in plan.launches if launch.kmax > 1]
-    programs = max((g[0] * g[1] * g[2] for g in grids), default=0)
-    # flat: a slots tensor with an axis of C would count as a map's channels in the audit's bytes
-    slots = torch.empty(programs * plan.block_c * rows * W, dtype=x.dtype, device=x.device) if programs else x
+    slot_rows = plan.strip + max(launch.kmax for launch in plan.launches) - 1
+    slots = _eval_slots(x, plan, plan.block_c * slot_rows * W)
     with device_guard(x):
         for launch in plan.launches:
             _strip_eval_kernel[launch.grid](
