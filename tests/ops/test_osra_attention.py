@@ -415,6 +415,53 @@ def test_triton_short_backward_holds_a_16bit_bias_tile(dtype, nan_poisoned_empty
         check_op(TRITON, OP, args)
 
 
+_BF16 = [torch.bfloat16] if torch.bfloat16 in TRITON_DTYPES else []
+
+
+@requires_triton
+@pytest.mark.parametrize(
+    "dtype,bias_dtype,case,capability,partial_dtype",
+    [
+        (torch.float16, None, CASES[0], None, torch.float16),  # a batch per group: each slice one batch's dS
+        (torch.float16, None, CASES[5], None, torch.float16),  # a head-broadcast bias: one (batch, head)'s dS each
+        (torch.float16, None, CASES[0], 86, torch.float16),  # the sm_86 kernel, its slice summed in the buffer
+        (torch.float16, None, CASES[1], None, torch.float32),  # groups of 3 batches summed in registers
+        (torch.float16, None, CASES[2], None, torch.float32),  # flash: a group of 3 summed in the buffer
+        (torch.float16, torch.float32, CASES[0], None, torch.float32),  # eager forms this bias's dS in fp32
+        (torch.float32, None, CASES[5], None, torch.float32),
+    ]
+    + [(d, None, CASES[0], None, d) for d in _BF16]
+    + [(d, None, CASES[1], None, torch.float32) for d in _BF16],
+    ids=lambda p: dtype_id(p) if isinstance(p, torch.dtype) else case_id(p) if isinstance(p, tuple) else str(p),
+)
+def test_triton_bias_gradient_partials_dtype(dtype, bias_dtype, case, capability, partial_dtype, monkeypatch):
+    """The bias-gradient slices the backward writes and torch sums afterwards are in the bias's 16-bit dtype where q
+    shares it and a slice holds one batch's dS (`_dbias_partial_dtype`: eager's rounding of each batch's dS, half the
+    bytes), in fp32 where a slice sums several batches or eager computes in fp32; the gradient matches the fp64
+    reference either way."""
+    from transxnet_kernels.triton import common
+    from transxnet_kernels.triton import osra_attention as triton_osra
+
+    slice_dtypes = []
+    make_buffer = triton_osra._dbias_buffer
+
+    def recording_buffer(*args, **kwargs):
+        buffer, strides, reduce_dims = make_buffer(*args, **kwargs)
+        slice_dtypes.append(buffer.dtype)
+        return buffer, strides, reduce_dims
+
+    monkeypatch.setattr(triton_osra, "_dbias_buffer", recording_buffer)
+    q, k, v, bias, scale = osra_args(*case, dtype=dtype)
+    if bias_dtype is not None:
+        bias = bias.detach().to(bias_dtype).requires_grad_()
+    target = common.launch_target(DEVICE)
+    if capability is not None:
+        target = dataclasses.replace(target, capability=capability)
+    with common.launch_overrides(target):
+        check_op(TRITON, OP, (q, k, v, bias, scale))
+    assert slice_dtypes and set(slice_dtypes) == {partial_dtype}
+
+
 @requires_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=dtype_id)
 @pytest.mark.parametrize("programs", [1, 10**6], ids=["one-group", "group-per-batch"])

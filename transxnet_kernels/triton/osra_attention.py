@@ -63,7 +63,9 @@ Roofline (e = element size, minimal traffic, the bias read once since it is shar
   forward  bytes = e·(2·BhNd + 2·BhMd) + e_bias·h·N·M + 4·BhN (lse);  FLOPs = 4·BhNMd
   backward bytes = e·(4·BhNd + 4·BhMd) + e_bias·2·h·N·M + 8·BhN;     FLOPs = 10·BhNMd
 The short backward moves more: the dk/dv partials (2·4·BhMd per query block, written; read back from L2)
-and the bias-gradient group partials (4·hNM per group). At the model's sizes (d <= 32,
+and the bias-gradient group partials (4·hNM per group, written and read by the sum; 2·hNM for a group of one
+batch in fp16/bf16, `_dbias_partial_dtype`: TransXNet-T stage 3 bf16 backward on an H100, a batch per program,
+static audit 24.4 -> 22.1 µs / 8.7, stage 4 17.8 -> 16.9 / 6.9). At the model's sizes (d <= 32,
 M = 49) the FLOP/byte ratio is ~M/2 ≈ 25, so every OSRA call is memory-bound on H100 (3.35 TB/s;
 ~295 FLOP/byte ridge for bf16 tensor cores, ~20 for fp32 IEEE FMA).
 """
@@ -1346,14 +1348,28 @@ def _dbias_buffer(bias, has_dbias: bool, groups: int, batches_per_group: int, q:
     """(buffer, its strides, dims to sum) of the bias gradient: one [h, N, row] slice per batch group (per batch
     for a per-batch bias), summed afterwards over the groups and a broadcast head dim; keys past M (row > M: the
     one-pass backward's read-modify-write sum, rows padded to its key block) are not part of the gradient
-    (`_backward` takes [..., :M]). Sums over batches or groups accumulate in fp32 (fp64), whatever the bias dtype."""
+    (`_backward` takes [..., :M]). The slices' dtype: `_dbias_partial_dtype`."""
     if not has_dbias:
         return torch.empty((0,), dtype=q.dtype, device=q.device), (0, 0, 0, 0), []
     _, h, N, _ = q.shape
     reduce_dims = [i for i, size in enumerate((groups, h)) if bias.shape[i] == 1 and size > 1]
-    dtype = accumulation_dtype(q.dtype) if reduce_dims or batches_per_group > 1 else bias.dtype
+    dtype = _dbias_partial_dtype(bias, q, bool(reduce_dims), batches_per_group)
     buf = torch.empty((groups, h, N, row), dtype=dtype, device=q.device)
     return buf, buf.stride(), reduce_dims
+
+
+def _dbias_partial_dtype(bias: torch.Tensor, q: torch.Tensor, summed_after: bool, batches_per_group: int):
+    """The bias-gradient slices' dtype. A slice of one batch is in the bias's dtype when it is the gradient itself
+    (nothing summed afterwards), and also when q and the bias share a 16-bit dtype: it is then one (batch, head)'s
+    dS, which eager PyTorch too rounds to that dtype before summing over the batch in fp32, as torch's sum of the
+    slices does; the same rounding, half the bytes. Those slices are written, then read by the sum: in fp32, ~40 MB
+    of the ~73 MB that TransXNet-T's stage-3 bf16 backward moves at batch 128 on an H100, where the short path's
+    floor of programs leaves a batch per program. A group's sum over several batches keeps fp32 (fp64): rounded to
+    16 bits it would add error that eager does not have (and a bf16 store of the register sum made the sm_80
+    128-row kernel spill)."""
+    if batches_per_group == 1 and (not summed_after or (bias.dtype == q.dtype and q.element_size() == 2)):
+        return bias.dtype
+    return accumulation_dtype(q.dtype)
 
 
 def _dkdv_buffers(k: torch.Tensor, partials: int):
