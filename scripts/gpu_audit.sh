@@ -2,7 +2,8 @@
 # Static GPU audit (benchmarks/gpu_audit.py) under the newest Triton (./.venv, see setup_env.sh) and
 # under triton==3.6.* (what the GPU machines run; ./.venv-triton36, created here when missing).
 # Results: benchmarks/results/gpu_audit_<triton>.{json,md}, compile caches gpu_audit_cache_<triton>.json.
-# Extra arguments go to the audit (e.g. --targets sm_90 --jobs 8).
+# Extra arguments go to the audit (e.g. --targets sm_90 --jobs 8). Then the op modules' docstring tables are
+# rewritten from the newest results (benchmarks/audit_tables.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || bash scripts/setup_env.sh
@@ -20,3 +21,4 @@ for venv in .venv .venv-triton36; do
   echo "[gpu_audit] $("$venv/bin/python" -c 'import triton; print("triton", triton.__version__)') ($venv)"
   env -u TRITON_INTERPRET PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" "$venv/bin/python" -m benchmarks.gpu_audit "$@"
 done
+.venv/bin/python -m benchmarks.audit_tables

@@ -10,6 +10,7 @@ so a run compiles only what changed."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -420,3 +421,58 @@ def test_each_op_is_audited_in_plain_and_accelerated_training_and_eval(audit):
     for op in ("idconv", "ms_ffn_middle_eval"):
         assert "accelerated eval" in families.get(op, set()), (op, families.get(op))
     assert "accelerated train" in families["ms_ffn_middle"], families["ms_ffn_middle"]
+
+
+def _call_key(row):
+    return (row["op"], row["phase"], row["target"], row["config"], row["dtype"], tuple(row["shape"]))
+
+
+def test_committed_results_are_the_audit_of_this_code(audit):
+    """benchmarks/results/gpu_audit_<triton>.json, for the Triton installed here, holds what the audit computes for
+    the code as it is: a kernel or launch change that moves an estimate must come with the audit's new results."""
+    import triton
+
+    committed_path = ROOT / "benchmarks" / "results" / f"gpu_audit_{triton.__version__}.json"
+    if not committed_path.exists():
+        pytest.skip(f"no committed audit results for Triton {triton.__version__}")
+    committed = {_call_key(r): r for r in json.loads(committed_path.read_text())["calls"]}
+    fresh = {_call_key(r): r for r in audit["calls"]}
+    assert committed.keys() == fresh.keys(), "the audited calls differ: rerun python -m benchmarks.gpu_audit"
+    moved = [
+        (key, committed[key][field], fresh[key][field])
+        for key in fresh
+        for field in ("estimate_s", "roofline_s")
+        if not math.isclose(committed[key][field], fresh[key][field], rel_tol=1e-9)
+    ]
+    assert not moved, f"{len(moved)} estimates moved, e.g. {moved[:3]}: rerun python -m benchmarks.gpu_audit"
+
+
+def test_op_docstrings_state_the_committed_audit_estimates():
+    """Each Triton op module's docstring holds its ops' estimate tables as benchmarks.audit_tables writes them from
+    the newest committed audit results (run `python -m benchmarks.audit_tables` after an audit)."""
+    from benchmarks import audit_tables
+
+    results = audit_tables.newest_results()
+    report = json.loads(results.read_text())
+    for op, module in audit_tables.MODULES.items():
+        block = audit_tables.table(report, op, results.name)
+        stale = f"{module.name}: the {op} table is stale; run python -m benchmarks.audit_tables"
+        assert block in module.read_text(), stale
+
+
+def test_audit_tables_rewrite_only_their_blocks(tmp_path):
+    """The rewrite replaces an op's block (header paragraph, blank line, indented table) and nothing around it,
+    and is idempotent; a module without the block is an error."""
+    from benchmarks import audit_tables
+
+    report = json.loads(audit_tables.newest_results().read_text())
+    module = tmp_path / "kernels.py"
+    before = '"""Kernels.\n\nMath.\n\n'
+    after = '\nMore text.\n"""\n\nimport triton\n'
+    stale = "Static audit of `idconv` (an old table,\nwrapped:\n\n    T1  1/1\n    T2  2/2\n"
+    module.write_text(before + stale + after)
+    assert audit_tables.rewrite(report, "r.json", {"idconv": module}) == [module]
+    assert module.read_text() == before + audit_tables.table(report, "idconv", "r.json") + after
+    assert audit_tables.rewrite(report, "r.json", {"idconv": module}) == []
+    with pytest.raises(ValueError, match="no 'Static audit of `osra_attention`"):
+        audit_tables.rewrite(report, "r.json", {"osra_attention": module})

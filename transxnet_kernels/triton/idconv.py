@@ -37,10 +37,7 @@ Kernels (no atomics anywhere, so every result is deterministic):
   fp32 map, that was a third of the forward's traffic. (Mixed in each of a channel's column threads instead,
   every tap would be mixed W times.) fp16/bf16 logits mix with the hardware's approximate exp and reciprocal
   (`_softmax_mix`; B stage 4, G = 4, bf16, sm_90: with the exact forms the mix was 638 of the kernel's 1400
-  instructions, now 471 of 1088). Static audit, Triton 3.8, batch 128, forward, H100 (A100), µs, the two launches
-  -> this kernel (with ms_ffn's dense whole planes) / DRAM roofline: T stage 4 fp32 10.2 -> 8.5 / 6.8 (17.2 ->
-  14.2 / 11.4), bf16 9.2 -> 6.8 / 3.4; B stage 4 fp32 20.5 -> 17.9 / 15.4 (34.4 -> 30.0 / 25.8), bf16 16.1 ->
-  12.7 / 7.7; T stage 3 fp32 11.8 -> 9.3 / 8.4.
+  instructions, now 471 of 1088).
 * ``_kernel_grad_partial_kernel`` -- dk and dβ partial sums, one program per (sample, channel block,
   chunk of positions), accumulated elementwise in registers and reduced once at the end; partials go
   to a [chunks, B, C, K²] buffer.
@@ -77,16 +74,41 @@ multiplies each x row into K² per-thread partials, reduced once per program int
 (strip, column block). With strip_rows = 0 they run the MS-FFN's chunked stencils (`ms_ffn._dwconv_tile_vec_k`,
 `ms_ffn._wgrad_tile_vec_k`: every kernel row and the taps reloaded per output row). Elsewhere each pass gathers the
 K×K taps from L1/L2 with one masked load per tap and output element (the dk pass as a [channels, taps, positions]
-window), bound by instruction issue rather than DRAM traffic. Static GPU audit (`python -m benchmarks.gpu_audit`,
-Triton 3.8, H100 SXM, batch 128, bf16, NCHW; estimate / DRAM roofline, µs): per-tap -> chunked -> strips, T stage 1
-(24x56x56) forward 166 -> 71 -> 28 / 12, backward 483 -> 144 -> 67 / 18; stage 2 forward 97 -> 43 -> 17 / 6,
-backward 311 -> 110 -> 41 / 9; per-tap -> whole-plane, stage 3 (112x14x14) forward 60 -> 12 / 4, backward 288 -> 33
-/ 7; stage 4 (224x7x7) forward 35 -> 9 / 3, backward 191 -> 31 / 6 (there the softmax chain over the per-sample
-kernels and the batch sum of its weight-gradient terms, each pass as large as the logits, are 40% of the estimate).
-Then (worst over layouts and modes, H100): 7-row strips at stage 2 (28 rows computed, not 32) forward 17 -> 15,
-backward 41 -> 38; the chain summing the weight-gradient terms over sample groups, stage 4 backward bf16 31 -> 28,
-fp32 34 -> 28 / 12. The conv passes' first form, a [channels, taps, positions] window reduced over the taps across
-threads, measured 0.14-0.19x eager on an H200 (benchmarks/results, 2026-11-28).
+window), bound by instruction issue rather than DRAM traffic. Each form cut the estimates several-fold (T stage 1
+bf16 on an H100, forward + backward, per-tap -> chunked -> strips: 649 -> 215 -> 95 µs; each change's numbers are in
+benchmarks/results/README.md), and the first, a [channels, taps, positions] window reduced over the taps across
+threads, measured 0.14-0.19x eager on an H200 (benchmarks/results, 2026-11-28). At stage 4 the backward's passes
+over the logits weigh as much as the map (K² = H·W): the softmax chain sums its weight-gradient terms over groups
+of samples in registers (`_softmax_chain_kernel`), so torch's batch sum reads one term per group.
+
+Static audit of `idconv` (`python -m benchmarks.audit_tables` writes this table from gpu_audit_3.8.0.json: Triton 3.8.0,
+batch 128 at 224x224, the worst over layouts and modes; estimate / DRAM roofline, µs):
+
+    stage  shape      phase     fp32 A100  fp32 H100  bf16 A100  bf16 H100
+    T1     24x56x56   forward   40.3/39.2  26.5/23.4  43.4/19.6  28.5/11.7
+    T1     24x56x56   backward  92.1/59.0  61.9/35.2  99.3/29.5  67.0/17.6
+    T2     48x28x28   forward   22.5/20.5  14.8/12.2  23.7/10.3  15.6/6.1
+    T2     48x28x28   backward  50.9/31.4  34.4/18.7  54.0/15.7  37.3/9.4
+    T3     112x14x14  forward   15.5/14.1  9.3/8.4    14.4/7.1   9.6/4.2
+    T3     112x14x14  backward  40.9/22.6  26.2/13.5  42.5/11.3  28.5/6.8
+    T4     224x7x7    forward   14.2/11.4  8.5/6.8    10.0/5.7   6.8/3.4
+    T4     224x7x7    backward  36.7/20.0  23.3/11.9  34.5/10.0  24.3/6.0
+    S1     32x56x56   forward   53.9/52.2  35.6/31.2  58.1/26.1  38.2/15.6
+    S1     32x56x56   backward  123/78.7   81.8/47.0  132/39.4   88.5/23.5
+    S2     64x28x28   forward   29.4/27.3  19.6/16.3  31.1/13.7  20.8/8.2
+    S2     64x28x28   backward  66.9/41.8  45.8/25.0  70.2/20.9  49.6/12.5
+    S3     160x14x14  forward   24.3/22.2  14.5/13.3  21.5/11.1  14.1/6.6
+    S3     160x14x14  backward  62.2/36.5  38.9/21.8  65.5/18.2  42.5/10.9
+    S4     256x7x7    forward   22.8/19.6  13.6/11.7  14.4/9.8   9.9/5.9
+    S4     256x7x7    backward  55.4/36.1  35.3/21.5  57.3/18.0  38.1/10.8
+    B1     38x56x56   forward   66.7/62.0  43.9/37.0  71.8/31.0  47.2/18.5
+    B1     38x56x56   backward  152/93.5   102/55.8   163/46.7   110/27.9
+    B2     76x28x28   forward   36.9/32.5  23.9/19.4  39.1/16.2  25.3/9.7
+    B2     76x28x28   backward  84.1/49.7  55.7/29.7  88.9/24.8  60.3/14.8
+    B3     168x14x14  forward   27.6/25.5  16.5/15.2  23.5/12.8  15.7/7.6
+    B3     168x14x14  backward  69.0/42.6  44.3/25.4  72.8/21.3  48.5/12.7
+    B4     336x7x7    forward   30.0/25.8  17.9/15.4  19.0/12.9  12.7/7.7
+    B4     336x7x7    backward  71.4/47.3  46.0/28.3  74.4/23.7  49.6/14.1
 """
 
 from __future__ import annotations

@@ -97,50 +97,103 @@ Passes over the big tensor (one pass = B*C*H*W elements read or written; e = ele
     write and the dx pass's read: one pass more each).
     A training step runs the conv stencil once (forward) and the dW and dx stencils: z is saved in x's dtype
     instead of recomputed in the normalising pass and in the backward (four conv stencils in training before,
-    two in eval with gradients), one pass more each way, because the stencils, not DRAM, bound these kernels.
-    It costs one x-sized activation per MS-FFN while gradients are recorded (TransXNet-T, batch 128, bf16:
-    1.2 GB over its 18 blocks). Static audit, Triton 3.8, T stage 1 bf16 training, H100 (A100), µs: forward
-    1157 -> 759 (1735 -> 1149), backward 2393 -> 1746 (3586 -> 2624); stage 3 forward 526 -> 304, backward
-    1040 -> 642.
+    two in eval with gradients), one pass more each way, because the stencils, not DRAM, bound these kernels
+    (static audit, T stage 1 bf16 training on an H100: forward + backward 3550 -> 2505 µs when it was made). It
+    costs one x-sized activation per MS-FFN while gradients are recorded (TransXNet-T, batch 128, bf16: 1.2 GB
+    over its 18 blocks).
     The eager sequence (split, 4 convs, cat, add, GELU, BN) needs ~12 passes forward and ~20 backward.
     Minimal bytes: forward 2*N*e, forward+backward 5*N*e (x, out, go, dx, and x again for dW
     are unavoidable without keeping a tile of dz on chip across halo'd neighbours), N = B*C*H*W.
-    The passes are still bound by instruction issue rather than DRAM traffic. Static GPU audit
-    (`python -m benchmarks.gpu_audit`, Triton 3.8, H100 SXM, batch 128, bf16, NCHW, eval; estimate / DRAM
-    roofline, µs), per-tap -> chunked stencils: T stage 1 (192x56x56) forward 831 -> 542 / 92, backward
-    2728 -> 1848 / 138; stage 2 forward 417 -> 272 / 46, backward 1367 -> 930 / 69. The estimate counts every
-    kernel size's unrolled code in a program's per-image loop body, though a block runs one size: an
-    overestimate for the chunked kernels. Whole-plane stencils, T stages 3-4 (14x14, 7x7), H100, µs, before ->
-    now / DRAM roofline: multiscale_dwconv forward + backward bf16 710 -> 166 / 67 and 500 -> 92 / 34, fp32
-    602 -> 178 / 134 and 420 -> 95 / 67 (forward alone bf16 204 -> 44 / 27); ms_ffn_middle training forward +
-    backward bf16 946 -> 388 / 67 and 617 -> 213 / 34, fp32 915 -> 495 / 134 (A100 in benchmarks/results).
-    Strips, T stages 1-2 (192x56x56, 384x28x28), H100, µs, chunked -> strips / DRAM roofline: multiscale_dwconv
-    bf16 forward 401 -> 127 / 92 and 201 -> 70 / 46, backward 1170 -> 232 / 138 and 591 -> 132 / 69; fp32
-    forward 307 -> 184 / 184, backward 890 -> 310 / 276; ms_ffn_middle training bf16 forward 755 -> 369 / 92,
-    backward 1746 -> 663 / 138 (there the GELU and statistics epilogues, ~40 issued instructions per element
-    and pass, and the stencil-free passes now bound it).
-    Epilogues, T (NCHW and channels_last, worst), H100 (A100), µs, before -> now / DRAM roofline: the rational
-    GELU (`_erf_scaled`: 18-20 issued instructions per GELU on sm_90 against ~36 for libdevice's erf), the
-    training backward's per-channel sums kept per thread until the end of the program (`_middle_grad_kernel`)
-    and no zero-filled gradient for the saved z (`_middle_setup_context`): ms_ffn_middle training bf16 stage 1
-    forward 385 -> 293 / 92 (588 -> 469 / 154), backward 678 -> 505 / 138 (1071 -> 800 / 231); fp32 stage 1
-    forward 414 -> 394 / 184, backward 1113 -> 746 / 276; ms_ffn_middle_eval bf16 stage 1 364 -> 275 / 92,
-    stage 4 63 -> 49 / 13. (The backward's "now" also counts only the tensors a pass dereferences: its
-    statistics pass is handed x and dz but reads z and go only.)
-    Wave tails and idle schedulers (the audit's issue time is its busiest SM's since the twenty-sixth session), B
-    stage 4 (2688x7x7) bf16, H100 (A100), µs, before the term -> with it -> now / DRAM roofline: the thread-plane
-    passes at four warps per SM and the batch split balancing the busiest SM, multiscale_dwconv forward 22.2 -> 35.0
-    -> 23.0 / 20.1 (36.1 -> 52.2 -> 37.1 / 33.7), ms_ffn_middle training forward 54.1 -> 85.8 -> 57.5 / 20.1 (85.7
-    -> 130.8 -> 92.4 / 33.7); the BatchNorm affine map in tiles of 32 partial rows x 32 channels (it was one program
-    sweeping T stage 1's 196 rows one at a time: 10.5 -> 0.7 µs on an H100).
-    Taps held across the images (`_stencil_taps` before the batch loop of the strip forward and dx kernels and of the
-    whole-plane passes: the loop's stores may alias the weights, so the compiler reloaded all K^2 taps per image, 147
-    of the K = 7 bf16 strip forward's 1250 instructions per image and thread on sm_90; 49 registers more, no spill,
-    at most 254 on sm_80/86/90), bf16 multiscale_dwconv forward, H100 (A100), µs, before -> now / DRAM roofline:
-    T stage 1 139.4 -> 130.0 / 92.0 (219.9 -> 205.0 / 154.1), T stage 2 71.1 -> 67.0 / 46.0, B stage 2 227.7 ->
-    212.3 / 145.7, T stage 3 46.7 -> 43.2 / 26.8; 76 rows 3-10% lower, none higher. The whole-plane weight gradient
-    in one sweep over the images (all K^2 partials per thread, not K per kernel-column sweep, each of which reloaded
-    the g column): multiscale_dwconv backward at T stage 3, H100, bf16 127.5 -> 91.0 / 40.3, fp32 127.6 -> 98.3 / 80.5.
+    Where the stencil is large (K = 7) the passes are bound by instruction issue rather than DRAM traffic, which is
+    what the stencil forms above are built against; design choices the static audit weighed (each change's estimates
+    before and after are in benchmarks/results/README.md):
+    * the strip and whole-plane passes load the K^2 taps before the batch loop (`_stencil_taps`): the loop's stores
+      may alias the weights, so the compiler reloaded every tap per image (147 of the K = 7 bf16 strip forward's
+      1250 instructions per image and thread on sm_90);
+    * the whole-plane weight gradient takes all K^2 partials per thread in one sweep over the program's images, not
+      one sweep per kernel column, each of which reloaded the g column;
+    * the thread-plane passes run four warps per SM, one per scheduler, and split the batch to balance the busiest
+      SM (`Settings.thread_plane_warps`, `balanced_batch_groups`); one-warp programs left half the schedulers idle;
+    * the exact GELU's erf is a rational form (`_erf_scaled`: 18-20 issued instructions per GELU on sm_90 against ~36
+      for libdevice's erf), and the training backward keeps its per-channel sums per thread until the end of the
+      program (`_middle_grad_kernel`);
+    * the BatchNorm affine map runs in tiles of 32 partial rows x 32 channels (one program sweeping the partial rows
+      one at a time was a tail of its own at T's stage 1).
+
+Static audit of `multiscale_dwconv` (`python -m benchmarks.audit_tables` writes this table from gpu_audit_3.8.0.json:
+Triton 3.8.0, batch 128 at 224x224, the worst over layouts and modes; estimate / DRAM roofline, µs):
+
+    stage  shape       phase     fp32 A100  fp32 H100  bf16 A100  bf16 H100
+    T1     192x56x56   forward   308/308    185/184    205/154    130/92.0
+    T1     192x56x56   backward  498/462    307/276    381/231    243/138
+    T2     384x28x28   forward   154/154    93.3/92.0  106/77.1   67.0/46.0
+    T2     384x28x28   backward  256/231    162/138    201/116    132/69.0
+    T3     896x14x14   forward   90.6/89.9  54.1/53.7  58.3/45.0  38.4/26.8
+    T3     896x14x14   backward  150/135    95.0/80.5  122/67.4   83.9/40.3
+    T4     1792x7x7    forward   46.3/45.0  27.6/26.8  25.0/22.5  15.7/13.4
+    T4     1792x7x7    backward  105/67.4   64.6/40.3  61.5/33.7  39.6/20.1
+    S1     384x56x56   forward   617/617    369/368    410/308    260/184
+    S1     384x56x56   backward  998/925    611/552    763/462    483/276
+    S2     768x28x28   forward   309/308    185/184    205/154    130/92.0
+    S2     768x28x28   backward  498/462    307/276    381/231    243/138
+    S3     1280x14x14  forward   129/128    77.3/76.7  82.5/64.2  52.4/38.3
+    S3     1280x14x14  backward  210/193    130/115    167/96.3   109/57.5
+    S4     2048x7x7    forward   52.9/51.4  31.6/30.7  27.5/25.7  16.9/15.3
+    S4     2048x7x7    backward  120/77.1   73.9/46.0  69.2/38.5  43.9/23.0
+    B1     608x56x56   forward   977/976    589/583    643/488    420/291
+    B1     608x56x56   backward  1546/1464  972/874    1172/732   778/437
+    B2     1216x28x28  forward   489/488    296/291    324/244    212/146
+    B2     1216x28x28  backward  780/732    495/437    594/366    398/219
+    B3     1344x14x14  forward   136/135    81.1/80.5  88.6/67.4  55.2/40.3
+    B3     1344x14x14  backward  223/202    139/121    181/101    119/60.4
+    B4     2688x7x7    forward   69.4/67.4  41.4/40.3  37.1/33.7  23.0/20.1
+    B4     2688x7x7    backward  152/101    94.1/60.4  86.1/50.6  58.2/30.2
+
+Static audit of `ms_ffn_middle` (`python -m benchmarks.audit_tables` writes this table from gpu_audit_3.8.0.json: Triton
+3.8.0, batch 128 at 224x224, the worst over layouts and modes; estimate / DRAM roofline, µs):
+
+    stage  shape       phase     fp32 A100  fp32 H100  bf16 A100  bf16 H100
+    T1     192x56x56   forward   644/308    390/184    463/154    288/92.0
+    T1     192x56x56   backward  1245/462   743/276    801/231    502/138
+    T2     384x28x28   forward   325/154    197/92.0   240/77.1   148/46.0
+    T2     384x28x28   backward  626/231    380/138    413/116    264/69.0
+    T3     896x14x14   forward   194/89.9   120/53.7   152/45.0   102/26.8
+    T3     896x14x14   backward  369/135    225/80.5   283/67.4   187/40.3
+    T4     1792x7x7    forward   92.2/45.0  55.5/26.8  63.5/22.5  41.0/13.4
+    T4     1792x7x7    backward  193/67.4   119/40.3   122/33.7   79.5/20.1
+    S1     384x56x56   forward   1287/617   779/368    918/308    573/184
+    S1     384x56x56   backward  2492/925   1483/552   1596/462   999/276
+    S2     768x28x28   forward   644/308    389/184    463/154    287/92.0
+    S2     768x28x28   backward  1245/462   744/276    801/231    502/138
+    S3     1280x14x14  forward   274/128    167/76.7   212/64.2   134/38.3
+    S3     1280x14x14  backward  521/193    315/115    393/96.3   248/57.5
+    S4     2048x7x7    forward   105/51.4   63.1/30.7  67.1/25.7  42.2/15.3
+    S4     2048x7x7    backward  216/77.1   132/46.0   134/38.5   84.8/23.0
+    B1     608x56x56   forward   2035/976   1244/583   1440/488   921/291
+    B1     608x56x56   backward  3916/1464  2350/874   2475/732   1599/437
+    B2     1216x28x28  forward   1019/488   625/291    726/244    468/146
+    B2     1216x28x28  backward  1964/732   1182/437   1251/366   817/219
+    B3     1344x14x14  forward   291/135    176/80.5   230/67.4   143/40.3
+    B3     1344x14x14  backward  549/202    334/121    422/101    266/60.4
+    B4     2688x7x7    forward   138/67.4   83.1/40.3  92.4/33.7  57.5/20.1
+    B4     2688x7x7    backward  282/101    176/60.4   172/50.6   118/30.2
+
+Static audit of `ms_ffn_middle_eval` (`python -m benchmarks.audit_tables` writes this table from gpu_audit_3.8.0.json:
+Triton 3.8.0, batch 128 at 224x224, the worst over layouts and modes; estimate / DRAM roofline, µs):
+
+    stage  shape       phase    fp32 A100  fp32 H100  bf16 A100  bf16 H100
+    T1     192x56x56   forward  400/308    234/184    436/154    243/92.0
+    T2     384x28x28   forward  204/154    120/92.0   224/77.1   124/46.0
+    T3     896x14x14   forward  107/89.9   68.0/53.7  106/45.0   70.2/26.8
+    T4     1792x7x7    forward  50.5/45.0  30.8/26.8  50.0/22.5  30.9/13.4
+    S1     384x56x56   forward  798/617    464/368    864/308    481/184
+    S2     768x28x28   forward  404/308    236/184    436/154    244/92.0
+    S3     1280x14x14  forward  151/128    92.8/76.7  150/64.2   93.9/38.3
+    S4     2048x7x7    forward  54.3/51.4  32.8/30.7  50.0/25.7  30.9/15.3
+    B1     608x56x56   forward  1195/976   752/583    1356/488   795/291
+    B2     1216x28x28  forward  605/488    381/291    683/244    402/146
+    B3     1344x14x14  forward  161/135    98.0/80.5  163/67.4   98.4/40.3
+    B4     2688x7x7    forward  73.6/67.4  44.1/40.3  70.7/33.7  42.5/20.1
 """
 
 from __future__ import annotations

@@ -35,9 +35,8 @@ Two paths (`_short_path` picks per call):
     and mask). The fp16/bf16 forward's per-row log and reciprocal of the softmax sum are the hardware's approximate
     ones (`_log_row_sum`, `_reciprocal_row_sum`); its 128-row kernel on sm_90 runs under a 128-register budget
     (`_SHORT_FWD_HALF_REGISTERS_SM90`: two blocks per SM).
-    Static audit, Triton 3.8, batch 128, bf16, H100 SXM, µs (before -> now / DRAM roofline): T/S/B stage 3
-    forward 8.7 -> 6.9 / 4.3, 10.8 -> 8.6 / 6.2, 14.4 -> 10.9 / 6.6; backward (128 query rows per program, which
-    spilled with scalar q loads) 28.4 -> 24.9 / 8.7, 32.4 -> 22.7 / 12.3, 46.3 -> 36.3 / 13.2.
+    (The q vectors cut the stage-3 bf16 estimates on an H100 by 20-30%, and let the backward run 128 query rows per
+    program, which spilled with scalar q loads.)
 * Flash: longer M (detection sizes, M ~ 950), or a scale <= 0, or fp64 on GPUs.
   - `_osra_fwd_kernel`, one program per (query block, b·head): loop over key blocks of BLOCK_M keys
     with the online softmax.
@@ -64,10 +63,38 @@ Roofline (e = element size, minimal traffic, the bias read once since it is shar
   backward bytes = e·(4·BhNd + 4·BhMd) + e_bias·2·h·N·M + 8·BhN;     FLOPs = 10·BhNMd
 The short backward moves more: the dk/dv partials (2·4·BhMd per query block, written; read back from L2)
 and the bias-gradient group partials (4·hNM per group, written and read by the sum; 2·hNM for a group of one
-batch in fp16/bf16, `_dbias_partial_dtype`: TransXNet-T stage 3 bf16 backward on an H100, a batch per program,
-static audit 24.4 -> 22.1 µs / 8.7, stage 4 17.8 -> 16.9 / 6.9). At the model's sizes (d <= 32,
-M = 49) the FLOP/byte ratio is ~M/2 ≈ 25, so every OSRA call is memory-bound on H100 (3.35 TB/s;
-~295 FLOP/byte ridge for bf16 tensor cores, ~20 for fp32 IEEE FMA).
+batch in fp16/bf16, `_dbias_partial_dtype`). At the model's sizes (d <= 32, M = 49) the FLOP/byte ratio is
+~M/2 ≈ 25, so every OSRA call is memory-bound on H100 (3.35 TB/s; ~295 FLOP/byte ridge for bf16 tensor cores,
+~20 for fp32 IEEE FMA).
+
+Static audit of `osra_attention` (`python -m benchmarks.audit_tables` writes this table from gpu_audit_3.8.0.json:
+Triton 3.8.0, batch 128 at 224x224, the worst over layouts and modes; estimate / DRAM roofline, µs):
+
+    stage  shape      phase     fp32 A100  fp32 H100  bf16 A100  bf16 H100
+    T1     1x3136x24  forward   149/40.2   38.4/24.0  21.2/20.5  13.9/12.3
+    T1     1x3136x24  backward  764/80.5   267/48.1   67.4/41.1  44.3/24.5
+    T2     2x784x24   forward   74.8/21.0  25.5/12.6  14.2/10.7  9.5/6.4
+    T2     2x784x24   backward  384/42.1   136/25.1   42.1/21.4  28.0/12.8
+    T3     4x196x28   forward   41.0/14.3  14.2/8.6   10.0/7.3   6.6/4.3
+    T3     4x196x28   backward  206/28.7   62.4/17.1  41.7/14.5  22.1/8.7
+    T4     8x49x28    forward   26.4/11.4  14.3/6.8   6.9/5.7    4.7/3.4
+    T4     8x49x28    backward  146/22.8   39.9/13.6  23.4/11.5  16.9/6.9
+    S1     1x3136x32  forward   149/53.3   38.4/31.8  27.0/27.0  16.1/16.1
+    S1     1x3136x32  backward  765/107    267/63.6   80.3/54.1  52.0/32.3
+    S2     2x784x32   forward   74.8/27.9  25.5/16.6  14.2/14.1  9.5/8.4
+    S2     2x784x32   backward  384/55.7   136/33.3   46.0/28.3  31.3/16.9
+    S3     5x196x32   forward   51.0/20.4  17.7/12.2  10.4/10.3  8.2/6.2
+    S3     5x196x32   backward  252/40.8   74.8/24.4  48.0/20.7  22.3/12.3
+    S4     8x49x32    forward   26.4/13.0  14.3/7.8   6.9/6.5    4.7/3.9
+    S4     8x49x32    backward  146/26.0   39.9/15.5  23.4/13.1  16.9/7.8
+    B1     2x3136x19  forward   296/64.2   73.8/38.3  40.3/32.9  25.1/19.6
+    B1     2x3136x19  backward  1521/128   523/76.6   112/65.8   69.3/39.3
+    B2     4x784x19   forward   149/33.5   44.9/20.0  22.9/17.2  16.0/10.2
+    B2     4x784x19   backward  705/67.0   268/40.0   69.1/34.3  42.4/20.5
+    B3     8x196x21   forward   80.9/21.6  25.6/12.9  15.0/11.0  10.5/6.6
+    B3     8x196x21   backward  370/43.3   120/25.8   72.3/22.0  35.7/13.2
+    B4     16x49x21   forward   51.1/17.1  26.1/10.2  10.9/8.7   7.9/5.2
+    B4     16x49x21   backward  263/34.3   75.9/20.5  44.1/17.3  29.2/10.4
 """
 
 from __future__ import annotations
