@@ -49,7 +49,8 @@ Pipeline
    is close for FFMA-bound stencils and pessimistic where MUFU, HMMA or compares fill the fp category. Torch work
    between launches (sums of partials, copies, fills) is recorded in step 2 by a dispatch mode and adds its bytes /
    bandwidth (each aten op that is not a view or an allocation reads its tensor arguments and writes its outputs
-   once; a fill or zero only writes, a copy reads only its source). Beside it, the call's roofline: minimal DRAM
+   once; a fill or zero only writes, a copy reads only its source; a slice of padded rows moves each row's whole
+   32-byte sectors). Beside it, the call's roofline: minimal DRAM
    bytes (the kernel module docstrings' formulas) / bandwidth.
 6. Cache: compile results (with the unused pointer parameters; an entry without them, from an older audit,
    compiles again), keyed by `ASTSource.hash()` (kernel source and every jit helper it calls,
@@ -555,8 +556,9 @@ def _drop_directories(value: Any) -> Any:
 class TorchWork(TorchDispatchMode):
     """Records the DRAM bytes of the torch ops run between launches, per phase: every aten op that is neither
     a view nor an allocation reads its tensor arguments and writes its outputs once (a fill or zero only
-    writes, a copy reads only its source). The ops' custom-op wrappers are entered (redispatched to their
-    CPU kernels with this mode active) so that the torch work inside them is seen."""
+    writes, a copy reads only its source; rows with gaps move whole sectors: `_moved_bytes`). The ops'
+    custom-op wrappers are entered (redispatched to their CPU kernels with this mode active) so that the torch
+    work inside them is seen."""
 
     ALLOCATIONS = ("empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "detach", "alias")
     WRITE_ONLY = ("fill_", "zero_", "zeros", "full", "ones", "zeros_like", "full_like", "ones_like")
@@ -578,10 +580,23 @@ class TorchWork(TorchDispatchMode):
             read_args = args[1:] if name == "copy_" else args  # a copy's destination is only written
             reads = [] if name in self.WRITE_ONLY else pytree.tree_leaves((read_args, kwargs))
             writes = pytree.tree_leaves(out)
-            self.bytes[self.phase[0]] += sum(
-                t.numel() * t.element_size() for t in reads + writes if isinstance(t, torch.Tensor)
-            )
+            self.bytes[self.phase[0]] += sum(_moved_bytes(t) for t in reads + writes if isinstance(t, torch.Tensor))
         return out
+
+
+DRAM_SECTOR_BYTES = 32
+
+
+def _moved_bytes(t: torch.Tensor) -> int:
+    """DRAM bytes a torch op moves reading or writing t: its elements' bytes, but for rows with gaps between them
+    (a slice of padded rows, `buffer[..., :M]`), whose every row moves in whole 32-byte sectors (a row of 49 bf16
+    keys, 98 bytes, moves 128)."""
+    size = t.numel() * t.element_size()
+    if t.dim() < 2 or t.numel() == 0 or t.stride(-1) != 1 or t.stride(-2) <= t.shape[-1]:
+        return size
+    row = t.shape[-1] * t.element_size()
+    moved_row = min(math.ceil(row / DRAM_SECTOR_BYTES) * DRAM_SECTOR_BYTES, t.stride(-2) * t.element_size())
+    return t.numel() // t.shape[-1] * moved_row
 
 
 def record_call(call: OpCall, gpu: Gpu) -> Tuple[List[Launch], Dict[str, int]]:

@@ -476,3 +476,24 @@ def test_audit_tables_rewrite_only_their_blocks(tmp_path):
     assert audit_tables.rewrite(report, "r.json", {"idconv": module}) == []
     with pytest.raises(ValueError, match="no 'Static audit of `osra_attention`"):
         audit_tables.rewrite(report, "r.json", {"osra_attention": module})
+
+
+def test_torch_work_reads_padded_rows_in_whole_sectors():
+    """The torch work's bytes: a slice of padded rows moves each row's 32-byte sectors (98-byte rows of 49 bf16
+    keys: 128, fp32's 196: 224, never more than the padded row); dense tensors and gapless views their elements.
+    (In a subprocess: the audit module needs compiled Triton, this process runs the interpreter.)"""
+    check = """
+import torch
+from benchmarks.gpu_audit import _moved_bytes
+padded = torch.empty(2, 3, 5, 64, dtype=torch.bfloat16)
+assert _moved_bytes(padded[..., :49]) == 2 * 3 * 5 * 128
+assert _moved_bytes(padded.float()[..., :49]) == 2 * 3 * 5 * 224
+assert _moved_bytes(torch.empty(4, 40, dtype=torch.bfloat16)[:, :33]) == 4 * 80  # capped at the 80-byte rows
+assert _moved_bytes(padded) == padded.numel() * 2
+nchw = torch.empty(2, 8, 7, 7)
+assert _moved_bytes(nchw[:, :3]) == 2 * 3 * 7 * 7 * 4  # a channel slice: its rows have no gaps
+assert _moved_bytes(nchw.transpose(-1, -2)) == nchw.numel() * 4
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", check], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]

@@ -79,6 +79,7 @@ CASES = [
     (1, 2, 16, 7, 40, None),  # d spanning several register blocks
 ]
 INTERPRETED_CASES = CASES[:9]
+_BF16 = [torch.bfloat16] if torch.bfloat16 in TRITON_DTYPES else []  # bf16 is GPU-only (see helpers)
 
 
 def case_id(c):
@@ -392,8 +393,44 @@ def test_triton_short_backward_sums_the_bias_gradient_in_its_buffer(case, dtype,
         block_n = triton_osra._short_config(q, k, bias, "bwd").block_n
         assert triton_osra._short_path(q, k, bias, 0.2, "bwd")
         assert not triton_osra._short_dbias_in_registers(q, block_n)
-        assert triton_osra._short_dbias_rows_padded(q) == (capability == 80)
+        assert triton_osra._short_dbias_rows_padded(q, False, torch.float32) == (capability == 80)
         check_op(TRITON, OP, args)
+
+
+@requires_triton
+@pytest.mark.parametrize("dtype", [torch.float16] + _BF16, ids=dtype_id)
+@pytest.mark.parametrize(
+    "case,capability,row",
+    [
+        (CASES[0], 90, 64),  # one batch per group: 16-bit slices, stored from registers in rows of the key block
+        (CASES[1], 90, 49),  # groups of 3 batches: fp32 slices keep rows of M keys
+        (CASES[0], 86, 49),  # sm_86: summed in the buffer, rows of M keys
+    ],
+    ids=["sm90-batch-slices", "sm90-group-slices", "sm86"],
+)
+def test_triton_short_backward_pads_16bit_slice_rows(case, capability, row, dtype, monkeypatch, nan_poisoned_empty):
+    """The register sum's 16-bit bias-gradient slices on sm_90 are stored in rows padded to the 64-key block (whole
+    rows in vectors: `_short_dbias_rows_padded`), the padded keys' dS 0 and dropped before the sum; the gradient
+    matches the fp64 reference whatever the rows."""
+    from transxnet_kernels.triton import common
+    from transxnet_kernels.triton import osra_attention as triton_osra
+
+    rows = []
+    make_buffer = triton_osra._dbias_buffer
+
+    def recording_buffer(*args, **kwargs):
+        buffer, strides, reduce_dims = make_buffer(*args, **kwargs)
+        rows.append(buffer.shape[-1])
+        return buffer, strides, reduce_dims
+
+    monkeypatch.setattr(triton_osra, "_dbias_buffer", recording_buffer)
+    args = osra_args(*case, dtype=dtype)
+    with common.launch_overrides(dataclasses.replace(common.launch_target(DEVICE), capability=capability)):
+        q, k, _, bias, _ = args
+        block_n = triton_osra._short_config(q, k, bias, "bwd").block_n
+        assert triton_osra._short_dbias_in_registers(q, block_n) == (capability >= 90)
+        check_op(TRITON, OP, args)
+    assert rows and set(rows) == {row}
 
 
 @requires_triton
@@ -413,9 +450,6 @@ def test_triton_short_backward_holds_a_16bit_bias_tile(dtype, nan_poisoned_empty
         _, per_group = triton_osra._short_path_groups(bias, 5, 2 * 2, q.device, backward=True)
         assert block_n == 128 and triton_osra._short_dbias_in_registers(q, block_n) and per_group > 1
         check_op(TRITON, OP, args)
-
-
-_BF16 = [torch.bfloat16] if torch.bfloat16 in TRITON_DTYPES else []
 
 
 @requires_triton

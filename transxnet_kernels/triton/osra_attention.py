@@ -76,25 +76,25 @@ Triton 3.8.0, batch 128 at 224x224, the worst over layouts and modes; estimate /
     T2     2x784x24   forward   74.8/21.0  25.5/12.6  14.2/10.7  9.5/6.4
     T2     2x784x24   backward  384/42.1   136/25.1   42.1/21.4  28.0/12.8
     T3     4x196x28   forward   41.0/14.3  14.2/8.6   10.0/7.3   6.6/4.3
-    T3     4x196x28   backward  206/28.7   62.4/17.1  41.7/14.5  22.1/8.7
+    T3     4x196x28   backward  206/28.7   62.4/17.1  42.2/14.5  20.7/8.7
     T4     8x49x28    forward   26.4/11.4  14.3/6.8   6.9/5.7    4.7/3.4
-    T4     8x49x28    backward  146/22.8   39.9/13.6  23.4/11.5  16.9/6.9
+    T4     8x49x28    backward  146/22.8   39.9/13.6  23.8/11.5  16.3/6.9
     S1     1x3136x32  forward   149/53.3   38.4/31.8  27.0/27.0  16.1/16.1
     S1     1x3136x32  backward  765/107    267/63.6   80.3/54.1  52.0/32.3
     S2     2x784x32   forward   74.8/27.9  25.5/16.6  14.2/14.1  9.5/8.4
     S2     2x784x32   backward  384/55.7   136/33.3   46.0/28.3  31.3/16.9
     S3     5x196x32   forward   51.0/20.4  17.7/12.2  10.4/10.3  8.2/6.2
-    S3     5x196x32   backward  252/40.8   74.8/24.4  48.0/20.7  22.3/12.3
+    S3     5x196x32   backward  252/40.8   74.8/24.4  48.6/20.7  22.3/12.3
     S4     8x49x32    forward   26.4/13.0  14.3/7.8   6.9/6.5    4.7/3.9
-    S4     8x49x32    backward  146/26.0   39.9/15.5  23.4/13.1  16.9/7.8
+    S4     8x49x32    backward  146/26.0   39.9/15.5  23.8/13.1  16.3/7.8
     B1     2x3136x19  forward   296/64.2   73.8/38.3  40.3/32.9  25.1/19.6
     B1     2x3136x19  backward  1521/128   523/76.6   112/65.8   69.3/39.3
     B2     4x784x19   forward   149/33.5   44.9/20.0  22.9/17.2  16.0/10.2
     B2     4x784x19   backward  705/67.0   268/40.0   69.1/34.3  42.4/20.5
     B3     8x196x21   forward   80.9/21.6  25.6/12.9  15.0/11.0  10.5/6.6
-    B3     8x196x21   backward  370/43.3   120/25.8   72.3/22.0  35.7/13.2
+    B3     8x196x21   backward  370/43.3   120/25.8   72.8/22.0  35.7/13.2
     B4     16x49x21   forward   51.1/17.1  26.1/10.2  10.9/8.7   7.9/5.2
-    B4     16x49x21   backward  263/34.3   75.9/20.5  44.1/17.3  29.2/10.4
+    B4     16x49x21   backward  263/34.3   75.9/20.5  44.6/17.3  29.2/10.4
 """
 
 from __future__ import annotations
@@ -443,10 +443,11 @@ def _osra_bwd_short_kernel(
     the group's batches for a batch-shared bias (stored per group), stored per batch otherwise. The group sum is a
     register tile (DBIAS_IN_REGISTERS) or the group's slice of the bias-gradient buffer, read, added to and written back
     per batch by this program only: 32 registers per thread fewer, which is what keeps the sm_8x 64-row kernel from
-    spilling. DBIAS_ROWS_PADDED (sm_80, `_short_dbias_rows_padded`): that buffer's rows are padded to BLOCK_M keys (the
-    padded keys' dS is 0), so whole rows move in 16-byte vectors at compile-time offsets: with masked scalar accesses to
-    rows of M = 49 keys the sum took 232 of the bf16 kernel's 1085 instructions per batch on sm_80 (S stage 3), padded
-    107 of 949. A batch-shared bias is held across the batch loop as the scores' fp32 start (bias / scale), or
+    spilling. DBIAS_ROWS_PADDED (`_short_dbias_rows_padded`): the buffer's rows are padded to BLOCK_M keys (the padded
+    keys' dS is 0), so whole rows move in 16-byte vectors at compile-time offsets: with masked scalar accesses to rows
+    of M = 49 keys the read-modify-write sum took 232 of the bf16 kernel's 1085 instructions per batch on sm_80 (S stage
+    3), padded 107 of 949; the register sum's store of a 16-bit slice on sm_90, 172 of the 1688 a T stage-4 bf16
+    program issues. A batch-shared bias is held across the batch loop as the scores' fp32 start (bias / scale), or
     (BIAS_TILE_RAW, the sm_80 128-row kernel) in its own 16-bit dtype, converted per batch: half the registers for 2
     instructions per element and batch. Delta = rowsum(P * dP) (= rowsum(dO * O)), so O is not read.
 
@@ -490,10 +491,11 @@ def _osra_bwd_short_kernel(
             bias_head, nm_offs, mask_n, mask_m, scale, HAS_BIAS and not BIAS_PER_BATCH, BLOCK_N, BLOCK_M
         )
     dbias_acc = tl.zeros([BLOCK_N, BLOCK_M], scale.dtype)
-    if DBIAS_ROWS_PADDED:  # the group's slice, rows of BLOCK_M keys: whole rows in 16-byte vectors
-        dbias_offs = offs_n[:, None] * BLOCK_M + offs_m[None, :]
-    elif BIAS_PER_BATCH or not DBIAS_IN_REGISTERS:  # else computed after the loop: held across it, sm_90 spilled
-        dbias_offs = offs_n[:, None] * dbias_stride_n + offs_m[None, :] * dbias_stride_m
+    if BIAS_PER_BATCH or not DBIAS_IN_REGISTERS:  # else computed after the loop: held across it, sm_90 spilled
+        if DBIAS_ROWS_PADDED:  # the group's slice, rows of BLOCK_M keys: whole rows in 16-byte vectors
+            dbias_offs = offs_n[:, None] * BLOCK_M + offs_m[None, :]
+        else:
+            dbias_offs = offs_n[:, None] * dbias_stride_n + offs_m[None, :] * dbias_stride_m
 
     b_lo = group * BATCHES_PER_PROGRAM
     for b in range(b_lo, tl.minimum(b_lo + BATCHES_PER_PROGRAM, B)):
@@ -546,9 +548,14 @@ def _osra_bwd_short_kernel(
                 partial = tl.load(dbias_ptrs, mask=dbias_mask & (b > b_lo), other=0.0)  # the first batch starts it
                 tl.store(dbias_ptrs, (partial + ds).to(dbias_ptr.dtype.element_ty), mask=dbias_mask)
     if HAS_DBIAS and DBIAS_IN_REGISTERS and not BIAS_PER_BATCH:
-        dbias_offs = offs_n[:, None] * dbias_stride_n + offs_m[None, :] * dbias_stride_m
-        dbias_ptrs = dbias_ptr + (group * dbias_stride_g + h * dbias_stride_h + dbias_offs)
-        tl.store(dbias_ptrs, dbias_acc.to(dbias_ptr.dtype.element_ty), mask=nm_mask)
+        if DBIAS_ROWS_PADDED:
+            dbias_offs = offs_n[:, None] * BLOCK_M + offs_m[None, :]
+            dbias_ptrs = dbias_ptr + ((group * H + h) * N * BLOCK_M + dbias_offs)
+            tl.store(dbias_ptrs, dbias_acc.to(dbias_ptr.dtype.element_ty), mask=mask_n[:, None])
+        else:
+            dbias_offs = offs_n[:, None] * dbias_stride_n + offs_m[None, :] * dbias_stride_m
+            dbias_ptrs = dbias_ptr + (group * dbias_stride_g + h * dbias_stride_h + dbias_offs)
+            tl.store(dbias_ptrs, dbias_acc.to(dbias_ptr.dtype.element_ty), mask=nm_mask)
 
     # The barrier puts every thread's partial stores before the count; the atomic (acq_rel, GPU scope) releases
     # them to, and acquires the other programs' for, the program that arrives last.
@@ -1158,12 +1165,19 @@ def _short_dbias_in_registers(q: torch.Tensor, block_n: int) -> bool:
     return not 0 < launch_target(q.device).capability < 90 or block_n >= _SHORT_BWD_ROWS_ALIGNED
 
 
-def _short_dbias_rows_padded(q: torch.Tensor) -> bool:
-    """Whether the read-modify-write bias-gradient sum (`_short_dbias_in_registers` false) runs on rows padded to the
-    key block: on sm_80 (A100's 2 TB/s), where the kernel is bound by issue, the vector accesses cut its backward
-    (static audit, Triton 3.8, bf16 S stage 3: 53.6 -> 48.0 us); on sm_86/89 (GDDR, ~0.5-1 TB/s) it is bound by
-    DRAM and the padded rows' extra bytes made it slower (RTX 3090: S stage 3 82.6 -> 84.6 us, 1-3% at most shapes)."""
-    return launch_target(q.device).capability == 80
+def _short_dbias_rows_padded(q: torch.Tensor, in_registers: bool, slice_dtype: torch.dtype) -> bool:
+    """Whether the one-pass backward's bias-gradient slices have rows padded to the key block (the padded keys' dS
+    is 0; `_backward` takes [..., :M]), so whole rows move in 16-byte vectors at compile-time offsets, without a
+    mask per key. The read-modify-write sum (`_short_dbias_in_registers` false) on sm_80 (A100's 2 TB/s), where the
+    kernel is bound by issue: static audit, Triton 3.8, bf16 S stage 3, 53.6 -> 48.0 us; on sm_86/89 (GDDR, ~0.5-1
+    TB/s) it is bound by DRAM and the padded rows' extra bytes made it slower (RTX 3090: S stage 3 82.6 -> 84.6 us,
+    1-3% at most shapes). The register sum's store on sm_90+ where the slices are 16-bit (one batch's dS,
+    `_dbias_partial_dtype`): a row of 49 keys moves in four 32-byte sectors either way, so padding costs no DRAM
+    there; fp32 rows of 196 bytes would move 256 (with them, T and S stages 1-3 were 4-8% slower)."""
+    capability = launch_target(q.device).capability
+    if in_registers:
+        return capability >= 90 and slice_dtype.itemsize == 2
+    return capability == 80
 
 
 def _short_path(q: torch.Tensor, k: torch.Tensor, bias: Optional[torch.Tensor], scale: float, kernel: str) -> bool:
@@ -1371,17 +1385,17 @@ def _short_path_groups(bias, B: int, programs_per_batch: int, device: torch.devi
     return balanced_batch_groups(B, programs_per_batch, floor, sm_count, settings.prologue_batches)
 
 
-def _dbias_buffer(bias, has_dbias: bool, groups: int, batches_per_group: int, q: torch.Tensor, M: int, row: int):
+def _dbias_buffer(bias, has_dbias: bool, groups: int, batches_per_group: int, q: torch.Tensor, M: int, row_of=None):
     """(buffer, its strides, dims to sum) of the bias gradient: one [h, N, row] slice per batch group (per batch
-    for a per-batch bias), summed afterwards over the groups and a broadcast head dim; keys past M (row > M: the
-    one-pass backward's read-modify-write sum, rows padded to its key block) are not part of the gradient
-    (`_backward` takes [..., :M]). The slices' dtype: `_dbias_partial_dtype`."""
+    for a per-batch bias), summed afterwards over the groups and a broadcast head dim. The slices' dtype:
+    `_dbias_partial_dtype`; row: M, or row_of(that dtype) (the one-pass backward's rows padded to its key block,
+    `_short_dbias_rows_padded`; keys past M are not part of the gradient: `_backward` takes [..., :M])."""
     if not has_dbias:
         return torch.empty((0,), dtype=q.dtype, device=q.device), (0, 0, 0, 0), []
     _, h, N, _ = q.shape
     reduce_dims = [i for i, size in enumerate((groups, h)) if bias.shape[i] == 1 and size > 1]
     dtype = _dbias_partial_dtype(bias, q, bool(reduce_dims), batches_per_group)
-    buf = torch.empty((groups, h, N, row), dtype=dtype, device=q.device)
+    buf = torch.empty((groups, h, N, M if row_of is None else row_of(dtype)), dtype=dtype, device=q.device)
     return buf, buf.stride(), reduce_dims
 
 
@@ -1489,10 +1503,13 @@ def _backward_short(grad_out, q, k, v, bias, lse, scale, has_dbias, dk, dv):
     n_blocks = cdiv(N, cfg.block_n)
     groups, batches_per_group = _short_path_groups(bias, B, n_blocks * h, q.device, backward=True)
     dbias_in_registers = _short_dbias_in_registers(q, cfg.block_n)
-    rows_padded = has_dbias and not _bias_per_batch(bias) and not dbias_in_registers and _short_dbias_rows_padded(q)
-    dbias_buf, dbias_strides, reduce_dims = _dbias_buffer(
-        bias, has_dbias, groups, batches_per_group, q, M, cfg.block_m if rows_padded else M
-    )
+
+    def padded_row(slice_dtype: torch.dtype) -> int:
+        shared = not _bias_per_batch(bias)
+        return cfg.block_m if shared and _short_dbias_rows_padded(q, dbias_in_registers, slice_dtype) else M
+
+    dbias_buf, dbias_strides, reduce_dims = _dbias_buffer(bias, has_dbias, groups, batches_per_group, q, M, padded_row)
+    rows_padded = has_dbias and dbias_buf.shape[-1] > M
     # dk/dv partials, one per query block, [query blocks, B, h, M, d], d-contiguous (stored from the dot in the
     # model's k layout, M-contiguous, the kernel spilled 16 B on sm_90 under Triton 3.6), fp32 (one block: k's
     # dtype, as no sum follows); the kernel sums them into dk and dv. Arrival counts: one per (head, batch group).
@@ -1567,7 +1584,7 @@ def _backward_flash(grad_out, q, k, v, bias, out, lse, scale, has_dbias):
     groups, batches_per_group = (
         fewest_batch_groups(B, n_blocks * h, settings.target_programs) if shared_dbias else (B, 1)
     )
-    dbias_buf, dbias_strides, reduce_dims = _dbias_buffer(bias, has_dbias, groups, batches_per_group, q, M, M)
+    dbias_buf, dbias_strides, reduce_dims = _dbias_buffer(bias, has_dbias, groups, batches_per_group, q, M)
 
     dq = torch.empty_like(q)
     delta = torch.empty((B, h, N), dtype=accumulation_dtype(q.dtype), device=device)
