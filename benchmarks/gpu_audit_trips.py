@@ -150,13 +150,13 @@ def _osra_short(kernel: str) -> Callable[[Mapping, Sequence[int]], Trips]:
 
 def _osra_bwd_short(args, grid) -> Trips:
     """Every batch once per (query block, head); then the last query-block program of each (head, batch group)
-    sums the group's dk and dv partials (two _store_partials_sum calls, each over one partial per query block)."""
-    reduced = grid[1] * args["B"]  # (head, batch) pairs, each summed once
-    return {
-        **_osra_short("_osra_bwd_short_kernel")(args, grid),
-        "_osra_bwd_short_kernel:group_b": reduced,
-        "_store_partials_sum:_partial": 2 * reduced * grid[0],
-    }
+    sums the group's dk and dv partials (two _store_partials_sum calls, each over one partial per query block),
+    unless one query block stored dk and dv in place (DKV_DIRECT)."""
+    trips = _osra_short("_osra_bwd_short_kernel")(args, grid)
+    if not args["DKV_DIRECT"]:
+        reduced = grid[1] * args["B"]  # (head, batch) pairs, each summed once
+        trips.update({"_osra_bwd_short_kernel:group_b": reduced, "_store_partials_sum:_partial": 2 * reduced * grid[0]})
+    return trips
 
 
 def _osra_bwd_dkdv(args, grid) -> Trips:

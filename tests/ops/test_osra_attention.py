@@ -434,6 +434,47 @@ def test_triton_short_backward_pads_16bit_slice_rows(case, capability, row, dtyp
 
 
 @requires_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16] + _BF16, ids=dtype_id)
+@pytest.mark.parametrize(
+    "kv_layout,programs,direct",
+    [("shared", 10**6, True), ("shared", 1, False), ("own", 10**6, False)],
+    ids=["model-layout", "register-group-sum", "own-layouts"],
+)
+def test_triton_short_backward_stores_one_query_blocks_dk_dv_in_place(
+    kv_layout, programs, direct, dtype, monkeypatch, nan_poisoned_empty
+):
+    """With one query block the one-pass backward stores dk and dv in place (DKV_DIRECT: no partials, no arrival
+    sum) where they share a layout, as the model's k and v do; not beside a bias-gradient sum held in registers over
+    several batches (one batch group here), nor where their layouts differ; the gradients match fp64 each way."""
+    from transxnet_kernels.triton import common
+    from transxnet_kernels.triton import osra_attention as triton_osra
+
+    launched = []
+    kernel = triton_osra._osra_bwd_short_kernel
+
+    class Recording:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launched.append(kwargs["DKV_DIRECT"])
+                return kernel[grid](*args, **kwargs)
+
+            return launch
+
+    monkeypatch.setattr(triton_osra, "_osra_bwd_short_kernel", Recording())
+    B, h, N, M, d = 5, 2, 13, 49, 21  # N within one query block (fp32's 16 rows too); 5 batches
+    q, k, v, bias, scale = osra_args(B, h, N, M, d, (1, h), dtype=dtype)
+    if kv_layout == "shared":  # v, like k, a transposed view of [B, h, d, M] memory
+        v = randn(B, h, d, M, dtype=dtype, gen=torch.Generator().manual_seed(3), device=DEVICE).transpose(-1, -2)
+        v.requires_grad_()
+    assert (k.stride() == v.stride()) == (kv_layout == "shared")
+    assert triton_osra._short_config(q, k, bias, "bwd").block_n >= N
+    settings = triton_osra.Settings.for_target(common.launch_target(DEVICE))
+    with common.launch_overrides(dataclasses.replace(settings, short_path_programs=programs)):
+        check_op(TRITON, OP, (q, k, v, bias, scale))
+    assert launched == [direct]
+
+
+@requires_triton
 @pytest.mark.parametrize("dtype", [d for d in (torch.float16, torch.bfloat16) if d in TRITON_DTYPES], ids=dtype_id)
 def test_triton_short_backward_holds_a_16bit_bias_tile(dtype, nan_poisoned_empty):
     """The 128-row one-pass backward as planned for sm_80: the batch-shared 16-bit bias held in its own dtype across

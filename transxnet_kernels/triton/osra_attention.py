@@ -20,11 +20,12 @@ Two paths (`_short_path` picks per call):
     the dot's register layout and the softmax stays there); one-pass softmax, no rescaling.
   - `_osra_bwd_short_kernel`: one read of q, dO, k, v and lse per (query block, batch); O is not
     read (Delta from P * dP). dq is stored; dk and dv are stored as fp32 partials per query block
-    ([query blocks, B, h, M, d]; one block: in k's dtype), which the last query-block program of each
-    (head, batch group) to finish sums, in query-block order, into dk and dv (an atomic arrival count per
-    (head, group); the partials are read back from L2, no separate sum launch); dS is summed
-    over the group's batches (in registers on sm_90 and in sm_80's 128-row kernel, in the program's own slice
-    of the buffer in sm_8x's 64-row one: `_short_dbias_in_registers`; on sm_80 with rows padded to the key block,
+    ([query blocks, B, h, M, d]), which the last query-block program of each (head, batch group) to finish
+    sums, in query-block order, into dk and dv (an atomic arrival count per (head, group); the partials are
+    read back from L2, no separate sum launch); with one query block (stage 4), straight into dk and dv where
+    they share a layout (DKV_DIRECT). dS is summed over the group's batches (in registers on sm_90 and in
+    sm_80's 128-row kernel, in the program's own slice of the buffer in sm_8x's 64-row one:
+    `_short_dbias_in_registers`; rows padded to the key block on sm_80 and for sm_90's 16-bit slices,
     `_short_dbias_rows_padded`) into a slice per group ([groups, h, N, M], summed afterwards).
     On sm_80 the fp16/bf16 backward at 128 query rows (stages 1-2) holds the batch-shared bias tile in its 16-bit
     dtype and converts it per batch (`BIAS_TILE_RAW`): the fp32 tile left no registers for the bias-gradient sum.
@@ -78,7 +79,7 @@ Triton 3.8.0, batch 128 at 224x224, the worst over layouts and modes; estimate /
     T3     4x196x28   forward   41.0/14.3  14.2/8.6   10.0/7.3   6.6/4.3
     T3     4x196x28   backward  206/28.7   62.4/17.1  42.2/14.5  20.7/8.7
     T4     8x49x28    forward   26.4/11.4  14.3/6.8   6.9/5.7    4.7/3.4
-    T4     8x49x28    backward  146/22.8   39.9/13.6  23.8/11.5  16.3/6.9
+    T4     8x49x28    backward  146/22.8   39.9/13.6  19.2/11.5  13.8/6.9
     S1     1x3136x32  forward   149/53.3   38.4/31.8  27.0/27.0  16.1/16.1
     S1     1x3136x32  backward  765/107    267/63.6   80.3/54.1  52.0/32.3
     S2     2x784x32   forward   74.8/27.9  25.5/16.6  14.2/14.1  9.5/8.4
@@ -86,7 +87,7 @@ Triton 3.8.0, batch 128 at 224x224, the worst over layouts and modes; estimate /
     S3     5x196x32   forward   51.0/20.4  17.7/12.2  10.4/10.3  8.2/6.2
     S3     5x196x32   backward  252/40.8   74.8/24.4  48.6/20.7  22.3/12.3
     S4     8x49x32    forward   26.4/13.0  14.3/7.8   6.9/6.5    4.7/3.9
-    S4     8x49x32    backward  146/26.0   39.9/15.5  23.8/13.1  16.3/7.8
+    S4     8x49x32    backward  146/26.0   39.9/15.5  19.2/13.1  13.8/7.8
     B1     2x3136x19  forward   296/64.2   73.8/38.3  40.3/32.9  25.1/19.6
     B1     2x3136x19  backward  1521/128   523/76.6   112/65.8   69.3/39.3
     B2     4x784x19   forward   149/33.5   44.9/20.0  22.9/17.2  16.0/10.2
@@ -94,7 +95,7 @@ Triton 3.8.0, batch 128 at 224x224, the worst over layouts and modes; estimate /
     B3     8x196x21   forward   80.9/21.6  25.6/12.9  15.0/11.0  10.5/6.6
     B3     8x196x21   backward  370/43.3   120/25.8   72.8/22.0  35.7/13.2
     B4     16x49x21   forward   51.1/17.1  26.1/10.2  10.9/8.7   7.9/5.2
-    B4     16x49x21   backward  263/34.3   75.9/20.5  44.6/17.3  29.2/10.4
+    B4     16x49x21   backward  263/34.3   75.9/20.5  35.8/17.3  29.2/10.4
 """
 
 from __future__ import annotations
@@ -430,6 +431,7 @@ def _osra_bwd_short_kernel(
     HAS_DBIAS: tl.constexpr,
     DBIAS_IN_REGISTERS: tl.constexpr,
     DBIAS_ROWS_PADDED: tl.constexpr,
+    DKV_DIRECT: tl.constexpr,
     BIAS_TILE_RAW: tl.constexpr,
     ACC: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -455,7 +457,8 @@ def _osra_bwd_short_kernel(
     (head, group), incremented once per program after its partial stores) sums the group's partials in query
     block order, so the sum is deterministic whoever arrives last, and stores dk and dv once, in their dtype and
     layout. The partials are read back while the programs that wrote them (neighbours in the grid) are still
-    running, from L2, where a separate sum kernel read them from DRAM."""
+    running, from L2, where a separate sum kernel read them from DRAM. DKV_DIRECT (one query block): the partial
+    pointers are dk and dv themselves, so nothing is summed (T stage 4 bf16 on an H100: 16.3 -> 13.8 us)."""
     N, q_stride_b, q_stride_h, q_stride_d = _query_multiples(N, q_stride_b, q_stride_h, q_stride_d, Q_VECTOR)
     pid_n = tl.program_id(0)
     h = tl.program_id(1)
@@ -557,30 +560,31 @@ def _osra_bwd_short_kernel(
             dbias_ptrs = dbias_ptr + (group * dbias_stride_g + h * dbias_stride_h + dbias_offs)
             tl.store(dbias_ptrs, dbias_acc.to(dbias_ptr.dtype.element_ty), mask=nm_mask)
 
-    # The barrier puts every thread's partial stores before the count; the atomic (acq_rel, GPU scope) releases
-    # them to, and acquires the other programs' for, the program that arrives last.
-    query_blocks = tl.num_programs(0)
-    tl.debug_barrier()
-    arrived = tl.atomic_add(arrivals_ptr + (h * tl.num_programs(2) + group), 1)
-    if arrived == query_blocks - 1:
-        # Flat [key, d] index tiles of its own: with the batch loop's 2-D ones (offs_m, offs_d and md_mask, then
-        # live across the loop) the sm_86 kernel spilled 20 B under Triton 3.6.
-        flat = tl.arange(0, BLOCK_M * BLOCK_D)
-        key, dim = flat // BLOCK_D, flat % BLOCK_D
-        flat_mask = (key < M) & (dim < D)
-        parts_offs = key * dkv_stride_m + dim * dkv_stride_d
-        dk_offs = key * dk_stride_m + dim * dk_stride_d
-        dv_offs = key * dv_stride_m + dim * dv_stride_d
-        for group_b in range(b_lo, tl.minimum(b_lo + BATCHES_PER_PROGRAM, B)):
-            parts = group_b * dkv_stride_b + h * dkv_stride_h
-            dk = dk_ptr + (group_b * dk_stride_b + h * dk_stride_h)
-            dv = dv_ptr + (group_b * dv_stride_b + h * dv_stride_h)
-            _store_partials_sum(
-                dk_parts_ptr + parts, dkv_stride_s, query_blocks, parts_offs, dk, dk_offs, flat_mask, ACC
-            )
-            _store_partials_sum(
-                dv_parts_ptr + parts, dkv_stride_s, query_blocks, parts_offs, dv, dv_offs, flat_mask, ACC
-            )
+    if not DKV_DIRECT:  # one query block: the partials were dk and dv themselves, in place; nothing to sum
+        # The barrier puts every thread's partial stores before the count; the atomic (acq_rel, GPU scope) releases
+        # them to, and acquires the other programs' for, the program that arrives last.
+        query_blocks = tl.num_programs(0)
+        tl.debug_barrier()
+        arrived = tl.atomic_add(arrivals_ptr + (h * tl.num_programs(2) + group), 1)
+        if arrived == query_blocks - 1:
+            # Flat [key, d] index tiles of its own: with the batch loop's 2-D ones (offs_m, offs_d and md_mask, then
+            # live across the loop) the sm_86 kernel spilled 20 B under Triton 3.6.
+            flat = tl.arange(0, BLOCK_M * BLOCK_D)
+            key, dim = flat // BLOCK_D, flat % BLOCK_D
+            flat_mask = (key < M) & (dim < D)
+            parts_offs = key * dkv_stride_m + dim * dkv_stride_d
+            dk_offs = key * dk_stride_m + dim * dk_stride_d
+            dv_offs = key * dv_stride_m + dim * dv_stride_d
+            for group_b in range(b_lo, tl.minimum(b_lo + BATCHES_PER_PROGRAM, B)):
+                parts = group_b * dkv_stride_b + h * dkv_stride_h
+                dk = dk_ptr + (group_b * dk_stride_b + h * dk_stride_h)
+                dv = dv_ptr + (group_b * dv_stride_b + h * dv_stride_h)
+                _store_partials_sum(
+                    dk_parts_ptr + parts, dkv_stride_s, query_blocks, parts_offs, dk, dk_offs, flat_mask, ACC
+                )
+                _store_partials_sum(
+                    dv_parts_ptr + parts, dkv_stride_s, query_blocks, parts_offs, dv, dv_offs, flat_mask, ACC
+                )
 
 
 @triton.jit(
@@ -1510,13 +1514,22 @@ def _backward_short(grad_out, q, k, v, bias, lse, scale, has_dbias, dk, dv):
 
     dbias_buf, dbias_strides, reduce_dims = _dbias_buffer(bias, has_dbias, groups, batches_per_group, q, M, padded_row)
     rows_padded = has_dbias and dbias_buf.shape[-1] > M
-    # dk/dv partials, one per query block, [query blocks, B, h, M, d], d-contiguous (stored from the dot in the
-    # model's k layout, M-contiguous, the kernel spilled 16 B on sm_90 under Triton 3.6), fp32 (one block: k's
-    # dtype, as no sum follows); the kernel sums them into dk and dv. Arrival counts: one per (head, batch group).
-    partial_dtype = accumulation_dtype(k.dtype) if n_blocks > 1 else k.dtype
-    dk_parts = torch.empty((n_blocks,) + tuple(k.shape), dtype=partial_dtype, device=k.device)
-    dv_parts = torch.empty_like(dk_parts)
-    arrivals = torch.zeros((h, groups), dtype=torch.int32, device=q.device)
+    # One query block (N <= the block: stage 4 at 224^2): the kernel stores dk and dv in place, in their layout, where
+    # they share one (as the model's do), with nothing to sum (DKV_DIRECT); not beside a bias-gradient sum held in
+    # registers across several batches (sm_90 at B's stage 4 spilled 16 B under Triton 3.6). Else dk/dv partials, one
+    # per query block, [query blocks, B, h, M, d], d-contiguous (stored from the dot in the model's k layout,
+    # M-contiguous, the kernel spilled 16 B on sm_90 under Triton 3.6), fp32 (one block: k's dtype), which the kernel
+    # sums into dk and dv. Arrival counts: one per (head, batch group).
+    register_group_sum = has_dbias and dbias_in_registers and batches_per_group > 1
+    dkv_direct = n_blocks == 1 and dk.stride() == dv.stride() and not register_group_sum
+    if dkv_direct:
+        dk_parts, dv_parts = dk.unsqueeze(0), dv.unsqueeze(0)
+        arrivals = kept_scalar(0, torch.int32, q.device)  # not dereferenced
+    else:
+        partial_dtype = accumulation_dtype(k.dtype) if n_blocks > 1 else k.dtype
+        dk_parts = torch.empty((n_blocks,) + tuple(k.shape), dtype=partial_dtype, device=k.device)
+        dv_parts = torch.empty_like(dk_parts)
+        arrivals = torch.zeros((h, groups), dtype=torch.int32, device=q.device)
     dq = torch.empty_like(q)
     with device_guard(q):
         _osra_bwd_short_kernel[(n_blocks, h, groups)](
@@ -1552,6 +1565,7 @@ def _backward_short(grad_out, q, k, v, bias, lse, scale, has_dbias, dk, dv):
             HAS_DBIAS=has_dbias,
             DBIAS_IN_REGISTERS=dbias_in_registers,
             DBIAS_ROWS_PADDED=rows_padded,
+            DKV_DIRECT=dkv_direct,
             # sm_8x takes 128 rows only with a batch-shared 16-bit bias (`_short_bwd_rows_aligned`), the tile held raw.
             BIAS_TILE_RAW=0 < launch_target(q.device).capability < 90 and cfg.block_n >= _SHORT_BWD_ROWS_ALIGNED,
             ACC=tl_accumulation_dtype(k.dtype),
