@@ -560,7 +560,7 @@ def _osra_bwd_short_kernel(
             dbias_ptrs = dbias_ptr + (group * dbias_stride_g + h * dbias_stride_h + dbias_offs)
             tl.store(dbias_ptrs, dbias_acc.to(dbias_ptr.dtype.element_ty), mask=nm_mask)
 
-    if not DKV_DIRECT:  # one query block: the partials were dk and dv themselves, in place; nothing to sum
+    if not DKV_DIRECT:  # (with DKV_DIRECT the stores above were dk's and dv's own: nothing to sum)
         # The barrier puts every thread's partial stores before the count; the atomic (acq_rel, GPU scope) releases
         # them to, and acquires the other programs' for, the program that arrives last.
         query_blocks = tl.num_programs(0)
