@@ -50,19 +50,25 @@ def newest_results(results: Path = RESULTS) -> Path:
     return found[max(found)]
 
 
-def _worst(report: Dict[str, Any], op: str) -> Dict[Tuple, Dict[str, float]]:
-    """(model, shape, dtype, target, phase) -> the call row with the largest estimate / roofline among the
-    model's 224x224 batch-128 configurations (layouts, plain or accelerated, train or eval)."""
-    worst: Dict[Tuple, Dict[str, float]] = {}
+def worst_calls(report: Dict[str, Any], models: Sequence[str] = MODELS) -> Dict[Tuple, Dict[str, Any]]:
+    """(op, model, shape, dtype, target, phase) -> the call row with the largest estimate / roofline among the
+    model's 224x224 batch-128 configurations (layouts, plain or accelerated, train or eval); the audit's markdown
+    report takes its T table from it too."""
+    worst: Dict[Tuple, Dict[str, Any]] = {}
     for row in report["calls"]:
         model = row["config"].split()[0]
-        if row["op"] != op or model not in MODELS or SIZE not in row["config"]:
+        if model not in models or SIZE not in row["config"]:
             continue
-        key = (model, tuple(row["shape"]), row["dtype"], row["target"], row["phase"])
+        key = (row["op"], model, tuple(row["shape"]), row["dtype"], row["target"], row["phase"])
         kept = worst.get(key)
         if kept is None or row["estimate_s"] / row["roofline_s"] > kept["estimate_s"] / kept["roofline_s"]:
             worst[key] = row
     return worst
+
+
+def _worst(report: Dict[str, Any], op: str) -> Dict[Tuple, Dict[str, Any]]:
+    """worst_calls of one op, keyed (model, shape, dtype, target, phase)."""
+    return {key[1:]: row for key, row in worst_calls(report).items() if key[0] == op}
 
 
 def _us(seconds: float) -> str:

@@ -97,6 +97,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import JITFunction, create_function_from_signature
 
+from benchmarks.audit_tables import worst_calls
 from benchmarks.gpu_audit_trips import LOOP_TRIPS
 from benchmarks.gpu_warmup import FORWARD_ONLY_OPS, OPS, _affine_batch_norm, recording_fused_calls
 
@@ -1314,12 +1315,8 @@ def markdown(report: Dict[str, Any]) -> str:
         "|---|---|---|---|" + "---|" * sum(g["estimate"] for g in report["targets"].values()),
     ]
     worst: Dict[Tuple, Dict[str, Dict]] = collections.defaultdict(dict)
-    for row in report["calls"]:
-        if row["config"].startswith("t ") and "128x224x224" in row["config"]:
-            key = (row["op"], row["phase"], row["dtype"], tuple(row["shape"]))
-            best = worst[key].get(row["target"])
-            if best is None or row["estimate_s"] / row["roofline_s"] > best["estimate_s"] / best["roofline_s"]:
-                worst[key][row["target"]] = row
+    for (op, _, shape, dtype, target, phase), row in worst_calls(report, models=("t",)).items():
+        worst[(op, phase, dtype, shape)][target] = row
 
     def cell(r):
         bound = r["fp32_pipe_estimate_s"]

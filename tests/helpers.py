@@ -352,6 +352,23 @@ def same_dtype_reference_errors(op: str, args, grad_out: torch.Tensor, fp64_resu
     return [rel_err(a, b) for a, b in zip((out, *grads), fp64_results)]
 
 
+def record_launches(monkeypatch, module, name: str, record: Callable) -> list:
+    """Spy on the Triton kernel `module.name` for the test: each launch appends record(args, kwargs) of its
+    arguments to the list returned, then runs the kernel."""
+    kernel, launched = getattr(module, name), []
+
+    class RecordingKernel:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launched.append(record(args, kwargs))
+                return kernel[grid](*args, **kwargs)
+
+            return launch
+
+    monkeypatch.setattr(module, name, RecordingKernel())
+    return launched
+
+
 def groups_id(groups) -> str:
     """Test id of a multi-scale group layout (widths, kernel sizes, B, H, W)."""
     widths, ksizes, B, H, W = groups

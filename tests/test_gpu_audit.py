@@ -59,15 +59,27 @@ NOT_LAUNCHED = (
 )
 
 
+def _compiled_triton_env():
+    """This process's environment without TRITON_INTERPRET (conftest sets it): the audit needs compiled Triton."""
+    return {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+
+
+def _run_compiled(check: str) -> None:
+    """Run the Python source `check` in a subprocess with compiled Triton; it must succeed."""
+    proc = subprocess.run(
+        [sys.executable, "-c", check], cwd=ROOT, env=_compiled_triton_env(), capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 @pytest.fixture(scope="module")
 def audit(tmp_path_factory):
     pytest.importorskip("triton")
     output = tmp_path_factory.mktemp("gpu_audit") / "audit.json"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.gpu_audit", "--targets", ",".join(TARGETS), "--output", str(output)],
         cwd=ROOT,
-        env=env,
+        env=_compiled_triton_env(),
         capture_output=True,
         text=True,
     )
@@ -238,11 +250,7 @@ def test_source_loops_follow_the_compiled_source_not_the_edited_file():
     too. Read from the file instead, an edit made while an audit ran (lines added above the kernels) shifted
     every span below it, and the strip kernels' image loops went unattributed. (In a subprocess, as below.)"""
     pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run(
-        [sys.executable, "-c", _EDITED_SOURCE_CHECK], cwd=ROOT, env=env, capture_output=True, text=True
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _run_compiled(_EDITED_SOURCE_CHECK)
 
 
 def test_sass_loops_are_attributed_within_their_source_file():
@@ -252,9 +260,7 @@ def test_sass_loops_are_attributed_within_their_source_file():
     every loop goes by its body's lines. (In a subprocess: the audit module needs
     compiled Triton, not the interpreter this process runs.)"""
     pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", _ATTRIBUTION_CHECK], cwd=ROOT, env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _run_compiled(_ATTRIBUTION_CHECK)
 
 
 _UNROLLED_LOOP_CHECK = r"""
@@ -280,11 +286,7 @@ def test_unrolled_loops_count_their_instructions_per_trip():
     MS-FFN statistics sweeps, IDConv's softmax chain, OSRA's partial sums); copies per kernel size must still
     count their largest body. (In a subprocess: the audit module needs compiled Triton.)"""
     pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run(
-        [sys.executable, "-c", _UNROLLED_LOOP_CHECK], cwd=ROOT, env=env, capture_output=True, text=True
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _run_compiled(_UNROLLED_LOOP_CHECK)
 
 
 _ISSUE_TIME_CHECK = r"""
@@ -333,9 +335,7 @@ def test_issue_time_is_the_busiest_sms():
     them before this term. The FP32-pipe bound beside it: fp-category instructions at 2 slots on A100, none on
     H100. (In a subprocess: the audit module needs compiled Triton.)"""
     pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", _ISSUE_TIME_CHECK], cwd=ROOT, env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _run_compiled(_ISSUE_TIME_CHECK)
 
 
 _POINTER_USE_CHECK = r"""
@@ -389,9 +389,7 @@ def test_dram_bytes_count_only_the_tensors_a_kernel_dereferences():
     through a loop-carried pointer that is only advanced; a tensor counts while any argument naming it is used. A
     cached result without that field is recompiled. (In a subprocess, as above.)"""
     pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", _POINTER_USE_CHECK], cwd=ROOT, env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _run_compiled(_POINTER_USE_CHECK)
 
 
 def test_statistics_pass_is_charged_for_what_it_reads(audit):
@@ -478,11 +476,7 @@ def test_audit_tables_rewrite_only_their_blocks(tmp_path):
         audit_tables.rewrite(report, "r.json", {"osra_attention": module})
 
 
-def test_torch_work_reads_padded_rows_in_whole_sectors():
-    """The torch work's bytes: a slice of padded rows moves each row's 32-byte sectors (98-byte rows of 49 bf16
-    keys: 128, fp32's 196: 224, never more than the padded row); dense tensors and gapless views their elements.
-    (In a subprocess: the audit module needs compiled Triton, this process runs the interpreter.)"""
-    check = """
+_SECTOR_CHECK = r"""
 import torch
 from benchmarks.gpu_audit import _moved_bytes
 padded = torch.empty(2, 3, 5, 64, dtype=torch.bfloat16)
@@ -494,6 +488,10 @@ nchw = torch.empty(2, 8, 7, 7)
 assert _moved_bytes(nchw[:, :3]) == 2 * 3 * 7 * 7 * 4  # a channel slice: its rows have no gaps
 assert _moved_bytes(nchw.transpose(-1, -2)) == nchw.numel() * 4
 """
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", check], cwd=ROOT, env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_torch_work_reads_padded_rows_in_whole_sectors():
+    """The torch work's bytes: a slice of padded rows moves each row's 32-byte sectors (98-byte rows of 49 bf16
+    keys: 128, fp32's 196: 224, never more than the padded row); dense tensors and gapless views their elements.
+    (In a subprocess: the audit module needs compiled Triton, this process runs the interpreter.)"""
+    _run_compiled(_SECTOR_CHECK)

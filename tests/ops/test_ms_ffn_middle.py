@@ -34,6 +34,7 @@ from helpers import (
     ms_ffn_tiled_stencils,
     not_interpreted,
     randn,
+    record_launches,
     reference_args,
     requires_cpp,
     requires_triton,
@@ -305,17 +306,7 @@ def test_triton_thread_plane_dz_pass(training, layout, shape, nan_poisoned_empty
     the whole-plane dz pass (_THREAD_PLANE_DZ_MAX_ELEMENT_SIZE)."""
     from transxnet_kernels.triton import ms_ffn
 
-    kernel, launched = ms_ffn._thread_plane_dz_kernel, []
-
-    class RecordingKernel:
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                launched.append(kwargs["K"])
-                return kernel[grid](*args, **kwargs)
-
-            return launch
-
-    monkeypatch.setattr(ms_ffn, "_thread_plane_dz_kernel", RecordingKernel())
+    launched = record_launches(monkeypatch, ms_ffn, "_thread_plane_dz_kernel", lambda args, kwargs: kwargs["K"])
     widths, ksizes = [3, 2, 1, 2], [1, 3, 5, 7]
     args = list(middle_args(widths, ksizes, *shape, dtype=torch.float16, layout=layout, training=training, seed=2))
     args[3], args[4] = (t.detach().float().requires_grad_() for t in args[3:5])

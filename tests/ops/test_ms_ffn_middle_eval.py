@@ -29,6 +29,7 @@ from helpers import (
     not_interpreted,
     num_threads,
     randn,
+    record_launches,
     requires_cpp,
     requires_triton,
     requiring_grad,
@@ -226,18 +227,11 @@ def test_triton_one_pass_slots_reused_across_images(dtype, stencil, H, W, nan_po
     args = eval_args(widths, ksizes, 7, H, W, dtype=dtype, device=DEVICE, seed=3, grad=False)
     stencil, default_settings = stencil.removesuffix("-default"), stencil.endswith("-default")
     name = {"plane": "_plane_eval_kernel", "strips": "_strip_eval_kernel"}[stencil]
-    kernel, launched = getattr(ms_ffn, name), []
 
-    class RecordingKernel:
-        def __getitem__(self, grid):
-            def launch(*kernel_args, **kwargs):
-                images_per_program = kernel_args[12 if stencil == "plane" else 13]
-                launched.append((images_per_program, kwargs["KMAX" if stencil == "plane" else "K"]))
-                return kernel[grid](*kernel_args, **kwargs)
+    def images_per_program_and_k(kernel_args, kwargs):
+        return kernel_args[12 if stencil == "plane" else 13], kwargs["KMAX" if stencil == "plane" else "K"]
 
-            return launch
-
-    monkeypatch.setattr(ms_ffn, name, RecordingKernel())
+    launched = record_launches(monkeypatch, ms_ffn, name, images_per_program_and_k)
     small_tiles = ms_ffn_small_tiles(
         index64=False, plane=stencil == "plane", strips=stencil == "strips", target_programs=1
     )

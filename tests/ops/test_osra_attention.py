@@ -26,6 +26,7 @@ from helpers import (
     fused_backends,
     not_interpreted,
     randn,
+    record_launches,
     requires_cpp,
     requires_triton,
     requiring_grad,
@@ -415,22 +416,14 @@ def test_triton_short_backward_pads_16bit_slice_rows(case, capability, row, dtyp
     from transxnet_kernels.triton import common
     from transxnet_kernels.triton import osra_attention as triton_osra
 
-    rows = []
-    make_buffer = triton_osra._dbias_buffer
-
-    def recording_buffer(*args, **kwargs):
-        buffer, strides, reduce_dims = make_buffer(*args, **kwargs)
-        rows.append(buffer.shape[-1])
-        return buffer, strides, reduce_dims
-
-    monkeypatch.setattr(triton_osra, "_dbias_buffer", recording_buffer)
+    buffers = _recording_dbias_buffers(monkeypatch)
     args = osra_args(*case, dtype=dtype)
     with common.launch_overrides(dataclasses.replace(common.launch_target(DEVICE), capability=capability)):
         q, k, _, bias, _ = args
         block_n = triton_osra._short_config(q, k, bias, "bwd").block_n
         assert triton_osra._short_dbias_in_registers(q, block_n) == (capability >= 90)
         check_op(TRITON, OP, args)
-    assert rows and set(rows) == {row}
+    assert buffers and {b.shape[-1] for b in buffers} == {row}
 
 
 @requires_triton
@@ -449,18 +442,9 @@ def test_triton_short_backward_stores_one_query_blocks_dk_dv_in_place(
     from transxnet_kernels.triton import common
     from transxnet_kernels.triton import osra_attention as triton_osra
 
-    launched = []
-    kernel = triton_osra._osra_bwd_short_kernel
-
-    class Recording:
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                launched.append(kwargs["DKV_DIRECT"])
-                return kernel[grid](*args, **kwargs)
-
-            return launch
-
-    monkeypatch.setattr(triton_osra, "_osra_bwd_short_kernel", Recording())
+    launched = record_launches(
+        monkeypatch, triton_osra, "_osra_bwd_short_kernel", lambda args, kwargs: kwargs["DKV_DIRECT"]
+    )
     B, h, N, M, d = 5, 2, 13, 49, 21  # N within one query block (fp32's 16 rows too); 5 batches
     q, k, v, bias, scale = osra_args(B, h, N, M, d, (1, h), dtype=dtype)
     if kv_layout == "shared":  # v, like k, a transposed view of [B, h, d, M] memory
@@ -493,6 +477,21 @@ def test_triton_short_backward_holds_a_16bit_bias_tile(dtype, nan_poisoned_empty
         check_op(TRITON, OP, args)
 
 
+def _recording_dbias_buffers(monkeypatch) -> list:
+    """The bias-gradient buffers the Triton backward allocates from now on in the test (a spy on `_dbias_buffer`)."""
+    from transxnet_kernels.triton import osra_attention as triton_osra
+
+    buffers, make_buffer = [], triton_osra._dbias_buffer
+
+    def recording_buffer(*args, **kwargs):
+        made = make_buffer(*args, **kwargs)
+        buffers.append(made[0])
+        return made
+
+    monkeypatch.setattr(triton_osra, "_dbias_buffer", recording_buffer)
+    return buffers
+
+
 @requires_triton
 @pytest.mark.parametrize(
     "dtype,bias_dtype,case,capability,partial_dtype",
@@ -515,17 +514,8 @@ def test_triton_bias_gradient_partials_dtype(dtype, bias_dtype, case, capability
     bytes), in fp32 where a slice sums several batches or eager computes in fp32; the gradient matches the fp64
     reference either way."""
     from transxnet_kernels.triton import common
-    from transxnet_kernels.triton import osra_attention as triton_osra
 
-    slice_dtypes = []
-    make_buffer = triton_osra._dbias_buffer
-
-    def recording_buffer(*args, **kwargs):
-        buffer, strides, reduce_dims = make_buffer(*args, **kwargs)
-        slice_dtypes.append(buffer.dtype)
-        return buffer, strides, reduce_dims
-
-    monkeypatch.setattr(triton_osra, "_dbias_buffer", recording_buffer)
+    buffers = _recording_dbias_buffers(monkeypatch)
     q, k, v, bias, scale = osra_args(*case, dtype=dtype)
     if bias_dtype is not None:
         bias = bias.detach().to(bias_dtype).requires_grad_()
@@ -534,7 +524,7 @@ def test_triton_bias_gradient_partials_dtype(dtype, bias_dtype, case, capability
         target = dataclasses.replace(target, capability=capability)
     with common.launch_overrides(target):
         check_op(TRITON, OP, (q, k, v, bias, scale))
-    assert slice_dtypes and set(slice_dtypes) == {partial_dtype}
+    assert buffers and {b.dtype for b in buffers} == {partial_dtype}
 
 
 @requires_triton
