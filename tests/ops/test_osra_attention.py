@@ -649,6 +649,51 @@ def test_triton_short_forward_register_budget():
     assert not any([budgeted(80, 3136), budgeted(86, 3136), budgeted(90, 3136, torch.float32), budgeted(90, 49)])
 
 
+def test_triton_short_forward_sum_columns_and_key_row_stride():
+    """The one-pass forward's compile-time choices: fp16/bf16 with room in the head-dim block put the softmax row sum
+    in V's last 8, 4 or 2 padded columns (none at d = 31 or 32, none in fp32); keys contiguous (the model's k and v,
+    [B, h, d, M] memory) give their head-dim stride, M, else 0."""
+    from transxnet_kernels.triton import osra_attention as triton_osra
+
+    def sum_columns_from(d, dtype=torch.float16):
+        q, k = torch.empty(1, 1, 196, d, dtype=dtype), torch.empty(1, 1, 49, d, dtype=dtype)
+        return triton_osra._sum_columns_from(q, triton_osra._short_config(q, k, None, "fwd"))
+
+    assert [sum_columns_from(d) for d in (8, 12, 19, 21, 24, 28, 30, 31, 32)] == [8, 12, 24, 24, 24, 28, 30, 0, 0]
+    assert sum_columns_from(19, torch.bfloat16) == 24 and sum_columns_from(19, torch.float32) == 0
+    model_k = torch.empty(2, 3, 21, 49).transpose(-1, -2)
+    assert triton_osra._key_row_stride(model_k) == 49
+    assert triton_osra._key_row_stride(torch.empty(2, 3, 49, 21)) == 0
+
+
+@requires_triton
+@pytest.mark.parametrize("d", [19, 28, 30, 31], ids=lambda d: f"d{d}")
+@pytest.mark.parametrize("transposed", [True, False], ids=["model", "contiguous"])
+def test_triton_short_forward_row_sums_from_v_padding(d, transposed, monkeypatch, nan_poisoned_empty):
+    """fp16 forward (and the backward, from its lse) against the fp64 reference where P @ V carries the row sums in
+    8 (d = 19), 4 (d = 28) or 2 (d = 30) padded columns of V, or none (d = 31); k and v in the model's layout
+    (KEY_ROW_STRIDE = M) or contiguous. The lse is checked too: the backward recomputes P from it."""
+    from transxnet_kernels.triton import osra_attention as triton_osra
+
+    launched = record_launches(
+        monkeypatch,
+        triton_osra,
+        "_osra_fwd_short_kernel",
+        lambda args, kwargs: (kwargs["SUM_COLUMNS_FROM"], kwargs["KEY_ROW_STRIDE"]),
+    )
+    q, k, v, bias, scale = osra_args(3, 2, 37, 49, d, (1, 2), dtype=torch.float16, transposed=transposed)
+    if transposed:  # v, like k, a transposed view of [B, h, d, M] memory (the model's)
+        v = v.detach().transpose(-1, -2).contiguous().transpose(-1, -2).requires_grad_()
+        assert v.stride() == k.stride()
+    check_op(TRITON, OP, (q, k, v, bias, scale))
+    with torch.no_grad(), TRITON.active():
+        _, lse = torch.ops.transxnet_triton.osra_attention(q, k, v, bias, d**-0.5)
+    scores = q.double() @ k.double().transpose(-1, -2) * d**-0.5 + bias.double()
+    assert_rel_close(lse, torch.logsumexp(scores, -1), TOLERANCE[torch.float16], "lse")
+    expected = {19: 24, 28: 28, 30: 30, 31: 0}[d]
+    assert set(launched) == {(expected, 49 if transposed else 0)}
+
+
 @requires_triton
 def test_triton_scale_tensor_made_once_per_scale_dtype_and_device(monkeypatch):
     """The scale the kernels read by pointer is one tensor per (scale, accumulation dtype, device), kept (up to a

@@ -17,7 +17,9 @@ Two paths (`_short_path` picks per call):
   head, batch group) loops over its group's batches.
   - `_osra_fwd_short_kernel`: a batch-shared bias tile is loaded once per program, as bias / scale
     with -inf on padded keys, and starts the q @ k^T dot as its accumulator (the scores come out in
-    the dot's register layout and the softmax stays there); one-pass softmax, no rescaling.
+    the dot's register layout and the softmax stays there); one-pass softmax, no rescaling. In fp16/bf16, V's
+    padded head-dim columns are loaded as 1 where d leaves room, so P @ V carries the softmax's row sums
+    (`_sum_columns_from`).
   - `_osra_bwd_short_kernel`: one read of q, dO, k, v and lse per (query block, batch); O is not
     read (Delta from P * dP). dq is stored; dk and dv are stored as fp32 partials per query block
     ([query blocks, B, h, M, d]), which the last query-block program of each (head, batch group) to finish
@@ -72,29 +74,29 @@ Static audit of `osra_attention` (`python -m benchmarks.audit_tables` writes thi
 Triton 3.8.0, batch 128 at 224x224, the worst over layouts and modes; estimate / DRAM roofline, µs):
 
     stage  shape      phase     fp32 A100  fp32 H100  bf16 A100  bf16 H100
-    T1     1x3136x24  forward   149/40.2   38.4/24.0  21.2/20.5  13.9/12.3
+    T1     1x3136x24  forward   146/40.2   38.1/24.0  20.5/20.5  12.8/12.3
     T1     1x3136x24  backward  764/80.5   267/48.1   67.4/41.1  44.3/24.5
-    T2     2x784x24   forward   74.8/21.0  25.5/12.6  14.2/10.7  9.5/6.4
+    T2     2x784x24   forward   73.3/21.0  25.3/12.6  13.1/10.7  8.8/6.4
     T2     2x784x24   backward  384/42.1   136/25.1   42.1/21.4  28.0/12.8
-    T3     4x196x28   forward   41.0/14.3  14.2/8.6   10.0/7.3   6.6/4.3
+    T3     4x196x28   forward   40.2/14.3  14.1/8.6   9.6/7.3    6.2/4.3
     T3     4x196x28   backward  206/28.7   62.4/17.1  42.2/14.5  20.7/8.7
-    T4     8x49x28    forward   26.4/11.4  14.3/6.8   6.9/5.7    4.7/3.4
+    T4     8x49x28    forward   25.7/11.4  14.2/6.8   6.6/5.7    4.3/3.4
     T4     8x49x28    backward  146/22.8   39.9/13.6  19.2/11.5  13.8/6.9
-    S1     1x3136x32  forward   149/53.3   38.4/31.8  27.0/27.0  16.1/16.1
+    S1     1x3136x32  forward   146/53.3   38.1/31.8  27.0/27.0  16.1/16.1
     S1     1x3136x32  backward  765/107    267/63.6   80.3/54.1  52.0/32.3
-    S2     2x784x32   forward   74.8/27.9  25.5/16.6  14.2/14.1  9.5/8.4
+    S2     2x784x32   forward   73.3/27.9  25.3/16.6  14.1/14.1  9.3/8.4
     S2     2x784x32   backward  384/55.7   136/33.3   46.0/28.3  31.3/16.9
-    S3     5x196x32   forward   51.0/20.4  17.7/12.2  10.4/10.3  8.2/6.2
+    S3     5x196x32   forward   50.0/20.4  17.6/12.2  10.3/10.3  8.2/6.2
     S3     5x196x32   backward  252/40.8   74.8/24.4  48.6/20.7  22.3/12.3
-    S4     8x49x32    forward   26.4/13.0  14.3/7.8   6.9/6.5    4.7/3.9
+    S4     8x49x32    forward   25.7/13.0  14.2/7.8   6.8/6.5    4.4/3.9
     S4     8x49x32    backward  146/26.0   39.9/15.5  19.2/13.1  13.8/7.8
-    B1     2x3136x19  forward   296/64.2   73.8/38.3  40.3/32.9  25.1/19.6
+    B1     2x3136x19  forward   290/64.2   73.2/38.3  36.8/32.9  22.8/19.6
     B1     2x3136x19  backward  1521/128   523/76.6   112/65.8   69.3/39.3
-    B2     4x784x19   forward   149/33.5   44.9/20.0  22.9/17.2  16.0/10.2
+    B2     4x784x19   forward   146/33.5   44.5/20.0  21.1/17.2  14.7/10.2
     B2     4x784x19   backward  705/67.0   268/40.0   69.1/34.3  42.4/20.5
-    B3     8x196x21   forward   80.9/21.6  25.6/12.9  15.0/11.0  10.5/6.6
+    B3     8x196x21   forward   79.3/21.6  25.5/12.9  13.9/11.0  9.9/6.6
     B3     8x196x21   backward  370/43.3   120/25.8   72.8/22.0  35.7/13.2
-    B4     16x49x21   forward   51.1/17.1  26.1/10.2  10.9/8.7   7.9/5.2
+    B4     16x49x21   forward   49.7/17.1  25.9/10.2  10.4/8.7   7.2/5.2
     B4     16x49x21   backward  263/34.3   75.9/20.5  35.8/17.3  29.2/10.4
 """
 
@@ -297,9 +299,21 @@ def _osra_fwd_short_kernel(
     BLOCK_D: tl.constexpr,
     INDEX64: tl.constexpr,
     Q_VECTOR: tl.constexpr,
+    KEY_ROW_STRIDE: tl.constexpr,
+    SUM_COLUMNS_FROM: tl.constexpr,
 ):
     """All M <= BLOCK_M keys in one block: one pass, no rescaling. One program per (query block, head,
-    batch group); a batch-shared bias tile is loaded once and serves every batch of the group."""
+    batch group); a batch-shared bias tile is loaded once and serves every batch of the group.
+
+    KEY_ROW_STRIDE (`_key_row_stride`): k's and v's stride between head-dim rows where their keys are contiguous
+    (the model's [B, h, d, M] memory), else 0 (the runtime strides). Known at compile time, a thread's K and V
+    elements lie at constant distances from its first, so each one's address is an immediate add where it was a
+    multiply-add of the runtime stride (the unaligned rows of M keys load element by element).
+    SUM_COLUMNS_FROM (`_sum_columns_from`): 0, or the first of V's padded head-dim columns (>= D) that are loaded
+    as 1, so P @ V also carries each row's sum of P in each of them; their sum over the power-of-two count of them
+    is that row sum, exactly. It replaces an FADD per score: where the columns are the dot accumulator's last n-tile
+    of 8, every thread holds them at fixed registers and the selection compiles away. The row sum is then that of P
+    as rounded to the 16-bit dtype for the dot, the weights the output is formed from."""
     N, q_stride_b, q_stride_h, q_stride_d = _query_multiples(N, q_stride_b, q_stride_h, q_stride_d, Q_VECTOR)
     pid_n = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
@@ -320,13 +334,20 @@ def _osra_fwd_short_kernel(
     # In-slice offset tiles (int32 unless INDEX64) on int64 scalar bases: pointer tiles cost registers.
     # q and out share one layout, k and v another (the launcher makes it so): one offset tile each.
     nd_offs = offs_n[:, None] * q_stride_n + offs_d[None, :] * q_stride_d
-    dm_offs = offs_d[:, None] * k_stride_d + offs_m[None, :] * k_stride_m
-    md_offs = offs_m[:, None] * k_stride_m + offs_d[None, :] * k_stride_d
+    if KEY_ROW_STRIDE:
+        dm_offs = offs_d[:, None] * KEY_ROW_STRIDE + offs_m[None, :]
+        md_offs = offs_m[:, None] + offs_d[None, :] * KEY_ROW_STRIDE
+    else:
+        dm_offs = offs_d[:, None] * k_stride_d + offs_m[None, :] * k_stride_m
+        md_offs = offs_m[:, None] * k_stride_m + offs_d[None, :] * k_stride_d
     nm_offs = offs_n[:, None] * bias_stride_n + offs_m[None, :] * bias_stride_m
     bias_head = bias_ptr + h * bias_stride_h
     scores_init = _scores_init(
         bias_head, nm_offs, mask_n, mask_m, scale, HAS_BIAS and not BIAS_PER_BATCH, BLOCK_N, BLOCK_M
     )
+
+    sum_columns = offs_d >= SUM_COLUMNS_FROM
+    v_padding = tl.where(sum_columns, 1.0, 0.0).to(v_ptr.dtype.element_ty)[None, :] if SUM_COLUMNS_FROM else 0.0
 
     b_lo = group * BATCHES_PER_PROGRAM
     for b in range(b_lo, tl.minimum(b_lo + BATCHES_PER_PROGRAM, B)):
@@ -344,12 +365,16 @@ def _osra_fwd_short_kernel(
         q = tl.load(q_ptr + (q_slice + nd_offs), mask=nd_mask, other=0.0)
         # K^T is loaded transposed (not tl.trans of a K tile): the tile goes straight to the dot operand.
         kt = tl.load(k_ptr + (k_slice + dm_offs), mask=mask_d[:, None] & mask_m[None, :], other=0.0)
-        v = tl.load(v_ptr + (k_slice + md_offs), mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+        v = tl.load(v_ptr + (k_slice + md_offs), mask=mask_m[:, None] & mask_d[None, :], other=v_padding)
         s = tl.dot(q, kt, acc=scores_init, input_precision=PRECISION)  # S / scale
         m = tl.max(s, 1)
         p = tl.exp2(s * scale_log2 - (m * scale_log2)[:, None])
-        l = tl.sum(p, 1)
-        out = tl.dot(p.to(v.dtype), v, input_precision=PRECISION) * _reciprocal_row_sum(l, HALF)[:, None]
+        pv = tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        if SUM_COLUMNS_FROM:  # every sum column holds the row sum: their sum, times a power of two, exactly
+            l = tl.sum(tl.where(sum_columns[None, :], pv, -0.0), 1) * (1.0 / (BLOCK_D - SUM_COLUMNS_FROM))
+        else:
+            l = tl.sum(p, 1)
+        out = pv * _reciprocal_row_sum(l, HALF)[:, None]
         tl.store(out_ptr + (q_slice + nd_offs), out.to(out_ptr.dtype.element_ty), mask=nd_mask)
         tl.store(lse_ptr + (lse_slice + offs_n), m * scale + _log_row_sum(l, HALF), mask=mask_n)
 
@@ -1154,6 +1179,32 @@ def _short_bwd_rows_aligned(q: torch.Tensor, bias: Optional[torch.Tensor]) -> bo
     return capability == 80 and shared_16bit_bias and _query_vectors_specialised(q)
 
 
+def _key_row_stride(k: torch.Tensor) -> int:
+    """The one-pass forward's KEY_ROW_STRIDE: k's (and v's: the launcher gives them one layout) stride along the
+    head dim where its keys are contiguous, as in the model (k and v are [B, h, d, M] memory, the stride M), else 0.
+    A compiled variant per value, so per key count M the model runs at. Static audit, Triton 3.8, bf16 forward on an
+    H100: 3-6% fewer instructions (B stage 2 16.0 -> 15.5 us, stage 4 7.9 -> 7.4; S stage 4 4.7 -> 4.4). fp32 on an
+    RTX 3090 (sm_86): 0.6% more at stage 4 under Triton 3.8, 1.2-1.5% more at T/B stages 1-2 under 3.6."""
+    return k.stride(3) if k.stride(2) == 1 and k.shape[2] > 1 else 0
+
+
+# V's padded head-dim columns that carry the softmax row sum (`_sum_columns_from`), most first: the last 8 columns
+# are the last n-tile of the mma accumulator, whole in every thread, so no column is selected at run time.
+_SUM_COLUMN_COUNTS = (8, 4, 2)
+
+
+def _sum_columns_from(q: torch.Tensor, cfg: _Config) -> int:
+    """The one-pass forward's SUM_COLUMNS_FROM: for fp16/bf16, the first of the last 8, 4 or 2 head-dim columns of
+    the block that are padding (d <= BLOCK_D - that many: TransXNet-T's d = 24 and 28, B's 19 and 21; not S's 32),
+    else 0. fp32 keeps its summed row: its P @ V is a 3xTF32 (or IEEE) product of unrounded P, and the fp32 kernels
+    are near their register limits. Static audit, Triton 3.8, bf16 forward on an H100 (with `_key_row_stride`):
+    10.6% fewer instructions per batch at B stage 1 (397 -> 355), B stage 2 16.0 -> 14.7 us, T stage 3 6.6 -> 6.2."""
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return 0
+    padding = cfg.block_d - q.shape[-1]
+    return next((cfg.block_d - count for count in _SUM_COLUMN_COUNTS if count <= padding), 0)
+
+
 def _short_fwd_register_budget(q: torch.Tensor, cfg: _Config) -> bool:
     """Whether the one-pass forward launches under _SHORT_FWD_HALF_REGISTERS_SM90 (see there); the launcher also
     needs its offsets in int32 (the int64 variant spilled under the budget)."""
@@ -1493,6 +1544,8 @@ def _forward_short(q, k, v, bias, scale, out, lse):
             BLOCK_D=cfg.block_d,
             INDEX64=index64,
             Q_VECTOR=_query_vector(q),
+            KEY_ROW_STRIDE=_key_row_stride(k),
+            SUM_COLUMNS_FROM=_sum_columns_from(q, cfg),
             num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
             **(_SHORT_FWD_HALF_REGISTERS_SM90 if _short_fwd_register_budget(q, cfg) and not index64 else {}),
