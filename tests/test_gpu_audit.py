@@ -125,8 +125,8 @@ def test_launches_compile_fit_and_do_not_spill(audit, kernel, target, dtype):
 def test_torch_work_between_launches_is_counted(audit):
     """The OSRA short backward sums its bias-gradient partials (one fp32 [h, N, M] slice per batch group, at least
     two groups at these shapes) with torch inside the op's custom-op wrapper: the estimate must carry at least
-    those reads, on top of the launches, and the forward (no torch work) almost nothing. (The int64-offset
-    variants run the flash backward.)"""
+    those reads, on top of the launches; the forward's torch work is at most the padded copy of the bias it reads
+    (the bias in, [h, N, 64] out), and nothing else. (The int64-offset variants run the flash backward.)"""
     rows = [
         r
         for r in audit["calls"]
@@ -141,7 +141,8 @@ def test_torch_work_between_launches_is_counted(audit):
         bandwidth = audit["targets"][r["target"]]["dram_tb_s"] * 1e12
         h, N = r["shape"][1:3]
         if r["phase"] == "forward":
-            assert r["torch_s"] * bandwidth < 1024, r
+            padded_bias_copy = h * N * (49 + 64) * 2
+            assert r["torch_s"] * bandwidth < padded_bias_copy + 1024, (r, padded_bias_copy)
         else:
             partial_reads = 2 * h * N * 49 * 4
             assert r["torch_s"] * bandwidth >= partial_reads, (r, partial_reads)

@@ -694,6 +694,50 @@ def test_triton_short_forward_row_sums_from_v_padding(d, transposed, monkeypatch
     assert set(launched) == {(expected, 49 if transposed else 0)}
 
 
+def test_padded_bias_copy():
+    """The short-path kernels' copy of a batch-shared bias: [h, N, BLOCK_M], the bias's values and -inf past M keys;
+    strides (batch 0, head, row, 1), the head's 0 for a head-broadcast bias."""
+    from transxnet_kernels.triton import osra_attention as triton_osra
+
+    gen = torch.Generator().manual_seed(4)
+    bias = randn(1, 3, 49, 37, gen=gen).transpose(-1, -2)  # [1, h, N = 37, M = 49], the model's transposed view
+    cfg = triton_osra._Config(64, 64, 32, "ieee", True, 4, 1)
+    padded, strides = triton_osra._padded_bias(bias, cfg)
+    assert padded.shape == (3, 37, 64) and strides == (0, 37 * 64, 64, 1)
+    assert torch.equal(padded[..., :49], bias[0]) and bool((padded[..., 49:] == float("-inf")).all())
+    broadcast, strides = triton_osra._padded_bias(bias[:, :1], cfg)
+    assert broadcast.shape == (1, 37, 64) and strides == (0, 0, 64, 1)
+
+
+@requires_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16] + _BF16, ids=dtype_id)
+@pytest.mark.parametrize(
+    "bias_shape,programs,forward_padded,backward_padded",
+    [((1, 2), 10**6, True, True), ((1, 2), 1, True, False), ((1, 1), 10**6, True, True), ((3, 2), 10**6, False, False)],
+    ids=["shared-one-batch-groups", "shared-register-group-sum", "head-broadcast", "per-batch"],
+)
+def test_triton_short_path_reads_the_padded_bias_copy(
+    bias_shape, programs, forward_padded, backward_padded, dtype, monkeypatch, nan_poisoned_empty
+):
+    """Both one-pass kernels read a batch-shared bias from its padded copy (BIAS_PADDED), the backward not beside a
+    bias-gradient sum held in registers over several batches (groups of one batch where the programs' floor asks for
+    many, else of two); a per-batch bias is read in place. Output and every gradient, the bias's included, against
+    fp64, N = 37 (a partial query block: the copy's zero rows)."""
+    from transxnet_kernels.triton import common
+    from transxnet_kernels.triton import osra_attention as triton_osra
+
+    def padded_flag(args, kwargs):
+        return kwargs["BIAS_PADDED"]
+
+    forward = record_launches(monkeypatch, triton_osra, "_osra_fwd_short_kernel", padded_flag)
+    backward = record_launches(monkeypatch, triton_osra, "_osra_bwd_short_kernel", padded_flag)
+    args = osra_args(3, 2, 37, 49, 12, bias_shape, dtype=dtype)
+    settings = triton_osra.Settings.for_target(common.launch_target(DEVICE))
+    with common.launch_overrides(dataclasses.replace(settings, short_path_programs=programs)):
+        check_op(TRITON, OP, args)
+    assert forward == [forward_padded] and backward == [backward_padded]
+
+
 @requires_triton
 def test_triton_scale_tensor_made_once_per_scale_dtype_and_device(monkeypatch):
     """The scale the kernels read by pointer is one tensor per (scale, accumulation dtype, device), kept (up to a

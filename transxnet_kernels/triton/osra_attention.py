@@ -16,12 +16,14 @@ Two paths (`_short_path` picks per call):
   positive finite scale, tl.dot available. All keys in one block; one program per (query block,
   head, batch group) loops over its group's batches.
   - `_osra_fwd_short_kernel`: a batch-shared bias tile is loaded once per program, as bias / scale
-    with -inf on padded keys, and starts the q @ k^T dot as its accumulator (the scores come out in
+    with -inf on padded keys (from a copy with rows padded to the key block, `_padded_bias`: aligned vectors, no
+    key mask), and starts the q @ k^T dot as its accumulator (the scores come out in
     the dot's register layout and the softmax stays there); one-pass softmax, no rescaling. In fp16/bf16, V's
     padded head-dim columns are loaded as 1 where d leaves room, so P @ V carries the softmax's row sums
     (`_sum_columns_from`).
   - `_osra_bwd_short_kernel`: one read of q, dO, k, v and lse per (query block, batch); O is not
-    read (Delta from P * dP). dq is stored; dk and dv are stored as fp32 partials per query block
+    read (Delta from P * dP); on sm_90 the bias tile from the padded copy too (`_short_bwd_bias_padded`). dq
+    is stored; dk and dv are stored as fp32 partials per query block
     ([query blocks, B, h, M, d]), which the last query-block program of each (head, batch group) to finish
     sums, in query-block order, into dk and dv (an atomic arrival count per (head, group); the partials are
     read back from L2, no separate sum launch); with one query block (stage 4), straight into dk and dv where
@@ -74,29 +76,29 @@ Static audit of `osra_attention` (`python -m benchmarks.audit_tables` writes thi
 Triton 3.8.0, batch 128 at 224x224, the worst over layouts and modes; estimate / DRAM roofline, µs):
 
     stage  shape      phase     fp32 A100  fp32 H100  bf16 A100  bf16 H100
-    T1     1x3136x24  forward   146/40.2   38.1/24.0  20.5/20.5  12.8/12.3
+    T1     1x3136x24  forward   146/40.2   37.9/24.0  20.9/20.5  12.5/12.3
     T1     1x3136x24  backward  764/80.5   267/48.1   67.4/41.1  44.3/24.5
-    T2     2x784x24   forward   73.3/21.0  25.3/12.6  13.1/10.7  8.8/6.4
+    T2     2x784x24   forward   73.4/21.0  24.9/12.6  11.7/10.7  7.8/6.4
     T2     2x784x24   backward  384/42.1   136/25.1   42.1/21.4  28.0/12.8
-    T3     4x196x28   forward   40.2/14.3  14.1/8.6   9.6/7.3    6.2/4.3
-    T3     4x196x28   backward  206/28.7   62.4/17.1  42.2/14.5  20.7/8.7
-    T4     8x49x28    forward   25.7/11.4  14.2/6.8   6.6/5.7    4.3/3.4
-    T4     8x49x28    backward  146/22.8   39.9/13.6  19.2/11.5  13.8/6.9
-    S1     1x3136x32  forward   146/53.3   38.1/31.8  27.0/27.0  16.1/16.1
+    T3     4x196x28   forward   40.4/14.3  13.5/8.6   7.8/7.3    5.2/4.3
+    T3     4x196x28   backward  206/28.7   62.4/17.1  42.2/14.5  18.8/8.7
+    T4     8x49x28    forward   25.5/11.4  13.9/6.8   5.8/5.7    3.7/3.4
+    T4     8x49x28    backward  146/22.8   39.9/13.6  19.2/11.5  13.0/6.9
+    S1     1x3136x32  forward   146/53.3   37.9/31.8  27.4/27.0  16.4/16.1
     S1     1x3136x32  backward  765/107    267/63.6   80.3/54.1  52.0/32.3
-    S2     2x784x32   forward   73.3/27.9  25.3/16.6  14.1/14.1  9.3/8.4
+    S2     2x784x32   forward   73.4/27.9  24.9/16.6  14.3/14.1  8.6/8.4
     S2     2x784x32   backward  384/55.7   136/33.3   46.0/28.3  31.3/16.9
-    S3     5x196x32   forward   50.0/20.4  17.6/12.2  10.3/10.3  8.2/6.2
+    S3     5x196x32   forward   50.3/20.4  16.9/12.2  10.3/10.3  8.2/6.2
     S3     5x196x32   backward  252/40.8   74.8/24.4  48.6/20.7  22.3/12.3
-    S4     8x49x32    forward   25.7/13.0  14.2/7.8   6.8/6.5    4.4/3.9
-    S4     8x49x32    backward  146/26.0   39.9/15.5  19.2/13.1  13.8/7.8
-    B1     2x3136x19  forward   290/64.2   73.2/38.3  36.8/32.9  22.8/19.6
+    S4     8x49x32    forward   25.5/13.0  13.9/7.8   6.6/6.5    3.9/3.9
+    S4     8x49x32    backward  146/26.0   39.9/15.5  19.2/13.1  13.0/7.8
+    B1     2x3136x19  forward   291/64.2   73.4/38.3  34.7/32.9  21.3/19.6
     B1     2x3136x19  backward  1521/128   523/76.6   112/65.8   69.3/39.3
-    B2     4x784x19   forward   146/33.5   44.5/20.0  21.1/17.2  14.7/10.2
+    B2     4x784x19   forward   146/33.5   44.3/20.0  19.2/17.2  13.3/10.2
     B2     4x784x19   backward  705/67.0   268/40.0   69.1/34.3  42.4/20.5
-    B3     8x196x21   forward   79.3/21.6  25.5/12.9  13.9/11.0  9.9/6.6
+    B3     8x196x21   forward   79.8/21.6  25.0/12.9  12.5/11.0  8.7/6.6
     B3     8x196x21   backward  370/43.3   120/25.8   72.8/22.0  35.7/13.2
-    B4     16x49x21   forward   49.7/17.1  25.9/10.2  10.4/8.7   7.2/5.2
+    B4     16x49x21   forward   49.4/17.1  25.7/10.2  9.5/8.7    6.5/5.2
     B4     16x49x21   backward  263/34.3   75.9/20.5  35.8/17.3  29.2/10.4
 """
 
@@ -204,6 +206,14 @@ def _bias_tile_raw(bias_ptr, nm_offs, mask_n, mask_m):
 
 
 @triton.jit
+def _padded_bias_tile(bias_head, offs_n, offs_m, N, BLOCK_M: tl.constexpr):
+    """The batch-shared bias tile from `_padded_bias`'s copy (BIAS_PADDED): rows of BLOCK_M keys, -inf past M keys
+    (`_bias_tile_raw`'s values), so the tile loads in aligned vectors at offsets known at compile time, masked by
+    row only (0 on query rows past N, as there)."""
+    return tl.load(bias_head + (offs_n[:, None] * BLOCK_M + offs_m[None, :]), mask=(offs_n < N)[:, None], other=0.0)
+
+
+@triton.jit
 def _scores_from_raw_bias(bias_tile, scale):
     """`_scores_init` from `_bias_tile_raw`'s tile: the same values (x + -inf = -inf, x + 0 = x in any dtype)."""
     return bias_tile.to(scale.dtype) * (1.0 / scale)
@@ -301,9 +311,11 @@ def _osra_fwd_short_kernel(
     Q_VECTOR: tl.constexpr,
     KEY_ROW_STRIDE: tl.constexpr,
     SUM_COLUMNS_FROM: tl.constexpr,
+    BIAS_PADDED: tl.constexpr,
 ):
     """All M <= BLOCK_M keys in one block: one pass, no rescaling. One program per (query block, head,
-    batch group); a batch-shared bias tile is loaded once and serves every batch of the group.
+    batch group); a batch-shared bias tile is loaded once and serves every batch of the group (from `_padded_bias`'s
+    copy where BIAS_PADDED: `_padded_bias_tile`).
 
     KEY_ROW_STRIDE (`_key_row_stride`): k's and v's stride between head-dim rows where their keys are contiguous
     (the model's [B, h, d, M] memory), else 0 (the runtime strides). Known at compile time, a thread's K and V
@@ -341,10 +353,15 @@ def _osra_fwd_short_kernel(
         dm_offs = offs_d[:, None] * k_stride_d + offs_m[None, :] * k_stride_m
         md_offs = offs_m[:, None] * k_stride_m + offs_d[None, :] * k_stride_d
     nm_offs = offs_n[:, None] * bias_stride_n + offs_m[None, :] * bias_stride_m
+    if BIAS_PADDED:  # the copy's head stride (N·BLOCK_M, or 0) restated as a multiple of BLOCK_M: aligned vectors
+        bias_stride_h = bias_stride_h // BLOCK_M * BLOCK_M
     bias_head = bias_ptr + h * bias_stride_h
-    scores_init = _scores_init(
-        bias_head, nm_offs, mask_n, mask_m, scale, HAS_BIAS and not BIAS_PER_BATCH, BLOCK_N, BLOCK_M
-    )
+    if BIAS_PADDED:
+        scores_init = _scores_from_raw_bias(_padded_bias_tile(bias_head, offs_n, offs_m, N, BLOCK_M), scale)
+    else:
+        scores_init = _scores_init(
+            bias_head, nm_offs, mask_n, mask_m, scale, HAS_BIAS and not BIAS_PER_BATCH, BLOCK_N, BLOCK_M
+        )
 
     sum_columns = offs_d >= SUM_COLUMNS_FROM
     v_padding = tl.where(sum_columns, 1.0, 0.0).to(v_ptr.dtype.element_ty)[None, :] if SUM_COLUMNS_FROM else 0.0
@@ -457,6 +474,7 @@ def _osra_bwd_short_kernel(
     DBIAS_IN_REGISTERS: tl.constexpr,
     DBIAS_ROWS_PADDED: tl.constexpr,
     DKV_DIRECT: tl.constexpr,
+    BIAS_PADDED: tl.constexpr,
     BIAS_TILE_RAW: tl.constexpr,
     ACC: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -511,8 +529,14 @@ def _osra_bwd_short_kernel(
     dm_offs = offs_d[:, None] * k_stride_d + offs_m[None, :] * k_stride_m
     md_offs = offs_m[:, None] * k_stride_m + offs_d[None, :] * k_stride_d
     nm_offs = offs_n[:, None] * bias_stride_n + offs_m[None, :] * bias_stride_m
+    if BIAS_PADDED:  # the copy's head stride (N·BLOCK_M, or 0) restated as a multiple of BLOCK_M: aligned vectors
+        bias_stride_h = bias_stride_h // BLOCK_M * BLOCK_M
     bias_head = bias_ptr + h * bias_stride_h
-    if BIAS_TILE_RAW:
+    if BIAS_PADDED and BIAS_TILE_RAW:
+        bias_tile = _padded_bias_tile(bias_head, offs_n, offs_m, N, BLOCK_M)
+    elif BIAS_PADDED:
+        scores_init = _scores_from_raw_bias(_padded_bias_tile(bias_head, offs_n, offs_m, N, BLOCK_M), scale)
+    elif BIAS_TILE_RAW:
         bias_tile = _bias_tile_raw(bias_head, nm_offs, mask_n, mask_m)
     else:
         scores_init = _scores_init(
@@ -1252,13 +1276,16 @@ def _short_path(q: torch.Tensor, k: torch.Tensor, bias: Optional[torch.Tensor], 
 
 def _short_path_spans(q: torch.Tensor, k: torch.Tensor, bias: Optional[torch.Tensor], kernel: str) -> Tuple[int, ...]:
     """The largest element offset into each tensor a short-path kernel addresses, batch included: q (out, dO
-    and dq share its layout), k and v (one layout), lse, the bias; the backward's dk/dv partials (one per query
-    block) and bias-gradient buffer (at most one [h, N, M] slice per batch, rows padded to the key block)."""
+    and dq share its layout), k and v (one layout), lse, the bias and its padded copy (`_padded_bias`); the
+    backward's dk/dv partials (one per query block) and bias-gradient buffer (at most one [h, N, M] slice per batch,
+    rows padded to the key block)."""
     B, h, N, _ = q.shape
     M = k.shape[2]
-    spans = (tensor_span(q), tensor_span(k), B * h * N - 1, tensor_span(bias) if bias is not None else 0)
+    cfg = _short_config(q, k, bias, kernel)
+    spans = (tensor_span(q), tensor_span(k), B * h * N - 1)
+    if bias is not None:
+        spans += (tensor_span(bias), bias.shape[1] * N * cfg.block_m - 1)
     if kernel == "bwd":
-        cfg = _short_config(q, k, bias, kernel)
         spans += (cdiv(N, cfg.block_n) * k.numel() - 1, B * h * N * max(M, cfg.block_m) - 1)
     return spans
 
@@ -1327,6 +1354,39 @@ def _scale_tensor(scale: float, q: torch.Tensor) -> torch.Tensor:
     """The scale as a one-element tensor in q's accumulation dtype: passed by pointer so that fp64 calls get it in
     fp64 (Triton's float arguments are fp32); kept, not filled at every call (`kept_scalar`)."""
     return kept_scalar(scale, accumulation_dtype(q.dtype), q.device)
+
+
+def _padded_bias(bias: torch.Tensor, cfg: _Config) -> Tuple[torch.Tensor, Tuple[int, ...]]:
+    """A batch-shared bias as the short-path kernels read it with BIAS_PADDED (`_padded_bias_tile`): a copy
+    [h (or 1), N, BLOCK_M], -inf past M keys; with its four strides as the kernels take them (batch 0, head 0 where
+    broadcast). One small torch op per call (h·N·M elements in, h·N·BLOCK_M out) that takes the masks, the unaligned
+    rows of M keys and their per-element address arithmetic out of every program's prologue: element by element,
+    that tile was ~40% of a T stage-3 bf16 forward's instructions on sm_90 (static audit, Triton 3.8), one program
+    per query block, head and pair of batches."""
+    padded = torch.nn.functional.pad(bias[0], (0, cfg.block_m - bias.shape[-1]), value=float("-inf"))
+    return padded, (0, padded.stride(0) if bias.shape[1] > 1 else 0, padded.stride(1), padded.stride(2))
+
+
+def _short_fwd_bias_padded(q: torch.Tensor, bias: Optional[torch.Tensor], cfg: _Config) -> bool:
+    """Whether the one-pass forward reads a batch-shared bias from `_padded_bias`'s copy: yes, but in the 128-row
+    fp16/bf16 kernel that sums its softmax rows itself (`_sum_columns_from` 0: d = 32) with q in restated vectors
+    (`_query_vector` > 1: N = 196): there (S stage 3) it spilled 8 B under Triton 3.6, at its 128-register budget."""
+    if bias is None or _bias_per_batch(bias):
+        return False
+    half = q.dtype in (torch.float16, torch.bfloat16)
+    tight = half and cfg.block_n == 128 and _sum_columns_from(q, cfg) == 0 and _query_vector(q) > 1
+    return not tight
+
+
+def _short_bwd_bias_padded(q: torch.Tensor, bias: Optional[torch.Tensor], register_group_sum: bool) -> bool:
+    """Whether the one-pass backward reads a batch-shared bias from `_padded_bias`'s copy: on sm_90+ (and
+    interpreted), not beside a bias-gradient sum held in registers over several batches, where the kernel spilled
+    32 B (B stage 3, Triton 3.8) and the prologue serves 2-5 batches anyway. Not on sm_8x: the 64-row kernel spilled
+    24-48 B on sm_86 (Triton 3.6 and 3.8), and on sm_80 the estimates moved by under 1%, mostly up. Static audit,
+    Triton 3.8, bf16 backward on an H100: T stage 3 20.7 -> 18.8 us, T and S stage 4 13.8 -> 13.0."""
+    if bias is None or _bias_per_batch(bias) or register_group_sum:
+        return False
+    return not 0 < launch_target(q.device).capability < 90
 
 
 def _dense(t: torch.Tensor) -> bool:
@@ -1518,18 +1578,20 @@ def _forward_short(q, k, v, bias, scale, out, lse):
     n_blocks = cdiv(N, cfg.block_n)
     groups, batches_per_group = _short_path_groups(bias, B, n_blocks * h, q.device, backward=False)
     index64 = not fits_int32(q.device, *_short_path_spans(q, k, bias, "fwd"))
+    bias_padded = _short_fwd_bias_padded(q, bias, cfg)
+    bias_arg, bias_strides = _padded_bias(bias, cfg) if bias_padded else (bias, _bias_strides(bias))
     with device_guard(q):
         _osra_fwd_short_kernel[(n_blocks, h, groups)](
             q,
             k,
             v,
-            bias if bias is not None else q,
+            bias_arg if bias is not None else q,
             out,
             lse,
             _scale_tensor(scale, q),
             *q.stride(),
             *k.stride(),
-            *_bias_strides(bias),
+            *bias_strides,
             B,
             h,
             N,
@@ -1546,6 +1608,7 @@ def _forward_short(q, k, v, bias, scale, out, lse):
             Q_VECTOR=_query_vector(q),
             KEY_ROW_STRIDE=_key_row_stride(k),
             SUM_COLUMNS_FROM=_sum_columns_from(q, cfg),
+            BIAS_PADDED=bias_padded,
             num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
             **(_SHORT_FWD_HALF_REGISTERS_SM90 if _short_fwd_register_budget(q, cfg) and not index64 else {}),
@@ -1584,12 +1647,14 @@ def _backward_short(grad_out, q, k, v, bias, lse, scale, has_dbias, dk, dv):
         dv_parts = torch.empty_like(dk_parts)
         arrivals = torch.zeros((h, groups), dtype=torch.int32, device=q.device)
     dq = torch.empty_like(q)
+    bias_padded = _short_bwd_bias_padded(q, bias, register_group_sum)
+    bias_arg, bias_strides = _padded_bias(bias, cfg) if bias_padded else (bias, _bias_strides(bias))
     with device_guard(q):
         _osra_bwd_short_kernel[(n_blocks, h, groups)](
             q,
             k,
             v,
-            bias if bias is not None else q,
+            bias_arg if bias is not None else q,
             grad_out,
             lse,
             dq,
@@ -1602,7 +1667,7 @@ def _backward_short(grad_out, q, k, v, bias, lse, scale, has_dbias, dk, dv):
             _scale_tensor(scale, q),
             *q.stride(),
             *k.stride(),
-            *_bias_strides(bias),
+            *bias_strides,
             *dk_parts.stride(),
             *dk.stride(),
             *dv.stride(),
@@ -1619,6 +1684,7 @@ def _backward_short(grad_out, q, k, v, bias, lse, scale, has_dbias, dk, dv):
             DBIAS_IN_REGISTERS=dbias_in_registers,
             DBIAS_ROWS_PADDED=rows_padded,
             DKV_DIRECT=dkv_direct,
+            BIAS_PADDED=bias_padded,
             # sm_8x takes 128 rows only with a batch-shared 16-bit bias (`_short_bwd_rows_aligned`), the tile held raw.
             BIAS_TILE_RAW=0 < launch_target(q.device).capability < 90 and cfg.block_n >= _SHORT_BWD_ROWS_ALIGNED,
             ACC=tl_accumulation_dtype(k.dtype),
