@@ -713,29 +713,37 @@ def test_padded_bias_copy():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16] + _BF16, ids=dtype_id)
 @pytest.mark.parametrize(
     "bias_shape,programs,forward_padded,backward_padded",
-    [((1, 2), 10**6, True, True), ((1, 2), 1, True, False), ((1, 1), 10**6, True, True), ((3, 2), 10**6, False, False)],
+    [
+        ((1, 2), 10**6, True, True),
+        ((1, 2), 1, True, "16-bit"),
+        ((1, 1), 10**6, True, True),
+        ((3, 2), 10**6, False, False),
+    ],
     ids=["shared-one-batch-groups", "shared-register-group-sum", "head-broadcast", "per-batch"],
 )
 def test_triton_short_path_reads_the_padded_bias_copy(
     bias_shape, programs, forward_padded, backward_padded, dtype, monkeypatch, nan_poisoned_empty
 ):
-    """Both one-pass kernels read a batch-shared bias from its padded copy (BIAS_PADDED), the backward not beside a
-    bias-gradient sum held in registers over several batches (groups of one batch where the programs' floor asks for
-    many, else of two); a per-batch bias is read in place. Output and every gradient, the bias's included, against
-    fp64, N = 37 (a partial query block: the copy's zero rows)."""
+    """Both one-pass kernels read a batch-shared bias from its padded copy (BIAS_PADDED); beside a bias-gradient sum
+    held in registers over several batches (groups of two batches where the programs' floor allows, else of one) the
+    backward does so for a 16-bit bias only, held in that dtype (BIAS_TILE_RAW); a per-batch bias is read in place.
+    Output and every gradient, the bias's included, against fp64, N = 37 (a partial query block: the row mask)."""
     from transxnet_kernels.triton import common
     from transxnet_kernels.triton import osra_attention as triton_osra
 
-    def padded_flag(args, kwargs):
-        return kwargs["BIAS_PADDED"]
-
-    forward = record_launches(monkeypatch, triton_osra, "_osra_fwd_short_kernel", padded_flag)
-    backward = record_launches(monkeypatch, triton_osra, "_osra_bwd_short_kernel", padded_flag)
+    forward = record_launches(monkeypatch, triton_osra, "_osra_fwd_short_kernel", lambda a, kw: kw["BIAS_PADDED"])
+    backward = record_launches(
+        monkeypatch, triton_osra, "_osra_bwd_short_kernel", lambda a, kw: (kw["BIAS_PADDED"], kw["BIAS_TILE_RAW"])
+    )
     args = osra_args(3, 2, 37, 49, 12, bias_shape, dtype=dtype)
     settings = triton_osra.Settings.for_target(common.launch_target(DEVICE))
     with common.launch_overrides(dataclasses.replace(settings, short_path_programs=programs)):
         check_op(TRITON, OP, args)
-    assert forward == [forward_padded] and backward == [backward_padded]
+    if backward_padded == "16-bit":  # the register group sum: the copy's tile held raw, for a 16-bit bias only
+        expected_backward = (True, True) if dtype != torch.float32 else (False, False)
+    else:
+        expected_backward = (backward_padded, False)
+    assert forward == [forward_padded] and backward == [expected_backward]
 
 
 @requires_triton

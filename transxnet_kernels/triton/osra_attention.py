@@ -77,29 +77,29 @@ Triton 3.8.0, batch 128 at 224x224, the worst over layouts and modes; estimate /
 
     stage  shape      phase     fp32 A100  fp32 H100  bf16 A100  bf16 H100
     T1     1x3136x24  forward   146/40.2   37.9/24.0  20.9/20.5  12.5/12.3
-    T1     1x3136x24  backward  764/80.5   267/48.1   67.4/41.1  44.3/24.5
+    T1     1x3136x24  backward  764/80.5   267/48.1   67.4/41.1  43.4/24.5
     T2     2x784x24   forward   73.4/21.0  24.9/12.6  11.7/10.7  7.8/6.4
-    T2     2x784x24   backward  384/42.1   136/25.1   42.1/21.4  28.0/12.8
+    T2     2x784x24   backward  384/42.1   136/25.1   42.1/21.4  26.9/12.8
     T3     4x196x28   forward   40.4/14.3  13.5/8.6   7.8/7.3    5.2/4.3
     T3     4x196x28   backward  206/28.7   62.4/17.1  42.2/14.5  18.8/8.7
     T4     8x49x28    forward   25.5/11.4  13.9/6.8   5.8/5.7    3.7/3.4
     T4     8x49x28    backward  146/22.8   39.9/13.6  19.2/11.5  13.0/6.9
     S1     1x3136x32  forward   146/53.3   37.9/31.8  27.4/27.0  16.4/16.1
-    S1     1x3136x32  backward  765/107    267/63.6   80.3/54.1  52.0/32.3
+    S1     1x3136x32  backward  765/107    267/63.6   80.3/54.1  52.2/32.3
     S2     2x784x32   forward   73.4/27.9  24.9/16.6  14.3/14.1  8.6/8.4
-    S2     2x784x32   backward  384/55.7   136/33.3   46.0/28.3  31.3/16.9
+    S2     2x784x32   backward  384/55.7   136/33.3   46.0/28.3  31.4/16.9
     S3     5x196x32   forward   50.3/20.4  16.9/12.2  10.3/10.3  8.2/6.2
-    S3     5x196x32   backward  252/40.8   74.8/24.4  48.6/20.7  22.3/12.3
+    S3     5x196x32   backward  252/40.8   74.8/24.4  48.6/20.7  22.0/12.3
     S4     8x49x32    forward   25.5/13.0  13.9/7.8   6.6/6.5    3.9/3.9
     S4     8x49x32    backward  146/26.0   39.9/15.5  19.2/13.1  13.0/7.8
     B1     2x3136x19  forward   291/64.2   73.4/38.3  34.7/32.9  21.3/19.6
-    B1     2x3136x19  backward  1521/128   523/76.6   112/65.8   69.3/39.3
+    B1     2x3136x19  backward  1521/128   523/76.6   112/65.8   68.0/39.3
     B2     4x784x19   forward   146/33.5   44.3/20.0  19.2/17.2  13.3/10.2
-    B2     4x784x19   backward  705/67.0   268/40.0   69.1/34.3  42.4/20.5
+    B2     4x784x19   backward  705/67.0   268/40.0   69.1/34.3  41.4/20.5
     B3     8x196x21   forward   79.8/21.6  25.0/12.9  12.5/11.0  8.7/6.6
-    B3     8x196x21   backward  370/43.3   120/25.8   72.8/22.0  35.7/13.2
+    B3     8x196x21   backward  370/43.3   120/25.8   72.8/22.0  34.7/13.2
     B4     16x49x21   forward   49.4/17.1  25.7/10.2  9.5/8.7    6.5/5.2
-    B4     16x49x21   backward  263/34.3   75.9/20.5  35.8/17.3  29.2/10.4
+    B4     16x49x21   backward  263/34.3   75.9/20.5  35.8/17.3  28.7/10.4
 """
 
 from __future__ import annotations
@@ -1380,13 +1380,24 @@ def _short_fwd_bias_padded(q: torch.Tensor, bias: Optional[torch.Tensor], cfg: _
 
 def _short_bwd_bias_padded(q: torch.Tensor, bias: Optional[torch.Tensor], register_group_sum: bool) -> bool:
     """Whether the one-pass backward reads a batch-shared bias from `_padded_bias`'s copy: on sm_90+ (and
-    interpreted), not beside a bias-gradient sum held in registers over several batches, where the kernel spilled
-    32 B (B stage 3, Triton 3.8) and the prologue serves 2-5 batches anyway. Not on sm_8x: the 64-row kernel spilled
-    24-48 B on sm_86 (Triton 3.6 and 3.8), and on sm_80 the estimates moved by under 1%, mostly up. Static audit,
-    Triton 3.8, bf16 backward on an H100: T stage 3 20.7 -> 18.8 us, T and S stage 4 13.8 -> 13.0."""
-    if bias is None or _bias_per_batch(bias) or register_group_sum:
+    interpreted); beside a bias-gradient sum held in registers over several batches only for a 16-bit bias, which
+    the kernel then holds in that dtype (`_short_bwd_holds_raw_bias`). Not on sm_8x: the 64-row kernel spilled 24-48 B
+    on sm_86 (Triton 3.6 and 3.8), and on sm_80 the estimates moved by under 1%, mostly up. Static audit, Triton 3.8,
+    bf16 backward on an H100: T stage 3 20.7 -> 18.8 us, T and S stage 4 13.8 -> 13.0 (one-batch programs)."""
+    if bias is None or _bias_per_batch(bias) or (register_group_sum and bias.element_size() != 2):
         return False
     return not 0 < launch_target(q.device).capability < 90
+
+
+def _short_bwd_holds_raw_bias(q: torch.Tensor, block_n: int, bias_padded: bool, register_group_sum: bool) -> bool:
+    """The one-pass backward's BIAS_TILE_RAW: the batch-shared bias tile held across the batch loop in its 16-bit
+    dtype, converted per batch. sm_8x's 128-row kernel (`_short_bwd_rows_aligned`); and on sm_90 the padded copy's
+    tile beside a register group sum, where held as the fp32 scores' start it spilled 32 B (B stage 3, Triton 3.8):
+    static audit, Triton 3.8, bf16 backward on an H100, 1-4% lower at T stages 1-2, S stage 3 and B stages 1-4 (B
+    stage 3 35.7 -> 34.7 us), 0.4% higher at S stages 1-2 (bound by DRAM, they pay the copy's bytes)."""
+    if 0 < launch_target(q.device).capability < 90:
+        return block_n >= _SHORT_BWD_ROWS_ALIGNED
+    return bias_padded and register_group_sum
 
 
 def _dense(t: torch.Tensor) -> bool:
@@ -1685,8 +1696,7 @@ def _backward_short(grad_out, q, k, v, bias, lse, scale, has_dbias, dk, dv):
             DBIAS_ROWS_PADDED=rows_padded,
             DKV_DIRECT=dkv_direct,
             BIAS_PADDED=bias_padded,
-            # sm_8x takes 128 rows only with a batch-shared 16-bit bias (`_short_bwd_rows_aligned`), the tile held raw.
-            BIAS_TILE_RAW=0 < launch_target(q.device).capability < 90 and cfg.block_n >= _SHORT_BWD_ROWS_ALIGNED,
+            BIAS_TILE_RAW=_short_bwd_holds_raw_bias(q, cfg.block_n, bias_padded, register_group_sum),
             ACC=tl_accumulation_dtype(k.dtype),
             PRECISION=cfg.precision,
             BLOCK_N=cfg.block_n,
