@@ -32,7 +32,8 @@ Two paths (`_short_path` picks per call):
     `_short_dbias_in_registers`; rows padded to the key block on sm_80 and for sm_90's 16-bit slices,
     `_short_dbias_rows_padded`) into a slice per group ([groups, h, N, M], summed afterwards).
     On sm_80 the fp16/bf16 backward at 128 query rows (stages 1-2) holds the batch-shared bias tile in its 16-bit
-    dtype and converts it per batch (`BIAS_TILE_RAW`): the fp32 tile left no registers for the bias-gradient sum.
+    dtype and converts it per batch (`BIAS_TILE_RAW`): the fp32 tile left no registers for the bias-gradient sum; so
+    does sm_90's beside a register group sum, reading the padded copy (`_short_bwd_holds_raw_bias`).
     In both, batch groups are as long as Settings' floor on programs and the wave tail allow
     (`balanced_batch_groups`), and q, out, dO, dq and lse tiles move in vectors along the queries wherever a power
     of two divides N and q's strides (`_query_alignment`; the kernels' Q_VECTOR at N = 196, stage 3, where Triton's
@@ -99,7 +100,7 @@ Triton 3.8.0, batch 128 at 224x224, the worst over layouts and modes; estimate /
     B3     8x196x21   forward   79.8/21.6  25.0/12.9  12.5/11.0  8.7/6.6
     B3     8x196x21   backward  370/43.3   120/25.8   72.8/22.0  34.7/13.2
     B4     16x49x21   forward   49.4/17.1  25.7/10.2  9.5/8.7    6.5/5.2
-    B4     16x49x21   backward  263/34.3   75.9/20.5  35.8/17.3  28.7/10.4
+    B4     16x49x21   backward  263/34.3   75.9/20.5  35.8/17.3  21.9/10.4
 """
 
 from __future__ import annotations
@@ -493,7 +494,7 @@ def _osra_bwd_short_kernel(
     of M = 49 keys the read-modify-write sum took 232 of the bf16 kernel's 1085 instructions per batch on sm_80 (S stage
     3), padded 107 of 949; the register sum's store of a 16-bit slice on sm_90, 172 of the 1688 a T stage-4 bf16
     program issues. A batch-shared bias is held across the batch loop as the scores' fp32 start (bias / scale), or
-    (BIAS_TILE_RAW, the sm_80 128-row kernel) in its own 16-bit dtype, converted per batch: half the registers for 2
+    (BIAS_TILE_RAW: `_short_bwd_holds_raw_bias`) in its own 16-bit dtype, converted per batch: half the registers for 2
     instructions per element and batch. Delta = rowsum(P * dP) (= rowsum(dO * O)), so O is not read.
 
     dk and dv: the last of a (head, batch group)'s query-block programs to finish (an arrival count per
@@ -1359,10 +1360,10 @@ def _scale_tensor(scale: float, q: torch.Tensor) -> torch.Tensor:
 def _padded_bias(bias: torch.Tensor, cfg: _Config) -> Tuple[torch.Tensor, Tuple[int, ...]]:
     """A batch-shared bias as the short-path kernels read it with BIAS_PADDED (`_padded_bias_tile`): a copy
     [h (or 1), N, BLOCK_M], -inf past M keys; with its four strides as the kernels take them (batch 0, head 0 where
-    broadcast). One small torch op per call (h·N·M elements in, h·N·BLOCK_M out) that takes the masks, the unaligned
-    rows of M keys and their per-element address arithmetic out of every program's prologue: element by element,
-    that tile was ~40% of a T stage-3 bf16 forward's instructions on sm_90 (static audit, Triton 3.8), one program
-    per query block, head and pair of batches."""
+    broadcast). One small torch op per call (h·N·M elements in, h·N·BLOCK_M out) that takes the key masks, the
+    unaligned rows of M keys and their per-element address arithmetic out of every program's prologue: loaded
+    element by element, the tile cost a T stage-3 bf16 forward on sm_90 (512 programs of two batches each) a sixth
+    of its instructions (static audit, Triton 3.8: 6.2 -> 5.2 us with the copy)."""
     padded = torch.nn.functional.pad(bias[0], (0, cfg.block_m - bias.shape[-1]), value=float("-inf"))
     return padded, (0, padded.stride(0) if bias.shape[1] > 1 else 0, padded.stride(1), padded.stride(2))
 
@@ -1641,14 +1642,19 @@ def _backward_short(grad_out, q, k, v, bias, lse, scale, has_dbias, dk, dv):
 
     dbias_buf, dbias_strides, reduce_dims = _dbias_buffer(bias, has_dbias, groups, batches_per_group, q, M, padded_row)
     rows_padded = has_dbias and dbias_buf.shape[-1] > M
-    # One query block (N <= the block: stage 4 at 224^2): the kernel stores dk and dv in place, in their layout, where
-    # they share one (as the model's do), with nothing to sum (DKV_DIRECT); not beside a bias-gradient sum held in
-    # registers across several batches (sm_90 at B's stage 4 spilled 16 B under Triton 3.6). Else dk/dv partials, one
-    # per query block, [query blocks, B, h, M, d], d-contiguous (stored from the dot in the model's k layout,
-    # M-contiguous, the kernel spilled 16 B on sm_90 under Triton 3.6), fp32 (one block: k's dtype), which the kernel
-    # sums into dk and dv. Arrival counts: one per (head, batch group).
     register_group_sum = has_dbias and dbias_in_registers and batches_per_group > 1
-    dkv_direct = n_blocks == 1 and dk.stride() == dv.stride() and not register_group_sum
+    bias_padded = _short_bwd_bias_padded(q, bias, register_group_sum)
+    holds_raw_bias = _short_bwd_holds_raw_bias(q, cfg.block_n, bias_padded, register_group_sum)
+    # One query block (N <= the block: stage 4 at 224^2): the kernel stores dk and dv in place, in their layout, where
+    # they share one (as the model's do), with nothing to sum (DKV_DIRECT); beside a bias-gradient sum held in
+    # registers across several batches only where the padded copy's tile is held in its 16-bit dtype (with the fp32
+    # tile, sm_90 at B's stage 4 spilled 16 B under Triton 3.6; with the 16-bit one, no spill, and the static audit's
+    # bf16 backward on an H100 went 28.7 -> 21.9 us, Triton 3.8). Else dk/dv partials, one per query block, [query
+    # blocks, B, h, M, d], d-contiguous (stored from the dot in the model's k layout, M-contiguous, the kernel spilled
+    # 16 B on sm_90 under Triton 3.6), fp32 (one block: k's dtype), which the kernel sums into dk and dv. Arrival
+    # counts: one per (head, batch group).
+    raw_padded_tile = bias_padded and holds_raw_bias
+    dkv_direct = n_blocks == 1 and dk.stride() == dv.stride() and (not register_group_sum or raw_padded_tile)
     if dkv_direct:
         dk_parts, dv_parts = dk.unsqueeze(0), dv.unsqueeze(0)
         arrivals = kept_scalar(0, torch.int32, q.device)  # not dereferenced
@@ -1658,7 +1664,6 @@ def _backward_short(grad_out, q, k, v, bias, lse, scale, has_dbias, dk, dv):
         dv_parts = torch.empty_like(dk_parts)
         arrivals = torch.zeros((h, groups), dtype=torch.int32, device=q.device)
     dq = torch.empty_like(q)
-    bias_padded = _short_bwd_bias_padded(q, bias, register_group_sum)
     bias_arg, bias_strides = _padded_bias(bias, cfg) if bias_padded else (bias, _bias_strides(bias))
     with device_guard(q):
         _osra_bwd_short_kernel[(n_blocks, h, groups)](
@@ -1696,7 +1701,7 @@ def _backward_short(grad_out, q, k, v, bias, lse, scale, has_dbias, dk, dv):
             DBIAS_ROWS_PADDED=rows_padded,
             DKV_DIRECT=dkv_direct,
             BIAS_PADDED=bias_padded,
-            BIAS_TILE_RAW=_short_bwd_holds_raw_bias(q, cfg.block_n, bias_padded, register_group_sum),
+            BIAS_TILE_RAW=holds_raw_bias,
             ACC=tl_accumulation_dtype(k.dtype),
             PRECISION=cfg.precision,
             BLOCK_N=cfg.block_n,
