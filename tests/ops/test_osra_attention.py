@@ -440,7 +440,6 @@ def test_triton_short_backward_stores_one_query_blocks_dk_dv_in_place(
     sum) where they share a layout, as the model's k and v do; beside a bias-gradient sum held in registers over
     several batches (one batch group here) only where the bias tile is held in its 16-bit dtype (as on sm_90); not
     where their layouts differ; the gradients match fp64 each way."""
-    from transxnet_kernels.triton import common
     from transxnet_kernels.triton import osra_attention as triton_osra
 
     launched = record_launches(
@@ -453,8 +452,7 @@ def test_triton_short_backward_stores_one_query_blocks_dk_dv_in_place(
         v.requires_grad_()
     assert (k.stride() == v.stride()) == (kv_layout == "shared")
     assert triton_osra._short_config(q, k, bias, "bwd").block_n >= N
-    settings = triton_osra.Settings.for_target(common.launch_target(DEVICE))
-    with common.launch_overrides(dataclasses.replace(settings, short_path_programs=programs)):
+    with _short_path_programs(programs):
         check_op(TRITON, OP, (q, k, v, bias, scale))
     if direct == "16-bit":
         direct = dtype != torch.float32
@@ -478,6 +476,16 @@ def test_triton_short_backward_holds_a_16bit_bias_tile(dtype, nan_poisoned_empty
         _, per_group = triton_osra._short_path_groups(bias, 5, 2 * 2, q.device, backward=True)
         assert block_n == 128 and triton_osra._short_dbias_in_registers(q, block_n) and per_group > 1
         check_op(TRITON, OP, args)
+
+
+def _short_path_programs(programs: int):
+    """The launch settings of this device with `programs` as the short path's floor on programs per launch (which
+    sets its batch groups: 1, one group; 10**6, one batch per group), as a context."""
+    from transxnet_kernels.triton import common
+    from transxnet_kernels.triton import osra_attention as triton_osra
+
+    settings = triton_osra.Settings.for_target(common.launch_target(DEVICE))
+    return common.launch_overrides(dataclasses.replace(settings, short_path_programs=programs))
 
 
 def _recording_dbias_buffers(monkeypatch) -> list:
@@ -538,7 +546,6 @@ def test_triton_short_backward_sums_its_dkdv_partials(case, programs, dtype, mon
     """The one-pass backward's last query-block program of each (head, batch group) sums the group's dk/dv
     partials itself, no separate sum launch: one batch group or one per batch, one query block (fp16, N = 37) or
     several (fp32's 16 rows; fp16's 64 for N = 150), a batch-shared or a per-batch bias."""
-    from transxnet_kernels.triton import common
     from transxnet_kernels.triton import osra_attention as triton_osra
 
     class NotLaunched:
@@ -547,8 +554,7 @@ def test_triton_short_backward_sums_its_dkdv_partials(case, programs, dtype, mon
 
     monkeypatch.setattr(triton_osra, "_osra_dkdv_sum_kernel", NotLaunched())
     args = osra_args(*case, dtype=dtype)
-    settings = triton_osra.Settings.for_target(common.launch_target(DEVICE))
-    with common.launch_overrides(dataclasses.replace(settings, short_path_programs=programs)):
+    with _short_path_programs(programs):
         q, k, _, bias, _ = args
         assert triton_osra._short_path(q, k, bias, 0.2, "bwd")
         check_op(TRITON, OP, args)
@@ -731,7 +737,6 @@ def test_triton_short_path_reads_the_padded_bias_copy(
     held in registers over several batches (groups of two batches where the programs' floor allows, else of one) the
     backward does so for a 16-bit bias only, held in that dtype (BIAS_TILE_RAW); a per-batch bias is read in place.
     Output and every gradient, the bias's included, against fp64, N = 37 (a partial query block: the row mask)."""
-    from transxnet_kernels.triton import common
     from transxnet_kernels.triton import osra_attention as triton_osra
 
     forward = record_launches(monkeypatch, triton_osra, "_osra_fwd_short_kernel", lambda a, kw: kw["BIAS_PADDED"])
@@ -739,8 +744,7 @@ def test_triton_short_path_reads_the_padded_bias_copy(
         monkeypatch, triton_osra, "_osra_bwd_short_kernel", lambda a, kw: (kw["BIAS_PADDED"], kw["BIAS_TILE_RAW"])
     )
     args = osra_args(3, 2, 37, 49, 12, bias_shape, dtype=dtype)
-    settings = triton_osra.Settings.for_target(common.launch_target(DEVICE))
-    with common.launch_overrides(dataclasses.replace(settings, short_path_programs=programs)):
+    with _short_path_programs(programs):
         check_op(TRITON, OP, args)
     if backward_padded == "16-bit":  # the register group sum: the copy's tile held raw, for a 16-bit bias only
         expected_backward = (True, True) if dtype != torch.float32 else (False, False)

@@ -207,11 +207,13 @@ def _bias_tile_raw(bias_ptr, nm_offs, mask_n, mask_m):
 
 
 @triton.jit
-def _padded_bias_tile(bias_head, offs_n, offs_m, N, BLOCK_M: tl.constexpr):
-    """The batch-shared bias tile from `_padded_bias`'s copy (BIAS_PADDED): rows of BLOCK_M keys, -inf past M keys
-    (`_bias_tile_raw`'s values), so the tile loads in aligned vectors at offsets known at compile time, masked by
-    row only (0 on query rows past N, as there)."""
-    return tl.load(bias_head + (offs_n[:, None] * BLOCK_M + offs_m[None, :]), mask=(offs_n < N)[:, None], other=0.0)
+def _padded_bias_tile(bias_ptr, h, bias_stride_h, offs_n, offs_m, N, BLOCK_M: tl.constexpr):
+    """Head h's batch-shared bias tile from `_padded_bias`'s copy (BIAS_PADDED): rows of BLOCK_M keys, -inf past M
+    keys (`_bias_tile_raw`'s values), so the tile loads in aligned vectors at offsets known at compile time, masked by
+    row only (0 on query rows past N, as there). The copy's head stride (N·BLOCK_M, or 0) is restated as a multiple
+    of BLOCK_M, which is what tells the compiler the vectors are aligned."""
+    head = bias_ptr + h * (bias_stride_h // BLOCK_M * BLOCK_M)
+    return tl.load(head + (offs_n[:, None] * BLOCK_M + offs_m[None, :]), mask=(offs_n < N)[:, None], other=0.0)
 
 
 @triton.jit
@@ -354,11 +356,10 @@ def _osra_fwd_short_kernel(
         dm_offs = offs_d[:, None] * k_stride_d + offs_m[None, :] * k_stride_m
         md_offs = offs_m[:, None] * k_stride_m + offs_d[None, :] * k_stride_d
     nm_offs = offs_n[:, None] * bias_stride_n + offs_m[None, :] * bias_stride_m
-    if BIAS_PADDED:  # the copy's head stride (N·BLOCK_M, or 0) restated as a multiple of BLOCK_M: aligned vectors
-        bias_stride_h = bias_stride_h // BLOCK_M * BLOCK_M
     bias_head = bias_ptr + h * bias_stride_h
     if BIAS_PADDED:
-        scores_init = _scores_from_raw_bias(_padded_bias_tile(bias_head, offs_n, offs_m, N, BLOCK_M), scale)
+        bias_tile = _padded_bias_tile(bias_ptr, h, bias_stride_h, offs_n, offs_m, N, BLOCK_M)
+        scores_init = _scores_from_raw_bias(bias_tile, scale)
     else:
         scores_init = _scores_init(
             bias_head, nm_offs, mask_n, mask_m, scale, HAS_BIAS and not BIAS_PER_BATCH, BLOCK_N, BLOCK_M
@@ -530,13 +531,11 @@ def _osra_bwd_short_kernel(
     dm_offs = offs_d[:, None] * k_stride_d + offs_m[None, :] * k_stride_m
     md_offs = offs_m[:, None] * k_stride_m + offs_d[None, :] * k_stride_d
     nm_offs = offs_n[:, None] * bias_stride_n + offs_m[None, :] * bias_stride_m
-    if BIAS_PADDED:  # the copy's head stride (N·BLOCK_M, or 0) restated as a multiple of BLOCK_M: aligned vectors
-        bias_stride_h = bias_stride_h // BLOCK_M * BLOCK_M
     bias_head = bias_ptr + h * bias_stride_h
-    if BIAS_PADDED and BIAS_TILE_RAW:
-        bias_tile = _padded_bias_tile(bias_head, offs_n, offs_m, N, BLOCK_M)
-    elif BIAS_PADDED:
-        scores_init = _scores_from_raw_bias(_padded_bias_tile(bias_head, offs_n, offs_m, N, BLOCK_M), scale)
+    if BIAS_PADDED:
+        bias_tile = _padded_bias_tile(bias_ptr, h, bias_stride_h, offs_n, offs_m, N, BLOCK_M)
+        if not BIAS_TILE_RAW:  # else converted per batch in the loop
+            scores_init = _scores_from_raw_bias(bias_tile, scale)
     elif BIAS_TILE_RAW:
         bias_tile = _bias_tile_raw(bias_head, nm_offs, mask_n, mask_m)
     else:
@@ -1270,19 +1269,20 @@ def _short_path(q: torch.Tensor, k: torch.Tensor, bias: Optional[torch.Tensor], 
     if kernel == "bwd":
         if q.dtype == torch.float32 and 0 < launch_target(q.device).capability < 90:
             return False
-        if not fits_int32(q.device, *_short_path_spans(q, k, bias, kernel)):
+        if not fits_int32(q.device, *_short_path_spans(q, k, bias, _short_config(q, k, bias, kernel), kernel)):
             return False
     return k.shape[2] <= SHORT_PATH_MAX_KEYS and _uses_dot(q) and 0.0 < scale < math.inf
 
 
-def _short_path_spans(q: torch.Tensor, k: torch.Tensor, bias: Optional[torch.Tensor], kernel: str) -> Tuple[int, ...]:
-    """The largest element offset into each tensor a short-path kernel addresses, batch included: q (out, dO
-    and dq share its layout), k and v (one layout), lse, the bias and its padded copy (`_padded_bias`); the
-    backward's dk/dv partials (one per query block) and bias-gradient buffer (at most one [h, N, M] slice per batch,
-    rows padded to the key block)."""
+def _short_path_spans(
+    q: torch.Tensor, k: torch.Tensor, bias: Optional[torch.Tensor], cfg: _Config, kernel: str
+) -> Tuple[int, ...]:
+    """The largest element offset into each tensor a short-path kernel (`kernel`'s config `cfg`) addresses, batch
+    included: q (out, dO and dq share its layout), k and v (one layout), lse, the bias and its padded copy
+    (`_padded_bias`); the backward's dk/dv partials (one per query block) and bias-gradient buffer (at most one
+    [h, N, M] slice per batch, rows padded to the key block)."""
     B, h, N, _ = q.shape
     M = k.shape[2]
-    cfg = _short_config(q, k, bias, kernel)
     spans = (tensor_span(q), tensor_span(k), B * h * N - 1)
     if bias is not None:
         spans += (tensor_span(bias), bias.shape[1] * N * cfg.block_m - 1)
@@ -1368,14 +1368,25 @@ def _padded_bias(bias: torch.Tensor, cfg: _Config) -> Tuple[torch.Tensor, Tuple[
     return padded, (0, padded.stride(0) if bias.shape[1] > 1 else 0, padded.stride(1), padded.stride(2))
 
 
-def _short_fwd_bias_padded(q: torch.Tensor, bias: Optional[torch.Tensor], cfg: _Config) -> bool:
+def _short_bias_arguments(
+    q: torch.Tensor, bias: Optional[torch.Tensor], padded: bool, cfg: _Config
+) -> Tuple[torch.Tensor, Tuple[int, ...]]:
+    """The short-path kernels' bias pointer argument and its four strides: `_padded_bias`'s copy where `padded`, else
+    the bias itself, or q as a placeholder the kernels never read (no bias)."""
+    if padded:
+        return _padded_bias(bias, cfg)
+    return (bias if bias is not None else q), _bias_strides(bias)
+
+
+def _short_fwd_bias_padded(q: torch.Tensor, bias: Optional[torch.Tensor], cfg: _Config, sum_columns_from: int) -> bool:
     """Whether the one-pass forward reads a batch-shared bias from `_padded_bias`'s copy: yes, but in the 128-row
-    fp16/bf16 kernel that sums its softmax rows itself (`_sum_columns_from` 0: d = 32) with q in restated vectors
-    (`_query_vector` > 1: N = 196): there (S stage 3) it spilled 8 B under Triton 3.6, at its 128-register budget."""
+    fp16/bf16 kernel that sums its softmax rows itself (`sum_columns_from`, `_sum_columns_from`'s, 0: d = 32) with q
+    in restated vectors (`_query_vector` > 1: N = 196): there (S stage 3) it spilled 8 B under Triton 3.6, at its
+    128-register budget."""
     if bias is None or _bias_per_batch(bias):
         return False
     half = q.dtype in (torch.float16, torch.bfloat16)
-    tight = half and cfg.block_n == 128 and _sum_columns_from(q, cfg) == 0 and _query_vector(q) > 1
+    tight = half and cfg.block_n == 128 and sum_columns_from == 0 and _query_vector(q) > 1
     return not tight
 
 
@@ -1589,15 +1600,16 @@ def _forward_short(q, k, v, bias, scale, out, lse):
     cfg = _short_config(q, k, bias, "fwd")
     n_blocks = cdiv(N, cfg.block_n)
     groups, batches_per_group = _short_path_groups(bias, B, n_blocks * h, q.device, backward=False)
-    index64 = not fits_int32(q.device, *_short_path_spans(q, k, bias, "fwd"))
-    bias_padded = _short_fwd_bias_padded(q, bias, cfg)
-    bias_arg, bias_strides = _padded_bias(bias, cfg) if bias_padded else (bias, _bias_strides(bias))
+    index64 = not fits_int32(q.device, *_short_path_spans(q, k, bias, cfg, "fwd"))
+    sum_columns_from = _sum_columns_from(q, cfg)
+    bias_padded = _short_fwd_bias_padded(q, bias, cfg, sum_columns_from)
+    bias_arg, bias_strides = _short_bias_arguments(q, bias, bias_padded, cfg)
     with device_guard(q):
         _osra_fwd_short_kernel[(n_blocks, h, groups)](
             q,
             k,
             v,
-            bias_arg if bias is not None else q,
+            bias_arg,
             out,
             lse,
             _scale_tensor(scale, q),
@@ -1619,7 +1631,7 @@ def _forward_short(q, k, v, bias, scale, out, lse):
             INDEX64=index64,
             Q_VECTOR=_query_vector(q),
             KEY_ROW_STRIDE=_key_row_stride(k),
-            SUM_COLUMNS_FROM=_sum_columns_from(q, cfg),
+            SUM_COLUMNS_FROM=sum_columns_from,
             BIAS_PADDED=bias_padded,
             num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
@@ -1644,7 +1656,6 @@ def _backward_short(grad_out, q, k, v, bias, lse, scale, has_dbias, dk, dv):
     rows_padded = has_dbias and dbias_buf.shape[-1] > M
     register_group_sum = has_dbias and dbias_in_registers and batches_per_group > 1
     bias_padded = _short_bwd_bias_padded(q, bias, register_group_sum)
-    holds_raw_bias = _short_bwd_holds_raw_bias(q, cfg.block_n, bias_padded, register_group_sum)
     # One query block (N <= the block: stage 4 at 224^2): the kernel stores dk and dv in place, in their layout, where
     # they share one (as the model's do), with nothing to sum (DKV_DIRECT); beside a bias-gradient sum held in
     # registers across several batches only where the padded copy's tile is held in its 16-bit dtype (with the fp32
@@ -1653,8 +1664,8 @@ def _backward_short(grad_out, q, k, v, bias, lse, scale, has_dbias, dk, dv):
     # blocks, B, h, M, d], d-contiguous (stored from the dot in the model's k layout, M-contiguous, the kernel spilled
     # 16 B on sm_90 under Triton 3.6), fp32 (one block: k's dtype), which the kernel sums into dk and dv. Arrival
     # counts: one per (head, batch group).
-    raw_padded_tile = bias_padded and holds_raw_bias
-    dkv_direct = n_blocks == 1 and dk.stride() == dv.stride() and (not register_group_sum or raw_padded_tile)
+    # (With a register group sum, the copy is read only for a 16-bit bias, and its tile is then held 16-bit.)
+    dkv_direct = n_blocks == 1 and dk.stride() == dv.stride() and (not register_group_sum or bias_padded)
     if dkv_direct:
         dk_parts, dv_parts = dk.unsqueeze(0), dv.unsqueeze(0)
         arrivals = kept_scalar(0, torch.int32, q.device)  # not dereferenced
@@ -1664,13 +1675,13 @@ def _backward_short(grad_out, q, k, v, bias, lse, scale, has_dbias, dk, dv):
         dv_parts = torch.empty_like(dk_parts)
         arrivals = torch.zeros((h, groups), dtype=torch.int32, device=q.device)
     dq = torch.empty_like(q)
-    bias_arg, bias_strides = _padded_bias(bias, cfg) if bias_padded else (bias, _bias_strides(bias))
+    bias_arg, bias_strides = _short_bias_arguments(q, bias, bias_padded, cfg)
     with device_guard(q):
         _osra_bwd_short_kernel[(n_blocks, h, groups)](
             q,
             k,
             v,
-            bias_arg if bias is not None else q,
+            bias_arg,
             grad_out,
             lse,
             dq,
@@ -1701,7 +1712,7 @@ def _backward_short(grad_out, q, k, v, bias, lse, scale, has_dbias, dk, dv):
             DBIAS_ROWS_PADDED=rows_padded,
             DKV_DIRECT=dkv_direct,
             BIAS_PADDED=bias_padded,
-            BIAS_TILE_RAW=holds_raw_bias,
+            BIAS_TILE_RAW=_short_bwd_holds_raw_bias(q, cfg.block_n, bias_padded, register_group_sum),
             ACC=tl_accumulation_dtype(k.dtype),
             PRECISION=cfg.precision,
             BLOCK_N=cfg.block_n,
