@@ -31,27 +31,27 @@ Pipeline
 5. Static time of one op call on a GPU model: per launch, max(DRAM bytes / bandwidth, issue time of the busiest SM),
    summed over the launches of the forward (and of the backward). The busiest SM runs ceil(programs / SMs) of the
    launch's programs (a partial last wave costs a whole one) and issues at most min(4 schedulers, resident warps)
-   instructions a clock (`issue_seconds`). DRAM bytes: every tensor a launch is given and its compiled code
-   dereferences, read or written once (distinct storages; L2 catches the stencil/tile reuse). Which pointer
-   parameters a specialisation dereferences comes from its TTIR (`unused_pointer_args`: data flow from each parameter
-   to a load or store, so a pass handed a tensor its constexpr branches skip is not charged for it). Issued
-   warp-instructions: the SASS is split into loops by backward branches; each SASS loop is tied to a source `for`
-   loop by the line info of its branch (Triton emits .loc, nvdisasm prints it); `gpu_audit_trips.LOOP_TRIPS` gives,
-   per kernel, how many times each source loop's body runs over the whole launch (from the launch arguments). Then
-   instructions = Σ_loops (body instructions not in an inner loop) x trips x warps + (instructions outside loops) x
-   programs x warps. A source loop compiled to several SASS loops counts one of them per trip (`trip_instructions`):
-   the largest (unswitched or peeled copies), or, where LLVM or ptxas unrolled it (a main loop doing k trips per pass
-   beside a remainder loop doing one), the main loop's body / k. One issue per scheduler and per warp per clock; no
-   stalls modelled, so no memory latency: launches holding few warps per SM are still optimistic. Nor pipe
-   throughput, but for one bound reported beside the estimate (`fp32_pipe_estimate_s`): on 16 FP32 lanes per
-   scheduler (sm_70/80; 32 on sm_86/90) a warp's FFMA holds its pipe 2 clocks, so each SASS body costs
-   max(instructions, 2 x fp-category instructions) slots. The summaries keep categories, not pipes, so the bound
-   is close for FFMA-bound stencils and pessimistic where MUFU, HMMA or compares fill the fp category. Torch work
-   between launches (sums of partials, copies, fills) is recorded in step 2 by a dispatch mode and adds its bytes /
-   bandwidth (each aten op that is not a view or an allocation reads its tensor arguments and writes its outputs
-   once; a fill or zero only writes, a copy reads only its source; a slice of padded rows moves each row's whole
-   32-byte sectors). Beside it, the call's roofline: minimal DRAM
-   bytes (the kernel module docstrings' formulas) / bandwidth.
+   instructions a clock (`issue_seconds`); loops one program runs after the rest of its group (a last-arriver sum,
+   `gpu_audit_trips.LAST_PROGRAM_TRIPS`) add their time at that program's own issue rate (`tail_seconds`). DRAM bytes:
+   every tensor a launch is given and its compiled code dereferences, read or written once (distinct storages; L2
+   catches the stencil/tile reuse). Which pointer parameters a specialisation dereferences comes from its TTIR
+   (`unused_pointer_args`: data flow from each parameter to a load or store, so a pass handed a tensor its constexpr
+   branches skip is not charged for it). Issued warp-instructions: the SASS is split into loops by backward branches;
+   each SASS loop is tied to a source `for` loop by the line info of its branch (Triton emits .loc, nvdisasm prints it);
+   `gpu_audit_trips.LOOP_TRIPS` gives, per kernel, how many times each source loop's body runs over the whole launch
+   (from the launch arguments). Then instructions = Σ_loops (body instructions not in an inner loop) x trips x warps +
+   (instructions outside loops) x programs x warps. A source loop compiled to several SASS loops counts one of them per
+   trip (`trip_instructions`): the largest (unswitched or peeled copies), or, where LLVM or ptxas unrolled it (a main
+   loop doing k trips per pass beside a remainder loop doing one), the main loop's body / k. One issue per scheduler and
+   per warp per clock; no stalls modelled, so no memory latency: launches holding few warps per SM are still optimistic.
+   Nor pipe throughput, but for one bound reported beside the estimate (`fp32_pipe_estimate_s`): on 16 FP32 lanes per
+   scheduler (sm_70/80; 32 on sm_86/90) a warp's FFMA holds its pipe 2 clocks, so each SASS body costs max(instructions,
+   2 x fp-category instructions) slots. The summaries keep categories, not pipes, so the bound is close for FFMA-bound
+   stencils and pessimistic where MUFU, HMMA or compares fill the fp category. Torch work between launches (sums of
+   partials, copies, fills) is recorded in step 2 by a dispatch mode and adds its bytes / bandwidth (each aten op that
+   is not a view or an allocation reads its tensor arguments and writes its outputs once; a fill or zero only writes, a
+   copy reads only its source; a slice of padded rows moves each row's whole 32-byte sectors). Beside it, the call's
+   roofline: minimal DRAM bytes (the kernel module docstrings' formulas) / bandwidth.
 6. Cache: compile results (with the unused pointer parameters; an entry without them, from an older audit,
    compiles again), keyed by `ASTSource.hash()` (kernel source and every jit helper it calls,
    signature, constexprs, attributes), the options, the target and the Triton version, are kept in
@@ -98,7 +98,7 @@ from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import JITFunction, create_function_from_signature
 
 from benchmarks.audit_tables import worst_calls
-from benchmarks.gpu_audit_trips import LOOP_TRIPS
+from benchmarks.gpu_audit_trips import LAST_PROGRAM_TRIPS, LOOP_TRIPS
 from benchmarks.gpu_warmup import FORWARD_ONLY_OPS, OPS, _affine_batch_norm, recording_fused_calls
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -419,6 +419,7 @@ class Launch:
     spec: Dict[str, Any]  # what `compile_spec` needs: fn, signature, constexprs, attrs, options
     loop_trips: Dict[str, int]
     tensors: Tuple[Tuple[Tuple[str, ...], int], ...]  # per distinct tensor: the arguments naming it, its bytes
+    tail_trips: Dict[str, int] = dataclasses.field(default_factory=dict)  # gpu_audit_trips.LAST_PROGRAM_TRIPS
 
     @property
     def programs(self) -> int:
@@ -507,6 +508,7 @@ def recording_launches(gpu: Gpu, sink: List[Launch], phase: List[str]) -> Iterat
                 spec,
                 LOOP_TRIPS[fn.__name__](bound, grid),
                 _launch_tensors(bound),
+                LAST_PROGRAM_TRIPS[fn.__name__](bound, grid) if fn.__name__ in LAST_PROGRAM_TRIPS else {},
             )
         )
 
@@ -1047,7 +1049,26 @@ def issue_seconds(launch: Launch, result: Dict[str, Any], gpu: Gpu, fp_slots: in
     resident_blocks = min(on_busiest_sm, max(occupancy(result, launch.num_warps, gpu)["blocks_per_sm"], 1))
     issue_per_clock = min(SCHEDULERS_PER_SM, resident_blocks * launch.num_warps)
     per_program = issued_warp_instructions(launch, result["sass"], fp_slots) / launch.programs
-    return on_busiest_sm * per_program / (issue_per_clock * gpu.clock_ghz * 1e9)
+    return on_busiest_sm * per_program / (issue_per_clock * gpu.clock_ghz * 1e9) + tail_seconds(
+        launch, result, gpu, fp_slots
+    )
+
+
+def tail_seconds(launch: Launch, result: Dict[str, Any], gpu: Gpu, fp_slots: int = 1) -> float:
+    """The serial tail of a launch whose programs wait for others (`gpu_audit_trips.LAST_PROGRAM_TRIPS`: OSRA's
+    last-arriver dk/dv sum): the loops one program runs once the rest of its group is done, issued by its warps alone
+    (at most 4 a clock) after the launch's spread work. Averaged over the programs as the spread work is, the sum over
+    196 query blocks' partials that one program of each of 8 groups runs for 16 batches (T stage 1 fp32 on an H100)
+    counted 6% of itself (the busiest SM's 12 of 1568 programs' share). Its loops are counted once more than they
+    run, a small share where the groups are many; the partials' reads from L2 are not modelled (issue only)."""
+    if not launch.tail_trips:
+        return 0.0
+    versions: Dict[str, List[Dict[str, int]]] = collections.defaultdict(list)
+    for loop in result["sass"]["loops"]:
+        if loop["source_loop"] in launch.tail_trips:
+            versions[loop["source_loop"]].append(loop["body"])
+    per_warp = sum(trip_instructions(bodies, fp_slots) * launch.tail_trips[name] for name, bodies in versions.items())
+    return per_warp * launch.num_warps / (min(SCHEDULERS_PER_SM, launch.num_warps) * gpu.clock_ghz * 1e9)
 
 
 def launch_seconds(launch: Launch, result: Dict[str, Any], gpu: Gpu) -> Dict[str, float]:

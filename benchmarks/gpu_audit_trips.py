@@ -159,6 +159,15 @@ def _osra_bwd_short(args, grid) -> Trips:
     return trips
 
 
+def _osra_bwd_short_last_program(args, grid) -> Trips:
+    """The sum one program runs after its (head, batch group)'s others have stored their partials (the trips
+    `_osra_bwd_short` counts, of one group of BATCHES_PER_PROGRAM batches)."""
+    if args["DKV_DIRECT"]:
+        return {}
+    batches = min(args["BATCHES_PER_PROGRAM"], args["B"])
+    return {"_osra_bwd_short_kernel:group_b": batches, "_store_partials_sum:_partial": 2 * batches * grid[0]}
+
+
 def _osra_bwd_dkdv(args, grid) -> Trips:
     rows = _split_range_trips(args["N"], args["ROWS_PER_SPLIT"], args["BLOCK_N"], grid[2])
     return {"_osra_bwd_dkdv_kernel:start_n": grid[0] * grid[1] * rows}
@@ -198,4 +207,10 @@ LOOP_TRIPS: Dict[str, Callable[[Mapping, Sequence[int]], Trips]] = {
     "_osra_fwd_short_kernel": _osra_short("_osra_fwd_short_kernel"),
     "_osra_bwd_short_kernel": _osra_bwd_short,
     "_osra_dkdv_sum_kernel": _osra_dkdv_sum,
+}
+
+# Loops that one program of a launch runs after the others it waits for (a last-arriver sum): their trips per such
+# program, a serial tail the launch's busiest SM cannot spread (`gpu_audit.tail_seconds`).
+LAST_PROGRAM_TRIPS: Dict[str, Callable[[Mapping, Sequence[int]], Trips]] = {
+    "_osra_bwd_short_kernel": _osra_bwd_short_last_program,
 }

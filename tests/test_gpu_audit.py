@@ -291,6 +291,8 @@ def test_unrolled_loops_count_their_instructions_per_trip():
 
 
 _ISSUE_TIME_CHECK = r"""
+import dataclasses
+
 from benchmarks.gpu_audit import GPUS, Launch, issue_seconds, launch_seconds
 
 h100 = GPUS["sm_90"]
@@ -327,6 +329,18 @@ times = launch_seconds(launch, result, a100)
 assert times["fp32_pipe_estimate_s"] > times["estimate_s"] == times["issue_s"]
 times = launch_seconds(launch, result, h100)
 assert times["fp32_pipe_estimate_s"] == times["estimate_s"]
+
+# A last-arriver tail (LAST_PROGRAM_TRIPS: the loops one program runs once the rest of its group is done) is issued
+# by that program's warps alone, after the spread work: 10 trips of a 50-instruction body, 500 per warp, 8 warps on 4
+# schedulers; averaged over 132 programs as the spread work is, it weighed 1/132 of that.
+launch = Launch("kernel", "backward", (132, 1, 1), 8, "", {}, {"kernel:i": 10}, (), {"kernel:i": 10})
+loop = {"source_loop": "kernel:i", "body": {"total": 50}}
+result = {"registers": 64, "smem_bytes": 0, "sass": {"outside_loops": {"total": 100}, "loops": [loop]}}
+spread = (100 * 132 + 10 * 50) * 8 / 132 / 4
+assert round(issue_seconds(launch, result, h100) * clock, 6) == round(spread + 500 * 8 / 4, 6)
+# Two warps issue at most one instruction a clock each.
+launch = dataclasses.replace(launch, num_warps=2)
+assert round(issue_seconds(launch, result, h100) * clock, 6) == round(spread / 2 + 500, 6)
 """
 
 
@@ -334,7 +348,8 @@ def test_issue_time_is_the_busiest_sms():
     """The issue term: the busiest SM's programs (wave tails) at min(4 schedulers, resident warps) instructions
     a clock. Thread-plane launches of one-warp programs, two per SM, issue at half the rate the audit charged
     them before this term. The FP32-pipe bound beside it: fp-category instructions at 2 slots on A100, none on
-    H100. (In a subprocess: the audit module needs compiled Triton.)"""
+    H100. A last-arriver sum's tail after the spread work, at its own program's issue rate. (In a subprocess: the
+    audit module needs compiled Triton.)"""
     pytest.importorskip("triton")
     _run_compiled(_ISSUE_TIME_CHECK)
 

@@ -718,6 +718,18 @@ def test_padded_bias_copy():
     assert broadcast.shape == (1, 37, 64) and strides == (0, 0, 64, 1)
 
 
+def test_dkdv_partials_slices_start_aligned():
+    """The short backward's dk/dv partials: [query blocks, B, h, M, d] views whose (block, b, head) slices are M·d
+    contiguous elements starting at multiples of 4, which the last program sums in aligned vectors (M·d = 49·21 =
+    1029 pads to 1032; 49·24 = 1176 needs none)."""
+    from transxnet_kernels.triton import osra_attention as triton_osra
+
+    parts = triton_osra._dkdv_partials(5, torch.empty(2, 3, 49, 21), torch.float32)
+    assert parts.shape == (5, 2, 3, 49, 21) and parts.stride() == (6 * 1032, 3 * 1032, 1032, 21, 1)
+    parts = triton_osra._dkdv_partials(2, torch.empty(1, 1, 49, 24, dtype=torch.float16), torch.float16)
+    assert parts.dtype == torch.float16 and parts.stride() == (1176, 1176, 1176, 24, 1)
+
+
 @requires_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16] + _BF16, ids=dtype_id)
 @pytest.mark.parametrize(

@@ -24,11 +24,12 @@ Two paths (`_short_path` picks per call):
   - `_osra_bwd_short_kernel`: one read of q, dO, k, v and lse per (query block, batch); O is not
     read (Delta from P * dP); on sm_90 the bias tile from the padded copy too (`_short_bwd_bias_padded`). dq
     is stored; dk and dv are stored as fp32 partials per query block
-    ([query blocks, B, h, M, d]), which the last query-block program of each (head, batch group) to finish
-    sums, in query-block order, into dk and dv (an atomic arrival count per (head, group); the partials are
-    read back from L2, no separate sum launch); with one query block (stage 4), straight into dk and dv where
-    they share a layout (DKV_DIRECT). dS is summed over the group's batches (in registers on sm_90 and in
-    sm_80's 128-row kernel, in the program's own slice of the buffer in sm_8x's 64-row one:
+    ([query blocks, B, h, M, d], each (block, b, head) slice M·d contiguous elements starting at a multiple of 4,
+    `_dkdv_partials`), which the last query-block program of each (head, batch group) to finish sums, in
+    query-block order, into dk and dv, a slice as one flat run of aligned vectors (an atomic arrival count per
+    (head, group); the partials are read back from L2, no separate sum launch); with one query block (stage 4),
+    straight into dk and dv where they share a layout (DKV_DIRECT). dS is summed over the group's batches (in registers
+    on sm_90 and in sm_80's 128-row kernel, in the program's own slice of the buffer in sm_8x's 64-row one:
     `_short_dbias_in_registers`; rows padded to the key block on sm_80 and for sm_90's 16-bit slices,
     `_short_dbias_rows_padded`) into a slice per group ([groups, h, N, M], summed afterwards).
     On sm_80 the fp16/bf16 backward at 128 query rows (stages 1-2) holds the batch-shared bias tile in its 16-bit
@@ -78,29 +79,29 @@ Triton 3.8.0, batch 128 at 224x224, the worst over layouts and modes; estimate /
 
     stage  shape      phase     fp32 A100  fp32 H100  bf16 A100  bf16 H100
     T1     1x3136x24  forward   146/40.2   37.9/24.0  20.9/20.5  12.5/12.3
-    T1     1x3136x24  backward  764/80.5   267/48.1   67.4/41.1  43.4/24.5
+    T1     1x3136x24  backward  764/80.5   377/48.1   72.1/41.1  45.5/24.5
     T2     2x784x24   forward   73.4/21.0  24.9/12.6  11.7/10.7  7.8/6.4
-    T2     2x784x24   backward  384/42.1   136/25.1   42.1/21.4  26.9/12.8
+    T2     2x784x24   backward  384/42.1   155/25.1   43.3/21.4  27.4/12.8
     T3     4x196x28   forward   40.4/14.3  13.5/8.6   7.8/7.3    5.2/4.3
-    T3     4x196x28   backward  206/28.7   62.4/17.1  42.2/14.5  18.8/8.7
+    T3     4x196x28   backward  206/28.7   64.2/17.1  42.7/14.5  18.5/8.7
     T4     8x49x28    forward   25.5/11.4  13.9/6.8   5.8/5.7    3.7/3.4
-    T4     8x49x28    backward  146/22.8   39.9/13.6  19.2/11.5  13.0/6.9
+    T4     8x49x28    backward  146/22.8   40.9/13.6  19.2/11.5  13.0/6.9
     S1     1x3136x32  forward   146/53.3   37.9/31.8  27.4/27.0  16.4/16.1
-    S1     1x3136x32  backward  765/107    267/63.6   80.3/54.1  52.2/32.3
+    S1     1x3136x32  backward  765/107    377/63.6   80.3/54.1  52.2/32.3
     S2     2x784x32   forward   73.4/27.9  24.9/16.6  14.3/14.1  8.6/8.4
-    S2     2x784x32   backward  384/55.7   136/33.3   46.0/28.3  31.4/16.9
+    S2     2x784x32   backward  384/55.7   155/33.3   46.0/28.3  31.4/16.9
     S3     5x196x32   forward   50.3/20.4  16.9/12.2  10.3/10.3  8.2/6.2
-    S3     5x196x32   backward  252/40.8   74.8/24.4  48.6/20.7  22.0/12.3
+    S3     5x196x32   backward  252/40.8   77.3/24.4  48.9/20.7  22.0/12.3
     S4     8x49x32    forward   25.5/13.0  13.9/7.8   6.6/6.5    3.9/3.9
-    S4     8x49x32    backward  146/26.0   39.9/15.5  19.2/13.1  13.0/7.8
+    S4     8x49x32    backward  146/26.0   40.9/15.5  19.2/13.1  13.0/7.8
     B1     2x3136x19  forward   291/64.2   73.4/38.3  34.7/32.9  21.3/19.6
-    B1     2x3136x19  backward  1521/128   523/76.6   112/65.8   68.0/39.3
+    B1     2x3136x19  backward  1521/128   822/76.6   121/65.8   71.8/39.3
     B2     4x784x19   forward   146/33.5   44.3/20.0  19.2/17.2  13.3/10.2
-    B2     4x784x19   backward  705/67.0   268/40.0   69.1/34.3  41.4/20.5
+    B2     4x784x19   backward  705/67.0   293/40.0   70.7/34.3  42.1/20.5
     B3     8x196x21   forward   79.8/21.6  25.0/12.9  12.5/11.0  8.7/6.6
-    B3     8x196x21   backward  370/43.3   120/25.8   72.8/22.0  34.7/13.2
+    B3     8x196x21   backward  370/43.3   123/25.8   72.7/22.0  33.9/13.2
     B4     16x49x21   forward   49.4/17.1  25.7/10.2  9.5/8.7    6.5/5.2
-    B4     16x49x21   backward  263/34.3   75.9/20.5  35.8/17.3  21.9/10.4
+    B4     16x49x21   backward  263/34.3   77.4/20.5  35.8/17.3  21.9/10.4
 """
 
 from __future__ import annotations
@@ -134,6 +135,7 @@ from .common import (
     supports,
     tl_accumulation_dtype,
 )
+from .ms_ffn import _multiple_of_4
 
 # The largest head dim the kernels are audited (static GPU audit) and tested for; TransXNet's are 19 to 32.
 # At 64 the fp32 kernels spill and the dq kernel needs 116 KB of shared memory (sm_86 has 99 KB).
@@ -243,19 +245,20 @@ def _store_partials_sum(
     parts_stride_s,
     PARTIALS,
     parts_offs,
+    parts_mask,
     grad_ptr,
     grad_offs,
-    mask,
+    grad_mask,
     ACC: tl.constexpr,
 ):
     """grad = the sum of PARTIALS partial tiles, taken in ACC in a fixed order (partial 0 first) and stored once,
     in grad's dtype and layout. The partials are read past L1 (.cg): other programs of the launch may have
-    written them."""
+    written them. parts_mask may cover lanes the store leaves out (whole aligned vectors of a padded slice)."""
     acc = tl.zeros(parts_offs.shape, ACC)
     for _partial in range(PARTIALS):
-        acc += tl.load(parts_ptr + parts_offs, mask=mask, other=0.0, cache_modifier=".cg").to(ACC)
+        acc += tl.load(parts_ptr + parts_offs, mask=parts_mask, other=0.0, cache_modifier=".cg").to(ACC)
         parts_ptr += parts_stride_s  # a 64-bit pointer step: PARTIALS·B·h·M·d may pass int32
-    tl.store(grad_ptr + grad_offs, acc.to(grad_ptr.dtype.element_ty), mask=mask)
+    tl.store(grad_ptr + grad_offs, acc.to(grad_ptr.dtype.element_ty), mask=grad_mask)
 
 
 # q's strides and N are specialised on 16-alignment (see common.py): q, dO, out and dq tiles then move in vectors.
@@ -616,23 +619,33 @@ def _osra_bwd_short_kernel(
         tl.debug_barrier()
         arrived = tl.atomic_add(arrivals_ptr + (h * tl.num_programs(2) + group), 1)
         if arrived == query_blocks - 1:
-            # Flat [key, d] index tiles of its own: with the batch loop's 2-D ones (offs_m, offs_d and md_mask, then
-            # live across the loop) the sm_86 kernel spilled 20 B under Triton 3.6.
+            # Each (b, head)'s partial is one run of M·D elements, d-contiguous, its start a multiple of 4 elements
+            # (the launcher pads the slices: `_dkdv_partials`): summed as a flat range in aligned 16-byte vectors,
+            # lanes past the slice's padded end masked, each partial a compile-time-free pointer step. As [key, d]
+            # tiles masked per element (rows of M·D elements of 19-28 each) the sum took 135 instructions per
+            # partial and warp on sm_90 (T stage 1 fp32), and the last program of each group runs it alone.
             flat = tl.arange(0, BLOCK_M * BLOCK_D)
-            key, dim = flat // BLOCK_D, flat % BLOCK_D
-            flat_mask = (key < M) & (dim < D)
-            parts_offs = key * dkv_stride_m + dim * dkv_stride_d
+            slice_len = M * D
+            parts_mask = flat < (slice_len + 3) // 4 * 4
+            # flat // D in fp32: (flat + 0.5) / D lies at least 0.5 / D from an integer and is computed to within
+            # (flat / D)·2^-23, so it truncates exactly while flat < 2^22. A multiply where an integer division by a
+            # runtime D cost ~20 instructions per element (B stage 3 bf16 on sm_90: 1088 -> 996 per program outside
+            # the loops).
+            key = ((flat.to(tl.float32) + 0.5) * (1.0 / D)).to(tl.int32)
+            dim = flat - key * D
+            grad_mask = flat < slice_len
             dk_offs = key * dk_stride_m + dim * dk_stride_d
             dv_offs = key * dv_stride_m + dim * dv_stride_d
+            parts_stride_s = _multiple_of_4(dkv_stride_s)
             for group_b in range(b_lo, tl.minimum(b_lo + BATCHES_PER_PROGRAM, B)):
-                parts = group_b * dkv_stride_b + h * dkv_stride_h
+                parts = group_b * _multiple_of_4(dkv_stride_b) + h * _multiple_of_4(dkv_stride_h)
                 dk = dk_ptr + (group_b * dk_stride_b + h * dk_stride_h)
                 dv = dv_ptr + (group_b * dv_stride_b + h * dv_stride_h)
                 _store_partials_sum(
-                    dk_parts_ptr + parts, dkv_stride_s, query_blocks, parts_offs, dk, dk_offs, flat_mask, ACC
+                    dk_parts_ptr + parts, parts_stride_s, query_blocks, flat, parts_mask, dk, dk_offs, grad_mask, ACC
                 )
                 _store_partials_sum(
-                    dv_parts_ptr + parts, dkv_stride_s, query_blocks, parts_offs, dv, dv_offs, flat_mask, ACC
+                    dv_parts_ptr + parts, parts_stride_s, query_blocks, flat, parts_mask, dv, dv_offs, grad_mask, ACC
                 )
 
 
@@ -1064,7 +1077,7 @@ def _osra_dkdv_sum_kernel(
         parts = dv_parts_ptr + (b * parts_stride_b + h * parts_stride_h)
         grad = dv_ptr + (b * dv_stride_b + h * dv_stride_h)
         grad_offs = offs_m[:, None] * dv_stride_m + offs_d[None, :] * dv_stride_d
-    _store_partials_sum(parts, parts_stride_s, PARTIALS, parts_offs, grad, grad_offs, mask, ACC)
+    _store_partials_sum(parts, parts_stride_s, PARTIALS, parts_offs, mask, grad, grad_offs, mask, ACC)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1561,6 +1574,16 @@ def _dkdv_buffers(k: torch.Tensor, partials: int):
     return torch.empty_like(k).unsqueeze(0), torch.empty_like(k).unsqueeze(0)
 
 
+def _dkdv_partials(n_blocks: int, k: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The short backward's dk or dv partials, [query blocks, B, h, M, d]: each (block, b, head) slice M·d
+    contiguous elements (d-contiguous rows) that start at a multiple of 4 elements (the slices padded), so the last
+    program's sum reads whole slices in aligned 16-byte vectors."""
+    B, h, M, d = k.shape
+    slice_len = cdiv(M * d, 4) * 4
+    flat = torch.empty((n_blocks, B, h, slice_len), dtype=dtype, device=k.device)
+    return flat[..., : M * d].unflatten(-1, (M, d))
+
+
 def _dkdv_from_partials(dk_parts: torch.Tensor, dv_parts: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
     """(dk, dv) in the layouts and dtypes of empty_like(k) and empty_like(v) (what the fake impl promises), from
     the flash dk/dv kernel's partials [S, B, h, M, d]: one partial already so is returned as it is (no query
@@ -1671,8 +1694,7 @@ def _backward_short(grad_out, q, k, v, bias, lse, scale, has_dbias, dk, dv):
         arrivals = kept_scalar(0, torch.int32, q.device)  # not dereferenced
     else:
         partial_dtype = accumulation_dtype(k.dtype) if n_blocks > 1 else k.dtype
-        dk_parts = torch.empty((n_blocks,) + tuple(k.shape), dtype=partial_dtype, device=k.device)
-        dv_parts = torch.empty_like(dk_parts)
+        dk_parts, dv_parts = _dkdv_partials(n_blocks, k, partial_dtype), _dkdv_partials(n_blocks, k, partial_dtype)
         arrivals = torch.zeros((h, groups), dtype=torch.int32, device=q.device)
     dq = torch.empty_like(q)
     bias_arg, bias_strides = _short_bias_arguments(q, bias, bias_padded, cfg)
