@@ -11,7 +11,7 @@ The torch ops between launches run here on the CPU on one sample's tensors: wher
 each, this also pays their arithmetic (filling the output gradient, summing partials: up to a few hundred us
 at stage 1 on a slow core), so stage-1 backward times overstate the host's share most.
 
-    python -m benchmarks.host_overhead [--model t] [--plain] [--ops idconv,ms_ffn_middle] [--reps 50]
+    python -m benchmarks.host_overhead [--model t] [--plain] [--ops idconv,ms_ffn_middle] [--reps 50] [--unpadded-bias]
 """
 
 from __future__ import annotations
@@ -57,8 +57,25 @@ def _median_us(fn: Callable[[], Any], reps: int) -> float:
     return 1e6 * statistics.median(times)
 
 
-def measure(calls: Sequence[Dict[str, Any]], reps: int, target: str = "sm_90") -> List[Dict[str, Any]]:
-    """Per distinct (op, input layout, grad mode): median host microseconds of one call and its launch count."""
+def _as_the_model_passes(op: str, args: List[Any], gradients: bool, key_padded: bool) -> List[Any]:
+    """The call's arguments as the accelerated model hands them to the op on a GPU: without gradients, a batch-shared
+    OSRA bias of at most KEY_PADDED_KEYS keys views a key-padded copy (its stage bias is an inference constant,
+    `AcceleratedTransXNet.stage_relative_pos_enc`), which the Triton short path reads in place."""
+    from transxnet.fused import KEY_PADDED_KEYS
+    from transxnet_kernels.layout import key_padded_bias
+
+    bias = args[3] if op == "osra_attention" and len(args) > 3 else None
+    if not key_padded or gradients or bias is None or bias.shape[0] != 1 or bias.shape[-1] > KEY_PADDED_KEYS:
+        return args
+    return args[:3] + [key_padded_bias(bias, KEY_PADDED_KEYS)] + args[4:]
+
+
+def measure(
+    calls: Sequence[Dict[str, Any]], reps: int, target: str = "sm_90", key_padded: bool = True
+) -> List[Dict[str, Any]]:
+    """Per distinct (op, input layout, grad mode): median host microseconds of one call and its launch count.
+    key_padded: forward-only OSRA calls get the key-padded stage bias the accelerated model keeps on a GPU
+    (`_as_the_model_passes`); False times the bias as captured (a padded copy per call)."""
     launches = [0]
 
     def count(fn, *args, grid, warmup, **kwargs):
@@ -74,6 +91,7 @@ def measure(calls: Sequence[Dict[str, Any]], reps: int, target: str = "sm_90") -
                 op = gpu_audit.triton_op(call["op"])
                 args = _batch_one([gpu_warmup._arguments(a, fp32, torch.device("cpu")) for a in call["args"]])
                 inputs = gpu_warmup.gradient_inputs(call["op"], args)
+                args = _as_the_model_passes(call["op"], args, bool(inputs), key_padded)
                 mode = "forward+backward" if inputs else "forward"
                 key = (call["op"], tuple(args[0].shape[1:]), args[0].stride(), mode)
                 if key in seen:
@@ -109,6 +127,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--ops", default="", help="comma list of ops (default: all)")
     p.add_argument("--reps", type=int, default=50)
     p.add_argument("--json", default="", help="also write the rows here")
+    p.add_argument(
+        "--unpadded-bias", action="store_true", help="OSRA eval calls get the bias as captured, not key-padded"
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     import transxnet
@@ -121,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     calls = gpu_warmup.capture_calls(model, (batch, 3, height, width))
     if args.ops:
         calls = [c for c in calls if c["op"] in args.ops.split(",")]
-    rows = measure(calls, args.reps)
+    rows = measure(calls, args.reps, key_padded=not args.unpadded_bias)
     print(f"{'op':20s} {'shape (batch 1)':22s} {'mode':17s} {'launches':>8s} {'host us':>8s}  first config")
     for r in rows:
         print(

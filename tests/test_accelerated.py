@@ -176,6 +176,30 @@ def test_inference_constants_follow_every_parameter_and_buffer():
             assert_rel_close(fast(x), eager(x), 1e-5, f"after updating {name}")
 
 
+def test_stage_bias_is_key_padded_as_an_inference_constant_on_gpus(monkeypatch):
+    """On a device whose OSRA kernels read key-padded biases (KEY_PADDED_DEVICES: CUDA; CPU stands in here), the
+    accelerated model's stage bias, kept as an inference constant, views a -inf-padded copy of the resized values
+    (`key_padded_bias`), and the model's output is unchanged; with gradients recorded, or on another device, it is
+    the plain resized bias."""
+    import transxnet.fused as fused
+    from transxnet.model import resize_relative_pos_enc
+    from transxnet_kernels.layout import key_padded_rows
+
+    stage_input = torch.empty(1, 16, 16, 16)  # stage 1 of a 64x64 image: 256 queries, 2x2 = 4 keys (sr 8)
+    _, fast = small_eval_pair()
+    with torch.no_grad():
+        assert key_padded_rows(fast.stage_relative_pos_enc(0, stage_input)) == 0  # CPU is not a key-padded device
+    monkeypatch.setattr(fused, "KEY_PADDED_DEVICES", {"cpu"})
+    eager, fast = small_eval_pair()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        bias = fast.stage_relative_pos_enc(0, stage_input)
+        assert key_padded_rows(bias) == fused.KEY_PADDED_KEYS and fast.stage_relative_pos_enc(0, stage_input) is bias
+        assert torch.equal(bias, resize_relative_pos_enc(fast.relative_pos_enc[0], 256, 4))
+        assert_rel_close(fast(x), eager(x), 1e-5, "eval with key-padded stage biases")
+    assert key_padded_rows(fast.stage_relative_pos_enc(0, stage_input)) == 0  # recording gradients: built per call
+
+
 def test_inference_constants_are_reused_and_follow_replacement_moves_and_revert(monkeypatch):
     import transxnet.fused as fused
 

@@ -35,3 +35,29 @@ def test_host_overhead_times_each_op_call_of_the_model_forward_and_backward(tmp_
         assert r["shape"][0] == 1 and r["launches"] > 0 and r["host_us"] > 0
     fwd = {r["shape"][1]: r["launches"] for r in idconv if r["mode"] == "forward"}
     assert all(r["launches"] > fwd[r["shape"][1]] for r in idconv if r["mode"] == "forward+backward")
+
+
+_MODEL_BIAS_CHECK = r"""
+import torch
+from benchmarks.host_overhead import _as_the_model_passes
+from transxnet_kernels.layout import key_padded_rows
+
+q = torch.zeros(1, 2, 37, 8)
+shared, per_batch = torch.randn(1, 2, 37, 49), torch.randn(1, 2, 37, 49).expand(3, 2, 37, 49)
+args = [q, q, q, shared, 0.5]
+passed = _as_the_model_passes("osra_attention", args, False, True)
+assert key_padded_rows(passed[3]) == 64 and torch.equal(passed[3], shared) and passed[4] == 0.5
+for gradients, key_padded, bias in [(True, True, shared), (False, False, shared), (False, True, per_batch)]:
+    assert _as_the_model_passes("osra_attention", [q, q, q, bias, 0.5], gradients, key_padded)[3] is bias
+wide = torch.randn(1, 2, 37, 65)
+assert _as_the_model_passes("osra_attention", [q, q, q, wide, 0.5], False, True)[3] is wide
+"""
+
+
+def test_host_overhead_passes_eval_osra_calls_the_key_padded_stage_bias():
+    """As the accelerated model does on a GPU: a forward-only OSRA call's batch-shared bias of at most 64 keys views
+    a key-padded copy; with gradients, with --unpadded-bias, per-batch or wider biases go as captured."""
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _MODEL_BIAS_CHECK], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]

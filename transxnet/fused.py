@@ -41,6 +41,7 @@ import torch.nn.functional as F
 
 import transxnet_kernels as tk
 from transxnet_kernels.backend import exporting, inference_backend
+from transxnet_kernels.layout import key_padded_bias
 from transxnet_kernels.ops import autocast_dtype
 
 from .model import (
@@ -119,6 +120,12 @@ _ONEDNN_CONV = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn
 # module -> name -> (key, pinned sources, value, epoch). Weak keys: a collected module frees its entries; a
 # deepcopy or pickle of the model never sees them.
 _CONSTANTS: weakref.WeakKeyDictionary[nn.Module, Dict[str, tuple]] = weakref.WeakKeyDictionary()
+
+
+# Devices whose OSRA kernels read a bias padded to KEY_PADDED_KEYS keys in place (`stage_relative_pos_enc`): CUDA,
+# where the Triton short path runs (its key block, triton.osra_attention.SHORT_PATH_MAX_KEYS).
+KEY_PADDED_DEVICES = {"cuda"}
+KEY_PADDED_KEYS = 64
 
 
 def tracing() -> bool:
@@ -679,12 +686,22 @@ class AcceleratedTransXNet(TransXNet):
 
     def stage_relative_pos_enc(self, stage: int, x: torch.Tensor) -> torch.Tensor:
         """The bias resized to the stage's input once (exact: the blocks share it); an inference constant
-        per input size (one kept per stage) when no gradient is needed."""
+        per input size (one kept per stage) when no gradient is needed. As a constant on a GPU with at most
+        KEY_PADDED_KEYS keys (every stage at 224x224), it views a copy whose rows are padded with -inf
+        (`key_padded_bias`), which OSRA's Triton short path reads in place instead of padding a copy per call."""
         rpe = self.relative_pos_enc[stage]
         H, W = x.shape[-2:]
         sr = self.arch["sr_ratios"][stage]
         n, m = H * W, reduced_size(H, sr) * reduced_size(W, sr)
-        return inference_constant(self, f"rpe{stage}", (rpe,), lambda: resize_relative_pos_enc(rpe, n, m), key=(n, m))
+
+        def build():
+            bias = resize_relative_pos_enc(rpe, n, m)
+            keep = not (tracing() or records_grad(rpe))  # a constant kept across calls (`inference_constant`)
+            if keep and bias.device.type in KEY_PADDED_DEVICES and m <= KEY_PADDED_KEYS:
+                bias = key_padded_bias(bias, KEY_PADDED_KEYS)
+            return bias
+
+        return inference_constant(self, f"rpe{stage}", (rpe,), build, key=(n, m))
 
     def stem(self, x):
         if not self.training and x.device.type == "cpu":

@@ -730,6 +730,62 @@ def test_dkdv_partials_slices_start_aligned():
     assert parts.dtype == torch.float16 and parts.stride() == (1176, 1176, 1176, 24, 1)
 
 
+def test_key_padded_bias_is_recognised_whole():
+    """`layout.key_padded_bias`: the bias's values in a view of a copy whose rows hold 64 keys, -inf past M, which
+    `key_padded_rows` recognises, as it does views of whole rows of it (a head, a head broadcast); not a view that
+    drops keys, a transposed one, an ordinary tensor, or a copy that was freed."""
+    import gc
+
+    from transxnet_kernels import layout
+
+    gen = torch.Generator().manual_seed(4)
+    bias = randn(1, 3, 37, 49, gen=gen)
+    view = layout.key_padded_bias(bias)
+    assert torch.equal(view, bias) and view.stride() == (3 * 37 * 64, 37 * 64, 64, 1)
+    assert bool((view._base[..., 49:] == float("-inf")).all())
+    assert layout.key_padded_rows(view) == 64
+    assert layout.key_padded_rows(view[:, 1:2]) == layout.key_padded_rows(view[:, :1].expand(1, 3, 37, 49)) == 64
+    for other in (view[..., :48], view[..., 1:], view.transpose(-1, -2), bias):
+        assert layout.key_padded_rows(other) == 0
+    with pytest.raises(ValueError, match="65 keys"):
+        layout.key_padded_bias(randn(1, 1, 2, 65, gen=gen))
+    storage = view.untyped_storage().data_ptr()
+    del view
+    gc.collect()
+    assert storage not in layout._KEY_PADDED
+
+
+@requires_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16] + _BF16, ids=dtype_id)
+def test_triton_short_path_reads_a_key_padded_bias_in_place(dtype, monkeypatch, nan_poisoned_empty):
+    """A batch-shared bias viewing `key_padded_bias`'s copy is read in place by both one-pass kernels (their padded
+    tile, BIAS_PADDED): no F.pad in the forward or the backward, where an ordinary bias takes one in each; every
+    output and gradient checked against fp64 either way."""
+    import torch.nn.functional as F
+
+    from transxnet_kernels.layout import key_padded_bias
+    from transxnet_kernels.triton import osra_attention as triton_osra
+
+    pads = []
+    real_pad = F.pad
+
+    def counted_pad(t, *args, **kwargs):
+        pads.append(tuple(t.shape))
+        return real_pad(t, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "pad", counted_pad)
+    forward = record_launches(monkeypatch, triton_osra, "_osra_fwd_short_kernel", lambda a, kw: kw["BIAS_PADDED"])
+    backward = record_launches(monkeypatch, triton_osra, "_osra_bwd_short_kernel", lambda a, kw: kw["BIAS_PADDED"])
+    q, k, v, bias, scale = osra_args(3, 2, 37, 49, 12, (1, 2), dtype=dtype)
+    with _short_path_programs(10**6):
+        check_op(TRITON, OP, (q, k, v, bias, scale))
+        assert pads == [(2, 37, 49)] * 2 and forward == [True] and backward == [True]
+        padded_bias = key_padded_bias(bias.detach()).requires_grad_()
+        pads.clear()
+        check_op(TRITON, OP, (q, k, v, padded_bias, scale))
+    assert pads == [] and forward == [True] * 2 and backward == [True] * 2
+
+
 @requires_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16] + _BF16, ids=dtype_id)
 @pytest.mark.parametrize(

@@ -117,7 +117,7 @@ from triton.language.extra import libdevice
 
 from .. import ops
 from ..backend import CallInfo
-from ..layout import tensor_span
+from ..layout import key_padded_rows, tensor_span
 from .common import (
     INTERPRETED,
     LaunchTarget,
@@ -1292,15 +1292,17 @@ def _short_path_spans(
 ) -> Tuple[int, ...]:
     """The largest element offset into each tensor a short-path kernel (`kernel`'s config `cfg`) addresses, batch
     included: q (out, dO and dq share its layout), k and v (one layout), lse, the bias and its padded copy
-    (`_padded_bias`); the backward's dk/dv partials (one per query block) and bias-gradient buffer (at most one
-    [h, N, M] slice per batch, rows padded to the key block)."""
+    (`_padded_bias`); the backward's dk/dv partials (one per query block, `_dkdv_partials`) and bias-gradient buffer
+    (at most one [h, N, M] slice per batch, rows padded to the key block)."""
     B, h, N, _ = q.shape
     M = k.shape[2]
     spans = (tensor_span(q), tensor_span(k), B * h * N - 1)
     if bias is not None:
         spans += (tensor_span(bias), bias.shape[1] * N * cfg.block_m - 1)
     if kernel == "bwd":
-        spans += (cdiv(N, cfg.block_n) * k.numel() - 1, B * h * N * max(M, cfg.block_m) - 1)
+        d = k.shape[3]
+        partial_slices = cdiv(N, cfg.block_n) * B * h  # each M·d elements, padded to a multiple of 4 (_dkdv_partials)
+        spans += (partial_slices * cdiv(M * d, 4) * 4 - 1, B * h * N * max(M, cfg.block_m) - 1)
     return spans
 
 
@@ -1376,8 +1378,13 @@ def _padded_bias(bias: torch.Tensor, cfg: _Config) -> Tuple[torch.Tensor, Tuple[
     broadcast). One small torch op per call (h·N·M elements in, h·N·BLOCK_M out) that takes the key masks, the
     unaligned rows of M keys and their per-element address arithmetic out of every program's prologue: loaded
     element by element, the tile cost a T stage-3 bf16 forward on sm_90 (512 programs of two batches each) a sixth
-    of its instructions (static audit, Triton 3.8: 6.2 -> 5.2 us with the copy)."""
-    padded = torch.nn.functional.pad(bias[0], (0, cfg.block_m - bias.shape[-1]), value=float("-inf"))
+    of its instructions (static audit, Triton 3.8: 6.2 -> 5.2 us with the copy). A bias that already views such a
+    copy (`layout.key_padded_bias`: an inference model's constant) is read in place, with no op at all: the copy had
+    cost the eval forward's Python path ~30-60 us per call on this project's CPU host (benchmarks/results)."""
+    if key_padded_rows(bias) == cfg.block_m:
+        padded = bias[0]
+    else:
+        padded = torch.nn.functional.pad(bias[0], (0, cfg.block_m - bias.shape[-1]), value=float("-inf"))
     return padded, (0, padded.stride(0) if bias.shape[1] > 1 else 0, padded.stride(1), padded.stride(2))
 
 
