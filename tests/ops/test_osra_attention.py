@@ -473,7 +473,7 @@ def test_triton_short_backward_holds_a_16bit_bias_tile(dtype, nan_poisoned_empty
     with common.launch_overrides(dataclasses.replace(common.launch_target(DEVICE), capability=80)):
         q, k, _, bias, _ = args
         block_n = triton_osra._short_config(q, k, bias, "bwd").block_n
-        _, per_group = triton_osra._short_path_groups(bias, 5, 2 * 2, q.device, backward=True)
+        _, per_group = triton_osra._short_path_groups(bias, 5, 2, 2, q.device, backward=True)
         assert block_n == 128 and triton_osra._short_dbias_in_registers(q, block_n) and per_group > 1
         check_op(TRITON, OP, args)
 
@@ -565,12 +565,27 @@ def test_batch_groups_balance_the_busiest_sm():
     group length is the one whose busiest SM does least (programs on it x (batches + prologue)). T stage 1 on an
     H100 (25 query blocks, batch 128): the forward's 4 per SM takes 26 groups of 5 (650 programs, 5 on the
     busiest SM) over 22 of 6 (550: also 5, each a batch longer); the backward's 8 per SM keeps 43 of 3 (9 a SM);
-    one SM (interpreted) takes the fewest groups."""
+    one SM (interpreted) takes the fewest groups; a serial tail per batch of a group shortens the groups."""
     from transxnet_kernels.triton.common import balanced_batch_groups, fewest_batch_groups
 
     assert balanced_batch_groups(128, 25, 4 * 132, 132, 1.0) == (26, 5)
     assert balanced_batch_groups(128, 25, 8 * 132, 132, 1.0) == (43, 3)
     assert balanced_batch_groups(10, 2, 4, 1, 1.0) == fewest_batch_groups(10, 2, 4) == (2, 5)
+    # A serial tail per batch of a group (the backward's last-arriver dk/dv sum over Q query blocks, 2Q·0.02 batches'
+    # worth each): T stage 1 fp32 (196 query blocks of 16 rows) goes from 8 groups of 16 to 32 of 4; bf16 (25 blocks of
+    # 128) keeps 43 of 3.
+    assert balanced_batch_groups(128, 196, 8 * 132, 132, 1.0) == (8, 16)
+    assert balanced_batch_groups(128, 196, 8 * 132, 132, 1.0, 2 * 196 * 0.02) == (32, 4)
+    assert balanced_batch_groups(128, 25, 8 * 132, 132, 1.0, 2 * 25 * 0.02) == (43, 3)
+    # The backward weighs its sum only where it is long (Settings.partial_sum_min_batches): fp32's 196 blocks at T
+    # stage 1 on an H100, not bf16's 25 (whose shorter groups on an A100 cost more bias-gradient bytes than they saved).
+    from transxnet_kernels.triton import common
+    from transxnet_kernels.triton import osra_attention as triton_osra
+
+    bias = torch.empty(1, 1, 3136, 49)
+    for sm_count, query_blocks, groups in [(132, 196, (32, 4)), (132, 25, (43, 3)), (108, 25, (32, 4))]:
+        with common.launch_overrides(common.LaunchTarget(sm_count=sm_count, interpreted=False, capability=90)):
+            assert triton_osra._short_path_groups(bias, 128, query_blocks, 1, bias.device, backward=True) == groups
     for B, per_batch, floor, sms in [(128, 25, 528, 132), (128, 4, 864, 108), (37, 3, 264, 132), (1, 7, 528, 132)]:
         groups, per_group = balanced_batch_groups(B, per_batch, floor, sms, 1.0)
         # Never longer groups than the fewest that reach the floor (fewer programs).
@@ -610,8 +625,8 @@ def test_triton_short_path_rows_per_program():
     """Query rows (and warps) per program: the half-precision backward takes 128 on sm_90+ (and interpreted) when
     its queries move in vectors of 4 or more (`_query_vector`: the model's layout at N = 3136, 784, 196), else 64
     (N = 49, or d contiguous); on sm_80 128 only with a batch-shared 16-bit bias where Triton's specialisation
-    already knows the vectors (N = 3136, 784), else 64 (and always on sm_86); the fp32 backward 16 rows, on 8 warps
-    there (N = 3136, 784) and on 4 elsewhere; a forward never takes more rows than N (rounded up to a power of two),
+    already knows the vectors (N = 3136, 784), else 64 (and always on sm_86); the fp32 backward 16 rows on 4 warps
+    (one per 16-row mma tile); a forward never takes more rows than N (rounded up to a power of two),
     then 16 rows per warp (fp32: 64 rows on 8 warps); the fp32 forward on sm_8x 16 rows on 4 warps (the
     configurations the static GPU audit finds spill-free)."""
     from transxnet_kernels.triton import common
@@ -635,7 +650,7 @@ def test_triton_short_path_rows_per_program():
     assert rows_and_warps("bwd", 86, 3136, bias_dtype=torch.bfloat16) == (64, 8)  # sm_86 spilled at 128
     assert rows_and_warps("bwd", 80, 3136, bias_dtype=torch.float32) == (64, 8)
     fp32_bwd = [rows_and_warps("bwd", 90, N, torch.float32) for N in (3136, 784, 196, 49)]
-    assert fp32_bwd == [(16, 8), (16, 8), (16, 4), (16, 4)]
+    assert fp32_bwd == [(16, 4)] * 4
     half_fwd = [rows_and_warps("fwd", c, N) for c, N in ((90, 3136), (90, 49), (80, 49), (90, 20))]
     assert half_fwd == [(128, 8), (64, 4), (64, 4), (32, 2)]
     fp32_fwd = [rows_and_warps("fwd", c, N, torch.float32) for c, N in ((90, 3136), (90, 49), (90, 20), (80, 3136))]

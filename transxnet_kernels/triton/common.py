@@ -72,19 +72,26 @@ def fewest_batch_groups(B: int, programs_per_batch: int, target: int) -> Tuple[i
 
 @functools.lru_cache(maxsize=4096)  # a launch path's host cost: up to B candidates when one group fills the GPU
 def balanced_batch_groups(
-    B: int, programs_per_batch: int, min_programs: int, sm_count: int, prologue_batches: float
+    B: int,
+    programs_per_batch: int,
+    min_programs: int,
+    sm_count: int,
+    prologue_batches: float,
+    tail_batches: float = 0.0,
 ) -> Tuple[int, int]:
     """(groups, batches per group) of a launch of programs_per_batch programs per batch group.
 
     Among the group lengths that still give min_programs programs (or a group per batch), the one whose busiest
     SM does the least: ceil(programs / SMs) programs of (batches per group + prologue_batches) each, the prologue
-    being what a program pays once, in batches' worth. Longer groups pay fewer prologues but end on a ragged
-    last wave; ties go to the longer groups (fewer programs). With one SM (interpreted), the fewest groups."""
+    being what a program pays once, in batches' worth; plus, where one program of each group runs a serial tail
+    after the others (OSRA's last-arriver dk/dv sum: tail_batches per batch of its group), one such tail. Longer
+    groups pay fewer prologues but end on a ragged last wave and a longer tail; ties go to the longer groups (fewer
+    programs). With one SM (interpreted), the fewest groups."""
     _, longest = fewest_batch_groups(B, programs_per_batch, min_programs)
 
     def busiest_sm_work(per_group: int) -> float:
         programs = cdiv(B, per_group) * programs_per_batch
-        return cdiv(programs, sm_count) * (per_group + prologue_batches)
+        return cdiv(programs, sm_count) * (per_group + prologue_batches) + per_group * tail_batches
 
     per_group = min(range(longest, 0, -1), key=busiest_sm_work)
     return cdiv(B, per_group), per_group

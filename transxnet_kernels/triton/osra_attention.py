@@ -79,25 +79,25 @@ Triton 3.8.0, batch 128 at 224x224, the worst over layouts and modes; estimate /
 
     stage  shape      phase     fp32 A100  fp32 H100  bf16 A100  bf16 H100
     T1     1x3136x24  forward   146/40.2   37.9/24.0  20.9/20.5  12.5/12.3
-    T1     1x3136x24  backward  764/80.5   377/48.1   72.1/41.1  45.5/24.5
+    T1     1x3136x24  backward  764/80.5   241/48.1   72.1/41.1  45.5/24.5
     T2     2x784x24   forward   73.4/21.0  24.9/12.6  11.7/10.7  7.8/6.4
-    T2     2x784x24   backward  384/42.1   155/25.1   43.3/21.4  27.4/12.8
+    T2     2x784x24   backward  384/42.1   116/25.1   43.3/21.4  27.4/12.8
     T3     4x196x28   forward   40.4/14.3  13.5/8.6   7.8/7.3    5.2/4.3
     T3     4x196x28   backward  206/28.7   64.2/17.1  42.7/14.5  18.5/8.7
     T4     8x49x28    forward   25.5/11.4  13.9/6.8   5.8/5.7    3.7/3.4
     T4     8x49x28    backward  146/22.8   40.9/13.6  19.2/11.5  13.0/6.9
     S1     1x3136x32  forward   146/53.3   37.9/31.8  27.4/27.0  16.4/16.1
-    S1     1x3136x32  backward  765/107    377/63.6   80.3/54.1  52.2/32.3
+    S1     1x3136x32  backward  765/107    241/63.6   80.3/54.1  52.2/32.3
     S2     2x784x32   forward   73.4/27.9  24.9/16.6  14.3/14.1  8.6/8.4
-    S2     2x784x32   backward  384/55.7   155/33.3   46.0/28.3  31.4/16.9
+    S2     2x784x32   backward  384/55.7   116/33.3   46.0/28.3  31.4/16.9
     S3     5x196x32   forward   50.3/20.4  16.9/12.2  10.3/10.3  8.2/6.2
     S3     5x196x32   backward  252/40.8   77.3/24.4  48.9/20.7  22.0/12.3
     S4     8x49x32    forward   25.5/13.0  13.9/7.8   6.6/6.5    3.9/3.9
     S4     8x49x32    backward  146/26.0   40.9/15.5  19.2/13.1  13.0/7.8
     B1     2x3136x19  forward   291/64.2   73.4/38.3  34.7/32.9  21.3/19.6
-    B1     2x3136x19  backward  1521/128   822/76.6   121/65.8   71.8/39.3
+    B1     2x3136x19  backward  1521/128   456/76.6   121/65.8   71.8/39.3
     B2     4x784x19   forward   146/33.5   44.3/20.0  19.2/17.2  13.3/10.2
-    B2     4x784x19   backward  705/67.0   293/40.0   70.7/34.3  42.1/20.5
+    B2     4x784x19   backward  705/67.0   216/40.0   70.7/34.3  42.1/20.5
     B3     8x196x21   forward   79.8/21.6  25.0/12.9  12.5/11.0  8.7/6.6
     B3     8x196x21   backward  370/43.3   123/25.8   72.7/22.0  33.9/13.2
     B4     16x49x21   forward   49.4/17.1  25.7/10.2  9.5/8.7    6.5/5.2
@@ -1166,24 +1166,23 @@ SHORT_PATH_MAX_KEYS = 64
 # there). fp32 at 64 rows keeps 8 warps, which replicate its 3xTF32 mma tiles (15 vs 9 us), as 4 warps spilled
 # 12 B under Triton 3.6 (TransXNet-B, odd head dim; still so).
 # fp32 (3xTF32 splits every operand in two) runs the smallest tiles that do not spill: the backward (sm_90+; sm_8x
-# runs the flash kernels, see _short_path) 16 rows on 8 warps (4 at stages 3-4: _SHORT_BWD_FP32_WARPS_UNSPECIALISED):
-# 64 rows spilled 2.0-2.3 KB per thread, 16 on 4 warps 0.8 KB in an earlier form of the kernel (T stage 1 estimate
-# on H100: 340 us, against 213 us for the spilling 64 rows, whose spill traffic the estimate does not count, and
-# 457 us for the flash kernels). The forward on sm_8x (`_SHORT_BLOCKS_SM8X`) 16 rows on 4 warps, 1 stage: 64 rows
+# runs the flash kernels, see _short_path) 16 rows on 4 warps, one warp on its 16-row mma tile where eight repeated
+# it: 64 rows spilled 2.0-2.3 KB per thread, 32 rows 1.7-2.0 KB (4 or 8 warps); 16 rows on 4 warps spilled 0.8 KB in
+# an earlier form of the kernel, then 12 B under Triton 3.6 with q in vectors (stages 1-2, which kept 8 warps until
+# the thirty-third session), none now (Triton 3.6 and 3.8, 235-255 registers). Static audit, Triton 3.8, H100,
+# backward kernel issue time 8 -> 4 warps: T stage 1 375 -> 302 us, stage 2 154 -> 119; B stage 1 821 -> 674, stage 2
+# 292 -> 223; at stages 3-4, where 4 warps came first, T went 79.6 -> 62.4 and 52.5 -> 39.9. (At 8 warps and
+# 64 rows, T stage 1 had been estimated at 213 us, with spill traffic the estimate does not count; the flash
+# kernels 457 us.) The forward on sm_8x (`_SHORT_BLOCKS_SM8X`) 16 rows on 4 warps, 1 stage: 64 rows
 # on 4 warps spilled 0.8-1.7 KB (2 stages or 1), 32 rows 0.6-1.3 KB (2, 4 or 8 warps); T stage 1 estimate on A100
 # 164 us (113 us for the spilling 64 rows, 372 us for the flash kernel).
 _SHORT_BLOCKS = {
     ("fwd", True): (128, 8, 1),
     ("bwd", True): (64, 8, 1),
     ("fwd", False): (128, 8, 1),
-    ("bwd", False): (16, 8, 1),
+    ("bwd", False): (16, 4, 1),
 }
 _SHORT_BLOCKS_SM8X = {("fwd", False): (16, 4, 1)}
-# The fp32 backward's warps where Triton's 16-divisibility specialisation does not already vectorise q (stages 3-4:
-# N = 196, 49): one warp on its 16-row mma tile instead of eight repeating it. Static audit, Triton 3.8, H100, T
-# stage 3 / 4 backward 79.6 -> 62.4 / 52.5 -> 39.9 us, no spill under 3.8 or 3.6; with q in specialised vectors
-# (stages 1-2) 4 warps spilled 12 B under Triton 3.6 (none under 3.8), so those keep 8.
-_SHORT_BWD_FP32_WARPS_UNSPECIALISED = 4
 # fp16/bf16 backward rows per program when its queries move in vectors of 4 or more (`_query_alignment`; TransXNet's
 # stages 1-3 on sm_90+, 1-2 on sm_8x): half the dk/dv partials and ~30% fewer instructions per query than 64 rows
 # (sm_90, T stage 1 estimate 48 -> 33 us, plus 16 MB less partial traffic), no spill. Scalar q loads (stage 4,
@@ -1315,8 +1314,6 @@ def _short_config(q: torch.Tensor, k: torch.Tensor, bias: Optional[torch.Tensor]
     block_n, num_warps, num_stages = blocks
     if kernel == "bwd" and half and _short_bwd_rows_aligned(q, bias):
         block_n = _SHORT_BWD_ROWS_ALIGNED
-    if kernel == "bwd" and q.dtype == torch.float32 and not _query_vectors_specialised(q):
-        num_warps = _SHORT_BWD_FP32_WARPS_UNSPECIALISED
     if kernel == "fwd":  # no more query rows than N, then 16 rows per warp; fp32 keeps 8 at 64 (see _SHORT_BLOCKS)
         rows = min(block_n, max(16, next_power_of_2(q.shape[2])))
         if rows < block_n and (half or rows < 64):
@@ -1341,12 +1338,21 @@ class Settings:
     floor of 4 per SM keeps 2+ waves, room for what the static audit does not model (programs slowed unevenly by DRAM
     contention) to even out; at 2 per SM it estimates 0-23% less, at 8 per SM 3% less to 23% more (T/S/B 224^2 stages,
     batch 128, fp32 and bf16, A100 and H100, Triton 3.8).
+    partial_sum_batches: the last-arriver sum of one query block's dk or dv partial, in batches' worth of the
+    backward's loop (the static audit's tail, `gpu_audit.tail_seconds`; sm_90, Triton 3.8: 16 of 777 instructions per
+    warp at T stage 1 bf16, 30 of 1644 in fp32), which the group length weighs (`balanced_batch_groups`): a group of g
+    batches over Q query blocks ends on g·2Q of them. Weighed only where that is at least partial_sum_min_batches per
+    batch (the fp32 kernel's 196 and 49 blocks of 16 rows at stages 1-2): shorter groups add bias-gradient partials,
+    whose bytes the weighing does not count, and at 25 blocks (bf16, stage 1) they cost more than the tail saved
+    (A100, S stage 1: 32 groups of 4 -> 43 of 3 raised the DRAM-bound estimate 80.3 -> 87.1 us).
     Interpreted, small values, so small test shapes exercise the groups and splits."""
 
     target_programs: int
     short_path_programs: int
     short_forward_programs: int
     prologue_batches: float = 1.0
+    partial_sum_batches: float = 0.02
+    partial_sum_min_batches: float = 1.5
 
     @classmethod
     def for_target(cls, target: LaunchTarget) -> Settings:
@@ -1531,16 +1537,23 @@ def _query_vector(q: torch.Tensor) -> int:
     return _query_alignment(q)
 
 
-def _short_path_groups(bias, B: int, programs_per_batch: int, device: torch.device, backward: bool) -> Tuple[int, int]:
-    """(groups, batches per group) of a short-path launch. A batch-shared bias tile is loaded once per group
-    (and its gradient summed over the group), so groups are as long as the programs' floor and the wave tail
-    allow (`balanced_batch_groups`); without one, a program per batch."""
+def _short_path_groups(
+    bias, B: int, query_blocks: int, heads: int, device: torch.device, backward: bool
+) -> Tuple[int, int]:
+    """(groups, batches per group) of a short-path launch of query_blocks x heads programs per group. A batch-shared
+    bias tile is loaded once per group (and its gradient summed over the group), so groups are as long as the programs'
+    floor, the wave tail and, in the backward over many query blocks, the last arriver's dk/dv sum allow
+    (`balanced_batch_groups`, `Settings.partial_sum_batches`); without one, a program per batch. Static audit, Triton
+    3.8, H100, fp32 backward with the sum weighed: T stage 1 8 groups of 16 batches -> 32 of 4, B stage 1 3 of 43 -> 16
+    of 8."""
     if bias is None or _bias_per_batch(bias):
         return B, 1
     settings = launch_settings(Settings, device)
     floor = settings.short_path_programs if backward else settings.short_forward_programs
     sm_count = launch_target(device).sm_count
-    return balanced_batch_groups(B, programs_per_batch, floor, sm_count, settings.prologue_batches)
+    tail = 2 * query_blocks * settings.partial_sum_batches if backward else 0.0
+    tail = tail if tail >= settings.partial_sum_min_batches else 0.0
+    return balanced_batch_groups(B, query_blocks * heads, floor, sm_count, settings.prologue_batches, tail)
 
 
 def _dbias_buffer(bias, has_dbias: bool, groups: int, batches_per_group: int, q: torch.Tensor, M: int, row_of=None):
@@ -1629,7 +1642,7 @@ def _forward_short(q, k, v, bias, scale, out, lse):
     B, h, N, d = q.shape
     cfg = _short_config(q, k, bias, "fwd")
     n_blocks = cdiv(N, cfg.block_n)
-    groups, batches_per_group = _short_path_groups(bias, B, n_blocks * h, q.device, backward=False)
+    groups, batches_per_group = _short_path_groups(bias, B, n_blocks, h, q.device, backward=False)
     index64 = not fits_int32(q.device, *_short_path_spans(q, k, bias, cfg, "fwd"))
     sum_columns_from = _sum_columns_from(q, cfg)
     bias_padded = _short_fwd_bias_padded(q, bias, cfg, sum_columns_from)
@@ -1675,7 +1688,7 @@ def _backward_short(grad_out, q, k, v, bias, lse, scale, has_dbias, dk, dv):
     M = k.shape[2]
     cfg = _short_config(q, k, bias, "bwd")
     n_blocks = cdiv(N, cfg.block_n)
-    groups, batches_per_group = _short_path_groups(bias, B, n_blocks * h, q.device, backward=True)
+    groups, batches_per_group = _short_path_groups(bias, B, n_blocks, h, q.device, backward=True)
     dbias_in_registers = _short_dbias_in_registers(q, cfg.block_n)
 
     def padded_row(slice_dtype: torch.dtype) -> int:
