@@ -734,15 +734,17 @@ def test_padded_bias_copy():
 
 
 def test_dkdv_partials_slices_start_aligned():
-    """The short backward's dk/dv partials: [query blocks, B, h, M, d] views whose (block, b, head) slices are M·d
-    contiguous elements starting at multiples of 4, which the last program sums in aligned vectors (M·d = 49·21 =
-    1029 pads to 1032; 49·24 = 1176 needs none)."""
+    """The short backward's dk and dv partials: [query blocks, B, h, M, d] views of one buffer whose (block, b, head)
+    slices are M·d contiguous elements starting at multiples of 4, which the last program sums in aligned vectors
+    (M·d = 49·21 = 1029 pads to 1032; 49·24 = 1176 needs none)."""
     from transxnet_kernels.triton import osra_attention as triton_osra
 
-    parts = triton_osra._dkdv_partials(5, torch.empty(2, 3, 49, 21), torch.float32)
-    assert parts.shape == (5, 2, 3, 49, 21) and parts.stride() == (6 * 1032, 3 * 1032, 1032, 21, 1)
-    parts = triton_osra._dkdv_partials(2, torch.empty(1, 1, 49, 24, dtype=torch.float16), torch.float16)
-    assert parts.dtype == torch.float16 and parts.stride() == (1176, 1176, 1176, 24, 1)
+    dk_parts, dv_parts = triton_osra._dkdv_partials(5, torch.empty(2, 3, 49, 21), torch.float32)
+    for parts in (dk_parts, dv_parts):
+        assert parts.shape == (5, 2, 3, 49, 21) and parts.stride() == (6 * 1032, 3 * 1032, 1032, 21, 1)
+    assert dv_parts.storage_offset() - dk_parts.storage_offset() == 5 * 6 * 1032  # one buffer, no overlap
+    dk_parts, _ = triton_osra._dkdv_partials(2, torch.empty(1, 1, 49, 24, dtype=torch.float16), torch.float16)
+    assert dk_parts.dtype == torch.float16 and dk_parts.stride() == (1176, 1176, 1176, 24, 1)
 
 
 def test_key_padded_bias_is_recognised_whole():
