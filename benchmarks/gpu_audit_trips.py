@@ -151,21 +151,29 @@ def _osra_short(kernel: str) -> Callable[[Mapping, Sequence[int]], Trips]:
 def _osra_bwd_short(args, grid) -> Trips:
     """Every batch once per (query block, head); then the last query-block program of each (head, batch group)
     sums the group's dk and dv partials (two _store_partials_sum calls, each over one partial per query block),
-    unless one query block stored dk and dv in place (DKV_DIRECT)."""
+    unless one query block stored dk and dv in place (DKV_DIRECT); and the last program writing each query block's
+    rows of the bias gradient's group slices sums them (DBIAS_SUMMED: over the groups, and the heads where the bias is
+    broadcast over them)."""
     trips = _osra_short("_osra_bwd_short_kernel")(args, grid)
     if not args["DKV_DIRECT"]:
         reduced = grid[1] * args["B"]  # (head, batch) pairs, each summed once
         trips.update({"_osra_bwd_short_kernel:group_b": reduced, "_store_partials_sum:_partial": 2 * reduced * grid[0]})
+    if args["DBIAS_SUMMED"]:  # every (query block, head, group) slice block summed once, into the bias gradient
+        trips["_osra_bwd_short_kernel:_dbias_part"] = grid[0] * grid[1] * grid[2]
     return trips
 
 
 def _osra_bwd_short_last_program(args, grid) -> Trips:
-    """The sum one program runs after its (head, batch group)'s others have stored their partials (the trips
-    `_osra_bwd_short` counts, of one group of BATCHES_PER_PROGRAM batches)."""
-    if args["DKV_DIRECT"]:
-        return {}
-    batches = min(args["BATCHES_PER_PROGRAM"], args["B"])
-    return {"_osra_bwd_short_kernel:group_b": batches, "_store_partials_sum:_partial": 2 * batches * grid[0]}
+    """The sums a program runs after the others it waits for: its (head, batch group)'s dk/dv partials (the trips
+    `_osra_bwd_short` counts, of one group of BATCHES_PER_PROGRAM batches), its query block's bias-gradient slices (one
+    per group, and per head where they are summed). Counted as one program's, the launch's last."""
+    trips: Trips = {}
+    if not args["DKV_DIRECT"]:
+        batches = min(args["BATCHES_PER_PROGRAM"], args["B"])
+        trips.update({"_osra_bwd_short_kernel:group_b": batches, "_store_partials_sum:_partial": 2 * batches * grid[0]})
+    if args["DBIAS_SUMMED"]:
+        trips["_osra_bwd_short_kernel:_dbias_part"] = grid[2] * (grid[1] if args["DBIAS_HEADS_SUMMED"] else 1)
+    return trips
 
 
 def _osra_bwd_dkdv(args, grid) -> Trips:

@@ -123,10 +123,12 @@ def test_launches_compile_fit_and_do_not_spill(audit, kernel, target, dtype):
 
 
 def test_torch_work_between_launches_is_counted(audit):
-    """The OSRA short backward sums its bias-gradient partials (one fp32 [h, N, M] slice per batch group, at least
-    two groups at these shapes) with torch inside the op's custom-op wrapper: the estimate must carry at least
-    those reads, on top of the launches; the forward's torch work is at most the padded copy of the bias it reads
-    (the bias in, [h, N, 64] out), and nothing else. (The int64-offset variants run the flash backward.)"""
+    """The OSRA short backward's bias-gradient partials (one [h, N, M] slice per batch group, at least two groups at
+    these shapes) are summed with torch inside the op's custom-op wrapper, unless the kernel sums them itself
+    (DBIAS_SUMMED: S stage 1 on an H100, not T stage 3): where torch sums them the estimate must carry at least those
+    reads, on top of the launches, and elsewhere the backward's torch work is the padded bias copy and the arrival
+    counts' fill at most, as the forward's is the copy (the bias in, [h, N, 64] out) and nothing else. (The
+    int64-offset variants run the flash backward.)"""
     rows = [
         r
         for r in audit["calls"]
@@ -136,19 +138,21 @@ def test_torch_work_between_launches_is_counted(audit):
         and r["dtype"] in ("fp16", "bf16")
     ]
     assert rows, "no OSRA call at 224x224 recorded"
-    checked = 0
+    summed_by = {}
     for r in rows:
         bandwidth = audit["targets"][r["target"]]["dram_tb_s"] * 1e12
         h, N = r["shape"][1:3]
+        padded_bias_copy = h * N * (49 + 64) * 2
+        moved = r["torch_s"] * bandwidth
         if r["phase"] == "forward":
-            padded_bias_copy = h * N * (49 + 64) * 2
-            assert r["torch_s"] * bandwidth < padded_bias_copy + 1024, (r, padded_bias_copy)
+            assert moved < padded_bias_copy + 1024, (r, padded_bias_copy)
         else:
             partial_reads = 2 * h * N * 49 * 4
-            assert r["torch_s"] * bandwidth >= partial_reads, (r, partial_reads)
+            by_torch = moved >= partial_reads
+            assert by_torch or moved < padded_bias_copy + 4096, (r, partial_reads)
             assert r["estimate_s"] - r["torch_s"] >= r["issue_s"] * (1 - 1e-9), r  # added on top of the launches
-            checked += 1
-    assert checked, "no OSRA backward recorded"
+            summed_by[r["target"], r["config"].split()[0], N] = by_torch
+    assert summed_by[("sm_90", "s", 3136)] is False and summed_by[("sm_90", "t", 196)] is True, summed_by
 
 
 def test_launches_by_kernel_size_count_each_channel_once(audit):

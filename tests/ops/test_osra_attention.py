@@ -560,6 +560,41 @@ def test_triton_short_backward_sums_its_dkdv_partials(case, programs, dtype, mon
         check_op(TRITON, OP, args)
 
 
+@requires_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=dtype_id)
+@pytest.mark.parametrize(
+    "N,bias_shape,programs,summed",
+    [
+        (37, (1, 2), 10**6, (True, False, False)),  # a group per batch, summed per head; 37·49 keys: scalar loads
+        (68, (1, 2), 10**6, (True, False, True)),  # 68·49 a multiple of 4: vectors
+        (37, (1, 1), 10**6, (True, True, False)),  # a head-broadcast bias: the groups and heads summed
+        (37, (1, 2), 1, (False, False, False)),  # one group: its slice is the gradient
+        (37, (3, 2), 10**6, (False, False, False)),  # a per-batch bias: nothing to sum
+    ],
+    ids=["groups", "groups-aligned", "groups-and-heads", "one-group", "per-batch"],
+)
+def test_triton_short_backward_sums_the_bias_gradient_in_kernel(
+    N, bias_shape, programs, summed, dtype, monkeypatch, nan_poisoned_empty
+):
+    """The one-pass backward's last program writing each query block's rows of a batch-shared bias's gradient slices
+    sums them (over the groups, and the heads for a head-broadcast bias) into the gradient itself, in the bias's
+    dtype (DBIAS_SUMMED); every output and gradient against fp64, and no torch sum after the launch."""
+    from transxnet_kernels.triton import osra_attention as triton_osra
+
+    flags = ("DBIAS_SUMMED", "DBIAS_HEADS_SUMMED", "DBIAS_SUM_ALIGNED")
+    launched = record_launches(
+        monkeypatch, triton_osra, "_osra_bwd_short_kernel", lambda a, kw: tuple(kw[f] for f in flags)
+    )
+    sums = []
+    real_sum = torch.Tensor.sum
+    monkeypatch.setattr(torch.Tensor, "sum", lambda t, *a, **kw: sums.append(t.shape) or real_sum(t, *a, **kw))
+    with _short_path_programs(programs):
+        check_op(TRITON, OP, osra_args(3, 2, N, 49, 12, bias_shape, dtype=dtype))
+    assert launched == [summed]
+    if summed[0]:
+        assert not [shape for shape in sums if len(shape) == 4 and shape[-1] >= 49], "a torch sum of bias slices"
+
+
 def test_batch_groups_balance_the_busiest_sm():
     """Short-path batch groups: the longest groups above the floor on programs end on a ragged last wave, so the
     group length is the one whose busiest SM does least (programs on it x (batches + prologue)). T stage 1 on an

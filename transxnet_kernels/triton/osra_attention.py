@@ -31,7 +31,9 @@ Two paths (`_short_path` picks per call):
     straight into dk and dv where they share a layout (DKV_DIRECT). dS is summed over the group's batches (in registers
     on sm_90 and in sm_80's 128-row kernel, in the program's own slice of the buffer in sm_8x's 64-row one:
     `_short_dbias_in_registers`; rows padded to the key block on sm_80 and for sm_90's 16-bit slices,
-    `_short_dbias_rows_padded`) into a slice per group ([groups, h, N, M], summed afterwards).
+    `_short_dbias_rows_padded`) into a slice per group ([groups, h, N, M]), which the last program writing each
+    query block's rows sums over the groups (and broadcast heads) into the gradient where at least
+    `Settings.dbias_sum_min_programs` such programs share it (DBIAS_SUMMED), and torch sums afterwards elsewhere.
     On sm_80 the fp16/bf16 backward at 128 query rows (stages 1-2) holds the batch-shared bias tile in its 16-bit
     dtype and converts it per batch (`BIAS_TILE_RAW`): the fp32 tile left no registers for the bias-gradient sum; so
     does sm_90's beside a register group sum, reading the padded copy (`_short_bwd_holds_raw_bias`).
@@ -68,40 +70,40 @@ flash kernels (the one-pass kernel's five fp32 dots spill there; `_short_path`).
 Roofline (e = element size, minimal traffic, the bias read once since it is shared across B):
   forward  bytes = e·(2·BhNd + 2·BhMd) + e_bias·h·N·M + 4·BhN (lse);  FLOPs = 4·BhNMd
   backward bytes = e·(4·BhNd + 4·BhMd) + e_bias·2·h·N·M + 8·BhN;     FLOPs = 10·BhNMd
-The short backward moves more: the dk/dv partials (2·4·BhMd per query block, written; read back from L2)
-and the bias-gradient group partials (4·hNM per group, written and read by the sum; 2·hNM for a group of one
-batch in fp16/bf16, `_dbias_partial_dtype`). At the model's sizes (d <= 32, M = 49) the FLOP/byte ratio is
-~M/2 ≈ 25, so every OSRA call is memory-bound on H100 (3.35 TB/s; ~295 FLOP/byte ridge for bf16 tensor cores,
-~20 for fp32 IEEE FMA).
+The short backward moves more: the dk/dv partials (2·4·BhMd per query block, written; read back from L2) and the
+bias-gradient group partials (4·hNM per group, written and read by the sum, from L2 where the kernel sums them
+itself; 2·hNM for a group of one batch in fp16/bf16, `_dbias_partial_dtype`). At the model's sizes (d <= 32, M =
+49) the FLOP/byte ratio is ~M/2 ≈ 25, so every OSRA call is memory-bound on H100 (3.35 TB/s; ~295 FLOP/byte ridge
+for bf16 tensor cores, ~20 for fp32 IEEE FMA).
 
 Static audit of `osra_attention` (`python -m benchmarks.audit_tables` writes this table from gpu_audit_3.8.0.json:
 Triton 3.8.0, batch 128 at 224x224, the worst over layouts and modes; estimate / DRAM roofline, µs):
 
     stage  shape      phase     fp32 A100  fp32 H100  bf16 A100  bf16 H100
     T1     1x3136x24  forward   146/40.2   37.9/24.0  20.9/20.5  12.5/12.3
-    T1     1x3136x24  backward  764/80.5   241/48.1   72.1/41.1  45.5/24.5
+    T1     1x3136x24  backward  764/80.5   240/48.1   72.1/41.1  45.3/24.5
     T2     2x784x24   forward   73.4/21.0  24.9/12.6  11.7/10.7  7.8/6.4
-    T2     2x784x24   backward  384/42.1   116/25.1   43.3/21.4  27.4/12.8
+    T2     2x784x24   backward  384/42.1   114/25.1   43.3/21.4  27.4/12.8
     T3     4x196x28   forward   40.4/14.3  13.5/8.6   7.8/7.3    5.2/4.3
-    T3     4x196x28   backward  206/28.7   64.2/17.1  42.7/14.5  18.5/8.7
+    T3     4x196x28   backward  206/28.7   63.4/17.1  42.7/14.5  18.5/8.7
     T4     8x49x28    forward   25.5/11.4  13.9/6.8   5.8/5.7    3.7/3.4
-    T4     8x49x28    backward  146/22.8   40.9/13.6  19.2/11.5  13.0/6.9
+    T4     8x49x28    backward  146/22.8   41.0/13.6  19.2/11.5  13.0/6.9
     S1     1x3136x32  forward   146/53.3   37.9/31.8  27.4/27.0  16.4/16.1
-    S1     1x3136x32  backward  765/107    241/63.6   80.3/54.1  52.2/32.3
+    S1     1x3136x32  backward  765/107    240/63.6   72.1/54.1  45.3/32.3
     S2     2x784x32   forward   73.4/27.9  24.9/16.6  14.3/14.1  8.6/8.4
-    S2     2x784x32   backward  384/55.7   116/33.3   46.0/28.3  31.4/16.9
+    S2     2x784x32   backward  384/55.7   114/33.3   46.0/28.3  31.4/16.9
     S3     5x196x32   forward   50.3/20.4  16.9/12.2  10.3/10.3  8.2/6.2
-    S3     5x196x32   backward  252/40.8   77.3/24.4  48.9/20.7  22.0/12.3
+    S3     5x196x32   backward  252/40.8   75.9/24.4  48.9/20.7  22.0/12.3
     S4     8x49x32    forward   25.5/13.0  13.9/7.8   6.6/6.5    3.9/3.9
-    S4     8x49x32    backward  146/26.0   40.9/15.5  19.2/13.1  13.0/7.8
+    S4     8x49x32    backward  146/26.0   41.0/15.5  19.2/13.1  13.0/7.8
     B1     2x3136x19  forward   291/64.2   73.4/38.3  34.7/32.9  21.3/19.6
-    B1     2x3136x19  backward  1521/128   456/76.6   121/65.8   71.8/39.3
+    B1     2x3136x19  backward  1521/128   449/76.6   119/65.8   67.1/39.3
     B2     4x784x19   forward   146/33.5   44.3/20.0  19.2/17.2  13.3/10.2
-    B2     4x784x19   backward  705/67.0   216/40.0   70.7/34.3  42.1/20.5
+    B2     4x784x19   backward  705/67.0   213/40.0   71.0/34.3  41.3/20.5
     B3     8x196x21   forward   79.8/21.6  25.0/12.9  12.5/11.0  8.7/6.6
-    B3     8x196x21   backward  370/43.3   123/25.8   72.7/22.0  33.9/13.2
+    B3     8x196x21   backward  370/43.3   121/25.8   72.7/22.0  33.9/13.2
     B4     16x49x21   forward   49.4/17.1  25.7/10.2  9.5/8.7    6.5/5.2
-    B4     16x49x21   backward  263/34.3   77.4/20.5  35.8/17.3  21.9/10.4
+    B4     16x49x21   backward  263/34.3   76.2/20.5  35.8/17.3  21.9/10.4
 """
 
 from __future__ import annotations
@@ -237,6 +239,16 @@ def _query_multiples(N, q_stride_b, q_stride_h, q_stride_d, Q_VECTOR: tl.constex
         q_stride_h // Q_VECTOR * Q_VECTOR,
         q_stride_d // Q_VECTOR * Q_VECTOR,
     )
+
+
+@triton.jit
+def _flat_row_col(flat, row):
+    """(flat // row, flat % row) for a runtime row length, the quotient in fp32: (flat + 0.5) / row lies at least
+    0.5 / row from an integer and is computed to within (flat / row)·2^-23, so it truncates exactly while flat <
+    2^22. A multiply where an integer division by a runtime value cost ~20 instructions per element (B stage 3 bf16
+    on sm_90: 1088 -> 996 per program outside the loops)."""
+    quotient = ((flat.to(tl.float32) + 0.5) * (1.0 / row)).to(tl.int32)
+    return quotient, flat - quotient * row
 
 
 @triton.jit
@@ -437,6 +449,7 @@ def _osra_bwd_short_kernel(
     dv_ptr,
     arrivals_ptr,
     dbias_ptr,
+    dbias_out_ptr,
     scale_ptr,
     q_stride_b,
     q_stride_h,
@@ -479,6 +492,9 @@ def _osra_bwd_short_kernel(
     DBIAS_IN_REGISTERS: tl.constexpr,
     DBIAS_ROWS_PADDED: tl.constexpr,
     DKV_DIRECT: tl.constexpr,
+    DBIAS_SUMMED: tl.constexpr,
+    DBIAS_HEADS_SUMMED: tl.constexpr,
+    DBIAS_SUM_ALIGNED: tl.constexpr,
     BIAS_PADDED: tl.constexpr,
     BIAS_TILE_RAW: tl.constexpr,
     ACC: tl.constexpr,
@@ -612,6 +628,45 @@ def _osra_bwd_short_kernel(
             dbias_ptrs = dbias_ptr + (group * dbias_stride_g + h * dbias_stride_h + dbias_offs)
             tl.store(dbias_ptrs, dbias_acc.to(dbias_ptr.dtype.element_ty), mask=nm_mask)
 
+    if DBIAS_SUMMED:
+        # This query block's rows of every group's slice (and every head's, for a head-broadcast bias) are complete
+        # once the last program writing them counts its arrival (the barrier and the acq_rel atomic as for dk/dv
+        # below). That program sums them, in group (then head) order, as one flat run per slice (rows of the
+        # buffer's row length, contiguous), and stores the bias gradient itself in the bias's dtype: torch's sum
+        # had read the slices back from DRAM (T stage 1 bf16 at batch 128: 43 groups, 26 MB).
+        row = dbias_stride_n
+        if DBIAS_HEADS_SUMMED:
+            parts, slot, out_head = tl.num_programs(2) * H, pid_n, 0
+        else:
+            parts, slot, out_head = tl.num_programs(2), pid_n * H + h, h
+        tl.debug_barrier()
+        if tl.atomic_add(arrivals_ptr + (H * tl.num_programs(2) + slot), 1) == parts - 1:
+            lanes = tl.arange(0, BLOCK_N * BLOCK_M)
+            block_len = tl.minimum(BLOCK_N, N - pid_n * BLOCK_N) * row
+            slice_len = N * row
+            first = pid_n * BLOCK_N * row
+            if DBIAS_SUM_ALIGNED:  # every slice and block starts at a multiple of 4 elements: 16-byte vectors
+                block_len, slice_len = _multiple_of_4(block_len), _multiple_of_4(slice_len)
+                first = _multiple_of_4(first)
+            if DBIAS_HEADS_SUMMED:
+                part_ptr, part_stride = dbias_ptr + first, slice_len
+            else:
+                part_ptr, part_stride = dbias_ptr + (h * slice_len + first), H * slice_len
+            total = tl.zeros([BLOCK_N * BLOCK_M], ACC)
+            for _dbias_part in range(parts):
+                total += tl.load(part_ptr + lanes, mask=lanes < block_len, other=0.0, cache_modifier=".cg").to(ACC)
+                part_ptr += part_stride
+            if DBIAS_ROWS_PADDED:
+                r, c = lanes // BLOCK_M, lanes % BLOCK_M
+            else:
+                r, c = _flat_row_col(lanes, M)
+            out_row = out_head * N + pid_n * BLOCK_N + r
+            tl.store(
+                dbias_out_ptr + (out_row * M + c),
+                total.to(dbias_out_ptr.dtype.element_ty),
+                mask=(lanes < block_len) & (c < M),
+            )
+
     if not DKV_DIRECT:  # (with DKV_DIRECT the stores above were dk's and dv's own: nothing to sum)
         # The barrier puts every thread's partial stores before the count; the atomic (acq_rel, GPU scope) releases
         # them to, and acquires the other programs' for, the program that arrives last.
@@ -627,12 +682,7 @@ def _osra_bwd_short_kernel(
             flat = tl.arange(0, BLOCK_M * BLOCK_D)
             slice_len = M * D
             parts_mask = flat < (slice_len + 3) // 4 * 4
-            # flat // D in fp32: (flat + 0.5) / D lies at least 0.5 / D from an integer and is computed to within
-            # (flat / D)·2^-23, so it truncates exactly while flat < 2^22. A multiply where an integer division by a
-            # runtime D cost ~20 instructions per element (B stage 3 bf16 on sm_90: 1088 -> 996 per program outside
-            # the loops).
-            key = ((flat.to(tl.float32) + 0.5) * (1.0 / D)).to(tl.int32)
-            dim = flat - key * D
+            key, dim = _flat_row_col(flat, D)
             grad_mask = flat < slice_len
             dk_offs = key * dk_stride_m + dim * dk_stride_d
             dv_offs = key * dv_stride_m + dim * dv_stride_d
@@ -1345,6 +1395,13 @@ class Settings:
     batch (the fp32 kernel's 196 and 49 blocks of 16 rows at stages 1-2): shorter groups add bias-gradient partials,
     whose bytes the weighing does not count, and at 25 blocks (bf16, stage 1) they cost more than the tail saved
     (A100, S stage 1: 32 groups of 4 -> 43 of 3 raised the DRAM-bound estimate 80.3 -> 87.1 us).
+    dbias_sum_min_programs: the fewest last-arriving programs (query blocks x summed heads) among which the backward
+    splits the bias gradient's sum over its group slices (DBIAS_SUMMED); with fewer, each one's serial sum over the
+    groups outlasts torch's sum at full bandwidth. Static audit, Triton 3.8, bf16 backward, µs, torch sum ->
+    in-kernel: on an H100 S stage 1 (25 programs) 52.2 -> 45.3, B stage 1 (50) 71.8 -> 67.1, B stage 2 (28) 42.1 ->
+    41.3, but T stage 2 (14) 27.4 -> 30.4, B stage 3 (16) 33.9 -> 38.4, T stage 3 (8, one-batch groups: 128 slices)
+    18.5 -> 35.1; on an A100 S stage 1 80.3 -> 72.1, B stage 1 121.3 -> 119.4, B stage 2 70.7 -> 71.0.
+    Interpreted: 1, so the tests' small shapes take the in-kernel sum.
     Interpreted, small values, so small test shapes exercise the groups and splits."""
 
     target_programs: int
@@ -1353,11 +1410,12 @@ class Settings:
     prologue_batches: float = 1.0
     partial_sum_batches: float = 0.02
     partial_sum_min_batches: float = 1.5
+    dbias_sum_min_programs: int = 25
 
     @classmethod
     def for_target(cls, target: LaunchTarget) -> Settings:
         if target.interpreted:
-            return cls(target_programs=4, short_path_programs=4, short_forward_programs=4)
+            return cls(target_programs=4, short_path_programs=4, short_forward_programs=4, dbias_sum_min_programs=1)
         return cls(
             target_programs=2 * target.sm_count,
             short_path_programs=8 * target.sm_count,
@@ -1558,9 +1616,10 @@ def _short_path_groups(
 
 def _dbias_buffer(bias, has_dbias: bool, groups: int, batches_per_group: int, q: torch.Tensor, M: int, row_of=None):
     """(buffer, its strides, dims to sum) of the bias gradient: one [h, N, row] slice per batch group (per batch
-    for a per-batch bias), summed afterwards over the groups and a broadcast head dim. The slices' dtype:
-    `_dbias_partial_dtype`; row: M, or row_of(that dtype) (the one-pass backward's rows padded to its key block,
-    `_short_dbias_rows_padded`; keys past M are not part of the gradient: `_backward` takes [..., :M])."""
+    for a per-batch bias), summed afterwards over the groups and a broadcast head dim (by the one-pass kernel
+    itself where it can, DBIAS_SUMMED). The slices' dtype: `_dbias_partial_dtype`; row: M, or row_of(that dtype)
+    (the one-pass backward's rows padded to its key block, `_short_dbias_rows_padded`; keys past M are not part of
+    the gradient: `_backward` takes [..., :M])."""
     if not has_dbias:
         return torch.empty((0,), dtype=q.dtype, device=q.device), (0, 0, 0, 0), []
     _, h, N, _ = q.shape
@@ -1698,6 +1757,19 @@ def _backward_short(grad_out, q, k, v, bias, lse, scale, has_dbias, dk, dv):
 
     dbias_buf, dbias_strides, reduce_dims = _dbias_buffer(bias, has_dbias, groups, batches_per_group, q, M, padded_row)
     rows_padded = has_dbias and dbias_buf.shape[-1] > M
+    # A batch-shared bias's group slices (and heads, where it is broadcast over them) are summed in the kernel, by the
+    # last program writing each query block's rows, straight into the gradient (no torch sum to read them back),
+    # where enough such programs share the sum (`Settings.dbias_sum_min_programs`); not beside the read-modify-write
+    # group sum (sm_8x's 64-row kernel: it spilled 8 B on sm_86 under Triton 3.6, and an A100's B stage 3 estimate
+    # went 72.7 -> 73.3 us).
+    summing_programs = n_blocks * (1 if 1 in reduce_dims else h)
+    dbias_summed = bool(reduce_dims) and not _bias_per_batch(bias) and dbias_in_registers
+    dbias_summed = dbias_summed and summing_programs >= launch_settings(Settings, q.device).dbias_sum_min_programs
+    if dbias_summed:
+        dbias_out = torch.empty((1, 1 if 1 in reduce_dims else h, N, M), dtype=bias.dtype, device=q.device)
+        dbias_counters = summing_programs
+    else:
+        dbias_out, dbias_counters = dbias_buf, 0
     register_group_sum = has_dbias and dbias_in_registers and batches_per_group > 1
     bias_padded = _short_bwd_bias_padded(q, bias, register_group_sum)
     # One query block (N <= the block: stage 4 at 224^2): the kernel stores dk and dv in place, in their layout, where
@@ -1712,11 +1784,15 @@ def _backward_short(grad_out, q, k, v, bias, lse, scale, has_dbias, dk, dv):
     dkv_direct = n_blocks == 1 and dk.stride() == dv.stride() and (not register_group_sum or bias_padded)
     if dkv_direct:
         dk_parts, dv_parts = dk.unsqueeze(0), dv.unsqueeze(0)
-        arrivals = kept_scalar(0, torch.int32, q.device)  # not dereferenced
     else:
         partial_dtype = accumulation_dtype(k.dtype) if n_blocks > 1 else k.dtype
         dk_parts, dv_parts = _dkdv_partials(n_blocks, k, partial_dtype)
-        arrivals = torch.zeros((h, groups), dtype=torch.int32, device=q.device)
+    # Arrival counts: one per (head, group) for the dk/dv sum, then one per query block (and head) for the bias's
+    # (at that offset, with DKV_DIRECT too); none dereferenced where neither sum runs.
+    if dkv_direct and not dbias_summed:
+        arrivals = kept_scalar(0, torch.int32, q.device)
+    else:
+        arrivals = torch.zeros((h * groups + dbias_counters,), dtype=torch.int32, device=q.device)
     dq = torch.empty_like(q)
     bias_arg, bias_strides = _short_bias_arguments(q, bias, bias_padded, cfg)
     with device_guard(q):
@@ -1734,6 +1810,7 @@ def _backward_short(grad_out, q, k, v, bias, lse, scale, has_dbias, dk, dv):
             dv,
             arrivals,
             dbias_buf,
+            dbias_out,
             _scale_tensor(scale, q),
             *q.stride(),
             *k.stride(),
@@ -1754,6 +1831,9 @@ def _backward_short(grad_out, q, k, v, bias, lse, scale, has_dbias, dk, dv):
             DBIAS_IN_REGISTERS=dbias_in_registers,
             DBIAS_ROWS_PADDED=rows_padded,
             DKV_DIRECT=dkv_direct,
+            DBIAS_SUMMED=dbias_summed,
+            DBIAS_HEADS_SUMMED=1 in reduce_dims,
+            DBIAS_SUM_ALIGNED=dbias_summed and N * dbias_buf.shape[-1] % 4 == 0,
             BIAS_PADDED=bias_padded,
             BIAS_TILE_RAW=_short_bwd_holds_raw_bias(q, cfg.block_n, bias_padded, register_group_sum),
             ACC=tl_accumulation_dtype(k.dtype),
@@ -1767,6 +1847,8 @@ def _backward_short(grad_out, q, k, v, bias, lse, scale, has_dbias, dk, dv):
             num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
         )
+    if dbias_summed:
+        return dq, dbias_out, []
     return dq, dbias_buf, reduce_dims
 
 
