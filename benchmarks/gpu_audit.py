@@ -1056,11 +1056,13 @@ def issue_seconds(launch: Launch, result: Dict[str, Any], gpu: Gpu, fp_slots: in
 
 def tail_seconds(launch: Launch, result: Dict[str, Any], gpu: Gpu, fp_slots: int = 1) -> float:
     """The serial tail of a launch whose programs wait for others (`gpu_audit_trips.LAST_PROGRAM_TRIPS`: OSRA's
-    last-arriver dk/dv sum): the loops one program runs once the rest of its group is done, issued by its warps alone
-    (at most 4 a clock) after the launch's spread work. Averaged over the programs as the spread work is, the sum over
-    196 query blocks' partials that one program of each of 8 groups runs for 16 batches (T stage 1 fp32 on an H100)
-    counted 6% of itself (the busiest SM's 12 of 1568 programs' share). Its loops are counted once more than they
-    run, a small share where the groups are many; the partials' reads from L2 are not modelled (issue only)."""
+    last-arriver dk/dv and bias-gradient sums): the loops one program runs once the rest of its group is done, issued by
+    its warps alone (at most 4 a clock) after the launch's spread work. Averaged over the programs as the spread work
+    is, the dk/dv sum over 196 query blocks' partials that one program of each of 8 groups ran for 16 batches (T stage 1
+    fp32 on an H100, when this was written) counted 6% of itself (the busiest SM's 12 of 1568 programs' share). Several
+    such sums in one launch (dk/dv per group, the bias gradient's per query block) count as one program's, the last. Its
+    loops are counted once more than they run, a small share where the groups are many; the partials' reads from L2 are
+    not modelled (issue only)."""
     if not launch.tail_trips:
         return 0.0
     versions: Dict[str, List[Dict[str, int]]] = collections.defaultdict(list)

@@ -676,9 +676,9 @@ def _osra_bwd_short_kernel(
         if arrived == query_blocks - 1:
             # Each (b, head)'s partial is one run of M·D elements, d-contiguous, its start a multiple of 4 elements
             # (the launcher pads the slices: `_dkdv_partials`): summed as a flat range in aligned 16-byte vectors,
-            # lanes past the slice's padded end masked, each partial a compile-time-free pointer step. As [key, d]
-            # tiles masked per element (rows of M·D elements of 19-28 each) the sum took 135 instructions per
-            # partial and warp on sm_90 (T stage 1 fp32), and the last program of each group runs it alone.
+            # lanes past the slice's padded end masked, each partial one pointer step. As [key, d] tiles with an
+            # offset and a mask per element (rows of D = 19-32 values) the sum took 135 instructions per partial and
+            # warp on sm_90 (T stage 1 fp32), and the last program of each group runs it alone.
             flat = tl.arange(0, BLOCK_M * BLOCK_D)
             slice_len = M * D
             parts_mask = flat < (slice_len + 3) // 4 * 4
