@@ -1023,17 +1023,25 @@ def issued_warp_instructions(launch: Launch, sass: Dict[str, Any], fp_slots: int
     """Σ over source loops of (instructions per trip, `trip_instructions`) x trips, plus the straight code once per
     program; times the program's warps. fp_slots > 1: issue slots, each body's fp-category instructions at fp_slots
     each where they outweigh its instruction count (`_issue_slots`)."""
-    per_warp = _issue_slots(sass["outside_loops"], fp_slots) * launch.programs
-    versions: Dict[str, List[Dict[str, int]]] = collections.defaultdict(list)
     for loop in sass["loops"]:
         if loop["source_loop"] not in launch.loop_trips:
             raise KeyError(
                 f"{launch.kernel}: SASS loop at line {loop['branch_line']} (source loop "
                 f"{loop['source_loop']}) has no trip count in gpu_audit_trips.LOOP_TRIPS"
             )
-        versions[loop["source_loop"]].append(loop["body"])
-    per_warp += sum(trip_instructions(bodies, fp_slots) * launch.loop_trips[name] for name, bodies in versions.items())
+    per_warp = _issue_slots(sass["outside_loops"], fp_slots) * launch.programs
+    per_warp += _loop_instructions(sass, launch.loop_trips, fp_slots)
     return round(per_warp * launch.num_warps)
+
+
+def _loop_instructions(sass: Dict[str, Any], trips: Dict[str, int], fp_slots: int) -> float:
+    """Σ over the source loops named in `trips` of (instructions per trip, `trip_instructions` over the SASS loops
+    tied to it) x its trips, per warp."""
+    versions: Dict[str, List[Dict[str, int]]] = collections.defaultdict(list)
+    for loop in sass["loops"]:
+        if loop["source_loop"] in trips:
+            versions[loop["source_loop"]].append(loop["body"])
+    return sum(trip_instructions(bodies, fp_slots) * trips[name] for name, bodies in versions.items())
 
 
 def issue_seconds(launch: Launch, result: Dict[str, Any], gpu: Gpu, fp_slots: int = 1) -> float:
@@ -1063,13 +1071,7 @@ def tail_seconds(launch: Launch, result: Dict[str, Any], gpu: Gpu, fp_slots: int
     such sums in one launch (dk/dv per group, the bias gradient's per query block) count as one program's, the last. Its
     loops are counted once more than they run, a small share where the groups are many; the partials' reads from L2 are
     not modelled (issue only)."""
-    if not launch.tail_trips:
-        return 0.0
-    versions: Dict[str, List[Dict[str, int]]] = collections.defaultdict(list)
-    for loop in result["sass"]["loops"]:
-        if loop["source_loop"] in launch.tail_trips:
-            versions[loop["source_loop"]].append(loop["body"])
-    per_warp = sum(trip_instructions(bodies, fp_slots) * launch.tail_trips[name] for name, bodies in versions.items())
+    per_warp = _loop_instructions(result["sass"], launch.tail_trips, fp_slots)
     return per_warp * launch.num_warps / (min(SCHEDULERS_PER_SM, launch.num_warps) * gpu.clock_ghz * 1e9)
 
 

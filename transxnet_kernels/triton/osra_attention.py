@@ -1401,8 +1401,7 @@ class Settings:
     in-kernel: on an H100 S stage 1 (25 programs) 52.2 -> 45.3, B stage 1 (50) 71.8 -> 67.1, B stage 2 (28) 42.1 ->
     41.3, but T stage 2 (14) 27.4 -> 30.4, B stage 3 (16) 33.9 -> 38.4, T stage 3 (8, one-batch groups: 128 slices)
     18.5 -> 35.1; on an A100 S stage 1 80.3 -> 72.1, B stage 1 121.3 -> 119.4, B stage 2 70.7 -> 71.0.
-    Interpreted: 1, so the tests' small shapes take the in-kernel sum.
-    Interpreted, small values, so small test shapes exercise the groups and splits."""
+    Interpreted, small values, so small test shapes exercise the groups, the splits and the in-kernel sum."""
 
     target_programs: int
     short_path_programs: int
@@ -1762,14 +1761,13 @@ def _backward_short(grad_out, q, k, v, bias, lse, scale, has_dbias, dk, dv):
     # where enough such programs share the sum (`Settings.dbias_sum_min_programs`); not beside the read-modify-write
     # group sum (sm_8x's 64-row kernel: it spilled 8 B on sm_86 under Triton 3.6, and an A100's B stage 3 estimate
     # went 72.7 -> 73.3 us).
-    summing_programs = n_blocks * (1 if 1 in reduce_dims else h)
+    heads_summed = 1 in reduce_dims
+    summing_programs = n_blocks * (1 if heads_summed else h)
     dbias_summed = bool(reduce_dims) and not _bias_per_batch(bias) and dbias_in_registers
     dbias_summed = dbias_summed and summing_programs >= launch_settings(Settings, q.device).dbias_sum_min_programs
+    dbias_out = dbias_buf  # (not dereferenced unless summed into)
     if dbias_summed:
-        dbias_out = torch.empty((1, 1 if 1 in reduce_dims else h, N, M), dtype=bias.dtype, device=q.device)
-        dbias_counters = summing_programs
-    else:
-        dbias_out, dbias_counters = dbias_buf, 0
+        dbias_out = torch.empty((1, 1 if heads_summed else h, N, M), dtype=bias.dtype, device=q.device)
     register_group_sum = has_dbias and dbias_in_registers and batches_per_group > 1
     bias_padded = _short_bwd_bias_padded(q, bias, register_group_sum)
     # One query block (N <= the block: stage 4 at 224^2): the kernel stores dk and dv in place, in their layout, where
@@ -1792,7 +1790,8 @@ def _backward_short(grad_out, q, k, v, bias, lse, scale, has_dbias, dk, dv):
     if dkv_direct and not dbias_summed:
         arrivals = kept_scalar(0, torch.int32, q.device)
     else:
-        arrivals = torch.zeros((h * groups + dbias_counters,), dtype=torch.int32, device=q.device)
+        counters = h * groups + (summing_programs if dbias_summed else 0)
+        arrivals = torch.zeros((counters,), dtype=torch.int32, device=q.device)
     dq = torch.empty_like(q)
     bias_arg, bias_strides = _short_bias_arguments(q, bias, bias_padded, cfg)
     with device_guard(q):
@@ -1832,7 +1831,7 @@ def _backward_short(grad_out, q, k, v, bias, lse, scale, has_dbias, dk, dv):
             DBIAS_ROWS_PADDED=rows_padded,
             DKV_DIRECT=dkv_direct,
             DBIAS_SUMMED=dbias_summed,
-            DBIAS_HEADS_SUMMED=1 in reduce_dims,
+            DBIAS_HEADS_SUMMED=heads_summed,
             DBIAS_SUM_ALIGNED=dbias_summed and N * dbias_buf.shape[-1] % 4 == 0,
             BIAS_PADDED=bias_padded,
             BIAS_TILE_RAW=_short_bwd_holds_raw_bias(q, cfg.block_n, bias_padded, register_group_sum),
