@@ -187,6 +187,15 @@ def _batch_norm_affine(args, grid) -> Trips:
     return {"_batch_norm_affine_kernel:p0": sweeps, "_batch_norm_affine_kernel:q0": sweeps}
 
 
+def _batch_norm_grad(args, grid) -> Trips:
+    # the sweep over the partials, BLOCK_P rows a trip, where the launch sums them (P = 0 otherwise)
+    return {"_batch_norm_grad_kernel:p0": grid[0] * -(-args["P"] // args["BLOCK_P"])}
+
+
+def _no_loop(args, grid) -> Trips:
+    return {}
+
+
 def _osra_dkdv_sum(args, grid) -> Trips:
     return {"_store_partials_sum:_partial": grid[0] * grid[1] * grid[2] * args["PARTIALS"]}
 
@@ -209,6 +218,9 @@ LOOP_TRIPS: Dict[str, Callable[[Mapping, Sequence[int]], Trips]] = {
     "_plane_eval_kernel": _strips("_plane_eval_kernel"),
     "_strip_eval_kernel": _strip_eval,
     "_batch_norm_affine_kernel": _batch_norm_affine,
+    "_batch_norm_grad_kernel": _batch_norm_grad,
+    "_running_statistics_kernel": _no_loop,
+    "_pack_kernel": _no_loop,
     "_osra_fwd_kernel": _osra_fwd,
     "_osra_bwd_dq_kernel": _osra_bwd_dq,
     "_osra_bwd_dkdv_kernel": _osra_bwd_dkdv,

@@ -39,6 +39,9 @@ KERNELS = (
     "_plane_eval_kernel",  # ms_ffn_middle_eval in one pass on dense whole planes (stage 3)
     "_strip_eval_kernel",  # ms_ffn_middle_eval in one pass on whole-row strips (NCHW stages 1-2)
     "_batch_norm_affine_kernel",  # MS-FFN middle's BatchNorm statistics and affine map
+    "_running_statistics_kernel",  # its running statistics' update
+    "_batch_norm_grad_kernel",  # its BatchNorm gradient sums and coefficients
+    "_pack_kernel",  # the multi-scale weights packed into one table, and their gradients unpacked
     "_osra_fwd_kernel",
     "_osra_bwd_dq_kernel",
     "_osra_bwd_dkdv_kernel",  # OSRA, flash path (M > 64)

@@ -348,16 +348,16 @@ def test_triton_strips_in_half_precision_and_with_a_recomputed_z(training, nan_p
         x, weights, biases, norm_weight, norm_bias, running_mean, running_var = middle_args(
             widths, ksizes, 2, 10, 12, dtype=torch.float64, grad=False
         )[:7]
-        w_table, bias, _, _ = ms_ffn._pack(weights, biases)
-        _, mean, var, z = ms_ffn.ms_ffn_middle_packed(
-            x, w_table, bias, norm_weight, norm_bias, running_mean, running_var, widths, ksizes, training, True, 1e-5
+        _, mean, var, z = ms_ffn.ms_ffn_middle_op(
+            x, weights, biases, norm_weight, norm_bias, running_mean, running_var, training, True, 1e-5
         )
         grad_out = torch.randn_like(x)
-        args = (grad_out, x, w_table, bias, norm_weight, mean, var, widths, ksizes, training, 1e-5)
+        args = (grad_out, x, weights, biases, norm_weight, mean, var, training, 1e-5)
         saved = ms_ffn.ms_ffn_middle_backward(args[0], args[1], z, *args[2:])
         recomputed = ms_ffn.ms_ffn_middle_backward(args[0], args[1], None, *args[2:])
         for name, a, b in zip(("dx", "dW", "dbias", "dgamma", "dbeta"), saved, recomputed):
-            assert_rel_close(a, b, TOLERANCE[torch.float64], f"{name}: saved z vs recomputed")
+            for i, (a_i, b_i) in enumerate(zip(a, b) if isinstance(a, list) else [(a, b)]):
+                assert_rel_close(a_i, b_i, TOLERANCE[torch.float64], f"{name}[{i}]: saved z vs recomputed")
 
 
 class EagerMiddle(nn.Module):
@@ -433,6 +433,28 @@ def test_triton_matches_eager_module_train_steps_then_eval(layout):
 
 
 @requires_triton
+@pytest.mark.parametrize("stat_dtype", [torch.float32, torch.float64])
+def test_triton_running_statistics_update_in_its_dtype(stat_dtype):
+    """One launch updates both running statistics, each as F.batch_norm would, and an fp64 update moves by the fp64
+    momentum (a cumulative average's 1/3 is not an fp32 value: rounded to one, the update is off by ~1e-8)."""
+    from transxnet_kernels.triton import ms_ffn
+
+    gen = torch.Generator().manual_seed(5)
+    mean, var = torch.randn(37, generator=gen, dtype=stat_dtype), torch.rand(37, generator=gen, dtype=stat_dtype)
+    running_mean, running_var = torch.randn(37, generator=gen, dtype=stat_dtype), torch.rand(37, dtype=stat_dtype)
+    momentum, count = 1 / 3, 11
+    expected_mean = momentum * mean + (1 - momentum) * running_mean
+    expected_var = momentum * var * (count / (count - 1)) + (1 - momentum) * running_var
+    ms_ffn.batch_norm_update_running(running_mean, running_var, mean, var, count, momentum)
+    tol = {torch.float32: 1e-6, torch.float64: 1e-14}[stat_dtype]
+    assert_rel_close(running_mean, expected_mean, tol, "running_mean")
+    assert_rel_close(running_var, expected_var, tol, "running_var")
+    only_var = running_var.clone()
+    ms_ffn.batch_norm_update_running(None, only_var, mean, var, count, momentum)
+    assert_rel_close(only_var, momentum * var * (count / (count - 1)) + (1 - momentum) * running_var, tol, "var only")
+
+
+@requires_triton
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_triton_gradcheck(training):
     x, weights, biases, nw, nb, rm, rv, *_ = middle_args(
@@ -450,30 +472,29 @@ def test_triton_gradcheck(training):
 @requires_triton
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_triton_opcheck(training):
-    from transxnet_kernels.triton import ms_ffn
+    import transxnet_kernels.triton.ms_ffn  # noqa: F401 (registers the torch.ops.transxnet_triton ops)
 
-    x, weights, biases, nw, nb, rm, rv, *_ = middle_args([2, 1], [3, 1], 2, 3, 4, grad=False)
-    w_table, bias, widths, ksizes = ms_ffn._pack(weights, biases)
-    x, w_table, bias, nw, nb = (t.requires_grad_() for t in (x, w_table, bias, nw, nb))
+    x, weights, biases, nw, nb, rm, rv, *_ = middle_args([2, 1], [3, 1], 2, 3, 4)
+    x, nw, nb = (t.requires_grad_() for t in (x, nw, nb))
     ops = torch.ops.transxnet_triton
     for save_z in (False, True):
-        args = (x, w_table, bias, nw, nb, rm, rv, widths, ksizes, training, save_z, 1e-5)
+        args = (x, weights, biases, nw, nb, rm, rv, training, save_z, 1e-5)
         torch.library.opcheck(ops.ms_ffn_middle.default, args)
     with torch.no_grad():
-        _, mean, var, z = ops.ms_ffn_middle(x, w_table, bias, nw, nb, rm, rv, widths, ksizes, training, True, 1e-5)
+        _, mean, var, z = ops.ms_ffn_middle(x, weights, biases, nw, nb, rm, rv, training, True, 1e-5)
+    for running in ((rm.clone(), rv.clone()), (rm.clone(), None), (None, rv.clone())):
+        torch.library.opcheck(ops.batch_norm_update_running.default, (*running, mean, var, 7, 0.3))
     torch.library.opcheck(
         ops.ms_ffn_middle_backward.default,
         (
             torch.randn_like(x),
             x.detach(),
             z,
-            w_table.detach(),
-            bias.detach(),
+            [w.detach() for w in weights],
+            [b.detach() for b in biases],
             nw.detach(),
             mean,
             var,
-            widths,
-            ksizes,
             training,
             1e-5,
         ),
@@ -495,7 +516,7 @@ def test_triton_saves_the_preactivation_for_the_backward(layout):
         with (
             tk.use_backend("triton"),
             torch.set_grad_enabled(grad),
-            mock.patch.object(ms_ffn, "ms_ffn_middle_packed", lambda *a: calls.append(a) or packed(*a)),
+            mock.patch.object(ms_ffn, "ms_ffn_middle_op", lambda *a: calls.append(a) or packed(*a)),
         ):
             out = tk.ms_ffn_middle(x, weights, biases, nw, nb, rm, rv, training, 0.1, 1e-5)
         ((*_, save_z, _eps),) = calls

@@ -532,25 +532,48 @@ def test_triton_gradcheck(layout):
     assert torch.autograd.gradcheck(fn, (x, *weights, *biases), fast_mode=True)
 
 
-def packed_args(widths, ksizes, B, H, W, layout="contiguous"):
-    """(x, w_table, bias, widths, ksizes) of the packed Triton ops."""
-    from transxnet_kernels.triton import ms_ffn
-
-    x, weights, biases = msdw_args(widths, ksizes, B, H, W, layout=layout, grad=False)
-    w_table, bias, widths, ksizes = ms_ffn._pack(weights, biases)
-    return x.requires_grad_(), w_table.requires_grad_(), bias.requires_grad_(), widths, ksizes
-
-
 @requires_triton
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_triton_opcheck(layout):
-    x, w_table, bias, widths, ksizes = packed_args([2, 1], [3, 1], 2, 3, 4, layout)
-    torch.library.opcheck(torch.ops.transxnet_triton.multiscale_dwconv.default, (x, w_table, bias, widths, ksizes))
-    grad = torch.randn_like(x)
+    x, weights, biases = msdw_args([2, 1], [3, 1], 2, 3, 4, layout=layout)
+    torch.library.opcheck(torch.ops.transxnet_triton.multiscale_dwconv.default, (x, weights, biases))
+    detached = [[t.detach() for t in group] for group in (weights, biases)]
     torch.library.opcheck(
-        torch.ops.transxnet_triton.multiscale_dwconv_backward.default,
-        (grad, x.detach(), w_table.detach(), bias.detach(), widths, ksizes),
+        torch.ops.transxnet_triton.multiscale_dwconv_backward.default, (torch.randn_like(x), x.detach(), *detached)
     )
+
+
+@requires_triton
+@pytest.mark.parametrize(
+    "widths, ksizes", [([2, 1], [3, 1]), ([3, 1, 2, 70, 1], [1, 3, 5, 7, 9])], ids=["2_groups", "5_groups"]
+)
+def test_triton_weight_packing_and_group_gradients(widths, ksizes, nan_poisoned_empty):
+    """The one-launch packing (four groups per launch) equals the torch form: each group's taps padded to kmax^2,
+    then concatenated, and the biases concatenated, strided weights included. The group gradients are the sums of
+    the per-program partials over the programs, each group's taps (the padding dropped) and bias slice, in the
+    group's dtype."""
+    from transxnet_kernels.triton import ms_ffn
+
+    gen = torch.Generator().manual_seed(9)
+    weights = [torch.randn(c, 1, k, k, generator=gen, dtype=torch.float64).to(DEVICE) for c, k in zip(widths, ksizes)]
+    weights[0] = weights[0].transpose(2, 3)  # a strided weight: packed from its values, not its storage
+    biases = [torch.randn(c, generator=gen, dtype=torch.float64).to(DEVICE) for c in widths]
+    kk = max(ksizes) ** 2
+    pads = [torch.nn.functional.pad(w.reshape(w.shape[0], -1), (0, kk - w[0].numel())) for w in weights]
+    table, bias, got_widths, got_ksizes = ms_ffn._pack(weights, biases)
+    assert (got_widths, got_ksizes) == (widths, ksizes)
+    assert torch.equal(table, torch.cat(pads)) and torch.equal(bias, torch.cat(biases))
+
+    pdw = torch.randn(3, sum(widths), kk, generator=gen, dtype=torch.float64).to(DEVICE)
+    pdb = torch.randn(3, sum(widths), generator=gen, dtype=torch.float64).to(DEVICE)
+    halves = [w.float() for w in weights], [b.float() for b in biases]
+    dws, dbs = ms_ffn._group_gradients(pdw, pdb, *halves)
+    first = 0
+    for c, k, dw, db in zip(widths, ksizes, dws, dbs):
+        assert dw.dtype == db.dtype == torch.float32 and dw.is_contiguous()
+        assert torch.equal(dw, pdw.sum(0)[first : first + c, : k * k].reshape(c, 1, k, k).float())
+        assert torch.equal(db, pdb.sum(0)[first : first + c].float())
+        first += c
 
 
 @requires_triton

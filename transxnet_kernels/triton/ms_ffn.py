@@ -16,17 +16,22 @@ Backward (dz = dL/dz):
     dW[c,i,j] = sum_{b,h,w} dz * x[b, c, h + i - r, w + j - r],   dbias[c] = sum dz
     dgamma  = sum go * xhat,  dbeta = sum go
 
-Kernels. One launch covers every group: the per-group weights are packed (inside the op, so autograd
-reaches the original tensors) into a zero-padded table [C, kmax^2]; a small "block table" lists
+Kernels. One launch covers every group: the per-group weights are packed inside the ops (which take the groups'
+tensors and return their gradients, so autograd records one node per call) into a zero-padded table [C, kmax^2] by
+`_pack_kernel` (one launch for up to four groups, where pads and cats took six); a small "block table" lists
 channel blocks that never straddle a group, each with its kernel size k. The stencil helpers hold one
 compiled copy per odd kernel size up to kmax and branch (uniformly over the program) to the block's:
 k rows as a runtime loop, a row's k taps unrolled, so a tap's offset and column mask are compile-time
 shifts of the tile's (the column masks are computed once per tile) and a block runs exactly k^2 taps,
 never kmax^2. A program owns one channel block x one spatial tile and loops over a range of the
 batch; per-channel reductions (BN statistics, dW, dbias) are
-written as per-program partials and summed afterwards in a fixed order (deterministic, no atomics anywhere): dW,
-dbias and the backward's BN sums by torch, the forward's BN statistics with BN's affine map by
-`_batch_norm_affine_kernel` (one launch, where torch took ~15 small ones).
+written as per-program partials and summed afterwards in a fixed order (deterministic, no atomics anywhere): dW
+and dbias by torch, then unpacked into each group's gradient by `_pack_kernel` (`_group_gradients`); the forward's
+BN statistics with BN's affine map by `_batch_norm_affine_kernel` (one launch, where torch took ~15 small ones) and
+the running statistics' update by `_running_statistics_kernel` (one, where torch took nine); the backward's BN sums
+with its per-channel coefficients by `_batch_norm_grad_kernel` (two launches, where torch took ~12). A training
+call of `ms_ffn_middle` (forward + backward) on a GPU launches two torch kernels besides ours (the partial sums of
+dW and dbias), where it launched ~40.
 Layouts: any strides; on GPUs contiguous NCHW tiles one channel x a long run of pixels, channels_last tiles
 up to 32 contiguous channels x a few pixels. Base pointers move in int64 per image; in-image offsets
 are int32 unless one image spans >= 2^31 elements. fp16/bf16/fp32 accumulate in fp32, fp64 in fp64.
@@ -124,85 +129,85 @@ Static audit of `multiscale_dwconv` (`python -m benchmarks.audit_tables` writes 
 Triton 3.8.0, batch 128 at 224x224, the worst over layouts and modes; estimate / DRAM roofline, µs):
 
     stage  shape       phase     fp32 A100  fp32 H100  bf16 A100  bf16 H100
-    T1     192x56x56   forward   308/308    185/184    205/154    130/92.0
-    T1     192x56x56   backward  498/462    307/276    381/231    243/138
-    T2     384x28x28   forward   154/154    93.3/92.0  106/77.1   67.0/46.0
-    T2     384x28x28   backward  256/231    162/138    201/116    132/69.0
-    T3     896x14x14   forward   90.6/89.9  54.1/53.7  58.3/45.0  38.4/26.8
-    T3     896x14x14   backward  150/135    95.0/80.5  122/67.4   83.9/40.3
-    T4     1792x7x7    forward   46.3/45.0  27.6/26.8  25.0/22.5  15.7/13.4
-    T4     1792x7x7    backward  105/67.4   64.6/40.3  61.5/33.7  39.6/20.1
-    S1     384x56x56   forward   617/617    369/368    410/308    260/184
-    S1     384x56x56   backward  998/925    611/552    763/462    483/276
-    S2     768x28x28   forward   309/308    185/184    205/154    130/92.0
-    S2     768x28x28   backward  498/462    307/276    381/231    243/138
-    S3     1280x14x14  forward   129/128    77.3/76.7  82.5/64.2  52.4/38.3
-    S3     1280x14x14  backward  210/193    130/115    167/96.3   109/57.5
-    S4     2048x7x7    forward   52.9/51.4  31.6/30.7  27.5/25.7  16.9/15.3
-    S4     2048x7x7    backward  120/77.1   73.9/46.0  69.2/38.5  43.9/23.0
-    B1     608x56x56   forward   977/976    589/583    643/488    420/291
-    B1     608x56x56   backward  1546/1464  972/874    1172/732   778/437
-    B2     1216x28x28  forward   489/488    296/291    324/244    212/146
-    B2     1216x28x28  backward  780/732    495/437    594/366    398/219
-    B3     1344x14x14  forward   136/135    81.1/80.5  88.6/67.4  55.2/40.3
+    T1     192x56x56   forward   309/308    185/184    206/154    131/92.0
+    T1     192x56x56   backward  496/462    306/276    379/231    242/138
+    T2     384x28x28   forward   155/154    94.1/92.0  107/77.1   67.8/46.0
+    T2     384x28x28   backward  255/231    161/138    200/116    130/69.0
+    T3     896x14x14   forward   91.4/89.9  54.8/53.7  59.3/45.0  39.2/26.8
+    T3     896x14x14   backward  151/135    95.5/80.5  122/67.4   84.6/40.3
+    T4     1792x7x7    forward   46.8/45.0  28.1/26.8  25.8/22.5  16.4/13.4
+    T4     1792x7x7    backward  102/67.4   62.8/40.3  58.9/33.7  37.9/20.1
+    S1     384x56x56   forward   618/617    370/368    411/308    261/184
+    S1     384x56x56   backward  992/925    609/552    757/462    482/276
+    S2     768x28x28   forward   310/308    185/184    206/154    131/92.0
+    S2     768x28x28   backward  496/462    306/276    379/231    242/138
+    S3     1280x14x14  forward   130/128    77.9/76.7  83.4/64.2  53.1/38.3
+    S3     1280x14x14  backward  211/193    130/115    168/96.3   110/57.5
+    S4     2048x7x7    forward   53.3/51.4  32.0/30.7  28.3/25.7  17.6/15.3
+    S4     2048x7x7    backward  117/77.1   71.5/46.0  66.0/38.5  41.8/23.0
+    B1     608x56x56   forward   978/976    590/583    645/488    421/291
+    B1     608x56x56   backward  1546/1464  970/874    1171/732   776/437
+    B2     1216x28x28  forward   490/488    297/291    324/244    213/146
+    B2     1216x28x28  backward  779/732    492/437    592/366    396/219
+    B3     1344x14x14  forward   137/135    81.7/80.5  89.4/67.4  55.9/40.3
     B3     1344x14x14  backward  223/202    139/121    181/101    119/60.4
-    B4     2688x7x7    forward   69.4/67.4  41.4/40.3  37.1/33.7  23.0/20.1
-    B4     2688x7x7    backward  152/101    94.1/60.4  86.1/50.6  58.2/30.2
+    B4     2688x7x7    forward   69.6/67.4  41.8/40.3  37.7/33.7  23.6/20.1
+    B4     2688x7x7    backward  149/101    91.4/60.4  83.1/50.6  55.7/30.2
 
 Static audit of `ms_ffn_middle` (`python -m benchmarks.audit_tables` writes this table from gpu_audit_3.8.0.json: Triton
 3.8.0, batch 128 at 224x224, the worst over layouts and modes; estimate / DRAM roofline, µs):
 
     stage  shape       phase     fp32 A100  fp32 H100  bf16 A100  bf16 H100
-    T1     192x56x56   forward   644/308    390/184    463/154    288/92.0
-    T1     192x56x56   backward  1245/462   743/276    801/231    502/138
-    T2     384x28x28   forward   325/154    197/92.0   240/77.1   148/46.0
-    T2     384x28x28   backward  626/231    380/138    413/116    264/69.0
-    T3     896x14x14   forward   194/89.9   120/53.7   152/45.0   102/26.8
+    T1     192x56x56   forward   645/308    390/184    464/154    288/92.0
+    T1     192x56x56   backward  1243/462   743/276    800/231    502/138
+    T2     384x28x28   forward   326/154    198/92.0   241/77.1   149/46.0
+    T2     384x28x28   backward  625/231    378/138    413/116    263/69.0
+    T3     896x14x14   forward   194/89.9   121/53.7   153/45.0   103/26.8
     T3     896x14x14   backward  369/135    225/80.5   283/67.4   187/40.3
-    T4     1792x7x7    forward   92.2/45.0  55.5/26.8  63.5/22.5  41.0/13.4
-    T4     1792x7x7    backward  193/67.4   119/40.3   122/33.7   79.5/20.1
-    S1     384x56x56   forward   1287/617   779/368    918/308    573/184
-    S1     384x56x56   backward  2492/925   1483/552   1596/462   999/276
-    S2     768x28x28   forward   644/308    389/184    463/154    287/92.0
-    S2     768x28x28   backward  1245/462   744/276    801/231    502/138
-    S3     1280x14x14  forward   274/128    167/76.7   212/64.2   134/38.3
-    S3     1280x14x14  backward  521/193    315/115    393/96.3   248/57.5
-    S4     2048x7x7    forward   105/51.4   63.1/30.7  67.1/25.7  42.2/15.3
-    S4     2048x7x7    backward  216/77.1   132/46.0   134/38.5   84.8/23.0
-    B1     608x56x56   forward   2035/976   1244/583   1440/488   921/291
-    B1     608x56x56   backward  3916/1464  2350/874   2475/732   1599/437
-    B2     1216x28x28  forward   1019/488   625/291    726/244    468/146
-    B2     1216x28x28  backward  1964/732   1182/437   1251/366   817/219
-    B3     1344x14x14  forward   291/135    176/80.5   230/67.4   143/40.3
-    B3     1344x14x14  backward  549/202    334/121    422/101    266/60.4
-    B4     2688x7x7    forward   138/67.4   83.1/40.3  92.4/33.7  57.5/20.1
-    B4     2688x7x7    backward  282/101    176/60.4   172/50.6   118/30.2
+    T4     1792x7x7    forward   92.4/45.0  55.8/26.8  64.0/22.5  41.5/13.4
+    T4     1792x7x7    backward  191/67.4   118/40.3   119/33.7   77.8/20.1
+    S1     384x56x56   forward   1288/617   780/368    919/308    573/184
+    S1     384x56x56   backward  2486/925   1482/552   1590/462   998/276
+    S2     768x28x28   forward   645/308    390/184    464/154    288/92.0
+    S2     768x28x28   backward  1244/462   743/276    800/231    502/138
+    S3     1280x14x14  forward   275/128    168/76.7   213/64.2   135/38.3
+    S3     1280x14x14  backward  522/193    316/115    393/96.3   249/57.5
+    S4     2048x7x7    forward   105/51.4   63.3/30.7  67.5/25.7  42.7/15.3
+    S4     2048x7x7    backward  215/77.1   131/46.0   131/38.5   82.7/23.0
+    B1     608x56x56   forward   2036/976   1245/583   1441/488   921/291
+    B1     608x56x56   backward  3915/1464  2348/874   2475/732   1598/437
+    B2     1216x28x28  forward   1020/488   625/291    726/244    469/146
+    B2     1216x28x28  backward  1962/732   1180/437   1250/366   815/219
+    B3     1344x14x14  forward   291/135    177/80.5   231/67.4   144/40.3
+    B3     1344x14x14  backward  550/202    334/121    423/101    266/60.4
+    B4     2688x7x7    forward   138/67.4   83.0/40.3  92.7/33.7  57.7/20.1
+    B4     2688x7x7    backward  281/101    174/60.4   169/50.6   113/30.2
 
 Static audit of `ms_ffn_middle_eval` (`python -m benchmarks.audit_tables` writes this table from gpu_audit_3.8.0.json:
 Triton 3.8.0, batch 128 at 224x224, the worst over layouts and modes; estimate / DRAM roofline, µs):
 
     stage  shape       phase    fp32 A100  fp32 H100  bf16 A100  bf16 H100
-    T1     192x56x56   forward  400/308    234/184    436/154    243/92.0
-    T2     384x28x28   forward  204/154    120/92.0   224/77.1   124/46.0
-    T3     896x14x14   forward  107/89.9   68.0/53.7  106/45.0   70.2/26.8
-    T4     1792x7x7    forward  50.5/45.0  30.8/26.8  50.0/22.5  30.9/13.4
-    S1     384x56x56   forward  798/617    464/368    864/308    481/184
-    S2     768x28x28   forward  404/308    236/184    436/154    244/92.0
-    S3     1280x14x14  forward  151/128    92.8/76.7  150/64.2   93.9/38.3
-    S4     2048x7x7    forward  54.3/51.4  32.8/30.7  50.0/25.7  30.9/15.3
-    B1     608x56x56   forward  1195/976   752/583    1356/488   795/291
-    B2     1216x28x28  forward  605/488    381/291    683/244    402/146
-    B3     1344x14x14  forward  161/135    98.0/80.5  163/67.4   98.4/40.3
-    B4     2688x7x7    forward  73.6/67.4  44.1/40.3  70.7/33.7  42.5/20.1
+    T1     192x56x56   forward  401/308    235/184    437/154    244/92.0
+    T2     384x28x28   forward  205/154    120/92.0   225/77.1   125/46.0
+    T3     896x14x14   forward  107/89.9   68.7/53.7  107/45.0   71.0/26.8
+    T4     1792x7x7    forward  50.9/45.0  31.3/26.8  50.8/22.5  31.6/13.4
+    S1     384x56x56   forward  799/617    465/368    865/308    482/184
+    S2     768x28x28   forward  405/308    237/184    437/154    245/92.0
+    S3     1280x14x14  forward  151/128    93.5/76.7  151/64.2   94.6/38.3
+    S4     2048x7x7    forward  54.7/51.4  33.3/30.7  50.8/25.7  31.6/15.3
+    B1     608x56x56   forward  1197/976   753/583    1358/488   796/291
+    B2     1216x28x28  forward  606/488    382/291    684/244    403/146
+    B3     1344x14x14  forward  162/135    98.6/80.5  164/67.4   99.1/40.3
+    B4     2688x7x7    forward  73.8/67.4  44.5/40.3  71.3/33.7  43.1/20.1
 """
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 from triton.language.extra import libdevice
@@ -1967,6 +1972,94 @@ def _dx_kernel(
 
 
 @triton.jit
+def _copy_group_taps(
+    group_ptr,
+    group_bias_ptr,
+    table_ptr,
+    bias_ptr,
+    first,
+    count,
+    K: tl.constexpr,
+    KK_STRIDE: tl.constexpr,
+    TO_TABLE: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
+    """One group's channels of this program (axis 0: blocks of BLOCK_R) between the group's [count, K*K] weights and
+    [count] bias and rows first.. of the packed [C, KK_STRIDE] table and [C] bias. TO_TABLE: the group's into the
+    table, the taps past K*K written as zeros; else the table's (the summed gradients) into the group's, the padding
+    taps dropped, in the group's dtype."""
+    channels = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rows = channels[:, None]
+    taps = tl.arange(0, BLOCK_T)[None, :]
+    group_offs = rows * (K * K) + taps
+    table_offs = (first + rows) * KK_STRIDE + taps
+    in_group = (rows < count) & (taps < K * K)
+    if TO_TABLE:
+        values = tl.load(group_ptr + group_offs, mask=in_group, other=0.0)
+        tl.store(table_ptr + table_offs, values, mask=(rows < count) & (taps < KK_STRIDE))
+        bias = tl.load(group_bias_ptr + channels, mask=channels < count)
+        tl.store(bias_ptr + first + channels, bias, mask=channels < count)
+    else:
+        tl.store(group_ptr + group_offs, tl.load(table_ptr + table_offs, mask=in_group), mask=in_group)
+        bias = tl.load(bias_ptr + first + channels, mask=channels < count)
+        tl.store(group_bias_ptr + channels, bias, mask=channels < count)
+
+
+@triton.jit
+def _pack_kernel(
+    w0_ptr,
+    w1_ptr,
+    w2_ptr,
+    w3_ptr,
+    b0_ptr,
+    b1_ptr,
+    b2_ptr,
+    b3_ptr,
+    table_ptr,
+    bias_ptr,
+    first0,
+    first1,
+    first2,
+    first3,
+    count0,
+    count1,
+    count2,
+    count3,
+    K0: tl.constexpr,
+    K1: tl.constexpr,
+    K2: tl.constexpr,
+    K3: tl.constexpr,
+    GROUPS: tl.constexpr,
+    KK_STRIDE: tl.constexpr,
+    TO_TABLE: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
+    """Up to four channel groups (grid axis 1) of the multi-scale weights packed into the zero-padded table, or the
+    table's gradient unpacked into theirs (`_copy_group_taps`). Four explicit slots because a Triton kernel takes no
+    list of pointers; the branch on the program's group is uniform over the program."""
+    group = tl.program_id(1)
+    if group == 0:
+        _copy_group_taps(w0_ptr, b0_ptr, table_ptr, bias_ptr, first0, count0, K0, KK_STRIDE, TO_TABLE, BLOCK_R, BLOCK_T)
+    if GROUPS > 1:
+        if group == 1:
+            _copy_group_taps(
+                w1_ptr, b1_ptr, table_ptr, bias_ptr, first1, count1, K1, KK_STRIDE, TO_TABLE, BLOCK_R, BLOCK_T
+            )
+    if GROUPS > 2:
+        if group == 2:
+            _copy_group_taps(
+                w2_ptr, b2_ptr, table_ptr, bias_ptr, first2, count2, K2, KK_STRIDE, TO_TABLE, BLOCK_R, BLOCK_T
+            )
+    if GROUPS > 3:
+        if group == 3:
+            _copy_group_taps(
+                w3_ptr, b3_ptr, table_ptr, bias_ptr, first3, count3, K3, KK_STRIDE, TO_TABLE, BLOCK_R, BLOCK_T
+            )
+
+
+@triton.jit
 def _partials_tile(first, cs, cmask, P, C, BLOCK_P: tl.constexpr):
     """Offsets and mask of rows first .. first + BLOCK_P - 1 of a [P, C] partials buffer, channels cs."""
     rows = first + tl.arange(0, BLOCK_P)
@@ -2030,6 +2123,94 @@ def _batch_norm_affine_kernel(
     scale = tl.load(weight_ptr + cs, mask=cmask, other=0.0).to(ACC) / root
     tl.store(scale_ptr + cs, scale, mask=cmask)
     tl.store(shift_ptr + cs, tl.load(bias_ptr + cs, mask=cmask, other=0.0).to(ACC) - mean * scale, mask=cmask)
+
+
+@triton.jit
+def _batch_norm_grad_kernel(
+    var_ptr,
+    eps_ptr,
+    weight_ptr,
+    sgo_ptr,
+    sgx_ptr,
+    coef_ptr,
+    dgamma_ptr,
+    dbeta_ptr,
+    P,
+    count,
+    C,
+    SUMS: tl.constexpr,
+    COEFFICIENTS: tl.constexpr,
+    CENTRED: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    """BatchNorm's per-channel backward terms for a block of channels. SUMS: dbeta = sum go and dgamma = sum go*xhat
+    from the partials [P, C] of a pass (tiles of BLOCK_P rows, a fixed order), stored in the weight's dtype.
+    COEFFICIENTS: the dz passes' coefficients coef [4, C] = (rstd, cgo, cxhat, cconst), rstd = 1 / sqrt(var + eps),
+    cgo = gamma * rstd and, CENTRED (training: the batch statistics depend on every value), cxhat = -cgo * dgamma / n
+    and cconst = -cgo * dbeta / n from this launch's sums; else zeros (eval). On a GPU these were ~12 small torch
+    launches per backward."""
+    cs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cs < C
+    if SUMS:
+        go_tile = tl.zeros([BLOCK_P, BLOCK_C], ACC)
+        gx_tile = tl.zeros([BLOCK_P, BLOCK_C], ACC)
+        for p0 in range(0, P, BLOCK_P):
+            offs, tile_mask = _partials_tile(p0, cs, cmask, P, C, BLOCK_P)
+            go_tile += tl.load(sgo_ptr + offs, mask=tile_mask, other=0.0)
+            gx_tile += tl.load(sgx_ptr + offs, mask=tile_mask, other=0.0)
+        dbeta = tl.sum(go_tile, axis=0)
+        dgamma = tl.sum(gx_tile, axis=0)
+        tl.store(dbeta_ptr + cs, dbeta, mask=cmask)
+        tl.store(dgamma_ptr + cs, dgamma, mask=cmask)
+    if COEFFICIENTS:
+        var = tl.load(var_ptr + cs, mask=cmask, other=1.0)
+        if var.dtype == tl.float64:  # as _batch_norm_affine_kernel
+            rstd = 1 / tl.sqrt(var + tl.load(eps_ptr))
+        else:
+            rstd = 1 / tl.sqrt_rn(var + tl.load(eps_ptr))
+        cgo = tl.load(weight_ptr + cs, mask=cmask, other=0.0).to(ACC) * rstd
+        tl.store(coef_ptr + cs, rstd, mask=cmask)
+        tl.store(coef_ptr + C + cs, cgo, mask=cmask)
+        if CENTRED:
+            n = tl.cast(count, ACC)
+            tl.store(coef_ptr + 2 * C + cs, -cgo * dgamma / n, mask=cmask)
+            tl.store(coef_ptr + 3 * C + cs, -cgo * dbeta / n, mask=cmask)
+        else:
+            tl.store(coef_ptr + 2 * C + cs, tl.zeros([BLOCK_C], ACC), mask=cmask)
+            tl.store(coef_ptr + 3 * C + cs, tl.zeros([BLOCK_C], ACC), mask=cmask)
+
+
+@triton.jit
+def _running_statistics_kernel(
+    mean_ptr,
+    var_ptr,
+    running_mean_ptr,
+    running_var_ptr,
+    momentum_hi,
+    momentum_lo,
+    count,
+    C,
+    BLOCK_C: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    """BatchNorm's running statistics (None: not tracked) updated in place as F.batch_norm does, running =
+    momentum * batch + (1 - momentum) * running, with the batch variance unbiased by count / (count - 1), in ACC.
+    The momentum comes as two fp32 arguments (Triton's float arguments are fp32) whose sum is the Python float to
+    ~2^-48, so fp64 statistics move by an fp64 momentum."""
+    cs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cs < C
+    momentum = tl.cast(momentum_hi, ACC) + tl.cast(momentum_lo, ACC)
+    if running_mean_ptr is not None:
+        mean = tl.load(mean_ptr + cs, mask=cmask, other=0.0)
+        old_mean = tl.load(running_mean_ptr + cs, mask=cmask, other=0.0).to(ACC)
+        tl.store(running_mean_ptr + cs, momentum * mean + (1 - momentum) * old_mean, mask=cmask)
+    if running_var_ptr is not None:
+        n = tl.cast(count, ACC)
+        unbiased = tl.load(var_ptr + cs, mask=cmask, other=0.0) * (n / (n - 1))
+        old_var = tl.load(running_var_ptr + cs, mask=cmask, other=0.0).to(ACC)
+        tl.store(running_var_ptr + cs, momentum * unbiased + (1 - momentum) * old_var, mask=cmask)
 
 
 # ------------------------------------------------------------------------------------------- strips
@@ -3053,8 +3234,11 @@ class _Plan(NamedTuple):
 
     def partial_buffer(self, *shape: int, device: torch.device) -> torch.Tensor:
         """[partials, *shape] per-program partials in the accumulation dtype. With one launch per kernel size, a
-        launch with fewer batch splits leaves its channels' last rows unwritten: those are zero."""
-        allocate = torch.zeros if len(self.launches) > 1 else torch.empty
+        launch with fewer programs along axes 0 and 2 leaves its channels' last rows unwritten: those are zero (a
+        fill, one launch more on a GPU, only then). A smaller kernel's launch also leaves its channels' padding taps
+        of the dW partials unwritten, which nothing reads (`_group_gradients` drops them)."""
+        unwritten_rows = any(launch.grid[0] * launch.grid[2] < self.partials for launch in self.launches)
+        allocate = torch.zeros if unwritten_rows else torch.empty
         return allocate((self.partials, *shape), dtype=self.acc, device=device)
 
     def constexprs(self, launch: _Launch) -> dict:
@@ -3541,8 +3725,44 @@ def _batch_norm_affine(
     return scale, shift
 
 
-def _sum_wgrad_partials(pdw: torch.Tensor, pdb: torch.Tensor, w_table: torch.Tensor, bias: torch.Tensor):
-    return pdw.sum(0).to(w_table.dtype), pdb.sum(0).to(bias.dtype)
+def _batch_norm_grad(
+    plan: _Plan,
+    coef: torch.Tensor,
+    var: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    count: int,
+    sums: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = None,
+    coefficients: bool = True,
+    centred: bool = False,
+) -> None:
+    """One `_batch_norm_grad_kernel` launch: coef [4, C] written where `coefficients`; sums = (sgo, sgx partials,
+    dgamma, dbeta outputs) summed where given."""
+    C = var.shape[0]
+    sgo, sgx, dgamma, dbeta = sums if sums is not None else (coef, coef, coef, coef)
+    settings = launch_settings(Settings, var.device)
+    block_c = min(settings.affine_channels, next_power_of_2(C))
+    with device_guard(var):
+        _batch_norm_grad_kernel[(cdiv(C, block_c),)](
+            var,
+            kept_scalar(eps, plan.acc, var.device),
+            weight.contiguous(),
+            sgo,
+            sgx,
+            coef,
+            dgamma,
+            dbeta,
+            sgo.shape[0] if sums is not None else 0,
+            count,
+            C,
+            SUMS=sums is not None,
+            COEFFICIENTS=coefficients,
+            CENTRED=centred,
+            BLOCK_P=settings.affine_rows,
+            BLOCK_C=block_c,
+            ACC=tl_accumulation_dtype(plan.acc),
+            num_warps=4,
+        )
 
 
 def _wgrad_partials(plan: _Plan, C: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -3606,13 +3826,75 @@ def _launch_dx(
     return dx
 
 
-def _pack(weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor]):
-    """Differentiable packing of the group weights into one zero-padded [C, kmax^2] table."""
+_PACK_SLOTS = 4  # _pack_kernel's groups per launch
+
+
+def _launch_pack(
+    weights: Sequence[torch.Tensor],
+    biases: Sequence[torch.Tensor],
+    table: torch.Tensor,
+    bias: torch.Tensor,
+    ksizes: Sequence[int],
+    to_table: bool,
+) -> None:
+    """`_pack_kernel` over the groups, four per launch (one launch for TransXNet's four): weights [c_i, 1, K_i, K_i]
+    and biases [c_i] (contiguous) into or out of table [C, kmax^2] and bias [C]."""
+    firsts = [0]
+    for w in weights[:-1]:
+        firsts.append(firsts[-1] + w.shape[0])
+    with device_guard(table):
+        for start in range(0, len(weights), _PACK_SLOTS):
+            slots = range(start, min(start + _PACK_SLOTS, len(weights)))
+            unused = _PACK_SLOTS - len(slots)
+            counts = [weights[i].shape[0] for i in slots]
+            block_r = min(64, next_power_of_2(max(counts)))
+            _pack_kernel[(cdiv(max(counts), block_r), len(slots))](
+                *[weights[i] for i in slots],
+                *[None] * unused,
+                *[biases[i] for i in slots],
+                *[None] * unused,
+                table,
+                bias,
+                *[firsts[i] for i in slots],
+                *[0] * unused,
+                *counts,
+                *[0] * unused,
+                *[ksizes[i] for i in slots],
+                *[1] * unused,
+                GROUPS=len(slots),
+                KK_STRIDE=table.shape[1],
+                TO_TABLE=to_table,
+                BLOCK_R=block_r,
+                BLOCK_T=next_power_of_2(table.shape[1]),
+                num_warps=4,
+            )
+
+
+def _pack(
+    weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor]
+) -> Tuple[torch.Tensor, torch.Tensor, List[int], List[int]]:
+    """(w_table, bias, widths, ksizes): the group weights packed into one zero-padded table [C, kmax^2] and the
+    biases into one [C], in one launch (on a GPU the torch form, a pad per group and two cats, was six launches and
+    its backward four copies). Not differentiable: the ops take the groups' tensors, pack inside and return the
+    groups' gradients (`_group_gradients`)."""
     ksizes = [int(w.shape[-1]) for w in weights]
     widths = [int(w.shape[0]) for w in weights]
-    kk = max(ksizes) ** 2
-    w_table = torch.cat([F.pad(w.reshape(c, k * k), (0, kk - k * k)) for w, c, k in zip(weights, widths, ksizes)])
-    return w_table, torch.cat(list(biases)), widths, ksizes
+    table = weights[0].new_empty((sum(widths), max(ksizes) ** 2))
+    bias = biases[0].new_empty((sum(widths),))
+    with torch.no_grad():
+        _launch_pack([w.contiguous() for w in weights], [b.contiguous() for b in biases], table, bias, ksizes, True)
+    return table, bias, widths, ksizes
+
+
+def _group_gradients(
+    pdw: torch.Tensor, pdb: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor]
+) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+    """Each group's weight and bias gradient, in its dtype, from the per-program partials ([P, C, kmax^2], [P, C]):
+    summed over the programs (a fixed order: deterministic), then unpacked in one launch."""
+    dws = [torch.empty(w.shape, dtype=w.dtype, device=w.device) for w in weights]
+    dbs = [torch.empty(b.shape, dtype=b.dtype, device=b.device) for b in biases]
+    _launch_pack(dws, dbs, pdw.sum(0), pdb.sum(0), [int(w.shape[-1]) for w in weights], False)
+    return dws, dbs
 
 
 # Packed tables of ms_ffn_middle_eval (forward-only, so its weights are constants): key -> (the _pack result, its
@@ -3646,79 +3928,71 @@ def _pack_for_inference(weights: Sequence[torch.Tensor], biases: Sequence[torch.
 
 
 @torch.library.custom_op("transxnet_triton::multiscale_dwconv", mutates_args=())
-def multiscale_dwconv_packed(
-    x: torch.Tensor, w_table: torch.Tensor, bias: torch.Tensor, widths: List[int], ksizes: List[int]
-) -> torch.Tensor:
-    """multiscale_dwconv on the packed weight table (see _pack)."""
+def multiscale_dwconv_op(x: torch.Tensor, weights: List[torch.Tensor], biases: List[torch.Tensor]) -> torch.Tensor:
+    """multiscale_dwconv on the packed weight table (`_pack`, packed here so that autograd reaches the groups)."""
     out = torch.empty_like(x)
     if x.numel() > 0:
+        w_table, bias, widths, ksizes = _pack(weights, biases)
         plan = _plan(x, widths, ksizes, out, thread_planes=True)
-        _launch_forward(_CONV, x, w_table.contiguous(), bias.contiguous(), plan, out=out)
+        _launch_forward(_CONV, x, w_table, bias, plan, out=out)
     return out
 
 
-@multiscale_dwconv_packed.register_fake
-def _(x, w_table, bias, widths, ksizes):
+@multiscale_dwconv_op.register_fake
+def _(x, weights, biases):
     return torch.empty_like(x)
 
 
 @torch.library.custom_op("transxnet_triton::multiscale_dwconv_backward", mutates_args=())
 def multiscale_dwconv_backward(
-    grad_out: torch.Tensor,
-    x: torch.Tensor,
-    w_table: torch.Tensor,
-    bias: torch.Tensor,
-    widths: List[int],
-    ksizes: List[int],
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx, dw_table, dbias)."""
-    C = x.shape[1]
+    grad_out: torch.Tensor, x: torch.Tensor, weights: List[torch.Tensor], biases: List[torch.Tensor]
+) -> Tuple[torch.Tensor, List[torch.Tensor], List[torch.Tensor]]:
+    """(dx, each group's dW, each group's dbias)."""
     if x.numel() == 0:
-        return torch.zeros_like(x), torch.zeros_like(w_table), torch.zeros_like(bias)
+        return torch.zeros_like(x), [torch.zeros_like(w) for w in weights], [torch.zeros_like(b) for b in biases]
+    w_table, _, widths, ksizes = _pack(weights, biases)
     plan = _plan(x, widths, ksizes, grad_out, wgrad_dx=True, thread_planes=True)
-    pdw, pdb = _wgrad_partials(plan, C, x.device)
-    dx = _launch_dx(grad_out, x, w_table.contiguous(), plan, residual=False, wgrad=(pdw, pdb))
-    return (dx, *_sum_wgrad_partials(pdw, pdb, w_table, bias))
+    pdw, pdb = _wgrad_partials(plan, x.shape[1], x.device)
+    dx = _launch_dx(grad_out, x, w_table, plan, residual=False, wgrad=(pdw, pdb))
+    return (dx, *_group_gradients(pdw, pdb, weights, biases))
 
 
 @multiscale_dwconv_backward.register_fake
-def _(grad_out, x, w_table, bias, widths, ksizes):
-    return torch.empty_like(x), torch.empty_like(w_table), torch.empty_like(bias)
+def _(grad_out, x, weights, biases):
+    return torch.empty_like(x), [torch.empty_like(w) for w in weights], [torch.empty_like(b) for b in biases]
 
 
 def _multiscale_setup_context(ctx, inputs, output):
-    x, w_table, bias, widths, ksizes = inputs
-    ctx.save_for_backward(x, w_table, bias)
-    ctx.widths, ctx.ksizes = widths, ksizes
+    x, weights, biases = inputs
+    ctx.save_for_backward(x, *weights, *biases)
+    ctx.groups = len(weights)
 
 
 def _multiscale_autograd_rule(ctx, grad_out):
-    x, w_table, bias = ctx.saved_tensors
-    return (*multiscale_dwconv_backward(grad_out, x, w_table, bias, ctx.widths, ctx.ksizes), None, None)
+    x, *params = ctx.saved_tensors
+    return multiscale_dwconv_backward(grad_out, x, params[: ctx.groups], params[ctx.groups :])
 
 
-multiscale_dwconv_packed.register_autograd(_multiscale_autograd_rule, setup_context=_multiscale_setup_context)
+multiscale_dwconv_op.register_autograd(_multiscale_autograd_rule, setup_context=_multiscale_setup_context)
 
 
 @ops.multiscale_dwconv.register("triton", supports=supports)
 def multiscale_dwconv(x: torch.Tensor, weights: List[torch.Tensor], biases: List[torch.Tensor]) -> torch.Tensor:
-    return multiscale_dwconv_packed(x, *_pack(weights, biases))
+    return multiscale_dwconv_op(x, list(weights), list(biases))
 
 
 # ---------------------------------------------------------------------------------- ms_ffn_middle
 
 
 @torch.library.custom_op("transxnet_triton::ms_ffn_middle", mutates_args=())
-def ms_ffn_middle_packed(
+def ms_ffn_middle_op(
     x: torch.Tensor,
-    w_table: torch.Tensor,
-    bias: torch.Tensor,
+    weights: List[torch.Tensor],
+    biases: List[torch.Tensor],
     norm_weight: torch.Tensor,
     norm_bias: torch.Tensor,
     running_mean: Optional[torch.Tensor],
     running_var: Optional[torch.Tensor],
-    widths: List[int],
-    ksizes: List[int],
     training: bool,
     save_z: bool,
     eps: float,
@@ -3734,8 +4008,8 @@ def ms_ffn_middle_packed(
     out = torch.empty_like(x)
     keep_z = training or save_z
     z = torch.empty_like(x) if keep_z else x.new_empty(0)
+    w_table, bias, widths, ksizes = _pack(weights, biases)
     plan = _plan(x, widths, ksizes, out, thread_planes=True)
-    w_table, bias = w_table.contiguous(), bias.contiguous()
     if training:
         stats = tuple(plan.partial_buffer(C, device=x.device) for _ in range(3))
         _launch_forward(_STATS, x, w_table, bias, plan, out=z, stats=stats)
@@ -3755,8 +4029,8 @@ def ms_ffn_middle_packed(
     return out, mean, var, z
 
 
-@ms_ffn_middle_packed.register_fake
-def _(x, w_table, bias, norm_weight, norm_bias, running_mean, running_var, widths, ksizes, training, save_z, eps):
+@ms_ffn_middle_op.register_fake
+def _(x, weights, biases, norm_weight, norm_bias, running_mean, running_var, training, save_z, eps):
     acc = accumulation_dtype(x.dtype)
     C = x.shape[1]
     z = torch.empty_like(x) if training or save_z else x.new_empty(0)
@@ -3774,27 +4048,27 @@ def ms_ffn_middle_backward(
     grad_out: torch.Tensor,
     x: torch.Tensor,
     z: Optional[torch.Tensor],
-    w_table: torch.Tensor,
-    bias: torch.Tensor,
+    weights: List[torch.Tensor],
+    biases: List[torch.Tensor],
     norm_weight: torch.Tensor,
     mean: torch.Tensor,
     var: torch.Tensor,
-    widths: List[int],
-    ksizes: List[int],
     training: bool,
     eps: float,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx, dw_table, dbias, dgamma, dbeta). z: the forward's saved z, or None to recompute it."""
+) -> Tuple[torch.Tensor, List[torch.Tensor], List[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """(dx, each group's dW, each group's dbias, dgamma, dbeta). z: the forward's saved z, or None to recompute
+    it."""
     B, C, H, W = x.shape
     n = B * H * W
     if n == 0:  # eval on an empty batch
         return (
             torch.zeros_like(x),
-            torch.zeros_like(w_table),
-            torch.zeros_like(bias),
+            [torch.zeros_like(w) for w in weights],
+            [torch.zeros_like(b) for b in biases],
             torch.zeros_like(norm_weight),
             torch.zeros_like(norm_weight),
         )
+    w_table, bias, widths, ksizes = _pack(weights, biases)
     plan = _plan(x, widths, ksizes, grad_out)  # dz has x's shape and strides
     thread_plan = _plan(x, widths, ksizes, grad_out, thread_planes=True)
     # The strip and thread-plane kernels run the dz pass from the saved z; the statistics pass of training (no
@@ -3815,13 +4089,14 @@ def ms_ffn_middle_backward(
     dz = torch.empty_like(x, dtype=plan.acc if dz_plan.plane[1] else x.dtype)
     if z is not None and z.stride() != dz.stride():  # the kernel reads z with dz's strides
         z = torch.empty_like(x).copy_(z)
-    w_table, bias = w_table.contiguous(), bias.contiguous()
-    rstd = torch.rsqrt(var + eps)
-    cgo = norm_weight.to(plan.acc) * rstd
+    coef = torch.empty(4, C, dtype=plan.acc, device=x.device)  # rstd, cgo, cxhat, cconst (_batch_norm_grad_kernel)
+    rstd, cgo, cxhat, cconst = coef.unbind(0)
     sgo, sgx = (stats_plan.partial_buffer(C, device=x.device) for _ in range(2))
+    dgamma, dbeta = torch.empty_like(norm_weight), torch.empty_like(norm_weight)
+    sums = (sgo, sgx, dgamma, dbeta)
     pdw, pdb = _wgrad_partials(dz_plan, C, x.device)
 
-    def launch(pass_plan: _Plan, stats: bool, dz_pass: bool, cxhat: torch.Tensor, cconst: torch.Tensor) -> None:
+    def launch(pass_plan: _Plan, stats: bool, dz_pass: bool) -> None:
         with device_guard(x):
             for launch in pass_plan.launches:
                 # per-channel inputs and partial buffers, then the sizes: the same for both kernels
@@ -3882,38 +4157,36 @@ def ms_ffn_middle_backward(
                         **pass_plan.constexprs(launch),
                     )
 
+    _batch_norm_grad(plan, coef, var, norm_weight, eps, n)  # rstd, cgo; cxhat = cconst = 0
     if separate_stats:
-        launch(stats_plan, True, False, cgo, cgo)
-        dbeta, dgamma = sgo.sum(0), sgx.sum(0)
-    if training:  # BN's gradient needs the batch sums of go and go*xhat before dz exists
-        cxhat, cconst = -cgo * dgamma / n, -cgo * dbeta / n
-    else:
-        cxhat = cconst = torch.zeros_like(cgo)
-    launch(dz_plan, not separate_stats, True, cxhat, cconst)
+        launch(stats_plan, True, False)
+        # training: BN's gradient needs the batch sums of go and go*xhat before dz exists
+        _batch_norm_grad(plan, coef, var, norm_weight, eps, n, sums, coefficients=training, centred=training)
+    launch(dz_plan, not separate_stats, True)
     if not separate_stats:
-        dbeta, dgamma = sgo.sum(0), sgx.sum(0)
+        _batch_norm_grad(plan, coef, var, norm_weight, eps, n, sums, coefficients=False)
     # dx = conv_transpose(dz) + dz, a thread per plane where planes are small
     dx = _launch_dx(dz, x, w_table, thread_plan, residual=True, wgrad=None)
-    dw, db = _sum_wgrad_partials(pdw, pdb, w_table, bias)
-    return dx, dw, db, dgamma.to(norm_weight.dtype), dbeta.to(norm_weight.dtype)
+    return dx, *_group_gradients(pdw, pdb, weights, biases), dgamma, dbeta
 
 
 @ms_ffn_middle_backward.register_fake
-def _(grad_out, x, z, w_table, bias, norm_weight, mean, var, widths, ksizes, training, eps):
+def _(grad_out, x, z, weights, biases, norm_weight, mean, var, training, eps):
     return (
         torch.empty_like(x),
-        torch.empty_like(w_table),
-        torch.empty_like(bias),
+        [torch.empty_like(w) for w in weights],
+        [torch.empty_like(b) for b in biases],
         torch.empty_like(norm_weight),
         torch.empty_like(norm_weight),
     )
 
 
 def _middle_setup_context(ctx, inputs, output):
-    x, w_table, bias, norm_weight, norm_bias, _, _, widths, ksizes, training, save_z, eps = inputs
+    x, weights, biases, norm_weight, norm_bias, _, _, training, save_z, eps = inputs
     _, mean, var, z = output
-    ctx.save_for_backward(x, z if training or save_z else None, w_table, bias, norm_weight, mean, var)
-    ctx.args = (widths, ksizes, training, eps)
+    ctx.save_for_backward(x, z if training or save_z else None, norm_weight, mean, var, *weights, *biases)
+    ctx.groups = len(weights)
+    ctx.args = (training, eps)
     ctx.norm_bias_dtype = norm_bias.dtype
     # The gradients of mean, var and z (outputs for the running statistics and the backward only) would otherwise
     # be materialised as zeros: for z, a fill as large as the map each backward (154 MB at T's stage 1, bf16).
@@ -3922,13 +4195,50 @@ def _middle_setup_context(ctx, inputs, output):
 
 def _middle_autograd_rule(ctx, grad_out, _grad_mean, _grad_var, _grad_z):
     if grad_out is None:  # an undefined output gradient (autograd may pass one; gradcheck checks it)
-        return (None,) * 12
-    x, z, w_table, bias, norm_weight, mean, var = ctx.saved_tensors
-    dx, dw, db, dgamma, dbeta = ms_ffn_middle_backward(grad_out, x, z, w_table, bias, norm_weight, mean, var, *ctx.args)
-    return dx, dw, db, dgamma, dbeta.to(ctx.norm_bias_dtype), None, None, None, None, None, None, None
+        return None, [None] * ctx.groups, [None] * ctx.groups, *(None,) * 7
+    x, z, norm_weight, mean, var, *params = ctx.saved_tensors
+    weights, biases = params[: ctx.groups], params[ctx.groups :]
+    dx, dws, dbs, dgamma, dbeta = ms_ffn_middle_backward(
+        grad_out, x, z, weights, biases, norm_weight, mean, var, *ctx.args
+    )
+    return dx, dws, dbs, dgamma, dbeta.to(ctx.norm_bias_dtype), None, None, None, None, None
 
 
-ms_ffn_middle_packed.register_autograd(_middle_autograd_rule, setup_context=_middle_setup_context)
+ms_ffn_middle_op.register_autograd(_middle_autograd_rule, setup_context=_middle_setup_context)
+
+
+@torch.library.custom_op("transxnet_triton::batch_norm_update_running", mutates_args=("running_mean", "running_var"))
+def batch_norm_update_running(
+    running_mean: Optional[torch.Tensor],
+    running_var: Optional[torch.Tensor],
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    count: int,
+    momentum: float,
+) -> None:
+    """F.batch_norm's update of the running statistics from a batch's mean and biased variance over `count` values
+    per channel, in one launch (nine small torch launches on a GPU)."""
+    momentum_hi = struct.unpack("f", struct.pack("f", momentum))[0]  # the nearest fp32, then the remainder
+    block_c = min(launch_settings(Settings, mean.device).affine_channels, next_power_of_2(mean.shape[0]))
+    with device_guard(mean):
+        _running_statistics_kernel[(cdiv(mean.shape[0], block_c),)](
+            mean,
+            var,
+            running_mean,
+            running_var,
+            momentum_hi,
+            momentum - momentum_hi,
+            count,
+            mean.shape[0],
+            BLOCK_C=block_c,
+            ACC=tl_accumulation_dtype(mean.dtype),
+            num_warps=4,
+        )
+
+
+@batch_norm_update_running.register_fake
+def _(running_mean, running_var, mean, var, count, momentum):
+    return None
 
 
 @ops.ms_ffn_middle.register("triton", supports=supports)
@@ -3938,33 +4248,29 @@ def ms_ffn_middle(x, weights, biases, norm_weight, norm_bias, running_mean, runn
     n = B * H * W
     if training and n <= 1:  # the message F.batch_norm gives
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {list(x.shape)}")
-    w_table, bias, widths, ksizes = _pack(weights, biases)
+    weights, biases = list(weights), list(biases)
     if norm_weight is None:
-        norm_weight = torch.ones(C, dtype=w_table.dtype, device=x.device)
+        norm_weight = torch.ones(C, dtype=weights[0].dtype, device=x.device)
     if norm_bias is None:
-        norm_bias = torch.zeros(C, dtype=w_table.dtype, device=x.device)
+        norm_bias = torch.zeros(C, dtype=weights[0].dtype, device=x.device)
     # Eval with gradients (frozen BatchNorm while fine-tuning) keeps z too: the backward then skips the conv.
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, w_table, bias, norm_weight, norm_bias))
-    out, mean, var, _ = ms_ffn_middle_packed(
+    needs_grad = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (x, *weights, *biases, norm_weight, norm_bias)
+    )
+    out, mean, var, _ = ms_ffn_middle_op(
         x,
-        w_table,
-        bias,
+        weights,
+        biases,
         norm_weight,
         norm_bias,
         running_mean,
         running_var,
-        widths,
-        ksizes,
         training,
         not training and needs_grad,
         float(eps),
     )
-    if training and running_mean is not None:
-        with torch.no_grad():
-            running_mean.copy_(momentum * mean + (1 - momentum) * running_mean)
-    if training and running_var is not None:
-        with torch.no_grad():
-            running_var.copy_(momentum * var * (n / (n - 1)) + (1 - momentum) * running_var)
+    if training and (running_mean is not None or running_var is not None):
+        batch_norm_update_running(running_mean, running_var, mean.detach(), var.detach(), n, float(momentum))
     return out
 
 
