@@ -8,7 +8,9 @@ lists). Backends attach their implementations with ``@ops.<op>.register("<backen
 
 Argument rules shared by every op and backend: all tensors on one device; the feature-map operands share
 one floating dtype (per op below); under ``torch.autocast`` those operands are first cast to the autocast
-dtype, as torch does for convolutions and matmuls. Violations raise ``ValueError`` naming the argument.
+dtype, as torch does for convolutions and matmuls, except the group weights and biases of ``multiscale_dwconv``
+and ``ms_ffn_middle``, which keep theirs and are rounded to x's dtype by the backend (the Triton kernels as they
+pack them: a cast per tensor, and one per gradient, fewer). Violations raise ``ValueError`` naming the argument.
 """
 
 from __future__ import annotations
@@ -172,7 +174,11 @@ def _autocast(tensors: List[Optional[Tensor]]) -> List[Optional[Tensor]]:
     return [None if t is None else t.to(dtype) for t in tensors]
 
 
-def _check_multiscale(op: str, x: Tensor, weights: List[Tensor], biases: List[Tensor]) -> None:
+def _check_multiscale(
+    op: str, x: Tensor, weights: List[Tensor], biases: List[Tensor], groups_any_dtype: bool = False
+) -> None:
+    """groups_any_dtype (under autocast, `_autocast_feature_map`): the weights and biases may have any floating
+    dtype; else x's."""
     _check(x.dim() == 4, lambda: f"{op}: x must be [B, C, H, W], got shape {tuple(x.shape)}")
     _check(
         len(weights) == len(biases) and len(weights) > 0,
@@ -196,6 +202,7 @@ def _check_multiscale(op: str, x: Tensor, weights: List[Tensor], biases: List[Te
         [("x", x)]
         + [(f"weights[{i}]", w) for i, w in enumerate(weights)]
         + [(f"biases[{i}]", b) for i, b in enumerate(biases)],
+        same_dtype=not groups_any_dtype,
     )
 
 
@@ -213,6 +220,13 @@ def _cast_multiscale(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tens
     n = len(weights)
     x, *rest = _autocast([x, *weights, *biases])
     return x, rest[:n], rest[n:]
+
+
+def _autocast_feature_map(x: Tensor) -> Tuple[Tensor, bool]:
+    """(x cast to the autocast dtype, True) when autocast is on for its device, else (x, False): for the ops whose
+    group weights the backends round to x's dtype themselves."""
+    dtype = autocast_dtype(x.device.type)
+    return (x, False) if dtype is None else (x.to(dtype), True)
 
 
 # --------------------------------------------------------------------------------------------- ops
@@ -263,8 +277,8 @@ def multiscale_dwconv(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Ten
 
     x [B, sum(c_i), H, W]; weights[i] [c_i, 1, k_i, k_i] (odd k_i, padding k_i//2); biases[i] [c_i].
     """
-    x, weights, biases = _cast_multiscale(x, weights, biases)
-    _check_multiscale("multiscale_dwconv", x, weights, biases)
+    x, autocast = _autocast_feature_map(x)
+    _check_multiscale("multiscale_dwconv", x, weights, biases, groups_any_dtype=autocast)
     return (x, weights, biases), call_info([x, *weights, *biases])
 
 
@@ -286,8 +300,8 @@ def ms_ffn_middle(
 
     The BatchNorm tensors (norm_weight, norm_bias, running_mean, running_var; [C] or None) may have any
     floating dtype (BatchNorm keeps fp32 parameters under autocast)."""
-    x, weights, biases = _cast_multiscale(x, weights, biases)
-    _check_multiscale("ms_ffn_middle", x, weights, biases)
+    x, autocast = _autocast_feature_map(x)
+    _check_multiscale("ms_ffn_middle", x, weights, biases, groups_any_dtype=autocast)
     _check_per_channel(
         "ms_ffn_middle",
         x,

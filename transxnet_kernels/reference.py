@@ -68,12 +68,13 @@ def _per_sample_dwconv_by_patches(x: torch.Tensor, kernel: torch.Tensor, bias: O
 
 
 def multiscale_dwconv(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Concatenation of per-group depthwise convs (group i: c_i channels, kernel k_i, padding k_i//2)."""
+    """Concatenation of per-group depthwise convs (group i: c_i channels, kernel k_i, padding k_i//2). Weights and
+    biases of another dtype than x's (under autocast, where the ops pass them uncast) are rounded to x's first."""
     widths = [w.shape[0] for w in weights]
     parts = torch.split(x, widths, dim=1)
     return torch.cat(
         [
-            F.conv2d(part, w, b, padding=w.shape[-1] // 2, groups=w.shape[0])
+            F.conv2d(part, w.to(x.dtype), b.to(x.dtype), padding=w.shape[-1] // 2, groups=w.shape[0])
             for part, w, b in zip(parts, weights, biases)
         ],
         dim=1,

@@ -30,6 +30,7 @@ from helpers import (
     evaluate,
     fused_backends,
     groups_id,
+    map_tensors,
     ms_ffn_small_tiles,
     ms_ffn_tiled_stencils,
     not_interpreted,
@@ -430,6 +431,37 @@ def test_triton_matches_eager_module_train_steps_then_eval(layout):
     fused.eval()
     with torch.no_grad(), TRITON.active():
         assert_rel_close(fused.fused(x), eager(x), 1e-10, "eval out")
+
+
+@requires_triton
+def test_triton_autocast_rounds_the_fp32_groups_as_it_packs(nan_poisoned_empty):
+    """Under autocast the op casts x only: the Triton implementation gets the fp32 group weights and biases (no cast
+    launch per tensor, nor one per gradient), rounds them to bf16 as it packs and returns fp32 gradients. Output and
+    every gradient match the fp64 reference on the bf16-rounded values."""
+    from transxnet_kernels.triton import ms_ffn
+
+    args = middle_args([3, 2, 1, 2], [1, 3, 5, 7], 2, 5, 6, training=True, seed=7)
+    rounded = map_tensors(lambda t: t.detach().bfloat16().float().requires_grad_(t.requires_grad), args[:3])
+    ref_args = reference_args((*rounded, *args[3:]))
+    grad_out = torch.randn(2, 8, 5, 6, generator=torch.Generator().manual_seed(1)).bfloat16()
+    seen = []
+    real = ms_ffn.ms_ffn_middle_op
+    with (
+        mock.patch.object(ms_ffn, "ms_ffn_middle_op", lambda *a: seen.append(a) or real(*a)),
+        torch.autocast("cpu", dtype=torch.bfloat16),
+        TRITON.active(),
+    ):
+        out, grads = evaluate(tk.ms_ffn_middle, args, grad_out)
+    ((x, weights, biases, *_),) = seen
+    assert x.dtype == torch.bfloat16 and {t.dtype for t in (*weights, *biases)} == {torch.float32}
+    ref_out, ref_grads = evaluate(reference.ms_ffn_middle, ref_args, grad_out.double())
+    tol = TOLERANCE[torch.bfloat16]
+    assert out.dtype == torch.bfloat16
+    assert_rel_close(out.double(), ref_out, tol, "out")
+    assert {g.dtype for g in grads} == {torch.float32}  # x's through autocast's cast of it, the rest from the op
+    for i, (g, ref) in enumerate(zip(grads, ref_grads)):
+        # the BatchNorm bias gradient of a mean-zero output is ~0: compare against the largest gradient
+        assert (g.double() - ref).norm() <= tol * max(ref.norm(), 1.0), f"grad {i}"
 
 
 @requires_triton

@@ -291,7 +291,7 @@ def test_triton_packed_weights_kept_until_a_source_changes():
         with tk.use_backend("reference"):
             ref = tk.ms_ffn_middle_eval(x, in_scale, in_shift, weights, biases, out_scale, out_shift)
         assert_rel_close(out, ref, TOLERANCE[torch.float64], "output")
-        return ms_ffn._pack_for_inference(weights, biases)[0]
+        return ms_ffn._pack_for_inference(weights, biases, x.dtype)[0]
 
     table = run()
     assert run() is table  # the same weights: the table is reused
@@ -312,8 +312,8 @@ def test_triton_packed_weights_not_kept_for_inference_mode_tensors():
     with torch.inference_mode():
         weights = [randn(2, 1, k, k, gen=gen) for k in (1, 3)]
         biases = [randn(2, gen=gen) for _ in range(2)]
-        first = ms_ffn._pack_for_inference(weights, biases)[0]
-        second = ms_ffn._pack_for_inference(weights, biases)[0]
+        first = ms_ffn._pack_for_inference(weights, biases, torch.float32)[0]
+        second = ms_ffn._pack_for_inference(weights, biases, torch.float32)[0]
     assert first is not second and torch.equal(first, second)
 
 
@@ -326,10 +326,10 @@ def test_triton_packed_weights_cache_is_bounded(monkeypatch):
     monkeypatch.setattr(ms_ffn, "_INFERENCE_PACKS_KEPT", 2)
     gen = torch.Generator().manual_seed(0)
     sets = [([randn(2, 1, 3, 3, gen=gen)], [randn(2, gen=gen)]) for _ in range(3)]
-    tables = [ms_ffn._pack_for_inference(*s)[0] for s in sets]
+    tables = [ms_ffn._pack_for_inference(*s, torch.float32)[0] for s in sets]
     assert len(ms_ffn._INFERENCE_PACKS) == 2
-    assert ms_ffn._pack_for_inference(*sets[2])[0] is tables[2]
-    assert ms_ffn._pack_for_inference(*sets[0])[0] is not tables[0]  # dropped, packed again
+    assert ms_ffn._pack_for_inference(*sets[2], torch.float32)[0] is tables[2]
+    assert ms_ffn._pack_for_inference(*sets[0], torch.float32)[0] is not tables[0]  # dropped, packed again
 
 
 # ---------------------------------------------------------------------------------------- cpp

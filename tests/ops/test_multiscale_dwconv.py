@@ -560,14 +560,25 @@ def test_triton_weight_packing_and_group_gradients(widths, ksizes, nan_poisoned_
     biases = [torch.randn(c, generator=gen, dtype=torch.float64).to(DEVICE) for c in widths]
     kk = max(ksizes) ** 2
     pads = [torch.nn.functional.pad(w.reshape(w.shape[0], -1), (0, kk - w[0].numel())) for w in weights]
-    table, bias, got_widths, got_ksizes = ms_ffn._pack(weights, biases)
+    table, bias, got_widths, got_ksizes = ms_ffn._pack(weights, biases, torch.float64)
     assert (got_widths, got_ksizes) == (widths, ksizes)
     assert torch.equal(table, torch.cat(pads)) and torch.equal(bias, torch.cat(biases))
 
+    # rounded as it packs, as a cast would round (under autocast the groups come uncast)
+    def to_bf16(t):  # a compiled kernel rounds to nearest even as torch does; Triton's interpreter truncates
+        if not ms_ffn._INTERPRETED:
+            return t.bfloat16()
+        return (t.view(torch.int32) & -65536).view(torch.float32).bfloat16()
+
+    singles = [w.float() for w in weights], [b.float() for b in biases]
+    table, bias, *_ = ms_ffn._pack(*singles, torch.bfloat16)
+    assert table.dtype == bias.dtype == torch.bfloat16
+    assert torch.equal(table, to_bf16(torch.cat(pads).float()))
+    assert torch.equal(bias, to_bf16(torch.cat(singles[1])))
+
     pdw = torch.randn(3, sum(widths), kk, generator=gen, dtype=torch.float64).to(DEVICE)
     pdb = torch.randn(3, sum(widths), generator=gen, dtype=torch.float64).to(DEVICE)
-    halves = [w.float() for w in weights], [b.float() for b in biases]
-    dws, dbs = ms_ffn._group_gradients(pdw, pdb, *halves)
+    dws, dbs = ms_ffn._group_gradients(pdw, pdb, *singles)
     first = 0
     for c, k, dw, db in zip(widths, ksizes, dws, dbs):
         assert dw.dtype == db.dtype == torch.float32 and dw.is_contiguous()

@@ -1995,14 +1995,16 @@ def _copy_group_taps(
     group_offs = rows * (K * K) + taps
     table_offs = (first + rows) * KK_STRIDE + taps
     in_group = (rows < count) & (taps < K * K)
+    # explicit casts to the stored dtype: the interpreter's implicit one on a store to a 16-bit pointer is wrong
     if TO_TABLE:
-        values = tl.load(group_ptr + group_offs, mask=in_group, other=0.0)
+        values = tl.load(group_ptr + group_offs, mask=in_group, other=0.0).to(table_ptr.dtype.element_ty)
         tl.store(table_ptr + table_offs, values, mask=(rows < count) & (taps < KK_STRIDE))
-        bias = tl.load(group_bias_ptr + channels, mask=channels < count)
+        bias = tl.load(group_bias_ptr + channels, mask=channels < count).to(bias_ptr.dtype.element_ty)
         tl.store(bias_ptr + first + channels, bias, mask=channels < count)
     else:
-        tl.store(group_ptr + group_offs, tl.load(table_ptr + table_offs, mask=in_group), mask=in_group)
-        bias = tl.load(bias_ptr + first + channels, mask=channels < count)
+        values = tl.load(table_ptr + table_offs, mask=in_group).to(group_ptr.dtype.element_ty)
+        tl.store(group_ptr + group_offs, values, mask=in_group)
+        bias = tl.load(bias_ptr + first + channels, mask=channels < count).to(group_bias_ptr.dtype.element_ty)
         tl.store(group_bias_ptr + channels, bias, mask=channels < count)
 
 
@@ -3871,16 +3873,17 @@ def _launch_pack(
 
 
 def _pack(
-    weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor]
+    weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor], dtype: torch.dtype
 ) -> Tuple[torch.Tensor, torch.Tensor, List[int], List[int]]:
     """(w_table, bias, widths, ksizes): the group weights packed into one zero-padded table [C, kmax^2] and the
-    biases into one [C], in one launch (on a GPU the torch form, a pad per group and two cats, was six launches and
-    its backward four copies). Not differentiable: the ops take the groups' tensors, pack inside and return the
-    groups' gradients (`_group_gradients`)."""
+    biases into one [C], in `dtype` (x's: under autocast the groups come uncast and are rounded here, as a cast
+    would), in one launch (on a GPU the torch form, a pad per group and two cats, was six launches and its backward
+    four copies). Not differentiable: the ops take the groups' tensors, pack inside and return the groups'
+    gradients (`_group_gradients`)."""
     ksizes = [int(w.shape[-1]) for w in weights]
     widths = [int(w.shape[0]) for w in weights]
-    table = weights[0].new_empty((sum(widths), max(ksizes) ** 2))
-    bias = biases[0].new_empty((sum(widths),))
+    table = weights[0].new_empty((sum(widths), max(ksizes) ** 2), dtype=dtype)
+    bias = biases[0].new_empty((sum(widths),), dtype=dtype)
     with torch.no_grad():
         _launch_pack([w.contiguous() for w in weights], [b.contiguous() for b in biases], table, bias, ksizes, True)
     return table, bias, widths, ksizes
@@ -3890,7 +3893,8 @@ def _group_gradients(
     pdw: torch.Tensor, pdb: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor]
 ) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
     """Each group's weight and bias gradient, in its dtype, from the per-program partials ([P, C, kmax^2], [P, C]):
-    summed over the programs (a fixed order: deterministic), then unpacked in one launch."""
+    summed over the programs (a fixed order: deterministic), then unpacked in one launch. Under autocast (fp32
+    groups, half x) they are stored from the fp32 sums, where a cast's gradient would round them to half first."""
     dws = [torch.empty(w.shape, dtype=w.dtype, device=w.device) for w in weights]
     dbs = [torch.empty(b.shape, dtype=b.dtype, device=b.device) for b in biases]
     _launch_pack(dws, dbs, pdw.sum(0), pdb.sum(0), [int(w.shape[-1]) for w in weights], False)
@@ -3905,21 +3909,21 @@ _INFERENCE_PACKS: Dict[tuple, tuple] = {}
 _INFERENCE_PACKS_KEPT = 256
 
 
-def _pack_for_inference(weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor]):
-    """_pack(weights, biases), kept until a source changes: on a GPU the packing is ten small launches (a pad is a
-    fill and a copy; two cats), as many as the op's own, at every inference call. Packed afresh while a CUDA graph
-    is being captured (its replays must read the weights then current, and the table would live in the graph's
-    memory pool) or where the tensors carry no version counter (inference-mode tensors)."""
+def _pack_for_inference(weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor], dtype: torch.dtype):
+    """_pack(weights, biases, dtype), kept until a source changes: on a GPU the packing is a launch and its Python
+    (Triton's argument binding) at every inference call. Packed afresh while a CUDA graph is being captured (its
+    replays must read the weights then current, and the table would live in the graph's memory pool) or where the
+    tensors carry no version counter (inference-mode tensors)."""
     sources = (*weights, *biases)
     if sources[0].is_cuda and torch.cuda.is_current_stream_capturing():
-        return _pack(weights, biases)
+        return _pack(weights, biases, dtype)
     try:
-        key = tuple((t.data_ptr(), t._version, t.shape, t.stride(), t.dtype, t.device) for t in sources)
+        key = (dtype, *((t.data_ptr(), t._version, t.shape, t.stride(), t.dtype, t.device) for t in sources))
     except RuntimeError:  # an inference-mode tensor has no version counter
-        return _pack(weights, biases)
+        return _pack(weights, biases, dtype)
     entry = _INFERENCE_PACKS.get(key)
     if entry is None:
-        entry = (_pack(weights, biases), tuple(t.detach() for t in sources))
+        entry = (_pack(weights, biases, dtype), tuple(t.detach() for t in sources))
         keep_bounded(_INFERENCE_PACKS, key, entry, _INFERENCE_PACKS_KEPT)
     return entry[0]
 
@@ -3932,7 +3936,7 @@ def multiscale_dwconv_op(x: torch.Tensor, weights: List[torch.Tensor], biases: L
     """multiscale_dwconv on the packed weight table (`_pack`, packed here so that autograd reaches the groups)."""
     out = torch.empty_like(x)
     if x.numel() > 0:
-        w_table, bias, widths, ksizes = _pack(weights, biases)
+        w_table, bias, widths, ksizes = _pack(weights, biases, x.dtype)
         plan = _plan(x, widths, ksizes, out, thread_planes=True)
         _launch_forward(_CONV, x, w_table, bias, plan, out=out)
     return out
@@ -3950,7 +3954,7 @@ def multiscale_dwconv_backward(
     """(dx, each group's dW, each group's dbias)."""
     if x.numel() == 0:
         return torch.zeros_like(x), [torch.zeros_like(w) for w in weights], [torch.zeros_like(b) for b in biases]
-    w_table, _, widths, ksizes = _pack(weights, biases)
+    w_table, _, widths, ksizes = _pack(weights, biases, x.dtype)
     plan = _plan(x, widths, ksizes, grad_out, wgrad_dx=True, thread_planes=True)
     pdw, pdb = _wgrad_partials(plan, x.shape[1], x.device)
     dx = _launch_dx(grad_out, x, w_table, plan, residual=False, wgrad=(pdw, pdb))
@@ -4008,7 +4012,7 @@ def ms_ffn_middle_op(
     out = torch.empty_like(x)
     keep_z = training or save_z
     z = torch.empty_like(x) if keep_z else x.new_empty(0)
-    w_table, bias, widths, ksizes = _pack(weights, biases)
+    w_table, bias, widths, ksizes = _pack(weights, biases, x.dtype)
     plan = _plan(x, widths, ksizes, out, thread_planes=True)
     if training:
         stats = tuple(plan.partial_buffer(C, device=x.device) for _ in range(3))
@@ -4068,7 +4072,7 @@ def ms_ffn_middle_backward(
             torch.zeros_like(norm_weight),
             torch.zeros_like(norm_weight),
         )
-    w_table, bias, widths, ksizes = _pack(weights, biases)
+    w_table, bias, widths, ksizes = _pack(weights, biases, x.dtype)
     plan = _plan(x, widths, ksizes, grad_out)  # dz has x's shape and strides
     thread_plan = _plan(x, widths, ksizes, grad_out, thread_planes=True)
     # The strip and thread-plane kernels run the dz pass from the saved z; the statistics pass of training (no
@@ -4250,9 +4254,9 @@ def ms_ffn_middle(x, weights, biases, norm_weight, norm_bias, running_mean, runn
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {list(x.shape)}")
     weights, biases = list(weights), list(biases)
     if norm_weight is None:
-        norm_weight = torch.ones(C, dtype=weights[0].dtype, device=x.device)
+        norm_weight = torch.ones(C, dtype=x.dtype, device=x.device)
     if norm_bias is None:
-        norm_bias = torch.zeros(C, dtype=weights[0].dtype, device=x.device)
+        norm_bias = torch.zeros(C, dtype=x.dtype, device=x.device)
     # Eval with gradients (frozen BatchNorm while fine-tuning) keeps z too: the backward then skips the conv.
     needs_grad = torch.is_grad_enabled() and any(
         t.requires_grad for t in (x, *weights, *biases, norm_weight, norm_bias)
@@ -4315,7 +4319,7 @@ def ms_ffn_middle_eval(x, input_scale, input_shift, weights, biases, output_scal
     (896x14x14) 113.8 -> 68.0 / 53.7 (186.2 -> 106.7 / 89.9); bf16 stage 1 268.3 -> 243.3 / 92.0, stage 3 90.1 ->
     70.2 / 26.8 (133.8 -> 106.2 / 45.0). The 16-bit passes stay issue-bound (two GELUs per element and the
     stencil)."""
-    w_table, bias, widths, ksizes = _pack_for_inference(weights, biases)
+    w_table, bias, widths, ksizes = _pack_for_inference(weights, biases, x.dtype)
     out = torch.empty_like(x)
     if x.numel() == 0:
         return out
