@@ -268,13 +268,14 @@ class Settings:
     one warp, B's stage 4, were two per SM, leaving half the schedulers idle; the static estimates, Triton 3.8, before
     the balanced splits, of the B stage-4 bf16 multiscale_dwconv forward drop 35.0 -> 24.9 us on an H100 and of the
     MS-FFN middle 85.8 -> 65.1; at eight per SM the T and S stage-4 bf16 backward estimate up to 1.8x more, and the
-    audit models no latency that more warps would hide). affine_channels, affine_rows: the BatchNorm affine kernel's
-    channels per program and partial rows per tile (on GPUs a warp's 32 contiguous channels x 32 rows: a program per 32
-    channels, ~7 tiles per sweep at T's stage 1, where one program of all 192 channels swept the 196 partial rows one at
-    a time). On GPUs: small tiles, enough programs to fill the SMs several times over, NCHW tiles of one channel (a long
-    coalesced run of pixels). Triton's interpreter runs programs one after another at ~0.7 ms per tile operation
-    whatever the tile's size, so there few large programs are fastest: small NCHW planes share a tile (one channel per
-    program made the whole-model training test 20 minutes)."""
+    audit models no latency that more warps would hide). affine_channels, affine_rows: the BatchNorm kernels' (the
+    affine map, the running statistics, the backward's sums and coefficients) channels per program and partial rows per
+    tile (on GPUs a warp's 32 contiguous channels x 32 rows: a program per 32 channels, ~7 tiles per sweep at T's stage
+    1, where one program of all 192 channels swept the 196 partial rows one at a time). On GPUs: small tiles, enough
+    programs to fill the SMs several times over, NCHW tiles of one channel (a long coalesced run of pixels). Triton's
+    interpreter runs programs one after another at ~0.7 ms per tile operation whatever the tile's size, so there few
+    large programs are fastest: small NCHW planes share a tile (one channel per program made the whole-model training
+    test 20 minutes)."""
 
     tile_elements: int
     target_programs: int
