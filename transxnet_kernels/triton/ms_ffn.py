@@ -2070,6 +2070,14 @@ def _partials_tile(first, cs, cmask, P, C, BLOCK_P: tl.constexpr):
 
 
 @triton.jit
+def _batch_norm_root(var, eps_ptr):
+    """sqrt(var + eps), correctly rounded: sqrt_rn is fp32's correctly rounded square root; fp64's plain one is."""
+    if var.dtype == tl.float64:
+        return tl.sqrt(var + tl.load(eps_ptr))
+    return tl.sqrt_rn(var + tl.load(eps_ptr))
+
+
+@triton.jit
 def _batch_norm_affine_kernel(
     pcnt_ptr,
     pmean_ptr,
@@ -2119,11 +2127,7 @@ def _batch_norm_affine_kernel(
     else:
         mean = tl.load(mean_ptr + cs, mask=cmask, other=0.0)
         var = tl.load(var_ptr + cs, mask=cmask, other=0.0)
-    if var.dtype == tl.float64:  # sqrt_rn is fp32's correctly rounded square root; fp64's plain one is
-        root = tl.sqrt(var + tl.load(eps_ptr))
-    else:
-        root = tl.sqrt_rn(var + tl.load(eps_ptr))
-    scale = tl.load(weight_ptr + cs, mask=cmask, other=0.0).to(ACC) / root
+    scale = tl.load(weight_ptr + cs, mask=cmask, other=0.0).to(ACC) / _batch_norm_root(var, eps_ptr)
     tl.store(scale_ptr + cs, scale, mask=cmask)
     tl.store(shift_ptr + cs, tl.load(bias_ptr + cs, mask=cmask, other=0.0).to(ACC) - mean * scale, mask=cmask)
 
@@ -2168,11 +2172,7 @@ def _batch_norm_grad_kernel(
         tl.store(dbeta_ptr + cs, dbeta, mask=cmask)
         tl.store(dgamma_ptr + cs, dgamma, mask=cmask)
     if COEFFICIENTS:
-        var = tl.load(var_ptr + cs, mask=cmask, other=1.0)
-        if var.dtype == tl.float64:  # as _batch_norm_affine_kernel
-            rstd = 1 / tl.sqrt(var + tl.load(eps_ptr))
-        else:
-            rstd = 1 / tl.sqrt_rn(var + tl.load(eps_ptr))
+        rstd = 1 / _batch_norm_root(tl.load(var_ptr + cs, mask=cmask, other=1.0), eps_ptr)
         cgo = tl.load(weight_ptr + cs, mask=cmask, other=0.0).to(ACC) * rstd
         tl.store(coef_ptr + cs, rstd, mask=cmask)
         tl.store(coef_ptr + C + cs, cgo, mask=cmask)
@@ -3689,6 +3689,12 @@ def _launch_strip_eval(
             )
 
 
+def _per_channel_block(C: int, device: torch.device) -> int:
+    """Channels per program of the BatchNorm kernels (the affine map, the running statistics, the backward's sums
+    and coefficients): a grid of cdiv(C, it) programs."""
+    return min(launch_settings(Settings, device).affine_channels, next_power_of_2(C))
+
+
 def _batch_norm_affine(
     plan: _Plan,
     mean: torch.Tensor,
@@ -3703,8 +3709,7 @@ def _batch_norm_affine(
     C = mean.shape[0]
     scale, shift = torch.empty_like(mean), torch.empty_like(mean)
     pcnt, pmean, pm2 = stats if stats else (mean, mean, mean)
-    settings = launch_settings(Settings, mean.device)
-    block_c = min(settings.affine_channels, next_power_of_2(C))
+    block_c = _per_channel_block(C, mean.device)
     with device_guard(mean):
         _batch_norm_affine_kernel[(cdiv(C, block_c),)](
             pcnt,
@@ -3720,7 +3725,7 @@ def _batch_norm_affine(
             pcnt.shape[0] if stats else 0,
             C,
             FROM_PARTIALS=bool(stats),
-            BLOCK_P=settings.affine_rows,
+            BLOCK_P=launch_settings(Settings, mean.device).affine_rows,
             BLOCK_C=block_c,
             ACC=tl_accumulation_dtype(plan.acc),
             num_warps=4,
@@ -3743,8 +3748,7 @@ def _batch_norm_grad(
     dgamma, dbeta outputs) summed where given."""
     C = var.shape[0]
     sgo, sgx, dgamma, dbeta = sums if sums is not None else (coef, coef, coef, coef)
-    settings = launch_settings(Settings, var.device)
-    block_c = min(settings.affine_channels, next_power_of_2(C))
+    block_c = _per_channel_block(C, var.device)
     with device_guard(var):
         _batch_norm_grad_kernel[(cdiv(C, block_c),)](
             var,
@@ -3761,7 +3765,7 @@ def _batch_norm_grad(
             SUMS=sums is not None,
             COEFFICIENTS=coefficients,
             CENTRED=centred,
-            BLOCK_P=settings.affine_rows,
+            BLOCK_P=launch_settings(Settings, var.device).affine_rows,
             BLOCK_C=block_c,
             ACC=tl_accumulation_dtype(plan.acc),
             num_warps=4,
@@ -4224,7 +4228,7 @@ def batch_norm_update_running(
     """F.batch_norm's update of the running statistics from a batch's mean and biased variance over `count` values
     per channel, in one launch (nine small torch launches on a GPU)."""
     momentum_hi = struct.unpack("f", struct.pack("f", momentum))[0]  # the nearest fp32, then the remainder
-    block_c = min(launch_settings(Settings, mean.device).affine_channels, next_power_of_2(mean.shape[0]))
+    block_c = _per_channel_block(mean.shape[0], mean.device)
     with device_guard(mean):
         _running_statistics_kernel[(cdiv(mean.shape[0], block_c),)](
             mean,
