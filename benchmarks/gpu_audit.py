@@ -44,17 +44,22 @@ Pipeline
    trip (`trip_instructions`): the largest (unswitched or peeled copies), or, where LLVM or ptxas unrolled it (a main
    loop doing k trips per pass beside a remainder loop doing one), the main loop's body / k. One issue per scheduler and
    per warp per clock; no stalls modelled, so no memory latency: launches holding few warps per SM are still optimistic.
-   Nor pipe throughput, but for one bound reported beside the estimate (`fp32_pipe_estimate_s`): on 16 FP32 lanes per
-   scheduler (sm_70/80; 32 on sm_86/90) a warp's FFMA holds its pipe 2 clocks, so each SASS body costs max(instructions,
-   2 x fp-category instructions) slots. The summaries keep categories, not pipes, so the bound is close for FFMA-bound
-   stencils and pessimistic where MUFU, HMMA or compares fill the fp category. Torch work between launches (sums of
+   One pipe is in the estimate: each scheduler's tensor core. An MMA (HMMA, HGMMA, DMMA) holds it for its FMAs / the
+   core's FMAs per clock (`Gpu.tensor_fma_per_clock`: m16n8k16 in bf16 is 8 clocks on an A100, 4 on an H100), so a
+   SASS body costs max(instructions, its MMAs' clocks) slots (`Pipes`); the analysis keeps each body's MMA FMAs per
+   input class (`mma_fma_f16`, `_tf32`, `_f64`). Other pipes only in one bound reported beside the estimate
+   (`fp32_pipe_estimate_s`): on 16 FP32 lanes per scheduler (sm_70/80; 32 on sm_86/90) a warp's FFMA holds its pipe 2
+   clocks, so each body costs max(instructions, 2 x fp-category instructions, MMA clocks) slots. The summaries keep
+   categories, not pipes, so the bound is close for FFMA-bound stencils and pessimistic where MUFU or compares fill
+   the fp category. Torch work between launches (sums of
    partials, copies, fills) is recorded in step 2 by a dispatch mode and adds its bytes / bandwidth (each aten op that
    is not a view or an allocation reads its tensor arguments and writes its outputs once; a fill or zero only writes, a
    copy reads only its source; a slice of padded rows moves each row's whole 32-byte sectors). Beside it, the call's
    roofline: minimal DRAM bytes (the kernel module docstrings' formulas) / bandwidth.
 6. Cache: compile results (with the unused pointer parameters; an entry without them, from an older audit,
    compiles again), keyed by `ASTSource.hash()` (kernel source and every jit helper it calls,
-   signature, constexprs, attributes), the options, the target and the Triton version, are kept in
+   signature, constexprs, attributes), the options, the target, the Triton version and the result format (and, for
+   kernels calling tl.dot, the MMA analysis's `TENSOR_PIPE_FORMAT`, so only they recompile when it changes), are kept in
    `benchmarks/results/gpu_audit_cache_<triton>.json`, so a rerun compiles only what changed.
 
 Output: `benchmarks/results/gpu_audit_<triton>.json` and `.md`.
@@ -120,6 +125,9 @@ class Gpu:
     max_blocks_per_sm: int
     estimate: bool  # include in the time estimates (sm_70 is compile-only)
     fp32_lanes_per_scheduler: int  # FP32 units per scheduler: 16 takes a warp's FFMA 2 clocks (see fp32_pipe_slots)
+    # FMAs a scheduler's tensor core does per clock, per input class of the MMA (`_mma_fma`), at the peak dense rate
+    # with fp32 accumulation: the device's tensor TFLOPS / (2 x SMs x 4 x the clock they are quoted at).
+    tensor_fma_per_clock: Tuple[Tuple[str, float], ...]
 
     @property
     def fp32_pipe_slots(self) -> int:
@@ -127,18 +135,62 @@ class Gpu:
         return 32 // self.fp32_lanes_per_scheduler
 
     @property
+    def issue_pipes(self) -> Pipes:
+        """The estimate's slot model: one slot per instruction, or the tensor core's clocks where they are more."""
+        return Pipes(1, self.tensor_fma_per_clock)
+
+    @property
+    def fp32_pipes(self) -> Pipes:
+        """The FP32-pipe bound's slot model: fp-category instructions at fp32_pipe_slots each, and the tensor core."""
+        return Pipes(self.fp32_pipe_slots, self.tensor_fma_per_clock)
+
+    @property
     def target(self) -> str:
         return f"sm_{self.cc}"
 
 
+@dataclasses.dataclass(frozen=True)
+class Pipes:
+    """The issue slots a SASS body costs its scheduler: one per instruction, or, where a pipe is busier, that pipe's
+    clocks: a warp's fp-category instruction holds the FP32 pipe fp_slots clocks (2 on 16 FP32 lanes; the FP32-pipe
+    bound), and its MMAs hold the tensor core their FMAs / its rate (`Gpu.tensor_fma_per_clock`, per input class; a
+    class the rates leave out is an error). The default (no rates) counts instructions only."""
+
+    fp_slots: int = 1
+    tensor_fma_per_clock: Tuple[Tuple[str, float], ...] = ()
+
+    def slots(self, body: Dict[str, int]) -> float:
+        rates = dict(self.tensor_fma_per_clock)
+        tensor = 0.0
+        for key, fmas in body.items():
+            if rates and key.startswith(_MMA_FMA):
+                mma_class = key[len(_MMA_FMA) :]
+                if mma_class not in rates:
+                    raise KeyError(f"no tensor-core rate for {mma_class} MMAs in this model")
+                tensor += fmas / rates[mma_class]
+        return max(body.get("total", 0), self.fp_slots * body.get("fp", 0), tensor)
+
+
+# Tensor rates: A100 312 / 156 / 19.5 TFLOPS (fp16-bf16 / tf32 / fp64) at 1.41 GHz; RTX 3090 71 / 35.6 with fp32
+# accumulation at 1.695 GHz (its fp64 has no tensor path: its FP64 units' 2 FMAs per SM and clock); H100 SXM 989 /
+# 495 / 67 at 1.83 GHz, the wgmma rate: mma.sync (HMMA) is reported to reach about two thirds of it, so H100's
+# HMMA-bound estimates are optimistic. V100's 125 TFLOPS at 1.53 GHz (compile-only).
 GPUS = {
-    "sm_70": Gpu("V100 SXM2", 70, 80, 0.90, 1.53, 96, 96, 64, 32, False, 16),
-    "sm_80": Gpu("A100 SXM 80GB", 80, 108, 2.0, 1.41, 164, 163, 64, 32, True, 16),
-    "sm_86": Gpu("RTX 3090", 86, 82, 0.936, 1.695, 100, 99, 48, 16, True, 32),
-    "sm_90": Gpu("H100 SXM", 90, 132, 3.35, 1.755, 228, 227, 64, 32, True, 32),
+    "sm_70": Gpu("V100 SXM2", 70, 80, 0.90, 1.53, 96, 96, 64, 32, False, 16, (("f16", 128),)),
+    "sm_80": Gpu(
+        "A100 SXM 80GB", 80, 108, 2.0, 1.41, 164, 163, 64, 32, True, 16, (("f16", 256), ("tf32", 128), ("f64", 16))
+    ),
+    "sm_86": Gpu(
+        "RTX 3090", 86, 82, 0.936, 1.695, 100, 99, 48, 16, True, 32, (("f16", 64), ("tf32", 32), ("f64", 0.5))
+    ),
+    "sm_90": Gpu(
+        "H100 SXM", 90, 132, 3.35, 1.755, 228, 227, 64, 32, True, 32, (("f16", 512), ("tf32", 256), ("f64", 34.6))
+    ),
 }
 # Bump when compile_spec's result changes, so that cached results of the old form are recompiled.
 RESULT_FORMAT = 2
+# Bump when the analysis of MMA instructions changes: only kernels calling tl.dot recompile.
+TENSOR_PIPE_FORMAT = 1
 REGISTERS_PER_SM = 65536
 SCHEDULERS_PER_SM = 4
 
@@ -482,6 +534,7 @@ def recording_launches(gpu: Gpu, sink: List[Launch], phase: List[str]) -> Iterat
                 triton.__version__,
                 RESULT_FORMAT,
             ]
+            + ([TENSOR_PIPE_FORMAT] if _uses_tensor_cores(fn) else [])
         )
         summary = {
             "signature": signature,
@@ -794,6 +847,11 @@ class SourceLoop:
     last_line: int
 
 
+def _uses_tensor_cores(fn: JITFunction) -> bool:
+    """Whether fn or a jit function it calls calls tl.dot (its SASS may hold MMAs)."""
+    return any("tl.dot(" in f.src for f in _jit_helpers(fn))
+
+
 def _jit_helpers(fn: JITFunction) -> List[JITFunction]:
     """fn and the jit functions it calls, transitively (those defined at module level)."""
     found, todo = {}, [fn]
@@ -854,12 +912,10 @@ _FP = {
     "HFMA2",
     "HMNMX2",
     "HSETP2",
-    "HMMA",
     "DADD",
     "DMUL",
     "DFMA",
     "DSETP",
-    "DMMA",
     "F2F",
     "F2I",
     "I2F",
@@ -867,7 +923,6 @@ _FP = {
     "FMUL2",
     "FADD2",
     "FFMA2",
-    "HGMMA",
     "FSWZADD",
     "I2FP",
 }
@@ -906,8 +961,42 @@ _INT = {
 }
 
 
+_MMA = {"HMMA", "HGMMA", "DMMA"}
+_MMA_FMA = "mma_fma_"  # body counts of the FMAs MMAs do per warp, per input class: mma_fma_f16, _tf32, _f64
+_MMA_SHAPE = re.compile(r"\.(\d+)x(\d+)x(\d+)|\.(884|1684|1688|16816|16832)\b")
+_MMA_SYNC_SHAPES = {
+    "884": (8, 8, 4),
+    "1684": (16, 8, 4),
+    "1688": (16, 8, 8),
+    "16816": (16, 8, 16),
+    "16832": (16, 8, 32),
+}
+_MMA_CLASS = {"F16": "f16", "BF16": "f16", "TF32": "tf32", "F64": "f64"}
+
+
+def _mma_fma(opcode: str, modifiers: str) -> Tuple[str, int]:
+    """(input class, FMAs per warp) of an MMA instruction: HMMA.16816.F32.BF16 is m16n8k16 per warp (2048 FMAs);
+    HGMMA.64x32x16.F32.BF16 is m64n32k16 per warpgroup, a quarter of it per warp; DMMA.884 m8n8k4 in fp64. Integer
+    MMAs (IMMA) are not counted: no kernel of ours has them."""
+    shape = _MMA_SHAPE.search(modifiers)
+    if shape is None:
+        raise ValueError(f"unknown MMA shape: {opcode}{modifiers}")
+    if shape.group(4):
+        m, n, k = _MMA_SYNC_SHAPES[shape.group(4)]
+    else:
+        m, n, k = (int(shape.group(i)) for i in (1, 2, 3))
+    fmas = m * n * k // (4 if opcode == "HGMMA" else 1)
+    if opcode == "DMMA":
+        return "f64", fmas
+    # The accumulator's type comes first; the inputs' follows unless it is fp16 (HMMA.16816.F32: fp16 in, fp32 out).
+    types = [t for t in modifiers.strip(".").split(".") if t in _MMA_CLASS or t == "F32"]
+    return _MMA_CLASS[types[1]] if len(types) > 1 else "f16", fmas
+
+
 def _category(opcode: str) -> str:
     base = opcode[1:] if opcode.startswith("U") and opcode[1:] in _INT | {"MOV"} else opcode
+    if base in _MMA:
+        return "mma"
     if base.startswith("LD") and base != "LDGDEPBAR":
         return "load"
     if base in {"STG", "STS", "STL", "ST", "RED", "ATOM", "ATOMG", "ATOMS", "REDG", "STSM"}:
@@ -937,9 +1026,10 @@ def analyse_sass(sass: str, source_loops: Sequence[SourceLoop]) -> Dict[str, Any
                 labels[label] = address
             pending_labels = []
             target = _BRANCH_TARGET.search(m.group(5)) if m.group(3) == "BRA" else None
-            instructions.append((address, m.group(3), line, target.group(1) if target else None))
+            mma = _mma_fma(m.group(3), m.group(4)) if m.group(3) in _MMA else None
+            instructions.append((address, m.group(3), line, target.group(1) if target else None, mma))
     loops = []  # (start address, end address, branch line)
-    for address, _, branch_line, target in instructions:
+    for address, _, branch_line, target, _ in instructions:
         if target is not None and labels[target] < address:
             loops.append((labels[target], address, branch_line))
     loops.sort(key=lambda lp: lp[1] - lp[0])  # innermost (shortest) first
@@ -949,12 +1039,14 @@ def analyse_sass(sass: str, source_loops: Sequence[SourceLoop]) -> Dict[str, Any
 
     counts = [collections.Counter() for _ in loops]
     outside = collections.Counter()
-    for address, opcode, _, _ in instructions:
+    for address, opcode, _, _, mma in instructions:
         i = innermost_loop(address)
         category = _category(opcode)
         for c in (outside if i is None else counts[i],):
             c[category] += 1
             c["total"] += 1
+            if mma is not None:
+                c[_MMA_FMA + mma[0]] += mma[1]
 
     def source_loop_of(file, line):
         enclosing = [s for s in source_loops if s.file == file and s.first_line <= line <= s.last_line]
@@ -964,7 +1056,7 @@ def analyse_sass(sass: str, source_loops: Sequence[SourceLoop]) -> Dict[str, Any
     for (lo, hi, (branch_file, branch_line)), c in zip(loops, counts):
         source = source_loop_of(branch_file, branch_line)
         if source is None:  # the branch carries a hoisted line: the source loop most of the body's lines fall in
-            votes = collections.Counter(source_loop_of(*ln) for a, _, ln, _ in instructions if lo <= a <= hi)
+            votes = collections.Counter(source_loop_of(*ln) for a, _, ln, _, _ in instructions if lo <= a <= hi)
             votes.pop(None, None)
             source = votes.most_common(1)[0][0] if votes else None
         depth = sum(1 for lo2, hi2, _ in loops if lo2 <= lo and hi <= hi2) - 1
@@ -993,12 +1085,7 @@ def occupancy(result: Dict[str, Any], num_warps: int, gpu: Gpu) -> Dict[str, int
     return {"blocks_per_sm": blocks, "warps_per_sm": blocks * num_warps}
 
 
-def _issue_slots(body: Dict[str, int], fp_slots: int) -> int:
-    """Issue slots of a SASS body: its instructions, or its fp-category ones at fp_slots each where more."""
-    return max(body.get("total", 0), fp_slots * body.get("fp", 0))
-
-
-def trip_instructions(versions: Sequence[Dict[str, int]], fp_slots: int = 1) -> float:
+def trip_instructions(versions: Sequence[Dict[str, int]], pipes: Pipes = Pipes()) -> float:
     """Instructions one trip of a source loop issues, from the exclusive bodies of the SASS loops tied to it.
 
     Several versions are unswitched or peeled copies (one runs per trip: the largest counts) or an unrolled
@@ -1007,11 +1094,11 @@ def trip_instructions(versions: Sequence[Dict[str, int]], fp_slots: int = 1) -> 
     remainder's, less at most one per extra trip (a loop-invariant constant load hoisted out of the unrolled
     body), and its instructions at least 3/4 of k times (the branch and induction are shared); a trip then
     costs the main body / k. Copies per kernel size (the stencils' K taps unrolled) scale their loads by
-    K / K' (7 / 3 for their 35 and 15), which misses both tests. fp_slots > 1: in issue slots (`_issue_slots`)."""
+    K / K' (7 / 3 for their 35 and 15), which misses both tests. In issue slots of `pipes` (`Pipes.slots`)."""
     largest = max(versions, key=lambda body: body.get("total", 0))
     smallest = min(versions, key=lambda body: body.get("total", 0))
     total, loads, remainder_loads = largest.get("total", 0), largest.get("load", 0), smallest.get("load", 0)
-    slots = _issue_slots(largest, fp_slots)
+    slots = pipes.slots(largest)
     for k in (2, 4, 8):
         unrolled_loads = k * remainder_loads - (k - 1) <= loads <= k * remainder_loads
         if remainder_loads > 0 and unrolled_loads and total >= 0.75 * k * smallest.get("total", 0):
@@ -1019,50 +1106,52 @@ def trip_instructions(versions: Sequence[Dict[str, int]], fp_slots: int = 1) -> 
     return slots
 
 
-def issued_warp_instructions(launch: Launch, sass: Dict[str, Any], fp_slots: int = 1) -> int:
+def issued_warp_instructions(launch: Launch, sass: Dict[str, Any], pipes: Pipes = Pipes()) -> int:
     """Σ over source loops of (instructions per trip, `trip_instructions`) x trips, plus the straight code once per
-    program; times the program's warps. fp_slots > 1: issue slots, each body's fp-category instructions at fp_slots
-    each where they outweigh its instruction count (`_issue_slots`)."""
+    program; times the program's warps. In issue slots of `pipes`: a body's fp-category instructions or its MMAs'
+    tensor-core clocks where they outweigh its instruction count (`Pipes.slots`)."""
     for loop in sass["loops"]:
         if loop["source_loop"] not in launch.loop_trips:
             raise KeyError(
                 f"{launch.kernel}: SASS loop at line {loop['branch_line']} (source loop "
                 f"{loop['source_loop']}) has no trip count in gpu_audit_trips.LOOP_TRIPS"
             )
-    per_warp = _issue_slots(sass["outside_loops"], fp_slots) * launch.programs
-    per_warp += _loop_instructions(sass, launch.loop_trips, fp_slots)
+    per_warp = pipes.slots(sass["outside_loops"]) * launch.programs
+    per_warp += _loop_instructions(sass, launch.loop_trips, pipes)
     return round(per_warp * launch.num_warps)
 
 
-def _loop_instructions(sass: Dict[str, Any], trips: Dict[str, int], fp_slots: int) -> float:
+def _loop_instructions(sass: Dict[str, Any], trips: Dict[str, int], pipes: Pipes) -> float:
     """Σ over the source loops named in `trips` of (instructions per trip, `trip_instructions` over the SASS loops
     tied to it) x its trips, per warp."""
     versions: Dict[str, List[Dict[str, int]]] = collections.defaultdict(list)
     for loop in sass["loops"]:
         if loop["source_loop"] in trips:
             versions[loop["source_loop"]].append(loop["body"])
-    return sum(trip_instructions(bodies, fp_slots) * trips[name] for name, bodies in versions.items())
+    return sum(trip_instructions(bodies, pipes) * trips[name] for name, bodies in versions.items())
 
 
-def issue_seconds(launch: Launch, result: Dict[str, Any], gpu: Gpu, fp_slots: int = 1) -> float:
+def issue_seconds(launch: Launch, result: Dict[str, Any], gpu: Gpu, pipes: Optional[Pipes] = None) -> float:
     """Time the busiest SM takes to issue its programs' instructions.
 
     Programs of one launch cost alike (their instructions are averaged) and are spread over the SMs, so the
     busiest runs ceil(programs / SMs) of them: a partial last wave costs what a full one does. An SM issues at
     most one instruction per scheduler per clock and a warp at most one per clock (in order, no dual issue), so
     an SM holding fewer warps than schedulers leaves some idle. Still no stalls: a real warp waits on memory
-    and on dependent instructions, which only more resident warps hide. fp_slots: see `issued_warp_instructions`."""
+    and on dependent instructions, which only more resident warps hide. pipes: the slot model, `Gpu.issue_pipes` unless
+    given (`Pipes`): a scheduler's tensor core is its own, so its clocks bound the scheduler as its issue slots do."""
+    pipes = pipes or gpu.issue_pipes
     on_busiest_sm = math.ceil(launch.programs / gpu.sms)
     # A block that cannot fit is reported as a problem; its time is counted as if one did.
     resident_blocks = min(on_busiest_sm, max(occupancy(result, launch.num_warps, gpu)["blocks_per_sm"], 1))
     issue_per_clock = min(SCHEDULERS_PER_SM, resident_blocks * launch.num_warps)
-    per_program = issued_warp_instructions(launch, result["sass"], fp_slots) / launch.programs
+    per_program = issued_warp_instructions(launch, result["sass"], pipes) / launch.programs
     return on_busiest_sm * per_program / (issue_per_clock * gpu.clock_ghz * 1e9) + tail_seconds(
-        launch, result, gpu, fp_slots
+        launch, result, gpu, pipes
     )
 
 
-def tail_seconds(launch: Launch, result: Dict[str, Any], gpu: Gpu, fp_slots: int = 1) -> float:
+def tail_seconds(launch: Launch, result: Dict[str, Any], gpu: Gpu, pipes: Optional[Pipes] = None) -> float:
     """The serial tail of a launch whose programs wait for others (`gpu_audit_trips.LAST_PROGRAM_TRIPS`: OSRA's
     last-arriver dk/dv and bias-gradient sums): the loops one program runs once the rest of its group is done, issued by
     its warps alone (at most 4 a clock) after the launch's spread work. Averaged over the programs as the spread work
@@ -1071,16 +1160,17 @@ def tail_seconds(launch: Launch, result: Dict[str, Any], gpu: Gpu, fp_slots: int
     such sums in one launch (dk/dv per group, the bias gradient's per query block) count as one program's, the last. Its
     loops are counted once more than they run, a small share where the groups are many; the partials' reads from L2 are
     not modelled (issue only)."""
-    per_warp = _loop_instructions(result["sass"], launch.tail_trips, fp_slots)
+    per_warp = _loop_instructions(result["sass"], launch.tail_trips, pipes or gpu.issue_pipes)
     return per_warp * launch.num_warps / (min(SCHEDULERS_PER_SM, launch.num_warps) * gpu.clock_ghz * 1e9)
 
 
 def launch_seconds(launch: Launch, result: Dict[str, Any], gpu: Gpu) -> Dict[str, float]:
-    """DRAM time, issue time, the estimate (their max) and the FP32-pipe bound's estimate (`Gpu.fp32_pipe_slots`:
-    on 16 FP32 lanes per scheduler, sm_70/80, every fp-category instruction at 2 issue slots; else the estimate)."""
+    """DRAM time, issue time (tensor-core clocks included, `Gpu.issue_pipes`), the estimate (their max) and the
+    FP32-pipe bound's estimate (`Gpu.fp32_pipes`: on 16 FP32 lanes per scheduler, sm_70/80, every fp-category
+    instruction at 2 issue slots; else the estimate)."""
     dram = launch.dram_bytes(result["unused_pointer_args"]) / (gpu.dram_tb_s * 1e12)
     issue = issue_seconds(launch, result, gpu)
-    fp32_pipe = issue_seconds(launch, result, gpu, gpu.fp32_pipe_slots) if gpu.fp32_pipe_slots > 1 else issue
+    fp32_pipe = issue_seconds(launch, result, gpu, gpu.fp32_pipes) if gpu.fp32_pipe_slots > 1 else issue
     return {
         "dram_s": dram,
         "issue_s": issue,

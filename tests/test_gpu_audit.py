@@ -331,7 +331,7 @@ sass = {"outside_loops": {"total": 100, "fp": 80}, "loops": [loop]}
 result = {"registers": 64, "smem_bytes": 0, "sass": sass, "unused_pointer_args": []}
 assert (a100.fp32_pipe_slots, h100.fp32_pipe_slots) == (2, 1)
 assert round(issue_seconds(launch, result, a100) * a100.clock_ghz * 1e9, 6) == (100 + 10 * 50) * 8 / 4
-assert round(issue_seconds(launch, result, a100, 2) * a100.clock_ghz * 1e9, 6) == (160 + 10 * 50) * 8 / 4
+assert round(issue_seconds(launch, result, a100, a100.fp32_pipes) * a100.clock_ghz * 1e9, 6) == (160 + 10 * 50) * 8 / 4
 times = launch_seconds(launch, result, a100)
 assert times["fp32_pipe_estimate_s"] > times["estimate_s"] == times["issue_s"]
 times = launch_seconds(launch, result, h100)
@@ -349,6 +349,54 @@ assert round(issue_seconds(launch, result, h100) * clock, 6) == round(spread + 5
 launch = dataclasses.replace(launch, num_warps=2)
 assert round(issue_seconds(launch, result, h100) * clock, 6) == round(spread / 2 + 500, 6)
 """
+
+
+_TENSOR_PIPE_CHECK = r"""
+from benchmarks.gpu_audit import GPUS, Launch, Pipes, analyse_sass, issue_seconds, launch_seconds
+
+# MMAs are their own category; their FMAs per warp are kept per input class.
+sass = "\n".join(
+    [
+        "        /*0000*/                   HMMA.16816.F32.BF16 R16, R20, R12, R16 ;",
+        "        /*0010*/                   HMMA.16816.F32 R16, R20, R12, R16 ;",
+        "        /*0020*/                   HMMA.1688.F32.TF32 R16, R20, R12, R16 ;",
+        "        /*0030*/                   HGMMA.64x32x16.F32.BF16 R24, gdesc[UR4], R24 ;",
+        "        /*0040*/                   FFMA R1, R2, R3, R1 ;",
+    ]
+)
+body = analyse_sass(sass, [])["outside_loops"]
+assert body["mma"] == 4 and body["fp"] == 1 and body["total"] == 5, body
+# m16n8k16 per warp; HMMA.16816.F32 without a type names fp16 inputs; m16n8k8 tf32; m64n32k16 per 4-warp group.
+assert body["mma_fma_f16"] == 2 * 16 * 8 * 16 + 64 * 32 * 16 // 4 and body["mma_fma_tf32"] == 16 * 8 * 8, body
+
+# A body of 20 instructions, 16 of them m16n8k16 bf16 MMAs: the A100's tensor core takes 8 clocks each (256 FMAs a
+# clock), so 128 slots; the H100's 4 each, 64; counted as instructions only, 20.
+a100, h100 = GPUS["sm_80"], GPUS["sm_90"]
+body = {"total": 20, "mma": 16, "mma_fma_f16": 16 * 2048}
+assert (a100.issue_pipes.slots(body), h100.issue_pipes.slots(body), Pipes().slots(body)) == (128, 64, 20)
+# The estimate charges them: one 4-warp program per SM (one warp per scheduler) running 10 trips of that body.
+launch = Launch("kernel", "forward", (108, 1, 1), 4, "", {}, {"kernel:i": 108 * 10}, ())
+result = {"registers": 64, "smem_bytes": 0, "unused_pointer_args": [],
+          "sass": {"outside_loops": {"total": 0}, "loops": [{"source_loop": "kernel:i", "body": body}]}}
+assert round(issue_seconds(launch, result, a100) * a100.clock_ghz * 1e9, 6) == 10 * 128
+times = launch_seconds(launch, result, a100)
+assert times["estimate_s"] == times["issue_s"] == times["fp32_pipe_estimate_s"]
+# A class without a rate for the model is an error, not zero clocks.
+try:
+    Pipes(1, (("f16", 256),)).slots({"total": 1, "mma_fma_tf32": 1024})
+except KeyError:
+    pass
+else:
+    raise AssertionError("an MMA class without a rate was charged nothing")
+"""
+
+
+def test_mma_instructions_hold_the_tensor_core_for_their_fmas():
+    """An HMMA is one issued instruction but holds its scheduler's tensor core for several clocks (m16n8k16 bf16: 8 on
+    an A100, 4 on an H100); counted as one slot, the tensor-core stencils and OSRA's dots looked up to 8x cheaper than
+    they are. (In a subprocess: the audit module needs compiled Triton.)"""
+    pytest.importorskip("triton")
+    _run_compiled(_TENSOR_PIPE_CHECK)
 
 
 def test_issue_time_is_the_busiest_sms():
