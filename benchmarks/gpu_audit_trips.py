@@ -44,6 +44,12 @@ def _dynconv(args, grid) -> Trips:
     return {"_dynconv_kernel:p0": tiles, rows: tiles * args["K"]}
 
 
+def _toeplitz_conv(args, grid) -> Trips:
+    row_tiles = grid[0] * _cdiv(args["H"], args["BLOCK_M"])
+    column_tiles = _cdiv(args["W_vectors"] * args["VECTOR"], args["BLOCK_N"])
+    return {"_toeplitz_conv_kernel:h0": row_tiles, "_toeplitz_conv_kernel:w0": row_tiles * column_tiles}
+
+
 def _kernel_grad_partial(args, grid) -> Trips:
     if args["PLANE_W"] or args["STRIP"]:  # _wgrad_plane_k over one image (a literal 1: its loop folds away); strips
         return {}
@@ -202,6 +208,7 @@ def _osra_dkdv_sum(args, grid) -> Trips:
 
 LOOP_TRIPS: Dict[str, Callable[[Mapping, Sequence[int]], Trips]] = {
     "_dynconv_kernel": _dynconv,
+    "_toeplitz_conv_kernel": _toeplitz_conv,
     "_kernel_grad_partial_kernel": _kernel_grad_partial,
     "_softmax_chain_kernel": _softmax_chain,
     "_mix_kernel": _mix,

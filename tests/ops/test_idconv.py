@@ -231,6 +231,62 @@ def test_triton_chunked_stencils(shape, stencil, nan_poisoned_empty):
 
 
 @requires_triton
+@pytest.mark.parametrize(
+    "shape,vector",
+    [
+        ((2, 3, 9, 16, 2, 7), 8),  # H odd, two column tiles
+        ((1, 2, 18, 12, 3, 7), 4),  # W a multiple of 4 only: 4-element loads; two row tiles of 16
+        ((2, 2, 5, 24, 2, 5), 8),  # K = 5, a column tile half past W
+        ((1, 3, 6, 8, 2, 9), 8),  # K = 9: 16 kernel rows padded, a 32-column window
+        ((2, 2, 7, 4, 1, 3), 4),  # W below a column tile
+    ],
+    ids=str,
+)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16], ids=dtype_id)
+def test_triton_tensor_core_conv_passes(shape, vector, dtype, nan_poisoned_empty):
+    """16-bit maps on the strips' planes run the forward and gx passes as matmuls with the kernel as a banded matrix
+    (`_toeplitz_conv_kernel`); the dk pass keeps its stencil. In fp16 as on GPUs, and in fp64 (forced) so that every
+    window, tap and mask is checked to fp64 precision."""
+    from transxnet_kernels.triton import common
+    from transxnet_kernels.triton import idconv as triton_idconv
+
+    args = idconv_args(*shape, dtype=dtype, seed=7)
+    settings = triton_idconv.Settings(plane_max=0, toeplitz_dtypes=(dtype,), toeplitz_rows=16, toeplitz_min_pixels=0)
+    with common.launch_overrides(settings):
+        x, K = args[0].detach(), shape[-1]
+        conv = triton_idconv._Plan(x, K, conv=True, others=(x,))
+        assert conv.toeplitz and conv.toeplitz_vector == vector
+        assert not triton_idconv._Plan(x, K, conv=False, others=(x,)).toeplitz
+        check_op(TRITON, OP, args)
+
+
+@requires_triton
+def test_triton_tensor_core_conv_passes_only_for_their_dtypes():
+    """By default fp16 and bf16 planes of at least 2048 pixels (stage 1 at 224², the detection sizes' larger ones)
+    only: fp32 keeps its exact FFMA stencil (the tensor cores' fp32 is TF32 or three passes of it), as do the
+    channels_last maps, the whole planes and the planes too small to repay building the banded kernel (28², stage 2)."""
+    from transxnet_kernels.triton import common
+    from transxnet_kernels.triton import idconv as triton_idconv
+
+    def toeplitz(x):
+        return triton_idconv._Plan(x, 7, conv=True, others=(x,)).toeplitz
+
+    for dtype in (torch.float16, torch.bfloat16):
+        x = torch.empty(2, 3, 56, 56, device="meta", dtype=dtype)
+        assert toeplitz(x)
+        assert not toeplitz(x.to(memory_format=torch.channels_last))
+        assert not toeplitz(torch.empty(2, 3, 14, 14, device="meta", dtype=dtype))
+        assert not toeplitz(torch.empty(2, 3, 28, 28, device="meta", dtype=dtype))
+        assert toeplitz(torch.empty(1, 2, 200, 304, device="meta", dtype=dtype))
+    assert not toeplitz(torch.empty(2, 3, 56, 56, device="meta"))
+    # GPUs whose tensor cores are not much faster than their FP32 pipes keep the strips (RTX 30 series: 8.6).
+    x = torch.empty(2, 3, 56, 56, device="meta", dtype=torch.bfloat16)
+    for capability, runs in ((80, True), (86, False), (90, True)):
+        with common.launch_overrides(common.LaunchTarget(sm_count=100, interpreted=False, capability=capability)):
+            assert toeplitz(x) == runs
+
+
+@requires_triton
 def test_triton_chunked_stencils_only_where_they_apply():
     """Planned on meta tensors, with the whole-plane stencil off (it takes every plane of these sizes)."""
     from transxnet_kernels.triton import common

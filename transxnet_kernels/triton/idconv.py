@@ -25,6 +25,17 @@ Kernels (no atomics anywhere, so every result is deterministic):
   kernels k[b,c] and biases β[b,c] are synthesized once per forward by ``_mix_kernel`` into [B, C, K²] /
   [B, C] buffers in the accumulation dtype, so a tap costs one weight load; where autograd records a graph
   the kernels are kept for the backward's gx pass (`idconv_keeping_kernels`), which then mixes nothing.
+* ``_toeplitz_conv_kernel`` -- the conv passes (forward, gx) of fp16/bf16 maps on the strips' planes of at least
+  Settings.toeplitz_min_pixels (2048: stage 1 at 224², the detection sizes' stages 1-2) on the tensor cores of A100
+  and H100 class GPUs (`_FAST_TENSOR_CORES`; an RTX 3090's do a quarter of the FMAs, so they keep the strips): a
+  program per (sample, channel) builds the plane's kernel as a banded matrix T once and takes each output tile as one
+  X @ T, X holding per output row and kernel row the input row's window (details in its docstring). The taps are
+  rounded to the map's dtype for the MMA (as eager's 16-bit conv rounds its weights); products are exact and summed in
+  fp32. Per output the FFMA strip issues ~75 instructions per thread, 49 of them FMAs; this kernel ~1/8 of an MMA
+  and the window's loads and masks, about 2 warp-instructions per output with the banded matrix's build. That build
+  (a gather of K² taps into ROWS·WINDOW x 16 entries, ~370 instructions per warp) repays itself only on large planes:
+  at 28² (784 pixels) the kernel estimated 25.7 µs against the strips' 15.6 (T stage 2 bf16 forward, H100), so
+  smaller planes keep the strips.
 * ``_mix_kernel`` -- the softmax over G and the weighted sum of the weight bank, one read of the logits
   (B·G·C·K² values) and one write of the kernels (B·C·K²): not small next to the map in the late stages
   (stage 4: K² = H·W). It replaced torch's softmax, product and sum (three passes; the static audit
@@ -85,24 +96,24 @@ Static audit of `idconv` (`python -m benchmarks.audit_tables` writes this table 
 batch 128 at 224x224, the worst over layouts and modes; estimate / DRAM roofline, µs):
 
     stage  shape      phase     fp32 A100  fp32 H100  bf16 A100  bf16 H100
-    T1     24x56x56   forward   40.3/39.2  26.5/23.4  43.4/19.6  28.5/11.7
-    T1     24x56x56   backward  92.1/59.0  61.9/35.2  99.3/29.5  67.0/17.6
+    T1     24x56x56   forward   40.3/39.2  26.5/23.4  34.0/19.6  22.6/11.7
+    T1     24x56x56   backward  92.1/59.0  61.9/35.2  90.3/29.5  61.3/17.6
     T2     48x28x28   forward   22.5/20.5  14.8/12.2  23.7/10.3  15.6/6.1
     T2     48x28x28   backward  50.9/31.4  34.4/18.7  54.0/15.7  37.3/9.4
     T3     112x14x14  forward   15.5/14.1  9.3/8.4    14.4/7.1   9.6/4.2
     T3     112x14x14  backward  40.9/22.6  26.2/13.5  42.5/11.3  28.5/6.8
     T4     224x7x7    forward   14.2/11.4  8.5/6.8    10.0/5.7   6.8/3.4
     T4     224x7x7    backward  36.7/20.0  23.3/11.9  34.5/10.0  24.3/6.0
-    S1     32x56x56   forward   53.9/52.2  35.6/31.2  58.1/26.1  38.2/15.6
-    S1     32x56x56   backward  123/78.7   81.8/47.0  132/39.4   88.5/23.5
+    S1     32x56x56   forward   53.9/52.2  35.6/31.2  44.5/26.1  30.1/15.6
+    S1     32x56x56   backward  123/78.7   81.8/47.0  119/39.4   80.7/23.5
     S2     64x28x28   forward   29.4/27.3  19.6/16.3  31.1/13.7  20.8/8.2
     S2     64x28x28   backward  66.9/41.8  45.8/25.0  70.2/20.9  49.6/12.5
     S3     160x14x14  forward   24.3/22.2  14.5/13.3  21.5/11.1  14.1/6.6
     S3     160x14x14  backward  62.2/36.5  38.9/21.8  65.5/18.2  42.5/10.9
     S4     256x7x7    forward   22.8/19.6  13.6/11.7  14.4/9.8   9.9/5.9
     S4     256x7x7    backward  55.4/36.1  35.3/21.5  57.3/18.0  38.1/10.8
-    B1     38x56x56   forward   66.7/62.0  43.9/37.0  71.8/31.0  47.2/18.5
-    B1     38x56x56   backward  152/93.5   102/55.8   163/46.7   110/27.9
+    B1     38x56x56   forward   66.7/62.0  43.9/37.0  53.8/31.0  34.8/18.5
+    B1     38x56x56   backward  152/93.5   102/55.8   146/46.7   98.2/27.9
     B2     76x28x28   forward   36.9/32.5  23.9/19.4  39.1/16.2  25.3/9.7
     B2     76x28x28   backward  84.1/49.7  55.7/29.7  88.9/24.8  60.3/14.8
     B3     168x14x14  forward   27.6/25.5  16.5/15.2  23.5/12.8  15.7/7.6
@@ -186,7 +197,11 @@ class Settings:
     ~140-180 registers on 8 warps, one resident per SM, so more programs add waves, not residency (T's stage 4, 1792
     (sample, channel block) pairs: 256 programs of 7 samples were 266, three on the busiest SM of an H100; now 16 groups
     of 8 samples, 224 programs, two on the busiest). The prologue charge is a rough one sample's worth, not measured per
-    kernel. Interpreted, few programs."""
+    kernel. toeplitz_dtypes: the map dtypes whose conv passes run on the tensor cores (`_toeplitz_conv_kernel`) where
+    the strips apply and a plane has at least toeplitz_min_pixels pixels (none on GPUs without fast tensor cores,
+    `_FAST_TENSOR_CORES`); toeplitz_rows: most output rows of its
+    tiles (16 output columns each), toeplitz_num_warps / toeplitz_num_stages: its launch. Interpreted, few
+    programs."""
 
     conv_tile_elements: int = 512
     conv_num_warps: int = 4
@@ -200,12 +215,25 @@ class Settings:
     strip_row_chunks: int = 16
     chain_programs: int = 1
     chain_prologue_samples: float = 1.0
+    toeplitz_dtypes: Tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16)
+    toeplitz_rows: int = 32
+    toeplitz_min_pixels: int = 2048
+    toeplitz_num_warps: int = 4
+    toeplitz_num_stages: int = 2
 
     @classmethod
     def for_target(cls, target: LaunchTarget) -> Settings:
         if target.interpreted:
             return cls(plane_columns=512, strip_chunks=512)
+        if target.capability not in _FAST_TENSOR_CORES:
+            return cls(chain_programs=target.sm_count, toeplitz_dtypes=())
         return cls(chain_programs=target.sm_count)
+
+
+# Compute capabilities whose tensor cores do 256+ 16-bit FMAs a clock per scheduler with fp32 accumulation (A100,
+# H100): there the banded-matrix conv beats the FFMA strips. The RTX 30/40 series (8.6, 8.9) do 64 (GeForce) to 128,
+# where the static audit estimated it 2.2x slower than the strips (T stage 1 bf16 forward on an RTX 3090, 48 -> 106 µs).
+_FAST_TENSOR_CORES = (80, 90)
 
 
 # Elements of a _mix_kernel program (4 warps: 4 per thread, each with G loads of logits and of the bank).
@@ -637,6 +665,100 @@ def _dynconv_kernel(
 @triton.jit(
     do_not_specialize_on_alignment=[
         "C",
+        "H",
+        "W_vectors",
+        "src_stride_b",
+        "src_stride_c",
+        "src_stride_h",
+        "dst_stride_b",
+        "dst_stride_c",
+        "dst_stride_h",
+    ]
+)
+def _toeplitz_conv_kernel(
+    src_ptr,
+    dst_ptr,
+    kernel_ptr,
+    beta_ptr,
+    C,
+    H,
+    W_vectors,
+    src_stride_b,
+    src_stride_c,
+    src_stride_h,
+    dst_stride_b,
+    dst_stride_c,
+    dst_stride_h,
+    K: tl.constexpr,
+    FLIP: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    WINDOW: tl.constexpr,
+    ROWS: tl.constexpr,
+    LEAD: tl.constexpr,
+    VECTOR: tl.constexpr,
+):
+    """dst[b,c] = src[b,c] ⋆ k[b,c] (+ β[b,c]) as one matmul per output tile, on the tensor cores (16-bit maps on
+    row-contiguous planes); FLIP convolves with the flipped kernel (gx).
+
+    A program owns one (sample, channel) plane. An output tile of BLOCK_M rows x BLOCK_N columns starting at (h0,
+    w0) is X @ T: X [BLOCK_M, ROWS·WINDOW] holds, for output row h0 + m and kernel row i, the WINDOW input columns
+    from w0 - LEAD of input row h0 + m + i - P (zero outside the map); T [ROWS·WINDOW, BLOCK_N] is the plane's
+    kernel as a banded (Toeplitz) matrix, T[(i, j + n + LEAD - P), n] = k[i, j], built once per program in the map's
+    dtype. Its zeros are multiplied too (K = 7: 7·22 of T's 256 rows per column are taps), which the tensor cores
+    afford: the FFMA stencils issue 49 FMAs and their loads per output, this ~1/8 of an MMA. LEAD (a multiple of
+    VECTOR >= P) aligns each window, so X moves in VECTOR-element loads whose mask is uniform (W, the strides and
+    w0 are multiples of VECTOR; strides arrive divided by it so that Triton sees it)."""
+    plane = tl.program_id(0)
+    b = (plane // C).to(tl.int64)
+    c = (plane % C).to(tl.int64)
+    src = src_ptr + b * (src_stride_b * VECTOR) + c * (src_stride_c * VECTOR)
+    dst = dst_ptr + b * (dst_stride_b * VECTOR) + c * (dst_stride_c * VECTOR)
+    W = W_vectors * VECTOR
+    P: tl.constexpr = K // 2
+    q = tl.arange(0, ROWS * WINDOW)
+    kernel_row = q // WINDOW
+    window_col = q % WINDOW
+    n = tl.arange(0, BLOCK_N)
+    tap_col = window_col[:, None] - n[None, :] - (LEAD - P)
+    tap_ok = (tap_col >= 0) & (tap_col < K) & (kernel_row < K)[:, None]
+    if FLIP:
+        tap = (K - 1 - kernel_row)[:, None] * K + (K - 1 - tap_col)
+    else:
+        tap = kernel_row[:, None] * K + tap_col
+    toeplitz = tl.load(kernel_ptr + plane.to(tl.int64) * (K * K) + tap, mask=tap_ok, other=0.0)
+    toeplitz = toeplitz.to(src_ptr.dtype.element_ty)
+    if HAS_BIAS:
+        beta = tl.load(beta_ptr + plane)
+    else:
+        beta = 0.0
+    m = tl.arange(0, BLOCK_M)
+    for h0 in range(0, H, BLOCK_M):
+        in_row = h0 + m[:, None] + kernel_row[None, :] - P
+        row_ok = (in_row >= 0) & (in_row < H) & (kernel_row < K)[None, :]
+        out_row = h0 + m[:, None]
+        for w0 in range(0, W, BLOCK_N):
+            in_col = w0 - LEAD + window_col[None, :]
+            x = tl.load(
+                src + in_row * (src_stride_h * VECTOR) + in_col,
+                mask=row_ok & (in_col >= 0) & (in_col < W),
+                other=0.0,
+            )
+            out = tl.dot(x, toeplitz, input_precision="ieee")  # ieee: fp32 and fp64 (tests) take no TF32
+            if HAS_BIAS:
+                out += beta
+            out_col = w0 + n[None, :]
+            tl.store(
+                dst + out_row * (dst_stride_h * VECTOR) + out_col,
+                out.to(dst_ptr.dtype.element_ty),
+                mask=(out_row < H) & (out_col < W),
+            )
+
+
+@triton.jit(
+    do_not_specialize_on_alignment=[
+        "C",
         "src_stride_b",
         "src_stride_c",
         "src_stride_h",
@@ -1020,6 +1142,17 @@ class _Plan:
         block_c, block_p = _split_tile(C, H * W, self.settings.conv_tile_elements, channels_last_input(x))
         self.chunked = not self.plane[1] and _vectorisable(block_p, K, self.index64, x, *others)
         self.strip = _balanced_strip_rows(H, self.settings.strip_rows) if self.chunked else 0
+        # The conv passes of 16-bit maps there run on the tensor cores (`_toeplitz_conv_kernel`), in loads of
+        # toeplitz_vector elements (8 where W and every stride allow, else the 4 the strips need).
+        self.toeplitz = (
+            conv
+            and self.strip > 0
+            and x.dtype in self.settings.toeplitz_dtypes
+            and self.settings.toeplitz_min_pixels <= H * W
+        )
+        self.toeplitz_vector = (
+            8 if all(W % 8 == 0 and st % 8 == 0 for t in (x, *others) for st in t.stride()[:3]) else 4
+        )
         if self.plane[1]:
             self.block_p = next_power_of_2(H) * self.plane[2]
             self.block_c = min(next_power_of_2(C), max(1, self.settings.plane_columns // self.plane[2]))
@@ -1113,6 +1246,9 @@ def _launch_dynconv(
     K = kernel.shape[-1]
     has_bias = beta is not None
     beta = beta if has_bias else kernel
+    if plan.toeplitz:
+        _launch_toeplitz_conv(src, dst, kernel, beta, has_bias, flip, plan)
+        return
     with device_guard(src):
         _dynconv_kernel[plan.grid](
             src,
@@ -1134,6 +1270,47 @@ def _launch_dynconv(
             ACC=tl_accumulation_dtype(src.dtype),
             **plan.constexprs(),
             **(NO_REGISTER_BUDGET if plan.index64 else {}),  # ptxas's budget spilled 4 B (Triton 3.6, sm_86)
+        )
+
+
+def _launch_toeplitz_conv(
+    src: torch.Tensor,
+    dst: torch.Tensor,
+    kernel: torch.Tensor,
+    beta: torch.Tensor,
+    has_bias: bool,
+    flip: bool,
+    plan: _Plan,
+) -> None:
+    """`_launch_dynconv` on the tensor cores: a program per (sample, channel) plane, tiles of toeplitz_rows x 16."""
+    B, C, H, W = src.shape
+    K = kernel.shape[-1]
+    vector = plan.toeplitz_vector
+    lead = cdiv(K // 2, vector) * vector  # window columns before the tile's first output column, aligned
+    block_n = 16  # the fewest output columns a tl.dot takes
+    settings = plan.settings
+    with device_guard(src):
+        _toeplitz_conv_kernel[(B * C,)](
+            src,
+            dst,
+            kernel,
+            beta,
+            C,
+            H,
+            W // vector,
+            *(st // vector for st in src.stride()[:3]),
+            *(st // vector for st in dst.stride()[:3]),
+            K=K,
+            FLIP=flip,
+            HAS_BIAS=has_bias,
+            BLOCK_M=max(16, min(settings.toeplitz_rows, next_power_of_2(H))),
+            BLOCK_N=block_n,
+            WINDOW=next_power_of_2(lead + block_n + K // 2),
+            ROWS=next_power_of_2(K),
+            LEAD=lead,
+            VECTOR=vector,
+            num_warps=settings.toeplitz_num_warps,
+            num_stages=settings.toeplitz_num_stages,
         )
 
 
