@@ -36,7 +36,8 @@ Pipeline
    every tensor a launch is given and its compiled code dereferences, read or written once (distinct storages; L2
    catches the stencil/tile reuse). Which pointer parameters a specialisation dereferences comes from its TTIR
    (`unused_pointer_args`: data flow from each parameter to a load or store, so a pass handed a tensor its constexpr
-   branches skip is not charged for it). Issued warp-instructions: the SASS is split into loops by backward branches;
+   branches skip is not charged for it; nor one it touches only on a path finite maps never take,
+   `gpu_audit_trips.RARE_PATH_POINTERS`). Issued warp-instructions: the SASS is split into loops by backward branches;
    each SASS loop is tied to a source `for` loop by the line info of its branch (Triton emits .loc, nvdisasm prints it);
    `gpu_audit_trips.LOOP_TRIPS` gives, per kernel, how many times each source loop's body runs over the whole launch
    (from the launch arguments). Then instructions = Σ_loops (body instructions not in an inner loop) x trips x warps +
@@ -103,7 +104,7 @@ from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import JITFunction, create_function_from_signature
 
 from benchmarks.audit_tables import worst_calls
-from benchmarks.gpu_audit_trips import LAST_PROGRAM_TRIPS, LOOP_TRIPS
+from benchmarks.gpu_audit_trips import LAST_PROGRAM_TRIPS, LOOP_TRIPS, RARE_PATH_POINTERS
 from benchmarks.gpu_warmup import FORWARD_ONLY_OPS, OPS, _affine_batch_norm, recording_fused_calls
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -1168,7 +1169,8 @@ def launch_seconds(launch: Launch, result: Dict[str, Any], gpu: Gpu) -> Dict[str
     """DRAM time, issue time (tensor-core clocks included, `Gpu.issue_pipes`), the estimate (their max) and the
     FP32-pipe bound's estimate (`Gpu.fp32_pipes`: on 16 FP32 lanes per scheduler, sm_70/80, every fp-category
     instruction at 2 issue slots; else the estimate)."""
-    dram = launch.dram_bytes(result["unused_pointer_args"]) / (gpu.dram_tb_s * 1e12)
+    unused = [*result["unused_pointer_args"], *RARE_PATH_POINTERS.get(launch.kernel, ())]
+    dram = launch.dram_bytes(unused) / (gpu.dram_tb_s * 1e12)
     issue = issue_seconds(launch, result, gpu)
     fp32_pipe = issue_seconds(launch, result, gpu, gpu.fp32_pipes) if gpu.fp32_pipe_slots > 1 else issue
     return {

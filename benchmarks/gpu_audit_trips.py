@@ -12,7 +12,7 @@ finds in the SASS but not here as an error).
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Mapping, Sequence
+from typing import Callable, Dict, List, Mapping, Sequence, Tuple
 
 Trips = Dict[str, int]
 
@@ -48,6 +48,11 @@ def _toeplitz_conv(args, grid) -> Trips:
     row_tiles = grid[0] * _cdiv(args["H"], args["BLOCK_M"])
     column_tiles = _cdiv(args["W_vectors"] * args["VECTOR"], args["BLOCK_N"])
     return {"_toeplitz_conv_kernel:h0": row_tiles, "_toeplitz_conv_kernel:w0": row_tiles * column_tiles}
+
+
+def _toeplitz_redo(args, grid) -> Trips:
+    # Only planes with a non-finite output run the tap-by-tap loops: none of the audit's (finite) maps.
+    return {f"_toeplitz_redo_kernel:{loop}": 0 for loop in ("h0", "w0", "t")}
 
 
 def _kernel_grad_partial(args, grid) -> Trips:
@@ -209,6 +214,7 @@ def _osra_dkdv_sum(args, grid) -> Trips:
 LOOP_TRIPS: Dict[str, Callable[[Mapping, Sequence[int]], Trips]] = {
     "_dynconv_kernel": _dynconv,
     "_toeplitz_conv_kernel": _toeplitz_conv,
+    "_toeplitz_redo_kernel": _toeplitz_redo,
     "_kernel_grad_partial_kernel": _kernel_grad_partial,
     "_softmax_chain_kernel": _softmax_chain,
     "_mix_kernel": _mix,
@@ -240,4 +246,10 @@ LOOP_TRIPS: Dict[str, Callable[[Mapping, Sequence[int]], Trips]] = {
 # program, a serial tail the launch's busiest SM cannot spread (`gpu_audit.tail_seconds`).
 LAST_PROGRAM_TRIPS: Dict[str, Callable[[Mapping, Sequence[int]], Trips]] = {
     "_osra_bwd_short_kernel": _osra_bwd_short_last_program,
+}
+
+# Pointer parameters a kernel dereferences only on a path the audit's maps (finite values) never take, with the loops
+# of that path at 0 trips above: their tensors are not charged to the launch's DRAM bytes (`gpu_audit.launch_seconds`).
+RARE_PATH_POINTERS: Dict[str, Tuple[str, ...]] = {
+    "_toeplitz_redo_kernel": ("src_ptr", "dst_ptr", "kernel_ptr", "beta_ptr"),
 }

@@ -24,6 +24,7 @@ DTYPES = ("fp32", "fp16", "bf16")
 KERNELS = (
     "_dynconv_kernel",
     "_toeplitz_conv_kernel",  # IDConv's 16-bit conv passes on the tensor cores (stage 1)
+    "_toeplitz_redo_kernel",  # and its planes with a non-finite output again, tap by tap
     "_kernel_grad_partial_kernel",
     "_softmax_chain_kernel",
     "_mix_kernel",
@@ -59,8 +60,8 @@ KERNELS = (
 # (ms_ffn._one_pass_strips). Pinned: these must have no launch.
 NOT_LAUNCHED = (
     {("_osra_bwd_short_kernel", t, "fp32") for t in ("sm_80", "sm_86")}
-    | {("_toeplitz_conv_kernel", t, "fp32") for t in TARGETS}
-    | {("_toeplitz_conv_kernel", "sm_86", d) for d in ("fp16", "bf16")}
+    | {(k, t, "fp32") for k in ("_toeplitz_conv_kernel", "_toeplitz_redo_kernel") for t in TARGETS}
+    | {(k, "sm_86", d) for k in ("_toeplitz_conv_kernel", "_toeplitz_redo_kernel") for d in ("fp16", "bf16")}
     | {("_thread_plane_dz_kernel", t, "fp32") for t in TARGETS}
     | {("_strip_eval_kernel", "sm_80", d) for d in ("fp16", "bf16")}
 )

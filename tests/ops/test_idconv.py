@@ -230,6 +230,11 @@ def test_triton_chunked_stencils(shape, stencil, nan_poisoned_empty):
         check_op(TRITON, OP, args)
 
 
+# Forced on a wide dtype, every window, tap and mask is checked to its precision: fp64 in the interpreter, fp32 (IEEE
+# dots) on GPUs, where Triton's tl.dot may not compile fp64.
+_EXACT_DTYPE = torch.float64 if DEVICE.type == "cpu" else torch.float32
+
+
 @requires_triton
 @pytest.mark.parametrize(
     "shape,vector",
@@ -242,11 +247,10 @@ def test_triton_chunked_stencils(shape, stencil, nan_poisoned_empty):
     ],
     ids=str,
 )
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float16], ids=dtype_id)
+@pytest.mark.parametrize("dtype", [_EXACT_DTYPE, torch.float16], ids=dtype_id)
 def test_triton_tensor_core_conv_passes(shape, vector, dtype, nan_poisoned_empty):
     """16-bit maps on the strips' planes run the forward and gx passes as matmuls with the kernel as a banded matrix
-    (`_toeplitz_conv_kernel`); the dk pass keeps its stencil. In fp16 as on GPUs, and in fp64 (forced) so that every
-    window, tap and mask is checked to fp64 precision."""
+    (`_toeplitz_conv_kernel`); the dk pass keeps its stencil. In fp16 as on GPUs, and in a wide dtype (forced)."""
     from transxnet_kernels.triton import common
     from transxnet_kernels.triton import idconv as triton_idconv
 
@@ -258,6 +262,38 @@ def test_triton_tensor_core_conv_passes(shape, vector, dtype, nan_poisoned_empty
         assert conv.toeplitz and conv.toeplitz_vector == vector
         assert not triton_idconv._Plan(x, K, conv=False, others=(x,)).toeplitz
         check_op(TRITON, OP, args)
+
+
+@requires_triton
+@pytest.mark.parametrize("dtype", [_EXACT_DTYPE, torch.float16], ids=dtype_id)
+def test_triton_tensor_core_conv_keeps_non_finite_values_local(dtype):
+    """The banded matrix's zeros multiply a whole window, so an inf there would make every output of the tile NaN: a
+    plane with a non-finite output is convolved again tap by tap (`_toeplitz_redo_kernel`), and infinities and NaNs
+    (at the borders and inside) give the reference's non-finite outputs, position for position, forward and gx."""
+    from transxnet_kernels.triton import common
+    from transxnet_kernels.triton import idconv as triton_idconv
+
+    args = idconv_args(2, 3, 9, 16, 2, 7, dtype=dtype, seed=4)
+    x = args[0].detach().clone()
+    x[0, 0, 3, 0] = math.inf
+    x[0, 1, 4, 9] = -math.inf
+    x[1, 2, 8, 15] = math.nan
+    x.requires_grad_()
+    grad_out = torch.randn(x.shape, dtype=dtype, generator=torch.Generator().manual_seed(1)).to(x.device)
+    grad_out[1, 0, 5, 7] = math.inf
+    settings = triton_idconv.Settings(plane_max=0, toeplitz_dtypes=(dtype,), toeplitz_rows=16, toeplitz_min_pixels=0)
+    with common.launch_overrides(settings), TRITON.active():
+        assert triton_idconv._Plan(x.detach(), 7, conv=True, others=(x.detach(),)).toeplitz
+        out = tk.idconv(x, *args[1:])
+        (grad_x,) = torch.autograd.grad(out, x, grad_out, retain_graph=True)
+    ref_args = [a.detach().double().requires_grad_() for a in (x, *args[1:])]
+    ref = reference.idconv(*ref_args)
+    (ref_grad_x,) = torch.autograd.grad(ref, ref_args[0], grad_out.double())
+    for actual, expected in ((out, ref), (grad_x, ref_grad_x)):
+        assert torch.equal(torch.isnan(actual), torch.isnan(expected))
+        assert torch.equal(torch.isinf(actual), torch.isinf(expected)) and torch.isinf(expected).any()
+        finite = torch.isfinite(expected)
+        assert_rel_close(actual[finite], expected[finite], TOLERANCE[dtype], "finite values")
 
 
 @requires_triton

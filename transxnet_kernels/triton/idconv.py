@@ -31,11 +31,13 @@ Kernels (no atomics anywhere, so every result is deterministic):
   program per (sample, channel) builds the plane's kernel as a banded matrix T once and takes each output tile as one
   X @ T, X holding per output row and kernel row the input row's window (details in its docstring). The taps are
   rounded to the map's dtype for the MMA (as eager's 16-bit conv rounds its weights); products are exact and summed in
-  fp32. Per output the FFMA strip issues ~75 instructions per thread, 49 of them FMAs; this kernel ~1/8 of an MMA
-  and the window's loads and masks, about 2 warp-instructions per output with the banded matrix's build. That build
-  (a gather of K² taps into ROWS·WINDOW x 16 entries, ~370 instructions per warp) repays itself only on large planes:
-  at 28² (784 pixels) the kernel estimated 25.7 µs against the strips' 15.6 (T stage 2 bf16 forward, H100), so
-  smaller planes keep the strips.
+  fp32. T's zeros multiply whole windows, so a non-finite input would make a whole tile NaN: planes with a
+  non-finite output are flagged and convolved again tap by tap by ``_toeplitz_redo_kernel`` (one flag load per
+  finite plane). Per output the FFMA strip issues ~75 instructions per thread, 49 of them FMAs; this kernel ~1/8 of
+  an MMA and the window's loads and masks, about 2 warp-instructions per output with the banded matrix's build. That
+  build (a gather of K² taps into ROWS·WINDOW x 16 entries, ~370 instructions per warp) repays itself only on large
+  planes: at 28² (784 pixels) the kernel estimated 25.7 µs against the strips' 15.6 (T stage 2 bf16 forward, H100),
+  so smaller planes keep the strips.
 * ``_mix_kernel`` -- the softmax over G and the weighted sum of the weight bank, one read of the logits
   (B·G·C·K² values) and one write of the kernels (B·C·K²): not small next to the map in the late stages
   (stage 4: K² = H·W). It replaced torch's softmax, product and sum (three passes; the static audit
@@ -96,24 +98,24 @@ Static audit of `idconv` (`python -m benchmarks.audit_tables` writes this table 
 batch 128 at 224x224, the worst over layouts and modes; estimate / DRAM roofline, µs):
 
     stage  shape      phase     fp32 A100  fp32 H100  bf16 A100  bf16 H100
-    T1     24x56x56   forward   40.3/39.2  26.5/23.4  34.0/19.6  22.6/11.7
-    T1     24x56x56   backward  92.1/59.0  61.9/35.2  90.3/29.5  61.3/17.6
+    T1     24x56x56   forward   40.3/39.2  26.5/23.4  36.5/19.6  24.1/11.7
+    T1     24x56x56   backward  92.1/59.0  61.9/35.2  91.5/29.5  62.0/17.6
     T2     48x28x28   forward   22.5/20.5  14.8/12.2  23.7/10.3  15.6/6.1
     T2     48x28x28   backward  50.9/31.4  34.4/18.7  54.0/15.7  37.3/9.4
     T3     112x14x14  forward   15.5/14.1  9.3/8.4    14.4/7.1   9.6/4.2
     T3     112x14x14  backward  40.9/22.6  26.2/13.5  42.5/11.3  28.5/6.8
     T4     224x7x7    forward   14.2/11.4  8.5/6.8    10.0/5.7   6.8/3.4
     T4     224x7x7    backward  36.7/20.0  23.3/11.9  34.5/10.0  24.3/6.0
-    S1     32x56x56   forward   53.9/52.2  35.6/31.2  44.5/26.1  30.1/15.6
-    S1     32x56x56   backward  123/78.7   81.8/47.0  119/39.4   80.7/23.5
+    S1     32x56x56   forward   53.9/52.2  35.6/31.2  47.8/26.1  32.1/15.6
+    S1     32x56x56   backward  123/78.7   81.8/47.0  120/39.4   81.6/23.5
     S2     64x28x28   forward   29.4/27.3  19.6/16.3  31.1/13.7  20.8/8.2
     S2     64x28x28   backward  66.9/41.8  45.8/25.0  70.2/20.9  49.6/12.5
     S3     160x14x14  forward   24.3/22.2  14.5/13.3  21.5/11.1  14.1/6.6
     S3     160x14x14  backward  62.2/36.5  38.9/21.8  65.5/18.2  42.5/10.9
     S4     256x7x7    forward   22.8/19.6  13.6/11.7  14.4/9.8   9.9/5.9
     S4     256x7x7    backward  55.4/36.1  35.3/21.5  57.3/18.0  38.1/10.8
-    B1     38x56x56   forward   66.7/62.0  43.9/37.0  53.8/31.0  34.8/18.5
-    B1     38x56x56   backward  152/93.5   102/55.8   146/46.7   98.2/27.9
+    B1     38x56x56   forward   66.7/62.0  43.9/37.0  57.8/31.0  37.1/18.5
+    B1     38x56x56   backward  152/93.5   102/55.8   148/46.7   99.2/27.9
     B2     76x28x28   forward   36.9/32.5  23.9/19.4  39.1/16.2  25.3/9.7
     B2     76x28x28   backward  84.1/49.7  55.7/29.7  88.9/24.8  60.3/14.8
     B3     168x14x14  forward   27.6/25.5  16.5/15.2  23.5/12.8  15.7/7.6
@@ -680,6 +682,7 @@ def _toeplitz_conv_kernel(
     dst_ptr,
     kernel_ptr,
     beta_ptr,
+    flag_ptr,
     C,
     H,
     W_vectors,
@@ -692,6 +695,7 @@ def _toeplitz_conv_kernel(
     K: tl.constexpr,
     FLIP: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    ACC: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     WINDOW: tl.constexpr,
@@ -709,7 +713,8 @@ def _toeplitz_conv_kernel(
     dtype. Its zeros are multiplied too (K = 7: 7·22 of T's 256 rows per column are taps), which the tensor cores
     afford: the FFMA stencils issue 49 FMAs and their loads per output, this ~1/8 of an MMA. LEAD (a multiple of
     VECTOR >= P) aligns each window, so X moves in VECTOR-element loads whose mask is uniform (W, the strides and
-    w0 are multiples of VECTOR; strides arrive divided by it so that Triton sees it)."""
+    w0 are multiples of VECTOR; strides arrive divided by it so that Triton sees it). flag[plane]: Σ outputs · 0, NaN
+    where an output is not finite (`_toeplitz_redo_kernel` convolves those planes again)."""
     plane = tl.program_id(0)
     b = (plane // C).to(tl.int64)
     c = (plane % C).to(tl.int64)
@@ -734,6 +739,7 @@ def _toeplitz_conv_kernel(
     else:
         beta = 0.0
     m = tl.arange(0, BLOCK_M)
+    poison = tl.zeros([BLOCK_M, BLOCK_N], ACC)  # NaN once an output is not finite
     for h0 in range(0, H, BLOCK_M):
         in_row = h0 + m[:, None] + kernel_row[None, :] - P
         row_ok = (in_row >= 0) & (in_row < H) & (kernel_row < K)[None, :]
@@ -746,6 +752,7 @@ def _toeplitz_conv_kernel(
                 other=0.0,
             )
             out = tl.dot(x, toeplitz, input_precision="ieee")  # ieee: fp32 and fp64 (tests) take no TF32
+            poison += out * 0.0
             if HAS_BIAS:
                 out += beta
             out_col = w0 + n[None, :]
@@ -754,6 +761,88 @@ def _toeplitz_conv_kernel(
                 out.to(dst_ptr.dtype.element_ty),
                 mask=(out_row < H) & (out_col < W),
             )
+    # T's zeros multiply the whole window, so an inf or NaN input anywhere in it makes all of the tile's outputs NaN,
+    # where the conv's taps keep a non-finite input's effect on its K x K neighbours: the plane's flag (NaN once an
+    # output is not finite) sends it to `_toeplitz_redo_kernel`.
+    tl.store(flag_ptr + plane, tl.sum(tl.sum(poison, axis=1), axis=0))
+
+
+@triton.jit(
+    do_not_specialize_on_alignment=[
+        "C",
+        "H",
+        "W_vectors",
+        "src_stride_b",
+        "src_stride_c",
+        "src_stride_h",
+        "dst_stride_b",
+        "dst_stride_c",
+        "dst_stride_h",
+    ]
+)
+def _toeplitz_redo_kernel(
+    src_ptr,
+    dst_ptr,
+    kernel_ptr,
+    beta_ptr,
+    flag_ptr,
+    C,
+    H,
+    W_vectors,
+    src_stride_b,
+    src_stride_c,
+    src_stride_h,
+    dst_stride_b,
+    dst_stride_c,
+    dst_stride_h,
+    K: tl.constexpr,
+    FLIP: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    VECTOR: tl.constexpr,
+):
+    """The planes `_toeplitz_conv_kernel` flagged (a non-finite output) convolved again, one masked load per tap and
+    output, the taps rounded to the map's dtype as there: the reference's zero padding and tap support whatever the
+    map holds. A program per plane; one load of its flag where the map is finite. (In the conv kernel itself this path
+    cost its loop 50% more instructions on sm_90: ptxas recomputed the window's addresses.)"""
+    plane = tl.program_id(0)
+    if tl.load(flag_ptr + plane) != 0.0:
+        b = (plane // C).to(tl.int64)
+        c = (plane % C).to(tl.int64)
+        src = src_ptr + b * (src_stride_b * VECTOR) + c * (src_stride_c * VECTOR)
+        dst = dst_ptr + b * (dst_stride_b * VECTOR) + c * (dst_stride_c * VECTOR)
+        taps = kernel_ptr + plane.to(tl.int64) * (K * K)
+        W = W_vectors * VECTOR
+        P: tl.constexpr = K // 2
+        m = tl.arange(0, BLOCK_M)
+        n = tl.arange(0, BLOCK_N)
+        for h0 in range(0, H, BLOCK_M):
+            out_row = h0 + m[:, None]
+            for w0 in range(0, W, BLOCK_N):
+                out_col = w0 + n[None, :]
+                out = tl.zeros([BLOCK_M, BLOCK_N], ACC)
+                for t in range(K * K):
+                    if FLIP:
+                        k = tl.load(taps + (K * K - 1 - t))
+                    else:
+                        k = tl.load(taps + t)
+                    row = out_row + t // K - P
+                    col = out_col + t % K - P
+                    x = tl.load(
+                        src + row * (src_stride_h * VECTOR) + col,
+                        mask=(row >= 0) & (row < H) & (col >= 0) & (col < W),
+                        other=0.0,
+                    )
+                    out += k.to(src_ptr.dtype.element_ty).to(ACC) * x.to(ACC)
+                if HAS_BIAS:
+                    out += tl.load(beta_ptr + plane)
+                tl.store(
+                    dst + out_row * (dst_stride_h * VECTOR) + out_col,
+                    out.to(dst_ptr.dtype.element_ty),
+                    mask=(out_row < H) & (out_col < W),
+                )
 
 
 @triton.jit(
@@ -1288,29 +1377,49 @@ def _launch_toeplitz_conv(
     vector = plan.toeplitz_vector
     lead = cdiv(K // 2, vector) * vector  # window columns before the tile's first output column, aligned
     block_n = 16  # the fewest output columns a tl.dot takes
-    settings = plan.settings
+    block_m = max(16, min(plan.settings.toeplitz_rows, next_power_of_2(H)))
+    acc = tl_accumulation_dtype(src.dtype)
+    flags = torch.empty((B * C,), dtype=accumulation_dtype(src.dtype), device=src.device)
+    arguments = (
+        src,
+        dst,
+        kernel,
+        beta,
+        flags,
+        C,
+        H,
+        W // vector,
+        *(st // vector for st in src.stride()[:3]),
+        *(st // vector for st in dst.stride()[:3]),
+    )
     with device_guard(src):
         _toeplitz_conv_kernel[(B * C,)](
-            src,
-            dst,
-            kernel,
-            beta,
-            C,
-            H,
-            W // vector,
-            *(st // vector for st in src.stride()[:3]),
-            *(st // vector for st in dst.stride()[:3]),
+            *arguments,
             K=K,
             FLIP=flip,
             HAS_BIAS=has_bias,
-            BLOCK_M=max(16, min(settings.toeplitz_rows, next_power_of_2(H))),
+            ACC=acc,
+            BLOCK_M=block_m,
             BLOCK_N=block_n,
             WINDOW=next_power_of_2(lead + block_n + K // 2),
             ROWS=next_power_of_2(K),
             LEAD=lead,
             VECTOR=vector,
-            num_warps=settings.toeplitz_num_warps,
-            num_stages=settings.toeplitz_num_stages,
+            num_warps=plan.settings.toeplitz_num_warps,
+            num_stages=plan.settings.toeplitz_num_stages,
+            **NO_REGISTER_BUDGET,  # ptxas's budget spilled 8 B beside the forward's bias (sm_90 3.8, sm_80 3.6)
+        )
+        # The planes with a non-finite output again, tap by tap: a flag load per plane where there is none, on one warp.
+        _toeplitz_redo_kernel[(B * C,)](
+            *arguments,
+            K=K,
+            FLIP=flip,
+            HAS_BIAS=has_bias,
+            ACC=acc,
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            VECTOR=vector,
+            num_warps=1,
         )
 
 
