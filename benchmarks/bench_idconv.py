@@ -1,7 +1,9 @@
-"""IDConv benchmark: the IDConv of every stage of TransXNet-T/S/B at batch 128, K = 7, fp32.
+"""IDConv benchmark: the IDConv of every stage of TransXNet-T/S/B at batch 128, K = 7, fp32 and bf16.
 
 Implementations: the eager reference (softmax, multiply, sum, grouped conv over B·C groups),
-torch.compile of the reference, and the Triton backend; forward and forward+backward.
+torch.compile of the reference, and the Triton backend; forward and forward+backward. In bf16 also
+the Triton backend with its tensor-core conv passes off (`triton_strips`: the FFMA strip stencils),
+the A/B baseline of `idconv._toeplitz_conv_kernel` where the plan takes it (stage 1 on A100/H100).
 
 Minimal bytes (N = B·c·H·W activations, S = the logits/weight/bias elements, e = element size):
     forward           (2·N + S)·e        read x and the small tensors, write y
@@ -19,6 +21,7 @@ Every case skips on CPU: the Triton interpreter is a test vehicle, not a perform
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import pytest
@@ -31,7 +34,7 @@ from transxnet_kernels import reference
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 BATCH = 128
 K = 7
-DTYPE = torch.float32
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 # (model, stage): (IDConv channels c = C/2, spatial side, groups G)
 STAGES = {
@@ -53,6 +56,7 @@ IMPLS = {
     "reference": lambda: functools.partial(_with_backend, "reference"),
     "reference_compiled": lambda: torch.compile(reference.idconv),
     "triton": lambda: functools.partial(_with_backend, "triton"),
+    "triton_strips": lambda: _triton_strips,
 }
 
 
@@ -61,8 +65,18 @@ def _with_backend(name, *args):
         return transxnet_kernels.idconv(*args)
 
 
-def min_bytes_and_flops(c: int, side: int, G: int, backward: bool):
-    e = torch.finfo(DTYPE).bits // 8
+def _triton_strips(*args):
+    """The Triton backend with the tensor-core conv passes off (the plans take the FFMA strips instead)."""
+    from transxnet_kernels.triton import common
+    from transxnet_kernels.triton import idconv as triton_idconv
+
+    settings = dataclasses.replace(common.launch_settings(triton_idconv.Settings, args[0].device), toeplitz_dtypes=())
+    with common.launch_overrides(settings):
+        return _with_backend("triton", *args)
+
+
+def min_bytes_and_flops(c: int, side: int, G: int, backward: bool, dtype: torch.dtype):
+    e = torch.finfo(dtype).bits // 8
     n = BATCH * c * side * side
     small = BATCH * G * c * K * K + G * c * K * K + BATCH * G * c + G * c
     if backward:
@@ -82,19 +96,27 @@ def copy_gbps() -> float:
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="GPU benchmark: no CUDA device (the interpreter is not timed)")
 @pytest.mark.parametrize("impl", list(IMPLS))
 @pytest.mark.parametrize("mode", ["forward", "forward_backward"])
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
 @pytest.mark.parametrize("stage", list(STAGES), ids=lambda s: f"{s[0]}-stage{s[1]}")
-def test_idconv(benchmark, stage, mode, impl):
+def test_idconv(benchmark, stage, dtype_name, mode, impl):
+    dtype = DTYPES[dtype_name]
     c, side, G = STAGES[stage]
     backward = mode == "forward_backward"
     gen = torch.Generator(device=DEVICE).manual_seed(0)
 
     def randn(*shape):
-        return torch.randn(*shape, device=DEVICE, dtype=DTYPE, generator=gen).requires_grad_(backward)
+        return torch.randn(*shape, device=DEVICE, dtype=dtype, generator=gen).requires_grad_(backward)
 
     inputs = (randn(BATCH, c, side, side), randn(BATCH, G, c, K, K), randn(G, c, K, K), randn(BATCH, G, c), randn(G, c))
+    if impl == "triton_strips":
+        from transxnet_kernels.triton import idconv as triton_idconv
+
+        x = inputs[0].detach()
+        if not triton_idconv._Plan(x, K, conv=True, others=(x,)).toeplitz:
+            pytest.skip("no tensor-core conv pass planned here (fp32, small planes, this GPU): triton is the strips")
     fn = IMPLS[impl]()
     if backward:
-        grad_out = torch.randn(BATCH, c, side, side, device=DEVICE, dtype=DTYPE, generator=gen)
+        grad_out = torch.randn(BATCH, c, side, side, device=DEVICE, dtype=dtype, generator=gen)
 
         def step():
             return torch.autograd.grad(fn(*inputs), inputs, grad_out)
@@ -105,7 +127,7 @@ def test_idconv(benchmark, stage, mode, impl):
                 return fn(*inputs)
 
     step()  # compile / autotune outside the timing
-    min_bytes, flops = min_bytes_and_flops(c, side, G, backward)
+    min_bytes, flops = min_bytes_and_flops(c, side, G, backward, dtype)
     record = run_case(
         benchmark,
         step,
@@ -120,7 +142,7 @@ def test_idconv(benchmark, stage, mode, impl):
         groups=G,
         kernel=K,
         batch=BATCH,
-        dtype=str(DTYPE),
+        dtype=str(dtype),
         flops=flops,
         copy_gbps=copy_gbps(),
     )
