@@ -44,10 +44,15 @@ def _dynconv(args, grid) -> Trips:
     return {"_dynconv_kernel:p0": tiles, rows: tiles * args["K"]}
 
 
-def _toeplitz_conv(args, grid) -> Trips:
-    row_tiles = grid[0] * _cdiv(args["H"], args["BLOCK_M"])
-    column_tiles = _cdiv(args["W_vectors"] * args["VECTOR"], args["BLOCK_N"])
-    return {"_toeplitz_conv_kernel:h0": row_tiles, "_toeplitz_conv_kernel:w0": row_tiles * column_tiles}
+def _toeplitz(kernel: str) -> Callable[[Mapping, Sequence[int]], Trips]:
+    """IDConv's tensor-core kernels: a program per plane, row tiles of BLOCK_M, in each column tiles of BLOCK_N."""
+
+    def trips(args, grid) -> Trips:
+        row_tiles = grid[0] * _cdiv(args["H"], args["BLOCK_M"])
+        column_tiles = _cdiv(args["W_vectors"] * args["VECTOR"], args["BLOCK_N"])
+        return {f"{kernel}:h0": row_tiles, f"{kernel}:w0": row_tiles * column_tiles}
+
+    return trips
 
 
 def _toeplitz_redo(args, grid) -> Trips:
@@ -213,7 +218,8 @@ def _osra_dkdv_sum(args, grid) -> Trips:
 
 LOOP_TRIPS: Dict[str, Callable[[Mapping, Sequence[int]], Trips]] = {
     "_dynconv_kernel": _dynconv,
-    "_toeplitz_conv_kernel": _toeplitz_conv,
+    "_toeplitz_conv_kernel": _toeplitz("_toeplitz_conv_kernel"),
+    "_toeplitz_kernel_grad_kernel": _toeplitz("_toeplitz_kernel_grad_kernel"),
     "_toeplitz_redo_kernel": _toeplitz_redo,
     "_kernel_grad_partial_kernel": _kernel_grad_partial,
     "_softmax_chain_kernel": _softmax_chain,

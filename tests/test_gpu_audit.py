@@ -25,6 +25,7 @@ KERNELS = (
     "_dynconv_kernel",
     "_toeplitz_conv_kernel",  # IDConv's 16-bit conv passes on the tensor cores (stage 1)
     "_toeplitz_redo_kernel",  # and its planes with a non-finite output again, tap by tap
+    "_toeplitz_kernel_grad_kernel",  # its dk pass on the tensor cores
     "_kernel_grad_partial_kernel",
     "_softmax_chain_kernel",
     "_mix_kernel",
@@ -58,10 +59,11 @@ KERNELS = (
 # (idconv.Settings.toeplitz_dtypes, idconv._FAST_TENSOR_CORES), the fp32 MS-FFN middle's dz pass on whole planes
 # (ms_ffn._THREAD_PLANE_DZ_MAX_ELEMENT_SIZE), 16-bit ms_ffn_middle_eval on sm_80 strips in two launches
 # (ms_ffn._one_pass_strips). Pinned: these must have no launch.
+_TENSOR_CORE_KERNELS = ("_toeplitz_conv_kernel", "_toeplitz_redo_kernel", "_toeplitz_kernel_grad_kernel")
 NOT_LAUNCHED = (
     {("_osra_bwd_short_kernel", t, "fp32") for t in ("sm_80", "sm_86")}
-    | {(k, t, "fp32") for k in ("_toeplitz_conv_kernel", "_toeplitz_redo_kernel") for t in TARGETS}
-    | {(k, "sm_86", d) for k in ("_toeplitz_conv_kernel", "_toeplitz_redo_kernel") for d in ("fp16", "bf16")}
+    | {(k, t, "fp32") for k in _TENSOR_CORE_KERNELS for t in TARGETS}
+    | {(k, "sm_86", d) for k in _TENSOR_CORE_KERNELS for d in ("fp16", "bf16")}
     | {("_thread_plane_dz_kernel", t, "fp32") for t in TARGETS}
     | {("_strip_eval_kernel", "sm_80", d) for d in ("fp16", "bf16")}
 )

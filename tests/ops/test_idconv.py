@@ -250,7 +250,9 @@ _EXACT_DTYPE = torch.float64 if DEVICE.type == "cpu" else torch.float32
 @pytest.mark.parametrize("dtype", [_EXACT_DTYPE, torch.float16], ids=dtype_id)
 def test_triton_tensor_core_conv_passes(shape, vector, dtype, nan_poisoned_empty):
     """16-bit maps on the strips' planes run the forward and gx passes as matmuls with the kernel as a banded matrix
-    (`_toeplitz_conv_kernel`); the dk pass keeps its stencil. In fp16 as on GPUs, and in a wide dtype (forced)."""
+    (`_toeplitz_conv_kernel`) and the dk pass as the transposed product, whose diagonals are the taps' gradients
+    (`_toeplitz_kernel_grad_kernel`). In fp16 as on GPUs, and in a wide dtype (forced); every gradient goes through
+    dk and dβ."""
     from transxnet_kernels.triton import common
     from transxnet_kernels.triton import idconv as triton_idconv
 
@@ -259,8 +261,9 @@ def test_triton_tensor_core_conv_passes(shape, vector, dtype, nan_poisoned_empty
     with common.launch_overrides(settings):
         x, K = args[0].detach(), shape[-1]
         conv = triton_idconv._Plan(x, K, conv=True, others=(x,))
-        assert conv.toeplitz and conv.toeplitz_vector == vector
-        assert not triton_idconv._Plan(x, K, conv=False, others=(x,)).toeplitz
+        dk = triton_idconv._Plan(x, K, conv=False, others=(x,))
+        assert conv.toeplitz and dk.toeplitz and conv.toeplitz_vector == dk.toeplitz_vector == vector
+        assert dk.n_chunks == 1  # a program per plane: dk and dβ need no chunk sums
         check_op(TRITON, OP, args)
 
 

@@ -38,6 +38,11 @@ Kernels (no atomics anywhere, so every result is deterministic):
   build (a gather of K² taps into ROWS·WINDOW x 16 entries, ~370 instructions per warp) repays itself only on large
   planes: at 28² (784 pixels) the kernel estimated 25.7 µs against the strips' 15.6 (T stage 2 bf16 forward, H100),
   so smaller planes keep the strips.
+* ``_toeplitz_kernel_grad_kernel`` -- the dk pass where the conv passes run on the tensor cores: per tile
+  D += X^T @ G (the conv's window tile and gy's), dk a set of D's diagonals, read once per plane through a small
+  slot in global memory (the band of D stored, a barrier, rows loaded back and summed): about a third less than the
+  strips' dk pass (T stage 1 bf16, H100 35.2 -> 23.1 µs). Summed in registers, with a select per tap, the diagonals
+  cost more than the loop saved on an A100.
 * ``_mix_kernel`` -- the softmax over G and the weighted sum of the weight bank, one read of the logits
   (B·G·C·K² values) and one write of the kernels (B·C·K²): not small next to the map in the late stages
   (stage 4: K² = H·W). It replaced torch's softmax, product and sum (three passes; the static audit
@@ -99,7 +104,7 @@ batch 128 at 224x224, the worst over layouts and modes; estimate / DRAM roofline
 
     stage  shape      phase     fp32 A100  fp32 H100  bf16 A100  bf16 H100
     T1     24x56x56   forward   40.3/39.2  26.5/23.4  36.5/19.6  24.1/11.7
-    T1     24x56x56   backward  92.1/59.0  61.9/35.2  91.5/29.5  62.0/17.6
+    T1     24x56x56   backward  92.1/59.0  61.9/35.2  79.5/29.5  47.6/17.6
     T2     48x28x28   forward   22.5/20.5  14.8/12.2  23.7/10.3  15.6/6.1
     T2     48x28x28   backward  50.9/31.4  34.4/18.7  54.0/15.7  37.3/9.4
     T3     112x14x14  forward   15.5/14.1  9.3/8.4    14.4/7.1   9.6/4.2
@@ -107,7 +112,7 @@ batch 128 at 224x224, the worst over layouts and modes; estimate / DRAM roofline
     T4     224x7x7    forward   14.2/11.4  8.5/6.8    10.0/5.7   6.8/3.4
     T4     224x7x7    backward  36.7/20.0  23.3/11.9  34.5/10.0  24.3/6.0
     S1     32x56x56   forward   53.9/52.2  35.6/31.2  47.8/26.1  32.1/15.6
-    S1     32x56x56   backward  123/78.7   81.8/47.0  120/39.4   81.6/23.5
+    S1     32x56x56   backward  123/78.7   81.8/47.0  103/39.4   62.9/23.5
     S2     64x28x28   forward   29.4/27.3  19.6/16.3  31.1/13.7  20.8/8.2
     S2     64x28x28   backward  66.9/41.8  45.8/25.0  70.2/20.9  49.6/12.5
     S3     160x14x14  forward   24.3/22.2  14.5/13.3  21.5/11.1  14.1/6.6
@@ -115,7 +120,7 @@ batch 128 at 224x224, the worst over layouts and modes; estimate / DRAM roofline
     S4     256x7x7    forward   22.8/19.6  13.6/11.7  14.4/9.8   9.9/5.9
     S4     256x7x7    backward  55.4/36.1  35.3/21.5  57.3/18.0  38.1/10.8
     B1     38x56x56   forward   66.7/62.0  43.9/37.0  57.8/31.0  37.1/18.5
-    B1     38x56x56   backward  152/93.5   102/55.8   148/46.7   99.2/27.9
+    B1     38x56x56   backward  152/93.5   102/55.8   125/46.7   73.0/27.9
     B2     76x28x28   forward   36.9/32.5  23.9/19.4  39.1/16.2  25.3/9.7
     B2     76x28x28   backward  84.1/49.7  55.7/29.7  88.9/24.8  60.3/14.8
     B3     168x14x14  forward   27.6/25.5  16.5/15.2  23.5/12.8  15.7/7.6
@@ -848,6 +853,96 @@ def _toeplitz_redo_kernel(
 @triton.jit(
     do_not_specialize_on_alignment=[
         "C",
+        "H",
+        "W_vectors",
+        "x_stride_b",
+        "x_stride_c",
+        "x_stride_h",
+        "gy_stride_b",
+        "gy_stride_c",
+        "gy_stride_h",
+    ]
+)
+def _toeplitz_kernel_grad_kernel(
+    x_ptr,
+    gy_ptr,
+    dk_ptr,
+    dbeta_ptr,
+    band_ptr,
+    C,
+    H,
+    W_vectors,
+    x_stride_b,
+    x_stride_c,
+    x_stride_h,
+    gy_stride_b,
+    gy_stride_c,
+    gy_stride_h,
+    K: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    WINDOW: tl.constexpr,
+    ROWS: tl.constexpr,
+    LEAD: tl.constexpr,
+    VECTOR: tl.constexpr,
+):
+    """dk[b,c,i,j] = Σ_{h,w} gy[b,c,h,w] · x[b,c,h+i-P,w+j-P] and dβ[b,c] = Σ gy, on the tensor cores: the transpose
+    of `_toeplitz_conv_kernel`'s product. Per output tile D += X^T @ G, X the conv's window tile and G gy's tile, so
+    D[(i, k), n] sums x[h + i - P, w0 - LEAD + k] · gy[h, w0 + n] over the plane; a tap's gradient is one of D's
+    diagonals, dk[i, j] = Σ_n D[(i, j + n + LEAD - P), n]. Once per plane the band of D (the K taps of each kernel row
+    per output column) goes to the plane's slot of band_ptr ([ROWS, ROWS, BLOCK_N] per plane, (i, j, n)) and comes
+    back after a barrier as rows (i, j) summed over n: summed in registers, with a select per tap, the diagonals took
+    ~1200 instructions per warp and plane, more than the loop saved on an A100. A program per plane writes its
+    (only) chunk of the dk and dβ partials."""
+    plane = tl.program_id(0)
+    b = (plane // C).to(tl.int64)
+    c = (plane % C).to(tl.int64)
+    x_base = x_ptr + b * (x_stride_b * VECTOR) + c * (x_stride_c * VECTOR)
+    gy_base = gy_ptr + b * (gy_stride_b * VECTOR) + c * (gy_stride_c * VECTOR)
+    W = W_vectors * VECTOR
+    P: tl.constexpr = K // 2
+    q = tl.arange(0, ROWS * WINDOW)
+    kernel_row = q // WINDOW
+    window_col = q % WINDOW
+    n = tl.arange(0, BLOCK_N)
+    m = tl.arange(0, BLOCK_M)
+    products = tl.zeros([ROWS * WINDOW, BLOCK_N], ACC)
+    gy_sum = tl.zeros([BLOCK_M, BLOCK_N], ACC)
+    for h0 in range(0, H, BLOCK_M):
+        in_row = h0 + m[:, None] + kernel_row[None, :] - P
+        row_ok = (in_row >= 0) & (in_row < H) & (kernel_row < K)[None, :]
+        out_row = h0 + m[:, None]
+        for w0 in range(0, W, BLOCK_N):
+            in_col = w0 - LEAD + window_col[None, :]
+            x = tl.load(
+                x_base + in_row * (x_stride_h * VECTOR) + in_col,
+                mask=row_ok & (in_col >= 0) & (in_col < W),
+                other=0.0,
+            )
+            out_col = w0 + n[None, :]
+            gy = tl.load(
+                gy_base + out_row * (gy_stride_h * VECTOR) + out_col, mask=(out_row < H) & (out_col < W), other=0.0
+            )
+            products = tl.dot(tl.trans(x), gy, acc=products, input_precision="ieee")
+            gy_sum += gy.to(ACC)
+    tap_col = window_col[:, None] - n[None, :] - (LEAD - P)
+    band = (tap_col >= 0) & (tap_col < K) & (kernel_row < K)[:, None]
+    slot = band_ptr + plane.to(tl.int64) * (ROWS * ROWS * BLOCK_N)
+    tl.store(slot + (kernel_row[:, None] * ROWS + tap_col) * BLOCK_N + n[None, :], products, mask=band)
+    tl.debug_barrier()  # the band's entries come back from other threads (global memory, visible after the barrier)
+    tap = tl.arange(0, ROWS * ROWS)
+    tap_i = tap // ROWS
+    tap_j = tap % ROWS
+    tap_ok = (tap_i < K) & (tap_j < K)
+    diagonals = tl.load(slot + tap[:, None] * BLOCK_N + n[None, :], mask=tap_ok[:, None], other=0.0)
+    tl.store(dk_ptr + plane.to(tl.int64) * (K * K) + tap_i * K + tap_j, tl.sum(diagonals, axis=1), mask=tap_ok)
+    tl.store(dbeta_ptr + plane, tl.sum(tl.sum(gy_sum, axis=1), axis=0))
+
+
+@triton.jit(
+    do_not_specialize_on_alignment=[
+        "C",
         "src_stride_b",
         "src_stride_c",
         "src_stride_h",
@@ -1234,10 +1329,7 @@ class _Plan:
         # The conv passes of 16-bit maps there run on the tensor cores (`_toeplitz_conv_kernel`), in loads of
         # toeplitz_vector elements (8 where W and every stride allow, else the 4 the strips need).
         self.toeplitz = (
-            conv
-            and self.strip > 0
-            and x.dtype in self.settings.toeplitz_dtypes
-            and self.settings.toeplitz_min_pixels <= H * W
+            self.strip > 0 and x.dtype in self.settings.toeplitz_dtypes and self.settings.toeplitz_min_pixels <= H * W
         )
         self.toeplitz_vector = (
             8 if all(W % 8 == 0 and st % 8 == 0 for t in (x, *others) for st in t.stride()[:3]) else 4
@@ -1254,6 +1346,8 @@ class _Plan:
             self.num_warps = max(1, min(8, self.block_c * chunks // 32))
             self.n_chunks = cdiv(H, self.strip) * cdiv(W // 4, chunks)
             self.chunk_len = self.strip * self.block_p
+            if self.toeplitz:  # a program per plane (the tensor-core kernels)
+                self.n_chunks, self.chunk_len = 1, H * W
         else:
             if conv or self.chunked:
                 self.block_c, self.block_p = block_c, block_p
@@ -1375,9 +1469,7 @@ def _launch_toeplitz_conv(
     B, C, H, W = src.shape
     K = kernel.shape[-1]
     vector = plan.toeplitz_vector
-    lead = cdiv(K // 2, vector) * vector  # window columns before the tile's first output column, aligned
-    block_n = 16  # the fewest output columns a tl.dot takes
-    block_m = max(16, min(plan.settings.toeplitz_rows, next_power_of_2(H)))
+    tile = _toeplitz_tile(K, H, plan)
     acc = tl_accumulation_dtype(src.dtype)
     flags = torch.empty((B * C,), dtype=accumulation_dtype(src.dtype), device=src.device)
     arguments = (
@@ -1399,12 +1491,7 @@ def _launch_toeplitz_conv(
             FLIP=flip,
             HAS_BIAS=has_bias,
             ACC=acc,
-            BLOCK_M=block_m,
-            BLOCK_N=block_n,
-            WINDOW=next_power_of_2(lead + block_n + K // 2),
-            ROWS=next_power_of_2(K),
-            LEAD=lead,
-            VECTOR=vector,
+            **tile,
             num_warps=plan.settings.toeplitz_num_warps,
             num_stages=plan.settings.toeplitz_num_stages,
             **NO_REGISTER_BUDGET,  # ptxas's budget spilled 8 B beside the forward's bias (sm_90 3.8, sm_80 3.6)
@@ -1416,11 +1503,27 @@ def _launch_toeplitz_conv(
             FLIP=flip,
             HAS_BIAS=has_bias,
             ACC=acc,
-            BLOCK_M=block_m,
-            BLOCK_N=block_n,
+            BLOCK_M=tile["BLOCK_M"],
+            BLOCK_N=tile["BLOCK_N"],
             VECTOR=vector,
             num_warps=1,
         )
+
+
+def _toeplitz_tile(K: int, H: int, plan: _Plan) -> dict:
+    """The tensor-core kernels' tile: toeplitz_rows x 16 outputs; per output row its K kernel rows (padded to a power of
+    2) times a window of input columns from LEAD before the tile, LEAD >= K // 2 a multiple of the loads' vector."""
+    vector = plan.toeplitz_vector
+    lead = cdiv(K // 2, vector) * vector
+    block_n = 16  # the fewest output columns a tl.dot takes
+    return dict(
+        BLOCK_M=max(16, min(plan.settings.toeplitz_rows, next_power_of_2(H))),
+        BLOCK_N=block_n,
+        WINDOW=next_power_of_2(lead + block_n + K // 2),
+        ROWS=next_power_of_2(K),
+        LEAD=lead,
+        VECTOR=vector,
+    )
 
 
 def _launch_mixing_plane_forward(
@@ -1558,28 +1661,50 @@ def idconv_backward(
     dk_part = torch.empty((plan.n_chunks, B, C, K * K), dtype=acc, device=x.device)
     dbeta_part = torch.empty((plan.n_chunks, B, C), dtype=acc, device=x.device)
     with device_guard(x):
-        _kernel_grad_partial_kernel[plan.grid](
-            x,
-            grad_out,
-            dk_part,
-            dbeta_part,
-            B,
-            C,
-            H,
-            W,
-            *x.stride(),
-            *grad_out.stride(),
-            plan.n_cblocks,
-            plan.n_chunks,
-            plan.chunk_len,
-            K=K,
-            KK_PAD=plan.kk_pad,
-            ACC=tl_accumulation_dtype(x.dtype),
-            **plan.constexprs(conv=False),
-            # Whole planes hold the K^2 weight-gradient partials at once: ptxas's budget (72 registers on 2 warps)
-            # spilled 16 B (fp16, 7 x 7, sm_80, Triton 3.8).
-            **(NO_REGISTER_BUDGET if plan.plane[1] else {}),
-        )
+        if plan.toeplitz:
+            vector, tile = plan.toeplitz_vector, _toeplitz_tile(K, H, plan)
+            rows = tile["ROWS"]
+            band = torch.empty((B * C, rows * rows * tile["BLOCK_N"]), dtype=acc, device=x.device)
+            _toeplitz_kernel_grad_kernel[(B * C,)](
+                x,
+                grad_out,
+                dk_part,
+                dbeta_part,
+                band,
+                C,
+                H,
+                W // vector,
+                *(st // vector for st in x.stride()[:3]),
+                *(st // vector for st in grad_out.stride()[:3]),
+                K=K,
+                ACC=tl_accumulation_dtype(x.dtype),
+                **tile,
+                num_warps=plan.settings.toeplitz_num_warps,
+                num_stages=plan.settings.toeplitz_num_stages,
+            )
+        else:
+            _kernel_grad_partial_kernel[plan.grid](
+                x,
+                grad_out,
+                dk_part,
+                dbeta_part,
+                B,
+                C,
+                H,
+                W,
+                *x.stride(),
+                *grad_out.stride(),
+                plan.n_cblocks,
+                plan.n_chunks,
+                plan.chunk_len,
+                K=K,
+                KK_PAD=plan.kk_pad,
+                ACC=tl_accumulation_dtype(x.dtype),
+                **plan.constexprs(conv=False),
+                # Whole planes hold the K^2 weight-gradient partials at once: ptxas's budget (72 registers on 2 warps)
+                # spilled 16 B (fp16, 7 x 7, sm_80, Triton 3.8).
+                **(NO_REGISTER_BUDGET if plan.plane[1] else {}),
+            )
         # A [channels, taps] tile over 8 warps of at most 1024 elements (4 per thread) for G <= 2, 512 beyond: the
         # program holds G bank-gradient sums beside the G-way softmax chain (static audit: 4 per thread spilled
         # 16-28 B at G = 4, 8 per thread 4 B at G = 3 before the sums).
