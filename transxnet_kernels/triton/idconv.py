@@ -669,6 +669,47 @@ def _dynconv_kernel(
             tl.store(dst + out_offs, acc.to(dst_ptr.dtype.element_ty), mask=ok)
 
 
+@triton.jit
+def _plane_in_vectors(ptr, plane, C, stride_b, stride_c, VECTOR: tl.constexpr):
+    """ptr moved to the (sample, channel) plane `plane` = b·C + c of a map whose strides arrive divided by VECTOR
+    (the tensor-core kernels), in int64."""
+    b = (plane // C).to(tl.int64)
+    c = (plane % C).to(tl.int64)
+    return ptr + b * (stride_b * VECTOR) + c * (stride_c * VECTOR)
+
+
+@triton.jit
+def _window_columns(ROWS: tl.constexpr, WINDOW: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The tensor-core kernels' index vectors: X's columns as (kernel row, window column), ROWS·WINDOW of them, and
+    the tile's BLOCK_N output columns."""
+    q = tl.arange(0, ROWS * WINDOW)
+    return q // WINDOW, q % WINDOW, tl.arange(0, BLOCK_N)
+
+
+@triton.jit
+def _band(kernel_row, window_col, n, K: tl.constexpr, LEAD: tl.constexpr):
+    """Of the banded matrix T [ROWS·WINDOW, BLOCK_N] (and the dk pass's D, its shape): the kernel column each entry
+    stands for, T[(i, k), n] = k[i, k - n - (LEAD - K // 2)], and whether it is a tap (else T holds a zero)."""
+    tap_col = window_col[:, None] - n[None, :] - (LEAD - K // 2)
+    return tap_col, (tap_col >= 0) & (tap_col < K) & (kernel_row < K)[:, None]
+
+
+@triton.jit
+def _window_rows(h0, kernel_row, H, K: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The input row of each (output row h0 + m, kernel row) entry of the X tiles starting at row h0, and whether it
+    is in the map (and a kernel row, not padding)."""
+    in_row = h0 + tl.arange(0, BLOCK_M)[:, None] + kernel_row[None, :] - K // 2
+    return in_row, (in_row >= 0) & (in_row < H) & (kernel_row < K)[None, :]
+
+
+@triton.jit
+def _load_window(plane, in_row, row_ok, w0, window_col, W, stride_h, LEAD: tl.constexpr, VECTOR: tl.constexpr):
+    """X for output columns from w0: per (output row, kernel row) the WINDOW input columns from w0 - LEAD, zero outside
+    the map (a mask uniform over each VECTOR-element load)."""
+    in_col = w0 - LEAD + window_col[None, :]
+    return tl.load(plane + in_row * (stride_h * VECTOR) + in_col, mask=row_ok & (in_col >= 0) & (in_col < W), other=0.0)
+
+
 @triton.jit(
     do_not_specialize_on_alignment=[
         "C",
@@ -721,18 +762,11 @@ def _toeplitz_conv_kernel(
     w0 are multiples of VECTOR; strides arrive divided by it so that Triton sees it). flag[plane]: Σ outputs · 0, NaN
     where an output is not finite (`_toeplitz_redo_kernel` convolves those planes again)."""
     plane = tl.program_id(0)
-    b = (plane // C).to(tl.int64)
-    c = (plane % C).to(tl.int64)
-    src = src_ptr + b * (src_stride_b * VECTOR) + c * (src_stride_c * VECTOR)
-    dst = dst_ptr + b * (dst_stride_b * VECTOR) + c * (dst_stride_c * VECTOR)
+    src = _plane_in_vectors(src_ptr, plane, C, src_stride_b, src_stride_c, VECTOR)
+    dst = _plane_in_vectors(dst_ptr, plane, C, dst_stride_b, dst_stride_c, VECTOR)
     W = W_vectors * VECTOR
-    P: tl.constexpr = K // 2
-    q = tl.arange(0, ROWS * WINDOW)
-    kernel_row = q // WINDOW
-    window_col = q % WINDOW
-    n = tl.arange(0, BLOCK_N)
-    tap_col = window_col[:, None] - n[None, :] - (LEAD - P)
-    tap_ok = (tap_col >= 0) & (tap_col < K) & (kernel_row < K)[:, None]
+    kernel_row, window_col, n = _window_columns(ROWS, WINDOW, BLOCK_N)
+    tap_col, tap_ok = _band(kernel_row, window_col, n, K, LEAD)
     if FLIP:
         tap = (K - 1 - kernel_row)[:, None] * K + (K - 1 - tap_col)
     else:
@@ -746,16 +780,10 @@ def _toeplitz_conv_kernel(
     m = tl.arange(0, BLOCK_M)
     poison = tl.zeros([BLOCK_M, BLOCK_N], ACC)  # NaN once an output is not finite
     for h0 in range(0, H, BLOCK_M):
-        in_row = h0 + m[:, None] + kernel_row[None, :] - P
-        row_ok = (in_row >= 0) & (in_row < H) & (kernel_row < K)[None, :]
+        in_row, row_ok = _window_rows(h0, kernel_row, H, K, BLOCK_M)
         out_row = h0 + m[:, None]
         for w0 in range(0, W, BLOCK_N):
-            in_col = w0 - LEAD + window_col[None, :]
-            x = tl.load(
-                src + in_row * (src_stride_h * VECTOR) + in_col,
-                mask=row_ok & (in_col >= 0) & (in_col < W),
-                other=0.0,
-            )
+            x = _load_window(src, in_row, row_ok, w0, window_col, W, src_stride_h, LEAD, VECTOR)
             out = tl.dot(x, toeplitz, input_precision="ieee")  # ieee: fp32 and fp64 (tests) take no TF32
             poison += out * 0.0
             if HAS_BIAS:
@@ -814,10 +842,8 @@ def _toeplitz_redo_kernel(
     cost its loop 50% more instructions on sm_90: ptxas recomputed the window's addresses.)"""
     plane = tl.program_id(0)
     if tl.load(flag_ptr + plane) != 0.0:
-        b = (plane // C).to(tl.int64)
-        c = (plane % C).to(tl.int64)
-        src = src_ptr + b * (src_stride_b * VECTOR) + c * (src_stride_c * VECTOR)
-        dst = dst_ptr + b * (dst_stride_b * VECTOR) + c * (dst_stride_c * VECTOR)
+        src = _plane_in_vectors(src_ptr, plane, C, src_stride_b, src_stride_c, VECTOR)
+        dst = _plane_in_vectors(dst_ptr, plane, C, dst_stride_b, dst_stride_c, VECTOR)
         taps = kernel_ptr + plane.to(tl.int64) * (K * K)
         W = W_vectors * VECTOR
         P: tl.constexpr = K // 2
@@ -896,38 +922,25 @@ def _toeplitz_kernel_grad_kernel(
     ~1200 instructions per warp and plane, more than the loop saved on an A100. A program per plane writes its
     (only) chunk of the dk and dβ partials."""
     plane = tl.program_id(0)
-    b = (plane // C).to(tl.int64)
-    c = (plane % C).to(tl.int64)
-    x_base = x_ptr + b * (x_stride_b * VECTOR) + c * (x_stride_c * VECTOR)
-    gy_base = gy_ptr + b * (gy_stride_b * VECTOR) + c * (gy_stride_c * VECTOR)
+    x_base = _plane_in_vectors(x_ptr, plane, C, x_stride_b, x_stride_c, VECTOR)
+    gy_base = _plane_in_vectors(gy_ptr, plane, C, gy_stride_b, gy_stride_c, VECTOR)
     W = W_vectors * VECTOR
-    P: tl.constexpr = K // 2
-    q = tl.arange(0, ROWS * WINDOW)
-    kernel_row = q // WINDOW
-    window_col = q % WINDOW
-    n = tl.arange(0, BLOCK_N)
+    kernel_row, window_col, n = _window_columns(ROWS, WINDOW, BLOCK_N)
     m = tl.arange(0, BLOCK_M)
     products = tl.zeros([ROWS * WINDOW, BLOCK_N], ACC)
     gy_sum = tl.zeros([BLOCK_M, BLOCK_N], ACC)
     for h0 in range(0, H, BLOCK_M):
-        in_row = h0 + m[:, None] + kernel_row[None, :] - P
-        row_ok = (in_row >= 0) & (in_row < H) & (kernel_row < K)[None, :]
+        in_row, row_ok = _window_rows(h0, kernel_row, H, K, BLOCK_M)
         out_row = h0 + m[:, None]
         for w0 in range(0, W, BLOCK_N):
-            in_col = w0 - LEAD + window_col[None, :]
-            x = tl.load(
-                x_base + in_row * (x_stride_h * VECTOR) + in_col,
-                mask=row_ok & (in_col >= 0) & (in_col < W),
-                other=0.0,
-            )
+            x = _load_window(x_base, in_row, row_ok, w0, window_col, W, x_stride_h, LEAD, VECTOR)
             out_col = w0 + n[None, :]
             gy = tl.load(
                 gy_base + out_row * (gy_stride_h * VECTOR) + out_col, mask=(out_row < H) & (out_col < W), other=0.0
             )
             products = tl.dot(tl.trans(x), gy, acc=products, input_precision="ieee")
             gy_sum += gy.to(ACC)
-    tap_col = window_col[:, None] - n[None, :] - (LEAD - P)
-    band = (tap_col >= 0) & (tap_col < K) & (kernel_row < K)[:, None]
+    tap_col, band = _band(kernel_row, window_col, n, K, LEAD)
     slot = band_ptr + plane.to(tl.int64) * (ROWS * ROWS * BLOCK_N)
     tl.store(slot + (kernel_row[:, None] * ROWS + tap_col) * BLOCK_N + n[None, :], products, mask=band)
     tl.debug_barrier()  # the band's entries come back from other threads (global memory, visible after the barrier)
@@ -1481,8 +1494,8 @@ def _launch_toeplitz_conv(
         C,
         H,
         W // vector,
-        *(st // vector for st in src.stride()[:3]),
-        *(st // vector for st in dst.stride()[:3]),
+        *_strides_in_vectors(src, vector),
+        *_strides_in_vectors(dst, vector),
     )
     with device_guard(src):
         _toeplitz_conv_kernel[(B * C,)](
@@ -1508,6 +1521,11 @@ def _launch_toeplitz_conv(
             VECTOR=vector,
             num_warps=1,
         )
+
+
+def _strides_in_vectors(t: torch.Tensor, vector: int) -> Tuple[int, int, int]:
+    """t's batch, channel and row strides in loads of `vector` elements (`_Plan.toeplitz_vector` divides them)."""
+    return tuple(st // vector for st in t.stride()[:3])
 
 
 def _toeplitz_tile(K: int, H: int, plan: _Plan) -> dict:
@@ -1674,8 +1692,8 @@ def idconv_backward(
                 C,
                 H,
                 W // vector,
-                *(st // vector for st in x.stride()[:3]),
-                *(st // vector for st in grad_out.stride()[:3]),
+                *_strides_in_vectors(x, vector),
+                *_strides_in_vectors(grad_out, vector),
                 K=K,
                 ACC=tl_accumulation_dtype(x.dtype),
                 **tile,
