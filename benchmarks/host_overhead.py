@@ -12,6 +12,10 @@ each, this also pays their arithmetic (filling the output gradient, summing part
 at stage 1 on a slow core), so stage-1 backward times overstate the host's share most.
 
     python -m benchmarks.host_overhead [--model t] [--plain] [--ops idconv,ms_ffn_middle] [--reps 50] [--unpadded-bias]
+                                       [--through-dispatcher]
+
+--through-dispatcher sends every op call through torch.library's dispatcher (the custom ops themselves), as
+traced calls go, rather than the plain eager route (`transxnet_kernels.library`): the cost of that layer.
 """
 
 from __future__ import annotations
@@ -130,7 +134,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument(
         "--unpadded-bias", action="store_true", help="OSRA eval calls get the bias as captured, not key-padded"
     )
+    p.add_argument("--through-dispatcher", action="store_true", help="every op call through torch.library's dispatcher")
     args = p.parse_args(argv)
+    if args.through_dispatcher:
+        from transxnet_kernels import library
+
+        library.dispatcher_needed = lambda first: True
     torch.set_num_threads(1)
     import transxnet
 

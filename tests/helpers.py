@@ -5,6 +5,7 @@ check every op test uses."""
 import contextlib
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence
+from unittest import mock
 
 import pytest
 import torch
@@ -427,3 +428,33 @@ def ms_ffn_tiled_stencils(strips: bool = True):
     return common.launch_overrides(
         dataclasses.replace(settings, plane_max=0, strip_rows=settings.strip_rows * strips, thread_plane_pixels=0)
     )
+
+
+def check_dispatcher_paths_agree(backend: Backend, op: str, args, grad_seed: int = 0) -> None:
+    """`op` forced onto `backend` in plain eager (its LibraryOps call their functions directly, one autograd node
+    per call: transxnet_kernels/library.py) and through torch.library's dispatcher (the custom ops themselves) give
+    bit-identical outputs, gradients of every tensor that requires grad, and in-place updates (running
+    statistics). Each side runs on its own copies of args."""
+    from transxnet_kernels import library
+
+    first = flat_tensors(args)[0]
+    grad_out = randn(*first.shape, dtype=first.dtype, gen=torch.Generator().manual_seed(grad_seed), device=first.device)
+    results = {}
+    for path in ("eager", "dispatcher"):
+        copies = map_tensors(lambda t: t.detach().clone().requires_grad_(t.requires_grad), args)
+        forced = mock.patch.object(library, "dispatcher_needed", lambda first: True)
+        with forced if path == "dispatcher" else contextlib.nullcontext(), backend.active():
+            out = getattr(tk, op)(*copies)
+            wrt = [t for t in flat_tensors(copies) if t.requires_grad]
+            grads = torch.autograd.grad(out, wrt, grad_out) if wrt else ()
+        results[path] = (type(out.grad_fn).__name__ if wrt else None, out, grads, flat_tensors(copies))
+    eager, dispatched = results["eager"], results["dispatcher"]
+    if needs_grad(args):  # the node each path records: this module's, the custom op's
+        assert eager[0] == "_EagerAutogradBackward", eager[0]
+        assert dispatched[0].startswith("GeneratedBackwardFor_"), dispatched[0]
+    assert torch.equal(eager[1], dispatched[1]), f"{op} output"
+    assert len(eager[2]) == len(dispatched[2])
+    for i, (a, b) in enumerate(zip(eager[2], dispatched[2])):
+        assert torch.equal(a, b), f"{op} gradient of input tensor {i}"
+    for i, (a, b) in enumerate(zip(eager[3], dispatched[3])):
+        assert torch.equal(a, b), f"{op} input tensor {i} after the call"

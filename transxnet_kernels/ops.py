@@ -24,6 +24,7 @@ import torch
 
 from . import reference
 from .backend import BACKENDS, OPS, CallInfo, Supports, always, call_info, inference_backend, runs_fused, select
+from .library import custom_op
 
 Tensor = torch.Tensor
 
@@ -97,7 +98,7 @@ class Op:
         schema = re.sub(r"=[^,)]+", "", schema)
 
         def deco(fn: Callable) -> Any:
-            library_op = torch.library.custom_op(f"{namespace}::{self.name}", fn, mutates_args=(), schema=schema)
+            library_op = custom_op(f"{namespace}::{self.name}", schema=schema)(fn)
             library_op.register_fake(fake)
             return library_op
 

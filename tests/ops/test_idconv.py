@@ -21,6 +21,7 @@ from helpers import (
     backend_dtype_params,
     backend_param,
     backend_params,
+    check_dispatcher_paths_agree,
     check_op,
     cpp_only,
     dtype_id,
@@ -485,6 +486,14 @@ def test_triton_gradcheck(bias):
     with TRITON.active():
         # fast_mode checks random projections of the Jacobian: a handful of interpreter runs, not hundreds.
         assert torch.autograd.gradcheck(tk.idconv, args, eps=1e-6, atol=1e-8, rtol=1e-6, fast_mode=True)
+
+
+@requires_triton
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "nograd"])
+def test_triton_eager_path_matches_the_dispatcher(grad):
+    """Plain eager calls skip torch.library's dispatcher (one autograd node of our own): bit-identical results."""
+    check_dispatcher_paths_agree(TRITON, OP, idconv_args(2, 3, 6, 5, 2, 3, seed=1, grad=grad))
+    check_dispatcher_paths_agree(TRITON, OP, idconv_args(1, 2, 4, 5, 2, 5, bias=False, seed=2, grad=grad))
 
 
 @requires_triton

@@ -24,6 +24,7 @@ from helpers import (
     backend_dtype_params,
     backend_param,
     backend_params,
+    check_dispatcher_paths_agree,
     check_op,
     cpp_only,
     dtype_id,
@@ -484,6 +485,16 @@ def test_triton_running_statistics_update_in_its_dtype(stat_dtype):
     only_var = running_var.clone()
     ms_ffn.batch_norm_update_running(None, only_var, mean, var, count, momentum)
     assert_rel_close(only_var, momentum * var * (count / (count - 1)) + (1 - momentum) * running_var, tol, "var only")
+
+
+@requires_triton
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "nograd"])
+def test_triton_eager_path_matches_the_dispatcher(training, grad):
+    """Plain eager calls skip torch.library's dispatcher (one autograd node of our own; the running statistics'
+    update op called directly): bit-identical outputs, gradients and running statistics."""
+    args = middle_args([2, 1, 3], [1, 3, 5], 2, 5, 6, training=training, seed=5, grad=grad)
+    check_dispatcher_paths_agree(TRITON, OP, args)
 
 
 @requires_triton

@@ -21,6 +21,7 @@ from helpers import (
     backend_dtype_params,
     backend_param,
     backend_params,
+    check_dispatcher_paths_agree,
     check_op,
     dtype_id,
     fused_backends,
@@ -368,6 +369,13 @@ def test_compile_fullgraph_channels_last(backend):
             actual = compiled(x)
     assert actual.is_contiguous(memory_format=torch.channels_last)
     assert_rel_close(actual, expected, TOLERANCE[torch.float32], "compiled")
+
+
+@pytest.mark.parametrize("backend", backend_params(OP, per_isa=False))
+def test_eager_path_matches_the_dispatcher(backend):
+    """Plain eager calls skip torch.library's dispatcher: bit-identical outputs."""
+    args = eval_args([3, 2, 2], [1, 3, 5], 2, 7, 9, device=backend.device, grad=False)
+    check_dispatcher_paths_agree(backend, OP, args)
 
 
 @pytest.mark.parametrize("backend", backend_params(OP, per_isa=False))

@@ -21,6 +21,7 @@ from helpers import (
     backend_dtype_params,
     backend_param,
     backend_params,
+    check_dispatcher_paths_agree,
     check_op,
     cpp_only,
     dtype_id,
@@ -530,6 +531,14 @@ def test_triton_gradcheck(layout):
             return tk.multiscale_dwconv(x, params[:3], params[3:])
 
     assert torch.autograd.gradcheck(fn, (x, *weights, *biases), fast_mode=True)
+
+
+@requires_triton
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "nograd"])
+def test_triton_eager_path_matches_the_dispatcher(grad):
+    """Plain eager calls skip torch.library's dispatcher (one autograd node of our own, the group lists spliced
+    into its inputs): bit-identical results."""
+    check_dispatcher_paths_agree(TRITON, OP, msdw_args([2, 1, 3], [1, 3, 5], 2, 5, 6, seed=3, grad=grad))
 
 
 @requires_triton

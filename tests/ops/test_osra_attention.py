@@ -19,6 +19,7 @@ from helpers import (
     backend_dtype_params,
     backend_param,
     backend_params,
+    check_dispatcher_paths_agree,
     check_op,
     cpp_only,
     dtype_id,
@@ -262,6 +263,17 @@ def test_triton_gradcheck(bias_shape):
             return tk.osra_attention(*ts[:3], ts[3] if len(ts) > 3 else None)
 
     assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-8, rtol=1e-6, fast_mode=True)
+
+
+@requires_triton
+def test_triton_eager_path_matches_the_dispatcher():
+    """Plain eager calls skip torch.library's dispatcher (one autograd node of our own): bit-identical results,
+    with and without the bias needing a gradient (the backward reads needs_input_grad per op argument)."""
+    q, k, v, bias, scale = osra_args(2, 2, 9, 11, 5, (1, 2), seed=8)
+    check_dispatcher_paths_agree(TRITON, OP, (q, k, v, bias, scale))
+    check_dispatcher_paths_agree(TRITON, OP, (q, k, v, bias.detach(), scale))
+    check_dispatcher_paths_agree(TRITON, OP, (q.detach(), k.detach(), v.detach(), bias, scale))
+    check_dispatcher_paths_agree(TRITON, OP, osra_args(2, 2, 9, 11, 5, (1, 2), seed=8, grad=False))
 
 
 @requires_triton

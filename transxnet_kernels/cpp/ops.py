@@ -52,6 +52,7 @@ import torch
 from .. import ops
 from ..backend import CallInfo
 from ..layout import empty_like_layout
+from ..library import custom_op
 
 if importlib.util.find_spec("transxnet_kernels._C") is None:  # no compiler, failed build, TRANSXNET_NO_CPP=1
     raise ImportError(
@@ -173,7 +174,7 @@ def multiscale_dwconv(x, weights, biases):
     return _C.multiscale_dwconv_forward(x, weights, biases)
 
 
-@torch.library.custom_op("transxnet_cpp::ms_ffn_middle", mutates_args=())
+@custom_op("transxnet_cpp::ms_ffn_middle", mutates_args=())
 def ms_ffn_middle_inference(
     x: torch.Tensor,
     weights: List[torch.Tensor],

@@ -141,6 +141,7 @@ from triton.language.extra import libdevice
 
 from .. import ops
 from ..layout import channels_last_input
+from ..library import custom_op
 from .common import (
     INTERPRETED,
     NO_REGISTER_BUDGET,
@@ -1588,7 +1589,7 @@ def _launch_mixing_plane_forward(
 # ------------------------------------------------------------------------------- torch.library ops
 
 
-@torch.library.custom_op("transxnet_triton::idconv", mutates_args=())
+@custom_op("transxnet_triton::idconv", mutates_args=())
 def idconv_keeping_kernels(
     x: torch.Tensor,
     kernel_logits: torch.Tensor,
@@ -1640,7 +1641,7 @@ def idconv(x, kernel_logits, weight, bias_logits, bias):
     return idconv_keeping_kernels(x, kernel_logits, weight, bias_logits, bias, keep)[0]
 
 
-@torch.library.custom_op("transxnet_triton::idconv_backward", mutates_args=())
+@custom_op("transxnet_triton::idconv_backward", mutates_args=())
 def idconv_backward(
     grad_out: torch.Tensor,
     x: torch.Tensor,

@@ -214,6 +214,7 @@ from triton.language.extra import libdevice
 
 from .. import ops
 from ..layout import channels_last_input
+from ..library import custom_op
 from .common import INTERPRETED as _INTERPRETED
 from .common import (
     NO_REGISTER_BUDGET,
@@ -3936,7 +3937,7 @@ def _pack_for_inference(weights: Sequence[torch.Tensor], biases: Sequence[torch.
 # ------------------------------------------------------------------------------ multiscale_dwconv
 
 
-@torch.library.custom_op("transxnet_triton::multiscale_dwconv", mutates_args=())
+@custom_op("transxnet_triton::multiscale_dwconv", mutates_args=())
 def multiscale_dwconv_op(x: torch.Tensor, weights: List[torch.Tensor], biases: List[torch.Tensor]) -> torch.Tensor:
     """multiscale_dwconv on the packed weight table (`_pack`, packed here so that autograd reaches the groups)."""
     out = torch.empty_like(x)
@@ -3952,7 +3953,7 @@ def _(x, weights, biases):
     return torch.empty_like(x)
 
 
-@torch.library.custom_op("transxnet_triton::multiscale_dwconv_backward", mutates_args=())
+@custom_op("transxnet_triton::multiscale_dwconv_backward", mutates_args=())
 def multiscale_dwconv_backward(
     grad_out: torch.Tensor, x: torch.Tensor, weights: List[torch.Tensor], biases: List[torch.Tensor]
 ) -> Tuple[torch.Tensor, List[torch.Tensor], List[torch.Tensor]]:
@@ -3993,7 +3994,7 @@ def multiscale_dwconv(x: torch.Tensor, weights: List[torch.Tensor], biases: List
 # ---------------------------------------------------------------------------------- ms_ffn_middle
 
 
-@torch.library.custom_op("transxnet_triton::ms_ffn_middle", mutates_args=())
+@custom_op("transxnet_triton::ms_ffn_middle", mutates_args=())
 def ms_ffn_middle_op(
     x: torch.Tensor,
     weights: List[torch.Tensor],
@@ -4052,7 +4053,7 @@ def _(x, weights, biases, norm_weight, norm_bias, running_mean, running_var, tra
 _THREAD_PLANE_DZ_MAX_ELEMENT_SIZE = 2
 
 
-@torch.library.custom_op("transxnet_triton::ms_ffn_middle_backward", mutates_args=())
+@custom_op("transxnet_triton::ms_ffn_middle_backward", mutates_args=())
 def ms_ffn_middle_backward(
     grad_out: torch.Tensor,
     x: torch.Tensor,
@@ -4216,7 +4217,7 @@ def _middle_autograd_rule(ctx, grad_out, _grad_mean, _grad_var, _grad_z):
 ms_ffn_middle_op.register_autograd(_middle_autograd_rule, setup_context=_middle_setup_context)
 
 
-@torch.library.custom_op("transxnet_triton::batch_norm_update_running", mutates_args=("running_mean", "running_var"))
+@custom_op("transxnet_triton::batch_norm_update_running", mutates_args=("running_mean", "running_var"))
 def batch_norm_update_running(
     running_mean: Optional[torch.Tensor],
     running_var: Optional[torch.Tensor],

@@ -120,6 +120,7 @@ from triton.language.extra import libdevice
 from .. import ops
 from ..backend import CallInfo
 from ..layout import key_padded_rows, tensor_span
+from ..library import custom_op
 from .common import (
     INTERPRETED,
     LaunchTarget,
@@ -1976,7 +1977,7 @@ def _backward(grad_out, q, k, v, bias, out, lse, scale, bias_needs_grad):
 # ------------------------------------------------------------------------------- torch.library ops
 
 
-@torch.library.custom_op("transxnet_triton::osra_attention", mutates_args=())
+@custom_op("transxnet_triton::osra_attention", mutates_args=())
 def osra_attention_with_lse(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor], scale: float
 ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -1992,7 +1993,7 @@ def _(q, k, v, bias, scale):
     )
 
 
-@torch.library.custom_op("transxnet_triton::osra_attention_backward", mutates_args=())
+@custom_op("transxnet_triton::osra_attention_backward", mutates_args=())
 def osra_attention_backward(
     grad_out: torch.Tensor,
     q: torch.Tensor,
