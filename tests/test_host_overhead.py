@@ -61,3 +61,27 @@ def test_host_overhead_passes_eval_osra_calls_the_key_padded_stage_bias():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", _MODEL_BIAS_CHECK], cwd=ROOT, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+_DISPATCHER_CHECK = r"""
+import sys, torch
+from benchmarks import host_overhead
+from transxnet_kernels import library
+
+assert not library.dispatcher_needed(torch.zeros(1))
+assert host_overhead.main(["--ops", "idconv", "--reps", "1", "--through-dispatcher", "--json", sys.argv[1]]) == 0
+assert library.dispatcher_needed(torch.zeros(1))
+"""
+
+
+def test_host_overhead_through_the_dispatcher(tmp_path):
+    """--through-dispatcher times every op call as a traced call goes, through torch.library's dispatcher."""
+    pytest.importorskip("triton")
+    rows_file = tmp_path / "rows.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(
+        [sys.executable, "-c", _DISPATCHER_CHECK, str(rows_file)], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(rows_file.read_text())
+    assert {r["op"] for r in rows} == {"idconv"} and all(r["host_us"] > 0 for r in rows)
