@@ -382,6 +382,7 @@ def ms_ffn_small_tiles(
     strips: bool = False,
     thread_planes: bool = False,
     target_programs: int = 10**6,
+    least_padding: bool = False,
 ):
     """launch_overrides for the Triton MS-FFN kernels giving GPU-like launch shapes on small inputs: several spatial
     tiles, channel blocks per group, the batch split over programs (as far as target_programs asks: a small one leaves
@@ -389,7 +390,9 @@ def ms_ffn_small_tiles(
     (a few channels per tile); strips: strips of 2 rows x 2 chunks, 2 channels per program, where they apply
     (ms_ffn_middle_eval's whole-row strips: rows of at most 2 chunks); thread_planes: the forward passes on planes of at
     most 64 pixels with a thread per plane, 2 channels and one image per program; else the tiled stencils (per tap,
-    chunks of 4). The BatchNorm affine map takes 2 channels a program and its partials 2 rows a tile."""
+    chunks of 4); least_padding: the passes without a stencil on NCHW tiles whose run of pixels (at least 4) pads the
+    plane least, channels filling the tile, as on GPUs (`ms_ffn._nchw_tile`). The BatchNorm affine map takes 2
+    channels a program and its partials 2 rows a tile."""
     import dataclasses
 
     from transxnet_kernels.triton import common, ms_ffn
@@ -411,6 +414,7 @@ def ms_ffn_small_tiles(
             thread_plane_warps=10**6,
             affine_channels=2,
             affine_rows=2,
+            min_nchw_run=4 if least_padding else 0,
         ),
         dataclasses.replace(target, int32_span_limit=0) if index64 else target,
     )

@@ -498,6 +498,46 @@ def test_triton_eager_path_matches_the_dispatcher(training, grad):
 
 
 @requires_triton
+def test_triton_pointwise_tiles_pad_the_plane_least():
+    """On GPUs the passes without a stencil (training's BatchNorm-gradient sums, the normalising pass from the saved
+    z, the eval middle's first map) run NCHW tiles whose run of pixels pads the plane least, channels filling the
+    tile: T's 56 x 56 and 28 x 28 planes in runs of 64 (no padding; in runs of the whole 1024-element tile, 23% of
+    the lanes past the plane), 14 x 14 in runs of 256 (4 channels); the stencil passes keep runs of the plane."""
+    from transxnet_kernels.triton import common, ms_ffn
+
+    gpu = ms_ffn.Settings.for_target(common.LaunchTarget(sm_count=132, interpreted=False, capability=90))
+    assert ms_ffn._nchw_tile(56 * 56, 48, gpu, least_padding=True) == (16, 64)
+    assert ms_ffn._nchw_tile(28 * 28, 96, gpu, least_padding=True) == (16, 64)
+    assert ms_ffn._nchw_tile(14 * 14, 224, gpu, least_padding=True) == (4, 256)
+    assert ms_ffn._nchw_tile(56 * 56, 3, gpu, least_padding=True) == (4, 64)  # channels: the widest group's, padded
+    assert ms_ffn._nchw_tile(1024, 48, gpu, least_padding=True) == (1, 1024)  # no padding: the longest run
+    assert ms_ffn._nchw_tile(56 * 56, 48, gpu, least_padding=False) == (1, 1024)
+
+
+@requires_triton
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_triton_pointwise_tiles(monkeypatch, training):
+    """The passes without a stencil on the least-padding tiles (runs of 4 pixels of a 6 x 6 plane, 4 channels a
+    tile, blocks ending inside the groups): output, running statistics and every gradient against the reference."""
+    from transxnet_kernels.triton import ms_ffn
+
+    tiles = record_launches(
+        monkeypatch, ms_ffn, "_middle_grad_kernel", lambda args, kwargs: (kwargs["BLOCK_C"], kwargs["BLOCK_HW"])
+    )
+    applied = record_launches(
+        monkeypatch, ms_ffn, "_forward_kernel", lambda args, kwargs: (kwargs["MODE"], kwargs["BLOCK_HW"])
+    )
+    with ms_ffn_small_tiles(index64=False, least_padding=True):
+        check_middle(TRITON, middle_args([3, 2, 1, 2], [1, 3, 5, 7], 2, 6, 6, training=training, seed=11))
+    # the normalising pass from the saved z: runs of 4; the stencil passes: the plane's 36 pixels in 16-element tiles
+    assert (ms_ffn._APPLY_SAVED, 4) in applied and all(hw == 16 for mode, hw in applied if mode != ms_ffn._APPLY_SAVED)
+    if training:  # the BatchNorm-gradient sums' pass: 4 channels x runs of 4; the dz pass keeps its tiles
+        assert (4, 4) in tiles and (1, 16) in tiles
+    else:
+        assert tiles and set(tiles) == {(1, 16)}
+
+
+@requires_triton
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_triton_gradcheck(training):
     x, weights, biases, nw, nb, rm, rv, *_ = middle_args(

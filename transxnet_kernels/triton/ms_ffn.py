@@ -122,6 +122,10 @@ Passes over the big tensor (one pass = B*C*H*W elements read or written; e = ele
     * the exact GELU's erf is a rational form (`_erf_scaled`: 18-20 issued instructions per GELU on sm_90 against ~36
       for libdevice's erf), and the training backward keeps its per-channel sums per thread until the end of the
       program (`_middle_grad_kernel`);
+    * the passes without a stencil (training's normalising pass from z and BatchNorm-gradient sums, the two-launch
+      eval's first map) take NCHW tiles of 64-pixel runs x 16 channels at stages 1-2 (`_nchw_tile`): in runs of the
+      whole tile 23% of their lanes were past the plane, and the 16-bit passes are bound by issue (T stage 1 bf16 on
+      an H100: training forward 288.4 -> 279.2 µs, backward 501.7 -> 468.5);
     * the BatchNorm affine map runs in tiles of 32 partial rows x 32 channels (one program sweeping the partial rows
       one at a time was a tail of its own at T's stage 1).
 
@@ -158,26 +162,26 @@ Static audit of `ms_ffn_middle` (`python -m benchmarks.audit_tables` writes this
 3.8.0, batch 128 at 224x224, the worst over layouts and modes; estimate / DRAM roofline, µs):
 
     stage  shape       phase     fp32 A100  fp32 H100  bf16 A100  bf16 H100
-    T1     192x56x56   forward   645/308    390/184    464/154    288/92.0
-    T1     192x56x56   backward  1243/462   743/276    800/231    502/138
-    T2     384x28x28   forward   326/154    198/92.0   241/77.1   149/46.0
-    T2     384x28x28   backward  625/231    378/138    413/116    263/69.0
+    T1     192x56x56   forward   645/308    390/184    448/154    279/92.0
+    T1     192x56x56   backward  1243/462   743/276    751/231    468/138
+    T2     384x28x28   forward   326/154    198/92.0   232/77.1   144/46.0
+    T2     384x28x28   backward  625/231    378/138    394/116    251/69.0
     T3     896x14x14   forward   194/89.9   121/53.7   153/45.0   103/26.8
     T3     896x14x14   backward  369/135    225/80.5   283/67.4   187/40.3
     T4     1792x7x7    forward   92.4/45.0  55.8/26.8  64.0/22.5  41.5/13.4
     T4     1792x7x7    backward  191/67.4   118/40.3   119/33.7   77.8/20.1
-    S1     384x56x56   forward   1288/617   780/368    919/308    573/184
-    S1     384x56x56   backward  2486/925   1482/552   1590/462   998/276
-    S2     768x28x28   forward   645/308    390/184    464/154    288/92.0
-    S2     768x28x28   backward  1244/462   743/276    800/231    502/138
+    S1     384x56x56   forward   1288/617   780/368    892/308    558/184
+    S1     384x56x56   backward  2486/925   1482/552   1499/462   933/276
+    S2     768x28x28   forward   645/308    390/184    448/154    279/92.0
+    S2     768x28x28   backward  1244/462   743/276    760/231    476/138
     S3     1280x14x14  forward   275/128    168/76.7   213/64.2   135/38.3
     S3     1280x14x14  backward  522/193    316/115    393/96.3   249/57.5
     S4     2048x7x7    forward   105/51.4   63.3/30.7  67.5/25.7  42.7/15.3
     S4     2048x7x7    backward  215/77.1   131/46.0   131/38.5   82.7/23.0
-    B1     608x56x56   forward   2036/976   1245/583   1441/488   921/291
-    B1     608x56x56   backward  3915/1464  2348/874   2475/732   1598/437
-    B2     1216x28x28  forward   1020/488   625/291    726/244    469/146
-    B2     1216x28x28  backward  1962/732   1180/437   1250/366   815/219
+    B1     608x56x56   forward   2036/976   1245/583   1406/488   901/291
+    B1     608x56x56   backward  3915/1464  2348/874   2358/732   1515/437
+    B2     1216x28x28  forward   1020/488   625/291    706/244    455/146
+    B2     1216x28x28  backward  1963/732   1180/437   1193/366   770/219
     B3     1344x14x14  forward   291/135    177/80.5   231/67.4   144/40.3
     B3     1344x14x14  backward  550/202    334/121    423/101    266/60.4
     B4     2688x7x7    forward   138/67.4   83.0/40.3  92.7/33.7  57.7/20.1
@@ -187,16 +191,16 @@ Static audit of `ms_ffn_middle_eval` (`python -m benchmarks.audit_tables` writes
 Triton 3.8.0, batch 128 at 224x224, the worst over layouts and modes; estimate / DRAM roofline, µs):
 
     stage  shape       phase    fp32 A100  fp32 H100  bf16 A100  bf16 H100
-    T1     192x56x56   forward  401/308    235/184    437/154    244/92.0
-    T2     384x28x28   forward  205/154    120/92.0   225/77.1   125/46.0
+    T1     192x56x56   forward  401/308    235/184    420/154    244/92.0
+    T2     384x28x28   forward  205/154    120/92.0   217/77.1   125/46.0
     T3     896x14x14   forward  107/89.9   68.7/53.7  107/45.0   71.0/26.8
     T4     1792x7x7    forward  50.9/45.0  31.3/26.8  50.8/22.5  31.6/13.4
-    S1     384x56x56   forward  799/617    465/368    865/308    482/184
-    S2     768x28x28   forward  405/308    237/184    437/154    245/92.0
+    S1     384x56x56   forward  799/617    465/368    839/308    482/184
+    S2     768x28x28   forward  405/308    237/184    421/154    245/92.0
     S3     1280x14x14  forward  151/128    93.5/76.7  151/64.2   94.6/38.3
     S4     2048x7x7    forward  54.7/51.4  33.3/30.7  50.8/25.7  31.6/15.3
-    B1     608x56x56   forward  1197/976   753/583    1358/488   796/291
-    B2     1216x28x28  forward  606/488    382/291    684/244    403/146
+    B1     608x56x56   forward  1197/976   753/583    1322/488   796/291
+    B2     1216x28x28  forward  606/488    382/291    664/244    403/146
     B3     1344x14x14  forward  162/135    98.6/80.5  164/67.4   99.1/40.3
     B4     2688x7x7    forward  73.8/67.4  44.5/40.3  71.3/33.7  43.1/20.1
 """
@@ -272,7 +276,9 @@ class Settings:
     audit models no latency that more warps would hide). affine_channels, affine_rows: the BatchNorm kernels' (the
     affine map, the running statistics, the backward's sums and coefficients) channels per program and partial rows per
     tile (on GPUs a warp's 32 contiguous channels x 32 rows: a program per 32 channels, ~7 tiles per sweep at T's stage
-    1, where one program of all 192 channels swept the 196 partial rows one at a time). On GPUs: small tiles, enough
+    1, where one program of all 192 channels swept the 196 partial rows one at a time). min_nchw_run: where set (GPUs),
+    the passes without a stencil take NCHW tiles of the run of pixels, at least this long, that pads the plane least
+    (`_nchw_tile`). On GPUs: small tiles, enough
     programs to fill the SMs several times over, NCHW tiles of one channel (a long coalesced run of pixels). Triton's
     interpreter runs programs one after another at ~0.7 ms per tile operation whatever the tile's size, so there few
     large programs are fastest: small NCHW planes share a tile (one channel per program made the whole-model training
@@ -295,6 +301,7 @@ class Settings:
     affine_channels: int = 1024
     affine_rows: int = 64
     prologue_images: float = 1.0
+    min_nchw_run: int = 0
 
     @classmethod
     def for_target(cls, target: LaunchTarget) -> Settings:
@@ -313,6 +320,7 @@ class Settings:
             thread_plane_warps=4 * target.sm_count,
             affine_channels=32,
             affine_rows=32,
+            min_nchw_run=64,
         )
 
 
@@ -3370,13 +3378,15 @@ def _plan(
     wgrad_dx: bool = False,
     thread_planes: bool = False,
     whole_rows: bool = False,
+    pointwise: bool = False,
 ) -> _Plan:
-    """Launch plan for the kernels reading x and writing or reading others. strips=False: no strip plan (for the
-    passes without a stencil, which the _strip_* kernels do not run); wgrad_dx: for the dx pass that also
-    accumulates the weight gradient (`Settings.wgrad_strip_rows`); thread_planes: for the passes with a
-    thread-plane kernel (_launch_forward's stencil modes, _launch_dx, the middle's dz pass from the saved z), which
-    run a thread per plane on small planes (`Settings.thread_plane_pixels`); whole_rows: strips whose programs
-    cover whole rows (`_strip_eval_kernel`), and none where rows are wider than `Settings.whole_row_chunks`.
+    """Launch plan for the kernels reading x and writing or reading others. strips=False: no strip plan (the _strip_*
+    kernels do not run the passes without a stencil, nor the dz pass that recomputes z); pointwise: for a pass without
+    a stencil (no strips; on GPUs, NCHW tiles whose run of pixels pads the plane least, `_nchw_tile`); wgrad_dx: for
+    the dx pass that also accumulates the weight gradient (`Settings.wgrad_strip_rows`); thread_planes: for the
+    passes with a thread-plane kernel (_launch_forward's stencil modes, _launch_dx, the middle's dz pass from the
+    saved z), which run a thread per plane on small planes (`Settings.thread_plane_pixels`); whole_rows: strips whose
+    programs cover whole rows (`_strip_eval_kernel`), and none where rows are wider than `Settings.whole_row_chunks`.
     Memoised on shapes, strides, dtype, device, the groups and the launch target and settings in effect (test and
     audit overrides included)."""
     target, settings = launch_target(x.device), launch_settings(Settings, x.device)
@@ -3392,6 +3402,7 @@ def _plan(
         wgrad_dx,
         thread_planes,
         whole_rows,
+        pointwise,
         target,
         settings,
     )
@@ -3400,7 +3411,17 @@ def _plan(
         if len(_PLANS) >= _PLANS_MAX:
             _PLANS.clear()
         plan = _PLANS[key] = _make_plan(
-            x, widths, ksizes, others, strips, wgrad_dx, thread_planes, whole_rows, settings, target.sm_count
+            x,
+            widths,
+            ksizes,
+            others,
+            strips and not pointwise,
+            wgrad_dx,
+            thread_planes,
+            whole_rows,
+            pointwise,
+            settings,
+            target.sm_count,
         )
     return plan
 
@@ -3414,6 +3435,7 @@ def _make_plan(
     wgrad_dx: bool,
     thread_planes: bool,
     whole_rows: bool,
+    pointwise: bool,
     settings: Settings,
     sm_count: int,
 ) -> _Plan:
@@ -3452,11 +3474,10 @@ def _make_plan(
         n_hw = 1 if whole_rows else cdiv(H, strip) * cdiv(W // 4, chunks)  # whole rows: a program walks its strips
     else:
         if channels_last_input(x):
-            max_block_c = settings.max_channel_block
-        else:  # channels only fill what a plane leaves of the tile
-            max_block_c = min(settings.nchw_channel_block, max(1, settings.tile_elements // next_power_of_2(hw)))
-        block_c = min(max_block_c, next_power_of_2(max(widths)))
-        block_hw = max(1, min(next_power_of_2(hw), settings.tile_elements // block_c))
+            block_c = min(settings.max_channel_block, next_power_of_2(max(widths)))
+            block_hw = max(1, min(next_power_of_2(hw), settings.tile_elements // block_c))
+        else:
+            block_c, block_hw = _nchw_tile(hw, max(widths), settings, least_padding=pointwise)
         num_warps = max(1, min(8, block_c * block_hw // 128))  # 4 tile elements per thread: K masks per tap row
         n_hw = cdiv(hw, block_hw)
     launches = []
@@ -3490,6 +3511,24 @@ def _make_plan(
         thread_plane,
         bool(plane[1]) and _dense_rows(x, *others),
     )
+
+
+def _nchw_tile(hw: int, widest: int, settings: Settings, least_padding: bool) -> Tuple[int, int]:
+    """(block_c, block_hw) of a contiguous-NCHW tile: a run of block_hw pixels of each of block_c channels. The
+    plane padded to a power of 2 (at most the tile), channels filling what it leaves of the tile up to
+    nchw_channel_block; with least_padding (passes without a stencil) and min_nchw_run (GPUs), the power of 2 of
+    at least that many pixels, at most the tile, that pads the plane least (the larger on a tie), channels filling the
+    rest of the tile. A tile's lanes past the plane's end issue every instruction for nothing: with runs of the whole
+    tile, 56 x 56 and 28 x 28 planes left 23% of them idle (3136 pixels in 4 x 1024, 784 in 1024; in runs of 64,
+    none). The stencil passes keep their tiles (in 16 x 64 tiles the weight-gradient dx pass spilled 8 B on sm_80)."""
+    if not (least_padding and settings.min_nchw_run):
+        block_c = min(settings.nchw_channel_block, max(1, settings.tile_elements // next_power_of_2(hw)))
+        block_c = min(block_c, next_power_of_2(widest))
+        return block_c, max(1, min(next_power_of_2(hw), settings.tile_elements // block_c))
+    run = min(next_power_of_2(hw), settings.tile_elements)
+    candidates = [run >> i for i in range(run.bit_length()) if run >> i >= min(settings.min_nchw_run, run)]
+    block_hw = min(candidates, key=lambda r: (cdiv(hw, r) * r, -r))
+    return min(next_power_of_2(widest), settings.tile_elements // block_hw), block_hw
 
 
 def _zero_plane(plane: Tuple[int, int, int], dense: bool, src: torch.Tensor) -> torch.Tensor:
@@ -4032,7 +4071,7 @@ def ms_ffn_middle_op(
             _launch_forward(_PREACT, x, w_table, bias, plan, out=z)
         scale, shift = _batch_norm_affine(plan, mean, var, norm_weight, norm_bias, eps)
     if keep_z and x.numel() > 0:  # no stencil: not a strip pass
-        elementwise = _plan(z, widths, ksizes, out, strips=False)
+        elementwise = _plan(z, widths, ksizes, out, pointwise=True)
         _launch_forward(_APPLY_SAVED, z, w_table, bias, elementwise, out=out, scale=scale, shift=shift)
     elif x.numel() > 0:
         _launch_forward(_APPLY, x, w_table, bias, plan, out=out, scale=scale, shift=shift)
@@ -4081,11 +4120,11 @@ def ms_ffn_middle_backward(
     w_table, bias, widths, ksizes = _pack(weights, biases, x.dtype)
     plan = _plan(x, widths, ksizes, grad_out)  # dz has x's shape and strides
     thread_plan = _plan(x, widths, ksizes, grad_out, thread_planes=True)
-    # The strip and thread-plane kernels run the dz pass from the saved z; the statistics pass of training (no
-    # stencil) and a dz pass that recomputes z run on the plan without strips.
-    unstripped = _plan(x, widths, ksizes, grad_out, strips=False) if plan.strip else plan
+    # The strip and thread-plane kernels run the dz pass from the saved z; a dz pass that recomputes z runs on the
+    # plan without strips; the statistics pass of training (no stencil) on whole planes where the plan has them, else
+    # on the pointwise plan.
     if z is None:
-        dz_plan = unstripped
+        dz_plan = _plan(x, widths, ksizes, grad_out, strips=False) if plan.strip else plan
     elif thread_plan.thread_plane[2] and x.element_size() <= _THREAD_PLANE_DZ_MAX_ELEMENT_SIZE:
         dz_plan = thread_plan
     else:
@@ -4093,7 +4132,9 @@ def ms_ffn_middle_backward(
     # BatchNorm's gradient sums: in the dz pass in eval, a pass of their own in training (dz needs them) and on
     # thread planes (see _thread_plane_dz_kernel)
     separate_stats = training or bool(dz_plan.thread_plane[2])
-    stats_plan = unstripped if separate_stats else dz_plan
+    stats_plan = dz_plan
+    if separate_stats:
+        stats_plan = plan if plan.plane[1] else _plan(x, widths, ksizes, grad_out, pointwise=True)
     # The whole-plane weight gradient reads dz back after the pass stored it: in the accumulation dtype, so
     # that dW sums unrounded dz (rounded to fp16, its BatchNorm-cancelling sums lost the fp16 tolerance).
     dz = torch.empty_like(x, dtype=plan.acc if dz_plan.plane[1] else x.dtype)
@@ -4373,7 +4414,7 @@ def ms_ffn_middle_eval(x, input_scale, input_shift, weights, biases, output_scal
         )
         return out
     y = torch.empty_like(x)
-    elementwise = _plan(x, widths, ksizes, y, strips=False)
+    elementwise = _plan(x, widths, ksizes, y, pointwise=True)
     _launch_forward(
         _APPLY_SAVED,
         x,
