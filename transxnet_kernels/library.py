@@ -17,7 +17,8 @@ functorch transform, or an input that needs a gradient for an op without an auto
 own behaviour then applies). Otherwise it calls the function directly, and where an input needs a gradient it
 records one ``torch.autograd.Function`` node running the same setup_context and backward formula that
 ``register_autograd`` gave the custom op. Both routes run the same Python and the same kernels: results are
-bit-identical (tests/test_library.py checks outputs and every gradient of each op both ways).
+bit-identical (each op's tests check outputs, every gradient and in-place updates both ways,
+`tests/helpers.check_dispatcher_paths_agree`; tests/test_library.py checks the routing).
 """
 
 from __future__ import annotations
