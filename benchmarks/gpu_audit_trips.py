@@ -138,10 +138,15 @@ def _strips(kernel: str) -> Callable[[Mapping, Sequence[int]], Trips]:
     return lambda args, grid: {f"{kernel}:_": grid[0] * grid[1] * args["B"]}
 
 
-def _strip_eval(args, grid) -> Trips:
-    """Every image once per channel block, and in it every strip of STRIP rows, top to bottom."""
-    images = grid[0] * grid[1] * args["B"]
-    return {"_strip_eval_kernel:_": images, "_strip_eval_kernel:h0": images * _cdiv(args["H"], args["STRIP"])}
+def _whole_row_strips(kernel: str) -> Callable[[Mapping, Sequence[int]], Trips]:
+    """The one-pass whole-row strip kernels: every image once per channel block, and in it every strip of STRIP rows,
+    top to bottom."""
+
+    def trips(args, grid) -> Trips:
+        images = grid[0] * grid[1] * args["B"]
+        return {f"{kernel}:_": images, f"{kernel}:h0": images * _cdiv(args["H"], args["STRIP"])}
+
+    return trips
 
 
 # --------------------------------------------------------------------------------------------- OSRA
@@ -235,7 +240,8 @@ LOOP_TRIPS: Dict[str, Callable[[Mapping, Sequence[int]], Trips]] = {
     "_thread_plane_dx_kernel": _strips("_thread_plane_dx_kernel"),
     "_thread_plane_dz_kernel": _strips("_thread_plane_dz_kernel"),
     "_plane_eval_kernel": _strips("_plane_eval_kernel"),
-    "_strip_eval_kernel": _strip_eval,
+    "_strip_eval_kernel": _whole_row_strips("_strip_eval_kernel"),
+    "_strip_dz_dx_kernel": _whole_row_strips("_strip_dz_dx_kernel"),
     "_batch_norm_affine_kernel": _batch_norm_affine,
     "_batch_norm_grad_kernel": _batch_norm_grad,
     "_running_statistics_kernel": _no_loop,

@@ -336,6 +336,50 @@ def test_triton_row_stencils(training, strips, nan_poisoned_empty):
 
 
 @requires_triton
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16], ids=dtype_id)
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize(
+    "H,W,default_settings", [(5, 8, False), (3, 4, False), (17, 20, True)], ids=["H5W8", "H3W4", "H17W20-default"]
+)
+def test_triton_one_pass_strip_backward(H, W, default_settings, training, dtype, nan_poisoned_empty, monkeypatch):
+    """The backward from the saved z on whole-row strips in one pass per kernel size (`_strip_dz_dx_kernel`: dz into
+    each program's slot, dx and dW from it; in eval BatchNorm's gradient sums too), against the reference: several
+    images per program (the slot rewritten per image), a group narrower than its channel block, a map smaller than
+    the largest kernel (H3W4), the last strip past the image (odd H; the default settings' 4-row strips, the last of
+    17 one row, 5 chunks padded to 8; fp64's k = 7 in strips of 2 rows beside the others' 4, so a slot of 8 rows serves
+    k = 5 and 7), fp16 with fp32 BatchNorm parameters (dz unrounded in the slot). Fails unless the one pass ran once
+    per kernel size and the two-pass kernels did not; rows wider than whole_row_chunks keep them."""
+    from transxnet_kernels.triton import ms_ffn
+
+    widths, ksizes = [3, 2, 3, 1], [1, 3, 5, 7]
+    one_pass = record_launches(
+        monkeypatch, ms_ffn, "_strip_dz_dx_kernel", lambda args, kwargs: (args[20], kwargs["K"], kwargs["STRIP"])
+    )
+    two_pass = record_launches(monkeypatch, ms_ffn, "_strip_dz_kernel", lambda args, kwargs: kwargs["K"])
+    # (seed 4 in fp16 training: the one-channel k = 7 group's conv-bias gradient, a sum BatchNorm nearly cancels, is
+    # 1.5e-2 off with the two passes as with the one)
+    args = list(middle_args(widths, ksizes, 7, H, W, dtype=dtype, training=training, seed=5))
+    if dtype == torch.float16:
+        args[3], args[4] = (t.detach().float().requires_grad_() for t in args[3:5])
+
+    def small_tiles():
+        return ms_ffn_small_tiles(index64=False, strips=True, target_programs=1)
+
+    with contextlib.nullcontext() if default_settings else small_tiles():
+        check_middle(TRITON, tuple(args))
+    assert sorted(k for _, k, _ in one_pass) == [1, 3, 5, 7] and two_pass == [], (one_pass, two_pass)
+    assert all(images > 1 for images, _, _ in one_pass), one_pass
+    if default_settings:  # 4-row strips; fp32 and fp64 maps' k = 7 in 2 (Settings.one_pass_k7_strip_rows)
+        assert all(rows == (2 if k == 7 and dtype == torch.float64 else 4) for _, k, rows in one_pass), one_pass
+    if not default_settings:
+        one_pass.clear()
+        wide = middle_args(widths, ksizes, 2, H, W + 8, dtype=torch.float64, training=training, seed=4)
+        with small_tiles():
+            check_middle(TRITON, wide)
+        assert one_pass == [] and sorted(two_pass) == [1, 3, 5, 7], (one_pass, two_pass)
+
+
+@requires_triton
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
 def test_triton_strips_in_half_precision_and_with_a_recomputed_z(training, nan_poisoned_empty):
     """fp16 on the strip kernels (their dW sums the dz still in registers, unrounded); and the backward op called

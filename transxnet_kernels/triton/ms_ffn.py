@@ -44,7 +44,11 @@ rows x block of 8 chunks of a row, channel block of one kernel size, batch split
 thread owning one chunk in each of the strip's rows. `_dwconv_strip_vec_k` loads the K^2 taps once and each of the 4
 + K - 1 input rows once, adding it into every output row it reaches as FMAs between registers (the residual from the
 same rows); `_wgrad_strip_rows_k` multiplies each x row once into K^2 per-thread dW partials (the dz pass from its
-dz still in registers, unrounded), reduced across threads once per program (`_tap_totals`). The passes without a
+dz still in registers, unrounded), reduced across threads once per program (`_tap_totals`). The middle's backward
+from the saved z on contiguous maps whose rows a program covers whole (W <= 64) runs dz, dx and dW in one pass per
+kernel size (`_strip_dz_dx_kernel`, as `_strip_eval_kernel` does the eval forward: each thread computes its own
+chunks of dz into its program's slot, the stencil and dW read them back), where `_strip_dz_kernel` stored dz for
+`_strip_dx_kernel` to read. The passes without a
 stencil (`_APPLY_SAVED`, training's statistics pass) keep the chunked tiles, as do all passes with strip_rows = 0:
 `_dwconv_tile_vec_k` runs a kernel row's K taps on the 12 loaded registers and `_wgrad_tile_vec_k` keeps one
 per-thread partial per tap. Planes of at most 16 x 16 (`Settings.plane_max`; stages 3-4 at 224^2, either layout) run
@@ -91,6 +95,10 @@ Passes over the big tensor (one pass = B*C*H*W elements read or written; e = ele
                        backward eval:  read z, go, x; write dz (+dW, dgamma, dbeta);
                                        read dz, write dx                            6 passes
                                 train: read z, go (BN grad sums), then as eval      8 passes
+                                (contiguous whole-row strips, stages 1-2: eval read
+                                z, go, x; write dx (+dW, dgamma, dbeta), the
+                                slots' dz written and read back once: 4 passes;
+                                train 6)
     ms_ffn_middle_eval forward (inference): read x, write y = GELU(x) * s + t;
                                 read y, write out (see ms_ffn_middle_eval)          4 passes
                                 (thread planes: read x, write out                    2 passes;
@@ -126,6 +134,9 @@ Passes over the big tensor (one pass = B*C*H*W elements read or written; e = ele
       eval's first map) take NCHW tiles of 64-pixel runs x 16 channels at stages 1-2 (`_nchw_tile`): in runs of the
       whole tile 23% of their lanes were past the plane, and the 16-bit passes are bound by issue (T stage 1 bf16 on
       an H100: training forward 288.4 -> 279.2 µs, backward 501.7 -> 468.5);
+    * the training backward's dz and dx passes on stages 1-2 (NCHW, whole rows) are one (`_strip_dz_dx_kernel`):
+      dz neither written nor read back, 8 passes -> 6 (T stage 1 on an H100: fp32 743.2 -> 605.4 µs, bf16 468.5 ->
+      422.6; A100 fp32 1243.3 -> 1013.7; details in benchmarks/results/README.md);
     * the BatchNorm affine map runs in tiles of 32 partial rows x 32 channels (one program sweeping the partial rows
       one at a time was a tail of its own at T's stage 1).
 
@@ -163,25 +174,25 @@ Static audit of `ms_ffn_middle` (`python -m benchmarks.audit_tables` writes this
 
     stage  shape       phase     fp32 A100  fp32 H100  bf16 A100  bf16 H100
     T1     192x56x56   forward   645/308    390/184    448/154    279/92.0
-    T1     192x56x56   backward  1243/462   743/276    751/231    468/138
+    T1     192x56x56   backward  1014/462   605/276    708/231    423/138
     T2     384x28x28   forward   326/154    198/92.0   232/77.1   144/46.0
-    T2     384x28x28   backward  625/231    378/138    394/116    251/69.0
+    T2     384x28x28   backward  517/231    309/138    368/116    223/69.0
     T3     896x14x14   forward   194/89.9   121/53.7   153/45.0   103/26.8
     T3     896x14x14   backward  369/135    225/80.5   283/67.4   187/40.3
     T4     1792x7x7    forward   92.4/45.0  55.8/26.8  64.0/22.5  41.5/13.4
     T4     1792x7x7    backward  191/67.4   118/40.3   119/33.7   77.8/20.1
     S1     384x56x56   forward   1288/617   780/368    892/308    558/184
-    S1     384x56x56   backward  2486/925   1482/552   1499/462   933/276
+    S1     384x56x56   backward  2014/925   1202/552   1406/462   834/276
     S2     768x28x28   forward   645/308    390/184    448/154    279/92.0
-    S2     768x28x28   backward  1244/462   743/276    760/231    476/138
+    S2     768x28x28   backward  1019/462   610/276    724/231    434/138
     S3     1280x14x14  forward   275/128    168/76.7   213/64.2   135/38.3
     S3     1280x14x14  backward  522/193    316/115    393/96.3   249/57.5
     S4     2048x7x7    forward   105/51.4   63.3/30.7  67.5/25.7  42.7/15.3
     S4     2048x7x7    backward  215/77.1   131/46.0   131/38.5   82.7/23.0
     B1     608x56x56   forward   2036/976   1245/583   1406/488   901/291
-    B1     608x56x56   backward  3915/1464  2348/874   2358/732   1515/437
+    B1     608x56x56   backward  3124/1464  1917/874   2118/732   1370/437
     B2     1216x28x28  forward   1020/488   625/291    706/244    455/146
-    B2     1216x28x28  backward  1963/732   1180/437   1193/366   770/219
+    B2     1216x28x28  backward  1575/732   968/437    1079/366   697/219
     B3     1344x14x14  forward   291/135    177/80.5   231/67.4   144/40.3
     B3     1344x14x14  backward  550/202    334/121    423/101    266/60.4
     B4     2688x7x7    forward   138/67.4   83.0/40.3  92.7/33.7  57.7/20.1
@@ -258,31 +269,32 @@ class Settings:
     several column blocks; 8 serves W = 28 and 56 with one compiled kernel, and a block costs no extra loads: every
     chunk reads both neighbours); whole_row_chunks: most chunks of a row (padded to a power of 2) a one-pass eval strip
     program covers (`_strip_eval_kernel` takes whole rows: W <= 64, stages 1-2 at 224^2; wider rows run
-    ms_ffn_middle_eval's two launches); wgrad_strip_rows: at most this many rows in
-    the dx pass that also accumulates the weight gradient, for fp32 and fp64 maps (its K^2 per-thread partials beside
-    the stencil's taps and accumulators: 8 rows spilled 4 B at K = 7 in fp32 on sm_90 under Triton 3.6; 6 rows take 245
-    registers there), binding where strip_rows is larger. strip_rows is 4, not 8: the strips are unrolled (STRIP + K - 1
-    input rows), and at 8 the k = 7 kernels took 20-35 s each to compile for sm_90, a GPU's first call paying them one
-    after another; at 4 the strip kernels of T's training middle at stages 1-2 compile in 41-45% of the time (bf16 145
-    -> 60 s, fp32 149 -> 67 s on this project's 2-core machine) with fewer registers, for static estimates (Triton 3.8,
-    H100) 0.95-1.09x those at 8 rows at the 224^2 stages 1-2 of T/S/B, up to 1.22x for the fp16/bf16 multiscale_dwconv
-    backward at 800x1216 (not yet measured on a GPU). thread_plane_pixels: the forward passes with a stencil run on
-    planes of at most this many pixels with a thread per channel plane (_thread_plane_forward_kernel; 0: never; 64 takes
-    7 x 7, stage 4 at 224^2, and 8 x 8), at most thread_plane_channels channels per program, and before the batch is
-    split, programs of thread_plane_warps warps in all per launch (four per SM on GPUs, one per scheduler: programs of
-    one warp, B's stage 4, were two per SM, leaving half the schedulers idle; the static estimates, Triton 3.8, before
-    the balanced splits, of the B stage-4 bf16 multiscale_dwconv forward drop 35.0 -> 24.9 us on an H100 and of the
-    MS-FFN middle 85.8 -> 65.1; at eight per SM the T and S stage-4 bf16 backward estimate up to 1.8x more, and the
-    audit models no latency that more warps would hide). affine_channels, affine_rows: the BatchNorm kernels' (the
-    affine map, the running statistics, the backward's sums and coefficients) channels per program and partial rows per
-    tile (on GPUs a warp's 32 contiguous channels x 32 rows: a program per 32 channels, ~7 tiles per sweep at T's stage
-    1, where one program of all 192 channels swept the 196 partial rows one at a time). min_nchw_run: where set (GPUs),
-    the passes without a stencil take NCHW tiles of the run of pixels, at least this long, that pads the plane least
-    (`_nchw_tile`). On GPUs: small tiles, enough
-    programs to fill the SMs several times over, NCHW tiles of one channel (a long coalesced run of pixels). Triton's
-    interpreter runs programs one after another at ~0.7 ms per tile operation whatever the tile's size, so there few
-    large programs are fastest: small NCHW planes share a tile (one channel per program made the whole-model training
-    test 20 minutes)."""
+    ms_ffn_middle_eval's two launches); wgrad_strip_rows: at most this many rows in the dx pass that also accumulates
+    the weight gradient, for fp32 and fp64 maps (its K^2 per-thread partials beside the stencil's taps and accumulators:
+    8 rows spilled 4 B at K = 7 in fp32 on sm_90 under Triton 3.6; 6 rows take 245 registers there), binding where
+    strip_rows is larger; one_pass_k7_strip_rows: at most this many rows in the one-pass backward's strips
+    (`_strip_dz_dx_kernel`) at K >= 7 for fp32 and fp64 maps (beside its 49 taps and 49 dW partials, 4-row strips
+    spilled 24-68 B in fp32 on sm_90; 2 rows take 247 registers there). strip_rows is 4, not 8: the strips are unrolled
+    (STRIP + K - 1 input rows), and at 8 the k = 7 kernels took 20-35 s each to compile for sm_90, a GPU's first call
+    paying them one after another; at 4 the strip kernels of T's training middle at stages 1-2 compile in 41-45% of the
+    time (bf16 145 -> 60 s, fp32 149 -> 67 s on this project's 2-core machine) with fewer registers, for static
+    estimates (Triton 3.8, H100) 0.95-1.09x those at 8 rows at the 224^2 stages 1-2 of T/S/B, up to 1.22x for the
+    fp16/bf16 multiscale_dwconv backward at 800x1216 (not yet measured on a GPU). thread_plane_pixels: the forward
+    passes with a stencil run on planes of at most this many pixels with a thread per channel plane
+    (_thread_plane_forward_kernel; 0: never; 64 takes 7 x 7, stage 4 at 224^2, and 8 x 8), at most thread_plane_channels
+    channels per program, and before the batch is split, programs of thread_plane_warps warps in all per launch (four
+    per SM on GPUs, one per scheduler: programs of one warp, B's stage 4, were two per SM, leaving half the schedulers
+    idle; the static estimates, Triton 3.8, before the balanced splits, of the B stage-4 bf16 multiscale_dwconv forward
+    drop 35.0 -> 24.9 us on an H100 and of the MS-FFN middle 85.8 -> 65.1; at eight per SM the T and S stage-4 bf16
+    backward estimate up to 1.8x more, and the audit models no latency that more warps would hide). affine_channels,
+    affine_rows: the BatchNorm kernels' (the affine map, the running statistics, the backward's sums and coefficients)
+    channels per program and partial rows per tile (on GPUs a warp's 32 contiguous channels x 32 rows: a program per 32
+    channels, ~7 tiles per sweep at T's stage 1, where one program of all 192 channels swept the 196 partial rows one at
+    a time). min_nchw_run: where set (GPUs), the passes without a stencil take NCHW tiles of the run of pixels, at least
+    this long, that pads the plane least (`_nchw_tile`). On GPUs: small tiles, enough programs to fill the SMs several
+    times over, NCHW tiles of one channel (a long coalesced run of pixels). Triton's interpreter runs programs one after
+    another at ~0.7 ms per tile operation whatever the tile's size, so there few large programs are fastest: small NCHW
+    planes share a tile (one channel per program made the whole-model training test 20 minutes)."""
 
     tile_elements: int
     target_programs: int
@@ -295,6 +307,7 @@ class Settings:
     strip_row_chunks: int = 8
     whole_row_chunks: int = 16
     wgrad_strip_rows: int = 6
+    one_pass_k7_strip_rows: int = 2
     thread_plane_pixels: int = 64
     thread_plane_channels: int = 128
     thread_plane_warps: int = 1
@@ -2786,6 +2799,219 @@ def _strip_dx_kernel(
         _store_wgrad_partials(pdw_ptr, pdb_ptr, acc_w, tl.sum(t_g, axis=1), cs, cmask, C, KK_STRIDE, KK_POW2)
 
 
+@triton.jit
+def _dz_chunk(
+    z_b, g_b, chunks, hh, wq, stride_h, mask, H, cgo, slope, offset, mean, rstd, STATS: tl.constexpr, ACC: tl.constexpr,
+):  # fmt: skip
+    """(dz, go, xhat) of the thread's chunk of row hh: dz = (cgo*go + cxhat*xhat + cconst) * GELU'(z) in ACC, taken as
+    (cgo*go + slope*GELU(z) + offset) * GELU'(z) (slope = cxhat*rstd, offset = cconst - slope*mean), zero on rows
+    outside the image (the transposed conv's zero padding of dz), go too; xhat = (GELU(z) - mean) * rstd where STATS
+    (BatchNorm's gradient sums), else 0."""
+    inside = (hh >= 0) & (hh < H)
+    ok = mask & inside
+    z = tl.load(_chunk_ptrs(z_b, chunks, hh, wq, stride_h), mask=ok, other=0.0).to(ACC)
+    go = tl.load(_chunk_ptrs(g_b, chunks, hh, wq, stride_h), mask=ok, other=0.0).to(ACC)
+    y = _gelu(z)
+    xhat = (y - mean) * rstd if STATS else 0.0
+    return tl.where(ok, (cgo * go + slope * y + offset) * _gelu_grad(z), 0.0), go, xhat
+
+
+@triton.jit(
+    do_not_specialize=["B", "b_per_prog"],
+    do_not_specialize_on_alignment=[
+        "C",
+        "H",
+        "W",
+        "stride_b",
+        "stride_c",
+        "stride_h",
+    ],
+)
+def _strip_dz_dx_kernel(
+    x_ptr,
+    z_ptr,
+    grad_out_ptr,
+    dx_ptr,
+    slots_ptr,
+    weight_ptr,
+    blocks_ptr,
+    mean_ptr,
+    rstd_ptr,
+    cgo_ptr,
+    cxhat_ptr,
+    cconst_ptr,
+    psgo_ptr,
+    psgx_ptr,
+    pdw_ptr,
+    pdb_ptr,
+    B,
+    C,
+    H,
+    W,
+    b_per_prog,
+    stride_b,
+    stride_c,
+    stride_h,
+    STATS: tl.constexpr,
+    K: tl.constexpr,
+    KK_STRIDE: tl.constexpr,
+    KK_POW2: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    CHUNKS: tl.constexpr,
+    STRIP: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    """The middle's backward from the saved z in one pass on NCHW maps whose rows a program covers whole (as
+    `_strip_eval_kernel`): dz = (cgo*go + cxhat*xhat + cconst) * GELU'(z), dx = conv_transpose(dz) + dz, the weight
+    gradient's per-thread partials and dbias (STATS: BatchNorm's gradient sums too, in eval), reading z, go and x and
+    writing dx, where `_strip_dz_kernel` then `_strip_dx_kernel` also wrote dz and read it back. A program per (channel
+    block, batch split) walks down each image's strips of STRIP rows through its slot ([BLOCK_C, STRIP + K - 1, W] of
+    `slots_ptr`, in ACC: dz unrounded for both the stencil and dW): per strip each thread computes its own chunk of the
+    STRIP new dz rows into the slot, below the K - 1 rows kept from the strip above; after a barrier the strip stencil
+    runs on the slot (flipped taps, plus dz itself) and dx is stored, then each thread reads its own chunks of the
+    strip's rows back for dW against x's rows (`_wgrad_strip_rows_z`); after a second barrier each thread moves its own
+    chunks of the last K - 1 rows to the top. Each dz is computed once. K = 1: no slot, dz stays in registers."""
+    R: tl.constexpr = K // 2
+    SLOT_ROWS: tl.constexpr = STRIP + 2 * R
+    SLOT_W: tl.constexpr = 4 * CHUNKS  # a slot row's stride, at compile time: its rows at constant offsets
+    stride_b, stride_c, stride_h = _chunk_strides(stride_b, stride_c, stride_h)
+    W = _multiple_of_4(W)
+    cs, cmask, _, wq, qmask, left_ok, right_ok = _strip_block(blocks_ptr, W, BLOCK_C, CHUNKS, STRIP)
+    # K = 7: the 49 taps, held for the whole program beside the 49 weight-gradient partials, spilled 72-200 B (sm_86
+    # and sm_90); loaded per strip instead (from L1: the loop's stores keep the compiler from hoisting them), 2% more
+    # instructions a strip.
+    HELD_TAPS: tl.constexpr = K < 7
+    if HELD_TAPS:
+        taps = _stencil_taps(weight_ptr, cs, cmask, K, KK_STRIDE, ACC)
+    mean = tl.load(mean_ptr + cs, mask=cmask, other=0.0).to(ACC)[:, None, None]
+    rstd = tl.load(rstd_ptr + cs, mask=cmask, other=0.0).to(ACC)[:, None, None]
+    cgo = tl.load(cgo_ptr + cs, mask=cmask, other=0.0).to(ACC)[:, None, None]
+    slope = tl.load(cxhat_ptr + cs, mask=cmask, other=0.0).to(ACC)[:, None, None] * rstd
+    offset = tl.load(cconst_ptr + cs, mask=cmask, other=0.0).to(ACC)[:, None, None] - slope * mean
+    chunks = cs[:, None] * (stride_c // 4)
+    slot_channel = tl.arange(0, BLOCK_C)
+    slot_chunks = slot_channel[:, None] * (SLOT_ROWS * CHUNKS)
+    slot = slots_ptr + (tl.program_id(1) * tl.num_programs(2) + tl.program_id(2)).to(tl.int64) * (
+        BLOCK_C * SLOT_ROWS * SLOT_W
+    )
+    chunk_ok = (cmask[:, None] & qmask[None, :])[:, :, None]
+    b_lo = tl.program_id(2) * b_per_prog
+    b_hi = tl.minimum(b_lo + b_per_prog, B)
+    image = b_lo.to(tl.int64) * stride_b
+    if STATS:
+        t_go = tl.zeros([BLOCK_C, CHUNKS], ACC)
+        t_gx = tl.zeros([BLOCK_C, CHUNKS], ACC)
+    t_dz = tl.zeros([BLOCK_C, CHUNKS], ACC)
+    acc_w = _wgrad_init(K, KK_POW2, ACC, BLOCK_C, 4 * CHUNKS, True)
+    for _ in range(b_lo, b_hi):
+        if K > 1:  # slot rows 0 .. 2R - 1: image rows -R .. R - 1, above the first strip's new rows
+            for r in tl.static_range(2 * R):  # (rows above the image fold to zeros at compile time)
+                dz, go, xhat = _dz_chunk(
+                    z_ptr + image, grad_out_ptr + image, chunks, r - R, wq, stride_h, chunk_ok, H,
+                    cgo, slope, offset, mean, rstd, STATS, ACC,
+                )  # fmt: skip
+                if STATS:  # go is zero outside the image
+                    t_go += _lane_sum(go, BLOCK_C, CHUNKS)
+                    t_gx += _lane_sum(go * xhat, BLOCK_C, CHUNKS)
+                tl.store(_chunk_ptrs(slot, slot_chunks, r, wq, SLOT_W), dz, mask=chunk_ok)
+        for h0 in range(0, H, STRIP):
+            dz_rows = ()
+            if K == 1:
+                for o in tl.static_range(STRIP):
+                    dz, go, xhat = _dz_chunk(
+                        z_ptr + image, grad_out_ptr + image, chunks, h0 + o, wq, stride_h, chunk_ok, H,
+                        cgo, slope, offset, mean, rstd, STATS, ACC,
+                    )  # fmt: skip
+                    if STATS:
+                        t_go += _lane_sum(go, BLOCK_C, CHUNKS)
+                        t_gx += _lane_sum(go * xhat, BLOCK_C, CHUNKS)
+                    dx = taps[0][:, :, None] * dz + dz
+                    tl.store(
+                        _chunk_ptrs(dx_ptr + image, chunks, h0 + o, wq, stride_h),
+                        dx.to(dx_ptr.dtype.element_ty),
+                        mask=_chunk_mask(cmask, qmask, h0 + o, H),
+                    )
+                    dz_rows = dz_rows + _lanes(dz, BLOCK_C, CHUNKS)
+            else:
+                for r in tl.static_range(STRIP):  # the strip's new rows h0 + R .., each computed once
+                    dz, go, xhat = _dz_chunk(
+                        z_ptr + image, grad_out_ptr + image, chunks, h0 + R + r, wq, stride_h, chunk_ok, H,
+                        cgo, slope, offset, mean, rstd, STATS, ACC,
+                    )  # fmt: skip
+                    if STATS:
+                        t_go += _lane_sum(go, BLOCK_C, CHUNKS)
+                        t_gx += _lane_sum(go * xhat, BLOCK_C, CHUNKS)
+                    tl.store(_chunk_ptrs(slot, slot_chunks, 2 * R + r, wq, SLOT_W), dz, mask=chunk_ok)
+                tl.debug_barrier()  # every thread's slot stores before any thread's stencil loads
+                if not HELD_TAPS:
+                    taps = _stencil_taps(weight_ptr, cs, cmask, K, KK_STRIDE, ACC)
+                rows = _dwconv_strip_vec_k(
+                    slot,
+                    taps,
+                    slot_channel,
+                    cmask,
+                    R,
+                    wq,
+                    qmask,
+                    left_ok,
+                    right_ok,
+                    SLOT_ROWS,
+                    SLOT_ROWS * SLOT_W,
+                    SLOT_W,
+                    K,
+                    True,
+                    True,
+                    ACC,
+                    BLOCK_C,
+                    CHUNKS,
+                    STRIP,
+                )
+                for o in tl.static_range(STRIP):
+                    tl.store(
+                        _chunk_ptrs(dx_ptr + image, chunks, h0 + o, wq, stride_h),
+                        rows[o].to(dx_ptr.dtype.element_ty),
+                        mask=_chunk_mask(cmask, qmask, h0 + o, H),
+                    )
+                    # the thread's own chunk of the strip's dz row, back from the slot for the weight gradient
+                    dz = tl.load(_chunk_ptrs(slot, slot_chunks, R + o, wq, SLOT_W), mask=chunk_ok, other=0.0)
+                    dz_rows = dz_rows + _lanes(dz, BLOCK_C, CHUNKS)
+            for v in tl.static_range(4 * STRIP):
+                t_dz += dz_rows[v]
+            acc_w = _wgrad_strip_rows_k(
+                acc_w,
+                dz_rows,
+                x_ptr + image,
+                chunks,
+                cmask,
+                h0,
+                wq,
+                qmask,
+                left_ok,
+                right_ok,
+                H,
+                stride_h,
+                K,
+                ACC,
+                BLOCK_C,
+                CHUNKS,
+                STRIP,
+            )
+            if K > 1:
+                tl.debug_barrier()  # every thread's stencil loads before the slot changes
+                # The next strip's top rows are this one's last 2R: each thread moves its own chunks (in order, so an
+                # overlap, 2R > STRIP, reads each row before it is overwritten).
+                for r in tl.static_range(2 * R):
+                    kept = tl.load(_chunk_ptrs(slot, slot_chunks, STRIP + r, wq, SLOT_W), mask=chunk_ok)
+                    tl.store(_chunk_ptrs(slot, slot_chunks, r, wq, SLOT_W), kept, mask=chunk_ok)
+        image += stride_b
+    if STATS:
+        part = _partial_rows(C, cs)
+        tl.store(psgo_ptr + part, tl.sum(t_go, axis=1), mask=cmask)
+        tl.store(psgx_ptr + part, tl.sum(t_gx, axis=1), mask=cmask)
+    acc_w = _tap_totals(acc_w, K * K, KK_POW2)
+    _store_wgrad_partials(pdw_ptr, pdb_ptr, acc_w, tl.sum(t_dz, axis=1), cs, cmask, C, KK_STRIDE, KK_POW2)
+
+
 # ---------------------------------------------------------------------------------------- thread planes
 
 
@@ -3630,13 +3856,13 @@ def _launch_forward(
                 )
 
 
-def _eval_slots(x: torch.Tensor, plan: _Plan, slot_elements: int) -> torch.Tensor:
-    """The one-pass eval kernels' slots: slot_elements in x's dtype per program of the largest launch with a stencil
-    (K > 1; the launches run in stream order, so they share the buffer), flat (a tensor with an axis of C would count
-    as a map's channels in the audit's bytes); x itself where only K = 1 runs (no slot)."""
+def _strip_slots(plan: _Plan, slot_elements: int, dtype: torch.dtype, x: torch.Tensor) -> torch.Tensor:
+    """The one-pass kernels' slots: slot_elements of dtype per program of the largest launch with a stencil (K > 1;
+    the launches run in stream order, so they share the buffer), flat (a tensor with an axis of C would count as a
+    map's channels in the audit's bytes); x itself where only K = 1 runs (no slot)."""
     grids = [launch.grid for launch in plan.launches if launch.kmax > 1]
     programs = max((g[0] * g[1] * g[2] for g in grids), default=0)
-    return torch.empty(programs * slot_elements, dtype=x.dtype, device=x.device) if programs else x
+    return torch.empty(programs * slot_elements, dtype=dtype, device=x.device) if programs else x
 
 
 def _launch_plane_eval(
@@ -3653,7 +3879,7 @@ def _launch_plane_eval(
     """ms_ffn_middle_eval in one pass on dense whole planes (`_plane_eval_kernel`), a launch per kernel size."""
     assert plan.plane[1] and plan.plane_dense and not plan.index64, plan
     H, W = plan.plane[:2]
-    slots = _eval_slots(x, plan, plan.block_c * H * W)
+    slots = _strip_slots(plan, plan.block_c * H * W, x.dtype, x)
     assert slots.numel() < 2**31, "the kernel addresses its slots in int32"  # programs ~ the SMs' fill, planes <= 256
     zero_plane = plan.zero_plane(x)
     with device_guard(x):
@@ -3704,7 +3930,7 @@ def _launch_strip_eval(
     B, _, H, W = x.shape
     assert plan.strip and plan.block_hw >= W, plan  # a program's block of chunks is the whole row
     slot_rows = plan.strip + max(launch.kmax for launch in plan.launches) - 1
-    slots = _eval_slots(x, plan, plan.block_c * slot_rows * W)
+    slots = _strip_slots(plan, plan.block_c * slot_rows * W, x.dtype, x)
     with device_guard(x):
         for launch in plan.launches:
             _strip_eval_kernel[launch.grid](
@@ -4122,8 +4348,13 @@ def ms_ffn_middle_backward(
     thread_plan = _plan(x, widths, ksizes, grad_out, thread_planes=True)
     # The strip and thread-plane kernels run the dz pass from the saved z; a dz pass that recomputes z runs on the
     # plan without strips; the statistics pass of training (no stencil) on whole planes where the plan has them, else
-    # on the pointwise plan.
-    if z is None:
+    # on the pointwise plan. From the saved z on strips of whole rows, dz and dx are one pass (_strip_dz_dx_kernel).
+    one_pass_plan = _plan(x, widths, ksizes, grad_out, wgrad_dx=True, whole_rows=True) if plan.strip else plan
+    # (on contiguous maps: one set of strides for x, z, go and dx, whose offsets held the registers it spilled)
+    one_pass = z is not None and one_pass_plan.strip > 0 and x.is_contiguous() and grad_out.is_contiguous()
+    if one_pass:
+        dz_plan = one_pass_plan
+    elif z is None:
         dz_plan = _plan(x, widths, ksizes, grad_out, strips=False) if plan.strip else plan
     elif thread_plan.thread_plane[2] and x.element_size() <= _THREAD_PLANE_DZ_MAX_ELEMENT_SIZE:
         dz_plan = thread_plan
@@ -4136,8 +4367,13 @@ def ms_ffn_middle_backward(
     if separate_stats:
         stats_plan = plan if plan.plane[1] else _plan(x, widths, ksizes, grad_out, pointwise=True)
     # The whole-plane weight gradient reads dz back after the pass stored it: in the accumulation dtype, so
-    # that dW sums unrounded dz (rounded to fp16, its BatchNorm-cancelling sums lost the fp16 tolerance).
+    # that dW sums unrounded dz (rounded to fp16, its BatchNorm-cancelling sums lost the fp16 tolerance). The one
+    # pass writes dx there instead, and keeps dz in its slots.
     dz = torch.empty_like(x, dtype=plan.acc if dz_plan.plane[1] else x.dtype)
+    if one_pass:
+        one_pass_rows = {launch.kmax: _one_pass_strip_rows(dz_plan, launch.kmax, x) for launch in dz_plan.launches}
+        slot_rows = max(rows + k - 1 for k, rows in one_pass_rows.items())
+        slots = _strip_slots(dz_plan, dz_plan.block_c * slot_rows * dz_plan.block_hw, dz_plan.acc, x)
     if z is not None and z.stride() != dz.stride():  # the kernel reads z with dz's strides
         z = torch.empty_like(x).copy_(z)
     coef = torch.empty(4, C, dtype=plan.acc, device=x.device)  # rstd, cgo, cxhat, cconst (_batch_norm_grad_kernel)
@@ -4167,6 +4403,23 @@ def ms_ffn_middle_backward(
                         *grad_out.stride(),
                         *dz.stride(),
                         **pass_plan.thread_plane_constexprs(launch),
+                        **NO_REGISTER_BUDGET,
+                    )
+                elif pass_plan.strip and one_pass:
+                    assert dz_pass, "the one-pass strip kernel: dz, dx and dW from the saved z"
+                    _strip_dz_dx_kernel[launch.grid](
+                        x,
+                        z,
+                        grad_out,
+                        dz,  # dx
+                        slots,
+                        w_table,
+                        launch.blocks,
+                        *shared,
+                        *x.stride()[:3],  # all four maps' (one_pass requires it)
+                        STATS=stats,
+                        KK_POW2=pass_plan.kk_pow2,
+                        **dict(pass_plan.strip_constexprs(launch), STRIP=one_pass_rows[launch.kmax]),
                         **NO_REGISTER_BUDGET,
                     )
                 elif pass_plan.strip:
@@ -4216,9 +4469,19 @@ def ms_ffn_middle_backward(
     launch(dz_plan, not separate_stats, True)
     if not separate_stats:
         _batch_norm_grad(plan, coef, var, norm_weight, eps, n, sums, coefficients=False)
-    # dx = conv_transpose(dz) + dz, a thread per plane where planes are small
-    dx = _launch_dx(dz, x, w_table, thread_plan, residual=True, wgrad=None)
+    # dx = conv_transpose(dz) + dz, a thread per plane where planes are small (the one pass wrote it)
+    dx = dz if one_pass else _launch_dx(dz, x, w_table, thread_plan, residual=True, wgrad=None)
     return dx, *_group_gradients(pdw, pdb, weights, biases), dgamma, dbeta
+
+
+def _one_pass_strip_rows(plan: _Plan, k: int, x: torch.Tensor) -> int:
+    """Rows of a strip of the one-pass backward (`_strip_dz_dx_kernel`) at kernel size k: the plan's, at most
+    Settings.one_pass_k7_strip_rows from k = 7 on for fp32 and fp64 maps (16-bit maps' rows take half the registers:
+    at 4 rows, 255 and no spill on sm_80/86/90). Its programs cover whole rows and walk down their images, so a
+    launch's strip sets only its slot rows and loop, not its grid or partials."""
+    if k >= 7 and x.element_size() >= 4:
+        return min(plan.strip, launch_settings(Settings, x.device).one_pass_k7_strip_rows)
+    return plan.strip
 
 
 @ms_ffn_middle_backward.register_fake
