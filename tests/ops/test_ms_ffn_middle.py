@@ -356,24 +356,29 @@ def test_triton_one_pass_strip_backward(H, W, default_settings, training, dtype,
         monkeypatch, ms_ffn, "_strip_dz_dx_kernel", lambda args, kwargs: (args[20], kwargs["K"], kwargs["STRIP"])
     )
     two_pass = record_launches(monkeypatch, ms_ffn, "_strip_dz_kernel", lambda args, kwargs: kwargs["K"])
+
+    def with_fp32_norm(args):  # fp16: BatchNorm's parameters in fp32, as under autocast
+        args = list(args)
+        if dtype == torch.float16:
+            args[3], args[4] = (t.detach().float().requires_grad_() for t in args[3:5])
+        return tuple(args)
+
     # (seed 4 in fp16 training: the one-channel k = 7 group's conv-bias gradient, a sum BatchNorm nearly cancels, is
     # 1.5e-2 off with the two passes as with the one)
-    args = list(middle_args(widths, ksizes, 7, H, W, dtype=dtype, training=training, seed=5))
-    if dtype == torch.float16:
-        args[3], args[4] = (t.detach().float().requires_grad_() for t in args[3:5])
+    args = with_fp32_norm(middle_args(widths, ksizes, 7, H, W, dtype=dtype, training=training, seed=5))
 
     def small_tiles():
         return ms_ffn_small_tiles(index64=False, strips=True, target_programs=1)
 
     with contextlib.nullcontext() if default_settings else small_tiles():
-        check_middle(TRITON, tuple(args))
+        check_middle(TRITON, args)
     assert sorted(k for _, k, _ in one_pass) == [1, 3, 5, 7] and two_pass == [], (one_pass, two_pass)
     assert all(images > 1 for images, _, _ in one_pass), one_pass
     if default_settings:  # 4-row strips; fp32 and fp64 maps' k = 7 in 2 (Settings.one_pass_k7_strip_rows)
         assert all(rows == (2 if k == 7 and dtype == torch.float64 else 4) for _, k, rows in one_pass), one_pass
-    if not default_settings:
+    else:  # rows wider than whole_row_chunks: dz stored by _strip_dz_kernel, dx by _strip_dx_kernel
         one_pass.clear()
-        wide = middle_args(widths, ksizes, 2, H, W + 8, dtype=torch.float64, training=training, seed=4)
+        wide = with_fp32_norm(middle_args(widths, ksizes, 7, H, W + 8, dtype=dtype, training=training, seed=5))
         with small_tiles():
             check_middle(TRITON, wide)
         assert one_pass == [] and sorted(two_pass) == [1, 3, 5, 7], (one_pass, two_pass)

@@ -2877,9 +2877,9 @@ def _strip_dz_dx_kernel(
     stride_b, stride_c, stride_h = _chunk_strides(stride_b, stride_c, stride_h)
     W = _multiple_of_4(W)
     cs, cmask, _, wq, qmask, left_ok, right_ok = _strip_block(blocks_ptr, W, BLOCK_C, CHUNKS, STRIP)
-    # K = 7: the 49 taps, held for the whole program beside the 49 weight-gradient partials, spilled 72-200 B (sm_86
-    # and sm_90); loaded per strip instead (from L1: the loop's stores keep the compiler from hoisting them), 2% more
-    # instructions a strip.
+    # K = 7: the 49 taps, held for the whole program beside the 49 weight-gradient partials, spilled (fp32 on sm_90:
+    # 72-200 B in strips of 4 rows, 28 B in strips of 2); loaded per strip instead, from L1 (the loop's stores keep
+    # the compiler from hoisting them), about 2% more instructions a strip.
     HELD_TAPS: tl.constexpr = K < 7
     if HELD_TAPS:
         taps = _stencil_taps(weight_ptr, cs, cmask, K, KK_STRIDE, ACC)
