@@ -2861,16 +2861,17 @@ def _strip_dz_dx_kernel(
     STRIP: tl.constexpr,
     ACC: tl.constexpr,
 ):
-    """The middle's backward from the saved z in one pass on NCHW maps whose rows a program covers whole (as
-    `_strip_eval_kernel`): dz = (cgo*go + cxhat*xhat + cconst) * GELU'(z), dx = conv_transpose(dz) + dz, the weight
-    gradient's per-thread partials and dbias (STATS: BatchNorm's gradient sums too, in eval), reading z, go and x and
-    writing dx, where `_strip_dz_kernel` then `_strip_dx_kernel` also wrote dz and read it back. A program per (channel
-    block, batch split) walks down each image's strips of STRIP rows through its slot ([BLOCK_C, STRIP + K - 1, W] of
-    `slots_ptr`, in ACC: dz unrounded for both the stencil and dW): per strip each thread computes its own chunk of the
-    STRIP new dz rows into the slot, below the K - 1 rows kept from the strip above; after a barrier the strip stencil
-    runs on the slot (flipped taps, plus dz itself) and dx is stored, then each thread reads its own chunks of the
-    strip's rows back for dW against x's rows (`_wgrad_strip_rows_z`); after a second barrier each thread moves its own
-    chunks of the last K - 1 rows to the top. Each dz is computed once. K = 1: no slot, dz stays in registers."""
+    """The middle's backward from the saved z in one pass on contiguous NCHW maps whose rows a program covers whole
+    (as `_strip_eval_kernel`; x, z, go and dx share one set of strides): dz = (cgo*go + cxhat*xhat + cconst) *
+    GELU'(z), dx = conv_transpose(dz) + dz, the weight gradient's per-thread partials and dbias (STATS: BatchNorm's
+    gradient sums too, in eval), reading z, go and x and writing dx, where `_strip_dz_kernel` then `_strip_dx_kernel`
+    also wrote dz and read it back. A program per (channel block, batch split) walks down each image's strips of STRIP
+    rows through its slot ([BLOCK_C, STRIP + K - 1, 4 * CHUNKS] of `slots_ptr`, in ACC: dz unrounded for both the
+    stencil and dW): per strip each thread computes its own chunk of the STRIP new dz rows into the slot, below the
+    K - 1 rows kept from the strip above; after a barrier the strip stencil runs on the slot (flipped taps, plus dz
+    itself) and dx is stored, then each thread reads its own chunks of the strip's rows back for dW against x's rows
+    (`_wgrad_strip_rows_k`); after a second barrier each thread moves its own chunks of the last K - 1 rows to the
+    top. Each dz is computed once. K = 1: no slot, dz stays in registers."""
     R: tl.constexpr = K // 2
     SLOT_ROWS: tl.constexpr = STRIP + 2 * R
     SLOT_W: tl.constexpr = 4 * CHUNKS  # a slot row's stride, at compile time: its rows at constant offsets
