@@ -242,6 +242,7 @@ LOOP_TRIPS: Dict[str, Callable[[Mapping, Sequence[int]], Trips]] = {
     "_plane_eval_kernel": _strips("_plane_eval_kernel"),
     "_strip_eval_kernel": _whole_row_strips("_strip_eval_kernel"),
     "_strip_dz_dx_kernel": _whole_row_strips("_strip_dz_dx_kernel"),
+    "_plane_dz_dx_kernel": _strips("_plane_dz_dx_kernel"),
     "_batch_norm_affine_kernel": _batch_norm_affine,
     "_batch_norm_grad_kernel": _batch_norm_grad,
     "_running_statistics_kernel": _no_loop,

@@ -37,6 +37,7 @@ KERNELS = (
     "_strip_dz_kernel",
     "_strip_dx_kernel",  # the same on strips of rows (NCHW stages 1-2)
     "_strip_dz_dx_kernel",  # the middle's backward from the saved z in one pass on whole-row strips (contiguous)
+    "_plane_dz_dx_kernel",  # the middle's backward from the saved z in one pass on whole planes
     "_thread_plane_forward_kernel",
     "_thread_plane_dx_kernel",
     "_thread_plane_dz_kernel",  # the forward, dx and dz passes on small planes, a thread per plane (stage 4)

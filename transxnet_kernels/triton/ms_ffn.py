@@ -64,8 +64,11 @@ multi-scale forward, the dx passes, IDConv's) stores row by row from the stencil
 per-element offsets, masks and registers. Their weight gradient (`_wgrad_plane_k`) sweeps the
 program's images again after its per-image loop: per image the thread's own g column once and each shifted x column once
 (read again; L2 should hold them), into K^2 per-thread partials held across the images, one cross-column sum per tap at
-the end. The middle's dz pass reads back the dz it stored after a barrier; there dz is kept in fp32 for half x (rounded,
-the BatchNorm-cancelling dW sums missed the fp16 tolerance), one half-pass more each way. Thread planes
+the end. The middle's backward from the saved z runs dz, dx and dW there in one pass per kernel size too
+(`_plane_dz_dx_kernel`: each thread computes its column's dz into its program's slot, fp32, and takes dW from it; the
+dense stencil reads the slot back after a barrier), where the dz pass stored dz (fp32 for half x: rounded, the
+BatchNorm-cancelling dW sums missed the fp16 tolerance) and swept it again for dW, and the dx pass read it back.
+Thread planes
 (`Settings.thread_plane_pixels`: planes of at most 64 pixels, so stage 4 at 224^2, 7 x 7, int32 offsets, either layout):
 the forward passes with a stencil (`_thread_plane_forward_kernel`) and the dx pass with or without the weight gradient
 (`_thread_plane_dx_kernel`) give each thread a whole (channel, image) plane. It loads the plane once and computes every
@@ -79,7 +82,7 @@ back after a barrier), and so on NCHW strips at stages 1-2 (`_strip_eval_kernel`
 walks down its image's strips, mapping each input row once). For fp16/bf16 maps the middle's dz
 pass from the saved z (`_thread_plane_dz_kernel`) computes a thread's dz pixel by pixel from z and go, stores it and
 keeps it in registers (unrounded) for the weight gradient's K^2 per-thread sums against the x plane: no barrier, no read
-of dz back, dz in x's dtype (the whole-plane pass reads it back, in fp32 for half x); fp32 keeps the whole-plane pass
+of dz back, dz in x's dtype, then `_thread_plane_dx_kernel` reads it; fp32 keeps the one-pass whole-plane kernel
 (_THREAD_PLANE_DZ_MAX_ELEMENT_SIZE). The strip stencils serve IDConv at stages 1-2 too.
 Elsewhere (channels_last, larger planes, K > 9) each tap is one predicated load and one FMA per output element
 (`_dwconv_tile_k`, `_wgrad_tile_k`; about 8 issued instructions per tap and output on sm_90).
@@ -95,8 +98,9 @@ Passes over the big tensor (one pass = B*C*H*W elements read or written; e = ele
                        backward eval:  read z, go, x; write dz (+dW, dgamma, dbeta);
                                        read dz, write dx                            6 passes
                                 train: read z, go (BN grad sums), then as eval      8 passes
-                                (contiguous whole-row strips, stages 1-2: eval read
-                                z, go, x; write dx (+dW, dgamma, dbeta), the
+                                (contiguous whole-row strips, stages 1-2, and whole
+                                planes, stages 3-4 where no thread plane runs: eval
+                                read z, go, x; write dx (+dW, dgamma, dbeta), the
                                 slots' dz written and read back once: 4 passes;
                                 train 6)
     ms_ffn_middle_eval forward (inference): read x, write y = GELU(x) * s + t;
@@ -107,7 +111,7 @@ Passes over the big tensor (one pass = B*C*H*W elements read or written; e = ele
                                 back once               2 + (slot rows / rows) / images per program)
     Whole planes (H, W <= 16) add the weight gradient's second sweep over their program's images (x and go or
     dz again, L2-resident if the program's images fit) and, for half x, keep the middle's dz in fp32 (the dz
-    write and the dx pass's read: one pass more each).
+    write and the dx pass's read: one pass more each) where the middle's dz pass recomputes z.
     A training step runs the conv stencil once (forward) and the dW and dx stencils: z is saved in x's dtype
     instead of recomputed in the normalising pass and in the backward (four conv stencils in training before,
     two in eval with gradients), one pass more each way, because the stencils, not DRAM, bound these kernels
@@ -136,7 +140,10 @@ Passes over the big tensor (one pass = B*C*H*W elements read or written; e = ele
       an H100: training forward 288.4 -> 279.2 µs, backward 501.7 -> 468.5);
     * the training backward's dz and dx passes on stages 1-2 (NCHW, whole rows) are one (`_strip_dz_dx_kernel`):
       dz neither written nor read back, 8 passes -> 6 (T stage 1 on an H100: fp32 743.2 -> 605.4 µs, bf16 468.5 ->
-      422.6; A100 fp32 1243.3 -> 1013.7; details in benchmarks/results/README.md);
+      422.6; A100 fp32 1243.3 -> 1013.7; details in benchmarks/results/README.md); so are they on whole planes
+      (`_plane_dz_dx_kernel`, stage 3, and stage 4 in fp32: T stage 3 on an H100 fp32 225.4 -> 179.5 µs, bf16 187.4
+      -> 149.6; stage 4 fp32 117.8 -> 94.6), on rows contiguous in every map at compile-time row offsets (a 64-bit
+      pointer per row made its 16-bit k = 7 variant spill on sm_90);
     * the BatchNorm affine map runs in tiles of 32 partial rows x 32 channels (one program sweeping the partial rows
       one at a time was a tail of its own at T's stage 1).
 
@@ -178,25 +185,25 @@ Static audit of `ms_ffn_middle` (`python -m benchmarks.audit_tables` writes this
     T2     384x28x28   forward   326/154    198/92.0   232/77.1   144/46.0
     T2     384x28x28   backward  517/231    309/138    368/116    223/69.0
     T3     896x14x14   forward   194/89.9   121/53.7   153/45.0   103/26.8
-    T3     896x14x14   backward  369/135    225/80.5   283/67.4   187/40.3
+    T3     896x14x14   backward  290/135    180/80.5   221/67.4   150/40.3
     T4     1792x7x7    forward   92.4/45.0  55.8/26.8  64.0/22.5  41.5/13.4
-    T4     1792x7x7    backward  191/67.4   118/40.3   119/33.7   77.8/20.1
+    T4     1792x7x7    backward  152/67.4   94.6/40.3  119/33.7   77.8/20.1
     S1     384x56x56   forward   1288/617   780/368    892/308    558/184
     S1     384x56x56   backward  2014/925   1202/552   1406/462   834/276
     S2     768x28x28   forward   645/308    390/184    448/154    279/92.0
     S2     768x28x28   backward  1019/462   610/276    724/231    434/138
     S3     1280x14x14  forward   275/128    168/76.7   213/64.2   135/38.3
-    S3     1280x14x14  backward  522/193    316/115    393/96.3   249/57.5
+    S3     1280x14x14  backward  408/193    249/115    306/96.3   196/57.5
     S4     2048x7x7    forward   105/51.4   63.3/30.7  67.5/25.7  42.7/15.3
-    S4     2048x7x7    backward  215/77.1   131/46.0   131/38.5   82.7/23.0
+    S4     2048x7x7    backward  170/77.1   105/46.0   131/38.5   82.7/23.0
     B1     608x56x56   forward   2036/976   1245/583   1406/488   901/291
     B1     608x56x56   backward  3124/1464  1917/874   2118/732   1370/437
     B2     1216x28x28  forward   1020/488   625/291    706/244    455/146
     B2     1216x28x28  backward  1575/732   968/437    1079/366   697/219
     B3     1344x14x14  forward   291/135    177/80.5   231/67.4   144/40.3
-    B3     1344x14x14  backward  550/202    334/121    423/101    266/60.4
+    B3     1344x14x14  backward  431/202    264/121    331/101    210/60.4
     B4     2688x7x7    forward   138/67.4   83.0/40.3  92.7/33.7  57.7/20.1
-    B4     2688x7x7    backward  281/101    174/60.4   169/50.6   113/30.2
+    B4     2688x7x7    backward  221/101    139/60.4   169/50.6   113/30.2
 
 Static audit of `ms_ffn_middle_eval` (`python -m benchmarks.audit_tables` writes this table from gpu_audit_3.8.0.json:
 Triton 3.8.0, batch 128 at 224x224, the worst over layouts and modes; estimate / DRAM roofline, µs):
@@ -901,38 +908,65 @@ def _wgrad_plane_k(
     cross-column sum per tap. (With the kernel column outermost and K partials at a time, the g column was
     loaded K times per image: 7 sweeps of ~287 issued instructions per image against one of 1096, K = 7, bf16,
     sm_90. The K^2 partials held across the images spill on no audited target.)"""
-    R: tl.constexpr = K // 2
     w = tl.arange(0, WP)
     g_columns = g_b + cs[:, None] * g_stride_c + w[None, :] * g_stride_w
     x_columns = x_b + cs[:, None] * x_stride_c + w[None, :] * x_stride_w
     g_mask = cmask[:, None] & (w < W)[None, :]
-    # Kernel-column-major: partials[j * K + i] is tap (i, j), in the order the image loop produces them.
     partials = (tl.zeros([BLOCK_C, WP], ACC),) * (K * K)
     if BIAS:
         g_total = tl.zeros([BLOCK_C, WP], ACC)
     for _image in range(n_images):
         g_vals = _plane_column(g_columns, g_mask, 0, 0, g_stride_h, H, ACC)
-        new_partials = ()
-        for j in tl.static_range(K):
-            x_mask = cmask[:, None] & ((w + j - R >= 0) & (w + j - R < W))[None, :]
-            x_vals = _plane_column(x_columns, x_mask, j - R, x_stride_w, x_stride_h, H, ACC)
-            for i in tl.static_range(K):
-                acc = partials[j * K + i]
-                for ho in tl.static_range(H):
-                    if (ho + i - R >= 0) & (ho + i - R < H):
-                        acc += g_vals[ho] * x_vals[ho + i - R]
-                new_partials = new_partials + (acc,)
-        partials = new_partials
+        partials = _wgrad_plane_image(partials, g_vals, x_columns, cmask, x_stride_h, x_stride_w, K, ACC, H, W, WP)
         if BIAS:
             for ho in tl.static_range(H):
                 g_total += g_vals[ho]
         g_columns += g_stride_b
         x_columns += x_stride_b
+    _store_plane_wgrad(pdw_ptr, part, partials, cmask, K, KK_STRIDE)
+    if BIAS:
+        tl.store(pdb_ptr + part, tl.sum(g_total, axis=1), mask=cmask)
+
+
+@triton.jit
+def _wgrad_plane_image(
+    partials,
+    g_vals,
+    x_columns,
+    cmask,
+    x_stride_h,
+    x_stride_w,
+    K: tl.constexpr,
+    ACC: tl.constexpr,
+    H: tl.constexpr,
+    W: tl.constexpr,
+    WP: tl.constexpr,
+):
+    """One image's terms of the whole-plane weight gradient's per-thread partials (`_wgrad_plane_k`'s layout: a thread
+    owns one channel's column w; g_vals its H rows of g, x_columns pointers to row 0 of x's column w): each x column
+    w + j - r loaded once, and each tap adds sum_h g[h] * x[h + i - r] over compile-time bounds. The partials are
+    kernel-column-major, partials[j * K + i] tap (i, j), in the order the column loads produce them."""
+    R: tl.constexpr = K // 2
+    w = tl.arange(0, WP)
+    new_partials = ()
+    for j in tl.static_range(K):
+        x_mask = cmask[:, None] & ((w + j - R >= 0) & (w + j - R < W))[None, :]
+        x_vals = _plane_column(x_columns, x_mask, j - R, x_stride_w, x_stride_h, H, ACC)
+        for i in tl.static_range(K):
+            acc = partials[j * K + i]
+            for ho in tl.static_range(H):
+                if (ho + i - R >= 0) & (ho + i - R < H):
+                    acc += g_vals[ho] * x_vals[ho + i - R]
+            new_partials = new_partials + (acc,)
+    return new_partials
+
+
+@triton.jit
+def _store_plane_wgrad(pdw_ptr, part, partials, cmask, K: tl.constexpr, KK_STRIDE: tl.constexpr):
+    """Stores `_wgrad_plane_image`'s partials at rows `part` of pdw: one cross-column sum per tap."""
     for j in tl.static_range(K):
         for i in tl.static_range(K):
             tl.store(pdw_ptr + part * KK_STRIDE + (i * K + j), tl.sum(partials[j * K + i], axis=1), mask=cmask)
-    if BIAS:
-        tl.store(pdb_ptr + part, tl.sum(g_total, axis=1), mask=cmask)
 
 
 @triton.jit
@@ -3013,6 +3047,180 @@ def _strip_dz_dx_kernel(
     _store_wgrad_partials(pdw_ptr, pdb_ptr, acc_w, tl.sum(t_dz, axis=1), cs, cmask, C, KK_STRIDE, KK_POW2)
 
 
+@triton.jit(
+    do_not_specialize=["B", "b_per_prog"],
+    do_not_specialize_on_alignment=[
+        "C",
+        "H",
+        "W",
+        "x_stride_b",
+        "x_stride_c",
+        "x_stride_h",
+        "x_stride_w",
+        "grad_out_stride_b",
+        "grad_out_stride_c",
+        "grad_out_stride_h",
+        "grad_out_stride_w",
+        "dx_stride_b",
+        "dx_stride_c",
+        "dx_stride_h",
+        "dx_stride_w",
+    ],
+)
+def _plane_dz_dx_kernel(
+    x_ptr,
+    z_ptr,
+    grad_out_ptr,
+    dx_ptr,
+    slots_ptr,
+    weight_ptr,
+    blocks_ptr,
+    mean_ptr,
+    rstd_ptr,
+    cgo_ptr,
+    cxhat_ptr,
+    cconst_ptr,
+    psgo_ptr,
+    psgx_ptr,
+    pdw_ptr,
+    pdb_ptr,
+    B,
+    C,
+    H,
+    W,
+    b_per_prog,
+    x_stride_b,
+    x_stride_c,
+    x_stride_h,
+    x_stride_w,
+    grad_out_stride_b,
+    grad_out_stride_c,
+    grad_out_stride_h,
+    grad_out_stride_w,
+    dx_stride_b,
+    dx_stride_c,
+    dx_stride_h,
+    dx_stride_w,
+    zero_plane_ptr,
+    STATS: tl.constexpr,
+    KMAX: tl.constexpr,
+    KK_STRIDE: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    PLANE_H: tl.constexpr,
+    PLANE_W: tl.constexpr,
+    PLANE_WP: tl.constexpr,
+    PLANE_DENSE: tl.constexpr,
+):
+    """The middle's backward from the saved z in one pass on whole planes (the whole-plane plan: stages 3-4 at 224^2
+    where the thread planes do not run the dz pass): dz = (cgo*go + cxhat*xhat + cconst) * GELU'(z), dx =
+    conv_transpose(dz) + dz, the weight gradient's per-thread partials and dbias (STATS: BatchNorm's gradient sums
+    too, in eval), reading z (laid out as dx), go and x and writing dx, where `_middle_grad_kernel` wrote dz and
+    `_dx_kernel` read it back. A program per (channel block, batch split), a thread per (channel, column) as in
+    `_dwconv_plane_k`; per image each thread computes its column's H rows of dz into the program's slot ([BLOCK_C,
+    H * W] of `slots_ptr`, in ACC: dz unrounded for the stencil and dW) and takes this image's dW terms from them
+    against x's columns (`_wgrad_plane_image`); after a barrier the dense whole-plane stencil runs on the slot (flipped
+    taps, plus dz itself; lanes outside the plane read `zero_plane_ptr`, H * W zeros in ACC) and dx is stored; a
+    second barrier keeps the next image's slot stores after every thread's stencil loads.
+    Each dz is computed once; dz is neither written to nor read from the map's memory. K = 1: no slot, dx from the
+    dz rows in registers."""
+    K: tl.constexpr = KMAX
+    PLANE: tl.constexpr = PLANE_H * PLANE_W
+    if PLANE_DENSE:  # every map's rows contiguous (`_dense_rows`): rows at compile-time offsets, no pointer per row
+        x_stride_h, x_stride_w = PLANE_W, 1
+        grad_out_stride_h, grad_out_stride_w = PLANE_W, 1
+        dx_stride_h, dx_stride_w = PLANE_W, 1
+    # axis 0 of a whole-plane grid is 1: w = 0 .. PLANE_WP - 1, wmask = w < W
+    cs, cmask, _, _, w, wmask = _tile_coords(blocks_ptr, H, W, BLOCK_C, PLANE_WP, False, False, PLANE_WP)
+    col_mask = cmask[:, None] & wmask[None, :]
+    mean = tl.load(mean_ptr + cs, mask=cmask, other=0.0).to(ACC)[:, None]
+    rstd = tl.load(rstd_ptr + cs, mask=cmask, other=0.0).to(ACC)[:, None]
+    cgo = tl.load(cgo_ptr + cs, mask=cmask, other=0.0).to(ACC)[:, None]
+    slope = tl.load(cxhat_ptr + cs, mask=cmask, other=0.0).to(ACC)[:, None] * rstd
+    offset = tl.load(cconst_ptr + cs, mask=cmask, other=0.0).to(ACC)[:, None] - slope * mean
+    # K = 7: the 49 taps held for the whole program beside the 49 weight-gradient partials take 255 registers (16-bit
+    # maps, 14 x 14, sm_86/90; no spill, but none to spare for the eval variant's sums); loaded per image instead, from
+    # L1 (as `_strip_dz_dx_kernel` does per strip): 217 registers, ~5% more instructions (sm_90, bf16)
+    HELD_TAPS: tl.constexpr = K < 7
+    if HELD_TAPS:
+        taps = _stencil_taps(weight_ptr, cs, cmask, K, KK_STRIDE, ACC)
+    x_cols = cs[:, None] * x_stride_c + w[None, :] * x_stride_w
+    g_cols = cs[:, None] * grad_out_stride_c + w[None, :] * grad_out_stride_w
+    d_cols = cs[:, None] * dx_stride_c + w[None, :] * dx_stride_w
+    slot_channel = tl.arange(0, BLOCK_C)
+    slot = slots_ptr + (tl.program_id(1) * tl.num_programs(2) + tl.program_id(2)).to(tl.int64) * (BLOCK_C * PLANE)
+    slot_cols = slot_channel[:, None] * PLANE + w[None, :]
+    b_lo = tl.program_id(2) * b_per_prog
+    b_hi = tl.minimum(b_lo + b_per_prog, B)
+    x_b = x_ptr + b_lo.to(tl.int64) * x_stride_b
+    g_b = grad_out_ptr + b_lo.to(tl.int64) * grad_out_stride_b
+    z_b = z_ptr + b_lo.to(tl.int64) * dx_stride_b
+    dx_b = dx_ptr + b_lo.to(tl.int64) * dx_stride_b
+    if STATS:
+        t_go = tl.zeros([BLOCK_C, PLANE_WP], ACC)
+        t_gx = tl.zeros([BLOCK_C, PLANE_WP], ACC)
+    t_dz = tl.zeros([BLOCK_C, PLANE_WP], ACC)
+    partials = (tl.zeros([BLOCK_C, PLANE_WP], ACC),) * (K * K)
+    for _ in range(b_lo, b_hi):
+        dz_rows = ()
+        for r in tl.static_range(PLANE_H):
+            z = tl.load(z_b + d_cols + r * dx_stride_h, mask=col_mask, other=0.0).to(ACC)
+            go = tl.load(g_b + g_cols + r * grad_out_stride_h, mask=col_mask, other=0.0).to(ACC)
+            y = _gelu(z)
+            dz = tl.where(col_mask, (cgo * go + slope * y + offset) * _gelu_grad(z), 0.0)
+            if STATS:  # go is zero outside the plane
+                t_go += go
+                t_gx += tl.where(col_mask, go * ((y - mean) * rstd), 0.0)
+            t_dz += dz
+            if K == 1:
+                dx = taps[0] * dz + dz
+                tl.store(dx_b + d_cols + r * dx_stride_h, dx.to(dx_ptr.dtype.element_ty), mask=col_mask)
+            else:
+                tl.store(slot + slot_cols + r * PLANE_W, dz, mask=col_mask)
+            dz_rows = dz_rows + (dz,)
+        # dW before the stencil, so that the dz rows are not held across it
+        partials = _wgrad_plane_image(
+            partials, dz_rows, x_b + x_cols, cmask, x_stride_h, x_stride_w, K, ACC, PLANE_H, PLANE_W, PLANE_WP
+        )
+        if K > 1:
+            tl.debug_barrier()  # every thread's slot stores before any thread's stencil loads
+            if not HELD_TAPS:
+                taps = _stencil_taps(weight_ptr, cs, cmask, K, KK_STRIDE, ACC)
+            rows = _dwconv_plane_k(
+                slot,
+                taps,
+                slot_channel,
+                cmask,
+                PLANE,
+                PLANE_W,
+                1,
+                zero_plane_ptr,
+                K,
+                True,
+                True,
+                ACC,
+                BLOCK_C,
+                PLANE_H,
+                PLANE_W,
+                PLANE_H,
+                PLANE_WP,
+                True,
+            )
+            for r in tl.static_range(PLANE_H):
+                tl.store(dx_b + d_cols + r * dx_stride_h, rows[r].to(dx_ptr.dtype.element_ty), mask=col_mask)
+            tl.debug_barrier()  # every thread's stencil loads before the next image's slot stores
+        x_b += x_stride_b
+        g_b += grad_out_stride_b
+        z_b += dx_stride_b
+        dx_b += dx_stride_b
+    part = _partial_rows(C, cs)
+    if STATS:
+        tl.store(psgo_ptr + part, tl.sum(t_go, axis=1), mask=cmask)
+        tl.store(psgx_ptr + part, tl.sum(t_gx, axis=1), mask=cmask)
+    tl.store(pdb_ptr + part, tl.sum(t_dz, axis=1), mask=cmask)
+    _store_plane_wgrad(pdw_ptr, part, partials, cmask, K, KK_STRIDE)
+
+
 # ---------------------------------------------------------------------------------------- thread planes
 
 
@@ -4313,9 +4521,22 @@ def _(x, weights, biases, norm_weight, norm_bias, running_mean, running_var, tra
     return torch.empty_like(x), x.new_empty((C,), dtype=acc), x.new_empty((C,), dtype=acc), z
 
 
+# The whole-plane plan's constexprs that _plane_dz_dx_kernel takes (its planes are dense slots and int32 offsets).
+_PLANE_DZ_DX_CONSTEXPRS = (
+    "KMAX",
+    "KK_STRIDE",
+    "ACC",
+    "BLOCK_C",
+    "PLANE_H",
+    "PLANE_W",
+    "PLANE_WP",
+    "PLANE_DENSE",
+    "num_warps",
+)
+
 # The widest map element whose dz pass runs on thread planes (_thread_plane_dz_kernel): every specialisation sits at
 # 255 registers, and the fp32 one spilled 4 B a thread at K = 5 on sm_90 (Triton 3.8); fp32 and fp64 keep the
-# whole-plane dz pass.
+# whole-plane one pass (_plane_dz_dx_kernel).
 _THREAD_PLANE_DZ_MAX_ELEMENT_SIZE = 2
 
 
@@ -4361,6 +4582,8 @@ def ms_ffn_middle_backward(
         dz_plan = thread_plan
     else:
         dz_plan = plan
+    # From the saved z on whole planes, dz and dx are one pass too (_plane_dz_dx_kernel).
+    plane_one_pass = z is not None and dz_plan is plan and bool(plan.plane[1])
     # BatchNorm's gradient sums: in the dz pass in eval, a pass of their own in training (dz needs them) and on
     # thread planes (see _thread_plane_dz_kernel)
     separate_stats = training or bool(dz_plan.thread_plane[2])
@@ -4370,11 +4593,14 @@ def ms_ffn_middle_backward(
     # The whole-plane weight gradient reads dz back after the pass stored it: in the accumulation dtype, so
     # that dW sums unrounded dz (rounded to fp16, its BatchNorm-cancelling sums lost the fp16 tolerance). The one
     # pass writes dx there instead, and keeps dz in its slots.
-    dz = torch.empty_like(x, dtype=plan.acc if dz_plan.plane[1] else x.dtype)
+    dz = torch.empty_like(x, dtype=plan.acc if dz_plan.plane[1] and not plane_one_pass else x.dtype)
     if one_pass:
         one_pass_rows = {launch.kmax: _one_pass_strip_rows(dz_plan, launch.kmax, x) for launch in dz_plan.launches}
         slot_rows = max(rows + k - 1 for k, rows in one_pass_rows.items())
         slots = _strip_slots(dz_plan, dz_plan.block_c * slot_rows * dz_plan.block_hw, dz_plan.acc, x)
+    elif plane_one_pass:
+        slots = _strip_slots(dz_plan, dz_plan.block_c * plan.plane[0] * plan.plane[1], dz_plan.acc, x)
+        slot_zeros = _zero_plane(plan.plane, True, slots)
     if z is not None and z.stride() != dz.stride():  # the kernel reads z with dz's strides
         z = torch.empty_like(x).copy_(z)
     coef = torch.empty(4, C, dtype=plan.acc, device=x.device)  # rstd, cgo, cxhat, cconst (_batch_norm_grad_kernel)
@@ -4421,6 +4647,25 @@ def ms_ffn_middle_backward(
                         STATS=stats,
                         KK_POW2=pass_plan.kk_pow2,
                         **dict(pass_plan.strip_constexprs(launch), STRIP=one_pass_rows[launch.kmax]),
+                        **NO_REGISTER_BUDGET,
+                    )
+                elif pass_plan.plane[1] and plane_one_pass and dz_pass:
+                    constexprs = pass_plan.constexprs(launch)
+                    _plane_dz_dx_kernel[launch.grid](
+                        x,
+                        z,
+                        grad_out,
+                        dz,  # dx
+                        slots,
+                        w_table,
+                        launch.blocks,
+                        *shared,
+                        *x.stride(),
+                        *grad_out.stride(),
+                        *dz.stride(),
+                        slot_zeros,
+                        STATS=stats,
+                        **{key: constexprs[key] for key in _PLANE_DZ_DX_CONSTEXPRS},
                         **NO_REGISTER_BUDGET,
                     )
                 elif pass_plan.strip:
@@ -4471,7 +4716,7 @@ def ms_ffn_middle_backward(
     if not separate_stats:
         _batch_norm_grad(plan, coef, var, norm_weight, eps, n, sums, coefficients=False)
     # dx = conv_transpose(dz) + dz, a thread per plane where planes are small (the one pass wrote it)
-    dx = dz if one_pass else _launch_dx(dz, x, w_table, thread_plan, residual=True, wgrad=None)
+    dx = dz if one_pass or plane_one_pass else _launch_dx(dz, x, w_table, thread_plan, residual=True, wgrad=None)
     return dx, *_group_gradients(pdw, pdb, weights, biases), dgamma, dbeta
 
 
