@@ -4599,8 +4599,8 @@ def ms_ffn_middle_backward(
         slot_rows = max(rows + k - 1 for k, rows in one_pass_rows.items())
         slots = _strip_slots(dz_plan, dz_plan.block_c * slot_rows * dz_plan.block_hw, dz_plan.acc, x)
     elif plane_one_pass:
-        slots = _strip_slots(dz_plan, dz_plan.block_c * plan.plane[0] * plan.plane[1], dz_plan.acc, x)
-        slot_zeros = _zero_plane(plan.plane, True, slots)
+        slots = _strip_slots(dz_plan, dz_plan.block_c * dz_plan.plane[0] * dz_plan.plane[1], dz_plan.acc, x)
+        slot_zeros = _zero_plane(dz_plan.plane, True, slots)
     if z is not None and z.stride() != dz.stride():  # the kernel reads z with dz's strides
         z = torch.empty_like(x).copy_(z)
     coef = torch.empty(4, C, dtype=plan.acc, device=x.device)  # rstd, cgo, cxhat, cconst (_batch_norm_grad_kernel)
@@ -4649,7 +4649,7 @@ def ms_ffn_middle_backward(
                         **dict(pass_plan.strip_constexprs(launch), STRIP=one_pass_rows[launch.kmax]),
                         **NO_REGISTER_BUDGET,
                     )
-                elif pass_plan.plane[1] and plane_one_pass and dz_pass:
+                elif plane_one_pass and dz_pass:  # (the statistics pass of training runs on the same plan)
                     constexprs = pass_plan.constexprs(launch)
                     _plane_dz_dx_kernel[launch.grid](
                         x,
