@@ -1,6 +1,7 @@
 """The exact GELU and its derivative inside the MS-FFN Triton kernels (`ms_ffn._gelu`, `ms_ffn._gelu_grad`):
-fp32 runs a rational erf (the C++ kernels' fit), fp64 libdevice's erf. Checked value by value through a probe
-kernel against torch in fp64, and the rational form's coefficients against the C++ kernels' copy."""
+fp32 maps run a rational erf (the C++ kernels' fit), fp16 / bf16 maps a shorter one (computed in fp32, stored in 16
+bits), fp64 maps libdevice's erf. Checked value by value through a probe kernel against torch in fp64, the 16-bit
+form against fp16's rounding too, and the fp32 form's coefficients against the C++ kernels' copy."""
 
 import re
 from pathlib import Path
@@ -19,20 +20,21 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @triton.jit
-def _probe_kernel(x_ptr, y_ptr, n, GRAD: tl.constexpr, BLOCK: tl.constexpr):
+def _probe_kernel(x_ptr, y_ptr, n, GRAD: tl.constexpr, NARROW: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     x = tl.load(x_ptr + offs, mask=offs < n)
     if GRAD:
-        y = ms_ffn._gelu_grad(x)
+        y = ms_ffn._gelu_grad(x, NARROW)
     else:
-        y = ms_ffn._gelu(x)
+        y = ms_ffn._gelu(x, NARROW)
     tl.store(y_ptr + offs, y, mask=offs < n)
 
 
-def _probe(x: torch.Tensor, grad: bool) -> torch.Tensor:
+def _probe(x: torch.Tensor, grad: bool, narrow: bool = False) -> torch.Tensor:
+    """GELU (or GELU') of x as the kernels compute it; narrow: the fp16 / bf16 maps' form (x is their fp32 value)."""
     y = torch.full_like(x, float("nan"))
     block = 1024
-    _probe_kernel[(triton.cdiv(x.numel(), block),)](x, y, x.numel(), GRAD=grad, BLOCK=block)
+    _probe_kernel[(triton.cdiv(x.numel(), block),)](x, y, x.numel(), GRAD=grad, NARROW=narrow, BLOCK=block)
     return y
 
 
@@ -62,6 +64,37 @@ def test_fp32_rational_erf_value_by_value(grad):
 
 @requires_triton
 @pytest.mark.parametrize("grad", [False, True], ids=["gelu", "gelu_grad"])
+def test_16bit_rational_erf_value_by_value(grad):
+    """fp16 / bf16 maps: |erf error| <= 2.9e-6 (scripts/fit_gelu_erf.py), so |GELU error| <= 1.5e-6 |x| and
+    |GELU' error| <= 1.5e-6, plus fp32 rounding; past the clamp (|x| >= 4.6787) GELU is x or 0 to 1.2e-7."""
+    x = torch.linspace(-12, 12, 240_001, dtype=torch.float32, device=DEVICE)
+    got, want = _probe(x, grad, narrow=True).double(), _expected(x, grad)
+    err = (got - want).abs()
+    if not grad:
+        assert (err <= 1.5e-6 * x.abs().double() + 1e-7).all(), err.max().item()
+    else:
+        assert err.max().item() <= 1.7e-6
+    special = torch.tensor([float("nan"), 0.0, -0.0], dtype=torch.float32, device=DEVICE)
+    out = _probe(special, grad, narrow=True)
+    assert out[0].isnan() and torch.equal(out[1:].double(), _expected(special[1:], grad))
+
+
+@requires_triton
+def test_16bit_gelu_rounds_as_the_exact_one():
+    """Every fp16 x in [-1, 12] (where GELU(x) >= 0.16 |x|): GELU rounded to fp16 is the exact GELU rounded to fp16,
+    or one ulp off where the exact value lies within the form's error of a rounding boundary (rare)."""
+    bits = torch.arange(0, 1 << 16, dtype=torch.int32).to(torch.int16).view(torch.float16)
+    x = bits[bits.isfinite() & (bits >= -1) & (bits <= 12)].float().to(DEVICE)
+    got = _probe(x, False, narrow=True).half().float()
+    want = F.gelu(x.double()).half().float()
+    ulp = torch.where(want == 0, 2.0**-24, 2.0 ** (torch.floor(torch.log2(want.abs().clamp_min(2.0**-14))) - 10))
+    off_by = ((got - want).abs() / ulp).round()
+    assert off_by.max().item() <= 1
+    assert (off_by > 0).float().mean().item() < 0.01, (off_by > 0).sum().item()
+
+
+@requires_triton
+@pytest.mark.parametrize("grad", [False, True], ids=["gelu", "gelu_grad"])
 def test_fp64_uses_full_precision_erf(grad):
     x = torch.linspace(-9, 9, 20_001, dtype=torch.float64, device=DEVICE)
     torch.testing.assert_close(_probe(x, grad), _expected(x, grad), rtol=1e-13, atol=1e-15)
@@ -78,7 +111,7 @@ def test_rational_erf_coefficients_match_the_cpp_kernels():
     cpp = header[header.index("inline Vectorized<float> gelu_erf(") :]
     cpp = cpp[: cpp.index("\n}\n")]
     source = (ROOT / "transxnet_kernels" / "triton" / "ms_ffn.py").read_text()
-    triton_src = source[source.index("def _erf_scaled(") :]
-    triton_src = triton_src[triton_src.index("zc = tl.clamp") : triton_src.index("return tl.clamp(zc")]
+    triton_src = source[source.index("def _normal_cdf(") :]
+    triton_src = triton_src[triton_src.index("zc = tl.clamp(z, -5.8") : triton_src.index("return 0.5 * tl.clamp(zc")]
     assert len(_floats(cpp)) == 11  # P: 7, Q: 4 past its constant 1
     assert _floats(triton_src) == _floats(cpp)

@@ -131,9 +131,10 @@ Passes over the big tensor (one pass = B*C*H*W elements read or written; e = ele
       one sweep per kernel column, each of which reloaded the g column;
     * the thread-plane passes run four warps per SM, one per scheduler, and split the batch to balance the busiest
       SM (`Settings.thread_plane_warps`, `balanced_batch_groups`); one-warp programs left half the schedulers idle;
-    * the exact GELU's erf is a rational form (`_erf_scaled`: 18-20 issued instructions per GELU on sm_90 against ~36
-      for libdevice's erf), and the training backward keeps its per-channel sums per thread until the end of the
-      program (`_middle_grad_kernel`);
+    * the exact GELU's erf is a rational form (`_normal_cdf`: 19 issued instructions per GELU on sm_90 on fp32 maps,
+      13 on fp16 / bf16 maps with a shorter fit still ~100x below their rounding, against ~36 for libdevice's erf;
+      GELU' takes its exponential as one FFMA into the SFU's ex2, `_gelu_grad`), and the training backward keeps its
+      per-channel sums per thread until the end of the program (`_middle_grad_kernel`);
     * the passes without a stencil (training's normalising pass from z and BatchNorm-gradient sums, the two-launch
       eval's first map) take NCHW tiles of 64-pixel runs x 16 channels at stages 1-2 (`_nchw_tile`): in runs of the
       whole tile 23% of their lanes were past the plane, and the 16-bit passes are bound by issue (T stage 1 bf16 on
@@ -180,47 +181,47 @@ Static audit of `ms_ffn_middle` (`python -m benchmarks.audit_tables` writes this
 3.8.0, batch 128 at 224x224, the worst over layouts and modes; estimate / DRAM roofline, µs):
 
     stage  shape       phase     fp32 A100  fp32 H100  bf16 A100  bf16 H100
-    T1     192x56x56   forward   645/308    390/184    448/154    279/92.0
-    T1     192x56x56   backward  1014/462   605/276    708/231    423/138
-    T2     384x28x28   forward   326/154    198/92.0   232/77.1   144/46.0
-    T2     384x28x28   backward  517/231    309/138    368/116    223/69.0
-    T3     896x14x14   forward   194/89.9   121/53.7   153/45.0   103/26.8
-    T3     896x14x14   backward  290/135    180/80.5   221/67.4   150/40.3
-    T4     1792x7x7    forward   92.4/45.0  55.8/26.8  64.0/22.5  41.5/13.4
-    T4     1792x7x7    backward  152/67.4   94.6/40.3  119/33.7   77.8/20.1
-    S1     384x56x56   forward   1288/617   780/368    892/308    558/184
-    S1     384x56x56   backward  2014/925   1202/552   1406/462   834/276
-    S2     768x28x28   forward   645/308    390/184    448/154    279/92.0
-    S2     768x28x28   backward  1019/462   610/276    724/231    434/138
-    S3     1280x14x14  forward   275/128    168/76.7   213/64.2   135/38.3
-    S3     1280x14x14  backward  408/193    249/115    306/96.3   196/57.5
-    S4     2048x7x7    forward   105/51.4   63.3/30.7  67.5/25.7  42.7/15.3
-    S4     2048x7x7    backward  170/77.1   105/46.0   131/38.5   82.7/23.0
-    B1     608x56x56   forward   2036/976   1245/583   1406/488   901/291
-    B1     608x56x56   backward  3124/1464  1917/874   2118/732   1370/437
-    B2     1216x28x28  forward   1020/488   625/291    706/244    455/146
-    B2     1216x28x28  backward  1575/732   968/437    1079/366   697/219
-    B3     1344x14x14  forward   291/135    177/80.5   231/67.4   144/40.3
-    B3     1344x14x14  backward  431/202    264/121    331/101    210/60.4
-    B4     2688x7x7    forward   138/67.4   83.0/40.3  92.7/33.7  57.7/20.1
-    B4     2688x7x7    backward  221/101    139/60.4   169/50.6   113/30.2
+    T1     192x56x56   forward   645/308    390/184    424/154    265/92.0
+    T1     192x56x56   backward  1006/462   601/276    662/231    396/138
+    T2     384x28x28   forward   326/154    198/92.0   219/77.1   136/46.0
+    T2     384x28x28   backward  513/231    307/138    341/116    204/69.0
+    T3     896x14x14   forward   194/89.9   121/53.7   138/45.0   92.7/26.8
+    T3     896x14x14   backward  288/135    178/80.5   200/67.4   136/40.3
+    T4     1792x7x7    forward   92.4/45.0  55.7/26.8  56.2/22.5  36.3/13.4
+    T4     1792x7x7    backward  151/67.4   94.0/40.3  111/33.7   72.5/20.1
+    S1     384x56x56   forward   1287/617   780/368    844/308    529/184
+    S1     384x56x56   backward  1998/925   1193/552   1312/462   784/276
+    S2     768x28x28   forward   645/308    390/184    423/154    264/92.0
+    S2     768x28x28   backward  1010/462   605/276    667/231    400/138
+    S3     1280x14x14  forward   275/128    168/76.7   193/64.2   122/38.3
+    S3     1280x14x14  backward  405/193    247/115    277/96.3   178/57.5
+    S4     2048x7x7    forward   105/51.4   63.3/30.7  60.2/25.7  37.4/15.3
+    S4     2048x7x7    backward  169/77.1   104/46.0   124/38.5   78.2/23.0
+    B1     608x56x56   forward   2035/976   1245/583   1330/488   850/291
+    B1     608x56x56   backward  3101/1464  1901/874   1983/732   1268/437
+    B2     1216x28x28  forward   1019/488   625/291    668/244    429/146
+    B2     1216x28x28  backward  1563/732   959/437    1005/366   643/219
+    B3     1344x14x14  forward   292/135    177/80.5   207/67.4   130/40.3
+    B3     1344x14x14  backward  427/202    263/121    297/101    191/60.4
+    B4     2688x7x7    forward   138/67.4   83.0/40.3  81.7/33.7  50.6/20.1
+    B4     2688x7x7    backward  220/101    138/60.4   158/50.6   107/30.2
 
 Static audit of `ms_ffn_middle_eval` (`python -m benchmarks.audit_tables` writes this table from gpu_audit_3.8.0.json:
 Triton 3.8.0, batch 128 at 224x224, the worst over layouts and modes; estimate / DRAM roofline, µs):
 
     stage  shape       phase    fp32 A100  fp32 H100  bf16 A100  bf16 H100
-    T1     192x56x56   forward  401/308    235/184    420/154    244/92.0
-    T2     384x28x28   forward  205/154    120/92.0   217/77.1   125/46.0
-    T3     896x14x14   forward  107/89.9   68.7/53.7  107/45.0   71.0/26.8
-    T4     1792x7x7    forward  50.9/45.0  31.3/26.8  50.8/22.5  31.6/13.4
-    S1     384x56x56   forward  799/617    465/368    839/308    482/184
-    S2     768x28x28   forward  405/308    237/184    421/154    245/92.0
-    S3     1280x14x14  forward  151/128    93.5/76.7  151/64.2   94.6/38.3
-    S4     2048x7x7    forward  54.7/51.4  33.3/30.7  50.8/25.7  31.6/15.3
-    B1     608x56x56   forward  1197/976   753/583    1322/488   796/291
-    B2     1216x28x28  forward  606/488    382/291    664/244    403/146
-    B3     1344x14x14  forward  162/135    98.6/80.5  164/67.4   99.1/40.3
-    B4     2688x7x7    forward  73.8/67.4  44.5/40.3  71.3/33.7  43.1/20.1
+    T1     192x56x56   forward  402/308    235/184    400/154    213/92.0
+    T2     384x28x28   forward  205/154    120/92.0   206/77.1   109/46.0
+    T3     896x14x14   forward  108/89.9   68.7/53.7  91.0/45.0  61.8/26.8
+    T4     1792x7x7    forward  51.0/45.0  31.3/26.8  42.5/22.5  27.1/13.4
+    S1     384x56x56   forward  800/617    465/368    798/308    421/184
+    S2     768x28x28   forward  405/308    237/184    400/154    214/92.0
+    S3     1280x14x14  forward  151/128    93.5/76.7  128/64.2   82.2/38.3
+    S4     2048x7x7    forward  54.7/51.4  33.3/30.7  42.5/25.7  27.1/15.3
+    B1     608x56x56   forward  1197/976   753/583    1257/488   694/291
+    B2     1216x28x28  forward  606/488    382/291    631/244    352/146
+    B3     1344x14x14  forward  162/135    98.7/80.5  139/67.4   86.2/40.3
+    B4     2688x7x7    forward  73.8/67.4  44.5/40.3  60.1/33.7  37.3/20.1
 """
 
 from __future__ import annotations
@@ -349,16 +350,29 @@ _CONV, _APPLY, _STATS, _APPLY_SAVED, _PREACT, _EVAL = 0, 1, 2, 3, 4, 5
 
 
 @triton.jit
-def _erf_scaled(z):
-    """erf(z / sqrt(2)), the exact GELU's erf. fp64: libdevice's erf. fp32 (every narrower map computes in fp32):
-    the C++ kernels' rational form (csrc/kernels.h `gelu_erf`, fitted by scripts/fit_gelu_erf.py; a test pins the
-    two sets of coefficients equal), z P(z^2) / Q(z^2) on z clamped to +-5.8, the result clamped to [-1, 1]:
-    |erf error| <= 3.7e-7, exactly +-1 in the tails. On sm_90 that is 11 FFMAs, 2 FMNMX, a MUFU.RCP and 3 FMULs
-    (the division approximate, ~2 ulp: libdevice's fast_dividef, as Q >= 1 needs no range fix-up) against ~30
-    instructions for libdevice's erff, which selects one of two coefficient sets per element with predicated
-    MOVs: the GELU epilogues bound the MS-FFN passes, not DRAM."""
+def _normal_cdf(z, NARROW: tl.constexpr):
+    """Phi(z) = (1 + erf(z / sqrt(2))) / 2, the exact GELU's: GELU(z) = z Phi(z). scripts/fit_gelu_erf.py fits the
+    rational forms; the GELU epilogues, not DRAM, bound the MS-FFN passes, hence no libdevice erff (~30 instructions on
+    sm_90: it selects one of two coefficient sets per element with predicated MOVs). fp64 maps: libdevice's erf.
+    fp32 maps: the C++ kernels' form (csrc/kernels.h `gelu_erf`; a test pins the two sets of coefficients equal), erf =
+    z P(z^2) / Q(z^2), P of degree 6 and Q of 4, on z clamped to +-5.8 and the result clamped to [-1, 1]: |erf error|
+    <= 3.8e-7, exactly +-1 in the tails. NARROW (fp16 / bf16 maps, computed in fp32 and stored in 16 bits): P and Q of
+    degree 3 with Phi's 1/2 folded into P, on z clamped to +-4.6787, where the form reaches erf = 1 (so no result
+    clamp): |erf error| <= 2.9e-6, ~100x below an fp16 map's rounding of GELU(z) for z > 0 (an absolute 1.5e-6 |z| in
+    the left tail), in 13 instructions per GELU on sm_90 against 19. Divisions approximate (~2 ulp, libdevice's
+    fast_dividef: Q >= 1 needs no range fix-up)."""
     if z.dtype == tl.float64:
-        return tl.erf(z * 0.70710678118654752440)
+        return 0.5 * tl.erf(z * 0.70710678118654752440) + 0.5
+    elif NARROW:
+        zc = tl.clamp(z, -4.6787, 4.6787)
+        v = zc * zc
+        p = 3.286040737e-05 * v + 3.811840666e-03
+        p = p * v + 2.740938403e-02
+        p = p * v + 3.989391625e-01
+        q = 1.155900070e-03 * v + 2.376504615e-02
+        q = q * v + 2.353669107e-01
+        q = q * v + 1.0
+        return _fast_divide(zc * p, q) + 0.5
     else:
         zc = tl.clamp(z, -5.8, 5.8)
         v = zc * zc
@@ -372,24 +386,44 @@ def _erf_scaled(z):
         q = q * v + 2.939036861e-02
         q = q * v + 2.579930723e-01
         q = q * v + 1.0
-        if _INTERPRETED:
-            ratio = p / q
-        else:
-            ratio = libdevice.fast_dividef(p, q)
-        return tl.clamp(zc * ratio, -1.0, 1.0)
+        return 0.5 * tl.clamp(zc * _fast_divide(p, q), -1.0, 1.0) + 0.5
 
 
 @triton.jit
-def _gelu(z):
-    half_z = 0.5 * z
-    return half_z * _erf_scaled(z) + half_z
+def _fast_divide(p, q):
+    if _INTERPRETED:
+        return p / q
+    else:
+        return libdevice.fast_dividef(p, q)
 
 
 @triton.jit
-def _gelu_grad(z):
-    """GELU'(z) = Phi(z) + z phi(z)."""
-    inv_sqrt_2pi = tl.full([], 0.39894228040143267794, z.dtype)
-    return 0.5 * _erf_scaled(z) + 0.5 + z * tl.exp(-0.5 * z * z) * inv_sqrt_2pi
+def _gelu(z, NARROW: tl.constexpr):
+    """NARROW: z comes from (and GELU(z) goes to) an fp16 / bf16 map, see `_normal_cdf`."""
+    return z * _normal_cdf(z, NARROW)
+
+
+@triton.jit
+def _gelu_grad(z, NARROW: tl.constexpr):
+    """GELU'(z) = Phi(z) + z phi(z), phi(z) = exp(-z^2 / 2) / sqrt(2 pi), below fp64 taken as 2^(-z^2 log2(e) / 2 -
+    log2(sqrt(2 pi))): one FFMA into the SFU's exponential, where tl.exp's 2^(x log2 e) with the 1/sqrt(2 pi) after
+    it issued 4 FMULs and a range test more (`_exp2_approx`)."""
+    if z.dtype == tl.float64:
+        return _normal_cdf(z, NARROW) + z * tl.exp(-0.5 * z * z) * 0.39894228040143267794
+    else:
+        return _normal_cdf(z, NARROW) + z * _exp2_approx(z * z * -0.72134752044448170368 - 1.32574806473616)
+
+
+@triton.jit
+def _exp2_approx(x):
+    """2^x (fp32) by the SFU's ex2.approx.ftz (~2 ulp; a result below 2^-126 flushes to zero, which GELU' only meets
+    past |z| ~ 13, where z phi(z) < 1e-36): tl.exp2's non-ftz form adds a range test and two FMULs around it."""
+    if _INTERPRETED:
+        return tl.exp2(x)
+    else:
+        return tl.inline_asm_elementwise(
+            "ex2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1
+        )
 
 
 @triton.jit
@@ -1374,6 +1408,7 @@ def _forward_kernel(
     _STATS: out = z = conv(x) + x (the pre-activation, in out's dtype) and per-program (count, mean, M2) of
     GELU(z), merged with Chan's formula.  _APPLY_SAVED: x holds that z; out = GELU(z) * scale + shift
     (no stencil).  _PREACT: out = z (eval with gradients: z saved for _APPLY_SAVED and the backward)."""
+    NARROW: tl.constexpr = x_ptr.dtype.element_ty.primitive_bitwidth == 16  # the 16-bit GELU (`_normal_cdf`)
     if VEC:  # strides Triton can prove multiples of 4 (see _multiple_of_4)
         x_stride_b, x_stride_c, x_stride_h = _chunk_strides(x_stride_b, x_stride_c, x_stride_h)
         out_stride_b, out_stride_c, out_stride_h = _chunk_strides(out_stride_b, out_stride_c, out_stride_h)
@@ -1457,7 +1492,7 @@ def _forward_kernel(
         elif MODE != 0:
             if MODE == 2:  # saved for _APPLY_SAVED and the backward; the statistics keep z's full precision
                 tl.store(o_b + o_tile, z.to(out_ptr.dtype.element_ty), mask=mask)
-            y = _gelu(z)
+            y = _gelu(z, NARROW)
             if MODE != 2:
                 tl.store(o_b + o_tile, (y * scale[:, None] + shift[:, None]).to(out_ptr.dtype.element_ty), mask=mask)
             else:
@@ -1522,6 +1557,7 @@ def _plane_eval_kernel(
     keeps the next image's slot stores behind this image's stencil loads. KMAX = 1 needs no neighbour: y stays in
     registers, no slot. One slot per program, rewritten per image, so the slots' DRAM traffic is one write-back of
     1 / (images per program) of a pass, where the two-launch form wrote y and read it back (two passes)."""
+    NARROW: tl.constexpr = x_ptr.dtype.element_ty.primitive_bitwidth == 16  # the 16-bit GELU (`_normal_cdf`)
     blk = tl.program_id(1)
     c0 = tl.load(blocks_ptr + 3 * blk)
     c1 = tl.load(blocks_ptr + 3 * blk + 1)
@@ -1550,7 +1586,7 @@ def _plane_eval_kernel(
         xs = _dense_plane_column(tl.where(inside, x_b + x_columns, zero_plane_ptr), PLANE_H, PLANE_W, ACC)
         ys = ()
         for r in tl.static_range(PLANE_H):
-            y = (_gelu(xs[r]) * in_scale + in_shift).to(slots_ptr.dtype.element_ty)
+            y = (_gelu(xs[r], NARROW) * in_scale + in_shift).to(slots_ptr.dtype.element_ty)
             if KMAX == 1:
                 ys = ys + (taps[0] * y.to(ACC) + y.to(ACC),)
             else:
@@ -1580,7 +1616,7 @@ def _plane_eval_kernel(
                 True,
             )
         for r in tl.static_range(PLANE_H):
-            out = _gelu(rows[r] + bias) * scale + shift
+            out = _gelu(rows[r] + bias, NARROW) * scale + shift
             tl.store(o_b + out_rows + r * PLANE_W, out.to(out_ptr.dtype.element_ty), mask=row_mask)
         if KMAX > 1:
             tl.debug_barrier()  # every thread's stencil loads before the next image's slot stores
@@ -1689,6 +1725,7 @@ def _middle_grad_kernel(
     """z = conv(x) + x (Z_SAVED: the forward's, read from z_ptr, laid out as dz; else recomputed),
     y = GELU(z), xhat = (y - mean) * rstd on the tile, then STATS: partial sums of go and go * xhat;
     DZ: dz = (cgo*go + cxhat*xhat + cconst) * GELU'(z), stored, with partial dW and dbias."""
+    NARROW: tl.constexpr = x_ptr.dtype.element_ty.primitive_bitwidth == 16  # the 16-bit GELU (`_normal_cdf`)
     if VEC:  # strides Triton can prove multiples of 4 (see _multiple_of_4)
         x_stride_b, x_stride_c, x_stride_h = _chunk_strides(x_stride_b, x_stride_c, x_stride_h)
         grad_out_stride_b, grad_out_stride_c, grad_out_stride_h = _chunk_strides(
@@ -1757,12 +1794,12 @@ def _middle_grad_kernel(
             )
             z += bias[:, None]
         go = tl.load(g_b + g_tile, mask=mask, other=0.0).to(ACC)
-        xhat = (_gelu(z) - mean[:, None]) * rstd[:, None]
+        xhat = (_gelu(z, NARROW) - mean[:, None]) * rstd[:, None]
         if STATS:
             t_go += go
             t_gx += tl.where(mask, go * xhat, 0.0)
         if DZ:
-            dz = (cgo[:, None] * go + cxhat[:, None] * xhat + cconst[:, None]) * _gelu_grad(z)
+            dz = (cgo[:, None] * go + cxhat[:, None] * xhat + cconst[:, None]) * _gelu_grad(z, NARROW)
             dz = tl.where(mask, dz, 0.0)
             tl.store(d_b + d_tile, dz.to(dz_ptr.dtype.element_ty), mask=mask)
             t_dz += dz
@@ -2357,6 +2394,7 @@ def _strip_forward_kernel(
     kernel size K, batch split), a thread per (channel, chunk); _dwconv_strip_vec_k computes the strip's rows
     (with the residual, taken from its loaded rows), and _STATS reduces (count, mean, M2) of GELU(z) across
     threads once per strip and image (the strip's values stay in registers for the second moment)."""
+    NARROW: tl.constexpr = x_ptr.dtype.element_ty.primitive_bitwidth == 16  # the 16-bit GELU (`_normal_cdf`)
     x_stride_b, x_stride_c, x_stride_h = _chunk_strides(x_stride_b, x_stride_c, x_stride_h)
     out_stride_b, out_stride_c, out_stride_h = _chunk_strides(out_stride_b, out_stride_c, out_stride_h)
     cs, cmask, h0, wq, qmask, left_ok, right_ok = _strip_block(blocks_ptr, W, BLOCK_C, CHUNKS, STRIP)
@@ -2406,11 +2444,11 @@ def _strip_forward_kernel(
             z = rows[o] + bias
             out_ptrs = _chunk_ptrs(o_b, o_chunks, h0 + o, wq, out_stride_h)
             if MODE == 1:
-                tl.store(out_ptrs, (_gelu(z) * scale + shift).to(out_ptr.dtype.element_ty), mask=ok)
+                tl.store(out_ptrs, (_gelu(z, NARROW) * scale + shift).to(out_ptr.dtype.element_ty), mask=ok)
             else:  # the conv, or z (saved for _APPLY_SAVED and the backward)
                 tl.store(out_ptrs, z.to(out_ptr.dtype.element_ty), mask=ok)
             if MODE == 2:  # the statistics keep z's full precision
-                y = tl.where(ok, _gelu(z), 0.0)
+                y = tl.where(ok, _gelu(z, NARROW), 0.0)
                 ys = ys + (y,)
                 y_total += y
         if MODE == 2:
@@ -2437,9 +2475,10 @@ def _strip_forward_kernel(
 def _mapped_chunk(x_b, x_chunks, hh, wq, x_stride_h, mask, H, in_scale, in_shift, slots_ptr, ACC: tl.constexpr):
     """y = GELU(x) * in_scale + in_shift of the thread's chunk of row hh, in the slots' dtype; zero on rows outside
     the image (the conv's zero padding of y)."""
+    NARROW: tl.constexpr = x_b.dtype.element_ty.primitive_bitwidth == 16  # the 16-bit GELU (`_normal_cdf`)
     inside = (hh >= 0) & (hh < H)
     x = tl.load(_chunk_ptrs(x_b, x_chunks, hh, wq, x_stride_h), mask=mask & inside, other=0.0).to(ACC)
-    return tl.where(inside, _gelu(x) * in_scale + in_shift, 0.0).to(slots_ptr.dtype.element_ty)
+    return tl.where(inside, _gelu(x, NARROW) * in_scale + in_shift, 0.0).to(slots_ptr.dtype.element_ty)
 
 
 @triton.jit(
@@ -2493,6 +2532,7 @@ def _strip_eval_kernel(
     after a second barrier each thread moves its own chunks of the last K - 1 rows to the top. So each input
     element's GELU runs once, where a program per strip mapped its halo rows again ((STRIP + K - 1) / STRIP times:
     2.5x at K = 7 with 4 rows, 1.86x with 7). K = 1: no slot, y stays in registers."""
+    NARROW: tl.constexpr = x_ptr.dtype.element_ty.primitive_bitwidth == 16  # the 16-bit GELU (`_normal_cdf`)
     R: tl.constexpr = K // 2
     SLOT_ROWS: tl.constexpr = STRIP + 2 * R
     x_stride_b, x_stride_c, x_stride_h = _chunk_strides(x_stride_b, x_stride_c, x_stride_h)
@@ -2561,7 +2601,7 @@ def _strip_eval_kernel(
                     STRIP,
                 )
             for o in tl.static_range(STRIP):
-                out = _gelu(rows[o] + bias) * scale + shift
+                out = _gelu(rows[o] + bias, NARROW) * scale + shift
                 tl.store(
                     _chunk_ptrs(o_b, o_chunks, h0 + o, wq, out_stride_h),
                     out.to(out_ptr.dtype.element_ty),
@@ -2638,6 +2678,7 @@ def _strip_dz_kernel(
     row of the strip z and go are read (one vector load each), dz = (cgo*go + cxhat*xhat + cconst) * GELU'(z) is
     stored, and the strip's dz, still in registers (unrounded), feeds _wgrad_strip_rows_k's per-thread dW
     partials, each x row loaded once per strip. Sums of go, go*xhat and dz stay per thread until the end."""
+    NARROW: tl.constexpr = x_ptr.dtype.element_ty.primitive_bitwidth == 16  # the 16-bit GELU (`_normal_cdf`)
     x_stride_b, x_stride_c, x_stride_h = _chunk_strides(x_stride_b, x_stride_c, x_stride_h)
     grad_out_stride_b, grad_out_stride_c, grad_out_stride_h = _chunk_strides(
         grad_out_stride_b, grad_out_stride_c, grad_out_stride_h
@@ -2669,11 +2710,11 @@ def _strip_dz_kernel(
             ok = _chunk_mask(cmask, qmask, h0 + o, H)
             z = tl.load(_chunk_ptrs(z_b, d_chunks, h0 + o, wq, dz_stride_h), mask=ok, other=0.0).to(ACC)
             go = tl.load(_chunk_ptrs(g_b, g_chunks, h0 + o, wq, grad_out_stride_h), mask=ok, other=0.0).to(ACC)
-            xhat = (_gelu(z) - mean) * rstd
+            xhat = (_gelu(z, NARROW) - mean) * rstd
             if STATS:  # go is zero outside the image
                 t_go += _lane_sum(go, BLOCK_C, CHUNKS)
                 t_gx += _lane_sum(go * xhat, BLOCK_C, CHUNKS)
-            dz = tl.where(ok, (cgo * go + cxhat * xhat + cconst) * _gelu_grad(z), 0.0)
+            dz = tl.where(ok, (cgo * go + cxhat * xhat + cconst) * _gelu_grad(z, NARROW), 0.0)
             tl.store(_chunk_ptrs(d_b, d_chunks, h0 + o, wq, dz_stride_h), dz.to(dz_ptr.dtype.element_ty), mask=ok)
             l0, l1, l2, l3 = _lanes(dz, BLOCK_C, CHUNKS)
             t_dz += (l0 + l1) + (l2 + l3)
@@ -2841,13 +2882,14 @@ def _dz_chunk(
     (cgo*go + slope*GELU(z) + offset) * GELU'(z) (slope = cxhat*rstd, offset = cconst - slope*mean), zero on rows
     outside the image (the transposed conv's zero padding of dz), go too; xhat = (GELU(z) - mean) * rstd where STATS
     (BatchNorm's gradient sums), else 0."""
+    NARROW: tl.constexpr = z_b.dtype.element_ty.primitive_bitwidth == 16  # the 16-bit GELU (`_normal_cdf`)
     inside = (hh >= 0) & (hh < H)
     ok = mask & inside
     z = tl.load(_chunk_ptrs(z_b, chunks, hh, wq, stride_h), mask=ok, other=0.0).to(ACC)
     go = tl.load(_chunk_ptrs(g_b, chunks, hh, wq, stride_h), mask=ok, other=0.0).to(ACC)
-    y = _gelu(z)
+    y = _gelu(z, NARROW)
     xhat = (y - mean) * rstd if STATS else 0.0
-    return tl.where(ok, (cgo * go + slope * y + offset) * _gelu_grad(z), 0.0), go, xhat
+    return tl.where(ok, (cgo * go + slope * y + offset) * _gelu_grad(z, NARROW), 0.0), go, xhat
 
 
 @triton.jit(
@@ -3124,6 +3166,7 @@ def _plane_dz_dx_kernel(
     second barrier keeps the next image's slot stores after every thread's stencil loads.
     Each dz is computed once; dz is neither written to nor read from the map's memory. K = 1: no slot, dx from the
     dz rows in registers."""
+    NARROW: tl.constexpr = x_ptr.dtype.element_ty.primitive_bitwidth == 16  # the 16-bit GELU (`_normal_cdf`)
     K: tl.constexpr = KMAX
     PLANE: tl.constexpr = PLANE_H * PLANE_W
     if PLANE_DENSE:  # every map's rows contiguous (`_dense_rows`): rows at compile-time offsets, no pointer per row
@@ -3166,8 +3209,8 @@ def _plane_dz_dx_kernel(
         for r in tl.static_range(PLANE_H):
             z = tl.load(z_b + d_cols + r * dx_stride_h, mask=col_mask, other=0.0).to(ACC)
             go = tl.load(g_b + g_cols + r * grad_out_stride_h, mask=col_mask, other=0.0).to(ACC)
-            y = _gelu(z)
-            dz = tl.where(col_mask, (cgo * go + slope * y + offset) * _gelu_grad(z), 0.0)
+            y = _gelu(z, NARROW)
+            dz = tl.where(col_mask, (cgo * go + slope * y + offset) * _gelu_grad(z, NARROW), 0.0)
             if STATS:  # go is zero outside the plane
                 t_go += go
                 t_gx += tl.where(col_mask, go * ((y - mean) * rstd), 0.0)
@@ -3361,6 +3404,7 @@ def _thread_plane_forward_kernel(
     The outputs leave in [BLOCK_C, 8] tiles of consecutive pixels (_values_tile), which a store moves to a
     coalesced layout; the plane's loads are one per thread and pixel (lanes: channels; in NCHW 2-4 bytes each,
     a plane apart, served from L1 after the first touch of each sector)."""
+    NARROW: tl.constexpr = x_ptr.dtype.element_ty.primitive_bitwidth == 16  # the 16-bit GELU (`_normal_cdf`)
     R: tl.constexpr = K // 2
     cs, cmask = _channel_block(blocks_ptr, BLOCK_C)
     taps = _thread_plane_taps(weight_ptr, cs, cmask, K, KK_STRIDE, ACC)
@@ -3385,7 +3429,7 @@ def _thread_plane_forward_kernel(
         if MODE == 5:
             mapped = ()
             for p in tl.static_range(H * W):
-                mapped = mapped + (_gelu(src[p]) * in_scale + in_shift,)
+                mapped = mapped + (_gelu(src[p], NARROW) * in_scale + in_shift,)
             src = mapped
         # The outputs leave in groups of GP pixels: only a group's are live beside the taps and the plane (groups
         # of 16 or 32, or the whole plane, spilled 4-112 B at K = 7 in _STATS on sm_90; of 8, none).
@@ -3405,16 +3449,16 @@ def _thread_plane_forward_kernel(
                     if MODE != 0:
                         z += src[grp * GP + q]
                     if MODE == 1 or MODE == 5:
-                        outs = outs + (_gelu(z) * scale + shift,)
+                        outs = outs + (_gelu(z, NARROW) * scale + shift,)
                     else:
                         outs = outs + (z,)
                     if MODE == 2:  # the statistics keep z's full precision
                         if grp * GP + q == 0:
-                            y_shift = _gelu(z)
+                            y_shift = _gelu(z, NARROW)
                             y_total = tl.zeros([BLOCK_C], ACC)
                             sq_total = tl.zeros([BLOCK_C], ACC)
                         else:
-                            d = _gelu(z) - y_shift
+                            d = _gelu(z, NARROW) - y_shift
                             y_total += d
                             sq_total += d * d
                 else:
@@ -3606,6 +3650,7 @@ def _thread_plane_dz_kernel(
     Triton 3.6). The stores are per thread and pixel, as the
     loads are: stored in groups of 8 pixels (_store_pixel_group's layout conversion, as the other thread-plane
     kernels do) beside the K^2 sums, dz spilled 4-52 B a thread (sm_90, K = 1 to 7, fp16/bf16 and fp32)."""
+    NARROW: tl.constexpr = x_ptr.dtype.element_ty.primitive_bitwidth == 16  # the 16-bit GELU (`_normal_cdf`)
     cs, cmask = _channel_block(blocks_ptr, BLOCK_C)
     mean = tl.load(mean_ptr + cs, mask=cmask, other=0.0).to(ACC)
     rstd = tl.load(rstd_ptr + cs, mask=cmask, other=0.0).to(ACC)
@@ -3627,8 +3672,8 @@ def _thread_plane_dz_kernel(
             z = tl.load(z_c + at, mask=cmask, other=0.0).to(ACC)
             go_at = g_c + (p // W) * grad_out_stride_h + (p % W) * grad_out_stride_w
             go = tl.load(go_at, mask=cmask, other=0.0).to(ACC)
-            xhat = (_gelu(z) - mean) * rstd
-            d = (cgo * go + cxhat * xhat + cconst) * _gelu_grad(z)
+            xhat = (_gelu(z, NARROW) - mean) * rstd
+            d = (cgo * go + cxhat * xhat + cconst) * _gelu_grad(z, NARROW)
             tl.store(dz_c + at, d.to(dz_ptr.dtype.element_ty), mask=cmask)
             acc_b += d
             dz = dz + (d,)
