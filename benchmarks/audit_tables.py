@@ -2,9 +2,9 @@
 
 Each module under transxnet_kernels/triton states its ops' static estimates in a table generated from the
 committed audit results (`benchmarks/results/gpu_audit_<triton>.json`, the newest Triton version there): the
-TransXNet-T/S/B stage shapes at 224x224 and batch 128, fp32 and bf16, A100 and H100, forward and backward, each
-cell the estimate / the DRAM roofline in µs, the worst over the layouts and modes the audit replays. After an
-audit,
+TransXNet-T/S/B stage shapes at 224x224 and batch 128, fp32 and bf16 (and fp32 with TF32 allowed, for the ops that
+follow that setting), A100 and H100, forward and backward, each cell the estimate / the DRAM roofline in µs, the
+worst over the layouts and modes the audit replays. After an audit,
 
     python -m benchmarks.audit_tables
 
@@ -34,6 +34,8 @@ MODULES = {
 }
 MODELS = ("t", "s", "b")
 COLUMNS = (("fp32", "sm_80"), ("fp32", "sm_90"), ("bf16", "sm_80"), ("bf16", "sm_90"))
+# Ops whose kernels follow the user's TF32 setting also show their fp32 calls with TF32 allowed (the audit's "tf32").
+TF32_COLUMNS = (("tf32", "sm_80"), ("tf32", "sm_90"))
 SIZE = "128x224x224"
 WIDTH = 120
 
@@ -76,10 +78,12 @@ def _us(seconds: float) -> str:
     return f"{us:.1f}" if us < 100 else f"{us:.0f}"
 
 
-def _header(report: Dict[str, Any], op: str, source: str) -> str:
+def _header(report: Dict[str, Any], op: str, source: str, tf32: bool) -> str:
     text = (
         f"Static audit of `{op}` (`python -m benchmarks.audit_tables` writes this table from {source}: Triton "
-        f"{report['triton']}, batch 128 at 224x224, the worst over layouts and modes; estimate / DRAM roofline, µs):"
+        f"{report['triton']}, batch 128 at 224x224, the worst over layouts and modes;"
+        + (" tf32: fp32 inputs with TF32 allowed for matmuls;" if tf32 else "")
+        + " estimate / DRAM roofline, µs):"
     )
     return textwrap.fill(text, WIDTH)
 
@@ -89,13 +93,15 @@ def table(report: Dict[str, Any], op: str, source: str) -> str:
     (model, stage, phase)."""
     worst = _worst(report, op)
     phases = [p for p in ("forward", "backward") if any(k[4] == p for k in worst)]
-    rows: List[List[str]] = [["stage", "shape", "phase"] + [f"{dtype} {_gpu_name(report, t)}" for dtype, t in COLUMNS]]
+    tf32 = any(k[2] == "tf32" for k in worst)
+    columns = COLUMNS + (TF32_COLUMNS if tf32 else ())
+    rows: List[List[str]] = [["stage", "shape", "phase"] + [f"{dtype} {_gpu_name(report, t)}" for dtype, t in columns]]
     for model in MODELS:
         shapes = sorted({k[1] for k in worst if k[0] == model}, key=lambda s: -s[2])
         for stage, shape in enumerate(shapes, 1):
             for phase in phases:
                 cells = []
-                for dtype, target in COLUMNS:
+                for dtype, target in columns:
                     row = worst.get((model, shape, dtype, target, phase))
                     cells.append("-" if row is None else f"{_us(row['estimate_s'])}/{_us(row['roofline_s'])}")
                 rows.append([f"{model.upper()}{stage}", "x".join(map(str, shape[1:])), phase] + cells)
@@ -103,7 +109,7 @@ def table(report: Dict[str, Any], op: str, source: str) -> str:
         raise ValueError(f"no {op} calls at {SIZE} in the audit results")
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["    " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-    return _header(report, op, source) + "\n\n" + "\n".join(lines) + "\n"
+    return _header(report, op, source, tf32) + "\n\n" + "\n".join(lines) + "\n"
 
 
 def _gpu_name(report: Dict[str, Any], target: str) -> str:

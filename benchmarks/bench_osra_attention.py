@@ -6,6 +6,8 @@ N = 60800 / 15200 / 3800 / 950, M = 950). q, k and v are the model's views: q of
 k and v the two halves of the kv conv's (transposed views of [B, h, d, L] memory); the bias is [1, h, N, M]
 and requires grad (it is a parameter).
 
+Precisions: bf16, fp32, and fp32 with TF32 allowed for matmuls in every implementation ("float32-tf32").
+
 Passes: "fwd" (no grad) and "fwd+bwd" (q, k, v and bias gradients). Minimal traffic and FLOPs per
 case (e = element size, bias read once and, in the backward, its gradient written once):
   fwd      bytes = e·(2·BhNd + 2·BhMd + hNM) + 4·BhN            FLOPs = 4·BhNMd
@@ -105,6 +107,14 @@ def _triton(q, k, v, bias):
         return transxnet_kernels.osra_attention(q, k, v, bias)
 
 
+# Inputs' dtype and torch's fp32 matmul precision: "torch.float32-tf32" allows TF32 for fp32 matmuls
+# (`torch.set_float32_matmul_precision("high")`) in every implementation, the Triton kernels' TF32 dots and tiles
+# beside the baselines' TF32 matmuls.
+PRECISIONS = {
+    "torch.bfloat16": (torch.bfloat16, "highest"),
+    "torch.float32": (torch.float32, "highest"),
+    "torch.float32-tf32": (torch.float32, "high"),
+}
 IMPLS = ("eager", "compiled", "sdpa", *(f"sdpa-{b.lower()}" for b in SDPA_BACKENDS), "flex", "triton")
 
 
@@ -124,10 +134,14 @@ def _implementation(name):
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="GPU benchmark: the Triton interpreter on CPU is not a timing target")
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("passes", ["fwd", "fwd+bwd"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("precision", list(PRECISIONS))
 @pytest.mark.parametrize("shape_name", list(SHAPES))
-def test_osra_attention(benchmark, shape_name, dtype, passes, impl):
+def test_osra_attention(benchmark, request, shape_name, precision, passes, impl):
     B, h, N, M, d = SHAPES[shape_name]
+    dtype, matmul_precision = PRECISIONS[precision]
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(matmul_precision)
+    request.addfinalizer(lambda: torch.set_float32_matmul_precision(previous))
     fn = _implementation(impl)
     if fn is None:
         pytest.skip("this torch has no FlexAttention")
@@ -169,7 +183,7 @@ def test_osra_attention(benchmark, shape_name, dtype, passes, impl):
         N=N,
         M=M,
         head_dim=d,
-        dtype=str(dtype),
+        dtype=precision,
         flops=flops,
     )
     benchmark.extra_info["achieved_tflops"] = flops / (record["median_ms"] * 1e-3) / 1e12

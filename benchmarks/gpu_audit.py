@@ -10,9 +10,10 @@ Pipeline
    (shape, strides, storage offset, dtype, requires_grad) and other arguments; `has_fused` answers as Triton
    would on a GPU, so the eval model takes its one-op inference forms (`ms_ffn_middle_eval`). The model runs
    in fp32; fp16 and bf16 calls are those calls with each floating tensor's dtype replaced (a model cast
-   with `.to(dtype)` runs the same code with the same element strides). On meta, BatchNorm is replaced by a
-   per-channel affine map with the same output layout (its decomposition costs ~0.1 s a call and changes
-   nothing we record).
+   with `.to(dtype)` runs the same code with the same element strides); "tf32" calls are the fp32 calls of the ops
+   whose kernels follow the user's TF32 setting (`TF32_OPS`), replayed with TF32 allowed for matmuls. On meta,
+   BatchNorm is replaced by a per-channel affine map with the same output layout (its decomposition costs ~0.1 s a
+   call and changes nothing we record).
 2. Record. Each distinct call is replayed through the op's Triton implementation on CPU tensors
    (`torch.empty` + `as_strided`: pages are touched only where torch computes something small), the
    forward and, when some input needs a gradient, `torch.autograd.grad` with a gradient laid out like
@@ -227,6 +228,20 @@ def plan_for_gpu(gpu: Gpu, index64: bool = False) -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def tf32_allowed(allowed: bool) -> Iterator[None]:
+    """With `allowed`, TF32 allowed for fp32 matmuls, as `torch.set_float32_matmul_precision("high")` allows it."""
+    if not allowed:
+        yield
+        return
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
 def package_jit_functions() -> List[JITFunction]:
     """Every @triton.jit function of the package's Triton modules (kernels and the helpers they call)."""
     import transxnet_kernels.triton  # noqa: F401  (imports the kernel modules)
@@ -254,6 +269,10 @@ def triton_runs(dtype: torch.dtype, cc: int) -> bool:
 MODEL_SIZES = ("t", "s", "b")
 INPUTS = ((128, 224, 224), (2, 800, 1216))
 DTYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}  # torch name -> short name
+# fp32 calls replayed with TF32 allowed for matmuls (torch.set_float32_matmul_precision("high")), reported as dtype
+# "tf32", for the ops whose kernels follow that setting.
+TF32 = "tf32"
+TF32_OPS = ("osra_attention",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -289,6 +308,7 @@ class OpCall:
     op: str
     args: Tuple[Any, ...]
     index64: bool = False  # planned as if a sample spanned 2^31 elements (int64 in-sample offsets)
+    tf32: bool = False  # fp32 replayed with TF32 allowed for matmuls
 
     def with_dtype(self, dtype: str) -> OpCall:
         def cast(a):
@@ -304,8 +324,8 @@ class OpCall:
 
     @property
     def dtype(self) -> str:
-        """Short name of the dtype of the first tensor argument."""
-        return DTYPES[self.tensors()[0].dtype]
+        """Short name of the dtype of the first tensor argument; TF32 for an fp32 call replayed with TF32 allowed."""
+        return TF32 if self.tf32 else DTYPES[self.tensors()[0].dtype]
 
     @property
     def needs_grad(self) -> bool:
@@ -419,11 +439,19 @@ def capture_calls(jobs: int, use_cache: bool, log=print) -> Dict[OpCall, str]:
         )
     fp32.update(head_dim_limit_calls())
     fp32.update(int64_offset_calls(fp32))
-    return {
+    calls = {
         call.with_dtype(dtype): cfg.replace(" ", f" {short} ", 1)
         for dtype, short in DTYPES.items()
         for call, cfg in fp32.items()
     }
+    calls.update(
+        {
+            dataclasses.replace(call, tf32=True): cfg.replace(" ", f" {TF32} ", 1)
+            for call, cfg in fp32.items()
+            if call.op in TF32_OPS
+        }
+    )
+    return calls
 
 
 def head_dim_limit_calls() -> Dict[OpCall, str]:
@@ -675,6 +703,7 @@ def record_call(call: OpCall, gpu: Gpu) -> Tuple[List[Launch], Dict[str, int]]:
     torch_work = TorchWork(phase, TRITON_NAMESPACE)
     with (
         plan_for_gpu(gpu, call.index64),
+        tf32_allowed(call.tf32),
         recording_launches(gpu, launches, phase),
         torch.set_grad_enabled(bool(inputs)),
     ):

@@ -351,27 +351,66 @@ def test_triton_fp64_gpu_path_without_tl_dot(monkeypatch, bias_shape):
     check_op(TRITON, OP, osra_args(3, 2, 37, 49, 19, bias_shape, dtype=torch.float64, seed=10))
 
 
-@requires_triton
-def test_triton_fp32_dot_precision_follows_the_users_tf32_setting():
-    """fp32 short-path dots: TF32 only once the user allowed it for matmuls, else 3xTF32; fp64 IEEE; fp16/bf16
-    their own tensor-core inputs."""
-    from transxnet_kernels.triton import osra_attention as triton_osra
-
-    def precision(dtype=torch.float32):
-        return triton_osra._short_precision(torch.empty(1, 1, 4, 8, dtype=dtype))
-
-    assert (precision(), precision(torch.float64), precision(torch.bfloat16)) == ("tf32x3", "ieee", "tf32")
+@pytest.fixture
+def tf32_allowed():
+    """TF32 allowed for fp32 matmuls, as `torch.set_float32_matmul_precision("high")` allows it, for one test."""
     previous = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("high")
-    try:
-        assert precision() == "tf32"
-    finally:
-        torch.set_float32_matmul_precision(previous)
+    yield
+    torch.set_float32_matmul_precision(previous)
 
 
 @requires_triton
-def test_triton_short_path_choice():
-    """Short path for M <= 64 keys and a positive scale, except the fp32 backward on sm_8x (flash kernels)."""
+def test_triton_fp32_dot_precision_follows_the_users_tf32_setting(request):
+    """fp32 dots: TF32 only once the user allowed it for matmuls, else 3xTF32 on the short path and IEEE in the
+    flash kernels; fp64 IEEE; fp16/bf16 their own tensor-core inputs."""
+    from transxnet_kernels.triton import osra_attention as triton_osra
+
+    def precisions(dtype=torch.float32):
+        q = torch.empty(1, 1, 4, 8, dtype=dtype)
+        return (triton_osra._short_precision(q),) + tuple(triton_osra._config(q, k).precision for k in ("fwd", "dq"))
+
+    assert precisions() == ("tf32x3", "ieee", "ieee")
+    assert precisions(torch.float64) == ("ieee",) * 3
+    assert precisions(torch.bfloat16) == ("tf32",) * 3
+    request.getfixturevalue("tf32_allowed")
+    assert precisions() == ("tf32",) * 3
+    assert precisions(torch.float64) == ("ieee",) * 3
+
+
+@requires_triton
+@pytest.mark.parametrize("capability", [80, 90])
+@pytest.mark.parametrize(
+    "case,rows",
+    [
+        (CASES[0], {80: 32, 90: 16}),  # batch groups; N = 37: q in scalars, the smaller backward tiles
+        (CASES[4], {80: 32, 90: 16}),  # several query blocks' dk/dv partials
+        ((2, 1, 128, 49, 16, (1, 1)), {80: 64, 90: 32}),  # N and q's strides multiples of 16: the larger ones
+        (CASES[2], {80: 16, 90: 16}),  # flash kernels (M = 130)
+    ],
+    ids=lambda c: case_id(c) if isinstance(c, tuple) else None,
+)
+def test_triton_fp32_with_tf32_allowed(case, rows, capability, tf32_allowed, nan_poisoned_empty):
+    """fp32 with TF32 allowed for matmuls, planned as for sm_80 and sm_90: the short path's TF32 tiles (its backward
+    on sm_8x too, where it leaves the flash kernels) and the flash kernels' TF32 dots. Within fp16's tolerance: TF32
+    keeps fp16's 10-bit mantissa (the interpreter's dots are exact)."""
+    from transxnet_kernels.triton import common
+    from transxnet_kernels.triton import osra_attention as triton_osra
+
+    args = osra_args(*case)
+    q, k, _, bias, _ = args
+    with common.launch_overrides(dataclasses.replace(common.launch_target(DEVICE), capability=capability)):
+        short = triton_osra._short_path(q, k, bias, q.shape[-1] ** -0.5, "bwd")
+        assert short == (k.shape[2] <= triton_osra.SHORT_PATH_MAX_KEYS)
+        cfg = triton_osra._short_config(q, k, bias, "bwd") if short else triton_osra._config(q, "dq")
+        assert (cfg.precision, cfg.block_n) == ("tf32", rows[capability])
+        check_op(TRITON, OP, args, tol=TOLERANCE[torch.float16])
+
+
+@requires_triton
+def test_triton_short_path_choice(request):
+    """Short path for M <= 64 keys and a positive scale, except the fp32 backward on sm_8x (flash kernels) unless
+    TF32 is allowed."""
     from transxnet_kernels.triton import common
     from transxnet_kernels.triton import osra_attention as triton_osra
 
@@ -383,6 +422,8 @@ def test_triton_short_path_choice():
 
     assert [short("fwd", 80), short("fwd", 90), short("bwd", 86), short("bwd", 90)] == [True, True, False, True]
     assert short("bwd", 80, dtype=torch.bfloat16) and short("bwd", 80, dtype=torch.float16)
+    request.getfixturevalue("tf32_allowed")  # TF32 allowed: the sm_8x fp32 backward's one-pass dots fit
+    assert short("bwd", 80) and short("bwd", 86)
     assert not short("fwd", 90, M=65) and not short("fwd", 90, scale=0.0) and not short("fwd", 90, scale=-1.0)
     # The one-pass backward addresses in int32 only; its largest offset here is k's and the dk/dv partials', 391.
     assert short("bwd", 90, int32_span_limit=392) and not short("bwd", 90, int32_span_limit=391)
@@ -668,14 +709,16 @@ def test_query_vector_divides_n_and_the_query_strides():
     assert _query_vector(padded_batch) == 8  # the batch stride, 488, is a multiple of 8, not of 16
 
 
-def test_triton_short_path_rows_per_program():
+def test_triton_short_path_rows_per_program(request):
     """Query rows (and warps) per program: the half-precision backward takes 128 on sm_90+ (and interpreted) when
     its queries move in vectors of 4 or more (`_query_vector`: the model's layout at N = 3136, 784, 196), else 64
     (N = 49, or d contiguous); on sm_80 128 only with a batch-shared 16-bit bias where Triton's specialisation
     already knows the vectors (N = 3136, 784), else 64 (and always on sm_86); the fp32 backward 16 rows on 4 warps
     (one per 16-row mma tile); a forward never takes more rows than N (rounded up to a power of two),
-    then 16 rows per warp (fp32: 64 rows on 8 warps); the fp32 forward on sm_8x 16 rows on 4 warps (the
-    configurations the static GPU audit finds spill-free)."""
+    then 16 rows per warp (fp32: 64 rows on 8 warps); the fp32 forward on sm_8x 16 rows on 4 warps. fp32 with TF32
+    allowed: the backward 32 rows on 4 warps on sm_90, 64 on sm_8x, where Triton's specialisation knows the query
+    vectors (N = 3136), else 16 and 32; the forward as fp32's, 128 rows on sm_8x too (the configurations the static
+    GPU audit finds spill-free)."""
     from transxnet_kernels.triton import common
     from transxnet_kernels.triton import osra_attention as triton_osra
 
@@ -702,6 +745,11 @@ def test_triton_short_path_rows_per_program():
     assert half_fwd == [(128, 8), (64, 4), (64, 4), (32, 2)]
     fp32_fwd = [rows_and_warps("fwd", c, N, torch.float32) for c, N in ((90, 3136), (90, 49), (90, 20), (80, 3136))]
     assert fp32_fwd == [(128, 8), (64, 8), (32, 2), (16, 4)]
+    request.getfixturevalue("tf32_allowed")  # fp32 with TF32 allowed
+    tf32_bwd = [rows_and_warps("bwd", c, N, torch.float32) for c, N in ((90, 3136), (90, 49), (80, 3136), (86, 49))]
+    assert tf32_bwd == [(32, 4), (16, 4), (64, 4), (32, 4)]
+    tf32_fwd = [rows_and_warps("fwd", c, N, torch.float32) for c, N in ((90, 3136), (80, 3136), (86, 49))]
+    assert tf32_fwd == [(128, 8), (128, 8), (64, 8)]
 
 
 def test_triton_short_forward_register_budget():

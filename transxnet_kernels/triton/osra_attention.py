@@ -60,12 +60,13 @@ Two paths (`_short_path` picks per call):
 Precision: fp16/bf16 inputs use fp32 softmax and fp32 accumulation (P and dS are rounded to the
 input dtype before their tl.dot, as flash attention does); fp64 computes in fp64 (for gradcheck);
 on GPUs fp64 skips tl.dot (not compiled for fp64 by Triton before 2025) for the flash kernels'
-broadcast-multiply-sum on 16x16 blocks: slow, exact, any Triton 3. fp32 never uses plain TF32
-unless the user allowed it for matmuls (`torch.set_float32_matmul_precision("high")` or
-`torch.backends.cuda.matmul.fp32_precision = "tf32"`); otherwise the short path uses 3xTF32 (error
-~1e-6 relative, like IEEE fp32) where the static audit counts fewer instructions for it than for
-IEEE FMA (`_short_precision`); the flash kernels use IEEE. The fp32 backward on sm_8x runs on the
-flash kernels (the one-pass kernel's five fp32 dots spill there; `_short_path`).
+broadcast-multiply-sum on 16x16 blocks: slow, exact, any Triton 3. fp32 takes plain TF32 only where
+the user allowed it for matmuls (`torch.set_float32_matmul_precision("high")` or
+`torch.backends.cuda.matmul.fp32_precision = "tf32"`), in every kernel, and the short path then runs
+larger tiles (`_SHORT_BLOCKS`). Otherwise the short path uses 3xTF32 (error ~1e-6 relative, like IEEE
+fp32), where the static audit counts fewer instructions for it than for IEEE FMA (`_short_precision`),
+and the flash kernels IEEE; the fp32 backward on sm_8x then runs on the flash kernels (the one-pass
+kernel's five 3xTF32 dots spill there; `_short_path`).
 
 Roofline (e = element size, minimal traffic, the bias read once since it is shared across B):
   forward  bytes = e·(2·BhNd + 2·BhMd) + e_bias·h·N·M + 4·BhN (lse);  FLOPs = 4·BhNMd
@@ -77,33 +78,34 @@ itself; 2·hNM for a group of one batch in fp16/bf16, `_dbias_partial_dtype`). A
 for bf16 tensor cores, ~20 for fp32 IEEE FMA).
 
 Static audit of `osra_attention` (`python -m benchmarks.audit_tables` writes this table from gpu_audit_3.8.0.json:
-Triton 3.8.0, batch 128 at 224x224, the worst over layouts and modes; estimate / DRAM roofline, µs):
+Triton 3.8.0, batch 128 at 224x224, the worst over layouts and modes; tf32: fp32 inputs with TF32 allowed for matmuls;
+estimate / DRAM roofline, µs):
 
-    stage  shape      phase     fp32 A100  fp32 H100  bf16 A100  bf16 H100
-    T1     1x3136x24  forward   146/40.2   37.9/24.0  20.9/20.5  12.5/12.3
-    T1     1x3136x24  backward  764/80.5   240/48.1   72.1/41.1  45.3/24.5
-    T2     2x784x24   forward   73.4/21.0  24.9/12.6  11.7/10.7  7.8/6.4
-    T2     2x784x24   backward  384/42.1   114/25.1   43.3/21.4  27.4/12.8
-    T3     4x196x28   forward   40.4/14.3  13.5/8.6   7.8/7.3    5.2/4.3
-    T3     4x196x28   backward  206/28.7   63.4/17.1  42.7/14.5  18.5/8.7
-    T4     8x49x28    forward   25.5/11.4  13.9/6.8   5.8/5.7    3.7/3.4
-    T4     8x49x28    backward  146/22.8   41.0/13.6  19.2/11.5  13.0/6.9
-    S1     1x3136x32  forward   146/53.3   37.9/31.8  27.4/27.0  16.4/16.1
-    S1     1x3136x32  backward  765/107    240/63.6   72.1/54.1  45.3/32.3
-    S2     2x784x32   forward   73.4/27.9  24.9/16.6  14.3/14.1  8.6/8.4
-    S2     2x784x32   backward  384/55.7   114/33.3   46.0/28.3  31.4/16.9
-    S3     5x196x32   forward   50.3/20.4  16.9/12.2  10.3/10.3  8.2/6.2
-    S3     5x196x32   backward  252/40.8   75.9/24.4  48.9/20.7  22.0/12.3
-    S4     8x49x32    forward   25.5/13.0  13.9/7.8   6.6/6.5    3.9/3.9
-    S4     8x49x32    backward  146/26.0   41.0/15.5  19.2/13.1  13.0/7.8
-    B1     2x3136x19  forward   291/64.2   73.4/38.3  34.7/32.9  21.3/19.6
-    B1     2x3136x19  backward  1521/128   449/76.6   119/65.8   67.1/39.3
-    B2     4x784x19   forward   146/33.5   44.3/20.0  19.2/17.2  13.3/10.2
-    B2     4x784x19   backward  705/67.0   213/40.0   71.0/34.3  41.3/20.5
-    B3     8x196x21   forward   79.8/21.6  25.0/12.9  12.5/11.0  8.7/6.6
-    B3     8x196x21   backward  370/43.3   121/25.8   72.7/22.0  33.9/13.2
-    B4     16x49x21   forward   49.4/17.1  25.7/10.2  9.5/8.7    6.5/5.2
-    B4     16x49x21   backward  263/34.3   76.2/20.5  35.8/17.3  21.9/10.4
+    stage  shape      phase     fp32 A100  fp32 H100  bf16 A100  bf16 H100  tf32 A100  tf32 H100
+    T1     1x3136x24  forward   146/40.2   37.9/24.0  20.9/20.5  12.5/12.3  41.1/40.2  24.5/24.0
+    T1     1x3136x24  backward  764/80.5   240/48.1   72.1/41.1  45.3/24.5  106/80.5   109/48.1
+    T2     2x784x24   forward   73.4/21.0  24.9/12.6  11.7/10.7  7.8/6.4    21.4/21.0  12.8/12.6
+    T2     2x784x24   backward  384/42.1   114/25.1   43.3/21.4  27.4/12.8  59.7/42.1  53.0/25.1
+    T3     4x196x28   forward   40.4/14.3  13.5/8.6   7.8/7.3    5.2/4.3    14.5/14.3  8.7/8.6
+    T3     4x196x28   backward  206/28.7   63.4/17.1  42.7/14.5  18.5/8.7   47.4/28.7  36.4/17.1
+    T4     8x49x28    forward   25.5/11.4  13.9/6.8   5.8/5.7    3.7/3.4    11.7/11.4  7.0/6.8
+    T4     8x49x28    backward  146/22.8   41.0/13.6  19.2/11.5  13.0/6.9   35.1/22.8  26.0/13.6
+    S1     1x3136x32  forward   146/53.3   37.9/31.8  27.4/27.0  16.4/16.1  54.1/53.3  32.3/31.8
+    S1     1x3136x32  backward  765/107    240/63.6   72.1/54.1  45.3/32.3  136/107    109/63.6
+    S2     2x784x32   forward   73.4/27.9  24.9/16.6  14.3/14.1  8.6/8.4    28.3/27.9  16.9/16.6
+    S2     2x784x32   backward  384/55.7   114/33.3   46.0/28.3  31.4/16.9  75.4/55.7  53.0/33.3
+    S3     5x196x32   forward   50.3/20.4  16.9/12.2  10.3/10.3  8.2/6.2    20.7/20.4  12.3/12.2
+    S3     5x196x32   backward  252/40.8   75.9/24.4  48.9/20.7  22.0/12.3  66.8/40.8  51.5/24.4
+    S4     8x49x32    forward   25.5/13.0  13.9/7.8   6.6/6.5    3.9/3.9    13.1/13.0  7.8/7.8
+    S4     8x49x32    backward  146/26.0   41.0/15.5  19.2/13.1  13.0/7.8   39.5/26.0  29.6/15.5
+    B1     2x3136x19  forward   291/64.2   73.4/38.3  34.7/32.9  21.3/19.6  65.8/64.2  39.3/38.3
+    B1     2x3136x19  backward  1521/128   449/76.6   119/65.8   67.1/39.3  185/128    200/76.6
+    B2     4x784x19   forward   146/33.5   44.3/20.0  19.2/17.2  13.3/10.2  34.6/33.5  21.7/20.0
+    B2     4x784x19   backward  705/67.0   213/40.0   71.0/34.3  41.3/20.5  96.2/67.0  97.8/40.0
+    B3     8x196x21   forward   79.8/21.6  25.0/12.9  12.5/11.0  8.7/6.6    22.0/21.6  13.2/12.9
+    B3     8x196x21   backward  370/43.3   121/25.8   72.7/22.0  33.9/13.2  86.6/43.3  63.5/25.8
+    B4     16x49x21   forward   49.4/17.1  25.7/10.2  9.5/8.7    6.5/5.2    20.7/17.1  12.4/10.2
+    B4     16x49x21   backward  263/34.3   76.2/20.5  35.8/17.3  21.9/10.4  56.1/34.3  41.3/20.5
 """
 
 from __future__ import annotations
@@ -1196,15 +1198,17 @@ def _config(q: torch.Tensor, kernel: str) -> _Config:
         return _Config(16, 16, next_power_of_2(d), "ieee", False, 4, 3)
     half = q.dtype in (torch.float16, torch.bfloat16)
     block_n, num_warps, num_stages = _BLOCKS[kernel, half]
-    # IEEE fp32 (no TF32: the user did not ask for it) runs tl.dot on FMA units; tl.dot needs dims >= 16.
-    precision = "tf32" if half else "ieee"
+    # fp32 takes TF32 where the user allowed it for matmuls; otherwise IEEE, on FMA units (3xTF32 counted no fewer
+    # instructions here: static audit, Triton 3.8, sm_80, T stage 1 dq kernel 396 -> 401 us, and it spilled 32 B).
+    # tl.dot needs dims >= 16.
+    precision = "tf32" if half or (q.dtype == torch.float32 and _user_allows_tf32()) else "ieee"
     return _Config(block_n, 64, max(16, next_power_of_2(d)), precision, True, num_warps, num_stages)
 
 
 # Keys the short path holds in one block; TransXNet's M is 49 at 224x224 in every stage.
 SHORT_PATH_MAX_KEYS = 64
-# (kernel, half precision?) -> (BLOCK_N, num_warps, num_stages) of the short-path kernels, chosen with the static
-# GPU audit (sm_80/86/90, T/S/B shapes). Triton gives chained dots all warps on the query rows (warpsPerCTA
+# (kernel, operands: `_short_operands`) -> (BLOCK_N, num_warps, num_stages) of the short-path kernels, chosen with
+# the static GPU audit (sm_80/86/90, T/S/B shapes). Triton gives chained dots all warps on the query rows (warpsPerCTA
 # [num_warps, 1]), so each warp holds whole 16-row strips of [rows, 64 keys] fp32 tiles (32 registers each) and
 # warps beyond rows / 16 replicate mma work. The forwards run 16 query rows per warp, so row max and sum stay in
 # the warp. The fp16/bf16 backward runs 8 warps on 64 rows (two warps share a 16-row mma tile): with 4 warps
@@ -1227,13 +1231,29 @@ SHORT_PATH_MAX_KEYS = 64
 # kernels 457 us.) The forward on sm_8x (`_SHORT_BLOCKS_SM8X`) 16 rows on 4 warps, 1 stage: 64 rows
 # on 4 warps spilled 0.8-1.7 KB (2 stages or 1), 32 rows 0.6-1.3 KB (2, 4 or 8 warps); T stage 1 estimate on A100
 # 164 us (113 us for the spilling 64 rows, 372 us for the flash kernel).
+# fp32 where the user allowed TF32 (one TF32 product per dot, no operand split) fits the larger tiles: its forward
+# the 16-bit one's 128 rows on 8 warps, on sm_8x too; its backward 32 rows on 4 warps on sm_90+ (64 rows spilled 8-104
+# B on 4 or 8 warps, with the bias-gradient group sum in registers or in the buffer) and 64 rows on 4 warps on sm_8x
+# (128 rows spilled 52-1040 B), where with it the fp32 backward leaves the flash kernels for the one-pass kernel.
+# Static audit, Triton 3.8, T stage 1 with TF32 allowed: forward on an A100 75.8 us at 16 rows -> 40.3 (its DRAM
+# time); backward kernels on an H100 139 us at 16 rows -> 109, on an A100 761 us in the flash kernels (IEEE; 383 with
+# their dots in TF32) -> 98.
 _SHORT_BLOCKS = {
-    ("fwd", True): (128, 8, 1),
-    ("bwd", True): (64, 8, 1),
-    ("fwd", False): (128, 8, 1),
-    ("bwd", False): (16, 4, 1),
+    ("fwd", "16-bit"): (128, 8, 1),
+    ("bwd", "16-bit"): (64, 8, 1),
+    ("fwd", "tf32"): (128, 8, 1),
+    ("bwd", "tf32"): (32, 4, 1),
+    ("fwd", "fp32"): (128, 8, 1),
+    ("bwd", "fp32"): (16, 4, 1),
 }
-_SHORT_BLOCKS_SM8X = {("fwd", False): (16, 4, 1)}
+_SHORT_BLOCKS_SM8X = {("fwd", "fp32"): (16, 4, 1), ("bwd", "tf32"): (64, 4, 1)}
+# Those TF32 backward tiles hold where Triton's specialisation already knows the query vectors (stages 1-2 in the
+# model's layout, `_query_vectors_specialised`). Elsewhere (N = 196 with Q_VECTOR = 4 restated, N = 49 or d contiguous
+# with scalar q) they spilled (sm_8x 64 rows on 4 warps 4-288 B; sm_90 32 rows 52 B at d = 32, h = 2), and the backward
+# takes 32 rows on 4 warps on sm_8x and 16 on 4 warps on sm_90+, which do not. Static audit, Triton 3.8, T stage 3
+# backward kernel: A100 45.0 us (64 rows on 8 warps: 48.5), H100 36.4 (32 rows, spilling where d = 32: 32.1).
+_SHORT_TF32_BWD_UNSPECIALISED = (16, 4, 1)
+_SHORT_TF32_BWD_UNSPECIALISED_SM8X = (32, 4, 1)
 # fp16/bf16 backward rows per program when its queries move in vectors of 4 or more (`_query_alignment`; TransXNet's
 # stages 1-3 on sm_90+, 1-2 on sm_8x): half the dk/dv partials and ~30% fewer instructions per query than 64 rows
 # (sm_90, T stage 1 estimate 48 -> 33 us, plus 16 MB less partial traffic), no spill. Scalar q loads (stage 4,
@@ -1325,12 +1345,13 @@ def _short_dbias_rows_padded(q: torch.Tensor, in_registers: bool, slice_dtype: t
 def _short_path(q: torch.Tensor, k: torch.Tensor, bias: Optional[torch.Tensor], scale: float, kernel: str) -> bool:
     """Whether `kernel` ("fwd" or "bwd") runs on the short path: all keys in one block, tl.dot available, and
     a positive finite scale (the kernels start the scores from bias / scale and take the softmax's max of
-    S / scale). Not the fp32 backward on sm_8x: there the one-pass kernel's five fp32 dots spill 7-8 KB per
-    thread (IEEE or 3xTF32) and the static audit estimates it no faster than the flash kernels, which do
-    not spill; both passes share the forward's lse. Nor a backward whose offsets pass int32: the one-pass
-    kernel has no int64 variant (with int64 offset tiles it spilled 28-88 B on every target)."""
+    S / scale). Not the fp32 backward on sm_8x under 3xTF32: there the one-pass kernel's five fp32 dots spill 7-8
+    KB per thread (IEEE or 3xTF32) and the static audit estimates it no faster than the flash kernels, which do not
+    spill; both passes share the forward's lse. (With TF32 allowed its dots fit, `_SHORT_BLOCKS`.) Nor a backward
+    whose offsets pass int32: the one-pass kernel has no int64 variant (with int64 offset tiles it spilled 28-88 B on
+    every target)."""
     if kernel == "bwd":
-        if q.dtype == torch.float32 and 0 < launch_target(q.device).capability < 90:
+        if _short_precision(q) == "tf32x3" and 0 < launch_target(q.device).capability < 90:
             return False
         if not fits_int32(q.device, *_short_path_spans(q, k, bias, _short_config(q, k, bias, kernel), kernel)):
             return False
@@ -1356,12 +1377,25 @@ def _short_path_spans(
     return spans
 
 
+def _short_operands(q: torch.Tensor) -> str:
+    """What the short-path kernels' dots take, which their tiles follow (`_SHORT_BLOCKS`): "16-bit" (fp16/bf16),
+    "tf32" (fp32 where the user allowed TF32) or "fp32" (3xTF32, which splits every fp32 operand in two; fp64, whose
+    IEEE dots run only interpreted on this path, takes its tiles)."""
+    if q.dtype in (torch.float16, torch.bfloat16):
+        return "16-bit"
+    return "tf32" if _short_precision(q) == "tf32" else "fp32"
+
+
 def _short_config(q: torch.Tensor, k: torch.Tensor, bias: Optional[torch.Tensor], kernel: str) -> _Config:
     half = q.dtype in (torch.float16, torch.bfloat16)
-    blocks = _SHORT_BLOCKS[kernel, half]
+    operands = _short_operands(q)
+    blocks = _SHORT_BLOCKS[kernel, operands]
     capability = launch_target(q.device).capability
     if 0 < capability < 90:
-        blocks = _SHORT_BLOCKS_SM8X.get((kernel, half), blocks)
+        blocks = _SHORT_BLOCKS_SM8X.get((kernel, operands), blocks)
+    if kernel == "bwd" and operands == "tf32" and not _query_vectors_specialised(q):
+        sm8x = 0 < capability < 90
+        blocks = _SHORT_TF32_BWD_UNSPECIALISED_SM8X if sm8x else _SHORT_TF32_BWD_UNSPECIALISED
     block_n, num_warps, num_stages = blocks
     if kernel == "bwd" and half and _short_bwd_rows_aligned(q, bias):
         block_n = _SHORT_BWD_ROWS_ALIGNED
