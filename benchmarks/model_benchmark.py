@@ -4,10 +4,10 @@
     python -m benchmarks.model_benchmark --models t --no-compile --batch 8
     python -m benchmarks.model_benchmark --modes infer --batch 16,1 --no-detection   # CPU: + ONNX Runtime
 
-For each model (T/S/B), mode (inference, training step) and precision (fp32, and AMP
-on GPU) it times the variants interleaved (one call of each per round), reports the
-median images/s, the median and 90th-percentile latency, peak memory and the largest difference
-from eager (pass several batch sizes, e.g. `--batch 16,1`, for throughput and latency), and also the
+For each model (T/S/B), mode (inference, training step) and precision (fp32, and AMP on GPU; on request tf32:
+fp32 with TF32 allowed for matmuls) it times the variants interleaved (one call of each per round), reports
+the median images/s, the median and 90th-percentile latency, peak memory and the largest difference from eager
+(pass several batch sizes, e.g. `--batch 16,1`, for throughput and latency), and also the
 fork_feat backbone at a detection-size input (forward + backward). Results: a table on
 stdout, JSON and a PNG bar chart under benchmarks/results/, tagged with device,
 versions, date and git commit.
@@ -36,7 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch._inductor.config
@@ -95,6 +95,23 @@ def environment(device: torch.device) -> dict:
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+# --precisions: "fp32"; "tf32", fp32 with TF32 allowed for fp32 matmuls (`torch.set_float32_matmul_precision("high")`)
+# in every variant, so the baselines' matmuls and the Triton OSRA kernels take it; "amp", autocast to bf16 (fp16
+# where the GPU lacks bf16).
+PRECISIONS = ("fp32", "tf32", "amp")
+
+
+@contextmanager
+def float32_matmul_precision(precision: str):
+    """torch's fp32 matmul precision ("highest", "high", "medium") for the block, restored after."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
 
 
 class Variant:
@@ -328,7 +345,9 @@ def main(argv=None):
     )
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--modes", default="infer,train")
-    p.add_argument("--precisions", default=None, help="fp32,amp (default: fp32+amp on GPU, fp32 on CPU)")
+    p.add_argument(
+        "--precisions", default=None, help="comma list of fp32,tf32,amp (default: fp32+amp on GPU, fp32 on CPU)"
+    )
     p.add_argument(
         "--no-compile",
         action="store_true",
@@ -360,6 +379,8 @@ def main(argv=None):
     if not on_gpu and not args.no_onnx and not with_onnx:
         log("onnxruntime is not installed: no ONNX Runtime column")
     precisions = (args.precisions or ("fp32,amp" if on_gpu else "fp32")).split(",")
+    if unknown := sorted(set(precisions) - set(PRECISIONS)):
+        p.error(f"unknown precision {', '.join(unknown)}: choose from {', '.join(PRECISIONS)}")
     amp_dtype = torch.bfloat16 if (on_gpu and torch.cuda.is_bf16_supported()) else torch.float16
     env = environment(device)
     log(f"device {env['device']}, torch {env['torch']}, triton {env['triton']}, backends {env['backends']}")
@@ -383,32 +404,34 @@ def main(argv=None):
                     label = f"{arch.upper()} {mode} {prec} b{batch} {args.size}px"
                     x = torch.randn(batch, 3, args.size, args.size, device=device)
                     onnx_input = x if with_onnx and mode == "infer" and prec == "fp32" else None
-                    variants = make_variants(
-                        lambda: transxnet.TransXNet(arch),
-                        mode == "train",
-                        amp_dtype if prec == "amp" else None,
-                        device,
-                        not args.no_compile,
-                        onnx_input,
-                    )
-                    # small batches: more rounds for a stable latency distribution
-                    case_rounds = min(50, rounds * max(1, max(batches) // batch))
-                    settle = args.settle if args.settle is not None else int(not on_gpu and batch <= 4)
-                    rows += bench_case(
-                        {
-                            "label": label,
-                            "model": arch,
-                            "mode": mode,
-                            "precision": prec,
-                            "batch": batch,
-                            "size": args.size,
-                        },
-                        variants,
-                        x,
-                        case_rounds,
-                        args.warmup,
-                        settle,
-                    )
+                    # a variant compiles at its first call, so inside the block too
+                    with float32_matmul_precision("high" if prec == "tf32" else "highest"):
+                        variants = make_variants(
+                            lambda: transxnet.TransXNet(arch),
+                            mode == "train",
+                            amp_dtype if prec == "amp" else None,
+                            device,
+                            not args.no_compile,
+                            onnx_input,
+                        )
+                        # small batches: more rounds for a stable latency distribution
+                        case_rounds = min(50, rounds * max(1, max(batches) // batch))
+                        settle = args.settle if args.settle is not None else int(not on_gpu and batch <= 4)
+                        rows += bench_case(
+                            {
+                                "label": label,
+                                "model": arch,
+                                "mode": mode,
+                                "precision": prec,
+                                "batch": batch,
+                                "size": args.size,
+                            },
+                            variants,
+                            x,
+                            case_rounds,
+                            args.warmup,
+                            settle,
+                        )
                     save(rows)
                     del variants
     if not args.no_detection:

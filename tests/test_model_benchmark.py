@@ -30,3 +30,38 @@ def test_without_settling_the_variants_alternate_call_by_call():
     variants = [RecordingVariant("eager", calls), RecordingVariant("onnxruntime", calls)]
     bench_case({"label": "case"}, variants, torch.ones(1), rounds=2, warmup=0)
     assert calls == ["eager", "onnxruntime"] * 2
+
+
+def test_tf32_precision_allows_tf32_for_each_case_and_restores_the_setting(monkeypatch, tmp_path):
+    """`--precisions fp32,tf32`: the tf32 case's variants are built and run with TF32 allowed for fp32 matmuls
+    (float32 matmul precision "high"), the fp32 case's with "highest"; the setting is restored afterwards, and an
+    unknown precision is refused."""
+    import pytest
+
+    from benchmarks import model_benchmark
+
+    seen = []
+
+    def recording_variants(builder, train, amp_dtype, device, with_compile, onnx_input=None):
+        seen.append(("built", torch.get_float32_matmul_precision(), amp_dtype))
+        calls = []
+
+        class PrecisionVariant(RecordingVariant):
+            def step(self, x):
+                seen.append(("ran", torch.get_float32_matmul_precision()))
+                return super().step(x)
+
+        return [PrecisionVariant("eager", calls)]
+
+    monkeypatch.setattr(model_benchmark, "make_variants", recording_variants)
+    monkeypatch.setattr(model_benchmark, "plot", lambda *args: None)
+    argv = ["--models", "t", "--modes", "infer", "--precisions", "fp32,tf32", "--batch", "1", "--size", "8"]
+    argv += ["--no-compile", "--no-detection", "--no-onnx", "--rounds", "1", "--warmup", "0", "--device", "cpu"]
+    rows = model_benchmark.main(argv + ["--out", str(tmp_path)])
+    assert [r["precision"] for r in rows] == ["fp32", "tf32"]
+    tf32_case = seen.index(("built", "high", None))
+    assert seen[0] == ("built", "highest", None) and 1 < tf32_case < len(seen) - 1
+    assert set(seen[1:tf32_case]) == {("ran", "highest")} and set(seen[tf32_case + 1 :]) == {("ran", "high")}
+    assert torch.get_float32_matmul_precision() == "highest"
+    with pytest.raises(SystemExit):
+        model_benchmark.main(["--precisions", "fp32,bf16", "--device", "cpu", "--out", str(tmp_path)])
