@@ -1,4 +1,5 @@
-"""Shared timing helpers for the op benchmarks (pytest-benchmark tests) and the model CLI.
+"""Shared timing helpers for the op benchmarks (pytest-benchmark tests) and the model CLI, and the fp32 matmul
+precision they (and the warm-up and the static audit) run cases under.
 
 GPU timings are medians of `triton.testing.do_bench` (CUDA-event timed, L2 flushed) of the case called
 back to back (`median_ms`: what a caller sees, host work included where it is the slower side) and of
@@ -10,13 +11,26 @@ cut short keeps them).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import statistics
 import time
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Iterator, Optional, Tuple
 
 import torch
+
+
+@contextlib.contextmanager
+def float32_matmul_precision(precision: str) -> Iterator[None]:
+    """torch's fp32 matmul precision for the block ("highest"; "high" allows TF32, which the Triton OSRA kernels
+    follow too), restored after."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
 
 
 def sync(device: torch.device) -> None:

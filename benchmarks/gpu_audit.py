@@ -105,6 +105,7 @@ from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import JITFunction, create_function_from_signature
 
 from benchmarks.audit_tables import worst_calls
+from benchmarks.common import float32_matmul_precision
 from benchmarks.gpu_audit_trips import LAST_PROGRAM_TRIPS, LOOP_TRIPS, RARE_PATH_POINTERS
 from benchmarks.gpu_warmup import FORWARD_ONLY_OPS, OPS, _affine_batch_norm, recording_fused_calls
 
@@ -226,20 +227,6 @@ def plan_for_gpu(gpu: Gpu, index64: bool = False) -> Iterator[None]:
     target = common.LaunchTarget(sm_count=gpu.sms, interpreted=False, int32_span_limit=limit, capability=gpu.cc)
     with common.launch_overrides(target):
         yield
-
-
-@contextlib.contextmanager
-def tf32_allowed(allowed: bool) -> Iterator[None]:
-    """With `allowed`, TF32 allowed for fp32 matmuls, as `torch.set_float32_matmul_precision("high")` allows it."""
-    if not allowed:
-        yield
-        return
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("high")
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(previous)
 
 
 def package_jit_functions() -> List[JITFunction]:
@@ -703,7 +690,7 @@ def record_call(call: OpCall, gpu: Gpu) -> Tuple[List[Launch], Dict[str, int]]:
     torch_work = TorchWork(phase, TRITON_NAMESPACE)
     with (
         plan_for_gpu(gpu, call.index64),
-        tf32_allowed(call.tf32),
+        float32_matmul_precision("high") if call.tf32 else contextlib.nullcontext(),
         recording_launches(gpu, launches, phase),
         torch.set_grad_enabled(bool(inputs)),
     ):

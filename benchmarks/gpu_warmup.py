@@ -9,8 +9,10 @@ stencils at k = 7) up to ~33 s each; on an H200 the model benchmark did not fini
 replays the calls on the GPU as the model made them, shared among several processes. Each compile lands in
 Triton's on-disk cache (`TRITON_CACHE_DIR`, default ~/.triton/cache), which the model's own first call then
 reads, as does every later process on the machine. Precisions: `fp32`, `bf16`, `fp16` replay each call with
-its floating tensors in that dtype (a model cast with `.to(dtype)`); `amp` replays the call under autocast
-(bf16 where the GPU has it) with the tensors as the model's AMP run hands them to the op (`replay_dtypes`).
+its floating tensors in that dtype (a model cast with `.to(dtype)`); `tf32` replays the fp32 calls with TF32 allowed
+for fp32 matmuls (`torch.set_float32_matmul_precision("high")`, which OSRA's kernels follow); `amp` replays the
+call under autocast (bf16 where the GPU has it) with the tensors as the model's AMP run hands them to the op
+(`replay_dtypes`).
 
     python -m benchmarks.gpu_warmup --model t --input 128x224x224 --precisions fp32,amp --jobs 16
     python -m benchmarks.gpu_warmup --model t --input 2x800x1216 --modes eval --layouts channels_last
@@ -33,11 +35,13 @@ from typing import Any, Callable, Dict, Iterator, List, Sequence, Tuple
 
 import torch
 
+from benchmarks.common import float32_matmul_precision
+
 # The public fused ops, and those without a backward (their calls replay the forward only). The static GPU audit
 # (gpu_audit.py) captures with these too (`recording_fused_calls`).
 OPS = ("idconv", "multiscale_dwconv", "ms_ffn_middle", "ms_ffn_middle_eval", "osra_attention")
 FORWARD_ONLY_OPS = ("ms_ffn_middle_eval",)
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "amp": None}
+PRECISIONS = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "amp": None}
 
 
 def _encode(value, gradients: bool):
@@ -184,7 +188,11 @@ def replay(call: Dict[str, Any], precision: str, device: torch.device, backend: 
     import transxnet_kernels as tk
 
     args = [_arguments(a, replay_dtypes(precision, device), device) for a in call["args"]]
-    with tk.use_backend(backend), torch.autocast(device.type, _autocast_dtype(device), enabled=precision == "amp"):
+    with (
+        tk.use_backend(backend),
+        torch.autocast(device.type, _autocast_dtype(device), enabled=precision == "amp"),
+        float32_matmul_precision("high" if precision == "tf32" else torch.get_float32_matmul_precision()),
+    ):
         run_call(getattr(tk, call["op"]), args, gradient_inputs(call["op"], args))
 
 

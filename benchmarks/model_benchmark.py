@@ -36,7 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 
 import torch
 import torch._inductor.config
@@ -44,6 +44,7 @@ from tqdm import tqdm
 
 import transxnet
 import transxnet_kernels as tk
+from benchmarks.common import float32_matmul_precision
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -101,17 +102,6 @@ def sync(device):
 # in every variant, so the baselines' matmuls and the Triton OSRA kernels take it; "amp", autocast to bf16 (fp16
 # where the GPU lacks bf16).
 PRECISIONS = ("fp32", "tf32", "amp")
-
-
-@contextmanager
-def float32_matmul_precision(precision: str):
-    """torch's fp32 matmul precision ("highest", "high", "medium") for the block, restored after."""
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision(precision)
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(previous)
 
 
 class Variant:

@@ -63,13 +63,29 @@ def test_replayed_tensors_keep_the_captured_layout_and_valid_values():
 
 
 @requires_triton
-@pytest.mark.parametrize("precision", ["fp32", "amp"])
+@pytest.mark.parametrize("precision", ["fp32", "tf32", "amp"])
 def test_warm_replays_every_captured_call_on_triton(captured, precision, monkeypatch):
     ran = []
     real = gpu_warmup.replay
     monkeypatch.setattr(gpu_warmup, "replay", lambda call, *a: (ran.append(call["op"]), real(call, *a)))
     done, failures = gpu_warmup.warm(captured, [precision], jobs=1, device="cpu", backend="triton")
     assert failures == [] and done == len(captured) and ran == [c["op"] for c in captured]
+
+
+def test_tf32_replays_the_fp32_calls_with_tf32_allowed(monkeypatch):
+    """`tf32` replays each call's tensors in fp32 with TF32 allowed for fp32 matmuls (what OSRA's kernels follow),
+    `fp32` with torch's setting as it was; the setting is restored after each call."""
+    seen = []
+
+    def recording_call(op, args, inputs):
+        dtypes = {t.dtype for a in args for t in (a if isinstance(a, list) else [a]) if isinstance(t, torch.Tensor)}
+        seen.append((torch.get_float32_matmul_precision(), dtypes))
+
+    monkeypatch.setattr(gpu_warmup, "run_call", recording_call)
+    done, failures = gpu_warmup.warm(SMALL_CALLS[1:], ["tf32", "fp32"], jobs=1, device="cpu", backend="reference")
+    assert (done, failures) == (2, [])
+    assert seen == [("high", {torch.float32}), ("highest", {torch.float32})]
+    assert torch.get_float32_matmul_precision() == "highest"
 
 
 def test_a_failing_call_is_reported_and_the_others_still_run():
