@@ -1198,10 +1198,11 @@ def _config(q: torch.Tensor, kernel: str) -> _Config:
         return _Config(16, 16, next_power_of_2(d), "ieee", False, 4, 3)
     half = q.dtype in (torch.float16, torch.bfloat16)
     block_n, num_warps, num_stages = _BLOCKS[kernel, half]
-    # fp32 takes TF32 where the user allowed it for matmuls; otherwise IEEE, on FMA units (3xTF32 counted no fewer
-    # instructions here: static audit, Triton 3.8, sm_80, T stage 1 dq kernel 396 -> 401 us, and it spilled 32 B).
-    # tl.dot needs dims >= 16.
-    precision = "tf32" if half or (q.dtype == torch.float32 and _user_allows_tf32()) else "ieee"
+    # The short path's precision, but IEEE (on FMA units) where it takes 3xTF32: 3xTF32 counted no fewer instructions
+    # here (static audit, Triton 3.8, sm_80, T stage 1 dq kernel 396 -> 401 us, and it spilled 32 B). tl.dot needs
+    # dims >= 16.
+    short_precision = _short_precision(q)
+    precision = "ieee" if short_precision == "tf32x3" else short_precision
     return _Config(block_n, 64, max(16, next_power_of_2(d)), precision, True, num_warps, num_stages)
 
 
