@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 import transxnet_kernels
-from benchmarks.common import run_case
+from benchmarks.common import run_case, tf32_matmuls
 from transxnet_kernels import reference
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -107,13 +107,13 @@ def _triton(q, k, v, bias):
         return transxnet_kernels.osra_attention(q, k, v, bias)
 
 
-# Inputs' dtype and torch's fp32 matmul precision: "torch.float32-tf32" allows TF32 for fp32 matmuls
+# Inputs' dtype and whether fp32 matmuls may take TF32 (`tf32_matmuls`): "torch.float32-tf32" allows it
 # (`torch.set_float32_matmul_precision("high")`) in every implementation, the Triton kernels' TF32 dots and tiles
 # beside the baselines' TF32 matmuls.
 PRECISIONS = {
-    "torch.bfloat16": (torch.bfloat16, "highest"),
-    "torch.float32": (torch.float32, "highest"),
-    "torch.float32-tf32": (torch.float32, "high"),
+    "torch.bfloat16": (torch.bfloat16, False),
+    "torch.float32": (torch.float32, False),
+    "torch.float32-tf32": (torch.float32, True),
 }
 IMPLS = ("eager", "compiled", "sdpa", *(f"sdpa-{b.lower()}" for b in SDPA_BACKENDS), "flex", "triton")
 
@@ -136,54 +136,52 @@ def _implementation(name):
 @pytest.mark.parametrize("passes", ["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("precision", list(PRECISIONS))
 @pytest.mark.parametrize("shape_name", list(SHAPES))
-def test_osra_attention(benchmark, request, shape_name, precision, passes, impl):
+def test_osra_attention(benchmark, shape_name, precision, passes, impl):
     B, h, N, M, d = SHAPES[shape_name]
-    dtype, matmul_precision = PRECISIONS[precision]
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision(matmul_precision)
-    request.addfinalizer(lambda: torch.set_float32_matmul_precision(previous))
-    fn = _implementation(impl)
-    if fn is None:
-        pytest.skip("this torch has no FlexAttention")
-    torch.manual_seed(0)
-    with_backward = passes == "fwd+bwd"
-    # The model's layouts: q a transposed view of the q conv's [B, h·d, N] output; k and v the two channel
-    # halves of the kv conv's [B, 2·h·d, M] output, transposed alike (one set of strides, no copies).
-    q_map = torch.randn(B, h * d, N, device=DEVICE, dtype=dtype, requires_grad=with_backward)
-    kv_map = torch.randn(B, 2 * h * d, M, device=DEVICE, dtype=dtype, requires_grad=with_backward)
-    bias = torch.randn(1, h, N, M, device=DEVICE, dtype=dtype, requires_grad=with_backward)
-    q = q_map.view(B, h, d, N).transpose(-1, -2)
-    k, v = (half.reshape(B, h, d, M).transpose(-1, -2) for half in kv_map.chunk(2, dim=1))
-    grad_out = torch.randn(B, h, N, d, device=DEVICE, dtype=dtype)
+    dtype, tf32 = PRECISIONS[precision]
+    with tf32_matmuls(tf32):
+        fn = _implementation(impl)
+        if fn is None:
+            pytest.skip("this torch has no FlexAttention")
+        torch.manual_seed(0)
+        with_backward = passes == "fwd+bwd"
+        # The model's layouts: q a transposed view of the q conv's [B, h·d, N] output; k and v the two channel
+        # halves of the kv conv's [B, 2·h·d, M] output, transposed alike (one set of strides, no copies).
+        q_map = torch.randn(B, h * d, N, device=DEVICE, dtype=dtype, requires_grad=with_backward)
+        kv_map = torch.randn(B, 2 * h * d, M, device=DEVICE, dtype=dtype, requires_grad=with_backward)
+        bias = torch.randn(1, h, N, M, device=DEVICE, dtype=dtype, requires_grad=with_backward)
+        q = q_map.view(B, h, d, N).transpose(-1, -2)
+        k, v = (half.reshape(B, h, d, M).transpose(-1, -2) for half in kv_map.chunk(2, dim=1))
+        grad_out = torch.randn(B, h, N, d, device=DEVICE, dtype=dtype)
 
-    def step():
-        if not with_backward:
-            with torch.no_grad():
-                return fn(q, k, v, bias)
-        out = fn(q, k, v, bias)
-        return torch.autograd.grad(out, (q_map, kv_map, bias), grad_out)
+        def step():
+            if not with_backward:
+                with torch.no_grad():
+                    return fn(q, k, v, bias)
+            out = fn(q, k, v, bias)
+            return torch.autograd.grad(out, (q_map, kv_map, bias), grad_out)
 
-    try:
-        step()  # compile / autotune outside the timing
-    except Exception as exc:  # a baseline that cannot run this case (e.g. flex head dim limits)
-        if impl == "triton":
-            raise
-        pytest.skip(f"{impl} cannot run this case: {type(exc).__name__}: {exc}"[:300])
-    min_bytes, flops = _min_bytes_and_flops(B, h, N, M, d, q.element_size(), with_backward)
-    record = run_case(
-        benchmark,
-        step,
-        DEVICE,
-        min_bytes,
-        impl=impl,
-        passes=passes,
-        shape=shape_name,
-        B=B,
-        heads=h,
-        N=N,
-        M=M,
-        head_dim=d,
-        dtype=precision,
-        flops=flops,
-    )
-    benchmark.extra_info["achieved_tflops"] = flops / (record["median_ms"] * 1e-3) / 1e12
+        try:
+            step()  # compile / autotune outside the timing
+        except Exception as exc:  # a baseline that cannot run this case (e.g. flex head dim limits)
+            if impl == "triton":
+                raise
+            pytest.skip(f"{impl} cannot run this case: {type(exc).__name__}: {exc}"[:300])
+        min_bytes, flops = _min_bytes_and_flops(B, h, N, M, d, q.element_size(), with_backward)
+        record = run_case(
+            benchmark,
+            step,
+            DEVICE,
+            min_bytes,
+            impl=impl,
+            passes=passes,
+            shape=shape_name,
+            B=B,
+            heads=h,
+            N=N,
+            M=M,
+            head_dim=d,
+            dtype=precision,
+            flops=flops,
+        )
+        benchmark.extra_info["achieved_tflops"] = flops / (record["median_ms"] * 1e-3) / 1e12

@@ -22,11 +22,11 @@ import torch
 
 
 @contextlib.contextmanager
-def float32_matmul_precision(precision: str) -> Iterator[None]:
-    """torch's fp32 matmul precision for the block ("highest"; "high" allows TF32, which the Triton OSRA kernels
-    follow too), restored after."""
+def tf32_matmuls(allowed: bool) -> Iterator[None]:
+    """fp32 matmuls with TF32 allowed (torch's fp32 matmul precision "high", which the Triton OSRA kernels follow
+    too) or not ("highest") for the block, the setting restored after."""
     previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision(precision)
+    torch.set_float32_matmul_precision("high" if allowed else "highest")
     try:
         yield
     finally:

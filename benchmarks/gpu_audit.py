@@ -105,7 +105,7 @@ from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import JITFunction, create_function_from_signature
 
 from benchmarks.audit_tables import worst_calls
-from benchmarks.common import float32_matmul_precision
+from benchmarks.common import tf32_matmuls
 from benchmarks.gpu_audit_trips import LAST_PROGRAM_TRIPS, LOOP_TRIPS, RARE_PATH_POINTERS
 from benchmarks.gpu_warmup import FORWARD_ONLY_OPS, OPS, _affine_batch_norm, recording_fused_calls
 
@@ -690,7 +690,7 @@ def record_call(call: OpCall, gpu: Gpu) -> Tuple[List[Launch], Dict[str, int]]:
     torch_work = TorchWork(phase, TRITON_NAMESPACE)
     with (
         plan_for_gpu(gpu, call.index64),
-        float32_matmul_precision("high") if call.tf32 else contextlib.nullcontext(),
+        tf32_matmuls(call.tf32),
         recording_launches(gpu, launches, phase),
         torch.set_grad_enabled(bool(inputs)),
     ):

@@ -10,7 +10,8 @@ replays the calls on the GPU as the model made them, shared among several proces
 Triton's on-disk cache (`TRITON_CACHE_DIR`, default ~/.triton/cache), which the model's own first call then
 reads, as does every later process on the machine. Precisions: `fp32`, `bf16`, `fp16` replay each call with
 its floating tensors in that dtype (a model cast with `.to(dtype)`); `tf32` replays the fp32 calls with TF32 allowed
-for fp32 matmuls (`torch.set_float32_matmul_precision("high")`, which OSRA's kernels follow); `amp` replays the
+for fp32 matmuls (`torch.set_float32_matmul_precision("high")`, which OSRA's kernels follow; the others replay
+without); `amp` replays the
 call under autocast (bf16 where the GPU has it) with the tensors as the model's AMP run hands them to the op
 (`replay_dtypes`).
 
@@ -35,7 +36,7 @@ from typing import Any, Callable, Dict, Iterator, List, Sequence, Tuple
 
 import torch
 
-from benchmarks.common import float32_matmul_precision
+from benchmarks.common import tf32_matmuls
 
 # The public fused ops, and those without a backward (their calls replay the forward only). The static GPU audit
 # (gpu_audit.py) captures with these too (`recording_fused_calls`).
@@ -191,7 +192,7 @@ def replay(call: Dict[str, Any], precision: str, device: torch.device, backend: 
     with (
         tk.use_backend(backend),
         torch.autocast(device.type, _autocast_dtype(device), enabled=precision == "amp"),
-        float32_matmul_precision("high" if precision == "tf32" else torch.get_float32_matmul_precision()),
+        tf32_matmuls(precision == "tf32"),
     ):
         run_call(getattr(tk, call["op"]), args, gradient_inputs(call["op"], args))
 

@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 import transxnet
 import transxnet_kernels as tk
-from benchmarks.common import float32_matmul_precision
+from benchmarks.common import tf32_matmuls
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -395,7 +395,7 @@ def main(argv=None):
                     x = torch.randn(batch, 3, args.size, args.size, device=device)
                     onnx_input = x if with_onnx and mode == "infer" and prec == "fp32" else None
                     # a variant compiles at its first call, so inside the block too
-                    with float32_matmul_precision("high" if prec == "tf32" else "highest"):
+                    with tf32_matmuls(prec == "tf32"):
                         variants = make_variants(
                             lambda: transxnet.TransXNet(arch),
                             mode == "train",

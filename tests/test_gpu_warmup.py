@@ -74,7 +74,7 @@ def test_warm_replays_every_captured_call_on_triton(captured, precision, monkeyp
 
 def test_tf32_replays_the_fp32_calls_with_tf32_allowed(monkeypatch):
     """`tf32` replays each call's tensors in fp32 with TF32 allowed for fp32 matmuls (what OSRA's kernels follow),
-    `fp32` with torch's setting as it was; the setting is restored after each call."""
+    `fp32` without; the setting is restored after each call."""
     seen = []
 
     def recording_call(op, args, inputs):

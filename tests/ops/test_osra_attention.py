@@ -354,10 +354,10 @@ def test_triton_fp64_gpu_path_without_tl_dot(monkeypatch, bias_shape):
 @pytest.fixture
 def tf32_allowed():
     """TF32 allowed for fp32 matmuls, as `torch.set_float32_matmul_precision("high")` allows it, for one test."""
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("high")
-    yield
-    torch.set_float32_matmul_precision(previous)
+    from benchmarks.common import tf32_matmuls
+
+    with tf32_matmuls(True):
+        yield
 
 
 @requires_triton
