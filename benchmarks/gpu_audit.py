@@ -1313,7 +1313,7 @@ def build_report(calls: Dict[OpCall, str], launches, cache) -> Dict[str, Any]:
                 spec_row = entry["specialisations"].setdefault(
                     ln.compile_key,
                     {
-                        "dtype": call.dtype,
+                        "dtypes": [],  # of the calls launching it, first first (fp32's and tf32's can be one)
                         **result["summary"],
                         **{
                             k: result.get(k)
@@ -1321,6 +1321,8 @@ def build_report(calls: Dict[OpCall, str], launches, cache) -> Dict[str, Any]:
                         },
                     },
                 )
+                if call.dtype not in spec_row["dtypes"]:
+                    spec_row["dtypes"].append(call.dtype)
                 if not result["ok"]:
                     continue
                 spec_row.update(occupancy(result, ln.num_warps, gpu))
@@ -1365,7 +1367,9 @@ def build_report(calls: Dict[OpCall, str], launches, cache) -> Dict[str, Any]:
                     problems.append(f"spills {row['spill_store_bytes']} B stores / {row['spill_load_bytes']} B loads")
             row["problems"] = problems
             if problems:
-                entry["failures"].append({"dtype": row["dtype"], "constexprs": row["constexprs"], "problems": problems})
+                entry["failures"].append(
+                    {"dtypes": row["dtypes"], "constexprs": row["constexprs"], "problems": problems}
+                )
         entry["specialisations"] = list(entry["specialisations"].values())
     return {
         "triton": triton.__version__,
@@ -1433,7 +1437,8 @@ def markdown(report: Dict[str, Any]) -> str:
     out += ["", "## Failures", ""]
     for e in report["kernels"]:
         for f in e["failures"]:
-            out.append(f"* {e['kernel']} {e['target']} {f['dtype']} {f['constexprs']}: {'; '.join(f['problems'])}")
+            dtypes = "/".join(f["dtypes"])
+            out.append(f"* {e['kernel']} {e['target']} {dtypes} {f['constexprs']}: {'; '.join(f['problems'])}")
     out += [
         "",
         "## Op calls, TransXNet-T at batch 128, 224x224 (worst over layouts and modes)",
