@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 import transxnet
 import transxnet_kernels as tk
-from benchmarks.common import tf32_matmuls
+from benchmarks.common import sync, tf32_matmuls
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -91,11 +91,6 @@ def environment(device: torch.device) -> dict:
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "commit": git_commit(),
     }
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # --precisions: "fp32"; "tf32", fp32 with TF32 allowed for fp32 matmuls (`torch.set_float32_matmul_precision("high")`)
