@@ -63,10 +63,14 @@ on GPUs fp64 skips tl.dot (not compiled for fp64 by Triton before 2025) for the 
 broadcast-multiply-sum on 16x16 blocks: slow, exact, any Triton 3. fp32 takes plain TF32 only where
 the user allowed it for matmuls (`torch.set_float32_matmul_precision("high")` or
 `torch.backends.cuda.matmul.fp32_precision = "tf32"`), in every kernel, and the short path then runs
-larger tiles (`_SHORT_BLOCKS`). Otherwise the short path uses 3xTF32 (error ~1e-6 relative, like IEEE
-fp32), where the static audit counts fewer instructions for it than for IEEE FMA (`_short_precision`),
-and the flash kernels IEEE; the fp32 backward on sm_8x then runs on the flash kernels (the one-pass
-kernel's five 3xTF32 dots spill there; `_short_path`).
+larger tiles (`_SHORT_BLOCKS`). Otherwise the short path uses 3xTF32 (`_dot`: each operand split into a
+TF32 part and an fp32 remainder by `_tf32_split`, three TF32 products, within 1.2e-6 of |a|·|b| per product, like
+IEEE fp32's rounding), where the static audit counts fewer instructions for it than for IEEE FMA
+(`_short_precision`), and the flash kernels IEEE; the fp32 backward on sm_8x then runs on the flash kernels (the
+one-pass kernel's five 3xTF32 dots spill there; `_short_path`). `_tf32_split` rounds with two integer
+instructions where Triton's own tf32x3 took eight (static audit, Triton 3.8, T stage 1 fp32 on an H100: forward
+37.5 -> 30.3 us, backward 239.7 -> 199.8; A100 forward 146.3 -> 118.9). The interpreter multiplies fp32 dots whole,
+so the tests emulate the tensor core's TF32 inputs (`tf32_tensor_cores` in tests/ops/test_osra_attention.py).
 
 Roofline (e = element size, minimal traffic, the bias read once since it is shared across B):
   forward  bytes = e·(2·BhNd + 2·BhMd) + e_bias·h·N·M + 4·BhN (lse);  FLOPs = 4·BhNMd
@@ -82,30 +86,30 @@ Triton 3.8.0, batch 128 at 224x224, the worst over layouts and modes; tf32: fp32
 estimate / DRAM roofline, µs):
 
     stage  shape      phase     fp32 A100  fp32 H100  bf16 A100  bf16 H100  tf32 A100  tf32 H100
-    T1     1x3136x24  forward   146/40.2   37.9/24.0  20.9/20.5  12.5/12.3  41.1/40.2  24.5/24.0
-    T1     1x3136x24  backward  764/80.5   240/48.1   72.1/41.1  45.3/24.5  106/80.5   109/48.1
-    T2     2x784x24   forward   73.4/21.0  24.9/12.6  11.7/10.7  7.8/6.4    21.4/21.0  12.8/12.6
-    T2     2x784x24   backward  384/42.1   114/25.1   43.3/21.4  27.4/12.8  59.7/42.1  53.0/25.1
-    T3     4x196x28   forward   40.4/14.3  13.5/8.6   7.8/7.3    5.2/4.3    14.5/14.3  8.7/8.6
-    T3     4x196x28   backward  206/28.7   63.4/17.1  42.7/14.5  18.5/8.7   47.4/28.7  36.4/17.1
-    T4     8x49x28    forward   25.5/11.4  13.9/6.8   5.8/5.7    3.7/3.4    11.7/11.4  7.0/6.8
-    T4     8x49x28    backward  146/22.8   41.0/13.6  19.2/11.5  13.0/6.9   35.1/22.8  26.0/13.6
-    S1     1x3136x32  forward   146/53.3   37.9/31.8  27.4/27.0  16.4/16.1  54.1/53.3  32.3/31.8
-    S1     1x3136x32  backward  765/107    240/63.6   72.1/54.1  45.3/32.3  136/107    109/63.6
-    S2     2x784x32   forward   73.4/27.9  24.9/16.6  14.3/14.1  8.6/8.4    28.3/27.9  16.9/16.6
-    S2     2x784x32   backward  384/55.7   114/33.3   46.0/28.3  31.4/16.9  75.4/55.7  53.0/33.3
-    S3     5x196x32   forward   50.3/20.4  16.9/12.2  10.3/10.3  8.2/6.2    20.7/20.4  12.3/12.2
-    S3     5x196x32   backward  252/40.8   75.9/24.4  48.9/20.7  22.0/12.3  66.8/40.8  51.5/24.4
-    S4     8x49x32    forward   25.5/13.0  13.9/7.8   6.6/6.5    3.9/3.9    13.1/13.0  7.8/7.8
-    S4     8x49x32    backward  146/26.0   41.0/15.5  19.2/13.1  13.0/7.8   39.5/26.0  29.6/15.5
-    B1     2x3136x19  forward   291/64.2   73.4/38.3  34.7/32.9  21.3/19.6  65.8/64.2  39.3/38.3
-    B1     2x3136x19  backward  1521/128   449/76.6   119/65.8   67.1/39.3  185/128    200/76.6
-    B2     4x784x19   forward   146/33.5   44.3/20.0  19.2/17.2  13.3/10.2  34.6/33.5  21.7/20.0
-    B2     4x784x19   backward  705/67.0   213/40.0   71.0/34.3  41.3/20.5  96.2/67.0  97.8/40.0
-    B3     8x196x21   forward   79.8/21.6  25.0/12.9  12.5/11.0  8.7/6.6    22.0/21.6  13.2/12.9
-    B3     8x196x21   backward  370/43.3   121/25.8   72.7/22.0  33.9/13.2  86.6/43.3  63.5/25.8
-    B4     16x49x21   forward   49.4/17.1  25.7/10.2  9.5/8.7    6.5/5.2    20.7/17.1  12.4/10.2
-    B4     16x49x21   backward  263/34.3   76.2/20.5  35.8/17.3  21.9/10.4  56.1/34.3  41.3/20.5
+    T1     1x3136x24  forward   120/40.2   30.7/24.0  20.9/20.5  12.5/12.3  41.1/40.2  24.5/24.0
+    T1     1x3136x24  backward  764/80.5   200/48.1   72.1/41.1  45.3/24.5  106/80.5   109/48.1
+    T2     2x784x24   forward   60.2/21.0  20.3/12.6  11.7/10.7  7.8/6.4    21.4/21.0  12.8/12.6
+    T2     2x784x24   backward  384/42.1   94.3/25.1  43.3/21.4  27.4/12.8  59.7/42.1  53.0/25.1
+    T3     4x196x28   forward   32.9/14.3  11.2/8.6   7.8/7.3    5.2/4.3    14.5/14.3  8.7/8.6
+    T3     4x196x28   backward  206/28.7   51.8/17.1  42.7/14.5  18.5/8.7   47.4/28.7  36.4/17.1
+    T4     8x49x28    forward   21.5/11.4  6.9/6.8    5.8/5.7    3.7/3.4    11.5/11.4  6.9/6.8
+    T4     8x49x28    backward  146/22.8   34.0/13.6  19.2/11.5  13.0/6.9   35.1/22.8  26.0/13.6
+    S1     1x3136x32  forward   120/53.3   32.3/31.8  27.4/27.0  16.4/16.1  54.1/53.3  32.3/31.8
+    S1     1x3136x32  backward  765/107    200/63.6   72.1/54.1  45.3/32.3  136/107    109/63.6
+    S2     2x784x32   forward   60.2/27.9  20.3/16.6  14.3/14.1  8.6/8.4    28.3/27.9  16.9/16.6
+    S2     2x784x32   backward  384/55.7   94.3/33.3  46.0/28.3  31.4/16.9  75.4/55.7  53.0/33.3
+    S3     5x196x32   forward   40.9/20.4  14.0/12.2  10.3/10.3  8.2/6.2    20.7/20.4  12.3/12.2
+    S3     5x196x32   backward  252/40.8   61.8/24.4  48.9/20.7  22.0/12.3  66.8/40.8  51.5/24.4
+    S4     8x49x32    forward   21.5/13.0  7.8/7.8    6.6/6.5    3.9/3.9    13.1/13.0  7.8/7.8
+    S4     8x49x32    backward  146/26.0   34.0/15.5  19.2/13.1  13.0/7.8   39.5/26.0  29.6/15.5
+    B1     2x3136x19  forward   238/64.2   59.0/38.3  34.7/32.9  21.3/19.6  65.8/64.2  39.3/38.3
+    B1     2x3136x19  backward  1521/128   369/76.6   119/65.8   67.1/39.3  185/128    200/76.6
+    B2     4x784x19   forward   120/33.5   35.8/20.0  19.2/17.2  13.3/10.2  34.6/33.5  21.7/20.0
+    B2     4x784x19   backward  705/67.0   173/40.0   71.0/34.3  41.3/20.5  96.2/67.0  97.8/40.0
+    B3     8x196x21   forward   64.9/21.6  20.4/12.9  12.5/11.0  8.7/6.6    22.0/21.6  13.2/12.9
+    B3     8x196x21   backward  370/43.3   97.6/25.8  72.7/22.0  33.9/13.2  86.6/43.3  63.5/25.8
+    B4     16x49x21   forward   41.6/17.1  12.6/10.2  9.5/8.7    6.5/5.2    17.3/17.1  10.4/10.2
+    B4     16x49x21   backward  263/34.3   62.1/20.5  35.8/17.3  21.9/10.4  56.1/34.3  41.3/20.5
 """
 
 from __future__ import annotations
@@ -148,10 +152,38 @@ MAX_HEAD_DIM = 32
 
 
 @triton.jit
+def _tf32_split(x):
+    """fp32 x = big + small exactly, big being x rounded to TF32's 10-bit mantissa (half an ulp added to the bits,
+    the 13 low bits cleared: to nearest, ties away from zero) and small the remainder (|small| <= 2^-11 |x|, exact
+    in fp32), whose own 13 low bits the tensor core ignores. Two integer instructions and an FADD per element, where
+    Triton's tf32x3 rounds both parts with cvt.rna.tf32, which ptxas expands to four each (finite test, add,
+    select, mask)."""
+    bits = x.to(tl.uint32, bitcast=True)
+    big = ((bits + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
+    return big, x - big
+
+
+@triton.jit
+def _dot(a, b, acc, PRECISION: tl.constexpr):
+    """tl.dot(a, b, acc) at `PRECISION`; "tf32x3" (fp32 a and b) is three TF32 products of `_tf32_split`'s parts,
+    the small ones first: a·b less a_small·b_small, each product within 1.25·2^-20 (1.2e-6) of |a|·|b| (the small
+    parts truncated to TF32 by the tensor core, 2^-21 each, and the dropped product, 2^-22; the big parts' product is
+    exact), like the rounding of an IEEE fp32 dot over a few dozen terms."""
+    if PRECISION == "tf32x3":
+        a_big, a_small = _tf32_split(a)
+        b_big, b_small = _tf32_split(b)
+        acc = tl.dot(a_small, b_big, acc, input_precision="tf32")
+        acc = tl.dot(a_big, b_small, acc, input_precision="tf32")
+        return tl.dot(a_big, b_big, acc, input_precision="tf32")
+    else:
+        return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
 def _matmul(a, b, PRECISION: tl.constexpr, USE_DOT: tl.constexpr):
     """a @ b with the accumulation dtype's precision; without tl.dot where it lacks the dtype."""
     if USE_DOT:
-        return tl.dot(a, b, input_precision=PRECISION)
+        return _dot(a, b, None, PRECISION)
     else:
         return tl.sum(a[:, :, None] * b[None, :, :], axis=1)
 
@@ -403,10 +435,10 @@ def _osra_fwd_short_kernel(
         # K^T is loaded transposed (not tl.trans of a K tile): the tile goes straight to the dot operand.
         kt = tl.load(k_ptr + (k_slice + dm_offs), mask=mask_d[:, None] & mask_m[None, :], other=0.0)
         v = tl.load(v_ptr + (k_slice + md_offs), mask=mask_m[:, None] & mask_d[None, :], other=v_padding)
-        s = tl.dot(q, kt, acc=scores_init, input_precision=PRECISION)  # S / scale
+        s = _dot(q, kt, scores_init, PRECISION)  # S / scale
         m = tl.max(s, 1)
         p = tl.exp2(s * scale_log2 - (m * scale_log2)[:, None])
-        pv = tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        pv = _dot(p.to(v.dtype), v, None, PRECISION)
         if SUM_COLUMNS_FROM:  # every sum column holds the row sum: their sum, times a power of two, exactly
             l = tl.sum(tl.where(sum_columns[None, :], pv, -0.0), 1) * (1.0 / (BLOCK_D - SUM_COLUMNS_FROM))
         else:
@@ -593,17 +625,17 @@ def _osra_bwd_short_kernel(
         # K once, its transpose for the scores taken through shared memory: a second (K^T) load held 16-32
         # more registers of addresses and data (loads of unaligned rows of M keys are scalar) and spilled more.
         k = tl.load(k_ptr + (k_slice + md_offs), mask=md_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), acc=scores_init, input_precision=PRECISION)  # S / scale
+        s = _dot(q, tl.trans(k), scores_init, PRECISION)  # S / scale
         p = tl.exp2(s * scale_log2 - (lse * log2e)[:, None])
         # Each product as soon as its operands exist, each result stored at once: fewer live register tiles.
         dkv_offs = offs_m[:, None] * dkv_stride_m + offs_d[None, :] * dkv_stride_d
-        dv = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+        dv = _dot(tl.trans(p.to(do.dtype)), do, None, PRECISION)
         tl.store(dv_parts_ptr + (dkv_slice + dkv_offs), dv.to(dv_parts_ptr.dtype.element_ty), mask=md_mask)
-        dp = tl.dot(do, vt, input_precision=PRECISION)
+        dp = _dot(do, vt, None, PRECISION)
         ds = p * (dp - tl.sum(p * dp, 1)[:, None])
-        dq = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION) * scale
+        dq = _dot(ds.to(k.dtype), k, None, PRECISION) * scale
         tl.store(dq_ptr + (q_slice + nd_offs), dq.to(dq_ptr.dtype.element_ty), mask=nd_mask)
-        dk = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION) * scale
+        dk = _dot(tl.trans(ds.to(q.dtype)), q, None, PRECISION) * scale
         tl.store(dk_parts_ptr + (dkv_slice + dkv_offs), dk.to(dk_parts_ptr.dtype.element_ty), mask=md_mask)
         if HAS_DBIAS:
             if DBIAS_IN_REGISTERS and not BIAS_PER_BATCH:
@@ -1182,9 +1214,10 @@ def _user_allows_tf32() -> bool:
 
 def _short_precision(q: torch.Tensor) -> str:
     """tl.dot's input precision in the short-path kernels. fp16/bf16 ignore it; fp64 is IEEE. fp32 uses TF32
-    only where the user allowed it for matmuls; otherwise 3xTF32 (three TF32 tensor-core products, ~1e-6
-    relative error like IEEE fp32): the static audit counts 1.4-2.3x fewer instructions for it than for
-    IEEE FMA in the forward on sm_80 and sm_90, and 2x fewer in the sm_90 backward."""
+    only where the user allowed it for matmuls; otherwise 3xTF32 (`_dot`: three TF32 tensor-core products, ~1e-6
+    relative error like IEEE fp32): the static audit counted 1.4-2.3x fewer instructions for it than for IEEE FMA
+    in the forward on sm_80 and sm_90, and 2x fewer in the sm_90 backward, with Triton's own tf32x3, whose operand
+    split `_tf32_split` has since made 3x cheaper."""
     if q.dtype != torch.float32:
         return "ieee" if q.dtype == torch.float64 else "tf32"
     return "tf32" if _user_allows_tf32() else "tf32x3"
@@ -1198,9 +1231,9 @@ def _config(q: torch.Tensor, kernel: str) -> _Config:
         return _Config(16, 16, next_power_of_2(d), "ieee", False, 4, 3)
     half = q.dtype in (torch.float16, torch.bfloat16)
     block_n, num_warps, num_stages = _BLOCKS[kernel, half]
-    # The short path's precision, but IEEE (on FMA units) where it takes 3xTF32: 3xTF32 counted no fewer instructions
-    # here (static audit, Triton 3.8, sm_80, T stage 1 dq kernel 396 -> 401 us, and it spilled 32 B). tl.dot needs
-    # dims >= 16.
+    # The short path's precision, but IEEE (on FMA units) where it takes 3xTF32: 3xTF32 (`_dot`) counted barely fewer
+    # instructions here and spilled (static audit, Triton 3.8, sm_80, T stage 1: dq kernel 396 -> 354 us, spilling
+    # 24 B; dk/dv kernel 365 -> 369 us). tl.dot needs dims >= 16.
     short_precision = _short_precision(q)
     precision = "ieee" if short_precision == "tf32x3" else short_precision
     return _Config(block_n, 64, max(16, next_power_of_2(d)), precision, True, num_warps, num_stages)
@@ -1219,11 +1252,13 @@ SHORT_PATH_MAX_KEYS = 64
 # takes no more rows than N (stage 4: N = 49, 64 rows) and then 16 rows per warp: fp16/bf16 at 64 rows on 4
 # warps, not 8 that would replicate the mma tiles (static audit, T stage 4 on H100: 7.7 -> 5.9 us issue; no
 # spill under Triton 3.6 or 3.8 on sm_80/86/90, 128-254 registers; an earlier form of the kernel spilled 84-96 B
-# there). fp32 at 64 rows keeps 8 warps, which replicate its 3xTF32 mma tiles (15 vs 9 us), as 4 warps spilled
-# 12 B under Triton 3.6 (TransXNet-B, odd head dim; still so).
+# there). fp32 at 64 rows too, since `_tf32_split` made its 3xTF32 cheaper: 8 warps replicated its mma tiles (T
+# stage 4 on an H100 13.9 -> 6.9 us, at its DRAM time; 4 warps had spilled 12 B under Triton 3.6 with Triton's own
+# split, now none under 3.6 or 3.8, 144-255 registers).
 # fp32 (3xTF32 splits every operand in two) runs the smallest tiles that do not spill: the backward (sm_90+; sm_8x
 # runs the flash kernels, see _short_path) 16 rows on 4 warps, one warp on its 16-row mma tile where eight repeated
-# it: 64 rows spilled 2.0-2.3 KB per thread, 32 rows 1.7-2.0 KB (4 or 8 warps); 16 rows on 4 warps spilled 0.8 KB in
+# it: 64 rows spilled 2.0-2.3 KB per thread, 32 rows 1.7-2.0 KB (4 or 8 warps; with `_tf32_split`, 64 rows on 4
+# warps 0.4-0.9 KB, 32 rows 1.4-1.6 KB, T stages 1, 3, 4 on sm_90); 16 rows on 4 warps spilled 0.8 KB in
 # an earlier form of the kernel, then 12 B under Triton 3.6 with q in vectors (stages 1-2, which kept 8 warps until
 # the thirty-third session), none now (Triton 3.6 and 3.8, 235-255 registers). Static audit, Triton 3.8, H100,
 # backward kernel issue time 8 -> 4 warps: T stage 1 375 -> 302 us, stage 2 154 -> 119; B stage 1 821 -> 674, stage 2
@@ -1231,7 +1266,8 @@ SHORT_PATH_MAX_KEYS = 64
 # 64 rows, T stage 1 had been estimated at 213 us, with spill traffic the estimate does not count; the flash
 # kernels 457 us.) The forward on sm_8x (`_SHORT_BLOCKS_SM8X`) 16 rows on 4 warps, 1 stage: 64 rows
 # on 4 warps spilled 0.8-1.7 KB (2 stages or 1), 32 rows 0.6-1.3 KB (2, 4 or 8 warps); T stage 1 estimate on A100
-# 164 us (113 us for the spilling 64 rows, 372 us for the flash kernel).
+# 164 us (113 us for the spilling 64 rows, 372 us for the flash kernel). With `_tf32_split` 64 rows still spilled 80-216
+# B, 32 rows 32-116 B (T stages 1, 3, 4); 16 rows: T stage 1 119 us.
 # fp32 where the user allowed TF32 (one TF32 product per dot, no operand split) fits the larger tiles: its forward
 # the 16-bit one's 128 rows on 8 warps, on sm_8x too; its backward 32 rows on 4 warps on sm_90+ (64 rows spilled 8-104
 # B on 4 or 8 warps, with the bias-gradient group sum in registers or in the buffer) and 64 rows on 4 warps on sm_8x
@@ -1347,10 +1383,10 @@ def _short_path(q: torch.Tensor, k: torch.Tensor, bias: Optional[torch.Tensor], 
     """Whether `kernel` ("fwd" or "bwd") runs on the short path: all keys in one block, tl.dot available, and
     a positive finite scale (the kernels start the scores from bias / scale and take the softmax's max of
     S / scale). Not the fp32 backward on sm_8x under 3xTF32: there the one-pass kernel's five fp32 dots spill 7-8
-    KB per thread (IEEE or 3xTF32) and the static audit estimates it no faster than the flash kernels, which do not
-    spill; both passes share the forward's lse. (With TF32 allowed its dots fit, `_SHORT_BLOCKS`.) Nor a backward
-    whose offsets pass int32: the one-pass kernel has no int64 variant (with int64 offset tiles it spilled 28-88 B on
-    every target)."""
+    KB per thread (IEEE or Triton's tf32x3; 1.2-2.5 KB at 16-64 rows on 4 warps with `_tf32_split`) and the static
+    audit estimates it no faster than the flash kernels, which do not spill; both passes share the forward's lse.
+    (With TF32 allowed its dots fit, `_SHORT_BLOCKS`.) Nor a backward whose offsets pass int32: the one-pass kernel
+    has no int64 variant (with int64 offset tiles it spilled 28-88 B on every target)."""
     if kernel == "bwd":
         if _short_precision(q) == "tf32x3" and 0 < launch_target(q.device).capability < 90:
             return False
@@ -1400,9 +1436,9 @@ def _short_config(q: torch.Tensor, k: torch.Tensor, bias: Optional[torch.Tensor]
     block_n, num_warps, num_stages = blocks
     if kernel == "bwd" and half and _short_bwd_rows_aligned(q, bias):
         block_n = _SHORT_BWD_ROWS_ALIGNED
-    if kernel == "fwd":  # no more query rows than N, then 16 rows per warp; fp32 keeps 8 at 64 (see _SHORT_BLOCKS)
+    if kernel == "fwd":  # no more query rows than N, then 16 rows per warp (see _SHORT_BLOCKS)
         rows = min(block_n, max(16, next_power_of_2(q.shape[2])))
-        if rows < block_n and (half or rows < 64):
+        if rows < block_n:
             num_warps = min(num_warps, rows // 16)
         block_n = rows
     block_m = max(16, next_power_of_2(k.shape[2]))
