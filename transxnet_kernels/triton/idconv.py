@@ -62,7 +62,9 @@ Kernels (no atomics anywhere, so every result is deterministic):
 * ``_softmax_chain_kernel`` -- sums the chunks in a fixed order and chains dk/dβ through the softmax
   to grad kernel_logits / bias_logits; a program takes a group of samples (Settings.chain_programs) and
   sums their terms s_g·dk, s_g·dβ in registers, one store per group, whose sum over the groups (a
-  deterministic ``torch.sum``) is grad weight / bias.
+  deterministic ``torch.sum``) is grad weight / bias. The weight and bias banks are loaded once per program, each
+  logit once and exponentiated once (`_softmax_backward`; fp16/bf16 with the approximate exp and reciprocal): B stage
+  4, bf16, sm_90, the kernel 29.2 -> 14.4 µs and the backward 49.6 -> 34.9 (static audit, Triton 3.8).
 
 x, gy, y and gx are addressed through their strides (contiguous, channels_last, channel slices of a
 larger tensor all work without copies); the small tensors (logits, weight, bias) are made contiguous.
@@ -104,29 +106,29 @@ batch 128 at 224x224, the worst over layouts and modes; estimate / DRAM roofline
 
     stage  shape      phase     fp32 A100  fp32 H100  bf16 A100  bf16 H100
     T1     24x56x56   forward   40.3/39.2  26.5/23.4  36.5/19.6  24.1/11.7
-    T1     24x56x56   backward  92.1/59.0  61.9/35.2  79.5/29.5  47.6/17.6
+    T1     24x56x56   backward  92.0/59.0  60.8/35.2  78.0/29.5  46.7/17.6
     T2     48x28x28   forward   22.5/20.5  14.8/12.2  23.7/10.3  15.6/6.1
-    T2     48x28x28   backward  50.9/31.4  34.4/18.7  54.0/15.7  37.3/9.4
+    T2     48x28x28   backward  50.6/31.4  33.9/18.7  53.3/15.7  36.4/9.4
     T3     112x14x14  forward   15.5/14.1  9.3/8.4    14.4/7.1   9.6/4.2
-    T3     112x14x14  backward  40.9/22.6  26.2/13.5  42.5/11.3  28.5/6.8
+    T3     112x14x14  backward  40.4/22.6  25.4/13.5  38.8/11.3  26.0/6.8
     T4     224x7x7    forward   14.2/11.4  8.5/6.8    10.0/5.7   6.8/3.4
-    T4     224x7x7    backward  36.7/20.0  23.3/11.9  34.5/10.0  24.3/6.0
+    T4     224x7x7    backward  36.4/20.0  22.5/11.9  29.8/10.0  19.2/6.0
     S1     32x56x56   forward   53.9/52.2  35.6/31.2  47.8/26.1  32.1/15.6
-    S1     32x56x56   backward  123/78.7   81.8/47.0  103/39.4   62.9/23.5
+    S1     32x56x56   backward  123/78.7   81.4/47.0  102/39.4   62.2/23.5
     S2     64x28x28   forward   29.4/27.3  19.6/16.3  31.1/13.7  20.8/8.2
-    S2     64x28x28   backward  66.9/41.8  45.8/25.0  70.2/20.9  49.6/12.5
+    S2     64x28x28   backward  66.6/41.8  45.3/25.0  69.8/20.9  48.6/12.5
     S3     160x14x14  forward   24.3/22.2  14.5/13.3  21.5/11.1  14.1/6.6
-    S3     160x14x14  backward  62.2/36.5  38.9/21.8  65.5/18.2  42.5/10.9
+    S3     160x14x14  backward  62.1/36.5  38.5/21.8  57.5/18.2  37.3/10.9
     S4     256x7x7    forward   22.8/19.6  13.6/11.7  14.4/9.8   9.9/5.9
-    S4     256x7x7    backward  55.4/36.1  35.3/21.5  57.3/18.0  38.1/10.8
+    S4     256x7x7    backward  55.4/36.1  34.0/21.5  41.1/18.0  27.0/10.8
     B1     38x56x56   forward   66.7/62.0  43.9/37.0  57.8/31.0  37.1/18.5
-    B1     38x56x56   backward  152/93.5   102/55.8   125/46.7   73.0/27.9
+    B1     38x56x56   backward  152/93.5   101/55.8   124/46.7   71.9/27.9
     B2     76x28x28   forward   36.9/32.5  23.9/19.4  39.1/16.2  25.3/9.7
-    B2     76x28x28   backward  84.1/49.7  55.7/29.7  88.9/24.8  60.3/14.8
+    B2     76x28x28   backward  83.8/49.7  55.1/29.7  88.4/24.8  59.3/14.8
     B3     168x14x14  forward   27.6/25.5  16.5/15.2  23.5/12.8  15.7/7.6
-    B3     168x14x14  backward  69.0/42.6  44.3/25.4  72.8/21.3  48.5/12.7
+    B3     168x14x14  backward  69.0/42.6  43.2/25.4  61.8/21.3  41.1/12.7
     B4     336x7x7    forward   30.0/25.8  17.9/15.4  19.0/12.9  12.7/7.7
-    B4     336x7x7    backward  71.4/47.3  46.0/28.3  74.4/23.7  49.6/14.1
+    B4     336x7x7    backward  71.4/47.3  44.0/28.3  52.7/23.7  34.9/14.1
 """
 
 from __future__ import annotations
@@ -201,15 +203,14 @@ class Settings:
     not padded far past W). chain_programs: the fewest programs of the softmax-chain launch, which sums the weight-bank
     gradient terms over each program's samples before storing them; its sample groups are the length
     `balanced_batch_groups` finds best for the launch target's SMs, charging each program chain_prologue_samples
-    samples' worth for its setup and its G bank-gradient sums stored once. One program per SM on GPUs: a program takes
-    ~140-180 registers on 8 warps, one resident per SM, so more programs add waves, not residency (T's stage 4, 1792
-    (sample, channel block) pairs: 256 programs of 7 samples were 266, three on the busiest SM of an H100; now 16 groups
-    of 8 samples, 224 programs, two on the busiest). The prologue charge is a rough one sample's worth, not measured per
-    kernel. toeplitz_dtypes: the map dtypes whose conv passes run on the tensor cores (`_toeplitz_conv_kernel`) where
-    the strips apply and a plane has at least toeplitz_min_pixels pixels (none on GPUs without fast tensor cores,
-    `_FAST_TENSOR_CORES`); toeplitz_rows: most output rows of its
-    tiles (16 output columns each), toeplitz_num_warps / toeplitz_num_stages: its launch. Interpreted, few
-    programs."""
+    samples' worth for its setup and its G bank-gradient sums stored once. One program per SM on GPUs: a program's
+    warps (`_CHAIN_WARPS`, 4) already give each of an SM's schedulers one, so more programs add waves, not issue slots
+    (when the programs ran 8 warps, one resident per SM, T's stage 4 took 224 programs of 8 samples, two on the
+    busiest SM of an H100, where 256 of 7 had put three there). The prologue charge is a rough one sample's worth, not
+    measured per kernel. toeplitz_dtypes: the map dtypes whose conv passes run on the tensor cores
+    (`_toeplitz_conv_kernel`) where the strips apply and a plane has at least toeplitz_min_pixels pixels (none on GPUs
+    without fast tensor cores, `_FAST_TENSOR_CORES`); toeplitz_rows: most output rows of its tiles (16 output columns
+    each), toeplitz_num_warps / toeplitz_num_stages: its launch. Interpreted, few programs."""
 
     conv_tile_elements: int = 512
     conv_num_warps: int = 4
@@ -246,6 +247,9 @@ _FAST_TENSOR_CORES = (80, 90)
 
 # Elements of a _mix_kernel program (4 warps: 4 per thread, each with G loads of logits and of the bank).
 _MIX_BLOCK = 512
+# The softmax chain's [channels, taps] tile and warps (`_softmax_chain_kernel`; see its launch).
+_CHAIN_TILE = 512
+_CHAIN_WARPS = 4
 
 
 @triton.jit
@@ -258,26 +262,46 @@ def _group_max(logits_ptrs, g_stride, mask, G: tl.constexpr, ACC: tl.constexpr):
 
 
 @triton.jit
-def _softmax_backward(d, logits_ptrs, bank_ptrs, grad_logits_ptrs, g_stride, mask, G: tl.constexpr, ACC: tl.constexpr):
-    """Given d = grad of Σ_g s_g·bank[g], store grad logits s_g·(d·bank[g] − Σ s·d·bank) and return the G terms
-    s_g·d of the bank's gradient."""
-    m = _group_max(logits_ptrs, g_stride, mask, G, ACC)
-    den = tl.zeros_like(m)
-    weighted_dot = tl.zeros_like(m)
+def _softmax_backward(d, logits_ptrs, bank, grad_logits_ptrs, g_stride, mask, G: tl.constexpr, ACC: tl.constexpr):
+    """Given d = grad of Σ_g s_g·bank[g] (bank: the G groups' values, loaded once by the caller for all its samples),
+    store grad logits s_g·(d·bank[g] − Σ s·d·bank) and return the G terms s_g·d of the bank's gradient. Each logit is
+    loaded and exponentiated once and the softmax's sum inverted once (approximately for fp16/bf16 logits,
+    `_fast_softmax_math`), where a second pass over the groups, between the grad-logit stores, had loaded the logits
+    and the bank again (the compiler cannot tell the stores from them) and taken G more exponentials and G + 1
+    divisions."""
+    FAST: tl.constexpr = _fast_softmax_math(logits_ptrs.dtype.element_ty)
+    logits = ()
     for g in tl.static_range(G):
-        e = tl.exp(tl.load(logits_ptrs + g * g_stride, mask=mask, other=0.0).to(ACC) - m)
+        logits = logits + (tl.load(logits_ptrs + g * g_stride, mask=mask, other=0.0).to(ACC),)
+    m = logits[0]
+    for g in tl.static_range(1, G):
+        m = tl.maximum(m, logits[g])
+    exps = ()
+    den = tl.zeros_like(m)
+    weighted_bank = tl.zeros_like(m)
+    for g in tl.static_range(G):
+        e = _softmax_exp(logits[g] - m, FAST)
+        exps = exps + (e,)
         den += e
-        weighted_dot += e * d * tl.load(bank_ptrs + g * g_stride, mask=mask, other=0.0).to(ACC)
-    weighted_dot = weighted_dot / den
+        weighted_bank += e * bank[g]
+    inv_den = _softmax_divide(1.0, den, FAST)
+    weighted_dot = d * weighted_bank * inv_den  # Σ_g s_g·d·bank[g]
     bank_terms = ()
     for g in tl.static_range(G):
-        s = tl.exp(tl.load(logits_ptrs + g * g_stride, mask=mask, other=0.0).to(ACC) - m) / den
-        dot = d * tl.load(bank_ptrs + g * g_stride, mask=mask, other=0.0).to(ACC)
-        tl.store(
-            grad_logits_ptrs + g * g_stride, (s * (dot - weighted_dot)).to(grad_logits_ptrs.dtype.element_ty), mask=mask
-        )
+        s = exps[g] * inv_den
+        grad_logits = s * (d * bank[g] - weighted_dot)
+        tl.store(grad_logits_ptrs + g * g_stride, grad_logits.to(grad_logits_ptrs.dtype.element_ty), mask=mask)
         bank_terms = bank_terms + (s * d,)
     return bank_terms
+
+
+@triton.jit
+def _bank_values(bank_ptrs, g_stride, mask, G: tl.constexpr, ACC: tl.constexpr):
+    """The G groups' values of a bank (group g at ptrs + g·g_stride), 0 where masked."""
+    values = ()
+    for g in tl.static_range(G):
+        values = values + (tl.load(bank_ptrs + g * g_stride, mask=mask, other=0.0).to(ACC),)
+    return values
 
 
 @triton.jit
@@ -288,29 +312,45 @@ def _add_terms(total, terms, G: tl.constexpr):
     return out
 
 
+@triton.constexpr_function
+def _fast_softmax_math(logits_dtype):
+    """Whether a softmax over logits of this dtype takes the hardware's approximate exp and division (`_softmax_exp`,
+    `_softmax_divide`): fp16/bf16 logits on a GPU (the interpreter has no libdevice). libdevice's fast_expf and
+    fast_dividef are a few ulp off at the max-shifted logits' range, where expf and the division spend 6 and 9 issued
+    instructions per element on range cases (sm_90) that a max-shifted softmax over G terms never reaches: far below
+    the 16-bit results' rounding. fp32 and fp64 keep tl.exp and the division."""
+    return (logits_dtype.is_fp16() or logits_dtype.is_bf16()) and not INTERPRETED
+
+
+@triton.jit
+def _softmax_exp(x, FAST: tl.constexpr):
+    if FAST:
+        return libdevice.fast_expf(x)
+    else:
+        return tl.exp(x)
+
+
+@triton.jit
+def _softmax_divide(num, den, FAST: tl.constexpr):
+    if FAST:
+        return libdevice.fast_dividef(num, den)
+    else:
+        return num / den
+
+
 @triton.jit
 def _softmax_mix(logits_ptrs, bank_ptrs, g_stride, mask, G: tl.constexpr, ACC: tl.constexpr):
     """Σ_g s_g(logits) · bank[g] elementwise, s the softmax over the G groups (group g of either at ptrs + g·g_stride);
-    0 where masked. HALF (fp16/bf16 logits): the hardware's approximate exp and reciprocal (libdevice's fast_expf and
-    fast_dividef, a few ulp at the max-shifted logits' range), where expf and the division spend 6 and 9 issued
-    instructions per element on range cases (sm_90) that a max-shifted softmax over G terms never reaches: far below
-    the 16-bit output's rounding. fp32, fp64 and the interpreter (no libdevice): tl.exp and the division."""
-    HALF: tl.constexpr = logits_ptrs.dtype.element_ty.is_fp16() or logits_ptrs.dtype.element_ty.is_bf16()
+    0 where masked. fp16/bf16 logits: the approximate exp and division (`_fast_softmax_math`)."""
+    FAST: tl.constexpr = _fast_softmax_math(logits_ptrs.dtype.element_ty)
     m = _group_max(logits_ptrs, g_stride, mask, G, ACC)
     den = tl.zeros_like(m)
     num = tl.zeros_like(m)
     for g in tl.static_range(G):
-        shifted = tl.load(logits_ptrs + g * g_stride, mask=mask, other=0.0).to(ACC) - m
-        if HALF and not INTERPRETED:
-            e = libdevice.fast_expf(shifted)
-        else:
-            e = tl.exp(shifted)
+        e = _softmax_exp(tl.load(logits_ptrs + g * g_stride, mask=mask, other=0.0).to(ACC) - m, FAST)
         den += e
         num += e * tl.load(bank_ptrs + g * g_stride, mask=mask, other=0.0).to(ACC)
-    if HALF and not INTERPRETED:
-        return libdevice.fast_dividef(num, den)
-    else:
-        return num / den
+    return _softmax_divide(num, den, FAST)
 
 
 @triton.jit(do_not_specialize_on_alignment=["n"])
@@ -1264,6 +1304,10 @@ def _softmax_chain_kernel(
     ct = c[:, None] * KK + t[None, :]
     grad_weight = (tl.zeros([BLOCK_C, KK_PAD], ACC),) * G
     grad_bias = (tl.zeros([BLOCK_C], ACC),) * G
+    # The banks once for all the group's samples: the loop's stores may alias them, so per sample they were reloaded.
+    weight_bank = _bank_values(weight_ptr + ct, C * KK, kmask, G, ACC)
+    if HAS_BIAS:
+        bias_bank = _bank_values(bias_ptr + c, C, c_ok, G, ACC)
     b_lo = group * samples_per_program
     for b in range(b_lo, tl.minimum(b_lo + samples_per_program, B)):
         dk = tl.zeros([BLOCK_C, KK_PAD], ACC)
@@ -1274,13 +1318,13 @@ def _softmax_chain_kernel(
             dbeta += tl.load(dbeta_part_ptr + part + c, mask=c_ok, other=0.0)
         k_offs = b * G * C * KK + ct
         terms = _softmax_backward(
-            dk, kernel_logits_ptr + k_offs, weight_ptr + ct, grad_kernel_logits_ptr + k_offs, C * KK, kmask, G, ACC
+            dk, kernel_logits_ptr + k_offs, weight_bank, grad_kernel_logits_ptr + k_offs, C * KK, kmask, G, ACC
         )
         grad_weight = _add_terms(grad_weight, terms, G)
         if HAS_BIAS:
             b_offs = b * G * C + c
             terms = _softmax_backward(
-                dbeta, bias_logits_ptr + b_offs, bias_ptr + c, grad_bias_logits_ptr + b_offs, C, c_ok, G, ACC
+                dbeta, bias_logits_ptr + b_offs, bias_bank, grad_bias_logits_ptr + b_offs, C, c_ok, G, ACC
             )
             grad_bias = _add_terms(grad_bias, terms, G)
     for g in tl.static_range(G):
@@ -1724,11 +1768,11 @@ def idconv_backward(
                 # spilled 16 B (fp16, 7 x 7, sm_80, Triton 3.8).
                 **(NO_REGISTER_BUDGET if plan.plane[1] else {}),
             )
-        # A [channels, taps] tile over 8 warps of at most 1024 elements (4 per thread) for G <= 2, 512 beyond: the
-        # program holds G bank-gradient sums beside the G-way softmax chain (static audit: 4 per thread spilled
-        # 16-28 B at G = 4, 8 per thread 4 B at G = 3 before the sums).
-        chain_tile = 1024 if G <= 2 else 512
-        chain_block_c = min(next_power_of_2(C), max(1, chain_tile // plan.kk_pad))
+        # A [channels, taps] tile of at most 512 elements over 4 warps (4 per thread): the program holds G
+        # bank-gradient sums and G bank values beside the G-way softmax chain. Static audit, Triton 3.8, H100 bf16,
+        # stage 4: 8 warps on 1024 elements (G <= 2) or 512 (G > 2; 4 per thread had spilled 16-28 B at G = 4) ran
+        # one or two programs per SM; T 6.3 -> 5.4 us, B 18.0 -> 14.4.
+        chain_block_c = min(next_power_of_2(C), max(1, _CHAIN_TILE // plan.kk_pad))
         chain_cblocks = cdiv(C, chain_block_c)
         # Sample groups: the bank-gradient terms are summed over a program's samples, so fewer groups store fewer
         # partials; the group length balances the busiest SM against chain_programs (`balanced_batch_groups`).
@@ -1760,7 +1804,7 @@ def idconv_backward(
             BLOCK_C=chain_block_c,
             HAS_BIAS=has_bias,
             ACC=tl_accumulation_dtype(x.dtype),
-            num_warps=8,
+            num_warps=_CHAIN_WARPS,
         )
     # Per-group terms summed over the groups by torch's (deterministic) reduction.
     grad_weight = grad_weight_part.sum(0).to(weight.dtype)
