@@ -262,6 +262,15 @@ def _group_max(logits_ptrs, g_stride, mask, G: tl.constexpr, ACC: tl.constexpr):
 
 
 @triton.jit
+def _group_values(ptrs, g_stride, mask, G: tl.constexpr, ACC: tl.constexpr):
+    """The G groups' values of logits or a bank (group g at ptrs + g·g_stride), 0 where masked."""
+    values = ()
+    for g in tl.static_range(G):
+        values = values + (tl.load(ptrs + g * g_stride, mask=mask, other=0.0).to(ACC),)
+    return values
+
+
+@triton.jit
 def _softmax_backward(d, logits_ptrs, bank, grad_logits_ptrs, g_stride, mask, G: tl.constexpr, ACC: tl.constexpr):
     """Given d = grad of Σ_g s_g·bank[g] (bank: the G groups' values, loaded once by the caller for all its samples),
     store grad logits s_g·(d·bank[g] − Σ s·d·bank) and return the G terms s_g·d of the bank's gradient. Each logit is
@@ -270,9 +279,7 @@ def _softmax_backward(d, logits_ptrs, bank, grad_logits_ptrs, g_stride, mask, G:
     and the bank again (the compiler cannot tell the stores from them) and taken G more exponentials and G + 1
     divisions."""
     FAST: tl.constexpr = _fast_softmax_math(logits_ptrs.dtype.element_ty)
-    logits = ()
-    for g in tl.static_range(G):
-        logits = logits + (tl.load(logits_ptrs + g * g_stride, mask=mask, other=0.0).to(ACC),)
+    logits = _group_values(logits_ptrs, g_stride, mask, G, ACC)
     m = logits[0]
     for g in tl.static_range(1, G):
         m = tl.maximum(m, logits[g])
@@ -293,15 +300,6 @@ def _softmax_backward(d, logits_ptrs, bank, grad_logits_ptrs, g_stride, mask, G:
         tl.store(grad_logits_ptrs + g * g_stride, grad_logits.to(grad_logits_ptrs.dtype.element_ty), mask=mask)
         bank_terms = bank_terms + (s * d,)
     return bank_terms
-
-
-@triton.jit
-def _bank_values(bank_ptrs, g_stride, mask, G: tl.constexpr, ACC: tl.constexpr):
-    """The G groups' values of a bank (group g at ptrs + g·g_stride), 0 where masked."""
-    values = ()
-    for g in tl.static_range(G):
-        values = values + (tl.load(bank_ptrs + g * g_stride, mask=mask, other=0.0).to(ACC),)
-    return values
 
 
 @triton.jit
@@ -1305,9 +1303,9 @@ def _softmax_chain_kernel(
     grad_weight = (tl.zeros([BLOCK_C, KK_PAD], ACC),) * G
     grad_bias = (tl.zeros([BLOCK_C], ACC),) * G
     # The banks once for all the group's samples: the loop's stores may alias them, so per sample they were reloaded.
-    weight_bank = _bank_values(weight_ptr + ct, C * KK, kmask, G, ACC)
+    weight_bank = _group_values(weight_ptr + ct, C * KK, kmask, G, ACC)
     if HAS_BIAS:
-        bias_bank = _bank_values(bias_ptr + c, C, c_ok, G, ACC)
+        bias_bank = _group_values(bias_ptr + c, C, c_ok, G, ACC)
     b_lo = group * samples_per_program
     for b in range(b_lo, tl.minimum(b_lo + samples_per_program, B)):
         dk = tl.zeros([BLOCK_C, KK_PAD], ACC)

@@ -69,7 +69,7 @@ IEEE fp32's rounding), where the static audit counts fewer instructions for it t
 (`_short_precision`), and the flash kernels IEEE; the fp32 backward on sm_8x then runs on the flash kernels (the
 one-pass kernel's five 3xTF32 dots spill there; `_short_path`). `_tf32_split` rounds with two integer
 instructions where Triton's own tf32x3 took eight (static audit, Triton 3.8, T stage 1 fp32 on an H100: forward
-37.5 -> 30.3 us, backward 239.7 -> 199.8; A100 forward 146.3 -> 118.9). The interpreter multiplies fp32 dots whole,
+37.9 -> 30.7 us, backward 239.7 -> 199.8; A100 forward 146.3 -> 119.7). The interpreter multiplies fp32 dots whole,
 so the tests emulate the tensor core's TF32 inputs (`tf32_tensor_cores` in tests/ops/test_osra_attention.py).
 
 Roofline (e = element size, minimal traffic, the bias read once since it is shared across B):
