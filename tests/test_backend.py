@@ -628,3 +628,70 @@ def test_triton_declines_gpus_below_compute_capability_8(monkeypatch, capability
                     bk.select(op, cuda, torch.float32, False, False, 32)
             else:
                 assert bk.select(op, cuda, torch.float32, False, False, 32) == "triton", op
+
+
+@pytest.mark.parametrize(
+    "triton_version, numpy_version, defective",
+    [
+        ("3.6.0", "2.4.6", True),
+        ("3.5.1", "2.4.0rc1", True),
+        ("3.6.0", "2.3.4", False),
+        ("3.7.0", "2.4.6", False),
+        ("3.8.0+git1234", "2.5.5", False),
+        ("4.0.0", "2.4.0", False),
+    ],
+)
+def test_interpreter_defect_by_version(triton_version, numpy_version, defective):
+    from transxnet_kernels.triton import common
+
+    reason = common.interpreter_defect(triton_version, numpy_version)
+    if defective:
+        assert f"Triton {triton_version}" in reason and f"NumPy {numpy_version}" in reason and "#9171" in reason
+    else:
+        assert reason is None
+
+
+def test_interpreter_defect_matches_what_this_interpreter_does():
+    """The version rule against the interpreter itself: a kernel loop with a runtime bound fails in it exactly when
+    INTERPRETER_DEFECT says so (checked under either outcome, so a wrong rule fails here)."""
+    if not tk.available_backends()["triton"].startswith("available"):
+        pytest.skip("the triton backend is not available here")
+    if torch.cuda.is_available():
+        pytest.skip("compiled for the GPU: the interpreter is not in use")
+    import triton
+    import triton.language as tl
+
+    from transxnet_kernels.triton import common
+
+    @triton.jit
+    def count_kernel(out_ptr, n):
+        total = 0
+        for i in range(tl.program_id(0), n):
+            total += i
+        tl.store(out_ptr + tl.program_id(0), total)
+
+    out = torch.zeros(2, dtype=torch.int32)
+    try:
+        count_kernel[(2,)](out, 5)
+    except Exception as error:  # InterpreterError wrapping NumPy's TypeError
+        assert common.INTERPRETER_DEFECT is not None, error
+        assert "0-dimensional" in str(error)
+    else:
+        assert common.INTERPRETER_DEFECT is None
+        assert out.tolist() == [10, 10]
+
+
+def test_triton_declines_cpu_calls_under_a_defective_interpreter(monkeypatch):
+    """Where the interpreter cannot run the kernels (INTERPRETER_DEFECT), a forced triton backend raises with the
+    reason on CPU tensors and auto keeps to the other backends."""
+    if not tk.available_backends()["triton"].startswith("available"):
+        pytest.skip("the triton backend is not available here")
+    from transxnet_kernels.triton import common
+
+    monkeypatch.setattr(common, "interpreter_active", lambda: True)
+    monkeypatch.setattr(common, "INTERPRETER_DEFECT", "the interpreter is broken here")
+    monkeypatch.delenv("TRANSXNET_BACKEND", raising=False)
+    cpu = torch.device("cpu")
+    with tk.use_backend("triton"), pytest.raises(tk.BackendUnavailableError, match="the interpreter is broken here"):
+        bk.select("idconv", cpu, torch.float32, False, False, 0)
+    assert bk.select("idconv", cpu, torch.float32, False, False, 0) == ("cpp" if CPP_READY else "reference")

@@ -22,11 +22,14 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import importlib.metadata
 import os
+import re
 from dataclasses import dataclass
 from typing import Dict, Iterator, Optional, Tuple, Type, TypeVar
 
 import torch
+import triton
 import triton.language as tl
 
 from ..backend import CallInfo
@@ -50,6 +53,31 @@ def interpreter_active() -> bool:
 
 # For kernels to branch on at compile time: the interpreter runs no libdevice call (fast divisions and logs, erf).
 INTERPRETED: tl.constexpr = tl.constexpr(interpreter_active())
+
+
+def _major_minor(version: str) -> Tuple[int, int]:
+    """(major, minor) of a version string such as "3.6.0" or "2.4.0rc1"."""
+    major, minor = (re.match(r"\d+", part) for part in version.split(".")[:2])
+    return int(major.group()), int(minor.group())
+
+
+def interpreter_defect(triton_version: str, numpy_version: str) -> Optional[str]:
+    """Why Triton's interpreter cannot run these kernels with these versions, or None. Before Triton 3.7 the
+    interpreter turns a runtime loop bound into a Python int with int() on a one-element array, which NumPy 2.4 made a
+    TypeError (triton-lang/triton#9171): every kernel loop with a bound known only at run time (nearly all of ours)
+    fails with "only 0-dimensional arrays can be converted to Python scalars"."""
+    if _major_minor(triton_version) < (3, 7) and _major_minor(numpy_version) >= (2, 4):
+        return (
+            f"Triton {triton_version}'s interpreter cannot run loops with runtime bounds under NumPy {numpy_version} "
+            "(triton-lang/triton#9171); use Triton >= 3.7 or NumPy < 2.4"
+        )
+    return None
+
+
+# Checked once: the interpreter is chosen at Triton's import and needs NumPy.
+INTERPRETER_DEFECT = (
+    interpreter_defect(triton.__version__, importlib.metadata.version("numpy")) if interpreter_active() else None
+)
 
 
 def cdiv(a: int, b: int) -> int:
@@ -147,6 +175,8 @@ def supports(info: CallInfo) -> Optional[str]:
     elif info.device.type == "cpu":
         if not interpreter_active():
             return "CPU tensors need TRITON_INTERPRET=1 set before Triton is imported"
+        if INTERPRETER_DEFECT is not None:
+            return INTERPRETER_DEFECT
     else:
         return f"device type {info.device.type!r} is not supported"
     if info.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
