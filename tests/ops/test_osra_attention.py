@@ -62,7 +62,7 @@ def osra_args(
 
 # (B, h, N, M, d, bias dims). The Triton rows each exercise a kernel path: M <= 64 keys take the one-pass short
 # path (query blocks of 64 or 128 rows; interpreted, batch groups fill 4 programs), longer M the flash kernels
-# (BLOCK_M = 64 keys, BLOCK_N = 16 or 32 queries; interpreted, the backward splits/groups work to fill 4
+# (BLOCK_M = 64 keys, BLOCK_N = 16 to 64 queries; interpreted, the backward splits/groups work to fill 4
 # programs); the cpp rows its register blocking.
 CASES = [
     (2, 3, 37, 49, 19, (1, 3)),  # short: batch-1 bias, one batch per group, groups summed

@@ -138,7 +138,10 @@ Passes over the big tensor (one pass = B*C*H*W elements read or written; e = ele
     * the passes without a stencil (training's normalising pass from z and BatchNorm-gradient sums, the two-launch
       eval's first map) take NCHW tiles of 64-pixel runs x 16 channels at stages 1-2 (`_nchw_tile`): in runs of the
       whole tile 23% of their lanes were past the plane, and the 16-bit passes are bound by issue (T stage 1 bf16 on
-      an H100: training forward 288.4 -> 279.2 µs, backward 501.7 -> 468.5);
+      an H100: training forward 288.4 -> 279.2 µs, backward 501.7 -> 468.5); at stages 3-4 on each plane as one run of
+      H·W pixels (`_flat_planes`; 14 x 14 then moves in 4-pixel vectors) in one launch, where they ran on whole
+      planes, a thread per column and a launch per kernel size (T stage 3 bf16 training on an H100: forward + backward
+      228.4 -> 222.1 µs);
     * the training backward's dz and dx passes on stages 1-2 (NCHW, whole rows) are one (`_strip_dz_dx_kernel`):
       dz neither written nor read back, 8 passes -> 6 (T stage 1 on an H100: fp32 743.2 -> 605.4 µs, bf16 468.5 ->
       422.6; A100 fp32 1243.3 -> 1013.7; details in benchmarks/results/README.md); so are they on whole planes
@@ -185,26 +188,26 @@ Static audit of `ms_ffn_middle` (`python -m benchmarks.audit_tables` writes this
     T1     192x56x56   backward  1006/462   601/276    662/231    396/138
     T2     384x28x28   forward   326/154    198/92.0   219/77.1   136/46.0
     T2     384x28x28   backward  513/231    307/138    341/116    204/69.0
-    T3     896x14x14   forward   194/89.9   121/53.7   138/45.0   92.7/26.8
-    T3     896x14x14   backward  288/135    178/80.5   200/67.4   136/40.3
-    T4     1792x7x7    forward   92.4/45.0  55.7/26.8  56.2/22.5  36.3/13.4
-    T4     1792x7x7    backward  151/67.4   94.0/40.3  111/33.7   72.5/20.1
+    T3     896x14x14   forward   194/89.9   121/53.7   138/45.0   91.2/26.8
+    T3     896x14x14   backward  288/135    178/80.5   196/67.4   131/40.3
+    T4     1792x7x7    forward   92.4/45.0  55.7/26.8  56.3/22.5  35.9/13.4
+    T4     1792x7x7    backward  151/67.4   93.9/40.3  110/33.7   70.2/20.1
     S1     384x56x56   forward   1287/617   780/368    844/308    529/184
     S1     384x56x56   backward  1998/925   1193/552   1312/462   784/276
     S2     768x28x28   forward   645/308    390/184    423/154    264/92.0
     S2     768x28x28   backward  1010/462   605/276    667/231    400/138
     S3     1280x14x14  forward   275/128    168/76.7   193/64.2   122/38.3
-    S3     1280x14x14  backward  405/193    247/115    277/96.3   178/57.5
-    S4     2048x7x7    forward   105/51.4   63.3/30.7  60.2/25.7  37.4/15.3
-    S4     2048x7x7    backward  169/77.1   104/46.0   124/38.5   78.2/23.0
+    S3     1280x14x14  backward  405/193    247/115    268/96.3   173/57.5
+    S4     2048x7x7    forward   105/51.4   63.3/30.7  60.2/25.7  37.7/15.3
+    S4     2048x7x7    backward  169/77.1   104/46.0   123/38.5   77.3/23.0
     B1     608x56x56   forward   2035/976   1245/583   1330/488   850/291
     B1     608x56x56   backward  3101/1464  1901/874   1983/732   1268/437
     B2     1216x28x28  forward   1019/488   625/291    668/244    429/146
     B2     1216x28x28  backward  1563/732   959/437    1005/366   643/219
     B3     1344x14x14  forward   292/135    177/80.5   207/67.4   130/40.3
-    B3     1344x14x14  backward  427/202    263/121    297/101    191/60.4
-    B4     2688x7x7    forward   138/67.4   83.0/40.3  81.7/33.7  50.6/20.1
-    B4     2688x7x7    backward  220/101    138/60.4   158/50.6   107/30.2
+    B3     1344x14x14  backward  427/202    262/121    291/101    185/60.4
+    B4     2688x7x7    forward   138/67.4   82.9/40.3  81.6/33.7  50.6/20.1
+    B4     2688x7x7    backward  220/101    138/60.4   156/50.6   104/30.2
 
 Static audit of `ms_ffn_middle_eval` (`python -m benchmarks.audit_tables` writes this table from gpu_audit_3.8.0.json:
 Triton 3.8.0, batch 128 at 224x224, the worst over layouts and modes; estimate / DRAM roofline, µs):
@@ -3925,7 +3928,8 @@ def _make_plan(
     thread_plane = (0, 0, 0)
     if thread_planes and not index64 and 0 < hw <= settings.thread_plane_pixels:
         thread_plane = (H, W, next_power_of_2(hw))
-    plane = (0, 0, 0) if thread_plane[2] else _plane_shape(H, W, index64, settings)
+    # whole planes for the stencils only: a pass without one takes the NCHW tiles (on `_flat_planes`'s runs)
+    plane = (0, 0, 0) if thread_plane[2] or pointwise else _plane_shape(H, W, index64, settings)
     strip = 0
     if thread_plane[2]:  # a thread per (channel, image) plane
         block_hw = thread_plane[2]
@@ -4023,6 +4027,17 @@ def _dense_rows(*maps: torch.Tensor) -> bool:
     """Whether every map's rows are contiguous (column stride 1, row stride W; a size-1 dim's stride is never used):
     the whole-plane stencil then addresses them with compile-time strides and unmasked loads (`_dwconv_plane_k`)."""
     return all((t.shape[3] == 1 or t.stride(3) == 1) and (t.shape[2] == 1 or t.stride(2) == t.shape[3]) for t in maps)
+
+
+def _flat_planes(*maps: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+    """The maps as [B, C, 1, H·W] views where every plane of each is one contiguous run (NCHW rows back to back,
+    `_dense_rows`), else as they are: a pass without a stencil never needs the rows, and as one run per channel a plane
+    of 14 x 14 (stage 3 at 224^2) moves in 4-pixel vectors on the chunked NCHW tiles (`_vectorisable`: rows of 14 are
+    not whole 4-pixel chunks)."""
+    if any(channels_last_input(t) for t in maps) or not _dense_rows(*maps):
+        return maps
+    B, C, H, W = maps[0].shape
+    return tuple(t.as_strided((B, C, 1, H * W), (t.stride(0), t.stride(1), H * W, 1)) for t in maps)
 
 
 def _launch_forward(
@@ -4551,8 +4566,9 @@ def ms_ffn_middle_op(
             _launch_forward(_PREACT, x, w_table, bias, plan, out=z)
         scale, shift = _batch_norm_affine(plan, mean, var, norm_weight, norm_bias, eps)
     if keep_z and x.numel() > 0:  # no stencil: not a strip pass
-        elementwise = _plan(z, widths, ksizes, out, pointwise=True)
-        _launch_forward(_APPLY_SAVED, z, w_table, bias, elementwise, out=out, scale=scale, shift=shift)
+        flat_z, flat_out = _flat_planes(z, out)
+        elementwise = _plan(flat_z, widths, ksizes, flat_out, pointwise=True)
+        _launch_forward(_APPLY_SAVED, flat_z, w_table, bias, elementwise, out=flat_out, scale=scale, shift=shift)
     elif x.numel() > 0:
         _launch_forward(_APPLY, x, w_table, bias, plan, out=out, scale=scale, shift=shift)
     return out, mean, var, z
@@ -4614,8 +4630,9 @@ def ms_ffn_middle_backward(
     plan = _plan(x, widths, ksizes, grad_out)  # dz has x's shape and strides
     thread_plan = _plan(x, widths, ksizes, grad_out, thread_planes=True)
     # The strip and thread-plane kernels run the dz pass from the saved z; a dz pass that recomputes z runs on the
-    # plan without strips; the statistics pass of training (no stencil) on whole planes where the plan has them, else
-    # on the pointwise plan. From the saved z on strips of whole rows, dz and dx are one pass (_strip_dz_dx_kernel).
+    # plan without strips; the statistics pass of training on the pointwise plan from the saved z (no stencil: each
+    # plane one run, `_flat_planes`), else (z recomputed) on whole planes where the plan has them. From the saved z
+    # on strips of whole rows, dz and dx are one pass (_strip_dz_dx_kernel).
     one_pass_plan = _plan(x, widths, ksizes, grad_out, wgrad_dx=True, whole_rows=True) if plan.strip else plan
     # (on contiguous maps: one set of strides for x, z, go and dx, whose offsets held the registers it spilled)
     one_pass = z is not None and one_pass_plan.strip > 0 and x.is_contiguous() and grad_out.is_contiguous()
@@ -4633,7 +4650,7 @@ def ms_ffn_middle_backward(
     # thread planes (see _thread_plane_dz_kernel)
     separate_stats = training or bool(dz_plan.thread_plane[2])
     stats_plan = dz_plan
-    if separate_stats:
+    if separate_stats and z is None:  # z recomputed: a stencil, on whole planes where the plan has them
         stats_plan = plan if plan.plane[1] else _plan(x, widths, ksizes, grad_out, pointwise=True)
     # The whole-plane weight gradient reads dz back after the pass stored it: in the accumulation dtype, so
     # that dW sums unrounded dz (rounded to fp16, its BatchNorm-cancelling sums lost the fp16 tolerance). The one
@@ -4648,6 +4665,10 @@ def ms_ffn_middle_backward(
         slot_zeros = _zero_plane(dz_plan.plane, True, slots)
     if z is not None and z.stride() != dz.stride():  # the kernel reads z with dz's strides
         z = torch.empty_like(x).copy_(z)
+    stats_maps = (x, z if z is not None else dz, grad_out, dz)
+    if separate_stats and z is not None:  # from the saved z, no stencil: each plane one run where it can be
+        stats_maps = _flat_planes(*stats_maps)
+        stats_plan = _plan(stats_maps[0], widths, ksizes, stats_maps[2], pointwise=True)
     coef = torch.empty(4, C, dtype=plan.acc, device=x.device)  # rstd, cgo, cxhat, cconst (_batch_norm_grad_kernel)
     rstd, cgo, cxhat, cconst = coef.unbind(0)
     sgo, sgx = (stats_plan.partial_buffer(C, device=x.device) for _ in range(2))
@@ -4655,11 +4676,14 @@ def ms_ffn_middle_backward(
     sums = (sgo, sgx, dgamma, dbeta)
     pdw, pdb = _wgrad_partials(dz_plan, C, x.device)
 
-    def launch(pass_plan: _Plan, stats: bool, dz_pass: bool) -> None:
+    def launch(pass_plan: _Plan, stats: bool, dz_pass: bool, maps: Tuple[torch.Tensor, ...]) -> None:
+        # maps: x, z (dz where z is not saved), go and dz, as views of the plan's shape (`_flat_planes`)
+        pass_x, pass_z, pass_go, pass_dz = maps
+        pass_h, pass_w = pass_x.shape[2:]
         with device_guard(x):
             for launch in pass_plan.launches:
                 # per-channel inputs and partial buffers, then the sizes: the same for both kernels
-                shared = (mean, rstd, cgo, cxhat, cconst, sgo, sgx, pdw, pdb, B, C, H, W, launch.b_per_prog)
+                shared = (mean, rstd, cgo, cxhat, cconst, sgo, sgx, pdw, pdb, B, C, pass_h, pass_w, launch.b_per_prog)
                 if pass_plan.thread_plane[2]:
                     assert dz_pass and not stats and z is not None, "the thread-plane kernel: dz from the saved z"
                     _thread_plane_dz_kernel[launch.grid](
@@ -4694,7 +4718,7 @@ def ms_ffn_middle_backward(
                         **dict(pass_plan.strip_constexprs(launch), STRIP=one_pass_rows[launch.kmax]),
                         **NO_REGISTER_BUDGET,
                     )
-                elif plane_one_pass and dz_pass:  # (the statistics pass of training runs on the same plan)
+                elif plane_one_pass and dz_pass:
                     constexprs = pass_plan.constexprs(launch)
                     _plane_dz_dx_kernel[launch.grid](
                         x,
@@ -4732,18 +4756,18 @@ def ms_ffn_middle_backward(
                     )
                 else:
                     _middle_grad_kernel[launch.grid](
-                        x,
-                        z if z is not None else dz,
-                        grad_out,
-                        dz,
+                        pass_x,
+                        pass_z,
+                        pass_go,
+                        pass_dz,
                         w_table,
                         bias,
                         launch.blocks,
                         *shared,
-                        *x.stride(),
-                        *grad_out.stride(),
-                        *dz.stride(),
-                        pass_plan.zero_plane(x),
+                        *pass_x.stride(),
+                        *pass_go.stride(),
+                        *pass_dz.stride(),
+                        pass_plan.zero_plane(pass_x),
                         STATS=stats,
                         DZ=dz_pass,
                         Z_SAVED=z is not None,
@@ -4754,10 +4778,10 @@ def ms_ffn_middle_backward(
 
     _batch_norm_grad(plan, coef, var, norm_weight, eps, n)  # rstd, cgo; cxhat = cconst = 0
     if separate_stats:
-        launch(stats_plan, True, False)
+        launch(stats_plan, True, False, stats_maps)
         # training: BN's gradient needs the batch sums of go and go*xhat before dz exists
         _batch_norm_grad(plan, coef, var, norm_weight, eps, n, sums, coefficients=training, centred=training)
-    launch(dz_plan, not separate_stats, True)
+    launch(dz_plan, not separate_stats, True, (x, z if z is not None else dz, grad_out, dz))
     if not separate_stats:
         _batch_norm_grad(plan, coef, var, norm_weight, eps, n, sums, coefficients=False)
     # dx = conv_transpose(dz) + dz, a thread per plane where planes are small (the one pass wrote it)
@@ -4968,14 +4992,15 @@ def ms_ffn_middle_eval(x, input_scale, input_shift, weights, biases, output_scal
         )
         return out
     y = torch.empty_like(x)
-    elementwise = _plan(x, widths, ksizes, y, pointwise=True)
+    flat_x, flat_y = _flat_planes(x, y)
+    elementwise = _plan(flat_x, widths, ksizes, flat_y, pointwise=True)
     _launch_forward(
         _APPLY_SAVED,
-        x,
+        flat_x,
         w_table,
         bias,
         elementwise,
-        out=y,
+        out=flat_y,
         scale=per_channel(input_scale),
         shift=per_channel(input_shift),
     )

@@ -129,6 +129,7 @@ from ..layout import key_padded_rows, tensor_span
 from ..library import custom_op
 from .common import (
     INTERPRETED,
+    NO_REGISTER_BUDGET,
     LaunchTarget,
     accumulation_dtype,
     balanced_batch_groups,
@@ -803,9 +804,15 @@ def _osra_fwd_kernel(
     q = tl.load(q_ptr + q_offs, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
     k_base = k_ptr + b * k_stride_b + h * k_stride_h
     v_base = v_ptr + b * k_stride_b + h * k_stride_h
-    bias_base = bias_ptr + b * bias_stride_b + h * bias_stride_h + offs_n[:, None] * bias_stride_n
+    # The head's base pointers once, then offsets within the head added before each load (int32 unless INDEX64),
+    # not a tile of 64-bit row pointers held across the key loop; the softmax in log2 units (scores times log2 e,
+    # exp2: one multiply fewer per score than exp's). With both, the 32-row bf16 kernel on sm_90 went from 224
+    # registers to 200 and its estimate at T stage 1, 800x1216, from 505.6 us to 428.1 (static audit, Triton 3.8).
+    bias_head = bias_ptr + b * bias_stride_b + h * bias_stride_h
+    bias_rows = offs_n[:, None] * bias_stride_n
+    log2e = _log2e(scale)
 
-    m_i = tl.full([BLOCK_N], float("-inf"), scale.dtype)
+    m_i = tl.full([BLOCK_N], float("-inf"), scale.dtype)  # running max of the scores, in log2 units
     l_i = tl.zeros([BLOCK_N], scale.dtype)
     acc = tl.zeros([BLOCK_N, BLOCK_D], scale.dtype)
     for start_m in range(0, M, BLOCK_M):
@@ -813,31 +820,36 @@ def _osra_fwd_kernel(
         mask_m = offs_m < M
         # K^T is loaded transposed (not tl.trans of a K tile): the tile goes straight to the dot operand.
         kt = tl.load(
-            k_base + offs_d[:, None] * k_stride_d + offs_m[None, :] * k_stride_m,
+            k_base + (offs_d[:, None] * k_stride_d + offs_m[None, :] * k_stride_m),
             mask=mask_d[:, None] & mask_m[None, :],
             other=0.0,
         )
         v = tl.load(
-            v_base + offs_m[:, None] * k_stride_m + offs_d[None, :] * k_stride_d,
+            v_base + (offs_m[:, None] * k_stride_m + offs_d[None, :] * k_stride_d),
             mask=mask_m[:, None] & mask_d[None, :],
             other=0.0,
         )
-        s = _matmul(q, kt, PRECISION, USE_DOT).to(scale.dtype) * scale
+        s = _matmul(q, kt, PRECISION, USE_DOT).to(scale.dtype) * (scale * log2e)
         if HAS_BIAS:
-            s += tl.load(
-                bias_base + offs_m[None, :] * bias_stride_m, mask=mask_n[:, None] & mask_m[None, :], other=0.0
-            ).to(scale.dtype)
+            s += (
+                tl.load(
+                    bias_head + (bias_rows + offs_m[None, :] * bias_stride_m),
+                    mask=mask_n[:, None] & mask_m[None, :],
+                    other=0.0,
+                ).to(scale.dtype)
+                * log2e
+            )
         s = tl.where(mask_m[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + _matmul(p.to(v.dtype), v, PRECISION, USE_DOT).to(scale.dtype)
         m_i = m_new
 
     out = acc / l_i[:, None]
     tl.store(out_ptr + q_offs, out.to(out_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_d[None, :])
-    tl.store(lse_ptr + bh.to(tl.int64) * N + offs_n, m_i + tl.log(l_i), mask=mask_n)
+    tl.store(lse_ptr + bh.to(tl.int64) * N + offs_n, (m_i + tl.log2(l_i)) / log2e, mask=mask_n)
 
 
 @triton.jit(
@@ -1187,17 +1199,22 @@ def _uses_dot(q: torch.Tensor) -> bool:
 
 
 # (kernel, half precision?) -> (BLOCK_N, num_warps, num_stages): rows of queries per program, its warps, and
-# its software-pipeline depth; BLOCK_M = 64 keys (the model's M = 49 in one block). Chosen with the static GPU
-# audit (python -m benchmarks.gpu_audit): no register spills and shared memory within sm_86's 99 KB on
-# sm_80/86/90, at every TransXNet shape and at head dims up to MAX_HEAD_DIM. More warps than 16-row mma tiles
-# replicate work, but the register tiles shrink: these kernels are memory-bound and register-bound, not
-# math-bound. The fp32 dq kernel pipelines 2 stages, not Triton's default 3: with 3, ptxas for sm_80 needs
-# 255 registers and spills 80 B; with 2, 196 registers and no spill (a one-key-block loop gains nothing from
-# a third stage).
+# its software-pipeline depth; BLOCK_M = 64 keys. Chosen with the static GPU audit (python -m
+# benchmarks.gpu_audit): no register spills and shared memory within sm_86's 99 KB on sm_80/86/90, at every
+# TransXNet shape and at head dims up to MAX_HEAD_DIM. More warps than 16-row mma tiles replicate work, but the
+# register tiles shrink. fp16/bf16 run these kernels only where the short path does not (M > 64 keys: detection
+# sizes, where they are bound by issue, not DRAM; int64 offsets; scale <= 0): there the forward takes 64 rows on 8
+# warps (32 rows replicated each mma tile over 4 of the 8; with 4 warps it spills) and dk/dv 32 key rows on 4 warps
+# with no register budget (static audit, Triton 3.8, T stage 1 at 800x1216, bf16, with the forward's exp2 and
+# in-head int32 offsets: forward 505.6 -> 301.7 us on an H100, 777.9 -> 463.0 on an A100; dk/dv 343.3 -> 213.7 and
+# 479.4 -> 305.9). The dq kernel keeps 16 rows on 8 warps: 32 or 64 rows spilled 16-588 B. fp32 takes its tiles at
+# M = 49 too (the sm_8x backward under 3xTF32). The fp32 dq kernel pipelines 2 stages, not Triton's default 3: with
+# 3, ptxas for sm_80 needs 255 registers and spills 80 B; with 2, 196 registers and no spill (a one-key-block loop
+# gains nothing from a third stage).
 _BLOCKS = {
-    ("fwd", True): (32, 8, 3),
+    ("fwd", True): (64, 8, 2),
     ("dq", True): (16, 8, 3),
-    ("dkdv", True): (32, 8, 3),
+    ("dkdv", True): (32, 4, 2),
     ("fwd", False): (16, 8, 3),
     ("dq", False): (16, 8, 2),
     ("dkdv", False): (16, 8, 3),
@@ -2016,6 +2033,8 @@ def _backward_flash(grad_out, q, k, v, bias, out, lse, scale, has_dbias):
             INDEX64=index64,
             num_warps=dkdv_cfg.num_warps,
             num_stages=dkdv_cfg.num_stages,
+            # fp16/bf16's 4-warp programs: capped at 128 registers, ptxas spilled 16 B on sm_86 (186-214 without)
+            **(NO_REGISTER_BUDGET if dkdv_cfg.num_warps < 8 else {}),
         )
     return dq, dk_buf, dv_buf, dbias_buf, reduce_dims
 
