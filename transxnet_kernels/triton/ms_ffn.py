@@ -4649,9 +4649,6 @@ def ms_ffn_middle_backward(
     # BatchNorm's gradient sums: in the dz pass in eval, a pass of their own in training (dz needs them) and on
     # thread planes (see _thread_plane_dz_kernel)
     separate_stats = training or bool(dz_plan.thread_plane[2])
-    stats_plan = dz_plan
-    if separate_stats and z is None:  # z recomputed: a stencil, on whole planes where the plan has them
-        stats_plan = plan if plan.plane[1] else _plan(x, widths, ksizes, grad_out, pointwise=True)
     # The whole-plane weight gradient reads dz back after the pass stored it: in the accumulation dtype, so
     # that dW sums unrounded dz (rounded to fp16, its BatchNorm-cancelling sums lost the fp16 tolerance). The one
     # pass writes dx there instead, and keeps dz in its slots.
@@ -4665,10 +4662,13 @@ def ms_ffn_middle_backward(
         slot_zeros = _zero_plane(dz_plan.plane, True, slots)
     if z is not None and z.stride() != dz.stride():  # the kernel reads z with dz's strides
         z = torch.empty_like(x).copy_(z)
-    stats_maps = (x, z if z is not None else dz, grad_out, dz)
+    maps = (x, z if z is not None else dz, grad_out, dz)  # what the passes read and write, as `launch` takes them
+    stats_plan, stats_maps = dz_plan, maps
     if separate_stats and z is not None:  # from the saved z, no stencil: each plane one run where it can be
-        stats_maps = _flat_planes(*stats_maps)
+        stats_maps = _flat_planes(*maps)
         stats_plan = _plan(stats_maps[0], widths, ksizes, stats_maps[2], pointwise=True)
+    elif separate_stats:  # z recomputed: a stencil, on whole planes where the plan has them
+        stats_plan = plan if plan.plane[1] else _plan(x, widths, ksizes, grad_out, pointwise=True)
     coef = torch.empty(4, C, dtype=plan.acc, device=x.device)  # rstd, cgo, cxhat, cconst (_batch_norm_grad_kernel)
     rstd, cgo, cxhat, cconst = coef.unbind(0)
     sgo, sgx = (stats_plan.partial_buffer(C, device=x.device) for _ in range(2))
@@ -4676,9 +4676,9 @@ def ms_ffn_middle_backward(
     sums = (sgo, sgx, dgamma, dbeta)
     pdw, pdb = _wgrad_partials(dz_plan, C, x.device)
 
-    def launch(pass_plan: _Plan, stats: bool, dz_pass: bool, maps: Tuple[torch.Tensor, ...]) -> None:
-        # maps: x, z (dz where z is not saved), go and dz, as views of the plan's shape (`_flat_planes`)
-        pass_x, pass_z, pass_go, pass_dz = maps
+    def launch(pass_plan: _Plan, stats: bool, dz_pass: bool, pass_maps: Tuple[torch.Tensor, ...]) -> None:
+        # pass_maps: x, z (dz where z is not saved), go and dz, as views of the plan's shape (`_flat_planes`)
+        pass_x, pass_z, pass_go, pass_dz = pass_maps
         pass_h, pass_w = pass_x.shape[2:]
         with device_guard(x):
             for launch in pass_plan.launches:
@@ -4781,7 +4781,7 @@ def ms_ffn_middle_backward(
         launch(stats_plan, True, False, stats_maps)
         # training: BN's gradient needs the batch sums of go and go*xhat before dz exists
         _batch_norm_grad(plan, coef, var, norm_weight, eps, n, sums, coefficients=training, centred=training)
-    launch(dz_plan, not separate_stats, True, (x, z if z is not None else dz, grad_out, dz))
+    launch(dz_plan, not separate_stats, True, maps)
     if not separate_stats:
         _batch_norm_grad(plan, coef, var, norm_weight, eps, n, sums, coefficients=False)
     # dx = conv_transpose(dz) + dz, a thread per plane where planes are small (the one pass wrote it)
