@@ -240,6 +240,25 @@ def test_triton_int64_offsets_path(M, nan_poisoned_empty):
 
 
 @requires_triton
+def test_triton_flash_int64_offsets_follow_the_bias():
+    """The flash kernels form a head's bias offsets (row times stride) in int32 unless INDEX64: a bias (or its
+    gradient buffer) whose sample spans the limit makes them int64 even where q, k and v are small."""
+    from transxnet_kernels.triton import common
+    from transxnet_kernels.triton import osra_attention as triton_osra
+
+    q, k = torch.empty(2, 2, 37, 19), torch.empty(2, 2, 70, 19)
+    bias = torch.empty(1, 2, 37, 70)  # sample span 2·37·70 - 1 = 5179; q's 1405, k's 2659
+
+    def index64(limit, bias):
+        target = common.LaunchTarget(132, interpreted=False, int32_span_limit=limit, capability=90)
+        with common.launch_overrides(target):
+            return triton_osra._flash_index64(bias, q, k, k, q)
+
+    assert not index64(2660, None) and not index64(5180, bias)
+    assert index64(2660, bias) and index64(2659, None)
+
+
+@requires_triton
 @pytest.mark.parametrize("M", [49, 130], ids=["short", "flash"])
 def test_triton_bias_gradient_is_deterministic(M):
     args = osra_args(5, 2, 37, M, 19, (1, 2), seed=6)

@@ -87,29 +87,29 @@ estimate / DRAM roofline, µs):
 
     stage  shape      phase     fp32 A100  fp32 H100  bf16 A100  bf16 H100  tf32 A100  tf32 H100
     T1     1x3136x24  forward   120/40.2   30.7/24.0  20.9/20.5  12.5/12.3  41.1/40.2  24.5/24.0
-    T1     1x3136x24  backward  764/80.5   200/48.1   72.1/41.1  45.3/24.5  106/80.5   109/48.1
+    T1     1x3136x24  backward  740/80.5   200/48.1   72.1/41.1  45.3/24.5  106/80.5   109/48.1
     T2     2x784x24   forward   60.2/21.0  20.3/12.6  11.7/10.7  7.8/6.4    21.4/21.0  12.8/12.6
-    T2     2x784x24   backward  384/42.1   94.3/25.1  43.3/21.4  27.4/12.8  59.7/42.1  53.0/25.1
+    T2     2x784x24   backward  372/42.1   94.3/25.1  43.3/21.4  27.4/12.8  59.7/42.1  53.0/25.1
     T3     4x196x28   forward   32.9/14.3  11.2/8.6   7.8/7.3    5.2/4.3    14.5/14.3  8.7/8.6
-    T3     4x196x28   backward  206/28.7   51.8/17.1  42.7/14.5  18.5/8.7   47.4/28.7  36.4/17.1
+    T3     4x196x28   backward  198/28.7   51.8/17.1  42.7/14.5  18.5/8.7   47.4/28.7  36.4/17.1
     T4     8x49x28    forward   21.5/11.4  6.9/6.8    5.8/5.7    3.7/3.4    11.5/11.4  6.9/6.8
-    T4     8x49x28    backward  146/22.8   34.0/13.6  19.2/11.5  13.0/6.9   35.1/22.8  26.0/13.6
+    T4     8x49x28    backward  140/22.8   34.0/13.6  19.2/11.5  13.0/6.9   35.1/22.8  26.0/13.6
     S1     1x3136x32  forward   120/53.3   32.3/31.8  27.4/27.0  16.4/16.1  54.1/53.3  32.3/31.8
-    S1     1x3136x32  backward  765/107    200/63.6   72.1/54.1  45.3/32.3  136/107    109/63.6
+    S1     1x3136x32  backward  741/107    200/63.6   72.1/54.1  45.3/32.3  136/107    109/63.6
     S2     2x784x32   forward   60.2/27.9  20.3/16.6  14.3/14.1  8.6/8.4    28.3/27.9  16.9/16.6
-    S2     2x784x32   backward  384/55.7   94.3/33.3  46.0/28.3  31.4/16.9  75.4/55.7  53.0/33.3
+    S2     2x784x32   backward  372/55.7   94.3/33.3  46.0/28.3  31.4/16.9  75.4/55.7  53.0/33.3
     S3     5x196x32   forward   40.9/20.4  14.0/12.2  10.3/10.3  8.2/6.2    20.7/20.4  12.3/12.2
-    S3     5x196x32   backward  252/40.8   61.8/24.4  48.9/20.7  22.0/12.3  66.8/40.8  51.5/24.4
+    S3     5x196x32   backward  243/40.8   61.8/24.4  48.9/20.7  22.0/12.3  66.8/40.8  51.5/24.4
     S4     8x49x32    forward   21.5/13.0  7.8/7.8    6.6/6.5    3.9/3.9    13.1/13.0  7.8/7.8
-    S4     8x49x32    backward  146/26.0   34.0/15.5  19.2/13.1  13.0/7.8   39.5/26.0  29.6/15.5
+    S4     8x49x32    backward  140/26.0   34.0/15.5  19.2/13.1  13.0/7.8   39.5/26.0  29.6/15.5
     B1     2x3136x19  forward   238/64.2   59.0/38.3  34.7/32.9  21.3/19.6  65.8/64.2  39.3/38.3
-    B1     2x3136x19  backward  1521/128   369/76.6   119/65.8   67.1/39.3  185/128    200/76.6
+    B1     2x3136x19  backward  1472/128   369/76.6   119/65.8   67.1/39.3  185/128    200/76.6
     B2     4x784x19   forward   120/33.5   35.8/20.0  19.2/17.2  13.3/10.2  34.6/33.5  21.7/20.0
-    B2     4x784x19   backward  705/67.0   173/40.0   71.0/34.3  41.3/20.5  96.2/67.0  97.8/40.0
+    B2     4x784x19   backward  681/67.0   173/40.0   71.0/34.3  41.3/20.5  96.2/67.0  97.8/40.0
     B3     8x196x21   forward   64.9/21.6  20.4/12.9  12.5/11.0  8.7/6.6    22.0/21.6  13.2/12.9
-    B3     8x196x21   backward  370/43.3   97.6/25.8  72.7/22.0  33.9/13.2  86.6/43.3  63.5/25.8
+    B3     8x196x21   backward  358/43.3   97.6/25.8  72.7/22.0  33.9/13.2  86.6/43.3  63.5/25.8
     B4     16x49x21   forward   41.6/17.1  12.6/10.2  9.5/8.7    6.5/5.2    17.3/17.1  10.4/10.2
-    B4     16x49x21   backward  263/34.3   62.1/20.5  35.8/17.3  21.9/10.4  56.1/34.3  41.3/20.5
+    B4     16x49x21   backward  253/34.3   62.1/20.5  35.8/17.3  21.9/10.4  56.1/34.3  41.3/20.5
 """
 
 from __future__ import annotations
@@ -935,7 +935,12 @@ def _osra_bwd_dq_kernel(
     mask_d = offs_d < D
     nd_mask = mask_n[:, None] & mask_d[None, :]
     nd_offs = offs_n[:, None] * q_stride_n + offs_d[None, :] * q_stride_d
-    dbias_base = dbias_ptr + group * dbias_stride_g + h * dbias_stride_h + offs_n[:, None] * dbias_stride_n
+    # As in the forward: the head's base pointers, then int32 offsets within the head (unless INDEX64) added
+    # before each load, and the softmax in log2 units.
+    dbias_head = dbias_ptr + group * dbias_stride_g + h * dbias_stride_h
+    dbias_rows = offs_n[:, None] * dbias_stride_n
+    bias_rows = offs_n[:, None] * bias_stride_n
+    log2e = _log2e(scale)
     # Bias-gradient slice of this program, summed over its batches (used when M fits one block).
     dbias_acc = tl.zeros([BLOCK_N, BLOCK_M], scale.dtype)
 
@@ -943,36 +948,42 @@ def _osra_bwd_dq_kernel(
     b_end = tl.minimum(b_start + BATCHES_PER_GROUP, B)
     for b in range(b_start, b_end):
         # q, out, dO and dq share one layout (the launcher makes it so), hence one offset tile.
-        q_offs = b * q_stride_b + h * q_stride_h + nd_offs
-        q = tl.load(q_ptr + q_offs, mask=nd_mask, other=0.0)
-        do = tl.load(grad_out_ptr + q_offs, mask=nd_mask, other=0.0)
-        o = tl.load(out_ptr + q_offs, mask=nd_mask, other=0.0)
+        q_head = b * q_stride_b + h * q_stride_h
+        q = tl.load(q_ptr + q_head + nd_offs, mask=nd_mask, other=0.0)
+        do = tl.load(grad_out_ptr + q_head + nd_offs, mask=nd_mask, other=0.0)
+        o = tl.load(out_ptr + q_head + nd_offs, mask=nd_mask, other=0.0)
         delta = tl.sum(do.to(scale.dtype) * o.to(scale.dtype), 1)
         row = (b * H + h) * N + offs_n
         tl.store(delta_ptr + row, delta, mask=mask_n)
-        lse = tl.load(lse_ptr + row, mask=mask_n, other=float("inf"))  # padded rows get P = 0
-        k_base = k_ptr + b * k_stride_b + h * k_stride_h
-        v_base = v_ptr + b * k_stride_b + h * k_stride_h
-        bias_base = bias_ptr + b * bias_stride_b + h * bias_stride_h + offs_n[:, None] * bias_stride_n
+        lse = tl.load(lse_ptr + row, mask=mask_n, other=float("inf")) * log2e  # padded rows get P = 0
+        k_head = k_ptr + b * k_stride_b + h * k_stride_h
+        v_head = v_ptr + b * k_stride_b + h * k_stride_h
+        bias_head = bias_ptr + b * bias_stride_b + h * bias_stride_h
 
         dq = tl.zeros([BLOCK_N, BLOCK_D], scale.dtype)
         for start_m in range(0, M, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             mask_m = offs_m < M
             dm_mask = mask_d[:, None] & mask_m[None, :]
+            dm_offs = offs_d[:, None] * k_stride_d + offs_m[None, :] * k_stride_m
             # K, K^T and V^T are separate (L2-resident) loads rather than tl.trans of register tiles.
             k = tl.load(
-                k_base + offs_m[:, None] * k_stride_m + offs_d[None, :] * k_stride_d,
+                k_head + (offs_m[:, None] * k_stride_m + offs_d[None, :] * k_stride_d),
                 mask=mask_m[:, None] & mask_d[None, :],
                 other=0.0,
             )
-            kt = tl.load(k_base + offs_d[:, None] * k_stride_d + offs_m[None, :] * k_stride_m, mask=dm_mask, other=0.0)
-            vt = tl.load(v_base + offs_d[:, None] * k_stride_d + offs_m[None, :] * k_stride_m, mask=dm_mask, other=0.0)
-            s = _matmul(q, kt, PRECISION, USE_DOT).to(scale.dtype) * scale
+            kt = tl.load(k_head + dm_offs, mask=dm_mask, other=0.0)
+            vt = tl.load(v_head + dm_offs, mask=dm_mask, other=0.0)
+            s = _matmul(q, kt, PRECISION, USE_DOT).to(scale.dtype) * (scale * log2e)
             nm_mask = mask_n[:, None] & mask_m[None, :]
             if HAS_BIAS:
-                s += tl.load(bias_base + offs_m[None, :] * bias_stride_m, mask=nm_mask, other=0.0).to(scale.dtype)
-            p = tl.where(mask_m[None, :], tl.exp(s - lse[:, None]), 0.0)
+                s += (
+                    tl.load(bias_head + (bias_rows + offs_m[None, :] * bias_stride_m), mask=nm_mask, other=0.0).to(
+                        scale.dtype
+                    )
+                    * log2e
+                )
+            p = tl.where(mask_m[None, :], tl.exp2(s - lse[:, None]), 0.0)
             dp = _matmul(do, vt, PRECISION, USE_DOT).to(scale.dtype)
             ds = p * (dp - delta[:, None])
             dq += _matmul(ds.to(k.dtype), k, PRECISION, USE_DOT).to(scale.dtype)
@@ -982,18 +993,18 @@ def _osra_bwd_dq_kernel(
                 else:
                     # Read-modify-write of the slice only this program owns; the barrier orders
                     # the previous batch's store before this load across the program's threads.
-                    dbias_ptrs = dbias_base + offs_m[None, :] * dbias_stride_m
+                    dbias_ptrs = dbias_head + (dbias_rows + offs_m[None, :] * dbias_stride_m)
                     tl.debug_barrier()
                     prev = tl.load(dbias_ptrs, mask=nm_mask, other=0.0).to(scale.dtype)
                     prev = tl.where(b > b_start, prev, 0.0)  # the group's first batch starts the sum
                     tl.store(dbias_ptrs, (prev + ds).to(dbias_ptr.dtype.element_ty), mask=nm_mask)
-        tl.store(dq_ptr + q_offs, (dq * scale).to(dq_ptr.dtype.element_ty), mask=nd_mask)
+        tl.store(dq_ptr + q_head + nd_offs, (dq * scale).to(dq_ptr.dtype.element_ty), mask=nd_mask)
 
     if HAS_DBIAS:
         if ONE_KEY_BLOCK:
             offs_m = tl.arange(0, BLOCK_M)
             tl.store(
-                dbias_base + offs_m[None, :] * dbias_stride_m,
+                dbias_head + (dbias_rows + offs_m[None, :] * dbias_stride_m),
                 dbias_acc.to(dbias_ptr.dtype.element_ty),
                 mask=mask_n[:, None] & (offs_m < M)[None, :],
             )
@@ -1207,13 +1218,14 @@ def _uses_dot(q: torch.Tensor) -> bool:
 # warps (32 rows replicated each mma tile over 4 of the 8; with 4 warps it spills) and dk/dv 32 key rows on 4 warps
 # with no register budget (static audit, Triton 3.8, T stage 1 at 800x1216, bf16, with the forward's exp2 and
 # in-head int32 offsets: forward 505.6 -> 301.7 us on an H100, 777.9 -> 463.0 on an A100; dk/dv 343.3 -> 213.7 and
-# 479.4 -> 305.9). The dq kernel keeps 16 rows on 8 warps: 32 or 64 rows spilled 16-588 B. fp32 takes its tiles at
+# 479.4 -> 305.9). Their dq kernel takes 16 rows on 4 warps with no register budget where it loops over several key
+# blocks (with 8 warps two shared each mma tile; 32 or 64 rows spilled 16-588 B). fp32 takes its tiles at
 # M = 49 too (the sm_8x backward under 3xTF32). The fp32 dq kernel pipelines 2 stages, not Triton's default 3: with
 # 3, ptxas for sm_80 needs 255 registers and spills 80 B; with 2, 196 registers and no spill (a one-key-block loop
 # gains nothing from a third stage).
 _BLOCKS = {
     ("fwd", True): (64, 8, 2),
-    ("dq", True): (16, 8, 3),
+    ("dq", True): (16, 4, 2),
     ("dkdv", True): (32, 4, 2),
     ("fwd", False): (16, 8, 3),
     ("dq", False): (16, 8, 2),
@@ -1643,7 +1655,7 @@ def _forward(q, k, v, bias, scale):
             BLOCK_N=cfg.block_n,
             BLOCK_M=cfg.block_m,
             BLOCK_D=cfg.block_d,
-            INDEX64=needs_int64(q, k, v, out),
+            INDEX64=_flash_index64(bias, q, k, v, out),
             num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
         )
@@ -1700,6 +1712,13 @@ def _short_path_groups(
     tail = 2 * query_blocks * settings.partial_sum_batches if backward else 0.0
     tail = tail if tail >= settings.partial_sum_min_batches else 0.0
     return balanced_batch_groups(B, query_blocks * heads, floor, sm_count, settings.prologue_batches, tail)
+
+
+def _flash_index64(bias: Optional[torch.Tensor], *tensors: torch.Tensor) -> bool:
+    """The flash kernels' INDEX64: whether offsets within one sample of the tensors or of the bias (or its gradient
+    buffer, one of `tensors`) can pass int32. The kernels add a head's offsets (row times stride) to its base
+    pointer, so a bias's N·M span counts even where q, k and v are small."""
+    return needs_int64(*tensors, *(() if bias is None else (bias,)))
 
 
 def _dbias_buffer(bias, has_dbias: bool, groups: int, batches_per_group: int, q: torch.Tensor, M: int, row_of=None):
@@ -1968,7 +1987,7 @@ def _backward_flash(grad_out, q, k, v, bias, out, lse, scale, has_dbias):
     rows_per_split = cdiv(n_dkdv_blocks, splits) * dkdv_cfg.block_n
     splits = cdiv(N, rows_per_split)
     dk_buf, dv_buf = _dkdv_buffers(k, splits)
-    index64 = needs_int64(q, k, v, out, grad_out, dq)
+    index64 = _flash_index64(bias, q, k, v, out, grad_out, dq, dbias_buf)
     with device_guard(q):
         _osra_bwd_dq_kernel[(n_blocks, h, groups)](
             q,
@@ -2002,7 +2021,12 @@ def _backward_flash(grad_out, q, k, v, bias, out, lse, scale, has_dbias):
             BLOCK_D=cfg.block_d,
             INDEX64=index64,
             num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages,
+            # One key block with int64 offsets: 3 stages, where 2 spilled 8 B (fp32, sm_90, Triton 3.6: ptxas gave it
+            # 128 registers; any register budget spilled 36-100 B on sm_80/86/90).
+            num_stages=3 if index64 and cfg.block_m >= M and cfg.precision == "ieee" else cfg.num_stages,
+            # Over several key blocks ptxas's budget (128 registers in fp32 on sm_90 under Triton 3.6) spilled 12 B;
+            # with one block (fp32 at 224x224) lifting it spilled 44-84 B on sm_80/86, so that one keeps it.
+            **({} if cfg.block_m >= M else NO_REGISTER_BUDGET),
         )
         _osra_bwd_dkdv_kernel[(m_blocks, B * h, splits)](
             q,
