@@ -43,7 +43,8 @@ INT32_SPAN_LIMIT = 2**31 - 1
 # on 2-4 warps), so that they spill: `.maxnreg 255` lets ptxas allocate what the code needs. Used by the MS-FFN
 # forward and saved-z gradient passes (spilled 4-32 B in fp16/bf16 on sm_80 and sm_90 without it; 90-197
 # registers with it), by IDConv's int64-offset convolution (4 B on sm_86 fp16 under Triton 3.6; 122 with it) and by
-# its tensor-core convolution (8 B in fp16/bf16 with the bias, sm_90 under Triton 3.8 and sm_80 under 3.6).
+# its tensor-core convolution (8 B in fp16/bf16 with the bias, sm_90 under Triton 3.8 and sm_80 under 3.6), and by
+# OSRA's flash dk/dv kernel and its dq kernel over several key blocks (12-16 B without it under Triton 3.6).
 NO_REGISTER_BUDGET = {"maxnreg": 255}
 
 

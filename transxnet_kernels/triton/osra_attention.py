@@ -87,29 +87,29 @@ estimate / DRAM roofline, µs):
 
     stage  shape      phase     fp32 A100  fp32 H100  bf16 A100  bf16 H100  tf32 A100  tf32 H100
     T1     1x3136x24  forward   120/40.2   30.7/24.0  20.9/20.5  12.5/12.3  41.1/40.2  24.5/24.0
-    T1     1x3136x24  backward  740/80.5   200/48.1   72.1/41.1  45.3/24.5  106/80.5   109/48.1
+    T1     1x3136x24  backward  730/80.5   200/48.1   72.1/41.1  45.3/24.5  106/80.5   109/48.1
     T2     2x784x24   forward   60.2/21.0  20.3/12.6  11.7/10.7  7.8/6.4    21.4/21.0  12.8/12.6
-    T2     2x784x24   backward  372/42.1   94.3/25.1  43.3/21.4  27.4/12.8  59.7/42.1  53.0/25.1
+    T2     2x784x24   backward  370/42.1   94.3/25.1  43.3/21.4  27.4/12.8  59.7/42.1  53.0/25.1
     T3     4x196x28   forward   32.9/14.3  11.2/8.6   7.8/7.3    5.2/4.3    14.5/14.3  8.7/8.6
-    T3     4x196x28   backward  198/28.7   51.8/17.1  42.7/14.5  18.5/8.7   47.4/28.7  36.4/17.1
+    T3     4x196x28   backward  197/28.7   51.8/17.1  42.7/14.5  18.5/8.7   47.4/28.7  36.4/17.1
     T4     8x49x28    forward   21.5/11.4  6.9/6.8    5.8/5.7    3.7/3.4    11.5/11.4  6.9/6.8
     T4     8x49x28    backward  140/22.8   34.0/13.6  19.2/11.5  13.0/6.9   35.1/22.8  26.0/13.6
     S1     1x3136x32  forward   120/53.3   32.3/31.8  27.4/27.0  16.4/16.1  54.1/53.3  32.3/31.8
-    S1     1x3136x32  backward  741/107    200/63.6   72.1/54.1  45.3/32.3  136/107    109/63.6
+    S1     1x3136x32  backward  731/107    200/63.6   72.1/54.1  45.3/32.3  136/107    109/63.6
     S2     2x784x32   forward   60.2/27.9  20.3/16.6  14.3/14.1  8.6/8.4    28.3/27.9  16.9/16.6
-    S2     2x784x32   backward  372/55.7   94.3/33.3  46.0/28.3  31.4/16.9  75.4/55.7  53.0/33.3
+    S2     2x784x32   backward  370/55.7   94.3/33.3  46.0/28.3  31.4/16.9  75.4/55.7  53.0/33.3
     S3     5x196x32   forward   40.9/20.4  14.0/12.2  10.3/10.3  8.2/6.2    20.7/20.4  12.3/12.2
-    S3     5x196x32   backward  243/40.8   61.8/24.4  48.9/20.7  22.0/12.3  66.8/40.8  51.5/24.4
+    S3     5x196x32   backward  242/40.8   61.8/24.4  48.9/20.7  22.0/12.3  66.8/40.8  51.5/24.4
     S4     8x49x32    forward   21.5/13.0  7.8/7.8    6.6/6.5    3.9/3.9    13.1/13.0  7.8/7.8
     S4     8x49x32    backward  140/26.0   34.0/15.5  19.2/13.1  13.0/7.8   39.5/26.0  29.6/15.5
     B1     2x3136x19  forward   238/64.2   59.0/38.3  34.7/32.9  21.3/19.6  65.8/64.2  39.3/38.3
-    B1     2x3136x19  backward  1472/128   369/76.6   119/65.8   67.1/39.3  185/128    200/76.6
+    B1     2x3136x19  backward  1466/128   369/76.6   119/65.8   67.1/39.3  185/128    200/76.6
     B2     4x784x19   forward   120/33.5   35.8/20.0  19.2/17.2  13.3/10.2  34.6/33.5  21.7/20.0
-    B2     4x784x19   backward  681/67.0   173/40.0   71.0/34.3  41.3/20.5  96.2/67.0  97.8/40.0
+    B2     4x784x19   backward  678/67.0   173/40.0   71.0/34.3  41.3/20.5  96.2/67.0  97.8/40.0
     B3     8x196x21   forward   64.9/21.6  20.4/12.9  12.5/11.0  8.7/6.6    22.0/21.6  13.2/12.9
-    B3     8x196x21   backward  358/43.3   97.6/25.8  72.7/22.0  33.9/13.2  86.6/43.3  63.5/25.8
+    B3     8x196x21   backward  356/43.3   97.6/25.8  72.7/22.0  33.9/13.2  86.6/43.3  63.5/25.8
     B4     16x49x21   forward   41.6/17.1  12.6/10.2  9.5/8.7    6.5/5.2    17.3/17.1  10.4/10.2
-    B4     16x49x21   backward  253/34.3   62.1/20.5  35.8/17.3  21.9/10.4  56.1/34.3  41.3/20.5
+    B4     16x49x21   backward  252/34.3   62.1/20.5  35.8/17.3  21.9/10.4  56.1/34.3  41.3/20.5
 """
 
 from __future__ import annotations
@@ -1093,7 +1093,11 @@ def _osra_bwd_dkdv_kernel(
     k_offs = b * k_stride_b + h * k_stride_h + offs_m[:, None] * k_stride_m + offs_d[None, :] * k_stride_d
     k = tl.load(k_ptr + k_offs, mask=md_mask, other=0.0)
     v = tl.load(v_ptr + k_offs, mask=md_mask, other=0.0)
-    q_slice = b * q_stride_b + h * q_stride_h
+    # As in the forward: the head's base pointers, then int32 offsets within the head (unless INDEX64) added before
+    # each load. (Its exp2 form, as in the forward and dq, cost more under Triton 3.6 here: T stage 1 bf16 at
+    # 800x1216 on sm_90 231.2 -> 251.4 us, where with a bias it saves no multiply.)
+    q_head = q_ptr + b * q_stride_b + h * q_stride_h
+    do_head = grad_out_ptr + b * q_stride_b + h * q_stride_h
     bias_base = bias_ptr + b * bias_stride_b + h * bias_stride_h + offs_m[:, None] * bias_stride_m
     row_base = bh.to(tl.int64) * N
 
@@ -1109,12 +1113,12 @@ def _osra_bwd_dkdv_kernel(
         nd_mask = mask_n[:, None] & mask_d[None, :]
         dn_mask = mask_d[:, None] & mask_n[None, :]
         # Q, Q^T, dO and dO^T are separate (L2-resident) loads rather than tl.trans of register tiles.
-        nd_offs = q_slice + offs_n[:, None] * q_stride_n + offs_d[None, :] * q_stride_d
-        dn_offs = q_slice + offs_d[:, None] * q_stride_d + offs_n[None, :] * q_stride_n
-        q = tl.load(q_ptr + nd_offs, mask=nd_mask, other=0.0)
-        qt = tl.load(q_ptr + dn_offs, mask=dn_mask, other=0.0)
-        do = tl.load(grad_out_ptr + nd_offs, mask=nd_mask, other=0.0)
-        dot = tl.load(grad_out_ptr + dn_offs, mask=dn_mask, other=0.0)
+        nd_offs = offs_n[:, None] * q_stride_n + offs_d[None, :] * q_stride_d
+        dn_offs = offs_d[:, None] * q_stride_d + offs_n[None, :] * q_stride_n
+        q = tl.load(q_head + nd_offs, mask=nd_mask, other=0.0)
+        qt = tl.load(q_head + dn_offs, mask=dn_mask, other=0.0)
+        do = tl.load(do_head + nd_offs, mask=nd_mask, other=0.0)
+        dot = tl.load(do_head + dn_offs, mask=dn_mask, other=0.0)
         lse = tl.load(lse_ptr + row_base + offs_n, mask=mask_n, other=float("inf"))  # padded rows: P = 0
         delta = tl.load(delta_ptr + row_base + offs_n, mask=mask_n, other=0.0)
         # Transposed scores: rows are keys, columns are queries.
@@ -2058,7 +2062,7 @@ def _backward_flash(grad_out, q, k, v, bias, out, lse, scale, has_dbias):
             num_warps=dkdv_cfg.num_warps,
             num_stages=dkdv_cfg.num_stages,
             # fp16/bf16's 4-warp programs: capped at 128 registers, ptxas spilled 16 B on sm_86 (186-214 without)
-            **(NO_REGISTER_BUDGET if dkdv_cfg.num_warps < 8 else {}),
+            **NO_REGISTER_BUDGET,
         )
     return dq, dk_buf, dv_buf, dbias_buf, reduce_dims
 
