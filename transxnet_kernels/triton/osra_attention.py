@@ -1093,9 +1093,9 @@ def _osra_bwd_dkdv_kernel(
     k_offs = b * k_stride_b + h * k_stride_h + offs_m[:, None] * k_stride_m + offs_d[None, :] * k_stride_d
     k = tl.load(k_ptr + k_offs, mask=md_mask, other=0.0)
     v = tl.load(v_ptr + k_offs, mask=md_mask, other=0.0)
-    # As in the forward: the head's base pointers, then int32 offsets within the head (unless INDEX64) added before
-    # each load. (Its exp2 form, as in the forward and dq, cost more under Triton 3.6 here: T stage 1 bf16 at
-    # 800x1216 on sm_90 231.2 -> 251.4 us, where with a bias it saves no multiply.)
+    # As in the forward: q's and dO's head base pointers, then int32 offsets within the head (unless INDEX64) added
+    # before each load. Not its exp2 (with a bias it saves no multiply; under Triton 3.6 it cost T stage 1 bf16 at
+    # 800x1216 on sm_90 231.2 -> 251.4 us) nor in-head bias offsets (225.7 -> 231.2 us): the bias keeps row pointers.
     q_head = q_ptr + b * q_stride_b + h * q_stride_h
     do_head = grad_out_ptr + b * q_stride_b + h * q_stride_h
     bias_base = bias_ptr + b * bias_stride_b + h * bias_stride_h + offs_m[:, None] * bias_stride_m
@@ -2061,7 +2061,8 @@ def _backward_flash(grad_out, q, k, v, bias, out, lse, scale, has_dbias):
             INDEX64=index64,
             num_warps=dkdv_cfg.num_warps,
             num_stages=dkdv_cfg.num_stages,
-            # fp16/bf16's 4-warp programs: capped at 128 registers, ptxas spilled 16 B on sm_86 (186-214 without)
+            # ptxas's budget spilled: fp16/bf16's 4-warp programs 16 B on sm_86 (186-214 registers without it), the
+            # fp32 8-warp ones with TF32 16 B on sm_86 under Triton 3.6 (128 registers; 220-226 without)
             **NO_REGISTER_BUDGET,
         )
     return dq, dk_buf, dv_buf, dbias_buf, reduce_dims
