@@ -106,7 +106,7 @@ from triton.runtime.jit import JITFunction, create_function_from_signature
 
 from benchmarks.audit_tables import worst_calls
 from benchmarks.common import tf32_matmuls
-from benchmarks.gpu_audit_trips import LAST_PROGRAM_TRIPS, LOOP_TRIPS, RARE_PATH_POINTERS
+from benchmarks.gpu_audit_trips import LAST_ARRIVER_RUNS, LAST_PROGRAM_TRIPS, LOOP_TRIPS, RARE_PATH_POINTERS
 from benchmarks.gpu_warmup import FORWARD_ONLY_OPS, OPS, _affine_batch_norm, recording_fused_calls
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -194,6 +194,8 @@ GPUS = {
 RESULT_FORMAT = 2
 # Bump when the analysis of MMA instructions changes: only kernels calling tl.dot recompile.
 TENSOR_PIPE_FORMAT = 1
+# Bump when the analysis of last-arriver regions changes (`analyse_sass`): only kernels calling tl.atomic_* recompile.
+LAST_ARRIVER_FORMAT = 1
 REGISTERS_PER_SM = 65536
 SCHEDULERS_PER_SM = 4
 
@@ -488,6 +490,7 @@ class Launch:
     loop_trips: Dict[str, int]
     tensors: Tuple[Tuple[Tuple[str, ...], int], ...]  # per distinct tensor: the arguments naming it, its bytes
     tail_trips: Dict[str, int] = dataclasses.field(default_factory=dict)  # gpu_audit_trips.LAST_PROGRAM_TRIPS
+    last_arriver_runs: Tuple[int, ...] = ()  # gpu_audit_trips.LAST_ARRIVER_RUNS
 
     @property
     def programs(self) -> int:
@@ -551,6 +554,7 @@ def recording_launches(gpu: Gpu, sink: List[Launch], phase: List[str]) -> Iterat
                 RESULT_FORMAT,
             ]
             + ([TENSOR_PIPE_FORMAT] if _uses_tensor_cores(fn) else [])
+            + ([LAST_ARRIVER_FORMAT] if _uses_atomics(fn) else [])
         )
         summary = {
             "signature": signature,
@@ -578,6 +582,7 @@ def recording_launches(gpu: Gpu, sink: List[Launch], phase: List[str]) -> Iterat
                 LOOP_TRIPS[fn.__name__](bound, grid),
                 _launch_tensors(bound),
                 LAST_PROGRAM_TRIPS[fn.__name__](bound, grid) if fn.__name__ in LAST_PROGRAM_TRIPS else {},
+                LAST_ARRIVER_RUNS[fn.__name__](bound, grid) if fn.__name__ in LAST_ARRIVER_RUNS else (),
             )
         )
 
@@ -869,6 +874,11 @@ def _uses_tensor_cores(fn: JITFunction) -> bool:
     return any("tl.dot(" in f.src for f in _jit_helpers(fn))
 
 
+def _uses_atomics(fn: JITFunction) -> bool:
+    """Whether fn or a jit function it calls calls tl.atomic_* (its SASS may hold last-arriver regions)."""
+    return any("tl.atomic_" in f.src for f in _jit_helpers(fn))
+
+
 def _jit_helpers(fn: JITFunction) -> List[JITFunction]:
     """fn and the jit functions it calls, transitively (those defined at module level)."""
     found, todo = {}, [fn]
@@ -1029,7 +1039,12 @@ def analyse_sass(sass: str, source_loops: Sequence[SourceLoop]) -> Dict[str, Any
     """Split the SASS into loops (backward branches) and count instructions by category.
 
     Returns the instruction counts outside every loop and, per loop, the counts of its body that are
-    in no inner loop, the source loop its branch's line falls in (innermost) and its nesting depth."""
+    in no inner loop, the source loop its branch's line falls in (innermost) and its nesting depth; and, per
+    last-arriver region (SASS order), the counts of its straight code, which outside_loops includes. A region is
+    the code a conditional forward branch (to its target) or a conditional exit (to the end) leaves to the
+    programs that do not take it, where that branch is the first after an atomic outside the loops: the
+    `if tl.atomic_add(count, 1) == last` of a program summing what the others of its group wrote, which one
+    program of the group runs (`gpu_audit_trips.LAST_ARRIVER_RUNS`)."""
     instructions, labels, line = [], {}, ("", 0)
     pending_labels = []
     for text in sass.splitlines():
@@ -1044,9 +1059,9 @@ def analyse_sass(sass: str, source_loops: Sequence[SourceLoop]) -> Dict[str, Any
             pending_labels = []
             target = _BRANCH_TARGET.search(m.group(5)) if m.group(3) == "BRA" else None
             mma = _mma_fma(m.group(3), m.group(4)) if m.group(3) in _MMA else None
-            instructions.append((address, m.group(3), line, target.group(1) if target else None, mma))
+            instructions.append((address, m.group(3), line, target.group(1) if target else None, mma, m.group(2)))
     loops = []  # (start address, end address, branch line)
-    for address, _, branch_line, target, _ in instructions:
+    for address, _, branch_line, target, _, _ in instructions:
         if target is not None and labels[target] < address:
             loops.append((labels[target], address, branch_line))
     loops.sort(key=lambda lp: lp[1] - lp[0])  # innermost (shortest) first
@@ -1056,7 +1071,7 @@ def analyse_sass(sass: str, source_loops: Sequence[SourceLoop]) -> Dict[str, Any
 
     counts = [collections.Counter() for _ in loops]
     outside = collections.Counter()
-    for address, opcode, _, _, mma in instructions:
+    for address, opcode, _, _, mma, _ in instructions:
         i = innermost_loop(address)
         category = _category(opcode)
         for c in (outside if i is None else counts[i],):
@@ -1073,7 +1088,7 @@ def analyse_sass(sass: str, source_loops: Sequence[SourceLoop]) -> Dict[str, Any
     for (lo, hi, (branch_file, branch_line)), c in zip(loops, counts):
         source = source_loop_of(branch_file, branch_line)
         if source is None:  # the branch carries a hoisted line: the source loop most of the body's lines fall in
-            votes = collections.Counter(source_loop_of(*ln) for a, _, ln, _, _ in instructions if lo <= a <= hi)
+            votes = collections.Counter(source_loop_of(*ln) for a, _, ln, _, _, _ in instructions if lo <= a <= hi)
             votes.pop(None, None)
             source = votes.most_common(1)[0][0] if votes else None
         depth = sum(1 for lo2, hi2, _ in loops if lo2 <= lo and hi <= hi2) - 1
@@ -1081,7 +1096,30 @@ def analyse_sass(sass: str, source_loops: Sequence[SourceLoop]) -> Dict[str, Any
             {"source_loop": source, "branch_line": branch_line, "depth": depth, "sass_range": [lo, hi], "body": dict(c)}
         )
     result.sort(key=lambda lp: lp["sass_range"][0])
-    return {"outside_loops": dict(outside), "loops": result}
+
+    last_arrivers = []
+    for i, (address, opcode, *_) in enumerate(instructions):
+        if opcode not in ("ATOMG", "ATOM") or innermost_loop(address) is not None:
+            continue
+        for branch, opcode2, _, target, _, predicate in instructions[i + 1 :]:
+            if innermost_loop(branch) is not None:
+                break
+            if predicate and opcode2 == "EXIT":
+                end = instructions[-1][0] + 1
+            elif predicate and target is not None and labels[target] > branch:
+                end = labels[target]
+            else:
+                continue
+            region = collections.Counter()
+            for a, op, _, _, mma, _ in instructions:
+                if branch < a < end and innermost_loop(a) is None:
+                    region[_category(op)] += 1
+                    region["total"] += 1
+                    if mma is not None:
+                        region[_MMA_FMA + mma[0]] += mma[1]
+            last_arrivers.append(dict(region))
+            break
+    return {"outside_loops": dict(outside), "loops": result, "last_arrivers": last_arrivers}
 
 
 # ===================================================================================================
@@ -1125,15 +1163,26 @@ def trip_instructions(versions: Sequence[Dict[str, int]], pipes: Pipes = Pipes()
 
 def issued_warp_instructions(launch: Launch, sass: Dict[str, Any], pipes: Pipes = Pipes()) -> int:
     """Σ over source loops of (instructions per trip, `trip_instructions`) x trips, plus the straight code once per
-    program; times the program's warps. In issue slots of `pipes`: a body's fp-category instructions or its MMAs'
-    tensor-core clocks where they outweigh its instruction count (`Pipes.slots`)."""
+    program but each last-arriver region's (`analyse_sass`) once per program that runs it; times the program's
+    warps. In issue slots of `pipes`: a body's fp-category instructions or its MMAs' tensor-core clocks where they
+    outweigh its instruction count (`Pipes.slots`)."""
     for loop in sass["loops"]:
         if loop["source_loop"] not in launch.loop_trips:
             raise KeyError(
                 f"{launch.kernel}: SASS loop at line {loop['branch_line']} (source loop "
                 f"{loop['source_loop']}) has no trip count in gpu_audit_trips.LOOP_TRIPS"
             )
-    per_warp = pipes.slots(sass["outside_loops"]) * launch.programs
+    regions = sass.get("last_arrivers", [])  # (cached results of kernels without atomics predate the field)
+    if len(regions) != len(launch.last_arriver_runs):
+        raise ValueError(
+            f"{launch.kernel}: {len(regions)} last-arriver regions in its SASS, {len(launch.last_arriver_runs)} run "
+            "counts in gpu_audit_trips.LAST_ARRIVER_RUNS"
+        )
+    everyone = collections.Counter(sass["outside_loops"])
+    for region in regions:
+        everyone.subtract(region)
+    per_warp = pipes.slots(dict(everyone)) * launch.programs
+    per_warp += sum(pipes.slots(region) * runs for region, runs in zip(regions, launch.last_arriver_runs))
     per_warp += _loop_instructions(sass, launch.loop_trips, pipes)
     return round(per_warp * launch.num_warps)
 
@@ -1170,14 +1219,17 @@ def issue_seconds(launch: Launch, result: Dict[str, Any], gpu: Gpu, pipes: Optio
 
 def tail_seconds(launch: Launch, result: Dict[str, Any], gpu: Gpu, pipes: Optional[Pipes] = None) -> float:
     """The serial tail of a launch whose programs wait for others (`gpu_audit_trips.LAST_PROGRAM_TRIPS`: OSRA's
-    last-arriver dk/dv and bias-gradient sums): the loops one program runs once the rest of its group is done, issued by
-    its warps alone (at most 4 a clock) after the launch's spread work. Averaged over the programs as the spread work
+    last-arriver dk/dv and bias-gradient sums): the loops one program runs once the rest of its group is done and the
+    straight code of its last-arriver regions (`analyse_sass`), issued by its warps alone (at most 4 a clock) after the
+    launch's spread work. Averaged over the programs as the spread work
     is, the dk/dv sum over 196 query blocks' partials that one program of each of 8 groups ran for 16 batches (T stage 1
     fp32 on an H100, when this was written) counted 6% of itself (the busiest SM's 12 of 1568 programs' share). Several
     such sums in one launch (dk/dv per group, the bias gradient's per query block) count as one program's, the last. Its
     loops are counted once more than they run, a small share where the groups are many; the partials' reads from L2 are
     not modelled (issue only)."""
-    per_warp = _loop_instructions(result["sass"], launch.tail_trips, pipes or gpu.issue_pipes)
+    pipes = pipes or gpu.issue_pipes
+    per_warp = _loop_instructions(result["sass"], launch.tail_trips, pipes)
+    per_warp += sum(pipes.slots(region) for region in result["sass"].get("last_arrivers", []))
     return per_warp * launch.num_warps / (min(SCHEDULERS_PER_SM, launch.num_warps) * gpu.clock_ghz * 1e9)
 
 

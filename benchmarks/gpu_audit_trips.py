@@ -187,13 +187,15 @@ def _osra_bwd_short(args, grid) -> Trips:
 def _osra_bwd_short_last_program(args, grid) -> Trips:
     """The sums a program runs after the others it waits for: its (head, batch group)'s dk/dv partials (the trips
     `_osra_bwd_short` counts, of one group of BATCHES_PER_PROGRAM batches), its query block's bias-gradient slices (one
-    per group, and per head where they are summed). Counted as one program's, the launch's last."""
+    per group of its set, DBIAS_SET_GROUPS, and per head where they are summed). Counted as one program's, the
+    launch's last."""
     trips: Trips = {}
     if not args["DKV_DIRECT"]:
         batches = min(args["BATCHES_PER_PROGRAM"], args["B"])
         trips.update({"_osra_bwd_short_kernel:group_b": batches, "_store_partials_sum:_partial": 2 * batches * grid[0]})
     if args["DBIAS_SUMMED"]:
-        trips["_osra_bwd_short_kernel:_dbias_part"] = grid[2] * (grid[1] if args["DBIAS_HEADS_SUMMED"] else 1)
+        set_groups = min(args["DBIAS_SET_GROUPS"], grid[2])
+        trips["_osra_bwd_short_kernel:_dbias_part"] = set_groups * (grid[1] if args["DBIAS_HEADS_SUMMED"] else 1)
     return trips
 
 
@@ -259,6 +261,28 @@ LOOP_TRIPS: Dict[str, Callable[[Mapping, Sequence[int]], Trips]] = {
 # program, a serial tail the launch's busiest SM cannot spread (`gpu_audit.tail_seconds`).
 LAST_PROGRAM_TRIPS: Dict[str, Callable[[Mapping, Sequence[int]], Trips]] = {
     "_osra_bwd_short_kernel": _osra_bwd_short_last_program,
+}
+
+
+def _osra_bwd_short_last_arrivers(args, grid) -> Tuple[int, ...]:
+    """The programs that run each of the kernel's last-arriver branches, in SASS order: the bias gradient's sum (one
+    per query block, and per head unless the heads are summed too), then the dk/dv sum (one per (head, batch
+    group))."""
+    runs: Tuple[int, ...] = ()
+    if args["DBIAS_SUMMED"]:
+        sets = -(-grid[2] // args["DBIAS_SET_GROUPS"])
+        runs += (sets * grid[0] * (1 if args["DBIAS_HEADS_SUMMED"] else grid[1]),)
+    if not args["DKV_DIRECT"]:
+        runs += (grid[1] * grid[2],)
+    return runs
+
+
+# Kernels with last-arriver branches (`gpu_audit.analyse_sass`: the straight code after a conditional branch or exit
+# on an atomic's count, which one program of a group runs): how many programs run each, in SASS order. Their
+# straight code is counted that many times, not once per program (`gpu_audit.issued_warp_instructions`), and once
+# more in the launch's tail.
+LAST_ARRIVER_RUNS: Dict[str, Callable[[Mapping, Sequence[int]], Tuple[int, ...]]] = {
+    "_osra_bwd_short_kernel": _osra_bwd_short_last_arrivers,
 }
 
 # Pointer parameters a kernel dereferences only on a path the audit's maps (finite values) never take, with the loops

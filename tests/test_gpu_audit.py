@@ -362,6 +362,70 @@ assert round(issue_seconds(launch, result, h100) * clock, 6) == round(spread / 2
 """
 
 
+_LAST_ARRIVER_CHECK = r"""
+from benchmarks.gpu_audit import GPUS, Launch, analyse_sass, issue_seconds
+
+def line(address, text):
+    return f"        /*{address:04x}*/                   {text} ;"
+
+# Two last-arriver branches, as the OSRA one-pass backward's: after an atomic, the first conditional forward branch
+# leaves its region (to the branch's target) to the last program; a conditional exit leaves all the rest to it. A
+# loop inside a region keeps its trip count; a branch before the atomic (the warp's lane election) starts none.
+sass = "\n".join(
+    [
+        line(0x00, "FFMA R1, R2, R3, R1"),
+        line(0x10, "@P2 BRA `(.L_x_0)"),
+        line(0x20, "FADD R1, R1, R1"),
+        ".L_x_0:",
+        line(0x30, "@P0 ATOMG.E.ADD.STRONG.GPU PT, R5, desc[UR4][R2.64], R5"),
+        line(0x40, "ISETP.NE.U32.AND P0, PT, R5, R6, PT"),
+        line(0x50, "@P0 BRA `(.L_x_1)"),
+        line(0x60, "LDG.E R7, desc[UR4][R8.64]"),
+        ".L_x_2:",
+        line(0x70, "FADD R9, R9, R7"),
+        line(0x80, "@P3 BRA `(.L_x_2)"),
+        line(0x90, "STG.E desc[UR4][R8.64], R9"),
+        ".L_x_1:",
+        line(0xA0, "FFMA R1, R2, R3, R1"),
+        line(0xB0, "@P0 ATOMG.E.ADD.STRONG.GPU PT, R5, desc[UR4][R2.64], R5"),
+        line(0xC0, "@P1 EXIT"),
+        line(0xD0, "IMAD R4, R4, R5, RZ"),
+        line(0xE0, "EXIT"),
+    ]
+)
+analysed = analyse_sass(sass, [])
+assert analysed["outside_loops"]["total"] == 13, analysed
+assert analysed["last_arrivers"] == [
+    {"load": 1, "store": 1, "total": 2},  # the loop's FADD and branch are the loop's
+    {"int": 1, "other": 1, "total": 2},
+], analysed["last_arrivers"]
+assert analyse_sass(sass.replace("ATOMG", "LDG"), [])["last_arrivers"] == []
+
+# 8 programs of one warp; the first region runs in 2 of them, the second in 4: the straight code is 9 instructions
+# per program and 2 and 2 per run, where counting it all per program charged 13 each. The tail adds both regions once.
+h100 = GPUS["sm_90"]
+clock = h100.clock_ghz * 1e9
+result = {"registers": 64, "smem_bytes": 0, "sass": {**analysed, "loops": []}}
+launch = Launch("kernel", "backward", (8, 1, 1), 1, "", {}, {}, (), {}, (2, 4))
+assert round(issue_seconds(launch, result, h100) * clock, 6) == (9 * 8 + 2 * 2 + 2 * 4) / 8 + 4
+# Run counts that do not match the regions found are an error, not a guess.
+try:
+    issue_seconds(Launch("kernel", "backward", (8, 1, 1), 1, "", {}, {}, (), {}, (2,)), result, h100)
+except ValueError:
+    pass
+else:
+    raise AssertionError("one run count for two last-arriver regions was accepted")
+"""
+
+
+def test_last_arriver_regions_count_once_per_program_that_runs_them():
+    """The straight code after a conditional branch or exit on an atomic's count (a last-arriver sum, which one program
+    of a group runs) is charged per program that runs it (gpu_audit_trips.LAST_ARRIVER_RUNS) and once in the tail, not
+    once per program of the launch. (In a subprocess: the audit module needs compiled Triton.)"""
+    pytest.importorskip("triton")
+    _run_compiled(_LAST_ARRIVER_CHECK)
+
+
 _TENSOR_PIPE_CHECK = r"""
 from benchmarks.gpu_audit import GPUS, Launch, Pipes, analyse_sass, issue_seconds, launch_seconds
 

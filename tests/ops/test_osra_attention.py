@@ -761,6 +761,43 @@ def test_triton_short_backward_sums_the_bias_gradient_in_kernel(
         assert not [shape for shape in sums if len(shape) == 4 and shape[-1] >= 49], "a torch sum of bias slices"
 
 
+@requires_triton
+@pytest.mark.parametrize(
+    "dtype,B,h,N,bias_shape,programs,set_slices,sets",
+    [
+        (torch.float32, 5, 1, 37, (1, 1), 10**6, 2, 3),  # a batch per group, sets of 2 groups, the last of 1
+        (torch.float32, 5, 2, 37, (1, 1), 10**6, 2, 5),  # groups and heads summed: a set per group, its 2 heads
+        (torch.float16, 5, 1, 150, (1, 1), 6, 1, 2),  # fp16 in groups of 3 and 2 batches (fp32 slices), 64-row blocks
+    ],
+    ids=["groups", "groups-and-heads", "fp16-batch-groups"],
+)
+def test_triton_short_backward_sums_the_bias_gradient_in_sets(
+    dtype, B, h, N, bias_shape, programs, set_slices, sets, monkeypatch, nan_poisoned_empty
+):
+    """Where its query blocks (x heads) are too few last arrivers to share the bias gradient's sum
+    (`Settings.dbias_sum_min_programs`), the one-pass backward sums the group slices in sets of at most
+    `Settings.dbias_set_slices` slices, a set's last arriver storing its fp32 sum; torch sums the sets: every output
+    and gradient against fp64, the kernel launched with DBIAS_IN_SETS and torch's sum over [sets, heads, N, M]."""
+    from transxnet_kernels.triton import common
+    from transxnet_kernels.triton import osra_attention as triton_osra
+
+    flags = ("DBIAS_SUMMED", "DBIAS_IN_SETS")
+    launched = record_launches(
+        monkeypatch, triton_osra, "_osra_bwd_short_kernel", lambda a, kw: tuple(kw[f] for f in flags)
+    )
+    sums = []
+    real_sum = torch.Tensor.sum
+    monkeypatch.setattr(torch.Tensor, "sum", lambda t, *a, **kw: sums.append(tuple(t.shape)) or real_sum(t, *a, **kw))
+    settings = triton_osra.Settings.for_target(common.launch_target(DEVICE))
+    settings = dataclasses.replace(
+        settings, short_path_programs=programs, dbias_sum_min_programs=4, dbias_set_slices=set_slices
+    )
+    with common.launch_overrides(settings):
+        check_op(TRITON, OP, osra_args(B, h, N, 49, 12, bias_shape, dtype=dtype))
+    assert launched == [(True, True)]
+    assert (sets, 1, N, 49) in sums
+
+
 def test_batch_groups_balance_the_busiest_sm():
     """Short-path batch groups: the longest groups above the floor on programs end on a ragged last wave, so the
     group length is the one whose busiest SM does least (programs on it x (batches + prologue)). T stage 1 on an

@@ -33,7 +33,10 @@ Two paths (`_short_path` picks per call):
     `_short_dbias_in_registers`; rows padded to the key block on sm_80 and for sm_90's 16-bit slices,
     `_short_dbias_rows_padded`) into a slice per group ([groups, h, N, M]), which the last program writing each
     query block's rows sums over the groups (and broadcast heads) into the gradient where at least
-    `Settings.dbias_sum_min_programs` such programs share it (DBIAS_SUMMED), and torch sums afterwards elsewhere.
+    `Settings.dbias_sum_min_programs` such programs share it (DBIAS_SUMMED); with fewer such programs and several
+    query blocks (stages 2-3), the last of each set of groups (`Settings.dbias_set_slices` slices) sums the set's into
+    an fp32 slice, which torch sums over the sets (DBIAS_IN_SETS: a few slices, where it read one per group); and
+    torch sums the group slices elsewhere (stage 4).
     On sm_80 the fp16/bf16 backward at 128 query rows (stages 1-2) holds the batch-shared bias tile in its 16-bit
     dtype and converts it per batch (`BIAS_TILE_RAW`): the fp32 tile left no registers for the bias-gradient sum; so
     does sm_90's beside a register group sum, reading the padded copy (`_short_bwd_holds_raw_bias`).
@@ -87,29 +90,29 @@ estimate / DRAM roofline, µs):
 
     stage  shape      phase     fp32 A100  fp32 H100  bf16 A100  bf16 H100  tf32 A100  tf32 H100
     T1     1x3136x24  forward   120/40.2   30.7/24.0  20.9/20.5  12.5/12.3  41.1/40.2  24.5/24.0
-    T1     1x3136x24  backward  730/80.5   200/48.1   72.1/41.1  45.3/24.5  106/80.5   109/48.1
+    T1     1x3136x24  backward  730/80.5   186/48.1   65.0/41.1  38.7/24.5  106/80.5   102/48.1
     T2     2x784x24   forward   60.2/21.0  20.3/12.6  11.7/10.7  7.8/6.4    21.4/21.0  12.8/12.6
-    T2     2x784x24   backward  370/42.1   94.3/25.1  43.3/21.4  27.4/12.8  59.7/42.1  53.0/25.1
+    T2     2x784x24   backward  370/42.1   91.2/25.1  39.7/21.4  22.9/12.8  59.7/42.1  50.2/25.1
     T3     4x196x28   forward   32.9/14.3  11.2/8.6   7.8/7.3    5.2/4.3    14.5/14.3  8.7/8.6
-    T3     4x196x28   backward  197/28.7   51.8/17.1  42.7/14.5  18.5/8.7   47.4/28.7  36.4/17.1
+    T3     4x196x28   backward  197/28.7   49.6/17.1  41.6/14.5  17.6/8.7   47.4/28.7  36.4/17.1
     T4     8x49x28    forward   21.5/11.4  6.9/6.8    5.8/5.7    3.7/3.4    11.5/11.4  6.9/6.8
-    T4     8x49x28    backward  140/22.8   34.0/13.6  19.2/11.5  13.0/6.9   35.1/22.8  26.0/13.6
+    T4     8x49x28    backward  140/22.8   32.7/13.6  19.2/11.5  13.0/6.9   35.1/22.8  26.0/13.6
     S1     1x3136x32  forward   120/53.3   32.3/31.8  27.4/27.0  16.4/16.1  54.1/53.3  32.3/31.8
-    S1     1x3136x32  backward  731/107    200/63.6   72.1/54.1  45.3/32.3  136/107    109/63.6
+    S1     1x3136x32  backward  731/107    186/63.6   70.4/54.1  44.3/32.3  136/107    102/63.6
     S2     2x784x32   forward   60.2/27.9  20.3/16.6  14.3/14.1  8.6/8.4    28.3/27.9  16.9/16.6
-    S2     2x784x32   backward  370/55.7   94.3/33.3  46.0/28.3  31.4/16.9  75.4/55.7  53.0/33.3
+    S2     2x784x32   backward  370/55.7   91.2/33.3  41.2/28.3  27.0/16.9  75.4/55.7  51.7/33.3
     S3     5x196x32   forward   40.9/20.4  14.0/12.2  10.3/10.3  8.2/6.2    20.7/20.4  12.3/12.2
-    S3     5x196x32   backward  242/40.8   61.8/24.4  48.9/20.7  22.0/12.3  66.8/40.8  51.5/24.4
+    S3     5x196x32   backward  242/40.8   59.9/24.4  47.7/20.7  20.1/12.3  66.8/40.8  51.5/24.4
     S4     8x49x32    forward   21.5/13.0  7.8/7.8    6.6/6.5    3.9/3.9    13.1/13.0  7.8/7.8
-    S4     8x49x32    backward  140/26.0   34.0/15.5  19.2/13.1  13.0/7.8   39.5/26.0  29.6/15.5
+    S4     8x49x32    backward  140/26.0   32.7/15.5  19.2/13.1  13.0/7.8   39.5/26.0  29.6/15.5
     B1     2x3136x19  forward   238/64.2   59.0/38.3  34.7/32.9  21.3/19.6  65.8/64.2  39.3/38.3
-    B1     2x3136x19  backward  1466/128   369/76.6   119/65.8   67.1/39.3  185/128    200/76.6
+    B1     2x3136x19  backward  1466/128   355/76.6   113/65.8   59.8/39.3  183/128    193/76.6
     B2     4x784x19   forward   120/33.5   35.8/20.0  19.2/17.2  13.3/10.2  34.6/33.5  21.7/20.0
-    B2     4x784x19   backward  678/67.0   173/40.0   71.0/34.3  41.3/20.5  96.2/67.0  97.8/40.0
+    B2     4x784x19   backward  678/67.0   166/40.0   65.2/34.3  36.6/20.5  94.9/67.0  95.0/40.0
     B3     8x196x21   forward   64.9/21.6  20.4/12.9  12.5/11.0  8.7/6.6    22.0/21.6  13.2/12.9
-    B3     8x196x21   backward  356/43.3   97.6/25.8  72.7/22.0  33.9/13.2  86.6/43.3  63.5/25.8
+    B3     8x196x21   backward  356/43.3   95.4/25.8  71.4/22.0  30.9/13.2  85.1/43.3  61.3/25.8
     B4     16x49x21   forward   41.6/17.1  12.6/10.2  9.5/8.7    6.5/5.2    17.3/17.1  10.4/10.2
-    B4     16x49x21   backward  252/34.3   62.1/20.5  35.8/17.3  21.9/10.4  56.1/34.3  41.3/20.5
+    B4     16x49x21   backward  252/34.3   60.8/20.5  35.8/17.3  21.9/10.4  55.5/34.3  39.9/20.5
 """
 
 from __future__ import annotations
@@ -469,6 +472,7 @@ def _osra_fwd_short_kernel(
         "dbias_stride_h",
         "dbias_stride_n",
         "dbias_stride_m",
+        "DBIAS_SET_GROUPS",
     ]
 )
 def _osra_bwd_short_kernel(
@@ -522,6 +526,7 @@ def _osra_bwd_short_kernel(
     M,
     D,
     BATCHES_PER_PROGRAM,
+    DBIAS_SET_GROUPS,
     HAS_BIAS: tl.constexpr,
     BIAS_PER_BATCH: tl.constexpr,
     HAS_DBIAS: tl.constexpr,
@@ -529,6 +534,7 @@ def _osra_bwd_short_kernel(
     DBIAS_ROWS_PADDED: tl.constexpr,
     DKV_DIRECT: tl.constexpr,
     DBIAS_SUMMED: tl.constexpr,
+    DBIAS_IN_SETS: tl.constexpr,
     DBIAS_HEADS_SUMMED: tl.constexpr,
     DBIAS_SUM_ALIGNED: tl.constexpr,
     BIAS_PADDED: tl.constexpr,
@@ -670,13 +676,22 @@ def _osra_bwd_short_kernel(
         # below). That program sums them, in group (then head) order, as one flat run per slice (rows of the
         # buffer's row length, contiguous), and stores the bias gradient itself in the bias's dtype: torch's sum
         # had read the slices back from DRAM (T stage 1 bf16 at batch 128: 43 groups, 26 MB).
+        # In sets (DBIAS_IN_SETS: DBIAS_SET_GROUPS groups each, the last shorter), the last arriver of each set sums
+        # the set's slices into its own slice of dbias_out (fp32), which torch sums over the sets.
         row = dbias_stride_n
-        if DBIAS_HEADS_SUMMED:
-            parts, slot, out_head = tl.num_programs(2) * H, pid_n, 0
+        if DBIAS_IN_SETS:
+            dbias_set = group // DBIAS_SET_GROUPS
+            set_first = dbias_set * DBIAS_SET_GROUPS
+            set_groups = tl.minimum(DBIAS_SET_GROUPS, tl.num_programs(2) - set_first)
         else:
-            parts, slot, out_head = tl.num_programs(2), pid_n * H + h, h
+            dbias_set, set_first, set_groups = 0, 0, tl.num_programs(2)
+        if DBIAS_HEADS_SUMMED:
+            parts, slot, out_head, out_heads = set_groups * H, pid_n, 0, 1
+        else:
+            parts, slot, out_head, out_heads = set_groups, pid_n * H + h, h, H
+        counter = H * tl.num_programs(2) + dbias_set * (tl.num_programs(0) * out_heads) + slot
         tl.debug_barrier()
-        if tl.atomic_add(arrivals_ptr + (H * tl.num_programs(2) + slot), 1) == parts - 1:
+        if tl.atomic_add(arrivals_ptr + counter, 1) == parts - 1:
             lanes = tl.arange(0, BLOCK_N * BLOCK_M)
             block_len = tl.minimum(BLOCK_N, N - pid_n * BLOCK_N) * row
             slice_len = N * row
@@ -685,9 +700,9 @@ def _osra_bwd_short_kernel(
                 block_len, slice_len = _multiple_of_4(block_len), _multiple_of_4(slice_len)
                 first = _multiple_of_4(first)
             if DBIAS_HEADS_SUMMED:
-                part_ptr, part_stride = dbias_ptr + first, slice_len
+                part_ptr, part_stride = dbias_ptr + (set_first * H * slice_len + first), slice_len
             else:
-                part_ptr, part_stride = dbias_ptr + (h * slice_len + first), H * slice_len
+                part_ptr, part_stride = dbias_ptr + ((set_first * H + h) * slice_len + first), H * slice_len
             total = tl.zeros([BLOCK_N * BLOCK_M], ACC)
             for _dbias_part in range(parts):
                 total += tl.load(part_ptr + lanes, mask=lanes < block_len, other=0.0, cache_modifier=".cg").to(ACC)
@@ -696,7 +711,7 @@ def _osra_bwd_short_kernel(
                 r, c = lanes // BLOCK_M, lanes % BLOCK_M
             else:
                 r, c = _flat_row_col(lanes, M)
-            out_row = out_head * N + pid_n * BLOCK_N + r
+            out_row = (dbias_set * out_heads + out_head) * N + pid_n * BLOCK_N + r
             tl.store(
                 dbias_out_ptr + (out_row * M + c),
                 total.to(dbias_out_ptr.dtype.element_ty),
@@ -948,10 +963,10 @@ def _osra_bwd_dq_kernel(
     b_end = tl.minimum(b_start + BATCHES_PER_GROUP, B)
     for b in range(b_start, b_end):
         # q, out, dO and dq share one layout (the launcher makes it so), hence one offset tile.
-        q_head = b * q_stride_b + h * q_stride_h
-        q = tl.load(q_ptr + q_head + nd_offs, mask=nd_mask, other=0.0)
-        do = tl.load(grad_out_ptr + q_head + nd_offs, mask=nd_mask, other=0.0)
-        o = tl.load(out_ptr + q_head + nd_offs, mask=nd_mask, other=0.0)
+        q_head_offs = b * q_stride_b + h * q_stride_h
+        q = tl.load(q_ptr + q_head_offs + nd_offs, mask=nd_mask, other=0.0)
+        do = tl.load(grad_out_ptr + q_head_offs + nd_offs, mask=nd_mask, other=0.0)
+        o = tl.load(out_ptr + q_head_offs + nd_offs, mask=nd_mask, other=0.0)
         delta = tl.sum(do.to(scale.dtype) * o.to(scale.dtype), 1)
         row = (b * H + h) * N + offs_n
         tl.store(delta_ptr + row, delta, mask=mask_n)
@@ -998,7 +1013,7 @@ def _osra_bwd_dq_kernel(
                     prev = tl.load(dbias_ptrs, mask=nm_mask, other=0.0).to(scale.dtype)
                     prev = tl.where(b > b_start, prev, 0.0)  # the group's first batch starts the sum
                     tl.store(dbias_ptrs, (prev + ds).to(dbias_ptr.dtype.element_ty), mask=nm_mask)
-        tl.store(dq_ptr + q_head + nd_offs, (dq * scale).to(dq_ptr.dtype.element_ty), mask=nd_mask)
+        tl.store(dq_ptr + q_head_offs + nd_offs, (dq * scale).to(dq_ptr.dtype.element_ty), mask=nd_mask)
 
     if HAS_DBIAS:
         if ONE_KEY_BLOCK:
@@ -1506,6 +1521,15 @@ class Settings:
     in-kernel: on an H100 S stage 1 (25 programs) 52.2 -> 45.3, B stage 1 (50) 71.8 -> 67.1, B stage 2 (28) 42.1 ->
     41.3, but T stage 2 (14) 27.4 -> 30.4, B stage 3 (16) 33.9 -> 38.4, T stage 3 (8, one-batch groups: 128 slices)
     18.5 -> 35.1; on an A100 S stage 1 80.3 -> 72.1, B stage 1 121.3 -> 119.4, B stage 2 70.7 -> 71.0.
+    dbias_set_slices: where fewer than dbias_sum_min_programs share that sum and there are several query blocks, the
+    groups are summed in sets of at most this many slices (groups x summed heads; DBIAS_IN_SETS), the last arriver of
+    each set storing an fp32 sum, which torch sums over the sets: 8 sets where torch read 64 group slices. Static
+    audit, Triton 3.8, bf16 backward, torch sum -> sets of 8, µs: on an H100 T stage 2 26.6 -> 22.9, S stage 2 31.4
+    -> 27.0, T stage 3 18.0 -> 17.6, S stage 3 22.0 -> 20.1, B stage 3 33.3 -> 30.9; on an A100 T stage 2 42.3 ->
+    39.7, S stage 2 46.0 -> 41.2. Sets of 4 or 32 were slower at some of these (H100 B stage 3 31.9 and 31.6, T stage
+    3 18.2 and 19.8), 16 within 2.5% of 8. With one query block (stage 4) the kernel is bound by issue and the sets'
+    sums cost more than torch's read (B stage 4 on an H100 21.9 -> 22.6), and one set of all the groups would be the
+    long serial sum above.
     Interpreted, small values, so small test shapes exercise the groups, the splits and the in-kernel sum."""
 
     target_programs: int
@@ -1515,6 +1539,7 @@ class Settings:
     partial_sum_batches: float = 0.02
     partial_sum_min_batches: float = 1.5
     dbias_sum_min_programs: int = 25
+    dbias_set_slices: int = 8
 
     @classmethod
     def for_target(cls, target: LaunchTarget) -> Settings:
@@ -1870,16 +1895,24 @@ def _backward_short(grad_out, q, k, v, bias, lse, scale, has_dbias, dk, dv):
     rows_padded = has_dbias and dbias_buf.shape[-1] > M
     # A batch-shared bias's group slices (and heads, where it is broadcast over them) are summed in the kernel, by the
     # last program writing each query block's rows, straight into the gradient (no torch sum to read them back),
-    # where enough such programs share the sum (`Settings.dbias_sum_min_programs`); not beside the read-modify-write
-    # group sum (sm_8x's 64-row kernel: it spilled 8 B on sm_86 under Triton 3.6, and an A100's B stage 3 estimate
-    # went 72.7 -> 73.3 us).
+    # where enough such programs share the sum (`Settings.dbias_sum_min_programs`); with fewer and several query
+    # blocks, in sets of groups (`Settings.dbias_set_slices`), each set's last arriver storing its fp32 sum, which
+    # torch sums over the sets (DBIAS_IN_SETS). Not beside the read-modify-write group sum (sm_8x's 64-row kernel: it
+    # spilled 8 B on sm_86 under Triton 3.6, and an A100's B stage 3 estimate went 72.7 -> 73.3 us).
     heads_summed = 1 in reduce_dims
-    summing_programs = n_blocks * (1 if heads_summed else h)
+    out_heads = 1 if heads_summed else h
+    summing_programs = n_blocks * out_heads
+    settings = launch_settings(Settings, q.device)
+    set_groups = groups
+    if summing_programs < settings.dbias_sum_min_programs and n_blocks > 1:
+        set_groups = max(1, settings.dbias_set_slices // (h if heads_summed else 1))
+    sets = cdiv(groups, set_groups)
     dbias_summed = bool(reduce_dims) and not _bias_per_batch(bias) and dbias_in_registers
-    dbias_summed = dbias_summed and summing_programs >= launch_settings(Settings, q.device).dbias_sum_min_programs
+    dbias_summed = dbias_summed and summing_programs * sets >= settings.dbias_sum_min_programs
     dbias_out = dbias_buf  # (not dereferenced unless summed into)
     if dbias_summed:
-        dbias_out = torch.empty((1, 1 if heads_summed else h, N, M), dtype=bias.dtype, device=q.device)
+        set_dtype = bias.dtype if sets == 1 else accumulation_dtype(q.dtype)
+        dbias_out = torch.empty((sets, out_heads, N, M), dtype=set_dtype, device=q.device)
     register_group_sum = has_dbias and dbias_in_registers and batches_per_group > 1
     bias_padded = _short_bwd_bias_padded(q, bias, register_group_sum)
     # One query block (N <= the block: stage 4 at 224^2): the kernel stores dk and dv in place, in their layout, where
@@ -1902,7 +1935,7 @@ def _backward_short(grad_out, q, k, v, bias, lse, scale, has_dbias, dk, dv):
     if dkv_direct and not dbias_summed:
         arrivals = kept_scalar(0, torch.int32, q.device)
     else:
-        counters = h * groups + (summing_programs if dbias_summed else 0)
+        counters = h * groups + (summing_programs * sets if dbias_summed else 0)
         arrivals = torch.zeros((counters,), dtype=torch.int32, device=q.device)
     dq = torch.empty_like(q)
     bias_arg, bias_strides = _short_bias_arguments(q, bias, bias_padded, cfg)
@@ -1936,6 +1969,7 @@ def _backward_short(grad_out, q, k, v, bias, lse, scale, has_dbias, dk, dv):
             M,
             d,
             batches_per_group,
+            set_groups,
             HAS_BIAS=bias is not None,
             BIAS_PER_BATCH=_bias_per_batch(bias),
             HAS_DBIAS=has_dbias,
@@ -1943,6 +1977,7 @@ def _backward_short(grad_out, q, k, v, bias, lse, scale, has_dbias, dk, dv):
             DBIAS_ROWS_PADDED=rows_padded,
             DKV_DIRECT=dkv_direct,
             DBIAS_SUMMED=dbias_summed,
+            DBIAS_IN_SETS=dbias_summed and sets > 1,
             DBIAS_HEADS_SUMMED=heads_summed,
             DBIAS_SUM_ALIGNED=dbias_summed and N * dbias_buf.shape[-1] % 4 == 0,
             BIAS_PADDED=bias_padded,
@@ -1959,7 +1994,7 @@ def _backward_short(grad_out, q, k, v, bias, lse, scale, has_dbias, dk, dv):
             num_stages=cfg.num_stages,
         )
     if dbias_summed:
-        return dq, dbias_out, []
+        return dq, dbias_out, [0] if sets > 1 else []
     return dq, dbias_buf, reduce_dims
 
 
@@ -1992,6 +2027,7 @@ def _backward_flash(grad_out, q, k, v, bias, out, lse, scale, has_dbias):
     splits = cdiv(N, rows_per_split)
     dk_buf, dv_buf = _dkdv_buffers(k, splits)
     index64 = _flash_index64(bias, q, k, v, out, grad_out, dq, dbias_buf)
+    one_key_block = cfg.block_m >= M
     with device_guard(q):
         _osra_bwd_dq_kernel[(n_blocks, h, groups)](
             q,
@@ -2017,7 +2053,7 @@ def _backward_flash(grad_out, q, k, v, bias, out, lse, scale, has_dbias):
             batches_per_group,
             HAS_BIAS=bias is not None,
             HAS_DBIAS=has_dbias,
-            ONE_KEY_BLOCK=cfg.block_m >= M,
+            ONE_KEY_BLOCK=one_key_block,
             PRECISION=cfg.precision,
             USE_DOT=cfg.use_dot,
             BLOCK_N=cfg.block_n,
@@ -2027,10 +2063,10 @@ def _backward_flash(grad_out, q, k, v, bias, out, lse, scale, has_dbias):
             num_warps=cfg.num_warps,
             # One key block with int64 offsets: 3 stages, where 2 spilled 8 B (fp32, sm_90, Triton 3.6: ptxas gave it
             # 128 registers; any register budget spilled 36-100 B on sm_80/86/90).
-            num_stages=3 if index64 and cfg.block_m >= M and cfg.precision == "ieee" else cfg.num_stages,
+            num_stages=3 if index64 and one_key_block and cfg.precision == "ieee" else cfg.num_stages,
             # Over several key blocks ptxas's budget (128 registers in fp32 on sm_90 under Triton 3.6) spilled 12 B;
             # with one block (fp32 at 224x224) lifting it spilled 44-84 B on sm_80/86, so that one keeps it.
-            **({} if cfg.block_m >= M else NO_REGISTER_BUDGET),
+            **({} if one_key_block else NO_REGISTER_BUDGET),
         )
         _osra_bwd_dkdv_kernel[(m_blocks, B * h, splits)](
             q,
