@@ -1101,18 +1101,18 @@ def analyse_sass(sass: str, source_loops: Sequence[SourceLoop]) -> Dict[str, Any
     for i, (address, opcode, *_) in enumerate(instructions):
         if opcode not in ("ATOMG", "ATOM") or innermost_loop(address) is not None:
             continue
-        for branch, opcode2, _, target, _, predicate in instructions[i + 1 :]:
-            if innermost_loop(branch) is not None:
+        for branch_address, branch_opcode, _, target, _, predicate in instructions[i + 1 :]:
+            if innermost_loop(branch_address) is not None:
                 break
-            if predicate and opcode2 == "EXIT":
+            if predicate and branch_opcode == "EXIT":
                 end = instructions[-1][0] + 1
-            elif predicate and target is not None and labels[target] > branch:
+            elif predicate and target is not None and labels[target] > branch_address:
                 end = labels[target]
             else:
                 continue
             region = collections.Counter()
             for a, op, _, _, mma, _ in instructions:
-                if branch < a < end and innermost_loop(a) is None:
+                if branch_address < a < end and innermost_loop(a) is None:
                     region[_category(op)] += 1
                     region["total"] += 1
                     if mma is not None:
@@ -1221,12 +1221,12 @@ def tail_seconds(launch: Launch, result: Dict[str, Any], gpu: Gpu, pipes: Option
     """The serial tail of a launch whose programs wait for others (`gpu_audit_trips.LAST_PROGRAM_TRIPS`: OSRA's
     last-arriver dk/dv and bias-gradient sums): the loops one program runs once the rest of its group is done and the
     straight code of its last-arriver regions (`analyse_sass`), issued by its warps alone (at most 4 a clock) after the
-    launch's spread work. Averaged over the programs as the spread work
-    is, the dk/dv sum over 196 query blocks' partials that one program of each of 8 groups ran for 16 batches (T stage 1
-    fp32 on an H100, when this was written) counted 6% of itself (the busiest SM's 12 of 1568 programs' share). Several
-    such sums in one launch (dk/dv per group, the bias gradient's per query block) count as one program's, the last. Its
-    loops are counted once more than they run, a small share where the groups are many; the partials' reads from L2 are
-    not modelled (issue only)."""
+    launch's spread work. Averaged over the programs as the spread work is, the dk/dv sum over 196 query blocks'
+    partials that one program of each of 8 groups ran for 16 batches (T stage 1 fp32 on an H100, when this was written)
+    counted 6% of itself (the busiest SM's 12 of 1568 programs' share). Several such sums in one launch (dk/dv per
+    group, the bias gradient's per query block) count as one program's, the last. Its loops and regions are counted
+    once more than they run, a small share where the groups are many; the partials' reads from L2 are not modelled
+    (issue only)."""
     pipes = pipes or gpu.issue_pipes
     per_warp = _loop_instructions(result["sass"], launch.tail_trips, pipes)
     per_warp += sum(pipes.slots(region) for region in result["sass"].get("last_arrivers", []))
