@@ -763,16 +763,17 @@ def test_triton_short_backward_sums_the_bias_gradient_in_kernel(
 
 @requires_triton
 @pytest.mark.parametrize(
-    "dtype,B,h,N,bias_shape,programs,set_slices,sets",
+    "dtype,B,h,N,bias_shape,programs,set_slices,sets,capability",
     [
-        (torch.float32, 5, 1, 37, (1, 1), 10**6, 2, 3),  # a batch per group, sets of 2 groups, the last of 1
-        (torch.float32, 5, 2, 37, (1, 1), 10**6, 2, 5),  # groups and heads summed: a set per group, its 2 heads
-        (torch.float16, 5, 1, 150, (1, 1), 6, 1, 2),  # fp16 in groups of 3 and 2 batches (fp32 slices), 64-row blocks
+        (torch.float32, 5, 1, 37, (1, 1), 10**6, 2, 3, None),  # a batch per group, sets of 2 groups, the last of 1
+        (torch.float32, 5, 2, 37, (1, 1), 10**6, 2, 5, None),  # groups and heads summed: a set per group, its 2 heads
+        (torch.float16, 5, 1, 150, (1, 1), 6, 1, 2, None),  # fp16 in groups of 3 and 2 batches (fp32 slices)
+        (torch.float16, 5, 1, 150, (1, 1), 10**6, 2, 3, 90),  # sm_90: one batch's fp16 slices, rows padded to 64 keys
     ],
-    ids=["groups", "groups-and-heads", "fp16-batch-groups"],
+    ids=["groups", "groups-and-heads", "fp16-batch-groups", "fp16-padded-rows-sm90"],
 )
 def test_triton_short_backward_sums_the_bias_gradient_in_sets(
-    dtype, B, h, N, bias_shape, programs, set_slices, sets, monkeypatch, nan_poisoned_empty
+    dtype, B, h, N, bias_shape, programs, set_slices, sets, capability, monkeypatch, nan_poisoned_empty
 ):
     """Where its query blocks (x heads) are too few last arrivers to share the bias gradient's sum
     (`Settings.dbias_sum_min_programs`), the one-pass backward sums the group slices in sets of at most
@@ -781,20 +782,23 @@ def test_triton_short_backward_sums_the_bias_gradient_in_sets(
     from transxnet_kernels.triton import common
     from transxnet_kernels.triton import osra_attention as triton_osra
 
-    flags = ("DBIAS_SUMMED", "DBIAS_IN_SETS")
+    flags = ("DBIAS_SUMMED", "DBIAS_IN_SETS", "DBIAS_ROWS_PADDED")
     launched = record_launches(
         monkeypatch, triton_osra, "_osra_bwd_short_kernel", lambda a, kw: tuple(kw[f] for f in flags)
     )
     sums = []
     real_sum = torch.Tensor.sum
     monkeypatch.setattr(torch.Tensor, "sum", lambda t, *a, **kw: sums.append(tuple(t.shape)) or real_sum(t, *a, **kw))
-    settings = triton_osra.Settings.for_target(common.launch_target(DEVICE))
+    target = common.launch_target(DEVICE)
+    if capability is not None:
+        target = dataclasses.replace(target, capability=capability)
+    settings = triton_osra.Settings.for_target(target)
     settings = dataclasses.replace(
         settings, short_path_programs=programs, dbias_sum_min_programs=4, dbias_set_slices=set_slices
     )
-    with common.launch_overrides(settings):
+    with common.launch_overrides(target, settings):
         check_op(TRITON, OP, osra_args(B, h, N, 49, 12, bias_shape, dtype=dtype))
-    assert launched == [(True, True)]
+    assert launched == [(True, True, capability == 90)]
     assert (sets, 1, N, 49) in sums
 
 
