@@ -1069,16 +1069,17 @@ def analyse_sass(sass: str, source_loops: Sequence[SourceLoop]) -> Dict[str, Any
     def innermost_loop(address):
         return next((i for i, (lo, hi, _) in enumerate(loops) if lo <= address <= hi), None)
 
+    def count(counter, opcode, mma):
+        counter[_category(opcode)] += 1
+        counter["total"] += 1
+        if mma is not None:
+            counter[_MMA_FMA + mma[0]] += mma[1]
+
     counts = [collections.Counter() for _ in loops]
     outside = collections.Counter()
     for address, opcode, _, _, mma, _ in instructions:
         i = innermost_loop(address)
-        category = _category(opcode)
-        for c in (outside if i is None else counts[i],):
-            c[category] += 1
-            c["total"] += 1
-            if mma is not None:
-                c[_MMA_FMA + mma[0]] += mma[1]
+        count(outside if i is None else counts[i], opcode, mma)
 
     def source_loop_of(file, line):
         enclosing = [s for s in source_loops if s.file == file and s.first_line <= line <= s.last_line]
@@ -1113,10 +1114,7 @@ def analyse_sass(sass: str, source_loops: Sequence[SourceLoop]) -> Dict[str, Any
             region = collections.Counter()
             for a, op, _, _, mma, _ in instructions:
                 if branch_address < a < end and innermost_loop(a) is None:
-                    region[_category(op)] += 1
-                    region["total"] += 1
-                    if mma is not None:
-                        region[_MMA_FMA + mma[0]] += mma[1]
+                    count(region, op, mma)
             last_arrivers.append(dict(region))
             break
     return {"outside_loops": dict(outside), "loops": result, "last_arrivers": last_arrivers}

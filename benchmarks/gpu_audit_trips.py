@@ -270,7 +270,7 @@ def _osra_bwd_short_last_arrivers(args, grid) -> Tuple[int, ...]:
     group))."""
     runs: Tuple[int, ...] = ()
     if args["DBIAS_SUMMED"]:
-        sets = -(-grid[2] // args["DBIAS_SET_GROUPS"])
+        sets = _cdiv(grid[2], args["DBIAS_SET_GROUPS"])
         runs += (sets * grid[0] * (1 if args["DBIAS_HEADS_SUMMED"] else grid[1]),)
     if not args["DKV_DIRECT"]:
         runs += (grid[1] * grid[2],)
