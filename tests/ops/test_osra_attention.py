@@ -669,6 +669,19 @@ def _recording_dbias_buffers(monkeypatch) -> list:
     return buffers
 
 
+def _recording_tensor_sums(monkeypatch) -> list:
+    """The shapes of the tensors `Tensor.sum` reduces from now on in the test (a spy: how the backward sums its
+    bias-gradient slices, in the kernel or in torch)."""
+    shapes, real_sum = [], torch.Tensor.sum
+
+    def recording_sum(tensor, *args, **kwargs):
+        shapes.append(tuple(tensor.shape))
+        return real_sum(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "sum", recording_sum)
+    return shapes
+
+
 @requires_triton
 @pytest.mark.parametrize(
     "dtype,bias_dtype,case,capability,partial_dtype",
@@ -751,9 +764,7 @@ def test_triton_short_backward_sums_the_bias_gradient_in_kernel(
     launched = record_launches(
         monkeypatch, triton_osra, "_osra_bwd_short_kernel", lambda a, kw: tuple(kw[f] for f in flags)
     )
-    sums = []
-    real_sum = torch.Tensor.sum
-    monkeypatch.setattr(torch.Tensor, "sum", lambda t, *a, **kw: sums.append(t.shape) or real_sum(t, *a, **kw))
+    sums = _recording_tensor_sums(monkeypatch)
     with _short_path_programs(programs):
         check_op(TRITON, OP, osra_args(3, 2, N, 49, 12, bias_shape, dtype=dtype))
     assert launched == [summed]
@@ -786,9 +797,7 @@ def test_triton_short_backward_sums_the_bias_gradient_in_sets(
     launched = record_launches(
         monkeypatch, triton_osra, "_osra_bwd_short_kernel", lambda a, kw: tuple(kw[f] for f in flags)
     )
-    sums = []
-    real_sum = torch.Tensor.sum
-    monkeypatch.setattr(torch.Tensor, "sum", lambda t, *a, **kw: sums.append(tuple(t.shape)) or real_sum(t, *a, **kw))
+    sums = _recording_tensor_sums(monkeypatch)
     target = common.launch_target(DEVICE)
     if capability is not None:
         target = dataclasses.replace(target, capability=capability)
