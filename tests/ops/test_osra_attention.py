@@ -638,8 +638,9 @@ def test_triton_short_backward_holds_a_16bit_bias_tile(dtype, nan_poisoned_empty
     args = osra_args(5, 2, 144, 49, 12, (1, 2), dtype=dtype)
     with common.launch_overrides(dataclasses.replace(common.launch_target(DEVICE), capability=80)):
         q, k, _, bias, _ = args
-        block_n = triton_osra._short_config(q, k, bias, "bwd").block_n
-        _, per_group = triton_osra._short_path_groups(bias, 5, 2, 2, q.device, backward=True)
+        cfg = triton_osra._short_config(q, k, bias, "bwd")
+        block_n = cfg.block_n
+        _, per_group = triton_osra._short_path_groups(bias, 5, 2, 2, q.device, True, cfg.precision)
         assert block_n == 128 and triton_osra._short_dbias_in_registers(q, block_n) and per_group > 1
         check_op(TRITON, OP, args)
 
@@ -836,7 +837,15 @@ def test_batch_groups_balance_the_busiest_sm():
     bias = torch.empty(1, 1, 3136, 49)
     for sm_count, query_blocks, groups in [(132, 196, (32, 4)), (132, 25, (43, 3)), (108, 25, (32, 4))]:
         with common.launch_overrides(common.LaunchTarget(sm_count=sm_count, interpreted=False, capability=90)):
-            assert triton_osra._short_path_groups(bias, 128, query_blocks, 1, bias.device, backward=True) == groups
+            assert triton_osra._short_path_groups(bias, 128, query_blocks, 1, bias.device, True, "tf32") == groups
+    # The fp32 backward under 3xTF32 pays a shorter prologue against its longer batch trip
+    # (Settings.tf32x3_backward_prologue_batches): B stage 3 on an H100 (13 query blocks of 16 rows, 8 heads) takes
+    # 16 groups of 8 where 11 of 12 had a smaller busiest SM at a prologue of a whole batch; the forward keeps 1.0
+    with common.launch_overrides(common.LaunchTarget(sm_count=132, interpreted=False, capability=90)):
+        assert triton_osra._short_path_groups(bias, 128, 13, 8, bias.device, True, "tf32x3") == (16, 8)
+        assert triton_osra._short_path_groups(bias, 128, 13, 8, bias.device, True, "tf32") == (11, 12)
+        # (13 query blocks x 4 heads: 15 groups of 9 at 0.4)
+        assert triton_osra._short_path_groups(bias, 128, 13, 4, bias.device, False, "tf32x3") == (12, 11)
     for B, per_batch, floor, sms in [(128, 25, 528, 132), (128, 4, 864, 108), (37, 3, 264, 132), (1, 7, 528, 132)]:
         groups, per_group = balanced_batch_groups(B, per_batch, floor, sms, 1.0)
         # Never longer groups than the fewest that reach the floor (fewer programs).

@@ -90,27 +90,27 @@ estimate / DRAM roofline, µs):
 
     stage  shape      phase     fp32 A100  fp32 H100  bf16 A100  bf16 H100  tf32 A100  tf32 H100
     T1     1x3136x24  forward   120/40.2   30.7/24.0  20.9/20.5  12.5/12.3  41.1/40.2  24.5/24.0
-    T1     1x3136x24  backward  730/80.5   186/48.1   65.0/41.1  38.7/24.5  106/80.5   102/48.1
+    T1     1x3136x24  backward  730/80.5   184/48.1   65.0/41.1  38.7/24.5  106/80.5   102/48.1
     T2     2x784x24   forward   60.2/21.0  20.3/12.6  11.7/10.7  7.8/6.4    21.4/21.0  12.8/12.6
-    T2     2x784x24   backward  370/42.1   91.2/25.1  39.7/21.4  22.9/12.8  59.7/42.1  50.2/25.1
+    T2     2x784x24   backward  370/42.1   87.7/25.1  39.7/21.4  22.9/12.8  59.7/42.1  50.2/25.1
     T3     4x196x28   forward   32.9/14.3  11.2/8.6   7.8/7.3    5.2/4.3    14.5/14.3  8.7/8.6
-    T3     4x196x28   backward  197/28.7   49.6/17.1  41.6/14.5  17.6/8.7   47.4/28.7  36.4/17.1
+    T3     4x196x28   backward  197/28.7   49.5/17.1  41.6/14.5  17.6/8.7   47.4/28.7  36.4/17.1
     T4     8x49x28    forward   21.5/11.4  6.9/6.8    5.8/5.7    3.7/3.4    11.5/11.4  6.9/6.8
     T4     8x49x28    backward  140/22.8   32.7/13.6  19.2/11.5  13.0/6.9   35.1/22.8  26.0/13.6
     S1     1x3136x32  forward   120/53.3   32.3/31.8  27.4/27.0  16.4/16.1  54.1/53.3  32.3/31.8
-    S1     1x3136x32  backward  731/107    186/63.6   70.4/54.1  44.3/32.3  136/107    102/63.6
+    S1     1x3136x32  backward  731/107    184/63.6   70.4/54.1  44.3/32.3  136/107    102/63.6
     S2     2x784x32   forward   60.2/27.9  20.3/16.6  14.3/14.1  8.6/8.4    28.3/27.9  16.9/16.6
-    S2     2x784x32   backward  370/55.7   91.2/33.3  41.2/28.3  27.0/16.9  75.4/55.7  51.7/33.3
+    S2     2x784x32   backward  370/55.7   87.7/33.3  41.2/28.3  27.0/16.9  75.4/55.7  51.7/33.3
     S3     5x196x32   forward   40.9/20.4  14.0/12.2  10.3/10.3  8.2/6.2    20.7/20.4  12.3/12.2
     S3     5x196x32   backward  242/40.8   59.9/24.4  47.7/20.7  20.1/12.3  66.8/40.8  51.5/24.4
     S4     8x49x32    forward   21.5/13.0  7.8/7.8    6.6/6.5    3.9/3.9    13.1/13.0  7.8/7.8
     S4     8x49x32    backward  140/26.0   32.7/15.5  19.2/13.1  13.0/7.8   39.5/26.0  29.6/15.5
     B1     2x3136x19  forward   238/64.2   59.0/38.3  34.7/32.9  21.3/19.6  65.8/64.2  39.3/38.3
-    B1     2x3136x19  backward  1466/128   355/76.6   113/65.8   59.8/39.3  183/128    193/76.6
+    B1     2x3136x19  backward  1466/128   344/76.6   113/65.8   59.8/39.3  183/128    193/76.6
     B2     4x784x19   forward   120/33.5   35.8/20.0  19.2/17.2  13.3/10.2  34.6/33.5  21.7/20.0
     B2     4x784x19   backward  678/67.0   166/40.0   65.2/34.3  36.6/20.5  94.9/67.0  95.0/40.0
     B3     8x196x21   forward   64.9/21.6  20.4/12.9  12.5/11.0  8.7/6.6    22.0/21.6  13.2/12.9
-    B3     8x196x21   backward  356/43.3   95.4/25.8  71.4/22.0  30.9/13.2  85.1/43.3  61.3/25.8
+    B3     8x196x21   backward  356/43.3   93.5/25.8  71.4/22.0  30.9/13.2  85.1/43.3  61.3/25.8
     B4     16x49x21   forward   41.6/17.1  12.6/10.2  9.5/8.7    6.5/5.2    17.3/17.1  10.4/10.2
     B4     16x49x21   backward  252/34.3   60.8/20.5  35.8/17.3  21.9/10.4  55.5/34.3  39.9/20.5
 """
@@ -1502,7 +1502,15 @@ class Settings:
     SM: the bias gradient's partials) and forward (4 per SM) launch may have; their batch groups, which share a bias
     tile (and, in the backward, sum the bias gradient), are the length `balanced_batch_groups` finds best for the launch
     target's SMs, each program paying a prologue of prologue_batches batches' worth (the bias tile, the offset tiles:
-    the SASS outside the batch loop issues 0.6-1.3x one trip of it, Triton 3.8, sm_80-90, forward and backward). The
+    the SASS outside the batch loop issues 0.3-1.1x one trip of it, Triton 3.8, sm_80-90, forward and backward, the
+    backward's last-arriver sums left out; 1.0 also stands in for the bias-gradient slices a shorter backward group
+    adds, which the weighing does not count: at 0.5-0.7 the A100's 16-bit backward at S stage 1 rose 70.4 -> 73.7 us
+    as B stage 1 fell 112.6 -> 108.3), but tf32x3_backward_prologue_batches for the fp32 backward under 3xTF32, whose
+    batch trip (every dot three products) is 2-3x the straight code (sm_90; on sm_8x it runs the flash kernels):
+    its issue, not the slices' bytes, binds it (static audit, Triton 3.8, H100, 1.0 -> 0.4, backward: T stage 2 16
+    groups of 8 -> 32 of 4, 91.2 -> 87.7 us; B stage 1 likewise, 355.5 -> 344.2; T stage 1 32 of 4 -> 43 of 3, 186.1
+    -> 183.6; B stage 3 11 of 12 -> 16 of 8, 95.4 -> 93.5; no row slower. In the 3xTF32 forward 0.4 was mixed: A100
+    T stage 1 119.7 -> 123.0 us, H100 T stage 2 20.3 -> 19.4). The
     programs hold 127-255 registers, so 1-3 are resident per SM and a ragged last wave costs a whole one (B stage 1 bf16
     forward on an H100 at 16 warps' worth per SM was 1.14 waves of 22 batches a program: 2 waves' time). The forward's
     floor of 4 per SM keeps 2+ waves, room for what the static audit does not model (programs slowed unevenly by DRAM
@@ -1536,6 +1544,7 @@ class Settings:
     short_path_programs: int
     short_forward_programs: int
     prologue_batches: float = 1.0
+    tf32x3_backward_prologue_batches: float = 0.4
     partial_sum_batches: float = 0.02
     partial_sum_min_batches: float = 1.5
     dbias_sum_min_programs: int = 25
@@ -1725,12 +1734,13 @@ def _query_vector(q: torch.Tensor) -> int:
 
 
 def _short_path_groups(
-    bias, B: int, query_blocks: int, heads: int, device: torch.device, backward: bool
+    bias, B: int, query_blocks: int, heads: int, device: torch.device, backward: bool, precision: str
 ) -> Tuple[int, int]:
-    """(groups, batches per group) of a short-path launch of query_blocks x heads programs per group. A batch-shared
-    bias tile is loaded once per group (and its gradient summed over the group), so groups are as long as the programs'
-    floor, the wave tail and, in the backward over many query blocks, the last arriver's dk/dv sum allow
-    (`balanced_batch_groups`, `Settings.partial_sum_batches`); without one, a program per batch. Static audit, Triton
+    """(groups, batches per group) of a short-path launch of query_blocks x heads programs per group, its kernel's dots
+    at `precision`. A batch-shared bias tile is loaded once per group (and its gradient summed over the group), so
+    groups are as long as the programs' floor, the wave tail and, in the backward over many query blocks, the last
+    arriver's dk/dv sum allow (`balanced_batch_groups`, `Settings.prologue_batches`, `Settings.partial_sum_batches`);
+    without one, a program per batch. Static audit, Triton
     3.8, H100, fp32 backward with the sum weighed: T stage 1 8 groups of 16 batches -> 32 of 4, B stage 1 3 of 43 -> 16
     of 8."""
     if bias is None or _bias_per_batch(bias):
@@ -1740,7 +1750,9 @@ def _short_path_groups(
     sm_count = launch_target(device).sm_count
     tail = 2 * query_blocks * settings.partial_sum_batches if backward else 0.0
     tail = tail if tail >= settings.partial_sum_min_batches else 0.0
-    return balanced_batch_groups(B, query_blocks * heads, floor, sm_count, settings.prologue_batches, tail)
+    split_fp32 = backward and precision == "tf32x3"
+    prologue = settings.tf32x3_backward_prologue_batches if split_fp32 else settings.prologue_batches
+    return balanced_batch_groups(B, query_blocks * heads, floor, sm_count, prologue, tail)
 
 
 def _flash_index64(bias: Optional[torch.Tensor], *tensors: torch.Tensor) -> bool:
@@ -1838,7 +1850,7 @@ def _forward_short(q, k, v, bias, scale, out, lse):
     B, h, N, d = q.shape
     cfg = _short_config(q, k, bias, "fwd")
     n_blocks = cdiv(N, cfg.block_n)
-    groups, batches_per_group = _short_path_groups(bias, B, n_blocks, h, q.device, backward=False)
+    groups, batches_per_group = _short_path_groups(bias, B, n_blocks, h, q.device, False, cfg.precision)
     index64 = not fits_int32(q.device, *_short_path_spans(q, k, bias, cfg, "fwd"))
     sum_columns_from = _sum_columns_from(q, cfg)
     bias_padded = _short_fwd_bias_padded(q, bias, cfg, sum_columns_from)
@@ -1884,7 +1896,7 @@ def _backward_short(grad_out, q, k, v, bias, lse, scale, has_dbias, dk, dv):
     M = k.shape[2]
     cfg = _short_config(q, k, bias, "bwd")
     n_blocks = cdiv(N, cfg.block_n)
-    groups, batches_per_group = _short_path_groups(bias, B, n_blocks, h, q.device, backward=True)
+    groups, batches_per_group = _short_path_groups(bias, B, n_blocks, h, q.device, True, cfg.precision)
     dbias_in_registers = _short_dbias_in_registers(q, cfg.block_n)
 
     def padded_row(slice_dtype: torch.dtype) -> int:
