@@ -557,34 +557,43 @@ def test_triton_short_backward_sums_the_bias_gradient_in_its_buffer(case, dtype,
     args = osra_args(*case, dtype=dtype)
     with common.launch_overrides(dataclasses.replace(common.launch_target(DEVICE), capability=capability)):
         q, k, _, bias, _ = args
-        block_n = triton_osra._short_config(q, k, bias, "bwd").block_n
+        cfg = triton_osra._short_config(q, k, bias, "bwd")
         assert triton_osra._short_path(q, k, bias, 0.2, "bwd")
-        assert not triton_osra._short_dbias_in_registers(q, block_n)
-        assert triton_osra._short_dbias_rows_padded(q, False, torch.float32) == (capability == 80)
+        assert not triton_osra._short_dbias_in_registers(q, cfg.block_n)
+        assert triton_osra._short_dbias_rows_padded(q, cfg, False, torch.float32) == (capability == 80)
         check_op(TRITON, OP, args)
 
 
+_HALF = [torch.float16] + _BF16
+_D24_GROUPS = (5, 2, 37, 49, 24, (1, 2))  # CASES[1] with d = 24: 3 of the 32-wide tile's 4 quarters
+
+
 @requires_triton
-@pytest.mark.parametrize("dtype", [torch.float16] + _BF16, ids=dtype_id)
 @pytest.mark.parametrize(
-    "case,capability,row",
-    [
-        (CASES[0], 90, 64),  # one batch per group: 16-bit slices, stored from registers in rows of the key block
-        (CASES[1], 90, 49),  # groups of 3 batches: fp32 slices keep rows of M keys
-        (CASES[0], 86, 49),  # sm_86: summed in the buffer, rows of M keys
-    ],
-    ids=["sm90-batch-slices", "sm90-group-slices", "sm86"],
+    "dtype,case,capability,tf32,row",
+    [(d, CASES[0], 90, False, 64) for d in _HALF]  # one batch per group: 16-bit slices, rows of the key block
+    + [(d, CASES[1], 90, False, 64) for d in _HALF]  # groups of 3 batches, d = 21: fp32 slices, bound by issue
+    + [(d, _D24_GROUPS, 90, False, 49) for d in _HALF]  # d = 24: fp32 slices keep rows of M keys
+    + [(torch.float32, CASES[1], 90, False, 64), (torch.float32, _D24_GROUPS, 90, False, 64)]  # 3xTF32: any d
+    + [(torch.float32, CASES[1], 90, True, 49)]  # TF32 allowed: rows of M keys
+    + [(d, CASES[0], 86, False, 49) for d in _HALF],  # sm_86: summed in the buffer, rows of M keys
+    ids=lambda p: dtype_id(p) if isinstance(p, torch.dtype) else case_id(p) if isinstance(p, tuple) else str(p),
 )
-def test_triton_short_backward_pads_16bit_slice_rows(case, capability, row, dtype, monkeypatch, nan_poisoned_empty):
-    """The register sum's 16-bit bias-gradient slices on sm_90 are stored in rows padded to the 64-key block (whole
-    rows in vectors: `_short_dbias_rows_padded`), the padded keys' dS 0 and dropped before the sum; the gradient
-    matches the fp64 reference whatever the rows."""
+def test_triton_short_backward_pads_slice_rows(case, capability, tf32, row, dtype, monkeypatch, nan_poisoned_empty):
+    """The register sum's bias-gradient slices on sm_90 are stored in rows padded to the 64-key block (whole rows in
+    vectors: `_short_dbias_rows_padded`) where they are 16-bit, and where fp32 slices cost less padded: under 3xTF32,
+    and in 16 bits where d fills at most two thirds of the d tile; the padded keys' dS is 0 and dropped before the
+    sum. The gradient matches the fp64 reference whatever the rows."""
+    from benchmarks.common import tf32_matmuls
     from transxnet_kernels.triton import common
     from transxnet_kernels.triton import osra_attention as triton_osra
 
     buffers = _recording_dbias_buffers(monkeypatch)
     args = osra_args(*case, dtype=dtype)
-    with common.launch_overrides(dataclasses.replace(common.launch_target(DEVICE), capability=capability)):
+    with (
+        tf32_matmuls(tf32),
+        common.launch_overrides(dataclasses.replace(common.launch_target(DEVICE), capability=capability)),
+    ):
         q, k, _, bias, _ = args
         block_n = triton_osra._short_config(q, k, bias, "bwd").block_n
         assert triton_osra._short_dbias_in_registers(q, block_n) == (capability >= 90)

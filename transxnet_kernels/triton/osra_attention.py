@@ -30,13 +30,13 @@ Two paths (`_short_path` picks per call):
     (head, group); the partials are read back from L2, no separate sum launch); with one query block (stage 4),
     straight into dk and dv where they share a layout (DKV_DIRECT). dS is summed over the group's batches (in registers
     on sm_90 and in sm_80's 128-row kernel, in the program's own slice of the buffer in sm_8x's 64-row one:
-    `_short_dbias_in_registers`; rows padded to the key block on sm_80 and for sm_90's 16-bit slices,
-    `_short_dbias_rows_padded`) into a slice per group ([groups, h, N, M]), which the last program writing each
-    query block's rows sums over the groups (and broadcast heads) into the gradient where at least
-    `Settings.dbias_sum_min_programs` such programs share it (DBIAS_SUMMED); with fewer such programs and several
-    query blocks (stages 2-3), the last of each set of groups (`Settings.dbias_set_slices` slices) sums the set's into
-    an fp32 slice, which torch sums over the sets (DBIAS_IN_SETS: a few slices, where it read one per group); and
-    torch sums the group slices elsewhere (stage 4).
+    `_short_dbias_in_registers`; rows padded to the key block on sm_80 and, on sm_90, for 16-bit slices and for fp32
+    ones where the kernel is bound by issue, `_short_dbias_rows_padded`) into a slice per group ([groups, h, N, M]),
+    which the last program writing each query block's rows sums over the groups (and broadcast heads) into the
+    gradient where at least `Settings.dbias_sum_min_programs` such programs share it (DBIAS_SUMMED); with fewer such
+    programs and several query blocks (stages 2-3), the last of each set of groups (`Settings.dbias_set_slices`
+    slices) sums the set's into an fp32 slice, which torch sums over the sets (DBIAS_IN_SETS: a few slices, where it
+    read one per group); and torch sums the group slices elsewhere (stage 4).
     On sm_80 the fp16/bf16 backward at 128 query rows (stages 1-2) holds the batch-shared bias tile in its 16-bit
     dtype and converts it per batch (`BIAS_TILE_RAW`): the fp32 tile left no registers for the bias-gradient sum; so
     does sm_90's beside a register group sum, reading the padded copy (`_short_bwd_holds_raw_bias`).
@@ -90,29 +90,29 @@ estimate / DRAM roofline, µs):
 
     stage  shape      phase     fp32 A100  fp32 H100  bf16 A100  bf16 H100  tf32 A100  tf32 H100
     T1     1x3136x24  forward   120/40.2   30.7/24.0  20.9/20.5  12.5/12.3  41.1/40.2  24.5/24.0
-    T1     1x3136x24  backward  730/80.5   184/48.1   65.0/41.1  38.7/24.5  106/80.5   102/48.1
+    T1     1x3136x24  backward  730/80.5   182/48.1   65.0/41.1  38.7/24.5  106/80.5   102/48.1
     T2     2x784x24   forward   60.2/21.0  20.3/12.6  11.7/10.7  7.8/6.4    21.4/21.0  12.8/12.6
-    T2     2x784x24   backward  370/42.1   87.7/25.1  39.7/21.4  22.9/12.8  59.7/42.1  50.2/25.1
+    T2     2x784x24   backward  370/42.1   86.9/25.1  39.7/21.4  22.9/12.8  59.7/42.1  50.2/25.1
     T3     4x196x28   forward   32.9/14.3  11.2/8.6   7.8/7.3    5.2/4.3    14.5/14.3  8.7/8.6
-    T3     4x196x28   backward  197/28.7   49.5/17.1  41.6/14.5  17.6/8.7   47.4/28.7  36.4/17.1
+    T3     4x196x28   backward  197/28.7   48.3/17.1  41.6/14.5  17.6/8.7   47.4/28.7  36.4/17.1
     T4     8x49x28    forward   21.5/11.4  6.9/6.8    5.8/5.7    3.7/3.4    11.5/11.4  6.9/6.8
-    T4     8x49x28    backward  140/22.8   32.7/13.6  19.2/11.5  13.0/6.9   35.1/22.8  26.0/13.6
+    T4     8x49x28    backward  140/22.8   31.4/13.6  19.2/11.5  13.0/6.9   35.1/22.8  26.0/13.6
     S1     1x3136x32  forward   120/53.3   32.3/31.8  27.4/27.0  16.4/16.1  54.1/53.3  32.3/31.8
-    S1     1x3136x32  backward  731/107    184/63.6   70.4/54.1  44.3/32.3  136/107    102/63.6
+    S1     1x3136x32  backward  731/107    182/63.6   70.4/54.1  44.3/32.3  136/107    102/63.6
     S2     2x784x32   forward   60.2/27.9  20.3/16.6  14.3/14.1  8.6/8.4    28.3/27.9  16.9/16.6
-    S2     2x784x32   backward  370/55.7   87.7/33.3  41.2/28.3  27.0/16.9  75.4/55.7  51.7/33.3
+    S2     2x784x32   backward  370/55.7   86.9/33.3  41.2/28.3  27.0/16.9  75.4/55.7  51.7/33.3
     S3     5x196x32   forward   40.9/20.4  14.0/12.2  10.3/10.3  8.2/6.2    20.7/20.4  12.3/12.2
-    S3     5x196x32   backward  242/40.8   59.9/24.4  47.7/20.7  20.1/12.3  66.8/40.8  51.5/24.4
+    S3     5x196x32   backward  242/40.8   58.6/24.4  47.7/20.7  20.1/12.3  66.8/40.8  51.5/24.4
     S4     8x49x32    forward   21.5/13.0  7.8/7.8    6.6/6.5    3.9/3.9    13.1/13.0  7.8/7.8
-    S4     8x49x32    backward  140/26.0   32.7/15.5  19.2/13.1  13.0/7.8   39.5/26.0  29.6/15.5
+    S4     8x49x32    backward  140/26.0   31.4/15.5  19.2/13.1  13.0/7.8   39.5/26.0  29.6/15.5
     B1     2x3136x19  forward   238/64.2   59.0/38.3  34.7/32.9  21.3/19.6  65.8/64.2  39.3/38.3
-    B1     2x3136x19  backward  1466/128   344/76.6   113/65.8   59.8/39.3  183/128    193/76.6
+    B1     2x3136x19  backward  1466/128   341/76.6   113/65.8   58.1/39.3  183/128    193/76.6
     B2     4x784x19   forward   120/33.5   35.8/20.0  19.2/17.2  13.3/10.2  34.6/33.5  21.7/20.0
-    B2     4x784x19   backward  678/67.0   166/40.0   65.2/34.3  36.6/20.5  94.9/67.0  95.0/40.0
+    B2     4x784x19   backward  678/67.0   165/40.0   65.2/34.3  35.4/20.5  94.9/67.0  95.0/40.0
     B3     8x196x21   forward   64.9/21.6  20.4/12.9  12.5/11.0  8.7/6.6    22.0/21.6  13.2/12.9
-    B3     8x196x21   backward  356/43.3   93.5/25.8  71.4/22.0  30.9/13.2  85.1/43.3  61.3/25.8
+    B3     8x196x21   backward  356/43.3   91.5/25.8  71.4/22.0  27.1/13.2  85.1/43.3  61.3/25.8
     B4     16x49x21   forward   41.6/17.1  12.6/10.2  9.5/8.7    6.5/5.2    17.3/17.1  10.4/10.2
-    B4     16x49x21   backward  252/34.3   60.8/20.5  35.8/17.3  21.9/10.4  55.5/34.3  39.9/20.5
+    B4     16x49x21   backward  252/34.3   59.2/20.5  35.8/17.3  21.7/10.4  55.5/34.3  39.9/20.5
 """
 
 from __future__ import annotations
@@ -1412,18 +1412,27 @@ def _short_dbias_in_registers(q: torch.Tensor, block_n: int) -> bool:
     return not 0 < launch_target(q.device).capability < 90 or block_n >= _SHORT_BWD_ROWS_ALIGNED
 
 
-def _short_dbias_rows_padded(q: torch.Tensor, in_registers: bool, slice_dtype: torch.dtype) -> bool:
+def _short_dbias_rows_padded(q: torch.Tensor, cfg: _Config, in_registers: bool, slice_dtype: torch.dtype) -> bool:
     """Whether the one-pass backward's bias-gradient slices have rows padded to the key block (the padded keys' dS
     is 0; `_backward` takes [..., :M]), so whole rows move in 16-byte vectors at compile-time offsets, without a
     mask per key. The read-modify-write sum (`_short_dbias_in_registers` false) on sm_80 (A100's 2 TB/s), where the
     kernel is bound by issue: static audit, Triton 3.8, bf16 S stage 3, 53.6 -> 48.0 us; on sm_86/89 (GDDR, ~0.5-1
     TB/s) it is bound by DRAM and the padded rows' extra bytes made it slower (RTX 3090: S stage 3 82.6 -> 84.6 us,
-    1-3% at most shapes). The register sum's store on sm_90+ where the slices are 16-bit (one batch's dS,
-    `_dbias_partial_dtype`): a row of 49 keys moves in four 32-byte sectors either way, so padding costs no DRAM
-    there; fp32 rows of 196 bytes would move 256 (with them, T and S stages 1-3 were 4-8% slower)."""
+    1-3% at most shapes). The register sum's store on sm_90+: where the slices are 16-bit (one batch's dS,
+    `_dbias_partial_dtype`), a row of 49 keys moves in four 32-byte sectors either way, so padding costs no DRAM.
+    fp32 rows of 196 bytes move 256 padded, 30% more slice bytes for fewer instructions (B stage 3 bf16 on sm_90,
+    per warp: the batch trip 833 -> 747, the straight code 846 -> 664, of which the masked scalar store of the 128 x
+    49 tile was 233, 32 STG and 64 LEA per thread; the bias sum's last-arriver branch 567 -> 335), which pays where
+    the kernel is bound by issue, not DRAM: under 3xTF32 (static audit, Triton 3.8, H100 backward, µs:
+    T1 183.6 -> 181.7, S3 59.9 -> 58.6, B3 93.5 -> 91.5, every stage 0.6-3.7% lower; under Triton 3.6 T/S stage 2
+    and B stages 1-2 0.7-0.9% higher, the rest 1-3% lower) and in 16 bits where the head
+    dim fills at most two thirds of the tile's (B: d = 19-21 in 32; B1 bf16 59.8 -> 58.1, B3 30.9 -> 27.1), not at
+    d = 24-32, whose bytes per batch trip leave less room (T2 bf16 22.9 -> 24.0, S1 44.3 -> 46.7), nor with TF32
+    allowed (B1 192.6 -> 194.1, B3 61.3 -> 60.6)."""
     capability = launch_target(q.device).capability
     if in_registers:
-        return capability >= 90 and slice_dtype.itemsize == 2
+        issue_bound = cfg.precision == "tf32x3" or (q.element_size() == 2 and 3 * q.shape[-1] <= 2 * cfg.block_d)
+        return capability >= 90 and (slice_dtype.itemsize == 2 or issue_bound)
     return capability == 80
 
 
@@ -1901,7 +1910,7 @@ def _backward_short(grad_out, q, k, v, bias, lse, scale, has_dbias, dk, dv):
 
     def padded_row(slice_dtype: torch.dtype) -> int:
         shared = not _bias_per_batch(bias)
-        return cfg.block_m if shared and _short_dbias_rows_padded(q, dbias_in_registers, slice_dtype) else M
+        return cfg.block_m if shared and _short_dbias_rows_padded(q, cfg, dbias_in_registers, slice_dtype) else M
 
     dbias_buf, dbias_strides, reduce_dims = _dbias_buffer(bias, has_dbias, groups, batches_per_group, q, M, padded_row)
     rows_padded = has_dbias and dbias_buf.shape[-1] > M
