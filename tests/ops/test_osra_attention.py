@@ -566,6 +566,7 @@ def test_triton_short_backward_sums_the_bias_gradient_in_its_buffer(case, dtype,
 
 _HALF = [torch.float16] + _BF16
 _D24_GROUPS = (5, 2, 37, 49, 24, (1, 2))  # CASES[1] with d = 24: 3 of the 32-wide tile's 4 quarters
+_ROWS_ALIGNED_GROUPS = (5, 2, 144, 49, 21, (1, 2))  # N = 144: sm_80's 128-row plan (two query blocks), one group
 
 
 @requires_triton
@@ -576,14 +577,16 @@ _D24_GROUPS = (5, 2, 37, 49, 24, (1, 2))  # CASES[1] with d = 24: 3 of the 32-wi
     + [(d, _D24_GROUPS, 90, False, 49) for d in _HALF]  # d = 24: fp32 slices keep rows of M keys
     + [(torch.float32, CASES[1], 90, False, 64), (torch.float32, _D24_GROUPS, 90, False, 64)]  # 3xTF32: any d
     + [(torch.float32, CASES[1], 90, True, 49)]  # TF32 allowed: rows of M keys
-    + [(d, CASES[0], 86, False, 49) for d in _HALF],  # sm_86: summed in the buffer, rows of M keys
+    + [(d, CASES[0], 86, False, 49) for d in _HALF]  # sm_86: summed in the buffer, rows of M keys
+    + [(d, _ROWS_ALIGNED_GROUPS, 80, False, 64) for d in _HALF]  # sm_80's 128-row kernel at d = 21: fp32 slices padded
+    + [(d, _ROWS_ALIGNED_GROUPS[:4] + (24, (1, 2)), 80, False, 49) for d in _HALF],  # at d = 24, rows of M keys
     ids=lambda p: dtype_id(p) if isinstance(p, torch.dtype) else case_id(p) if isinstance(p, tuple) else str(p),
 )
 def test_triton_short_backward_pads_slice_rows(case, capability, tf32, row, dtype, monkeypatch, nan_poisoned_empty):
-    """The register sum's bias-gradient slices on sm_90 are stored in rows padded to the 64-key block (whole rows in
-    vectors: `_short_dbias_rows_padded`) where they are 16-bit, and where fp32 slices cost less padded: under 3xTF32,
-    and in 16 bits where d fills at most two thirds of the d tile; the padded keys' dS is 0 and dropped before the
-    sum. The gradient matches the fp64 reference whatever the rows."""
+    """The register sum's bias-gradient slices (sm_90, sm_80's 128-row kernel) are stored in rows padded to the 64-key
+    block (whole rows in vectors: `_short_dbias_rows_padded`) where they are 16-bit (sm_90), and where fp32 slices
+    cost less padded: under 3xTF32, and in 16 bits where d fills at most two thirds of the d tile; the padded keys'
+    dS is 0 and dropped before the sum. The gradient matches the fp64 reference whatever the rows."""
     from benchmarks.common import tf32_matmuls
     from transxnet_kernels.triton import common
     from transxnet_kernels.triton import osra_attention as triton_osra
@@ -596,7 +599,9 @@ def test_triton_short_backward_pads_slice_rows(case, capability, tf32, row, dtyp
     ):
         q, k, _, bias, _ = args
         block_n = triton_osra._short_config(q, k, bias, "bwd").block_n
-        assert triton_osra._short_dbias_in_registers(q, block_n) == (capability >= 90)
+        if capability == 80:
+            assert block_n == 128  # the 128-row kernel, which sums in registers
+        assert triton_osra._short_dbias_in_registers(q, block_n) == (capability in (80, 90))
         check_op(TRITON, OP, args)
     assert buffers and {b.shape[-1] for b in buffers} == {row}
 

@@ -30,11 +30,11 @@ Two paths (`_short_path` picks per call):
     (head, group); the partials are read back from L2, no separate sum launch); with one query block (stage 4),
     straight into dk and dv where they share a layout (DKV_DIRECT). dS is summed over the group's batches (in registers
     on sm_90 and in sm_80's 128-row kernel, in the program's own slice of the buffer in sm_8x's 64-row one:
-    `_short_dbias_in_registers`; rows padded to the key block on sm_80 and, on sm_90, for 16-bit slices and for fp32
-    ones where the kernel is bound by issue, `_short_dbias_rows_padded`) into a slice per group ([groups, h, N, M]),
-    which the last program writing each query block's rows sums over the groups (and broadcast heads) into the
-    gradient where at least `Settings.dbias_sum_min_programs` such programs share it (DBIAS_SUMMED); with fewer such
-    programs and several query blocks (stages 2-3), the last of each set of groups (`Settings.dbias_set_slices`
+    `_short_dbias_in_registers`; rows padded to the key block in sm_80's 64-row kernel, for sm_90's 16-bit slices and
+    for fp32 ones where the kernel is bound by issue, `_short_dbias_rows_padded`) into a slice per group ([groups, h,
+    N, M]), which the last program writing each query block's rows sums over the groups (and broadcast heads) into
+    the gradient where at least `Settings.dbias_sum_min_programs` such programs share it (DBIAS_SUMMED); with fewer
+    such programs and several query blocks (stages 2-3), the last of each set of groups (`Settings.dbias_set_slices`
     slices) sums the set's into an fp32 slice, which torch sums over the sets (DBIAS_IN_SETS: a few slices, where it
     read one per group); and torch sums the group slices elsewhere (stage 4).
     On sm_80 the fp16/bf16 backward at 128 query rows (stages 1-2) holds the batch-shared bias tile in its 16-bit
@@ -106,9 +106,9 @@ estimate / DRAM roofline, µs):
     S4     8x49x32    forward   21.5/13.0  7.8/7.8    6.6/6.5    3.9/3.9    13.1/13.0  7.8/7.8
     S4     8x49x32    backward  140/26.0   31.4/15.5  19.2/13.1  13.0/7.8   39.5/26.0  29.6/15.5
     B1     2x3136x19  forward   238/64.2   59.0/38.3  34.7/32.9  21.3/19.6  65.8/64.2  39.3/38.3
-    B1     2x3136x19  backward  1466/128   341/76.6   113/65.8   58.1/39.3  183/128    193/76.6
+    B1     2x3136x19  backward  1466/128   341/76.6   109/65.8   58.1/39.3  183/128    193/76.6
     B2     4x784x19   forward   120/33.5   35.8/20.0  19.2/17.2  13.3/10.2  34.6/33.5  21.7/20.0
-    B2     4x784x19   backward  678/67.0   165/40.0   65.2/34.3  35.4/20.5  94.9/67.0  95.0/40.0
+    B2     4x784x19   backward  678/67.0   165/40.0   62.4/34.3  35.4/20.5  94.9/67.0  95.0/40.0
     B3     8x196x21   forward   64.9/21.6  20.4/12.9  12.5/11.0  8.7/6.6    22.0/21.6  13.2/12.9
     B3     8x196x21   backward  356/43.3   91.5/25.8  71.4/22.0  27.1/13.2  85.1/43.3  61.3/25.8
     B4     16x49x21   forward   41.6/17.1  12.6/10.2  9.5/8.7    6.5/5.2    17.3/17.1  10.4/10.2
@@ -1428,11 +1428,12 @@ def _short_dbias_rows_padded(q: torch.Tensor, cfg: _Config, in_registers: bool, 
     and B stages 1-2 0.7-0.9% higher, the rest 1-3% lower) and in 16 bits where the head
     dim fills at most two thirds of the tile's (B: d = 19-21 in 32; B1 bf16 59.8 -> 58.1, B3 30.9 -> 27.1), not at
     d = 24-32, whose bytes per batch trip leave less room (T2 bf16 22.9 -> 24.0, S1 44.3 -> 46.7), nor with TF32
-    allowed (B1 192.6 -> 194.1, B3 61.3 -> 60.6)."""
+    allowed (B1 192.6 -> 194.1, B3 61.3 -> 60.6). So too in sm_80's 128-row kernel (A100 bf16 backward: B stage 1
+    112.6 -> 109.1 us, stage 2 65.2 -> 62.4; no spill under Triton 3.6 or 3.8)."""
     capability = launch_target(q.device).capability
-    if in_registers:
+    if in_registers:  # (compiled: sm_90+ and sm_80's 128-row kernel)
         issue_bound = cfg.precision == "tf32x3" or (q.element_size() == 2 and 3 * q.shape[-1] <= 2 * cfg.block_d)
-        return capability >= 90 and (slice_dtype.itemsize == 2 or issue_bound)
+        return capability > 0 and (issue_bound or (capability >= 90 and slice_dtype.itemsize == 2))
     return capability == 80
 
 
